@@ -1,0 +1,585 @@
+//! The agent's one TOML config file (`/etc/artemis-sync/agent.toml` by default): its schema,
+//! defaults, and the validation that runs once on load, so the rest of the program can trust
+//! every value it reads (absolute paths, a known backend, a source of the backend's form,
+//! a credentials file that only root can read).
+
+use std::fmt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::options::MountOptions;
+
+/// Where the agent looks for its config when `-c` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/artemis-sync/agent.toml";
+/// Where the share is mounted when `[storage] mount_point` is not set.
+pub const DEFAULT_MOUNT_POINT: &str = "/var/lib/artemis-sync/share";
+/// How many times the mount helper tries before it gives up.
+pub const DEFAULT_MOUNT_ATTEMPTS: u32 = 8;
+/// The longest pause between two mount attempts, in milliseconds.
+pub const DEFAULT_MOUNT_RETRY_MAX_MS: u64 = 20_000;
+/// How long systemd lets the whole mount (all attempts) run, in seconds.
+pub const DEFAULT_MOUNT_TIMEOUT_S: u64 = 180;
+
+/// Errors loading or validating the config file. Each names the file and, where there is one,
+/// the key.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum ConfigError {
+    /// cannot read config file {path:?}: {source}
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// config file {path:?}: {message}
+    Parse { path: PathBuf, message: String },
+    /// config file {path:?}: `{key}` {reason}
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
+}
+
+/// The whole config file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The Corda node this agent serves.
+    pub node: NodeConfig,
+    /// Where the Artemis journal lives.
+    pub storage: StorageConfig,
+    /// Mutual exclusion on the share.
+    #[serde(default)]
+    pub lock: LockConfig,
+}
+
+/// `[node]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// `${BASE_DIR}` of the Corda node; `base_dir/artemis` becomes the link to the share.
+    pub base_dir: PathBuf,
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `shared` (a network filesystem) or `replicated`.
+    #[serde(default)]
+    pub mode: Mode,
+    /// How the share is mounted.
+    pub backend: Backend,
+    /// What is mounted: `host:/path` for NFS, `//host/share` for SMB, a directory for `bind`.
+    #[serde(default)]
+    pub source: String,
+    /// Where the share is mounted; must be a real directory, not a symlink.
+    #[serde(default = "default_mount_point")]
+    pub mount_point: PathBuf,
+    /// Extra mount options, applied over the backend's defaults.
+    #[serde(default)]
+    pub options: String,
+    /// SMB credentials (`username=`, `password=` lines), mode 0600 and owned by root.
+    #[serde(default)]
+    pub credentials_file: PathBuf,
+    /// Mount attempts before giving up (the first one included).
+    #[serde(default = "default_mount_attempts")]
+    pub mount_attempts: u32,
+    /// Longest pause between two mount attempts.
+    #[serde(default = "default_mount_retry_max_ms")]
+    pub mount_retry_max_ms: u64,
+    /// What systemd allows the whole mount to take (`x-systemd.mount-timeout=`).
+    #[serde(default = "default_mount_timeout_s")]
+    pub mount_timeout_s: u64,
+}
+
+/// `[lock]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockConfig {
+    /// Accept a share on a local filesystem, where a lock excludes only processes of this host
+    /// (tests, single-host set-ups).
+    #[serde(default)]
+    pub allow_local_locks: bool,
+}
+
+/// `[storage] mode`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Both VMs mount one network filesystem.
+    #[default]
+    Shared,
+    /// The hot VM streams the journal to the cold VM's local disk.
+    Replicated,
+}
+
+/// `[storage] backend`: the kind of share, which fixes the filesystem type, the default mount
+/// options and the port the server must answer on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// AWS EFS over NFS 4.1.
+    Efs,
+    /// Azure Files over SMB 3.
+    AzureSmb,
+    /// Azure Files over NFS 4.1 (premium shares).
+    AzureNfs,
+    /// Any NFS 4 server.
+    Nfs,
+    /// Any SMB/CIFS server.
+    Cifs,
+    /// A directory bind-mounted onto the mount point (a share mounted elsewhere, or tests).
+    Bind,
+    /// Something else mounts the share; the agent only uses it.
+    Premounted,
+}
+
+/// Every backend, in the order the docs list them.
+pub const BACKENDS: [Backend; 7] = [
+    Backend::Efs,
+    Backend::AzureSmb,
+    Backend::AzureNfs,
+    Backend::Nfs,
+    Backend::Cifs,
+    Backend::Bind,
+    Backend::Premounted,
+];
+
+impl Backend {
+    /// The name used in the config and in `backend=` mount options.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Efs => "efs",
+            Backend::AzureSmb => "azure-smb",
+            Backend::AzureNfs => "azure-nfs",
+            Backend::Nfs => "nfs",
+            Backend::Cifs => "cifs",
+            Backend::Bind => "bind",
+            Backend::Premounted => "premounted",
+        }
+    }
+
+    /// Parses a backend name as written in `backend=`.
+    pub fn from_name(name: &str) -> Option<Backend> {
+        BACKENDS.into_iter().find(|b| b.name() == name)
+    }
+
+    /// The kernel filesystem type the backend mounts, `None` for `bind` and `premounted`.
+    pub fn fs_type(self) -> Option<&'static str> {
+        match self {
+            Backend::Efs | Backend::AzureNfs | Backend::Nfs => Some("nfs4"),
+            Backend::AzureSmb | Backend::Cifs => Some("cifs"),
+            Backend::Bind | Backend::Premounted => None,
+        }
+    }
+
+    /// The TCP port the server must answer on before a mount is worth trying.
+    pub fn server_port(self) -> Option<u16> {
+        match self.fs_type() {
+            Some("nfs4") => Some(2049),
+            Some("cifs") => Some(445),
+            _ => None,
+        }
+    }
+
+    /// The recommended mount options (design-notes.md section 3); user options override them.
+    pub fn default_options(self) -> &'static str {
+        match self {
+            Backend::Efs => {
+                "nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport"
+            }
+            Backend::AzureNfs => "vers=4,minorversion=1,sec=sys,hard,timeo=600,retrans=2",
+            Backend::Nfs => "hard,timeo=600,retrans=2",
+            Backend::AzureSmb => "vers=3.1.1,serverino,nosharesock,actimeo=30,mfsymlinks",
+            Backend::Cifs => "serverino",
+            Backend::Bind | Backend::Premounted => "",
+        }
+    }
+
+    /// Whether the backend talks SMB and so may carry a credentials file.
+    pub fn is_smb(self) -> bool {
+        self.fs_type() == Some("cifs")
+    }
+
+    /// Checks that `source` has the form this backend mounts, returning why not.
+    pub fn check_source(self, source: &str) -> Result<(), String> {
+        match self {
+            Backend::Efs | Backend::AzureNfs | Backend::Nfs => match nfs_host(source) {
+                Some(_) => Ok(()),
+                None => Err(format!(
+                    "`{source}` is not an NFS source: expected `host:/path` (for EFS \
+                     `fs-0123abcd.efs.<region>.amazonaws.com:/`)"
+                )),
+            },
+            Backend::AzureSmb | Backend::Cifs => match smb_host(source) {
+                Some(_) => Ok(()),
+                None => Err(format!(
+                    "`{source}` is not an SMB source: expected `//host/share` (for Azure \
+                     `//<account>.file.core.windows.net/<share>`)"
+                )),
+            },
+            Backend::Bind => {
+                if Path::new(source).is_absolute() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "`{source}` must be the absolute path of the directory to bind"
+                    ))
+                }
+            }
+            Backend::Premounted => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The server host of an NFS source `host:/path` (`[v6addr]:/path` too).
+pub fn nfs_host(source: &str) -> Option<&str> {
+    let (host, path) = if let Some(rest) = source.strip_prefix('[') {
+        let (host, rest) = rest.split_once(']')?;
+        (host, rest.strip_prefix(':')?)
+    } else {
+        source.split_once(':')?
+    };
+    (!host.is_empty() && path.starts_with('/')).then_some(host)
+}
+
+/// The server host of an SMB source `//host/share`.
+pub fn smb_host(source: &str) -> Option<&str> {
+    let rest = source.strip_prefix("//")?;
+    let (host, share) = rest.split_once('/')?;
+    (!host.is_empty() && !share.is_empty()).then_some(host)
+}
+
+fn default_mount_point() -> PathBuf {
+    PathBuf::from(DEFAULT_MOUNT_POINT)
+}
+fn default_mount_attempts() -> u32 {
+    DEFAULT_MOUNT_ATTEMPTS
+}
+fn default_mount_retry_max_ms() -> u64 {
+    DEFAULT_MOUNT_RETRY_MAX_MS
+}
+fn default_mount_timeout_s() -> u64 {
+    DEFAULT_MOUNT_TIMEOUT_S
+}
+
+impl Config {
+    /// Reads, parses and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(path, &text)
+    }
+
+    /// Parses and validates config text; `path` is only used in messages.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// The config as TOML, every default filled in.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a validated config always serializes")
+    }
+
+    /// The extra mount options, parsed (validation guarantees they parse).
+    pub fn user_options(&self) -> MountOptions {
+        MountOptions::parse(&self.storage.options).expect("validated on load")
+    }
+
+    /// `base_dir/artemis`, the path the Corda node reads its journal through.
+    pub fn artemis_link(&self) -> PathBuf {
+        self.node.base_dir.join("artemis")
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            reason,
+        };
+        let s = &self.storage;
+        absolute("node.base_dir", &self.node.base_dir).map_err(|r| invalid("node.base_dir", r))?;
+        absolute("storage.mount_point", &s.mount_point)
+            .map_err(|r| invalid("storage.mount_point", r))?;
+        if s.mount_point.is_symlink() {
+            return Err(invalid(
+                "storage.mount_point",
+                format!(
+                    "= {:?} is a symlink; systemd cannot mount on a symlink: use the real \
+                     directory it points to",
+                    s.mount_point
+                ),
+            ));
+        }
+        if s.mount_point == self.artemis_link() {
+            return Err(invalid(
+                "storage.mount_point",
+                "must not be base_dir/artemis itself: that path becomes the link to the mount point"
+                    .into(),
+            ));
+        }
+        if s.mode == Mode::Replicated {
+            return Err(invalid(
+                "storage.mode",
+                "= \"replicated\" is not available in this version yet; use \"shared\"".into(),
+            ));
+        }
+        if s.backend == Backend::Premounted {
+            // nothing is mounted, so the source is only documentation
+        } else if s.source.is_empty() {
+            return Err(invalid(
+                "storage.source",
+                format!("is required for backend \"{}\"", s.backend),
+            ));
+        } else {
+            s.backend
+                .check_source(&s.source)
+                .map_err(|r| invalid("storage.source", r))?;
+        }
+        let opts = MountOptions::parse(&s.options)
+            .map_err(|e| invalid("storage.options", e.to_string()))?;
+        check_user_options(s.backend, &opts).map_err(|r| invalid("storage.options", r))?;
+        if s.credentials_file.as_os_str().is_empty() {
+            if s.backend == Backend::AzureSmb {
+                return Err(invalid(
+                    "storage.credentials_file",
+                    "is required for backend \"azure-smb\" (a root-owned 0600 file with \
+                     `username=` and `password=` lines)"
+                        .into(),
+                ));
+            }
+        } else {
+            if !s.backend.is_smb() {
+                return Err(invalid(
+                    "storage.credentials_file",
+                    format!("is only used by the SMB backends, not \"{}\"", s.backend),
+                ));
+            }
+            check_credentials_file(&s.credentials_file)
+                .map_err(|r| invalid("storage.credentials_file", r))?;
+        }
+        if s.mount_attempts == 0 {
+            return Err(invalid("storage.mount_attempts", "must be at least 1".into()));
+        }
+        let budget_ms = crate::mount::Backoff::new(s.mount_attempts, s.mount_retry_max_ms).total_ms();
+        if budget_ms >= s.mount_timeout_s.saturating_mul(1000) {
+            return Err(invalid(
+                "storage.mount_timeout_s",
+                format!(
+                    "= {} is shorter than the {} ms of pauses that {} attempts with \
+                     mount_retry_max_ms = {} need; raise it or lower the attempts",
+                    s.mount_timeout_s, budget_ms, s.mount_attempts, s.mount_retry_max_ms
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn absolute(key: &str, p: &Path) -> Result<(), String> {
+    if p.as_os_str().is_empty() {
+        Err("is required".into())
+    } else if !p.is_absolute() {
+        Err(format!("= {p:?} must be an absolute path ({key} is resolved by systemd at boot, with no working directory)"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Options an operator may not set, whatever the backend: ones that break locking or would put a
+/// secret on a command line.
+pub fn check_user_options(backend: Backend, opts: &MountOptions) -> Result<(), String> {
+    for secret in ["password", "pass", "password2"] {
+        if opts.contains(secret) {
+            return Err(format!(
+                "`{secret}=` would show the password to every user through ps and \
+                 /proc/*/cmdline; put it in a credentials file (`credentials_file`)"
+            ));
+        }
+    }
+    if let Some(fs_type) = backend.fs_type() {
+        if let Some(h) = crate::options::lock_hazard(fs_type, opts) {
+            return Err(format!("`{}`: {}; {}", h.option, h.effect, h.fix));
+        }
+    }
+    Ok(())
+}
+
+/// A credentials file must exist, be a regular file owned by root, and be readable by nobody else.
+pub fn check_credentials_file(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("= {path:?}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("= {path:?} is not a regular file"));
+    }
+    if meta.uid() != 0 {
+        return Err(format!(
+            "= {path:?} is owned by uid {}, not root: fix with `chown root:root {}`",
+            meta.uid(),
+            path.display()
+        ));
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "= {path:?} has mode {mode:04o}: other users can read the password; fix with `chmod 600 {}`",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(Path::new("/etc/artemis-sync/agent.toml"), text)
+    }
+
+    const EFS: &str = r#"
+[node]
+base_dir = "/opt/corda"
+[storage]
+backend = "efs"
+source = "fs-0123abcd.efs.eu-west-1.amazonaws.com:/"
+"#;
+
+    #[test]
+    fn minimal_efs_config_gets_defaults() {
+        let c = load(EFS).unwrap();
+        assert_eq!(c.storage.mode, Mode::Shared);
+        assert_eq!(c.storage.mount_point, Path::new(DEFAULT_MOUNT_POINT));
+        assert_eq!(c.storage.mount_attempts, DEFAULT_MOUNT_ATTEMPTS);
+        assert_eq!(c.artemis_link(), Path::new("/opt/corda/artemis"));
+        // the printed effective config loads back to the same thing
+        let again = load(&c.to_toml()).unwrap();
+        assert_eq!(again.to_toml(), c.to_toml());
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = load(&format!("{EFS}mount_pont = \"/x\"\n")).unwrap_err().to_string();
+        assert!(err.contains("/etc/artemis-sync/agent.toml"), "{err}");
+        assert!(err.contains("mount_pont"), "{err}");
+        assert!(err.contains("line 7"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = load(&EFS.replace("[storage]", "[storage]\nmount_attempts = \"many\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 5") && err.contains("invalid type"), "{err}");
+    }
+
+    #[test]
+    fn unknown_backend_lists_the_known_ones() {
+        let err = load(&EFS.replace("\"efs\"", "\"gluster\"")).unwrap_err().to_string();
+        assert!(err.contains("gluster") && err.contains("azure-smb"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_are_refused() {
+        let err = load(&EFS.replace("/opt/corda", "opt/corda")).unwrap_err().to_string();
+        assert!(err.contains("`node.base_dir`") && err.contains("absolute"), "{err}");
+        let err = load(&format!("{EFS}mount_point = \"share\"\n")).unwrap_err().to_string();
+        assert!(err.contains("`storage.mount_point`"), "{err}");
+    }
+
+    #[test]
+    fn source_must_match_the_backend() {
+        let err = load(&EFS.replace("fs-0123abcd.efs.eu-west-1.amazonaws.com:/", "//h/s"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`storage.source`") && err.contains("host:/path"), "{err}");
+        assert!(nfs_host("[fd00::1]:/export").is_some());
+        assert_eq!(smb_host("//acct.file.core.windows.net/share"), Some("acct.file.core.windows.net"));
+        assert!(smb_host("//host").is_none());
+    }
+
+    #[test]
+    fn lock_breaking_and_secret_options_are_refused() {
+        let err = load(&format!("{EFS}options = \"nolock\"\n")).unwrap_err().to_string();
+        assert!(err.contains("`storage.options`") && err.contains("nolock"), "{err}");
+        let err = load(&format!("{EFS}options = \"a=b=c\"\n")).unwrap_err().to_string();
+        assert!(err.contains("may not contain `=`"), "{err}");
+        let smb = EFS
+            .replace("\"efs\"", "\"cifs\"")
+            .replace("fs-0123abcd.efs.eu-west-1.amazonaws.com:/", "//srv/share");
+        let err = load(&format!("{smb}options = \"username=u,password=hunter2\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("credentials file"), "{err}");
+    }
+
+    #[test]
+    fn azure_smb_needs_a_private_root_owned_credentials_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cred = dir.path().join("azure.cred");
+        std::fs::write(&cred, "username=acct\npassword=secret\n").unwrap();
+        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let smb = EFS.replace("\"efs\"", "\"azure-smb\"").replace(
+            "fs-0123abcd.efs.eu-west-1.amazonaws.com:/",
+            "//acct.file.core.windows.net/corda",
+        );
+        let err = load(&smb).unwrap_err().to_string();
+        assert!(err.contains("`storage.credentials_file` is required"), "{err}");
+        let with = format!("{smb}credentials_file = {:?}\n", cred);
+        let err = load(&with).unwrap_err().to_string();
+        if unsafe_is_root() {
+            assert!(err.contains("mode 0644") && err.contains("chmod 600"), "{err}");
+            std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600)).unwrap();
+            load(&with).unwrap();
+        } else {
+            assert!(err.contains("not root"), "{err}");
+        }
+    }
+
+    fn unsafe_is_root() -> bool {
+        crate::sys::is_root()
+    }
+
+    #[test]
+    fn mount_point_symlink_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = dir.path().join("share");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let err = load(&format!("{EFS}mount_point = {link:?}\n")).unwrap_err().to_string();
+        assert!(err.contains("is a symlink"), "{err}");
+    }
+
+    #[test]
+    fn timeout_must_cover_the_retries() {
+        let err = load(&format!("{EFS}mount_attempts = 20\nmount_timeout_s = 10\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`storage.mount_timeout_s`"), "{err}");
+    }
+
+    #[test]
+    fn replicated_mode_is_refused_until_it_exists() {
+        let err = load(&EFS.replace("[storage]", "[storage]\nmode = \"replicated\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`storage.mode`"), "{err}");
+    }
+}

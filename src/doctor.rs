@@ -1,0 +1,353 @@
+//! `artemis-sync doctor`: one check per line (config, mount, locks, link, writable, free space),
+//! each ok, warn, fail or skip, with the fix named. It judges the live mount table, not the
+//! config's intentions, so it catches a share mounted by hand with `nolock` as surely as one
+//! that is not mounted at all.
+
+use std::fmt::Write as _;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::config::{Backend, Config, ConfigError};
+use crate::link::{inspect, LinkState};
+use crate::mount::same_file;
+use crate::mountinfo::{self, MountEntry};
+use crate::options::lock_hazard;
+use crate::sys::Sys;
+
+/// Below this much free space on the share, `doctor` warns (a few Artemis journal files).
+pub const FREE_WARN_BYTES: u64 = 1 << 30;
+/// Below this much free space, `doctor` fails: Artemis cannot create its next journal file.
+pub const FREE_FAIL_BYTES: u64 = 100 << 20;
+/// The size of the file `doctor` writes to prove the share is writable.
+pub const WRITE_PROBE_BYTES: usize = 4096;
+
+/// How one check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Fine.
+    Ok,
+    /// Works, but should be looked at.
+    Warn,
+    /// Broken: the agent would refuse to run, or the journal is at risk.
+    Fail,
+    /// Not checked because an earlier check failed.
+    Skip,
+}
+
+impl Status {
+    fn label(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Warn => "warn",
+            Status::Fail => "FAIL",
+            Status::Skip => "skip",
+        }
+    }
+}
+
+/// One check's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// Short name: `config`, `mount`, `locks`, `link`, `writable`, `free_space`.
+    pub name: &'static str,
+    /// Outcome.
+    pub status: Status,
+    /// What was found.
+    pub detail: String,
+    /// What to do about it, when not ok.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+/// All checks, in order.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// False when any check failed.
+    pub ok: bool,
+    /// The checks.
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    fn new(checks: Vec<Check>) -> Self {
+        let ok = checks.iter().all(|c| c.status != Status::Fail);
+        Report { ok, checks }
+    }
+
+    /// One line per check, and an indented `fix:` line under each that is not ok.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        for c in &self.checks {
+            let _ = writeln!(s, "{:<5} {:<11} {}", c.status.label(), c.name, c.detail);
+            if let Some(fix) = &c.fix {
+                let _ = writeln!(s, "{:<17} fix: {fix}", "");
+            }
+        }
+        s
+    }
+}
+
+fn check(name: &'static str, status: Status, detail: impl Into<String>, fix: Option<String>) -> Check {
+    Check { name, status, detail: detail.into(), fix }
+}
+
+/// Runs every check for the config loaded (or not) from `path`.
+pub fn run(loaded: Result<&Config, &ConfigError>, path: &Path, sys: &dyn Sys) -> Report {
+    let config = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            return Report::new(vec![check("config", Status::Fail, e.to_string(), Some(format!("edit {}", path.display())))]);
+        }
+    };
+    let mut checks = vec![check("config", Status::Ok, format!("{} is valid", path.display()), None)];
+    let s = &config.storage;
+    let table = sys
+        .mountinfo()
+        .map_err(|e| e.to_string())
+        .and_then(|t| mountinfo::parse(&t).map_err(|e| e.to_string()));
+    let mount_point = s.mount_point.canonicalize();
+
+    let (mount_check, holder) = match (&table, &mount_point) {
+        (Err(e), _) => (check("mount", Status::Fail, format!("cannot read the mount table: {e}"), None), None),
+        (_, Err(e)) => (
+            check("mount", Status::Fail, format!("mount point {}: {e}", s.mount_point.display()),
+                Some(format!("create it (`mkdir -p {}`) and mount the share (`artemis-sync mount`)", s.mount_point.display()))),
+            None,
+        ),
+        (Ok(table), Ok(dir)) => mount_check(config, table, dir),
+    };
+    let mounted = mount_check.status != Status::Fail;
+    checks.push(mount_check);
+    checks.push(match holder {
+        Some(entry) => locks_check(config, &entry),
+        None => check("locks", Status::Skip, "the share is not mounted", None),
+    });
+
+    let link = config.artemis_link();
+    checks.push(match inspect(&link, &s.mount_point) {
+        Ok(LinkState::Correct) => check("link", Status::Ok, format!("{} -> {}", link.display(), s.mount_point.display()), None),
+        Ok(LinkState::Missing) => check("link", Status::Fail, format!("{} does not exist", link.display()), Some("run `artemis-sync link`".into())),
+        Ok(LinkState::Elsewhere(t)) => check("link", Status::Fail, format!("{} points to {}, not the share", link.display(), t.display()), Some("run `artemis-sync link --force`".into())),
+        Ok(LinkState::Directory(n)) => check("link", Status::Fail, format!("{} is a real directory with {n} entries", link.display()),
+            Some("run `artemis-sync link --migrate` (copies into the share, verifies, keeps the old directory aside)".into())),
+        Ok(LinkState::Other) => check("link", Status::Fail, format!("{} is neither a link nor a directory", link.display()), Some("move it away, then run `artemis-sync link`".into())),
+        Err(e) => check("link", Status::Fail, e.to_string(), None),
+    });
+
+    if mounted {
+        checks.push(writable_check(&s.mount_point));
+        checks.push(free_check(&s.mount_point));
+    } else {
+        checks.push(check("writable", Status::Skip, "the share is not mounted", None));
+        checks.push(check("free_space", Status::Skip, "the share is not mounted", None));
+    }
+    Report::new(checks)
+}
+
+/// Whether the configured share is what is mounted at the mount point; returns the mount
+/// that holds the mount point for the lock check.
+fn mount_check(config: &Config, table: &[MountEntry], dir: &Path) -> (Check, Option<MountEntry>) {
+    let s = &config.storage;
+    let fix_mount = Some(format!("run `artemis-sync mount`, or add the line from `artemis-sync fstab` to /etc/fstab and `mount {}`", s.mount_point.display()));
+    let holder = mountinfo::containing(table, dir).cloned();
+    if s.backend == Backend::Premounted {
+        let on = holder.as_ref().map_or("?".into(), |e| format!("{} on {} ({})", e.source, e.mount_point.display(), e.fs_type));
+        return (check("mount", Status::Ok, format!("premounted {} is a directory in {on}", dir.display()), None), holder);
+    }
+    let Some(here) = mountinfo::mounted_at(table, dir) else {
+        return (check("mount", Status::Fail, format!("nothing is mounted on {}", dir.display()), fix_mount), None);
+    };
+    let same = if s.backend == Backend::Bind {
+        same_file(Path::new(&s.source), dir)
+    } else {
+        mountinfo::same_source(&here.source, &s.source)
+    };
+    if same {
+        (check("mount", Status::Ok, format!("{} on {} ({})", s.source, dir.display(), here.fs_type), None), Some(here.clone()))
+    } else {
+        (check("mount", Status::Fail, format!("{} is mounted from {} ({}), not from {}", dir.display(), here.source, here.fs_type, s.source),
+            Some(format!("umount {} and run `artemis-sync mount`", dir.display()))), None)
+    }
+}
+
+fn locks_check(config: &Config, entry: &MountEntry) -> Check {
+    let opts = entry.all_options();
+    if let Some(h) = lock_hazard(&entry.fs_type, &opts) {
+        return check("locks", Status::Fail, format!("{} mount has `{}`: {}", entry.fs_type, h.option, h.effect), Some(h.fix.to_owned()));
+    }
+    if entry.is_network() {
+        let how = opts.value("local_lock").map_or(String::new(), |v| format!(" (local_lock={v})"));
+        return check("locks", Status::Ok, format!("{} locks reach the server{how}", entry.fs_type), None);
+    }
+    if entry.fs_type.starts_with("fuse") {
+        return check("locks", Status::Warn, format!("{}: whether locks reach other hosts depends on the FUSE filesystem", entry.fs_type),
+            Some("use an NFS or SMB share, whose lock semantics are known".into()));
+    }
+    if config.lock.allow_local_locks {
+        check("locks", Status::Ok, format!("local {} filesystem: locks exclude this host only ([lock] allow_local_locks = true)", entry.fs_type), None)
+    } else {
+        check("locks", Status::Fail, format!("local {} filesystem: a lock here excludes only processes of this host, not the other VM", entry.fs_type),
+            Some("mount a network share there, or set `[lock] allow_local_locks = true` for a single-host set-up".into()))
+    }
+}
+
+fn writable_check(dir: &Path) -> Check {
+    let probe = dir.join(format!(".artemis-sync-doctor.{}", std::process::id()));
+    let result = (|| {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&probe)?;
+        f.write_all(&[0u8; WRITE_PROBE_BYTES])?;
+        f.sync_all()?;
+        drop(f);
+        fs::remove_file(&probe)
+    })();
+    match result {
+        Ok(()) => check("writable", Status::Ok, format!("wrote and fsynced {WRITE_PROBE_BYTES} bytes in {}", dir.display()), None),
+        Err(e) => {
+            let _ = fs::remove_file(&probe);
+            check("writable", Status::Fail, format!("cannot write in {}: {e}", dir.display()),
+                Some("check that the share is exported read-write and that root may write to it (NFS root squash, SMB file_mode)".into()))
+        }
+    }
+}
+
+fn free_check(dir: &Path) -> Check {
+    match crate::sys::free_bytes(dir) {
+        Err(e) => check("free_space", Status::Fail, format!("cannot read free space of {}: {e}", dir.display()), None),
+        Ok(free) => {
+            let mib = free >> 20;
+            if free < FREE_FAIL_BYTES {
+                check("free_space", Status::Fail, format!("{mib} MiB free on {}", dir.display()), Some(format!("free space or grow the share: Artemis needs at least {} MiB", FREE_FAIL_BYTES >> 20)))
+            } else if free < FREE_WARN_BYTES {
+                check("free_space", Status::Warn, format!("{mib} MiB free on {}", dir.display()), Some(format!("grow the share above {} MiB", FREE_WARN_BYTES >> 20)))
+            } else {
+                check("free_space", Status::Ok, format!("{mib} MiB free on {}", dir.display()), None)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::CommandOutcome;
+    use std::ffi::OsString;
+    use std::time::Duration;
+
+    struct Table(String);
+    impl Sys for Table {
+        fn run_mount(&self, _: &[OsString]) -> std::io::Result<CommandOutcome> {
+            unreachable!("doctor never mounts")
+        }
+        fn probe(&self, _: &str, _: u16, _: Duration) -> std::io::Result<()> {
+            unreachable!("doctor never probes")
+        }
+        fn mountinfo(&self) -> std::io::Result<String> {
+            Ok(self.0.clone())
+        }
+        fn sleep(&self, _: Duration) {}
+        fn mount_program(&self) -> OsString {
+            "mount".into()
+        }
+    }
+
+    fn efs_config(share: &Path, base: &Path) -> Config {
+        Config::from_toml(Path::new("agent.toml"), &format!(
+            "[node]\nbase_dir = {base:?}\n[storage]\nbackend = \"efs\"\nsource = \"fs-1.efs.eu-west-1.amazonaws.com:/\"\nmount_point = {share:?}\n"
+        )).unwrap()
+    }
+
+    fn statuses(r: &Report) -> Vec<(&'static str, Status)> {
+        r.checks.iter().map(|c| (c.name, c.status)).collect()
+    }
+
+    /// The mount table as the kernel would show an NFS share with `opts` on `dir`.
+    fn nfs_table(dir: &Path, fs_type: &str, source: &str, opts: &str) -> String {
+        format!("1 0 8:1 / / rw - ext4 /dev/vda1 rw\n2 1 0:50 / {} rw,relatime - {fs_type} {source} {opts}\n", dir.display())
+    }
+
+    #[test]
+    fn healthy_nfs_share_is_all_ok() {
+        let tmp = tempfile::tempdir().unwrap();
+        let share = tmp.path().join("share");
+        let base = tmp.path().join("corda");
+        fs::create_dir_all(&share).unwrap();
+        fs::create_dir_all(&base).unwrap();
+        std::os::unix::fs::symlink(&share, base.join("artemis")).unwrap();
+        let config = efs_config(&share, &base);
+        let sys = Table(nfs_table(&share.canonicalize().unwrap(), "nfs4", "fs-1.efs.eu-west-1.amazonaws.com:/", "rw,vers=4.1,hard,local_lock=none"));
+        let r = run(Ok(&config), Path::new("agent.toml"), &sys);
+        assert!(r.ok, "{}", r.to_text());
+        assert!(r.checks.iter().all(|c| c.status == Status::Ok), "{}", r.to_text());
+    }
+
+    #[test]
+    fn lock_breaking_options_fail_with_the_fix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let share = tmp.path().canonicalize().unwrap();
+        let config = efs_config(&share, tmp.path());
+        for (fs_type, opts, bad) in [
+            ("nfs4", "rw,vers=4.1,hard,nolock,local_lock=none", "nolock"),
+            ("nfs4", "rw,vers=4.1,hard,local_lock=all", "local_lock=all"),
+            ("nfs", "rw,vers=3,local_lock=flock", "local_lock=flock"),
+        ] {
+            let sys = Table(nfs_table(&share, fs_type, "fs-1.efs.eu-west-1.amazonaws.com:/", opts));
+            let r = run(Ok(&config), Path::new("agent.toml"), &sys);
+            let locks = r.checks.iter().find(|c| c.name == "locks").unwrap();
+            assert_eq!(locks.status, Status::Fail, "{opts}");
+            assert!(locks.detail.contains(bad), "{}", locks.detail);
+            assert!(locks.fix.as_deref().unwrap().contains("remount"), "{:?}", locks.fix);
+            assert!(!r.ok);
+        }
+        let smb = Config::from_toml(Path::new("agent.toml"), &format!(
+            "[node]\nbase_dir = {:?}\n[storage]\nbackend = \"cifs\"\nsource = \"//srv/share\"\nmount_point = {share:?}\n", tmp.path()
+        )).unwrap();
+        let sys = Table(nfs_table(&share, "cifs", "//srv/share", "rw,vers=3.1.1,nobrl,serverino"));
+        let r = run(Ok(&smb), Path::new("agent.toml"), &sys);
+        let locks = r.checks.iter().find(|c| c.name == "locks").unwrap();
+        assert_eq!(locks.status, Status::Fail);
+        assert!(locks.detail.contains("nobrl") && locks.fix.as_deref().unwrap().contains("nobrl"));
+    }
+
+    #[test]
+    fn unmounted_or_wrong_source_fails_and_skips_what_depends_on_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let share = tmp.path().canonicalize().unwrap();
+        let config = efs_config(&share, tmp.path());
+        let r = run(Ok(&config), Path::new("agent.toml"), &Table("1 0 8:1 / / rw - ext4 /dev/vda1 rw\n".into()));
+        assert_eq!(statuses(&r)[1..], [("mount", Status::Fail), ("locks", Status::Skip), ("link", Status::Fail), ("writable", Status::Skip), ("free_space", Status::Skip)]);
+        let r = run(Ok(&config), Path::new("agent.toml"), &Table(nfs_table(&share, "nfs4", "other:/", "rw,local_lock=none")));
+        assert!(r.checks[1].detail.contains("mounted from other:/"), "{}", r.to_text());
+        let text = r.to_text();
+        assert!(text.contains("FAIL  mount") && text.contains("fix: umount"), "{text}");
+    }
+
+    #[test]
+    fn local_filesystem_needs_allow_local_locks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let share = tmp.path().canonicalize().unwrap();
+        let text = format!("[node]\nbase_dir = {share:?}\n[storage]\nbackend = \"premounted\"\nmount_point = {share:?}\n");
+        let sys = Table("1 0 8:1 / / rw - ext4 /dev/vda1 rw\n".into());
+        let r = run(Ok(&Config::from_toml(Path::new("a"), &text).unwrap()), Path::new("a"), &sys);
+        let locks = &r.checks[2];
+        assert_eq!((locks.name, locks.status), ("locks", Status::Fail));
+        assert!(locks.fix.as_deref().unwrap().contains("allow_local_locks"));
+        let allowed = format!("{text}[lock]\nallow_local_locks = true\n");
+        let r = run(Ok(&Config::from_toml(Path::new("a"), &allowed).unwrap()), Path::new("a"), &sys);
+        assert_eq!(r.checks[2].status, Status::Ok);
+    }
+
+    #[test]
+    fn invalid_config_is_one_failing_line() {
+        let err = Config::from_toml(Path::new("/etc/x.toml"), "[node]\n").unwrap_err();
+        let r = run(Err(&err), Path::new("/etc/x.toml"), &Table(String::new()));
+        assert!(!r.ok);
+        assert_eq!(r.checks.len(), 1);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["checks"][0]["status"], "fail");
+        assert!(json["checks"][0]["fix"].as_str().unwrap().contains("/etc/x.toml"));
+    }
+}

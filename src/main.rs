@@ -1,0 +1,225 @@
+//! `artemis-sync`: the operator's command line. Parses arguments, calls the library, prints
+//! results, and maps errors to the exit codes listed in `--help` and the README.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use artemis_sync::config::{Backend, Config, ConfigError, DEFAULT_CONFIG_PATH};
+use artemis_sync::link::{LinkError, LinkOptions, LinkOutcome};
+use artemis_sync::mount::{MountOutcome, MountRequest};
+use artemis_sync::sys::RealSys;
+use artemis_sync::{doctor, link, mount};
+use clap::{Parser, Subcommand};
+
+/// Success.
+const EXIT_OK: u8 = 0;
+/// A runtime failure: I/O error, mount failed.
+const EXIT_FAILURE: u8 = 1;
+// 2 is bad command-line usage, which clap reports and exits with itself.
+/// The config file is missing, unreadable or invalid.
+const EXIT_CONFIG: u8 = 3;
+/// A check failed (`doctor`, or the checks after `mount`).
+const EXIT_CHECK: u8 = 4;
+/// Refused, to protect data: a journal directory where the link should be, a foreign file in
+/// the share, not enough space.
+const EXIT_REFUSED: u8 = 5;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  runtime failure (I/O error, mount failed)
+  2  usage error
+  3  config file missing, unreadable or invalid
+  4  a check failed (doctor, or the checks after mount)
+  5  refused to protect data (journal directory in the way, conflicting file in the share,
+     link pointing elsewhere without --force, not enough space)
+
+Environment:
+  ARTEMIS_SYNC_CONFIG         config file (default /etc/artemis-sync/agent.toml)
+  ARTEMIS_SYNC_LOG            log filter, e.g. debug (default info)
+  ARTEMIS_SYNC_MOUNT_PROGRAM  mount program (default: mount, from PATH)";
+
+/// Keeps the ActiveMQ Artemis journal of a hot/cold Corda node pair on a network share, with
+/// `${BASE_DIR}/artemis` a link to it.
+#[derive(Debug, Parser)]
+#[command(name = "artemis-sync", version, after_help = EXIT_CODES)]
+struct Cli {
+    /// Config file
+    #[arg(short = 'c', long = "config", global = true, value_name = "FILE",
+          env = "ARTEMIS_SYNC_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Log filter: error, warn, info, debug, trace (overrides ARTEMIS_SYNC_LOG)
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate the config and print it with every default filled in
+    CheckConfig,
+    /// Print the /etc/fstab line that mounts the configured share at boot
+    Fstab,
+    /// Mount the configured share now (already mounted from the same source is success), then check it
+    Mount,
+    /// Make ${BASE_DIR}/artemis a symlink to the mount point, atomically
+    Link {
+        /// Move the files of a real artemis/ directory into the share (verified by blake3; the
+        /// old directory is kept aside as artemis.pre-artemis-sync.<timestamp>)
+        #[arg(long)]
+        migrate: bool,
+        /// Replace a link that points somewhere else
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check config, mount, lock safety, link, writability and free space; print the fixes
+    Doctor {
+        /// One JSON object instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the shared-storage path on local directories (no config, root or network needed)
+    Demo {
+        /// Work in this directory and keep it (default: a temporary directory, removed after)
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    artemis_sync::logging::init(cli.log_level.as_deref(), "info");
+    match run(&cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("artemis-sync: error: {}", artemis_sync::error_chain(err.as_ref()));
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+/// The documented exit code for an error that reached `main`.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    if err.downcast_ref::<ConfigError>().is_some() {
+        return EXIT_CONFIG;
+    }
+    match err.downcast_ref::<LinkError>() {
+        Some(
+            LinkError::NotEmpty { .. }
+            | LinkError::PointsElsewhere { .. }
+            | LinkError::NotALinkOrDirectory(_)
+            | LinkError::Unsupported(_)
+            | LinkError::InsufficientSpace { .. }
+            | LinkError::Conflict { .. }
+            | LinkError::SourceChanged(_),
+        ) => EXIT_REFUSED,
+        _ => EXIT_FAILURE,
+    }
+}
+
+fn load(path: &Path) -> Result<Config, ConfigError> {
+    Config::load(path)
+}
+
+fn run(cli: &Cli) -> anyhow::Result<u8> {
+    let mut stdout = std::io::stdout();
+    match &cli.command {
+        Command::CheckConfig => {
+            let config = load(&cli.config)?;
+            print!("# {}: valid\n{}", cli.config.display(), config.to_toml());
+            Ok(EXIT_OK)
+        }
+        Command::Fstab => {
+            let config = load(&cli.config)?;
+            println!("{}", mount::fstab_line(&config)?);
+            Ok(EXIT_OK)
+        }
+        Command::Mount => {
+            let config = load(&cli.config)?;
+            let dir = &config.storage.mount_point;
+            if config.storage.backend != Backend::Premounted && !dir.exists() {
+                std::fs::create_dir_all(dir).with_context(|| format!("cannot create mount point {}", dir.display()))?;
+                tracing::info!(dir = %dir.display(), "created the mount point");
+            }
+            if config.storage.backend != Backend::Premounted {
+                let sys = RealSys::from_env();
+                match mount::mount(&sys, &MountRequest::from_config(&config), &mut stdout)? {
+                    MountOutcome::AlreadyMounted => println!("{} is already mounted on {}", config.storage.source, dir.display()),
+                    MountOutcome::Mounted { attempts } => println!("mounted {} on {} (attempt {attempts})", config.storage.source, dir.display()),
+                    MountOutcome::Faked { .. } => {}
+                }
+            }
+            let report = doctor::run(Ok(&config), &cli.config, &RealSys::from_env());
+            let mut failed = false;
+            for c in report.checks.iter().filter(|c| matches!(c.name, "mount" | "locks" | "writable" | "free_space")) {
+                failed |= c.status == doctor::Status::Fail;
+                let one = doctor::Report { ok: true, checks: vec![c.clone()] };
+                print!("{}", one.to_text());
+            }
+            Ok(if failed { EXIT_CHECK } else { EXIT_OK })
+        }
+        Command::Link { migrate, force } => {
+            let config = load(&cli.config)?;
+            let path = config.artemis_link();
+            let target = &config.storage.mount_point;
+            let outcome = link::link(&path, target, LinkOptions { migrate: *migrate, force: *force })?;
+            match outcome {
+                LinkOutcome::AlreadyLinked => println!("{} already links to {}; nothing to do", path.display(), target.display()),
+                LinkOutcome::Created => println!("linked {} -> {}", path.display(), target.display()),
+                LinkOutcome::Replaced { previous } => {
+                    println!("linked {} -> {} (it pointed to {})", path.display(), target.display(), previous.display())
+                }
+                LinkOutcome::Migrated(r) => {
+                    println!(
+                        "migrated {} files ({} bytes, every file verified by blake3; {} copied, {} already in the share)",
+                        r.copied + r.already_present, r.bytes, r.copied, r.already_present
+                    );
+                    println!("old directory kept at {}", r.aside.display());
+                    println!("linked {} -> {}", path.display(), target.display());
+                }
+            }
+            Ok(EXIT_OK)
+        }
+        Command::Doctor { json } => {
+            let loaded = load(&cli.config);
+            let report = doctor::run(loaded.as_ref(), &cli.config, &RealSys::from_env());
+            if *json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(if report.ok { EXIT_OK } else { EXIT_CHECK })
+        }
+        Command::Demo { dir } => {
+            let (path, _guard) = match dir {
+                Some(d) => (d.clone(), None),
+                None => {
+                    let t = tempfile_dir()?;
+                    (t.0.clone(), Some(t))
+                }
+            };
+            artemis_sync::demo::run(&path, &mut stdout)?;
+            Ok(EXIT_OK)
+        }
+    }
+}
+
+/// A temporary directory for the demo, removed when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempfile_dir() -> anyhow::Result<TempDir> {
+    let base = std::env::temp_dir();
+    let path = base.join(format!("artemis-sync-demo.{}", std::process::id()));
+    std::fs::create_dir(&path).with_context(|| format!("cannot create {}", path.display()))?;
+    Ok(TempDir(path))
+}

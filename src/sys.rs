@@ -1,0 +1,170 @@
+//! The system calls the mount logic depends on, behind one trait so that the retry, probe and
+//! idempotence logic can be tested with a scripted fake, and the few direct libc calls
+//! (`statvfs`, `geteuid`) in one place with their safety arguments.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::io;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// The environment variable that replaces the mount program (`mount`), for tests and for
+/// distributions that keep it elsewhere.
+pub const MOUNT_PROGRAM_ENV: &str = "ARTEMIS_SYNC_MOUNT_PROGRAM";
+/// The program run when [`MOUNT_PROGRAM_ENV`] is not set, found through `PATH`.
+pub const DEFAULT_MOUNT_PROGRAM: &str = "mount";
+/// Where the kernel lists this process's mounts.
+pub const MOUNTINFO_PATH: &str = "/proc/self/mountinfo";
+
+/// What a finished command reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandOutcome {
+    /// The exit code, or `None` when killed by a signal.
+    pub code: Option<i32>,
+    /// What it wrote to standard error.
+    pub stderr: String,
+}
+
+impl CommandOutcome {
+    /// Whether the command exited 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// The operations the mount logic performs on the system.
+pub trait Sys {
+    /// Runs the mount program with `args`, standard input closed, and waits for it.
+    fn run_mount(&self, args: &[OsString]) -> io::Result<CommandOutcome>;
+    /// Resolves `host` and opens a TCP connection to `port` on any of its addresses.
+    fn probe(&self, host: &str, port: u16, timeout: Duration) -> io::Result<()>;
+    /// The text of `/proc/self/mountinfo`.
+    fn mountinfo(&self) -> io::Result<String>;
+    /// Waits `d` between attempts.
+    fn sleep(&self, d: Duration);
+    /// The program [`Sys::run_mount`] runs, for messages and `-f`.
+    fn mount_program(&self) -> OsString;
+}
+
+/// The real system.
+#[derive(Debug, Clone)]
+pub struct RealSys {
+    mount_program: OsString,
+}
+
+impl RealSys {
+    /// The real system, with the mount program from [`MOUNT_PROGRAM_ENV`] or `mount`.
+    pub fn from_env() -> Self {
+        let mount_program = std::env::var_os(MOUNT_PROGRAM_ENV)
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| DEFAULT_MOUNT_PROGRAM.into());
+        RealSys { mount_program }
+    }
+}
+
+impl Sys for RealSys {
+    fn run_mount(&self, args: &[OsString]) -> io::Result<CommandOutcome> {
+        let out = Command::new(&self.mount_program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::piped())
+            .output()?;
+        Ok(CommandOutcome {
+            code: out.status.code(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim_end().to_owned(),
+        })
+    }
+
+    fn probe(&self, host: &str, port: u16, timeout: Duration) -> io::Result<()> {
+        let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"));
+        for addr in (host, port).to_socket_addrs()? {
+            match TcpStream::connect_timeout(&addr, timeout) {
+                Ok(_) => return Ok(()),
+                Err(e) => last = io::Error::new(e.kind(), format!("{addr}: {e}")),
+            }
+        }
+        Err(last)
+    }
+
+    fn mountinfo(&self) -> io::Result<String> {
+        std::fs::read_to_string(MOUNTINFO_PATH)
+    }
+
+    fn sleep(&self, d: Duration) {
+        std::thread::sleep(d);
+    }
+
+    fn mount_program(&self) -> OsString {
+        self.mount_program.clone()
+    }
+}
+
+/// Bytes an unprivileged user may still write on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
+    // SAFETY: statvfs is plain old data; all-zero bytes are a valid value of it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated string and `st` a valid, writable statvfs that
+    // outlives the call.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::from(st.f_bavail).saturating_mul(st.f_frsize))
+}
+
+/// Whether this process runs with an effective uid of root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Quotes `arg` for a shell when it holds anything but plain characters, for printing the
+/// commands that `-f` would run.
+pub fn shell_quote(arg: &OsStr) -> String {
+    let s = arg.to_string_lossy();
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=,@+%".contains(c));
+    if plain {
+        s.into_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_bytes_reads_the_filesystem_and_names_errors() {
+        assert!(free_bytes(Path::new("/")).unwrap() > 0);
+        assert_eq!(
+            free_bytes(Path::new("/no/such/dir")).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn quotes_only_what_needs_it() {
+        assert_eq!(shell_quote(OsStr::new("nfsvers=4.1,hard")), "nfsvers=4.1,hard");
+        assert_eq!(shell_quote(OsStr::new("a b")), "'a b'");
+        assert_eq!(shell_quote(OsStr::new("it's")), r"'it'\''s'");
+    }
+
+    #[test]
+    fn probe_connects_and_reports_a_closed_port() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sys = RealSys::from_env();
+        sys.probe("127.0.0.1", port, Duration::from_secs(2)).unwrap();
+        drop(listener);
+        let err = sys.probe("127.0.0.1", port, Duration::from_secs(2)).unwrap_err();
+        assert!(err.to_string().contains(&format!("127.0.0.1:{port}")), "{err}");
+    }
+}
