@@ -21,6 +21,16 @@ pub const DEFAULT_MOUNT_ATTEMPTS: u32 = 8;
 pub const DEFAULT_MOUNT_RETRY_MAX_MS: u64 = 20_000;
 /// How long systemd lets the whole mount (all attempts) run, in seconds.
 pub const DEFAULT_MOUNT_TIMEOUT_S: u64 = 180;
+/// Lease renewal period (Corda's `updateInterval`), in milliseconds.
+pub const DEFAULT_UPDATE_INTERVAL_MS: u64 = 20_000;
+/// Takeover delay after the last observed renewal (Corda's `waitInterval`), in milliseconds.
+pub const DEFAULT_WAIT_INTERVAL_MS: u64 = 40_000;
+/// Time the node gets between SIGTERM and SIGKILL, in milliseconds.
+pub const DEFAULT_STOP_TIMEOUT_MS: u64 = 10_000;
+/// The lock directory's name inside the mount point when `[lock] dir` is not set.
+pub const DEFAULT_LOCK_SUBDIR: &str = ".artemis-sync";
+/// Where the agent answers `status` and `release`.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/artemis-sync/agent.sock";
 
 /// Errors loading or validating the config file. Each names the file and, where there is one,
 /// the key.
@@ -53,6 +63,9 @@ pub struct Config {
     /// Mutual exclusion on the share.
     #[serde(default)]
     pub lock: LockConfig,
+    /// The agent process itself.
+    #[serde(default)]
+    pub agent: AgentConfig,
 }
 
 /// `[node]`
@@ -61,6 +74,15 @@ pub struct Config {
 pub struct NodeConfig {
     /// `${BASE_DIR}` of the Corda node; `base_dir/artemis` becomes the link to the share.
     pub base_dir: PathBuf,
+    /// The node, started by the agent only while it holds the lease (program and arguments).
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// A command run to completion after each takeover, before the node starts.
+    #[serde(default)]
+    pub on_acquire: Vec<String>,
+    /// SIGTERM, then SIGKILL after this long.
+    #[serde(default = "default_stop_timeout_ms")]
+    pub stop_timeout_ms: u64,
 }
 
 /// `[storage]`
@@ -96,13 +118,52 @@ pub struct StorageConfig {
 }
 
 /// `[lock]`
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LockConfig {
+    /// Directory of the lock and lease files; empty means `<mount_point>/.artemis-sync`.
+    #[serde(default)]
+    pub dir: PathBuf,
+    /// This VM's name in the holder id; empty means the host name.
+    #[serde(default)]
+    pub machine_name: String,
+    /// Renewal period (Corda's `updateInterval`).
+    #[serde(default = "default_update_interval_ms")]
+    pub update_interval_ms: u64,
+    /// Takeover delay after the last observed renewal (Corda's `waitInterval`).
+    #[serde(default = "default_wait_interval_ms")]
+    pub wait_interval_ms: u64,
     /// Accept a share on a local filesystem, where a lock excludes only processes of this host
     /// (tests, single-host set-ups).
     #[serde(default)]
     pub allow_local_locks: bool,
+}
+
+impl Default for LockConfig {
+    fn default() -> Self {
+        LockConfig {
+            dir: PathBuf::new(),
+            machine_name: String::new(),
+            update_interval_ms: DEFAULT_UPDATE_INTERVAL_MS,
+            wait_interval_ms: DEFAULT_WAIT_INTERVAL_MS,
+            allow_local_locks: false,
+        }
+    }
+}
+
+/// `[agent]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Unix socket where the running agent answers `status` and `release`.
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig { control_socket: default_control_socket() }
+    }
 }
 
 /// `[storage] mode`
@@ -271,6 +332,31 @@ fn default_mount_retry_max_ms() -> u64 {
 fn default_mount_timeout_s() -> u64 {
     DEFAULT_MOUNT_TIMEOUT_S
 }
+fn default_update_interval_ms() -> u64 {
+    DEFAULT_UPDATE_INTERVAL_MS
+}
+fn default_wait_interval_ms() -> u64 {
+    DEFAULT_WAIT_INTERVAL_MS
+}
+fn default_stop_timeout_ms() -> u64 {
+    DEFAULT_STOP_TIMEOUT_MS
+}
+fn default_control_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_CONTROL_SOCKET)
+}
+
+/// This host's name, from the kernel.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The safety margin kept between the node being down and a contender taking over: a tenth of
+/// `wait_interval_ms`, for scheduling delays and clock-rate differences between the VMs.
+pub fn fence_margin_ms(wait_interval_ms: u64) -> u64 {
+    wait_interval_ms / 10
+}
 
 impl Config {
     /// Reads, parses and validates the config file at `path`.
@@ -284,10 +370,16 @@ impl Config {
 
     /// Parses and validates config text; `path` is only used in messages.
     pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
+        if config.lock.dir.as_os_str().is_empty() {
+            config.lock.dir = config.storage.mount_point.join(DEFAULT_LOCK_SUBDIR);
+        }
+        if config.lock.machine_name.is_empty() {
+            config.lock.machine_name = host_name();
+        }
         config.validate(path)?;
         Ok(config)
     }
@@ -305,6 +397,11 @@ impl Config {
     /// `base_dir/artemis`, the path the Corda node reads its journal through.
     pub fn artemis_link(&self) -> PathBuf {
         self.node.base_dir.join("artemis")
+    }
+
+    /// Who this agent is in the lease: `machine_name:base_dir`.
+    pub fn holder_id(&self) -> String {
+        format!("{}:{}", self.lock.machine_name, self.node.base_dir.display())
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -374,6 +471,7 @@ impl Config {
             check_credentials_file(&s.credentials_file)
                 .map_err(|r| invalid("storage.credentials_file", r))?;
         }
+        self.validate_lock(path)?;
         if s.mount_attempts == 0 {
             return Err(invalid("storage.mount_attempts", "must be at least 1".into()));
         }
@@ -387,6 +485,60 @@ impl Config {
                     s.mount_timeout_s, budget_ms, s.mount_attempts, s.mount_retry_max_ms
                 ),
             ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_lock(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            reason,
+        };
+        let l = &self.lock;
+        absolute("lock.dir", &l.dir).map_err(|r| invalid("lock.dir", r))?;
+        absolute("agent.control_socket", &self.agent.control_socket)
+            .map_err(|r| invalid("agent.control_socket", r))?;
+        if l.machine_name.is_empty() || l.machine_name.contains(char::is_whitespace) {
+            return Err(invalid(
+                "lock.machine_name",
+                format!("= {:?} must be a non-empty name without spaces (the host name has none to offer)", l.machine_name),
+            ));
+        }
+        if l.update_interval_ms == 0 {
+            return Err(invalid("lock.update_interval_ms", "must be above 0".into()));
+        }
+        if l.wait_interval_ms <= l.update_interval_ms {
+            return Err(invalid(
+                "lock.wait_interval_ms",
+                format!(
+                    "= {} must exceed update_interval_ms = {} (as Corda's waitInterval must exceed updateInterval)",
+                    l.wait_interval_ms, l.update_interval_ms
+                ),
+            ));
+        }
+        // The node must be down before a contender may take over: within wait_interval_ms of
+        // the start of the last good renewal, less the margin, while leaving room for at least
+        // one renewal attempt before that deadline.
+        let margin = fence_margin_ms(l.wait_interval_ms);
+        let room = l.wait_interval_ms.saturating_sub(l.update_interval_ms + margin);
+        if self.node.stop_timeout_ms >= room {
+            return Err(invalid(
+                "node.stop_timeout_ms",
+                format!(
+                    "= {} does not fit: the node must be down within wait_interval_ms = {} of the last renewal; \
+                     after update_interval_ms = {} and a margin of {} ms, {} ms remain for stopping it. \
+                     Lower stop_timeout_ms or raise wait_interval_ms",
+                    self.node.stop_timeout_ms, l.wait_interval_ms, l.update_interval_ms, margin, room
+                ),
+            ));
+        }
+        for (key, cmd) in [("node.command", &self.node.command), ("node.on_acquire", &self.node.on_acquire)] {
+            if cmd.first().is_some_and(|p| p.is_empty()) {
+                return Err(invalid(key, "names an empty program".into()));
+            }
         }
         Ok(())
     }
@@ -573,6 +725,26 @@ source = "fs-0123abcd.efs.eu-west-1.amazonaws.com:/"
             .unwrap_err()
             .to_string();
         assert!(err.contains("`storage.mount_timeout_s`"), "{err}");
+    }
+
+    #[test]
+    fn lock_defaults_derive_from_the_mount_point_and_host() {
+        let c = load(EFS).unwrap();
+        assert_eq!(c.lock.dir, Path::new("/var/lib/artemis-sync/share/.artemis-sync"));
+        assert_eq!(c.lock.machine_name, host_name());
+        assert_eq!(c.holder_id(), format!("{}:/opt/corda", host_name()));
+        assert_eq!((c.lock.update_interval_ms, c.lock.wait_interval_ms), (20_000, 40_000));
+    }
+
+    #[test]
+    fn intervals_and_stop_timeout_must_fit() {
+        let err = load(&format!("{EFS}[lock]\nupdate_interval_ms = 5000\nwait_interval_ms = 5000\n")).unwrap_err().to_string();
+        assert!(err.contains("`lock.wait_interval_ms`") && err.contains("must exceed"), "{err}");
+        // 40000 - 20000 - 4000 leaves 16000 ms: 15000 fits, 16000 does not
+        let with = |stop: u64| EFS.replace("[node]", &format!("[node]\nstop_timeout_ms = {stop}"));
+        load(&with(15_000)).unwrap();
+        let err = load(&with(16_000)).unwrap_err().to_string();
+        assert!(err.contains("`node.stop_timeout_ms`") && err.contains("16000 ms remain"), "{err}");
     }
 
     #[test]

@@ -174,7 +174,9 @@ fn mount_check(config: &Config, table: &[MountEntry], dir: &Path) -> (Check, Opt
     }
 }
 
-fn locks_check(config: &Config, entry: &MountEntry) -> Check {
+/// Whether locks on the filesystem of `entry` reach the other VM: fail on lock-breaking options
+/// and, unless `[lock] allow_local_locks`, on a local filesystem.
+pub fn locks_check(config: &Config, entry: &MountEntry) -> Check {
     let opts = entry.all_options();
     if let Some(h) = lock_hazard(&entry.fs_type, &opts) {
         return check("locks", Status::Fail, format!("{} mount has `{}`: {}", entry.fs_type, h.option, h.effect), Some(h.fix.to_owned()));

@@ -3,13 +3,18 @@
 //! logic; the binaries in `src/main.rs` and `src/bin/` parse arguments and map errors to exit
 //! codes. See ARCHITECTURE.md for the roles, the data path and the invariants.
 
+pub mod agent;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod doctor;
+pub mod lease;
 pub mod link;
+pub mod lock;
 pub mod logging;
 pub mod mount;
 pub mod mountinfo;
+pub mod node;
 pub mod options;
 pub mod sys;
 

@@ -10,7 +10,7 @@ use artemis_sync::config::{Backend, Config, ConfigError, DEFAULT_CONFIG_PATH};
 use artemis_sync::link::{LinkError, LinkOptions, LinkOutcome};
 use artemis_sync::mount::{MountOutcome, MountRequest};
 use artemis_sync::sys::RealSys;
-use artemis_sync::{doctor, link, mount};
+use artemis_sync::{agent, control, doctor, link, mount};
 use clap::{Parser, Subcommand};
 
 /// Success.
@@ -32,7 +32,7 @@ Exit codes:
   1  runtime failure (I/O error, mount failed)
   2  usage error
   3  config file missing, unreadable or invalid
-  4  a check failed (doctor, or the checks after mount)
+  4  a check failed (doctor, the checks after mount, an agent refusing a lock-unsafe share)
   5  refused to protect data (journal directory in the way, conflicting file in the share,
      link pointing elsewhere without --force, not enough space)
 
@@ -81,6 +81,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the agent: hold the lock and lease on the share, run the node only while holding them
+    Agent,
+    /// Show the running agent's role, lease holder, epoch, renewal age and node
+    Status {
+        /// One JSON object instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the running agent to stop its node and release the lease to the other VM
+    Release,
     /// Show the shared-storage path on local directories (no config, root or network needed)
     Demo {
         /// Work in this directory and keep it (default: a temporary directory, removed after)
@@ -106,6 +116,9 @@ fn main() -> ExitCode {
 fn exit_code(err: &anyhow::Error) -> u8 {
     if err.downcast_ref::<ConfigError>().is_some() {
         return EXIT_CONFIG;
+    }
+    if let Some(agent::AgentError::LockUnsafe { .. }) = err.downcast_ref() {
+        return EXIT_CHECK;
     }
     match err.downcast_ref::<LinkError>() {
         Some(
@@ -194,6 +207,65 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             }
             Ok(if report.ok { EXIT_OK } else { EXIT_CHECK })
         }
+        Command::Agent => {
+            let config = load(&cli.config)?;
+            let listener = control::bind(&config.agent.control_socket)?;
+            let (tx, shutdown) = crossbeam_channel::bounded(1);
+            let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
+                .context("cannot install signal handlers")?;
+            std::thread::spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    let _ = tx.send(agent::ShutdownReason::Signal(sig));
+                }
+            });
+            let socket = config.agent.control_socket.clone();
+            let result = agent::run(config, listener, shutdown);
+            let _ = std::fs::remove_file(&socket);
+            let reason = result?;
+            tracing::info!(%reason, "agent stopped");
+            Ok(EXIT_OK)
+        }
+        Command::Status { json } => {
+            let config = load(&cli.config)?;
+            let socket = &config.agent.control_socket;
+            match control::request(socket, "status", control::STATUS_TIMEOUT) {
+                Ok(answer) => {
+                    if *json {
+                        println!("{answer}");
+                    } else {
+                        let v: serde_json::Value = serde_json::from_str(&answer).context("the agent's status is not JSON")?;
+                        print_status(&v);
+                    }
+                    Ok(EXIT_OK)
+                }
+                Err(e) => {
+                    // No agent: say so, and show what the share says.
+                    let lease = agent::read_lease(&agent::lease_path(&config));
+                    let v = serde_json::json!({
+                        "role": "down",
+                        "holder": config.holder_id(),
+                        "error": artemis_sync::error_chain(&e),
+                        "lease_holder": lease.as_ref().ok().and_then(|l| l.as_ref().map(|l| l.holder.clone())),
+                        "epoch": lease.as_ref().ok().and_then(|l| l.as_ref().map(|l| l.epoch)),
+                        "lease_state": lease.as_ref().ok().and_then(|l| l.as_ref().map(|l| l.state)),
+                        "lease_error": lease.as_ref().err().map(|e| e.to_string()),
+                    });
+                    if *json {
+                        println!("{v}");
+                    } else {
+                        print_status(&v);
+                    }
+                    Ok(EXIT_FAILURE)
+                }
+            }
+        }
+        Command::Release => {
+            let config = load(&cli.config)?;
+            let timeout = std::time::Duration::from_millis(config.node.stop_timeout_ms + config.lock.wait_interval_ms)
+                + control::STATUS_TIMEOUT;
+            println!("{}", control::request(&config.agent.control_socket, "release", timeout)?);
+            Ok(EXIT_OK)
+        }
         Command::Demo { dir } => {
             let (path, _guard) = match dir {
                 Some(d) => (d.clone(), None),
@@ -205,6 +277,19 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             artemis_sync::demo::run(&path, &mut stdout)?;
             Ok(EXIT_OK)
         }
+    }
+}
+
+/// `status` as aligned `key: value` lines.
+fn print_status(v: &serde_json::Value) {
+    let Some(map) = v.as_object() else { return };
+    for (k, val) in map {
+        let text = match val {
+            serde_json::Value::Null => "-".to_owned(),
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        println!("{k:<20} {text}");
     }
 }
 

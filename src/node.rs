@@ -1,0 +1,209 @@
+//! Supervising the Corda node process: started only while this VM holds the lease, in its own
+//! process group so that stopping it reaches every process it started, and with
+//! `PR_SET_PDEATHSIG(SIGKILL)` so that if the agent dies (even by `kill -9`) the node dies with
+//! it instead of running on unfenced. Stopping is SIGTERM to the group, then SIGKILL after
+//! `stop_timeout_ms`.
+//!
+//! The death signal fires when the *thread* that forked the child exits, so nodes must be
+//! spawned from the agent's main thread, which lives as long as the process. It reaches the
+//! direct child only: a wrapper script should `exec` the JVM (or run under systemd, whose
+//! cgroup takes the whole tree down).
+
+use std::io;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, Receiver};
+
+/// How long to wait for the group to die after SIGKILL before reporting it as stuck.
+pub const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// Errors starting or running node commands.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum NodeError {
+    /// `[node] command` is empty
+    Empty,
+    /// cannot start node command `{program}`: {source}
+    Spawn {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    /// hook `{program}` {outcome}
+    Hook { program: String, outcome: String },
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct Node {
+    pid: u32,
+    exited: Receiver<ExitStatus>,
+}
+
+/// How a stop went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// The node had exited before we asked.
+    AlreadyExited(ExitStatus),
+    /// It exited after SIGTERM.
+    Terminated(ExitStatus),
+    /// It needed SIGKILL.
+    Killed,
+    /// It did not die even after SIGKILL (stuck in the kernel, e.g. on a hung NFS mount).
+    Stuck,
+}
+
+impl Node {
+    /// Starts `command` (program and arguments) with `env` added to the agent's environment.
+    pub fn spawn(command: &[String], env: &[(&str, String)]) -> Result<Node, NodeError> {
+        let (program, args) = command.split_first().ok_or(NodeError::Empty)?;
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null()).process_group(0);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        // SAFETY of the closure: between fork and exec it calls only async-signal-safe
+        // functions (getppid, prctl, _exit) and allocates nothing.
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: see above; the closure captures only a plain integer.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // the agent may have died between fork and prctl: then nobody will fence us
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| NodeError::Spawn { program: program.clone(), source })?;
+        let pid = child.id();
+        let (tx, exited) = bounded(1);
+        std::thread::Builder::new()
+            .name(format!("node-wait-{pid}"))
+            .spawn(move || {
+                if let Ok(status) = child.wait() {
+                    let _ = tx.send(status);
+                }
+            })
+            .map_err(|source| NodeError::Spawn { program: program.clone(), source })?;
+        Ok(Node { pid, exited })
+    }
+
+    /// The node's pid (also its process group id).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Receives the exit status once the node exits by itself.
+    pub fn exited(&self) -> &Receiver<ExitStatus> {
+        &self.exited
+    }
+
+    /// Stops the node: SIGTERM to its process group, SIGKILL after `timeout`.
+    pub fn stop(self, timeout: Duration) -> Stopped {
+        if let Ok(status) = self.exited.try_recv() {
+            signal_group(self.pid, libc::SIGKILL); // leftovers of the group, if any
+            return Stopped::AlreadyExited(status);
+        }
+        signal_group(self.pid, libc::SIGTERM);
+        if let Ok(status) = self.exited.recv_timeout(timeout) {
+            signal_group(self.pid, libc::SIGKILL);
+            return Stopped::Terminated(status);
+        }
+        signal_group(self.pid, libc::SIGKILL);
+        match self.exited.recv_timeout(KILL_WAIT) {
+            Ok(_) => Stopped::Killed,
+            Err(_) => Stopped::Stuck,
+        }
+    }
+}
+
+fn signal_group(pgid: u32, signal: libc::c_int) {
+    // SAFETY: kill has no memory-safety preconditions; a negative pid names the process group
+    // the node leads (it was started with process_group(0)). ESRCH (gone) is fine.
+    unsafe {
+        libc::kill(-(pgid as libc::pid_t), signal);
+    }
+}
+
+/// A short description of an exit status for logs.
+pub fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exited with code {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => "ended".into(),
+    }
+}
+
+/// Runs a hook command to completion within `timeout`; a hook that overruns is killed.
+pub fn run_hook(command: &[String], env: &[(&str, String)], timeout: Duration) -> Result<(), NodeError> {
+    let node = Node::spawn(command, env)?;
+    let program = command[0].clone();
+    match node.exited.recv_timeout(timeout) {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(NodeError::Hook { program, outcome: describe(status) }),
+        Err(_) => {
+            node.stop(Duration::ZERO);
+            Err(NodeError::Hook { program, outcome: format!("did not finish within {} ms and was killed", timeout.as_millis()) })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn sh(script: &str) -> Vec<String> {
+        vec!["/bin/sh".into(), "-c".into(), script.into()]
+    }
+
+    fn alive(pid: u32) -> bool {
+        // SAFETY: signal 0 only checks for existence.
+        unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+    }
+
+    #[test]
+    fn term_stops_the_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("grandchild");
+        let node = Node::spawn(&sh(&format!("sleep 30 & echo $! > {}; wait", pidfile.display())), &[]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !pidfile.exists() || std::fs::read_to_string(&pidfile).unwrap().trim().is_empty() {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let grandchild: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        assert!(matches!(node.stop(Duration::from_secs(5)), Stopped::Terminated(_)));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(grandchild) {
+            assert!(Instant::now() < deadline, "grandchild {grandchild} survived");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn kill_after_the_timeout_when_term_is_ignored() {
+        let node = Node::spawn(&sh("trap '' TERM; while :; do sleep 0.05; done"), &[]).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let started = Instant::now();
+        assert_eq!(node.stop(Duration::from_millis(200)), Stopped::Killed);
+        assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+
+    #[test]
+    fn hooks_report_failure_and_overrun() {
+        run_hook(&sh("exit 0"), &[], Duration::from_secs(5)).unwrap();
+        let err = run_hook(&sh("exit 3"), &[], Duration::from_secs(5)).unwrap_err();
+        assert!(err.to_string().contains("exited with code 3"), "{err}");
+        let err = run_hook(&sh("sleep 10"), &[], Duration::from_millis(100)).unwrap_err();
+        assert!(err.to_string().contains("did not finish"), "{err}");
+        assert!(matches!(Node::spawn(&[], &[]), Err(NodeError::Empty)));
+        let err = Node::spawn(&["/no/such/program".into()], &[]).unwrap_err();
+        assert!(err.to_string().contains("/no/such/program"), "{err}");
+    }
+}

@@ -1,0 +1,451 @@
+//! Issue 3: two real `artemis-sync agent` processes contend for one share (a premounted temp
+//! directory), each supervising a node script that logs its start and stop. Timing assertions
+//! use the intervals below with generous margins; measured figures are printed to stderr
+//! (`cargo test -- --nocapture` shows them).
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::util::{artemis_sync, main_cmd, spawn, toml_path, wait_bounded, write_script, Fixture};
+
+/// Renewal period of the test agents.
+const UPDATE_MS: u64 = 300;
+/// Takeover delay of the test agents.
+const WAIT_MS: u64 = 1500;
+/// SIGTERM-to-SIGKILL time of the test nodes.
+const STOP_MS: u64 = 300;
+
+/// Two agents (`a`, `b`) configured on one share, with a node log.
+struct Pair {
+    fx: Fixture,
+    log: PathBuf,
+    agents: Vec<(String, Child)>,
+}
+
+fn config_path(fx: &Fixture, name: &str) -> PathBuf {
+    fx.path(&format!("{name}.toml"))
+}
+
+impl Pair {
+    fn new() -> Pair {
+        let fx = Fixture::new();
+        let share = fx.mkdir("share");
+        let log = fx.path("nodes.log");
+        let node = write_script(
+            &fx.path("node.sh"),
+            &format!(
+                "trap 'echo \"stop $1 $(date +%s%N) $$\" >> {log}; exit 0' TERM\n\
+                 echo \"start $1 $ARTEMIS_SYNC_EPOCH $(date +%s%N) $$\" >> {log}\n\
+                 while :; do sleep 0.05 & wait $!; done",
+                log = log.display()
+            ),
+        );
+        for name in ["a", "b"] {
+            let base = fx.mkdir(name);
+            let text = format!(
+                "[node]\nbase_dir = {}\ncommand = [{}, \"{name}\"]\nstop_timeout_ms = {STOP_MS}\n\n\
+                 [storage]\nbackend = \"premounted\"\nmount_point = {}\n\n\
+                 [lock]\nmachine_name = \"{name}\"\nupdate_interval_ms = {UPDATE_MS}\nwait_interval_ms = {WAIT_MS}\n\
+                 allow_local_locks = true\n\n[agent]\ncontrol_socket = {}\n",
+                toml_path(&base),
+                toml_path(&node),
+                toml_path(&share),
+                toml_path(&fx.path(&format!("{name}.sock"))),
+            );
+            fs::write(config_path(&fx, name), text).unwrap();
+        }
+        Pair { fx, log, agents: Vec::new() }
+    }
+
+    fn config(&self, name: &str) -> PathBuf {
+        config_path(&self.fx, name)
+    }
+
+    fn lease_path(&self) -> PathBuf {
+        self.fx.path("share/.artemis-sync/lease.json")
+    }
+
+    /// Starts agent `name` in its own process group, stderr to `<name>.<n>.err`.
+    fn start(&mut self, name: &str) -> u32 {
+        let n = self.agents.len();
+        let err = fs::File::create(self.fx.path(&format!("{name}.{n}.err"))).unwrap();
+        let mut cmd = main_cmd();
+        cmd.arg("-c").arg(self.config(name)).arg("agent").stdout(Stdio::null()).stderr(err).process_group(0);
+        let child = spawn(&mut cmd);
+        let pid = child.id();
+        self.agents.push((name.to_owned(), child));
+        pid
+    }
+
+    fn child(&mut self, pid: u32) -> &mut Child {
+        &mut self.agents.iter_mut().find(|(_, c)| c.id() == pid).expect("agent pid").1
+    }
+
+    /// Sends `sig` to agent `pid` and, for a terminating signal, waits for it to exit.
+    fn signal(&mut self, pid: u32, sig: libc::c_int) {
+        kill(pid as i32, sig);
+        if sig == libc::SIGTERM || sig == libc::SIGKILL {
+            let status = wait_bounded(self.child(pid), Duration::from_secs(10));
+            assert!(status.is_some(), "agent {pid} did not exit after signal {sig}");
+        }
+    }
+
+    fn status(&self, name: &str) -> serde_json::Value {
+        let out = artemis_sync(&self.config(name), ["status", "--json"]);
+        serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("status is not JSON ({e}):\n{out}"))
+    }
+
+    fn role(&self, name: &str) -> String {
+        self.status(name)["role"].as_str().unwrap_or("?").to_owned()
+    }
+
+    fn events(&self) -> Vec<Event> {
+        fs::read_to_string(&self.log).unwrap_or_default().lines().map(Event::parse).collect()
+    }
+
+    fn stderr_of(&self) -> String {
+        let mut all = String::new();
+        for (i, (name, _)) in self.agents.iter().enumerate() {
+            let text = fs::read_to_string(self.fx.path(&format!("{name}.{i}.err"))).unwrap_or_default();
+            all.push_str(&format!("--- agent {name} #{i} ---\n{text}"));
+        }
+        all
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.agents {
+            let _ = child.kill(); // the nodes die with them (PR_SET_PDEATHSIG)
+            let _ = child.wait();
+        }
+    }
+}
+
+fn kill(pid: i32, sig: libc::c_int) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    let exists = unsafe { libc::kill(pid as i32, 0) == 0 };
+    // a zombie still "exists": look at its state
+    exists
+        && fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .unwrap_or(false)
+}
+
+#[derive(Debug, Clone)]
+struct Event {
+    start: bool,
+    name: String,
+    epoch: Option<u64>,
+    /// When it happened (ns since the epoch), for the failure report.
+    #[allow(dead_code)]
+    t_ns: u128,
+    pid: u32,
+}
+
+impl Event {
+    fn parse(line: &str) -> Event {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let bad = || -> ! { panic!("bad node log line {line:?}") };
+        match f.as_slice() {
+            ["start", name, epoch, t, pid] => Event {
+                start: true,
+                name: name.to_string(),
+                epoch: epoch.parse().ok(),
+                t_ns: t.parse().unwrap_or_else(|_| bad()),
+                pid: pid.parse().unwrap_or_else(|_| bad()),
+            },
+            ["stop", name, t, pid] => Event {
+                start: false,
+                name: name.to_string(),
+                epoch: None,
+                t_ns: t.parse().unwrap_or_else(|_| bad()),
+                pid: pid.parse().unwrap_or_else(|_| bad()),
+            },
+            _ => bad(),
+        }
+    }
+}
+
+/// Polls `cond` every 10 ms for at most `limit`.
+fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Asserts that node runs never overlap: every start comes after the previous run's stop.
+#[track_caller]
+fn assert_one_at_a_time(events: &[Event]) {
+    let mut running: Option<&Event> = None;
+    for e in events {
+        if e.start {
+            assert!(running.is_none(), "node {} (pid {}) started while {:?} was running: {events:#?}", e.name, e.pid, running);
+            running = Some(e);
+        } else {
+            let r = running.take().unwrap_or_else(|| panic!("stop without start: {e:?}"));
+            assert_eq!(r.pid, e.pid, "the stop is not of the running node: {events:#?}");
+        }
+    }
+}
+
+#[test]
+fn issue3_exactly_one_node_over_start_stop_cycles_and_simultaneous_starts() {
+    const CYCLES: usize = 4;
+    let mut p = Pair::new();
+    for cycle in 0..CYCLES {
+        // both at once
+        let a = p.start("a");
+        let b = p.start("b");
+        let limit = Duration::from_millis(WAIT_MS * 3);
+        assert!(wait_until(limit, || p.role("a") == "hot" || p.role("b") == "hot"), "cycle {cycle}: nobody became hot\n{}", p.stderr_of());
+        let (hot, cold, cold_name) = if p.role("a") == "hot" { (a, b, "b") } else { (b, a, "a") };
+        assert_ne!(p.role(cold_name), "hot", "cycle {cycle}: both hot");
+        let started = |p: &Pair, n: usize| wait_until(limit, || p.events().iter().filter(|e| e.start).count() == n);
+        assert!(started(&p, 2 * cycle + 1), "cycle {cycle}: the node did not start");
+        // stop the hot one: the cold one takes the released lease
+        p.signal(hot, libc::SIGTERM);
+        assert!(wait_until(limit, || p.role(cold_name) == "hot"), "cycle {cycle}: no handover\n{}", p.stderr_of());
+        assert!(started(&p, 2 * cycle + 2), "cycle {cycle}: the second node did not start");
+        p.signal(cold, libc::SIGTERM);
+    }
+    let events = p.events();
+    assert_eq!(events.iter().filter(|e| e.start).count(), 2 * CYCLES, "{events:#?}");
+    assert_eq!(events.iter().filter(|e| !e.start).count(), 2 * CYCLES, "every node was stopped: {events:#?}");
+    assert_one_at_a_time(&events);
+    // epochs only go up
+    let epochs: Vec<u64> = events.iter().filter_map(|e| e.epoch).collect();
+    assert!(epochs.windows(2).all(|w| w[1] == w[0] + 1), "epochs {epochs:?}");
+}
+
+/// Watches the lease file's bytes every 2 ms until `until` holds for the new content; returns
+/// when it last changed before that and when the final change was seen.
+fn watch_lease(path: &Path, limit: Duration, mut until: impl FnMut(&str) -> bool) -> Option<(Instant, Instant)> {
+    let deadline = Instant::now() + limit;
+    let mut last = fs::read(path).unwrap_or_default();
+    let mut last_change = Instant::now();
+    while Instant::now() < deadline {
+        let now_bytes = fs::read(path).unwrap_or_default();
+        if now_bytes != last {
+            let seen = Instant::now();
+            if until(&String::from_utf8_lossy(&now_bytes)) {
+                return Some((last_change, seen));
+            }
+            last = now_bytes;
+            last_change = seen;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+#[test]
+fn issue3_kill9_of_the_hot_agent_kills_its_node_and_the_cold_takes_over_after_wait_interval() {
+    let mut p = Pair::new();
+    let a = p.start("a");
+    assert!(wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"), "{}", p.stderr_of());
+    let _b = p.start("b");
+    assert!(wait_until(Duration::from_secs(5), || p.role("b") == "cold"));
+    let node = p.status("a")["node_pid"].as_u64().expect("node pid") as u32;
+    assert!(alive(node));
+
+    let lease = p.lease_path();
+    let watcher = thread::spawn(move || watch_lease(&lease, Duration::from_millis(WAIT_MS * 4), |text| text.contains("\"holder\": \"b:")));
+    thread::sleep(Duration::from_millis(UPDATE_MS)); // let the watcher see a renewal or two
+    let killed = Instant::now();
+    p.signal(a, libc::SIGKILL);
+    // the node must not outlive its agent (PR_SET_PDEATHSIG)
+    assert!(wait_until(Duration::from_secs(2), || !alive(node)), "node {node} survived the agent's kill -9");
+    let node_gone = killed.elapsed();
+
+    let (last_renewal, takeover) = watcher.join().unwrap().unwrap_or_else(|| panic!("no takeover\n{}", p.stderr_of()));
+    let gap = takeover.duration_since(last_renewal);
+    eprintln!("kill -9: node gone after {node_gone:?}; takeover {gap:?} after the last renewal (wait_interval {WAIT_MS} ms, bound {} ms)", WAIT_MS + 2 * UPDATE_MS);
+    assert!(gap >= Duration::from_millis(WAIT_MS - 25), "took over too early: {gap:?}");
+    assert!(gap <= Duration::from_millis(WAIT_MS + 2 * UPDATE_MS), "took over too late: {gap:?}\n{}", p.stderr_of());
+    assert!(wait_until(Duration::from_secs(2), || p.role("b") == "hot"), "{}", p.stderr_of());
+    assert_eq!(p.status("b")["epoch"], 2);
+    assert!(wait_until(Duration::from_secs(2), || p.events().iter().any(|e| e.start && e.name == "b")));
+}
+
+#[test]
+fn issue3_a_frozen_hot_is_replaced_and_fences_itself_on_waking_without_writing_the_lease() {
+    let mut p = Pair::new();
+    let a = p.start("a");
+    assert!(wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"), "{}", p.stderr_of());
+    let _b = p.start("b");
+    assert!(wait_until(Duration::from_secs(5), || p.role("b") == "cold"));
+    let node = p.status("a")["node_pid"].as_u64().unwrap() as i32;
+
+    // A hung VM: the agent and its node both stop. On two VMs the NFS server then drops the
+    // hung client's locks when its lease expires; on one host a stopped process keeps its
+    // lock, so the test does what the server would: the lock file the hot locked is replaced,
+    // and the cold can lock the new one. The lease still decides: b must see it unchanged
+    // for wait_interval_ms before taking over.
+    kill(a as i32, libc::SIGSTOP);
+    kill(-node, libc::SIGSTOP);
+    let frozen = Instant::now();
+    let lock = p.fx.path("share/.artemis-sync/lock");
+    fs::remove_file(&lock).unwrap();
+    fs::write(&lock, b"").unwrap();
+    assert!(wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("b") == "hot"), "{}", p.stderr_of());
+    let took = frozen.elapsed();
+    assert!(took >= Duration::from_millis(WAIT_MS - 25), "b took over {took:?} after the freeze");
+    assert_eq!(p.status("b")["epoch"], 2);
+    let lease_b = fs::read(p.lease_path()).unwrap();
+
+    kill(-node, libc::SIGCONT);
+    kill(a as i32, libc::SIGCONT);
+    let woke = Instant::now();
+    let stopped = wait_until(Duration::from_millis(STOP_MS + 2000), || p.events().iter().any(|e| !e.start && e.name == "a"));
+    assert!(stopped, "the old hot did not fence its node\n{}", p.stderr_of());
+    eprintln!("SIGSTOP: b took over {took:?} after the freeze; a fenced its node {:?} after SIGCONT", woke.elapsed());
+    assert_ne!(p.role("a"), "hot");
+    // a never writes the lease again: over several renewal periods only b's renewals appear
+    thread::sleep(Duration::from_millis(UPDATE_MS * 4));
+    let now = fs::read_to_string(p.lease_path()).unwrap();
+    assert!(now.contains("\"holder\": \"b:") && now.contains("\"epoch\": 2"), "{now}");
+    assert_ne!(now.as_bytes(), lease_b.as_slice(), "b keeps renewing");
+    let log = p.stderr_of();
+    assert!(log.contains("FENCING"), "{log}");
+}
+
+#[test]
+fn issue3_an_unreadable_truncated_or_garbage_lease_is_never_a_reason_to_take_over() {
+    let mut p = Pair::new();
+    let a = p.start("a");
+    assert!(wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"), "{}", p.stderr_of());
+    let good = fs::read(p.lease_path()).unwrap();
+    let _b = p.start("b");
+    assert!(wait_until(Duration::from_secs(5), || p.role("b") == "cold"));
+    p.signal(a, libc::SIGKILL);
+    let lease = p.lease_path();
+    for (what, damage) in [
+        ("garbage", Box::new(|p: &Path| fs::write(p, b"\x00\x01 not a lease").unwrap()) as Box<dyn Fn(&Path)>),
+        ("truncated", Box::new(move |p: &Path| fs::write(p, &good[..good.len() / 2]).unwrap())),
+        ("unreadable", Box::new(|p: &Path| {
+            fs::remove_file(p).unwrap();
+            fs::create_dir(p).unwrap();
+        })),
+    ] {
+        damage(&lease);
+        // well past the takeover delay: b must still be cold, saying why
+        thread::sleep(Duration::from_millis(WAIT_MS + 3 * UPDATE_MS));
+        let status = p.status("b");
+        assert_eq!(status["role"], "cold", "{what}: {status}");
+        let error = status["error"].as_str().unwrap_or_default();
+        assert!(error.contains(&*lease.to_string_lossy()), "{what}: the error names the lease: {status}");
+        assert!(!p.events().iter().any(|e| e.start && e.name == "b"), "{what}: b started a node");
+        if lease.is_dir() {
+            fs::remove_dir(&lease).unwrap();
+        }
+    }
+    // The operator moves the damaged record away: b takes over after a full wait_interval.
+    let _ = fs::remove_file(&lease);
+    let removed = Instant::now();
+    assert!(wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("b") == "hot"), "{}", p.stderr_of());
+    assert!(removed.elapsed() >= Duration::from_millis(WAIT_MS - 25));
+    assert!(p.stderr_of().contains("corrupt"), "{}", p.stderr_of());
+}
+
+#[test]
+fn issue3_release_hands_over_in_well_under_wait_interval() {
+    let mut p = Pair::new();
+    p.start("a");
+    assert!(wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"), "{}", p.stderr_of());
+    p.start("b");
+    assert!(wait_until(Duration::from_secs(5), || p.role("b") == "cold"));
+    let started = Instant::now();
+    let out = artemis_sync(&p.config("a"), ["release"]);
+    out.code(0).stdout_has(&["released epoch 1"]);
+    assert!(wait_until(Duration::from_millis(WAIT_MS), || p.role("b") == "hot"), "{}", p.stderr_of());
+    let handover = started.elapsed();
+    eprintln!("release: b hot {handover:?} after `artemis-sync release` (wait_interval {WAIT_MS} ms)");
+    assert!(handover < Duration::from_millis(WAIT_MS / 2), "handover took {handover:?}");
+    assert_eq!(p.status("b")["epoch"], 2);
+    assert_ne!(p.role("a"), "hot");
+    assert_one_at_a_time(&p.events());
+    // a released agent does not take it back at once
+    thread::sleep(Duration::from_millis(UPDATE_MS * 2));
+    assert_eq!(p.role("b"), "hot");
+    // release on a cold agent is harmless
+    artemis_sync(&p.config("a"), ["release"]).code(0).stdout_has(&["nothing to release"]);
+}
+
+#[test]
+fn issue3_a_replaced_lock_file_fences_the_node() {
+    let mut p = Pair::new();
+    p.start("a");
+    assert!(wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"), "{}", p.stderr_of());
+    let lock = p.fx.path("share/.artemis-sync/lock");
+    fs::remove_file(&lock).unwrap();
+    fs::write(&lock, b"").unwrap();
+    assert!(
+        wait_until(Duration::from_millis(UPDATE_MS * 3 + STOP_MS), || p.events().iter().any(|e| !e.start)),
+        "the node was not fenced\n{}", p.stderr_of()
+    );
+    assert!(p.stderr_of().contains("was replaced"), "{}", p.stderr_of());
+    assert_eq!(p.role("a"), "fenced");
+}
+
+#[test]
+fn issue3_status_reports_the_fields_and_a_missing_agent() {
+    let mut p = Pair::new();
+    let out = artemis_sync(&p.config("a"), ["status", "--json"]);
+    out.code(1);
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(v["role"], "down");
+    assert!(v["error"].as_str().unwrap().contains("a.sock"), "{v}");
+    p.start("a");
+    assert!(wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"), "{}", p.stderr_of());
+    let s = p.status("a");
+    for key in ["role", "holder", "lease_holder", "epoch", "lease_state", "last_renewal_age_ms", "lock_held", "node_pid", "node_state"] {
+        assert!(s.get(key).is_some(), "status lacks {key}: {s}");
+    }
+    assert_eq!(s["holder"], format!("a:{}", p.fx.path("a").display()));
+    assert_eq!(s["node_state"], "running");
+    assert!(s["last_renewal_age_ms"].as_u64().unwrap() <= UPDATE_MS * 3, "{s}");
+    // the text form too
+    artemis_sync(&p.config("a"), ["status"]).code(0).stdout_has(&["role", "hot", "epoch"]);
+    // a second agent with the same config is refused
+    let out = artemis_sync(&p.config("a"), ["agent"]);
+    out.code(1).stderr_has(&["another agent already answers"]);
+}
+
+#[test]
+fn issue3_refuses_a_local_filesystem_unless_allowed() {
+    let p = Pair::new();
+    let cfg = p.config("a");
+    let text = fs::read_to_string(&cfg).unwrap().replace("allow_local_locks = true", "allow_local_locks = false");
+    fs::write(&cfg, text).unwrap();
+    let out = artemis_sync(&cfg, ["agent"]);
+    out.code(4).stderr_has(&["refusing to run", "local", "allow_local_locks"]);
+    assert!(p.events().is_empty());
+}
+
+#[test]
+fn issue3_a_stop_timeout_that_cannot_fit_is_refused() {
+    let p = Pair::new();
+    let cfg = p.config("a");
+    let text = fs::read_to_string(&cfg).unwrap().replace(&format!("stop_timeout_ms = {STOP_MS}"), "stop_timeout_ms = 1200");
+    fs::write(&cfg, text).unwrap();
+    artemis_sync(&cfg, ["check-config"]).code(3).stderr_has(&["node.stop_timeout_ms", "does not fit"]);
+}
