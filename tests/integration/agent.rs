@@ -449,3 +449,84 @@ fn issue3_a_stop_timeout_that_cannot_fit_is_refused() {
     fs::write(&cfg, text).unwrap();
     artemis_sync(&cfg, ["check-config"]).code(3).stderr_has(&["node.stop_timeout_ms", "does not fit"]);
 }
+
+/// Starts `a` alone and waits until it is hot with its node logged; returns the time of the
+/// last lease change seen before `fault` ran, and the fault's time.
+fn hot_then(p: &mut Pair, fault: impl FnOnce(&Pair)) -> (Instant, Instant) {
+    p.start("a");
+    assert!(wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"), "{}", p.stderr_of());
+    assert!(wait_until(Duration::from_secs(2), || p.events().iter().any(|e| e.start)));
+    // find the moment of a renewal, then break the share right after it
+    let lease = p.lease_path();
+    let (_, renewed) = watch_lease(&lease, Duration::from_millis(UPDATE_MS * 3), |_| true).expect("a renewal");
+    fault(p);
+    (renewed, Instant::now())
+}
+
+/// Waits for the node's stop line and returns when the test saw it.
+fn node_stopped(p: &Pair, limit: Duration) -> Option<Instant> {
+    wait_until(limit, || p.events().iter().any(|e| !e.start)).then(Instant::now)
+}
+
+#[test]
+fn issue3_a_renewal_that_hangs_on_the_share_does_not_delay_fencing() {
+    // A FIFO in place of the lease: the renewal's open() blocks for ever, as a read on a hung
+    // NFS mount does. The fence must not wait for it.
+    let mut p = Pair::new();
+    let (renewed, _) = hot_then(&mut p, |p| {
+        let lease = p.lease_path();
+        fs::remove_file(&lease).unwrap();
+        let c = std::ffi::CString::new(lease.to_str().unwrap()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    });
+    let stopped = node_stopped(&p, Duration::from_millis(WAIT_MS * 2)).unwrap_or_else(|| panic!("not fenced\n{}", p.stderr_of()));
+    let down = stopped.duration_since(renewed);
+    eprintln!("hung share: node down {down:?} after the last good renewal (must be < wait_interval {WAIT_MS} ms)");
+    assert!(down < Duration::from_millis(WAIT_MS), "node still up {down:?} after the last renewal");
+    // the agent still answers while its share worker is stuck
+    assert_eq!(p.role("a"), "fenced");
+    assert!(p.stderr_of().contains("FENCING: no successful renewal"), "{}", p.stderr_of());
+}
+
+#[test]
+fn issue3_renewals_failing_on_a_full_share_fence_the_node_before_wait_interval() {
+    if !crate::util::require_root("issue3 full share", "mounting a tmpfs needs root") {
+        return;
+    }
+    let mut p = Pair::new();
+    let share = p.fx.path("share");
+    crate::util::system("mount", &["-t".as_ref(), "tmpfs".as_ref(), "-o".as_ref(), "size=256k".as_ref(), "tmpfs".as_ref(), share.as_os_str()]);
+    let _guard = crate::util::MountGuard::new(&share);
+    let (renewed, _) = hot_then(&mut p, |p| {
+        // fill the share: the next lease write fails with ENOSPC
+        let filler = p.fx.path("share/filler");
+        let _ = fs::write(&filler, vec![0u8; 512 * 1024]);
+    });
+    let stopped = node_stopped(&p, Duration::from_millis(WAIT_MS * 2)).unwrap_or_else(|| panic!("not fenced\n{}", p.stderr_of()));
+    let down = stopped.duration_since(renewed);
+    eprintln!("full share: node down {down:?} after the last good renewal (must be < wait_interval {WAIT_MS} ms)");
+    assert!(down < Duration::from_millis(WAIT_MS), "node still up {down:?} after the last renewal");
+    let log = p.stderr_of();
+    assert!(log.contains("renewal failed") && log.contains("No space left on device"), "{log}");
+    // the lease on the share is intact: the failed write never replaced it
+    let text = fs::read_to_string(p.lease_path()).unwrap();
+    assert!(text.contains("\"holder\": \"a:"), "{text}");
+    assert!(fs::read_dir(p.fx.path("share/.artemis-sync")).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp")), "no temporary left");
+}
+
+#[test]
+fn issue3_a_node_that_dies_gives_the_lease_to_the_other_vm() {
+    let mut p = Pair::new();
+    p.start("a");
+    assert!(wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"), "{}", p.stderr_of());
+    p.start("b");
+    assert!(wait_until(Duration::from_secs(5), || p.role("b") == "cold"));
+    let node = p.status("a")["node_pid"].as_u64().unwrap() as i32;
+    let crashed = Instant::now();
+    kill(node, libc::SIGKILL);
+    assert!(wait_until(Duration::from_millis(WAIT_MS), || p.role("b") == "hot"), "{}", p.stderr_of());
+    eprintln!("node crash: b hot {:?} after a's node was killed", crashed.elapsed());
+    assert!(p.stderr_of().contains("killed by signal 9"), "{}", p.stderr_of());
+    assert_ne!(p.role("a"), "hot");
+}
