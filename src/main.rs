@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use artemis_sync::config::{Backend, Config, ConfigError, DEFAULT_CONFIG_PATH};
+use artemis_sync::config::{Backend, Config, ConfigError};
 use artemis_sync::link::{LinkError, LinkOptions, LinkOutcome};
 use artemis_sync::mount::{MountOutcome, MountRequest};
 use artemis_sync::sys::RealSys;
 use artemis_sync::{agent, control, doctor, link, mount};
-use clap::{Parser, Subcommand};
+use artemis_sync::cli::{Cli, Command};
+use clap::Parser;
 
 /// Success.
 const EXIT_OK: u8 = 0;
@@ -25,79 +26,6 @@ const EXIT_CHECK: u8 = 4;
 /// Refused, to protect data: a journal directory where the link should be, a foreign file in
 /// the share, not enough space.
 const EXIT_REFUSED: u8 = 5;
-
-const EXIT_CODES: &str = "\
-Exit codes:
-  0  success
-  1  runtime failure (I/O error, mount failed)
-  2  usage error
-  3  config file missing, unreadable or invalid
-  4  a check failed (doctor, the checks after mount, an agent refusing a lock-unsafe share)
-  5  refused to protect data (journal directory in the way, conflicting file in the share,
-     link pointing elsewhere without --force, not enough space)
-
-Environment:
-  ARTEMIS_SYNC_CONFIG         config file (default /etc/artemis-sync/agent.toml)
-  ARTEMIS_SYNC_LOG            log filter, e.g. debug (default info)
-  ARTEMIS_SYNC_MOUNT_PROGRAM  mount program (default: mount, from PATH)";
-
-/// Keeps the ActiveMQ Artemis journal of a hot/cold Corda node pair on a network share, with
-/// `${BASE_DIR}/artemis` a link to it.
-#[derive(Debug, Parser)]
-#[command(name = "artemis-sync", version, after_help = EXIT_CODES)]
-struct Cli {
-    /// Config file
-    #[arg(short = 'c', long = "config", global = true, value_name = "FILE",
-          env = "ARTEMIS_SYNC_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
-    config: PathBuf,
-    /// Log filter: error, warn, info, debug, trace (overrides ARTEMIS_SYNC_LOG)
-    #[arg(long, global = true, value_name = "LEVEL")]
-    log_level: Option<String>,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Validate the config and print it with every default filled in
-    CheckConfig,
-    /// Print the /etc/fstab line that mounts the configured share at boot
-    Fstab,
-    /// Mount the configured share now (already mounted from the same source is success), then check it
-    Mount,
-    /// Make ${BASE_DIR}/artemis a symlink to the mount point, atomically
-    Link {
-        /// Move the files of a real artemis/ directory into the share (verified by blake3; the
-        /// old directory is kept aside as artemis.pre-artemis-sync.<timestamp>)
-        #[arg(long)]
-        migrate: bool,
-        /// Replace a link that points somewhere else
-        #[arg(long)]
-        force: bool,
-    },
-    /// Check config, mount, lock safety, link, writability and free space; print the fixes
-    Doctor {
-        /// One JSON object instead of text
-        #[arg(long)]
-        json: bool,
-    },
-    /// Run the agent: hold the lock and lease on the share, run the node only while holding them
-    Agent,
-    /// Show the running agent's role, lease holder, epoch, renewal age and node
-    Status {
-        /// One JSON object instead of text
-        #[arg(long)]
-        json: bool,
-    },
-    /// Ask the running agent to stop its node and release the lease to the other VM
-    Release,
-    /// Show the shared-storage path on local directories (no config, root or network needed)
-    Demo {
-        /// Work in this directory and keep it (default: a temporary directory, removed after)
-        #[arg(long, value_name = "DIR")]
-        dir: Option<PathBuf>,
-    },
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -1,0 +1,127 @@
+//! The command-line definitions of both binaries (clap derive), in the library so that the
+//! man pages and shell completions are generated from the same definitions and cannot drift.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::DEFAULT_CONFIG_PATH;
+
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  runtime failure (I/O error, mount failed)
+  2  usage error
+  3  config file missing, unreadable or invalid
+  4  a check failed (doctor, the checks after mount, an agent refusing a lock-unsafe share)
+  5  refused to protect data (journal directory in the way, conflicting file in the share,
+     link pointing elsewhere without --force, not enough space)
+
+Environment:
+  ARTEMIS_SYNC_CONFIG         config file (default /etc/artemis-sync/agent.toml)
+  ARTEMIS_SYNC_LOG            log filter, e.g. debug (default info)
+  ARTEMIS_SYNC_MOUNT_PROGRAM  mount program (default: mount, from PATH)";
+
+/// Keeps the ActiveMQ Artemis journal of a hot/cold Corda node pair on a network share, with
+/// `${BASE_DIR}/artemis` a link to it.
+#[derive(Debug, Parser)]
+#[command(name = "artemis-sync", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// Config file
+    #[arg(short = 'c', long = "config", global = true, value_name = "FILE",
+          env = "ARTEMIS_SYNC_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// Log filter: error, warn, info, debug, trace (overrides ARTEMIS_SYNC_LOG)
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the config and print it with every default filled in
+    CheckConfig,
+    /// Print the /etc/fstab line that mounts the configured share at boot
+    Fstab,
+    /// Mount the configured share now (already mounted from the same source is success), then check it
+    Mount,
+    /// Make ${BASE_DIR}/artemis a symlink to the mount point, atomically
+    Link {
+        /// Move the files of a real artemis/ directory into the share (verified by blake3; the
+        /// old directory is kept aside as artemis.pre-artemis-sync.<timestamp>)
+        #[arg(long)]
+        migrate: bool,
+        /// Replace a link that points somewhere else
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check config, mount, lock safety, link, writability and free space; print the fixes
+    Doctor {
+        /// One JSON object instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the agent: hold the lock and lease on the share, run the node only while holding them
+    Agent,
+    /// Show the running agent's role, lease holder, epoch, renewal age and node
+    Status {
+        /// One JSON object instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the running agent to stop its node and release the lease to the other VM
+    Release,
+    /// Show the shared-storage path on local directories (no config, root or network needed)
+    Demo {
+        /// Work in this directory and keep it (default: a temporary directory, removed after)
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+pub const MOUNT_HELPER_EXIT_CODES: &str = "\
+Exit codes (as mount(8)):
+  0   mounted, or already mounted from the same source
+  1   usage: bad arguments or options, unknown backend, lock-breaking or secret option
+  32  mount failure: mount point missing, mounted from elsewhere, server unreachable, mount failed
+
+Environment:
+  ARTEMIS_SYNC_MOUNT_PROGRAM  the mount program to run (default: mount, from PATH)
+  ARTEMIS_SYNC_LOG            log filter (default: warn; -v gives info)";
+
+/// mount(8) helper for fstab entries of type `artemis-sync`: mounts an EFS, Azure Files,
+/// NFS, CIFS or bind share with the backend's recommended options, retrying while the
+/// server is not reachable yet.
+#[derive(Debug, Parser)]
+#[command(name = "mount.artemis-sync", version, after_help = MOUNT_HELPER_EXIT_CODES)]
+pub struct MountHelperArgs {
+    /// What to mount: `host:/path` (NFS, EFS), `//host/share` (SMB), or a directory (bind)
+    pub spec: String,
+    /// The mount point, an existing directory
+    pub dir: PathBuf,
+    /// Mount options: `backend=efs|azure-smb|azure-nfs|nfs|cifs|bind` plus ordinary mount
+    /// options, which override the backend's defaults; `mount_attempts=N` and
+    /// `mount_retry_max_ms=MS` bound the retries
+    #[arg(short = 'o', value_name = "OPTS")]
+    pub options: Option<String>,
+    /// Sloppy: tolerate unknown options (passed on to mount)
+    #[arg(short = 's')]
+    pub sloppy: bool,
+    /// Fake: print the mount command that would run, and mount nothing
+    #[arg(short = 'f')]
+    pub fake: bool,
+    /// Do not write to the mount table (passed on to mount)
+    #[arg(short = 'n')]
+    pub no_mtab: bool,
+    /// Verbose: say what is being run
+    #[arg(short = 'v')]
+    pub verbose: bool,
+    /// Filesystem type as mount(8) passes it (`artemis-sync`); informational
+    #[arg(short = 't', value_name = "TYPE")]
+    pub fs_type: Option<String>,
+    /// Mount namespace (mount --namespace); not supported
+    #[arg(short = 'N', value_name = "NS")]
+    pub namespace: Option<String>,
+}
+
