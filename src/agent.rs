@@ -53,7 +53,11 @@ pub enum AgentError {
         source: std::io::Error,
     },
     /// refusing to run: {detail} (lock directory {dir:?}). Fix: {fix}
-    LockUnsafe { dir: PathBuf, detail: String, fix: String },
+    LockUnsafe {
+        dir: PathBuf,
+        detail: String,
+        fix: String,
+    },
     /// cannot read the mount table: {0}
     MountTable(String),
     /// cannot start a thread: {0}
@@ -139,15 +143,29 @@ impl Obs {
 }
 
 enum Job {
-    Observe { try_lock: bool },
-    Takeover { expect: Obs, lease: Lease, settle: Duration },
-    Renew { current: Lease, next: Lease },
-    Release { current: Lease },
+    Observe {
+        try_lock: bool,
+    },
+    Takeover {
+        expect: Obs,
+        lease: Lease,
+        settle: Duration,
+    },
+    Renew {
+        current: Lease,
+        next: Lease,
+    },
+    Release {
+        current: Lease,
+    },
     Unlock,
 }
 
 enum Reply {
-    Observed { locked: Result<bool, String>, obs: Obs },
+    Observed {
+        locked: Result<bool, String>,
+        obs: Obs,
+    },
     /// `Err((written, message))`: whether our lease was written before the failure.
     TookOver(Result<(), (bool, String)>),
     Renewed(Result<(), RenewFail>),
@@ -184,17 +202,30 @@ impl Worker {
                         Err(e) => Err(e.to_string()),
                     };
                 }
-                Reply::Observed { locked, obs: Obs::from_read(lease::read(&self.lease_path)) }
+                Reply::Observed {
+                    locked,
+                    obs: Obs::from_read(lease::read(&self.lease_path)),
+                }
             }
-            Job::Takeover { expect, lease, settle } => Reply::TookOver(self.take_over(expect, lease, settle)),
+            Job::Takeover {
+                expect,
+                lease,
+                settle,
+            } => Reply::TookOver(self.take_over(expect, lease, settle)),
             Job::Renew { current, next } => Reply::Renewed(self.renew(&current, &next)),
             Job::Release { current } => {
                 let result = match lease::read(&self.lease_path) {
                     Ok(Some(l)) if l == current => {
-                        let released = Lease { state: LeaseState::Released, renewals: current.renewals + 1, ..current };
+                        let released = Lease {
+                            state: LeaseState::Released,
+                            renewals: current.renewals + 1,
+                            ..current
+                        };
                         lease::write(&self.lease_path, &released).map_err(|e| e.to_string())
                     }
-                    Ok(other) => Err(format!("the lease is no longer ours ({other:?}); not marking it released")),
+                    Ok(other) => Err(format!(
+                        "the lease is no longer ours ({other:?}); not marking it released"
+                    )),
                     Err(e) => Err(e.to_string()),
                 };
                 self.lock = None;
@@ -207,7 +238,12 @@ impl Worker {
         }
     }
 
-    fn take_over(&mut self, expect: Obs, lease: Lease, settle: Duration) -> Result<(), (bool, String)> {
+    fn take_over(
+        &mut self,
+        expect: Obs,
+        lease: Lease,
+        settle: Duration,
+    ) -> Result<(), (bool, String)> {
         let now = Obs::from_read(lease::read(&self.lease_path));
         if now != expect {
             return Err((false, "the lease changed just before takeover".into()));
@@ -217,7 +253,12 @@ impl Worker {
         std::thread::sleep(settle);
         match lease::read(&self.lease_path) {
             Ok(Some(l)) if l == lease => {}
-            other => return Err((true, format!("our new lease was replaced right after takeover: {other:?}"))),
+            other => {
+                return Err((
+                    true,
+                    format!("our new lease was replaced right after takeover: {other:?}"),
+                ))
+            }
         }
         ensure_share(&self.config).map_err(|m| (true, m))
     }
@@ -227,9 +268,17 @@ impl Worker {
             None => return Err(RenewFail::Lost("the lock is not held".into())),
             Some(Ok(true)) => {}
             Some(Ok(false)) => {
-                return Err(RenewFail::Lost(format!("the lock file {} was replaced", self.lock_path.display())))
+                return Err(RenewFail::Lost(format!(
+                    "the lock file {} was replaced",
+                    self.lock_path.display()
+                )))
             }
-            Some(Err(e)) => return Err(RenewFail::Io(format!("lock file {}: {e}", self.lock_path.display()))),
+            Some(Err(e)) => {
+                return Err(RenewFail::Io(format!(
+                    "lock file {}: {e}",
+                    self.lock_path.display()
+                )))
+            }
         }
         match lease::read(&self.lease_path) {
             Ok(Some(l)) if l == *current => {}
@@ -239,7 +288,12 @@ impl Worker {
                     l.holder, l.epoch, l.renewals, current.epoch
                 )))
             }
-            Ok(None) => return Err(RenewFail::Lost(format!("the lease {} disappeared", self.lease_path.display()))),
+            Ok(None) => {
+                return Err(RenewFail::Lost(format!(
+                    "the lease {} disappeared",
+                    self.lease_path.display()
+                )))
+            }
             Err(e @ LeaseError::Corrupt { .. }) => return Err(RenewFail::Lost(e.to_string())),
             Err(e) => return Err(RenewFail::Io(e.to_string())),
         }
@@ -250,23 +304,41 @@ impl Worker {
 /// Mounts the share if it is not, and makes `${BASE_DIR}/artemis` link to it.
 fn ensure_share(config: &Config) -> Result<(), String> {
     if config.storage.backend != Backend::Premounted {
-        mount::mount(&RealSys::from_env(), &MountRequest::from_config(config), &mut std::io::sink())
-            .map_err(|e| error_chain(&e))?;
+        mount::mount(
+            &RealSys::from_env(),
+            &MountRequest::from_config(config),
+            &mut std::io::sink(),
+        )
+        .map_err(|e| error_chain(&e))?;
     }
-    link::link(&config.artemis_link(), &config.storage.mount_point, LinkOptions::default())
-        .map(|_| ())
-        .map_err(|e| error_chain(&e))
+    link::link(
+        &config.artemis_link(),
+        &config.storage.mount_point,
+        LinkOptions::default(),
+    )
+    .map(|_| ())
+    .map_err(|e| error_chain(&e))
 }
 
 /// Refuses a lock directory on a mount whose locks stay on this host (see `doctor`).
 pub fn check_lock_safety(config: &Config) -> Result<(), AgentError> {
     let dir = &config.lock.dir;
-    std::fs::create_dir_all(dir).map_err(|source| AgentError::LockDir { path: dir.clone(), source })?;
-    let canonical = dir.canonicalize().map_err(|source| AgentError::LockDir { path: dir.clone(), source })?;
-    let text = std::fs::read_to_string(crate::sys::MOUNTINFO_PATH).map_err(|e| AgentError::MountTable(e.to_string()))?;
+    std::fs::create_dir_all(dir).map_err(|source| AgentError::LockDir {
+        path: dir.clone(),
+        source,
+    })?;
+    let canonical = dir.canonicalize().map_err(|source| AgentError::LockDir {
+        path: dir.clone(),
+        source,
+    })?;
+    let text = std::fs::read_to_string(crate::sys::MOUNTINFO_PATH)
+        .map_err(|e| AgentError::MountTable(e.to_string()))?;
     let table = mountinfo::parse(&text).map_err(|e| AgentError::MountTable(e.to_string()))?;
     let Some(entry) = mountinfo::containing(&table, &canonical) else {
-        return Err(AgentError::MountTable(format!("no mount holds {}", canonical.display())));
+        return Err(AgentError::MountTable(format!(
+            "no mount holds {}",
+            canonical.display()
+        )));
     };
     let check = doctor::locks_check(config, entry);
     match check.status {
@@ -322,7 +394,11 @@ struct Agent {
 /// Runs the agent until `shutdown` delivers a reason; serves control requests on `listener`.
 /// On the way out it stops the node and releases the lease, so the other VM can take over at
 /// once.
-pub fn run(config: Config, listener: UnixListener, shutdown: Receiver<ShutdownReason>) -> Result<ShutdownReason, AgentError> {
+pub fn run(
+    config: Config,
+    listener: UnixListener,
+    shutdown: Receiver<ShutdownReason>,
+) -> Result<ShutdownReason, AgentError> {
     check_lock_safety(&config)?;
     let config = Arc::new(config);
     let (jobs_tx, jobs_rx) = bounded::<(u64, Job)>(1);
@@ -384,7 +460,9 @@ pub fn run(config: Config, listener: UnixListener, shutdown: Receiver<ShutdownRe
     tracing::info!(holder = %agent.holder, dir = %config.lock.dir.display(),
         update_interval_ms = l.update_interval_ms, wait_interval_ms = l.wait_interval_ms, "agent started, cold");
     loop {
-        let timeout = agent.next_deadline().saturating_duration_since(Instant::now());
+        let timeout = agent
+            .next_deadline()
+            .saturating_duration_since(Instant::now());
         let node_exit = agent.node.as_ref().map_or(never(), |n| n.exited().clone());
         select! {
             recv(shutdown) -> reason => {
@@ -439,7 +517,10 @@ impl Agent {
             }
             Role::Hot if now >= self.next_renew && self.outstanding.is_none() => {
                 let current = self.lease.clone().expect("hot means a lease");
-                let next = Lease { renewals: current.renewals + 1, ..current.clone() };
+                let next = Lease {
+                    renewals: current.renewals + 1,
+                    ..current.clone()
+                };
                 self.renewing = Some(next.clone());
                 self.send(Job::Renew { current, next });
             }
@@ -452,7 +533,9 @@ impl Agent {
                 }
                 if self.want_unlock && self.send(Job::Unlock) {
                     self.want_unlock = false;
-                } else if self.send(Job::Observe { try_lock: self.holdoff_until.is_none() && !self.lock_held }) {
+                } else if self.send(Job::Observe {
+                    try_lock: self.holdoff_until.is_none() && !self.lock_held,
+                }) {
                     self.next_poll = now + self.poll;
                 }
             }
@@ -461,7 +544,9 @@ impl Agent {
     }
 
     fn handle_reply(&mut self, seq: u64, reply: Reply) {
-        let Some((expected, sent)) = self.outstanding else { return };
+        let Some((expected, sent)) = self.outstanding else {
+            return;
+        };
         if seq != expected {
             return;
         }
@@ -505,19 +590,26 @@ impl Agent {
                     Obs::Lease(l) => format!("lease of {} (epoch {}) unchanged", l.holder, l.epoch),
                     _ => "no lease".into(),
                 };
-                tracing::warn!(unchanged_ms = unchanged.as_millis() as u64, "{what} for wait_interval_ms; taking over");
+                tracing::warn!(
+                    unchanged_ms = unchanged.as_millis() as u64,
+                    "{what} for wait_interval_ms; taking over"
+                );
                 self.take_over();
             }
-            Obs::Lease(l) if l.holder != self.holder && unchanged < self.update * 2 => {
-                // The lock was granted while another holder renews: the lock does not exclude
-                // the other VM (local-only locks, or its server dropped the holder's lock).
-                if self.split_warned.is_none_or(|t| now.duration_since(t) >= self.wait) {
-                    self.split_warned = Some(now);
-                    tracing::error!(holder = %l.holder, epoch = l.epoch,
-                        "SPLIT-BRAIN RISK: we were granted the lock while {} renews the lease; the lock does not \
-                         exclude the other VM. Not taking over while the lease is live. Check the mount's lock \
-                         options (artemis-sync doctor) on both VMs", l.holder);
-                }
+            // The lock was granted while another holder renews: the lock does not exclude the
+            // other VM (local-only locks, or its server dropped the holder's lock).
+            Obs::Lease(l)
+                if l.holder != self.holder
+                    && unchanged < self.update * 2
+                    && self
+                        .split_warned
+                        .is_none_or(|t| now.duration_since(t) >= self.wait) =>
+            {
+                self.split_warned = Some(now);
+                tracing::error!(holder = %l.holder, epoch = l.epoch,
+                    "SPLIT-BRAIN RISK: we were granted the lock while {} renews the lease; the lock does not \
+                     exclude the other VM. Not taking over while the lease is live. Check the mount's lock \
+                     options (artemis-sync doctor) on both VMs", l.holder);
             }
             _ => {}
         }
@@ -525,9 +617,18 @@ impl Agent {
 
     fn take_over(&mut self) {
         let epoch = self.epoch_seen + 1;
-        let lease = Lease::new(&self.holder, epoch, self.update.as_millis() as u64, self.wait.as_millis() as u64);
+        let lease = Lease::new(
+            &self.holder,
+            epoch,
+            self.update.as_millis() as u64,
+            self.wait.as_millis() as u64,
+        );
         let settle = self.poll.min(Duration::from_millis(200));
-        if self.send(Job::Takeover { expect: self.obs.clone(), lease: lease.clone(), settle }) {
+        if self.send(Job::Takeover {
+            expect: self.obs.clone(),
+            lease: lease.clone(),
+            settle,
+        }) {
             self.role = Role::Starting;
             self.lease = Some(lease);
             self.last_good = self.outstanding.map_or_else(Instant::now, |(_, t)| t);
@@ -568,7 +669,10 @@ impl Agent {
     }
 
     fn start_node(&mut self, lease: &Lease) -> Result<(), String> {
-        let env = [("ARTEMIS_SYNC_EPOCH", lease.epoch.to_string()), ("ARTEMIS_SYNC_HOLDER", self.holder.clone())];
+        let env = [
+            ("ARTEMIS_SYNC_EPOCH", lease.epoch.to_string()),
+            ("ARTEMIS_SYNC_HOLDER", self.holder.clone()),
+        ];
         let n = &self.config.node;
         if !n.on_acquire.is_empty() {
             node::run_hook(&n.on_acquire, &env, self.update).map_err(|e| e.to_string())?;
@@ -596,8 +700,11 @@ impl Agent {
             Err(RenewFail::Lost(why)) => self.fence(&why),
             Err(RenewFail::Io(why)) => {
                 let left = self.fence_at().saturating_duration_since(Instant::now());
-                tracing::warn!(epoch = self.lease.as_ref().map(|l| l.epoch), fence_in_ms = left.as_millis() as u64,
-                    "renewal failed: {why}; retrying");
+                tracing::warn!(
+                    epoch = self.lease.as_ref().map(|l| l.epoch),
+                    fence_in_ms = left.as_millis() as u64,
+                    "renewal failed: {why}; retrying"
+                );
                 self.note_error(why);
                 self.next_renew = Instant::now() + self.poll;
             }
@@ -625,7 +732,9 @@ impl Agent {
             let pid = node.pid();
             let outcome = node.stop(self.stop_timeout);
             match outcome {
-                node::Stopped::Stuck => tracing::error!(pid, "the node did not die even after SIGKILL"),
+                node::Stopped::Stuck => {
+                    tracing::error!(pid, "the node did not die even after SIGKILL")
+                }
                 other => tracing::info!(pid, ?other, "node stopped"),
             }
         }
@@ -654,9 +763,14 @@ impl Agent {
         if self.send(job) {
             match self.replies.recv_deadline(deadline) {
                 Ok((_, Reply::Released(Ok(())))) => tracing::info!(why, "lease released"),
-                Ok((_, Reply::Released(Err(e)))) => tracing::warn!(why, "could not mark the lease released: {e}"),
+                Ok((_, Reply::Released(Err(e)))) => {
+                    tracing::warn!(why, "could not mark the lease released: {e}")
+                }
                 Ok(_) => {}
-                Err(_) => tracing::warn!(why, "the share did not answer; the lease was not marked released"),
+                Err(_) => tracing::warn!(
+                    why,
+                    "the share did not answer; the lease was not marked released"
+                ),
             }
             self.outstanding = None;
         }
@@ -673,7 +787,11 @@ impl Agent {
     fn node_exited(&mut self, status: std::process::ExitStatus) {
         let pid = self.node.as_ref().map(Node::pid);
         self.node = None;
-        tracing::error!(pid, "the node {}; giving the lease up so the other VM can take over", node::describe(status));
+        tracing::error!(
+            pid,
+            "the node {}; giving the lease up so the other VM can take over",
+            node::describe(status)
+        );
         self.note_error(format!("the node {}", node::describe(status)));
         self.release("the node exited");
     }
@@ -685,12 +803,17 @@ impl Agent {
                 if matches!(self.role, Role::Hot | Role::Starting) {
                     let epoch = self.lease.as_ref().map_or(0, |l| l.epoch);
                     self.release("release requested");
-                    Ok(format!("released epoch {epoch}; not contending for {} ms", self.wait.as_millis()))
+                    Ok(format!(
+                        "released epoch {epoch}; not contending for {} ms",
+                        self.wait.as_millis()
+                    ))
                 } else {
                     Ok(format!("nothing to release: this agent is {:?}", self.role).to_lowercase())
                 }
             }
-            other => Err(format!("unknown command {other:?} (expected status or release)")),
+            other => Err(format!(
+                "unknown command {other:?} (expected status or release)"
+            )),
         };
         let _ = req.reply.send(answer);
     }
@@ -698,10 +821,16 @@ impl Agent {
     fn status(&self) -> Status {
         let now = Instant::now();
         let (lease_holder, epoch, lease_state) = match (&self.role, &self.lease, &self.obs) {
-            (Role::Hot | Role::Starting, Some(l), _) | (_, _, Obs::Lease(l)) => (Some(l.holder.clone()), Some(l.epoch), Some(l.state)),
+            (Role::Hot | Role::Starting, Some(l), _) | (_, _, Obs::Lease(l)) => {
+                (Some(l.holder.clone()), Some(l.epoch), Some(l.state))
+            }
             _ => (None, None, None),
         };
-        let age = if self.role == Role::Hot { now.duration_since(self.last_good) } else { now.duration_since(self.obs_changed) };
+        let age = if self.role == Role::Hot {
+            now.duration_since(self.last_good)
+        } else {
+            now.duration_since(self.obs_changed)
+        };
         Status {
             role: self.role,
             holder: self.holder.clone(),

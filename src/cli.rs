@@ -124,4 +124,3 @@ pub struct MountHelperArgs {
     #[arg(short = 'N', value_name = "NS")]
     pub namespace: Option<String>,
 }
-

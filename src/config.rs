@@ -162,7 +162,9 @@ pub struct AgentConfig {
 
 impl Default for AgentConfig {
     fn default() -> Self {
-        AgentConfig { control_socket: default_control_socket() }
+        AgentConfig {
+            control_socket: default_control_socket(),
+        }
     }
 }
 
@@ -401,7 +403,11 @@ impl Config {
 
     /// Who this agent is in the lease: `machine_name:base_dir`.
     pub fn holder_id(&self) -> String {
-        format!("{}:{}", self.lock.machine_name, self.node.base_dir.display())
+        format!(
+            "{}:{}",
+            self.lock.machine_name,
+            self.node.base_dir.display()
+        )
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -451,6 +457,22 @@ impl Config {
         }
         let opts = MountOptions::parse(&s.options)
             .map_err(|e| invalid("storage.options", e.to_string()))?;
+        if let Some(key) = RESERVED_OPTIONS
+            .iter()
+            .find(|k| opts.contains(k))
+            .copied()
+            .or_else(|| {
+                opts.to_string()
+                    .split(',')
+                    .find(|o| o.starts_with("x-"))
+                    .map(|_| "x-*")
+            })
+        {
+            return Err(invalid(
+                "storage.options",
+                format!("may not set `{key}`: artemis-sync writes it itself from the config (backend, mount_attempts, mount_retry_max_ms, mount_timeout_s)"),
+            ));
+        }
         check_user_options(s.backend, &opts).map_err(|r| invalid("storage.options", r))?;
         if s.credentials_file.as_os_str().is_empty() {
             if s.backend == Backend::AzureSmb {
@@ -473,9 +495,13 @@ impl Config {
         }
         self.validate_lock(path)?;
         if s.mount_attempts == 0 {
-            return Err(invalid("storage.mount_attempts", "must be at least 1".into()));
+            return Err(invalid(
+                "storage.mount_attempts",
+                "must be at least 1".into(),
+            ));
         }
-        let budget_ms = crate::mount::Backoff::new(s.mount_attempts, s.mount_retry_max_ms).total_ms();
+        let budget_ms =
+            crate::mount::Backoff::new(s.mount_attempts, s.mount_retry_max_ms).total_ms();
         if budget_ms >= s.mount_timeout_s.saturating_mul(1000) {
             return Err(invalid(
                 "storage.mount_timeout_s",
@@ -523,7 +549,9 @@ impl Config {
         // the start of the last good renewal, less the margin, while leaving room for at least
         // one renewal attempt before that deadline.
         let margin = fence_margin_ms(l.wait_interval_ms);
-        let room = l.wait_interval_ms.saturating_sub(l.update_interval_ms + margin);
+        let room = l
+            .wait_interval_ms
+            .saturating_sub(l.update_interval_ms + margin);
         if self.node.stop_timeout_ms >= room {
             return Err(invalid(
                 "node.stop_timeout_ms",
@@ -535,7 +563,10 @@ impl Config {
                 ),
             ));
         }
-        for (key, cmd) in [("node.command", &self.node.command), ("node.on_acquire", &self.node.on_acquire)] {
+        for (key, cmd) in [
+            ("node.command", &self.node.command),
+            ("node.on_acquire", &self.node.on_acquire),
+        ] {
             if cmd.first().is_some_and(|p| p.is_empty()) {
                 return Err(invalid(key, "names an empty program".into()));
             }
@@ -553,6 +584,16 @@ fn absolute(key: &str, p: &Path) -> Result<(), String> {
         Ok(())
     }
 }
+
+/// Options the fstab line gets from other config keys, so `[storage] options` may not set them.
+const RESERVED_OPTIONS: &[&str] = &[
+    "backend",
+    "mount_attempts",
+    "mount_retry_max_ms",
+    "_netdev",
+    "nofail",
+    "credentials",
+];
 
 /// Options an operator may not set, whatever the backend: ones that break locking or would put a
 /// secret on a command line.
@@ -626,7 +667,9 @@ source = "fs-0123abcd.efs.eu-west-1.amazonaws.com:/"
 
     #[test]
     fn unknown_key_is_named_with_its_line() {
-        let err = load(&format!("{EFS}mount_pont = \"/x\"\n")).unwrap_err().to_string();
+        let err = load(&format!("{EFS}mount_pont = \"/x\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/etc/artemis-sync/agent.toml"), "{err}");
         assert!(err.contains("mount_pont"), "{err}");
         assert!(err.contains("line 7"), "{err}");
@@ -637,20 +680,35 @@ source = "fs-0123abcd.efs.eu-west-1.amazonaws.com:/"
         let err = load(&EFS.replace("[storage]", "[storage]\nmount_attempts = \"many\""))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("line 5") && err.contains("invalid type"), "{err}");
+        assert!(
+            err.contains("line 5") && err.contains("invalid type"),
+            "{err}"
+        );
     }
 
     #[test]
     fn unknown_backend_lists_the_known_ones() {
-        let err = load(&EFS.replace("\"efs\"", "\"gluster\"")).unwrap_err().to_string();
-        assert!(err.contains("gluster") && err.contains("azure-smb"), "{err}");
+        let err = load(&EFS.replace("\"efs\"", "\"gluster\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("gluster") && err.contains("azure-smb"),
+            "{err}"
+        );
     }
 
     #[test]
     fn relative_paths_are_refused() {
-        let err = load(&EFS.replace("/opt/corda", "opt/corda")).unwrap_err().to_string();
-        assert!(err.contains("`node.base_dir`") && err.contains("absolute"), "{err}");
-        let err = load(&format!("{EFS}mount_point = \"share\"\n")).unwrap_err().to_string();
+        let err = load(&EFS.replace("/opt/corda", "opt/corda"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`node.base_dir`") && err.contains("absolute"),
+            "{err}"
+        );
+        let err = load(&format!("{EFS}mount_point = \"share\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`storage.mount_point`"), "{err}");
     }
 
@@ -659,17 +717,30 @@ source = "fs-0123abcd.efs.eu-west-1.amazonaws.com:/"
         let err = load(&EFS.replace("fs-0123abcd.efs.eu-west-1.amazonaws.com:/", "//h/s"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("`storage.source`") && err.contains("host:/path"), "{err}");
+        assert!(
+            err.contains("`storage.source`") && err.contains("host:/path"),
+            "{err}"
+        );
         assert!(nfs_host("[fd00::1]:/export").is_some());
-        assert_eq!(smb_host("//acct.file.core.windows.net/share"), Some("acct.file.core.windows.net"));
+        assert_eq!(
+            smb_host("//acct.file.core.windows.net/share"),
+            Some("acct.file.core.windows.net")
+        );
         assert!(smb_host("//host").is_none());
     }
 
     #[test]
     fn lock_breaking_and_secret_options_are_refused() {
-        let err = load(&format!("{EFS}options = \"nolock\"\n")).unwrap_err().to_string();
-        assert!(err.contains("`storage.options`") && err.contains("nolock"), "{err}");
-        let err = load(&format!("{EFS}options = \"a=b=c\"\n")).unwrap_err().to_string();
+        let err = load(&format!("{EFS}options = \"nolock\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`storage.options`") && err.contains("nolock"),
+            "{err}"
+        );
+        let err = load(&format!("{EFS}options = \"a=b=c\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("may not contain `=`"), "{err}");
         let smb = EFS
             .replace("\"efs\"", "\"cifs\"")
@@ -678,6 +749,24 @@ source = "fs-0123abcd.efs.eu-west-1.amazonaws.com:/"
             .unwrap_err()
             .to_string();
         assert!(err.contains("credentials file"), "{err}");
+    }
+
+    #[test]
+    fn options_may_not_override_what_the_config_writes() {
+        for opts in [
+            "backend=nfs",
+            "mount_attempts=100",
+            "x-systemd.mount-timeout=5",
+            "credentials=/x",
+        ] {
+            let err = load(&format!("{EFS}options = \"{opts}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("`storage.options` may not set"),
+                "{opts}: {err}"
+            );
+        }
     }
 
     #[test]
@@ -692,11 +781,17 @@ source = "fs-0123abcd.efs.eu-west-1.amazonaws.com:/"
             "//acct.file.core.windows.net/corda",
         );
         let err = load(&smb).unwrap_err().to_string();
-        assert!(err.contains("`storage.credentials_file` is required"), "{err}");
+        assert!(
+            err.contains("`storage.credentials_file` is required"),
+            "{err}"
+        );
         let with = format!("{smb}credentials_file = {:?}\n", cred);
         let err = load(&with).unwrap_err().to_string();
         if unsafe_is_root() {
-            assert!(err.contains("mode 0644") && err.contains("chmod 600"), "{err}");
+            assert!(
+                err.contains("mode 0644") && err.contains("chmod 600"),
+                "{err}"
+            );
             std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600)).unwrap();
             load(&with).unwrap();
         } else {
@@ -715,7 +810,9 @@ source = "fs-0123abcd.efs.eu-west-1.amazonaws.com:/"
         std::fs::create_dir(&real).unwrap();
         let link = dir.path().join("share");
         std::os::unix::fs::symlink(&real, &link).unwrap();
-        let err = load(&format!("{EFS}mount_point = {link:?}\n")).unwrap_err().to_string();
+        let err = load(&format!("{EFS}mount_point = {link:?}\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("is a symlink"), "{err}");
     }
 
@@ -730,21 +827,37 @@ source = "fs-0123abcd.efs.eu-west-1.amazonaws.com:/"
     #[test]
     fn lock_defaults_derive_from_the_mount_point_and_host() {
         let c = load(EFS).unwrap();
-        assert_eq!(c.lock.dir, Path::new("/var/lib/artemis-sync/share/.artemis-sync"));
+        assert_eq!(
+            c.lock.dir,
+            Path::new("/var/lib/artemis-sync/share/.artemis-sync")
+        );
         assert_eq!(c.lock.machine_name, host_name());
         assert_eq!(c.holder_id(), format!("{}:/opt/corda", host_name()));
-        assert_eq!((c.lock.update_interval_ms, c.lock.wait_interval_ms), (20_000, 40_000));
+        assert_eq!(
+            (c.lock.update_interval_ms, c.lock.wait_interval_ms),
+            (20_000, 40_000)
+        );
     }
 
     #[test]
     fn intervals_and_stop_timeout_must_fit() {
-        let err = load(&format!("{EFS}[lock]\nupdate_interval_ms = 5000\nwait_interval_ms = 5000\n")).unwrap_err().to_string();
-        assert!(err.contains("`lock.wait_interval_ms`") && err.contains("must exceed"), "{err}");
+        let err = load(&format!(
+            "{EFS}[lock]\nupdate_interval_ms = 5000\nwait_interval_ms = 5000\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`lock.wait_interval_ms`") && err.contains("must exceed"),
+            "{err}"
+        );
         // 40000 - 20000 - 4000 leaves 16000 ms: 15000 fits, 16000 does not
         let with = |stop: u64| EFS.replace("[node]", &format!("[node]\nstop_timeout_ms = {stop}"));
         load(&with(15_000)).unwrap();
         let err = load(&with(16_000)).unwrap_err().to_string();
-        assert!(err.contains("`node.stop_timeout_ms`") && err.contains("16000 ms remain"), "{err}");
+        assert!(
+            err.contains("`node.stop_timeout_ms`") && err.contains("16000 ms remain"),
+            "{err}"
+        );
     }
 
     #[test]

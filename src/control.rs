@@ -48,7 +48,10 @@ pub struct Request {
 /// Binds the socket at `path`, replacing a stale one left by a dead agent, refusing when a
 /// live agent still answers there.
 pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
-    let io = |source| ControlError::Io { path: path.to_owned(), source };
+    let io = |source| ControlError::Io {
+        path: path.to_owned(),
+        source,
+    };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
@@ -70,14 +73,24 @@ pub fn serve(listener: UnixListener, requests: Sender<Request>, reply_timeout: D
         let Ok(mut conn) = conn else { continue };
         let _ = conn.set_read_timeout(Some(STATUS_TIMEOUT));
         let mut line = String::new();
-        if BufReader::new((&conn).take_bounded()).read_line(&mut line).is_err() {
+        if BufReader::new((&conn).take_bounded())
+            .read_line(&mut line)
+            .is_err()
+        {
             continue;
         }
         let (tx, rx) = bounded(1);
-        let answer = if requests.send(Request { command: line.trim().to_owned(), reply: tx }).is_err() {
+        let answer = if requests
+            .send(Request {
+                command: line.trim().to_owned(),
+                reply: tx,
+            })
+            .is_err()
+        {
             Err("the agent is shutting down".to_owned())
         } else {
-            rx.recv_timeout(reply_timeout).unwrap_or_else(|_| Err("the agent did not answer in time".into()))
+            rx.recv_timeout(reply_timeout)
+                .unwrap_or_else(|_| Err("the agent did not answer in time".into()))
         };
         let text = match answer {
             Ok(s) => format!("ok {s}\n"),
@@ -96,12 +109,21 @@ impl<R: std::io::Read> TakeBounded for R {}
 
 /// Sends `command` to the agent at `path` and returns its answer.
 pub fn request(path: &Path, command: &str, timeout: Duration) -> Result<String, ControlError> {
-    let mut conn = UnixStream::connect(path).map_err(|source| ControlError::Connect { path: path.to_owned(), source })?;
-    let io = |source| ControlError::Io { path: path.to_owned(), source };
+    let mut conn = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    let io = |source| ControlError::Io {
+        path: path.to_owned(),
+        source,
+    };
     conn.set_read_timeout(Some(timeout)).map_err(io)?;
-    conn.write_all(format!("{command}\n").as_bytes()).map_err(io)?;
+    conn.write_all(format!("{command}\n").as_bytes())
+        .map_err(io)?;
     let mut line = String::new();
-    BufReader::new((&conn).take_bounded()).read_line(&mut line).map_err(io)?;
+    BufReader::new((&conn).take_bounded())
+        .read_line(&mut line)
+        .map_err(io)?;
     let line = line.trim_end();
     if let Some(ok) = line.strip_prefix("ok ") {
         Ok(ok.to_owned())
@@ -127,12 +149,18 @@ mod tests {
         std::thread::spawn(move || serve(listener, tx, Duration::from_secs(5)));
         std::thread::spawn(move || {
             for r in rx.iter() {
-                let answer = if r.command == "status" { Ok("{}".into()) } else { Err(format!("unknown command {:?}", r.command)) };
+                let answer = if r.command == "status" {
+                    Ok("{}".into())
+                } else {
+                    Err(format!("unknown command {:?}", r.command))
+                };
                 let _ = r.reply.send(answer);
             }
         });
         assert_eq!(request(&path, "status", STATUS_TIMEOUT).unwrap(), "{}");
-        let err = request(&path, "dance", STATUS_TIMEOUT).unwrap_err().to_string();
+        let err = request(&path, "dance", STATUS_TIMEOUT)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown command \"dance\""), "{err}");
     }
 
@@ -141,8 +169,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
         drop(UnixListener::bind(&path).unwrap()); // leaves the socket file, nobody listening
-        let err = request(&path, "status", STATUS_TIMEOUT).unwrap_err().to_string();
-        assert!(err.contains("no agent answers") && err.contains("agent.sock"), "{err}");
+        let err = request(&path, "status", STATUS_TIMEOUT)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no agent answers") && err.contains("agent.sock"),
+            "{err}"
+        );
         bind(&path).unwrap();
     }
 }

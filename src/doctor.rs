@@ -91,8 +91,18 @@ impl Report {
     }
 }
 
-fn check(name: &'static str, status: Status, detail: impl Into<String>, fix: Option<String>) -> Check {
-    Check { name, status, detail: detail.into(), fix }
+fn check(
+    name: &'static str,
+    status: Status,
+    detail: impl Into<String>,
+    fix: Option<String>,
+) -> Check {
+    Check {
+        name,
+        status,
+        detail: detail.into(),
+        fix,
+    }
 }
 
 /// Runs every check for the config loaded (or not) from `path`.
@@ -100,10 +110,20 @@ pub fn run(loaded: Result<&Config, &ConfigError>, path: &Path, sys: &dyn Sys) ->
     let config = match loaded {
         Ok(c) => c,
         Err(e) => {
-            return Report::new(vec![check("config", Status::Fail, e.to_string(), Some(format!("edit {}", path.display())))]);
+            return Report::new(vec![check(
+                "config",
+                Status::Fail,
+                e.to_string(),
+                Some(format!("edit {}", path.display())),
+            )]);
         }
     };
-    let mut checks = vec![check("config", Status::Ok, format!("{} is valid", path.display()), None)];
+    let mut checks = vec![check(
+        "config",
+        Status::Ok,
+        format!("{} is valid", path.display()),
+        None,
+    )];
     let s = &config.storage;
     let table = sys
         .mountinfo()
@@ -112,10 +132,25 @@ pub fn run(loaded: Result<&Config, &ConfigError>, path: &Path, sys: &dyn Sys) ->
     let mount_point = s.mount_point.canonicalize();
 
     let (mount_check, holder) = match (&table, &mount_point) {
-        (Err(e), _) => (check("mount", Status::Fail, format!("cannot read the mount table: {e}"), None), None),
+        (Err(e), _) => (
+            check(
+                "mount",
+                Status::Fail,
+                format!("cannot read the mount table: {e}"),
+                None,
+            ),
+            None,
+        ),
         (_, Err(e)) => (
-            check("mount", Status::Fail, format!("mount point {}: {e}", s.mount_point.display()),
-                Some(format!("create it (`mkdir -p {}`) and mount the share (`artemis-sync mount`)", s.mount_point.display()))),
+            check(
+                "mount",
+                Status::Fail,
+                format!("mount point {}: {e}", s.mount_point.display()),
+                Some(format!(
+                    "create it (`mkdir -p {}`) and mount the share (`artemis-sync mount`)",
+                    s.mount_point.display()
+                )),
+            ),
             None,
         ),
         (Ok(table), Ok(dir)) => mount_check(config, table, dir),
@@ -142,8 +177,18 @@ pub fn run(loaded: Result<&Config, &ConfigError>, path: &Path, sys: &dyn Sys) ->
         checks.push(writable_check(&s.mount_point));
         checks.push(free_check(&s.mount_point));
     } else {
-        checks.push(check("writable", Status::Skip, "the share is not mounted", None));
-        checks.push(check("free_space", Status::Skip, "the share is not mounted", None));
+        checks.push(check(
+            "writable",
+            Status::Skip,
+            "the share is not mounted",
+            None,
+        ));
+        checks.push(check(
+            "free_space",
+            Status::Skip,
+            "the share is not mounted",
+            None,
+        ));
     }
     Report::new(checks)
 }
@@ -155,11 +200,34 @@ fn mount_check(config: &Config, table: &[MountEntry], dir: &Path) -> (Check, Opt
     let fix_mount = Some(format!("run `artemis-sync mount`, or add the line from `artemis-sync fstab` to /etc/fstab and `mount {}`", s.mount_point.display()));
     let holder = mountinfo::containing(table, dir).cloned();
     if s.backend == Backend::Premounted {
-        let on = holder.as_ref().map_or("?".into(), |e| format!("{} on {} ({})", e.source, e.mount_point.display(), e.fs_type));
-        return (check("mount", Status::Ok, format!("premounted {} is a directory in {on}", dir.display()), None), holder);
+        let on = holder.as_ref().map_or("?".into(), |e| {
+            format!(
+                "{} on {} ({})",
+                e.source,
+                e.mount_point.display(),
+                e.fs_type
+            )
+        });
+        return (
+            check(
+                "mount",
+                Status::Ok,
+                format!("premounted {} is a directory in {on}", dir.display()),
+                None,
+            ),
+            holder,
+        );
     }
     let Some(here) = mountinfo::mounted_at(table, dir) else {
-        return (check("mount", Status::Fail, format!("nothing is mounted on {}", dir.display()), fix_mount), None);
+        return (
+            check(
+                "mount",
+                Status::Fail,
+                format!("nothing is mounted on {}", dir.display()),
+                fix_mount,
+            ),
+            None,
+        );
     };
     let same = if s.backend == Backend::Bind {
         same_file(Path::new(&s.source), dir)
@@ -167,10 +235,34 @@ fn mount_check(config: &Config, table: &[MountEntry], dir: &Path) -> (Check, Opt
         mountinfo::same_source(&here.source, &s.source)
     };
     if same {
-        (check("mount", Status::Ok, format!("{} on {} ({})", s.source, dir.display(), here.fs_type), None), Some(here.clone()))
+        (
+            check(
+                "mount",
+                Status::Ok,
+                format!("{} on {} ({})", s.source, dir.display(), here.fs_type),
+                None,
+            ),
+            Some(here.clone()),
+        )
     } else {
-        (check("mount", Status::Fail, format!("{} is mounted from {} ({}), not from {}", dir.display(), here.source, here.fs_type, s.source),
-            Some(format!("umount {} and run `artemis-sync mount`", dir.display()))), None)
+        (
+            check(
+                "mount",
+                Status::Fail,
+                format!(
+                    "{} is mounted from {} ({}), not from {}",
+                    dir.display(),
+                    here.source,
+                    here.fs_type,
+                    s.source
+                ),
+                Some(format!(
+                    "umount {} and run `artemis-sync mount`",
+                    dir.display()
+                )),
+            ),
+            None,
+        )
     }
 }
 
@@ -179,15 +271,34 @@ fn mount_check(config: &Config, table: &[MountEntry], dir: &Path) -> (Check, Opt
 pub fn locks_check(config: &Config, entry: &MountEntry) -> Check {
     let opts = entry.all_options();
     if let Some(h) = lock_hazard(&entry.fs_type, &opts) {
-        return check("locks", Status::Fail, format!("{} mount has `{}`: {}", entry.fs_type, h.option, h.effect), Some(h.fix.to_owned()));
+        return check(
+            "locks",
+            Status::Fail,
+            format!("{} mount has `{}`: {}", entry.fs_type, h.option, h.effect),
+            Some(h.fix.to_owned()),
+        );
     }
     if entry.is_network() {
-        let how = opts.value("local_lock").map_or(String::new(), |v| format!(" (local_lock={v})"));
-        return check("locks", Status::Ok, format!("{} locks reach the server{how}", entry.fs_type), None);
+        let how = opts
+            .value("local_lock")
+            .map_or(String::new(), |v| format!(" (local_lock={v})"));
+        return check(
+            "locks",
+            Status::Ok,
+            format!("{} locks reach the server{how}", entry.fs_type),
+            None,
+        );
     }
     if entry.fs_type.starts_with("fuse") {
-        return check("locks", Status::Warn, format!("{}: whether locks reach other hosts depends on the FUSE filesystem", entry.fs_type),
-            Some("use an NFS or SMB share, whose lock semantics are known".into()));
+        return check(
+            "locks",
+            Status::Warn,
+            format!(
+                "{}: whether locks reach other hosts depends on the FUSE filesystem",
+                entry.fs_type
+            ),
+            Some("use an NFS or SMB share, whose lock semantics are known".into()),
+        );
     }
     if config.lock.allow_local_locks {
         check("locks", Status::Ok, format!("local {} filesystem: locks exclude this host only ([lock] allow_local_locks = true)", entry.fs_type), None)
@@ -200,14 +311,25 @@ pub fn locks_check(config: &Config, entry: &MountEntry) -> Check {
 fn writable_check(dir: &Path) -> Check {
     let probe = dir.join(format!(".artemis-sync-doctor.{}", std::process::id()));
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&probe)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)?;
         f.write_all(&[0u8; WRITE_PROBE_BYTES])?;
         f.sync_all()?;
         drop(f);
         fs::remove_file(&probe)
     })();
     match result {
-        Ok(()) => check("writable", Status::Ok, format!("wrote and fsynced {WRITE_PROBE_BYTES} bytes in {}", dir.display()), None),
+        Ok(()) => check(
+            "writable",
+            Status::Ok,
+            format!(
+                "wrote and fsynced {WRITE_PROBE_BYTES} bytes in {}",
+                dir.display()
+            ),
+            None,
+        ),
         Err(e) => {
             let _ = fs::remove_file(&probe);
             check("writable", Status::Fail, format!("cannot write in {}: {e}", dir.display()),
@@ -218,15 +340,41 @@ fn writable_check(dir: &Path) -> Check {
 
 fn free_check(dir: &Path) -> Check {
     match crate::sys::free_bytes(dir) {
-        Err(e) => check("free_space", Status::Fail, format!("cannot read free space of {}: {e}", dir.display()), None),
+        Err(e) => check(
+            "free_space",
+            Status::Fail,
+            format!("cannot read free space of {}: {e}", dir.display()),
+            None,
+        ),
         Ok(free) => {
             let mib = free >> 20;
             if free < FREE_FAIL_BYTES {
-                check("free_space", Status::Fail, format!("{mib} MiB free on {}", dir.display()), Some(format!("free space or grow the share: Artemis needs at least {} MiB", FREE_FAIL_BYTES >> 20)))
+                check(
+                    "free_space",
+                    Status::Fail,
+                    format!("{mib} MiB free on {}", dir.display()),
+                    Some(format!(
+                        "free space or grow the share: Artemis needs at least {} MiB",
+                        FREE_FAIL_BYTES >> 20
+                    )),
+                )
             } else if free < FREE_WARN_BYTES {
-                check("free_space", Status::Warn, format!("{mib} MiB free on {}", dir.display()), Some(format!("grow the share above {} MiB", FREE_WARN_BYTES >> 20)))
+                check(
+                    "free_space",
+                    Status::Warn,
+                    format!("{mib} MiB free on {}", dir.display()),
+                    Some(format!(
+                        "grow the share above {} MiB",
+                        FREE_WARN_BYTES >> 20
+                    )),
+                )
             } else {
-                check("free_space", Status::Ok, format!("{mib} MiB free on {}", dir.display()), None)
+                check(
+                    "free_space",
+                    Status::Ok,
+                    format!("{mib} MiB free on {}", dir.display()),
+                    None,
+                )
             }
         }
     }
@@ -280,10 +428,19 @@ mod tests {
         fs::create_dir_all(&base).unwrap();
         std::os::unix::fs::symlink(&share, base.join("artemis")).unwrap();
         let config = efs_config(&share, &base);
-        let sys = Table(nfs_table(&share.canonicalize().unwrap(), "nfs4", "fs-1.efs.eu-west-1.amazonaws.com:/", "rw,vers=4.1,hard,local_lock=none"));
+        let sys = Table(nfs_table(
+            &share.canonicalize().unwrap(),
+            "nfs4",
+            "fs-1.efs.eu-west-1.amazonaws.com:/",
+            "rw,vers=4.1,hard,local_lock=none",
+        ));
         let r = run(Ok(&config), Path::new("agent.toml"), &sys);
         assert!(r.ok, "{}", r.to_text());
-        assert!(r.checks.iter().all(|c| c.status == Status::Ok), "{}", r.to_text());
+        assert!(
+            r.checks.iter().all(|c| c.status == Status::Ok),
+            "{}",
+            r.to_text()
+        );
     }
 
     #[test]
@@ -296,18 +453,32 @@ mod tests {
             ("nfs4", "rw,vers=4.1,hard,local_lock=all", "local_lock=all"),
             ("nfs", "rw,vers=3,local_lock=flock", "local_lock=flock"),
         ] {
-            let sys = Table(nfs_table(&share, fs_type, "fs-1.efs.eu-west-1.amazonaws.com:/", opts));
+            let sys = Table(nfs_table(
+                &share,
+                fs_type,
+                "fs-1.efs.eu-west-1.amazonaws.com:/",
+                opts,
+            ));
             let r = run(Ok(&config), Path::new("agent.toml"), &sys);
             let locks = r.checks.iter().find(|c| c.name == "locks").unwrap();
             assert_eq!(locks.status, Status::Fail, "{opts}");
             assert!(locks.detail.contains(bad), "{}", locks.detail);
-            assert!(locks.fix.as_deref().unwrap().contains("remount"), "{:?}", locks.fix);
+            assert!(
+                locks.fix.as_deref().unwrap().contains("remount"),
+                "{:?}",
+                locks.fix
+            );
             assert!(!r.ok);
         }
         let smb = Config::from_toml(Path::new("agent.toml"), &format!(
             "[node]\nbase_dir = {:?}\n[storage]\nbackend = \"cifs\"\nsource = \"//srv/share\"\nmount_point = {share:?}\n", tmp.path()
         )).unwrap();
-        let sys = Table(nfs_table(&share, "cifs", "//srv/share", "rw,vers=3.1.1,nobrl,serverino"));
+        let sys = Table(nfs_table(
+            &share,
+            "cifs",
+            "//srv/share",
+            "rw,vers=3.1.1,nobrl,serverino",
+        ));
         let r = run(Ok(&smb), Path::new("agent.toml"), &sys);
         let locks = r.checks.iter().find(|c| c.name == "locks").unwrap();
         assert_eq!(locks.status, Status::Fail);
@@ -319,12 +490,36 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let share = tmp.path().canonicalize().unwrap();
         let config = efs_config(&share, tmp.path());
-        let r = run(Ok(&config), Path::new("agent.toml"), &Table("1 0 8:1 / / rw - ext4 /dev/vda1 rw\n".into()));
-        assert_eq!(statuses(&r)[1..], [("mount", Status::Fail), ("locks", Status::Skip), ("link", Status::Fail), ("writable", Status::Skip), ("free_space", Status::Skip)]);
-        let r = run(Ok(&config), Path::new("agent.toml"), &Table(nfs_table(&share, "nfs4", "other:/", "rw,local_lock=none")));
-        assert!(r.checks[1].detail.contains("mounted from other:/"), "{}", r.to_text());
+        let r = run(
+            Ok(&config),
+            Path::new("agent.toml"),
+            &Table("1 0 8:1 / / rw - ext4 /dev/vda1 rw\n".into()),
+        );
+        assert_eq!(
+            statuses(&r)[1..],
+            [
+                ("mount", Status::Fail),
+                ("locks", Status::Skip),
+                ("link", Status::Fail),
+                ("writable", Status::Skip),
+                ("free_space", Status::Skip)
+            ]
+        );
+        let r = run(
+            Ok(&config),
+            Path::new("agent.toml"),
+            &Table(nfs_table(&share, "nfs4", "other:/", "rw,local_lock=none")),
+        );
+        assert!(
+            r.checks[1].detail.contains("mounted from other:/"),
+            "{}",
+            r.to_text()
+        );
         let text = r.to_text();
-        assert!(text.contains("FAIL  mount") && text.contains("fix: umount"), "{text}");
+        assert!(
+            text.contains("FAIL  mount") && text.contains("fix: umount"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -333,12 +528,20 @@ mod tests {
         let share = tmp.path().canonicalize().unwrap();
         let text = format!("[node]\nbase_dir = {share:?}\n[storage]\nbackend = \"premounted\"\nmount_point = {share:?}\n");
         let sys = Table("1 0 8:1 / / rw - ext4 /dev/vda1 rw\n".into());
-        let r = run(Ok(&Config::from_toml(Path::new("a"), &text).unwrap()), Path::new("a"), &sys);
+        let r = run(
+            Ok(&Config::from_toml(Path::new("a"), &text).unwrap()),
+            Path::new("a"),
+            &sys,
+        );
         let locks = &r.checks[2];
         assert_eq!((locks.name, locks.status), ("locks", Status::Fail));
         assert!(locks.fix.as_deref().unwrap().contains("allow_local_locks"));
         let allowed = format!("{text}[lock]\nallow_local_locks = true\n");
-        let r = run(Ok(&Config::from_toml(Path::new("a"), &allowed).unwrap()), Path::new("a"), &sys);
+        let r = run(
+            Ok(&Config::from_toml(Path::new("a"), &allowed).unwrap()),
+            Path::new("a"),
+            &sys,
+        );
         assert_eq!(r.checks[2].status, Status::Ok);
     }
 
@@ -350,6 +553,9 @@ mod tests {
         assert_eq!(r.checks.len(), 1);
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["checks"][0]["status"], "fail");
-        assert!(json["checks"][0]["fix"].as_str().unwrap().contains("/etc/x.toml"));
+        assert!(json["checks"][0]["fix"]
+            .as_str()
+            .unwrap()
+            .contains("/etc/x.toml"));
     }
 }

@@ -91,7 +91,13 @@ impl Lease {
     fn checksum(&self) -> String {
         let body = format!(
             "{}\n{}\n{}\n{}\n{:?}\n{}\n{}",
-            self.version, self.holder, self.epoch, self.renewals, self.state, self.update_interval_ms, self.wait_interval_ms
+            self.version,
+            self.holder,
+            self.epoch,
+            self.renewals,
+            self.state,
+            self.update_interval_ms,
+            self.wait_interval_ms
         );
         blake3::hash(body.as_bytes()).to_hex()[..32].to_owned()
     }
@@ -118,38 +124,61 @@ impl Lease {
             return Err("no holder".into());
         }
         if lease.check != lease.checksum() {
-            return Err(format!("checksum {:?} does not match the fields", lease.check));
+            return Err(format!(
+                "checksum {:?} does not match the fields",
+                lease.check
+            ));
         }
-        Ok(Lease { check: String::new(), ..lease })
+        Ok(Lease {
+            check: String::new(),
+            ..lease
+        })
     }
 }
 
 /// Reads the lease at `path`: `Ok(None)` when there is none.
 pub fn read(path: &Path) -> Result<Option<Lease>, LeaseError> {
-    let unreadable = |source| LeaseError::Unreadable { path: path.to_owned(), source };
+    let unreadable = |source| LeaseError::Unreadable {
+        path: path.to_owned(),
+        source,
+    };
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(unreadable(e)),
     };
     let mut bytes = Vec::new();
-    io::Read::read_to_end(&mut io::Read::take(file, LEASE_MAX_BYTES + 1), &mut bytes).map_err(unreadable)?;
+    io::Read::read_to_end(&mut io::Read::take(file, LEASE_MAX_BYTES + 1), &mut bytes)
+        .map_err(unreadable)?;
     if bytes.len() as u64 > LEASE_MAX_BYTES {
-        return Err(LeaseError::Corrupt { path: path.to_owned(), reason: format!("longer than {LEASE_MAX_BYTES} bytes") });
+        return Err(LeaseError::Corrupt {
+            path: path.to_owned(),
+            reason: format!("longer than {LEASE_MAX_BYTES} bytes"),
+        });
     }
     Lease::decode(&bytes)
         .map(Some)
-        .map_err(|reason| LeaseError::Corrupt { path: path.to_owned(), reason })
+        .map_err(|reason| LeaseError::Corrupt {
+            path: path.to_owned(),
+            reason,
+        })
 }
 
 /// Replaces the lease at `path` atomically: a temporary file beside it, fsynced, renamed over
 /// it, and the directory fsynced, so a reader sees the old record or the new, never a mix.
 pub fn write(path: &Path, lease: &Lease) -> Result<(), LeaseError> {
-    let err = |source| LeaseError::Write { path: path.to_owned(), source };
+    let err = |source| LeaseError::Write {
+        path: path.to_owned(),
+        source,
+    };
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".{LEASE_FILE}.tmp.{}", std::process::id()));
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
         f.write_all(&lease.encode())?;
         f.sync_all()?;
         drop(f);
@@ -175,13 +204,22 @@ mod tests {
         lease.renewals = 3;
         write(&path, &lease).unwrap();
         assert_eq!(read(&path).unwrap(), Some(lease.clone()));
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary left");
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary left"
+        );
 
         // a changed digit without a new checksum is caught
-        let text = String::from_utf8(lease.encode()).unwrap().replace("\"epoch\": 7", "\"epoch\": 9");
+        let text = String::from_utf8(lease.encode())
+            .unwrap()
+            .replace("\"epoch\": 7", "\"epoch\": 9");
         fs::write(&path, text).unwrap();
         let err = read(&path).unwrap_err().to_string();
-        assert!(err.contains("checksum") && err.contains("no takeover"), "{err}");
+        assert!(
+            err.contains("checksum") && err.contains("no takeover"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -189,14 +227,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(LEASE_FILE);
         let full = Lease::new("vm1:/opt/corda", 1, 200, 1000).encode();
-        for (what, bytes) in [("truncated", &full[..full.len() / 2]), ("garbage", &b"\x00\xffnot json"[..]), ("empty", &b""[..])] {
+        for (what, bytes) in [
+            ("truncated", &full[..full.len() / 2]),
+            ("garbage", &b"\x00\xffnot json"[..]),
+            ("empty", &b""[..]),
+        ] {
             fs::write(&path, bytes).unwrap();
             let err = read(&path).unwrap_err();
             assert!(matches!(err, LeaseError::Corrupt { .. }), "{what}: {err}");
-            assert!(err.to_string().contains(&*path.to_string_lossy()), "{what}: {err}");
+            assert!(
+                err.to_string().contains(&*path.to_string_lossy()),
+                "{what}: {err}"
+            );
         }
         fs::remove_file(&path).unwrap();
         fs::create_dir(&path).unwrap();
-        assert!(matches!(read(&path).unwrap_err(), LeaseError::Unreadable { .. }));
+        assert!(matches!(
+            read(&path).unwrap_err(),
+            LeaseError::Unreadable { .. }
+        ));
     }
 }

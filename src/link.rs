@@ -192,7 +192,10 @@ pub fn link(link: &Path, target: &Path, opts: LinkOptions) -> Result<LinkOutcome
 /// `link` is at every moment either absent, the old link, or the new one.
 fn create_link(link: &Path, target: &Path) -> Result<(), LinkError> {
     let base = link.parent().unwrap_or(Path::new("/"));
-    let name = link.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = link
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = base.join(format!(".{name}.link-tmp.{}", std::process::id()));
     let _ = fs::remove_file(&tmp); // left by a crashed run that had our pid
     std::os::unix::fs::symlink(target, &tmp).map_err(io_err("cannot create link", &tmp))?;
@@ -211,8 +214,14 @@ fn sync_dir(dir: &Path) -> Result<(), LinkError> {
 
 #[derive(Debug)]
 enum Kind {
-    Dir { mode: u32 },
-    File { len: u64, mode: u32, mtime: (i64, i64) },
+    Dir {
+        mode: u32,
+    },
+    File {
+        len: u64,
+        mode: u32,
+        mtime: (i64, i64),
+    },
     Symlink(PathBuf),
 }
 
@@ -237,7 +246,9 @@ fn walk(root: &Path) -> Result<Vec<(PathBuf, Kind)>, LinkError> {
                 Kind::Symlink(fs::read_link(&path).map_err(io_err("cannot read link", &path))?)
             } else if ft.is_dir() {
                 stack.push(rel.clone());
-                Kind::Dir { mode: meta.mode() & 0o7777 }
+                Kind::Dir {
+                    mode: meta.mode() & 0o7777,
+                }
             } else if ft.is_file() {
                 Kind::File {
                     len: meta.len(),
@@ -260,13 +271,15 @@ fn migrate(src_root: &Path, dst_root: &Path) -> Result<MigrationReport, LinkErro
         .iter()
         .filter_map(|(rel, k)| match k {
             Kind::File { len, .. } => {
-                let present = fs::metadata(dst_root.join(rel)).is_ok_and(|m| m.is_file() && m.len() == *len);
+                let present =
+                    fs::metadata(dst_root.join(rel)).is_ok_and(|m| m.is_file() && m.len() == *len);
                 (!present).then_some(*len)
             }
             _ => None,
         })
         .sum();
-    let available = crate::sys::free_bytes(dst_root).map_err(io_err("cannot read free space of", dst_root))?;
+    let available =
+        crate::sys::free_bytes(dst_root).map_err(io_err("cannot read free space of", dst_root))?;
     if needed > available {
         return Err(LinkError::InsufficientSpace {
             share: dst_root.to_owned(),
@@ -274,7 +287,37 @@ fn migrate(src_root: &Path, dst_root: &Path) -> Result<MigrationReport, LinkErro
             available,
         });
     }
-    tracing::info!(from = %src_root.display(), to = %dst_root.display(), files = entries.len(), bytes = needed, "migrating into the share");
+    // Conflicts first: a file of the same name with other content in the share (the other
+    // VM's journal?) stops the migration before anything is written.
+    let mut present = std::collections::HashSet::new();
+    for (rel, kind) in &entries {
+        let (src, dst) = (src_root.join(rel), dst_root.join(rel));
+        let same = match kind {
+            Kind::Dir { .. } => continue,
+            Kind::Symlink(target) => match fs::read_link(&dst) {
+                Ok(existing) => existing == *target,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(_) => false,
+            },
+            Kind::File { .. } => match fs::symlink_metadata(&dst) {
+                Ok(m) => m.is_file() && hash_file(&src)? == hash_file(&dst)?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("cannot inspect", &dst)(e)),
+            },
+        };
+        if !same {
+            return Err(LinkError::Conflict {
+                original: src,
+                dest: dst,
+            });
+        }
+        present.insert(rel.clone());
+    }
+    let files = entries
+        .iter()
+        .filter(|(_, k)| !matches!(k, Kind::Dir { .. }))
+        .count();
+    tracing::info!(from = %src_root.display(), to = %dst_root.display(), files, bytes = needed, "migrating into the share");
 
     let mut report = MigrationReport {
         copied: 0,
@@ -297,20 +340,14 @@ fn migrate(src_root: &Path, dst_root: &Path) -> Result<MigrationReport, LinkErro
                     .map_err(io_err("cannot set mode of", &dst))?;
                 dirs.push(dst);
             }
-            Kind::Symlink(target) => match fs::read_link(&dst) {
-                Ok(existing) if existing == *target => report.already_present += 1,
-                Ok(_) => return Err(LinkError::Conflict { original: src, dest: dst }),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    std::os::unix::fs::symlink(target, &dst).map_err(io_err("cannot create link", &dst))?;
-                    report.copied += 1;
-                }
-                Err(_) => return Err(LinkError::Conflict { original: src, dest: dst }),
-            },
+            Kind::Symlink(_) if present.contains(rel) => report.already_present += 1,
+            Kind::Symlink(target) => {
+                std::os::unix::fs::symlink(target, &dst)
+                    .map_err(io_err("cannot create link", &dst))?;
+                report.copied += 1;
+            }
             Kind::File { len, mode, mtime } => {
-                if dst.exists() {
-                    if !dst.is_file() || hash_file(&src)? != hash_file(&dst)? {
-                        return Err(LinkError::Conflict { original: src, dest: dst });
-                    }
+                if present.contains(rel) {
                     report.already_present += 1;
                 } else {
                     copy_verified(&src, &dst, *mode)?;
@@ -329,7 +366,10 @@ fn migrate(src_root: &Path, dst_root: &Path) -> Result<MigrationReport, LinkErro
     }
     // Every file is in the share and verified: only now does the source move, and only aside.
     let base = src_root.parent().unwrap_or(Path::new("/"));
-    let name = src_root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = src_root
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let stamp = utc_stamp(SystemTime::now());
     let mut aside = base.join(format!("{name}{ASIDE_INFIX}{stamp}"));
     let mut n = 1;
@@ -337,7 +377,8 @@ fn migrate(src_root: &Path, dst_root: &Path) -> Result<MigrationReport, LinkErro
         aside = base.join(format!("{name}{ASIDE_INFIX}{stamp}.{n}"));
         n += 1;
     }
-    fs::rename(src_root, &aside).map_err(io_err("cannot move the old directory aside from", src_root))?;
+    fs::rename(src_root, &aside)
+        .map_err(io_err("cannot move the old directory aside from", src_root))?;
     sync_dir(base)?;
     tracing::info!(aside = %aside.display(), "old directory kept aside");
     create_link(src_root, dst_root)?;
@@ -348,7 +389,10 @@ fn migrate(src_root: &Path, dst_root: &Path) -> Result<MigrationReport, LinkErro
 /// Copies `src` to `dst` through a temporary file, hashing what was read, then reads the copy
 /// back and compares. `dst` exists only once it is complete and verified.
 fn copy_verified(src: &Path, dst: &Path, mode: u32) -> Result<(), LinkError> {
-    let name = dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dst
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dst.with_file_name(format!(".{name}{MIGRATE_TMP_SUFFIX}"));
     let mut input = File::open(src).map_err(io_err("cannot open", src))?;
     let mut output = OpenOptions::new()
@@ -367,14 +411,19 @@ fn copy_verified(src: &Path, dst: &Path, mode: u32) -> Result<(), LinkError> {
             Err(e) => return Err(io_err("cannot read", src)(e)),
         };
         hasher.update(&buf[..n]);
-        output.write_all(&buf[..n]).map_err(io_err("cannot write", &tmp))?;
+        output
+            .write_all(&buf[..n])
+            .map_err(io_err("cannot write", &tmp))?;
     }
     let meta = input.metadata().map_err(io_err("cannot inspect", src))?;
     output
         .set_permissions(fs::Permissions::from_mode(mode))
         .map_err(io_err("cannot set mode of", &tmp))?;
     output
-        .set_modified(meta.modified().map_err(io_err("cannot read mtime of", src))?)
+        .set_modified(
+            meta.modified()
+                .map_err(io_err("cannot read mtime of", src))?,
+        )
         .map_err(io_err("cannot set mtime of", &tmp))?;
     output.sync_all().map_err(io_err("cannot fsync", &tmp))?;
     drop(output);
@@ -404,10 +453,18 @@ pub fn hash_file(path: &Path) -> Result<blake3::Hash, LinkError> {
 
 /// `YYYYMMDDTHHMMSSZ` in UTC, for names that sort by time.
 pub fn utc_stamp(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
-    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
@@ -443,13 +500,24 @@ mod tests {
         fs::create_dir_all(&base).unwrap();
         fs::create_dir_all(&share).unwrap();
         let link = base.join("artemis");
-        Fixture { _tmp: tmp, base, share, link }
+        Fixture {
+            _tmp: tmp,
+            base,
+            share,
+            link,
+        }
     }
 
     fn write_journal(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
         let files = vec![
-            (PathBuf::from("journal/activemq-data-1.amq"), (0..200_000u32).map(|i| (i % 251) as u8).collect()),
-            (PathBuf::from("bindings/activemq-bindings-1.bindings"), vec![7u8; 4096]),
+            (
+                PathBuf::from("journal/activemq-data-1.amq"),
+                (0..200_000u32).map(|i| (i % 251) as u8).collect(),
+            ),
+            (
+                PathBuf::from("bindings/activemq-bindings-1.bindings"),
+                vec![7u8; 4096],
+            ),
             (PathBuf::from("paging/abc/000000001.page"), b"page".to_vec()),
             (PathBuf::from("server.lock"), Vec::new()),
         ];
@@ -463,9 +531,15 @@ mod tests {
     #[test]
     fn creates_then_is_a_no_op() {
         let f = fixture();
-        assert_eq!(link(&f.link, &f.share, LinkOptions::default()).unwrap(), LinkOutcome::Created);
+        assert_eq!(
+            link(&f.link, &f.share, LinkOptions::default()).unwrap(),
+            LinkOutcome::Created
+        );
         assert_eq!(fs::read_link(&f.link).unwrap(), f.share);
-        assert_eq!(link(&f.link, &f.share, LinkOptions::default()).unwrap(), LinkOutcome::AlreadyLinked);
+        assert_eq!(
+            link(&f.link, &f.share, LinkOptions::default()).unwrap(),
+            LinkOutcome::AlreadyLinked
+        );
         // no temporary link is left behind
         assert_eq!(fs::read_dir(&f.base).unwrap().count(), 1);
     }
@@ -474,7 +548,10 @@ mod tests {
     fn replaces_an_empty_directory() {
         let f = fixture();
         fs::create_dir(&f.link).unwrap();
-        assert_eq!(link(&f.link, &f.share, LinkOptions::default()).unwrap(), LinkOutcome::Created);
+        assert_eq!(
+            link(&f.link, &f.share, LinkOptions::default()).unwrap(),
+            LinkOutcome::Created
+        );
         assert!(f.link.is_symlink());
     }
 
@@ -484,7 +561,10 @@ mod tests {
         let files = write_journal(&f.link);
         let err = link(&f.link, &f.share, LinkOptions::default()).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("real directory holding 4 entries") && msg.contains("--migrate"), "{msg}");
+        assert!(
+            msg.contains("real directory holding 4 entries") && msg.contains("--migrate"),
+            "{msg}"
+        );
         assert!(f.link.is_dir() && !f.link.is_symlink());
         for (rel, data) in files {
             assert_eq!(fs::read(f.link.join(rel)).unwrap(), data);
@@ -496,18 +576,48 @@ mod tests {
     fn migrates_verifies_and_keeps_the_old_directory() {
         let f = fixture();
         let files = write_journal(&f.link);
-        fs::set_permissions(f.link.join("server.lock"), fs::Permissions::from_mode(0o600)).unwrap();
-        let out = link(&f.link, &f.share, LinkOptions { migrate: true, force: false }).unwrap();
-        let LinkOutcome::Migrated(report) = out else { panic!("{out:?}") };
+        fs::set_permissions(
+            f.link.join("server.lock"),
+            fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let out = link(
+            &f.link,
+            &f.share,
+            LinkOptions {
+                migrate: true,
+                force: false,
+            },
+        )
+        .unwrap();
+        let LinkOutcome::Migrated(report) = out else {
+            panic!("{out:?}")
+        };
         assert_eq!(report.copied, 4);
-        assert!(report.aside.file_name().unwrap().to_string_lossy().starts_with("artemis.pre-artemis-sync.20"));
+        assert!(report
+            .aside
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("artemis.pre-artemis-sync.20"));
         for (rel, data) in &files {
-            assert_eq!(&fs::read(f.link.join(rel)).unwrap(), data, "through the link");
-            assert_eq!(&fs::read(report.aside.join(rel)).unwrap(), data, "kept aside");
+            assert_eq!(
+                &fs::read(f.link.join(rel)).unwrap(),
+                data,
+                "through the link"
+            );
+            assert_eq!(
+                &fs::read(report.aside.join(rel)).unwrap(),
+                data,
+                "kept aside"
+            );
         }
         let mode = fs::metadata(f.share.join("server.lock")).unwrap().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert_eq!(link(&f.link, &f.share, LinkOptions::default()).unwrap(), LinkOutcome::AlreadyLinked);
+        assert_eq!(
+            link(&f.link, &f.share, LinkOptions::default()).unwrap(),
+            LinkOutcome::AlreadyLinked
+        );
     }
 
     #[test]
@@ -518,20 +628,58 @@ mod tests {
         fs::create_dir_all(f.share.join("journal")).unwrap();
         fs::write(f.share.join("journal/activemq-data-1.amq"), &files[0].1).unwrap();
         fs::create_dir_all(f.share.join("bindings")).unwrap();
-        fs::write(f.share.join("bindings/.activemq-bindings-1.bindings.artemis-sync-tmp"), b"half").unwrap();
-        let out = link(&f.link, &f.share, LinkOptions { migrate: true, force: false }).unwrap();
-        let LinkOutcome::Migrated(report) = out else { panic!("{out:?}") };
+        fs::write(
+            f.share
+                .join("bindings/.activemq-bindings-1.bindings.artemis-sync-tmp"),
+            b"half",
+        )
+        .unwrap();
+        let out = link(
+            &f.link,
+            &f.share,
+            LinkOptions {
+                migrate: true,
+                force: false,
+            },
+        )
+        .unwrap();
+        let LinkOutcome::Migrated(report) = out else {
+            panic!("{out:?}")
+        };
         assert_eq!((report.copied, report.already_present), (3, 1));
-        assert!(!f.share.join("bindings/.activemq-bindings-1.bindings.artemis-sync-tmp").exists());
+        assert!(!f
+            .share
+            .join("bindings/.activemq-bindings-1.bindings.artemis-sync-tmp")
+            .exists());
 
         // a share that already holds a different file of the same name is never overwritten
         let g = fixture();
         write_journal(&g.link);
         fs::create_dir_all(g.share.join("journal")).unwrap();
-        fs::write(g.share.join("journal/activemq-data-1.amq"), b"the other VM's journal").unwrap();
-        let err = link(&g.link, &g.share, LinkOptions { migrate: true, force: false }).unwrap_err();
+        fs::write(
+            g.share.join("journal/activemq-data-1.amq"),
+            b"the other VM's journal",
+        )
+        .unwrap();
+        let err = link(
+            &g.link,
+            &g.share,
+            LinkOptions {
+                migrate: true,
+                force: false,
+            },
+        )
+        .unwrap_err();
         assert!(matches!(err, LinkError::Conflict { .. }), "{err}");
-        assert_eq!(fs::read(g.share.join("journal/activemq-data-1.amq")).unwrap(), b"the other VM's journal");
+        assert_eq!(
+            fs::read_dir(&g.share).unwrap().count(),
+            1,
+            "nothing else was written to the share"
+        );
+        assert_eq!(
+            fs::read(g.share.join("journal/activemq-data-1.amq")).unwrap(),
+            b"the other VM's journal"
+        );
         assert!(g.link.is_dir() && !g.link.is_symlink(), "source untouched");
     }
 
@@ -544,7 +692,15 @@ mod tests {
         let err = link(&f.link, &f.share, LinkOptions::default()).unwrap_err();
         assert!(err.to_string().contains("--force"), "{err}");
         assert_eq!(fs::read_link(&f.link).unwrap(), other);
-        let out = link(&f.link, &f.share, LinkOptions { migrate: false, force: true }).unwrap();
+        let out = link(
+            &f.link,
+            &f.share,
+            LinkOptions {
+                migrate: false,
+                force: true,
+            },
+        )
+        .unwrap();
         assert_eq!(out, LinkOutcome::Replaced { previous: other });
         assert_eq!(fs::read_link(&f.link).unwrap(), f.share);
     }
@@ -552,8 +708,16 @@ mod tests {
     #[test]
     fn missing_base_dir_target_and_odd_files_are_named() {
         let f = fixture();
-        let err = link(&f.base.join("nope/artemis"), &f.share, LinkOptions::default()).unwrap_err();
-        assert!(err.to_string().contains("nope") && err.to_string().contains("base_dir"), "{err}");
+        let err = link(
+            &f.base.join("nope/artemis"),
+            &f.share,
+            LinkOptions::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("nope") && err.to_string().contains("base_dir"),
+            "{err}"
+        );
         let err = link(&f.link, &f.base.join("unmounted"), LinkOptions::default()).unwrap_err();
         assert!(err.to_string().contains("unmounted"), "{err}");
         fs::write(&f.link, b"x").unwrap();
@@ -564,7 +728,13 @@ mod tests {
     #[test]
     fn utc_stamp_formats_known_instants() {
         assert_eq!(utc_stamp(UNIX_EPOCH), "19700101T000000Z");
-        assert_eq!(utc_stamp(UNIX_EPOCH + Duration::from_secs(1_795_319_827)), "20261122T035707Z");
-        assert_eq!(utc_stamp(UNIX_EPOCH + Duration::from_secs(951_782_400)), "20000229T000000Z");
+        assert_eq!(
+            utc_stamp(UNIX_EPOCH + Duration::from_secs(1_795_319_827)),
+            "20261122T035707Z"
+        );
+        assert_eq!(
+            utc_stamp(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "20000229T000000Z"
+        );
     }
 }

@@ -55,7 +55,10 @@ impl LockFile {
             .create(true)
             .truncate(false)
             .open(path)
-            .map_err(|source| LockError::Open { path: path.to_owned(), source })?;
+            .map_err(|source| LockError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
         // SAFETY: flock is plain old data; all-zero bytes are a valid value of it.
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };
         fl.l_type = libc::F_WRLCK as libc::c_short;
@@ -63,19 +66,23 @@ impl LockFile {
         fl.l_start = 0;
         fl.l_len = 0; // to the end of the file, however long it grows
         fl.l_pid = 0; // required to be 0 for OFD locks
-        // SAFETY: the descriptor is open for the duration of the call and `fl` is a valid,
-        // initialised flock that outlives it.
+                      // SAFETY: the descriptor is open for the duration of the call and `fl` is a valid,
+                      // initialised flock that outlives it.
         let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
         if rc != 0 {
             let err = io::Error::last_os_error();
             return match err.raw_os_error() {
                 Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(None),
-                _ => Err(LockError::Lock { path: path.to_owned(), source: err }),
+                _ => Err(LockError::Lock {
+                    path: path.to_owned(),
+                    source: err,
+                }),
             };
         }
-        let meta = file
-            .metadata()
-            .map_err(|source| LockError::Lock { path: path.to_owned(), source })?;
+        let meta = file.metadata().map_err(|source| LockError::Lock {
+            path: path.to_owned(),
+            source,
+        })?;
         Ok(Some(LockFile {
             file,
             path: path.to_owned(),
@@ -106,10 +113,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lock");
         let held = LockFile::try_acquire(&path).unwrap().expect("first lock");
-        assert!(LockFile::try_acquire(&path).unwrap().is_none(), "second open must not get it");
+        assert!(
+            LockFile::try_acquire(&path).unwrap().is_none(),
+            "second open must not get it"
+        );
         assert!(held.still_ours().unwrap());
         drop(held);
-        assert!(LockFile::try_acquire(&path).unwrap().is_some(), "free after drop");
+        assert!(
+            LockFile::try_acquire(&path).unwrap().is_some(),
+            "free after drop"
+        );
     }
 
     #[test]

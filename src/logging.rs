@@ -16,7 +16,10 @@ pub fn init(level: Option<&str>, default: &str) {
         .filter(|s| !s.is_empty());
     let (filter, bad) = match wanted.as_deref().map(EnvFilter::try_new) {
         Some(Ok(f)) => (f, None),
-        Some(Err(e)) => (EnvFilter::new(default), Some(format!("{}: {e}", wanted.unwrap_or_default()))),
+        Some(Err(e)) => (
+            EnvFilter::new(default),
+            Some(format!("{}: {e}", wanted.unwrap_or_default())),
+        ),
         None => (EnvFilter::new(default), None),
     };
     let builder = tracing_subscriber::fmt()

@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
+use artemis_sync::cli::{Cli, Command};
 use artemis_sync::config::{Backend, Config, ConfigError};
 use artemis_sync::link::{LinkError, LinkOptions, LinkOutcome};
 use artemis_sync::mount::{MountOutcome, MountRequest};
 use artemis_sync::sys::RealSys;
 use artemis_sync::{agent, control, doctor, link, mount};
-use artemis_sync::cli::{Cli, Command};
 use clap::Parser;
 
 /// Success.
@@ -34,7 +34,10 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             let _ = std::io::stdout().flush();
-            eprintln!("artemis-sync: error: {}", artemis_sync::error_chain(err.as_ref()));
+            eprintln!(
+                "artemis-sync: error: {}",
+                artemis_sync::error_chain(err.as_ref())
+            );
             ExitCode::from(exit_code(&err))
         }
     }
@@ -83,22 +86,38 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             let config = load(&cli.config)?;
             let dir = &config.storage.mount_point;
             if config.storage.backend != Backend::Premounted && !dir.exists() {
-                std::fs::create_dir_all(dir).with_context(|| format!("cannot create mount point {}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create mount point {}", dir.display()))?;
                 tracing::info!(dir = %dir.display(), "created the mount point");
             }
             if config.storage.backend != Backend::Premounted {
                 let sys = RealSys::from_env();
                 match mount::mount(&sys, &MountRequest::from_config(&config), &mut stdout)? {
-                    MountOutcome::AlreadyMounted => println!("{} is already mounted on {}", config.storage.source, dir.display()),
-                    MountOutcome::Mounted { attempts } => println!("mounted {} on {} (attempt {attempts})", config.storage.source, dir.display()),
+                    MountOutcome::AlreadyMounted => println!(
+                        "{} is already mounted on {}",
+                        config.storage.source,
+                        dir.display()
+                    ),
+                    MountOutcome::Mounted { attempts } => println!(
+                        "mounted {} on {} (attempt {attempts})",
+                        config.storage.source,
+                        dir.display()
+                    ),
                     MountOutcome::Faked { .. } => {}
                 }
             }
             let report = doctor::run(Ok(&config), &cli.config, &RealSys::from_env());
             let mut failed = false;
-            for c in report.checks.iter().filter(|c| matches!(c.name, "mount" | "locks" | "writable" | "free_space")) {
+            for c in report
+                .checks
+                .iter()
+                .filter(|c| matches!(c.name, "mount" | "locks" | "writable" | "free_space"))
+            {
                 failed |= c.status == doctor::Status::Fail;
-                let one = doctor::Report { ok: true, checks: vec![c.clone()] };
+                let one = doctor::Report {
+                    ok: true,
+                    checks: vec![c.clone()],
+                };
                 print!("{}", one.to_text());
             }
             Ok(if failed { EXIT_CHECK } else { EXIT_OK })
@@ -107,12 +126,30 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             let config = load(&cli.config)?;
             let path = config.artemis_link();
             let target = &config.storage.mount_point;
-            let outcome = link::link(&path, target, LinkOptions { migrate: *migrate, force: *force })?;
+            let outcome = link::link(
+                &path,
+                target,
+                LinkOptions {
+                    migrate: *migrate,
+                    force: *force,
+                },
+            )?;
             match outcome {
-                LinkOutcome::AlreadyLinked => println!("{} already links to {}; nothing to do", path.display(), target.display()),
-                LinkOutcome::Created => println!("linked {} -> {}", path.display(), target.display()),
+                LinkOutcome::AlreadyLinked => println!(
+                    "{} already links to {}; nothing to do",
+                    path.display(),
+                    target.display()
+                ),
+                LinkOutcome::Created => {
+                    println!("linked {} -> {}", path.display(), target.display())
+                }
                 LinkOutcome::Replaced { previous } => {
-                    println!("linked {} -> {} (it pointed to {})", path.display(), target.display(), previous.display())
+                    println!(
+                        "linked {} -> {} (it pointed to {})",
+                        path.display(),
+                        target.display(),
+                        previous.display()
+                    )
                 }
                 LinkOutcome::Migrated(r) => {
                     println!(
@@ -139,8 +176,9 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             let config = load(&cli.config)?;
             let listener = control::bind(&config.agent.control_socket)?;
             let (tx, shutdown) = crossbeam_channel::bounded(1);
-            let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
-                .context("cannot install signal handlers")?;
+            let mut signals =
+                signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
+                    .context("cannot install signal handlers")?;
             std::thread::spawn(move || {
                 if let Some(sig) = signals.forever().next() {
                     let _ = tx.send(agent::ShutdownReason::Signal(sig));
@@ -161,7 +199,8 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
                     if *json {
                         println!("{answer}");
                     } else {
-                        let v: serde_json::Value = serde_json::from_str(&answer).context("the agent's status is not JSON")?;
+                        let v: serde_json::Value = serde_json::from_str(&answer)
+                            .context("the agent's status is not JSON")?;
                         print_status(&v);
                     }
                     Ok(EXIT_OK)
@@ -189,9 +228,13 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
         }
         Command::Release => {
             let config = load(&cli.config)?;
-            let timeout = std::time::Duration::from_millis(config.node.stop_timeout_ms + config.lock.wait_interval_ms)
-                + control::STATUS_TIMEOUT;
-            println!("{}", control::request(&config.agent.control_socket, "release", timeout)?);
+            let timeout = std::time::Duration::from_millis(
+                config.node.stop_timeout_ms + config.lock.wait_interval_ms,
+            ) + control::STATUS_TIMEOUT;
+            println!(
+                "{}",
+                control::request(&config.agent.control_socket, "release", timeout)?
+            );
             Ok(EXIT_OK)
         }
         Command::Demo { dir } => {

@@ -251,7 +251,10 @@ impl MountRequest {
     }
 }
 
-fn parse_number<T: std::str::FromStr>(key: &'static str, v: Option<String>) -> Result<T, MountError> {
+fn parse_number<T: std::str::FromStr>(
+    key: &'static str,
+    v: Option<String>,
+) -> Result<T, MountError> {
     let value = v.unwrap_or_default();
     value.parse().map_err(|_| MountError::BadHelperOption {
         key,
@@ -274,7 +277,9 @@ pub struct MountPlan {
 pub fn plan(req: &MountRequest) -> Result<MountPlan, MountError> {
     let backend = req.backend;
     if backend == Backend::Premounted {
-        return Err(MountError::Premounted { dir: req.dir.clone() });
+        return Err(MountError::Premounted {
+            dir: req.dir.clone(),
+        });
     }
     if req.spec.is_empty() {
         return Err(MountError::BadSource {
@@ -283,17 +288,23 @@ pub fn plan(req: &MountRequest) -> Result<MountPlan, MountError> {
             reason: "the source is empty".into(),
         });
     }
-    backend.check_source(&req.spec).map_err(|reason| MountError::BadSource {
-        spec: req.spec.clone(),
-        backend,
-        reason,
-    })?;
+    backend
+        .check_source(&req.spec)
+        .map_err(|reason| MountError::BadSource {
+            spec: req.spec.clone(),
+            backend,
+            reason,
+        })?;
     check_user_options(backend, &req.options).map_err(|reason| MountError::Refused {
         spec: req.spec.clone(),
         dir: req.dir.clone(),
         reason,
     })?;
-    if let Some(cred) = req.options.value("credentials").or(req.options.value("cred")) {
+    if let Some(cred) = req
+        .options
+        .value("credentials")
+        .or(req.options.value("cred"))
+    {
         if !backend.is_smb() {
             return Err(MountError::Refused {
                 spec: req.spec.clone(),
@@ -355,7 +366,11 @@ pub enum MountOutcome {
 
 /// Mounts `req` unless the same source is already mounted there, retrying with backoff while
 /// the server is unreachable or the mount program fails. `out` gets what `-f` and `-v` print.
-pub fn mount(sys: &dyn Sys, req: &MountRequest, out: &mut dyn Write) -> Result<MountOutcome, MountError> {
+pub fn mount(
+    sys: &dyn Sys,
+    req: &MountRequest,
+    out: &mut dyn Write,
+) -> Result<MountOutcome, MountError> {
     let plan = plan(req)?;
     if req.fake {
         let mut words = vec![shell_quote(&sys.mount_program())];
@@ -367,7 +382,12 @@ pub fn mount(sys: &dyn Sys, req: &MountRequest, out: &mut dyn Write) -> Result<M
     let dir = check_dir(&req.dir)?;
     if is_mounted(sys, req.backend, &req.spec, &dir)? {
         if req.verbose {
-            let _ = writeln!(out, "mount.artemis-sync: {} is already mounted on {}", req.spec, dir.display());
+            let _ = writeln!(
+                out,
+                "mount.artemis-sync: {} is already mounted on {}",
+                req.spec,
+                dir.display()
+            );
         }
         return Ok(MountOutcome::AlreadyMounted);
     }
@@ -389,20 +409,34 @@ pub fn mount(sys: &dyn Sys, req: &MountRequest, out: &mut dyn Write) -> Result<M
         if req.verbose {
             let mut words = vec![shell_quote(&sys.mount_program())];
             words.extend(plan.args.iter().map(|a| shell_quote(a)));
-            let _ = writeln!(out, "mount.artemis-sync: attempt {attempt}/{}: {}", req.backoff.attempts, words.join(" "));
+            let _ = writeln!(
+                out,
+                "mount.artemis-sync: attempt {attempt}/{}: {}",
+                req.backoff.attempts,
+                words.join(" ")
+            );
         }
-        let outcome = sys.run_mount(&plan.args).map_err(|source| MountError::Spawn {
-            program: sys.mount_program(),
-            source,
-        })?;
+        let outcome = sys
+            .run_mount(&plan.args)
+            .map_err(|source| MountError::Spawn {
+                program: sys.mount_program(),
+                source,
+            })?;
         if outcome.success() {
             tracing::info!(spec = %req.spec, dir = %dir.display(), attempt, "mounted");
             return Ok(MountOutcome::Mounted { attempts: attempt });
         }
         last = match (outcome.code, outcome.stderr.is_empty()) {
             (Some(c), true) => format!("{} exited {c}", sys.mount_program().to_string_lossy()),
-            (Some(c), false) => format!("{} exited {c}: {}", sys.mount_program().to_string_lossy(), outcome.stderr),
-            (None, _) => format!("{} was killed by a signal", sys.mount_program().to_string_lossy()),
+            (Some(c), false) => format!(
+                "{} exited {c}: {}",
+                sys.mount_program().to_string_lossy(),
+                outcome.stderr
+            ),
+            (None, _) => format!(
+                "{} was killed by a signal",
+                sys.mount_program().to_string_lossy()
+            ),
         };
         // A mount that raced us from elsewhere (systemd, a second helper) is success too.
         if is_mounted(sys, req.backend, &req.spec, &dir)? {
@@ -424,13 +458,20 @@ fn check_dir(dir: &Path) -> Result<PathBuf, MountError> {
         source,
     })?;
     if !canonical.is_dir() {
-        return Err(MountError::NotADirectory { dir: dir.to_owned() });
+        return Err(MountError::NotADirectory {
+            dir: dir.to_owned(),
+        });
     }
     Ok(canonical)
 }
 
 /// Whether `spec` is already mounted on `dir` (canonical). A different source there is an error.
-pub fn is_mounted(sys: &dyn Sys, backend: Backend, spec: &str, dir: &Path) -> Result<bool, MountError> {
+pub fn is_mounted(
+    sys: &dyn Sys,
+    backend: Backend,
+    spec: &str,
+    dir: &Path,
+) -> Result<bool, MountError> {
     let text = sys.mountinfo().map_err(|source| MountError::MountTable {
         path: crate::sys::MOUNTINFO_PATH,
         source,
@@ -472,18 +513,26 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
 pub fn fstab_line(config: &Config) -> Result<String, MountError> {
     let s = &config.storage;
     if s.backend == Backend::Premounted {
-        return Err(MountError::Premounted { dir: s.mount_point.clone() });
+        return Err(MountError::Premounted {
+            dir: s.mount_point.clone(),
+        });
     }
     let mut opts = MountOptions::default();
     opts.push("backend", Some(s.backend.name()));
     opts.push("_netdev", None);
     opts.push("nofail", None);
-    opts.push("x-systemd.mount-timeout", Some(&s.mount_timeout_s.to_string()));
+    opts.push(
+        "x-systemd.mount-timeout",
+        Some(&s.mount_timeout_s.to_string()),
+    );
     if s.mount_attempts != DEFAULT_MOUNT_ATTEMPTS {
         opts.push("mount_attempts", Some(&s.mount_attempts.to_string()));
     }
     if s.mount_retry_max_ms != DEFAULT_MOUNT_RETRY_MAX_MS {
-        opts.push("mount_retry_max_ms", Some(&s.mount_retry_max_ms.to_string()));
+        opts.push(
+            "mount_retry_max_ms",
+            Some(&s.mount_retry_max_ms.to_string()),
+        );
     }
     if !s.credentials_file.as_os_str().is_empty() {
         opts.push("credentials", Some(&s.credentials_file.to_string_lossy()));
@@ -555,7 +604,11 @@ mod tests {
 
     impl Sys for FakeSys {
         fn run_mount(&self, args: &[OsString]) -> io::Result<CommandOutcome> {
-            let line = args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
+            let line = args
+                .iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" ");
             self.calls.borrow_mut().push(format!("mount {line}"));
             let code = self.mounts.borrow_mut().remove(0);
             if code == 0 {
@@ -563,7 +616,11 @@ mod tests {
             }
             Ok(CommandOutcome {
                 code: Some(code),
-                stderr: if code == 0 { String::new() } else { "mount.nfs4: Connection timed out".into() },
+                stderr: if code == 0 {
+                    String::new()
+                } else {
+                    "mount.nfs4: Connection timed out".into()
+                },
             })
         }
         fn probe(&self, host: &str, port: u16, _: Duration) -> io::Result<()> {
@@ -588,18 +645,29 @@ mod tests {
     }
 
     fn args(plan: &MountPlan) -> String {
-        plan.args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
+        plan.args
+            .iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     #[test]
     fn efs_gets_the_amazon_efs_utils_options() {
-        let p = plan(&efs_request(Path::new("/mnt/x"), "_netdev,nofail,x-systemd.mount-timeout=30")).unwrap();
+        let p = plan(&efs_request(
+            Path::new("/mnt/x"),
+            "_netdev,nofail,x-systemd.mount-timeout=30",
+        ))
+        .unwrap();
         assert_eq!(
             args(&p),
             "-t nfs4 -o nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport \
              fs-0123abcd.efs.eu-west-1.amazonaws.com:/ /mnt/x"
         );
-        assert_eq!(p.probe, Some(("fs-0123abcd.efs.eu-west-1.amazonaws.com".into(), 2049)));
+        assert_eq!(
+            p.probe,
+            Some(("fs-0123abcd.efs.eu-west-1.amazonaws.com".into(), 2049))
+        );
     }
 
     #[test]
@@ -612,38 +680,73 @@ mod tests {
             ("efs", EFS_SPEC, "soft,timeo=30", "-t nfs4 -o nfsvers=4.1,rsize=1048576,wsize=1048576,retrans=2,noresvport,soft,timeo=30 fs-0123abcd.efs.eu-west-1.amazonaws.com:/ /m"),
         ];
         for (backend, spec, user, want) in cases {
-            let req = MountRequest::from_helper_args(spec, Path::new("/m"), &format!("backend={backend},{user}")).unwrap();
+            let req = MountRequest::from_helper_args(
+                spec,
+                Path::new("/m"),
+                &format!("backend={backend},{user}"),
+            )
+            .unwrap();
             assert_eq!(args(&plan(&req).unwrap()), want, "backend {backend}");
         }
     }
 
     #[test]
     fn azure_smb_needs_a_credentials_file_and_never_a_password() {
-        let req = MountRequest::from_helper_args("//acct.file.core.windows.net/corda", Path::new("/m"), "backend=azure-smb").unwrap();
+        let req = MountRequest::from_helper_args(
+            "//acct.file.core.windows.net/corda",
+            Path::new("/m"),
+            "backend=azure-smb",
+        )
+        .unwrap();
         let err = plan(&req).unwrap_err();
-        assert!(err.to_string().contains("needs `credentials=<file>`"), "{err}");
+        assert!(
+            err.to_string().contains("needs `credentials=<file>`"),
+            "{err}"
+        );
         assert_eq!(err.exit_code(), EXIT_USAGE);
-        let req = MountRequest::from_helper_args("//srv/share", Path::new("/m"), "backend=cifs,username=u,password=p").unwrap();
+        let req = MountRequest::from_helper_args(
+            "//srv/share",
+            Path::new("/m"),
+            "backend=cifs,username=u,password=p",
+        )
+        .unwrap();
         let err = plan(&req).unwrap_err();
         assert!(err.to_string().contains("credentials file"), "{err}");
-        let req = MountRequest::from_helper_args("//srv/share", Path::new("/m"), "backend=cifs,credentials=/nonexistent/cred").unwrap();
+        let req = MountRequest::from_helper_args(
+            "//srv/share",
+            Path::new("/m"),
+            "backend=cifs,credentials=/nonexistent/cred",
+        )
+        .unwrap();
         let err = plan(&req).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/cred"), "{err}");
     }
 
     #[test]
     fn helper_options_are_checked() {
-        let bad = |opts: &str| MountRequest::from_helper_args(EFS_SPEC, Path::new("/m"), opts).unwrap_err();
+        let bad = |opts: &str| {
+            MountRequest::from_helper_args(EFS_SPEC, Path::new("/m"), opts).unwrap_err()
+        };
         assert!(matches!(bad("hard"), MountError::NoBackend));
-        assert!(bad("backend=gluster").to_string().contains("unknown backend `gluster`"));
+        assert!(bad("backend=gluster")
+            .to_string()
+            .contains("unknown backend `gluster`"));
         assert!(matches!(bad("backend=efs,sec=a=b"), MountError::Options(_)));
-        assert!(bad("backend=efs,mount_attempts=lots").to_string().contains("mount_attempts=lots"));
-        let req = MountRequest::from_helper_args(EFS_SPEC, Path::new("/m"), "backend=efs,nolock").unwrap();
+        assert!(bad("backend=efs,mount_attempts=lots")
+            .to_string()
+            .contains("mount_attempts=lots"));
+        let req = MountRequest::from_helper_args(EFS_SPEC, Path::new("/m"), "backend=efs,nolock")
+            .unwrap();
         let err = plan(&req).unwrap_err();
-        assert!(err.to_string().contains("nolock") && err.exit_code() == EXIT_USAGE, "{err}");
-        let req = MountRequest::from_helper_args("nfs-server", Path::new("/m"), "backend=nfs").unwrap();
+        assert!(
+            err.to_string().contains("nolock") && err.exit_code() == EXIT_USAGE,
+            "{err}"
+        );
+        let req =
+            MountRequest::from_helper_args("nfs-server", Path::new("/m"), "backend=nfs").unwrap();
         assert!(plan(&req).unwrap_err().to_string().contains("host:/path"));
-        let req = MountRequest::from_helper_args("", Path::new("/m"), "backend=premounted").unwrap();
+        let req =
+            MountRequest::from_helper_args("", Path::new("/m"), "backend=premounted").unwrap();
         assert!(matches!(plan(&req), Err(MountError::Premounted { .. })));
     }
 
@@ -659,7 +762,10 @@ mod tests {
                 Ok(()),
             ]),
             mounts: RefCell::new(vec![32, 0]),
-            mountinfo_after: format!("1 0 0:5 / {} rw - nfs4 {EFS_SPEC} rw,local_lock=none\n", d.display()),
+            mountinfo_after: format!(
+                "1 0 0:5 / {} rw - nfs4 {EFS_SPEC} rw,local_lock=none\n",
+                d.display()
+            ),
             ..Default::default()
         };
         let out = mount(&sys, &efs_request(&d, ""), &mut Vec::new()).unwrap();
@@ -675,20 +781,35 @@ mod tests {
             assert!(ms >= *base && ms <= base + base / 5, "pause {i}: {ms} ms");
         }
         // mounting again is a no-op
-        assert_eq!(mount(&sys, &efs_request(&d, ""), &mut Vec::new()).unwrap(), MountOutcome::AlreadyMounted);
+        assert_eq!(
+            mount(&sys, &efs_request(&d, ""), &mut Vec::new()).unwrap(),
+            MountOutcome::AlreadyMounted
+        );
     }
 
     #[test]
     fn gives_up_after_the_bounded_attempts() {
         let dir = tempfile::tempdir().unwrap();
         let sys = FakeSys {
-            probes: RefCell::new((0..3).map(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"))).collect()),
+            probes: RefCell::new(
+                (0..3)
+                    .map(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")))
+                    .collect(),
+            ),
             ..Default::default()
         };
-        let err = mount(&sys, &efs_request(dir.path(), "mount_attempts=3"), &mut Vec::new()).unwrap_err();
+        let err = mount(
+            &sys,
+            &efs_request(dir.path(), "mount_attempts=3"),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
         assert_eq!(err.exit_code(), EXIT_MOUNT_FAILURE);
         let msg = err.to_string();
-        assert!(msg.contains("after 3 attempt(s)") && msg.contains("port 2049 is not reachable"), "{msg}");
+        assert!(
+            msg.contains("after 3 attempt(s)") && msg.contains("port 2049 is not reachable"),
+            "{msg}"
+        );
         assert_eq!(sys.slept.borrow().len(), 2);
     }
 
@@ -701,7 +822,10 @@ mod tests {
             ..Default::default()
         };
         let err = mount(&sys, &efs_request(&d, ""), &mut Vec::new()).unwrap_err();
-        assert!(err.to_string().contains("already mounted from `other:/x`"), "{err}");
+        assert!(
+            err.to_string().contains("already mounted from `other:/x`"),
+            "{err}"
+        );
         assert!(sys.calls.borrow().is_empty(), "nothing was run");
     }
 
@@ -713,13 +837,21 @@ mod tests {
         let mut out = Vec::new();
         mount(&sys, &req, &mut out).unwrap();
         let printed = String::from_utf8(out).unwrap();
-        assert!(printed.starts_with("mount -t nfs4 -o nfsvers=4.1,"), "{printed}");
+        assert!(
+            printed.starts_with("mount -t nfs4 -o nfsvers=4.1,"),
+            "{printed}"
+        );
         assert!(sys.calls.borrow().is_empty());
     }
 
     #[test]
     fn missing_mount_point_is_named() {
-        let err = mount(&FakeSys::default(), &efs_request(Path::new("/no/such/dir"), ""), &mut Vec::new()).unwrap_err();
+        let err = mount(
+            &FakeSys::default(),
+            &efs_request(Path::new("/no/such/dir"), ""),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("/no/such/dir"), "{err}");
         assert_eq!(err.exit_code(), EXIT_MOUNT_FAILURE);
     }
@@ -732,7 +864,9 @@ mod tests {
         assert!(b.total_ms() < crate::config::DEFAULT_MOUNT_TIMEOUT_S * 1000);
         assert_eq!(Backoff::new(1, 20_000).total_ms(), 0);
         let mut j = Jitter::seeded();
-        assert!((0..1000).map(|_| j.next_unit()).all(|u| (0.0..1.0).contains(&u)));
+        assert!((0..1000)
+            .map(|_| j.next_unit())
+            .all(|u| (0.0..1.0).contains(&u)));
     }
 
     #[test]
@@ -754,8 +888,12 @@ mount_attempts = 5
              backend=efs,_netdev,nofail,x-systemd.mount-timeout=180,mount_attempts=5,timeo=300 0 0"
         );
         // what mount(8) passes back from that line turns into the same request
-        let req = MountRequest::from_helper_args(EFS_SPEC, Path::new("/m"),
-            "backend=efs,_netdev,nofail,mount_attempts=5,timeo=300").unwrap();
+        let req = MountRequest::from_helper_args(
+            EFS_SPEC,
+            Path::new("/m"),
+            "backend=efs,_netdev,nofail,mount_attempts=5,timeo=300",
+        )
+        .unwrap();
         assert_eq!(req.backoff.attempts, 5);
         assert_eq!(req.options.to_string(), "timeo=300");
     }

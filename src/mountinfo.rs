@@ -63,11 +63,13 @@ pub fn parse(text: &str) -> Result<Vec<MountEntry>, MountinfoError> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| parse_line(l).map_err(|reason| MountinfoError::Malformed {
-            line: i + 1,
-            reason,
-            text: l.to_owned(),
-        }))
+        .map(|(i, l)| {
+            parse_line(l).map_err(|reason| MountinfoError::Malformed {
+                line: i + 1,
+                reason,
+                text: l.to_owned(),
+            })
+        })
         .collect()
 }
 
@@ -98,8 +100,12 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
             let v = bytes[i + 1..i + 4]
                 .iter()
                 .fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
@@ -121,7 +127,11 @@ pub fn mounted_at<'a>(entries: &'a [MountEntry], dir: &Path) -> Option<&'a Mount
 /// The mount that holds `path` (an absolute, symlink-free path): the deepest mount point that
 /// is a prefix of it, and the topmost of those.
 pub fn containing<'a>(entries: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
-    let depth = |p: &Path| p.components().filter(|c| matches!(c, Component::Normal(_))).count();
+    let depth = |p: &Path| {
+        p.components()
+            .filter(|c| matches!(c, Component::Normal(_)))
+            .count()
+    };
     entries
         .iter()
         .enumerate()
@@ -196,9 +206,18 @@ mod tests {
                      4 3 0:30 / /var/lib/my\\040share rw - tmpfs tmpfs rw,size=1024k\n";
         let t = parse(table).unwrap();
         let share = containing(&t, Path::new("/var/lib/my share/x")).unwrap();
-        assert_eq!(share.super_options, "rw,size=1024k", "the mount stacked last wins");
-        assert_eq!(containing(&t, Path::new("/var/lib/other")).unwrap().fs_type, "xfs");
-        assert_eq!(containing(&t, Path::new("/var/libx")).unwrap().fs_type, "ext4");
+        assert_eq!(
+            share.super_options, "rw,size=1024k",
+            "the mount stacked last wins"
+        );
+        assert_eq!(
+            containing(&t, Path::new("/var/lib/other")).unwrap().fs_type,
+            "xfs"
+        );
+        assert_eq!(
+            containing(&t, Path::new("/var/libx")).unwrap().fs_type,
+            "ext4"
+        );
         assert!(mounted_at(&t, Path::new("/var/lib/my share")).is_some());
         assert!(mounted_at(&t, Path::new("/var")).is_none());
     }

@@ -79,7 +79,10 @@ impl Node {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|source| NodeError::Spawn { program: program.clone(), source })?;
+        let mut child = cmd.spawn().map_err(|source| NodeError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
         let pid = child.id();
         let (tx, exited) = bounded(1);
         std::thread::Builder::new()
@@ -89,7 +92,10 @@ impl Node {
                     let _ = tx.send(status);
                 }
             })
-            .map_err(|source| NodeError::Spawn { program: program.clone(), source })?;
+            .map_err(|source| NodeError::Spawn {
+                program: program.clone(),
+                source,
+            })?;
         Ok(Node { pid, exited })
     }
 
@@ -140,15 +146,28 @@ pub fn describe(status: ExitStatus) -> String {
 }
 
 /// Runs a hook command to completion within `timeout`; a hook that overruns is killed.
-pub fn run_hook(command: &[String], env: &[(&str, String)], timeout: Duration) -> Result<(), NodeError> {
+pub fn run_hook(
+    command: &[String],
+    env: &[(&str, String)],
+    timeout: Duration,
+) -> Result<(), NodeError> {
     let node = Node::spawn(command, env)?;
     let program = command[0].clone();
     match node.exited.recv_timeout(timeout) {
         Ok(status) if status.success() => Ok(()),
-        Ok(status) => Err(NodeError::Hook { program, outcome: describe(status) }),
+        Ok(status) => Err(NodeError::Hook {
+            program,
+            outcome: describe(status),
+        }),
         Err(_) => {
             node.stop(Duration::ZERO);
-            Err(NodeError::Hook { program, outcome: format!("did not finish within {} ms and was killed", timeout.as_millis()) })
+            Err(NodeError::Hook {
+                program,
+                outcome: format!(
+                    "did not finish within {} ms and was killed",
+                    timeout.as_millis()
+                ),
+            })
         }
     }
 }
@@ -171,17 +190,31 @@ mod tests {
     fn term_stops_the_whole_group() {
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("grandchild");
-        let node = Node::spawn(&sh(&format!("sleep 30 & echo $! > {}; wait", pidfile.display())), &[]).unwrap();
+        let node = Node::spawn(
+            &sh(&format!("sleep 30 & echo $! > {}; wait", pidfile.display())),
+            &[],
+        )
+        .unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while !pidfile.exists() || std::fs::read_to_string(&pidfile).unwrap().trim().is_empty() {
             assert!(Instant::now() < deadline);
             std::thread::sleep(Duration::from_millis(5));
         }
-        let grandchild: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
-        assert!(matches!(node.stop(Duration::from_secs(5)), Stopped::Terminated(_)));
+        let grandchild: u32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(matches!(
+            node.stop(Duration::from_secs(5)),
+            Stopped::Terminated(_)
+        ));
         let deadline = Instant::now() + Duration::from_secs(5);
         while alive(grandchild) {
-            assert!(Instant::now() < deadline, "grandchild {grandchild} survived");
+            assert!(
+                Instant::now() < deadline,
+                "grandchild {grandchild} survived"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }

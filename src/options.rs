@@ -36,14 +36,18 @@ impl MountOptions {
             let (key, value) = match item.split_once('=') {
                 Some((k, v)) => {
                     if v.contains('=') {
-                        return Err(OptionsError::EqualsInValue { item: item.to_owned() });
+                        return Err(OptionsError::EqualsInValue {
+                            item: item.to_owned(),
+                        });
                     }
                     (k, Some(v.to_owned()))
                 }
                 None => (item, None),
             };
             if key.is_empty() || key.chars().any(char::is_whitespace) {
-                return Err(OptionsError::BadName { item: item.to_owned() });
+                return Err(OptionsError::BadName {
+                    item: item.to_owned(),
+                });
             }
             items.push((key.to_owned(), value));
         }
@@ -111,7 +115,10 @@ fn conflicts(a: &str, b: &str) -> bool {
     if a == b {
         return true;
     }
-    if SYNONYMS.iter().any(|group| group.contains(&a) && group.contains(&b)) {
+    if SYNONYMS
+        .iter()
+        .any(|group| group.contains(&a) && group.contains(&b))
+    {
         return true;
     }
     if OPPOSITES
@@ -173,7 +180,8 @@ pub fn lock_hazard(fs_type: &str, opts: &MountOptions) -> Option<LockHazard> {
     if cifs && opts.contains("nobrl") {
         return Some(LockHazard {
             option: "nobrl".into(),
-            effect: "SMB byte-range locks are not sent to the server, so both VMs can hold the lock",
+            effect:
+                "SMB byte-range locks are not sent to the server, so both VMs can hold the lock",
             fix: "remove `nobrl` from the mount options and remount",
         });
     }
@@ -201,30 +209,49 @@ mod tests {
     fn refuses_equals_inside_a_value() {
         assert_eq!(
             MountOptions::parse("backend=efs,sec=a=b"),
-            Err(OptionsError::EqualsInValue { item: "sec=a=b".into() })
+            Err(OptionsError::EqualsInValue {
+                item: "sec=a=b".into()
+            })
         );
         let msg = MountOptions::parse("x=1=2").unwrap_err().to_string();
-        assert!(msg.contains("`x=1=2`") && msg.contains("may not contain `=`"), "{msg}");
+        assert!(
+            msg.contains("`x=1=2`") && msg.contains("may not contain `=`"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn refuses_empty_names() {
-        assert!(matches!(MountOptions::parse("=3"), Err(OptionsError::BadName { .. })));
-        assert!(matches!(MountOptions::parse("a b"), Err(OptionsError::BadName { .. })));
+        assert!(matches!(
+            MountOptions::parse("=3"),
+            Err(OptionsError::BadName { .. })
+        ));
+        assert!(matches!(
+            MountOptions::parse("a b"),
+            Err(OptionsError::BadName { .. })
+        ));
     }
 
     #[test]
     fn user_options_override_defaults_by_name_synonym_and_opposite() {
         let defaults = p("nfsvers=4.1,rsize=1048576,hard,timeo=600,noresvport");
         let merged = defaults.overridden_by(&p("vers=4.2,soft,timeo=30,resvport,ro"));
-        assert_eq!(merged.to_string(), "rsize=1048576,vers=4.2,soft,timeo=30,resvport,ro");
+        assert_eq!(
+            merged.to_string(),
+            "rsize=1048576,vers=4.2,soft,timeo=30,resvport,ro"
+        );
     }
 
     #[test]
     fn detects_lock_hazards() {
-        assert_eq!(lock_hazard("nfs4", &p("rw,nolock")).unwrap().option, "nolock");
         assert_eq!(
-            lock_hazard("nfs", &p("vers=3,local_lock=all")).unwrap().option,
+            lock_hazard("nfs4", &p("rw,nolock")).unwrap().option,
+            "nolock"
+        );
+        assert_eq!(
+            lock_hazard("nfs", &p("vers=3,local_lock=all"))
+                .unwrap()
+                .option,
             "local_lock=all"
         );
         assert!(lock_hazard("nfs4", &p("local_lock=none")).is_none());

@@ -114,7 +114,7 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(u64::from(st.f_bavail).saturating_mul(st.f_frsize))
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Whether this process runs with an effective uid of root.
@@ -152,7 +152,10 @@ mod tests {
 
     #[test]
     fn quotes_only_what_needs_it() {
-        assert_eq!(shell_quote(OsStr::new("nfsvers=4.1,hard")), "nfsvers=4.1,hard");
+        assert_eq!(
+            shell_quote(OsStr::new("nfsvers=4.1,hard")),
+            "nfsvers=4.1,hard"
+        );
         assert_eq!(shell_quote(OsStr::new("a b")), "'a b'");
         assert_eq!(shell_quote(OsStr::new("it's")), r"'it'\''s'");
     }
@@ -162,9 +165,15 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let sys = RealSys::from_env();
-        sys.probe("127.0.0.1", port, Duration::from_secs(2)).unwrap();
+        sys.probe("127.0.0.1", port, Duration::from_secs(2))
+            .unwrap();
         drop(listener);
-        let err = sys.probe("127.0.0.1", port, Duration::from_secs(2)).unwrap_err();
-        assert!(err.to_string().contains(&format!("127.0.0.1:{port}")), "{err}");
+        let err = sys
+            .probe("127.0.0.1", port, Duration::from_secs(2))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains(&format!("127.0.0.1:{port}")),
+            "{err}"
+        );
     }
 }

@@ -4,9 +4,9 @@
 use std::io::Write;
 use std::process::ExitCode;
 
+use artemis_sync::cli::MountHelperArgs as Args;
 use artemis_sync::mount::{mount, MountRequest, EXIT_USAGE};
 use artemis_sync::sys::RealSys;
-use artemis_sync::cli::MountHelperArgs as Args;
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -23,7 +23,12 @@ fn main() -> ExitCode {
         eprintln!("mount.artemis-sync: -N {ns}: mounting into another namespace is not supported");
         return ExitCode::from(EXIT_USAGE as u8);
     }
-    let result = MountRequest::from_helper_args(&args.spec, &args.dir, args.options.as_deref().unwrap_or("")).and_then(|mut req| {
+    let result = MountRequest::from_helper_args(
+        &args.spec,
+        &args.dir,
+        args.options.as_deref().unwrap_or(""),
+    )
+    .and_then(|mut req| {
         req.fake = args.fake;
         req.verbose = args.verbose;
         req.sloppy = args.sloppy;

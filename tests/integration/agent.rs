@@ -58,7 +58,11 @@ impl Pair {
             );
             fs::write(config_path(&fx, name), text).unwrap();
         }
-        Pair { fx, log, agents: Vec::new() }
+        Pair {
+            fx,
+            log,
+            agents: Vec::new(),
+        }
     }
 
     fn config(&self, name: &str) -> PathBuf {
@@ -74,7 +78,12 @@ impl Pair {
         let n = self.agents.len();
         let err = fs::File::create(self.fx.path(&format!("{name}.{n}.err"))).unwrap();
         let mut cmd = main_cmd();
-        cmd.arg("-c").arg(self.config(name)).arg("agent").stdout(Stdio::null()).stderr(err).process_group(0);
+        cmd.arg("-c")
+            .arg(self.config(name))
+            .arg("agent")
+            .stdout(Stdio::null())
+            .stderr(err)
+            .process_group(0);
         let child = spawn(&mut cmd);
         let pid = child.id();
         self.agents.push((name.to_owned(), child));
@@ -82,7 +91,12 @@ impl Pair {
     }
 
     fn child(&mut self, pid: u32) -> &mut Child {
-        &mut self.agents.iter_mut().find(|(_, c)| c.id() == pid).expect("agent pid").1
+        &mut self
+            .agents
+            .iter_mut()
+            .find(|(_, c)| c.id() == pid)
+            .expect("agent pid")
+            .1
     }
 
     /// Sends `sig` to agent `pid` and, for a terminating signal, waits for it to exit.
@@ -90,13 +104,17 @@ impl Pair {
         kill(pid as i32, sig);
         if sig == libc::SIGTERM || sig == libc::SIGKILL {
             let status = wait_bounded(self.child(pid), Duration::from_secs(10));
-            assert!(status.is_some(), "agent {pid} did not exit after signal {sig}");
+            assert!(
+                status.is_some(),
+                "agent {pid} did not exit after signal {sig}"
+            );
         }
     }
 
     fn status(&self, name: &str) -> serde_json::Value {
         let out = artemis_sync(&self.config(name), ["status", "--json"]);
-        serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("status is not JSON ({e}):\n{out}"))
+        serde_json::from_str(out.stdout.trim())
+            .unwrap_or_else(|e| panic!("status is not JSON ({e}):\n{out}"))
     }
 
     fn role(&self, name: &str) -> String {
@@ -104,13 +122,18 @@ impl Pair {
     }
 
     fn events(&self) -> Vec<Event> {
-        fs::read_to_string(&self.log).unwrap_or_default().lines().map(Event::parse).collect()
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(Event::parse)
+            .collect()
     }
 
     fn stderr_of(&self) -> String {
         let mut all = String::new();
         for (i, (name, _)) in self.agents.iter().enumerate() {
-            let text = fs::read_to_string(self.fx.path(&format!("{name}.{i}.err"))).unwrap_or_default();
+            let text =
+                fs::read_to_string(self.fx.path(&format!("{name}.{i}.err"))).unwrap_or_default();
             all.push_str(&format!("--- agent {name} #{i} ---\n{text}"));
         }
         all
@@ -139,7 +162,13 @@ fn alive(pid: u32) -> bool {
     // a zombie still "exists": look at its state
     exists
         && fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .map(|s| {
+                !s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
             .unwrap_or(false)
 }
 
@@ -198,11 +227,22 @@ fn assert_one_at_a_time(events: &[Event]) {
     let mut running: Option<&Event> = None;
     for e in events {
         if e.start {
-            assert!(running.is_none(), "node {} (pid {}) started while {:?} was running: {events:#?}", e.name, e.pid, running);
+            assert!(
+                running.is_none(),
+                "node {} (pid {}) started while {:?} was running: {events:#?}",
+                e.name,
+                e.pid,
+                running
+            );
             running = Some(e);
         } else {
-            let r = running.take().unwrap_or_else(|| panic!("stop without start: {e:?}"));
-            assert_eq!(r.pid, e.pid, "the stop is not of the running node: {events:#?}");
+            let r = running
+                .take()
+                .unwrap_or_else(|| panic!("stop without start: {e:?}"));
+            assert_eq!(
+                r.pid, e.pid,
+                "the stop is not of the running node: {events:#?}"
+            );
         }
     }
 }
@@ -216,29 +256,64 @@ fn issue3_exactly_one_node_over_start_stop_cycles_and_simultaneous_starts() {
         let a = p.start("a");
         let b = p.start("b");
         let limit = Duration::from_millis(WAIT_MS * 3);
-        assert!(wait_until(limit, || p.role("a") == "hot" || p.role("b") == "hot"), "cycle {cycle}: nobody became hot\n{}", p.stderr_of());
-        let (hot, cold, cold_name) = if p.role("a") == "hot" { (a, b, "b") } else { (b, a, "a") };
+        assert!(
+            wait_until(limit, || p.role("a") == "hot" || p.role("b") == "hot"),
+            "cycle {cycle}: nobody became hot\n{}",
+            p.stderr_of()
+        );
+        let (hot, cold, cold_name) = if p.role("a") == "hot" {
+            (a, b, "b")
+        } else {
+            (b, a, "a")
+        };
         assert_ne!(p.role(cold_name), "hot", "cycle {cycle}: both hot");
-        let started = |p: &Pair, n: usize| wait_until(limit, || p.events().iter().filter(|e| e.start).count() == n);
-        assert!(started(&p, 2 * cycle + 1), "cycle {cycle}: the node did not start");
+        let started = |p: &Pair, n: usize| {
+            wait_until(limit, || p.events().iter().filter(|e| e.start).count() == n)
+        };
+        assert!(
+            started(&p, 2 * cycle + 1),
+            "cycle {cycle}: the node did not start"
+        );
         // stop the hot one: the cold one takes the released lease
         p.signal(hot, libc::SIGTERM);
-        assert!(wait_until(limit, || p.role(cold_name) == "hot"), "cycle {cycle}: no handover\n{}", p.stderr_of());
-        assert!(started(&p, 2 * cycle + 2), "cycle {cycle}: the second node did not start");
+        assert!(
+            wait_until(limit, || p.role(cold_name) == "hot"),
+            "cycle {cycle}: no handover\n{}",
+            p.stderr_of()
+        );
+        assert!(
+            started(&p, 2 * cycle + 2),
+            "cycle {cycle}: the second node did not start"
+        );
         p.signal(cold, libc::SIGTERM);
     }
     let events = p.events();
-    assert_eq!(events.iter().filter(|e| e.start).count(), 2 * CYCLES, "{events:#?}");
-    assert_eq!(events.iter().filter(|e| !e.start).count(), 2 * CYCLES, "every node was stopped: {events:#?}");
+    assert_eq!(
+        events.iter().filter(|e| e.start).count(),
+        2 * CYCLES,
+        "{events:#?}"
+    );
+    assert_eq!(
+        events.iter().filter(|e| !e.start).count(),
+        2 * CYCLES,
+        "every node was stopped: {events:#?}"
+    );
     assert_one_at_a_time(&events);
     // epochs only go up
     let epochs: Vec<u64> = events.iter().filter_map(|e| e.epoch).collect();
-    assert!(epochs.windows(2).all(|w| w[1] == w[0] + 1), "epochs {epochs:?}");
+    assert!(
+        epochs.windows(2).all(|w| w[1] == w[0] + 1),
+        "epochs {epochs:?}"
+    );
 }
 
 /// Watches the lease file's bytes every 2 ms until `until` holds for the new content; returns
 /// when it last changed before that and when the final change was seen.
-fn watch_lease(path: &Path, limit: Duration, mut until: impl FnMut(&str) -> bool) -> Option<(Instant, Instant)> {
+fn watch_lease(
+    path: &Path,
+    limit: Duration,
+    mut until: impl FnMut(&str) -> bool,
+) -> Option<(Instant, Instant)> {
     let deadline = Instant::now() + limit;
     let mut last = fs::read(path).unwrap_or_default();
     let mut last_change = Instant::now();
@@ -261,36 +336,68 @@ fn watch_lease(path: &Path, limit: Duration, mut until: impl FnMut(&str) -> bool
 fn issue3_kill9_of_the_hot_agent_kills_its_node_and_the_cold_takes_over_after_wait_interval() {
     let mut p = Pair::new();
     let a = p.start("a");
-    assert!(wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"), "{}", p.stderr_of());
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
     let _b = p.start("b");
     assert!(wait_until(Duration::from_secs(5), || p.role("b") == "cold"));
     let node = p.status("a")["node_pid"].as_u64().expect("node pid") as u32;
     assert!(alive(node));
 
     let lease = p.lease_path();
-    let watcher = thread::spawn(move || watch_lease(&lease, Duration::from_millis(WAIT_MS * 4), |text| text.contains("\"holder\": \"b:")));
+    let watcher = thread::spawn(move || {
+        watch_lease(&lease, Duration::from_millis(WAIT_MS * 4), |text| {
+            text.contains("\"holder\": \"b:")
+        })
+    });
     thread::sleep(Duration::from_millis(UPDATE_MS)); // let the watcher see a renewal or two
     let killed = Instant::now();
     p.signal(a, libc::SIGKILL);
     // the node must not outlive its agent (PR_SET_PDEATHSIG)
-    assert!(wait_until(Duration::from_secs(2), || !alive(node)), "node {node} survived the agent's kill -9");
+    assert!(
+        wait_until(Duration::from_secs(2), || !alive(node)),
+        "node {node} survived the agent's kill -9"
+    );
     let node_gone = killed.elapsed();
 
-    let (last_renewal, takeover) = watcher.join().unwrap().unwrap_or_else(|| panic!("no takeover\n{}", p.stderr_of()));
+    let (last_renewal, takeover) = watcher
+        .join()
+        .unwrap()
+        .unwrap_or_else(|| panic!("no takeover\n{}", p.stderr_of()));
     let gap = takeover.duration_since(last_renewal);
     eprintln!("kill -9: node gone after {node_gone:?}; takeover {gap:?} after the last renewal (wait_interval {WAIT_MS} ms, bound {} ms)", WAIT_MS + 2 * UPDATE_MS);
-    assert!(gap >= Duration::from_millis(WAIT_MS - 25), "took over too early: {gap:?}");
-    assert!(gap <= Duration::from_millis(WAIT_MS + 2 * UPDATE_MS), "took over too late: {gap:?}\n{}", p.stderr_of());
-    assert!(wait_until(Duration::from_secs(2), || p.role("b") == "hot"), "{}", p.stderr_of());
+    assert!(
+        gap >= Duration::from_millis(WAIT_MS - 25),
+        "took over too early: {gap:?}"
+    );
+    assert!(
+        gap <= Duration::from_millis(WAIT_MS + 2 * UPDATE_MS),
+        "took over too late: {gap:?}\n{}",
+        p.stderr_of()
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || p.role("b") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
     assert_eq!(p.status("b")["epoch"], 2);
-    assert!(wait_until(Duration::from_secs(2), || p.events().iter().any(|e| e.start && e.name == "b")));
+    assert!(wait_until(Duration::from_secs(2), || p
+        .events()
+        .iter()
+        .any(|e| e.start && e.name == "b")));
 }
 
 #[test]
 fn issue3_a_frozen_hot_is_replaced_and_fences_itself_on_waking_without_writing_the_lease() {
     let mut p = Pair::new();
     let a = p.start("a");
-    assert!(wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"), "{}", p.stderr_of());
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
     let _b = p.start("b");
     assert!(wait_until(Duration::from_secs(5), || p.role("b") == "cold"));
     let node = p.status("a")["node_pid"].as_u64().unwrap() as i32;
@@ -306,23 +413,42 @@ fn issue3_a_frozen_hot_is_replaced_and_fences_itself_on_waking_without_writing_t
     let lock = p.fx.path("share/.artemis-sync/lock");
     fs::remove_file(&lock).unwrap();
     fs::write(&lock, b"").unwrap();
-    assert!(wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("b") == "hot"), "{}", p.stderr_of());
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("b") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
     let took = frozen.elapsed();
-    assert!(took >= Duration::from_millis(WAIT_MS - 25), "b took over {took:?} after the freeze");
+    assert!(
+        took >= Duration::from_millis(WAIT_MS - 25),
+        "b took over {took:?} after the freeze"
+    );
     assert_eq!(p.status("b")["epoch"], 2);
     let lease_b = fs::read(p.lease_path()).unwrap();
 
     kill(-node, libc::SIGCONT);
     kill(a as i32, libc::SIGCONT);
     let woke = Instant::now();
-    let stopped = wait_until(Duration::from_millis(STOP_MS + 2000), || p.events().iter().any(|e| !e.start && e.name == "a"));
-    assert!(stopped, "the old hot did not fence its node\n{}", p.stderr_of());
-    eprintln!("SIGSTOP: b took over {took:?} after the freeze; a fenced its node {:?} after SIGCONT", woke.elapsed());
+    let stopped = wait_until(Duration::from_millis(STOP_MS + 2000), || {
+        p.events().iter().any(|e| !e.start && e.name == "a")
+    });
+    assert!(
+        stopped,
+        "the old hot did not fence its node\n{}",
+        p.stderr_of()
+    );
+    eprintln!(
+        "SIGSTOP: b took over {took:?} after the freeze; a fenced its node {:?} after SIGCONT",
+        woke.elapsed()
+    );
     assert_ne!(p.role("a"), "hot");
     // a never writes the lease again: over several renewal periods only b's renewals appear
     thread::sleep(Duration::from_millis(UPDATE_MS * 4));
     let now = fs::read_to_string(p.lease_path()).unwrap();
-    assert!(now.contains("\"holder\": \"b:") && now.contains("\"epoch\": 2"), "{now}");
+    assert!(
+        now.contains("\"holder\": \"b:") && now.contains("\"epoch\": 2"),
+        "{now}"
+    );
     assert_ne!(now.as_bytes(), lease_b.as_slice(), "b keeps renewing");
     let log = p.stderr_of();
     assert!(log.contains("FENCING"), "{log}");
@@ -332,19 +458,33 @@ fn issue3_a_frozen_hot_is_replaced_and_fences_itself_on_waking_without_writing_t
 fn issue3_an_unreadable_truncated_or_garbage_lease_is_never_a_reason_to_take_over() {
     let mut p = Pair::new();
     let a = p.start("a");
-    assert!(wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"), "{}", p.stderr_of());
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
     let good = fs::read(p.lease_path()).unwrap();
     let _b = p.start("b");
     assert!(wait_until(Duration::from_secs(5), || p.role("b") == "cold"));
     p.signal(a, libc::SIGKILL);
     let lease = p.lease_path();
     for (what, damage) in [
-        ("garbage", Box::new(|p: &Path| fs::write(p, b"\x00\x01 not a lease").unwrap()) as Box<dyn Fn(&Path)>),
-        ("truncated", Box::new(move |p: &Path| fs::write(p, &good[..good.len() / 2]).unwrap())),
-        ("unreadable", Box::new(|p: &Path| {
-            fs::remove_file(p).unwrap();
-            fs::create_dir(p).unwrap();
-        })),
+        (
+            "garbage",
+            Box::new(|p: &Path| fs::write(p, b"\x00\x01 not a lease").unwrap())
+                as Box<dyn Fn(&Path)>,
+        ),
+        (
+            "truncated",
+            Box::new(move |p: &Path| fs::write(p, &good[..good.len() / 2]).unwrap()),
+        ),
+        (
+            "unreadable",
+            Box::new(|p: &Path| {
+                fs::remove_file(p).unwrap();
+                fs::create_dir(p).unwrap();
+            }),
+        ),
     ] {
         damage(&lease);
         // well past the takeover delay: b must still be cold, saying why
@@ -352,8 +492,14 @@ fn issue3_an_unreadable_truncated_or_garbage_lease_is_never_a_reason_to_take_ove
         let status = p.status("b");
         assert_eq!(status["role"], "cold", "{what}: {status}");
         let error = status["error"].as_str().unwrap_or_default();
-        assert!(error.contains(&*lease.to_string_lossy()), "{what}: the error names the lease: {status}");
-        assert!(!p.events().iter().any(|e| e.start && e.name == "b"), "{what}: b started a node");
+        assert!(
+            error.contains(&*lease.to_string_lossy()),
+            "{what}: the error names the lease: {status}"
+        );
+        assert!(
+            !p.events().iter().any(|e| e.start && e.name == "b"),
+            "{what}: b started a node"
+        );
         if lease.is_dir() {
             fs::remove_dir(&lease).unwrap();
         }
@@ -361,7 +507,11 @@ fn issue3_an_unreadable_truncated_or_garbage_lease_is_never_a_reason_to_take_ove
     // The operator moves the damaged record away: b takes over after a full wait_interval.
     let _ = fs::remove_file(&lease);
     let removed = Instant::now();
-    assert!(wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("b") == "hot"), "{}", p.stderr_of());
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("b") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
     assert!(removed.elapsed() >= Duration::from_millis(WAIT_MS - 25));
     assert!(p.stderr_of().contains("corrupt"), "{}", p.stderr_of());
 }
@@ -370,16 +520,29 @@ fn issue3_an_unreadable_truncated_or_garbage_lease_is_never_a_reason_to_take_ove
 fn issue3_release_hands_over_in_well_under_wait_interval() {
     let mut p = Pair::new();
     p.start("a");
-    assert!(wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"), "{}", p.stderr_of());
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
     p.start("b");
     assert!(wait_until(Duration::from_secs(5), || p.role("b") == "cold"));
     let started = Instant::now();
     let out = artemis_sync(&p.config("a"), ["release"]);
     out.code(0).stdout_has(&["released epoch 1"]);
-    assert!(wait_until(Duration::from_millis(WAIT_MS), || p.role("b") == "hot"), "{}", p.stderr_of());
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS), || p.role("b") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
     let handover = started.elapsed();
-    eprintln!("release: b hot {handover:?} after `artemis-sync release` (wait_interval {WAIT_MS} ms)");
-    assert!(handover < Duration::from_millis(WAIT_MS / 2), "handover took {handover:?}");
+    eprintln!(
+        "release: b hot {handover:?} after `artemis-sync release` (wait_interval {WAIT_MS} ms)"
+    );
+    assert!(
+        handover < Duration::from_millis(WAIT_MS / 2),
+        "handover took {handover:?}"
+    );
     assert_eq!(p.status("b")["epoch"], 2);
     assert_ne!(p.role("a"), "hot");
     assert_one_at_a_time(&p.events());
@@ -387,20 +550,30 @@ fn issue3_release_hands_over_in_well_under_wait_interval() {
     thread::sleep(Duration::from_millis(UPDATE_MS * 2));
     assert_eq!(p.role("b"), "hot");
     // release on a cold agent is harmless
-    artemis_sync(&p.config("a"), ["release"]).code(0).stdout_has(&["nothing to release"]);
+    artemis_sync(&p.config("a"), ["release"])
+        .code(0)
+        .stdout_has(&["nothing to release"]);
 }
 
 #[test]
 fn issue3_a_replaced_lock_file_fences_the_node() {
     let mut p = Pair::new();
     p.start("a");
-    assert!(wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"), "{}", p.stderr_of());
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
     let lock = p.fx.path("share/.artemis-sync/lock");
     fs::remove_file(&lock).unwrap();
     fs::write(&lock, b"").unwrap();
     assert!(
-        wait_until(Duration::from_millis(UPDATE_MS * 3 + STOP_MS), || p.events().iter().any(|e| !e.start)),
-        "the node was not fenced\n{}", p.stderr_of()
+        wait_until(Duration::from_millis(UPDATE_MS * 3 + STOP_MS), || p
+            .events()
+            .iter()
+            .any(|e| !e.start)),
+        "the node was not fenced\n{}",
+        p.stderr_of()
     );
     assert!(p.stderr_of().contains("was replaced"), "{}", p.stderr_of());
     assert_eq!(p.role("a"), "fenced");
@@ -415,16 +588,35 @@ fn issue3_status_reports_the_fields_and_a_missing_agent() {
     assert_eq!(v["role"], "down");
     assert!(v["error"].as_str().unwrap().contains("a.sock"), "{v}");
     p.start("a");
-    assert!(wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"), "{}", p.stderr_of());
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
     let s = p.status("a");
-    for key in ["role", "holder", "lease_holder", "epoch", "lease_state", "last_renewal_age_ms", "lock_held", "node_pid", "node_state"] {
+    for key in [
+        "role",
+        "holder",
+        "lease_holder",
+        "epoch",
+        "lease_state",
+        "last_renewal_age_ms",
+        "lock_held",
+        "node_pid",
+        "node_state",
+    ] {
         assert!(s.get(key).is_some(), "status lacks {key}: {s}");
     }
     assert_eq!(s["holder"], format!("a:{}", p.fx.path("a").display()));
     assert_eq!(s["node_state"], "running");
-    assert!(s["last_renewal_age_ms"].as_u64().unwrap() <= UPDATE_MS * 3, "{s}");
+    assert!(
+        s["last_renewal_age_ms"].as_u64().unwrap() <= UPDATE_MS * 3,
+        "{s}"
+    );
     // the text form too
-    artemis_sync(&p.config("a"), ["status"]).code(0).stdout_has(&["role", "hot", "epoch"]);
+    artemis_sync(&p.config("a"), ["status"])
+        .code(0)
+        .stdout_has(&["role", "hot", "epoch"]);
     // a second agent with the same config is refused
     let out = artemis_sync(&p.config("a"), ["agent"]);
     out.code(1).stderr_has(&["another agent already answers"]);
@@ -434,10 +626,13 @@ fn issue3_status_reports_the_fields_and_a_missing_agent() {
 fn issue3_refuses_a_local_filesystem_unless_allowed() {
     let p = Pair::new();
     let cfg = p.config("a");
-    let text = fs::read_to_string(&cfg).unwrap().replace("allow_local_locks = true", "allow_local_locks = false");
+    let text = fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("allow_local_locks = true", "allow_local_locks = false");
     fs::write(&cfg, text).unwrap();
     let out = artemis_sync(&cfg, ["agent"]);
-    out.code(4).stderr_has(&["refusing to run", "local", "allow_local_locks"]);
+    out.code(4)
+        .stderr_has(&["refusing to run", "local", "allow_local_locks"]);
     assert!(p.events().is_empty());
 }
 
@@ -445,20 +640,33 @@ fn issue3_refuses_a_local_filesystem_unless_allowed() {
 fn issue3_a_stop_timeout_that_cannot_fit_is_refused() {
     let p = Pair::new();
     let cfg = p.config("a");
-    let text = fs::read_to_string(&cfg).unwrap().replace(&format!("stop_timeout_ms = {STOP_MS}"), "stop_timeout_ms = 1200");
+    let text = fs::read_to_string(&cfg).unwrap().replace(
+        &format!("stop_timeout_ms = {STOP_MS}"),
+        "stop_timeout_ms = 1200",
+    );
     fs::write(&cfg, text).unwrap();
-    artemis_sync(&cfg, ["check-config"]).code(3).stderr_has(&["node.stop_timeout_ms", "does not fit"]);
+    artemis_sync(&cfg, ["check-config"])
+        .code(3)
+        .stderr_has(&["node.stop_timeout_ms", "does not fit"]);
 }
 
 /// Starts `a` alone and waits until it is hot with its node logged; returns the time of the
 /// last lease change seen before `fault` ran, and the fault's time.
 fn hot_then(p: &mut Pair, fault: impl FnOnce(&Pair)) -> (Instant, Instant) {
     p.start("a");
-    assert!(wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"), "{}", p.stderr_of());
-    assert!(wait_until(Duration::from_secs(2), || p.events().iter().any(|e| e.start)));
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
+    assert!(wait_until(Duration::from_secs(2), || p
+        .events()
+        .iter()
+        .any(|e| e.start)));
     // find the moment of a renewal, then break the share right after it
     let lease = p.lease_path();
-    let (_, renewed) = watch_lease(&lease, Duration::from_millis(UPDATE_MS * 3), |_| true).expect("a renewal");
+    let (_, renewed) =
+        watch_lease(&lease, Duration::from_millis(UPDATE_MS * 3), |_| true).expect("a renewal");
     fault(p);
     (renewed, Instant::now())
 }
@@ -480,13 +688,21 @@ fn issue3_a_renewal_that_hangs_on_the_share_does_not_delay_fencing() {
         // SAFETY: `c` is a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     });
-    let stopped = node_stopped(&p, Duration::from_millis(WAIT_MS * 2)).unwrap_or_else(|| panic!("not fenced\n{}", p.stderr_of()));
+    let stopped = node_stopped(&p, Duration::from_millis(WAIT_MS * 2))
+        .unwrap_or_else(|| panic!("not fenced\n{}", p.stderr_of()));
     let down = stopped.duration_since(renewed);
     eprintln!("hung share: node down {down:?} after the last good renewal (must be < wait_interval {WAIT_MS} ms)");
-    assert!(down < Duration::from_millis(WAIT_MS), "node still up {down:?} after the last renewal");
+    assert!(
+        down < Duration::from_millis(WAIT_MS),
+        "node still up {down:?} after the last renewal"
+    );
     // the agent still answers while its share worker is stuck
     assert_eq!(p.role("a"), "fenced");
-    assert!(p.stderr_of().contains("FENCING: no successful renewal"), "{}", p.stderr_of());
+    assert!(
+        p.stderr_of().contains("FENCING: no successful renewal"),
+        "{}",
+        p.stderr_of()
+    );
 }
 
 #[test]
@@ -496,37 +712,74 @@ fn issue3_renewals_failing_on_a_full_share_fence_the_node_before_wait_interval()
     }
     let mut p = Pair::new();
     let share = p.fx.path("share");
-    crate::util::system("mount", &["-t".as_ref(), "tmpfs".as_ref(), "-o".as_ref(), "size=256k".as_ref(), "tmpfs".as_ref(), share.as_os_str()]);
+    crate::util::system(
+        "mount",
+        &[
+            "-t".as_ref(),
+            "tmpfs".as_ref(),
+            "-o".as_ref(),
+            "size=256k".as_ref(),
+            "tmpfs".as_ref(),
+            share.as_os_str(),
+        ],
+    );
     let _guard = crate::util::MountGuard::new(&share);
     let (renewed, _) = hot_then(&mut p, |p| {
         // fill the share: the next lease write fails with ENOSPC
         let filler = p.fx.path("share/filler");
         let _ = fs::write(&filler, vec![0u8; 512 * 1024]);
     });
-    let stopped = node_stopped(&p, Duration::from_millis(WAIT_MS * 2)).unwrap_or_else(|| panic!("not fenced\n{}", p.stderr_of()));
+    let stopped = node_stopped(&p, Duration::from_millis(WAIT_MS * 2))
+        .unwrap_or_else(|| panic!("not fenced\n{}", p.stderr_of()));
     let down = stopped.duration_since(renewed);
     eprintln!("full share: node down {down:?} after the last good renewal (must be < wait_interval {WAIT_MS} ms)");
-    assert!(down < Duration::from_millis(WAIT_MS), "node still up {down:?} after the last renewal");
+    assert!(
+        down < Duration::from_millis(WAIT_MS),
+        "node still up {down:?} after the last renewal"
+    );
     let log = p.stderr_of();
-    assert!(log.contains("renewal failed") && log.contains("No space left on device"), "{log}");
+    assert!(
+        log.contains("renewal failed") && log.contains("No space left on device"),
+        "{log}"
+    );
     // the lease on the share is intact: the failed write never replaced it
     let text = fs::read_to_string(p.lease_path()).unwrap();
     assert!(text.contains("\"holder\": \"a:"), "{text}");
-    assert!(fs::read_dir(p.fx.path("share/.artemis-sync")).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp")), "no temporary left");
+    assert!(
+        fs::read_dir(p.fx.path("share/.artemis-sync"))
+            .unwrap()
+            .all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp")),
+        "no temporary left"
+    );
 }
 
 #[test]
 fn issue3_a_node_that_dies_gives_the_lease_to_the_other_vm() {
     let mut p = Pair::new();
     p.start("a");
-    assert!(wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"), "{}", p.stderr_of());
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
     p.start("b");
     assert!(wait_until(Duration::from_secs(5), || p.role("b") == "cold"));
     let node = p.status("a")["node_pid"].as_u64().unwrap() as i32;
     let crashed = Instant::now();
     kill(node, libc::SIGKILL);
-    assert!(wait_until(Duration::from_millis(WAIT_MS), || p.role("b") == "hot"), "{}", p.stderr_of());
-    eprintln!("node crash: b hot {:?} after a's node was killed", crashed.elapsed());
-    assert!(p.stderr_of().contains("killed by signal 9"), "{}", p.stderr_of());
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS), || p.role("b") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
+    eprintln!(
+        "node crash: b hot {:?} after a's node was killed",
+        crashed.elapsed()
+    );
+    assert!(
+        p.stderr_of().contains("killed by signal 9"),
+        "{}",
+        p.stderr_of()
+    );
     assert_ne!(p.role("a"), "hot");
 }

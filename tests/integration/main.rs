@@ -1,0 +1,10 @@
+//! Integration tests: every test runs the real `artemis-sync` and `mount-artemis-sync` binaries
+//! as separate processes on temporary directories. Tests that need root (real bind and tmpfs
+//! mounts, root-owned credentials files) print `skipped: <reason>` and pass when not root.
+
+mod agent;
+mod cli;
+mod helper;
+mod link;
+mod root;
+mod util;
