@@ -11,15 +11,19 @@ fn hash_file(c: &mut Criterion) {
     for mib in [1usize, 10] {
         let path = dir.path().join(format!("f{mib}"));
         let mut f = std::fs::File::create(&path).expect("create");
-        let block: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let block: Vec<u8> = (0..1 << 20)
+            .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
         for _ in 0..mib {
             f.write_all(&block).expect("write");
         }
         drop(f);
         group.throughput(Throughput::Bytes((mib as u64) << 20));
-        group.bench_with_input(BenchmarkId::from_parameter(format!("{mib}MiB")), &path, |b, p| {
-            b.iter(|| artemis_sync::link::hash_file(p).expect("hash"))
-        });
+        group.bench_with_input(
+            BenchmarkId::from_parameter(format!("{mib}MiB")),
+            &path,
+            |b, p| b.iter(|| artemis_sync::link::hash_file(p).expect("hash")),
+        );
     }
     group.finish();
 }
