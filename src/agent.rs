@@ -303,7 +303,7 @@ impl Worker {
 
 /// Mounts the share if it is not, and makes `${BASE_DIR}/artemis` link to it.
 fn ensure_share(config: &Config) -> Result<(), String> {
-    if config.storage.backend != Backend::Premounted {
+    if config.storage.backend() != Backend::Premounted {
         mount::mount(
             &RealSys::from_env(),
             &MountRequest::from_config(config),

@@ -31,6 +31,16 @@ pub const DEFAULT_STOP_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_LOCK_SUBDIR: &str = ".artemis-sync";
 /// Where the agent answers `status` and `release`.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/artemis-sync/agent.sock";
+/// Replication unit, in bytes (Artemis writes in multiples of it).
+pub const DEFAULT_PAGE_SIZE: u32 = 4096;
+/// Rescan of changed files, in milliseconds.
+pub const DEFAULT_RESCAN_INTERVAL_MS: u64 = 1000;
+/// Rehash of every page, in milliseconds.
+pub const DEFAULT_DEEP_RESCAN_INTERVAL_MS: u64 = 60_000;
+/// Unacknowledged page data in flight, in MiB.
+pub const DEFAULT_WINDOW_MB: u64 = 32;
+/// Where replicated mode keeps its epoch and role.
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/artemis-sync/replication-state.json";
 
 /// Errors loading or validating the config file. Each names the file and, where there is one,
 /// the key.
@@ -66,6 +76,80 @@ pub struct Config {
     /// The agent process itself.
     #[serde(default)]
     pub agent: AgentConfig,
+    /// Replicated mode: streaming the journal from the hot to the cold VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationConfig>,
+}
+
+/// Which side of the stream this host starts as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplRole {
+    /// Runs the node and streams its journal.
+    Hot,
+    /// Receives the stream.
+    Cold,
+}
+
+/// `[replication]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// The role at first start; afterwards the state file (promote, demote) decides.
+    pub role: ReplRole,
+    /// The real directory `${BASE_DIR}/artemis` links to.
+    pub data_dir: PathBuf,
+    /// Where this host accepts the peer's connection (`host:port`).
+    pub listen: String,
+    /// Where the peer accepts ours.
+    pub peer: String,
+    /// Replication unit, a power of two.
+    #[serde(default = "default_page_size")]
+    pub page_size: u32,
+    /// Mutual TLS: this host's certificate (PEM).
+    #[serde(default)]
+    pub tls_cert: PathBuf,
+    /// Mutual TLS: this host's key (PEM).
+    #[serde(default)]
+    pub tls_key: PathBuf,
+    /// Mutual TLS: the pair's CA certificate (PEM).
+    #[serde(default)]
+    pub tls_ca: PathBuf,
+    /// A pre-shared key (hex, mode 0600) authenticating every frame.
+    #[serde(default)]
+    pub psk_file: PathBuf,
+    /// Plaintext and unauthenticated, allowed only when `listen` and `peer` are loopback
+    /// addresses: for benchmarks and demos on one host.
+    #[serde(default)]
+    pub insecure_loopback: bool,
+    /// Rescan files whose size or times changed this often (catches what events miss).
+    #[serde(default = "default_rescan_interval_ms")]
+    pub rescan_interval_ms: u64,
+    /// Rehash every page of every file this often (catches writes that leave times alone).
+    #[serde(default = "default_deep_rescan_interval_ms")]
+    pub deep_rescan_interval_ms: u64,
+    /// Bytes of page data sent but not yet acknowledged before the sender waits.
+    #[serde(default = "default_window_mb")]
+    pub window_mb: u64,
+    /// Where the epoch and role are kept across restarts.
+    #[serde(default = "default_state_file")]
+    pub state_file: PathBuf,
+}
+
+fn default_page_size() -> u32 {
+    DEFAULT_PAGE_SIZE
+}
+fn default_rescan_interval_ms() -> u64 {
+    DEFAULT_RESCAN_INTERVAL_MS
+}
+fn default_deep_rescan_interval_ms() -> u64 {
+    DEFAULT_DEEP_RESCAN_INTERVAL_MS
+}
+fn default_window_mb() -> u64 {
+    DEFAULT_WINDOW_MB
+}
+fn default_state_file() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_FILE)
 }
 
 /// `[node]`
@@ -92,8 +176,9 @@ pub struct StorageConfig {
     /// `shared` (a network filesystem) or `replicated`.
     #[serde(default)]
     pub mode: Mode,
-    /// How the share is mounted.
-    pub backend: Backend,
+    /// How the share is mounted (shared mode only; see [`StorageConfig::backend`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Backend>,
     /// What is mounted: `host:/path` for NFS, `//host/share` for SMB, a directory for `bind`.
     #[serde(default)]
     pub source: String,
@@ -115,6 +200,13 @@ pub struct StorageConfig {
     /// What systemd allows the whole mount to take (`x-systemd.mount-timeout=`).
     #[serde(default = "default_mount_timeout_s")]
     pub mount_timeout_s: u64,
+}
+
+impl StorageConfig {
+    /// The backend; in replicated mode, where nothing is mounted, `premounted`.
+    pub fn backend(&self) -> Backend {
+        self.backend.unwrap_or(Backend::Premounted)
+    }
 }
 
 /// `[lock]`
@@ -437,21 +529,31 @@ impl Config {
                     .into(),
             ));
         }
-        if s.mode == Mode::Replicated {
-            return Err(invalid(
-                "storage.mode",
-                "= \"replicated\" is not available in this version yet; use \"shared\"".into(),
-            ));
+        match (s.mode, &self.replication, s.backend) {
+            (Mode::Replicated, None, _) => {
+                return Err(invalid("storage.mode", "= \"replicated\" needs a [replication] section".into()))
+            }
+            (Mode::Replicated, Some(r), None) => self.validate_replication(path, r)?,
+            (Mode::Replicated, Some(_), Some(_)) => {
+                return Err(invalid("storage.backend", "is for mode = \"shared\"; replicated mode mounts nothing".into()))
+            }
+            (Mode::Shared, Some(_), _) => {
+                return Err(invalid("replication", "is only used with [storage] mode = \"replicated\"".into()))
+            }
+            (Mode::Shared, None, None) => {
+                return Err(invalid("storage.backend", "is required: efs, azure-smb, azure-nfs, nfs, cifs, bind or premounted".into()))
+            }
+            (Mode::Shared, None, Some(_)) => {}
         }
-        if s.backend == Backend::Premounted {
+        if s.backend() == Backend::Premounted {
             // nothing is mounted, so the source is only documentation
         } else if s.source.is_empty() {
             return Err(invalid(
                 "storage.source",
-                format!("is required for backend \"{}\"", s.backend),
+                format!("is required for backend \"{}\"", s.backend()),
             ));
         } else {
-            s.backend
+            s.backend()
                 .check_source(&s.source)
                 .map_err(|r| invalid("storage.source", r))?;
         }
@@ -473,9 +575,9 @@ impl Config {
                 format!("may not set `{key}`: artemis-sync writes it itself from the config (backend, mount_attempts, mount_retry_max_ms, mount_timeout_s)"),
             ));
         }
-        check_user_options(s.backend, &opts).map_err(|r| invalid("storage.options", r))?;
+        check_user_options(s.backend(), &opts).map_err(|r| invalid("storage.options", r))?;
         if s.credentials_file.as_os_str().is_empty() {
-            if s.backend == Backend::AzureSmb {
+            if s.backend() == Backend::AzureSmb {
                 return Err(invalid(
                     "storage.credentials_file",
                     "is required for backend \"azure-smb\" (a root-owned 0600 file with \
@@ -484,10 +586,10 @@ impl Config {
                 ));
             }
         } else {
-            if !s.backend.is_smb() {
+            if !s.backend().is_smb() {
                 return Err(invalid(
                     "storage.credentials_file",
-                    format!("is only used by the SMB backends, not \"{}\"", s.backend),
+                    format!("is only used by the SMB backends, not \"{}\"", s.backend()),
                 ));
             }
             check_credentials_file(&s.credentials_file)
@@ -517,6 +619,66 @@ impl Config {
 }
 
 impl Config {
+    fn validate_replication(&self, path: &Path, r: &ReplicationConfig) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            reason,
+        };
+        absolute("replication.data_dir", &r.data_dir).map_err(|e| invalid("replication.data_dir", e))?;
+        absolute("replication.state_file", &r.state_file).map_err(|e| invalid("replication.state_file", e))?;
+        if r.data_dir == self.artemis_link() {
+            return Err(invalid("replication.data_dir", "must not be base_dir/artemis itself: that path becomes the link to it".into()));
+        }
+        let addr = |key: &'static str, v: &str| {
+            v.parse::<std::net::SocketAddr>()
+                .map_err(|e| invalid(key, format!("= {v:?} is not an address:port ({e})")))
+        };
+        let listen = addr("replication.listen", &r.listen)?;
+        let peer = addr("replication.peer", &r.peer)?;
+        if !r.page_size.is_power_of_two() || !(512..=1 << 20).contains(&r.page_size) {
+            return Err(invalid("replication.page_size", format!("= {} must be a power of two from 512 to 1048576", r.page_size)));
+        }
+        for (key, v) in [("replication.rescan_interval_ms", r.rescan_interval_ms), ("replication.deep_rescan_interval_ms", r.deep_rescan_interval_ms), ("replication.window_mb", r.window_mb)] {
+            if v == 0 {
+                return Err(invalid(key, "must be above 0".into()));
+            }
+        }
+        let tls = [&r.tls_cert, &r.tls_key, &r.tls_ca].iter().filter(|p| !p.as_os_str().is_empty()).count();
+        let psk = !r.psk_file.as_os_str().is_empty();
+        match (tls, psk, r.insecure_loopback) {
+            (3, false, false) => {
+                for (key, p) in [("replication.tls_cert", &r.tls_cert), ("replication.tls_key", &r.tls_key), ("replication.tls_ca", &r.tls_ca)] {
+                    absolute(key, p).map_err(|e| invalid(key, e))?;
+                    if !p.is_file() {
+                        return Err(invalid(key, format!("= {p:?} is not a readable file")));
+                    }
+                }
+                check_private_file(&r.tls_key).map_err(|e| invalid("replication.tls_key", e))?;
+            }
+            (0, true, false) => {
+                check_private_file(&r.psk_file).map_err(|e| invalid("replication.psk_file", e))?;
+                let text = std::fs::read_to_string(&r.psk_file).map_err(|e| invalid("replication.psk_file", format!("= {:?}: {e}", r.psk_file)))?;
+                crate::proto::Psk::from_hex(&text).map_err(|e| invalid("replication.psk_file", format!("= {:?} {e}", r.psk_file)))?;
+            }
+            (0, false, true) => {
+                if !listen.ip().is_loopback() || !peer.ip().is_loopback() {
+                    return Err(invalid("replication.insecure_loopback", "is allowed only when listen and peer are loopback addresses (127.0.0.0/8, ::1)".into()));
+                }
+            }
+            (1 | 2, _, _) => {
+                return Err(invalid("replication.tls_cert", "tls_cert, tls_key and tls_ca go together: set all three".into()))
+            }
+            (0, false, false) => {
+                return Err(invalid("replication", "needs authentication: tls_cert/tls_key/tls_ca (`artemis-sync certs init` makes them) or psk_file".into()))
+            }
+            _ => {
+                return Err(invalid("replication", "set exactly one of: the tls_* keys, psk_file, insecure_loopback".into()))
+            }
+        }
+        Ok(())
+    }
+
     fn validate_lock(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
             path: path.to_owned(),
@@ -610,6 +772,20 @@ pub fn check_user_options(backend: Backend, opts: &MountOptions) -> Result<(), S
         if let Some(h) = crate::options::lock_hazard(fs_type, opts) {
             return Err(format!("`{}`: {}; {}", h.option, h.effect, h.fix));
         }
+    }
+    Ok(())
+}
+
+/// A secret file (key, PSK) must be a regular file that neither group nor others can read.
+pub fn check_private_file(path: &Path) -> Result<(), String> {
+    absolute("", path)?;
+    let meta = std::fs::metadata(path).map_err(|e| format!("= {path:?}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("= {path:?} is not a regular file"));
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!("= {path:?} has mode {mode:04o}: others can read the secret; fix with `chmod 600 {}`", path.display()));
     }
     Ok(())
 }
@@ -861,10 +1037,31 @@ source = "fs-0123abcd.efs.eu-west-1.amazonaws.com:/"
     }
 
     #[test]
-    fn replicated_mode_is_refused_until_it_exists() {
-        let err = load(&EFS.replace("[storage]", "[storage]\nmode = \"replicated\""))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("`storage.mode`"), "{err}");
+    fn replicated_mode_needs_its_section_and_authentication() {
+        let err = load(&EFS.replace("[storage]", "[storage]\nmode = \"replicated\"")).unwrap_err().to_string();
+        assert!(err.contains("`storage.mode`") && err.contains("[replication]"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let psk = dir.path().join("psk");
+        std::fs::write(&psk, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let base = "[node]\nbase_dir = \"/opt/corda\"\n[storage]\nmode = \"replicated\"\n[replication]\nrole = \"hot\"\n\
+                    data_dir = \"/var/lib/artemis-sync/artemis\"\nlisten = \"127.0.0.1:7410\"\npeer = \"127.0.0.2:7410\"\n";
+        let err = load(base).unwrap_err().to_string();
+        assert!(err.contains("needs authentication"), "{err}");
+        let c = load(&format!("{base}psk_file = {psk:?}\n")).unwrap();
+        assert_eq!(c.storage.backend(), Backend::Premounted);
+        assert_eq!(c.replication.as_ref().unwrap().page_size, 4096);
+        load(&c.to_toml()).unwrap();
+        std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = load(&format!("{base}psk_file = {psk:?}\n")).unwrap_err().to_string();
+        assert!(err.contains("`replication.psk_file`") && err.contains("chmod 600"), "{err}");
+        load(&format!("{base}insecure_loopback = true\n")).unwrap();
+        let err = load(&format!("{}insecure_loopback = true\n", base.replace("127.0.0.2", "10.0.0.2"))).unwrap_err().to_string();
+        assert!(err.contains("`replication.insecure_loopback`"), "{err}");
+        let err = load(&format!("{base}insecure_loopback = true\npage_size = 1000\n")).unwrap_err().to_string();
+        assert!(err.contains("`replication.page_size`"), "{err}");
+        let err = load(&format!("{base}insecure_loopback = true\n").replace("[storage]\n", "[storage]\nbackend = \"efs\"\n")).unwrap_err().to_string();
+        assert!(err.contains("`storage.backend`"), "{err}");
     }
 }

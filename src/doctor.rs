@@ -199,7 +199,7 @@ fn mount_check(config: &Config, table: &[MountEntry], dir: &Path) -> (Check, Opt
     let s = &config.storage;
     let fix_mount = Some(format!("run `artemis-sync mount`, or add the line from `artemis-sync fstab` to /etc/fstab and `mount {}`", s.mount_point.display()));
     let holder = mountinfo::containing(table, dir).cloned();
-    if s.backend == Backend::Premounted {
+    if s.backend() == Backend::Premounted {
         let on = holder.as_ref().map_or("?".into(), |e| {
             format!(
                 "{} on {} ({})",
@@ -229,7 +229,7 @@ fn mount_check(config: &Config, table: &[MountEntry], dir: &Path) -> (Check, Opt
             None,
         );
     };
-    let same = if s.backend == Backend::Bind {
+    let same = if s.backend() == Backend::Bind {
         same_file(Path::new(&s.source), dir)
     } else {
         mountinfo::same_source(&here.source, &s.source)

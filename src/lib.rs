@@ -17,6 +17,8 @@ pub mod mount;
 pub mod mountinfo;
 pub mod node;
 pub mod options;
+pub mod pages;
+pub mod proto;
 pub mod sys;
 
 /// An error and its causes on one line, `: `-separated, leaving out a cause whose text the

@@ -85,12 +85,12 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Mount => {
             let config = load(&cli.config)?;
             let dir = &config.storage.mount_point;
-            if config.storage.backend != Backend::Premounted && !dir.exists() {
+            if config.storage.backend() != Backend::Premounted && !dir.exists() {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("cannot create mount point {}", dir.display()))?;
                 tracing::info!(dir = %dir.display(), "created the mount point");
             }
-            if config.storage.backend != Backend::Premounted {
+            if config.storage.backend() != Backend::Premounted {
                 let sys = RealSys::from_env();
                 match mount::mount(&sys, &MountRequest::from_config(&config), &mut stdout)? {
                     MountOutcome::AlreadyMounted => println!(

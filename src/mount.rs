@@ -238,7 +238,7 @@ impl MountRequest {
             options.push("credentials", Some(&s.credentials_file.to_string_lossy()));
         }
         MountRequest {
-            backend: s.backend,
+            backend: s.backend(),
             spec: s.source.clone(),
             dir: s.mount_point.clone(),
             options,
@@ -512,13 +512,13 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
 /// The `/etc/fstab` line that mounts the configured share at boot through the helper.
 pub fn fstab_line(config: &Config) -> Result<String, MountError> {
     let s = &config.storage;
-    if s.backend == Backend::Premounted {
+    if s.backend() == Backend::Premounted {
         return Err(MountError::Premounted {
             dir: s.mount_point.clone(),
         });
     }
     let mut opts = MountOptions::default();
-    opts.push("backend", Some(s.backend.name()));
+    opts.push("backend", Some(s.backend().name()));
     opts.push("_netdev", None);
     opts.push("nofail", None);
     opts.push(

@@ -1,0 +1,303 @@
+//! Pages and trees: the per-page blake3 table that tells what changed, the tree index the cold
+//! side reports on connect, the whole-tree digest `verify` compares, and the confinement of
+//! paths received from the network to the data directory.
+//!
+//! Files are read with positional reads (`pread`), never through `mmap`: a file truncated by
+//! Artemis while we read it then gives a short read instead of a SIGBUS that would kill the
+//! agent. A page's table entry is the first 16 bytes of its blake3 digest (enough to detect a
+//! change; the wire carries the full 32 bytes for verification).
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+/// A page's entry in a table: the first 16 bytes of its blake3 digest.
+pub type PageHash = [u8; 16];
+
+/// Errors about paths and trees, each naming the path.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum PagesError {
+    /// refusing path {path:?} from the peer: {reason}
+    Unconfined { path: String, reason: &'static str },
+    /// {op} {path:?}: {source}
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PagesError + 'a {
+    move |source| PagesError::Io { op, path: path.to_owned(), source }
+}
+
+/// The truncated blake3 of one page.
+pub fn page_hash(data: &[u8]) -> PageHash {
+    let full = blake3::hash(data);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&full.as_bytes()[..16]);
+    out
+}
+
+/// What the table knows of one file: its length, mode, and a hash per page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileState {
+    /// Length in bytes.
+    pub len: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// One entry per `page_size` bytes; the last page may be short.
+    pub pages: Vec<PageHash>,
+}
+
+impl FileState {
+    /// A digest of the file's content as the table sees it: its length and page hashes.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.len.to_le_bytes());
+        for p in &self.pages {
+            h.update(p);
+        }
+        *h.finalize().as_bytes()
+    }
+}
+
+/// Hashes every page of the file at `path` (read with `pread`, `page_size` at a time, in
+/// chunks of `chunk_pages`).
+pub fn hash_file(path: &Path, page_size: usize) -> Result<FileState, PagesError> {
+    let file = File::open(path).map_err(io_err("cannot open", path))?;
+    let meta = file.metadata().map_err(io_err("cannot inspect", path))?;
+    let mut state = FileState { len: 0, mode: meta.mode() & 0o7777, pages: Vec::with_capacity((meta.len() as usize).div_ceil(page_size)) };
+    let mut buf = vec![0u8; page_size * 256];
+    let mut off = 0u64;
+    loop {
+        let n = read_full_at(&file, &mut buf, off).map_err(io_err("cannot read", path))?;
+        for page in buf[..n].chunks(page_size) {
+            state.pages.push(page_hash(page));
+        }
+        off += n as u64;
+        if n < buf.len() {
+            break;
+        }
+    }
+    state.len = off;
+    Ok(state)
+}
+
+/// Reads at `off` until `buf` is full or the file ends; returns the bytes read.
+pub fn read_full_at(file: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// A whole tree: directories and their modes, files and their states, by relative path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TreeIndex {
+    /// Directories (relative, `/`-separated) and their permission bits.
+    pub dirs: BTreeMap<String, u32>,
+    /// Files (relative, `/`-separated).
+    pub files: BTreeMap<String, FileState>,
+}
+
+impl TreeIndex {
+    /// The root digest over every directory and file (path, mode, content digest), and the
+    /// per-file digests, for `verify`.
+    pub fn digest(&self) -> ([u8; 32], BTreeMap<String, [u8; 32]>) {
+        let mut root = blake3::Hasher::new();
+        for (d, mode) in &self.dirs {
+            root.update(b"d");
+            root.update(d.as_bytes());
+            root.update(&[0]);
+            root.update(&mode.to_le_bytes());
+        }
+        let mut per_file = BTreeMap::new();
+        for (f, state) in &self.files {
+            let d = state.digest();
+            root.update(b"f");
+            root.update(f.as_bytes());
+            root.update(&[0]);
+            root.update(&state.mode.to_le_bytes());
+            root.update(&d);
+            per_file.insert(f.clone(), d);
+        }
+        (*root.finalize().as_bytes(), per_file)
+    }
+}
+
+/// Hashes the whole tree under `root`. Symlinks and special files are skipped (the journal
+/// holds none, and a replica must never create them). Files that vanish while being read are
+/// left out: the next event or rescan accounts for them.
+pub fn index_tree(root: &Path, page_size: usize) -> Result<TreeIndex, PagesError> {
+    let mut index = TreeIndex::default();
+    let mut stack = vec![String::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = if rel.is_empty() { root.to_owned() } else { root.join(&rel) };
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !rel.is_empty() => continue,
+            Err(e) => return Err(io_err("cannot list", &dir)(e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(io_err("cannot list", &dir))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                tracing::warn!(dir = %dir.display(), "skipping a file name that is not UTF-8");
+                continue;
+            };
+            let child = if rel.is_empty() { name.to_owned() } else { format!("{rel}/{name}") };
+            let path = root.join(&child);
+            let Ok(meta) = fs::symlink_metadata(&path) else { continue };
+            if meta.is_dir() {
+                index.dirs.insert(child.clone(), meta.mode() & 0o7777);
+                stack.push(child);
+            } else if meta.is_file() {
+                match hash_file(&path, page_size) {
+                    Ok(state) => {
+                        index.files.insert(child, state);
+                    }
+                    Err(PagesError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(index)
+}
+
+/// Checks a relative path received from the network: `/`-separated normal components only,
+/// no `..`, no `.`, no empty component, no NUL, not absolute. Returns it joined to `root`.
+pub fn confine(root: &Path, rel: &str) -> Result<PathBuf, PagesError> {
+    let bad = |reason| Err(PagesError::Unconfined { path: rel.to_owned(), reason });
+    if rel.is_empty() {
+        return bad("empty path");
+    }
+    if rel.contains('\0') {
+        return bad("NUL byte in path");
+    }
+    if rel.starts_with('/') {
+        return bad("absolute path");
+    }
+    for part in rel.split('/') {
+        match part {
+            "" => return bad("empty path component"),
+            "." | ".." => return bad("`.` or `..` component"),
+            _ => {}
+        }
+    }
+    let joined = root.join(rel);
+    if !joined.components().skip(root.components().count()).all(|c| matches!(c, Component::Normal(_))) {
+        return bad("not a plain relative path");
+    }
+    Ok(joined)
+}
+
+/// Checks that no existing component of `path` below `root` is a symlink or special file, so
+/// that writing to `path` stays inside `root`. Missing components are fine (they will be
+/// created as real directories).
+pub fn no_symlinks_below(root: &Path, path: &Path, rel: &str) -> Result<(), PagesError> {
+    let mut cur = root.to_owned();
+    let parts: Vec<_> = path.strip_prefix(root).map(|p| p.components().collect()).unwrap_or_default();
+    for (i, part) in parts.iter().enumerate() {
+        cur.push(part);
+        match fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(PagesError::Unconfined { path: rel.to_owned(), reason: "a component is a symlink" })
+            }
+            Ok(m) if i + 1 < parts.len() && !m.is_dir() => {
+                return Err(PagesError::Unconfined { path: rel.to_owned(), reason: "a parent component is not a directory" })
+            }
+            Ok(m) if i + 1 == parts.len() && !(m.is_dir() || m.is_file()) => {
+                return Err(PagesError::Unconfined { path: rel.to_owned(), reason: "the target is a device, socket or pipe" })
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("cannot inspect", &cur)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Sets the permission bits of `path` if they differ.
+pub fn set_mode(path: &Path, mode: u32) -> Result<(), PagesError> {
+    let meta = fs::symlink_metadata(path).map_err(io_err("cannot inspect", path))?;
+    if meta.mode() & 0o7777 != mode {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err("cannot set mode of", path))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn confinement_refuses_escapes() {
+        let root = Path::new("/data");
+        assert_eq!(confine(root, "journal/a.amq").unwrap(), Path::new("/data/journal/a.amq"));
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a/.", "a\0b", "a/"] {
+            let err = confine(root, bad).unwrap_err().to_string();
+            assert!(err.contains("refusing path"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn symlinked_and_special_components_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir(root.join("real")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("evil")).unwrap();
+        let ok = confine(root, "real/x").unwrap();
+        no_symlinks_below(root, &ok, "real/x").unwrap();
+        let p = confine(root, "evil/passwd").unwrap();
+        let err = no_symlinks_below(root, &p, "evil/passwd").unwrap_err().to_string();
+        assert!(err.contains("symlink"), "{err}");
+        let c = std::ffi::CString::new(root.join("fifo").to_str().unwrap()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let p = confine(root, "fifo").unwrap();
+        assert!(no_symlinks_below(root, &p, "fifo").unwrap_err().to_string().contains("device, socket or pipe"));
+    }
+
+    #[test]
+    fn hashes_pages_and_trees() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("journal")).unwrap();
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        fs::write(dir.path().join("journal/a"), &data).unwrap();
+        let s = hash_file(&dir.path().join("journal/a"), 4096).unwrap();
+        assert_eq!(s.len, 10_000);
+        assert_eq!(s.pages.len(), 3);
+        assert_eq!(s.pages[2], page_hash(&data[8192..]));
+        let idx = index_tree(dir.path(), 4096).unwrap();
+        assert!(idx.dirs.contains_key("journal"));
+        assert_eq!(idx.files["journal/a"], s);
+        let (root1, _) = idx.digest();
+        fs::write(dir.path().join("journal/a"), &data[..9999]).unwrap();
+        let (root2, files) = index_tree(dir.path(), 4096).unwrap().digest();
+        assert_ne!(root1, root2);
+        assert_eq!(files.len(), 1);
+    }
+
+    proptest! {
+        /// Any path that confine accepts stays below the root.
+        #[test]
+        fn confined_paths_stay_inside(rel in "[a-z./]{0,12}") {
+            if let Ok(p) = confine(Path::new("/data"), &rel) {
+                prop_assert!(p.starts_with("/data/"));
+                prop_assert!(!p.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)));
+            }
+        }
+    }
+}
