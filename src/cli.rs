@@ -13,7 +13,8 @@ Exit codes:
   1  runtime failure (I/O error, mount failed)
   2  usage error
   3  config file missing, unreadable or invalid
-  4  a check failed (doctor, the checks after mount, an agent refusing a lock-unsafe share)
+  4  a check failed (doctor, the checks after mount, an agent refusing a lock-unsafe share,
+     verify finding differences)
   5  refused to protect data (journal directory in the way, conflicting file in the share,
      link pointing elsewhere without --force, not enough space)
 
@@ -72,6 +73,27 @@ pub enum Command {
     },
     /// Ask the running agent to stop its node and release the lease to the other VM
     Release,
+    /// Replicated mode, on the cold host: become hot (new epoch), link ${BASE_DIR}/artemis to the
+    /// data directory, start the node; reports how far behind the copy may be
+    Promote {
+        /// Promote even though the hot host is still connected and streaming
+        #[arg(long)]
+        force: bool,
+    },
+    /// Replicated mode, on the hot host: stop the node, drain the stream so the cold copy is
+    /// identical, and turn cold
+    Demote {
+        /// Turn cold even if the stream cannot be drained (the cold copy may be behind)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Replicated mode, on the hot host: compare the whole tree's digest with the cold copy
+    /// (while streaming goes on) and name every differing file
+    Verify {
+        /// One JSON object instead of text
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the shared-storage path on local directories (no config, root or network needed)
     Demo {
         /// Work in this directory and keep it (default: a temporary directory, removed after)

@@ -6,8 +6,8 @@
 //! clock. A record that cannot be read or fails its checksum is an error, never a reason to
 //! take over.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::File;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -167,33 +167,13 @@ pub fn read(path: &Path) -> Result<Option<Lease>, LeaseError> {
 /// Replaces the lease at `path` atomically: a temporary file beside it, fsynced, renamed over
 /// it, and the directory fsynced, so a reader sees the old record or the new, never a mix.
 pub fn write(path: &Path, lease: &Lease) -> Result<(), LeaseError> {
-    let err = |source| LeaseError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{LEASE_FILE}.tmp.{}", std::process::id()));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(&lease.encode())?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(err)
+    crate::sys::write_atomic(path, &lease.encode()).map_err(|source| LeaseError::Write { path: path.to_owned(), source })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn round_trips_and_is_checked() {

@@ -19,7 +19,13 @@ pub mod node;
 pub mod options;
 pub mod pages;
 pub mod proto;
+pub mod receiver;
+pub mod replica;
+pub mod sdnotify;
+pub mod secure;
+pub mod sender;
 pub mod sys;
+pub mod watch;
 
 /// An error and its causes on one line, `: `-separated, leaving out a cause whose text the
 /// message before it already quotes.

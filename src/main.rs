@@ -11,7 +11,7 @@ use artemis_sync::config::{Backend, Config, ConfigError};
 use artemis_sync::link::{LinkError, LinkOptions, LinkOutcome};
 use artemis_sync::mount::{MountOutcome, MountRequest};
 use artemis_sync::sys::RealSys;
-use artemis_sync::{agent, control, doctor, link, mount};
+use artemis_sync::{agent, control, doctor, link, mount, replica};
 use clap::Parser;
 
 /// Success.
@@ -185,7 +185,12 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
                 }
             });
             let socket = config.agent.control_socket.clone();
-            let result = agent::run(config, listener, shutdown);
+            let result = if config.storage.mode == artemis_sync::config::Mode::Replicated {
+                replica::run(config, listener, shutdown).map_err(anyhow::Error::from)
+            } else {
+                agent::run(config, listener, shutdown).map_err(anyhow::Error::from)
+            };
+            artemis_sync::sdnotify::stopping();
             let _ = std::fs::remove_file(&socket);
             let reason = result?;
             tracing::info!(%reason, "agent stopped");
@@ -236,6 +241,48 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
                 control::request(&config.agent.control_socket, "release", timeout)?
             );
             Ok(EXIT_OK)
+        }
+        Command::Promote { force } => {
+            let config = load(&cli.config)?;
+            let cmd = if *force { "promote --force" } else { "promote" };
+            let answer = control::request(&config.agent.control_socket, cmd, control::STATUS_TIMEOUT * 6)?;
+            let v: serde_json::Value = serde_json::from_str(&answer).context("the agent's answer is not JSON")?;
+            println!("promoted: hot at epoch {}", v["epoch"]);
+            println!("{}", v["behind"].as_str().unwrap_or_default());
+            println!("{}", v["summary"].as_str().unwrap_or_default());
+            Ok(EXIT_OK)
+        }
+        Command::Demote { force } => {
+            let config = load(&cli.config)?;
+            let cmd = if *force { "demote --force" } else { "demote" };
+            let answer = control::request(&config.agent.control_socket, cmd, replica::DRAIN_TIMEOUT + control::STATUS_TIMEOUT)?;
+            let v: serde_json::Value = serde_json::from_str(&answer).context("the agent's answer is not JSON")?;
+            if v["drained"] == true {
+                println!("demoted: cold at epoch {}; the cold copy has everything (through batch {})", v["epoch"], v["last_seq"]);
+            } else {
+                println!("demoted (forced): cold at epoch {}; the stream was NOT drained, the other copy may be behind", v["epoch"]);
+            }
+            Ok(EXIT_OK)
+        }
+        Command::Verify { json } => {
+            let config = load(&cli.config)?;
+            let answer = control::request(&config.agent.control_socket, "verify", replica::VERIFY_TIMEOUT)?;
+            let report: serde_json::Value = serde_json::from_str(&answer).context("the agent's answer is not JSON")?;
+            let identical = report["identical"] == true;
+            if *json {
+                println!("{answer}");
+            } else {
+                println!("hot  {}", report["hot_root"].as_str().unwrap_or_default());
+                println!("cold {}", report["cold_root"].as_str().unwrap_or_default());
+                if identical {
+                    println!("identical: {} files", report["files"]);
+                } else {
+                    for f in report["differing"].as_array().into_iter().flatten() {
+                        println!("differs: {}", f.as_str().unwrap_or_default());
+                    }
+                }
+            }
+            Ok(if identical { EXIT_OK } else { EXIT_CHECK })
         }
         Command::Demo { dir } => {
             let (path, _guard) = match dir {

@@ -102,6 +102,28 @@ impl Sys for RealSys {
     }
 }
 
+/// Replaces `path` with `data` atomically: a temporary file beside it (`.<name>.tmp.<pid>`),
+/// fsynced, renamed over it, and the directory fsynced, so a reader sees the old content or the
+/// new, never a mix, even after a crash. The temporary is removed on failure.
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// Bytes an unprivileged user may still write on the filesystem holding `path`.
 pub fn free_bytes(path: &Path) -> io::Result<u64> {
     let c = CString::new(path.as_os_str().as_bytes())

@@ -1,0 +1,72 @@
+//! systemd readiness and watchdog notifications (`sd_notify(3)`), written out: a datagram to
+//! `$NOTIFY_SOCKET` (a path, or an abstract name starting with `@`). Without the variable (not
+//! under systemd, or `Type=simple`) every call does nothing.
+
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+fn send(msg: &str) {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Ok(sock) = UnixDatagram::unbound() else { return };
+    let bytes = target.as_encoded_bytes();
+    let result = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|addr| sock.send_to_addr(msg.as_bytes(), &addr))
+    } else {
+        sock.send_to(msg.as_bytes(), &target)
+    };
+    if let Err(e) = result {
+        tracing::debug!("sd_notify: {e}");
+    }
+}
+
+/// Tells systemd the service is up, with a one-line status.
+pub fn ready(status: &str) {
+    send(&format!("READY=1\nSTATUS={status}"));
+}
+
+/// Updates the one-line status `systemctl status` shows.
+pub fn status(status: &str) {
+    send(&format!("STATUS={status}"));
+}
+
+/// Tells systemd the service is stopping.
+pub fn stopping() {
+    send("STOPPING=1");
+}
+
+/// Keeps systemd's watchdog from restarting us.
+pub fn watchdog() {
+    send("WATCHDOG=1");
+}
+
+/// How often to ping the watchdog (half its timeout), if systemd set one for this process.
+pub fn watchdog_interval() -> Option<Duration> {
+    if let Some(pid) = std::env::var("WATCHDOG_PID").ok().and_then(|p| p.parse::<u32>().ok()) {
+        if pid != std::process::id() {
+            return None;
+        }
+    }
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sends_to_the_notify_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let server = UnixDatagram::bind(&path).unwrap();
+        server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // the environment is process-wide: this is the only test that sets it
+        std::env::set_var("NOTIFY_SOCKET", &path);
+        ready("hot at epoch 3");
+        std::env::remove_var("NOTIFY_SOCKET");
+        let mut buf = [0u8; 256];
+        let n = server.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1\nSTATUS=hot at epoch 3");
+    }
+}
