@@ -531,17 +531,29 @@ impl Config {
         }
         match (s.mode, &self.replication, s.backend) {
             (Mode::Replicated, None, _) => {
-                return Err(invalid("storage.mode", "= \"replicated\" needs a [replication] section".into()))
+                return Err(invalid(
+                    "storage.mode",
+                    "= \"replicated\" needs a [replication] section".into(),
+                ))
             }
             (Mode::Replicated, Some(r), None) => self.validate_replication(path, r)?,
             (Mode::Replicated, Some(_), Some(_)) => {
-                return Err(invalid("storage.backend", "is for mode = \"shared\"; replicated mode mounts nothing".into()))
+                return Err(invalid(
+                    "storage.backend",
+                    "is for mode = \"shared\"; replicated mode mounts nothing".into(),
+                ))
             }
             (Mode::Shared, Some(_), _) => {
-                return Err(invalid("replication", "is only used with [storage] mode = \"replicated\"".into()))
+                return Err(invalid(
+                    "replication",
+                    "is only used with [storage] mode = \"replicated\"".into(),
+                ))
             }
             (Mode::Shared, None, None) => {
-                return Err(invalid("storage.backend", "is required: efs, azure-smb, azure-nfs, nfs, cifs, bind or premounted".into()))
+                return Err(invalid(
+                    "storage.backend",
+                    "is required: efs, azure-smb, azure-nfs, nfs, cifs, bind or premounted".into(),
+                ))
             }
             (Mode::Shared, None, Some(_)) => {}
         }
@@ -625,10 +637,15 @@ impl Config {
             key,
             reason,
         };
-        absolute("replication.data_dir", &r.data_dir).map_err(|e| invalid("replication.data_dir", e))?;
-        absolute("replication.state_file", &r.state_file).map_err(|e| invalid("replication.state_file", e))?;
+        absolute("replication.data_dir", &r.data_dir)
+            .map_err(|e| invalid("replication.data_dir", e))?;
+        absolute("replication.state_file", &r.state_file)
+            .map_err(|e| invalid("replication.state_file", e))?;
         if r.data_dir == self.artemis_link() {
-            return Err(invalid("replication.data_dir", "must not be base_dir/artemis itself: that path becomes the link to it".into()));
+            return Err(invalid(
+                "replication.data_dir",
+                "must not be base_dir/artemis itself: that path becomes the link to it".into(),
+            ));
         }
         let addr = |key: &'static str, v: &str| {
             v.parse::<std::net::SocketAddr>()
@@ -637,14 +654,30 @@ impl Config {
         let listen = addr("replication.listen", &r.listen)?;
         let peer = addr("replication.peer", &r.peer)?;
         if !r.page_size.is_power_of_two() || !(512..=1 << 20).contains(&r.page_size) {
-            return Err(invalid("replication.page_size", format!("= {} must be a power of two from 512 to 1048576", r.page_size)));
+            return Err(invalid(
+                "replication.page_size",
+                format!(
+                    "= {} must be a power of two from 512 to 1048576",
+                    r.page_size
+                ),
+            ));
         }
-        for (key, v) in [("replication.rescan_interval_ms", r.rescan_interval_ms), ("replication.deep_rescan_interval_ms", r.deep_rescan_interval_ms), ("replication.window_mb", r.window_mb)] {
+        for (key, v) in [
+            ("replication.rescan_interval_ms", r.rescan_interval_ms),
+            (
+                "replication.deep_rescan_interval_ms",
+                r.deep_rescan_interval_ms,
+            ),
+            ("replication.window_mb", r.window_mb),
+        ] {
             if v == 0 {
                 return Err(invalid(key, "must be above 0".into()));
             }
         }
-        let tls = [&r.tls_cert, &r.tls_key, &r.tls_ca].iter().filter(|p| !p.as_os_str().is_empty()).count();
+        let tls = [&r.tls_cert, &r.tls_key, &r.tls_ca]
+            .iter()
+            .filter(|p| !p.as_os_str().is_empty())
+            .count();
         let psk = !r.psk_file.as_os_str().is_empty();
         match (tls, psk, r.insecure_loopback) {
             (3, false, false) => {
@@ -785,7 +818,10 @@ pub fn check_private_file(path: &Path) -> Result<(), String> {
     }
     let mode = meta.mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(format!("= {path:?} has mode {mode:04o}: others can read the secret; fix with `chmod 600 {}`", path.display()));
+        return Err(format!(
+            "= {path:?} has mode {mode:04o}: others can read the secret; fix with `chmod 600 {}`",
+            path.display()
+        ));
     }
     Ok(())
 }
@@ -1038,11 +1074,20 @@ source = "fs-0123abcd.efs.eu-west-1.amazonaws.com:/"
 
     #[test]
     fn replicated_mode_needs_its_section_and_authentication() {
-        let err = load(&EFS.replace("[storage]", "[storage]\nmode = \"replicated\"")).unwrap_err().to_string();
-        assert!(err.contains("`storage.mode`") && err.contains("[replication]"), "{err}");
+        let err = load(&EFS.replace("[storage]", "[storage]\nmode = \"replicated\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`storage.mode`") && err.contains("[replication]"),
+            "{err}"
+        );
         let dir = tempfile::tempdir().unwrap();
         let psk = dir.path().join("psk");
-        std::fs::write(&psk, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n").unwrap();
+        std::fs::write(
+            &psk,
+            "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
+        )
+        .unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
         let base = "[node]\nbase_dir = \"/opt/corda\"\n[storage]\nmode = \"replicated\"\n[replication]\nrole = \"hot\"\n\
@@ -1054,14 +1099,33 @@ source = "fs-0123abcd.efs.eu-west-1.amazonaws.com:/"
         assert_eq!(c.replication.as_ref().unwrap().page_size, 4096);
         load(&c.to_toml()).unwrap();
         std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = load(&format!("{base}psk_file = {psk:?}\n")).unwrap_err().to_string();
-        assert!(err.contains("`replication.psk_file`") && err.contains("chmod 600"), "{err}");
+        let err = load(&format!("{base}psk_file = {psk:?}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`replication.psk_file`") && err.contains("chmod 600"),
+            "{err}"
+        );
         load(&format!("{base}insecure_loopback = true\n")).unwrap();
-        let err = load(&format!("{}insecure_loopback = true\n", base.replace("127.0.0.2", "10.0.0.2"))).unwrap_err().to_string();
+        let err = load(&format!(
+            "{}insecure_loopback = true\n",
+            base.replace("127.0.0.2", "10.0.0.2")
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("`replication.insecure_loopback`"), "{err}");
-        let err = load(&format!("{base}insecure_loopback = true\npage_size = 1000\n")).unwrap_err().to_string();
+        let err = load(&format!(
+            "{base}insecure_loopback = true\npage_size = 1000\n"
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("`replication.page_size`"), "{err}");
-        let err = load(&format!("{base}insecure_loopback = true\n").replace("[storage]\n", "[storage]\nbackend = \"efs\"\n")).unwrap_err().to_string();
+        let err = load(
+            &format!("{base}insecure_loopback = true\n")
+                .replace("[storage]\n", "[storage]\nbackend = \"efs\"\n"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("`storage.backend`"), "{err}");
     }
 }

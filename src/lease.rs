@@ -167,7 +167,10 @@ pub fn read(path: &Path) -> Result<Option<Lease>, LeaseError> {
 /// Replaces the lease at `path` atomically: a temporary file beside it, fsynced, renamed over
 /// it, and the directory fsynced, so a reader sees the old record or the new, never a mix.
 pub fn write(path: &Path, lease: &Lease) -> Result<(), LeaseError> {
-    crate::sys::write_atomic(path, &lease.encode()).map_err(|source| LeaseError::Write { path: path.to_owned(), source })
+    crate::sys::write_atomic(path, &lease.encode()).map_err(|source| LeaseError::Write {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]

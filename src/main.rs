@@ -245,8 +245,13 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Promote { force } => {
             let config = load(&cli.config)?;
             let cmd = if *force { "promote --force" } else { "promote" };
-            let answer = control::request(&config.agent.control_socket, cmd, control::STATUS_TIMEOUT * 6)?;
-            let v: serde_json::Value = serde_json::from_str(&answer).context("the agent's answer is not JSON")?;
+            let answer = control::request(
+                &config.agent.control_socket,
+                cmd,
+                control::STATUS_TIMEOUT * 6,
+            )?;
+            let v: serde_json::Value =
+                serde_json::from_str(&answer).context("the agent's answer is not JSON")?;
             println!("promoted: hot at epoch {}", v["epoch"]);
             println!("{}", v["behind"].as_str().unwrap_or_default());
             println!("{}", v["summary"].as_str().unwrap_or_default());
@@ -255,10 +260,18 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Demote { force } => {
             let config = load(&cli.config)?;
             let cmd = if *force { "demote --force" } else { "demote" };
-            let answer = control::request(&config.agent.control_socket, cmd, replica::DRAIN_TIMEOUT + control::STATUS_TIMEOUT)?;
-            let v: serde_json::Value = serde_json::from_str(&answer).context("the agent's answer is not JSON")?;
+            let answer = control::request(
+                &config.agent.control_socket,
+                cmd,
+                replica::DRAIN_TIMEOUT + control::STATUS_TIMEOUT,
+            )?;
+            let v: serde_json::Value =
+                serde_json::from_str(&answer).context("the agent's answer is not JSON")?;
             if v["drained"] == true {
-                println!("demoted: cold at epoch {}; the cold copy has everything (through batch {})", v["epoch"], v["last_seq"]);
+                println!(
+                    "demoted: cold at epoch {}; the cold copy has everything (through batch {})",
+                    v["epoch"], v["last_seq"]
+                );
             } else {
                 println!("demoted (forced): cold at epoch {}; the stream was NOT drained, the other copy may be behind", v["epoch"]);
             }
@@ -266,8 +279,13 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
         }
         Command::Verify { json } => {
             let config = load(&cli.config)?;
-            let answer = control::request(&config.agent.control_socket, "verify", replica::VERIFY_TIMEOUT)?;
-            let report: serde_json::Value = serde_json::from_str(&answer).context("the agent's answer is not JSON")?;
+            let answer = control::request(
+                &config.agent.control_socket,
+                "verify",
+                replica::VERIFY_TIMEOUT,
+            )?;
+            let report: serde_json::Value =
+                serde_json::from_str(&answer).context("the agent's answer is not JSON")?;
             let identical = report["identical"] == true;
             if *json {
                 println!("{answer}");

@@ -31,7 +31,11 @@ pub enum PagesError {
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PagesError + 'a {
-    move |source| PagesError::Io { op, path: path.to_owned(), source }
+    move |source| PagesError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// The truncated blake3 of one page.
@@ -70,7 +74,11 @@ impl FileState {
 pub fn hash_file(path: &Path, page_size: usize) -> Result<FileState, PagesError> {
     let file = File::open(path).map_err(io_err("cannot open", path))?;
     let meta = file.metadata().map_err(io_err("cannot inspect", path))?;
-    let mut state = FileState { len: 0, mode: meta.mode() & 0o7777, pages: Vec::with_capacity((meta.len() as usize).div_ceil(page_size)) };
+    let mut state = FileState {
+        len: 0,
+        mode: meta.mode() & 0o7777,
+        pages: Vec::with_capacity((meta.len() as usize).div_ceil(page_size)),
+    };
     let mut buf = vec![0u8; page_size * 256];
     let mut off = 0u64;
     loop {
@@ -142,7 +150,11 @@ pub fn index_tree(root: &Path, page_size: usize) -> Result<TreeIndex, PagesError
     let mut index = TreeIndex::default();
     let mut stack = vec![String::new()];
     while let Some(rel) = stack.pop() {
-        let dir = if rel.is_empty() { root.to_owned() } else { root.join(&rel) };
+        let dir = if rel.is_empty() {
+            root.to_owned()
+        } else {
+            root.join(&rel)
+        };
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound && !rel.is_empty() => continue,
@@ -155,9 +167,15 @@ pub fn index_tree(root: &Path, page_size: usize) -> Result<TreeIndex, PagesError
                 tracing::warn!(dir = %dir.display(), "skipping a file name that is not UTF-8");
                 continue;
             };
-            let child = if rel.is_empty() { name.to_owned() } else { format!("{rel}/{name}") };
+            let child = if rel.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{rel}/{name}")
+            };
             let path = root.join(&child);
-            let Ok(meta) = fs::symlink_metadata(&path) else { continue };
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                continue;
+            };
             if meta.is_dir() {
                 index.dirs.insert(child.clone(), meta.mode() & 0o7777);
                 stack.push(child);
@@ -166,7 +184,8 @@ pub fn index_tree(root: &Path, page_size: usize) -> Result<TreeIndex, PagesError
                     Ok(state) => {
                         index.files.insert(child, state);
                     }
-                    Err(PagesError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+                    Err(PagesError::Io { source, .. })
+                        if source.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => return Err(e),
                 }
             }
@@ -178,7 +197,12 @@ pub fn index_tree(root: &Path, page_size: usize) -> Result<TreeIndex, PagesError
 /// Checks a relative path received from the network: `/`-separated normal components only,
 /// no `..`, no `.`, no empty component, no NUL, not absolute. Returns it joined to `root`.
 pub fn confine(root: &Path, rel: &str) -> Result<PathBuf, PagesError> {
-    let bad = |reason| Err(PagesError::Unconfined { path: rel.to_owned(), reason });
+    let bad = |reason| {
+        Err(PagesError::Unconfined {
+            path: rel.to_owned(),
+            reason,
+        })
+    };
     if rel.is_empty() {
         return bad("empty path");
     }
@@ -196,7 +220,11 @@ pub fn confine(root: &Path, rel: &str) -> Result<PathBuf, PagesError> {
         }
     }
     let joined = root.join(rel);
-    if !joined.components().skip(root.components().count()).all(|c| matches!(c, Component::Normal(_))) {
+    if !joined
+        .components()
+        .skip(root.components().count())
+        .all(|c| matches!(c, Component::Normal(_)))
+    {
         return bad("not a plain relative path");
     }
     Ok(joined)
@@ -207,18 +235,30 @@ pub fn confine(root: &Path, rel: &str) -> Result<PathBuf, PagesError> {
 /// created as real directories).
 pub fn no_symlinks_below(root: &Path, path: &Path, rel: &str) -> Result<(), PagesError> {
     let mut cur = root.to_owned();
-    let parts: Vec<_> = path.strip_prefix(root).map(|p| p.components().collect()).unwrap_or_default();
+    let parts: Vec<_> = path
+        .strip_prefix(root)
+        .map(|p| p.components().collect())
+        .unwrap_or_default();
     for (i, part) in parts.iter().enumerate() {
         cur.push(part);
         match fs::symlink_metadata(&cur) {
             Ok(m) if m.file_type().is_symlink() => {
-                return Err(PagesError::Unconfined { path: rel.to_owned(), reason: "a component is a symlink" })
+                return Err(PagesError::Unconfined {
+                    path: rel.to_owned(),
+                    reason: "a component is a symlink",
+                })
             }
             Ok(m) if i + 1 < parts.len() && !m.is_dir() => {
-                return Err(PagesError::Unconfined { path: rel.to_owned(), reason: "a parent component is not a directory" })
+                return Err(PagesError::Unconfined {
+                    path: rel.to_owned(),
+                    reason: "a parent component is not a directory",
+                })
             }
             Ok(m) if i + 1 == parts.len() && !(m.is_dir() || m.is_file()) => {
-                return Err(PagesError::Unconfined { path: rel.to_owned(), reason: "the target is a device, socket or pipe" })
+                return Err(PagesError::Unconfined {
+                    path: rel.to_owned(),
+                    reason: "the target is a device, socket or pipe",
+                })
             }
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -232,7 +272,8 @@ pub fn no_symlinks_below(root: &Path, path: &Path, rel: &str) -> Result<(), Page
 pub fn set_mode(path: &Path, mode: u32) -> Result<(), PagesError> {
     let meta = fs::symlink_metadata(path).map_err(io_err("cannot inspect", path))?;
     if meta.mode() & 0o7777 != mode {
-        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err("cannot set mode of", path))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .map_err(io_err("cannot set mode of", path))?;
     }
     Ok(())
 }
@@ -245,8 +286,21 @@ mod tests {
     #[test]
     fn confinement_refuses_escapes() {
         let root = Path::new("/data");
-        assert_eq!(confine(root, "journal/a.amq").unwrap(), Path::new("/data/journal/a.amq"));
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a/.", "a\0b", "a/"] {
+        assert_eq!(
+            confine(root, "journal/a.amq").unwrap(),
+            Path::new("/data/journal/a.amq")
+        );
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a//b",
+            "./a",
+            "a/.",
+            "a\0b",
+            "a/",
+        ] {
             let err = confine(root, bad).unwrap_err().to_string();
             assert!(err.contains("refusing path"), "{bad:?}: {err}");
         }
@@ -261,13 +315,18 @@ mod tests {
         let ok = confine(root, "real/x").unwrap();
         no_symlinks_below(root, &ok, "real/x").unwrap();
         let p = confine(root, "evil/passwd").unwrap();
-        let err = no_symlinks_below(root, &p, "evil/passwd").unwrap_err().to_string();
+        let err = no_symlinks_below(root, &p, "evil/passwd")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("symlink"), "{err}");
         let c = std::ffi::CString::new(root.join("fifo").to_str().unwrap()).unwrap();
         // SAFETY: `c` is a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let p = confine(root, "fifo").unwrap();
-        assert!(no_symlinks_below(root, &p, "fifo").unwrap_err().to_string().contains("device, socket or pipe"));
+        assert!(no_symlinks_below(root, &p, "fifo")
+            .unwrap_err()
+            .to_string()
+            .contains("device, socket or pipe"));
     }
 
     #[test]

@@ -59,7 +59,12 @@ pub enum Op {
     SetFile { path: String, len: u64, mode: u32 },
     /// Write whole pages at `offset` (a multiple of the page size); `hashes` holds the full
     /// blake3 of each page of `data`, checked before anything is written.
-    Write { path: String, offset: u64, data: Vec<u8>, hashes: Vec<[u8; 32]> },
+    Write {
+        path: String,
+        offset: u64,
+        data: Vec<u8>,
+        hashes: Vec<[u8; 32]>,
+    },
     /// Rename a file or directory.
     Rename { from: String, to: String },
     /// Remove a file or a directory tree.
@@ -78,7 +83,12 @@ pub enum Frame {
     /// Connector: proof of the PSK.
     Proof { mac: [u8; 32] },
     /// Connector, once authenticated: its role (`hot`), epoch and holder id.
-    Intro { epoch: u64, hot: bool, node: String, page_size: u32 },
+    Intro {
+        epoch: u64,
+        hot: bool,
+        node: String,
+        page_size: u32,
+    },
     /// Acceptor: accepted; its own epoch.
     Welcome { epoch: u64 },
     /// Acceptor: refused (a stale epoch, two hot sides), with its epoch and why.
@@ -86,7 +96,12 @@ pub enum Frame {
     /// Cold: a directory of its tree.
     IndexDir { path: String, mode: u32 },
     /// Cold: a file of its tree with its page hashes.
-    IndexFile { path: String, len: u64, mode: u32, pages: Vec<PageHash> },
+    IndexFile {
+        path: String,
+        len: u64,
+        mode: u32,
+        pages: Vec<PageHash>,
+    },
     /// Cold: the index is complete.
     IndexEnd,
     /// Hot: changes to apply in order, then fsync, then ack `seq`.
@@ -96,7 +111,11 @@ pub enum Frame {
     /// Cold: batch `seq` was rejected (failed a check) and dropped with all after it: resend.
     Nack { seq: u64, reason: String },
     /// Cold: the tree digest at a barrier.
-    Digest { id: u64, root: [u8; 32], files: Vec<(String, [u8; 32])> },
+    Digest {
+        id: u64,
+        root: [u8; 32],
+        files: Vec<(String, [u8; 32])>,
+    },
     /// Hot: everything up to `seq` was sent and acked, and the hot is going away cleanly.
     Drained { seq: u64 },
     /// Either: still here.
@@ -140,7 +159,10 @@ struct Dec<'a> {
 impl<'a> Dec<'a> {
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], ProtoError> {
         if self.buf.len() - self.pos < n {
-            return Err(ProtoError::Malformed(format!("{what}: needs {n} bytes, {} left", self.buf.len() - self.pos)));
+            return Err(ProtoError::Malformed(format!(
+                "{what}: needs {n} bytes, {} left",
+                self.buf.len() - self.pos
+            )));
         }
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;
@@ -150,13 +172,19 @@ impl<'a> Dec<'a> {
         Ok(self.take(1, what)?[0])
     }
     fn u16(&mut self, what: &str) -> Result<u16, ProtoError> {
-        Ok(u16::from_le_bytes(self.take(2, what)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.take(2, what)?.try_into().expect("2 bytes"),
+        ))
     }
     fn u32(&mut self, what: &str) -> Result<u32, ProtoError> {
-        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self, what: &str) -> Result<u64, ProtoError> {
-        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8, what)?.try_into().expect("8 bytes"),
+        ))
     }
     fn arr<const N: usize>(&mut self, what: &str) -> Result<[u8; N], ProtoError> {
         Ok(self.take(N, what)?.try_into().expect("N bytes"))
@@ -168,21 +196,30 @@ impl<'a> Dec<'a> {
     fn str(&mut self, what: &str) -> Result<String, ProtoError> {
         let b = self.bytes(what)?;
         if b.len() > MAX_PATH_BYTES {
-            return Err(ProtoError::Malformed(format!("{what}: {} bytes is longer than {MAX_PATH_BYTES}", b.len())));
+            return Err(ProtoError::Malformed(format!(
+                "{what}: {} bytes is longer than {MAX_PATH_BYTES}",
+                b.len()
+            )));
         }
-        String::from_utf8(b.to_vec()).map_err(|_| ProtoError::Malformed(format!("{what}: not UTF-8")))
+        String::from_utf8(b.to_vec())
+            .map_err(|_| ProtoError::Malformed(format!("{what}: not UTF-8")))
     }
     /// A count of items that each take at least `min_bytes`, checked against what is left.
     fn count(&mut self, what: &str, min_bytes: usize) -> Result<usize, ProtoError> {
         let n = self.u32(what)? as usize;
         if n.saturating_mul(min_bytes.max(1)) > self.buf.len() - self.pos {
-            return Err(ProtoError::Malformed(format!("{what}: {n} items cannot fit in what is left of the frame")));
+            return Err(ProtoError::Malformed(format!(
+                "{what}: {n} items cannot fit in what is left of the frame"
+            )));
         }
         Ok(n)
     }
     fn end(&self) -> Result<(), ProtoError> {
         if self.pos != self.buf.len() {
-            return Err(ProtoError::Malformed(format!("{} trailing bytes", self.buf.len() - self.pos)));
+            return Err(ProtoError::Malformed(format!(
+                "{} trailing bytes",
+                self.buf.len() - self.pos
+            )));
         }
         Ok(())
     }
@@ -202,7 +239,12 @@ impl Op {
                 e.u64(*len);
                 e.u32(*mode);
             }
-            Op::Write { path, offset, data, hashes } => {
+            Op::Write {
+                path,
+                offset,
+                data,
+                hashes,
+            } => {
                 e.u8(3);
                 e.str(path);
                 e.u64(*offset);
@@ -230,19 +272,40 @@ impl Op {
 
     fn decode(d: &mut Dec<'_>) -> Result<Op, ProtoError> {
         Ok(match d.u8("op type")? {
-            1 => Op::Mkdir { path: d.str("mkdir path")?, mode: d.u32("mkdir mode")? },
-            2 => Op::SetFile { path: d.str("setfile path")?, len: d.u64("setfile len")?, mode: d.u32("setfile mode")? },
+            1 => Op::Mkdir {
+                path: d.str("mkdir path")?,
+                mode: d.u32("mkdir mode")?,
+            },
+            2 => Op::SetFile {
+                path: d.str("setfile path")?,
+                len: d.u64("setfile len")?,
+                mode: d.u32("setfile mode")?,
+            },
             3 => {
                 let path = d.str("write path")?;
                 let offset = d.u64("write offset")?;
                 let data = d.bytes("write data")?.to_vec();
                 let n = d.count("write hashes", 32)?;
-                let hashes = (0..n).map(|_| d.arr::<32>("write hash")).collect::<Result<_, _>>()?;
-                Op::Write { path, offset, data, hashes }
+                let hashes = (0..n)
+                    .map(|_| d.arr::<32>("write hash"))
+                    .collect::<Result<_, _>>()?;
+                Op::Write {
+                    path,
+                    offset,
+                    data,
+                    hashes,
+                }
             }
-            4 => Op::Rename { from: d.str("rename from")?, to: d.str("rename to")? },
-            5 => Op::Remove { path: d.str("remove path")? },
-            6 => Op::Barrier { id: d.u64("barrier id")? },
+            4 => Op::Rename {
+                from: d.str("rename from")?,
+                to: d.str("rename to")?,
+            },
+            5 => Op::Remove {
+                path: d.str("remove path")?,
+            },
+            6 => Op::Barrier {
+                id: d.u64("barrier id")?,
+            },
             t => return Err(ProtoError::Malformed(format!("unknown op type {t}"))),
         })
     }
@@ -275,7 +338,12 @@ impl Frame {
                 e.u8(3);
                 e.arr(mac);
             }
-            Frame::Intro { epoch, hot, node, page_size } => {
+            Frame::Intro {
+                epoch,
+                hot,
+                node,
+                page_size,
+            } => {
                 e.u8(4);
                 e.u64(*epoch);
                 e.u8(u8::from(*hot));
@@ -296,7 +364,12 @@ impl Frame {
                 e.str(path);
                 e.u32(*mode);
             }
-            Frame::IndexFile { path, len, mode, pages } => {
+            Frame::IndexFile {
+                path,
+                len,
+                mode,
+                pages,
+            } => {
                 e.u8(8);
                 e.str(path);
                 e.u64(*len);
@@ -346,35 +419,68 @@ impl Frame {
     pub fn decode(body: &[u8]) -> Result<Frame, ProtoError> {
         let mut d = Dec { buf: body, pos: 0 };
         let frame = match d.u8("frame type")? {
-            1 => Frame::Hello { version: d.u16("version")?, nonce: d.arr("nonce")? },
-            2 => Frame::Challenge { nonce: d.arr("nonce")?, mac: d.arr("mac")? },
+            1 => Frame::Hello {
+                version: d.u16("version")?,
+                nonce: d.arr("nonce")?,
+            },
+            2 => Frame::Challenge {
+                nonce: d.arr("nonce")?,
+                mac: d.arr("mac")?,
+            },
             3 => Frame::Proof { mac: d.arr("mac")? },
-            4 => Frame::Intro { epoch: d.u64("epoch")?, hot: d.u8("role")? != 0, node: d.str("node")?, page_size: d.u32("page size")? },
-            5 => Frame::Welcome { epoch: d.u64("epoch")? },
-            6 => Frame::Reject { epoch: d.u64("epoch")?, reason: d.str("reason")? },
-            7 => Frame::IndexDir { path: d.str("dir path")?, mode: d.u32("dir mode")? },
+            4 => Frame::Intro {
+                epoch: d.u64("epoch")?,
+                hot: d.u8("role")? != 0,
+                node: d.str("node")?,
+                page_size: d.u32("page size")?,
+            },
+            5 => Frame::Welcome {
+                epoch: d.u64("epoch")?,
+            },
+            6 => Frame::Reject {
+                epoch: d.u64("epoch")?,
+                reason: d.str("reason")?,
+            },
+            7 => Frame::IndexDir {
+                path: d.str("dir path")?,
+                mode: d.u32("dir mode")?,
+            },
             8 => {
                 let path = d.str("file path")?;
                 let len = d.u64("file len")?;
                 let mode = d.u32("file mode")?;
                 let n = d.count("page hashes", 16)?;
-                let pages = (0..n).map(|_| d.arr::<16>("page hash")).collect::<Result<_, _>>()?;
-                Frame::IndexFile { path, len, mode, pages }
+                let pages = (0..n)
+                    .map(|_| d.arr::<16>("page hash"))
+                    .collect::<Result<_, _>>()?;
+                Frame::IndexFile {
+                    path,
+                    len,
+                    mode,
+                    pages,
+                }
             }
             9 => Frame::IndexEnd,
             10 => {
                 let seq = d.u64("seq")?;
                 let n = d.count("ops", 9)?;
-                let ops = (0..n).map(|_| Op::decode(&mut d)).collect::<Result<_, _>>()?;
+                let ops = (0..n)
+                    .map(|_| Op::decode(&mut d))
+                    .collect::<Result<_, _>>()?;
                 Frame::Batch { seq, ops }
             }
             11 => Frame::Ack { seq: d.u64("seq")? },
-            12 => Frame::Nack { seq: d.u64("seq")?, reason: d.str("reason")? },
+            12 => Frame::Nack {
+                seq: d.u64("seq")?,
+                reason: d.str("reason")?,
+            },
             13 => {
                 let id = d.u64("id")?;
                 let root = d.arr("root")?;
                 let n = d.count("digests", 36)?;
-                let files = (0..n).map(|_| Ok((d.str("path")?, d.arr::<32>("digest")?))).collect::<Result<_, ProtoError>>()?;
+                let files = (0..n)
+                    .map(|_| Ok((d.str("path")?, d.arr::<32>("digest")?)))
+                    .collect::<Result<_, ProtoError>>()?;
                 Frame::Digest { id, root, files }
             }
             14 => Frame::Drained { seq: d.u64("seq")? },
@@ -402,13 +508,19 @@ impl Psk {
     /// Parses hex text (white space ignored); at least 16 bytes of key material.
     pub fn from_hex(text: &str) -> Result<Psk, String> {
         let hex: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-        if hex.len() % 2 != 0 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        if !hex.len().is_multiple_of(2) || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err("is not hex text".into());
         }
         if hex.len() < 32 {
-            return Err(format!("holds {} bytes; at least 16 are needed", hex.len() / 2));
+            return Err(format!(
+                "holds {} bytes; at least 16 are needed",
+                hex.len() / 2
+            ));
         }
-        let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex")).collect();
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
         Ok(Psk(blake3::derive_key(PSK_CONTEXT, &bytes)))
     }
 
@@ -459,7 +571,11 @@ pub struct FrameMac {
 impl FrameMac {
     /// Frames sent by the connector use direction 0, by the acceptor 1.
     pub fn new(session: [u8; 32], direction: u8) -> Self {
-        FrameMac { key: session, direction, seq: 0 }
+        FrameMac {
+            key: session,
+            direction,
+            seq: 0,
+        }
     }
 
     fn tag(&self, body: &[u8]) -> [u8; MAC_BYTES] {
@@ -488,7 +604,12 @@ pub struct FrameWriter<W> {
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// A writer without MAC (until [`FrameWriter::set_mac`]).
     pub fn new(inner: W) -> Self {
-        FrameWriter { inner, buf: Vec::with_capacity(1 << 20), mac: None, bytes: 0 }
+        FrameWriter {
+            inner,
+            buf: Vec::with_capacity(1 << 20),
+            mac: None,
+            bytes: 0,
+        }
     }
 
     /// From now on, every frame carries a MAC.
@@ -541,7 +662,12 @@ pub struct FrameReader<R> {
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// A reader without MAC (until [`FrameReader::set_mac`]).
     pub fn new(inner: R) -> Self {
-        FrameReader { inner, buf: Vec::new(), mac: None, bytes: 0 }
+        FrameReader {
+            inner,
+            buf: Vec::new(),
+            mac: None,
+            bytes: 0,
+        }
     }
 
     /// From now on, every frame must carry a valid MAC.
@@ -599,29 +725,73 @@ mod tests {
     fn every_frame_round_trips() {
         let data = vec![7u8; 8192];
         let frames = vec![
-            Frame::Hello { version: VERSION, nonce: [1; 32] },
-            Frame::Challenge { nonce: [2; 32], mac: [3; 32] },
+            Frame::Hello {
+                version: VERSION,
+                nonce: [1; 32],
+            },
+            Frame::Challenge {
+                nonce: [2; 32],
+                mac: [3; 32],
+            },
             Frame::Proof { mac: [4; 32] },
-            Frame::Intro { epoch: 9, hot: true, node: "vm1:/opt/corda".into(), page_size: 4096 },
+            Frame::Intro {
+                epoch: 9,
+                hot: true,
+                node: "vm1:/opt/corda".into(),
+                page_size: 4096,
+            },
             Frame::Welcome { epoch: 9 },
-            Frame::Reject { epoch: 10, reason: "stale".into() },
-            Frame::IndexDir { path: "journal".into(), mode: 0o755 },
-            Frame::IndexFile { path: "journal/a".into(), len: 5, mode: 0o644, pages: vec![[9; 16]] },
+            Frame::Reject {
+                epoch: 10,
+                reason: "stale".into(),
+            },
+            Frame::IndexDir {
+                path: "journal".into(),
+                mode: 0o755,
+            },
+            Frame::IndexFile {
+                path: "journal/a".into(),
+                len: 5,
+                mode: 0o644,
+                pages: vec![[9; 16]],
+            },
             Frame::IndexEnd,
             Frame::Batch {
                 seq: 3,
                 ops: vec![
-                    Op::Mkdir { path: "d".into(), mode: 0o700 },
-                    Op::SetFile { path: "d/f".into(), len: 8192, mode: 0o600 },
-                    Op::Write { path: "d/f".into(), offset: 0, hashes: vec![*blake3::hash(&data[..4096]).as_bytes(); 2], data: data.clone() },
-                    Op::Rename { from: "d/f".into(), to: "d/g".into() },
+                    Op::Mkdir {
+                        path: "d".into(),
+                        mode: 0o700,
+                    },
+                    Op::SetFile {
+                        path: "d/f".into(),
+                        len: 8192,
+                        mode: 0o600,
+                    },
+                    Op::Write {
+                        path: "d/f".into(),
+                        offset: 0,
+                        hashes: vec![*blake3::hash(&data[..4096]).as_bytes(); 2],
+                        data: data.clone(),
+                    },
+                    Op::Rename {
+                        from: "d/f".into(),
+                        to: "d/g".into(),
+                    },
                     Op::Remove { path: "d".into() },
                     Op::Barrier { id: 1 },
                 ],
             },
             Frame::Ack { seq: 3 },
-            Frame::Nack { seq: 4, reason: "bad page".into() },
-            Frame::Digest { id: 1, root: [5; 32], files: vec![("a".into(), [6; 32])] },
+            Frame::Nack {
+                seq: 4,
+                reason: "bad page".into(),
+            },
+            Frame::Digest {
+                id: 1,
+                root: [5; 32],
+                files: vec![("a".into(), [6; 32])],
+            },
             Frame::Drained { seq: 3 },
             Frame::Heartbeat,
         ];
@@ -636,10 +806,16 @@ mod tests {
         let mut body = vec![10];
         body.extend_from_slice(&1u64.to_le_bytes());
         body.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(Frame::decode(&body), Err(ProtoError::Malformed(m)) if m.contains("cannot fit")));
+        assert!(
+            matches!(Frame::decode(&body), Err(ProtoError::Malformed(m)) if m.contains("cannot fit"))
+        );
         // a path longer than allowed
         let mut out = Vec::new();
-        Frame::IndexDir { path: "a".repeat(MAX_PATH_BYTES + 1), mode: 0 }.encode(&mut out);
+        Frame::IndexDir {
+            path: "a".repeat(MAX_PATH_BYTES + 1),
+            mode: 0,
+        }
+        .encode(&mut out);
         assert!(Frame::decode(&out).is_err());
         // trailing garbage
         let mut out = Vec::new();
@@ -678,8 +854,14 @@ mod tests {
         assert!(Psk::from_hex("abcd").unwrap_err().contains("at least 16"));
         let a = Psk::from_hex(&"01".repeat(32)).unwrap();
         let b = Psk::from_hex(&"02".repeat(32)).unwrap();
-        assert_ne!(a.server_proof(&[0; 32], &[1; 32]), b.server_proof(&[0; 32], &[1; 32]));
-        assert_ne!(a.server_proof(&[0; 32], &[1; 32]), a.client_proof(&[0; 32], &[1; 32]));
+        assert_ne!(
+            a.server_proof(&[0; 32], &[1; 32]),
+            b.server_proof(&[0; 32], &[1; 32])
+        );
+        assert_ne!(
+            a.server_proof(&[0; 32], &[1; 32]),
+            a.client_proof(&[0; 32], &[1; 32])
+        );
         assert!(mac_eq(&[1, 2], &[1, 2]) && !mac_eq(&[1, 2], &[1, 3]));
     }
 

@@ -73,7 +73,10 @@ pub struct ReceiverStats {
 }
 
 fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// What the receiver needs.
@@ -91,7 +94,10 @@ pub struct ReceiverConfig {
 
 impl std::fmt::Debug for ReceiverConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReceiverConfig").field("root", &self.root).field("page_size", &self.page_size).finish()
+        f.debug_struct("ReceiverConfig")
+            .field("root", &self.root)
+            .field("page_size", &self.page_size)
+            .finish()
     }
 }
 
@@ -99,14 +105,25 @@ impl std::fmt::Debug for ReceiverConfig {
 
 enum Job {
     Index(oneshot::Sender<Result<TreeIndex, PagesError>>),
-    Batch { seq: u64, ops: Vec<Op>, reply: mpsc::UnboundedSender<Applied> },
+    Batch {
+        seq: u64,
+        ops: Vec<Op>,
+        reply: mpsc::UnboundedSender<Applied>,
+    },
 }
+
+/// The digest of the tree at a barrier: its id, the root, and each file's digest.
+pub type BarrierDigest = (u64, [u8; 32], Vec<(String, [u8; 32])>);
 
 /// The outcome of one batch.
 #[derive(Debug)]
 pub enum Applied {
     /// Durable; page bytes written, and the digests of any barriers in it.
-    Done { seq: u64, bytes: u64, digests: Vec<(u64, [u8; 32], Vec<(String, [u8; 32])>)> },
+    Done {
+        seq: u64,
+        bytes: u64,
+        digests: Vec<BarrierDigest>,
+    },
     /// Not the next batch (a duplicate, or one after a rejected batch): ignored.
     Skipped { seq: u64 },
     /// Failed a check before anything was written: resend it.
@@ -116,7 +133,7 @@ pub enum Applied {
 }
 
 /// Applies batches to the data directory, in order.
-struct Applier {
+pub(crate) struct Applier {
     root: PathBuf,
     page_size: usize,
     files: HashMap<String, File>,
@@ -124,6 +141,16 @@ struct Applier {
 }
 
 impl Applier {
+    /// An applier for `root`, expecting batch 1 first.
+    pub(crate) fn new(root: &Path, page_size: usize) -> Self {
+        Applier {
+            root: root.to_owned(),
+            page_size,
+            files: HashMap::new(),
+            expected: 1,
+        }
+    }
+
     fn run(mut self, jobs: crossbeam_channel::Receiver<Job>) {
         for job in jobs.iter() {
             match job {
@@ -139,7 +166,7 @@ impl Applier {
         }
     }
 
-    fn batch(&mut self, seq: u64, ops: Vec<Op>) -> Applied {
+    pub(crate) fn batch(&mut self, seq: u64, ops: Vec<Op>) -> Applied {
         if seq != self.expected {
             return Applied::Skipped { seq };
         }
@@ -150,11 +177,18 @@ impl Applier {
         match self.apply(ops) {
             Ok(digests) => {
                 self.expected += 1;
-                Applied::Done { seq, bytes, digests }
+                Applied::Done {
+                    seq,
+                    bytes,
+                    digests,
+                }
             }
             Err(e) => {
                 self.files.clear();
-                Applied::Failed { seq, reason: crate::error_chain(&e) }
+                Applied::Failed {
+                    seq,
+                    reason: crate::error_chain(&e),
+                }
             }
         }
     }
@@ -163,7 +197,9 @@ impl Applier {
         let ps = self.page_size;
         for op in ops {
             let paths: Vec<&str> = match op {
-                Op::Mkdir { path, .. } | Op::SetFile { path, .. } | Op::Remove { path } => vec![path],
+                Op::Mkdir { path, .. } | Op::SetFile { path, .. } | Op::Remove { path } => {
+                    vec![path]
+                }
                 Op::Write { path, .. } => vec![path],
                 Op::Rename { from, to } => vec![from, to],
                 Op::Barrier { .. } => vec![],
@@ -172,13 +208,24 @@ impl Applier {
                 let full = confine(&self.root, p).map_err(|e| e.to_string())?;
                 no_symlinks_below(&self.root, &full, p).map_err(|e| e.to_string())?;
             }
-            if let Op::Write { path, offset, data, hashes } = op {
+            if let Op::Write {
+                path,
+                offset,
+                data,
+                hashes,
+            } = op
+            {
                 if offset % ps as u64 != 0 || data.len().div_ceil(ps) != hashes.len() {
-                    return Err(format!("write to {path:?} at {offset}: not whole pages with one hash each"));
+                    return Err(format!(
+                        "write to {path:?} at {offset}: not whole pages with one hash each"
+                    ));
                 }
                 for (i, (page, want)) in data.chunks(ps).zip(hashes).enumerate() {
                     if blake3::hash(page).as_bytes() != want {
-                        return Err(format!("page at offset {} of {path:?} failed its blake3 check", offset + (i * ps) as u64));
+                        return Err(format!(
+                            "page at offset {} of {path:?} failed its blake3 check",
+                            offset + (i * ps) as u64
+                        ));
                     }
                 }
             }
@@ -198,7 +245,11 @@ impl Applier {
                 .truncate(false)
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
-                .map_err(|source| PagesError::Io { op: "cannot open", path: path.clone(), source })?;
+                .map_err(|source| PagesError::Io {
+                    op: "cannot open",
+                    path: path.clone(),
+                    source,
+                })?;
             self.files.insert(rel.to_owned(), f);
         }
         Ok(&self.files[rel])
@@ -206,11 +257,11 @@ impl Applier {
 
     fn forget(&mut self, rel: &str) {
         let prefix = format!("{rel}/");
-        self.files.retain(|k, _| k != rel && !k.starts_with(&prefix));
+        self.files
+            .retain(|k, _| k != rel && !k.starts_with(&prefix));
     }
 
-    #[allow(clippy::type_complexity)]
-    fn apply(&mut self, ops: Vec<Op>) -> Result<Vec<(u64, [u8; 32], Vec<(String, [u8; 32])>)>, PagesError> {
+    fn apply(&mut self, ops: Vec<Op>) -> Result<Vec<BarrierDigest>, PagesError> {
         let io = |op: &'static str, path: &Path| {
             let path = path.to_owned();
             move |source: io::Error| PagesError::Io { op, path, source }
@@ -245,24 +296,29 @@ impl Applier {
                         dirty_dirs.insert(full.parent().unwrap_or(&self.root).to_owned());
                     }
                 }
-                Op::Write { path, offset, data, .. } => {
+                Op::Write {
+                    path, offset, data, ..
+                } => {
                     let full = self.root.join(&path);
                     let f = self.open(&path, true)?;
-                    f.write_all_at(&data, offset).map_err(io("cannot write", &full))?;
+                    f.write_all_at(&data, offset)
+                        .map_err(io("cannot write", &full))?;
                     dirty_files.insert(path);
                 }
                 Op::Rename { from, to } => {
                     // durability of the data before the name: sync what the batch wrote so far
                     for p in dirty_files.drain() {
                         if let Some(f) = self.files.get(&p) {
-                            f.sync_data().map_err(io("cannot fsync", &self.root.join(&p)))?;
+                            f.sync_data()
+                                .map_err(io("cannot fsync", &self.root.join(&p)))?;
                         }
                     }
                     let (a, b) = (self.root.join(&from), self.root.join(&to));
                     self.forget(&from);
                     self.forget(&to);
                     if let Some(parent) = b.parent() {
-                        fs::create_dir_all(parent).map_err(io("cannot create directory", parent))?;
+                        fs::create_dir_all(parent)
+                            .map_err(io("cannot create directory", parent))?;
                     }
                     fs::rename(&a, &b).map_err(io("cannot rename", &a))?;
                     dirty_dirs.insert(a.parent().unwrap_or(&self.root).to_owned());
@@ -272,7 +328,9 @@ impl Applier {
                     let full = self.root.join(&path);
                     self.forget(&path);
                     match fs::symlink_metadata(&full) {
-                        Ok(m) if m.is_dir() => fs::remove_dir_all(&full).map_err(io("cannot remove", &full))?,
+                        Ok(m) if m.is_dir() => {
+                            fs::remove_dir_all(&full).map_err(io("cannot remove", &full))?
+                        }
                         Ok(_) => fs::remove_file(&full).map_err(io("cannot remove", &full))?,
                         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                         Err(e) => return Err(io("cannot inspect", &full)(e)),
@@ -290,15 +348,27 @@ impl Applier {
         Ok(digests)
     }
 
-    fn sync(&mut self, files: &mut HashSet<String>, dirs: &mut HashSet<PathBuf>) -> Result<(), PagesError> {
+    fn sync(
+        &mut self,
+        files: &mut HashSet<String>,
+        dirs: &mut HashSet<PathBuf>,
+    ) -> Result<(), PagesError> {
         for p in files.drain() {
             if let Some(f) = self.files.get(&p) {
-                f.sync_data().map_err(|source| PagesError::Io { op: "cannot fsync", path: self.root.join(&p), source })?;
+                f.sync_data().map_err(|source| PagesError::Io {
+                    op: "cannot fsync",
+                    path: self.root.join(&p),
+                    source,
+                })?;
             }
         }
         for d in dirs.drain() {
             if let Ok(dir) = File::open(&d) {
-                dir.sync_all().map_err(|source| PagesError::Io { op: "cannot fsync directory", path: d.clone(), source })?;
+                dir.sync_all().map_err(|source| PagesError::Io {
+                    op: "cannot fsync directory",
+                    path: d.clone(),
+                    source,
+                })?;
             }
         }
         Ok(())
@@ -323,14 +393,24 @@ impl ReceiverHandle {
 }
 
 /// Serves hot sides on `listener` until stopped.
-pub fn start(cfg: ReceiverConfig, listener: TcpListener, rt: &tokio::runtime::Handle) -> ReceiverHandle {
+pub fn start(
+    cfg: ReceiverConfig,
+    listener: TcpListener,
+    rt: &tokio::runtime::Handle,
+) -> ReceiverHandle {
     let stats = Arc::new(ReceiverStats::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(APPLY_QUEUE);
-    let applier = Applier { root: cfg.root.clone(), page_size: cfg.page_size, files: HashMap::new(), expected: 1 };
-    std::thread::Builder::new().name("apply".into()).spawn(move || applier.run(jobs_rx)).expect("spawn the apply thread");
+    let applier = Applier::new(&cfg.root, cfg.page_size);
+    std::thread::Builder::new()
+        .name("apply".into())
+        .spawn(move || applier.run(jobs_rx))
+        .expect("spawn the apply thread");
     rt.spawn(accept_loop(cfg, listener, jobs_tx, stats.clone(), stop_rx));
-    ReceiverHandle { stats, stop: stop_tx }
+    ReceiverHandle {
+        stats,
+        stop: stop_tx,
+    }
 }
 
 async fn accept_loop(
@@ -357,7 +437,10 @@ async fn accept_loop(
         let previous = current.take();
         current = Some(tokio::spawn(async move {
             // authenticate before touching the previous stream: a stranger cannot cut it off
-            let Some((reader, writer, epoch, node)) = admit(&cfg, stream, peer, &stats).await else { return };
+            let Some((reader, writer, epoch, node)) = admit(&cfg, stream, peer, &stats).await
+            else {
+                return;
+            };
             if let Some(p) = previous {
                 p.abort();
             }
@@ -370,7 +453,9 @@ async fn accept_loop(
             let result = stream_in(reader, writer, &jobs, &stats, &*cfg.gate, epoch).await;
             stats.connected.store(false, Ordering::Relaxed);
             match result {
-                Ok(()) => tracing::info!(%peer, drained = stats.drained.load(Ordering::Relaxed), "hot side went away"),
+                Ok(()) => {
+                    tracing::info!(%peer, drained = stats.drained.load(Ordering::Relaxed), "hot side went away")
+                }
                 Err(e) => tracing::warn!(%peer, "replication stream: {}", crate::error_chain(&e)),
             }
         }));
@@ -381,7 +466,12 @@ type Reader = FrameReader<tokio::net::tcp::OwnedReadHalf>;
 type Writer = FrameWriter<tokio::io::BufWriter<tokio::net::tcp::OwnedWriteHalf>>;
 
 /// Handshake, epoch check and welcome; `None` (logged) when the peer is refused.
-async fn admit(cfg: &ReceiverConfig, stream: TcpStream, peer: SocketAddr, stats: &ReceiverStats) -> Option<(Reader, Writer, u64, String)> {
+async fn admit(
+    cfg: &ReceiverConfig,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stats: &ReceiverStats,
+) -> Option<(Reader, Writer, u64, String)> {
     let _ = stream.set_nodelay(true);
     let (r, w) = stream.into_split();
     let mut reader = FrameReader::new(r);
@@ -393,7 +483,12 @@ async fn admit(cfg: &ReceiverConfig, stream: TcpStream, peer: SocketAddr, stats:
     }
     let intro = tokio::time::timeout(IDLE_TIMEOUT, reader.recv()).await;
     let (epoch, node, page_size) = match intro {
-        Ok(Ok(Frame::Intro { epoch, hot: true, node, page_size })) => (epoch, node, page_size),
+        Ok(Ok(Frame::Intro {
+            epoch,
+            hot: true,
+            node,
+            page_size,
+        })) => (epoch, node, page_size),
         other => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, "refused a replication peer: expected its introduction, got {other:?}");
@@ -402,9 +497,17 @@ async fn admit(cfg: &ReceiverConfig, stream: TcpStream, peer: SocketAddr, stats:
     };
     let refuse = |reason: String, our: u64| Frame::Reject { epoch: our, reason };
     let answer = if page_size as usize != cfg.page_size {
-        Err(refuse(format!("page_size {page_size} differs from ours ({})", cfg.page_size), 0))
+        Err(refuse(
+            format!(
+                "page_size {page_size} differs from ours ({})",
+                cfg.page_size
+            ),
+            0,
+        ))
     } else {
-        cfg.gate.admit(epoch, &node).map_err(|(our, why)| refuse(why, our))
+        cfg.gate
+            .admit(epoch, &node)
+            .map_err(|(our, why)| refuse(why, our))
     };
     match answer {
         Ok(our) => {
@@ -451,13 +554,29 @@ async fn stream_in(
 ) -> Result<(), ReceiveError> {
     // our index first: the hot side diffs against it
     let (tx, rx) = oneshot::channel();
-    jobs.send(Job::Index(tx)).map_err(|_| ReceiveError::ApplyGone)?;
-    let index = rx.await.map_err(|_| ReceiveError::ApplyGone)?.map_err(ReceiveError::Index)?;
+    jobs.send(Job::Index(tx))
+        .map_err(|_| ReceiveError::ApplyGone)?;
+    let index = rx
+        .await
+        .map_err(|_| ReceiveError::ApplyGone)?
+        .map_err(ReceiveError::Index)?;
     for (path, mode) in &index.dirs {
-        writer.send(&Frame::IndexDir { path: path.clone(), mode: *mode }).await?;
+        writer
+            .send(&Frame::IndexDir {
+                path: path.clone(),
+                mode: *mode,
+            })
+            .await?;
     }
     for (path, f) in index.files {
-        writer.send(&Frame::IndexFile { path, len: f.len, mode: f.mode, pages: f.pages }).await?;
+        writer
+            .send(&Frame::IndexFile {
+                path,
+                len: f.len,
+                mode: f.mode,
+                pages: f.pages,
+            })
+            .await?;
     }
     writer.send(&Frame::IndexEnd).await?;
     writer.flush().await?;
@@ -554,12 +673,20 @@ mod tests {
     use super::*;
 
     fn applier(root: &Path) -> Applier {
-        Applier { root: root.to_owned(), page_size: 4096, files: HashMap::new(), expected: 1 }
+        Applier::new(root, 4096)
     }
 
     fn write(path: &str, offset: u64, data: Vec<u8>) -> Op {
-        let hashes = data.chunks(4096).map(|p| *blake3::hash(p).as_bytes()).collect();
-        Op::Write { path: path.into(), offset, data, hashes }
+        let hashes = data
+            .chunks(4096)
+            .map(|p| *blake3::hash(p).as_bytes())
+            .collect();
+        Op::Write {
+            path: path.into(),
+            offset,
+            data,
+            hashes,
+        }
     }
 
     #[test]
@@ -567,17 +694,38 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut a = applier(dir.path());
         let ops = vec![
-            Op::Mkdir { path: "journal".into(), mode: 0o750 },
-            Op::SetFile { path: "journal/a.tmp".into(), len: 8192, mode: 0o600 },
+            Op::Mkdir {
+                path: "journal".into(),
+                mode: 0o750,
+            },
+            Op::SetFile {
+                path: "journal/a.tmp".into(),
+                len: 8192,
+                mode: 0o600,
+            },
             write("journal/a.tmp", 4096, vec![7; 4096]),
-            Op::Rename { from: "journal/a.tmp".into(), to: "journal/a".into() },
+            Op::Rename {
+                from: "journal/a.tmp".into(),
+                to: "journal/a".into(),
+            },
         ];
-        assert!(matches!(a.batch(2, ops.clone()), Applied::Skipped { seq: 2 }));
+        assert!(matches!(
+            a.batch(2, ops.clone()),
+            Applied::Skipped { seq: 2 }
+        ));
         assert!(matches!(a.batch(1, ops), Applied::Done { seq: 1, .. }));
         let data = fs::read(dir.path().join("journal/a")).unwrap();
         assert_eq!(data.len(), 8192);
         assert!(data[..4096].iter().all(|b| *b == 0) && data[4096..].iter().all(|b| *b == 7));
-        assert!(matches!(a.batch(2, vec![Op::Remove { path: "journal".into() }]), Applied::Done { .. }));
+        assert!(matches!(
+            a.batch(
+                2,
+                vec![Op::Remove {
+                    path: "journal".into()
+                }]
+            ),
+            Applied::Done { .. }
+        ));
         assert!(!dir.path().join("journal").exists());
     }
 
@@ -589,9 +737,21 @@ mod tests {
         if let Op::Write { data, .. } = &mut bad {
             data[5000] ^= 1;
         }
-        let ops = vec![Op::SetFile { path: "f".into(), len: 8192, mode: 0o644 }, bad];
-        let Applied::Rejected { reason, .. } = a.batch(1, ops) else { panic!() };
-        assert!(reason.contains("offset 4096") && reason.contains("blake3"), "{reason}");
+        let ops = vec![
+            Op::SetFile {
+                path: "f".into(),
+                len: 8192,
+                mode: 0o644,
+            },
+            bad,
+        ];
+        let Applied::Rejected { reason, .. } = a.batch(1, ops) else {
+            panic!()
+        };
+        assert!(
+            reason.contains("offset 4096") && reason.contains("blake3"),
+            "{reason}"
+        );
         assert!(!dir.path().join("f").exists(), "nothing was written");
         assert_eq!(a.expected, 1);
     }
@@ -604,13 +764,30 @@ mod tests {
         std::os::unix::fs::symlink(dir.path(), root.join("up")).unwrap();
         let mut a = applier(&root);
         for op in [
-            Op::SetFile { path: "../escape".into(), len: 1, mode: 0o644 },
-            Op::SetFile { path: "/etc/x".into(), len: 1, mode: 0o644 },
-            Op::SetFile { path: "up/escape".into(), len: 1, mode: 0o644 },
-            Op::Rename { from: "a".into(), to: "../b".into() },
+            Op::SetFile {
+                path: "../escape".into(),
+                len: 1,
+                mode: 0o644,
+            },
+            Op::SetFile {
+                path: "/etc/x".into(),
+                len: 1,
+                mode: 0o644,
+            },
+            Op::SetFile {
+                path: "up/escape".into(),
+                len: 1,
+                mode: 0o644,
+            },
+            Op::Rename {
+                from: "a".into(),
+                to: "../b".into(),
+            },
             write("up/x", 0, vec![0; 4096]),
         ] {
-            let Applied::Rejected { reason, .. } = a.batch(1, vec![op.clone()]) else { panic!("{op:?} was not rejected") };
+            let Applied::Rejected { reason, .. } = a.batch(1, vec![op.clone()]) else {
+                panic!("{op:?} was not rejected")
+            };
             assert!(reason.contains("refusing path"), "{reason}");
         }
         assert!(!dir.path().join("escape").exists());

@@ -85,11 +85,17 @@ pub fn load_state(path: &Path) -> Result<Option<ReplState>, ReplicaError> {
 
 fn save_state(path: &Path, state: &ReplState) -> Result<(), ReplicaError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| ReplicaError::State { path: path.to_owned(), reason: e.to_string() })?;
+        std::fs::create_dir_all(dir).map_err(|e| ReplicaError::State {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
     }
     let mut text = serde_json::to_vec_pretty(state).expect("state serializes");
     text.push(b'\n');
-    crate::sys::write_atomic(path, &text).map_err(|e| ReplicaError::State { path: path.to_owned(), reason: e.to_string() })
+    crate::sys::write_atomic(path, &text).map_err(|e| ReplicaError::State {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 /// The state shared between the agent and the receiver's gate.
@@ -178,7 +184,10 @@ struct Replica {
 }
 
 fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// How the replication peers authenticate, from the config (files named in errors).
@@ -186,19 +195,46 @@ pub fn auth_from(repl: &ReplicationConfig) -> Result<Auth, ReplicaError> {
     if repl.insecure_loopback {
         return Ok(Auth::Insecure);
     }
-    let text = std::fs::read_to_string(&repl.psk_file).map_err(|e| ReplicaError::Psk { path: repl.psk_file.clone(), reason: e.to_string() })?;
-    Psk::from_hex(&text).map(Auth::Psk).map_err(|reason| ReplicaError::Psk { path: repl.psk_file.clone(), reason })
+    let text = std::fs::read_to_string(&repl.psk_file).map_err(|e| ReplicaError::Psk {
+        path: repl.psk_file.clone(),
+        reason: e.to_string(),
+    })?;
+    Psk::from_hex(&text)
+        .map(Auth::Psk)
+        .map_err(|reason| ReplicaError::Psk {
+            path: repl.psk_file.clone(),
+            reason,
+        })
 }
 
 /// Runs the replicated agent until `shutdown`; control requests on `control`.
-pub fn run(config: Config, control_listener: UnixListener, shutdown: Receiver<ShutdownReason>) -> Result<ShutdownReason, ReplicaError> {
-    let repl = config.replication.clone().expect("validated: replicated mode has its section");
-    std::fs::create_dir_all(&repl.data_dir).map_err(|source| ReplicaError::DataDir { path: repl.data_dir.clone(), source })?;
-    let data_dir = repl.data_dir.canonicalize().map_err(|source| ReplicaError::DataDir { path: repl.data_dir.clone(), source })?;
+pub fn run(
+    config: Config,
+    control_listener: UnixListener,
+    shutdown: Receiver<ShutdownReason>,
+) -> Result<ShutdownReason, ReplicaError> {
+    let repl = config
+        .replication
+        .clone()
+        .expect("validated: replicated mode has its section");
+    std::fs::create_dir_all(&repl.data_dir).map_err(|source| ReplicaError::DataDir {
+        path: repl.data_dir.clone(),
+        source,
+    })?;
+    let data_dir = repl
+        .data_dir
+        .canonicalize()
+        .map_err(|source| ReplicaError::DataDir {
+            path: repl.data_dir.clone(),
+            source,
+        })?;
     let state = match load_state(&repl.state_file)? {
         Some(s) => s,
         None => {
-            let s = ReplState { epoch: u64::from(repl.role == ReplRole::Hot), role: repl.role };
+            let s = ReplState {
+                epoch: u64::from(repl.role == ReplRole::Hot),
+                role: repl.role,
+            };
             save_state(&repl.state_file, &s)?;
             s
         }
@@ -211,26 +247,63 @@ pub fn run(config: Config, control_listener: UnixListener, shutdown: Receiver<Sh
         .build()
         .map_err(|e| ReplicaError::Start(format!("tokio runtime: {e}")))?;
     let (step_tx, step_rx) = bounded::<u64>(4);
-    let shared = Arc::new(Shared { state: Mutex::new(state), path: repl.state_file.clone(), step_down: step_tx });
-    let std_listener = std::net::TcpListener::bind(&repl.listen).map_err(|source| ReplicaError::Listen { addr: repl.listen.clone(), source })?;
-    std_listener.set_nonblocking(true).map_err(|source| ReplicaError::Listen { addr: repl.listen.clone(), source })?;
+    let shared = Arc::new(Shared {
+        state: Mutex::new(state),
+        path: repl.state_file.clone(),
+        step_down: step_tx,
+    });
+    let std_listener =
+        std::net::TcpListener::bind(&repl.listen).map_err(|source| ReplicaError::Listen {
+            addr: repl.listen.clone(),
+            source,
+        })?;
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|source| ReplicaError::Listen {
+            addr: repl.listen.clone(),
+            source,
+        })?;
     let listener = {
         let _enter = rt.enter();
-        tokio::net::TcpListener::from_std(std_listener).map_err(|source| ReplicaError::Listen { addr: repl.listen.clone(), source })?
+        tokio::net::TcpListener::from_std(std_listener).map_err(|source| ReplicaError::Listen {
+            addr: repl.listen.clone(),
+            source,
+        })?
     };
     let receiver = receiver::start(
-        ReceiverConfig { root: data_dir.clone(), page_size: repl.page_size as usize, auth: auth.clone(), gate: shared.clone() },
+        ReceiverConfig {
+            root: data_dir.clone(),
+            page_size: repl.page_size as usize,
+            auth: auth.clone(),
+            gate: shared.clone(),
+        },
         listener,
         rt.handle(),
     );
     let (requests_tx, requests_rx) = bounded::<Request>(8);
     std::thread::Builder::new()
         .name("control".into())
-        .spawn(move || control::serve(control_listener, requests_tx, crate::agent::CONTROL_REPLY_TIMEOUT))
+        .spawn(move || {
+            control::serve(
+                control_listener,
+                requests_tx,
+                crate::agent::CONTROL_REPLY_TIMEOUT,
+            )
+        })
         .map_err(|e| ReplicaError::Start(format!("control thread: {e}")))?;
     let mut repl_cfg = repl.clone();
     repl_cfg.data_dir = data_dir;
-    let mut me = Replica { config, repl: repl_cfg, shared, auth, rt, receiver, sender: None, node: None, last_error: None };
+    let mut me = Replica {
+        config,
+        repl: repl_cfg,
+        shared,
+        auth,
+        rt,
+        receiver,
+        sender: None,
+        node: None,
+        last_error: None,
+    };
     tracing::info!(role = ?state.role, epoch = state.epoch, listen = %me.repl.listen, peer = %me.repl.peer, "replication agent started");
     if state.role == ReplRole::Hot {
         me.become_hot()?;
@@ -271,10 +344,25 @@ pub fn run(config: Config, control_listener: UnixListener, shutdown: Receiver<Sh
 impl Replica {
     fn become_hot(&mut self) -> Result<(), ReplicaError> {
         let st = self.shared.get();
-        if let Err(e) = link::link(&self.config.artemis_link(), &self.repl.data_dir, LinkOptions { migrate: false, force: true }) {
-            self.note_error(format!("cannot link {}: {}", self.config.artemis_link().display(), crate::error_chain(&e)));
+        if let Err(e) = link::link(
+            &self.config.artemis_link(),
+            &self.repl.data_dir,
+            LinkOptions {
+                migrate: false,
+                force: true,
+            },
+        ) {
+            self.note_error(format!(
+                "cannot link {}: {}",
+                self.config.artemis_link().display(),
+                crate::error_chain(&e)
+            ));
         }
-        let peer: SocketAddr = self.repl.peer.parse().map_err(|e| ReplicaError::Start(format!("peer {}: {e}", self.repl.peer)))?;
+        let peer: SocketAddr = self
+            .repl
+            .peer
+            .parse()
+            .map_err(|e| ReplicaError::Start(format!("peer {}: {e}", self.repl.peer)))?;
         let cfg = SenderConfig {
             root: self.repl.data_dir.clone(),
             page_size: self.repl.page_size as usize,
@@ -286,10 +374,14 @@ impl Replica {
             deep_rescan: Duration::from_millis(self.repl.deep_rescan_interval_ms),
             window_bytes: (self.repl.window_mb as usize) << 20,
         };
-        let sender = sender::start(cfg, self.rt.handle()).map_err(|e| ReplicaError::Start(crate::error_chain(&e)))?;
+        let sender = sender::start(cfg, self.rt.handle())
+            .map_err(|e| ReplicaError::Start(crate::error_chain(&e)))?;
         self.sender = Some(sender);
         if !self.config.node.command.is_empty() && self.node.is_none() {
-            let env = [("ARTEMIS_SYNC_EPOCH", st.epoch.to_string()), ("ARTEMIS_SYNC_HOLDER", self.config.holder_id())];
+            let env = [
+                ("ARTEMIS_SYNC_EPOCH", st.epoch.to_string()),
+                ("ARTEMIS_SYNC_HOLDER", self.config.holder_id()),
+            ];
             match Node::spawn(&self.config.node.command, &env) {
                 Ok(n) => {
                     tracing::info!(pid = n.pid(), epoch = st.epoch, "node started");
@@ -316,12 +408,19 @@ impl Replica {
         if st.role != ReplRole::Hot {
             return;
         }
-        tracing::error!(epoch = st.epoch, newer = epoch, "FENCING: {why}; stopping the node and turning cold to be resynced");
+        tracing::error!(
+            epoch = st.epoch,
+            newer = epoch,
+            "FENCING: {why}; stopping the node and turning cold to be resynced"
+        );
         self.stop_node();
         if let Some(s) = self.sender.take() {
             s.stop();
         }
-        if let Err(e) = self.shared.set(ReplState { epoch: st.epoch, role: ReplRole::Cold }) {
+        if let Err(e) = self.shared.set(ReplState {
+            epoch: st.epoch,
+            role: ReplRole::Cold,
+        }) {
             self.note_error(e.to_string());
         }
         self.note_error(format!("stepped down: {why}"));
@@ -342,10 +441,15 @@ impl Replica {
     }
 
     fn drain(&self) -> Result<u64, String> {
-        let Some(s) = &self.sender else { return Err("no stream".into()) };
+        let Some(s) = &self.sender else {
+            return Err("no stream".into());
+        };
         let (tx, rx) = bounded(1);
-        s.ctl.send(ScanMsg::Drain(tx)).map_err(|_| "the scanner stopped".to_string())?;
-        rx.recv_timeout(DRAIN_TIMEOUT).map_err(|_| format!("no answer within {} s", DRAIN_TIMEOUT.as_secs()))?
+        s.ctl
+            .send(ScanMsg::Drain(tx))
+            .map_err(|_| "the scanner stopped".to_string())?;
+        rx.recv_timeout(DRAIN_TIMEOUT)
+            .map_err(|_| format!("no answer within {} s", DRAIN_TIMEOUT.as_secs()))?
     }
 
     fn handle(&mut self, req: Request) {
@@ -371,8 +475,14 @@ impl Replica {
         let rs = &self.receiver.stats;
         let now = now_unix_ms();
         let last_frame = rs.last_frame_unix_ms.load(Ordering::Relaxed);
-        let streaming = rs.connected.load(Ordering::Relaxed) && now.saturating_sub(last_frame) < STREAMING_WITHIN.as_millis() as u64;
-        let peer = rs.peer.lock().expect("peer lock").clone().unwrap_or_else(|| self.repl.peer.clone());
+        let streaming = rs.connected.load(Ordering::Relaxed)
+            && now.saturating_sub(last_frame) < STREAMING_WITHIN.as_millis() as u64;
+        let peer = rs
+            .peer
+            .lock()
+            .expect("peer lock")
+            .clone()
+            .unwrap_or_else(|| self.repl.peer.clone());
         if streaming && !force {
             return Err(format!(
                 "the hot side {peer} is connected and streaming (last frame {} ms ago): demote it first (`artemis-sync demote` there), or promote --force if it cannot be reached",
@@ -381,14 +491,30 @@ impl Replica {
         }
         let last_ack = rs.last_ack_unix_ms.load(Ordering::Relaxed);
         let drained = rs.drained.load(Ordering::Relaxed);
-        let new = ReplState { epoch: st.epoch + 1, role: ReplRole::Hot };
+        let new = ReplState {
+            epoch: st.epoch + 1,
+            role: ReplRole::Hot,
+        };
         self.shared.set(new).map_err(|e| e.to_string())?;
         if let Err(e) = self.become_hot() {
             return Err(e.to_string());
         }
-        let behind = if last_ack == 0 { "no batch was ever acknowledged here".to_string() } else { format!("last batch applied {} ms ago", now.saturating_sub(last_ack)) };
-        let clean = if drained { "the old hot drained its stream before leaving: the copy is complete" } else { "the old hot did NOT send a drained marker: writes after the last applied batch may be missing" };
-        tracing::warn!(epoch = new.epoch, forced = force, drained, "PROMOTED: {behind}; {clean}");
+        let behind = if last_ack == 0 {
+            "no batch was ever acknowledged here".to_string()
+        } else {
+            format!("last batch applied {} ms ago", now.saturating_sub(last_ack))
+        };
+        let clean = if drained {
+            "the old hot drained its stream before leaving: the copy is complete"
+        } else {
+            "the old hot did NOT send a drained marker: writes after the last applied batch may be missing"
+        };
+        tracing::warn!(
+            epoch = new.epoch,
+            forced = force,
+            drained,
+            "PROMOTED: {behind}; {clean}"
+        );
         Ok(serde_json::json!({ "epoch": new.epoch, "forced": force, "drained": drained, "behind": behind, "summary": clean }).to_string())
     }
 
@@ -407,7 +533,12 @@ impl Replica {
         if let Some(s) = self.sender.take() {
             s.stop();
         }
-        self.shared.set(ReplState { epoch: st.epoch, role: ReplRole::Cold }).map_err(|e| e.to_string())?;
+        self.shared
+            .set(ReplState {
+                epoch: st.epoch,
+                role: ReplRole::Cold,
+            })
+            .map_err(|e| e.to_string())?;
         tracing::info!(epoch = st.epoch, "demoted: cold");
         Ok(serde_json::json!({ "epoch": st.epoch, "drained": drained.is_ok(), "last_seq": drained.ok() }).to_string())
     }
@@ -417,8 +548,12 @@ impl Replica {
             return Err("verify runs on the hot host (this one is cold)".into());
         };
         let (tx, rx) = bounded(1);
-        s.ctl.send(ScanMsg::Verify(tx)).map_err(|_| "the scanner stopped".to_string())?;
-        let report: VerifyReport = rx.recv_timeout(VERIFY_TIMEOUT).map_err(|_| "no answer in time".to_string())??;
+        s.ctl
+            .send(ScanMsg::Verify(tx))
+            .map_err(|_| "the scanner stopped".to_string())?;
+        let report: VerifyReport = rx
+            .recv_timeout(VERIFY_TIMEOUT)
+            .map_err(|_| "no answer in time".to_string())??;
         Ok(serde_json::to_string(&report).expect("report serializes"))
     }
 
@@ -428,13 +563,25 @@ impl Replica {
         let (connected, last_ack, drained, wire, data, batches) = match &self.sender {
             Some(s) => {
                 let x = &s.stats;
-                (x.connected.load(Ordering::Relaxed), x.last_ack_unix_ms.load(Ordering::Relaxed), None,
-                 x.wire_bytes.load(Ordering::Relaxed), x.data_bytes.load(Ordering::Relaxed), x.batches.load(Ordering::Relaxed))
+                (
+                    x.connected.load(Ordering::Relaxed),
+                    x.last_ack_unix_ms.load(Ordering::Relaxed),
+                    None,
+                    x.wire_bytes.load(Ordering::Relaxed),
+                    x.data_bytes.load(Ordering::Relaxed),
+                    x.batches.load(Ordering::Relaxed),
+                )
             }
             None => {
                 let x = &self.receiver.stats;
-                (x.connected.load(Ordering::Relaxed), x.last_ack_unix_ms.load(Ordering::Relaxed), Some(x.drained.load(Ordering::Relaxed)),
-                 x.wire_bytes.load(Ordering::Relaxed), x.data_bytes.load(Ordering::Relaxed), x.batches.load(Ordering::Relaxed))
+                (
+                    x.connected.load(Ordering::Relaxed),
+                    x.last_ack_unix_ms.load(Ordering::Relaxed),
+                    Some(x.drained.load(Ordering::Relaxed)),
+                    x.wire_bytes.load(Ordering::Relaxed),
+                    x.data_bytes.load(Ordering::Relaxed),
+                    x.batches.load(Ordering::Relaxed),
+                )
             }
         };
         Status {
@@ -443,7 +590,14 @@ impl Replica {
             epoch: st.epoch,
             holder: self.config.holder_id(),
             data_dir: self.repl.data_dir.display().to_string(),
-            peer: self.receiver.stats.peer.lock().expect("peer lock").clone().unwrap_or_else(|| self.repl.peer.clone()),
+            peer: self
+                .receiver
+                .stats
+                .peer
+                .lock()
+                .expect("peer lock")
+                .clone()
+                .unwrap_or_else(|| self.repl.peer.clone()),
             connected,
             last_ack_age_ms: (last_ack > 0).then(|| now.saturating_sub(last_ack)),
             drained,

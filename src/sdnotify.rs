@@ -6,12 +6,17 @@ use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 fn send(msg: &str) {
-    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else { return };
-    let Ok(sock) = UnixDatagram::unbound() else { return };
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = UnixDatagram::unbound() else {
+        return;
+    };
     let bytes = target.as_encoded_bytes();
     let result = if let Some(name) = bytes.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|addr| sock.send_to_addr(msg.as_bytes(), &addr))
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|addr| sock.send_to_addr(msg.as_bytes(), &addr))
     } else {
         sock.send_to(msg.as_bytes(), &target)
     };
@@ -42,7 +47,10 @@ pub fn watchdog() {
 
 /// How often to ping the watchdog (half its timeout), if systemd set one for this process.
 pub fn watchdog_interval() -> Option<Duration> {
-    if let Some(pid) = std::env::var("WATCHDOG_PID").ok().and_then(|p| p.parse::<u32>().ok()) {
+    if let Some(pid) = std::env::var("WATCHDOG_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+    {
         if pid != std::process::id() {
             return None;
         }
@@ -60,7 +68,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");
         let server = UnixDatagram::bind(&path).unwrap();
-        server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         // the environment is process-wide: this is the only test that sets it
         std::env::set_var("NOTIFY_SOCKET", &path);
         ready("hot at epoch 3");

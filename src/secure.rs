@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::proto::{mac_eq, nonce, Frame, FrameMac, FrameReader, FrameWriter, ProtoError, Psk, VERSION};
+use crate::proto::{
+    mac_eq, nonce, Frame, FrameMac, FrameReader, FrameWriter, ProtoError, Psk, VERSION,
+};
 
 /// How long the handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,26 +30,45 @@ pub enum Auth {
 }
 
 /// The connecting side's half of the handshake.
-pub async fn connect<R, W>(auth: &Auth, reader: &mut FrameReader<R>, writer: &mut FrameWriter<W>) -> Result<(), ProtoError>
+pub async fn connect<R, W>(
+    auth: &Auth,
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+) -> Result<(), ProtoError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let mine = nonce()?;
-        writer.send(&Frame::Hello { version: VERSION, nonce: mine }).await?;
+        writer
+            .send(&Frame::Hello {
+                version: VERSION,
+                nonce: mine,
+            })
+            .await?;
         writer.flush().await?;
         let (theirs, proof) = match reader.recv().await? {
             Frame::Challenge { nonce, mac } => (nonce, mac),
-            Frame::Reject { reason, .. } => return Err(ProtoError::Unexpected(format!("refused: {reason}"))),
-            other => return Err(ProtoError::Unexpected(format!("{other:?} instead of Challenge"))),
+            Frame::Reject { reason, .. } => {
+                return Err(ProtoError::Unexpected(format!("refused: {reason}")))
+            }
+            other => {
+                return Err(ProtoError::Unexpected(format!(
+                    "{other:?} instead of Challenge"
+                )))
+            }
         };
         match auth {
             Auth::Psk(psk) => {
                 if !mac_eq(&psk.server_proof(&mine, &theirs), &proof) {
                     return Err(ProtoError::AuthFailed);
                 }
-                writer.send(&Frame::Proof { mac: psk.client_proof(&mine, &theirs) }).await?;
+                writer
+                    .send(&Frame::Proof {
+                        mac: psk.client_proof(&mine, &theirs),
+                    })
+                    .await?;
                 writer.flush().await?;
                 let session = psk.session(&mine, &theirs);
                 writer.set_mac(FrameMac::new(session, 0));
@@ -65,7 +86,11 @@ where
 }
 
 /// The accepting side's half of the handshake.
-pub async fn accept<R, W>(auth: &Auth, reader: &mut FrameReader<R>, writer: &mut FrameWriter<W>) -> Result<(), ProtoError>
+pub async fn accept<R, W>(
+    auth: &Auth,
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+) -> Result<(), ProtoError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -73,8 +98,16 @@ where
     tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let theirs = match reader.recv().await? {
             Frame::Hello { version, nonce } if version == VERSION => nonce,
-            Frame::Hello { version, .. } => return Err(ProtoError::Unexpected(format!("protocol version {version}, we speak {VERSION}"))),
-            other => return Err(ProtoError::Unexpected(format!("{other:?} instead of Hello"))),
+            Frame::Hello { version, .. } => {
+                return Err(ProtoError::Unexpected(format!(
+                    "protocol version {version}, we speak {VERSION}"
+                )))
+            }
+            other => {
+                return Err(ProtoError::Unexpected(format!(
+                    "{other:?} instead of Hello"
+                )))
+            }
         };
         let mine = nonce()?;
         let mac = match auth {
@@ -85,7 +118,11 @@ where
         writer.flush().await?;
         let proof = match reader.recv().await? {
             Frame::Proof { mac } => mac,
-            other => return Err(ProtoError::Unexpected(format!("{other:?} instead of Proof"))),
+            other => {
+                return Err(ProtoError::Unexpected(format!(
+                    "{other:?} instead of Proof"
+                )))
+            }
         };
         if let Auth::Psk(psk) = auth {
             if !mac_eq(&psk.client_proof(&theirs, &mine), &proof) {
@@ -140,10 +177,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_wrong_key_is_refused_by_both_sides() {
-        let (c, _s) = pair(Auth::Psk(Psk::from_hex(&"11".repeat(32)).unwrap()), Auth::Psk(Psk::from_hex(&"22".repeat(32)).unwrap())).await;
+        let (c, _s) = pair(
+            Auth::Psk(Psk::from_hex(&"11".repeat(32)).unwrap()),
+            Auth::Psk(Psk::from_hex(&"22".repeat(32)).unwrap()),
+        )
+        .await;
         assert!(matches!(c, Err(ProtoError::AuthFailed)), "{c:?}");
         // a client without the key cannot pass the server either
-        let (_c, s) = pair(Auth::Insecure, Auth::Psk(Psk::from_hex(&"22".repeat(32)).unwrap())).await;
+        let (_c, s) = pair(
+            Auth::Insecure,
+            Auth::Psk(Psk::from_hex(&"22".repeat(32)).unwrap()),
+        )
+        .await;
         assert!(s.is_err(), "{s:?}");
     }
 }

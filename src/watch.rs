@@ -33,10 +33,15 @@ pub enum FsEvent {
 
 /// Starts a recursive watch of `root`; events go to `tx` until the returned watcher is dropped.
 pub fn watch(root: &Path, tx: Sender<FsEvent>) -> Result<RecommendedWatcher, WatchError> {
-    let err = |source| WatchError::Watch { path: root.to_owned(), source };
+    let err = |source| WatchError::Watch {
+        path: root.to_owned(),
+        source,
+    };
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let msg = match res {
-            Ok(e) if e.need_rescan() => FsEvent::Rescan("the kernel's event queue overflowed".into()),
+            Ok(e) if e.need_rescan() => {
+                FsEvent::Rescan("the kernel's event queue overflowed".into())
+            }
             Ok(e) => FsEvent::Event(e),
             Err(e) => FsEvent::Rescan(format!("watch error: {e}")),
         };

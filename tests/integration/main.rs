@@ -6,5 +6,6 @@ mod agent;
 mod cli;
 mod helper;
 mod link;
+mod replication;
 mod root;
 mod util;

@@ -1,0 +1,688 @@
+//! Issue 4: two real agent processes in replicated mode on loopback (PSK unless said), on temp
+//! directories: initial sync, streaming, kill -9 of either side, a byte flipped in transit, an
+//! unauthenticated peer, a stale-epoch hot, `../` paths, promote and demote.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use artemis_sync::proto::{Frame, FrameReader, FrameWriter, Op, Psk};
+use artemis_sync::secure::{self, Auth};
+
+use crate::util::{artemis_sync, main_cmd, spawn, toml_path, wait_bounded, Fixture};
+
+const PSK_HEX: &str = "5ec2e7c0ffee5ec2e7c0ffee5ec2e7c0ffee5ec2e7c0ffee5ec2e7c0ffee0001";
+
+/// A free loopback port (bound and released; the agents bind it right after).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Two different free loopback ports (both held while the second is chosen).
+fn two_ports() -> (u16, u16) {
+    let a = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = TcpListener::bind("127.0.0.1:0").unwrap();
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Entry {
+    Dir(u32),
+    File { mode: u32, len: u64, blake3: String },
+}
+
+/// Paths, kinds, modes, sizes and content digests below `root` (mtimes are not replicated).
+fn content(root: &Path) -> BTreeMap<String, Entry> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let Ok(rd) = fs::read_dir(root.join(&rel)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let rel = rel.join(e.file_name());
+            let Ok(m) = fs::symlink_metadata(root.join(&rel)) else {
+                continue;
+            };
+            let key = rel.to_string_lossy().into_owned();
+            if m.is_dir() {
+                out.insert(key, Entry::Dir(m.mode() & 0o7777));
+                stack.push(rel);
+            } else if let Ok(data) = fs::read(root.join(&rel)) {
+                out.insert(
+                    key,
+                    Entry::File {
+                        mode: m.mode() & 0o7777,
+                        len: m.len(),
+                        blake3: blake3::hash(&data).to_hex().to_string(),
+                    },
+                );
+            }
+        }
+    }
+    out
+}
+
+struct Side {
+    name: &'static str,
+    config: PathBuf,
+    data: PathBuf,
+    port: u16,
+    child: Option<Child>,
+    runs: usize,
+}
+
+struct Pair {
+    fx: Fixture,
+    hot: Side,
+    cold: Side,
+}
+
+impl Pair {
+    /// `hot` streams to `cold`; `hot_peer` overrides where the hot connects (a proxy).
+    fn new(insecure: bool, hot_peer: Option<u16>) -> Pair {
+        let fx = Fixture::new();
+        let psk = fx.path("psk");
+        fs::write(&psk, PSK_HEX).unwrap();
+        fs::set_permissions(&psk, fs::Permissions::from_mode(0o600)).unwrap();
+        let (hp, cp) = two_ports();
+        let mk = |name: &'static str, role: &str, port: u16, peer: u16| {
+            let base = fx.mkdir(&format!("{name}/base"));
+            let data = fx.path(&format!("{name}/data"));
+            let auth = if insecure {
+                "insecure_loopback = true".to_owned()
+            } else {
+                format!("psk_file = {}", toml_path(&psk))
+            };
+            let text = format!(
+                "[node]\nbase_dir = {}\n\n[storage]\nmode = \"replicated\"\n\n[replication]\nrole = \"{role}\"\ndata_dir = {}\n\
+                 listen = \"127.0.0.1:{port}\"\npeer = \"127.0.0.1:{peer}\"\n{auth}\nstate_file = {}\nrescan_interval_ms = 200\n\n\
+                 [lock]\nmachine_name = \"{name}\"\n\n[agent]\ncontrol_socket = {}\n",
+                toml_path(&base),
+                toml_path(&data),
+                toml_path(&fx.path(&format!("{name}/state.json"))),
+                toml_path(&fx.path(&format!("{name}.sock"))),
+            );
+            let config = fx.path(&format!("{name}.toml"));
+            fs::write(&config, text).unwrap();
+            Side {
+                name,
+                config,
+                data,
+                port,
+                child: None,
+                runs: 0,
+            }
+        };
+        let hot = mk("hot", "hot", hp, hot_peer.unwrap_or(cp));
+        let cold = mk("cold", "cold", cp, hp);
+        fs::create_dir_all(&hot.data).unwrap();
+        Pair { fx, hot, cold }
+    }
+
+    fn side(&mut self, name: &str) -> &mut Side {
+        if name == "hot" {
+            &mut self.hot
+        } else {
+            &mut self.cold
+        }
+    }
+
+    fn start(&mut self, name: &str) {
+        let fx_root = self.fx.root.clone();
+        let s = self.side(name);
+        s.runs += 1;
+        let err = fs::File::create(fx_root.join(format!("{}.{}.err", s.name, s.runs))).unwrap();
+        let mut cmd = main_cmd();
+        cmd.arg("-c")
+            .arg(&s.config)
+            .arg("agent")
+            .env("ARTEMIS_SYNC_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(err);
+        s.child = Some(spawn(&mut cmd));
+        // answering status means the listener and the control thread are up
+        assert!(
+            wait_until(Duration::from_secs(10), || self.status(name)["role"]
+                .as_str()
+                .is_some_and(|r| r != "down")),
+            "{name} did not start\n{}",
+            self.logs()
+        );
+    }
+
+    fn kill9(&mut self, name: &str) {
+        let s = self.side(name);
+        if let Some(mut c) = s.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    #[allow(dead_code)]
+    fn stop(&mut self, name: &str) {
+        let s = self.side(name);
+        if let Some(mut c) = s.child.take() {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            assert!(
+                wait_bounded(&mut c, Duration::from_secs(30)).is_some(),
+                "{name} did not stop"
+            );
+        }
+    }
+
+    fn status(&self, name: &str) -> serde_json::Value {
+        let cfg = if name == "hot" {
+            &self.hot.config
+        } else {
+            &self.cold.config
+        };
+        let out = artemis_sync(cfg, ["status", "--json"]);
+        serde_json::from_str(out.stdout.trim()).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        let mut names: Vec<_> = fs::read_dir(&self.fx.root)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".err"))
+            .collect();
+        names.sort();
+        for n in names {
+            s.push_str(&format!(
+                "--- {n} ---\n{}",
+                fs::read_to_string(self.fx.root.join(&n)).unwrap_or_default()
+            ));
+        }
+        s
+    }
+
+    #[track_caller]
+    fn assert_converges(&self, limit: Duration) -> Duration {
+        let started = Instant::now();
+        let ok = wait_until(limit, || {
+            self.cold.data.exists() && content(&self.hot.data) == content(&self.cold.data)
+        });
+        if !ok {
+            let (h, c) = (content(&self.hot.data), content(&self.cold.data));
+            let diff: Vec<_> = h
+                .keys()
+                .chain(c.keys())
+                .filter(|k| h.get(*k) != c.get(*k))
+                .collect();
+            panic!(
+                "no convergence within {limit:?}; differing: {diff:?}\n{}",
+                self.logs()
+            );
+        }
+        started.elapsed()
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for s in [&mut self.hot, &mut self.cold] {
+            if let Some(mut c) = s.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+/// A small Artemis-like tree: journal files, bindings, paging directories, odd modes.
+fn seed_tree(root: &Path, journal_mib: usize) {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    for d in ["journal", "bindings", "paging/addr-1", "large-messages"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    for i in 0..journal_mib.div_ceil(2) {
+        fs::write(
+            root.join(format!("journal/activemq-data-{i}.amq")),
+            rnd(2 << 20),
+        )
+        .unwrap();
+    }
+    fs::write(
+        root.join("bindings/activemq-bindings-1.bindings"),
+        rnd(100_000),
+    )
+    .unwrap();
+    fs::write(root.join("paging/addr-1/000000001.page"), rnd(12_345)).unwrap();
+    fs::write(root.join("paging/addr-1/address.txt"), b"addr-1").unwrap();
+    fs::write(root.join("server.lock"), b"").unwrap();
+    fs::set_permissions(root.join("bindings"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::set_permissions(root.join("server.lock"), fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[test]
+fn issue4_initial_sync_then_streaming_appends_rotation_and_page_files() {
+    let mut p = Pair::new(false, None);
+    seed_tree(&p.hot.data, 8);
+    // a stale cold copy: some files equal, one different, one extra
+    fs::create_dir_all(p.cold.data.join("journal")).unwrap();
+    fs::copy(
+        p.hot.data.join("journal/activemq-data-0.amq"),
+        p.cold.data.join("journal/activemq-data-0.amq"),
+    )
+    .unwrap();
+    fs::write(p.cold.data.join("journal/stale-extra.amq"), b"old").unwrap();
+    p.start("cold");
+    p.start("hot");
+    let took = p.assert_converges(Duration::from_secs(30));
+    eprintln!("initial sync of 8 MiB converged in {took:?}");
+    assert!(!p.cold.data.join("journal/stale-extra.amq").exists());
+
+    // Artemis-like streaming: preallocated file, appended records with fdatasync, rotation
+    let j = p.hot.data.join("journal");
+    let tmp = j.join("activemq-data-9.amq.tmp");
+    fs::write(&tmp, vec![0u8; 10 << 20]).unwrap();
+    fs::rename(&tmp, j.join("activemq-data-9.amq")).unwrap();
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(j.join("activemq-data-9.amq"))
+        .unwrap();
+    for i in 0..300u64 {
+        let rec = vec![(i % 251) as u8 + 1; 4096];
+        f.write_all_at(&rec, i * 4096).unwrap();
+        f.sync_data().unwrap();
+    }
+    fs::create_dir_all(p.hot.data.join("paging/addr-2")).unwrap();
+    fs::write(
+        p.hot.data.join("paging/addr-2/000000001.page"),
+        vec![3u8; 5000],
+    )
+    .unwrap();
+    fs::remove_file(p.hot.data.join("paging/addr-1/000000001.page")).unwrap();
+    fs::remove_dir_all(p.hot.data.join("large-messages")).unwrap();
+    let took = p.assert_converges(Duration::from_secs(20));
+    eprintln!("streaming converged {took:?} after the last write");
+    // the rotation was sent as a rename, not as a second copy of the file
+    let s = p.status("hot");
+    let data_bytes = s["data_bytes"].as_u64().unwrap();
+    assert!(
+        data_bytes < 8 * 1048576 + 300 * 4096 + 2 * 1048576,
+        "sent {data_bytes} bytes: the zero-filled file was copied?"
+    );
+
+    let out = artemis_sync(&p.hot.config, ["verify", "--json"]);
+    out.code(0);
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(v["identical"], true, "{v}");
+    assert!(v["files"].as_u64().unwrap() >= 8);
+}
+
+#[test]
+fn issue4_verify_names_a_file_changed_behind_the_streams_back() {
+    let mut p = Pair::new(false, None);
+    seed_tree(&p.hot.data, 2);
+    p.start("cold");
+    p.start("hot");
+    p.assert_converges(Duration::from_secs(30));
+    // damage the cold copy directly (disk corruption, an operator's mistake)
+    let victim = p.cold.data.join("bindings/activemq-bindings-1.bindings");
+    let f = fs::OpenOptions::new().write(true).open(&victim).unwrap();
+    f.write_all_at(b"X", 10).unwrap();
+    let out = artemis_sync(&p.hot.config, ["verify"]);
+    out.code(4)
+        .stdout_has(&["differs: bindings/activemq-bindings-1.bindings"]);
+}
+
+#[test]
+fn issue4_kill9_of_either_side_converges_without_a_full_copy() {
+    let mut p = Pair::new(false, None);
+    seed_tree(&p.hot.data, 16);
+    p.start("cold");
+    p.start("hot");
+    p.assert_converges(Duration::from_secs(30));
+    let tree = 16u64 << 20;
+
+    // cold dies, the hot keeps writing, the cold comes back
+    p.kill9("cold");
+    fs::write(
+        p.hot.data.join("journal/activemq-data-0.amq"),
+        vec![9u8; 2 << 20],
+    )
+    .unwrap();
+    fs::write(
+        p.hot.data.join("paging/addr-1/000000002.page"),
+        vec![4u8; 4096],
+    )
+    .unwrap();
+    let before = p.status("hot")["data_bytes"].as_u64().unwrap();
+    p.start("cold");
+    p.assert_converges(Duration::from_secs(30));
+    let sent = p.status("hot")["data_bytes"].as_u64().unwrap() - before;
+    eprintln!("cold restart: {sent} bytes of pages re-sent for a {tree}-byte tree");
+    assert!(sent < tree / 4, "re-sent {sent} bytes");
+
+    // hot dies, changes happen while it is down, it comes back
+    p.kill9("hot");
+    fs::write(
+        p.hot.data.join("bindings/activemq-bindings-1.bindings"),
+        vec![5u8; 100_000],
+    )
+    .unwrap();
+    p.start("hot");
+    p.assert_converges(Duration::from_secs(30));
+    let sent = p.status("hot")["data_bytes"].as_u64().unwrap();
+    eprintln!("hot restart: {sent} bytes of pages sent");
+    assert!(sent < tree / 4, "sent {sent} bytes after the hot restarted");
+}
+
+/// Forwards 127.0.0.1:`listen` to `target`, flipping one bit at byte `flip_at` of the first
+/// connection's hot-to-cold direction.
+fn flipping_proxy(target: u16, flip_at: usize) -> (u16, Arc<AtomicBool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let flipped = Arc::new(AtomicBool::new(false));
+    let f2 = flipped.clone();
+    thread::spawn(move || {
+        for conn in listener.incoming().take(20) {
+            let Ok(client) = conn else { return };
+            let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                continue;
+            };
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let f3 = f2.clone();
+            thread::spawn(move || {
+                let (mut client, mut server) = (client, server);
+                let mut buf = vec![0u8; 65536];
+                let mut seen = 0usize;
+                while let Ok(n) = client.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if !f3.load(Ordering::SeqCst) && seen + n > flip_at {
+                        buf[flip_at - seen] ^= 0x10;
+                        f3.store(true, Ordering::SeqCst);
+                    }
+                    seen += n;
+                    if server.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = server.shutdown(std::net::Shutdown::Both);
+            });
+            thread::spawn(move || {
+                let _ = std::io::copy(&mut s2, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (port, flipped)
+}
+
+fn corrupted_frame_is_rejected_and_resent(insecure: bool, expect_in_log: &str) {
+    let cold_port = free_port();
+    let (proxy, flipped) = flipping_proxy(cold_port, 300_000);
+    let mut p = Pair::new(insecure, Some(proxy));
+    // make the cold listen on the port the proxy forwards to
+    let text = fs::read_to_string(&p.cold.config).unwrap().replace(
+        &format!("127.0.0.1:{}\"\npeer", p.cold.port),
+        &format!("127.0.0.1:{cold_port}\"\npeer"),
+    );
+    fs::write(&p.cold.config, text).unwrap();
+    seed_tree(&p.hot.data, 4);
+    p.start("cold");
+    p.start("hot");
+    p.assert_converges(Duration::from_secs(30));
+    assert!(flipped.load(Ordering::SeqCst), "the proxy flipped nothing");
+    let logs = p.logs();
+    assert!(
+        logs.contains(expect_in_log),
+        "the cold side did not report the bad frame:\n{logs}"
+    );
+    assert!(
+        logs.contains("resending from it"),
+        "the hot side did not resend:\n{logs}"
+    );
+}
+
+#[test]
+fn issue4_a_byte_flipped_in_transit_fails_the_mac_and_is_resent() {
+    corrupted_frame_is_rejected_and_resent(false, "failed its authentication code");
+}
+
+#[test]
+fn issue4_without_psk_a_flipped_page_fails_its_blake3_and_is_resent() {
+    corrupted_frame_is_rejected_and_resent(true, "failed its blake3 check");
+}
+
+/// Connects to the cold side with `auth` and, if authenticated, introduces itself as a hot
+/// side at `epoch`; returns the first answer.
+type RawConn = (
+    FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+);
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn raw_client(
+    rt: &tokio::runtime::Runtime,
+    port: u16,
+    auth: Auth,
+    epoch: u64,
+) -> Result<(Frame, RawConn), String> {
+    rt.block_on(async move {
+        let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (r, w) = s.into_split();
+        let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
+        secure::connect(&auth, &mut r, &mut w)
+            .await
+            .map_err(|e| e.to_string())?;
+        w.send(&Frame::Intro {
+            epoch,
+            hot: true,
+            node: "intruder".into(),
+            page_size: 4096,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        w.flush().await.map_err(|e| e.to_string())?;
+        let f = r.recv().await.map_err(|e| e.to_string())?;
+        Ok((f, (r, w)))
+    })
+}
+
+#[test]
+fn issue4_an_unauthenticated_peer_is_refused_before_any_file_is_read() {
+    let mut p = Pair::new(false, None);
+    fs::create_dir_all(&p.cold.data).unwrap();
+    fs::write(p.cold.data.join("secret.amq"), b"journal").unwrap();
+    p.start("cold");
+    let rt = rt();
+    let wrong = Psk::from_hex(&"ab".repeat(32)).unwrap();
+    let err = raw_client(&rt, p.cold.port, Auth::Psk(wrong), 99)
+        .map(|(f, _)| f)
+        .unwrap_err();
+    assert!(!err.contains("Connection refused"), "{err}: {}", p.logs());
+    assert!(err.contains("could not prove"), "{err}");
+    let err = raw_client(&rt, p.cold.port, Auth::Insecure, 99).map(|(f, _)| f);
+    assert!(err.is_err(), "a peer without the key got {err:?}");
+    assert!(
+        wait_until(Duration::from_secs(5), || p
+            .logs()
+            .matches("refused a replication peer")
+            .count()
+            >= 2),
+        "{}",
+        p.logs()
+    );
+    assert_eq!(
+        fs::read(p.cold.data.join("secret.amq")).unwrap(),
+        b"journal"
+    );
+    assert_eq!(p.status("cold")["epoch"], 0, "nothing was admitted");
+}
+
+#[test]
+fn issue4_paths_escaping_the_data_directory_are_refused() {
+    let mut p = Pair::new(false, None);
+    p.start("cold");
+    let rt = rt();
+    for path in [
+        "../escape",
+        "/tmp/escape-abs",
+        "journal/../../escape",
+        "a/./b",
+    ] {
+        let psk = Psk::from_hex(PSK_HEX).unwrap();
+        let (first, (mut r, mut w)) = raw_client(&rt, p.cold.port, Auth::Psk(psk), 1).unwrap();
+        assert!(matches!(first, Frame::Welcome { .. }), "{first:?}");
+        let answer = rt.block_on(async {
+            while !matches!(r.recv().await.unwrap(), Frame::IndexEnd) {}
+            w.send(&Frame::Batch {
+                seq: 1,
+                ops: vec![Op::SetFile {
+                    path: path.into(),
+                    len: 1,
+                    mode: 0o644,
+                }],
+            })
+            .await
+            .unwrap();
+            w.flush().await.unwrap();
+            r.recv().await.unwrap()
+        });
+        assert!(
+            matches!(&answer, Frame::Nack { seq: 1, reason } if reason.contains("refusing path")),
+            "{path}: {answer:?}"
+        );
+    }
+    assert!(
+        !p.fx.path("cold/escape").exists()
+            && !Path::new("/tmp/escape-abs").exists()
+            && !p.fx.path("escape").exists()
+    );
+    assert!(
+        p.logs().contains("refusing path \"../escape\""),
+        "{}",
+        p.logs()
+    );
+}
+
+#[test]
+fn issue4_promote_demote_and_a_stale_epoch_hot_that_is_turned_cold_and_resynced() {
+    let mut p = Pair::new(false, None);
+    seed_tree(&p.hot.data, 2);
+    p.start("cold");
+    p.start("hot");
+    p.assert_converges(Duration::from_secs(30));
+
+    // promote refuses while the hot streams
+    artemis_sync(&p.cold.config, ["promote"])
+        .code(1)
+        .stderr_has(&["connected and streaming", "demote it first"]);
+
+    // a clean hand-over: demote drains, promote reports it
+    artemis_sync(&p.hot.config, ["demote"])
+        .code(0)
+        .stdout_has(&["demoted: cold at epoch 1", "has everything"]);
+    assert!(wait_until(Duration::from_secs(5), || p.status("cold")
+        ["drained"]
+        == true));
+    artemis_sync(&p.cold.config, ["promote"])
+        .code(0)
+        .stdout_has(&["hot at epoch 2", "drained its stream"]);
+    assert_eq!(p.status("cold")["role"], "hot");
+    assert_eq!(
+        fs::read_link(p.fx.path("cold/base/artemis")).unwrap(),
+        p.cold.data.canonicalize().unwrap()
+    );
+    // the new hot streams to the old one
+    fs::write(
+        p.cold.data.join("journal/after-promotion.amq"),
+        vec![1u8; 8192],
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || content(&p.cold.data)
+            == content(&p.hot.data)),
+        "{}",
+        p.logs()
+    );
+
+    // now the old hot (still epoch 1 on disk as cold) is killed, made to think it is hot again,
+    // and given a divergent write: it must be refused, turned cold, and overwritten
+    p.kill9("hot");
+    fs::write(
+        p.fx.path("hot/state.json"),
+        "{\"epoch\": 1, \"role\": \"hot\"}",
+    )
+    .unwrap();
+    fs::write(p.hot.data.join("journal/divergent.amq"), vec![7u8; 4096]).unwrap();
+    p.start("hot");
+    assert!(
+        wait_until(Duration::from_secs(20), || p.status("hot")["role"]
+            == "cold"),
+        "{}",
+        p.logs()
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || content(&p.cold.data)
+            == content(&p.hot.data)),
+        "{}",
+        p.logs()
+    );
+    assert!(
+        !p.cold.data.join("journal/divergent.amq").exists(),
+        "the stale hot pushed its pages"
+    );
+    assert!(
+        !p.hot.data.join("journal/divergent.amq").exists(),
+        "the stale copy was not resynced"
+    );
+    assert_eq!(p.status("hot")["epoch"], 2);
+    let logs = p.logs();
+    assert!(
+        logs.contains("stale epoch 1") || logs.contains("FENCING"),
+        "{logs}"
+    );
+}
