@@ -94,11 +94,30 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Certificates for mutual TLS between the two hosts of a pair
+    Certs {
+        #[command(subcommand)]
+        action: CertsAction,
+    },
     /// Show the shared-storage path on local directories (no config, root or network needed)
     Demo {
         /// Work in this directory and keep it (default: a temporary directory, removed after)
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
+    },
+}
+
+/// `artemis-sync certs ...`
+#[derive(Debug, Subcommand)]
+pub enum CertsAction {
+    /// Make a private CA and one certificate per host (ca.pem, ca.key, <host>.pem, <host>.key)
+    Init {
+        /// Where to write them (never overwrites)
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The hosts' names, comma-separated
+        #[arg(long, value_delimiter = ',', default_value = "hot,cold")]
+        hosts: Vec<String>,
     },
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use artemis_sync::cli::{Cli, Command};
+use artemis_sync::cli::{CertsAction, Cli, Command};
 use artemis_sync::config::{Backend, Config, ConfigError};
 use artemis_sync::link::{LinkError, LinkOptions, LinkOutcome};
 use artemis_sync::mount::{MountOutcome, MountRequest};
@@ -301,6 +301,23 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
                 }
             }
             Ok(if identical { EXIT_OK } else { EXIT_CHECK })
+        }
+        Command::Certs {
+            action: CertsAction::Init { dir, hosts },
+        } => {
+            let w = artemis_sync::certs::init(dir, hosts)?;
+            println!(
+                "CA certificate: {} (copy to both hosts; [replication] tls_ca)",
+                w.ca_cert.display()
+            );
+            println!(
+                "CA key:         {} (keep it offline: only needed to make more certificates)",
+                w.ca_key.display()
+            );
+            for (h, c, k) in &w.hosts {
+                println!("{h}: tls_cert = {:?}, tls_key = {:?} (copy both to {h}; the key stays mode 0600)", c, k);
+            }
+            Ok(EXIT_OK)
         }
         Command::Demo { dir } => {
             let (path, _guard) = match dir {

@@ -462,8 +462,8 @@ async fn accept_loop(
     }
 }
 
-type Reader = FrameReader<tokio::net::tcp::OwnedReadHalf>;
-type Writer = FrameWriter<tokio::io::BufWriter<tokio::net::tcp::OwnedWriteHalf>>;
+type Reader = FrameReader<secure::BoxRead>;
+type Writer = FrameWriter<tokio::io::BufWriter<secure::BoxWrite>>;
 
 /// Handshake, epoch check and welcome; `None` (logged) when the peer is refused.
 async fn admit(
@@ -472,8 +472,14 @@ async fn admit(
     peer: SocketAddr,
     stats: &ReceiverStats,
 ) -> Option<(Reader, Writer, u64, String)> {
-    let _ = stream.set_nodelay(true);
-    let (r, w) = stream.into_split();
+    let (r, w) = match secure::wrap_accept(&cfg.auth, stream).await {
+        Ok(x) => x,
+        Err(e) => {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, "refused a replication peer: {}", crate::error_chain(&e));
+            return None;
+        }
+    };
     let mut reader = FrameReader::new(r);
     let mut writer = FrameWriter::new(tokio::io::BufWriter::with_capacity(1 << 16, w));
     if let Err(e) = secure::accept(&cfg.auth, &mut reader, &mut writer).await {

@@ -195,6 +195,11 @@ pub fn auth_from(repl: &ReplicationConfig) -> Result<Auth, ReplicaError> {
     if repl.insecure_loopback {
         return Ok(Auth::Insecure);
     }
+    if !repl.tls_cert.as_os_str().is_empty() {
+        return crate::secure::TlsPair::load(&repl.tls_cert, &repl.tls_key, &repl.tls_ca)
+            .map(|p| Auth::Tls(Arc::new(p)))
+            .map_err(|e| ReplicaError::Start(e.to_string()));
+    }
     let text = std::fs::read_to_string(&repl.psk_file).map_err(|e| ReplicaError::Psk {
         path: repl.psk_file.clone(),
         reason: e.to_string(),

@@ -1,5 +1,11 @@
 //! Authenticating the replication peer before anything about files crosses the wire.
 //!
+//! TLS mode (the default once certificates are configured): mutual TLS with rustls. Each side
+//! presents a certificate signed by the pair's own CA (`artemis-sync certs init`) and accepts
+//! only a peer whose certificate that CA signed; both certificates carry the name
+//! [`TLS_NAME`], which is what the connecting side checks, so the pair's private CA, not DNS
+//! or IP addresses, is the trust anchor. TLS also encrypts.
+//!
 //! PSK mode: a challenge-response on fresh nonces from both sides proves that each side knows
 //! the key (without sending it), then every frame in both directions carries a MAC under a
 //! session key derived from the key and the nonces (see [`crate::proto`]). Frames are
@@ -9,9 +15,14 @@
 //! Insecure mode runs the same exchange with no key and no MACs; configuration allows it
 //! only between loopback addresses.
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 
 use crate::proto::{
     mac_eq, nonce, Frame, FrameMac, FrameReader, FrameWriter, ProtoError, Psk, VERSION,
@@ -19,14 +30,133 @@ use crate::proto::{
 
 /// How long the handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The name every certificate of a pair carries and every client checks.
+pub const TLS_NAME: &str = "artemis-sync";
+
+/// The read half of a connection, TLS or not.
+pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+/// The write half of a connection, TLS or not.
+pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Errors loading TLS material, naming the file.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum TlsError {
+    /// TLS file {path:?}: {reason}
+    File { path: PathBuf, reason: String },
+    /// TLS configuration: {0}
+    Config(String),
+}
+
+/// Mutual-TLS configurations for both directions.
+#[derive(Debug)]
+pub struct TlsPair {
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+}
+
+impl TlsPair {
+    /// Loads this host's certificate chain and key and the pair's CA (PEM files).
+    pub fn load(cert: &Path, key: &Path, ca: &Path) -> Result<TlsPair, TlsError> {
+        let file_err = |path: &Path, e: &dyn std::fmt::Display| TlsError::File {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| file_err(cert, &e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| file_err(cert, &e))?;
+        if certs.is_empty() {
+            return Err(file_err(cert, &"holds no certificate"));
+        }
+        let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| file_err(key, &e))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca).map_err(|e| file_err(ca, &e))? {
+            roots
+                .add(c.map_err(|e| file_err(ca, &e))?)
+                .map_err(|e| file_err(ca, &e))?;
+        }
+        if roots.is_empty() {
+            return Err(file_err(ca, &"holds no certificate"));
+        }
+        let roots = Arc::new(roots);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = |e: rustls::Error| TlsError::Config(e.to_string());
+        let client = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(cfg)?
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(certs.clone(), key_der.clone_key())
+            .map_err(cfg)?;
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(cfg)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key_der)
+            .map_err(cfg)?;
+        Ok(TlsPair {
+            client: Arc::new(client),
+            server: Arc::new(server),
+        })
+    }
+}
 
 /// How a connection is authenticated.
 #[derive(Debug, Clone)]
 pub enum Auth {
+    /// Mutual TLS with the pair's CA.
+    Tls(Arc<TlsPair>),
     /// A pre-shared key; every frame carries a MAC.
     Psk(Psk),
     /// Nothing (loopback only).
     Insecure,
+}
+
+fn boxed<S: AsyncRead + AsyncWrite + Send + 'static>(s: S) -> (BoxRead, BoxWrite) {
+    let (r, w) = tokio::io::split(s);
+    (Box::new(r), Box::new(w))
+}
+
+/// Wraps an outgoing connection (TLS handshake in TLS mode) and splits it.
+pub async fn wrap_connect(auth: &Auth, tcp: TcpStream) -> Result<(BoxRead, BoxWrite), ProtoError> {
+    let _ = tcp.set_nodelay(true);
+    match auth {
+        Auth::Tls(pair) => {
+            let name = ServerName::try_from(TLS_NAME).expect("a valid DNS name");
+            let connector = tokio_rustls::TlsConnector::from(pair.client.clone());
+            let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
+                .await
+                .map_err(|_| ProtoError::Unexpected("the TLS handshake timed out".into()))?
+                .map_err(|e| ProtoError::Unexpected(format!("TLS: {e}")))?;
+            Ok(boxed(tls))
+        }
+        _ => {
+            let (r, w) = tcp.into_split();
+            Ok((Box::new(r), Box::new(w)))
+        }
+    }
+}
+
+/// Wraps an incoming connection (TLS handshake in TLS mode) and splits it.
+pub async fn wrap_accept(auth: &Auth, tcp: TcpStream) -> Result<(BoxRead, BoxWrite), ProtoError> {
+    let _ = tcp.set_nodelay(true);
+    match auth {
+        Auth::Tls(pair) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(pair.server.clone());
+            let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                .await
+                .map_err(|_| ProtoError::Unexpected("the TLS handshake timed out".into()))?
+                .map_err(|e| ProtoError::Unexpected(format!("TLS: {e}")))?;
+            Ok(boxed(tls))
+        }
+        _ => {
+            let (r, w) = tcp.into_split();
+            Ok((Box::new(r), Box::new(w)))
+        }
+    }
 }
 
 /// The connecting side's half of the handshake.
@@ -74,7 +204,7 @@ where
                 writer.set_mac(FrameMac::new(session, 0));
                 reader.set_mac(FrameMac::new(session, 1));
             }
-            Auth::Insecure => {
+            Auth::Insecure | Auth::Tls(_) => {
                 writer.send(&Frame::Proof { mac: [0; 32] }).await?;
                 writer.flush().await?;
             }
@@ -112,7 +242,7 @@ where
         let mine = nonce()?;
         let mac = match auth {
             Auth::Psk(psk) => psk.server_proof(&theirs, &mine),
-            Auth::Insecure => [0; 32],
+            Auth::Insecure | Auth::Tls(_) => [0; 32],
         };
         writer.send(&Frame::Challenge { nonce: mine, mac }).await?;
         writer.flush().await?;

@@ -1004,8 +1004,9 @@ async fn stream_once(
             source: io::Error::new(io::ErrorKind::TimedOut, "timed out"),
         })?
         .map_err(|source| SendError::Connect { peer, source })?;
-    let _ = stream.set_nodelay(true);
-    let (r, w) = stream.into_split();
+    let (r, w) = secure::wrap_connect(&cfg.auth, stream)
+        .await
+        .map_err(proto)?;
     let mut reader = FrameReader::new(r);
     let mut writer = FrameWriter::new(tokio::io::BufWriter::with_capacity(1 << 20, w));
     secure::connect(&cfg.auth, &mut reader, &mut writer)

@@ -95,19 +95,40 @@ struct Pair {
 
 impl Pair {
     /// `hot` streams to `cold`; `hot_peer` overrides where the hot connects (a proxy).
-    fn new(insecure: bool, hot_peer: Option<u16>) -> Pair {
+    /// `mode` is `psk`, `insecure` or `tls`.
+    fn new(mode: &str, hot_peer: Option<u16>) -> Pair {
         let fx = Fixture::new();
         let psk = fx.path("psk");
         fs::write(&psk, PSK_HEX).unwrap();
         fs::set_permissions(&psk, fs::Permissions::from_mode(0o600)).unwrap();
+        if mode == "tls" {
+            artemis_sync(
+                &fx.path("unused.toml"),
+                [
+                    "certs",
+                    "init",
+                    "--dir",
+                    fx.path("certs").to_str().unwrap(),
+                    "--hosts",
+                    "hot,cold",
+                ],
+            )
+            .code(0);
+        }
         let (hp, cp) = two_ports();
         let mk = |name: &'static str, role: &str, port: u16, peer: u16| {
             let base = fx.mkdir(&format!("{name}/base"));
             let data = fx.path(&format!("{name}/data"));
-            let auth = if insecure {
-                "insecure_loopback = true".to_owned()
-            } else {
-                format!("psk_file = {}", toml_path(&psk))
+            let certs = fx.path("certs");
+            let auth = match mode {
+                "insecure" => "insecure_loopback = true".to_owned(),
+                "tls" => format!(
+                    "tls_cert = {}\ntls_key = {}\ntls_ca = {}",
+                    toml_path(&certs.join(format!("{name}.pem"))),
+                    toml_path(&certs.join(format!("{name}.key"))),
+                    toml_path(&certs.join("ca.pem"))
+                ),
+                _ => format!("psk_file = {}", toml_path(&psk)),
             };
             let text = format!(
                 "[node]\nbase_dir = {}\n\n[storage]\nmode = \"replicated\"\n\n[replication]\nrole = \"{role}\"\ndata_dir = {}\n\
@@ -296,7 +317,7 @@ fn seed_tree(root: &Path, journal_mib: usize) {
 
 #[test]
 fn issue4_initial_sync_then_streaming_appends_rotation_and_page_files() {
-    let mut p = Pair::new(false, None);
+    let mut p = Pair::new("psk", None);
     seed_tree(&p.hot.data, 8);
     // a stale cold copy: some files equal, one different, one extra
     fs::create_dir_all(p.cold.data.join("journal")).unwrap();
@@ -353,7 +374,7 @@ fn issue4_initial_sync_then_streaming_appends_rotation_and_page_files() {
 
 #[test]
 fn issue4_verify_names_a_file_changed_behind_the_streams_back() {
-    let mut p = Pair::new(false, None);
+    let mut p = Pair::new("psk", None);
     seed_tree(&p.hot.data, 2);
     p.start("cold");
     p.start("hot");
@@ -369,7 +390,7 @@ fn issue4_verify_names_a_file_changed_behind_the_streams_back() {
 
 #[test]
 fn issue4_kill9_of_either_side_converges_without_a_full_copy() {
-    let mut p = Pair::new(false, None);
+    let mut p = Pair::new("psk", None);
     seed_tree(&p.hot.data, 16);
     p.start("cold");
     p.start("hot");
@@ -455,7 +476,7 @@ fn flipping_proxy(target: u16, flip_at: usize) -> (u16, Arc<AtomicBool>) {
 fn corrupted_frame_is_rejected_and_resent(insecure: bool, expect_in_log: &str) {
     let cold_port = free_port();
     let (proxy, flipped) = flipping_proxy(cold_port, 300_000);
-    let mut p = Pair::new(insecure, Some(proxy));
+    let mut p = Pair::new(if insecure { "insecure" } else { "psk" }, Some(proxy));
     // make the cold listen on the port the proxy forwards to
     let text = fs::read_to_string(&p.cold.config).unwrap().replace(
         &format!("127.0.0.1:{}\"\npeer", p.cold.port),
@@ -533,7 +554,7 @@ fn raw_client(
 
 #[test]
 fn issue4_an_unauthenticated_peer_is_refused_before_any_file_is_read() {
-    let mut p = Pair::new(false, None);
+    let mut p = Pair::new("psk", None);
     fs::create_dir_all(&p.cold.data).unwrap();
     fs::write(p.cold.data.join("secret.amq"), b"journal").unwrap();
     p.start("cold");
@@ -564,7 +585,7 @@ fn issue4_an_unauthenticated_peer_is_refused_before_any_file_is_read() {
 
 #[test]
 fn issue4_paths_escaping_the_data_directory_are_refused() {
-    let mut p = Pair::new(false, None);
+    let mut p = Pair::new("psk", None);
     p.start("cold");
     let rt = rt();
     for path in [
@@ -610,7 +631,7 @@ fn issue4_paths_escaping_the_data_directory_are_refused() {
 
 #[test]
 fn issue4_promote_demote_and_a_stale_epoch_hot_that_is_turned_cold_and_resynced() {
-    let mut p = Pair::new(false, None);
+    let mut p = Pair::new("psk", None);
     seed_tree(&p.hot.data, 2);
     p.start("cold");
     p.start("hot");
@@ -685,4 +706,71 @@ fn issue4_promote_demote_and_a_stale_epoch_hot_that_is_turned_cold_and_resynced(
         logs.contains("stale epoch 1") || logs.contains("FENCING"),
         "{logs}"
     );
+}
+
+#[test]
+fn issue4_mutual_tls_streams_and_refuses_a_certificate_from_another_ca() {
+    let mut p = Pair::new("tls", None);
+    seed_tree(&p.hot.data, 4);
+    p.start("cold");
+    p.start("hot");
+    p.assert_converges(Duration::from_secs(30));
+    artemis_sync(&p.hot.config, ["verify"])
+        .code(0)
+        .stdout_has(&["identical"]);
+
+    // a host with a certificate from another pair's CA cannot connect
+    let other = p.fx.path("other-certs");
+    artemis_sync(
+        &p.hot.config,
+        [
+            "certs",
+            "init",
+            "--dir",
+            other.to_str().unwrap(),
+            "--hosts",
+            "intruder",
+        ],
+    )
+    .code(0);
+    let text = fs::read_to_string(&p.hot.config)
+        .unwrap()
+        .replace(
+            &*p.fx.path("certs/hot.pem").to_string_lossy(),
+            &other.join("intruder.pem").to_string_lossy(),
+        )
+        .replace(
+            &*p.fx.path("certs/hot.key").to_string_lossy(),
+            &other.join("intruder.key").to_string_lossy(),
+        );
+    fs::write(&p.hot.config, text).unwrap();
+    p.kill9("hot");
+    fs::write(p.hot.data.join("journal/after.amq"), vec![1u8; 4096]).unwrap();
+    p.start("hot");
+    assert!(
+        wait_until(Duration::from_secs(10), || p
+            .logs()
+            .contains("refused a replication peer")),
+        "{}",
+        p.logs()
+    );
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        !p.cold.data.join("journal/after.amq").exists(),
+        "an intruder's stream was applied"
+    );
+    // certs init never overwrites
+    artemis_sync(
+        &p.hot.config,
+        [
+            "certs",
+            "init",
+            "--dir",
+            other.to_str().unwrap(),
+            "--hosts",
+            "intruder",
+        ],
+    )
+    .code(1)
+    .stderr_has(&["already exists"]);
 }
