@@ -27,6 +27,7 @@ pub mod secure;
 pub mod sender;
 pub mod sys;
 pub mod watch;
+pub mod workload;
 
 /// An error and its causes on one line, `: `-separated, leaving out a cause whose text the
 /// message before it already quotes.

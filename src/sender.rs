@@ -351,9 +351,10 @@ impl Scanner {
                     return;
                 }
                 self.full_scan(true);
-                self.verify_id += 1;
-                self.push(Op::Barrier { id: self.verify_id });
                 self.flush();
+                // register the verify before the barrier goes out: the cold side's digest
+                // can come back before the network task would otherwise see the registration
+                self.verify_id += 1;
                 let out = Outgoing::Verify {
                     gen: self.gen,
                     id: self.verify_id,
@@ -361,6 +362,8 @@ impl Scanner {
                     reply,
                 };
                 let _ = self.out.blocking_send(out);
+                self.push(Op::Barrier { id: self.verify_id });
+                self.flush();
             }
             ScanMsg::Drain(reply) => {
                 if !self.connected {
@@ -613,7 +616,11 @@ impl Scanner {
                 let mut short = [0u8; 16];
                 short.copy_from_slice(&full_hash.as_bytes()[..16]);
                 if table[idx] == short {
-                    clean_run += 1;
+                    // clean pages end the window only once past the cursor: the next append
+                    // lands after it
+                    if full || idx > cursor {
+                        clean_run += 1;
+                    }
                     if let Some((o, d, h)) = run.take() {
                         self.data += d.len();
                         self.ops.push(Op::Write {
@@ -1324,6 +1331,23 @@ mod tests {
                 "append {i} sent {} bytes",
                 r.sent - before
             );
+        }
+    }
+
+    #[test]
+    fn page_sized_records_are_found_by_events_alone() {
+        // Artemis writes whole pages: each append lands on the page after the cursor.
+        let mut r = Rig::new();
+        let f = r.hot.join("j.amq");
+        fs::write(&f, vec![0u8; 64 * 512]).unwrap();
+        r.modified("j.amq");
+        let file = fs::OpenOptions::new().write(true).open(&f).unwrap();
+        for i in 0..40u64 {
+            file.write_all_at(&[i as u8 + 1; 512], i * 512).unwrap();
+            let before = r.sent;
+            r.modified("j.amq");
+            assert!(r.same(), "page append {i} not replicated by its event");
+            assert_eq!(r.sent - before, 512, "append {i}");
         }
     }
 

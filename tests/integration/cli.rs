@@ -416,9 +416,11 @@ fn issue2_demo_runs_end_to_end_and_cleans_up() {
     out.code(0);
     let last = out.stdout.trim_end().lines().last().unwrap_or_default();
     assert!(
-        last.starts_with("Done: the journal now lives in the share"),
+        last.starts_with("Done: the journal lives in the share")
+            && last.contains("the replicated copy is identical"),
         "{out}"
     );
+    out.stdout_has(&["identical:", "lag p50"]);
     let doctor: Vec<&str> = out
         .stdout
         .lines()

@@ -1,0 +1,290 @@
+//! A synthetic Artemis-like writer, and a probe that measures how long its records take to
+//! reach the cold copy. Used by `demo` and by the benchmark.
+//!
+//! The writer does what the Artemis NIO journal does: it creates each journal file as
+//! `activemq-data-N.amq.tmp`, preallocated and zero-filled, renames it into place, appends
+//! records with `fdatasync` after each, and moves to the next file when one is full. Now and
+//! then it creates a paging file and deletes an old one. Every record starts with a unique
+//! 16-byte tag; the probe polls the cold copy of the same file and offset until the tag is
+//! there and reports the delay from the writer's `fdatasync` returning.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+
+/// Artemis' default journal file size.
+pub const JOURNAL_FILE_BYTES: u64 = 10 << 20;
+/// One record.
+pub const RECORD_BYTES: usize = 4096;
+/// The probe gives a record up after this long.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What to write.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// The hot data directory (the writer uses `journal/` and `paging/` in it).
+    pub dir: PathBuf,
+    /// Records per second; `None` for as fast as possible.
+    pub rate_per_s: Option<u32>,
+    /// How long to write.
+    pub duration: Duration,
+    /// Size of each journal file.
+    pub file_bytes: u64,
+    /// Probe every n-th record (1 = all).
+    pub sample_every: u64,
+    /// Create and delete paging files too.
+    pub paging: bool,
+}
+
+/// One second of writing.
+#[derive(Debug, Clone, Default)]
+pub struct Tick {
+    /// Seconds since the start.
+    pub second: u64,
+    /// Records written in this second.
+    pub records: u64,
+    /// Lags measured in this second (sorted).
+    pub lags: Vec<Duration>,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Records written.
+    pub records: u64,
+    /// Bytes of records written.
+    pub bytes: u64,
+    /// Journal files used.
+    pub files: u64,
+    /// Elapsed writing time.
+    pub elapsed: Duration,
+    /// Every measured lag, sorted.
+    pub lags: Vec<Duration>,
+    /// Records the probe never saw arrive.
+    pub lost: u64,
+}
+
+/// The `q`-quantile (0..=1) of sorted `v`.
+pub fn quantile(v: &[Duration], q: f64) -> Option<Duration> {
+    if v.is_empty() {
+        return None;
+    }
+    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    Some(v[i])
+}
+
+struct Sample {
+    rel: String,
+    offset: u64,
+    tag: [u8; 16],
+    done: Instant,
+}
+
+/// Writes for `cfg.duration`; with `cold`, probes arrival there. `tick` is called once a
+/// second.
+pub fn run(
+    cfg: &WriterConfig,
+    cold: Option<&Path>,
+    mut tick: impl FnMut(&Tick),
+) -> io::Result<Report> {
+    let journal = cfg.dir.join("journal");
+    let paging = cfg.dir.join("paging/demo-address");
+    fs::create_dir_all(&journal)?;
+    if cfg.paging {
+        fs::create_dir_all(&paging)?;
+    }
+    let (tx, rx) = bounded::<Sample>(4096);
+    let (lag_tx, lag_rx) = bounded::<Option<Duration>>(65536);
+    let probe = cold.map(|c| {
+        let c = c.to_owned();
+        std::thread::spawn(move || probe(&c, rx, lag_tx))
+    });
+    let records_per_file = cfg.file_bytes / RECORD_BYTES as u64;
+    let mut report = Report::default();
+    let mut file: Option<(File, String)> = None;
+    let mut slot = records_per_file;
+    let mut file_no = 0u64;
+    let mut page_no = 0u64;
+    let start = Instant::now();
+    let mut next_tick = start + Duration::from_secs(1);
+    let mut this_tick = Tick {
+        second: 1,
+        ..Tick::default()
+    };
+    let mut record = vec![0u8; RECORD_BYTES];
+    let mut seq = 0u64;
+    while start.elapsed() < cfg.duration {
+        if slot >= records_per_file {
+            file_no += 1;
+            let name = format!("activemq-data-{file_no}.amq");
+            let tmp = journal.join(format!("{name}.tmp"));
+            let f = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(&tmp)?;
+            f.set_len(cfg.file_bytes)?;
+            f.sync_all()?;
+            fs::rename(&tmp, journal.join(&name))?;
+            file = Some((f, format!("journal/{name}")));
+            slot = 0;
+            report.files += 1;
+            if cfg.paging {
+                page_no += 1;
+                fs::write(
+                    paging.join(format!("{page_no:09}.page")),
+                    vec![page_no as u8; 8192],
+                )?;
+                if page_no > 2 {
+                    let _ = fs::remove_file(paging.join(format!("{:09}.page", page_no - 2)));
+                }
+            }
+        }
+        let (f, rel) = file.as_ref().expect("a journal file is open");
+        seq += 1;
+        let mut tag = [0u8; 16];
+        tag[..8].copy_from_slice(&seq.to_le_bytes());
+        tag[8..].copy_from_slice(&(start.elapsed().as_nanos() as u64).to_le_bytes());
+        record[..16].copy_from_slice(&tag);
+        record[16..].fill((seq % 251) as u8 + 1);
+        let offset = slot * RECORD_BYTES as u64;
+        f.write_all_at(&record, offset)?;
+        f.sync_data()?;
+        let done = Instant::now();
+        if probe.is_some() && seq.is_multiple_of(cfg.sample_every) {
+            let _ = tx.try_send(Sample {
+                rel: rel.clone(),
+                offset,
+                tag,
+                done,
+            });
+        }
+        slot += 1;
+        report.records += 1;
+        report.bytes += RECORD_BYTES as u64;
+        this_tick.records += 1;
+        while let Ok(l) = lag_rx.try_recv() {
+            match l {
+                Some(d) => this_tick.lags.push(d),
+                None => report.lost += 1,
+            }
+        }
+        if Instant::now() >= next_tick {
+            this_tick.lags.sort();
+            tick(&this_tick);
+            report.lags.extend_from_slice(&this_tick.lags);
+            this_tick = Tick {
+                second: this_tick.second + 1,
+                ..Tick::default()
+            };
+            next_tick += Duration::from_secs(1);
+        }
+        if let Some(rate) = cfg.rate_per_s {
+            let due = start + Duration::from_secs_f64(seq as f64 / f64::from(rate));
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    report.elapsed = start.elapsed();
+    drop(tx);
+    if let Some(p) = probe {
+        let _ = p.join();
+    }
+    while let Ok(l) = lag_rx.try_recv() {
+        match l {
+            Some(d) => this_tick.lags.push(d),
+            None => report.lost += 1,
+        }
+    }
+    report.lags.extend_from_slice(&this_tick.lags);
+    report.lags.sort();
+    Ok(report)
+}
+
+/// Polls the cold copy for each sample's tag; sends the lag, or `None` after the timeout.
+fn probe(cold: &Path, rx: Receiver<Sample>, out: Sender<Option<Duration>>) {
+    let mut pending: Vec<Sample> = Vec::new();
+    let mut files: HashMap<String, File> = HashMap::new();
+    let mut buf = [0u8; 16];
+    let mut open = true;
+    while open || !pending.is_empty() {
+        loop {
+            match rx.try_recv() {
+                Ok(s) => pending.push(s),
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        let now = Instant::now();
+        pending.retain(|s| {
+            if !files.contains_key(&s.rel) {
+                if let Ok(f) = File::open(cold.join(&s.rel)) {
+                    files.insert(s.rel.clone(), f);
+                }
+            }
+            let arrived = files
+                .get(&s.rel)
+                .is_some_and(|f| f.read_exact_at(&mut buf, s.offset).is_ok() && buf == s.tag);
+            if arrived {
+                let _ = out.try_send(Some(now.saturating_duration_since(s.done)));
+                false
+            } else if now.duration_since(s.done) > PROBE_TIMEOUT {
+                let _ = out.try_send(None);
+                false
+            } else {
+                true
+            }
+        });
+        if files.len() > 64 {
+            files.clear();
+        }
+        if pending.is_empty() && open {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(s) => pending.push(s),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => open = false,
+            }
+        } else {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_rotates_and_probes_a_local_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = WriterConfig {
+            dir: dir.path().to_owned(),
+            rate_per_s: None,
+            duration: Duration::from_millis(300),
+            file_bytes: 64 * 1024,
+            sample_every: 1,
+            paging: true,
+        };
+        // probing the hot directory itself: every record "arrives" at once
+        let r = run(&cfg, Some(dir.path()), |_| {}).unwrap();
+        assert!(r.records > 16 && r.files >= 2, "{r:?}");
+        assert_eq!(r.lost, 0);
+        assert!(!r.lags.is_empty());
+        assert!(quantile(&r.lags, 0.5).unwrap() < Duration::from_secs(1));
+        assert!(fs::read_dir(dir.path().join("journal")).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".tmp")));
+        assert_eq!(quantile(&[], 0.5), None);
+    }
+}
