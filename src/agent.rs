@@ -442,7 +442,7 @@ pub fn run(
         outstanding: None,
         seq: 0,
         lock_held: false,
-        obs: Obs::Error("not read yet".into()),
+        obs: Obs::Error(NOT_READ_YET.into()),
         obs_changed: now,
         epoch_seen: 0,
         lease: None,
@@ -459,10 +459,17 @@ pub fn run(
     };
     tracing::info!(holder = %agent.holder, dir = %config.lock.dir.display(),
         update_interval_ms = l.update_interval_ms, wait_interval_ms = l.wait_interval_ms, "agent started, cold");
+    // systemd: READY once the first observation gave us a role, STATUS on every change, and
+    // watchdog pings (a frozen agent is restarted with its cgroup, node included).
+    let watchdog = crate::sdnotify::watchdog_interval();
+    let mut announced: Option<(Role, Option<u64>)> = None;
     loop {
-        let timeout = agent
+        let mut timeout = agent
             .next_deadline()
             .saturating_duration_since(Instant::now());
+        if let Some(w) = watchdog {
+            timeout = timeout.min(w);
+        }
         let node_exit = agent.node.as_ref().map_or(never(), |n| n.exited().clone());
         select! {
             recv(shutdown) -> reason => {
@@ -477,8 +484,27 @@ pub fn run(
             default(timeout) => {}
         }
         agent.tick();
+        if watchdog.is_some() {
+            crate::sdnotify::watchdog();
+        }
+        let now = (agent.role, agent.lease.as_ref().map(|l| l.epoch));
+        if !matches!(agent.obs, Obs::Error(ref e) if e == NOT_READ_YET) && announced != Some(now) {
+            let text = match now {
+                (Role::Hot, Some(e)) => format!("hot at epoch {e}"),
+                (role, _) => format!("{role:?}").to_lowercase(),
+            };
+            if announced.is_none() {
+                crate::sdnotify::ready(&text);
+            } else {
+                crate::sdnotify::status(&text);
+            }
+            announced = Some(now);
+        }
     }
 }
+
+/// The observation an agent starts with, before it has read the lease once.
+const NOT_READ_YET: &str = "not read yet";
 
 impl Agent {
     fn fence_at(&self) -> Instant {
