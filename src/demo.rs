@@ -381,6 +381,7 @@ fn replicated(dir: &Path, out: &mut dyn Write) -> Result<String, DemoError> {
         file_bytes: crate::workload::JOURNAL_FILE_BYTES,
         sample_every: 5,
         paging: true,
+        first_file: 1,
     };
     let ms =
         |d: Option<Duration>| d.map_or("-".into(), |d| format!("{:.2} ms", d.as_secs_f64() * 1e3));

@@ -4,6 +4,7 @@
 //! codes. See ARCHITECTURE.md for the roles, the data path and the invariants.
 
 pub mod agent;
+pub mod bench;
 pub mod certs;
 pub mod cli;
 pub mod config;

@@ -56,6 +56,8 @@ pub struct ReceiverStats {
     pub data_bytes: AtomicU64,
     /// Bytes read from the wire.
     pub wire_bytes: AtomicU64,
+    /// Bytes written to the wire (index, acknowledgements, digests).
+    pub wire_out_bytes: AtomicU64,
     /// When the last frame arrived (ms since the Unix epoch).
     pub last_frame_unix_ms: AtomicU64,
     /// When the last batch was acknowledged (ms since the Unix epoch).
@@ -586,6 +588,10 @@ async fn stream_in(
     }
     writer.send(&Frame::IndexEnd).await?;
     writer.flush().await?;
+    stats
+        .wire_out_bytes
+        .fetch_add(writer.bytes, Ordering::Relaxed);
+    let mut counted = writer.bytes;
     stats.applied_seq.store(0, Ordering::Relaxed);
 
     let (in_tx, mut in_rx) = mpsc::channel::<Result<Frame, ProtoError>>(APPLY_QUEUE);
@@ -657,6 +663,8 @@ async fn stream_in(
                     }
                     writer.send(&Frame::Ack { seq }).await?;
                     writer.flush().await?;
+                    stats.wire_out_bytes.fetch_add(writer.bytes - counted, Ordering::Relaxed);
+                    counted = writer.bytes;
                 }
                 Applied::Skipped { .. } => {}
                 Applied::Rejected { seq, reason } => {

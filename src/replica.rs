@@ -161,9 +161,13 @@ struct Status {
     data_dir: String,
     peer: String,
     connected: bool,
+    /// Hot: the cold side has everything seen so far (first comparison done, all acknowledged).
+    synced: Option<bool>,
     last_ack_age_ms: Option<u64>,
     drained: Option<bool>,
     wire_bytes: u64,
+    /// Cold: bytes it sent back (index, acknowledgements).
+    wire_out_bytes: Option<u64>,
     data_bytes: u64,
     batches: u64,
     node_pid: Option<u32>,
@@ -604,9 +608,14 @@ impl Replica {
                 .clone()
                 .unwrap_or_else(|| self.repl.peer.clone()),
             connected,
+            synced: self.sender.as_ref().map(|s| s.stats.synced()),
             last_ack_age_ms: (last_ack > 0).then(|| now.saturating_sub(last_ack)),
             drained,
             wire_bytes: wire,
+            wire_out_bytes: self
+                .sender
+                .is_none()
+                .then(|| self.receiver.stats.wire_out_bytes.load(Ordering::Relaxed)),
             data_bytes: data,
             batches,
             node_pid: self.node.as_ref().map(Node::pid),

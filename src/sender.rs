@@ -40,6 +40,8 @@ use crate::watch::FsEvent;
 
 /// Page data per batch before it is sent.
 pub const BATCH_DATA_BYTES: usize = 1 << 20;
+/// Files the scanner keeps open between window scans.
+pub const OPEN_FILES: usize = 64;
 /// Pages read and hashed per read call.
 pub const READ_PAGES: usize = 256;
 /// How long a lone "moved from" event waits for its "moved to" before it counts as a delete.
@@ -74,6 +76,22 @@ pub struct SenderStats {
     pub nacks: AtomicU64,
     /// When the last acknowledgement arrived (ms since the Unix epoch), 0 if none.
     pub last_ack_unix_ms: AtomicU64,
+    /// Batches the scanner emitted for the current connection.
+    pub emitted: AtomicU64,
+    /// Whether the full comparison after the current connection's index is done.
+    pub initial_done: AtomicBool,
+}
+
+impl SenderStats {
+    /// Whether the cold side has everything the scanner has seen: the first full comparison is
+    /// done, and every batch emitted since was sent and acknowledged.
+    pub fn synced(&self) -> bool {
+        let emitted = self.emitted.load(Ordering::Acquire);
+        self.connected.load(Ordering::Acquire)
+            && self.initial_done.load(Ordering::Acquire)
+            && self.sent_seq.load(Ordering::Acquire) == emitted
+            && self.acked_seq.load(Ordering::Acquire) == emitted
+    }
 }
 
 /// What the sender tells the agent.
@@ -192,6 +210,7 @@ pub fn start(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stats = Arc::new(SenderStats::default());
     let mut scanner = Scanner::new(&cfg, out_tx);
+    scanner.stats = Some(stats.clone());
     let scanner_thread = std::thread::Builder::new()
         .name("scanner".into())
         .spawn(move || scanner.run(fs_rx, ctl_rx))
@@ -241,6 +260,7 @@ struct Scanner {
     page_size: usize,
     zero_hash: PageHash,
     out: mpsc::Sender<Outgoing>,
+    stats: Option<Arc<SenderStats>>,
     table: TreeIndex,
     seen: HashMap<String, Seen>,
     cursors: HashMap<String, usize>,
@@ -256,6 +276,13 @@ struct Scanner {
     verify_id: u64,
     buf: Vec<u8>,
     progress: Option<Progress>,
+    /// Files with an event that the append window did not explain (a write elsewhere in the
+    /// file): rehashed in full every half rescan interval, not only at the next rescan.
+    dirty: std::collections::BTreeSet<String>,
+    next_dirty: Instant,
+    /// Files kept open for window scans (an open per event costs a syscall and an inotify
+    /// event of its own); dropped on any create, rename or remove event for the path.
+    open_files: HashMap<String, File>,
 }
 
 /// Marks a table entry that must be re-sent whatever the content.
@@ -269,6 +296,7 @@ impl Scanner {
             page_size: cfg.page_size,
             zero_hash: page_hash(&vec![0u8; cfg.page_size]),
             out,
+            stats: None,
             table: TreeIndex::default(),
             seen: HashMap::new(),
             cursors: HashMap::new(),
@@ -284,16 +312,22 @@ impl Scanner {
             verify_id: 0,
             buf: vec![0u8; cfg.page_size * READ_PAGES],
             progress: None,
+            dirty: std::collections::BTreeSet::new(),
+            next_dirty: now + cfg.rescan / 2,
+            open_files: HashMap::new(),
         }
     }
 
     fn run(&mut self, fs_rx: Receiver<FsEvent>, ctl_rx: Receiver<ScanMsg>) {
         loop {
-            let wake = if self.pending_from.is_empty() {
+            let mut wake = if self.pending_from.is_empty() {
                 self.next_rescan
             } else {
                 Instant::now() + Duration::from_millis(2)
             };
+            if !self.dirty.is_empty() {
+                wake = wake.min(self.next_dirty);
+            }
             select! {
                 recv(fs_rx) -> ev => {
                     let Ok(ev) = ev else { return };
@@ -318,7 +352,17 @@ impl Scanner {
                 self.full_scan(true);
             } else if now >= self.next_rescan {
                 self.next_rescan = now + self.rescan;
+                self.dirty.clear();
                 self.full_scan(false);
+            }
+            if now >= self.next_dirty {
+                self.next_dirty = now + self.rescan / 2;
+                for rel in std::mem::take(&mut self.dirty) {
+                    self.scan_file(&rel, true);
+                    if self.data >= BATCH_DATA_BYTES {
+                        self.flush();
+                    }
+                }
             }
             self.flush();
         }
@@ -334,11 +378,19 @@ impl Scanner {
                 self.cursors.clear();
                 self.ops.clear();
                 self.data = 0;
+                if let Some(st) = &self.stats {
+                    st.emitted.store(0, Ordering::Release);
+                    st.initial_done.store(false, Ordering::Release);
+                }
                 tracing::info!(
                     files = self.table.files.len(),
                     "cold index received; sending what differs"
                 );
                 self.full_scan_with_progress();
+                self.flush();
+                if let Some(st) = &self.stats {
+                    st.initial_done.store(true, Ordering::Release);
+                }
             }
             ScanMsg::Disconnected => {
                 self.connected = false;
@@ -399,8 +451,20 @@ impl Scanner {
             }
             FsEvent::Event(e) => e,
         };
+        tracing::trace!(kind = ?ev.kind, paths = ?ev.paths, "event");
         let tracker = ev.attrs.tracker();
         let paths: Vec<String> = ev.paths.iter().filter_map(|p| self.rel(p)).collect();
+        if !matches!(
+            ev.kind,
+            EventKind::Access(_) | EventKind::Modify(ModifyKind::Data(_))
+        ) {
+            // the path may now name another file (or a directory, with files below it)
+            for p in &paths {
+                let prefix = format!("{p}/");
+                self.open_files
+                    .retain(|k, _| k != p && !k.starts_with(&prefix));
+            }
+        }
         match ev.kind {
             EventKind::Access(_) => {}
             EventKind::Modify(ModifyKind::Name(RenameMode::Both)) if paths.len() == 2 => {
@@ -451,6 +515,9 @@ impl Scanner {
         }
         let ops = std::mem::take(&mut self.ops);
         self.data = 0;
+        if let Some(st) = &self.stats {
+            st.emitted.fetch_add(1, Ordering::AcqRel);
+        }
         let _ = self
             .out
             .blocking_send(Outgoing::Batch { gen: self.gen, ops });
@@ -545,8 +612,17 @@ impl Scanner {
     /// where it last changed.
     fn scan_file(&mut self, rel: &str, full: bool) {
         let path = self.root.join(rel);
-        let Ok(file) = File::open(&path) else {
-            return self.remove(rel);
+        let cached = if full {
+            None
+        } else {
+            self.open_files.remove(rel)
+        };
+        let file = match cached {
+            Some(f) => f,
+            None => match File::open(&path) {
+                Ok(f) => f,
+                Err(_) => return self.remove(rel),
+            },
         };
         let Ok(meta) = file.metadata() else { return };
         if !meta.is_file() {
@@ -596,9 +672,13 @@ impl Scanner {
         let mut clean_run = 0usize;
         let mut last_changed = None;
         let mut run: Option<(u64, Vec<u8>, Vec<[u8; 32]>)> = None;
+        // a window starts small (an append touches a page or two) and grows as it continues
+        let mut chunk_pages = if full { READ_PAGES } else { 8 };
         while page < new_pages && clean_run < stop_after_clean {
             let off = page as u64 * ps;
-            let n = match read_full_at(&file, &mut self.buf, off) {
+            let want = chunk_pages * self.page_size;
+            chunk_pages = (chunk_pages * 2).min(READ_PAGES);
+            let n = match read_full_at(&file, &mut self.buf[..want], off) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) => {
@@ -606,7 +686,10 @@ impl Scanner {
                     break;
                 }
             };
-            let table = &mut self.table.files.get_mut(rel).expect("entry").pages;
+            let Some(entry) = self.table.files.get_mut(rel) else {
+                break;
+            };
+            let table = &mut entry.pages;
             for (i, chunk) in self.buf[..n].chunks(self.page_size).enumerate() {
                 let idx = page + i;
                 if idx >= table.len() || clean_run >= stop_after_clean {
@@ -640,7 +723,7 @@ impl Scanner {
                 run.2.push(*full_hash.as_bytes());
             }
             page += n.div_ceil(self.page_size);
-            if n < self.buf.len() {
+            if n < want {
                 break;
             }
             if self.data + run.as_ref().map_or(0, |r| r.1.len()) >= BATCH_DATA_BYTES {
@@ -668,8 +751,15 @@ impl Scanner {
                 hashes: h,
             });
         }
-        if let Some(c) = last_changed {
-            self.cursors.insert(rel.to_owned(), c);
+        match last_changed {
+            Some(c) => {
+                self.cursors.insert(rel.to_owned(), c);
+            }
+            None if !full => {
+                tracing::trace!(file = rel, cursor, "window found no change: dirty");
+                self.dirty.insert(rel.to_owned());
+            }
+            None => {}
         }
         if full {
             // "Racily clean" (as git calls it): timestamps are coarse (a jiffy), so a write in
@@ -686,6 +776,11 @@ impl Scanner {
                 self.seen.remove(rel);
             }
             self.progress(len);
+        } else {
+            if self.open_files.len() >= OPEN_FILES {
+                self.open_files.clear();
+            }
+            self.open_files.insert(rel.to_owned(), file);
         }
     }
 

@@ -21,6 +21,8 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 pub const JOURNAL_FILE_BYTES: u64 = 10 << 20;
 /// One record.
 pub const RECORD_BYTES: usize = 4096;
+/// The probe looks at its pending records this often (its resolution).
+pub const PROBE_SWEEP: Duration = Duration::from_micros(100);
 /// The probe gives a record up after this long.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -39,6 +41,9 @@ pub struct WriterConfig {
     pub sample_every: u64,
     /// Create and delete paging files too.
     pub paging: bool,
+    /// Number of the first journal file (runs that follow each other continue the numbering,
+    /// as Artemis does).
+    pub first_file: u64,
 }
 
 /// One second of writing.
@@ -63,8 +68,11 @@ pub struct Report {
     pub files: u64,
     /// Elapsed writing time.
     pub elapsed: Duration,
-    /// Every measured lag, sorted.
+    /// Every measured lag from the writer's `fdatasync` returning, sorted.
     pub lags: Vec<Duration>,
+    /// The same records' lags from before their `pwrite` (an upper bound that the writer
+    /// being preempted after its `fdatasync` cannot shrink), sorted.
+    pub lags_from_write: Vec<Duration>,
     /// Records the probe never saw arrive.
     pub lost: u64,
 }
@@ -82,6 +90,9 @@ struct Sample {
     rel: String,
     offset: u64,
     tag: [u8; 16],
+    /// Before the record's `pwrite`.
+    started: Instant,
+    /// After its `fdatasync` returned.
     done: Instant,
 }
 
@@ -99,7 +110,7 @@ pub fn run(
         fs::create_dir_all(&paging)?;
     }
     let (tx, rx) = bounded::<Sample>(4096);
-    let (lag_tx, lag_rx) = bounded::<Option<Duration>>(65536);
+    let (lag_tx, lag_rx) = bounded::<Option<(Duration, Duration)>>(65536);
     let probe = cold.map(|c| {
         let c = c.to_owned();
         std::thread::spawn(move || probe(&c, rx, lag_tx))
@@ -108,7 +119,7 @@ pub fn run(
     let mut report = Report::default();
     let mut file: Option<(File, String)> = None;
     let mut slot = records_per_file;
-    let mut file_no = 0u64;
+    let mut file_no = cfg.first_file.saturating_sub(1);
     let mut page_no = 0u64;
     let start = Instant::now();
     let mut next_tick = start + Duration::from_secs(1);
@@ -153,6 +164,7 @@ pub fn run(
         record[..16].copy_from_slice(&tag);
         record[16..].fill((seq % 251) as u8 + 1);
         let offset = slot * RECORD_BYTES as u64;
+        let started = Instant::now();
         f.write_all_at(&record, offset)?;
         f.sync_data()?;
         let done = Instant::now();
@@ -161,6 +173,7 @@ pub fn run(
                 rel: rel.clone(),
                 offset,
                 tag,
+                started,
                 done,
             });
         }
@@ -170,7 +183,10 @@ pub fn run(
         this_tick.records += 1;
         while let Ok(l) = lag_rx.try_recv() {
             match l {
-                Some(d) => this_tick.lags.push(d),
+                Some((d, w)) => {
+                    this_tick.lags.push(d);
+                    report.lags_from_write.push(w);
+                }
                 None => report.lost += 1,
             }
         }
@@ -198,19 +214,25 @@ pub fn run(
     }
     while let Ok(l) = lag_rx.try_recv() {
         match l {
-            Some(d) => this_tick.lags.push(d),
+            Some((d, w)) => {
+                this_tick.lags.push(d);
+                report.lags_from_write.push(w);
+            }
             None => report.lost += 1,
         }
     }
     report.lags.extend_from_slice(&this_tick.lags);
     report.lags.sort();
+    report.lags_from_write.sort();
     Ok(report)
 }
 
 /// Polls the cold copy for each sample's tag; sends the lag, or `None` after the timeout.
-fn probe(cold: &Path, rx: Receiver<Sample>, out: Sender<Option<Duration>>) {
+fn probe(cold: &Path, rx: Receiver<Sample>, out: Sender<Option<(Duration, Duration)>>) {
     let mut pending: Vec<Sample> = Vec::new();
-    let mut files: HashMap<String, File> = HashMap::new();
+    // descriptors of the cold files, with their inodes: a file replaced by a rename on the cold
+    // side must be reopened, or the probe would watch the old inode for ever
+    let mut files: HashMap<String, (File, u64, Instant)> = HashMap::new();
     let mut buf = [0u8; 16];
     let mut open = true;
     while open || !pending.is_empty() {
@@ -226,16 +248,39 @@ fn probe(cold: &Path, rx: Receiver<Sample>, out: Sender<Option<Duration>>) {
         }
         let now = Instant::now();
         pending.retain(|s| {
-            if !files.contains_key(&s.rel) {
-                if let Ok(f) = File::open(cold.join(&s.rel)) {
-                    files.insert(s.rel.clone(), f);
+            let path = cold.join(&s.rel);
+            let stale = files.get(&s.rel).is_none_or(|(_, ino, checked)| {
+                checked.elapsed() > Duration::from_millis(1)
+                    && fs::metadata(&path)
+                        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                        .ok()
+                        != Some(*ino)
+            });
+            if stale {
+                files.remove(&s.rel);
+                if let Ok(f) = File::open(&path) {
+                    if let Ok(m) = f.metadata() {
+                        files.insert(
+                            s.rel.clone(),
+                            (f, std::os::unix::fs::MetadataExt::ino(&m), Instant::now()),
+                        );
+                    }
+                }
+            } else if let Some(e) = files.get_mut(&s.rel) {
+                if e.2.elapsed() > Duration::from_millis(1) {
+                    e.2 = Instant::now();
                 }
             }
-            let arrived = files
-                .get(&s.rel)
-                .is_some_and(|f| f.read_exact_at(&mut buf, s.offset).is_ok() && buf == s.tag);
+            let arrived = files.get(&s.rel).is_some_and(|(f, _, _)| {
+                f.read_exact_at(&mut buf, s.offset).is_ok() && buf == s.tag
+            });
             if arrived {
-                let _ = out.try_send(Some(now.saturating_duration_since(s.done)));
+                // stamped when seen, not when the sweep began: never earlier than the arrival
+                let t = Instant::now();
+                let _ = out.try_send(Some((
+                    t.saturating_duration_since(s.done),
+                    t.saturating_duration_since(s.started),
+                )));
                 false
             } else if now.duration_since(s.done) > PROBE_TIMEOUT {
                 let _ = out.try_send(None);
@@ -254,7 +299,7 @@ fn probe(cold: &Path, rx: Receiver<Sample>, out: Sender<Option<Duration>>) {
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => open = false,
             }
         } else {
-            std::thread::sleep(Duration::from_micros(50));
+            std::thread::sleep(PROBE_SWEEP);
         }
     }
 }
@@ -273,6 +318,7 @@ mod tests {
             file_bytes: 64 * 1024,
             sample_every: 1,
             paging: true,
+            first_file: 1,
         };
         // probing the hot directory itself: every record "arrives" at once
         let r = run(&cfg, Some(dir.path()), |_| {}).unwrap();

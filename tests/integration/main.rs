@@ -3,6 +3,7 @@
 //! mounts, root-owned credentials files) print `skipped: <reason>` and pass when not root.
 
 mod agent;
+mod bench;
 mod cli;
 mod helper;
 mod link;
