@@ -703,9 +703,13 @@ impl Agent {
         if !n.on_acquire.is_empty() {
             node::run_hook(&n.on_acquire, &env, self.update).map_err(|e| e.to_string())?;
         }
-        if !n.command.is_empty() {
-            let node = Node::spawn(&n.command, &env).map_err(|e| e.to_string())?;
-            tracing::info!(pid = node.pid(), epoch = lease.epoch, "node started");
+        if let Some(node) = Node::start(n, &env).map_err(|e| e.to_string())? {
+            tracing::info!(
+                pid = node.pid(),
+                unit = n.systemd_unit,
+                epoch = lease.epoch,
+                "node started"
+            );
             self.node = Some(node);
             self.node_ever_started = true;
         }
@@ -866,7 +870,10 @@ impl Agent {
             last_renewal_age_ms: age.as_millis() as u64,
             lock_held: self.lock_held,
             node_pid: self.node.as_ref().map(Node::pid),
-            node_state: match (&self.node, self.config.node.command.is_empty()) {
+            node_state: match (
+                &self.node,
+                self.config.node.command.is_empty() && self.config.node.systemd_unit.is_empty(),
+            ) {
                 (_, true) => "none",
                 (Some(_), _) => "running",
                 (None, _) => "stopped",

@@ -167,6 +167,10 @@ pub struct NodeConfig {
     /// SIGTERM, then SIGKILL after this long.
     #[serde(default = "default_stop_timeout_ms")]
     pub stop_timeout_ms: u64,
+    /// Instead of `command`: a systemd unit (`corda.service`) the agent starts and stops with
+    /// systemctl, for nodes that already have a unit.
+    #[serde(default)]
+    pub systemd_unit: String,
 }
 
 /// `[storage]`

@@ -34,11 +34,58 @@ pub enum NodeError {
     Hook { program: String, outcome: String },
 }
 
-/// A running node.
+/// The environment variable that replaces `systemctl` (for tests).
+pub const SYSTEMCTL_ENV: &str = "ARTEMIS_SYNC_SYSTEMCTL";
+/// How often a node run as a systemd unit is checked for having stopped.
+pub const UNIT_POLL: Duration = Duration::from_secs(1);
+
+/// A running node: a process the agent started, or a systemd unit it started.
 #[derive(Debug)]
 pub struct Node {
     pid: u32,
     exited: Receiver<ExitStatus>,
+    /// `Some(unit)` when the node is a systemd unit (started and stopped with systemctl).
+    unit: Option<String>,
+    /// Tells the unit watcher thread to stop watching.
+    unit_done: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+fn systemctl() -> std::ffi::OsString {
+    std::env::var_os(SYSTEMCTL_ENV)
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "systemctl".into())
+}
+
+/// Runs systemctl with `args`, bounded by `timeout`; `Ok(true)` when it exited 0.
+fn run_systemctl(args: &[&str], timeout: Duration) -> Result<bool, NodeError> {
+    let program = systemctl();
+    let mut child = Command::new(&program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|source| NodeError::Spawn {
+            program: program.to_string_lossy().into_owned(),
+            source,
+        })?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Ok(status.success());
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(NodeError::Hook {
+                program: format!("{} {}", program.to_string_lossy(), args.join(" ")),
+                outcome: format!(
+                    "did not finish within {} ms and was killed",
+                    timeout.as_millis()
+                ),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// How a stop went.
@@ -96,7 +143,70 @@ impl Node {
                 program: program.clone(),
                 source,
             })?;
-        Ok(Node { pid, exited })
+        Ok(Node {
+            pid,
+            exited,
+            unit: None,
+            unit_done: None,
+        })
+    }
+
+    /// Starts the systemd unit `unit` (`systemctl start`), and watches it with
+    /// `systemctl is-active` every [`UNIT_POLL`]: once it is no longer active, [`Node::exited`]
+    /// reports it. The unit's own `TimeoutStartSec` bounds the start, and `timeout` ours.
+    pub fn start_unit(unit: &str, timeout: Duration) -> Result<Node, NodeError> {
+        if !run_systemctl(&["start", unit], timeout)? {
+            return Err(NodeError::Hook {
+                program: format!("systemctl start {unit}"),
+                outcome: "failed (see `systemctl status` and the journal of the unit)".into(),
+            });
+        }
+        let (tx, exited) = bounded(1);
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (unit_name, watching) = (unit.to_owned(), done.clone());
+        std::thread::Builder::new()
+            .name("unit-watch".into())
+            .spawn(move || loop {
+                std::thread::sleep(UNIT_POLL);
+                if watching.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                if let Ok(false) = run_systemctl(
+                    &["is-active", "--quiet", &unit_name],
+                    Duration::from_secs(10),
+                ) {
+                    let _ = tx.send(ExitStatus::from_raw(1 << 8));
+                    return;
+                }
+            })
+            .map_err(|source| NodeError::Spawn {
+                program: "unit watcher".into(),
+                source,
+            })?;
+        Ok(Node {
+            pid: 0,
+            exited,
+            unit: Some(unit.to_owned()),
+            unit_done: Some(done),
+        })
+    }
+
+    /// Starts the configured node: `[node] systemd_unit` or `[node] command`, if either is set.
+    pub fn start(
+        node: &crate::config::NodeConfig,
+        env: &[(&str, String)],
+    ) -> Result<Option<Node>, NodeError> {
+        if !node.systemd_unit.is_empty() {
+            Node::start_unit(
+                &node.systemd_unit,
+                Duration::from_millis(node.stop_timeout_ms.max(1000) * 3),
+            )
+            .map(Some)
+        } else if !node.command.is_empty() {
+            Node::spawn(&node.command, env).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     /// The node's pid (also its process group id).
@@ -109,8 +219,18 @@ impl Node {
         &self.exited
     }
 
-    /// Stops the node: SIGTERM to its process group, SIGKILL after `timeout`.
+    /// Stops the node: SIGTERM to its process group, SIGKILL after `timeout`; for a unit,
+    /// `systemctl stop` (the unit's `TimeoutStopSec` applies; ours is `timeout` plus 5 s).
     pub fn stop(self, timeout: Duration) -> Stopped {
+        if let Some(unit) = &self.unit {
+            if let Some(d) = &self.unit_done {
+                d.store(true, std::sync::atomic::Ordering::Release);
+            }
+            return match run_systemctl(&["stop", unit], timeout + Duration::from_secs(5)) {
+                Ok(true) => Stopped::Terminated(ExitStatus::from_raw(0)),
+                Ok(false) | Err(_) => Stopped::Stuck,
+            };
+        }
         if let Ok(status) = self.exited.try_recv() {
             signal_group(self.pid, libc::SIGKILL); // leftovers of the group, if any
             return Stopped::AlreadyExited(status);

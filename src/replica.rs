@@ -386,16 +386,17 @@ impl Replica {
         let sender = sender::start(cfg, self.rt.handle())
             .map_err(|e| ReplicaError::Start(crate::error_chain(&e)))?;
         self.sender = Some(sender);
-        if !self.config.node.command.is_empty() && self.node.is_none() {
+        if self.node.is_none() {
             let env = [
                 ("ARTEMIS_SYNC_EPOCH", st.epoch.to_string()),
                 ("ARTEMIS_SYNC_HOLDER", self.config.holder_id()),
             ];
-            match Node::spawn(&self.config.node.command, &env) {
-                Ok(n) => {
+            match Node::start(&self.config.node, &env) {
+                Ok(Some(n)) => {
                     tracing::info!(pid = n.pid(), epoch = st.epoch, "node started");
                     self.node = Some(n);
                 }
+                Ok(None) => {}
                 Err(e) => self.note_error(e.to_string()),
             }
         }
@@ -619,7 +620,10 @@ impl Replica {
             data_bytes: data,
             batches,
             node_pid: self.node.as_ref().map(Node::pid),
-            node_state: match (&self.node, self.config.node.command.is_empty()) {
+            node_state: match (
+                &self.node,
+                self.config.node.command.is_empty() && self.config.node.systemd_unit.is_empty(),
+            ) {
                 (_, true) => "none",
                 (Some(_), _) => "running",
                 (None, _) => "stopped",

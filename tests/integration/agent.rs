@@ -24,6 +24,8 @@ struct Pair {
     fx: Fixture,
     log: PathBuf,
     agents: Vec<(String, Child)>,
+    /// Extra environment for the agents.
+    env: Vec<(String, PathBuf)>,
 }
 
 fn config_path(fx: &Fixture, name: &str) -> PathBuf {
@@ -62,6 +64,7 @@ impl Pair {
             fx,
             log,
             agents: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -84,6 +87,9 @@ impl Pair {
             .stdout(Stdio::null())
             .stderr(err)
             .process_group(0);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
         let child = spawn(&mut cmd);
         let pid = child.id();
         self.agents.push((name.to_owned(), child));
@@ -782,4 +788,73 @@ fn issue3_a_node_that_dies_gives_the_lease_to_the_other_vm() {
         p.stderr_of()
     );
     assert_ne!(p.role("a"), "hot");
+}
+
+#[test]
+fn issue6_a_systemd_unit_node_is_started_watched_and_stopped_through_systemctl() {
+    let mut p = Pair::new();
+    let calls = p.fx.path("systemctl.log");
+    let active = p.fx.path("corda.active");
+    let fake = write_script(
+        &p.fx.path("systemctl"),
+        &format!(
+            "echo \"$*\" >> {calls}\ncase \"$1\" in\n  start) touch {active} ;;\n  stop) rm -f {active} ;;\n  is-active) [ -e {active} ] ;;\nesac",
+            calls = calls.display(),
+            active = active.display()
+        ),
+    );
+    p.env.push(("ARTEMIS_SYNC_SYSTEMCTL".into(), fake));
+    let cfg = p.config("a");
+    let text = fs::read_to_string(&cfg).unwrap();
+    let text = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("command = ") {
+                "systemd_unit = \"corda.service\"".to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    fs::write(&cfg, text).unwrap();
+    let a = p.start("a");
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
+    assert!(wait_until(Duration::from_secs(2), || fs::read_to_string(
+        &calls
+    )
+    .unwrap_or_default()
+    .contains("start corda.service")));
+    assert_eq!(p.status("a")["node_state"], "running");
+    // the unit dies: the agent notices and gives the lease up
+    fs::remove_file(&active).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || p.role("a") != "hot"),
+        "{}",
+        p.stderr_of()
+    );
+    assert!(
+        p.status("a")["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("the node"),
+        "{}",
+        p.status("a")
+    );
+    // a new takeover starts it again; stopping the agent stops the unit
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 4), || p.role("a") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
+    assert!(active.exists());
+    p.signal(a, libc::SIGTERM);
+    assert!(!active.exists(), "the unit was not stopped");
+    let log = fs::read_to_string(&calls).unwrap();
+    assert!(log.contains("stop corda.service"), "{log}");
+    assert!(log.contains("is-active --quiet corda.service"), "{log}");
 }
