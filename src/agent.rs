@@ -870,14 +870,7 @@ impl Agent {
             last_renewal_age_ms: age.as_millis() as u64,
             lock_held: self.lock_held,
             node_pid: self.node.as_ref().map(Node::pid),
-            node_state: match (
-                &self.node,
-                self.config.node.command.is_empty() && self.config.node.systemd_unit.is_empty(),
-            ) {
-                (_, true) => "none",
-                (Some(_), _) => "running",
-                (None, _) => "stopped",
-            },
+            node_state: node::state(self.node.as_ref(), &self.config.node),
             error: self.last_error.clone(),
         }
     }

@@ -256,6 +256,15 @@ fn signal_group(pgid: u32, signal: libc::c_int) {
     }
 }
 
+/// `running`, `stopped`, or `none` when no node is configured: for `status`.
+pub fn state(node: Option<&Node>, cfg: &crate::config::NodeConfig) -> &'static str {
+    match node {
+        _ if cfg.command.is_empty() && cfg.systemd_unit.is_empty() => "none",
+        Some(_) => "running",
+        None => "stopped",
+    }
+}
+
 /// A short description of an exit status for logs.
 pub fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {

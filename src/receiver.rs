@@ -74,13 +74,6 @@ pub struct ReceiverStats {
     pub peer: Mutex<Option<String>>,
 }
 
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// What the receiver needs.
 #[derive(Clone)]
 pub struct ReceiverConfig {
@@ -620,7 +613,7 @@ async fn stream_in(
             frame = tokio::time::timeout(IDLE_TIMEOUT, in_rx.recv()) => {
                 let Ok(frame) = frame else { return Err(ReceiveError::Idle(IDLE_TIMEOUT)) };
                 let Some(frame) = frame else { return Ok(()) };
-                stats.last_frame_unix_ms.store(now_unix_ms(), Ordering::Relaxed);
+                stats.last_frame_unix_ms.store(crate::sys::now_unix_ms(), Ordering::Relaxed);
                 match frame {
                     Ok(Frame::Batch { .. }) if !gate.still_admitted(epoch) => {
                         return Err(ReceiveError::NoLongerAdmitted);
@@ -657,7 +650,7 @@ async fn stream_in(
                     stats.data_bytes.fetch_add(bytes, Ordering::Relaxed);
                     stats.applied_seq.store(seq, Ordering::Relaxed);
                     stats.batches.fetch_add(1, Ordering::Relaxed);
-                    stats.last_ack_unix_ms.store(now_unix_ms(), Ordering::Relaxed);
+                    stats.last_ack_unix_ms.store(crate::sys::now_unix_ms(), Ordering::Relaxed);
                     for (id, root, files) in digests {
                         writer.send(&Frame::Digest { id, root, files }).await?;
                     }

@@ -187,13 +187,6 @@ struct Replica {
     last_error: Option<String>,
 }
 
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// How the replication peers authenticate, from the config (files named in errors).
 pub fn auth_from(repl: &ReplicationConfig) -> Result<Auth, ReplicaError> {
     if repl.insecure_loopback {
@@ -483,7 +476,7 @@ impl Replica {
             return Err(format!("this host is already hot (epoch {})", st.epoch));
         }
         let rs = &self.receiver.stats;
-        let now = now_unix_ms();
+        let now = crate::sys::now_unix_ms();
         let last_frame = rs.last_frame_unix_ms.load(Ordering::Relaxed);
         let streaming = rs.connected.load(Ordering::Relaxed)
             && now.saturating_sub(last_frame) < STREAMING_WITHIN.as_millis() as u64;
@@ -569,7 +562,7 @@ impl Replica {
 
     fn status(&self) -> Status {
         let st = self.shared.get();
-        let now = now_unix_ms();
+        let now = crate::sys::now_unix_ms();
         let (connected, last_ack, drained, wire, data, batches) = match &self.sender {
             Some(s) => {
                 let x = &s.stats;
@@ -620,14 +613,7 @@ impl Replica {
             data_bytes: data,
             batches,
             node_pid: self.node.as_ref().map(Node::pid),
-            node_state: match (
-                &self.node,
-                self.config.node.command.is_empty() && self.config.node.systemd_unit.is_empty(),
-            ) {
-                (_, true) => "none",
-                (Some(_), _) => "running",
-                (None, _) => "stopped",
-            },
+            node_state: node::state(self.node.as_ref(), &self.config.node),
             error: self.last_error.clone(),
         }
     }

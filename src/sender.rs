@@ -592,13 +592,9 @@ impl Scanner {
                 mode,
             });
         }
-        let Ok(entries) = fs::read_dir(&path) else {
+        let Some(names) = sorted_names(&path) else {
             return;
         };
-        let mut names: Vec<String> = entries
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .collect();
-        names.sort();
         for name in names {
             let child = format!("{rel}/{name}");
             self.check_path(&child);
@@ -871,13 +867,9 @@ impl Scanner {
             } else {
                 self.root.join(&rel)
             };
-            let Ok(entries) = fs::read_dir(&dir) else {
+            let Some(names) = sorted_names(&dir) else {
                 continue;
             };
-            let mut names: Vec<String> = entries
-                .filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .collect();
-            names.sort();
             for name in names {
                 let child = if rel.is_empty() {
                     name
@@ -988,6 +980,16 @@ impl Scanner {
     }
 }
 
+/// The UTF-8 names in `dir`, sorted; `None` if it cannot be listed (it vanished meanwhile).
+fn sorted_names(dir: &Path) -> Option<Vec<String>> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    Some(names)
+}
+
 /// Initial-sync progress.
 struct Progress {
     files_total: u64,
@@ -1016,13 +1018,6 @@ fn walk_sizes(root: &Path) -> (u64, u64) {
     (files, total)
 }
 // ------------------------------------------------------------------------------- network
-
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 async fn run_net(
     cfg: SenderConfig,
@@ -1238,7 +1233,7 @@ async fn stream_once(
                             window_bytes -= d;
                         }
                         stats.acked_seq.store(seq, Ordering::Relaxed);
-                        stats.last_ack_unix_ms.store(now_unix_ms(), Ordering::Relaxed);
+                        stats.last_ack_unix_ms.store(crate::sys::now_unix_ms(), Ordering::Relaxed);
                         if window.is_empty() && !drains.is_empty() {
                             let seq = next_seq - 1;
                             writer.send(&Frame::Drained { seq }).await.map_err(proto)?;

@@ -102,6 +102,14 @@ impl Sys for RealSys {
     }
 }
 
+/// Milliseconds since the Unix epoch (for reports only: decisions use monotonic clocks).
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Replaces `path` with `data` atomically: a temporary file beside it (`.<name>.tmp.<pid>`),
 /// fsynced, renamed over it, and the directory fsynced, so a reader sees the old content or the
 /// new, never a mix, even after a crash. The temporary is removed on failure.
