@@ -780,7 +780,10 @@ impl Agent {
         let deadline = Instant::now() + self.wait;
         if let Some((seq, _)) = self.outstanding.take() {
             // let the job in flight finish first; its result no longer matters
-            while let Ok((s, _)) = self.replies.recv_deadline(deadline) {
+            while let Ok((s, _)) = crate::sdnotify::recv_pinging(
+                &self.replies,
+                deadline.saturating_duration_since(Instant::now()),
+            ) {
                 if s == seq {
                     break;
                 }
@@ -791,7 +794,10 @@ impl Agent {
             _ => Job::Unlock,
         };
         if self.send(job) {
-            match self.replies.recv_deadline(deadline) {
+            match crate::sdnotify::recv_pinging(
+                &self.replies,
+                deadline.saturating_duration_since(Instant::now()),
+            ) {
                 Ok((_, Reply::Released(Ok(())))) => tracing::info!(why, "lease released"),
                 Ok((_, Reply::Released(Err(e)))) => {
                     tracing::warn!(why, "could not mark the lease released: {e}")

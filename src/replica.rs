@@ -451,7 +451,7 @@ impl Replica {
         s.ctl
             .send(ScanMsg::Drain(tx))
             .map_err(|_| "the scanner stopped".to_string())?;
-        rx.recv_timeout(DRAIN_TIMEOUT)
+        crate::sdnotify::recv_pinging(&rx, DRAIN_TIMEOUT)
             .map_err(|_| format!("no answer within {} s", DRAIN_TIMEOUT.as_secs()))?
     }
 
@@ -554,8 +554,7 @@ impl Replica {
         s.ctl
             .send(ScanMsg::Verify(tx))
             .map_err(|_| "the scanner stopped".to_string())?;
-        let report: VerifyReport = rx
-            .recv_timeout(VERIFY_TIMEOUT)
+        let report: VerifyReport = crate::sdnotify::recv_pinging(&rx, VERIFY_TIMEOUT)
             .map_err(|_| "no answer in time".to_string())??;
         Ok(serde_json::to_string(&report).expect("report serializes"))
     }

@@ -59,9 +59,45 @@ pub fn watchdog_interval() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
+/// Waits for `rx` at most `timeout`, pinging the watchdog meanwhile, so that a long but healthy
+/// wait (a drain, a verify, a release on a slow share) does not get the agent killed.
+pub fn recv_pinging<T>(
+    rx: &crossbeam_channel::Receiver<T>,
+    timeout: Duration,
+) -> Result<T, crossbeam_channel::RecvTimeoutError> {
+    let deadline = std::time::Instant::now() + timeout;
+    let step = watchdog_interval().unwrap_or(timeout);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left.min(step)) {
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) if !left.is_zero() && left > step => {
+                watchdog()
+            }
+            other => return other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recv_pinging_returns_the_message_or_times_out() {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let _ = tx.send(7);
+        });
+        assert_eq!(recv_pinging(&rx, Duration::from_secs(5)), Ok(7));
+        let (_tx, rx) = crossbeam_channel::bounded::<u8>(1);
+        let started = std::time::Instant::now();
+        assert_eq!(
+            recv_pinging(&rx, Duration::from_millis(100)),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout)
+        );
+        assert!(started.elapsed() >= Duration::from_millis(100));
+    }
 
     #[test]
     fn sends_to_the_notify_socket() {
