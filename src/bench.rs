@@ -733,11 +733,14 @@ fn lsyncd_lag(s: &Settings, root: &Path) -> Result<(Option<Value>, Option<String
         ),
     )
     .map_err(err("lsyncd"))?;
+    let log_path = root.join("lsyncd.log");
+    let log = File::create(&log_path).map_err(err("lsyncd log"))?;
+    let log2 = log.try_clone().map_err(err("lsyncd log"))?;
     let mut child = Command::new(lsyncd)
         .arg(&conf)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
         .spawn()
         .map_err(err("start lsyncd"))?;
     // ready once a marker written to the source shows up in the target
@@ -769,6 +772,23 @@ fn lsyncd_lag(s: &Settings, root: &Path) -> Result<(Option<Value>, Option<String
     let _ = child.kill();
     let _ = child.wait();
     let r = r?;
+    if r.lags.is_empty() {
+        let tail: String = fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" | ");
+        return Ok((
+            None,
+            Some(format!(
+                "lsyncd delivered none of the {} sampled records within {} s of their write (last log lines: {tail})",
+                r.lost,
+                workload::PROBE_TIMEOUT.as_secs()
+            )),
+        ));
+    }
     Ok((Some(ms(quantile(&r.lags, 0.5))), None))
 }
 
