@@ -387,7 +387,6 @@ struct Agent {
     split_warned: Option<Instant>,
     want_unlock: bool,
     node: Option<Node>,
-    node_ever_started: bool,
     last_error: Option<String>,
 }
 
@@ -454,7 +453,6 @@ pub fn run(
         split_warned: None,
         want_unlock: false,
         node: None,
-        node_ever_started: false,
         last_error: None,
     };
     tracing::info!(holder = %agent.holder, dir = %config.lock.dir.display(),
@@ -711,7 +709,6 @@ impl Agent {
                 "node started"
             );
             self.node = Some(node);
-            self.node_ever_started = true;
         }
         Ok(())
     }
