@@ -19,7 +19,7 @@
 //! take over.
 
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ use serde::Serialize;
 
 use crate::config::{fence_margin_ms, Backend, Config};
 use crate::control::{self, Request};
-use crate::lease::{self, Lease, LeaseError, LeaseState, LEASE_FILE, LOCK_FILE};
+use crate::lease::{self, Lease, LeaseError, LeaseState, LOCK_FILE};
 use crate::link::{self, LinkOptions};
 use crate::lock::LockFile;
 use crate::mount::{self, MountRequest};
@@ -405,7 +405,7 @@ pub fn run(
     let mut worker = Worker {
         config: config.clone(),
         lock_path: config.lock.dir.join(LOCK_FILE),
-        lease_path: config.lock.dir.join(LEASE_FILE),
+        lease_path: lease::path(&config),
         lock: None,
     };
     std::thread::Builder::new()
@@ -884,14 +884,4 @@ impl Agent {
             self.last_error = Some(e);
         }
     }
-}
-
-/// The lease directory of a config, for `status` when no agent runs.
-pub fn lease_path(config: &Config) -> PathBuf {
-    config.lock.dir.join(LEASE_FILE)
-}
-
-/// Reads the lease directly (no agent needed), for `status` when the agent is down.
-pub fn read_lease(path: &Path) -> Result<Option<Lease>, LeaseError> {
-    lease::read(path)
 }

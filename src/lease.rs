@@ -136,6 +136,11 @@ impl Lease {
     }
 }
 
+/// Where the lease of a config lives: `<lock dir>/lease.json`.
+pub fn path(config: &crate::config::Config) -> PathBuf {
+    config.lock.dir.join(LEASE_FILE)
+}
+
 /// Reads the lease at `path`: `Ok(None)` when there is none.
 pub fn read(path: &Path) -> Result<Option<Lease>, LeaseError> {
     let unreadable = |source| LeaseError::Unreadable {

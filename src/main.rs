@@ -212,7 +212,7 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
                 }
                 Err(e) => {
                     // No agent: say so, and show what the share says.
-                    let lease = agent::read_lease(&agent::lease_path(&config));
+                    let lease = artemis_sync::lease::read(&artemis_sync::lease::path(&config));
                     let v = serde_json::json!({
                         "role": "down",
                         "holder": config.holder_id(),

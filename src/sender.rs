@@ -12,6 +12,8 @@
 //!   until two unchanged pages: a journal append costs a page or two of hashing, not the file;
 //! - a rename first sends every change of the file under its old name (a full scan of that
 //!   one file), then the rename, so `x` never exists on the cold side without `x.tmp`'s data;
+//! - an event whose window found nothing (a write elsewhere in the file) marks the file dirty;
+//!   dirty files are hashed in full every half `rescan_interval_ms`;
 //! - every `rescan_interval_ms`, files whose size, mtime, ctime or inode changed are hashed in
 //!   full (random in-place writes, anything events missed);
 //! - every `deep_rescan_interval_ms`, and on an event-queue overflow, everything is hashed.
