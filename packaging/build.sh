@@ -39,8 +39,9 @@ if ((${#missing[@]})); then
         CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 cargo install --locked "${missing[@]}"
 fi
 
-echo "== cargo build --release (both binaries, and the man page generator)"
-cargo build --release --bins --example gen-man
+echo "== cargo build --release (the agent, the mount helper, the tools, and the man page generator)"
+cargo build --release --workspace --bins
+cargo build --release --example gen-man
 
 # Man pages and completions, generated from the clap definitions the binaries use.
 gen=target/packaging

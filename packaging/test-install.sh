@@ -308,10 +308,10 @@ required=(
     /usr/share/doc/artemis-sync/fstab.examples
     /usr/share/doc/artemis-sync/copyright
 )
-# The benchmark binary ships once it is in the packages' asset lists (one line in each).
+# The benchmark and the demo (the workspace's tools package) ship beside the agent.
 if grep -q ' /usr/bin/artemis-sync-bench$' "$WORK/deb.files"; then
-    required+=(/usr/bin/artemis-sync-bench)
-elif [[ -e src/bin/artemis-sync-bench.rs ]] || grep -q '^name = "artemis-sync-bench"' Cargo.toml; then
+    required+=(/usr/bin/artemis-sync-bench /usr/bin/artemis-sync-demo)
+elif grep -q '^name = "artemis-sync-bench"' tools/Cargo.toml; then
     note "artemis-sync-bench is built but not packaged yet: add it to [package.metadata.deb] assets and [package.metadata.generate-rpm] assets"
 fi
 for f in "${required[@]}"; do

@@ -99,12 +99,6 @@ pub enum Command {
         #[command(subcommand)]
         action: CertsAction,
     },
-    /// Show the shared-storage path on local directories (no config, root or network needed)
-    Demo {
-        /// Work in this directory and keep it (default: a temporary directory, removed after)
-        #[arg(long, value_name = "DIR")]
-        dir: Option<PathBuf>,
-    },
 }
 
 /// `artemis-sync certs ...`

@@ -10,11 +10,11 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::config::mount_options::lock_hazard;
 use crate::config::{Backend, Config, ConfigError};
 use crate::link::{inspect, LinkState};
-use crate::mount::same_file;
-use crate::mountinfo::{self, MountEntry};
-use crate::options::lock_hazard;
+use crate::shared::mount::same_file;
+use crate::shared::mountinfo::{self, MountEntry};
 use crate::sys::Sys;
 
 /// Below this much free space on the share, `doctor` warns (a few Artemis journal files).

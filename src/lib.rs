@@ -2,33 +2,21 @@
 //! VMs can reach it, and makes sure only one node writes it. This library holds all of the
 //! logic; the binaries in `src/main.rs` and `src/bin/` parse arguments and map errors to exit
 //! codes. See ARCHITECTURE.md for the roles, the data path and the invariants.
+//!
+//! The tree follows the two storage modes: [`shared`] (a network share, a lock and a lease on
+//! it), [`replicated`] (each VM's own disk, the journal streamed hot to cold), and [`daemon`],
+//! what the agents of both modes are made of. [`config`], [`sys`], [`cli`], [`link`] and
+//! [`doctor`] serve both. `shared` and `replicated` never import each other.
 
-pub mod agent;
-pub mod bench;
-pub mod certs;
 pub mod cli;
 pub mod config;
-pub mod control;
-pub mod demo;
+pub mod daemon;
 pub mod doctor;
-pub mod lease;
 pub mod link;
-pub mod lock;
 pub mod logging;
-pub mod mount;
-pub mod mountinfo;
-pub mod node;
-pub mod options;
-pub mod pages;
-pub mod proto;
-pub mod receiver;
-pub mod replica;
-pub mod sdnotify;
-pub mod secure;
-pub mod sender;
+pub mod replicated;
+pub mod shared;
 pub mod sys;
-pub mod watch;
-pub mod workload;
 
 /// An error and its causes on one line, `: `-separated, leaving out a cause whose text the
 /// message before it already quotes.

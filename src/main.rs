@@ -2,16 +2,19 @@
 //! results, and maps errors to the exit codes listed in `--help` and the README.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use artemis_sync::cli::{CertsAction, Cli, Command};
 use artemis_sync::config::{Backend, Config, ConfigError};
+use artemis_sync::daemon::control;
 use artemis_sync::link::{LinkError, LinkOptions, LinkOutcome};
-use artemis_sync::mount::{MountOutcome, MountRequest};
+use artemis_sync::replicated::agent as replica;
+use artemis_sync::shared::agent;
+use artemis_sync::shared::mount::{self, MountOutcome, MountRequest};
 use artemis_sync::sys::RealSys;
-use artemis_sync::{agent, control, doctor, link, mount, replica};
+use artemis_sync::{doctor, link};
 use clap::Parser;
 
 /// Success.
@@ -181,7 +184,7 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
                     .context("cannot install signal handlers")?;
             std::thread::spawn(move || {
                 if let Some(sig) = signals.forever().next() {
-                    let _ = tx.send(agent::ShutdownReason::Signal(sig));
+                    let _ = tx.send(artemis_sync::daemon::ShutdownReason::Signal(sig));
                 }
             });
             let socket = config.agent.control_socket.clone();
@@ -190,7 +193,7 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             } else {
                 agent::run(config, listener, shutdown).map_err(anyhow::Error::from)
             };
-            artemis_sync::sdnotify::stopping();
+            artemis_sync::daemon::sdnotify::stopping();
             let _ = std::fs::remove_file(&socket);
             let reason = result?;
             tracing::info!(%reason, "agent stopped");
@@ -212,7 +215,9 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
                 }
                 Err(e) => {
                     // No agent: say so, and show what the share says.
-                    let lease = artemis_sync::lease::read(&artemis_sync::lease::path(&config));
+                    let lease = artemis_sync::shared::lease::read(
+                        &artemis_sync::shared::lease::path(&config),
+                    );
                     let v = serde_json::json!({
                         "role": "down",
                         "holder": config.holder_id(),
@@ -305,7 +310,7 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Certs {
             action: CertsAction::Init { dir, hosts },
         } => {
-            let w = artemis_sync::certs::init(dir, hosts)?;
+            let w = artemis_sync::replicated::certs::init(dir, hosts)?;
             println!(
                 "CA certificate: {} (copy to both hosts; [replication] tls_ca)",
                 w.ca_cert.display()
@@ -317,17 +322,6 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             for (h, c, k) in &w.hosts {
                 println!("{h}: tls_cert = {:?}, tls_key = {:?} (copy both to {h}; the key stays mode 0600)", c, k);
             }
-            Ok(EXIT_OK)
-        }
-        Command::Demo { dir } => {
-            let (path, _guard) = match dir {
-                Some(d) => (d.clone(), None),
-                None => {
-                    let t = tempfile_dir()?;
-                    (t.0.clone(), Some(t))
-                }
-            };
-            artemis_sync::demo::run(&path, &mut stdout)?;
             Ok(EXIT_OK)
         }
     }
@@ -344,20 +338,4 @@ fn print_status(v: &serde_json::Value) {
         };
         println!("{k:<20} {text}");
     }
-}
-
-/// A temporary directory for the demo, removed when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempfile_dir() -> anyhow::Result<TempDir> {
-    let base = std::env::temp_dir();
-    let path = base.join(format!("artemis-sync-demo.{}", std::process::id()));
-    std::fs::create_dir(&path).with_context(|| format!("cannot create {}", path.display()))?;
-    Ok(TempDir(path))
 }

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use artemis_sync::cli::MountHelperArgs as Args;
-use artemis_sync::mount::{mount, MountRequest, EXIT_USAGE};
+use artemis_sync::shared::mount::{mount, MountRequest, EXIT_USAGE};
 use artemis_sync::sys::RealSys;
 use clap::Parser;
 

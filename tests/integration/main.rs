@@ -3,10 +3,10 @@
 //! mounts, root-owned credentials files) print `skipped: <reason>` and pass when not root.
 
 mod agent;
-mod bench;
 mod cli;
 mod helper;
 mod link;
 mod replication;
 mod root;
+mod tools;
 mod util;

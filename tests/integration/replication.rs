@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use artemis_sync::proto::{Frame, FrameReader, FrameWriter, Op, Psk};
-use artemis_sync::secure::{self, Auth};
+use artemis_sync::replicated::channel::{self, Auth};
+use artemis_sync::replicated::wire::{Frame, FrameReader, FrameWriter, Op, Psk};
 
 use crate::util::{artemis_sync, main_cmd, spawn, toml_path, wait_bounded, Fixture};
 
@@ -535,7 +535,7 @@ fn raw_client(
             .map_err(|e| e.to_string())?;
         let (r, w) = s.into_split();
         let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
-        secure::connect(&auth, &mut r, &mut w)
+        channel::connect(&auth, &mut r, &mut w)
             .await
             .map_err(|e| e.to_string())?;
         w.send(&Frame::Intro {

@@ -144,6 +144,18 @@ fn command(program: &str) -> Command {
 }
 
 /// `artemis-sync` with a clean environment.
+/// A binary of the workspace's `tools` package (the benchmark, the demo), which cargo builds
+/// into the same directory as `artemis-sync` when it tests the whole workspace.
+pub fn tool_cmd(name: &str) -> Command {
+    let path = Path::new(MAIN).with_file_name(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run the tests of the whole workspace (`cargo test --release` at the top), which builds it",
+        path.display()
+    );
+    Command::new(path)
+}
+
 pub fn main_cmd() -> Command {
     command(MAIN)
 }

@@ -4,7 +4,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use crate::options::MountOptions;
+use crate::config::mount_options::MountOptions;
 
 /// Errors reading the mount table.
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
@@ -186,7 +186,7 @@ mod tests {
 
     #[test]
     fn lock_hazards_in_captured_lines() {
-        use crate::options::lock_hazard;
+        use crate::config::mount_options::lock_hazard;
         let check = |line: &str| {
             let e = parse(line).unwrap().remove(0);
             lock_hazard(&e.fs_type, &e.all_options()).map(|h| h.option)

@@ -8,7 +8,7 @@
 //!
 //! PSK mode: a challenge-response on fresh nonces from both sides proves that each side knows
 //! the key (without sending it), then every frame in both directions carries a MAC under a
-//! session key derived from the key and the nonces (see [`crate::proto`]). Frames are
+//! session key derived from the key and the nonces (see [`crate::replicated::wire`]). Frames are
 //! authenticated, not encrypted: the journal crosses the wire in clear, which the operator
 //! accepts by choosing PSK over TLS.
 //!
@@ -24,7 +24,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::proto::{
+use crate::replicated::wire::{
     mac_eq, nonce, Frame, FrameMac, FrameReader, FrameWriter, ProtoError, Psk, VERSION,
 };
 

@@ -17,7 +17,7 @@ use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::pages::PageHash;
+use crate::replicated::pages::PageHash;
 
 /// The protocol version spoken.
 pub const VERSION: u16 = 1;
@@ -505,23 +505,12 @@ impl std::fmt::Debug for Psk {
 }
 
 impl Psk {
-    /// Parses hex text (white space ignored); at least 16 bytes of key material.
+    /// The key for the PSK file's text (see [`crate::config::psk_material`]).
     pub fn from_hex(text: &str) -> Result<Psk, String> {
-        let hex: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-        if !hex.len().is_multiple_of(2) || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err("is not hex text".into());
-        }
-        if hex.len() < 32 {
-            return Err(format!(
-                "holds {} bytes; at least 16 are needed",
-                hex.len() / 2
-            ));
-        }
-        let bytes: Vec<u8> = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
-            .collect();
-        Ok(Psk(blake3::derive_key(PSK_CONTEXT, &bytes)))
+        Ok(Psk(blake3::derive_key(
+            PSK_CONTEXT,
+            &crate::config::psk_material(text)?,
+        )))
     }
 
     fn mac(&self, label: &[u8], a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {

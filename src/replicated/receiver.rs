@@ -21,9 +21,9 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::pages::{self, confine, no_symlinks_below, PagesError, TreeIndex};
-use crate::proto::{Frame, FrameReader, FrameWriter, Op, ProtoError};
-use crate::secure::{self, Auth};
+use crate::replicated::channel::{self, Auth};
+use crate::replicated::pages::{self, confine, no_symlinks_below, PagesError, TreeIndex};
+use crate::replicated::wire::{Frame, FrameReader, FrameWriter, Op, ProtoError};
 
 /// A connection with no frame for this long is dead (the hot sends heartbeats every second).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -457,8 +457,8 @@ async fn accept_loop(
     }
 }
 
-type Reader = FrameReader<secure::BoxRead>;
-type Writer = FrameWriter<tokio::io::BufWriter<secure::BoxWrite>>;
+type Reader = FrameReader<channel::BoxRead>;
+type Writer = FrameWriter<tokio::io::BufWriter<channel::BoxWrite>>;
 
 /// Handshake, epoch check and welcome; `None` (logged) when the peer is refused.
 async fn admit(
@@ -467,7 +467,7 @@ async fn admit(
     peer: SocketAddr,
     stats: &ReceiverStats,
 ) -> Option<(Reader, Writer, u64, String)> {
-    let (r, w) = match secure::wrap_accept(&cfg.auth, stream).await {
+    let (r, w) = match channel::wrap_accept(&cfg.auth, stream).await {
         Ok(x) => x,
         Err(e) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -477,7 +477,7 @@ async fn admit(
     };
     let mut reader = FrameReader::new(r);
     let mut writer = FrameWriter::new(tokio::io::BufWriter::with_capacity(1 << 16, w));
-    if let Err(e) = secure::accept(&cfg.auth, &mut reader, &mut writer).await {
+    if let Err(e) = channel::accept(&cfg.auth, &mut reader, &mut writer).await {
         stats.refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%peer, "refused a replication peer: {}", crate::error_chain(&e));
         return None;

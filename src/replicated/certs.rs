@@ -12,7 +12,7 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
-use crate::secure::TLS_NAME;
+use crate::replicated::channel::TLS_NAME;
 
 /// Errors making certificates, naming the file.
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
@@ -153,7 +153,8 @@ mod tests {
             .mode()
             & 0o777;
         assert_eq!(mode, 0o600);
-        crate::secure::TlsPair::load(&w.hosts[0].1, &w.hosts[0].2, &w.ca_cert).unwrap();
+        crate::replicated::channel::TlsPair::load(&w.hosts[0].1, &w.hosts[0].2, &w.ca_cert)
+            .unwrap();
         let err = init(dir.path(), &["vm1".into()]).unwrap_err();
         assert!(err.to_string().contains("already exists"), "{err}");
         assert!(matches!(

@@ -11,7 +11,7 @@
 //!   process does not silently drop it.
 //!
 //! A lock alone cannot prove exclusion (an NFS server drops the locks of a client it lost
-//! contact with, and the holder is not told), so the lease in [`crate::lease`] is checked on
+//! contact with, and the holder is not told), so the lease in [`crate::shared::lease`] is checked on
 //! top of it. [`LockFile::still_ours`] catches the lock file being replaced under us.
 
 use std::fs::{File, OpenOptions};

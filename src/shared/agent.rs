@@ -27,21 +27,21 @@ use crossbeam_channel::{bounded, never, select, Receiver, Sender};
 use serde::Serialize;
 
 use crate::config::{fence_margin_ms, Backend, Config};
-use crate::control::{self, Request};
-use crate::lease::{self, Lease, LeaseError, LeaseState, LOCK_FILE};
+use crate::daemon::control::{self, Request};
+use crate::daemon::node::{self, Node};
+use crate::daemon::{ShutdownReason, CONTROL_REPLY_TIMEOUT};
 use crate::link::{self, LinkOptions};
-use crate::lock::LockFile;
-use crate::mount::{self, MountRequest};
-use crate::node::{self, Node};
+use crate::shared::lease::{self, Lease, LeaseError, LeaseState, LOCK_FILE};
+use crate::shared::lock::LockFile;
+use crate::shared::mount::{self, MountRequest};
+use crate::shared::mountinfo;
 use crate::sys::RealSys;
-use crate::{doctor, error_chain, mountinfo};
+use crate::{doctor, error_chain};
 
 /// The shortest pause between two observations of the lease by a cold agent.
 pub const MIN_POLL: Duration = Duration::from_millis(20);
 /// The longest pause between two observations of the lease by a cold agent.
 pub const MAX_POLL: Duration = Duration::from_millis(1000);
-/// How long the control socket waits for the agent to answer a request.
-pub const CONTROL_REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Errors that stop the agent, each naming the path involved.
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
@@ -62,24 +62,6 @@ pub enum AgentError {
     MountTable(String),
     /// cannot start a thread: {0}
     Thread(#[source] std::io::Error),
-}
-
-/// Why the agent stopped; carried to `main` and logged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ShutdownReason {
-    /// SIGTERM, SIGINT or SIGHUP.
-    Signal(i32),
-}
-
-impl std::fmt::Display for ShutdownReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ShutdownReason::Signal(libc::SIGTERM) => f.write_str("SIGTERM"),
-            ShutdownReason::Signal(libc::SIGINT) => f.write_str("SIGINT"),
-            ShutdownReason::Signal(libc::SIGHUP) => f.write_str("SIGHUP"),
-            ShutdownReason::Signal(n) => write!(f, "signal {n}"),
-        }
-    }
 }
 
 /// What the agent is doing.
@@ -459,7 +441,7 @@ pub fn run(
         update_interval_ms = l.update_interval_ms, wait_interval_ms = l.wait_interval_ms, "agent started, cold");
     // systemd: READY once the first observation gave us a role, STATUS on every change, and
     // watchdog pings (a frozen agent is restarted with its cgroup, node included).
-    let watchdog = crate::sdnotify::watchdog_interval();
+    let watchdog = crate::daemon::sdnotify::watchdog_interval();
     let mut announced: Option<(Role, Option<u64>)> = None;
     loop {
         let mut timeout = agent
@@ -483,7 +465,7 @@ pub fn run(
         }
         agent.tick();
         if watchdog.is_some() {
-            crate::sdnotify::watchdog();
+            crate::daemon::sdnotify::watchdog();
         }
         let now = (agent.role, agent.lease.as_ref().map(|l| l.epoch));
         if !matches!(agent.obs, Obs::Error(ref e) if e == NOT_READ_YET) && announced != Some(now) {
@@ -492,9 +474,9 @@ pub fn run(
                 (role, _) => format!("{role:?}").to_lowercase(),
             };
             if announced.is_none() {
-                crate::sdnotify::ready(&text);
+                crate::daemon::sdnotify::ready(&text);
             } else {
-                crate::sdnotify::status(&text);
+                crate::daemon::sdnotify::status(&text);
             }
             announced = Some(now);
         }
@@ -777,7 +759,7 @@ impl Agent {
         let deadline = Instant::now() + self.wait;
         if let Some((seq, _)) = self.outstanding.take() {
             // let the job in flight finish first; its result no longer matters
-            while let Ok((s, _)) = crate::sdnotify::recv_pinging(
+            while let Ok((s, _)) = crate::daemon::sdnotify::recv_pinging(
                 &self.replies,
                 deadline.saturating_duration_since(Instant::now()),
             ) {
@@ -791,7 +773,7 @@ impl Agent {
             _ => Job::Unlock,
         };
         if self.send(job) {
-            match crate::sdnotify::recv_pinging(
+            match crate::daemon::sdnotify::recv_pinging(
                 &self.replies,
                 deadline.saturating_duration_since(Instant::now()),
             ) {

@@ -22,15 +22,17 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, never, select, Receiver, Sender};
 use serde::{Deserialize, Serialize};
 
-use crate::agent::ShutdownReason;
 use crate::config::{Config, ReplRole, ReplicationConfig};
-use crate::control::{self, Request};
+use crate::daemon::control::{self, Request};
+use crate::daemon::node::{self, Node};
+use crate::daemon::ShutdownReason;
 use crate::link::{self, LinkOptions};
-use crate::node::{self, Node};
-use crate::proto::Psk;
-use crate::receiver::{self, Gate, ReceiverConfig, ReceiverHandle};
-use crate::secure::Auth;
-use crate::sender::{self, ScanMsg, SenderConfig, SenderEvent, SenderHandle, VerifyReport};
+use crate::replicated::channel::Auth;
+use crate::replicated::receiver::{self, Gate, ReceiverConfig, ReceiverHandle};
+use crate::replicated::sender::{
+    self, ScanMsg, SenderConfig, SenderEvent, SenderHandle, VerifyReport,
+};
+use crate::replicated::wire::Psk;
 
 /// A hot side that sent a frame this recently counts as connected and streaming for `promote`.
 pub const STREAMING_WITHIN: Duration = Duration::from_secs(3);
@@ -193,9 +195,13 @@ pub fn auth_from(repl: &ReplicationConfig) -> Result<Auth, ReplicaError> {
         return Ok(Auth::Insecure);
     }
     if !repl.tls_cert.as_os_str().is_empty() {
-        return crate::secure::TlsPair::load(&repl.tls_cert, &repl.tls_key, &repl.tls_ca)
-            .map(|p| Auth::Tls(Arc::new(p)))
-            .map_err(|e| ReplicaError::Start(e.to_string()));
+        return crate::replicated::channel::TlsPair::load(
+            &repl.tls_cert,
+            &repl.tls_key,
+            &repl.tls_ca,
+        )
+        .map(|p| Auth::Tls(Arc::new(p)))
+        .map_err(|e| ReplicaError::Start(e.to_string()));
     }
     let text = std::fs::read_to_string(&repl.psk_file).map_err(|e| ReplicaError::Psk {
         path: repl.psk_file.clone(),
@@ -289,7 +295,7 @@ pub fn run(
             control::serve(
                 control_listener,
                 requests_tx,
-                crate::agent::CONTROL_REPLY_TIMEOUT,
+                crate::daemon::CONTROL_REPLY_TIMEOUT,
             )
         })
         .map_err(|e| ReplicaError::Start(format!("control thread: {e}")))?;
@@ -310,8 +316,10 @@ pub fn run(
     if state.role == ReplRole::Hot {
         me.become_hot()?;
     }
-    crate::sdnotify::ready(&format!("{:?} at epoch {}", state.role, state.epoch).to_lowercase());
-    let watchdog = crate::sdnotify::watchdog_interval();
+    crate::daemon::sdnotify::ready(
+        &format!("{:?} at epoch {}", state.role, state.epoch).to_lowercase(),
+    );
+    let watchdog = crate::daemon::sdnotify::watchdog_interval();
     loop {
         let sender_events = me.sender.as_ref().map_or(never(), |s| s.events.clone());
         let node_exit = me.node.as_ref().map_or(never(), |n| n.exited().clone());
@@ -338,7 +346,7 @@ pub fn run(
             default(watchdog.unwrap_or(Duration::from_secs(1))) => {}
         }
         if watchdog.is_some() {
-            crate::sdnotify::watchdog();
+            crate::daemon::sdnotify::watchdog();
         }
     }
 }
@@ -451,7 +459,7 @@ impl Replica {
         s.ctl
             .send(ScanMsg::Drain(tx))
             .map_err(|_| "the scanner stopped".to_string())?;
-        crate::sdnotify::recv_pinging(&rx, DRAIN_TIMEOUT)
+        crate::daemon::sdnotify::recv_pinging(&rx, DRAIN_TIMEOUT)
             .map_err(|_| format!("no answer within {} s", DRAIN_TIMEOUT.as_secs()))?
     }
 
@@ -554,7 +562,7 @@ impl Replica {
         s.ctl
             .send(ScanMsg::Verify(tx))
             .map_err(|_| "the scanner stopped".to_string())?;
-        let report: VerifyReport = crate::sdnotify::recv_pinging(&rx, VERIFY_TIMEOUT)
+        let report: VerifyReport = crate::daemon::sdnotify::recv_pinging(&rx, VERIFY_TIMEOUT)
             .map_err(|_| "no answer in time".to_string())??;
         Ok(serde_json::to_string(&report).expect("report serializes"))
     }

@@ -93,7 +93,7 @@ struct Agent {
 
 impl Agent {
     fn status(&self) -> Value {
-        crate::control::request(&self.sock, "status", Duration::from_secs(5))
+        artemis_sync::daemon::control::request(&self.sock, "status", Duration::from_secs(5))
             .ok()
             .and_then(|s| serde_json::from_str(&s).ok())
             .unwrap_or(Value::Null)
@@ -193,9 +193,10 @@ impl Pair {
             AuthMode::Insecure => "insecure_loopback = true".to_owned(),
             AuthMode::Psk => {
                 let psk = root.join("psk");
-                let key = crate::proto::nonce().map_err(err("make a key"))?;
+                let key = artemis_sync::replicated::wire::nonce().map_err(err("make a key"))?;
                 let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-                crate::sys::write_atomic(&psk, hex.as_bytes()).map_err(err("write the psk"))?;
+                artemis_sync::sys::write_atomic(&psk, hex.as_bytes())
+                    .map_err(err("write the psk"))?;
                 use std::os::unix::fs::PermissionsExt;
                 fs::set_permissions(&psk, fs::Permissions::from_mode(0o600))
                     .map_err(err("chmod the psk"))?;
@@ -203,7 +204,7 @@ impl Pair {
             }
             AuthMode::Tls => {
                 let certs = root.join("certs");
-                crate::certs::init(&certs, &["hot".into(), "cold".into()])
+                artemis_sync::replicated::certs::init(&certs, &["hot".into(), "cold".into()])
                     .map_err(err("certs init"))?;
                 "TLS".to_owned()
             }
@@ -339,7 +340,7 @@ impl Pair {
 
     fn verify(&self) -> bool {
         let Some(h) = &self.hot else { return false };
-        crate::control::request(&h.sock, "verify", Duration::from_secs(300))
+        artemis_sync::daemon::control::request(&h.sock, "verify", Duration::from_secs(300))
             .ok()
             .and_then(|s| serde_json::from_str::<Value>(&s).ok())
             .is_some_and(|v| v["identical"] == true)
@@ -1009,7 +1010,7 @@ fn random_writes(s: &Settings, rss: &mut (f64, f64)) -> Result<Value, BenchError
                 pending.is_empty()
                     || c.elapsed()
                         > Duration::from_millis(
-                            2 * crate::config::DEFAULT_RESCAN_INTERVAL_MS + 1000,
+                            2 * artemis_sync::config::DEFAULT_RESCAN_INTERVAL_MS + 1000,
                         )
             }) {
                 return (lags, superseded, pending.len() as u64);
@@ -1059,7 +1060,7 @@ fn random_writes(s: &Settings, rss: &mut (f64, f64)) -> Result<Value, BenchError
         "p99_ms": ms(quantile(&lags, 0.99)),
         "max_ms": ms(lags.last().copied()),
         "converged": converged,
-        "rescan_interval_ms": crate::config::DEFAULT_RESCAN_INTERVAL_MS,
+        "rescan_interval_ms": artemis_sync::config::DEFAULT_RESCAN_INTERVAL_MS,
     }))
 }
 

@@ -1,4 +1,4 @@
-//! `artemis-sync demo`: a walk through both modes on local directories, with no config, no root
+//! `artemis-sync-demo`: a walk through both modes on local directories, with no config, no root
 //! and no network beyond loopback, saying what it does at each step.
 //!
 //! Shared mode: it shows the mount a boot would run for an EFS and an Azure share (`-f`,
@@ -15,10 +15,10 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::config::Config;
-use crate::link::{self, LinkOptions, LinkOutcome};
-use crate::mount::{mount, MountRequest};
-use crate::sys::{RealSys, Sys};
+use artemis_sync::config::Config;
+use artemis_sync::link::{self, LinkOptions, LinkOutcome};
+use artemis_sync::shared::mount::{mount, MountRequest};
+use artemis_sync::sys::{RealSys, Sys};
 
 /// Size of each synthetic journal file: Artemis' default `journal-file-size`.
 pub const DEMO_JOURNAL_FILE_BYTES: usize = 10 << 20;
@@ -35,7 +35,7 @@ pub enum DemoError {
 fn step<E: std::error::Error + 'static>(step: &'static str) -> impl FnOnce(E) -> DemoError {
     move |e| DemoError::Step {
         step,
-        message: crate::error_chain(&e),
+        message: artemis_sync::error_chain(&e),
     }
 }
 
@@ -63,7 +63,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<(), DemoError> {
     say(
         out,
         format!(
-            "artemis-sync demo: shared-storage mode on local directories under {}\n",
+            "artemis-sync-demo: shared-storage mode on local directories under {}\n",
             dir.display()
         ),
     );
@@ -129,7 +129,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<(), DemoError> {
 
     let config_path = dir.join("agent.toml");
     let config_text = format!(
-        "# written by artemis-sync demo\n[node]\nbase_dir = {base:?}\n\n[storage]\nmode = \"shared\"\n\
+        "# written by artemis-sync-demo\n[node]\nbase_dir = {base:?}\n\n[storage]\nmode = \"shared\"\n\
          backend = \"premounted\"   # the demo's share is a plain directory\nmount_point = {share:?}\n\n\
          [lock]\nallow_local_locks = true   # one host only\n"
     );
@@ -224,7 +224,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<(), DemoError> {
     }
 
     say(out, "\n7. `artemis-sync doctor`:".into());
-    let report = crate::doctor::run(Ok(&config), &config_path, &sys as &dyn Sys);
+    let report = artemis_sync::doctor::run(Ok(&config), &config_path, &sys as &dyn Sys);
     for line in report.to_text().lines() {
         say(out, format!("   {line}"));
     }
@@ -295,7 +295,7 @@ fn replicated(dir: &Path, out: &mut dyn Write) -> Result<String, DemoError> {
     );
     let psk = root.join("psk");
     fs::create_dir_all(&root).map_err(step("create replicated dir"))?;
-    let key = crate::proto::nonce().map_err(step("make a key"))?;
+    let key = artemis_sync::replicated::wire::nonce().map_err(step("make a key"))?;
     let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -315,7 +315,7 @@ fn replicated(dir: &Path, out: &mut dyn Write) -> Result<String, DemoError> {
             b.local_addr().map_err(step("pick ports"))?.port(),
         )
     };
-    let exe = std::env::current_exe().map_err(step("find own executable"))?;
+    let exe = crate::agent_binary();
     let mut agents = Agents(Vec::new());
     let mut configs = Vec::new();
     for (name, role, listen, peer) in [
@@ -357,7 +357,9 @@ fn replicated(dir: &Path, out: &mut dyn Write) -> Result<String, DemoError> {
     for (name, side) in &configs {
         let sock = side.join("agent.sock");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while crate::control::request(&sock, "status", Duration::from_secs(1)).is_err() {
+        while artemis_sync::daemon::control::request(&sock, "status", Duration::from_secs(1))
+            .is_err()
+        {
             if Instant::now() > deadline {
                 return Err(DemoError::Step {
                     step: "start agent",
@@ -416,8 +418,9 @@ fn replicated(dir: &Path, out: &mut dyn Write) -> Result<String, DemoError> {
 
     say(out, "\n10. `artemis-sync verify` on the hot host: digests of every file on both sides, at a barrier in the stream:".into());
     let hot_sock = root.join("hot/agent.sock");
-    let answer = crate::control::request(&hot_sock, "verify", Duration::from_secs(120))
-        .map_err(step("verify"))?;
+    let answer =
+        artemis_sync::daemon::control::request(&hot_sock, "verify", Duration::from_secs(120))
+            .map_err(step("verify"))?;
     let v: serde_json::Value = serde_json::from_str(&answer).map_err(step("verify"))?;
     say(
         out,

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::options::MountOptions;
+use crate::config::mount_options::MountOptions;
+
+pub mod backoff;
+pub mod mount_options;
 
 /// Where the agent looks for its config when `-c` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/artemis-sync/agent.toml";
@@ -618,8 +621,7 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
-        let budget_ms =
-            crate::mount::Backoff::new(s.mount_attempts, s.mount_retry_max_ms).total_ms();
+        let budget_ms = backoff::Backoff::new(s.mount_attempts, s.mount_retry_max_ms).total_ms();
         if budget_ms >= s.mount_timeout_s.saturating_mul(1000) {
             return Err(invalid(
                 "storage.mount_timeout_s",
@@ -696,7 +698,7 @@ impl Config {
             (0, true, false) => {
                 check_private_file(&r.psk_file).map_err(|e| invalid("replication.psk_file", e))?;
                 let text = std::fs::read_to_string(&r.psk_file).map_err(|e| invalid("replication.psk_file", format!("= {:?}: {e}", r.psk_file)))?;
-                crate::proto::Psk::from_hex(&text).map_err(|e| invalid("replication.psk_file", format!("= {:?} {e}", r.psk_file)))?;
+                psk_material(&text).map_err(|e| invalid("replication.psk_file", format!("= {:?} {e}", r.psk_file)))?;
             }
             (0, false, true) => {
                 if !listen.ip().is_loopback() || !peer.ip().is_loopback() {
@@ -806,7 +808,7 @@ pub fn check_user_options(backend: Backend, opts: &MountOptions) -> Result<(), S
         }
     }
     if let Some(fs_type) = backend.fs_type() {
-        if let Some(h) = crate::options::lock_hazard(fs_type, opts) {
+        if let Some(h) = mount_options::lock_hazard(fs_type, opts) {
             return Err(format!("`{}`: {}; {}", h.option, h.effect, h.fix));
         }
     }
@@ -851,6 +853,24 @@ pub fn check_credentials_file(path: &Path) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The key material in a PSK file's hex text (white space ignored): at least 16 bytes.
+pub fn psk_material(text: &str) -> Result<Vec<u8>, String> {
+    let hex: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    if !hex.len().is_multiple_of(2) || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err("is not hex text".into());
+    }
+    if hex.len() < 32 {
+        return Err(format!(
+            "holds {} bytes; at least 16 are needed",
+            hex.len() / 2
+        ));
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map_err(|e| e.to_string()))
+        .collect()
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use artemis_sync::bench::{self, AuthMode, Settings, WORKLOADS};
+use artemis_sync_tools::bench::{self, AuthMode, Settings, WORKLOADS};
 use clap::Parser;
 
 /// Measures artemis-sync replication against rsync, lsyncd and a plain TCP copy, in one run.
@@ -77,12 +77,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let agent_bin = a.agent.clone().unwrap_or_else(|| {
-        std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(|d| d.join("artemis-sync")))
-            .unwrap_or_else(|| "artemis-sync".into())
-    });
+    let agent_bin = a
+        .agent
+        .clone()
+        .unwrap_or_else(artemis_sync_tools::agent_binary);
     let (dir, remove) = match &a.dir {
         Some(d) => (d.clone(), false),
         None => {

@@ -11,12 +11,12 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use crate::config::backoff::{Backoff, RETRY_FACTOR, RETRY_INITIAL_MS, RETRY_JITTER};
+use crate::config::mount_options::{MountOptions, OptionsError};
 use crate::config::{
     check_credentials_file, check_user_options, nfs_host, smb_host, Backend, Config,
-    DEFAULT_MOUNT_ATTEMPTS, DEFAULT_MOUNT_RETRY_MAX_MS,
 };
-use crate::mountinfo::{self, MountinfoError};
-use crate::options::{MountOptions, OptionsError};
+use crate::shared::mountinfo::{self, MountinfoError};
 use crate::sys::{shell_quote, Sys};
 
 /// mount(8)'s exit code for a wrong call: bad options, unknown backend, missing argument.
@@ -25,12 +25,6 @@ pub const EXIT_USAGE: i32 = 1;
 pub const EXIT_MOUNT_FAILURE: i32 = 32;
 /// The fstab type that makes mount(8) run `/sbin/mount.artemis-sync`.
 pub const FSTAB_TYPE: &str = "artemis-sync";
-/// The pause before the second attempt, in milliseconds.
-pub const RETRY_INITIAL_MS: u64 = 1_000;
-/// Each pause is this many times the one before (as amazon-efs-utils does).
-pub const RETRY_FACTOR: f64 = 1.5;
-/// Jitter adds up to this fraction to each pause, so two VMs booting together spread out.
-pub const RETRY_JITTER: f64 = 0.2;
 /// How long the reachability probe waits for the server's port.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -122,48 +116,6 @@ impl MountError {
             | MountError::Credentials { .. } => EXIT_USAGE,
             _ => EXIT_MOUNT_FAILURE,
         }
-    }
-}
-
-/// Bounded exponential backoff: `attempts` tries, pauses growing by [`RETRY_FACTOR`] from
-/// [`RETRY_INITIAL_MS`] up to `max_ms`, each plus up to [`RETRY_JITTER`] of itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    /// Tries in all, the first included.
-    pub attempts: u32,
-    /// The longest pause, before jitter.
-    pub max_ms: u64,
-}
-
-impl Backoff {
-    /// A backoff of `attempts` tries with pauses capped at `max_ms`.
-    pub fn new(attempts: u32, max_ms: u64) -> Self {
-        Backoff { attempts, max_ms }
-    }
-
-    /// The pause after failed attempt `n` (1-based), before jitter.
-    pub fn base_delay_ms(&self, n: u32) -> u64 {
-        let grown = RETRY_INITIAL_MS as f64 * RETRY_FACTOR.powi(n.saturating_sub(1) as i32);
-        (grown.min(self.max_ms as f64)) as u64
-    }
-
-    /// The pause after failed attempt `n`, with jitter drawn from `unit` in `[0, 1)`.
-    pub fn delay(&self, n: u32, unit: f64) -> Duration {
-        let base = self.base_delay_ms(n) as f64;
-        Duration::from_millis((base * (1.0 + RETRY_JITTER * unit)) as u64)
-    }
-
-    /// The longest the pauses can add up to, jitter included.
-    pub fn total_ms(&self) -> u64 {
-        (1..self.attempts)
-            .map(|n| (self.base_delay_ms(n) as f64 * (1.0 + RETRY_JITTER)) as u64)
-            .sum()
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff::new(DEFAULT_MOUNT_ATTEMPTS, DEFAULT_MOUNT_RETRY_MAX_MS)
     }
 }
 
@@ -525,10 +477,10 @@ pub fn fstab_line(config: &Config) -> Result<String, MountError> {
         "x-systemd.mount-timeout",
         Some(&s.mount_timeout_s.to_string()),
     );
-    if s.mount_attempts != DEFAULT_MOUNT_ATTEMPTS {
+    if s.mount_attempts != crate::config::DEFAULT_MOUNT_ATTEMPTS {
         opts.push("mount_attempts", Some(&s.mount_attempts.to_string()));
     }
-    if s.mount_retry_max_ms != DEFAULT_MOUNT_RETRY_MAX_MS {
+    if s.mount_retry_max_ms != crate::config::DEFAULT_MOUNT_RETRY_MAX_MS {
         opts.push(
             "mount_retry_max_ms",
             Some(&s.mount_retry_max_ms.to_string()),

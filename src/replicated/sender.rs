@@ -35,10 +35,10 @@ use notify::event::{CreateKind, EventKind, ModifyKind, RemoveKind, RenameMode};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::pages::{page_hash, read_full_at, FileState, PageHash, TreeIndex};
-use crate::proto::{Frame, FrameReader, FrameWriter, Op, ProtoError};
-use crate::secure::{self, Auth};
-use crate::watch::FsEvent;
+use crate::replicated::channel::{self, Auth};
+use crate::replicated::pages::{page_hash, read_full_at, FileState, PageHash, TreeIndex};
+use crate::replicated::watch::FsEvent;
+use crate::replicated::wire::{Frame, FrameReader, FrameWriter, Op, ProtoError};
 
 /// Page data per batch before it is sent.
 pub const BATCH_DATA_BYTES: usize = 1 << 20;
@@ -203,9 +203,9 @@ impl SenderHandle {
 pub fn start(
     cfg: SenderConfig,
     rt: &tokio::runtime::Handle,
-) -> Result<SenderHandle, crate::watch::WatchError> {
-    let (fs_tx, fs_rx) = crossbeam_channel::bounded(crate::watch::EVENT_QUEUE);
-    let watcher = crate::watch::watch(&cfg.root, fs_tx)?;
+) -> Result<SenderHandle, crate::replicated::watch::WatchError> {
+    let (fs_tx, fs_rx) = crossbeam_channel::bounded(crate::replicated::watch::EVENT_QUEUE);
+    let watcher = crate::replicated::watch::watch(&cfg.root, fs_tx)?;
     let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(64);
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>(8);
     let (ev_tx, ev_rx) = crossbeam_channel::bounded(16);
@@ -1103,12 +1103,12 @@ async fn stream_once(
             source: io::Error::new(io::ErrorKind::TimedOut, "timed out"),
         })?
         .map_err(|source| SendError::Connect { peer, source })?;
-    let (r, w) = secure::wrap_connect(&cfg.auth, stream)
+    let (r, w) = channel::wrap_connect(&cfg.auth, stream)
         .await
         .map_err(proto)?;
     let mut reader = FrameReader::new(r);
     let mut writer = FrameWriter::new(tokio::io::BufWriter::with_capacity(1 << 20, w));
-    secure::connect(&cfg.auth, &mut reader, &mut writer)
+    channel::connect(&cfg.auth, &mut reader, &mut writer)
         .await
         .map_err(proto)?;
     writer
@@ -1312,7 +1312,7 @@ fn compare(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::receiver::{Applied, Applier};
+    use crate::replicated::receiver::{Applied, Applier};
     use notify::event::{DataChange, ModifyKind};
     use proptest::prelude::*;
 
@@ -1395,8 +1395,8 @@ mod tests {
         }
 
         fn same(&self) -> bool {
-            let a = crate::pages::index_tree(&self.hot, 512).unwrap();
-            let b = crate::pages::index_tree(&self.cold, 512).unwrap();
+            let a = crate::replicated::pages::index_tree(&self.hot, 512).unwrap();
+            let b = crate::replicated::pages::index_tree(&self.cold, 512).unwrap();
             a == b
         }
     }

@@ -1,0 +1,154 @@
+//! The workspace's tools (`tools/`): the demo runs end to end, and the benchmark's `--quick`
+//! mode runs every workload against real agents, so neither can rot. Benchmark figures are not
+//! asserted here (timing belongs to the benchmark, not to tests); keys, convergence and identity
+//! are.
+
+use std::fs;
+
+use crate::util::*;
+
+#[test]
+fn issue5_quick_benchmark_prints_every_key() {
+    let mut cmd = tool_cmd("artemis-sync-bench");
+    cmd.args(["--quick", "--json"]);
+    let out = run(&mut cmd);
+    out.code(0);
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"));
+    let keys: &[(&str, &[&str])] = &[
+        (
+            "initial_sync",
+            &[
+                "mb_per_s",
+                "raw_tcp_mb_per_s",
+                "rsync_mb_per_s",
+                "ratio_vs_rsync",
+                "ratio_vs_raw_tcp",
+            ],
+        ),
+        (
+            "resync",
+            &[
+                "seconds",
+                "wire_bytes",
+                "changed_bytes",
+                "rsync_seconds",
+                "rsync_wire_bytes",
+                "ratio_vs_rsync",
+            ],
+        ),
+        (
+            "append_lag",
+            &[
+                "p50_ms",
+                "p99_ms",
+                "max_ms",
+                "hot_cpu_pct",
+                "cold_cpu_pct",
+                "lsyncd_p50_ms",
+            ],
+        ),
+        ("append_max", &["mb_per_s", "p99_ms"]),
+        ("random_writes", &["p50_ms", "p99_ms", "converged"]),
+    ];
+    for (w, figs) in keys {
+        for f in *figs {
+            assert!(v[w].get(f).is_some(), "{w}.{f} missing:\n{v:#}");
+        }
+    }
+    assert!(
+        v["hot_rss_mb"].as_f64().is_some() && v["cold_rss_mb"].as_f64().is_some(),
+        "{v:#}"
+    );
+    // a null baseline says why
+    for (w, f, why) in [
+        ("initial_sync", "rsync_mb_per_s", "rsync_null_reason"),
+        ("append_lag", "lsyncd_p50_ms", "lsyncd_null_reason"),
+    ] {
+        if v[w][f].is_null() {
+            assert!(
+                v[w][why].is_string(),
+                "{w}.{f} is null without a reason: {v:#}"
+            );
+        }
+    }
+    for w in ["initial_sync", "resync", "append_lag"] {
+        assert_eq!(v[w]["identical"], true, "{w}: copies differ: {v:#}");
+    }
+    assert_eq!(v["random_writes"]["converged"], true, "{v:#}");
+    assert_eq!(v["append_lag"]["lost"], 0, "{v:#}");
+}
+
+#[test]
+fn issue2_demo_runs_end_to_end_and_cleans_up() {
+    let fx = Fixture::new();
+    let tmp = fx.mkdir("tmp");
+    let out = run(tool_cmd("artemis-sync-demo").env("TMPDIR", &tmp));
+    out.code(0);
+    let last = out.stdout.trim_end().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("Done: the journal lives in the share")
+            && last.contains("the replicated copy is identical"),
+        "{out}"
+    );
+    out.stdout_has(&["identical:", "lag p50"]);
+    let doctor: Vec<&str> = out
+        .stdout
+        .lines()
+        .skip_while(|l| !l.contains("`artemis-sync doctor`"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .collect();
+    let checks: Vec<&str> = doctor
+        .iter()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(
+        checks,
+        ["config", "mount", "locks", "link", "writable", "free_space"],
+        "{out}"
+    );
+    assert!(
+        doctor.iter().all(|l| l.trim_start().starts_with("ok ")),
+        "{out}"
+    );
+    out.stdout_has(&["refused:", "--migrate", "3/3 journal files identical"]);
+    // The temporary directory was removed.
+    assert!(
+        names(&tmp).is_empty(),
+        "demo left {:?} in TMPDIR",
+        names(&tmp)
+    );
+}
+
+#[test]
+fn demo_dir_keeps_the_migrated_tree() {
+    let fx = Fixture::new();
+    let dir = fx.path("demo");
+    let out = run(tool_cmd("artemis-sync-demo").arg("--dir").arg(&dir));
+    out.code(0).stdout_has(&["Done:"]);
+    let link = dir.join("corda/artemis");
+    let share = dir.join("share");
+    assert_eq!(fs::read_link(&link).unwrap(), share);
+    let aside: Vec<String> = names(&dir.join("corda"))
+        .into_iter()
+        .filter(|n| n.starts_with("artemis.pre-artemis-sync."))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let through_link = snapshot(&link);
+    let kept = snapshot(&dir.join("corda").join(&aside[0]));
+    assert_eq!(through_link, kept);
+    for i in 1..=3 {
+        let rel = format!("journal/activemq-data-{i}.amq");
+        assert_eq!(
+            fs::metadata(share.join(&rel)).unwrap().len(),
+            10 << 20,
+            "{rel}"
+        );
+    }
+    assert!(share
+        .join("bindings/activemq-bindings-1.bindings")
+        .is_file());
+    // The config it wrote is valid and describes that tree.
+    artemis_sync(&dir.join("agent.toml"), ["doctor"]).code(0);
+}

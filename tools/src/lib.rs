@@ -1,0 +1,18 @@
+//! The tools beside artemis-sync that an operator does not need on a VM to run the pair:
+//! [`bench`], the standalone throughput benchmark (`artemis-sync-bench`), [`demo`], the
+//! walk-through of both modes (`artemis-sync-demo`), and [`workload`], the Artemis-like writer
+//! and lag probe that both drive through real agents.
+
+pub mod bench;
+pub mod demo;
+pub mod workload;
+
+/// The `artemis-sync` binary the tools run as real agents: the one beside the running tool
+/// (`target/release/`, `/usr/bin/`), else whichever `PATH` finds.
+pub fn agent_binary() -> std::path::PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("artemis-sync")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| "artemis-sync".into())
+}
