@@ -96,6 +96,116 @@ struct Sample {
     done: Instant,
 }
 
+/// The journal files the writer appends to, rotated as Artemis rotates them: a new file is
+/// made as `.tmp`, preallocated, fsynced and renamed into place; with `paging`, a page file is
+/// created at each rotation and the one two rotations older deleted.
+struct Journal<'a> {
+    cfg: &'a WriterConfig,
+    journal: PathBuf,
+    paging: PathBuf,
+    /// The current file and its path relative to the data directory.
+    file: Option<(File, String)>,
+    /// The next record's slot in the current file.
+    slot: u64,
+    records_per_file: u64,
+    file_no: u64,
+    page_no: u64,
+}
+
+impl<'a> Journal<'a> {
+    fn new(cfg: &'a WriterConfig) -> io::Result<Self> {
+        let journal = cfg.dir.join("journal");
+        let paging = cfg.dir.join("paging/demo-address");
+        fs::create_dir_all(&journal)?;
+        if cfg.paging {
+            fs::create_dir_all(&paging)?;
+        }
+        let records_per_file = cfg.file_bytes / RECORD_BYTES as u64;
+        Ok(Journal {
+            cfg,
+            journal,
+            paging,
+            file: None,
+            slot: records_per_file,
+            records_per_file,
+            file_no: cfg.first_file.saturating_sub(1),
+            page_no: 0,
+        })
+    }
+
+    /// Opens the next journal file (and turns the paging files over).
+    fn rotate(&mut self) -> io::Result<()> {
+        self.file_no += 1;
+        let name = format!("activemq-data-{}.amq", self.file_no);
+        let tmp = self.journal.join(format!("{name}.tmp"));
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&tmp)?;
+        f.set_len(self.cfg.file_bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, self.journal.join(&name))?;
+        self.file = Some((f, format!("journal/{name}")));
+        self.slot = 0;
+        if self.cfg.paging {
+            self.page_no += 1;
+            let fill = u8::try_from(self.page_no % 256).unwrap_or_default();
+            fs::write(
+                self.paging.join(format!("{:09}.page", self.page_no)),
+                vec![fill; 8192],
+            )?;
+            if self.page_no > 2 {
+                let old = self.paging.join(format!("{:09}.page", self.page_no - 2));
+                let _ = fs::remove_file(old);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `record` into the next slot and `fdatasync`s it, rotating first when the current
+    /// file is full; returns whether it rotated, the file's relative path, the record's offset,
+    /// and when the write started.
+    fn append(&mut self, record: &[u8]) -> io::Result<(bool, String, u64, Instant)> {
+        let rotated = self.slot >= self.records_per_file;
+        if rotated {
+            self.rotate()?;
+        }
+        let (f, rel) = self.file.as_ref().expect("a journal file is open");
+        let offset = self.slot * RECORD_BYTES as u64;
+        let started = Instant::now();
+        f.write_all_at(record, offset)?;
+        f.sync_data()?;
+        self.slot += 1;
+        Ok((rotated, rel.clone(), offset, started))
+    }
+}
+
+/// Moves the lags the probe has measured so far into this second's tick and the report.
+fn drain_lags(rx: &Receiver<Option<(Duration, Duration)>>, tick: &mut Tick, report: &mut Report) {
+    while let Ok(l) = rx.try_recv() {
+        match l {
+            Some((d, w)) => {
+                tick.lags.push(d);
+                report.lags_from_write.push(w);
+            }
+            None => report.lost += 1,
+        }
+    }
+}
+
+/// A record for sequence number `seq`: a 16-byte tag (the number, and nanoseconds since
+/// `start`) that the probe looks for on the cold side, then filler.
+fn fill_record(record: &mut [u8], seq: u64, start: Instant) -> [u8; 16] {
+    let mut tag = [0u8; 16];
+    tag[..8].copy_from_slice(&seq.to_le_bytes());
+    let nanos = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    tag[8..].copy_from_slice(&nanos.to_le_bytes());
+    record[..16].copy_from_slice(&tag);
+    record[16..].fill(u8::try_from(seq % 251).unwrap_or_default() + 1);
+    tag
+}
+
 /// Writes for `cfg.duration`; with `cold`, probes arrival there. `tick` is called once a
 /// second.
 pub fn run(
@@ -103,24 +213,14 @@ pub fn run(
     cold: Option<&Path>,
     mut tick: impl FnMut(&Tick),
 ) -> io::Result<Report> {
-    let journal = cfg.dir.join("journal");
-    let paging = cfg.dir.join("paging/demo-address");
-    fs::create_dir_all(&journal)?;
-    if cfg.paging {
-        fs::create_dir_all(&paging)?;
-    }
+    let mut journal = Journal::new(cfg)?;
     let (tx, rx) = bounded::<Sample>(4096);
     let (lag_tx, lag_rx) = bounded::<Option<(Duration, Duration)>>(65536);
     let probe = cold.map(|c| {
         let c = c.to_owned();
         std::thread::spawn(move || probe(&c, rx, lag_tx))
     });
-    let records_per_file = cfg.file_bytes / RECORD_BYTES as u64;
     let mut report = Report::default();
-    let mut file: Option<(File, String)> = None;
-    let mut slot = records_per_file;
-    let mut file_no = cfg.first_file.saturating_sub(1);
-    let mut page_no = 0u64;
     let start = Instant::now();
     let mut next_tick = start + Duration::from_secs(1);
     let mut this_tick = Tick {
@@ -130,66 +230,24 @@ pub fn run(
     let mut record = vec![0u8; RECORD_BYTES];
     let mut seq = 0u64;
     while start.elapsed() < cfg.duration {
-        if slot >= records_per_file {
-            file_no += 1;
-            let name = format!("activemq-data-{file_no}.amq");
-            let tmp = journal.join(format!("{name}.tmp"));
-            let f = OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .open(&tmp)?;
-            f.set_len(cfg.file_bytes)?;
-            f.sync_all()?;
-            fs::rename(&tmp, journal.join(&name))?;
-            file = Some((f, format!("journal/{name}")));
-            slot = 0;
-            report.files += 1;
-            if cfg.paging {
-                page_no += 1;
-                fs::write(
-                    paging.join(format!("{page_no:09}.page")),
-                    vec![page_no as u8; 8192],
-                )?;
-                if page_no > 2 {
-                    let _ = fs::remove_file(paging.join(format!("{:09}.page", page_no - 2)));
-                }
-            }
-        }
-        let (f, rel) = file.as_ref().expect("a journal file is open");
         seq += 1;
-        let mut tag = [0u8; 16];
-        tag[..8].copy_from_slice(&seq.to_le_bytes());
-        tag[8..].copy_from_slice(&(start.elapsed().as_nanos() as u64).to_le_bytes());
-        record[..16].copy_from_slice(&tag);
-        record[16..].fill((seq % 251) as u8 + 1);
-        let offset = slot * RECORD_BYTES as u64;
-        let started = Instant::now();
-        f.write_all_at(&record, offset)?;
-        f.sync_data()?;
+        let tag = fill_record(&mut record, seq, start);
+        let (rotated, rel, offset, started) = journal.append(&record)?;
         let done = Instant::now();
+        report.files += u64::from(rotated);
         if probe.is_some() && seq.is_multiple_of(cfg.sample_every) {
             let _ = tx.try_send(Sample {
-                rel: rel.clone(),
+                rel,
                 offset,
                 tag,
                 started,
                 done,
             });
         }
-        slot += 1;
         report.records += 1;
         report.bytes += RECORD_BYTES as u64;
         this_tick.records += 1;
-        while let Ok(l) = lag_rx.try_recv() {
-            match l {
-                Some((d, w)) => {
-                    this_tick.lags.push(d);
-                    report.lags_from_write.push(w);
-                }
-                None => report.lost += 1,
-            }
-        }
+        drain_lags(&lag_rx, &mut this_tick, &mut report);
         if Instant::now() >= next_tick {
             this_tick.lags.sort();
             tick(&this_tick);
@@ -212,15 +270,7 @@ pub fn run(
     if let Some(p) = probe {
         let _ = p.join();
     }
-    while let Ok(l) = lag_rx.try_recv() {
-        match l {
-            Some((d, w)) => {
-                this_tick.lags.push(d);
-                report.lags_from_write.push(w);
-            }
-            None => report.lost += 1,
-        }
-    }
+    drain_lags(&lag_rx, &mut this_tick, &mut report);
     report.lags.extend_from_slice(&this_tick.lags);
     report.lags.sort();
     report.lags_from_write.sort();

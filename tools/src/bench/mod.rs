@@ -1,0 +1,190 @@
+//! `artemis-sync-bench`: throughput and lag of replicated mode, each figure next to a baseline
+//! measured in the same run (a plain TCP copy, an rsync daemon, lsyncd), so that noise on a
+//! shared machine moves both.
+//!
+//! Every workload starts a fresh pair of real `artemis-sync agent` processes (the binary beside
+//! this one) on 127.0.0.1, in directories under `--dir` (default: a new directory in /dev/shm),
+//! and removes them afterwards. Baselines whose tool is missing are reported as null with the
+//! reason.
+
+//!
+//! The pieces: [`pair`] starts and measures the two agents, [`baselines`] runs the same-run
+//! baselines (a plain TCP copy, an rsync daemon, lsyncd), [`workloads`] the measured workloads, and
+//! [`report`] prints the table and draws the SVG.
+
+mod baselines;
+mod pair;
+mod report;
+mod workloads;
+
+use baselines::*;
+use pair::*;
+pub use report::{svg, table};
+use workloads::*;
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::workload::{self, quantile, WriterConfig};
+
+/// Errors of the benchmark, naming the step.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum BenchError {
+    /// {step}: {message}
+    Step { step: String, message: String },
+}
+
+fn err<E: std::fmt::Display>(step: &str) -> impl FnOnce(E) -> BenchError + '_ {
+    move |e| BenchError::Step {
+        step: step.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// How the agents authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Pre-shared key: every frame carries a keyed-blake3 MAC.
+    Psk,
+    /// Mutual TLS (rustls), certificates from `certs init`.
+    Tls,
+    /// No authentication (loopback only).
+    Insecure,
+}
+
+/// The workloads.
+pub const WORKLOADS: [&str; 5] = [
+    "initial_sync",
+    "resync",
+    "append_lag",
+    "append_max",
+    "random_writes",
+];
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where the trees go.
+    pub dir: PathBuf,
+    /// Authentication of the agents.
+    pub auth: AuthMode,
+    /// The workloads to run.
+    pub workloads: Vec<String>,
+    /// `initial_sync`/`resync` tree: files.
+    pub files: usize,
+    /// `initial_sync`/`resync` tree: MiB per file.
+    pub file_mib: usize,
+    /// `append_lag` records per second.
+    pub rate: u32,
+    /// Seconds of `append_lag`, `append_max`, `random_writes`.
+    pub seconds: u64,
+    /// `random_writes`: MiB of files written into.
+    pub random_mib: usize,
+    /// `random_writes` writes per second.
+    pub random_rate: u32,
+    /// The agent binary.
+    pub agent_bin: PathBuf,
+}
+
+/// Results, as one JSON object.
+pub type Results = Value;
+
+// ------------------------------------------------------------------------------ helpers
+
+/// Fills `buf` with fast pseudo-random bytes (xorshift64*), different for each `seed`.
+fn fill_random(buf: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+fn make_tree(dir: &Path, files: usize, mib: usize) -> Result<u64, BenchError> {
+    fs::create_dir_all(dir.join("journal")).map_err(err("create the tree"))?;
+    let mut buf = vec![0u8; mib << 20];
+    for i in 0..files {
+        fill_random(&mut buf, i as u64 + 1);
+        fs::write(dir.join(format!("journal/activemq-data-{i}.amq")), &buf)
+            .map_err(err("write the tree"))?;
+    }
+    Ok((files * (mib << 20)) as u64)
+}
+
+fn tool(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let m = 10f64.powi(digits);
+    (x * m).round() / m
+}
+
+fn ms(d: Option<Duration>) -> Value {
+    d.map_or(Value::Null, |d| json!(round(d.as_secs_f64() * 1e3, 3)))
+}
+
+/// An rsync daemon on 127.0.0.1 serving `dir` as module `bench`.
+/// Data for the SVG report.
+#[derive(Debug, Default)]
+pub struct Curves {
+    /// `append_lag` lags, sorted.
+    pub lags: Vec<Duration>,
+    /// `append_max` MB/s per second.
+    pub throughput: Vec<f64>,
+}
+
+/// Runs the selected workloads; `progress` hears about each one as it starts.
+pub fn run(s: &Settings, mut progress: impl FnMut(&str)) -> Result<(Results, Curves), BenchError> {
+    fs::create_dir_all(&s.dir).map_err(err("create --dir"))?;
+    let mut out = serde_json::Map::new();
+    let mut rss = (0.0f64, 0.0f64);
+    let mut curves = Curves::default();
+    for w in &s.workloads {
+        progress(w);
+        let v = match w.as_str() {
+            "initial_sync" => initial_sync(s, &mut rss)?,
+            "resync" => resync(s, &mut rss)?,
+            "append_lag" => append_lag(s, &mut rss, &mut curves)?,
+            "append_max" => append_max(s, &mut rss, &mut curves, s.seconds <= 2)?,
+            "random_writes" => random_writes(s, &mut rss)?,
+            other => {
+                return Err(BenchError::Step {
+                    step: "workloads".into(),
+                    message: format!(
+                        "unknown workload {other:?}; known: {}",
+                        WORKLOADS.join(", ")
+                    ),
+                })
+            }
+        };
+        out.insert(w.clone(), v);
+    }
+    let tree = (s.files * (s.file_mib << 20)) as f64;
+    out.insert("hot_rss_mb".into(), json!(round(rss.0, 1)));
+    out.insert("cold_rss_mb".into(), json!(round(rss.1, 1)));
+    out.insert(
+        "rss_target_mb".into(),
+        json!(round(64.0 + tree / 1048576.0 / 100.0, 1)),
+    );
+    out.insert("auth".into(), json!(s.auth));
+    out.insert("dir".into(), json!(s.dir));
+    Ok((Value::Object(out), curves))
+}

@@ -1,0 +1,281 @@
+//! A pair of real `artemis-sync agent` processes, hot and cold, on 127.0.0.1: started with a
+//! config per side, waited for, measured (CPU time, peak RSS) and removed.
+
+use super::*;
+
+// ------------------------------------------------------------------------------ agents
+
+pub(super) struct Agent {
+    pub(super) child: Child,
+    pub(super) sock: PathBuf,
+}
+
+impl Agent {
+    pub(super) fn status(&self) -> Value {
+        artemis_sync::daemon::control::request(&self.sock, "status", Duration::from_secs(5))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(Value::Null)
+    }
+
+    pub(super) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident memory (VmHWM) in MiB.
+    pub(super) fn peak_rss_mb(&self) -> f64 {
+        proc_status_kb(self.pid(), "VmHWM:").map_or(0.0, |kb| kb as f64 / 1024.0)
+    }
+
+    /// User + system CPU time so far.
+    pub(super) fn cpu(&self) -> Duration {
+        cpu_time(self.pid())
+    }
+
+    pub(super) fn stop(mut self) {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our live child.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub(super) fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+pub(super) fn cpu_time(pid: u32) -> Duration {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    // after the command: state is field 3, utime 14, stime 15 (1-based in proc(5))
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// A hot and a cold agent on fresh directories.
+pub(super) struct Pair {
+    pub(super) root: PathBuf,
+    pub(super) hot_data: PathBuf,
+    pub(super) cold_data: PathBuf,
+    pub(super) hot_cfg: PathBuf,
+    pub(super) cold_cfg: PathBuf,
+    pub(super) bin: PathBuf,
+    pub(super) hot: Option<Agent>,
+    pub(super) cold: Option<Agent>,
+    pub(super) peak_hot_mb: f64,
+    pub(super) peak_cold_mb: f64,
+}
+
+impl Pair {
+    pub(super) fn new(s: &Settings, name: &str) -> Result<Pair, BenchError> {
+        let root = s.dir.join(name);
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).map_err(err("create the workload directory"))?;
+        let ports = {
+            let a = TcpListener::bind("127.0.0.1:0").map_err(err("pick ports"))?;
+            let b = TcpListener::bind("127.0.0.1:0").map_err(err("pick ports"))?;
+            (
+                a.local_addr().map_err(err("pick ports"))?.port(),
+                b.local_addr().map_err(err("pick ports"))?.port(),
+            )
+        };
+        let auth = match s.auth {
+            AuthMode::Insecure => "insecure_loopback = true".to_owned(),
+            AuthMode::Psk => {
+                let psk = root.join("psk");
+                let key = artemis_sync::replicated::wire::nonce().map_err(err("make a key"))?;
+                let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+                artemis_sync::sys::write_atomic(&psk, hex.as_bytes())
+                    .map_err(err("write the psk"))?;
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(&psk, fs::Permissions::from_mode(0o600))
+                    .map_err(err("chmod the psk"))?;
+                format!("psk_file = {psk:?}")
+            }
+            AuthMode::Tls => {
+                let certs = root.join("certs");
+                artemis_sync::replicated::certs::init(&certs, &["hot".into(), "cold".into()])
+                    .map_err(err("certs init"))?;
+                "TLS".to_owned()
+            }
+        };
+        let mut cfgs = Vec::new();
+        for (side, listen, peer) in [("hot", ports.0, ports.1), ("cold", ports.1, ports.0)] {
+            let dir = root.join(side);
+            fs::create_dir_all(dir.join("base")).map_err(err("create a side"))?;
+            fs::create_dir_all(dir.join("data")).map_err(err("create a side"))?;
+            let auth = if auth == "TLS" {
+                let c = root.join("certs");
+                format!(
+                    "tls_cert = {:?}\ntls_key = {:?}\ntls_ca = {:?}",
+                    c.join(format!("{side}.pem")),
+                    c.join(format!("{side}.key")),
+                    c.join("ca.pem")
+                )
+            } else {
+                auth.clone()
+            };
+            let text = format!(
+                "[node]\nbase_dir = {:?}\n\n[storage]\nmode = \"replicated\"\n\n[replication]\nrole = \"{side}\"\ndata_dir = {:?}\n\
+                 listen = \"127.0.0.1:{listen}\"\npeer = \"127.0.0.1:{peer}\"\n{auth}\nstate_file = {:?}\n\n\
+                 [lock]\nmachine_name = \"{side}\"\n\n[agent]\ncontrol_socket = {:?}\n",
+                dir.join("base"), dir.join("data"), dir.join("state.json"), dir.join("agent.sock")
+            );
+            let cfg = dir.join("agent.toml");
+            fs::write(&cfg, text).map_err(err("write a config"))?;
+            cfgs.push(cfg);
+        }
+        Ok(Pair {
+            hot_data: root.join("hot/data"),
+            cold_data: root.join("cold/data"),
+            hot_cfg: cfgs[0].clone(),
+            cold_cfg: cfgs[1].clone(),
+            root,
+            bin: s.agent_bin.clone(),
+            hot: None,
+            cold: None,
+            peak_hot_mb: 0.0,
+            peak_cold_mb: 0.0,
+        })
+    }
+
+    pub(super) fn spawn(&self, cfg: &Path, log: &str) -> Result<Agent, BenchError> {
+        let log = File::create(self.root.join(log)).map_err(err("create an agent log"))?;
+        let child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(cfg)
+            .arg("agent")
+            .env(
+                "ARTEMIS_SYNC_LOG",
+                std::env::var("ARTEMIS_SYNC_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| BenchError::Step {
+                step: "start an agent".into(),
+                message: format!("{}: {e}", self.bin.display()),
+            })?;
+        let sock = cfg.parent().expect("config dir").join("agent.sock");
+        let agent = Agent { child, sock };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while agent.status().is_null() {
+            if Instant::now() > deadline {
+                return Err(BenchError::Step {
+                    step: "start an agent".into(),
+                    message: format!(
+                        "no answer on {} (log in {})",
+                        agent.sock.display(),
+                        self.root.display()
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(agent)
+    }
+
+    pub(super) fn start_cold(&mut self) -> Result<(), BenchError> {
+        self.cold = Some(self.spawn(&self.cold_cfg, "cold.log")?);
+        Ok(())
+    }
+
+    pub(super) fn start_hot(&mut self) -> Result<(), BenchError> {
+        self.hot = Some(self.spawn(&self.hot_cfg, "hot.log")?);
+        Ok(())
+    }
+
+    pub(super) fn note_rss(&mut self) {
+        if let Some(h) = &self.hot {
+            self.peak_hot_mb = self.peak_hot_mb.max(h.peak_rss_mb());
+        }
+        if let Some(c) = &self.cold {
+            self.peak_cold_mb = self.peak_cold_mb.max(c.peak_rss_mb());
+        }
+    }
+
+    pub(super) fn stop_cold(&mut self) {
+        self.note_rss();
+        if let Some(c) = self.cold.take() {
+            c.stop();
+        }
+    }
+
+    pub(super) fn hot_status(&self) -> Value {
+        self.hot.as_ref().map_or(Value::Null, Agent::status)
+    }
+
+    pub(super) fn cold_status(&self) -> Value {
+        self.cold.as_ref().map_or(Value::Null, Agent::status)
+    }
+
+    /// Waits until the hot side says the cold side has everything.
+    pub(super) fn wait_synced(&self, limit: Duration) -> Result<Duration, BenchError> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.hot_status()["synced"] == true {
+                return Ok(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Err(BenchError::Step {
+            step: "wait for the sync".into(),
+            message: format!(
+                "not in sync after {limit:?}; logs in {}",
+                self.root.display()
+            ),
+        })
+    }
+
+    pub(super) fn verify(&self) -> bool {
+        let Some(h) = &self.hot else { return false };
+        artemis_sync::daemon::control::request(&h.sock, "verify", Duration::from_secs(300))
+            .ok()
+            .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+            .is_some_and(|v| v["identical"] == true)
+    }
+
+    pub(super) fn finish(mut self) -> (f64, f64) {
+        self.note_rss();
+        if let Some(h) = self.hot.take() {
+            h.stop();
+        }
+        if let Some(c) = self.cold.take() {
+            c.stop();
+        }
+        if std::env::var_os("ARTEMIS_SYNC_BENCH_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&self.root);
+        }
+        (self.peak_hot_mb, self.peak_cold_mb)
+    }
+}

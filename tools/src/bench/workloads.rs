@@ -1,0 +1,461 @@
+//! The measured workloads: initial sync and resync of a tree, append lag at a steady rate, the
+//! highest append rate that keeps the lag bounded, and random in-place writes.
+
+use super::*;
+
+// ------------------------------------------------------------------------------ workloads
+
+pub(super) fn initial_sync(s: &Settings, rss: &mut (f64, f64)) -> Result<Value, BenchError> {
+    let mut p = Pair::new(s, "initial_sync")?;
+    let bytes = make_tree(&p.hot_data, s.files, s.file_mib)?;
+    let mb = bytes as f64 / 1e6;
+    p.start_cold()?;
+    let start = Instant::now();
+    p.start_hot()?;
+    p.wait_synced(Duration::from_secs(600))?;
+    let ours = start.elapsed();
+    let identical = p.verify();
+    let raw = raw_tcp_copy(&p.hot_data, &p.root.join("raw-dst"))?;
+    let _ = fs::remove_dir_all(p.root.join("raw-dst"));
+    let (rsync_mbs, rsync_reason) = match tool("rsync") {
+        None => (
+            None,
+            Some("rsync is not installed (benches/compare.sh installs it)".to_owned()),
+        ),
+        Some(rsync) => {
+            let dst = p.root.join("rsync-dst");
+            fs::create_dir_all(&dst).map_err(err("rsync dir"))?;
+            let d = RsyncDaemon::start(&rsync, &p.root, &dst)?;
+            let (t, _) = d.push(&rsync, &p.hot_data, &["-a", "--whole-file"])?;
+            drop(d);
+            let _ = fs::remove_dir_all(&dst);
+            (Some(mb / t.as_secs_f64()), None)
+        }
+    };
+    let r = p.finish();
+    *rss = (rss.0.max(r.0), rss.1.max(r.1));
+    let ours_mbs = mb / ours.as_secs_f64();
+    let raw_mbs = mb / raw.as_secs_f64();
+    Ok(json!({
+        "bytes": bytes,
+        "seconds": round(ours.as_secs_f64(), 3),
+        "mb_per_s": round(ours_mbs, 1),
+        "identical": identical,
+        "raw_tcp_mb_per_s": round(raw_mbs, 1),
+        "rsync_mb_per_s": rsync_mbs.map(|v| round(v, 1)),
+        "ratio_vs_rsync": rsync_mbs.map(|r| round(ours_mbs / r, 2)),
+        "ratio_vs_raw_tcp": round(ours_mbs / raw_mbs, 2),
+        "rsync_null_reason": rsync_reason,
+    }))
+}
+
+/// Rewrites `fraction` of the 4 KiB pages of the tree at random; returns the distinct pages.
+pub(super) fn rewrite_pages(dir: &Path, fraction: f64, seed: u64) -> Result<usize, BenchError> {
+    let mut files: Vec<(PathBuf, u64)> = fs::read_dir(dir.join("journal"))
+        .map_err(err("resync"))?
+        .flatten()
+        .filter_map(|e| Some((e.path(), e.metadata().ok()?.len())))
+        .collect();
+    files.sort();
+    let total_pages: u64 = files.iter().map(|(_, l)| l / 4096).sum();
+    let want = (total_pages as f64 * fraction) as usize;
+    let mut x = seed | 1;
+    let mut chosen = BTreeSet::new();
+    while chosen.len() < want {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chosen.insert(x % total_pages);
+    }
+    let mut page = vec![0u8; 4096];
+    let mut handles: Vec<File> = files
+        .iter()
+        .map(|(p, _)| OpenOptions::new().write(true).open(p))
+        .collect::<Result<_, _>>()
+        .map_err(err("resync"))?;
+    for (n, g) in chosen.iter().enumerate() {
+        let (mut idx, mut off) = (0usize, *g);
+        while off >= files[idx].1 / 4096 {
+            off -= files[idx].1 / 4096;
+            idx += 1;
+        }
+        fill_random(&mut page, seed ^ (n as u64 + 7));
+        handles[idx]
+            .write_all_at(&page, off * 4096)
+            .map_err(err("resync"))?;
+    }
+    for h in &mut handles {
+        h.sync_all().map_err(err("resync"))?;
+    }
+    Ok(chosen.len())
+}
+
+pub(super) fn resync(s: &Settings, rss: &mut (f64, f64)) -> Result<Value, BenchError> {
+    let mut p = Pair::new(s, "resync")?;
+    let bytes = make_tree(&p.hot_data, s.files, s.file_mib)?;
+    p.start_cold()?;
+    p.start_hot()?;
+    p.wait_synced(Duration::from_secs(600))?;
+    // rsync's destination holds the same old copy
+    let rsync = tool("rsync");
+    let rsync_dst = p.root.join("rsync-dst");
+    if let Some(r) = &rsync {
+        let st = Command::new(r)
+            .arg("-a")
+            .arg(format!("{}/", p.cold_data.display()))
+            .arg(&rsync_dst)
+            .status()
+            .map_err(err("copy for rsync"))?;
+        if !st.success() {
+            return Err(BenchError::Step {
+                step: "copy for rsync".into(),
+                message: format!("rsync exited {st}"),
+            });
+        }
+    }
+    p.stop_cold();
+    let pages = rewrite_pages(&p.hot_data, 0.05, 0x5eed)?;
+    let changed = pages as u64 * 4096;
+    let hot_before = p.hot_status()["wire_bytes"].as_u64().unwrap_or(0);
+    let start = Instant::now();
+    p.start_cold()?;
+    // wait for the new connection's comparison to finish
+    std::thread::sleep(Duration::from_millis(20));
+    p.wait_synced(Duration::from_secs(600))?;
+    let ours = start.elapsed();
+    let identical = p.verify();
+    let hot_after = p.hot_status()["wire_bytes"].as_u64().unwrap_or(0);
+    let cold_out = p.cold_status()["wire_out_bytes"].as_u64().unwrap_or(0);
+    let wire = hot_after.saturating_sub(hot_before) + cold_out;
+    let (rsync_s, rsync_wire, reason) = match &rsync {
+        None => (
+            None,
+            None,
+            Some("rsync is not installed (benches/compare.sh installs it)".to_owned()),
+        ),
+        Some(r) => {
+            let d = RsyncDaemon::start(r, &p.root, &rsync_dst)?;
+            // -I: rsync's quick check (size and mtime to the second) would skip pages
+            // rewritten within the second of the copy, the hazard lsyncd users meet
+            let (t, w) = d.push(r, &p.hot_data, &["-a", "--no-whole-file", "-I"])?;
+            (Some(t.as_secs_f64()), Some(w), None)
+        }
+    };
+    let r = p.finish();
+    *rss = (rss.0.max(r.0), rss.1.max(r.1));
+    let bound = 1.05 * changed as f64 + 0.01 * bytes as f64;
+    Ok(json!({
+        "tree_bytes": bytes,
+        "changed_bytes": changed,
+        "seconds": round(ours.as_secs_f64(), 3),
+        "wire_bytes": wire,
+        "wire_bound_bytes": bound as u64,
+        "identical": identical,
+        "rsync_seconds": rsync_s.map(|v| round(v, 3)),
+        "rsync_wire_bytes": rsync_wire,
+        "ratio_vs_rsync": rsync_s.map(|r| round(r / ours.as_secs_f64(), 2)),
+        "rsync_null_reason": reason,
+    }))
+}
+
+pub(super) fn lag_figures(r: &workload::Report) -> (Value, Value, Value) {
+    (
+        ms(quantile(&r.lags, 0.5)),
+        ms(quantile(&r.lags, 0.99)),
+        ms(r.lags.last().copied()),
+    )
+}
+
+pub(super) fn append(
+    s: &Settings,
+    rss: &mut (f64, f64),
+    rate: Option<u32>,
+    name: &str,
+    per_second: &mut Vec<f64>,
+) -> Result<(workload::Report, f64, f64, Pair), BenchError> {
+    let mut p = Pair::new(s, name)?;
+    p.start_cold()?;
+    p.start_hot()?;
+    p.wait_synced(Duration::from_secs(60))?;
+    let (h0, c0) = (
+        p.hot.as_ref().map(Agent::cpu).unwrap_or_default(),
+        p.cold.as_ref().map(Agent::cpu).unwrap_or_default(),
+    );
+    let cfg = WriterConfig {
+        dir: p.hot_data.clone(),
+        rate_per_s: rate,
+        duration: Duration::from_secs(s.seconds),
+        file_bytes: workload::JOURNAL_FILE_BYTES,
+        sample_every: 1,
+        paging: true,
+        first_file: 1,
+    };
+    let report = workload::run(&cfg, Some(&p.cold_data), |t| {
+        per_second.push(t.records as f64 * workload::RECORD_BYTES as f64 / 1e6)
+    })
+    .map_err(err("writer"))?;
+    let wall = report.elapsed.as_secs_f64();
+    let (h1, c1) = (
+        p.hot.as_ref().map(Agent::cpu).unwrap_or_default(),
+        p.cold.as_ref().map(Agent::cpu).unwrap_or_default(),
+    );
+    let hot_cpu = (h1 - h0).as_secs_f64() / wall * 100.0;
+    let cold_cpu = (c1 - c0).as_secs_f64() / wall * 100.0;
+    p.note_rss();
+    *rss = (rss.0.max(p.peak_hot_mb), rss.1.max(p.peak_cold_mb));
+    Ok((report, hot_cpu, cold_cpu, p))
+}
+
+pub(super) fn append_lag(
+    s: &Settings,
+    rss: &mut (f64, f64),
+    curves: &mut Curves,
+) -> Result<Value, BenchError> {
+    let mut per_second = Vec::new();
+    let (r, hot_cpu, cold_cpu, p) = append(s, rss, Some(s.rate), "append_lag", &mut per_second)?;
+    let identical = p.verify();
+    let root = p.root.clone();
+    let (p50, p99, max) = lag_figures(&r);
+    let _ = p.finish();
+    fs::create_dir_all(&root).map_err(err("lsyncd dir"))?;
+    let (lsyncd, reason) = lsyncd_lag(s, &root)?;
+    let _ = fs::remove_dir_all(&root);
+    curves.lags = r.lags.clone();
+    let lsyncd_ratio = match (&lsyncd, p50.as_f64()) {
+        (Some(Value::Number(l)), Some(o)) if o > 0.0 => {
+            Some(round(l.as_f64().unwrap_or(0.0) / o, 1))
+        }
+        _ => None,
+    };
+    Ok(json!({
+        "rate_per_s": s.rate,
+        "records": r.records,
+        "samples": r.lags.len(),
+        "lost": r.lost,
+        "p50_ms": p50, "p99_ms": p99, "max_ms": max,
+        "p50_from_write_ms": ms(quantile(&r.lags_from_write, 0.5)),
+        "p99_from_write_ms": ms(quantile(&r.lags_from_write, 0.99)),
+        "hot_cpu_pct": round(hot_cpu, 1),
+        "cold_cpu_pct": round(cold_cpu, 1),
+        "identical": identical,
+        "lsyncd_p50_ms": lsyncd,
+        "lsyncd_ratio": lsyncd_ratio,
+        "lsyncd_null_reason": reason,
+    }))
+}
+
+/// The p99 lag `append_max` must keep.
+pub const APPEND_MAX_P99: Duration = Duration::from_millis(20);
+
+pub(super) fn append_max(
+    s: &Settings,
+    rss: &mut (f64, f64),
+    curves: &mut Curves,
+    quick: bool,
+) -> Result<Value, BenchError> {
+    let mut p = Pair::new(s, "append_max")?;
+    p.start_cold()?;
+    p.start_hot()?;
+    p.wait_synced(Duration::from_secs(60))?;
+    // Double the rate while p99 stays within the bound; the figure is the best sustained rate.
+    let step = if quick {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs((s.seconds / 4).max(2))
+    };
+    let mut rate = 2000u32;
+    let mut steps = Vec::new();
+    let mut best: Option<(f64, Value, u32)> = None;
+    let (h0, c0, t0) = (
+        p.hot.as_ref().map(Agent::cpu).unwrap_or_default(),
+        p.cold.as_ref().map(Agent::cpu).unwrap_or_default(),
+        Instant::now(),
+    );
+    let mut next_file = 1;
+    loop {
+        let cfg = WriterConfig {
+            dir: p.hot_data.clone(),
+            rate_per_s: Some(rate),
+            duration: step,
+            file_bytes: workload::JOURNAL_FILE_BYTES,
+            sample_every: 4,
+            paging: false,
+            first_file: next_file,
+        };
+        let mut per_second = Vec::new();
+        let r = workload::run(&cfg, Some(&p.cold_data), |t| {
+            per_second.push(t.records as f64 * workload::RECORD_BYTES as f64 / 1e6)
+        })
+        .map_err(err("writer"))?;
+        next_file += r.files;
+        let mbs = r.bytes as f64 / 1e6 / r.elapsed.as_secs_f64();
+        let p99 = quantile(&r.lags, 0.99);
+        let ok = r.lost == 0 && p99.is_some_and(|d| d <= APPEND_MAX_P99);
+        steps.push(
+            json!({"rate_per_s": rate, "mb_per_s": round(mbs, 1), "p99_ms": ms(p99), "ok": ok}),
+        );
+        curves.throughput.extend(per_second);
+        let kept_up = r.records as f64 >= 0.9 * f64::from(rate) * r.elapsed.as_secs_f64();
+        if ok {
+            best = Some((mbs, ms(p99), rate));
+        }
+        if !ok || !kept_up || rate >= 256_000 || (quick && steps.len() >= 3) {
+            break;
+        }
+        rate *= 2;
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let (h1, c1) = (
+        p.hot.as_ref().map(Agent::cpu).unwrap_or_default(),
+        p.cold.as_ref().map(Agent::cpu).unwrap_or_default(),
+    );
+    let identical = p.verify();
+    let r = p.finish();
+    *rss = (rss.0.max(r.0), rss.1.max(r.1));
+    Ok(json!({
+        "mb_per_s": best.as_ref().map(|b| round(b.0, 1)),
+        "p99_ms": best.as_ref().map_or(Value::Null, |b| b.1.clone()),
+        "rate_per_s": best.as_ref().map(|b| b.2),
+        "steps": steps,
+        "hot_cpu_pct": round((h1 - h0).as_secs_f64() / wall * 100.0, 1),
+        "cold_cpu_pct": round((c1 - c0).as_secs_f64() / wall * 100.0, 1),
+        "identical": identical,
+    }))
+}
+
+pub(super) fn random_writes(s: &Settings, rss: &mut (f64, f64)) -> Result<Value, BenchError> {
+    let mut p = Pair::new(s, "random_writes")?;
+    let files = (s.random_mib / 10).max(1);
+    make_tree(&p.hot_data, files, s.random_mib.min(10))?;
+    p.start_cold()?;
+    p.start_hot()?;
+    p.wait_synced(Duration::from_secs(120))?;
+    let paths: Vec<PathBuf> = (0..files)
+        .map(|i| p.hot_data.join(format!("journal/activemq-data-{i}.amq")))
+        .collect();
+    let handles: Vec<File> = paths
+        .iter()
+        .map(|x| OpenOptions::new().write(true).open(x))
+        .collect::<Result<_, _>>()
+        .map_err(err("random writes"))?;
+    let pages_per_file = (s.random_mib.min(10) << 20) as u64 / 4096;
+    let (tx, rx) = crossbeam_channel::bounded::<RandomSample>(65536);
+    let cold = p.cold_data.clone();
+    let probe = std::thread::spawn(move || random_probe(&cold, files, &rx));
+    let n = random_write_loop(s, &handles, pages_per_file, &tx)?;
+    drop(tx);
+    let (mut lags, superseded, lost) = probe.join().map_err(|_| BenchError::Step {
+        step: "random writes".into(),
+        message: "probe panicked".into(),
+    })?;
+    lags.sort();
+    let converged = p.verify();
+    let r = p.finish();
+    *rss = (rss.0.max(r.0), rss.1.max(r.1));
+    Ok(json!({
+        "writes": n,
+        "samples": lags.len(),
+        "superseded": superseded,
+        "lost": lost,
+        "p50_ms": ms(quantile(&lags, 0.5)),
+        "p99_ms": ms(quantile(&lags, 0.99)),
+        "max_ms": ms(lags.last().copied()),
+        "converged": converged,
+        "rescan_interval_ms": artemis_sync::config::DEFAULT_RESCAN_INTERVAL_MS,
+    }))
+}
+
+/// A sample of `random_writes`: file index, offset, the page's first 16 bytes, when written.
+type RandomSample = (usize, u64, [u8; 16], Instant);
+
+/// Writes random pages at random offsets of `handles` at `s.random_rate` per second for
+/// `s.seconds`, each followed by `fdatasync`, and tells the probe about each; returns the count.
+fn random_write_loop(
+    s: &Settings,
+    handles: &[File],
+    pages_per_file: u64,
+    tx: &crossbeam_channel::Sender<RandomSample>,
+) -> Result<u64, BenchError> {
+    let files = handles.len();
+    let start = Instant::now();
+    let mut x = 0x1234_5678_9abc_def1u64;
+    let mut n = 0u64;
+    let mut page = vec![0u8; 4096];
+    while start.elapsed() < Duration::from_secs(s.seconds) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let f = (x % files as u64) as usize;
+        let off = ((x >> 20) % pages_per_file) * 4096;
+        n += 1;
+        fill_random(&mut page, x);
+        let mut tag = [0u8; 16];
+        tag.copy_from_slice(&page[..16]);
+        handles[f]
+            .write_all_at(&page, off)
+            .map_err(err("random writes"))?;
+        handles[f].sync_data().map_err(err("random writes"))?;
+        let _ = tx.try_send((f, off, tag, Instant::now()));
+        let due = start + Duration::from_secs_f64(n as f64 / f64::from(s.random_rate));
+        if let Some(w) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(w);
+        }
+    }
+    Ok(n)
+}
+
+/// Watches the cold copy for each written page (keyed by page: a page written again before the
+/// first write arrived only ever shows the second content, so the first sample is superseded,
+/// not lost); returns the lags, the superseded count and the pages that never arrived.
+fn random_probe(
+    cold: &Path,
+    files: usize,
+    rx: &crossbeam_channel::Receiver<RandomSample>,
+) -> (Vec<Duration>, u64, u64) {
+    let mut pending: std::collections::HashMap<(usize, u64), ([u8; 16], Instant)> =
+        std::collections::HashMap::new();
+    let mut lags = Vec::new();
+    let mut superseded = 0u64;
+    let mut buf = [0u8; 16];
+    let mut fds: Vec<Option<File>> = (0..files).map(|_| None).collect();
+    let mut closed_at: Option<Instant> = None;
+    loop {
+        loop {
+            match rx.try_recv() {
+                Ok((f, off, tag, t)) => {
+                    if pending.insert((f, off), (tag, t)).is_some() {
+                        superseded += 1;
+                    }
+                }
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    closed_at.get_or_insert_with(Instant::now);
+                    break;
+                }
+            }
+        }
+        pending.retain(|(f, off), (tag, t)| {
+            if fds[*f].is_none() {
+                fds[*f] = File::open(cold.join(format!("journal/activemq-data-{f}.amq"))).ok();
+            }
+            let got = fds[*f]
+                .as_ref()
+                .is_some_and(|h| h.read_exact_at(&mut buf, *off).is_ok() && buf == *tag);
+            if got {
+                lags.push(Instant::now().saturating_duration_since(*t));
+            }
+            !got
+        });
+        // after the writer stops, give the rescan two intervals to bring the rest
+        if closed_at.is_some_and(|c| {
+            pending.is_empty()
+                || c.elapsed()
+                    > Duration::from_millis(
+                        2 * artemis_sync::config::DEFAULT_RESCAN_INTERVAL_MS + 1000,
+                    )
+        }) {
+            return (lags, superseded, pending.len() as u64);
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
