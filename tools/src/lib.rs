@@ -7,6 +7,13 @@ pub mod bench;
 pub mod demo;
 pub mod workload;
 
+/// `x` rounded down to a whole number, as a `u64`: `as` from a float saturates (a negative or
+/// NaN figure gives 0, an enormous one `u64::MAX`), which is what a measured figure wants.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+pub fn whole(x: f64) -> u64 {
+    x as u64
+}
+
 /// The `artemis-sync` binary the tools run as real agents: the one beside the running tool
 /// (`target/release/`, `/usr/bin/`), else whichever `PATH` finds.
 pub fn agent_binary() -> std::path::PathBuf {

@@ -82,7 +82,8 @@ pub fn quantile(v: &[Duration], q: f64) -> Option<Duration> {
     if v.is_empty() {
         return None;
     }
-    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    let i = usize::try_from(crate::whole(((v.len() - 1) as f64 * q).round())).unwrap_or(usize::MAX);
+    let i = i.min(v.len() - 1);
     Some(v[i])
 }
 

@@ -119,7 +119,8 @@ pub(super) fn raw_tcp_copy(src: &Path, dst: &Path) -> Result<Duration, BenchErro
             let mut f = File::create(dst.join(name))?;
             let mut left = len;
             while left > 0 {
-                let n = s.read(&mut buf[..(left as usize).min(1 << 20)])?;
+                let chunk = usize::try_from(left).unwrap_or(usize::MAX).min(1 << 20);
+                let n = s.read(&mut buf[..chunk])?;
                 if n == 0 {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }

@@ -35,7 +35,10 @@ impl Agent {
     pub(super) fn stop(mut self) {
         // SAFETY: kill has no memory-safety preconditions; the pid is our live child.
         unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+            libc::kill(
+                libc::pid_t::try_from(self.pid()).expect("a child's pid came from a pid_t"),
+                libc::SIGTERM,
+            );
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
@@ -77,7 +80,8 @@ pub(super) fn cpu_time(pid: u32) -> Duration {
     let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
         + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).unwrap_or(100).max(1);
     Duration::from_millis(ticks * 1000 / hz)
 }
 

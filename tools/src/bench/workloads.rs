@@ -58,7 +58,7 @@ pub(super) fn rewrite_pages(dir: &Path, fraction: f64, seed: u64) -> Result<usiz
         .collect();
     files.sort();
     let total_pages: u64 = files.iter().map(|(_, l)| l / 4096).sum();
-    let want = (total_pages as f64 * fraction) as usize;
+    let want = usize::try_from(crate::whole(total_pages as f64 * fraction)).unwrap_or(usize::MAX);
     let mut x = seed | 1;
     let mut chosen = BTreeSet::new();
     while chosen.len() < want {
@@ -149,7 +149,7 @@ pub(super) fn resync(s: &Settings, rss: &mut (f64, f64)) -> Result<Value, BenchE
         "changed_bytes": changed,
         "seconds": round(ours.as_secs_f64(), 3),
         "wire_bytes": wire,
-        "wire_bound_bytes": bound as u64,
+        "wire_bound_bytes": crate::whole(bound),
         "identical": identical,
         "rsync_seconds": rsync_s.map(|v| round(v, 3)),
         "rsync_wire_bytes": rsync_wire,
@@ -245,7 +245,7 @@ pub(super) fn append_lag(
 }
 
 /// The p99 lag `append_max` must keep.
-pub const APPEND_MAX_P99: Duration = Duration::from_millis(20);
+pub(super) const APPEND_MAX_P99: Duration = Duration::from_millis(20);
 
 pub(super) fn append_max(
     s: &Settings,
@@ -385,7 +385,7 @@ fn random_write_loop(
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let f = (x % files as u64) as usize;
+        let f = usize::try_from(x % files as u64).expect("below the file count");
         let off = ((x >> 20) % pages_per_file) * 4096;
         n += 1;
         fill_random(&mut page, x);
