@@ -22,7 +22,7 @@ fn hash_file(c: &mut Criterion) {
         group.bench_with_input(
             BenchmarkId::from_parameter(format!("{mib}MiB")),
             &path,
-            |b, p| b.iter(|| artemis_sync::link::hash_file(p).expect("hash")),
+            |b, p| b.iter(|| artemis_sync::link::file_digest(p).expect("hash")),
         );
     }
     group.finish();

@@ -26,7 +26,9 @@
 #    sandbox; remove and purge with the agent running. Then powers the container off.
 #
 # Every wait is bounded; on any exit the container is powered off (killed if it does not
-# go) and the work directory removed. Not root: prints why and exits 0.
+# go) and the work directory removed. When it cannot run (not root, not a Debian-like host):
+# run by hand, it prints `test-install: skipped: <why>` and exits 0; under CI (CI=true) it
+# prints why and fails, so that a green CI has run it.
 # Environment: ARTEMIS_SYNC_TEST_CACHE (default /var/cache/artemis-sync-test),
 # ARTEMIS_SYNC_TEST_MIRROR (default http://deb.debian.org/debian), ARTEMIS_SYNC_TEST_KEEP=1
 # keeps the work directory (under /var/tmp) for a look after a failure,
@@ -35,13 +37,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [[ $(id -u) != 0 ]]; then
-    echo "test-install: skipped: needs root (debootstrap, systemd-nspawn, dpkg and rpm into a throwaway root, mounts)"
+# This test cannot run here, because "$*": a failure under CI, a skip by hand.
+cannot_run() {
+    if [[ ${CI:-} == true ]]; then
+        echo "test-install: FAIL: cannot run: $* (under CI=true a test that cannot run fails)" >&2
+        exit 1
+    fi
+    echo "test-install: skipped: $*"
     exit 0
+}
+if [[ $(id -u) != 0 ]]; then
+    cannot_run "needs root (debootstrap, systemd-nspawn, dpkg and rpm into a throwaway root, mounts)"
 fi
 if [[ $(uname -s) != Linux ]] || ! command -v apt-get >/dev/null; then
-    echo "test-install: skipped: needs a Debian-like Linux host (apt-get, dpkg)"
-    exit 0
+    cannot_run "needs a Debian-like Linux host (apt-get, dpkg)"
 fi
 
 START=$SECONDS

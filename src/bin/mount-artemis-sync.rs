@@ -15,13 +15,13 @@ fn main() -> ExitCode {
         Err(e) => {
             let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
             let _ = e.print();
-            return ExitCode::from(code as u8);
+            return ExitCode::from(code);
         }
     };
     artemis_sync::logging::init(None, if args.verbose { "info" } else { "warn" });
     if let Some(ns) = &args.namespace {
         eprintln!("mount.artemis-sync: -N {ns}: mounting into another namespace is not supported");
-        return ExitCode::from(EXIT_USAGE as u8);
+        return ExitCode::from(EXIT_USAGE);
     }
     let result = MountRequest::from_helper_args(
         &args.spec,
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
         Err(e) => {
             let _ = std::io::stdout().flush();
             eprintln!("mount.artemis-sync: {}", artemis_sync::error_chain(&e));
-            ExitCode::from(e.exit_code() as u8)
+            ExitCode::from(e.exit_code())
         }
     }
 }

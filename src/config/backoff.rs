@@ -31,22 +31,33 @@ impl Backoff {
 
     /// The pause after failed attempt `n` (1-based), before jitter.
     pub fn base_delay_ms(&self, n: u32) -> u64 {
-        let grown = RETRY_INITIAL_MS as f64 * RETRY_FACTOR.powi(n.saturating_sub(1) as i32);
-        (grown.min(self.max_ms as f64)) as u64
+        // An exponent past i32::MAX grows past any cap anyway.
+        let exponent = i32::try_from(n.saturating_sub(1)).unwrap_or(i32::MAX);
+        let grown = RETRY_INITIAL_MS as f64 * RETRY_FACTOR.powi(exponent);
+        ms_from_f64(grown.min(self.max_ms as f64))
     }
 
     /// The pause after failed attempt `n`, with jitter drawn from `unit` in `[0, 1)`.
     pub fn delay(&self, n: u32, unit: f64) -> Duration {
         let base = self.base_delay_ms(n) as f64;
-        Duration::from_millis((base * (1.0 + RETRY_JITTER * unit)) as u64)
+        Duration::from_millis(ms_from_f64(base * (1.0 + RETRY_JITTER * unit)))
     }
 
     /// The longest the pauses can add up to, jitter included.
     pub fn total_ms(&self) -> u64 {
         (1..self.attempts)
-            .map(|n| (self.base_delay_ms(n) as f64 * (1.0 + RETRY_JITTER)) as u64)
+            .map(|n| ms_from_f64(self.base_delay_ms(n) as f64 * (1.0 + RETRY_JITTER)))
             .sum()
     }
+}
+
+/// Whole milliseconds from a pause computed in floating point, rounded down. The pauses are
+/// finite and non-negative (a `u64` cap times at most 1.2); `as` saturates anyway (a negative
+/// or NaN value gives 0, one past `u64::MAX` gives `u64::MAX`), which is the bound a pause
+/// wants.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn ms_from_f64(ms: f64) -> u64 {
+    ms as u64
 }
 
 impl Default for Backoff {

@@ -61,13 +61,14 @@ impl LockFile {
             })?;
         // SAFETY: flock is plain old data; all-zero bytes are a valid value of it.
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = libc::F_WRLCK as libc::c_short;
-        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_type = short_constant(libc::F_WRLCK);
+        fl.l_whence = short_constant(libc::SEEK_SET);
         fl.l_start = 0;
         fl.l_len = 0; // to the end of the file, however long it grows
         fl.l_pid = 0; // required to be 0 for OFD locks
-                      // SAFETY: the descriptor is open for the duration of the call and `fl` is a valid,
-                      // initialised flock that outlives it.
+
+        // SAFETY: the descriptor is open for the duration of the call and `fl` is a valid,
+        // initialised flock that outlives it.
         let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
         if rc != 0 {
             let err = io::Error::last_os_error();
@@ -102,6 +103,13 @@ impl LockFile {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// An `fcntl(2)` lock type or `whence` constant (libc declares them `int`) as the `short` the
+/// `flock` record stores: they are 0 to 2, so nothing is lost.
+#[allow(clippy::cast_possible_truncation)]
+fn short_constant(value: libc::c_int) -> libc::c_short {
+    value as libc::c_short
 }
 
 #[cfg(test)]

@@ -109,7 +109,11 @@ fn unescape(field: &str) -> String {
             let v = bytes[i + 1..i + 4]
                 .iter()
                 .fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
-            out.push(v as u8);
+            // Three octal digits reach 0o777: past a byte, it is no escape the kernel writes.
+            match u8::try_from(v) {
+                Ok(byte) => out.push(byte),
+                Err(_) => out.extend_from_slice(&bytes[i..i + 4]),
+            }
             i += 4;
         } else {
             out.push(bytes[i]);
@@ -161,15 +165,15 @@ mod tests {
     // mounts (proc(5), nfs(5), mount.cifs(8)); the build machines have no NFS or CIFS client
     // to capture them from.
     /// An EFS mount as amazon-efs-utils makes it.
-    pub const EFS: &str = "433 29 0:52 / /mnt/efs rw,relatime shared:245 - nfs4 fs-0123abcd.efs.eu-west-1.amazonaws.com:/ rw,vers=4.1,rsize=1048576,wsize=1048576,namlen=255,hard,noresvport,proto=tcp,timeo=600,retrans=2,sec=sys,clientaddr=172.31.5.20,local_lock=none,addr=172.31.9.80";
+    pub(super) const EFS: &str = "433 29 0:52 / /mnt/efs rw,relatime shared:245 - nfs4 fs-0123abcd.efs.eu-west-1.amazonaws.com:/ rw,vers=4.1,rsize=1048576,wsize=1048576,namlen=255,hard,noresvport,proto=tcp,timeo=600,retrans=2,sec=sys,clientaddr=172.31.5.20,local_lock=none,addr=172.31.9.80";
     /// An NFS mount made with `-o nolock` (NFSv3).
-    pub const NFS_NOLOCK: &str = "512 29 0:61 / /mnt/nfs rw,relatime shared:270 - nfs 10.0.0.5:/export rw,vers=3,rsize=1048576,wsize=1048576,namlen=255,hard,nolock,proto=tcp,timeo=600,retrans=2,sec=sys,mountaddr=10.0.0.5,mountvers=3,mountport=20048,mountproto=udp,local_lock=all,addr=10.0.0.5";
+    pub(super) const NFS_NOLOCK: &str = "512 29 0:61 / /mnt/nfs rw,relatime shared:270 - nfs 10.0.0.5:/export rw,vers=3,rsize=1048576,wsize=1048576,namlen=255,hard,nolock,proto=tcp,timeo=600,retrans=2,sec=sys,mountaddr=10.0.0.5,mountvers=3,mountport=20048,mountproto=udp,local_lock=all,addr=10.0.0.5";
     /// An NFSv4 mount made with `-o local_lock=all`.
-    pub const NFS_LOCAL_LOCK: &str = "520 29 0:63 / /mnt/nfs4 rw,relatime shared:280 - nfs4 10.0.0.5:/export rw,vers=4.2,rsize=1048576,wsize=1048576,namlen=255,hard,proto=tcp,timeo=600,retrans=2,sec=sys,clientaddr=10.0.0.9,local_lock=all,addr=10.0.0.5";
+    pub(super) const NFS_LOCAL_LOCK: &str = "520 29 0:63 / /mnt/nfs4 rw,relatime shared:280 - nfs4 10.0.0.5:/export rw,vers=4.2,rsize=1048576,wsize=1048576,namlen=255,hard,proto=tcp,timeo=600,retrans=2,sec=sys,clientaddr=10.0.0.9,local_lock=all,addr=10.0.0.5";
     /// An Azure Files SMB mount.
-    pub const AZURE_SMB: &str = "601 29 0:70 / /mnt/azure rw,relatime shared:300 - cifs //acct.file.core.windows.net/corda rw,vers=3.1.1,cache=strict,username=acct,uid=0,noforceuid,gid=0,noforcegid,addr=20.60.1.2,file_mode=0777,dir_mode=0777,soft,persistenthandles,nounix,serverino,mapposix,mfsymlinks,nosharesock,rsize=1048576,wsize=1048576,bsize=1048576,echo_interval=60,actimeo=30,closetimeo=1";
+    pub(super) const AZURE_SMB: &str = "601 29 0:70 / /mnt/azure rw,relatime shared:300 - cifs //acct.file.core.windows.net/corda rw,vers=3.1.1,cache=strict,username=acct,uid=0,noforceuid,gid=0,noforcegid,addr=20.60.1.2,file_mode=0777,dir_mode=0777,soft,persistenthandles,nounix,serverino,mapposix,mfsymlinks,nosharesock,rsize=1048576,wsize=1048576,bsize=1048576,echo_interval=60,actimeo=30,closetimeo=1";
     /// A CIFS mount made with `-o nobrl`.
-    pub const CIFS_NOBRL: &str = "602 29 0:71 / /mnt/cifs rw,relatime shared:301 - cifs //srv/share rw,vers=3.1.1,cache=strict,username=u,uid=0,noforceuid,gid=0,noforcegid,addr=10.0.0.7,file_mode=0755,dir_mode=0755,soft,nounix,serverino,mapposix,nobrl,rsize=4194304,wsize=4194304,bsize=1048576,echo_interval=60,actimeo=1,closetimeo=1";
+    pub(super) const CIFS_NOBRL: &str = "602 29 0:71 / /mnt/cifs rw,relatime shared:301 - cifs //srv/share rw,vers=3.1.1,cache=strict,username=u,uid=0,noforceuid,gid=0,noforcegid,addr=10.0.0.7,file_mode=0755,dir_mode=0755,soft,nounix,serverino,mapposix,nobrl,rsize=4194304,wsize=4194304,bsize=1048576,echo_interval=60,actimeo=1,closetimeo=1";
 
     #[test]
     fn parses_real_lines() {

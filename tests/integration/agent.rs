@@ -107,7 +107,7 @@ impl Pair {
 
     /// Sends `sig` to agent `pid` and, for a terminating signal, waits for it to exit.
     fn signal(&mut self, pid: u32, sig: libc::c_int) {
-        kill(pid as i32, sig);
+        kill(pid_t(pid), sig);
         if sig == libc::SIGTERM || sig == libc::SIGKILL {
             let status = wait_bounded(self.child(pid), Duration::from_secs(10));
             assert!(
@@ -155,7 +155,12 @@ impl Drop for Pair {
     }
 }
 
-fn kill(pid: i32, sig: libc::c_int) {
+/// A process id as `kill(2)` takes it (pids are below 2^22 on Linux).
+fn pid_t(pid: u32) -> libc::pid_t {
+    libc::pid_t::try_from(pid).expect("a pid fits in pid_t")
+}
+
+fn kill(pid: libc::pid_t, sig: libc::c_int) {
     // SAFETY: kill has no memory-safety preconditions.
     unsafe {
         libc::kill(pid, sig);
@@ -164,7 +169,7 @@ fn kill(pid: i32, sig: libc::c_int) {
 
 fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
-    let exists = unsafe { libc::kill(pid as i32, 0) == 0 };
+    let exists = unsafe { libc::kill(pid_t(pid), 0) == 0 };
     // a zombie still "exists": look at its state
     exists
         && fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -349,7 +354,7 @@ fn issue3_kill9_of_the_hot_agent_kills_its_node_and_the_cold_takes_over_after_wa
     );
     let _b = p.start("b");
     assert!(wait_until(Duration::from_secs(5), || p.role("b") == "cold"));
-    let node = p.status("a")["node_pid"].as_u64().expect("node pid") as u32;
+    let node = u32::try_from(p.status("a")["node_pid"].as_u64().expect("node pid")).expect("a pid");
     assert!(alive(node));
 
     let lease = p.lease_path();
@@ -406,14 +411,14 @@ fn issue3_a_frozen_hot_is_replaced_and_fences_itself_on_waking_without_writing_t
     );
     let _b = p.start("b");
     assert!(wait_until(Duration::from_secs(5), || p.role("b") == "cold"));
-    let node = p.status("a")["node_pid"].as_u64().unwrap() as i32;
+    let node = libc::pid_t::try_from(p.status("a")["node_pid"].as_u64().unwrap()).expect("a pid");
 
     // A hung VM: the agent and its node both stop. On two VMs the NFS server then drops the
     // hung client's locks when its lease expires; on one host a stopped process keeps its
     // lock, so the test does what the server would: the lock file the hot locked is replaced,
     // and the cold can lock the new one. The lease still decides: b must see it unchanged
     // for wait_interval_ms before taking over.
-    kill(a as i32, libc::SIGSTOP);
+    kill(pid_t(a), libc::SIGSTOP);
     kill(-node, libc::SIGSTOP);
     let frozen = Instant::now();
     let lock = p.fx.path("share/.artemis-sync/lock");
@@ -433,7 +438,7 @@ fn issue3_a_frozen_hot_is_replaced_and_fences_itself_on_waking_without_writing_t
     let lease_b = fs::read(p.lease_path()).unwrap();
 
     kill(-node, libc::SIGCONT);
-    kill(a as i32, libc::SIGCONT);
+    kill(pid_t(a), libc::SIGCONT);
     let woke = Instant::now();
     let stopped = wait_until(Duration::from_millis(STOP_MS + 2000), || {
         p.events().iter().any(|e| !e.start && e.name == "a")
@@ -770,7 +775,7 @@ fn issue3_a_node_that_dies_gives_the_lease_to_the_other_vm() {
     );
     p.start("b");
     assert!(wait_until(Duration::from_secs(5), || p.role("b") == "cold"));
-    let node = p.status("a")["node_pid"].as_u64().unwrap() as i32;
+    let node = libc::pid_t::try_from(p.status("a")["node_pid"].as_u64().unwrap()).expect("a pid");
     let crashed = Instant::now();
     kill(node, libc::SIGKILL);
     assert!(

@@ -189,7 +189,10 @@ fn check_config_refuses_a_readable_credentials_file() {
                 &format!("chown root:root {}", cred.display()),
             ])
             .nowhere("s3cret");
-        eprintln!("skipped: check_config_refuses_a_readable_credentials_file: the mode check needs a root-owned file (not root)");
+        skip(
+            "check_config_refuses_a_readable_credentials_file",
+            "the mode check needs a root-owned file (not root)",
+        );
         return;
     }
     artemis_sync(&path, ["check-config"])
@@ -254,9 +257,9 @@ fn check_config_reads_the_file_from_c_and_from_the_environment() {
 fn check_config_accepts_the_shipped_example() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/agent.toml");
     if !example.exists() {
-        eprintln!(
-            "skipped: check_config_accepts_the_shipped_example: {} is absent",
-            example.display()
+        skip(
+            "check_config_accepts_the_shipped_example",
+            &format!("{} is absent", example.display()),
         );
         return;
     }

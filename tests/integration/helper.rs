@@ -195,7 +195,10 @@ fn issue2_helper_passes_the_credentials_file_never_the_password() {
         return;
     }
     let Some(_listener) = smb_port_listener() else {
-        eprintln!("skipped: issue2_helper_passes_the_credentials_file_never_the_password: cannot listen on 127.0.0.1:445");
+        skip(
+            "issue2_helper_passes_the_credentials_file_never_the_password",
+            "cannot listen on 127.0.0.1:445",
+        );
         return;
     };
     let fx = Fixture::new();

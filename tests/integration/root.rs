@@ -168,7 +168,7 @@ fn issue2_migration_onto_a_full_share_is_refused_and_changes_nothing() {
     let base = fx.mkdir("corda");
     let share = fx.mkdir("share");
     for i in 1..=4 {
-        let data: Vec<u8> = (0..1u32 << 20).map(|b| (b ^ i) as u8).collect();
+        let data: Vec<u8> = (0..1u32 << 20).map(|b| (b ^ i).to_le_bytes()[0]).collect();
         fx.write(
             &format!("corda/artemis/journal/activemq-data-{i}.amq"),
             data,

@@ -14,15 +14,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 /// The operator's command line.
-pub const MAIN: &str = env!("CARGO_BIN_EXE_artemis-sync");
+pub(crate) const MAIN: &str = env!("CARGO_BIN_EXE_artemis-sync");
 /// The mount(8) helper.
-pub const HELPER: &str = env!("CARGO_BIN_EXE_mount-artemis-sync");
+pub(crate) const HELPER: &str = env!("CARGO_BIN_EXE_mount-artemis-sync");
 /// The longest any one run of a binary may take before the test fails.
-pub const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 /// An EFS source as the docs write it.
-pub const EFS_SOURCE: &str = "fs-0123abcd.efs.eu-west-1.amazonaws.com:/";
+pub(crate) const EFS_SOURCE: &str = "fs-0123abcd.efs.eu-west-1.amazonaws.com:/";
 /// The options amazon-efs-utils mounts EFS with.
-pub const EFS_OPTIONS: &str =
+pub(crate) const EFS_OPTIONS: &str =
     "nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport";
 
 /// Held for writing while a script is created, for reading while a process is spawned: a
@@ -31,31 +31,52 @@ pub const EFS_OPTIONS: &str =
 static SPAWN_LOCK: RwLock<()> = RwLock::new(());
 
 /// Whether the tests run as root.
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
 
-/// True when root; otherwise prints `skipped: <why>` for `test` and returns false.
-pub fn require_root(test: &str, why: &str) -> bool {
+/// Whether this is a CI run (`CI=true`, as `.ci/run` is run), where a test that cannot run
+/// must fail rather than pass without having run.
+pub(crate) fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// `test` cannot run here, because `why`. In CI (`CI=true`) that fails the test, with the
+/// reason; run by hand, it prints `skipped: <test>: <why>` on a line of its own (to the real
+/// stderr, past the test harness's capture, so that it shows) and the caller returns.
+#[track_caller]
+pub(crate) fn skip(test: &str, why: &str) {
+    assert!(
+        !in_ci(),
+        "{test} cannot run: {why}; under CI=true a test that cannot run fails instead of \
+         passing as skipped (.ci/run installs what the tests need and runs as root)"
+    );
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(format!("\nskipped: {test}: {why}\n").as_bytes());
+}
+
+/// True when root; otherwise [`skip`]s `test` (a failure under CI) and returns false.
+#[track_caller]
+pub(crate) fn require_root(test: &str, why: &str) -> bool {
     if is_root() {
         true
     } else {
-        eprintln!("skipped: {test}: {why} (not root)");
+        skip(test, &format!("{why} (not root)"));
         false
     }
 }
 
 /// A temporary directory, removed on drop, with its canonical path.
 #[derive(Debug)]
-pub struct Fixture {
+pub(crate) struct Fixture {
     _tmp: tempfile::TempDir,
     /// The directory, without symlinks.
     pub root: PathBuf,
 }
 
 impl Fixture {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let tmp = tempfile::Builder::new()
             .prefix("artemis-sync-it.")
             .tempdir()
@@ -65,19 +86,19 @@ impl Fixture {
     }
 
     /// `root/rel`.
-    pub fn path(&self, rel: &str) -> PathBuf {
+    pub(crate) fn path(&self, rel: &str) -> PathBuf {
         self.root.join(rel)
     }
 
     /// Creates `root/rel` and its parents.
-    pub fn mkdir(&self, rel: &str) -> PathBuf {
+    pub(crate) fn mkdir(&self, rel: &str) -> PathBuf {
         let p = self.path(rel);
         fs::create_dir_all(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
         p
     }
 
     /// Writes `root/rel`, creating its parents.
-    pub fn write(&self, rel: &str, data: impl AsRef<[u8]>) -> PathBuf {
+    pub(crate) fn write(&self, rel: &str, data: impl AsRef<[u8]>) -> PathBuf {
         let p = self.path(rel);
         write_file(&p, data.as_ref());
         p
@@ -85,7 +106,7 @@ impl Fixture {
 }
 
 /// Writes `path`, creating its parents.
-pub fn write_file(path: &Path, data: &[u8]) {
+pub(crate) fn write_file(path: &Path, data: &[u8]) {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).unwrap_or_else(|e| panic!("mkdir {}: {e}", parent.display()));
     }
@@ -93,18 +114,18 @@ pub fn write_file(path: &Path, data: &[u8]) {
 }
 
 /// Sets the permission bits of `path`.
-pub fn chmod(path: &Path, mode: u32) {
+pub(crate) fn chmod(path: &Path, mode: u32) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
 }
 
 /// A path as a TOML basic string (the paths in tests hold no control characters).
-pub fn toml_path(p: &Path) -> String {
+pub(crate) fn toml_path(p: &Path) -> String {
     format!("{:?}", p.to_str().expect("UTF-8 path"))
 }
 
 /// A config where the share is a directory mounted by someone else (no mount, no root).
-pub fn premounted_config(base_dir: &Path, share: &Path) -> String {
+pub(crate) fn premounted_config(base_dir: &Path, share: &Path) -> String {
     format!(
         "[node]\nbase_dir = {}\n\n[storage]\nbackend = \"premounted\"\nmount_point = {}\n\n\
          [lock]\nallow_local_locks = true\n",
@@ -114,7 +135,7 @@ pub fn premounted_config(base_dir: &Path, share: &Path) -> String {
 }
 
 /// Writes an executable `#!/bin/sh` script at `path`.
-pub fn write_script(path: &Path, body: &str) -> PathBuf {
+pub(crate) fn write_script(path: &Path, body: &str) -> PathBuf {
     let _guard = SPAWN_LOCK.write().unwrap_or_else(|e| e.into_inner());
     let mut f = OpenOptions::new()
         .write(true)
@@ -143,10 +164,9 @@ fn command(program: &str) -> Command {
     c
 }
 
-/// `artemis-sync` with a clean environment.
 /// A binary of the workspace's `tools` package (the benchmark, the demo), which cargo builds
 /// into the same directory as `artemis-sync` when it tests the whole workspace.
-pub fn tool_cmd(name: &str) -> Command {
+pub(crate) fn tool_cmd(name: &str) -> Command {
     let path = Path::new(MAIN).with_file_name(name);
     assert!(
         path.is_file(),
@@ -156,17 +176,18 @@ pub fn tool_cmd(name: &str) -> Command {
     Command::new(path)
 }
 
-pub fn main_cmd() -> Command {
+/// `artemis-sync` with a clean environment.
+pub(crate) fn main_cmd() -> Command {
     command(MAIN)
 }
 
 /// `mount-artemis-sync` with a clean environment.
-pub fn helper_cmd() -> Command {
+pub(crate) fn helper_cmd() -> Command {
     command(HELPER)
 }
 
 /// Runs `artemis-sync -c <config> <args>`.
-pub fn artemis_sync<I, S>(config: &Path, args: I) -> Output
+pub(crate) fn artemis_sync<I, S>(config: &Path, args: I) -> Output
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -176,7 +197,7 @@ where
 
 /// What a finished run printed, and how it ended.
 #[derive(Debug)]
-pub struct Output {
+pub(crate) struct Output {
     pub what: String,
     pub status: ExitStatus,
     pub stdout: String,
@@ -200,7 +221,7 @@ impl fmt::Display for Output {
 
 impl Output {
     #[track_caller]
-    pub fn code(&self, code: i32) -> &Self {
+    pub(crate) fn code(&self, code: i32) -> &Self {
         assert_eq!(
             self.status.code(),
             Some(code),
@@ -210,13 +231,13 @@ impl Output {
     }
 
     #[track_caller]
-    pub fn failed(&self) -> &Self {
+    pub(crate) fn failed(&self) -> &Self {
         assert!(!self.status.success(), "expected a failure:\n{self}");
         self
     }
 
     #[track_caller]
-    pub fn stdout_has(&self, needles: &[&str]) -> &Self {
+    pub(crate) fn stdout_has(&self, needles: &[&str]) -> &Self {
         for n in needles {
             assert!(self.stdout.contains(n), "stdout lacks {n:?}:\n{self}");
         }
@@ -224,7 +245,7 @@ impl Output {
     }
 
     #[track_caller]
-    pub fn stderr_has(&self, needles: &[&str]) -> &Self {
+    pub(crate) fn stderr_has(&self, needles: &[&str]) -> &Self {
         for n in needles {
             assert!(self.stderr.contains(n), "stderr lacks {n:?}:\n{self}");
         }
@@ -232,7 +253,7 @@ impl Output {
     }
 
     #[track_caller]
-    pub fn nowhere(&self, secret: &str) -> &Self {
+    pub(crate) fn nowhere(&self, secret: &str) -> &Self {
         assert!(
             !self.stdout.contains(secret) && !self.stderr.contains(secret),
             "{secret:?} was printed:\n{self}"
@@ -242,14 +263,14 @@ impl Output {
 }
 
 /// Spawns `cmd` (with the spawn lock held, see [`SPAWN_LOCK`]).
-pub fn spawn(cmd: &mut Command) -> Child {
+pub(crate) fn spawn(cmd: &mut Command) -> Child {
     let _guard = SPAWN_LOCK.read().unwrap_or_else(|e| e.into_inner());
     cmd.spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 /// Waits for `child` at most `limit`, polling; `None` if it is still running.
-pub fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+pub(crate) fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
@@ -263,7 +284,7 @@ pub fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
 }
 
 /// Runs `cmd` to completion (at most [`RUN_TIMEOUT`]), capturing its output.
-pub fn run(cmd: &mut Command) -> Output {
+pub(crate) fn run(cmd: &mut Command) -> Output {
     let what = format!("{cmd:?}");
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let start = Instant::now();
@@ -298,7 +319,7 @@ pub fn run(cmd: &mut Command) -> Output {
 
 /// One entry of a directory tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Node {
+pub(crate) enum Node {
     Dir {
         mode: u32,
     },
@@ -312,11 +333,11 @@ pub enum Node {
 }
 
 /// Every entry below a directory, by relative path.
-pub type Tree = BTreeMap<PathBuf, Node>;
+pub(crate) type Tree = BTreeMap<PathBuf, Node>;
 
 /// Every entry below `root` (followed if it is a symlink) with its mode, size, mtime and
 /// blake3 digest. Bounded: at most 100 000 entries.
-pub fn snapshot(root: &Path) -> Tree {
+pub(crate) fn snapshot(root: &Path) -> Tree {
     let mut tree = Tree::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
@@ -338,7 +359,7 @@ pub fn snapshot(root: &Path) -> Tree {
                     mode: meta.mode() & 0o7777,
                     len: meta.len(),
                     mtime: (meta.mtime(), meta.mtime_nsec()),
-                    blake3: hash_file(&path),
+                    blake3: file_digest_hex(&path),
                 }
             };
             tree.insert(rel, node);
@@ -352,8 +373,8 @@ pub fn snapshot(root: &Path) -> Tree {
     tree
 }
 
-/// The blake3 digest of a file, in hex.
-pub fn hash_file(path: &Path) -> String {
+/// The blake3 digest of a file's content, in hex.
+pub(crate) fn file_digest_hex(path: &Path) -> String {
     let mut hasher = blake3::Hasher::new();
     let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     hasher.update_reader(f).expect("read for hashing");
@@ -361,7 +382,7 @@ pub fn hash_file(path: &Path) -> String {
 }
 
 /// Names in `dir`, sorted (empty if it does not exist).
-pub fn names(dir: &Path) -> Vec<String> {
+pub(crate) fn names(dir: &Path) -> Vec<String> {
     let Ok(rd) = fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -387,11 +408,14 @@ fn unescape(field: &str) -> String {
             && i + 3 < b.len()
             && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
         {
-            out.push(
-                b[i + 1..i + 4]
-                    .iter()
-                    .fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0')) as u8,
-            );
+            let v = b[i + 1..i + 4]
+                .iter()
+                .fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
+            // past a byte (up to \777) it is no escape the kernel writes: keep the text
+            match u8::try_from(v) {
+                Ok(byte) => out.push(byte),
+                Err(_) => out.extend_from_slice(&b[i..i + 4]),
+            }
             i += 4;
         } else {
             out.push(b[i]);
@@ -402,7 +426,7 @@ fn unescape(field: &str) -> String {
 }
 
 /// The mountinfo lines (this process's view) whose mount point is `dir`.
-pub fn mounts_at(dir: &Path) -> Vec<String> {
+pub(crate) fn mounts_at(dir: &Path) -> Vec<String> {
     let text = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
     text.lines()
         .filter(|l| l.split(' ').nth(4).map(unescape).as_deref() == Some(dir.to_str().unwrap()))
@@ -413,10 +437,10 @@ pub fn mounts_at(dir: &Path) -> Vec<String> {
 /// Lazily unmounts whatever is mounted on its directory when dropped (also when a test
 /// panics). Declare it after the [`Fixture`] so that it runs first.
 #[derive(Debug)]
-pub struct MountGuard(PathBuf);
+pub(crate) struct MountGuard(PathBuf);
 
 impl MountGuard {
-    pub fn new(dir: &Path) -> Self {
+    pub(crate) fn new(dir: &Path) -> Self {
         MountGuard(dir.to_owned())
     }
 }
@@ -439,7 +463,7 @@ impl Drop for MountGuard {
 
 /// Runs a system command (mount, umount) and asserts it succeeded.
 #[track_caller]
-pub fn system(program: &str, args: &[&OsStr]) {
+pub(crate) fn system(program: &str, args: &[&OsStr]) {
     let out = run(Command::new(program).args(args).stdin(Stdio::null()));
     assert!(out.status.success(), "{out}");
 }

@@ -194,8 +194,8 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<(), DemoError> {
     let mut identical = 0;
     for i in 1..=DEMO_JOURNAL_FILES {
         let rel = PathBuf::from(format!("journal/activemq-data-{i}.amq"));
-        let a = link::hash_file(&link_path.join(&rel)).map_err(step("verify"))?;
-        let b = link::hash_file(&report.aside.join(&rel)).map_err(step("verify"))?;
+        let a = link::file_digest(&link_path.join(&rel)).map_err(step("verify"))?;
+        let b = link::file_digest(&report.aside.join(&rel)).map_err(step("verify"))?;
         if a != b {
             return Err(DemoError::Step {
                 step: "verify",

@@ -1,0 +1,276 @@
+//! The config's unit tests: loading, defaults, and every check of `validate` through the
+//! message it gives.
+
+use super::*;
+
+fn load(text: &str) -> Result<Config, ConfigError> {
+    Config::from_toml(Path::new("/etc/artemis-sync/agent.toml"), text)
+}
+
+const EFS: &str = r#"
+[node]
+base_dir = "/opt/corda"
+[storage]
+backend = "efs"
+source = "fs-0123abcd.efs.eu-west-1.amazonaws.com:/"
+"#;
+
+#[test]
+fn minimal_efs_config_gets_defaults() {
+    let c = load(EFS).unwrap();
+    assert_eq!(c.storage.mode, Mode::Shared);
+    assert_eq!(c.storage.mount_point, Path::new(DEFAULT_MOUNT_POINT));
+    assert_eq!(c.storage.mount_attempts, DEFAULT_MOUNT_ATTEMPTS);
+    assert_eq!(c.artemis_link(), Path::new("/opt/corda/artemis"));
+    // the printed effective config loads back to the same thing
+    let again = load(&c.to_toml()).unwrap();
+    assert_eq!(again.to_toml(), c.to_toml());
+}
+
+#[test]
+fn unknown_key_is_named_with_its_line() {
+    let err = load(&format!("{EFS}mount_pont = \"/x\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/etc/artemis-sync/agent.toml"), "{err}");
+    assert!(err.contains("mount_pont"), "{err}");
+    assert!(err.contains("line 7"), "{err}");
+}
+
+#[test]
+fn wrong_type_is_named() {
+    let err = load(&EFS.replace("[storage]", "[storage]\nmount_attempts = \"many\""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("line 5") && err.contains("invalid type"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_backend_lists_the_known_ones() {
+    let err = load(&EFS.replace("\"efs\"", "\"gluster\""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("gluster") && err.contains("azure-smb"),
+        "{err}"
+    );
+}
+
+#[test]
+fn relative_paths_are_refused() {
+    let err = load(&EFS.replace("/opt/corda", "opt/corda"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`node.base_dir`") && err.contains("absolute"),
+        "{err}"
+    );
+    let err = load(&format!("{EFS}mount_point = \"share\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`storage.mount_point`"), "{err}");
+}
+
+#[test]
+fn source_must_match_the_backend() {
+    let err = load(&EFS.replace("fs-0123abcd.efs.eu-west-1.amazonaws.com:/", "//h/s"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`storage.source`") && err.contains("host:/path"),
+        "{err}"
+    );
+    assert!(nfs_host("[fd00::1]:/export").is_some());
+    assert_eq!(
+        smb_host("//acct.file.core.windows.net/share"),
+        Some("acct.file.core.windows.net")
+    );
+    assert!(smb_host("//host").is_none());
+}
+
+#[test]
+fn lock_breaking_and_secret_options_are_refused() {
+    let err = load(&format!("{EFS}options = \"nolock\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`storage.options`") && err.contains("nolock"),
+        "{err}"
+    );
+    let err = load(&format!("{EFS}options = \"a=b=c\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("may not contain `=`"), "{err}");
+    let smb = EFS
+        .replace("\"efs\"", "\"cifs\"")
+        .replace("fs-0123abcd.efs.eu-west-1.amazonaws.com:/", "//srv/share");
+    let err = load(&format!("{smb}options = \"username=u,password=hunter2\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("credentials file"), "{err}");
+}
+
+#[test]
+fn options_may_not_override_what_the_config_writes() {
+    for opts in [
+        "backend=nfs",
+        "mount_attempts=100",
+        "x-systemd.mount-timeout=5",
+        "credentials=/x",
+    ] {
+        let err = load(&format!("{EFS}options = \"{opts}\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`storage.options` may not set"),
+            "{opts}: {err}"
+        );
+    }
+}
+
+#[test]
+fn azure_smb_needs_a_private_root_owned_credentials_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cred = dir.path().join("azure.cred");
+    std::fs::write(&cred, "username=acct\npassword=secret\n").unwrap();
+    std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let smb = EFS.replace("\"efs\"", "\"azure-smb\"").replace(
+        "fs-0123abcd.efs.eu-west-1.amazonaws.com:/",
+        "//acct.file.core.windows.net/corda",
+    );
+    let err = load(&smb).unwrap_err().to_string();
+    assert!(
+        err.contains("`storage.credentials_file` is required"),
+        "{err}"
+    );
+    let with = format!("{smb}credentials_file = {:?}\n", cred);
+    let err = load(&with).unwrap_err().to_string();
+    if crate::sys::is_root() {
+        assert!(
+            err.contains("mode 0644") && err.contains("chmod 600"),
+            "{err}"
+        );
+        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600)).unwrap();
+        load(&with).unwrap();
+    } else {
+        assert!(err.contains("not root"), "{err}");
+    }
+}
+
+#[test]
+fn mount_point_symlink_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = dir.path().join("share");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let err = load(&format!("{EFS}mount_point = {link:?}\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is a symlink"), "{err}");
+}
+
+#[test]
+fn timeout_must_cover_the_retries() {
+    let err = load(&format!("{EFS}mount_attempts = 20\nmount_timeout_s = 10\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`storage.mount_timeout_s`"), "{err}");
+}
+
+#[test]
+fn lock_defaults_derive_from_the_mount_point_and_host() {
+    let c = load(EFS).unwrap();
+    assert_eq!(
+        c.lock.dir,
+        Path::new("/var/lib/artemis-sync/share/.artemis-sync")
+    );
+    assert_eq!(c.lock.machine_name, host_name());
+    assert_eq!(c.holder_id(), format!("{}:/opt/corda", host_name()));
+    assert_eq!(
+        (c.lock.update_interval_ms, c.lock.wait_interval_ms),
+        (20_000, 40_000)
+    );
+}
+
+#[test]
+fn intervals_and_stop_timeout_must_fit() {
+    let err = load(&format!(
+        "{EFS}[lock]\nupdate_interval_ms = 5000\nwait_interval_ms = 5000\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("`lock.wait_interval_ms`") && err.contains("must exceed"),
+        "{err}"
+    );
+    // 40000 - 20000 - 4000 leaves 16000 ms: 15000 fits, 16000 does not
+    let with = |stop: u64| EFS.replace("[node]", &format!("[node]\nstop_timeout_ms = {stop}"));
+    load(&with(15_000)).unwrap();
+    let err = load(&with(16_000)).unwrap_err().to_string();
+    assert!(
+        err.contains("`node.stop_timeout_ms`") && err.contains("16000 ms remain"),
+        "{err}"
+    );
+}
+
+#[test]
+fn replicated_mode_needs_its_section_and_authentication() {
+    let err = load(&EFS.replace("[storage]", "[storage]\nmode = \"replicated\""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`storage.mode`") && err.contains("[replication]"),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let psk = dir.path().join("psk");
+    std::fs::write(
+        &psk,
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let base = "[node]\nbase_dir = \"/opt/corda\"\n[storage]\nmode = \"replicated\"\n[replication]\nrole = \"hot\"\n\
+                data_dir = \"/var/lib/artemis-sync/artemis\"\nlisten = \"127.0.0.1:7410\"\npeer = \"127.0.0.2:7410\"\n";
+    let err = load(base).unwrap_err().to_string();
+    assert!(err.contains("needs authentication"), "{err}");
+    let c = load(&format!("{base}psk_file = {psk:?}\n")).unwrap();
+    assert_eq!(c.storage.backend(), Backend::Premounted);
+    assert_eq!(c.replication.as_ref().unwrap().page_size, 4096);
+    load(&c.to_toml()).unwrap();
+    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = load(&format!("{base}psk_file = {psk:?}\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`replication.psk_file`") && err.contains("chmod 600"),
+        "{err}"
+    );
+    load(&format!("{base}insecure_loopback = true\n")).unwrap();
+    let err = load(&format!(
+        "{}insecure_loopback = true\n",
+        base.replace("127.0.0.2", "10.0.0.2")
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("`replication.insecure_loopback`"), "{err}");
+    let err = load(&format!(
+        "{base}insecure_loopback = true\npage_size = 1000\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("`replication.page_size`"), "{err}");
+    let err = load(
+        &format!("{base}insecure_loopback = true\n")
+            .replace("[storage]\n", "[storage]\nbackend = \"efs\"\n"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("`storage.backend`"), "{err}");
+}

@@ -1,0 +1,295 @@
+//! `link --migrate`: the files of a real `artemis/` directory copied into the share, each
+//! through a temporary name, fsynced, read back and compared by blake3; a same-named file of
+//! other content in the share stops everything before the first write; the source is checked
+//! unchanged, and only then moved aside and replaced by the link. Run again after an
+//! interruption, it skips what is already in the share with identical content.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::link::{
+    create_link, file_digest, io_err, sync_dir, utc_stamp, LinkError, ASIDE_INFIX,
+    COPY_CHUNK_BYTES, MIGRATE_TMP_SUFFIX,
+};
+
+/// The result of a migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// Files copied by this run.
+    pub copied: u64,
+    /// Files already in the share with identical content (an earlier, interrupted run).
+    pub already_present: u64,
+    /// Bytes in all files, verified.
+    pub bytes: u64,
+    /// Where the old directory now is.
+    pub aside: PathBuf,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Dir {
+        mode: u32,
+    },
+    File {
+        len: u64,
+        mode: u32,
+        mtime: (i64, i64),
+    },
+    Symlink(PathBuf),
+}
+
+/// Every entry below `root`, parents before children, in a stable order.
+fn walk(root: &Path) -> Result<Vec<(PathBuf, Kind)>, LinkError> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = root.join(&rel);
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .map_err(io_err("cannot list", &dir))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(io_err("cannot list", &dir))?;
+        names.sort();
+        for name in names {
+            let rel = rel.join(&name);
+            let path = root.join(&rel);
+            let meta = fs::symlink_metadata(&path).map_err(io_err("cannot inspect", &path))?;
+            let ft = meta.file_type();
+            let kind = if ft.is_symlink() {
+                Kind::Symlink(fs::read_link(&path).map_err(io_err("cannot read link", &path))?)
+            } else if ft.is_dir() {
+                stack.push(rel.clone());
+                Kind::Dir {
+                    mode: meta.mode() & 0o7777,
+                }
+            } else if ft.is_file() {
+                Kind::File {
+                    len: meta.len(),
+                    mode: meta.mode() & 0o7777,
+                    mtime: (meta.mtime(), meta.mtime_nsec()),
+                }
+            } else {
+                return Err(LinkError::Unsupported(path));
+            };
+            out.push((rel, kind));
+        }
+    }
+    Ok(out)
+}
+
+/// Migrates the directory `src_root` into `dst_root` (the share), then moves it aside and
+/// puts the link in its place.
+pub(super) fn migrate(src_root: &Path, dst_root: &Path) -> Result<MigrationReport, LinkError> {
+    let entries = walk(src_root)?;
+    let needed = check_space(&entries, dst_root)?;
+    let present = already_present(&entries, src_root, dst_root)?;
+    let files = entries
+        .iter()
+        .filter(|(_, k)| !matches!(k, Kind::Dir { .. }))
+        .count();
+    tracing::info!(from = %src_root.display(), to = %dst_root.display(), files, bytes = needed, "migrating into the share");
+    let mut report = copy_entries(&entries, src_root, dst_root, &present)?;
+    // Every file is in the share and verified: only now does the source move, and only aside.
+    let aside = move_aside(src_root)?;
+    create_link(src_root, dst_root)?;
+    report.aside = aside;
+    Ok(report)
+}
+
+/// The bytes still to copy (an earlier run may have copied part of them), if the share has
+/// room for them.
+fn check_space(entries: &[(PathBuf, Kind)], dst_root: &Path) -> Result<u64, LinkError> {
+    let needed: u64 = entries
+        .iter()
+        .filter_map(|(rel, k)| match k {
+            Kind::File { len, .. } => {
+                let present =
+                    fs::metadata(dst_root.join(rel)).is_ok_and(|m| m.is_file() && m.len() == *len);
+                (!present).then_some(*len)
+            }
+            _ => None,
+        })
+        .sum();
+    let available =
+        crate::sys::free_bytes(dst_root).map_err(io_err("cannot read free space of", dst_root))?;
+    if needed > available {
+        return Err(LinkError::InsufficientSpace {
+            share: dst_root.to_owned(),
+            needed,
+            available,
+        });
+    }
+    Ok(needed)
+}
+
+/// The files and links already in the share with the same content. A file of the same name
+/// with other content in the share (the other VM's journal?) stops the migration before
+/// anything is written.
+fn already_present(
+    entries: &[(PathBuf, Kind)],
+    src_root: &Path,
+    dst_root: &Path,
+) -> Result<HashSet<PathBuf>, LinkError> {
+    let mut present = HashSet::new();
+    for (rel, kind) in entries {
+        let (src, dst) = (src_root.join(rel), dst_root.join(rel));
+        let same = match kind {
+            Kind::Dir { .. } => continue,
+            Kind::Symlink(target) => match fs::read_link(&dst) {
+                Ok(existing) => existing == *target,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(_) => false,
+            },
+            Kind::File { .. } => match fs::symlink_metadata(&dst) {
+                Ok(m) => m.is_file() && file_digest(&src)? == file_digest(&dst)?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("cannot inspect", &dst)(e)),
+            },
+        };
+        if !same {
+            return Err(LinkError::Conflict {
+                original: src,
+                dest: dst,
+            });
+        }
+        present.insert(rel.clone());
+    }
+    Ok(present)
+}
+
+/// Creates the directories, copies (verified) what is not `present`, checks every source file
+/// unchanged after its copy, and fsyncs every directory written to.
+fn copy_entries(
+    entries: &[(PathBuf, Kind)],
+    src_root: &Path,
+    dst_root: &Path,
+    present: &HashSet<PathBuf>,
+) -> Result<MigrationReport, LinkError> {
+    let mut report = MigrationReport {
+        copied: 0,
+        already_present: 0,
+        bytes: 0,
+        aside: PathBuf::new(),
+    };
+    let mut dirs = vec![dst_root.to_owned()];
+    for (rel, kind) in entries {
+        let src = src_root.join(rel);
+        let dst = dst_root.join(rel);
+        match kind {
+            Kind::Dir { mode } => {
+                match fs::create_dir(&dst) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dst.is_dir() => {}
+                    Err(e) => return Err(io_err("cannot create directory", &dst)(e)),
+                }
+                fs::set_permissions(&dst, fs::Permissions::from_mode(*mode))
+                    .map_err(io_err("cannot set mode of", &dst))?;
+                dirs.push(dst);
+            }
+            Kind::Symlink(_) if present.contains(rel) => report.already_present += 1,
+            Kind::Symlink(target) => {
+                std::os::unix::fs::symlink(target, &dst)
+                    .map_err(io_err("cannot create link", &dst))?;
+                report.copied += 1;
+            }
+            Kind::File { len, mode, mtime } => {
+                if present.contains(rel) {
+                    report.already_present += 1;
+                } else {
+                    copy_verified(&src, &dst, *mode)?;
+                    report.copied += 1;
+                }
+                report.bytes += len;
+                let now = fs::metadata(&src).map_err(io_err("cannot inspect", &src))?;
+                if now.len() != *len || (now.mtime(), now.mtime_nsec()) != *mtime {
+                    return Err(LinkError::SourceChanged(src));
+                }
+            }
+        }
+    }
+    for dir in &dirs {
+        sync_dir(dir)?;
+    }
+    Ok(report)
+}
+
+/// Renames `src_root` to `<name>.pre-artemis-sync.<UTC stamp>` (with `.N` if that exists) and
+/// fsyncs its parent; returns the new path.
+fn move_aside(src_root: &Path) -> Result<PathBuf, LinkError> {
+    let base = src_root.parent().unwrap_or(Path::new("/"));
+    let name = src_root
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stamp = utc_stamp(SystemTime::now());
+    let mut aside = base.join(format!("{name}{ASIDE_INFIX}{stamp}"));
+    let mut n = 1;
+    while fs::symlink_metadata(&aside).is_ok() {
+        aside = base.join(format!("{name}{ASIDE_INFIX}{stamp}.{n}"));
+        n += 1;
+    }
+    fs::rename(src_root, &aside)
+        .map_err(io_err("cannot move the old directory aside from", src_root))?;
+    sync_dir(base)?;
+    tracing::info!(aside = %aside.display(), "old directory kept aside");
+    Ok(aside)
+}
+
+/// Copies `src` to `dst` through a temporary file, hashing what was read, then reads the copy
+/// back and compares. `dst` exists only once it is complete and verified.
+fn copy_verified(src: &Path, dst: &Path, mode: u32) -> Result<(), LinkError> {
+    let name = dst
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dst.with_file_name(format!(".{name}{MIGRATE_TMP_SUFFIX}"));
+    let mut input = File::open(src).map_err(io_err("cannot open", src))?;
+    let mut output = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io_err("cannot create", &tmp))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; COPY_CHUNK_BYTES];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err("cannot read", src)(e)),
+        };
+        hasher.update(&buf[..n]);
+        output
+            .write_all(&buf[..n])
+            .map_err(io_err("cannot write", &tmp))?;
+    }
+    let meta = input.metadata().map_err(io_err("cannot inspect", src))?;
+    output
+        .set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io_err("cannot set mode of", &tmp))?;
+    output
+        .set_modified(
+            meta.modified()
+                .map_err(io_err("cannot read mtime of", src))?,
+        )
+        .map_err(io_err("cannot set mtime of", &tmp))?;
+    output.sync_all().map_err(io_err("cannot fsync", &tmp))?;
+    drop(output);
+    let wrote = hasher.finalize();
+    let read = file_digest(&tmp)?;
+    if read != wrote {
+        let _ = fs::remove_file(&tmp);
+        return Err(LinkError::VerifyMismatch {
+            original: src.to_owned(),
+            dest: dst.to_owned(),
+            wrote: wrote.to_hex().to_string(),
+            read: read.to_hex().to_string(),
+        });
+    }
+    fs::rename(&tmp, dst).map_err(io_err("cannot rename into place", dst))
+}

@@ -1,0 +1,258 @@
+//! The link's unit tests: creation, idempotence, refusals, migration with verification, a
+//! re-run after an interruption, conflicts, and the timestamp format.
+
+use super::*;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::Duration;
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    base: PathBuf,
+    share: PathBuf,
+    link: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("corda");
+    let share = tmp.path().join("share");
+    fs::create_dir_all(&base).unwrap();
+    fs::create_dir_all(&share).unwrap();
+    let link = base.join("artemis");
+    Fixture {
+        _tmp: tmp,
+        base,
+        share,
+        link,
+    }
+}
+
+fn write_journal(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let files = vec![
+        (
+            PathBuf::from("journal/activemq-data-1.amq"),
+            (0..200_000u32).map(|i| (i % 251) as u8).collect(),
+        ),
+        (
+            PathBuf::from("bindings/activemq-bindings-1.bindings"),
+            vec![7u8; 4096],
+        ),
+        (PathBuf::from("paging/abc/000000001.page"), b"page".to_vec()),
+        (PathBuf::from("server.lock"), Vec::new()),
+    ];
+    for (rel, data) in &files {
+        fs::create_dir_all(dir.join(rel).parent().unwrap()).unwrap();
+        fs::write(dir.join(rel), data).unwrap();
+    }
+    files
+}
+
+#[test]
+fn creates_then_is_a_no_op() {
+    let f = fixture();
+    assert_eq!(
+        link(&f.link, &f.share, LinkOptions::default()).unwrap(),
+        LinkOutcome::Created
+    );
+    assert_eq!(fs::read_link(&f.link).unwrap(), f.share);
+    assert_eq!(
+        link(&f.link, &f.share, LinkOptions::default()).unwrap(),
+        LinkOutcome::AlreadyLinked
+    );
+    // no temporary link is left behind
+    assert_eq!(fs::read_dir(&f.base).unwrap().count(), 1);
+}
+
+#[test]
+fn replaces_an_empty_directory() {
+    let f = fixture();
+    fs::create_dir(&f.link).unwrap();
+    assert_eq!(
+        link(&f.link, &f.share, LinkOptions::default()).unwrap(),
+        LinkOutcome::Created
+    );
+    assert!(f.link.is_symlink());
+}
+
+#[test]
+fn refuses_a_directory_with_files_and_changes_nothing() {
+    let f = fixture();
+    let files = write_journal(&f.link);
+    let err = link(&f.link, &f.share, LinkOptions::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("real directory holding 4 entries") && msg.contains("--migrate"),
+        "{msg}"
+    );
+    assert!(f.link.is_dir() && !f.link.is_symlink());
+    for (rel, data) in files {
+        assert_eq!(fs::read(f.link.join(rel)).unwrap(), data);
+    }
+    assert_eq!(fs::read_dir(&f.share).unwrap().count(), 0);
+}
+
+#[test]
+fn migrates_verifies_and_keeps_the_old_directory() {
+    let f = fixture();
+    let files = write_journal(&f.link);
+    fs::set_permissions(
+        f.link.join("server.lock"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let out = link(
+        &f.link,
+        &f.share,
+        LinkOptions {
+            migrate: true,
+            force: false,
+        },
+    )
+    .unwrap();
+    let LinkOutcome::Migrated(report) = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(report.copied, 4);
+    assert!(report
+        .aside
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("artemis.pre-artemis-sync.20"));
+    for (rel, data) in &files {
+        assert_eq!(
+            &fs::read(f.link.join(rel)).unwrap(),
+            data,
+            "through the link"
+        );
+        assert_eq!(
+            &fs::read(report.aside.join(rel)).unwrap(),
+            data,
+            "kept aside"
+        );
+    }
+    let mode = fs::metadata(f.share.join("server.lock")).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(
+        link(&f.link, &f.share, LinkOptions::default()).unwrap(),
+        LinkOutcome::AlreadyLinked
+    );
+}
+
+#[test]
+fn a_rerun_after_interruption_completes_and_a_foreign_file_is_a_conflict() {
+    let f = fixture();
+    let files = write_journal(&f.link);
+    // an interrupted run: one file copied, one half-written temporary
+    fs::create_dir_all(f.share.join("journal")).unwrap();
+    fs::write(f.share.join("journal/activemq-data-1.amq"), &files[0].1).unwrap();
+    fs::create_dir_all(f.share.join("bindings")).unwrap();
+    fs::write(
+        f.share
+            .join("bindings/.activemq-bindings-1.bindings.artemis-sync-tmp"),
+        b"half",
+    )
+    .unwrap();
+    let out = link(
+        &f.link,
+        &f.share,
+        LinkOptions {
+            migrate: true,
+            force: false,
+        },
+    )
+    .unwrap();
+    let LinkOutcome::Migrated(report) = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!((report.copied, report.already_present), (3, 1));
+    assert!(!f
+        .share
+        .join("bindings/.activemq-bindings-1.bindings.artemis-sync-tmp")
+        .exists());
+
+    // a share that already holds a different file of the same name is never overwritten
+    let g = fixture();
+    write_journal(&g.link);
+    fs::create_dir_all(g.share.join("journal")).unwrap();
+    fs::write(
+        g.share.join("journal/activemq-data-1.amq"),
+        b"the other VM's journal",
+    )
+    .unwrap();
+    let err = link(
+        &g.link,
+        &g.share,
+        LinkOptions {
+            migrate: true,
+            force: false,
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, LinkError::Conflict { .. }), "{err}");
+    assert_eq!(
+        fs::read_dir(&g.share).unwrap().count(),
+        1,
+        "nothing else was written to the share"
+    );
+    assert_eq!(
+        fs::read(g.share.join("journal/activemq-data-1.amq")).unwrap(),
+        b"the other VM's journal"
+    );
+    assert!(g.link.is_dir() && !g.link.is_symlink(), "source untouched");
+}
+
+#[test]
+fn a_link_elsewhere_needs_force() {
+    let f = fixture();
+    let other = f.base.join("other");
+    fs::create_dir(&other).unwrap();
+    std::os::unix::fs::symlink(&other, &f.link).unwrap();
+    let err = link(&f.link, &f.share, LinkOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("--force"), "{err}");
+    assert_eq!(fs::read_link(&f.link).unwrap(), other);
+    let out = link(
+        &f.link,
+        &f.share,
+        LinkOptions {
+            migrate: false,
+            force: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(out, LinkOutcome::Replaced { previous: other });
+    assert_eq!(fs::read_link(&f.link).unwrap(), f.share);
+}
+
+#[test]
+fn missing_base_dir_target_and_odd_files_are_named() {
+    let f = fixture();
+    let err = link(
+        &f.base.join("nope/artemis"),
+        &f.share,
+        LinkOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("nope") && err.to_string().contains("base_dir"),
+        "{err}"
+    );
+    let err = link(&f.link, &f.base.join("unmounted"), LinkOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("unmounted"), "{err}");
+    fs::write(&f.link, b"x").unwrap();
+    let err = link(&f.link, &f.share, LinkOptions::default()).unwrap_err();
+    assert!(matches!(err, LinkError::NotALinkOrDirectory(_)), "{err}");
+}
+
+#[test]
+fn utc_stamp_formats_known_instants() {
+    assert_eq!(utc_stamp(UNIX_EPOCH), "19700101T000000Z");
+    assert_eq!(
+        utc_stamp(UNIX_EPOCH + Duration::from_secs(1_795_319_827)),
+        "20261122T035707Z"
+    );
+    assert_eq!(
+        utc_stamp(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+        "20000229T000000Z"
+    );
+}

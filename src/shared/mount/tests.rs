@@ -1,0 +1,314 @@
+//! The mount's unit tests, against a scripted [`Sys`]: plans for every backend, refusals,
+//! retries with their pauses, idempotence, `-f`, and the fstab line.
+
+use super::run::Jitter;
+use super::*;
+use crate::sys::{CommandOutcome, Sys};
+use std::cell::RefCell;
+use std::ffi::OsString;
+use std::io;
+
+/// A scripted system: probe and mount results in order, and a record of every call.
+#[derive(Default)]
+struct FakeSys {
+    probes: RefCell<Vec<io::Result<()>>>,
+    mounts: RefCell<Vec<i32>>,
+    mountinfo: RefCell<String>,
+    /// mountinfo after the first successful mount
+    mountinfo_after: String,
+    calls: RefCell<Vec<String>>,
+    slept: RefCell<Vec<Duration>>,
+}
+
+impl Sys for FakeSys {
+    fn run_mount(&self, args: &[OsString]) -> io::Result<CommandOutcome> {
+        let line = args
+            .iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ");
+        self.calls.borrow_mut().push(format!("mount {line}"));
+        let code = self.mounts.borrow_mut().remove(0);
+        if code == 0 {
+            *self.mountinfo.borrow_mut() = self.mountinfo_after.clone();
+        }
+        Ok(CommandOutcome {
+            code: Some(code),
+            stderr: if code == 0 {
+                String::new()
+            } else {
+                "mount.nfs4: Connection timed out".into()
+            },
+        })
+    }
+    fn probe(&self, host: &str, port: u16, _: Duration) -> io::Result<()> {
+        self.calls.borrow_mut().push(format!("probe {host}:{port}"));
+        self.probes.borrow_mut().remove(0)
+    }
+    fn mountinfo(&self) -> io::Result<String> {
+        Ok(self.mountinfo.borrow().clone())
+    }
+    fn sleep(&self, d: Duration) {
+        self.slept.borrow_mut().push(d);
+    }
+    fn mount_program(&self) -> OsString {
+        "mount".into()
+    }
+}
+
+const EFS_SPEC: &str = "fs-0123abcd.efs.eu-west-1.amazonaws.com:/";
+
+fn efs_request(dir: &Path, opts: &str) -> MountRequest {
+    MountRequest::from_helper_args(EFS_SPEC, dir, &format!("backend=efs,{opts}")).unwrap()
+}
+
+fn args(plan: &MountPlan) -> String {
+    plan.args
+        .iter()
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn efs_gets_the_amazon_efs_utils_options() {
+    let p = plan(&efs_request(
+        Path::new("/mnt/x"),
+        "_netdev,nofail,x-systemd.mount-timeout=30",
+    ))
+    .unwrap();
+    assert_eq!(
+        args(&p),
+        "-t nfs4 -o nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport \
+         fs-0123abcd.efs.eu-west-1.amazonaws.com:/ /mnt/x"
+    );
+    assert_eq!(
+        p.probe,
+        Some(("fs-0123abcd.efs.eu-west-1.amazonaws.com".into(), 2049))
+    );
+}
+
+#[test]
+fn every_backend_translates_to_its_mount() {
+    let cases = [
+        ("azure-nfs", "acct.file.core.windows.net:/acct/corda", "", "-t nfs4 -o vers=4,minorversion=1,sec=sys,hard,timeo=600,retrans=2 acct.file.core.windows.net:/acct/corda /m"),
+        ("nfs", "[fd00::5]:/export", "vers=4.2", "-t nfs4 -o hard,timeo=600,retrans=2,vers=4.2 [fd00::5]:/export /m"),
+        ("cifs", "//srv/share", "uid=1000", "-t cifs -o serverino,uid=1000 //srv/share /m"),
+        ("bind", "/srv/share", "", "--bind /srv/share /m"),
+        ("efs", EFS_SPEC, "soft,timeo=30", "-t nfs4 -o nfsvers=4.1,rsize=1048576,wsize=1048576,retrans=2,noresvport,soft,timeo=30 fs-0123abcd.efs.eu-west-1.amazonaws.com:/ /m"),
+    ];
+    for (backend, spec, user, want) in cases {
+        let req = MountRequest::from_helper_args(
+            spec,
+            Path::new("/m"),
+            &format!("backend={backend},{user}"),
+        )
+        .unwrap();
+        assert_eq!(args(&plan(&req).unwrap()), want, "backend {backend}");
+    }
+}
+
+#[test]
+fn azure_smb_needs_a_credentials_file_and_never_a_password() {
+    let req = MountRequest::from_helper_args(
+        "//acct.file.core.windows.net/corda",
+        Path::new("/m"),
+        "backend=azure-smb",
+    )
+    .unwrap();
+    let err = plan(&req).unwrap_err();
+    assert!(
+        err.to_string().contains("needs `credentials=<file>`"),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), EXIT_USAGE);
+    let req = MountRequest::from_helper_args(
+        "//srv/share",
+        Path::new("/m"),
+        "backend=cifs,username=u,password=p",
+    )
+    .unwrap();
+    let err = plan(&req).unwrap_err();
+    assert!(err.to_string().contains("credentials file"), "{err}");
+    let req = MountRequest::from_helper_args(
+        "//srv/share",
+        Path::new("/m"),
+        "backend=cifs,credentials=/nonexistent/cred",
+    )
+    .unwrap();
+    let err = plan(&req).unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/cred"), "{err}");
+}
+
+#[test]
+fn helper_options_are_checked() {
+    let bad =
+        |opts: &str| MountRequest::from_helper_args(EFS_SPEC, Path::new("/m"), opts).unwrap_err();
+    assert!(matches!(bad("hard"), MountError::NoBackend));
+    assert!(bad("backend=gluster")
+        .to_string()
+        .contains("unknown backend `gluster`"));
+    assert!(matches!(bad("backend=efs,sec=a=b"), MountError::Options(_)));
+    assert!(bad("backend=efs,mount_attempts=lots")
+        .to_string()
+        .contains("mount_attempts=lots"));
+    let req =
+        MountRequest::from_helper_args(EFS_SPEC, Path::new("/m"), "backend=efs,nolock").unwrap();
+    let err = plan(&req).unwrap_err();
+    assert!(
+        err.to_string().contains("nolock") && err.exit_code() == EXIT_USAGE,
+        "{err}"
+    );
+    let req = MountRequest::from_helper_args("nfs-server", Path::new("/m"), "backend=nfs").unwrap();
+    assert!(plan(&req).unwrap_err().to_string().contains("host:/path"));
+    let req = MountRequest::from_helper_args("", Path::new("/m"), "backend=premounted").unwrap();
+    assert!(matches!(plan(&req), Err(MountError::Premounted { .. })));
+}
+
+#[test]
+fn retries_while_unreachable_then_mounts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().canonicalize().unwrap();
+    let sys = FakeSys {
+        probes: RefCell::new(vec![
+            Err(io::Error::new(io::ErrorKind::NotFound, "no such host")),
+            Err(io::Error::new(io::ErrorKind::ConnectionRefused, "refused")),
+            Ok(()),
+            Ok(()),
+        ]),
+        mounts: RefCell::new(vec![32, 0]),
+        mountinfo_after: format!(
+            "1 0 0:5 / {} rw - nfs4 {EFS_SPEC} rw,local_lock=none\n",
+            d.display()
+        ),
+        ..Default::default()
+    };
+    let out = mount(&sys, &efs_request(&d, ""), &mut Vec::new()).unwrap();
+    assert_eq!(out, MountOutcome::Mounted { attempts: 4 });
+    let calls = sys.calls.borrow();
+    assert_eq!(calls.iter().filter(|c| c.starts_with("probe")).count(), 4);
+    assert_eq!(calls.iter().filter(|c| c.starts_with("mount")).count(), 2);
+    // pauses grow by 1.5 from 1 s, each with at most 20% jitter
+    let slept = sys.slept.borrow();
+    assert_eq!(slept.len(), 3);
+    for (i, base) in [1000u64, 1500, 2250].iter().enumerate() {
+        let ms = u64::try_from(slept[i].as_millis()).unwrap();
+        assert!(ms >= *base && ms <= base + base / 5, "pause {i}: {ms} ms");
+    }
+    // mounting again is a no-op
+    assert_eq!(
+        mount(&sys, &efs_request(&d, ""), &mut Vec::new()).unwrap(),
+        MountOutcome::AlreadyMounted
+    );
+}
+
+#[test]
+fn gives_up_after_the_bounded_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = FakeSys {
+        probes: RefCell::new(
+            (0..3)
+                .map(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")))
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    let err = mount(
+        &sys,
+        &efs_request(dir.path(), "mount_attempts=3"),
+        &mut Vec::new(),
+    )
+    .unwrap_err();
+    assert_eq!(err.exit_code(), EXIT_MOUNT_FAILURE);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("after 3 attempt(s)") && msg.contains("port 2049 is not reachable"),
+        "{msg}"
+    );
+    assert_eq!(sys.slept.borrow().len(), 2);
+}
+
+#[test]
+fn another_source_on_the_mount_point_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().canonicalize().unwrap();
+    let sys = FakeSys {
+        mountinfo: RefCell::new(format!("1 0 0:5 / {} rw - nfs4 other:/x rw\n", d.display())),
+        ..Default::default()
+    };
+    let err = mount(&sys, &efs_request(&d, ""), &mut Vec::new()).unwrap_err();
+    assert!(
+        err.to_string().contains("already mounted from `other:/x`"),
+        "{err}"
+    );
+    assert!(sys.calls.borrow().is_empty(), "nothing was run");
+}
+
+#[test]
+fn fake_prints_and_runs_nothing() {
+    let sys = FakeSys::default();
+    let mut req = efs_request(Path::new("/does/not/exist"), "");
+    req.fake = true;
+    let mut out = Vec::new();
+    mount(&sys, &req, &mut out).unwrap();
+    let printed = String::from_utf8(out).unwrap();
+    assert!(
+        printed.starts_with("mount -t nfs4 -o nfsvers=4.1,"),
+        "{printed}"
+    );
+    assert!(sys.calls.borrow().is_empty());
+}
+
+#[test]
+fn missing_mount_point_is_named() {
+    let err = mount(
+        &FakeSys::default(),
+        &efs_request(Path::new("/no/such/dir"), ""),
+        &mut Vec::new(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("/no/such/dir"), "{err}");
+    assert_eq!(err.exit_code(), EXIT_MOUNT_FAILURE);
+}
+
+#[test]
+fn backoff_is_bounded() {
+    let b = Backoff::new(8, 20_000);
+    assert_eq!(b.base_delay_ms(1), 1000);
+    assert_eq!(b.base_delay_ms(20), 20_000);
+    assert!(b.total_ms() < crate::config::DEFAULT_MOUNT_TIMEOUT_S * 1000);
+    assert_eq!(Backoff::new(1, 20_000).total_ms(), 0);
+    let mut j = Jitter::seeded();
+    assert!((0..1000)
+        .map(|_| j.next_unit())
+        .all(|u| (0.0..1.0).contains(&u)));
+}
+
+#[test]
+fn fstab_line_carries_the_helper_type_and_escapes_spaces() {
+    let text = r#"
+[node]
+base_dir = "/opt/corda"
+[storage]
+backend = "efs"
+source = "fs-0123abcd.efs.eu-west-1.amazonaws.com:/"
+mount_point = "/var/lib/artemis sync"
+options = "timeo=300"
+mount_attempts = 5
+"#;
+    let config = Config::from_toml(Path::new("t.toml"), text).unwrap();
+    assert_eq!(
+        fstab_line(&config).unwrap(),
+        "fs-0123abcd.efs.eu-west-1.amazonaws.com:/ /var/lib/artemis\\040sync artemis-sync \
+         backend=efs,_netdev,nofail,x-systemd.mount-timeout=180,mount_attempts=5,timeo=300 0 0"
+    );
+    // what mount(8) passes back from that line turns into the same request
+    let req = MountRequest::from_helper_args(
+        EFS_SPEC,
+        Path::new("/m"),
+        "backend=efs,_netdev,nofail,mount_attempts=5,timeo=300",
+    )
+    .unwrap();
+    assert_eq!(req.backoff.attempts, 5);
+    assert_eq!(req.options.to_string(), "timeo=300");
+}
