@@ -61,7 +61,6 @@ fn issue5_quick_benchmark_prints_every_key() {
         "{v:#}"
     );
     // a null baseline says why; in CI (which installs rsync and lsyncd) none may be null
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
     for (w, f, why) in [
         ("initial_sync", "rsync_mb_per_s", "rsync_null_reason"),
         ("append_lag", "lsyncd_p50_ms", "lsyncd_null_reason"),
@@ -71,12 +70,10 @@ fn issue5_quick_benchmark_prints_every_key() {
                 v[w][why].is_string(),
                 "{w}.{f} is null without a reason: {v:#}"
             );
-            assert!(
-                !ci,
-                "{w}.{f}: the baseline did not run in CI ({}): .ci/run installs rsync and lsyncd",
-                v[w][why]
+            skip(
+                &format!("issue5_quick_benchmark_prints_every_key: baseline {w}.{f}"),
+                &v[w][why].to_string(),
             );
-            eprintln!("skipped: baseline {w}.{f}: {}", v[w][why]);
         }
     }
     for w in ["initial_sync", "resync", "append_lag"] {
