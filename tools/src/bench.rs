@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use artemis_sync::daemon::listen_fds::command_with_listener;
+use artemis_sync::daemon::protocol::{Reply, Request};
 use serde_json::{json, Value};
 
 use crate::workload::{self, quantile, WriterConfig};
@@ -93,10 +95,14 @@ struct Agent {
 
 impl Agent {
     fn status(&self) -> Value {
-        artemis_sync::daemon::control::request(&self.sock, "status", Duration::from_secs(5))
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or(Value::Null)
+        match artemis_sync::daemon::control::request(
+            &self.sock,
+            &Request::Status,
+            Duration::from_secs(5),
+        ) {
+            Ok(Reply::Status(s)) => serde_json::to_value(s).unwrap_or(Value::Null),
+            _ => Value::Null,
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -174,6 +180,10 @@ struct Pair {
     cold: Option<Agent>,
     peak_hot_mb: f64,
     peak_cold_mb: f64,
+    /// The hot agent's replication listener, handed to each hot agent started.
+    hot_listener: TcpListener,
+    /// The cold agent's.
+    cold_listener: TcpListener,
 }
 
 impl Pair {
@@ -181,14 +191,17 @@ impl Pair {
         let root = s.dir.join(name);
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root).map_err(err("create the workload directory"))?;
-        let ports = {
-            let a = TcpListener::bind("127.0.0.1:0").map_err(err("pick ports"))?;
-            let b = TcpListener::bind("127.0.0.1:0").map_err(err("pick ports"))?;
-            (
-                a.local_addr().map_err(err("pick ports"))?.port(),
-                b.local_addr().map_err(err("pick ports"))?.port(),
-            )
-        };
+        // bound here and handed to each agent as its fd 3, so no other process can take the
+        // ports in between (see artemis_sync::daemon::listen_fds)
+        let hot_listener = TcpListener::bind("127.0.0.1:0").map_err(err("bind ports"))?;
+        let cold_listener = TcpListener::bind("127.0.0.1:0").map_err(err("bind ports"))?;
+        let ports = (
+            hot_listener.local_addr().map_err(err("bind ports"))?.port(),
+            cold_listener
+                .local_addr()
+                .map_err(err("bind ports"))?
+                .port(),
+        );
         let auth = match s.auth {
             AuthMode::Insecure => "insecure_loopback = true".to_owned(),
             AuthMode::Psk => {
@@ -246,12 +259,14 @@ impl Pair {
             cold: None,
             peak_hot_mb: 0.0,
             peak_cold_mb: 0.0,
+            hot_listener,
+            cold_listener,
         })
     }
 
-    fn spawn(&self, cfg: &Path, log: &str) -> Result<Agent, BenchError> {
+    fn spawn(&self, cfg: &Path, log: &str, listener: &TcpListener) -> Result<Agent, BenchError> {
         let log = File::create(self.root.join(log)).map_err(err("create an agent log"))?;
-        let child = Command::new(&self.bin)
+        let child = command_with_listener(&self.bin, listener)
             .arg("-c")
             .arg(cfg)
             .arg("agent")
@@ -287,12 +302,12 @@ impl Pair {
     }
 
     fn start_cold(&mut self) -> Result<(), BenchError> {
-        self.cold = Some(self.spawn(&self.cold_cfg, "cold.log")?);
+        self.cold = Some(self.spawn(&self.cold_cfg, "cold.log", &self.cold_listener)?);
         Ok(())
     }
 
     fn start_hot(&mut self) -> Result<(), BenchError> {
-        self.hot = Some(self.spawn(&self.hot_cfg, "hot.log")?);
+        self.hot = Some(self.spawn(&self.hot_cfg, "hot.log", &self.hot_listener)?);
         Ok(())
     }
 
@@ -340,10 +355,10 @@ impl Pair {
 
     fn verify(&self) -> bool {
         let Some(h) = &self.hot else { return false };
-        artemis_sync::daemon::control::request(&h.sock, "verify", Duration::from_secs(300))
-            .ok()
-            .and_then(|s| serde_json::from_str::<Value>(&s).ok())
-            .is_some_and(|v| v["identical"] == true)
+        matches!(
+            artemis_sync::daemon::control::request(&h.sock, &Request::Verify, Duration::from_secs(300)),
+            Ok(Reply::Verified(v)) if v.identical
+        )
     }
 
     fn finish(mut self) -> (f64, f64) {
