@@ -1,5 +1,8 @@
 //! The command-line definitions of both binaries (clap derive), in the library so that the
-//! man pages and shell completions are generated from the same definitions and cannot drift.
+//! man pages and shell completions are generated from the same definitions and cannot drift;
+//! [`commands`] is what each command of `artemis-sync` does.
+
+pub mod commands;
 
 use std::path::PathBuf;
 

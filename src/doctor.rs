@@ -10,9 +10,9 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::config::mount_options::lock_hazard;
 use crate::config::{Backend, Config, ConfigError};
 use crate::link::{inspect, LinkState};
+use crate::shared::lock_safety::{self, LockVerdict};
 use crate::shared::mount::same_file;
 use crate::shared::mountinfo::{self, MountEntry};
 use crate::sys::Sys;
@@ -124,14 +124,34 @@ pub fn run(loaded: Result<&Config, &ConfigError>, path: &Path, sys: &dyn Sys) ->
         format!("{} is valid", path.display()),
         None,
     )];
+    let (mount, holder) = mount_check_of(config, sys);
+    let mounted = mount.status != Status::Fail;
+    checks.push(mount);
+    checks.push(match holder {
+        Some(entry) => locks_check(config, &entry),
+        None => check("locks", Status::Skip, "the share is not mounted", None),
+    });
+    checks.push(link_check(config));
+    let dir = &config.storage.mount_point;
+    if mounted {
+        checks.push(writable_check(dir));
+        checks.push(free_check(dir));
+    } else {
+        for name in ["writable", "free_space"] {
+            checks.push(check(name, Status::Skip, "the share is not mounted", None));
+        }
+    }
+    Report::new(checks)
+}
+
+/// The `mount` check against the live mount table, and the mount that holds the share.
+fn mount_check_of(config: &Config, sys: &dyn Sys) -> (Check, Option<MountEntry>) {
     let s = &config.storage;
     let table = sys
         .mountinfo()
         .map_err(|e| e.to_string())
         .and_then(|t| mountinfo::parse(&t).map_err(|e| e.to_string()));
-    let mount_point = s.mount_point.canonicalize();
-
-    let (mount_check, holder) = match (&table, &mount_point) {
+    match (&table, &s.mount_point.canonicalize()) {
         (Err(e), _) => (
             check(
                 "mount",
@@ -154,43 +174,22 @@ pub fn run(loaded: Result<&Config, &ConfigError>, path: &Path, sys: &dyn Sys) ->
             None,
         ),
         (Ok(table), Ok(dir)) => mount_check(config, table, dir),
-    };
-    let mounted = mount_check.status != Status::Fail;
-    checks.push(mount_check);
-    checks.push(match holder {
-        Some(entry) => locks_check(config, &entry),
-        None => check("locks", Status::Skip, "the share is not mounted", None),
-    });
+    }
+}
 
+/// Whether `${BASE_DIR}/artemis` links to the mount point.
+fn link_check(config: &Config) -> Check {
     let link = config.artemis_link();
-    checks.push(match inspect(&link, &s.mount_point) {
-        Ok(LinkState::Correct) => check("link", Status::Ok, format!("{} -> {}", link.display(), s.mount_point.display()), None),
+    let share = &config.storage.mount_point;
+    match inspect(&link, share) {
+        Ok(LinkState::Correct) => check("link", Status::Ok, format!("{} -> {}", link.display(), share.display()), None),
         Ok(LinkState::Missing) => check("link", Status::Fail, format!("{} does not exist", link.display()), Some("run `artemis-sync link`".into())),
         Ok(LinkState::Elsewhere(t)) => check("link", Status::Fail, format!("{} points to {}, not the share", link.display(), t.display()), Some("run `artemis-sync link --force`".into())),
         Ok(LinkState::Directory(n)) => check("link", Status::Fail, format!("{} is a real directory with {n} entries", link.display()),
             Some("run `artemis-sync link --migrate` (copies into the share, verifies, keeps the old directory aside)".into())),
         Ok(LinkState::Other) => check("link", Status::Fail, format!("{} is neither a link nor a directory", link.display()), Some("move it away, then run `artemis-sync link`".into())),
         Err(e) => check("link", Status::Fail, e.to_string(), None),
-    });
-
-    if mounted {
-        checks.push(writable_check(&s.mount_point));
-        checks.push(free_check(&s.mount_point));
-    } else {
-        checks.push(check(
-            "writable",
-            Status::Skip,
-            "the share is not mounted",
-            None,
-        ));
-        checks.push(check(
-            "free_space",
-            Status::Skip,
-            "the share is not mounted",
-            None,
-        ));
     }
-    Report::new(checks)
 }
 
 /// Whether the configured share is what is mounted at the mount point; returns the mount
@@ -266,45 +265,13 @@ fn mount_check(config: &Config, table: &[MountEntry], dir: &Path) -> (Check, Opt
     }
 }
 
-/// Whether locks on the filesystem of `entry` reach the other VM: fail on lock-breaking options
-/// and, unless `[lock] allow_local_locks`, on a local filesystem.
-pub fn locks_check(config: &Config, entry: &MountEntry) -> Check {
-    let opts = entry.all_options();
-    if let Some(h) = lock_hazard(&entry.fs_type, &opts) {
-        return check(
-            "locks",
-            Status::Fail,
-            format!("{} mount has `{}`: {}", entry.fs_type, h.option, h.effect),
-            Some(h.fix.to_owned()),
-        );
-    }
-    if entry.is_network() {
-        let how = opts
-            .value("local_lock")
-            .map_or(String::new(), |v| format!(" (local_lock={v})"));
-        return check(
-            "locks",
-            Status::Ok,
-            format!("{} locks reach the server{how}", entry.fs_type),
-            None,
-        );
-    }
-    if entry.fs_type.starts_with("fuse") {
-        return check(
-            "locks",
-            Status::Warn,
-            format!(
-                "{}: whether locks reach other hosts depends on the FUSE filesystem",
-                entry.fs_type
-            ),
-            Some("use an NFS or SMB share, whose lock semantics are known".into()),
-        );
-    }
-    if config.lock.allow_local_locks {
-        check("locks", Status::Ok, format!("local {} filesystem: locks exclude this host only ([lock] allow_local_locks = true)", entry.fs_type), None)
-    } else {
-        check("locks", Status::Fail, format!("local {} filesystem: a lock here excludes only processes of this host, not the other VM", entry.fs_type),
-            Some("mount a network share there, or set `[lock] allow_local_locks = true` for a single-host set-up".into()))
+/// The `locks` check: whether locks on the filesystem of `entry` reach the other VM
+/// ([`lock_safety::judge`], the judgement the agent acts on).
+fn locks_check(config: &Config, entry: &MountEntry) -> Check {
+    match lock_safety::judge(entry, config.lock.allow_local_locks) {
+        LockVerdict::Safe { detail } => check("locks", Status::Ok, detail, None),
+        LockVerdict::Doubtful { detail, fix } => check("locks", Status::Warn, detail, Some(fix)),
+        LockVerdict::Unsafe { detail, fix } => check("locks", Status::Fail, detail, Some(fix)),
     }
 }
 

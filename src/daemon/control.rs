@@ -1,8 +1,10 @@
 //! The agent's control socket: a Unix stream socket (default `/run/artemis-sync/agent.sock`,
-//! mode 0600) where the running agent answers one request per connection, one line each way:
-//! `status` (a JSON object) and `release` (stop the node, give the lease up).
+//! mode 0600) where the running agent answers one request per connection, one line each way,
+//! in the versioned JSON of [`super::protocol`]. A line longer than [`MAX_LINE_BYTES`] is cut
+//! there (and then fails to decode); a socket left by a dead agent is replaced, one a live
+//! agent answers on is not.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -10,10 +12,12 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, Sender};
 
+use super::protocol::{self, ProtocolError, Reply, Request};
+
 /// The longest request or reply line accepted.
 pub const MAX_LINE_BYTES: u64 = 64 * 1024;
-/// How long the client waits for a `status` reply.
-pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the agent waits for a client to send its request line.
+pub const REQUEST_READ_TIMEOUT: Duration = protocol::STATUS_TIMEOUT;
 
 /// Errors of the control socket, naming it.
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
@@ -34,15 +38,28 @@ pub enum ControlError {
     InUse(PathBuf),
     /// the agent on {path:?} answered with an error: {message}
     Refused { path: PathBuf, message: String },
+    /// the agent on {path:?} answered in a way this client does not understand: {source}
+    Protocol {
+        path: PathBuf,
+        #[source]
+        source: ProtocolError,
+    },
+    /// the agent on {path:?} answered `{request}` with a `{reply}` reply
+    UnexpectedReply {
+        path: PathBuf,
+        request: &'static str,
+        reply: &'static str,
+    },
 }
 
-/// A request from a client, with where to send the one-line answer.
+/// A decoded request from a client, with where to send the answer: `Ok(reply)`, or
+/// `Err(message)` when the agent refuses.
 #[derive(Debug)]
-pub struct Request {
-    /// `status` or `release`.
-    pub command: String,
-    /// The answer: `Ok(line)` or `Err(message)`.
-    pub reply: Sender<Result<String, String>>,
+pub struct Incoming {
+    /// What the client asks.
+    pub request: Request,
+    /// The answer.
+    pub reply: Sender<Result<Reply, String>>,
 }
 
 /// Binds the socket at `path`, replacing a stale one left by a dead agent, refusing when a
@@ -66,49 +83,47 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
-/// Serves connections until the process ends: each request goes to `requests`, and the reply
-/// (or a timeout after `reply_timeout`) back to the client.
-pub fn serve(listener: UnixListener, requests: Sender<Request>, reply_timeout: Duration) {
+/// Serves connections until the process ends: each request that decodes goes to `requests`,
+/// and the answer (or a timeout after `reply_timeout`) back to the client; one that does not
+/// decode is answered with the error at once.
+pub fn serve(listener: UnixListener, requests: Sender<Incoming>, reply_timeout: Duration) {
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
-        let _ = conn.set_read_timeout(Some(STATUS_TIMEOUT));
-        let mut line = String::new();
-        if BufReader::new((&conn).take_bounded())
-            .read_line(&mut line)
-            .is_err()
-        {
-            continue;
-        }
-        let (tx, rx) = bounded(1);
-        let answer = if requests
-            .send(Request {
-                command: line.trim().to_owned(),
-                reply: tx,
-            })
-            .is_err()
-        {
-            Err("the agent is shutting down".to_owned())
-        } else {
-            rx.recv_timeout(reply_timeout)
-                .unwrap_or_else(|_| Err("the agent did not answer in time".into()))
+        let _ = conn.set_read_timeout(Some(REQUEST_READ_TIMEOUT));
+        let Ok(line) = read_line(&conn) else { continue };
+        let answer = match protocol::decode_request(&line) {
+            Err(e) => Err(e.to_string()),
+            Ok(request) => forward(&requests, request, reply_timeout),
         };
-        let text = match answer {
-            Ok(s) => format!("ok {s}\n"),
-            Err(e) => format!("error {e}\n"),
-        };
+        let mut text = protocol::encode_answer(&answer);
+        text.push('\n');
         let _ = conn.write_all(text.as_bytes());
     }
 }
 
-trait TakeBounded: std::io::Read + Sized {
-    fn take_bounded(self) -> std::io::Take<Self> {
-        self.take(MAX_LINE_BYTES)
+/// Hands `request` to the agent's main thread and waits for its answer.
+fn forward(
+    requests: &Sender<Incoming>,
+    request: Request,
+    reply_timeout: Duration,
+) -> Result<Reply, String> {
+    let (tx, rx) = bounded(1);
+    if requests.send(Incoming { request, reply: tx }).is_err() {
+        return Err("the agent is shutting down".to_owned());
     }
+    rx.recv_timeout(reply_timeout)
+        .unwrap_or_else(|_| Err("the agent did not answer in time".into()))
 }
-impl<R: std::io::Read> TakeBounded for R {}
 
-/// Sends `command` to the agent at `path` and returns its answer.
-pub fn request(path: &Path, command: &str, timeout: Duration) -> Result<String, ControlError> {
+/// One line of at most [`MAX_LINE_BYTES`], without its line end.
+fn read_line(conn: &UnixStream) -> std::io::Result<String> {
+    let mut line = String::new();
+    BufReader::new(conn.take(MAX_LINE_BYTES)).read_line(&mut line)?;
+    Ok(line.trim_end().to_owned())
+}
+
+/// Sends `request` to the agent at `path` and returns its reply, waiting at most `timeout`.
+pub fn request(path: &Path, request: &Request, timeout: Duration) -> Result<Reply, ControlError> {
     let mut conn = UnixStream::connect(path).map_err(|source| ControlError::Connect {
         path: path.to_owned(),
         source,
@@ -118,50 +133,86 @@ pub fn request(path: &Path, command: &str, timeout: Duration) -> Result<String, 
         source,
     };
     conn.set_read_timeout(Some(timeout)).map_err(io)?;
-    conn.write_all(format!("{command}\n").as_bytes())
-        .map_err(io)?;
-    let mut line = String::new();
-    BufReader::new((&conn).take_bounded())
-        .read_line(&mut line)
-        .map_err(io)?;
-    let line = line.trim_end();
-    if let Some(ok) = line.strip_prefix("ok ") {
-        Ok(ok.to_owned())
-    } else {
-        Err(ControlError::Refused {
+    let mut line = protocol::encode_request(request);
+    line.push('\n');
+    conn.write_all(line.as_bytes()).map_err(io)?;
+    let answer = read_line(&conn).map_err(io)?;
+    match protocol::decode_answer(&answer) {
+        Ok(Ok(reply)) => Ok(reply),
+        Ok(Err(message)) => Err(ControlError::Refused {
             path: path.to_owned(),
-            message: line.strip_prefix("error ").unwrap_or(line).to_owned(),
-        })
+            message,
+        }),
+        Err(source) => Err(ControlError::Protocol {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::protocol::{Verified, STATUS_TIMEOUT};
+
+    fn verified() -> Verified {
+        Verified {
+            identical: true,
+            hot_root: "ab".into(),
+            cold_root: "ab".into(),
+            files: 1,
+            differing: Vec::new(),
+        }
+    }
 
     #[test]
     fn round_trip_and_refusal_of_a_second_agent() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/agent.sock");
         let listener = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
         assert!(matches!(bind(&path), Err(ControlError::InUse(_))));
-        let (tx, rx) = bounded::<Request>(1);
+        let (tx, rx) = bounded::<Incoming>(1);
         std::thread::spawn(move || serve(listener, tx, Duration::from_secs(5)));
         std::thread::spawn(move || {
             for r in rx.iter() {
-                let answer = if r.command == "status" {
-                    Ok("{}".into())
-                } else {
-                    Err(format!("unknown command {:?}", r.command))
+                let answer = match r.request {
+                    Request::Verify => Ok(Reply::Verified(verified())),
+                    other => Err(other.not_in_mode("test", "ask for verify")),
                 };
                 let _ = r.reply.send(answer);
             }
         });
-        assert_eq!(request(&path, "status", STATUS_TIMEOUT).unwrap(), "{}");
-        let err = request(&path, "dance", STATUS_TIMEOUT)
+        assert_eq!(
+            request(&path, &Request::Verify, STATUS_TIMEOUT).unwrap(),
+            Reply::Verified(verified())
+        );
+        let err = request(&path, &Request::Release, STATUS_TIMEOUT)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("unknown command \"dance\""), "{err}");
+        assert!(
+            err.contains("answered with an error: `release` is not served in test mode"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_raw_line_of_another_version_or_request_gets_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = bind(&path).unwrap();
+        let (tx, _rx) = bounded::<Incoming>(1);
+        std::thread::spawn(move || serve(listener, tx, Duration::from_secs(5)));
+        let ask = |line: &str| {
+            let mut conn = UnixStream::connect(&path).unwrap();
+            conn.write_all(format!("{line}\n").as_bytes()).unwrap();
+            let answer = read_line(&conn).unwrap();
+            protocol::decode_answer(&answer).unwrap().unwrap_err()
+        };
+        assert!(ask(r#"{"v":1,"request":"dance"}"#).contains("unknown request \"dance\""));
+        assert!(ask(r#"{"v":9,"request":"status"}"#).contains("version 9 is not supported"));
+        assert!(ask("status").contains("not a control protocol message"));
     }
 
     #[test]
@@ -169,7 +220,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
         drop(UnixListener::bind(&path).unwrap()); // leaves the socket file, nobody listening
-        let err = request(&path, "status", STATUS_TIMEOUT)
+        let err = request(&path, &Request::Status, STATUS_TIMEOUT)
             .unwrap_err()
             .to_string();
         assert!(

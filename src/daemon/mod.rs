@@ -1,11 +1,19 @@
-//! What the agents of both modes are made of: [`node`] supervises the Corda node (a process or
-//! a systemd unit), [`control`] serves the Unix socket that `status`, `release`, `promote` and
-//! the other commands talk to, and [`sdnotify`] reports readiness, status and watchdog pings to
-//! systemd.
+//! What the agents of both modes are made of. [`supervisor`] is the part both agents run
+//! alike around their own state machines: the node ([`node`]: a process or a systemd unit) and
+//! its hooks, error notes for `status`, and systemd notifications ([`sdnotify`]: readiness,
+//! status, watchdog). [`protocol`] is the typed, versioned control protocol both agents and the
+//! CLI speak, [`control`] the Unix socket that carries it and [`client`] the CLI's side of it.
+//! [`listen_fds`] takes over a listening socket handed over by the parent (systemd socket
+//! activation). Nothing here knows either mode: `daemon` imports neither `shared` nor
+//! `replicated`.
 
+pub mod client;
 pub mod control;
+pub mod listen_fds;
 pub mod node;
+pub mod protocol;
 pub mod sdnotify;
+pub mod supervisor;
 
 use std::time::Duration;
 
@@ -28,4 +36,10 @@ impl std::fmt::Display for ShutdownReason {
             ShutdownReason::Signal(n) => write!(f, "signal {n}"),
         }
     }
+}
+
+/// A duration in whole milliseconds, for logs and `status`; `u64::MAX` (585 million years)
+/// for one too long to say.
+pub fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver};
 
+use super::protocol::NodeState;
+
 /// How long to wait for the group to die after SIGKILL before reporting it as stuck.
 pub const KILL_WAIT: Duration = Duration::from_secs(5);
 
@@ -112,11 +114,14 @@ impl Node {
         }
         // SAFETY of the closure: between fork and exec it calls only async-signal-safe
         // functions (getppid, prctl, _exit) and allocates nothing.
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: see above; the closure captures only a plain integer.
+        let parent = libc::pid_t::try_from(std::process::id())
+            .expect("Linux pids are below 2^22 and fit a pid_t");
+        let death_signal =
+            libc::c_ulong::try_from(libc::SIGKILL).expect("signal numbers are positive");
+        // SAFETY: see above; the closure captures only plain integers.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, death_signal) != 0 {
                     return Err(io::Error::last_os_error());
                 }
                 // the agent may have died between fork and prctl: then nobody will fence us
@@ -249,19 +254,23 @@ impl Node {
 }
 
 fn signal_group(pgid: u32, signal: libc::c_int) {
+    // never 0 or negative: kill(0) and kill(-1) would reach our own group or every process
+    let Some(pgid) = libc::pid_t::try_from(pgid).ok().filter(|&p| p > 0) else {
+        return;
+    };
     // SAFETY: kill has no memory-safety preconditions; a negative pid names the process group
     // the node leads (it was started with process_group(0)). ESRCH (gone) is fine.
     unsafe {
-        libc::kill(-(pgid as libc::pid_t), signal);
+        libc::kill(-pgid, signal);
     }
 }
 
 /// `running`, `stopped`, or `none` when no node is configured: for `status`.
-pub fn state(node: Option<&Node>, cfg: &crate::config::NodeConfig) -> &'static str {
+pub fn state(node: Option<&Node>, cfg: &crate::config::NodeConfig) -> NodeState {
     match node {
-        _ if cfg.command.is_empty() && cfg.systemd_unit.is_empty() => "none",
-        Some(_) => "running",
-        None => "stopped",
+        _ if cfg.command.is_empty() && cfg.systemd_unit.is_empty() => NodeState::None,
+        Some(_) => NodeState::Running,
+        None => NodeState::Stopped,
     }
 }
 
@@ -312,7 +321,7 @@ mod tests {
 
     fn alive(pid: u32) -> bool {
         // SAFETY: signal 0 only checks for existence.
-        unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+        unsafe { libc::kill(libc::pid_t::try_from(pid).unwrap(), 0) == 0 }
     }
 
     #[test]

@@ -1,51 +1,56 @@
-//! The agent of replicated mode: one per VM, hot or cold, with an epoch kept on disk.
+//! The agent of replicated mode: one per VM, hot or cold, with an epoch kept on disk
+//! ([`super::state`]).
 //!
-//! Every agent listens (`[replication] listen`) so that it can refuse, or step down for, a peer.
-//! The hot one also runs the sender (connecting to `peer`) and the node. Promotion is manual:
-//! `artemis-sync promote` on the cold host bumps the epoch, records it, becomes hot, links
-//! `${BASE_DIR}/artemis` to the data directory and starts the node; `artemis-sync demote` on the
-//! hot host stops the node, drains the stream, and becomes cold.
+//! Every agent listens (`[replication] listen`, or the socket its parent hands over, see
+//! [`crate::daemon::listen_fds`]) so that it can refuse, or step down for, a peer. The hot one
+//! also runs the sender (connecting to `peer`) and, through its [`Supervisor`], the node.
+//! Promotion is manual: `artemis-sync promote` on the cold host bumps the epoch, records it,
+//! becomes hot, links `${BASE_DIR}/artemis` to the data directory and starts the node;
+//! `artemis-sync demote` on the hot host stops the node, drains the stream, and becomes cold.
 //!
-//! Epoch rules (the gate): a cold side accepts a hot side whose epoch is at least the highest
-//! it has seen, and records it; a hot side refuses every stream, except that a hot side at a
-//! newer epoch makes it step down (fence its node, become cold) so that the newer one can
-//! resync it. A sender told by its peer that a newer epoch exists does the same. An old hot
-//! therefore never pushes its pages over a newer copy: it is turned cold and overwritten.
+//! Epoch rules (the gate, [`super::state::EpochGate`]): a cold side accepts a hot side whose
+//! epoch is at least the highest it has seen, and records it; a hot side refuses every stream,
+//! except that a hot side at a newer epoch makes it step down (fence its node, become cold) so
+//! that the newer one can resync it. A sender told by its peer that a newer epoch exists does
+//! the same. An old hot therefore never pushes its pages over a newer copy: it is turned cold
+//! and overwritten.
 
 use std::net::SocketAddr;
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, never, select, Receiver, Sender};
-use serde::{Deserialize, Serialize};
+use crossbeam_channel::{bounded, never, select, Receiver};
 
 use crate::config::{Config, ReplRole, ReplicationConfig};
-use crate::daemon::control::{self, Request};
-use crate::daemon::node::{self, Node};
-use crate::daemon::ShutdownReason;
+use crate::daemon::control::Incoming;
+use crate::daemon::listen_fds::{self, ListenFdsError};
+use crate::daemon::protocol::{
+    AgentStatus, Demoted, Promoted, ReplicatedStatus, Reply, Request, Verified, DRAIN_TIMEOUT,
+    VERIFY_TIMEOUT,
+};
+use crate::daemon::supervisor::{Supervisor, IDLE_WAKEUP};
+use crate::daemon::{duration_ms, sdnotify, ShutdownReason};
 use crate::link::{self, LinkOptions};
 use crate::replicated::channel::Auth;
-use crate::replicated::receiver::{self, Gate, ReceiverConfig, ReceiverHandle};
-use crate::replicated::sender::{
-    self, ScanMsg, SenderConfig, SenderEvent, SenderHandle, VerifyReport,
-};
+use crate::replicated::receiver::{self, ReceiverConfig, ReceiverHandle};
+use crate::replicated::sender::{self, ScanMsg, SenderConfig, SenderEvent, SenderHandle};
+use crate::replicated::state::{load_state, save_state, EpochGate, ReplState, StateError};
 use crate::replicated::wire::Psk;
 
 /// A hot side that sent a frame this recently counts as connected and streaming for `promote`.
 pub const STREAMING_WITHIN: Duration = Duration::from_secs(3);
-/// How long `demote` waits for the cold side to acknowledge everything.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long `verify` may take.
-pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long an `on_acquire` or `on_release` hook may run in replicated mode (no lease deadline
+/// bounds it here; this keeps `promote` within its client's wait).
+pub const HOOK_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Errors that stop the replicated agent, each naming the file or address.
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
 pub enum ReplicaError {
-    /// state file {path:?}: {reason}
-    State { path: PathBuf, reason: String },
+    /// {0}
+    State(#[from] StateError),
     /// data directory {path:?}: {source}
     DataDir {
         path: PathBuf,
@@ -58,135 +63,31 @@ pub enum ReplicaError {
         #[source]
         source: std::io::Error,
     },
+    /// cannot listen on {addr}: {source}
+    HandedOver {
+        addr: SocketAddr,
+        #[source]
+        source: ListenFdsError,
+    },
     /// PSK file {path:?}: {reason}
     Psk { path: PathBuf, reason: String },
     /// cannot start: {0}
     Start(String),
 }
 
-/// What survives a restart: the epoch and the role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReplState {
-    /// The highest epoch this host has held or accepted.
-    pub epoch: u64,
-    /// Hot or cold.
-    pub role: ReplRole,
-}
-
-/// Reads the state file; `None` if there is none yet.
-pub fn load_state(path: &Path) -> Result<Option<ReplState>, ReplicaError> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| ReplicaError::State { path: path.to_owned(), reason: format!("is corrupt ({e}); it holds the epoch: restore it, or remove it only if you know which host is hot") }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(ReplicaError::State { path: path.to_owned(), reason: e.to_string() }),
-    }
-}
-
-fn save_state(path: &Path, state: &ReplState) -> Result<(), ReplicaError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| ReplicaError::State {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
-    }
-    let mut text = serde_json::to_vec_pretty(state).expect("state serializes");
-    text.push(b'\n');
-    crate::sys::write_atomic(path, &text).map_err(|e| ReplicaError::State {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })
-}
-
-/// The state shared between the agent and the receiver's gate.
-struct Shared {
-    state: Mutex<ReplState>,
-    path: PathBuf,
-    step_down: Sender<u64>,
-}
-
-impl Shared {
-    fn get(&self) -> ReplState {
-        *self.state.lock().expect("state lock")
-    }
-
-    fn set(&self, new: ReplState) -> Result<(), ReplicaError> {
-        let mut st = self.state.lock().expect("state lock");
-        save_state(&self.path, &new)?;
-        *st = new;
-        Ok(())
-    }
-}
-
-impl Gate for Shared {
-    fn still_admitted(&self, peer_epoch: u64) -> bool {
-        let st = self.state.lock().expect("state lock");
-        st.role == ReplRole::Cold && st.epoch == peer_epoch
-    }
-
-    fn admit(&self, peer_epoch: u64, node: &str) -> Result<u64, (u64, String)> {
-        let mut st = self.state.lock().expect("state lock");
-        match st.role {
-            ReplRole::Cold if peer_epoch < st.epoch => Err((
-                st.epoch,
-                format!("stale epoch {peer_epoch}: this side has seen epoch {}; {node} must demote and resync from the current hot", st.epoch),
-            )),
-            ReplRole::Cold => {
-                if peer_epoch != st.epoch {
-                    let new = ReplState { epoch: peer_epoch, role: ReplRole::Cold };
-                    save_state(&self.path, &new).map_err(|e| (st.epoch, e.to_string()))?;
-                    *st = new;
-                }
-                Ok(st.epoch)
-            }
-            ReplRole::Hot if peer_epoch > st.epoch => {
-                let _ = self.step_down.try_send(peer_epoch);
-                Err((st.epoch, format!("this side was hot at the older epoch {} and is stepping down; retry", st.epoch)))
-            }
-            ReplRole::Hot => Err((
-                st.epoch,
-                format!("this side is hot at epoch {} (yours is {peer_epoch}): demote and resync from it", st.epoch),
-            )),
-        }
-    }
-}
-
-/// The answer to `status` in replicated mode.
-#[derive(Debug, Serialize)]
-struct Status {
-    mode: &'static str,
-    role: ReplRole,
-    epoch: u64,
-    holder: String,
-    data_dir: String,
-    peer: String,
-    connected: bool,
-    /// Hot: the cold side has everything seen so far (first comparison done, all acknowledged).
-    synced: Option<bool>,
-    last_ack_age_ms: Option<u64>,
-    drained: Option<bool>,
-    wire_bytes: u64,
-    /// Cold: bytes it sent back (index, acknowledgements).
-    wire_out_bytes: Option<u64>,
-    data_bytes: u64,
-    batches: u64,
-    node_pid: Option<u32>,
-    node_state: &'static str,
-    error: Option<String>,
-}
-
+/// The state machine's owner; see the module doc.
 struct Replica {
     config: Config,
     repl: ReplicationConfig,
-    shared: Arc<Shared>,
+    gate: Arc<EpochGate>,
     auth: Auth,
     rt: tokio::runtime::Runtime,
     receiver: ReceiverHandle,
+    /// The address the listener is bound to.
+    listen: SocketAddr,
     sender: Option<SenderHandle>,
-    node: Option<Node>,
-    last_error: Option<String>,
+    /// The node, its hooks, the last error, systemd.
+    sup: Supervisor,
 }
 
 /// How the replication peers authenticate, from the config (files named in errors).
@@ -215,114 +116,25 @@ pub fn auth_from(repl: &ReplicationConfig) -> Result<Auth, ReplicaError> {
         })
 }
 
-/// Runs the replicated agent until `shutdown`; control requests on `control`.
+/// Runs the replicated agent until `shutdown`; control requests on `control_listener`.
 pub fn run(
     config: Config,
     control_listener: UnixListener,
     shutdown: Receiver<ShutdownReason>,
 ) -> Result<ShutdownReason, ReplicaError> {
-    let repl = config
-        .replication
-        .clone()
-        .expect("validated: replicated mode has its section");
-    std::fs::create_dir_all(&repl.data_dir).map_err(|source| ReplicaError::DataDir {
-        path: repl.data_dir.clone(),
-        source,
-    })?;
-    let data_dir = repl
-        .data_dir
-        .canonicalize()
-        .map_err(|source| ReplicaError::DataDir {
-            path: repl.data_dir.clone(),
-            source,
-        })?;
-    let state = match load_state(&repl.state_file)? {
-        Some(s) => s,
-        None => {
-            let s = ReplState {
-                epoch: u64::from(repl.role == ReplRole::Hot),
-                role: repl.role,
-            };
-            save_state(&repl.state_file, &s)?;
-            s
-        }
-    };
-    let auth = auth_from(&repl)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("replication-net")
-        .enable_all()
-        .build()
-        .map_err(|e| ReplicaError::Start(format!("tokio runtime: {e}")))?;
     let (step_tx, step_rx) = bounded::<u64>(4);
-    let shared = Arc::new(Shared {
-        state: Mutex::new(state),
-        path: repl.state_file.clone(),
-        step_down: step_tx,
-    });
-    let std_listener =
-        std::net::TcpListener::bind(&repl.listen).map_err(|source| ReplicaError::Listen {
-            addr: repl.listen.clone(),
-            source,
-        })?;
-    std_listener
-        .set_nonblocking(true)
-        .map_err(|source| ReplicaError::Listen {
-            addr: repl.listen.clone(),
-            source,
-        })?;
-    let listener = {
-        let _enter = rt.enter();
-        tokio::net::TcpListener::from_std(std_listener).map_err(|source| ReplicaError::Listen {
-            addr: repl.listen.clone(),
-            source,
-        })?
-    };
-    let receiver = receiver::start(
-        ReceiverConfig {
-            root: data_dir.clone(),
-            page_size: repl.page_size as usize,
-            auth: auth.clone(),
-            gate: shared.clone(),
-        },
-        listener,
-        rt.handle(),
-    );
-    let (requests_tx, requests_rx) = bounded::<Request>(8);
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            control::serve(
-                control_listener,
-                requests_tx,
-                crate::daemon::CONTROL_REPLY_TIMEOUT,
-            )
-        })
+    let mut me = Replica::start(config, step_tx)?;
+    let requests = Supervisor::serve_control(control_listener)
         .map_err(|e| ReplicaError::Start(format!("control thread: {e}")))?;
-    let mut repl_cfg = repl.clone();
-    repl_cfg.data_dir = data_dir;
-    let mut me = Replica {
-        config,
-        repl: repl_cfg,
-        shared,
-        auth,
-        rt,
-        receiver,
-        sender: None,
-        node: None,
-        last_error: None,
-    };
-    tracing::info!(role = ?state.role, epoch = state.epoch, listen = %me.repl.listen, peer = %me.repl.peer, "replication agent started");
+    let state = me.gate.get();
+    tracing::info!(role = ?state.role, epoch = state.epoch, listen = %me.listen, peer = %me.repl.peer, "replication agent started");
     if state.role == ReplRole::Hot {
         me.become_hot()?;
     }
-    crate::daemon::sdnotify::ready(
-        &format!("{:?} at epoch {}", state.role, state.epoch).to_lowercase(),
-    );
-    let watchdog = crate::daemon::sdnotify::watchdog_interval();
     loop {
+        me.announce();
         let sender_events = me.sender.as_ref().map_or(never(), |s| s.events.clone());
-        let node_exit = me.node.as_ref().map_or(never(), |n| n.exited().clone());
+        let node_exit = me.sup.node_exit();
         select! {
             recv(shutdown) -> reason => {
                 let reason = reason.unwrap_or(ShutdownReason::Signal(libc::SIGTERM));
@@ -330,30 +142,129 @@ pub fn run(
                 me.shutdown();
                 return Ok(reason);
             }
-            recv(requests_rx) -> req => if let Ok(req) = req { me.handle(req) },
+            recv(requests) -> req => if let Ok(req) = req { me.handle(req) },
             recv(step_rx) -> epoch => if let Ok(epoch) = epoch { me.step_down(epoch, "a hot side at a newer epoch connected") },
             recv(sender_events) -> ev => if let Ok(SenderEvent::Rejected { epoch, reason }) = ev {
-                if epoch > me.shared.get().epoch {
+                if epoch > me.gate.get().epoch {
                     me.step_down(epoch, &reason);
                 } else {
-                    me.note_error(format!("the peer refused our stream: {reason}"));
+                    me.sup.note_error(format!("the peer refused our stream: {reason}"));
                 }
             },
-            recv(node_exit) -> status => if let Ok(status) = status {
-                me.node = None;
-                me.note_error(format!("the node {}", node::describe(status)));
-            },
-            default(watchdog.unwrap_or(Duration::from_secs(1))) => {}
+            recv(node_exit) -> status => if let Ok(status) = status { me.sup.node_exited(status); },
+            default(me.sup.wait_limit(IDLE_WAKEUP)) => {}
         }
-        if watchdog.is_some() {
-            crate::daemon::sdnotify::watchdog();
-        }
+        me.sup.ping_watchdog();
     }
 }
 
+/// The state file's content, made on the first start from `[replication] role`.
+fn initial_state(repl: &ReplicationConfig) -> Result<ReplState, StateError> {
+    if let Some(s) = load_state(&repl.state_file)? {
+        return Ok(s);
+    }
+    let s = ReplState {
+        epoch: u64::from(repl.role == ReplRole::Hot),
+        role: repl.role,
+    };
+    save_state(&repl.state_file, &s)?;
+    Ok(s)
+}
+
+/// The replication listener: the socket handed over by the parent if there is one (checked
+/// against `[replication] listen`), else `listen` bound here; and the address it is bound to.
+fn replication_listener(
+    listen: &str,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(tokio::net::TcpListener, SocketAddr), ReplicaError> {
+    let failed = |source| ReplicaError::Listen {
+        addr: listen.to_owned(),
+        source,
+    };
+    let addr: SocketAddr = listen
+        .parse()
+        .map_err(|e| failed(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    let handed_over = listen_fds::take_listener(addr)
+        .map_err(|source| ReplicaError::HandedOver { addr, source })?;
+    let std_listener = match handed_over {
+        Some(l) => l,
+        None => std::net::TcpListener::bind(addr).map_err(failed)?,
+    };
+    let bound = std_listener.local_addr().map_err(failed)?;
+    std_listener.set_nonblocking(true).map_err(failed)?;
+    let _enter = rt.enter();
+    let listener = tokio::net::TcpListener::from_std(std_listener).map_err(failed)?;
+    Ok((listener, bound))
+}
+
+/// `[replication] page_size` in bytes.
+fn page_size(repl: &ReplicationConfig) -> usize {
+    usize::try_from(repl.page_size).expect("a u32 fits a usize on the supported (64-bit) targets")
+}
+
 impl Replica {
+    /// Prepares the data directory, the state, the listener and the receiver.
+    fn start(
+        config: Config,
+        step_down: crossbeam_channel::Sender<u64>,
+    ) -> Result<Replica, ReplicaError> {
+        let mut repl = config
+            .replication
+            .clone()
+            .expect("validated: replicated mode has its section");
+        let data_dir_error = |source| ReplicaError::DataDir {
+            path: repl.data_dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&repl.data_dir).map_err(data_dir_error)?;
+        let data_dir = repl.data_dir.canonicalize().map_err(data_dir_error)?;
+        let state = initial_state(&repl)?;
+        let auth = auth_from(&repl)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("replication-net")
+            .enable_all()
+            .build()
+            .map_err(|e| ReplicaError::Start(format!("tokio runtime: {e}")))?;
+        let gate = Arc::new(EpochGate::new(state, repl.state_file.clone(), step_down));
+        let (listener, listen) = replication_listener(&repl.listen, &rt)?;
+        let receiver = receiver::start(
+            ReceiverConfig {
+                root: data_dir.clone(),
+                page_size: page_size(&repl),
+                auth: auth.clone(),
+                gate: gate.clone(),
+            },
+            listener,
+            rt.handle(),
+        );
+        repl.data_dir = data_dir;
+        let sup = Supervisor::new(&config.node, config.holder_id(), HOOK_TIMEOUT);
+        Ok(Replica {
+            config,
+            repl,
+            gate,
+            auth,
+            rt,
+            receiver,
+            listen,
+            sender: None,
+            sup,
+        })
+    }
+
+    /// Tells systemd the role and epoch (`READY=1` the first time).
+    fn announce(&mut self) {
+        let st = self.gate.get();
+        let role = match st.role {
+            ReplRole::Hot => "hot",
+            ReplRole::Cold => "cold",
+        };
+        self.sup.announce(format!("{role} at epoch {}", st.epoch));
+    }
+
     fn become_hot(&mut self) -> Result<(), ReplicaError> {
-        let st = self.shared.get();
+        let st = self.gate.get();
         if let Err(e) = link::link(
             &self.config.artemis_link(),
             &self.repl.data_dir,
@@ -362,7 +273,7 @@ impl Replica {
                 force: true,
             },
         ) {
-            self.note_error(format!(
+            self.sup.note_error(format!(
                 "cannot link {}: {}",
                 self.config.artemis_link().display(),
                 crate::error_chain(&e)
@@ -375,47 +286,29 @@ impl Replica {
             .map_err(|e| ReplicaError::Start(format!("peer {}: {e}", self.repl.peer)))?;
         let cfg = SenderConfig {
             root: self.repl.data_dir.clone(),
-            page_size: self.repl.page_size as usize,
+            page_size: page_size(&self.repl),
             peer,
             auth: self.auth.clone(),
             node: self.config.holder_id(),
             epoch: st.epoch,
             rescan: Duration::from_millis(self.repl.rescan_interval_ms),
             deep_rescan: Duration::from_millis(self.repl.deep_rescan_interval_ms),
-            window_bytes: (self.repl.window_mb as usize) << 20,
+            window_bytes: usize::try_from(self.repl.window_mb.saturating_mul(1 << 20))
+                .unwrap_or(usize::MAX),
         };
         let sender = sender::start(cfg, self.rt.handle())
             .map_err(|e| ReplicaError::Start(crate::error_chain(&e)))?;
         self.sender = Some(sender);
-        if self.node.is_none() {
-            let env = [
-                ("ARTEMIS_SYNC_EPOCH", st.epoch.to_string()),
-                ("ARTEMIS_SYNC_HOLDER", self.config.holder_id()),
-            ];
-            match Node::start(&self.config.node, &env) {
-                Ok(Some(n)) => {
-                    tracing::info!(pid = n.pid(), epoch = st.epoch, "node started");
-                    self.node = Some(n);
-                }
-                Ok(None) => {}
-                Err(e) => self.note_error(e.to_string()),
-            }
+        if let Err(e) = self.sup.acquire(st.epoch) {
+            self.sup.note_error(e.to_string());
         }
         tracing::info!(epoch = st.epoch, peer = %self.repl.peer, "hot: streaming to the cold side");
         Ok(())
     }
 
-    fn stop_node(&mut self) {
-        if let Some(n) = self.node.take() {
-            let pid = n.pid();
-            let how = n.stop(Duration::from_millis(self.config.node.stop_timeout_ms));
-            tracing::info!(pid, ?how, "node stopped");
-        }
-    }
-
     /// A newer epoch exists: stop the node and the sender, become cold, wait to be resynced.
     fn step_down(&mut self, epoch: u64, why: &str) {
-        let st = self.shared.get();
+        let st = self.gate.get();
         if st.role != ReplRole::Hot {
             return;
         }
@@ -424,22 +317,23 @@ impl Replica {
             newer = epoch,
             "FENCING: {why}; stopping the node and turning cold to be resynced"
         );
-        self.stop_node();
+        self.sup.release(Some(st.epoch));
         if let Some(s) = self.sender.take() {
             s.stop();
         }
-        if let Err(e) = self.shared.set(ReplState {
+        if let Err(e) = self.gate.set(ReplState {
             epoch: st.epoch,
             role: ReplRole::Cold,
         }) {
-            self.note_error(e.to_string());
+            self.sup.note_error(e.to_string());
         }
-        self.note_error(format!("stepped down: {why}"));
+        self.sup.note_error(format!("stepped down: {why}"));
     }
 
     fn shutdown(&mut self) {
-        if self.shared.get().role == ReplRole::Hot {
-            self.stop_node();
+        let st = self.gate.get();
+        if st.role == ReplRole::Hot {
+            self.sup.release(Some(st.epoch));
             match self.drain() {
                 Ok(seq) => tracing::info!(seq, "drained: the cold side has everything"),
                 Err(e) => tracing::warn!("could not drain before stopping: {e}"),
@@ -459,27 +353,26 @@ impl Replica {
         s.ctl
             .send(ScanMsg::Drain(tx))
             .map_err(|_| "the scanner stopped".to_string())?;
-        crate::daemon::sdnotify::recv_pinging(&rx, DRAIN_TIMEOUT)
+        sdnotify::recv_pinging(&rx, DRAIN_TIMEOUT)
             .map_err(|_| format!("no answer within {} s", DRAIN_TIMEOUT.as_secs()))?
     }
 
-    fn handle(&mut self, req: Request) {
-        let mut words = req.command.split_whitespace();
-        let cmd = words.next().unwrap_or("");
-        let force = words.any(|w| w == "--force");
-        let answer = match cmd {
-            "status" => Ok(serde_json::to_string(&self.status()).expect("status serializes")),
-            "promote" => self.promote(force),
-            "demote" => self.demote(force),
-            "verify" => self.verify(),
-            "release" => Err("replicated mode has no lease to release: use `artemis-sync demote` on the hot host".into()),
-            other => Err(format!("unknown command {other:?} (expected status, promote, demote or verify)")),
+    fn handle(&mut self, req: Incoming) {
+        let answer = match req.request {
+            Request::Status => Ok(Reply::Status(AgentStatus::Replicated(self.status()))),
+            Request::Promote { force } => self.promote(force).map(Reply::Promoted),
+            Request::Demote { force } => self.demote(force).map(Reply::Demoted),
+            Request::Verify => self.verify().map(Reply::Verified),
+            Request::Release => Err(req.request.not_in_mode(
+                "replicated",
+                "there is no lease to release; use `artemis-sync demote` on the hot host",
+            )),
         };
         let _ = req.reply.send(answer);
     }
 
-    fn promote(&mut self, force: bool) -> Result<String, String> {
-        let st = self.shared.get();
+    fn promote(&mut self, force: bool) -> Result<Promoted, String> {
+        let st = self.gate.get();
         if st.role == ReplRole::Hot {
             return Err(format!("this host is already hot (epoch {})", st.epoch));
         }
@@ -487,16 +380,11 @@ impl Replica {
         let now = crate::sys::now_unix_ms();
         let last_frame = rs.last_frame_unix_ms.load(Ordering::Relaxed);
         let streaming = rs.connected.load(Ordering::Relaxed)
-            && now.saturating_sub(last_frame) < STREAMING_WITHIN.as_millis() as u64;
-        let peer = rs
-            .peer
-            .lock()
-            .expect("peer lock")
-            .clone()
-            .unwrap_or_else(|| self.repl.peer.clone());
+            && now.saturating_sub(last_frame) < duration_ms(STREAMING_WITHIN);
         if streaming && !force {
             return Err(format!(
-                "the hot side {peer} is connected and streaming (last frame {} ms ago): demote it first (`artemis-sync demote` there), or promote --force if it cannot be reached",
+                "the hot side {} is connected and streaming (last frame {} ms ago): demote it first (`artemis-sync demote` there), or promote --force if it cannot be reached",
+                self.peer(),
                 now.saturating_sub(last_frame)
             ));
         }
@@ -506,16 +394,14 @@ impl Replica {
             epoch: st.epoch + 1,
             role: ReplRole::Hot,
         };
-        self.shared.set(new).map_err(|e| e.to_string())?;
-        if let Err(e) = self.become_hot() {
-            return Err(e.to_string());
-        }
+        self.gate.set(new).map_err(|e| e.to_string())?;
+        self.become_hot().map_err(|e| e.to_string())?;
         let behind = if last_ack == 0 {
             "no batch was ever acknowledged here".to_string()
         } else {
             format!("last batch applied {} ms ago", now.saturating_sub(last_ack))
         };
-        let clean = if drained {
+        let summary = if drained {
             "the old hot drained its stream before leaving: the copy is complete"
         } else {
             "the old hot did NOT send a drained marker: writes after the last applied batch may be missing"
@@ -524,17 +410,23 @@ impl Replica {
             epoch = new.epoch,
             forced = force,
             drained,
-            "PROMOTED: {behind}; {clean}"
+            "PROMOTED: {behind}; {summary}"
         );
-        Ok(serde_json::json!({ "epoch": new.epoch, "forced": force, "drained": drained, "behind": behind, "summary": clean }).to_string())
+        Ok(Promoted {
+            epoch: new.epoch,
+            forced: force,
+            drained,
+            behind,
+            summary: summary.to_owned(),
+        })
     }
 
-    fn demote(&mut self, force: bool) -> Result<String, String> {
-        let st = self.shared.get();
+    fn demote(&mut self, force: bool) -> Result<Demoted, String> {
+        let st = self.gate.get();
         if st.role != ReplRole::Hot {
             return Err(format!("this host is not hot (epoch {})", st.epoch));
         }
-        self.stop_node();
+        self.sup.release(Some(st.epoch));
         let drained = self.drain();
         if let Err(e) = &drained {
             if !force {
@@ -544,17 +436,21 @@ impl Replica {
         if let Some(s) = self.sender.take() {
             s.stop();
         }
-        self.shared
+        self.gate
             .set(ReplState {
                 epoch: st.epoch,
                 role: ReplRole::Cold,
             })
             .map_err(|e| e.to_string())?;
         tracing::info!(epoch = st.epoch, "demoted: cold");
-        Ok(serde_json::json!({ "epoch": st.epoch, "drained": drained.is_ok(), "last_seq": drained.ok() }).to_string())
+        Ok(Demoted {
+            epoch: st.epoch,
+            drained: drained.is_ok(),
+            last_seq: drained.ok(),
+        })
     }
 
-    fn verify(&self) -> Result<String, String> {
+    fn verify(&self) -> Result<Verified, String> {
         let Some(s) = &self.sender else {
             return Err("verify runs on the hot host (this one is cold)".into());
         };
@@ -562,13 +458,30 @@ impl Replica {
         s.ctl
             .send(ScanMsg::Verify(tx))
             .map_err(|_| "the scanner stopped".to_string())?;
-        let report: VerifyReport = crate::daemon::sdnotify::recv_pinging(&rx, VERIFY_TIMEOUT)
+        let report = sdnotify::recv_pinging(&rx, VERIFY_TIMEOUT)
             .map_err(|_| "no answer in time".to_string())??;
-        Ok(serde_json::to_string(&report).expect("report serializes"))
+        Ok(Verified {
+            identical: report.identical,
+            hot_root: report.hot_root,
+            cold_root: report.cold_root,
+            files: u64::try_from(report.files).unwrap_or(u64::MAX),
+            differing: report.differing,
+        })
     }
 
-    fn status(&self) -> Status {
-        let st = self.shared.get();
+    /// The connected hot side's address on a cold host, else `[replication] peer`.
+    fn peer(&self) -> String {
+        self.receiver
+            .stats
+            .peer
+            .lock()
+            .expect("peer lock")
+            .clone()
+            .unwrap_or_else(|| self.repl.peer.clone())
+    }
+
+    fn status(&self) -> ReplicatedStatus {
+        let st = self.gate.get();
         let now = crate::sys::now_unix_ms();
         let (connected, last_ack, drained, wire, data, batches) = match &self.sender {
             Some(s) => {
@@ -594,20 +507,13 @@ impl Replica {
                 )
             }
         };
-        Status {
-            mode: "replicated",
+        ReplicatedStatus {
             role: st.role,
             epoch: st.epoch,
             holder: self.config.holder_id(),
             data_dir: self.repl.data_dir.display().to_string(),
-            peer: self
-                .receiver
-                .stats
-                .peer
-                .lock()
-                .expect("peer lock")
-                .clone()
-                .unwrap_or_else(|| self.repl.peer.clone()),
+            listen: self.listen.to_string(),
+            peer: self.peer(),
             connected,
             synced: self.sender.as_ref().map(|s| s.stats.synced()),
             last_ack_age_ms: (last_ack > 0).then(|| now.saturating_sub(last_ack)),
@@ -619,16 +525,9 @@ impl Replica {
                 .then(|| self.receiver.stats.wire_out_bytes.load(Ordering::Relaxed)),
             data_bytes: data,
             batches,
-            node_pid: self.node.as_ref().map(Node::pid),
-            node_state: node::state(self.node.as_ref(), &self.config.node),
-            error: self.last_error.clone(),
-        }
-    }
-
-    fn note_error(&mut self, e: String) {
-        if self.last_error.as_deref() != Some(&e) {
-            tracing::error!("{e}");
-            self.last_error = Some(e);
+            node_pid: self.sup.node_pid(),
+            node_state: self.sup.node_state(),
+            error: self.sup.last_error(),
         }
     }
 }

@@ -3,7 +3,8 @@
 //! page operations described in [`pages`]; [`wire`] frames them; [`channel`] authenticates the
 //! connection (mutual TLS with [`certs`], or a pre-shared key); [`sender`] streams batches and
 //! resends what is not acknowledged; [`receiver`] checks and applies them on the cold disk;
-//! [`agent`] is the daemon that keeps the epoch and the role and runs the node on the hot VM.
+//! [`agent`] is the daemon that keeps the epoch and the role ([`state`], also the gate that
+//! decides which hot side the cold side admits) and runs the node on the hot VM.
 
 pub mod agent;
 pub mod certs;
@@ -11,5 +12,6 @@ pub mod channel;
 pub mod pages;
 pub mod receiver;
 pub mod sender;
+pub mod state;
 pub mod watch;
 pub mod wire;

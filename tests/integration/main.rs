@@ -7,6 +7,7 @@ mod agent;
 mod cli;
 mod helper;
 mod link;
+mod listen;
 mod replication;
 mod root;
 mod tools;

@@ -21,23 +21,9 @@ use crate::util::{artemis_sync, main_cmd, spawn, toml_path, wait_bounded, Fixtur
 
 const PSK_HEX: &str = "5ec2e7c0ffee5ec2e7c0ffee5ec2e7c0ffee5ec2e7c0ffee5ec2e7c0ffee0001";
 
-/// A free loopback port (bound and released; the agents bind it right after).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Two different free loopback ports (both held while the second is chosen).
-fn two_ports() -> (u16, u16) {
-    let a = TcpListener::bind("127.0.0.1:0").unwrap();
-    let b = TcpListener::bind("127.0.0.1:0").unwrap();
-    (
-        a.local_addr().unwrap().port(),
-        b.local_addr().unwrap().port(),
-    )
+/// The port of a listener the test keeps (and hands to the agent that listens there).
+fn port_of(listener: &TcpListener) -> u16 {
+    listener.local_addr().unwrap().port()
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -83,6 +69,8 @@ struct Side {
     config: PathBuf,
     data: PathBuf,
     port: u16,
+    /// Bound by the test on `port`, handed to every run of the agent as its fd 3.
+    listener: TcpListener,
     child: Option<Child>,
     runs: usize,
 }
@@ -115,8 +103,13 @@ impl Pair {
             )
             .code(0);
         }
-        let (hp, cp) = two_ports();
-        let mk = |name: &'static str, role: &str, port: u16, peer: u16| {
+        let (hot_listener, cold_listener) = (
+            crate::listen::loopback_listener(),
+            crate::listen::loopback_listener(),
+        );
+        let (hp, cp) = (port_of(&hot_listener), port_of(&cold_listener));
+        let mk = |name: &'static str, role: &str, listener: TcpListener, peer: u16| {
+            let port = port_of(&listener);
             let base = fx.mkdir(&format!("{name}/base"));
             let data = fx.path(&format!("{name}/data"));
             let certs = fx.path("certs");
@@ -146,12 +139,13 @@ impl Pair {
                 config,
                 data,
                 port,
+                listener,
                 child: None,
                 runs: 0,
             }
         };
-        let hot = mk("hot", "hot", hp, hot_peer.unwrap_or(cp));
-        let cold = mk("cold", "cold", cp, hp);
+        let hot = mk("hot", "hot", hot_listener, hot_peer.unwrap_or(cp));
+        let cold = mk("cold", "cold", cold_listener, hp);
         fs::create_dir_all(&hot.data).unwrap();
         Pair { fx, hot, cold }
     }
@@ -169,7 +163,7 @@ impl Pair {
         let s = self.side(name);
         s.runs += 1;
         let err = fs::File::create(fx_root.join(format!("{}.{}.err", s.name, s.runs))).unwrap();
-        let mut cmd = main_cmd();
+        let mut cmd = crate::listen::with_listener(&main_cmd(), &s.listener);
         cmd.arg("-c")
             .arg(&s.config)
             .arg("agent")
@@ -183,6 +177,18 @@ impl Pair {
                 .as_str()
                 .is_some_and(|r| r != "down")),
             "{name} did not start\n{}",
+            self.logs()
+        );
+        // it listens on the socket the test handed over, and says so
+        let port = if name == "hot" {
+            self.hot.port
+        } else {
+            self.cold.port
+        };
+        assert_eq!(
+            self.status(name)["listen"],
+            format!("127.0.0.1:{port}"),
+            "{}",
             self.logs()
         );
     }
@@ -430,11 +436,9 @@ fn issue4_kill9_of_either_side_converges_without_a_full_copy() {
     assert!(sent < tree / 4, "sent {sent} bytes after the hot restarted");
 }
 
-/// Forwards 127.0.0.1:`listen` to `target`, flipping one bit at byte `flip_at` of the first
-/// connection's hot-to-cold direction.
-fn flipping_proxy(target: u16, flip_at: usize) -> (u16, Arc<AtomicBool>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
+/// Forwards what `listener` accepts to `target`, flipping one bit at byte `flip_at` of the
+/// first connection's hot-to-cold direction.
+fn flipping_proxy(listener: TcpListener, target: u16, flip_at: usize) -> Arc<AtomicBool> {
     let flipped = Arc::new(AtomicBool::new(false));
     let f2 = flipped.clone();
     thread::spawn(move || {
@@ -470,19 +474,17 @@ fn flipping_proxy(target: u16, flip_at: usize) -> (u16, Arc<AtomicBool>) {
             });
         }
     });
-    (port, flipped)
+    flipped
 }
 
 fn corrupted_frame_is_rejected_and_resent(insecure: bool, expect_in_log: &str) {
-    let cold_port = free_port();
-    let (proxy, flipped) = flipping_proxy(cold_port, 300_000);
-    let mut p = Pair::new(if insecure { "insecure" } else { "psk" }, Some(proxy));
-    // make the cold listen on the port the proxy forwards to
-    let text = fs::read_to_string(&p.cold.config).unwrap().replace(
-        &format!("127.0.0.1:{}\"\npeer", p.cold.port),
-        &format!("127.0.0.1:{cold_port}\"\npeer"),
+    // the hot connects to the proxy, which forwards to the cold
+    let proxy = crate::listen::loopback_listener();
+    let mut p = Pair::new(
+        if insecure { "insecure" } else { "psk" },
+        Some(port_of(&proxy)),
     );
-    fs::write(&p.cold.config, text).unwrap();
+    let flipped = flipping_proxy(proxy, p.cold.port, 300_000);
     seed_tree(&p.hot.data, 4);
     p.start("cold");
     p.start("hot");

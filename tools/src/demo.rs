@@ -16,6 +16,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use artemis_sync::config::Config;
+use artemis_sync::daemon::protocol::{Reply, Request};
 use artemis_sync::link::{self, LinkOptions, LinkOutcome};
 use artemis_sync::shared::mount::{mount, MountRequest};
 use artemis_sync::sys::{RealSys, Sys};
@@ -307,20 +308,26 @@ fn replicated(dir: &Path, out: &mut dyn Write) -> Result<String, DemoError> {
             .map_err(step("write psk"))?;
         f.write_all(hex.as_bytes()).map_err(step("write psk"))?;
     }
-    let ports = {
-        let a = std::net::TcpListener::bind("127.0.0.1:0").map_err(step("pick ports"))?;
-        let b = std::net::TcpListener::bind("127.0.0.1:0").map_err(step("pick ports"))?;
-        (
-            a.local_addr().map_err(step("pick ports"))?.port(),
-            b.local_addr().map_err(step("pick ports"))?.port(),
-        )
-    };
+    // bound here and handed to each agent as its fd 3, so no other process can take the ports
+    // in between (see artemis_sync::daemon::listen_fds)
+    let hot_listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(step("bind ports"))?;
+    let cold_listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(step("bind ports"))?;
+    let ports = (
+        hot_listener
+            .local_addr()
+            .map_err(step("bind ports"))?
+            .port(),
+        cold_listener
+            .local_addr()
+            .map_err(step("bind ports"))?
+            .port(),
+    );
     let exe = crate::agent_binary();
     let mut agents = Agents(Vec::new());
     let mut configs = Vec::new();
-    for (name, role, listen, peer) in [
-        ("cold", "cold", ports.1, ports.0),
-        ("hot", "hot", ports.0, ports.1),
+    for (name, role, listen, peer, listener) in [
+        ("cold", "cold", ports.1, ports.0, &cold_listener),
+        ("hot", "hot", ports.0, ports.1, &hot_listener),
     ] {
         let side = root.join(name);
         fs::create_dir_all(side.join("base")).map_err(step("create side"))?;
@@ -333,7 +340,7 @@ fn replicated(dir: &Path, out: &mut dyn Write) -> Result<String, DemoError> {
         );
         fs::write(&cfg, text).map_err(step("write config"))?;
         let log = fs::File::create(side.join("agent.log")).map_err(step("create log"))?;
-        let child = std::process::Command::new(&exe)
+        let child = artemis_sync::daemon::listen_fds::command_with_listener(&exe, listener)
             .arg("-c")
             .arg(&cfg)
             .arg("agent")
@@ -357,8 +364,12 @@ fn replicated(dir: &Path, out: &mut dyn Write) -> Result<String, DemoError> {
     for (name, side) in &configs {
         let sock = side.join("agent.sock");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while artemis_sync::daemon::control::request(&sock, "status", Duration::from_secs(1))
-            .is_err()
+        while artemis_sync::daemon::control::request(
+            &sock,
+            &Request::Status,
+            Duration::from_secs(1),
+        )
+        .is_err()
         {
             if Instant::now() > deadline {
                 return Err(DemoError::Step {
@@ -418,25 +429,27 @@ fn replicated(dir: &Path, out: &mut dyn Write) -> Result<String, DemoError> {
 
     say(out, "\n10. `artemis-sync verify` on the hot host: digests of every file on both sides, at a barrier in the stream:".into());
     let hot_sock = root.join("hot/agent.sock");
-    let answer =
-        artemis_sync::daemon::control::request(&hot_sock, "verify", Duration::from_secs(120))
-            .map_err(step("verify"))?;
-    let v: serde_json::Value = serde_json::from_str(&answer).map_err(step("verify"))?;
-    say(
-        out,
-        format!("   hot  {}", v["hot_root"].as_str().unwrap_or_default()),
-    );
-    say(
-        out,
-        format!("   cold {}", v["cold_root"].as_str().unwrap_or_default()),
-    );
-    if v["identical"] != true {
+    let reply = artemis_sync::daemon::control::request(
+        &hot_sock,
+        &Request::Verify,
+        Duration::from_secs(120),
+    )
+    .map_err(step("verify"))?;
+    let Reply::Verified(v) = reply else {
         return Err(DemoError::Step {
             step: "verify",
-            message: format!("the copies differ: {}", v["differing"]),
+            message: format!("the agent answered verify with a {} reply", reply.name()),
+        });
+    };
+    say(out, format!("   hot  {}", v.hot_root));
+    say(out, format!("   cold {}", v.cold_root));
+    if !v.identical {
+        return Err(DemoError::Step {
+            step: "verify",
+            message: format!("the copies differ: {:?}", v.differing),
         });
     }
-    say(out, format!("   identical: {} files", v["files"]));
+    say(out, format!("   identical: {} files", v.files));
     agents.stop();
     say(
         out,

@@ -1,6 +1,9 @@
 //! A pair of real `artemis-sync agent` processes, hot and cold, on 127.0.0.1: started with a
 //! config per side, waited for, measured (CPU time, peak RSS) and removed.
 
+use artemis_sync::daemon::listen_fds::command_with_listener;
+use artemis_sync::daemon::protocol::{Reply, Request};
+
 use super::*;
 
 // ------------------------------------------------------------------------------ agents
@@ -12,10 +15,14 @@ pub(super) struct Agent {
 
 impl Agent {
     pub(super) fn status(&self) -> Value {
-        artemis_sync::daemon::control::request(&self.sock, "status", Duration::from_secs(5))
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or(Value::Null)
+        match artemis_sync::daemon::control::request(
+            &self.sock,
+            &Request::Status,
+            Duration::from_secs(5),
+        ) {
+            Ok(Reply::Status(s)) => serde_json::to_value(s).unwrap_or(Value::Null),
+            _ => Value::Null,
+        }
     }
 
     pub(super) fn pid(&self) -> u32 {
@@ -97,6 +104,10 @@ pub(super) struct Pair {
     pub(super) cold: Option<Agent>,
     pub(super) peak_hot_mb: f64,
     pub(super) peak_cold_mb: f64,
+    /// The hot agent's replication listener, handed to each hot agent started.
+    hot_listener: TcpListener,
+    /// The cold agent's.
+    cold_listener: TcpListener,
 }
 
 impl Pair {
@@ -104,14 +115,17 @@ impl Pair {
         let root = s.dir.join(name);
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root).map_err(err("create the workload directory"))?;
-        let ports = {
-            let a = TcpListener::bind("127.0.0.1:0").map_err(err("pick ports"))?;
-            let b = TcpListener::bind("127.0.0.1:0").map_err(err("pick ports"))?;
-            (
-                a.local_addr().map_err(err("pick ports"))?.port(),
-                b.local_addr().map_err(err("pick ports"))?.port(),
-            )
-        };
+        // bound here and handed to each agent as its fd 3, so no other process can take the
+        // ports in between (see artemis_sync::daemon::listen_fds)
+        let hot_listener = TcpListener::bind("127.0.0.1:0").map_err(err("bind ports"))?;
+        let cold_listener = TcpListener::bind("127.0.0.1:0").map_err(err("bind ports"))?;
+        let ports = (
+            hot_listener.local_addr().map_err(err("bind ports"))?.port(),
+            cold_listener
+                .local_addr()
+                .map_err(err("bind ports"))?
+                .port(),
+        );
         let auth = match s.auth {
             AuthMode::Insecure => "insecure_loopback = true".to_owned(),
             AuthMode::Psk => {
@@ -169,12 +183,19 @@ impl Pair {
             cold: None,
             peak_hot_mb: 0.0,
             peak_cold_mb: 0.0,
+            hot_listener,
+            cold_listener,
         })
     }
 
-    pub(super) fn spawn(&self, cfg: &Path, log: &str) -> Result<Agent, BenchError> {
+    pub(super) fn spawn(
+        &self,
+        cfg: &Path,
+        log: &str,
+        listener: &TcpListener,
+    ) -> Result<Agent, BenchError> {
         let log = File::create(self.root.join(log)).map_err(err("create an agent log"))?;
-        let child = Command::new(&self.bin)
+        let child = command_with_listener(&self.bin, listener)
             .arg("-c")
             .arg(cfg)
             .arg("agent")
@@ -210,12 +231,12 @@ impl Pair {
     }
 
     pub(super) fn start_cold(&mut self) -> Result<(), BenchError> {
-        self.cold = Some(self.spawn(&self.cold_cfg, "cold.log")?);
+        self.cold = Some(self.spawn(&self.cold_cfg, "cold.log", &self.cold_listener)?);
         Ok(())
     }
 
     pub(super) fn start_hot(&mut self) -> Result<(), BenchError> {
-        self.hot = Some(self.spawn(&self.hot_cfg, "hot.log")?);
+        self.hot = Some(self.spawn(&self.hot_cfg, "hot.log", &self.hot_listener)?);
         Ok(())
     }
 
@@ -263,10 +284,10 @@ impl Pair {
 
     pub(super) fn verify(&self) -> bool {
         let Some(h) = &self.hot else { return false };
-        artemis_sync::daemon::control::request(&h.sock, "verify", Duration::from_secs(300))
-            .ok()
-            .and_then(|s| serde_json::from_str::<Value>(&s).ok())
-            .is_some_and(|v| v["identical"] == true)
+        matches!(
+            artemis_sync::daemon::control::request(&h.sock, &Request::Verify, Duration::from_secs(300)),
+            Ok(Reply::Verified(v)) if v.identical
+        )
     }
 
     pub(super) fn finish(mut self) -> (f64, f64) {

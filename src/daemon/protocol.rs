@@ -1,0 +1,586 @@
+//! The control protocol: what `artemis-sync status`, `release`, `promote`, `demote` and `verify`
+//! send to the running agent of either mode, and what it answers, as serde types.
+//!
+//! On the socket ([`super::control`]) every message is one line of JSON carrying the protocol
+//! version: a request `{"v":1,"request":"promote","force":true}`, an answer
+//! `{"v":1,"ok":{"reply":"promoted",...}}` or `{"v":1,"error":"..."}`. A message of another
+//! version, or a request this side does not know, is refused with an error naming it. Both
+//! agents decode the same [`Request`]; a request the running mode has no use for (`release` in
+//! replicated mode, `promote` in shared mode) is answered with an error saying so.
+//!
+//! The types the agents report (their status, the outcome of a promotion) are defined here, not
+//! in the mode folders, so that the client and both agents share one definition and `daemon`
+//! imports neither mode.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::config::{Config, ReplRole};
+
+/// The version every message carries as `"v"`.
+pub const PROTOCOL_VERSION: u64 = 1;
+/// How long the client waits for a `status` answer (and the base of the other waits).
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `demote` waits for the cold side to acknowledge everything.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `verify` may take.
+pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the client waits for `promote` (linking, starting the node and its hook).
+pub const PROMOTE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The names [`Request`] accepts, for the error that names an unknown one.
+const REQUEST_NAMES: [&str; 5] = ["status", "release", "promote", "demote", "verify"];
+
+/// Errors decoding a control message, naming what was wrong with it.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum ProtocolError {
+    /// not a control protocol message (one JSON object per line expected): {0:?}
+    NotJson(String),
+    /// the message {0:?} carries no protocol version ("v"); this side speaks version 1
+    NoVersion(String),
+    /// control protocol version {0} is not supported: this side speaks version 1 (are the client and the agent the same artemis-sync version?)
+    Version(Value),
+    /// unknown request {0} (expected one of: status, release, promote, demote, verify)
+    UnknownRequest(Value),
+    /// malformed {what} {line:?}: {reason}
+    Malformed {
+        what: &'static str,
+        line: String,
+        reason: String,
+    },
+}
+
+/// What a client asks the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Both modes: what the agent is doing ([`AgentStatus`]).
+    Status,
+    /// Shared mode: stop the node and give the lease up ([`Released`]).
+    Release,
+    /// Replicated mode, on the cold host: become hot at a new epoch ([`Promoted`]).
+    Promote {
+        /// Even though the hot side still streams.
+        force: bool,
+    },
+    /// Replicated mode, on the hot host: stop the node, drain, turn cold ([`Demoted`]).
+    Demote {
+        /// Even if the stream cannot be drained.
+        force: bool,
+    },
+    /// Replicated mode, on the hot host: compare both copies ([`Verified`]).
+    Verify,
+}
+
+impl Request {
+    /// The request's name on the wire and in messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Release => "release",
+            Request::Promote { .. } => "promote",
+            Request::Demote { .. } => "demote",
+            Request::Verify => "verify",
+        }
+    }
+
+    /// How long a client waits for the answer: long enough for what the agent does first
+    /// (stopping the node, waiting for the share, draining, comparing the copies).
+    pub fn reply_timeout(&self, config: &Config) -> Duration {
+        match self {
+            Request::Status => STATUS_TIMEOUT,
+            Request::Release => {
+                Duration::from_millis(
+                    config
+                        .node
+                        .stop_timeout_ms
+                        .saturating_add(config.lock.wait_interval_ms),
+                ) + STATUS_TIMEOUT
+            }
+            Request::Promote { .. } => PROMOTE_TIMEOUT,
+            Request::Demote { .. } => DRAIN_TIMEOUT + STATUS_TIMEOUT,
+            Request::Verify => VERIFY_TIMEOUT,
+        }
+    }
+
+    /// The refusal of a request that the agent's mode does not serve.
+    pub fn not_in_mode(&self, mode: &str, hint: &str) -> String {
+        format!("`{}` is not served in {mode} mode: {hint}", self.name())
+    }
+}
+
+/// What the agent answers to a [`Request`] it carried out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    /// To [`Request::Status`].
+    Status(AgentStatus),
+    /// To [`Request::Release`].
+    Released(Released),
+    /// To [`Request::Promote`].
+    Promoted(Promoted),
+    /// To [`Request::Demote`].
+    Demoted(Demoted),
+    /// To [`Request::Verify`].
+    Verified(Verified),
+}
+
+impl Reply {
+    /// The reply's name, for the error about an answer that does not fit the request.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Reply::Status(_) => "status",
+            Reply::Released(_) => "released",
+            Reply::Promoted(_) => "promoted",
+            Reply::Demoted(_) => "demoted",
+            Reply::Verified(_) => "verified",
+        }
+    }
+}
+
+/// The status of a running agent, by mode (`"mode"` in JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum AgentStatus {
+    /// The agent of shared-storage mode.
+    Shared(SharedStatus),
+    /// The agent of replicated mode.
+    Replicated(ReplicatedStatus),
+}
+
+/// What the shared-mode agent is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaseRole {
+    /// Waiting: another VM holds the lease, or it is not stale yet.
+    Cold,
+    /// Took the lease, preparing the share and starting the node.
+    Starting,
+    /// Holds the lease; the node runs.
+    Hot,
+    /// Lost the lease and stopped its node; waiting before contending again.
+    Fenced,
+    /// Giving the lease up.
+    Stopping,
+}
+
+impl fmt::Display for LeaseRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LeaseRole::Cold => "cold",
+            LeaseRole::Starting => "starting",
+            LeaseRole::Hot => "hot",
+            LeaseRole::Fenced => "fenced",
+            LeaseRole::Stopping => "stopping",
+        })
+    }
+}
+
+/// The lease record's state as the agent last read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ObservedLeaseState {
+    /// Held and renewed.
+    Held,
+    /// Given up cleanly.
+    Released,
+}
+
+/// Whether the supervised node runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Started by this agent and not exited.
+    Running,
+    /// Not running.
+    Stopped,
+    /// No `[node] command` or `systemd_unit` is configured.
+    None,
+}
+
+/// The answer to `status` in shared mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedStatus {
+    /// What the agent is doing.
+    pub role: LeaseRole,
+    /// This agent's holder id.
+    pub holder: String,
+    /// The holder the lease names, if it could be read.
+    pub lease_holder: Option<String>,
+    /// The lease's epoch, if it could be read.
+    pub epoch: Option<u64>,
+    /// `held` or `released`, if the lease could be read.
+    pub lease_state: Option<ObservedLeaseState>,
+    /// Hot: since the start of our last good renewal. Otherwise: since the lease last changed
+    /// as this agent saw it.
+    pub last_renewal_age_ms: u64,
+    /// Whether this agent holds the lock file's lock.
+    pub lock_held: bool,
+    /// The node's pid, while it runs.
+    pub node_pid: Option<u32>,
+    /// Whether the node runs.
+    pub node_state: NodeState,
+    /// The last problem seen with the share or the lease, if any.
+    pub error: Option<String>,
+}
+
+/// The answer to `status` in replicated mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicatedStatus {
+    /// Hot or cold.
+    pub role: ReplRole,
+    /// The highest epoch this host has held or accepted.
+    pub epoch: u64,
+    /// This agent's holder id.
+    pub holder: String,
+    /// The data directory (canonical).
+    pub data_dir: String,
+    /// The address the agent's listener is bound to (`[replication] listen`, or the socket
+    /// handed over by its parent).
+    pub listen: String,
+    /// The peer: the connected hot side's address on a cold host, else `[replication] peer`.
+    pub peer: String,
+    /// Whether a stream is connected.
+    pub connected: bool,
+    /// Hot: the cold side has everything seen so far (first comparison done, all acknowledged).
+    pub synced: Option<bool>,
+    /// Since the last acknowledgement, if there was one.
+    pub last_ack_age_ms: Option<u64>,
+    /// Cold: whether the hot side drained its stream before it left.
+    pub drained: Option<bool>,
+    /// Bytes on the wire (hot: sent; cold: received).
+    pub wire_bytes: u64,
+    /// Cold: bytes it sent back (index, acknowledgements).
+    pub wire_out_bytes: Option<u64>,
+    /// Bytes of pages (hot: sent; cold: applied).
+    pub data_bytes: u64,
+    /// Batches (hot: sent; cold: applied).
+    pub batches: u64,
+    /// The node's pid, while it runs.
+    pub node_pid: Option<u32>,
+    /// Whether the node runs.
+    pub node_state: NodeState,
+    /// The last problem seen, if any.
+    pub error: Option<String>,
+}
+
+/// The answer to `release`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Released {
+    /// The epoch given up; `None` when the agent held no lease.
+    pub epoch: Option<u64>,
+    /// The agent's role when the request came (when it held nothing).
+    pub role: LeaseRole,
+    /// How long the agent now stays out of the contention.
+    pub holdoff_ms: u64,
+}
+
+impl fmt::Display for Released {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.epoch {
+            Some(epoch) => writeln!(
+                f,
+                "released epoch {epoch}; not contending for {} ms",
+                self.holdoff_ms
+            ),
+            None => writeln!(f, "nothing to release: this agent is {}", self.role),
+        }
+    }
+}
+
+/// The answer to `promote`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Promoted {
+    /// The new epoch.
+    pub epoch: u64,
+    /// Whether `--force` overrode a streaming hot side.
+    pub forced: bool,
+    /// Whether the old hot drained its stream before it left.
+    pub drained: bool,
+    /// How far behind the copy may be.
+    pub behind: String,
+    /// What `drained` means for the copy.
+    pub summary: String,
+}
+
+impl fmt::Display for Promoted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "promoted: hot at epoch {}", self.epoch)?;
+        writeln!(f, "{}", self.behind)?;
+        writeln!(f, "{}", self.summary)
+    }
+}
+
+/// The answer to `demote`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Demoted {
+    /// The epoch, unchanged.
+    pub epoch: u64,
+    /// Whether the cold side acknowledged everything.
+    pub drained: bool,
+    /// The last batch acknowledged, when drained.
+    pub last_seq: Option<u64>,
+}
+
+impl fmt::Display for Demoted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.drained, self.last_seq) {
+            (true, Some(seq)) => writeln!(
+                f,
+                "demoted: cold at epoch {}; the cold copy has everything (through batch {seq})",
+                self.epoch
+            ),
+            _ => writeln!(
+                f,
+                "demoted (forced): cold at epoch {}; the stream was NOT drained, the other copy may be behind",
+                self.epoch
+            ),
+        }
+    }
+}
+
+/// The answer to `verify`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verified {
+    /// Whether the trees are identical.
+    pub identical: bool,
+    /// The hot tree's root digest (hex).
+    pub hot_root: String,
+    /// The cold tree's root digest (hex).
+    pub cold_root: String,
+    /// Files in the trees.
+    pub files: u64,
+    /// Files that differ or exist on one side only.
+    pub differing: Vec<String>,
+}
+
+impl fmt::Display for Verified {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "hot  {}", self.hot_root)?;
+        writeln!(f, "cold {}", self.cold_root)?;
+        if self.identical {
+            writeln!(f, "identical: {} files", self.files)
+        } else {
+            self.differing
+                .iter()
+                .try_for_each(|d| writeln!(f, "differs: {d}"))
+        }
+    }
+}
+
+/// Writes `value` (a struct) as aligned `key value` lines, `-` for a missing value: the text
+/// form of `status`.
+pub fn write_fields(f: &mut fmt::Formatter<'_>, value: &impl Serialize) -> fmt::Result {
+    let Ok(Value::Object(map)) = serde_json::to_value(value) else {
+        return Ok(());
+    };
+    for (key, val) in map {
+        let text = match val {
+            Value::Null => "-".to_owned(),
+            Value::String(s) => s,
+            other => other.to_string(),
+        };
+        writeln!(f, "{key:<20} {text}")?;
+    }
+    Ok(())
+}
+
+impl fmt::Display for AgentStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_fields(f, self)
+    }
+}
+
+/// One request as a line (without the newline).
+pub fn encode_request(request: &Request) -> String {
+    envelope(serde_json::to_value(request).expect("a request serializes"))
+}
+
+/// An answer as a line (without the newline).
+pub fn encode_answer(answer: &Result<Reply, String>) -> String {
+    let mut map = Map::new();
+    match answer {
+        Ok(reply) => map.insert(
+            "ok".into(),
+            serde_json::to_value(reply).expect("a reply serializes"),
+        ),
+        Err(message) => map.insert("error".into(), Value::String(message.clone())),
+    };
+    envelope(Value::Object(map))
+}
+
+/// Decodes a request line; the error names an unknown version or request.
+pub fn decode_request(line: &str) -> Result<Request, ProtocolError> {
+    let body = open_envelope(line)?;
+    match body.get("request") {
+        Some(Value::String(name)) if REQUEST_NAMES.contains(&name.as_str()) => {}
+        Some(other) => return Err(ProtocolError::UnknownRequest(other.clone())),
+        None => return Err(malformed("request", line, "no \"request\" field")),
+    }
+    serde_json::from_value(Value::Object(body)).map_err(|e| malformed("request", line, e))
+}
+
+/// Decodes an answer line: `Ok(Ok(reply))`, or `Ok(Err(message))` when the agent refused.
+pub fn decode_answer(line: &str) -> Result<Result<Reply, String>, ProtocolError> {
+    let mut body = open_envelope(line)?;
+    if let Some(reply) = body.remove("ok") {
+        return serde_json::from_value(reply)
+            .map(Ok)
+            .map_err(|e| malformed("answer", line, e));
+    }
+    match body.remove("error") {
+        Some(Value::String(message)) => Ok(Err(message)),
+        _ => Err(malformed("answer", line, "neither \"ok\" nor \"error\"")),
+    }
+}
+
+fn envelope(body: Value) -> String {
+    let mut map = match body {
+        Value::Object(map) => map,
+        other => Map::from_iter([("body".to_owned(), other)]),
+    };
+    map.insert("v".into(), Value::from(PROTOCOL_VERSION));
+    Value::Object(map).to_string()
+}
+
+/// Checks the version and returns the message without it.
+fn open_envelope(line: &str) -> Result<Map<String, Value>, ProtocolError> {
+    let Ok(Value::Object(mut map)) = serde_json::from_str::<Value>(line) else {
+        return Err(ProtocolError::NotJson(line.to_owned()));
+    };
+    match map.remove("v") {
+        Some(v) if v.as_u64() == Some(PROTOCOL_VERSION) => Ok(map),
+        Some(v) => Err(ProtocolError::Version(v)),
+        None => Err(ProtocolError::NoVersion(line.to_owned())),
+    }
+}
+
+fn malformed(what: &'static str, line: &str, reason: impl fmt::Display) -> ProtocolError {
+    ProtocolError::Malformed {
+        what,
+        line: line.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared_status() -> AgentStatus {
+        AgentStatus::Shared(SharedStatus {
+            role: LeaseRole::Hot,
+            holder: "a:/srv/corda".into(),
+            lease_holder: Some("a:/srv/corda".into()),
+            epoch: Some(3),
+            lease_state: Some(ObservedLeaseState::Held),
+            last_renewal_age_ms: 12,
+            lock_held: true,
+            node_pid: Some(42),
+            node_state: NodeState::Running,
+            error: None,
+        })
+    }
+
+    #[test]
+    fn every_request_and_reply_round_trips_with_its_version() {
+        for request in [
+            Request::Status,
+            Request::Release,
+            Request::Promote { force: true },
+            Request::Demote { force: false },
+            Request::Verify,
+        ] {
+            let line = encode_request(&request);
+            assert!(line.contains("\"v\":1"), "{line}");
+            assert_eq!(decode_request(&line).unwrap(), request);
+        }
+        let replies = [
+            Ok(Reply::Status(shared_status())),
+            Ok(Reply::Verified(Verified {
+                identical: false,
+                hot_root: "ab".into(),
+                cold_root: "cd".into(),
+                files: 2,
+                differing: vec!["journal/a.amq".into()],
+            })),
+            Err("this host is not hot (epoch 2)".to_owned()),
+        ];
+        for answer in replies {
+            let line = encode_answer(&answer);
+            assert!(!line.contains('\n'), "{line}");
+            assert_eq!(decode_answer(&line).unwrap(), answer);
+        }
+    }
+
+    #[test]
+    fn the_status_json_keeps_its_fields() {
+        let v = serde_json::to_value(shared_status()).unwrap();
+        assert_eq!(v["mode"], "shared");
+        assert_eq!(v["role"], "hot");
+        assert_eq!(v["lease_state"], "held");
+        assert_eq!(v["node_state"], "running");
+        assert!(v["error"].is_null());
+        let text = shared_status().to_string();
+        assert!(text.contains("role                 hot\n"), "{text}");
+        assert!(text.contains("error                -\n"), "{text}");
+    }
+
+    #[test]
+    fn an_unknown_version_or_request_is_named() {
+        let err = decode_request(r#"{"v":2,"request":"status"}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("version 2 is not supported"),
+            "{err}"
+        );
+        let err = decode_request(r#"{"request":"status"}"#).unwrap_err();
+        assert!(err.to_string().contains("no protocol version"), "{err}");
+        let err = decode_request(r#"{"v":1,"request":"dance"}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown request \"dance\""),
+            "{err}"
+        );
+        let err = decode_request("status").unwrap_err();
+        assert!(
+            err.to_string().contains("not a control protocol message"),
+            "{err}"
+        );
+        let err = decode_request(r#"{"v":1,"request":"promote"}"#).unwrap_err();
+        assert!(err.to_string().contains("missing field `force`"), "{err}");
+        let err = decode_answer(r#"{"v":7,"ok":{}}"#).unwrap_err();
+        assert!(err.to_string().contains("version 7"), "{err}");
+    }
+
+    #[test]
+    fn replies_print_as_the_cli_always_did() {
+        let released = Released {
+            epoch: Some(4),
+            role: LeaseRole::Hot,
+            holdoff_ms: 40000,
+        };
+        assert_eq!(
+            released.to_string(),
+            "released epoch 4; not contending for 40000 ms\n"
+        );
+        let nothing = Released {
+            epoch: None,
+            role: LeaseRole::Fenced,
+            holdoff_ms: 0,
+        };
+        assert_eq!(
+            nothing.to_string(),
+            "nothing to release: this agent is fenced\n"
+        );
+        let demoted = Demoted {
+            epoch: 1,
+            drained: true,
+            last_seq: Some(9),
+        };
+        assert!(demoted.to_string().starts_with(
+            "demoted: cold at epoch 1; the cold copy has everything (through batch 9)"
+        ));
+    }
+}
