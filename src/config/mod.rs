@@ -106,6 +106,10 @@ pub struct NodeConfig {
     /// A command run to completion after each takeover, before the node starts.
     #[serde(default)]
     pub on_acquire: Vec<String>,
+    /// A command run to completion each time the node has been stopped because this VM gave
+    /// up or lost the right to run it.
+    #[serde(default)]
+    pub on_release: Vec<String>,
     /// SIGTERM, then SIGKILL after this long.
     #[serde(default = "default_stop_timeout_ms")]
     pub stop_timeout_ms: u64,

@@ -229,6 +229,7 @@ impl Config {
         for (key, cmd) in [
             ("node.command", &self.node.command),
             ("node.on_acquire", &self.node.on_acquire),
+            ("node.on_release", &self.node.on_release),
         ] {
             if cmd.first().is_some_and(|p| p.is_empty()) {
                 return Err(invalid(key, "names an empty program".into()));

@@ -37,11 +37,11 @@ pub struct Hooks {
 }
 
 impl Hooks {
-    /// The hooks `[node]` configures. It has no `on_release` key yet, so that one is empty.
+    /// The hooks `[node]` configures.
     pub fn from_config(node: &NodeConfig) -> Hooks {
         Hooks {
             on_acquire: node.on_acquire.clone(),
-            on_release: Vec::new(),
+            on_release: node.on_release.clone(),
         }
     }
 }

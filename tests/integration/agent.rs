@@ -863,3 +863,55 @@ fn issue6_a_systemd_unit_node_is_started_watched_and_stopped_through_systemctl()
     assert!(log.contains("stop corda.service"), "{log}");
     assert!(log.contains("is-active --quiet corda.service"), "{log}");
 }
+
+#[test]
+fn issue10_hooks_run_on_acquire_and_on_release_with_epoch_and_holder() {
+    let mut p = Pair::new();
+    let hooks = p.fx.path("hooks.log");
+    for name in ["a", "b"] {
+        let hook = |what: &str| {
+            format!(
+                "[\"/bin/sh\", \"-c\", \"echo {what} $ARTEMIS_SYNC_EPOCH $ARTEMIS_SYNC_HOLDER >> {}\"]",
+                hooks.display()
+            )
+        };
+        let path = p.config(name);
+        let text = fs::read_to_string(&path).unwrap().replacen(
+            "[node]\n",
+            &format!(
+                "[node]\non_acquire = {}\non_release = {}\n",
+                hook("acquire"),
+                hook("release")
+            ),
+            1,
+        );
+        fs::write(&path, text).unwrap();
+    }
+    p.start("a");
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
+    p.start("b");
+    assert!(wait_until(Duration::from_secs(5), || p.role("b") == "cold"));
+    artemis_sync(&p.config("a"), ["release"]).code(0);
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS), || p.role("b") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
+    let base = |name: &str| p.fx.path(name).display().to_string();
+    let want = format!(
+        "acquire 1 a:{a}\nrelease 1 a:{a}\nacquire 2 b:{b}\n",
+        a = base("a"),
+        b = base("b")
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || fs::read_to_string(&hooks)
+            .is_ok_and(|t| t == want)),
+        "hooks ran as {:?}, want {want:?}\n{}",
+        fs::read_to_string(&hooks),
+        p.stderr_of()
+    );
+}
