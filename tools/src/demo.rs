@@ -14,12 +14,15 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use artemis_sync::config::Config;
 use artemis_sync::daemon::protocol::{Reply, Request};
 use artemis_sync::link::{self, LinkOptions, LinkOutcome};
 use artemis_sync::shared::mount::{mount, MountRequest};
 use artemis_sync::sys::{RealSys, Sys};
+
+use crate::workload::{quantile, Report};
 
 /// Size of each synthetic journal file: Artemis' default `journal-file-size`.
 pub const DEMO_JOURNAL_FILE_BYTES: usize = 10 << 20;
@@ -69,6 +72,21 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<(), DemoError> {
         ),
     );
 
+    show_boot_mounts(&sys, out)?;
+    let (share, base) = make_unshared_node(dir, out)?;
+    let (config_path, config) = write_config(dir, &base, &share, out)?;
+    link_steps(&config.artemis_link(), &share, out)?;
+    doctor_step(&config, &config_path, &sys, out)?;
+    let summary = replicated(dir, out)?;
+    say(out, format!("\nDone: the journal lives in the share, reached through the link, nothing was deleted; {summary}."));
+    Ok(())
+}
+
+/// Step 1: the mounts a boot would run for EFS and Azure Files over NFS (`-f`: nothing mounted).
+fn show_boot_mounts(sys: &RealSys, out: &mut dyn Write) -> Result<(), DemoError> {
+    let say = |out: &mut dyn Write, s: String| {
+        let _ = writeln!(out, "{s}");
+    };
     say(out, "1. At boot, mount(8) runs /sbin/mount.artemis-sync for an fstab line of type artemis-sync.".into());
     say(
         out,
@@ -86,9 +104,18 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<(), DemoError> {
                 .map_err(step("mount -f"))?;
         req.fake = true;
         let _ = write!(out, "   $ ");
-        mount(&sys, &req, out).map_err(step("mount -f"))?;
+        mount(sys, &req, out).map_err(step("mount -f"))?;
     }
 
+    Ok(())
+}
+
+/// Step 2: a Corda base directory whose real `artemis/` holds a small synthetic journal;
+/// returns the share and the base directory.
+fn make_unshared_node(dir: &Path, out: &mut dyn Write) -> Result<(PathBuf, PathBuf), DemoError> {
+    let say = |out: &mut dyn Write, s: String| {
+        let _ = writeln!(out, "{s}");
+    };
     let share = dir.join("share");
     let base = dir.join("corda");
     let artemis = base.join("artemis");
@@ -116,7 +143,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<(), DemoError> {
                 seed ^= seed << 13;
                 seed ^= seed >> 7;
                 seed ^= seed << 17;
-                seed as u8
+                seed.to_le_bytes()[0]
             })
             .collect();
         fs::write(artemis.join(format!("journal/activemq-data-{i}.amq")), data)
@@ -128,6 +155,19 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<(), DemoError> {
     )
     .map_err(step("write bindings"))?;
 
+    Ok((share, base))
+}
+
+/// Step 3: the config of a premounted share, shown.
+fn write_config(
+    dir: &Path,
+    base: &Path,
+    share: &Path,
+    out: &mut dyn Write,
+) -> Result<(PathBuf, Config), DemoError> {
+    let say = |out: &mut dyn Write, s: String| {
+        let _ = writeln!(out, "{s}");
+    };
     let config_path = dir.join("agent.toml");
     let config_text = format!(
         "# written by artemis-sync-demo\n[node]\nbase_dir = {base:?}\n\n[storage]\nmode = \"shared\"\n\
@@ -144,12 +184,20 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<(), DemoError> {
         say(out, format!("   {line}"));
     }
 
-    let link_path = config.artemis_link();
+    Ok((config_path, config))
+}
+
+/// Steps 4 to 6: `link` refuses the journal directory, `link --migrate` moves it into the share
+/// with every file verified, and a second `link` changes nothing.
+fn link_steps(link_path: &Path, share: &Path, out: &mut dyn Write) -> Result<(), DemoError> {
+    let say = |out: &mut dyn Write, s: String| {
+        let _ = writeln!(out, "{s}");
+    };
     say(
         out,
         "\n4. `artemis-sync link` refuses to put a link where a journal is:".into(),
     );
-    match link::link(&link_path, &share, LinkOptions::default()) {
+    match link::link(link_path, share, LinkOptions::default()) {
         Err(e) => say(out, format!("   refused: {e}")),
         Ok(o) => {
             return Err(DemoError::Step {
@@ -161,8 +209,8 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<(), DemoError> {
 
     say(out, "\n5. `artemis-sync link --migrate` copies into the share, verifies every file by blake3, keeps the old directory aside:".into());
     let report = match link::link(
-        &link_path,
-        &share,
+        link_path,
+        share,
         LinkOptions {
             migrate: true,
             force: false,
@@ -187,7 +235,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<(), DemoError> {
             report.aside.display()
         ),
     );
-    let target = fs::read_link(&link_path).map_err(step("read link"))?;
+    let target = fs::read_link(link_path).map_err(step("read link"))?;
     say(
         out,
         format!("   {} -> {}", link_path.display(), target.display()),
@@ -208,7 +256,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<(), DemoError> {
     say(out, format!("   read back through the link: {identical}/{DEMO_JOURNAL_FILES} journal files identical to the originals"));
 
     say(out, "\n6. A second `artemis-sync link` is a no-op:".into());
-    match link::link(&link_path, &share, LinkOptions::default()).map_err(step("link again"))? {
+    match link::link(link_path, share, LinkOptions::default()).map_err(step("link again"))? {
         LinkOutcome::AlreadyLinked => say(
             out,
             format!(
@@ -224,8 +272,21 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<(), DemoError> {
         }
     }
 
+    Ok(())
+}
+
+/// Step 7: `doctor` on what the demo built; every check must pass.
+fn doctor_step(
+    config: &Config,
+    config_path: &Path,
+    sys: &RealSys,
+    out: &mut dyn Write,
+) -> Result<(), DemoError> {
+    let say = |out: &mut dyn Write, s: String| {
+        let _ = writeln!(out, "{s}");
+    };
     say(out, "\n7. `artemis-sync doctor`:".into());
-    let report = artemis_sync::doctor::run(Ok(&config), &config_path, &sys as &dyn Sys);
+    let report = artemis_sync::doctor::run(Ok(config), config_path, sys as &dyn Sys);
     for line in report.to_text().lines() {
         say(out, format!("   {line}"));
     }
@@ -235,9 +296,12 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<(), DemoError> {
             message: "a check failed".into(),
         });
     }
-    let summary = replicated(dir, out)?;
-    say(out, format!("\nDone: the journal lives in the share, reached through the link, nothing was deleted; {summary}."));
     Ok(())
+}
+
+/// A lag as the demo prints it.
+fn ms(d: Option<Duration>) -> String {
+    d.map_or("-".into(), |d| format!("{:.2} ms", d.as_secs_f64() * 1e3))
 }
 
 /// How long the demo's writer runs.
@@ -253,13 +317,16 @@ impl Agents {
         for (_, c) in &mut self.0 {
             // SAFETY: kill has no memory-safety preconditions; the pid is our live child.
             unsafe {
-                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+                libc::kill(
+                    libc::pid_t::try_from(c.id()).expect("a child's pid came from a pid_t"),
+                    libc::SIGTERM,
+                );
             }
         }
         for (_, c) in &mut self.0 {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-            while matches!(c.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(20));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
             }
             let _ = c.kill();
             let _ = c.wait();
@@ -278,7 +345,6 @@ impl Drop for Agents {
 }
 
 fn replicated(dir: &Path, out: &mut dyn Write) -> Result<String, DemoError> {
-    use std::time::{Duration, Instant};
     let say = |out: &mut dyn Write, s: String| {
         let _ = writeln!(out, "{s}");
     };
@@ -294,8 +360,27 @@ fn replicated(dir: &Path, out: &mut dyn Write) -> Result<String, DemoError> {
         out,
         "   a hot and a cold agent on 127.0.0.1, authenticated by a pre-shared key.".into(),
     );
-    let psk = root.join("psk");
     fs::create_dir_all(&root).map_err(step("create replicated dir"))?;
+    let psk = write_psk(&root)?;
+    let (mut agents, configs) = start_agents(&root, &psk, out)?;
+    wait_answering(&configs)?;
+    let report = write_and_measure(&root, out)?;
+    verify_step(&root, out)?;
+    agents.stop();
+    say(
+        out,
+        "   both agents stopped (the hot one drained its stream first).".into(),
+    );
+    Ok(format!(
+        "the replicated copy is identical, {} records streamed with p50 lag {}",
+        report.records,
+        ms(quantile(&report.lags, 0.5))
+    ))
+}
+
+/// A fresh pre-shared key for the demo's pair, in a 0600 file under `root`.
+fn write_psk(root: &Path) -> Result<PathBuf, DemoError> {
+    let psk = root.join("psk");
     let key = artemis_sync::replicated::wire::nonce().map_err(step("make a key"))?;
     let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
     {
@@ -308,6 +393,21 @@ fn replicated(dir: &Path, out: &mut dyn Write) -> Result<String, DemoError> {
             .map_err(step("write psk"))?;
         f.write_all(hex.as_bytes()).map_err(step("write psk"))?;
     }
+    Ok(psk)
+}
+
+/// The two sides' names and directories.
+type Sides = Vec<(&'static str, PathBuf)>;
+
+/// Starts a cold and a hot agent under `root`, each handed its listener.
+fn start_agents(
+    root: &Path,
+    psk: &Path,
+    out: &mut dyn Write,
+) -> Result<(Agents, Sides), DemoError> {
+    let say = |out: &mut dyn Write, s: String| {
+        let _ = writeln!(out, "{s}");
+    };
     // bound here and handed to each agent as its fd 3, so no other process can take the ports
     // in between (see artemis_sync::daemon::listen_fds)
     let hot_listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(step("bind ports"))?;
@@ -361,7 +461,12 @@ fn replicated(dir: &Path, out: &mut dyn Write) -> Result<String, DemoError> {
         agents.0.push((name, child));
         configs.push((name, side));
     }
-    for (name, side) in &configs {
+    Ok((agents, configs))
+}
+
+/// Waits until both agents answer on their control sockets.
+fn wait_answering(configs: &Sides) -> Result<(), DemoError> {
+    for (name, side) in configs {
         let sock = side.join("agent.sock");
         let deadline = Instant::now() + Duration::from_secs(10);
         while artemis_sync::daemon::control::request(
@@ -380,6 +485,14 @@ fn replicated(dir: &Path, out: &mut dyn Write) -> Result<String, DemoError> {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    Ok(())
+}
+
+/// Step 9: the Artemis-like writer on the hot side, with the lag to the cold disk each second.
+fn write_and_measure(root: &Path, out: &mut dyn Write) -> Result<Report, DemoError> {
+    let say = |out: &mut dyn Write, s: String| {
+        let _ = writeln!(out, "{s}");
+    };
     let hot_data = root.join("hot/data");
     let cold_data = root.join("cold/data");
     say(out, format!(
@@ -396,8 +509,6 @@ fn replicated(dir: &Path, out: &mut dyn Write) -> Result<String, DemoError> {
         paging: true,
         first_file: 1,
     };
-    let ms =
-        |d: Option<Duration>| d.map_or("-".into(), |d| format!("{:.2} ms", d.as_secs_f64() * 1e3));
     let report = crate::workload::run(&cfg, Some(&cold_data), |t| {
         let _ = writeln!(
             out,
@@ -405,14 +516,14 @@ fn replicated(dir: &Path, out: &mut dyn Write) -> Result<String, DemoError> {
             t.second,
             t.records,
             (t.records * crate::workload::RECORD_BYTES as u64) as f64 / 1e6,
-            ms(crate::workload::quantile(&t.lags, 0.5)),
-            ms(crate::workload::quantile(&t.lags, 0.99))
+            ms(quantile(&t.lags, 0.5)),
+            ms(quantile(&t.lags, 0.99))
         );
     })
     .map_err(step("write"))?;
     let (p50, p99, max) = (
-        crate::workload::quantile(&report.lags, 0.5),
-        crate::workload::quantile(&report.lags, 0.99),
+        quantile(&report.lags, 0.5),
+        quantile(&report.lags, 0.99),
         report.lags.last().copied(),
     );
     say(out, format!(
@@ -427,6 +538,14 @@ fn replicated(dir: &Path, out: &mut dyn Write) -> Result<String, DemoError> {
         report.lost
     ));
 
+    Ok(report)
+}
+
+/// Step 10: `verify` through the hot agent's control socket; the copies must be identical.
+fn verify_step(root: &Path, out: &mut dyn Write) -> Result<(), DemoError> {
+    let say = |out: &mut dyn Write, s: String| {
+        let _ = writeln!(out, "{s}");
+    };
     say(out, "\n10. `artemis-sync verify` on the hot host: digests of every file on both sides, at a barrier in the stream:".into());
     let hot_sock = root.join("hot/agent.sock");
     let reply = artemis_sync::daemon::control::request(
@@ -450,14 +569,5 @@ fn replicated(dir: &Path, out: &mut dyn Write) -> Result<String, DemoError> {
         });
     }
     say(out, format!("   identical: {} files", v.files));
-    agents.stop();
-    say(
-        out,
-        "   both agents stopped (the hot one drained its stream first).".into(),
-    );
-    Ok(format!(
-        "the replicated copy is identical, {} records streamed with p50 lag {}",
-        report.records,
-        ms(p50)
-    ))
+    Ok(())
 }
