@@ -60,20 +60,23 @@ fn issue5_quick_benchmark_prints_every_key() {
         v["hot_rss_mb"].as_f64().is_some() && v["cold_rss_mb"].as_f64().is_some(),
         "{v:#}"
     );
-    // a null baseline says why; in CI (which installs rsync and lsyncd) none may be null
+    // a null baseline says why. A missing tool is a test that cannot run (a failure in CI,
+    // which installs rsync and lsyncd); a tool that ran and delivered nothing in the quick
+    // run's few seconds is a figure (lsyncd syncs a journal file only once it is closed).
     for (w, f, why) in [
         ("initial_sync", "rsync_mb_per_s", "rsync_null_reason"),
         ("append_lag", "lsyncd_p50_ms", "lsyncd_null_reason"),
     ] {
         if v[w][f].is_null() {
-            assert!(
-                v[w][why].is_string(),
-                "{w}.{f} is null without a reason: {v:#}"
-            );
-            skip(
-                &format!("issue5_quick_benchmark_prints_every_key: baseline {w}.{f}"),
-                &v[w][why].to_string(),
-            );
+            let reason = v[w][why]
+                .as_str()
+                .unwrap_or_else(|| panic!("{w}.{f} is null without a reason: {v:#}"));
+            if reason.contains("not installed") {
+                skip(
+                    &format!("issue5_quick_benchmark_prints_every_key: baseline {w}.{f}"),
+                    reason,
+                );
+            }
         }
     }
     for w in ["initial_sync", "resync", "append_lag"] {
