@@ -235,14 +235,16 @@ impl Scanner {
             return;
         }
         let old_len = entry.len;
+        let old_pages = entry.pages.len();
         if !old_len.is_multiple_of(ps) && len != old_len {
+            // the cold side keeps the old partial page's bytes: content unknown here
             if let Some(last) = entry.pages.last_mut() {
                 *last = INVALID;
             }
         }
         entry.pages.resize(pages, zero_hash);
-        if !len.is_multiple_of(ps) && len > old_len {
-            // a short zero tail page
+        if !len.is_multiple_of(ps) && pages > old_pages {
+            // a new short last page: zeros on the cold side
             let tail = usize::try_from(len % ps).expect("less than the page size, a usize");
             if let Some(last) = entry.pages.last_mut() {
                 *last = page_hash(&vec![0u8; tail]);
