@@ -11,10 +11,13 @@
 //! `rescan.rs` walks the tree):
 //! - an event on a file scans a window from the page where the file last changed, forward
 //!   until two unchanged pages: a journal append costs a page or two of hashing, not the file;
+//!   a file that grew is scanned at least to its new end (it may have been written anywhere
+//!   in the part it gained);
 //! - a rename first sends every change of the file under its old name (a full scan of that
 //!   one file), then the rename, so `x` never exists on the cold side without `x.tmp`'s data;
-//! - an event whose window found nothing (a write elsewhere in the file) marks the file dirty;
-//!   dirty files are hashed in full every half `rescan_interval_ms`;
+//! - an event whose window found nothing (a write elsewhere in the file), or whose window's
+//!   first page changed (a write that may have begun before it), marks the file dirty; dirty
+//!   files are hashed in full every half `rescan_interval_ms`;
 //! - every `rescan_interval_ms`, files whose size, mtime, ctime or inode changed are hashed in
 //!   full (random in-place writes, anything events missed);
 //! - every `deep_rescan_interval_ms`, and on an event-queue overflow, everything is hashed.

@@ -59,11 +59,18 @@ struct Pass {
     clean_run: usize,
     stop_after_clean: usize,
     last_changed: Option<usize>,
+    /// Whether the window's first page changed: the write may have begun before it.
+    first_changed: bool,
+    /// One past the last page compared.
+    compared_to: usize,
+    /// Clean pages end a window only from this page on: a file that grew may have been
+    /// written anywhere up to its new end.
+    reach: usize,
     run: Option<PageRun>,
 }
 
 impl Pass {
-    fn new(full: bool, cursor: usize, pages: usize) -> Pass {
+    fn new(full: bool, cursor: usize, pages: usize, reach: usize) -> Pass {
         let (start, stop_after_clean, chunk_pages) = if full {
             (0, usize::MAX, READ_PAGES)
         } else {
@@ -83,6 +90,9 @@ impl Pass {
             clean_run: 0,
             stop_after_clean,
             last_changed: None,
+            first_changed: false,
+            compared_to: start,
+            reach,
             run: None,
         }
     }
@@ -196,9 +206,10 @@ impl Scanner {
             );
             return;
         };
-        self.model_set_file(rel, meta.len(), meta.mode() & 0o7777, pages);
+        let grew = self.model_set_file(rel, meta.len(), meta.mode() & 0o7777, pages);
         let cursor = self.cursors.get(rel).copied().unwrap_or(0);
-        let mut pass = Pass::new(full, cursor, pages);
+        let reach = if grew { pages } else { 0 };
+        let mut pass = Pass::new(full, cursor, pages, reach);
         self.compare_pass(rel, &file, &mut pass);
         self.finish_pass(rel, file, &meta, &pass);
     }
@@ -226,13 +237,13 @@ impl Scanner {
 
     /// When the file's length or mode differs from the table's: queues a `SetFile`, and
     /// models in the table what the cold side does with it (truncate or zero-extend).
-    fn model_set_file(&mut self, rel: &str, len: u64, mode: u32, pages: usize) {
+    fn model_set_file(&mut self, rel: &str, len: u64, mode: u32, pages: usize) -> bool {
         let ps = self.page_size as u64;
         let zero_hash = self.zero_hash;
         let known = self.table.files.contains_key(rel);
         let entry = self.table.files.entry(rel.to_owned()).or_default();
         if known && entry.len == len && entry.mode == mode {
-            return;
+            return false;
         }
         let old_len = entry.len;
         let old_pages = entry.pages.len();
@@ -257,6 +268,7 @@ impl Scanner {
             len,
             mode,
         });
+        len > old_len
     }
 
     /// Reads the pass's pages, growing reads as the window goes on, and compares them with
@@ -287,6 +299,7 @@ impl Scanner {
             }
             if !pass.full
                 && pass.last_changed.is_none()
+                && pass.page >= pass.reach
                 && pass.page > pass.start + WINDOW_GIVE_UP_PAGES
             {
                 pass.stop_after_clean = 0; // nothing near the cursor changed: leave the rest to the rescan
@@ -308,13 +321,14 @@ impl Scanner {
             if idx >= table.len() || pass.clean_run >= pass.stop_after_clean {
                 break;
             }
+            pass.compared_to = idx + 1;
             let full_hash = blake3::hash(chunk);
             let mut short = [0u8; 16];
             short.copy_from_slice(&full_hash.as_bytes()[..16]);
             if table[idx] == short {
                 // clean pages end the window only once past the cursor: the next append
                 // lands after it
-                if pass.full || idx > pass.cursor {
+                if pass.full || (idx > pass.cursor && idx >= pass.reach) {
                     pass.clean_run += 1;
                 }
                 if let Some(run) = pass.run.take() {
@@ -324,6 +338,7 @@ impl Scanner {
                 continue;
             }
             pass.clean_run = 0;
+            pass.first_changed |= idx == pass.start;
             table[idx] = short;
             pass.last_changed = Some(idx);
             let offset = idx as u64 * self.page_size as u64;
@@ -344,23 +359,30 @@ impl Scanner {
         }
     }
 
-    /// After a pass: the cursor moves to the last changed page, a window that found nothing
-    /// marks the file dirty; a full pass records the file's metadata, a window keeps the file
+    /// After a pass: the cursor moves to the last changed page; a window that found nothing
+    /// (and did not see every page), or whose first page changed, marks the file dirty; a
+    /// full pass records the file's metadata, a window keeps the file
     /// open for the next event.
     fn finish_pass(&mut self, rel: &str, file: File, meta: &fs::Metadata, pass: &Pass) {
-        match pass.last_changed {
-            Some(c) => {
-                self.cursors.insert(rel.to_owned(), c);
-            }
-            None if !pass.full => {
+        if let Some(c) = pass.last_changed {
+            self.cursors.insert(rel.to_owned(), c);
+        }
+        if !pass.full {
+            // a window that compared every page saw all there was to see
+            let saw_all = pass.start == 0 && pass.compared_to >= pass.pages;
+            let unexplained = pass.last_changed.is_none() && !saw_all;
+            // a change on the window's first page may have begun before it
+            let began_before = pass.first_changed && pass.start > 0;
+            if unexplained || began_before {
                 tracing::trace!(
                     file = rel,
                     cursor = pass.cursor,
-                    "window found no change: dirty"
+                    unexplained,
+                    began_before,
+                    "window: dirty"
                 );
                 self.dirty.insert(rel.to_owned());
             }
-            None => {}
         }
         if pass.full {
             self.remember_seen(rel, meta);
