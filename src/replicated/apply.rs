@@ -49,6 +49,9 @@ pub(crate) struct Applier {
     page_size: usize,
     files: FileCache,
     expected: u64,
+    /// Files whose data was fsynced, for tests.
+    #[cfg(test)]
+    synced: HashSet<String>,
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PagesError {
@@ -64,6 +67,8 @@ impl Applier {
             page_size,
             files: FileCache::default(),
             expected: 1,
+            #[cfg(test)]
+            synced: HashSet::new(),
         }
     }
 
@@ -261,10 +266,7 @@ impl Applier {
     /// renames.
     fn rename(&mut self, from: &str, to: &str, touched: &mut Touched) -> Result<(), PagesError> {
         for p in touched.files.drain() {
-            if let Some(f) = self.files.get(&p) {
-                f.sync_data()
-                    .map_err(io_err("cannot fsync", &self.root.join(&p)))?;
-            }
+            self.sync_file(&p)?;
         }
         let (a, b) = (self.root.join(from), self.root.join(to));
         self.files.forget(from);
@@ -293,13 +295,38 @@ impl Applier {
         Ok(())
     }
 
+    /// Fsyncs the data of a file the batch wrote: through its cached handle or, when the
+    /// cache dropped it meanwhile (it holds [`pages::OPEN_FILES_CACHED`]), a new one (an
+    /// fsync covers the file, whichever descriptor asks). A file the batch removed since is
+    /// skipped.
+    fn sync_file(&mut self, rel: &str) -> Result<(), PagesError> {
+        let path = self.root.join(rel);
+        let reopened;
+        let file = match self.files.get(rel) {
+            Some(f) => f,
+            None => match OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+            {
+                Ok(f) => {
+                    reopened = f;
+                    &reopened
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(io_err("cannot open", &path)(e)),
+            },
+        };
+        file.sync_data().map_err(io_err("cannot fsync", &path))?;
+        #[cfg(test)]
+        self.synced.insert(rel.to_owned());
+        Ok(())
+    }
+
     /// Fsyncs the files written and the directories whose entries changed.
     fn sync(&mut self, touched: &mut Touched) -> Result<(), PagesError> {
         for p in touched.files.drain() {
-            if let Some(f) = self.files.get(&p) {
-                f.sync_data()
-                    .map_err(io_err("cannot fsync", &self.root.join(&p)))?;
-            }
+            self.sync_file(&p)?;
         }
         for d in touched.dirs.drain() {
             if let Ok(dir) = File::open(&d) {
@@ -370,6 +397,33 @@ mod tests {
             Applied::Done { .. }
         ));
         assert!(!dir.path().join("journal").exists());
+    }
+
+    #[test]
+    fn a_batch_touching_more_files_than_the_cache_holds_applies_whole() {
+        // the cache of open files empties itself while the batch writes; the files it
+        // dropped are synced all the same
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = applier(dir.path());
+        let n = pages::OPEN_FILES_CACHED * 2 + 1;
+        let mut ops = Vec::new();
+        for i in 0..n {
+            let path = format!("f{i}");
+            ops.push(Op::SetFile {
+                path: path.clone(),
+                len: 4096,
+                mode: 0o644,
+            });
+            ops.push(write(&path, 0, vec![1; 4096]));
+        }
+        ops.push(Op::Remove { path: "f0".into() });
+        assert!(matches!(a.batch(1, ops), Applied::Done { seq: 1, .. }));
+        assert!(!dir.path().join("f0").exists());
+        for i in 1..n {
+            let f = format!("f{i}");
+            assert_eq!(fs::read(dir.path().join(&f)).unwrap(), [1; 4096]);
+            assert!(a.synced.contains(&f), "{f} was acknowledged unsynced");
+        }
     }
 
     #[test]
