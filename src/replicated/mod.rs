@@ -1,17 +1,37 @@
 //! Replicated mode: each VM keeps the journal on its own disk and the hot VM streams it to the
-//! cold one. Along the data path: [`watch`] and the scanner in [`sender`] capture changes as
-//! page operations described in [`pages`]; [`wire`] frames them; [`channel`] authenticates the
-//! connection (mutual TLS with [`certs`], or a pre-shared key); [`sender`] streams batches and
-//! resends what is not acknowledged; [`receiver`] checks and applies them on the cold disk;
-//! [`agent`] is the daemon that keeps the epoch and the role ([`state`], also the gate that
-//! decides which hot side the cold side admits) and runs the node on the hot VM.
+//! cold one. The files follow a journal write along the data path:
+//!
+//! Hot side:
+//! 1. [`capture`]: [`capture::watch`] turns inotify into a bounded channel of events; the
+//!    scanner thread ([`capture`], hashing in `capture/scan.rs`, events in `capture/events.rs`)
+//!    compares pages with its table, a model of the cold disk, and emits [`ops::Op`]s in
+//!    batches. Page hashes, file states, the tree index and its digest are in [`pages`].
+//! 2. [`stream`]: the network task numbers each batch, frames it ([`wire`]), sends it over a
+//!    connection authenticated by [`channel`] (mutual TLS with certificates from [`certs`], or
+//!    a pre-shared key), keeps it until acknowledged, resends, and reconnects.
+//!
+//! Cold side:
+//! 3. [`receiver`]: the listener authenticates the hot side, asks the agent's epoch gate,
+//!    sends the cold tree's index, and reads batches.
+//! 4. [`apply`]: the apply thread validates a whole batch (paths confined, page checksums),
+//!    writes it, fsyncs, and answers; the connection acknowledges.
+//!
+//! [`ops`] holds what the steps hand each other (ops, the scanner's messages, the apply
+//! outcome, the verify report), [`stats`] the counters both sides publish. [`sender`] and
+//! [`receiver`] are the two entry points the agent starts; [`agent`] is the daemon that keeps
+//! the epoch and the role ([`state`]: the state file, and the gate that decides which hot side
+//! the cold side admits), and runs the node on the hot VM.
 
 pub mod agent;
+pub mod apply;
+pub mod capture;
 pub mod certs;
 pub mod channel;
+pub mod ops;
 pub mod pages;
 pub mod receiver;
 pub mod sender;
 pub mod state;
-pub mod watch;
+pub mod stats;
+pub mod stream;
 pub mod wire;

@@ -1,13 +1,14 @@
-//! Pages and trees: the per-page blake3 table that tells what changed, the tree index the cold
-//! side reports on connect, the whole-tree digest `verify` compares, and the confinement of
-//! paths received from the network to the data directory.
+//! Pages and trees: the per-page blake3 table that tells what changed ([`hash_pages`]), the
+//! tree index the cold side reports on connect, the whole-tree digest `verify` compares, the
+//! confinement of paths received from the network to the data directory, and the cache of
+//! open files (`FileCache`) the scanner and the apply thread keep.
 //!
 //! Files are read with positional reads (`pread`), never through `mmap`: a file truncated by
 //! Artemis while we read it then gives a short read instead of a SIGBUS that would kill the
 //! agent. A page's table entry is the first 16 bytes of its blake3 digest (enough to detect a
 //! change; the wire carries the full 32 bytes for verification).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
@@ -15,6 +16,14 @@ use std::path::{Component, Path, PathBuf};
 
 /// A page's entry in a table: the first 16 bytes of its blake3 digest.
 pub type PageHash = [u8; 16];
+
+/// Pages read and hashed per read call.
+pub const READ_PAGES: usize = 256;
+
+/// Open files a `FileCache` keeps: the scanner's (read handles for append windows) and the
+/// apply thread's (write handles). Well above the journal files Artemis writes at a time, and
+/// far below the default descriptor limit (1024) with both caches full.
+pub const OPEN_FILES_CACHED: usize = 128;
 
 /// Errors about paths and trees, each naming the path.
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
@@ -69,17 +78,19 @@ impl FileState {
     }
 }
 
-/// Hashes every page of the file at `path` (read with `pread`, `page_size` at a time, in
-/// chunks of `chunk_pages`).
-pub fn hash_file(path: &Path, page_size: usize) -> Result<FileState, PagesError> {
+/// The page table of the file at `path`: its length, mode and the hash of every page (read
+/// with `pread`, [`READ_PAGES`] pages at a time).
+pub fn hash_pages(path: &Path, page_size: usize) -> Result<FileState, PagesError> {
     let file = File::open(path).map_err(io_err("cannot open", path))?;
     let meta = file.metadata().map_err(io_err("cannot inspect", path))?;
+    // only a capacity hint: a length beyond the address space starts from an empty table
+    let pages = usize::try_from(meta.len()).map_or(0, |len| len.div_ceil(page_size));
     let mut state = FileState {
         len: 0,
         mode: meta.mode() & 0o7777,
-        pages: Vec::with_capacity((meta.len() as usize).div_ceil(page_size)),
+        pages: Vec::with_capacity(pages),
     };
-    let mut buf = vec![0u8; page_size * 256];
+    let mut buf = vec![0u8; page_size * READ_PAGES];
     let mut off = 0u64;
     loop {
         let n = read_full_at(&file, &mut buf, off).map_err(io_err("cannot read", path))?;
@@ -107,6 +118,44 @@ pub fn read_full_at(file: &File, buf: &mut [u8], off: u64) -> io::Result<usize> 
         }
     }
     Ok(done)
+}
+
+/// Open files by relative path, kept between uses (an open per use costs a path walk, and on
+/// the hot side an inotify event of its own). Holds at most [`OPEN_FILES_CACHED`]: when full,
+/// it starts over empty.
+#[derive(Debug, Default)]
+pub(crate) struct FileCache(HashMap<String, File>);
+
+impl FileCache {
+    /// The open file for `rel`, if cached.
+    pub(crate) fn get(&self, rel: &str) -> Option<&File> {
+        self.0.get(rel)
+    }
+
+    /// Takes the open file for `rel` out of the cache.
+    pub(crate) fn take(&mut self, rel: &str) -> Option<File> {
+        self.0.remove(rel)
+    }
+
+    /// Keeps `file` open for `rel` (emptying the cache first if it is full).
+    pub(crate) fn keep(&mut self, rel: &str, file: File) -> &File {
+        if self.0.len() >= OPEN_FILES_CACHED {
+            self.0.clear();
+        }
+        self.0.entry(rel.to_owned()).insert_entry(file).into_mut()
+    }
+
+    /// Closes `rel` and everything below it: the path may now name another file, or a
+    /// directory.
+    pub(crate) fn forget(&mut self, rel: &str) {
+        let prefix = format!("{rel}/");
+        self.0.retain(|k, _| k != rel && !k.starts_with(&prefix));
+    }
+
+    /// Closes every file.
+    pub(crate) fn clear(&mut self) {
+        self.0.clear();
+    }
 }
 
 /// A whole tree: directories and their modes, files and their states, by relative path.
@@ -180,7 +229,7 @@ pub fn index_tree(root: &Path, page_size: usize) -> Result<TreeIndex, PagesError
                 index.dirs.insert(child.clone(), meta.mode() & 0o7777);
                 stack.push(child);
             } else if meta.is_file() {
-                match hash_file(&path, page_size) {
+                match hash_pages(&path, page_size) {
                     Ok(state) => {
                         index.files.insert(child, state);
                     }
@@ -333,9 +382,9 @@ mod tests {
     fn hashes_pages_and_trees() {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("journal")).unwrap();
-        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let data: Vec<u8> = (0..10_000u32).map(|i| i.to_le_bytes()[0]).collect();
         fs::write(dir.path().join("journal/a"), &data).unwrap();
-        let s = hash_file(&dir.path().join("journal/a"), 4096).unwrap();
+        let s = hash_pages(&dir.path().join("journal/a"), 4096).unwrap();
         assert_eq!(s.len, 10_000);
         assert_eq!(s.pages.len(), 3);
         assert_eq!(s.pages[2], page_hash(&data[8192..]));

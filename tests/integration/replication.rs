@@ -15,7 +15,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use artemis_sync::replicated::channel::{self, Auth};
-use artemis_sync::replicated::wire::{Frame, FrameReader, FrameWriter, Op, Psk};
+use artemis_sync::replicated::ops::Op;
+use artemis_sync::replicated::wire::{Frame, FrameReader, FrameWriter, Psk};
 
 use crate::util::{artemis_sync, main_cmd, spawn, toml_path, wait_bounded, Fixture};
 

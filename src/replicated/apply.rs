@@ -1,0 +1,492 @@
+//! The last step of the cold side: the apply thread, the only writer of the cold data
+//! directory. For each batch, in sequence order: validate it whole (every path confined to the
+//! data directory, no symlink or special file on the way, every page's blake3 matching), then
+//! apply its ops, fsync the files and directories they touched, and answer with an
+//! [`Applied`] that the connection turns into `Ack`, `Nack` or a dropped stream.
+//!
+//! Nothing from the network touches the disk before it is checked: a batch that fails a check
+//! is answered `Rejected` with nothing of it written; batches after it are skipped until the
+//! hot side resends it. Files are opened with `O_NOFOLLOW`.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::replicated::ops::{Applied, BarrierDigest, Op};
+use crate::replicated::pages::{
+    self, confine, no_symlinks_below, FileCache, PagesError, TreeIndex,
+};
+
+/// Batches queued for the apply thread.
+pub const APPLY_QUEUE: usize = 4;
+
+/// Work for the apply thread.
+pub(crate) enum Job {
+    /// Index the tree (a new connection) and expect batch 1 next.
+    Index(oneshot::Sender<Result<TreeIndex, PagesError>>),
+    /// Validate and apply one batch; the outcome goes to `reply`.
+    Batch {
+        seq: u64,
+        ops: Vec<Op>,
+        reply: mpsc::UnboundedSender<Applied>,
+    },
+}
+
+/// What a batch touched so far: files to fsync, and directories whose entries changed.
+#[derive(Default)]
+struct Touched {
+    files: HashSet<String>,
+    dirs: HashSet<PathBuf>,
+}
+
+/// Applies batches to the data directory, in order.
+pub(crate) struct Applier {
+    root: PathBuf,
+    page_size: usize,
+    files: FileCache,
+    expected: u64,
+    /// Files whose data was fsynced, for tests.
+    #[cfg(test)]
+    synced: HashSet<String>,
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PagesError {
+    let path = path.to_owned();
+    move |source| PagesError::Io { op, path, source }
+}
+
+impl Applier {
+    /// An applier for `root`, expecting batch 1 first.
+    pub(crate) fn new(root: &Path, page_size: usize) -> Self {
+        Applier {
+            root: root.to_owned(),
+            page_size,
+            files: FileCache::default(),
+            expected: 1,
+            #[cfg(test)]
+            synced: HashSet::new(),
+        }
+    }
+
+    /// Starts the apply thread: it serves `jobs` until every sender is gone.
+    pub(crate) fn spawn(self, jobs: crossbeam_channel::Receiver<Job>) {
+        std::thread::Builder::new()
+            .name("apply".into())
+            .spawn(move || self.run(jobs))
+            .expect("spawn the apply thread");
+    }
+
+    fn run(mut self, jobs: crossbeam_channel::Receiver<Job>) {
+        for job in jobs.iter() {
+            match job {
+                Job::Index(reply) => {
+                    self.expected = 1;
+                    self.files.clear();
+                    let _ = reply.send(pages::index_tree(&self.root, self.page_size));
+                }
+                Job::Batch { seq, ops, reply } => {
+                    let _ = reply.send(self.batch(seq, ops));
+                }
+            }
+        }
+    }
+
+    /// Validates and applies batch `seq` if it is the next one.
+    pub(crate) fn batch(&mut self, seq: u64, ops: Vec<Op>) -> Applied {
+        if seq != self.expected {
+            return Applied::Skipped { seq };
+        }
+        if let Err(reason) = self.validate(&ops) {
+            return Applied::Rejected { seq, reason };
+        }
+        let bytes = ops.iter().map(|o| o.data_len() as u64).sum();
+        match self.apply(ops) {
+            Ok(digests) => {
+                self.expected += 1;
+                Applied::Done {
+                    seq,
+                    bytes,
+                    digests,
+                }
+            }
+            Err(e) => {
+                self.files.clear();
+                Applied::Failed {
+                    seq,
+                    reason: crate::error_chain(&e),
+                }
+            }
+        }
+    }
+
+    /// Every path confined and free of symlinks, every write whole pages with good hashes.
+    fn validate(&self, ops: &[Op]) -> Result<(), String> {
+        for op in ops {
+            let paths: Vec<&str> = match op {
+                Op::Mkdir { path, .. }
+                | Op::SetFile { path, .. }
+                | Op::Remove { path }
+                | Op::Write { path, .. } => vec![path],
+                Op::Rename { from, to } => vec![from, to],
+                Op::Barrier { .. } => vec![],
+            };
+            for p in paths {
+                let full = confine(&self.root, p).map_err(|e| e.to_string())?;
+                no_symlinks_below(&self.root, &full, p).map_err(|e| e.to_string())?;
+            }
+            if let Op::Write {
+                path,
+                offset,
+                data,
+                hashes,
+            } = op
+            {
+                self.validate_pages(path, *offset, data, hashes)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_pages(
+        &self,
+        path: &str,
+        offset: u64,
+        data: &[u8],
+        hashes: &[[u8; 32]],
+    ) -> Result<(), String> {
+        let ps = self.page_size;
+        if !offset.is_multiple_of(ps as u64) || data.len().div_ceil(ps) != hashes.len() {
+            return Err(format!(
+                "write to {path:?} at {offset}: not whole pages with one hash each"
+            ));
+        }
+        for (i, (page, want)) in data.chunks(ps).zip(hashes).enumerate() {
+            if blake3::hash(page).as_bytes() != want {
+                return Err(format!(
+                    "page at offset {} of {path:?} failed its blake3 check",
+                    offset + (i * ps) as u64
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The open file for `rel` (opened with `O_NOFOLLOW`, created if `create`).
+    fn open(&mut self, rel: &str, create: bool) -> Result<&File, PagesError> {
+        if self.files.get(rel).is_none() {
+            let path = self.root.join(rel);
+            let f = OpenOptions::new()
+                .write(true)
+                .create(create)
+                .truncate(false)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(io_err("cannot open", &path))?;
+            return Ok(self.files.keep(rel, f));
+        }
+        Ok(self.files.get(rel).expect("cached"))
+    }
+
+    /// Applies a validated batch, then makes it durable; returns the digests of its barriers.
+    fn apply(&mut self, ops: Vec<Op>) -> Result<Vec<BarrierDigest>, PagesError> {
+        let mut touched = Touched::default();
+        let mut digests = Vec::new();
+        for op in ops {
+            match op {
+                Op::Mkdir { path, mode } => self.mkdir(&path, mode, &mut touched)?,
+                Op::SetFile { path, len, mode } => self.set_file(path, len, mode, &mut touched)?,
+                Op::Write {
+                    path, offset, data, ..
+                } => {
+                    let full = self.root.join(&path);
+                    let f = self.open(&path, true)?;
+                    f.write_all_at(&data, offset)
+                        .map_err(io_err("cannot write", &full))?;
+                    touched.files.insert(path);
+                }
+                Op::Rename { from, to } => self.rename(&from, &to, &mut touched)?,
+                Op::Remove { path } => self.remove(&path, &mut touched)?,
+                Op::Barrier { id } => {
+                    self.sync(&mut touched)?;
+                    let (root, files) = pages::index_tree(&self.root, self.page_size)?.digest();
+                    digests.push((id, root, files.into_iter().collect()));
+                }
+            }
+        }
+        self.sync(&mut touched)?;
+        Ok(digests)
+    }
+
+    /// The directory holding `full` (the root for a top-level entry).
+    fn parent_of(&self, full: &Path) -> PathBuf {
+        full.parent().unwrap_or(&self.root).to_owned()
+    }
+
+    fn mkdir(&mut self, path: &str, mode: u32, touched: &mut Touched) -> Result<(), PagesError> {
+        let full = self.root.join(path);
+        if fs::symlink_metadata(&full).is_ok_and(|m| !m.is_dir()) {
+            self.files.forget(path);
+            fs::remove_file(&full).map_err(io_err("cannot remove", &full))?;
+        }
+        fs::create_dir_all(&full).map_err(io_err("cannot create directory", &full))?;
+        pages::set_mode(&full, mode)?;
+        touched.dirs.insert(self.parent_of(&full));
+        Ok(())
+    }
+
+    fn set_file(
+        &mut self,
+        path: String,
+        len: u64,
+        mode: u32,
+        touched: &mut Touched,
+    ) -> Result<(), PagesError> {
+        let full = self.root.join(&path);
+        if fs::symlink_metadata(&full).is_ok_and(|m| m.is_dir()) {
+            self.files.forget(&path);
+            fs::remove_dir_all(&full).map_err(io_err("cannot remove", &full))?;
+        }
+        let created = !full.exists();
+        let f = self.open(&path, true)?;
+        f.set_len(len)
+            .map_err(io_err("cannot set length of", &full))?;
+        pages::set_mode(&full, mode)?;
+        touched.files.insert(path);
+        if created {
+            touched.dirs.insert(self.parent_of(&full));
+        }
+        Ok(())
+    }
+
+    /// Durability of the data before the name: syncs what the batch wrote so far, then
+    /// renames.
+    fn rename(&mut self, from: &str, to: &str, touched: &mut Touched) -> Result<(), PagesError> {
+        for p in touched.files.drain() {
+            self.sync_file(&p)?;
+        }
+        let (a, b) = (self.root.join(from), self.root.join(to));
+        self.files.forget(from);
+        self.files.forget(to);
+        if let Some(parent) = b.parent() {
+            fs::create_dir_all(parent).map_err(io_err("cannot create directory", parent))?;
+        }
+        fs::rename(&a, &b).map_err(io_err("cannot rename", &a))?;
+        touched.dirs.insert(self.parent_of(&a));
+        touched.dirs.insert(self.parent_of(&b));
+        Ok(())
+    }
+
+    fn remove(&mut self, path: &str, touched: &mut Touched) -> Result<(), PagesError> {
+        let full = self.root.join(path);
+        self.files.forget(path);
+        match fs::symlink_metadata(&full) {
+            Ok(m) if m.is_dir() => {
+                fs::remove_dir_all(&full).map_err(io_err("cannot remove", &full))?
+            }
+            Ok(_) => fs::remove_file(&full).map_err(io_err("cannot remove", &full))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("cannot inspect", &full)(e)),
+        }
+        touched.dirs.insert(self.parent_of(&full));
+        Ok(())
+    }
+
+    /// Fsyncs the data of a file the batch wrote: through its cached handle or, when the
+    /// cache dropped it meanwhile (it holds [`pages::OPEN_FILES_CACHED`]), a new one (an
+    /// fsync covers the file, whichever descriptor asks). A file the batch removed since is
+    /// skipped.
+    fn sync_file(&mut self, rel: &str) -> Result<(), PagesError> {
+        let path = self.root.join(rel);
+        let reopened;
+        let file = match self.files.get(rel) {
+            Some(f) => f,
+            None => match OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+            {
+                Ok(f) => {
+                    reopened = f;
+                    &reopened
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(io_err("cannot open", &path)(e)),
+            },
+        };
+        file.sync_data().map_err(io_err("cannot fsync", &path))?;
+        #[cfg(test)]
+        self.synced.insert(rel.to_owned());
+        Ok(())
+    }
+
+    /// Fsyncs the files written and the directories whose entries changed.
+    fn sync(&mut self, touched: &mut Touched) -> Result<(), PagesError> {
+        for p in touched.files.drain() {
+            self.sync_file(&p)?;
+        }
+        for d in touched.dirs.drain() {
+            if let Ok(dir) = File::open(&d) {
+                dir.sync_all()
+                    .map_err(io_err("cannot fsync directory", &d))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn applier(root: &Path) -> Applier {
+        Applier::new(root, 4096)
+    }
+
+    fn write(path: &str, offset: u64, data: Vec<u8>) -> Op {
+        let hashes = data
+            .chunks(4096)
+            .map(|p| *blake3::hash(p).as_bytes())
+            .collect();
+        Op::Write {
+            path: path.into(),
+            offset,
+            data,
+            hashes,
+        }
+    }
+
+    #[test]
+    fn applies_in_order_and_skips_out_of_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = applier(dir.path());
+        let ops = vec![
+            Op::Mkdir {
+                path: "journal".into(),
+                mode: 0o750,
+            },
+            Op::SetFile {
+                path: "journal/a.tmp".into(),
+                len: 8192,
+                mode: 0o600,
+            },
+            write("journal/a.tmp", 4096, vec![7; 4096]),
+            Op::Rename {
+                from: "journal/a.tmp".into(),
+                to: "journal/a".into(),
+            },
+        ];
+        assert!(matches!(
+            a.batch(2, ops.clone()),
+            Applied::Skipped { seq: 2 }
+        ));
+        assert!(matches!(a.batch(1, ops), Applied::Done { seq: 1, .. }));
+        let data = fs::read(dir.path().join("journal/a")).unwrap();
+        assert_eq!(data.len(), 8192);
+        assert!(data[..4096].iter().all(|b| *b == 0) && data[4096..].iter().all(|b| *b == 7));
+        assert!(matches!(
+            a.batch(
+                2,
+                vec![Op::Remove {
+                    path: "journal".into()
+                }]
+            ),
+            Applied::Done { .. }
+        ));
+        assert!(!dir.path().join("journal").exists());
+    }
+
+    #[test]
+    fn a_batch_touching_more_files_than_the_cache_holds_applies_whole() {
+        // the cache of open files empties itself while the batch writes; the files it
+        // dropped are synced all the same
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = applier(dir.path());
+        let n = pages::OPEN_FILES_CACHED * 2 + 1;
+        let mut ops = Vec::new();
+        for i in 0..n {
+            let path = format!("f{i}");
+            ops.push(Op::SetFile {
+                path: path.clone(),
+                len: 4096,
+                mode: 0o644,
+            });
+            ops.push(write(&path, 0, vec![1; 4096]));
+        }
+        ops.push(Op::Remove { path: "f0".into() });
+        assert!(matches!(a.batch(1, ops), Applied::Done { seq: 1, .. }));
+        assert!(!dir.path().join("f0").exists());
+        for i in 1..n {
+            let f = format!("f{i}");
+            assert_eq!(fs::read(dir.path().join(&f)).unwrap(), [1; 4096]);
+            assert!(a.synced.contains(&f), "{f} was acknowledged unsynced");
+        }
+    }
+
+    #[test]
+    fn a_bad_page_rejects_the_whole_batch_before_any_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = applier(dir.path());
+        let mut bad = write("f", 0, vec![1; 8192]);
+        if let Op::Write { data, .. } = &mut bad {
+            data[5000] ^= 1;
+        }
+        let ops = vec![
+            Op::SetFile {
+                path: "f".into(),
+                len: 8192,
+                mode: 0o644,
+            },
+            bad,
+        ];
+        let Applied::Rejected { reason, .. } = a.batch(1, ops) else {
+            panic!()
+        };
+        assert!(
+            reason.contains("offset 4096") && reason.contains("blake3"),
+            "{reason}"
+        );
+        assert!(!dir.path().join("f").exists(), "nothing was written");
+        assert_eq!(a.expected, 1);
+    }
+
+    #[test]
+    fn escaping_paths_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("data");
+        fs::create_dir(&root).unwrap();
+        std::os::unix::fs::symlink(dir.path(), root.join("up")).unwrap();
+        let mut a = applier(&root);
+        for op in [
+            Op::SetFile {
+                path: "../escape".into(),
+                len: 1,
+                mode: 0o644,
+            },
+            Op::SetFile {
+                path: "/etc/x".into(),
+                len: 1,
+                mode: 0o644,
+            },
+            Op::SetFile {
+                path: "up/escape".into(),
+                len: 1,
+                mode: 0o644,
+            },
+            Op::Rename {
+                from: "a".into(),
+                to: "../b".into(),
+            },
+            write("up/x", 0, vec![0; 4096]),
+        ] {
+            let Applied::Rejected { reason, .. } = a.batch(1, vec![op.clone()]) else {
+                panic!("{op:?} was not rejected")
+            };
+            assert!(reason.contains("refusing path"), "{reason}");
+        }
+        assert!(!dir.path().join("escape").exists());
+    }
+}

@@ -1,0 +1,162 @@
+//! From file-system events to scans: which path each notify event concerns and what to look
+//! at; renames paired by their tracker (a "moved from" alone for [`RENAME_PAIR_WAIT`] is a
+//! removal); and the rename itself, which moves table entries instead of resending data.
+
+use std::fs;
+use std::time::Instant;
+
+use notify::event::{CreateKind, EventKind, ModifyKind, RemoveKind, RenameMode};
+
+use crate::replicated::capture::watch::FsEvent;
+use crate::replicated::capture::{Scanner, RENAME_PAIR_WAIT};
+use crate::replicated::ops::Op;
+use crate::replicated::pages::FileState;
+
+impl Scanner {
+    /// Brings the table (and the cold side) in line with what one event says changed.
+    pub(super) fn fs_event(&mut self, ev: FsEvent) {
+        if !self.connected {
+            return;
+        }
+        let ev = match ev {
+            FsEvent::Rescan(why) => {
+                tracing::warn!("{why}; rescanning everything");
+                self.full_scan(true);
+                return;
+            }
+            FsEvent::Event(e) => e,
+        };
+        tracing::trace!(kind = ?ev.kind, paths = ?ev.paths, "event");
+        let tracker = ev.attrs.tracker();
+        let paths: Vec<String> = ev.paths.iter().filter_map(|p| self.rel(p)).collect();
+        if !matches!(
+            ev.kind,
+            EventKind::Access(_) | EventKind::Modify(ModifyKind::Data(_))
+        ) {
+            // the path may now name another file (or a directory, with files below it)
+            paths.iter().for_each(|p| self.open_files.forget(p));
+        }
+        match ev.kind {
+            EventKind::Access(_) => {}
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)) if paths.len() == 2 => {
+                self.pending_from.retain(|(t, _, _)| Some(*t) != tracker);
+                self.rename(&paths[0], &paths[1]);
+            }
+            EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
+                if let (Some(t), Some(p)) = (tracker, paths.first()) {
+                    self.pending_from.push((t, p.clone(), Instant::now()));
+                } else {
+                    paths.iter().for_each(|p| self.check_path(p));
+                }
+            }
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                // paired with a pending From, the Both event that follows does the work
+                if tracker.is_none_or(|t| !self.pending_from.iter().any(|(pt, _, _)| *pt == t)) {
+                    paths.iter().for_each(|p| self.check_path(p));
+                }
+            }
+            EventKind::Create(CreateKind::Folder) => paths.iter().for_each(|p| self.scan_dir(p)),
+            EventKind::Remove(RemoveKind::File | RemoveKind::Folder | RemoveKind::Any) => {
+                paths.iter().for_each(|p| self.check_path(p))
+            }
+            _ => paths.iter().for_each(|p| self.check_path(p)),
+        }
+    }
+
+    /// "Moved from" events whose pair did not come in time: moved out of the tree, so gone.
+    pub(super) fn expire_renames(&mut self) {
+        let now = Instant::now();
+        let (old, keep): (Vec<_>, Vec<_>) = self
+            .pending_from
+            .drain(..)
+            .partition(|(_, _, t)| now.duration_since(*t) >= RENAME_PAIR_WAIT);
+        self.pending_from = keep;
+        for (_, p, _) in old {
+            self.check_path(&p);
+        }
+    }
+
+    /// A rename inside the tree: moves the table's entries and sends the rename, after the
+    /// data the file had under its old name.
+    pub(super) fn rename(&mut self, from: &str, to: &str) {
+        let is_dir = fs::symlink_metadata(self.root.join(to))
+            .map(|m| m.is_dir())
+            .unwrap_or(false);
+        if let Some(state) = self.table.files.get(from).cloned().filter(|_| !is_dir) {
+            self.rename_file(from, to, state);
+        } else if self.table.dirs.contains_key(from) && is_dir {
+            self.rename_dir(from, to);
+        } else {
+            self.check_path(from);
+            self.check_path(to);
+        }
+    }
+
+    /// Sends the file's changes under its old name first (read from its new name), then the
+    /// rename: the cold side never has `to` without the data written to `from`.
+    fn rename_file(&mut self, from: &str, to: &str, state: FileState) {
+        let cursor = self.cursors.remove(from);
+        self.table.files.remove(from);
+        self.table.files.insert(to.to_owned(), state);
+        self.scan_file(to, true);
+        // what scan_file just emitted for `to` belongs under `from`: the rename follows
+        for op in self.ops.iter_mut() {
+            match op {
+                Op::SetFile { path, .. } | Op::Write { path, .. } if path == to => {
+                    *path = from.to_owned()
+                }
+                _ => {}
+            }
+        }
+        if let Some(c) = cursor {
+            self.cursors.insert(to.to_owned(), c);
+        }
+        self.seen.remove(from);
+        self.push(Op::Rename {
+            from: from.to_owned(),
+            to: to.to_owned(),
+        });
+    }
+
+    /// Moves every table entry below `from` to `to`, sends the rename, then scans `to` for
+    /// whatever changed inside it.
+    fn rename_dir(&mut self, from: &str, to: &str) {
+        let pf = format!("{from}/");
+        let moved = |k: &str| -> String {
+            if k == from {
+                to.to_owned()
+            } else {
+                format!("{to}/{}", &k[pf.len()..])
+            }
+        };
+        let moved_files: Vec<_> = self
+            .table
+            .files
+            .keys()
+            .filter(|k| k.starts_with(&pf))
+            .cloned()
+            .collect();
+        for k in moved_files {
+            let v = self.table.files.remove(&k).expect("listed");
+            self.table.files.insert(moved(&k), v);
+        }
+        let moved_dirs: Vec<_> = self
+            .table
+            .dirs
+            .keys()
+            .filter(|k| *k == from || k.starts_with(&pf))
+            .cloned()
+            .collect();
+        for k in moved_dirs {
+            let v = self.table.dirs.remove(&k).expect("listed");
+            self.table.dirs.insert(moved(&k), v);
+        }
+        self.seen.clear();
+        self.cursors.clear();
+        self.push(Op::Rename {
+            from: from.to_owned(),
+            to: to.to_owned(),
+        });
+        self.scan_dir(to);
+    }
+}

@@ -1,0 +1,176 @@
+//! Walking the whole tree: the periodic rescan (files whose metadata changed since their
+//! last full hash), the deep rescan and the comparison after a connection (every file), with
+//! the initial sync's progress in the log. What the table has and the walk did not find is
+//! removed.
+
+use std::collections::HashSet;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Instant;
+
+use crate::replicated::capture::scan::sorted_names;
+use crate::replicated::capture::{Progress, Scanner, Seen, PROGRESS_EVERY};
+use crate::replicated::ops::Op;
+
+impl Scanner {
+    /// Walks the tree: files whose metadata changed since their last full hash (all files when
+    /// `deep`) are hashed in full; what is gone is removed.
+    pub(super) fn full_scan(&mut self, deep: bool) {
+        if !self.connected {
+            return;
+        }
+        let (dirs, files) = self.walk(deep);
+        self.remove_gone(&dirs, &files);
+    }
+
+    /// Scans every directory whose mode the table does not have and every file that may have
+    /// changed; returns the directories and files present.
+    fn walk(&mut self, deep: bool) -> (HashSet<String>, HashSet<String>) {
+        let mut dirs = HashSet::new();
+        let mut files = HashSet::new();
+        let mut stack = vec![String::new()];
+        while let Some(rel) = stack.pop() {
+            let dir = if rel.is_empty() {
+                self.root.clone()
+            } else {
+                self.root.join(&rel)
+            };
+            let Some(names) = sorted_names(&dir) else {
+                continue;
+            };
+            for name in names {
+                let child = if rel.is_empty() {
+                    name
+                } else {
+                    format!("{rel}/{name}")
+                };
+                let Ok(meta) = fs::symlink_metadata(self.root.join(&child)) else {
+                    continue;
+                };
+                if meta.is_dir() {
+                    let mode = meta.mode() & 0o7777;
+                    if self.table.dirs.get(&child) != Some(&mode) {
+                        self.scan_dir_entry(&child, mode);
+                    }
+                    dirs.insert(child.clone());
+                    stack.push(child);
+                } else if meta.is_file() {
+                    let unchanged = !deep
+                        && self.seen.get(&child) == Some(&Seen::of(&meta))
+                        && self.table.files.contains_key(&child);
+                    if !unchanged {
+                        self.scan_file(&child, true);
+                    }
+                    files.insert(child);
+                    self.flush_if_full();
+                }
+            }
+        }
+        (dirs, files)
+    }
+
+    /// Removes what the table has and the walk did not find: files first, then directories
+    /// from the deepest.
+    fn remove_gone(&mut self, dirs: &HashSet<String>, files: &HashSet<String>) {
+        let gone_files: Vec<String> = self
+            .table
+            .files
+            .keys()
+            .filter(|k| !files.contains(*k))
+            .cloned()
+            .collect();
+        for f in gone_files {
+            self.remove(&f);
+        }
+        let mut gone_dirs: Vec<String> = self
+            .table
+            .dirs
+            .keys()
+            .filter(|k| !dirs.contains(*k))
+            .cloned()
+            .collect();
+        gone_dirs.sort_by_key(|d| std::cmp::Reverse(d.len()));
+        for d in gone_dirs {
+            self.remove(&d);
+        }
+    }
+
+    /// A directory found by the walk with a mode the table does not have.
+    fn scan_dir_entry(&mut self, rel: &str, mode: u32) {
+        self.ensure_parents(rel);
+        if self.table.files.contains_key(rel) {
+            self.remove(rel);
+        }
+        self.table.dirs.insert(rel.to_owned(), mode);
+        self.push(Op::Mkdir {
+            path: rel.to_owned(),
+            mode,
+        });
+    }
+
+    /// The full scan after a (re)connection, with progress (bytes, files, ETA) logged every
+    /// few seconds.
+    pub(super) fn full_scan_with_progress(&mut self) {
+        let (files_total, bytes_total) = walk_sizes(&self.root);
+        let now = Instant::now();
+        self.progress = Some(Progress {
+            files_total,
+            bytes_total,
+            files_done: 0,
+            bytes_done: 0,
+            started: now,
+            last_log: now,
+        });
+        self.full_scan(true);
+        if let Some(p) = self.progress.take() {
+            tracing::info!(
+                files = p.files_done,
+                bytes = p.bytes_done,
+                elapsed_ms = u64::try_from(p.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "initial comparison done; the cold side receives what differed"
+            );
+        }
+    }
+
+    /// Counts a file of the initial comparison; logs progress every [`PROGRESS_EVERY`].
+    pub(super) fn progress(&mut self, bytes: u64) {
+        let Some(p) = &mut self.progress else { return };
+        p.files_done += 1;
+        p.bytes_done += bytes;
+        if p.last_log.elapsed() >= PROGRESS_EVERY {
+            p.last_log = Instant::now();
+            let elapsed_ms = u64::try_from(p.started.elapsed().as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            let bytes_per_s = (p.bytes_done.saturating_mul(1000) / elapsed_ms).max(1);
+            let left = p.bytes_total.saturating_sub(p.bytes_done);
+            tracing::info!(
+                files = format!("{}/{}", p.files_done, p.files_total),
+                mib = format!("{}/{}", p.bytes_done >> 20, p.bytes_total >> 20),
+                mib_per_s = bytes_per_s >> 20,
+                eta_s = (left + bytes_per_s / 2) / bytes_per_s,
+                "initial sync"
+            );
+        }
+    }
+}
+
+/// Files and bytes under `root`, for the initial sync's progress.
+fn walk_sizes(root: &Path) -> (u64, u64) {
+    let (mut files, mut total) = (0, 0);
+    let mut stack = vec![root.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() {
+                files += 1;
+                total += m.len();
+            }
+        }
+    }
+    (files, total)
+}

@@ -1,0 +1,420 @@
+//! Hashing what is on disk against the table, and queueing the ops that make the cold side
+//! match: a path ([`Scanner::check_path`]), a directory, a file (its append window or all of
+//! it), and the whole tree (the rescans and the comparison after a connection).
+//!
+//! A file's scan, step by step: open it (or take it from the cache of open files), model in
+//! the table what the cold side will do with its new length and mode, hash pages from the
+//! window's start and compare them with the table, queue each run of changed pages as one
+//! `Write`, then move the file's cursor (or mark it dirty when the window found nothing).
+//! Walking the whole tree is [`super::rescan`]'s.
+
+use std::fs::{self, File};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::SystemTime;
+
+use crate::replicated::capture::{Scanner, Seen, BATCH_DATA_BYTES, RACY_WINDOW};
+use crate::replicated::ops::Op;
+use crate::replicated::pages::{page_hash, read_full_at, PageHash, READ_PAGES};
+
+/// Marks a table entry that must be re-sent whatever the content.
+const INVALID: PageHash = [0xff; 16];
+/// Pages an append window reads first; each further read doubles, up to [`READ_PAGES`].
+const WINDOW_FIRST_READ_PAGES: usize = 8;
+/// Unchanged pages past the cursor that end an append window.
+const WINDOW_CLEAN_PAGES: usize = 2;
+/// Pages past its start after which a window that found no change gives up (the file goes
+/// to the dirty set).
+const WINDOW_GIVE_UP_PAGES: usize = 4;
+
+/// Contiguous changed pages, queued as one `Write` once the run ends.
+struct PageRun {
+    offset: u64,
+    data: Vec<u8>,
+    hashes: Vec<[u8; 32]>,
+}
+
+impl PageRun {
+    fn into_write(self, rel: &str) -> Op {
+        Op::Write {
+            path: rel.to_owned(),
+            offset: self.offset,
+            data: self.data,
+            hashes: self.hashes,
+        }
+    }
+}
+
+/// One pass over a file's pages: all of them (`full`), or a window from the page before the
+/// cursor (where the file last changed) until [`WINDOW_CLEAN_PAGES`] unchanged pages past it.
+struct Pass {
+    full: bool,
+    cursor: usize,
+    start: usize,
+    /// Pages in the file.
+    pages: usize,
+    /// The next page to read.
+    page: usize,
+    chunk_pages: usize,
+    clean_run: usize,
+    stop_after_clean: usize,
+    last_changed: Option<usize>,
+    /// Whether the window's first page changed: the write may have begun before it.
+    first_changed: bool,
+    /// One past the last page compared.
+    compared_to: usize,
+    /// Clean pages end a window only from this page on: a file that grew may have been
+    /// written anywhere up to its new end.
+    reach: usize,
+    run: Option<PageRun>,
+}
+
+impl Pass {
+    fn new(full: bool, cursor: usize, pages: usize, reach: usize) -> Pass {
+        let (start, stop_after_clean, chunk_pages) = if full {
+            (0, usize::MAX, READ_PAGES)
+        } else {
+            (
+                cursor.saturating_sub(1),
+                WINDOW_CLEAN_PAGES,
+                WINDOW_FIRST_READ_PAGES,
+            )
+        };
+        Pass {
+            full,
+            cursor,
+            start,
+            pages,
+            page: start,
+            chunk_pages,
+            clean_run: 0,
+            stop_after_clean,
+            last_changed: None,
+            first_changed: false,
+            compared_to: start,
+            reach,
+            run: None,
+        }
+    }
+
+    fn run_bytes(&self) -> usize {
+        self.run.as_ref().map_or(0, |r| r.data.len())
+    }
+}
+
+impl Scanner {
+    /// Brings the table (and the cold side) in line with whatever is at `rel` now.
+    pub(super) fn check_path(&mut self, rel: &str) {
+        let path = self.root.join(rel);
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => self.scan_dir(rel),
+            Ok(m) if m.is_file() => self.scan_file(rel, false),
+            _ => self.remove(rel),
+        }
+    }
+
+    /// Removes `rel` and everything below it from the table and queues the removal.
+    pub(super) fn remove(&mut self, rel: &str) {
+        let prefix = format!("{rel}/");
+        let was_file = self.table.files.remove(rel).is_some();
+        let was_dir = self.table.dirs.remove(rel).is_some();
+        if !(was_file || was_dir) {
+            return;
+        }
+        self.table.files.retain(|k, _| !k.starts_with(&prefix));
+        self.table.dirs.retain(|k, _| !k.starts_with(&prefix));
+        self.seen.retain(|k, _| k != rel && !k.starts_with(&prefix));
+        self.cursors
+            .retain(|k, _| k != rel && !k.starts_with(&prefix));
+        self.push(Op::Remove {
+            path: rel.to_owned(),
+        });
+    }
+
+    /// Queues a `Mkdir` for every parent of `rel` the table does not have.
+    pub(super) fn ensure_parents(&mut self, rel: &str) {
+        let mut parts: Vec<&str> = rel.split('/').collect();
+        parts.pop();
+        let mut cur = String::new();
+        for part in parts {
+            if !cur.is_empty() {
+                cur.push('/');
+            }
+            cur.push_str(part);
+            if !self.table.dirs.contains_key(&cur) {
+                let mode = fs::metadata(self.root.join(&cur))
+                    .map(|m| m.mode() & 0o7777)
+                    .unwrap_or(0o755);
+                self.table.dirs.insert(cur.clone(), mode);
+                self.push(Op::Mkdir {
+                    path: cur.clone(),
+                    mode,
+                });
+            }
+        }
+    }
+
+    /// A directory and everything in it.
+    pub(super) fn scan_dir(&mut self, rel: &str) {
+        let path = self.root.join(rel);
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            return self.remove(rel);
+        };
+        if !meta.is_dir() {
+            return self.check_path(rel);
+        }
+        self.ensure_parents(rel);
+        let mode = meta.mode() & 0o7777;
+        if self.table.files.contains_key(rel) {
+            self.remove(rel); // a file became a directory
+        }
+        if self.table.dirs.get(rel) != Some(&mode) {
+            self.table.dirs.insert(rel.to_owned(), mode);
+            self.push(Op::Mkdir {
+                path: rel.to_owned(),
+                mode,
+            });
+        }
+        let Some(names) = sorted_names(&path) else {
+            return;
+        };
+        for name in names {
+            self.check_path(&format!("{rel}/{name}"));
+            self.flush_if_full();
+        }
+    }
+
+    /// Sends what changed in the file at `rel`: everything when `full`, else the window from
+    /// where it last changed.
+    pub(super) fn scan_file(&mut self, rel: &str, full: bool) {
+        let Some(file) = self.open_for_scan(rel, full) else {
+            return;
+        };
+        let Ok(meta) = file.metadata() else { return };
+        if !meta.is_file() {
+            return;
+        }
+        if self.table.dirs.contains_key(rel) {
+            self.remove(rel); // a directory became a file
+        }
+        self.ensure_parents(rel);
+        let Ok(pages) = usize::try_from(meta.len().div_ceil(self.page_size as u64)) else {
+            tracing::warn!(
+                file = rel,
+                len = meta.len(),
+                "too large to scan on this platform"
+            );
+            return;
+        };
+        let grew = self.model_set_file(rel, meta.len(), meta.mode() & 0o7777, pages);
+        let cursor = self.cursors.get(rel).copied().unwrap_or(0);
+        let reach = if grew { pages } else { 0 };
+        let mut pass = Pass::new(full, cursor, pages, reach);
+        self.compare_pass(rel, &file, &mut pass);
+        self.finish_pass(rel, file, &meta, &pass);
+    }
+
+    /// The file to scan: the cached handle for a window, a fresh one for a full pass (the
+    /// file at the path may have been replaced). `None` (after queueing its removal) if the
+    /// file is gone.
+    fn open_for_scan(&mut self, rel: &str, full: bool) -> Option<File> {
+        let cached = if full {
+            None
+        } else {
+            self.open_files.take(rel)
+        };
+        if cached.is_some() {
+            return cached;
+        }
+        match File::open(self.root.join(rel)) {
+            Ok(f) => Some(f),
+            Err(_) => {
+                self.remove(rel);
+                None
+            }
+        }
+    }
+
+    /// When the file's length or mode differs from the table's: queues a `SetFile`, and
+    /// models in the table what the cold side does with it (truncate or zero-extend).
+    fn model_set_file(&mut self, rel: &str, len: u64, mode: u32, pages: usize) -> bool {
+        let ps = self.page_size as u64;
+        let zero_hash = self.zero_hash;
+        let known = self.table.files.contains_key(rel);
+        let entry = self.table.files.entry(rel.to_owned()).or_default();
+        if known && entry.len == len && entry.mode == mode {
+            return false;
+        }
+        let old_len = entry.len;
+        let old_pages = entry.pages.len();
+        if !old_len.is_multiple_of(ps) && len != old_len {
+            // the cold side keeps the old partial page's bytes: content unknown here
+            if let Some(last) = entry.pages.last_mut() {
+                *last = INVALID;
+            }
+        }
+        entry.pages.resize(pages, zero_hash);
+        if !len.is_multiple_of(ps) && pages > old_pages {
+            // a new short last page: zeros on the cold side
+            let tail = usize::try_from(len % ps).expect("less than the page size, a usize");
+            if let Some(last) = entry.pages.last_mut() {
+                *last = page_hash(&vec![0u8; tail]);
+            }
+        }
+        entry.len = len;
+        entry.mode = mode;
+        self.push(Op::SetFile {
+            path: rel.to_owned(),
+            len,
+            mode,
+        });
+        len > old_len
+    }
+
+    /// Reads the pass's pages, growing reads as the window goes on, and compares them with
+    /// the table; flushes a batch's worth of changed pages as it goes.
+    fn compare_pass(&mut self, rel: &str, file: &File, pass: &mut Pass) {
+        while pass.page < pass.pages && pass.clean_run < pass.stop_after_clean {
+            let off = pass.page as u64 * self.page_size as u64;
+            let want = pass.chunk_pages * self.page_size;
+            pass.chunk_pages = (pass.chunk_pages * 2).min(READ_PAGES);
+            let n = match read_full_at(file, &mut self.buf[..want], off) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(file = %self.root.join(rel).display(), "cannot read: {e}");
+                    break;
+                }
+            };
+            if !self.compare_read(rel, n, pass) {
+                break;
+            }
+            pass.page += n.div_ceil(self.page_size);
+            if n < want {
+                break;
+            }
+            if self.data + pass.run_bytes() >= BATCH_DATA_BYTES {
+                self.queue_run(rel, pass.run.take());
+                self.flush();
+            }
+            if !pass.full
+                && pass.last_changed.is_none()
+                && pass.page >= pass.reach
+                && pass.page > pass.start + WINDOW_GIVE_UP_PAGES
+            {
+                pass.stop_after_clean = 0; // nothing near the cursor changed: leave the rest to the rescan
+            }
+        }
+        self.queue_run(rel, pass.run.take());
+    }
+
+    /// Compares the `n` bytes just read into the buffer (from page `pass.page`) with the
+    /// table, page by page: a changed page joins the current run and updates the table; an
+    /// unchanged one ends the run. `false` if the file left the table meanwhile.
+    fn compare_read(&mut self, rel: &str, n: usize, pass: &mut Pass) -> bool {
+        let Some(entry) = self.table.files.get_mut(rel) else {
+            return false;
+        };
+        let table = &mut entry.pages;
+        for (i, chunk) in self.buf[..n].chunks(self.page_size).enumerate() {
+            let idx = pass.page + i;
+            if idx >= table.len() || pass.clean_run >= pass.stop_after_clean {
+                break;
+            }
+            pass.compared_to = idx + 1;
+            let full_hash = blake3::hash(chunk);
+            let mut short = [0u8; 16];
+            short.copy_from_slice(&full_hash.as_bytes()[..16]);
+            if table[idx] == short {
+                // clean pages end the window only once past the cursor: the next append
+                // lands after it
+                if pass.full || (idx > pass.cursor && idx >= pass.reach) {
+                    pass.clean_run += 1;
+                }
+                if let Some(run) = pass.run.take() {
+                    self.data += run.data.len();
+                    self.ops.push(run.into_write(rel));
+                }
+                continue;
+            }
+            pass.clean_run = 0;
+            pass.first_changed |= idx == pass.start;
+            table[idx] = short;
+            pass.last_changed = Some(idx);
+            let offset = idx as u64 * self.page_size as u64;
+            let run = pass.run.get_or_insert_with(|| PageRun {
+                offset,
+                data: Vec::new(),
+                hashes: Vec::new(),
+            });
+            run.data.extend_from_slice(chunk);
+            run.hashes.push(*full_hash.as_bytes());
+        }
+        true
+    }
+
+    fn queue_run(&mut self, rel: &str, run: Option<PageRun>) {
+        if let Some(run) = run {
+            self.push(run.into_write(rel));
+        }
+    }
+
+    /// After a pass: the cursor moves to the last changed page; a window that found nothing
+    /// (and did not see every page), or whose first page changed, marks the file dirty; a
+    /// full pass records the file's metadata, a window keeps the file
+    /// open for the next event.
+    fn finish_pass(&mut self, rel: &str, file: File, meta: &fs::Metadata, pass: &Pass) {
+        if let Some(c) = pass.last_changed {
+            self.cursors.insert(rel.to_owned(), c);
+        }
+        if !pass.full {
+            // a window that compared every page saw all there was to see
+            let saw_all = pass.start == 0 && pass.compared_to >= pass.pages;
+            let unexplained = pass.last_changed.is_none() && !saw_all;
+            // a change on the window's first page may have begun before it
+            let began_before = pass.first_changed && pass.start > 0;
+            if unexplained || began_before {
+                tracing::trace!(
+                    file = rel,
+                    cursor = pass.cursor,
+                    unexplained,
+                    began_before,
+                    "window: dirty"
+                );
+                self.dirty.insert(rel.to_owned());
+            }
+        }
+        if pass.full {
+            self.remember_seen(rel, meta);
+            self.progress(meta.len());
+        } else {
+            self.open_files.keep(rel, file);
+        }
+    }
+
+    /// "Racily clean" (as git calls it): timestamps are coarse (a jiffy), so a write in the
+    /// same tick as this hash would leave them unchanged. Remember a file as seen only once
+    /// its mtime is safely in the past; until then every rescan rehashes it.
+    fn remember_seen(&mut self, rel: &str, meta: &fs::Metadata) {
+        let settled = meta
+            .modified()
+            .ok()
+            .and_then(|m| SystemTime::now().duration_since(m).ok())
+            .is_some_and(|age| age > RACY_WINDOW);
+        if settled {
+            self.seen.insert(rel.to_owned(), Seen::of(meta));
+        } else {
+            self.seen.remove(rel);
+        }
+    }
+}
+
+/// The UTF-8 names in `dir`, sorted; `None` if it cannot be listed (it vanished meanwhile).
+pub(super) fn sorted_names(dir: &Path) -> Option<Vec<String>> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    Some(names)
+}

@@ -1,0 +1,152 @@
+//! What the steps of the data path hand each other, in one module every step imports (and
+//! which imports none of them): the [`Op`]s a batch carries from the scanner to the apply
+//! thread, the scanner's output to the network task (`Outgoing`) and its control messages
+//! ([`ScanMsg`]), the apply thread's answer for a batch ([`Applied`]: ack, skip or nack), the
+//! sender's events for the agent, and the `verify` report built from both sides' digests.
+
+use std::collections::BTreeMap;
+
+use crossbeam_channel::Sender;
+
+use crate::replicated::pages::TreeIndex;
+
+/// One change to apply on the cold side, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Create a directory (and set its mode).
+    Mkdir { path: String, mode: u32 },
+    /// Make `path` a regular file of `len` bytes and `mode` (created if missing, truncated or
+    /// extended with zeros).
+    SetFile { path: String, len: u64, mode: u32 },
+    /// Write whole pages at `offset` (a multiple of the page size); `hashes` holds the full
+    /// blake3 of each page of `data`, checked before anything is written.
+    Write {
+        path: String,
+        offset: u64,
+        data: Vec<u8>,
+        hashes: Vec<[u8; 32]>,
+    },
+    /// Rename a file or directory.
+    Rename { from: String, to: String },
+    /// Remove a file or a directory tree.
+    Remove { path: String },
+    /// `verify`: reply with the digest of the tree as it stands after everything before this.
+    Barrier { id: u64 },
+}
+
+impl Op {
+    /// Bytes of file data this op carries.
+    pub fn data_len(&self) -> usize {
+        match self {
+            Op::Write { data, .. } => data.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// The digest of the tree at a barrier: its id, the root, and each file's digest.
+pub type BarrierDigest = (u64, [u8; 32], Vec<(String, [u8; 32])>);
+
+/// The apply thread's outcome for one batch: the connection answers `Ack` for `Done`, nothing
+/// for `Skipped`, `Nack` for `Rejected`, and drops the stream for `Failed`.
+#[derive(Debug)]
+pub enum Applied {
+    /// Durable; page bytes written, and the digests of any barriers in it.
+    Done {
+        seq: u64,
+        bytes: u64,
+        digests: Vec<BarrierDigest>,
+    },
+    /// Not the next batch (a duplicate, or one after a rejected batch): ignored.
+    Skipped { seq: u64 },
+    /// Failed a check before anything was written: resend it.
+    Rejected { seq: u64, reason: String },
+    /// Failed while writing (disk full, permissions): the connection is dropped.
+    Failed { seq: u64, reason: String },
+}
+
+/// Requests to the scanner: from the agent (verify, drain, stop) and from the network task
+/// (a new connection's index, a lost connection).
+#[derive(Debug)]
+pub enum ScanMsg {
+    /// Compare hot and cold at a barrier in the stream.
+    Verify(Sender<Result<VerifyReport, String>>),
+    /// Send everything, wait for the acks, send the drained marker.
+    Drain(Sender<Result<u64, String>>),
+    /// Stop scanning.
+    Stop,
+    // from the network task:
+    #[doc(hidden)]
+    Resync { gen: u64, index: TreeIndex },
+    #[doc(hidden)]
+    Disconnected,
+}
+
+/// What the scanner hands the network task, tagged with the connection (`gen`) it was made
+/// for: anything made for an earlier connection is dropped (the new index resyncs it).
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// Ops to number, frame and send as one batch.
+    Batch { gen: u64, ops: Vec<Op> },
+    /// A verify whose barrier follows in the stream: compare `hot` with the cold digest.
+    Verify {
+        gen: u64,
+        id: u64,
+        hot: TreeIndex,
+        reply: Sender<Result<VerifyReport, String>>,
+    },
+    /// Answer once every batch sent so far is acknowledged.
+    Drain {
+        gen: u64,
+        reply: Sender<Result<u64, String>>,
+    },
+}
+
+/// What the sender tells the agent.
+#[derive(Debug, Clone)]
+pub enum SenderEvent {
+    /// The cold side refused us: its epoch is newer. We must stop being hot.
+    Rejected { epoch: u64, reason: String },
+}
+
+/// The result of `verify`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VerifyReport {
+    /// Whether the trees are identical.
+    pub identical: bool,
+    /// The hot tree's root digest (hex).
+    pub hot_root: String,
+    /// The cold tree's root digest (hex).
+    pub cold_root: String,
+    /// Files in the trees.
+    pub files: usize,
+    /// Files that differ or exist on one side only.
+    pub differing: Vec<String>,
+}
+
+impl VerifyReport {
+    /// Compares the hot side's table with the digest the cold side computed at the barrier.
+    pub(crate) fn compare(
+        hot: &TreeIndex,
+        cold_root: [u8; 32],
+        cold_files: Vec<(String, [u8; 32])>,
+    ) -> VerifyReport {
+        let (hot_root, hot_files) = hot.digest();
+        let cold: BTreeMap<String, [u8; 32]> = cold_files.into_iter().collect();
+        let mut differing: Vec<String> = hot_files
+            .iter()
+            .filter(|(p, d)| cold.get(*p) != Some(d))
+            .map(|(p, _)| p.clone())
+            .collect();
+        differing.extend(cold.keys().filter(|p| !hot_files.contains_key(*p)).cloned());
+        differing.sort();
+        let hex = |d: &[u8; 32]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        VerifyReport {
+            identical: hot_root == cold_root && differing.is_empty(),
+            hot_root: hex(&hot_root),
+            cold_root: hex(&cold_root),
+            files: hot_files.len().max(cold.len()),
+            differing,
+        }
+    }
+}

@@ -1,0 +1,442 @@
+//! The hot side's network task: connects to the cold side, authenticates
+//! ([`crate::replicated::channel`]), introduces itself (epoch, holder, page size), reads the
+//! cold side's index and hands it to the scanner (which resyncs against it), then streams:
+//! numbers each batch the scanner emits, frames and sends it, keeps it in a window bounded in
+//! bytes until it is acknowledged, resends from a `Nack`ed batch, answers `verify` and `drain`,
+//! and sends heartbeats. A lost connection is retried with growing pauses; whatever the scanner
+//! emitted meanwhile is dropped, because the next connection's index resyncs it.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::replicated::channel::{self, Auth};
+use crate::replicated::ops::{Op, Outgoing, ScanMsg, SenderEvent, VerifyReport};
+use crate::replicated::pages::{FileState, TreeIndex};
+use crate::replicated::stats::SenderStats;
+use crate::replicated::wire::framed::ReadTask;
+use crate::replicated::wire::{Frame, FrameReader, FrameWriter, ProtoError};
+
+/// The hot sends a heartbeat after this long without other frames.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Connecting to the cold side gives up after this long.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first pause before reconnecting; each failure doubles it.
+pub const RECONNECT_FIRST: Duration = Duration::from_millis(50);
+/// Reconnect pauses grow to this.
+pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// The connection's write buffer (batches are up to a megabyte of pages).
+const SEND_BUFFER_BYTES: usize = 1 << 20;
+/// Frames from the cold side waiting for the network task.
+const ANSWER_QUEUE: usize = 64;
+
+/// What the network task needs.
+#[derive(Debug, Clone)]
+pub(crate) struct StreamConfig {
+    /// The cold side's address.
+    pub(crate) peer: SocketAddr,
+    /// How to authenticate.
+    pub(crate) auth: Auth,
+    /// Our holder id, for the cold side's logs.
+    pub(crate) node: String,
+    /// Our epoch.
+    pub(crate) epoch: u64,
+    /// Replication unit.
+    pub(crate) page_size: usize,
+    /// Unacknowledged page data allowed in flight.
+    pub(crate) window_bytes: usize,
+}
+
+/// Errors of one connection of the sender, naming the peer.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum SendError {
+    /// cannot connect to {peer}: {source}
+    Connect {
+        peer: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    /// peer {peer}: {source}
+    Proto {
+        peer: SocketAddr,
+        #[source]
+        source: ProtoError,
+    },
+    /// peer {peer} refused us (its epoch {epoch}): {reason}
+    Rejected {
+        peer: SocketAddr,
+        epoch: u64,
+        reason: String,
+    },
+    /// page size {0} does not fit the protocol's 32 bits
+    PageSize(usize),
+}
+
+type Reader = FrameReader<channel::BoxRead>;
+type Writer = FrameWriter<tokio::io::BufWriter<channel::BoxWrite>>;
+
+/// The scanner's side of the network task.
+pub(crate) struct ScannerLink {
+    /// What the scanner emits.
+    pub(crate) out: mpsc::Receiver<Outgoing>,
+    /// Where a connection's index goes, and news of a lost connection.
+    pub(crate) ctl: Sender<ScanMsg>,
+}
+
+/// The network task: one connection after another until stopped.
+pub(crate) async fn run_net(
+    cfg: StreamConfig,
+    mut scanner: ScannerLink,
+    stats: Arc<SenderStats>,
+    events: Sender<SenderEvent>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut gen = 0u64;
+    let mut pause = RECONNECT_FIRST;
+    loop {
+        gen += 1;
+        let result = stream_once(&cfg, gen, &mut scanner, &stats, &events, &mut stop).await;
+        stats.connected.store(false, Ordering::Relaxed);
+        let _ = scanner.ctl.send(ScanMsg::Disconnected);
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(peer = %cfg.peer, "replication connection: {}; reconnecting in {} ms", crate::error_chain(&e), pause.as_millis());
+            }
+        }
+        if !pause_before_reconnect(pause, &mut scanner.out, &mut stop).await {
+            return;
+        }
+        pause = (pause * 2).min(RECONNECT_MAX);
+    }
+}
+
+/// Waits `pause`, dropping what the scanner sends meanwhile (the next index resyncs it) and
+/// failing its verify and drain requests; `false` if told to stop.
+async fn pause_before_reconnect(
+    pause: Duration,
+    out_rx: &mut mpsc::Receiver<Outgoing>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + pause;
+    let dropped = "the connection to the cold side dropped";
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return true,
+            _ = stop.changed() => return false,
+            out = out_rx.recv() => match out {
+                None => return false,
+                Some(Outgoing::Verify { reply, .. }) => { let _ = reply.send(Err(dropped.into())); }
+                Some(Outgoing::Drain { reply, .. }) => { let _ = reply.send(Err(dropped.into())); }
+                Some(Outgoing::Batch { .. }) => {}
+            },
+        }
+    }
+}
+
+/// One connection, from connect to its end: `Ok` when stopped, an error when it broke.
+async fn stream_once(
+    cfg: &StreamConfig,
+    gen: u64,
+    scanner: &mut ScannerLink,
+    stats: &SenderStats,
+    events: &Sender<SenderEvent>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<(), SendError> {
+    let peer = cfg.peer;
+    let (mut reader, mut writer) = connect(cfg).await?;
+    introduce(cfg, &mut reader, &mut writer, events).await?;
+    let index = receive_index(&mut reader)
+        .await
+        .map_err(|source| SendError::Proto { peer, source })?;
+    tracing::info!(%peer, files = index.files.len(), "connected to the cold side");
+    stats.connected.store(true, Ordering::Relaxed);
+    stats.acked_seq.store(0, Ordering::Relaxed);
+    stats.sent_seq.store(0, Ordering::Relaxed);
+    let _ = scanner.ctl.send(ScanMsg::Resync { gen, index });
+    let mut answers = ReadTask::spawn(reader, ANSWER_QUEUE, |_| {}, |_| true);
+    let mut outbound = Outbound {
+        peer,
+        gen,
+        writer,
+        stats,
+        events,
+        window: VecDeque::new(),
+        window_bytes: 0,
+        window_limit: cfg.window_bytes,
+        next_seq: 1,
+        verifies: HashMap::new(),
+        drains: Vec::new(),
+        last_sent: tokio::time::Instant::now(),
+    };
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    loop {
+        tokio::select! {
+            out = scanner.out.recv(), if outbound.window_bytes < outbound.window_limit => match out {
+                None => return Ok(()),
+                Some(out) => outbound.on_outgoing(out).await?,
+            },
+            frame = answers.frames.recv() => {
+                let Some(frame) = frame else { return Err(outbound.proto(ProtoError::Closed)) };
+                let frame = frame.map_err(|e| outbound.proto(e))?;
+                outbound.on_frame(frame).await?;
+            }
+            _ = heartbeat.tick() => outbound.heartbeat_if_idle().await?,
+            _ = stop.changed() => return Ok(()),
+        }
+    }
+}
+
+/// TCP (with a timeout), then TLS or not, then the handshake.
+async fn connect(cfg: &StreamConfig) -> Result<(Reader, Writer), SendError> {
+    let peer = cfg.peer;
+    let proto = |source| SendError::Proto { peer, source };
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer))
+        .await
+        .map_err(|_| SendError::Connect {
+            peer,
+            source: io::Error::new(io::ErrorKind::TimedOut, "timed out"),
+        })?
+        .map_err(|source| SendError::Connect { peer, source })?;
+    let (r, w) = channel::wrap_connect(&cfg.auth, stream)
+        .await
+        .map_err(proto)?;
+    let mut reader = FrameReader::new(r);
+    let mut writer = FrameWriter::new(tokio::io::BufWriter::with_capacity(SEND_BUFFER_BYTES, w));
+    channel::connect(&cfg.auth, &mut reader, &mut writer)
+        .await
+        .map_err(proto)?;
+    Ok((reader, writer))
+}
+
+/// Sends our epoch, holder and page size; the cold side welcomes us or refuses us (a newer
+/// epoch: the agent hears of it and steps down).
+async fn introduce(
+    cfg: &StreamConfig,
+    reader: &mut Reader,
+    writer: &mut Writer,
+    events: &Sender<SenderEvent>,
+) -> Result<(), SendError> {
+    let peer = cfg.peer;
+    let proto = |source| SendError::Proto { peer, source };
+    let page_size = u32::try_from(cfg.page_size).map_err(|_| SendError::PageSize(cfg.page_size))?;
+    writer
+        .send(&Frame::Intro {
+            epoch: cfg.epoch,
+            hot: true,
+            node: cfg.node.clone(),
+            page_size,
+        })
+        .await
+        .map_err(proto)?;
+    writer.flush().await.map_err(proto)?;
+    match reader.recv().await.map_err(proto)? {
+        Frame::Welcome { .. } => Ok(()),
+        Frame::Reject { epoch, reason } => Err(rejected(peer, epoch, reason, events)),
+        other => Err(proto(ProtoError::Unexpected(format!(
+            "{other:?} instead of Welcome"
+        )))),
+    }
+}
+
+/// The cold side refused us: tells the agent, and ends the connection.
+fn rejected(
+    peer: SocketAddr,
+    epoch: u64,
+    reason: String,
+    events: &Sender<SenderEvent>,
+) -> SendError {
+    let _ = events.send(SenderEvent::Rejected {
+        epoch,
+        reason: reason.clone(),
+    });
+    SendError::Rejected {
+        peer,
+        epoch,
+        reason,
+    }
+}
+
+/// The cold side's tree, as it sends it after the welcome.
+async fn receive_index(reader: &mut Reader) -> Result<TreeIndex, ProtoError> {
+    let mut index = TreeIndex::default();
+    loop {
+        match reader.recv().await? {
+            Frame::IndexDir { path, mode } => {
+                index.dirs.insert(path, mode);
+            }
+            Frame::IndexFile {
+                path,
+                len,
+                mode,
+                pages,
+            } => {
+                index.files.insert(path, FileState { len, mode, pages });
+            }
+            Frame::IndexEnd => return Ok(index),
+            other => return Err(ProtoError::Unexpected(format!("{other:?} in the index"))),
+        }
+    }
+}
+
+/// A connection's sending state: the window of unacknowledged batches, and the verify and
+/// drain requests waiting for an answer.
+struct Outbound<'a> {
+    peer: SocketAddr,
+    gen: u64,
+    writer: Writer,
+    stats: &'a SenderStats,
+    events: &'a Sender<SenderEvent>,
+    /// Sent and not yet acknowledged: sequence number, frame, page data bytes.
+    window: VecDeque<(u64, Frame, usize)>,
+    window_bytes: usize,
+    window_limit: usize,
+    next_seq: u64,
+    verifies: HashMap<u64, (TreeIndex, Sender<Result<VerifyReport, String>>)>,
+    drains: Vec<Sender<Result<u64, String>>>,
+    last_sent: tokio::time::Instant,
+}
+
+impl Outbound<'_> {
+    fn proto(&self, source: ProtoError) -> SendError {
+        SendError::Proto {
+            peer: self.peer,
+            source,
+        }
+    }
+
+    async fn send_flush(&mut self, frame: &Frame) -> Result<(), SendError> {
+        self.writer.send(frame).await.map_err(|e| self.proto(e))?;
+        self.writer.flush().await.map_err(|e| self.proto(e))
+    }
+
+    /// Something from the scanner; what was made for an earlier connection is dropped.
+    async fn on_outgoing(&mut self, out: Outgoing) -> Result<(), SendError> {
+        match out {
+            Outgoing::Batch { gen, ops } if gen == self.gen => self.send_batch(ops).await?,
+            Outgoing::Batch { .. } => {}
+            Outgoing::Verify {
+                gen,
+                id,
+                hot,
+                reply,
+            } => {
+                if gen == self.gen {
+                    self.verifies.insert(id, (hot, reply));
+                } else {
+                    let _ = reply.send(Err("the connection changed during verify".into()));
+                }
+            }
+            Outgoing::Drain { gen, reply } => {
+                if gen != self.gen {
+                    let _ = reply.send(Err("the connection changed during drain".into()));
+                } else if self.window.is_empty() {
+                    let seq = self.send_drained().await?;
+                    let _ = reply.send(Ok(seq));
+                } else {
+                    self.drains.push(reply);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Numbers, sends and keeps one batch.
+    async fn send_batch(&mut self, ops: Vec<Op>) -> Result<(), SendError> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let data: usize = ops.iter().map(Op::data_len).sum();
+        let frame = Frame::Batch { seq, ops };
+        let before = self.writer.bytes;
+        self.send_flush(&frame).await?;
+        let stats = self.stats;
+        stats
+            .wire_bytes
+            .fetch_add(self.writer.bytes - before, Ordering::Relaxed);
+        stats.data_bytes.fetch_add(data as u64, Ordering::Relaxed);
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.sent_seq.store(seq, Ordering::Relaxed);
+        self.window_bytes += data;
+        self.window.push_back((seq, frame, data));
+        self.last_sent = tokio::time::Instant::now();
+        Ok(())
+    }
+
+    /// Tells the cold side that everything up to the last batch sent is acknowledged.
+    async fn send_drained(&mut self) -> Result<u64, SendError> {
+        let seq = self.next_seq - 1;
+        self.send_flush(&Frame::Drained { seq }).await?;
+        Ok(seq)
+    }
+
+    /// An answer from the cold side.
+    async fn on_frame(&mut self, frame: Frame) -> Result<(), SendError> {
+        match frame {
+            Frame::Ack { seq } => self.on_ack(seq).await,
+            Frame::Nack { seq, reason } => self.on_nack(seq, &reason).await,
+            Frame::Digest { id, root, files } => {
+                if let Some((hot, reply)) = self.verifies.remove(&id) {
+                    let _ = reply.send(Ok(VerifyReport::compare(&hot, root, files)));
+                }
+                Ok(())
+            }
+            Frame::Heartbeat => Ok(()),
+            Frame::Reject { epoch, reason } => Err(rejected(self.peer, epoch, reason, self.events)),
+            other => Err(self.proto(ProtoError::Unexpected(format!(
+                "{other:?} from the cold side"
+            )))),
+        }
+    }
+
+    /// Batch `seq` and all before it are durable: out of the window; waiting drains are
+    /// answered once the window is empty.
+    async fn on_ack(&mut self, seq: u64) -> Result<(), SendError> {
+        while self.window.front().is_some_and(|(s, _, _)| *s <= seq) {
+            let (_, _, d) = self.window.pop_front().expect("front");
+            self.window_bytes -= d;
+        }
+        self.stats.acked_seq.store(seq, Ordering::Relaxed);
+        self.stats
+            .last_ack_unix_ms
+            .store(crate::sys::now_unix_ms(), Ordering::Relaxed);
+        if self.window.is_empty() && !self.drains.is_empty() {
+            let seq = self.send_drained().await?;
+            for d in self.drains.drain(..) {
+                let _ = d.send(Ok(seq));
+            }
+        }
+        Ok(())
+    }
+
+    /// The cold side dropped batch `seq` (and all after it): resends them from the window.
+    async fn on_nack(&mut self, seq: u64, reason: &str) -> Result<(), SendError> {
+        self.stats.nacks.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(peer = %self.peer, seq, "the cold side rejected batch {seq}: {reason}; resending from it");
+        for (_, frame, _) in self.window.iter().filter(|(s, _, _)| *s >= seq) {
+            self.writer
+                .send(frame)
+                .await
+                .map_err(|source| SendError::Proto {
+                    peer: self.peer,
+                    source,
+                })?;
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        }
+        self.writer.flush().await.map_err(|e| self.proto(e))
+    }
+
+    async fn heartbeat_if_idle(&mut self) -> Result<(), SendError> {
+        if self.last_sent.elapsed() >= HEARTBEAT {
+            self.send_flush(&Frame::Heartbeat).await?;
+            self.last_sent = tokio::time::Instant::now();
+        }
+        Ok(())
+    }
+}

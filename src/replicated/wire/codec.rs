@@ -1,0 +1,459 @@
+//! The binary encoding of frame bodies: little-endian integers, `u32`-length-prefixed byte
+//! strings and counts, fixed-size arrays. A frame starts with its type byte; an op inside a
+//! batch starts with its own. Encoding refuses a length that does not fit its `u32` prefix;
+//! decoding checks every length and count against what is left of the body before it
+//! allocates, and refuses trailing bytes.
+
+use crate::replicated::ops::Op;
+use crate::replicated::wire::{Frame, ProtoError, MAX_PATH_BYTES};
+
+/// Appends to a frame body.
+struct Enc<'a>(&'a mut Vec<u8>);
+
+impl Enc<'_> {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    /// A length or count as its `u32` prefix; one that does not fit makes the frame too large.
+    fn count(&mut self, n: usize) -> Result<(), ProtoError> {
+        self.u32(u32::try_from(n).map_err(|_| ProtoError::TooLarge(n))?);
+        Ok(())
+    }
+    fn bytes(&mut self, b: &[u8]) -> Result<(), ProtoError> {
+        self.count(b.len())?;
+        self.0.extend_from_slice(b);
+        Ok(())
+    }
+    fn str(&mut self, s: &str) -> Result<(), ProtoError> {
+        self.bytes(s.as_bytes())
+    }
+    fn arr<const N: usize>(&mut self, a: &[u8; N]) {
+        self.0.extend_from_slice(a);
+    }
+}
+
+/// Reads a frame body, checking every length against what is left.
+struct Dec<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Dec<'a> {
+    fn left(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], ProtoError> {
+        if self.left() < n {
+            return Err(ProtoError::Malformed(format!(
+                "{what}: needs {n} bytes, {} left",
+                self.left()
+            )));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self, what: &str) -> Result<u8, ProtoError> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn u16(&mut self, what: &str) -> Result<u16, ProtoError> {
+        Ok(u16::from_le_bytes(self.arr(what)?))
+    }
+    fn u32(&mut self, what: &str) -> Result<u32, ProtoError> {
+        Ok(u32::from_le_bytes(self.arr(what)?))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, ProtoError> {
+        Ok(u64::from_le_bytes(self.arr(what)?))
+    }
+    fn arr<const N: usize>(&mut self, what: &str) -> Result<[u8; N], ProtoError> {
+        Ok(self.take(N, what)?.try_into().expect("N bytes"))
+    }
+    /// A `u32` length or count as a `usize`.
+    fn len(&mut self, what: &str) -> Result<usize, ProtoError> {
+        let n = self.u32(what)?;
+        usize::try_from(n)
+            .map_err(|_| ProtoError::Malformed(format!("{what}: {n} does not fit in memory")))
+    }
+    fn bytes(&mut self, what: &str) -> Result<&'a [u8], ProtoError> {
+        let n = self.len(what)?;
+        self.take(n, what)
+    }
+    fn str(&mut self, what: &str) -> Result<String, ProtoError> {
+        let b = self.bytes(what)?;
+        if b.len() > MAX_PATH_BYTES {
+            return Err(ProtoError::Malformed(format!(
+                "{what}: {} bytes is longer than {MAX_PATH_BYTES}",
+                b.len()
+            )));
+        }
+        String::from_utf8(b.to_vec())
+            .map_err(|_| ProtoError::Malformed(format!("{what}: not UTF-8")))
+    }
+    /// A count of items that each take at least `min_bytes`, checked against what is left.
+    fn count(&mut self, what: &str, min_bytes: usize) -> Result<usize, ProtoError> {
+        let n = self.len(what)?;
+        if n.saturating_mul(min_bytes.max(1)) > self.left() {
+            return Err(ProtoError::Malformed(format!(
+                "{what}: {n} items cannot fit in what is left of the frame"
+            )));
+        }
+        Ok(n)
+    }
+    /// `n` items read by `item`.
+    fn items<T>(
+        &mut self,
+        n: usize,
+        mut item: impl FnMut(&mut Self) -> Result<T, ProtoError>,
+    ) -> Result<Vec<T>, ProtoError> {
+        (0..n).map(|_| item(self)).collect()
+    }
+    fn end(&self) -> Result<(), ProtoError> {
+        if self.pos != self.buf.len() {
+            return Err(ProtoError::Malformed(format!(
+                "{} trailing bytes",
+                self.left()
+            )));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- ops
+
+fn encode_op(op: &Op, e: &mut Enc<'_>) -> Result<(), ProtoError> {
+    match op {
+        Op::Mkdir { path, mode } => {
+            e.u8(1);
+            e.str(path)?;
+            e.u32(*mode);
+        }
+        Op::SetFile { path, len, mode } => {
+            e.u8(2);
+            e.str(path)?;
+            e.u64(*len);
+            e.u32(*mode);
+        }
+        Op::Write {
+            path,
+            offset,
+            data,
+            hashes,
+        } => {
+            e.u8(3);
+            e.str(path)?;
+            e.u64(*offset);
+            e.bytes(data)?;
+            e.count(hashes.len())?;
+            hashes.iter().for_each(|h| e.arr(h));
+        }
+        Op::Rename { from, to } => {
+            e.u8(4);
+            e.str(from)?;
+            e.str(to)?;
+        }
+        Op::Remove { path } => {
+            e.u8(5);
+            e.str(path)?;
+        }
+        Op::Barrier { id } => {
+            e.u8(6);
+            e.u64(*id);
+        }
+    }
+    Ok(())
+}
+
+fn decode_op(d: &mut Dec<'_>) -> Result<Op, ProtoError> {
+    Ok(match d.u8("op type")? {
+        1 => Op::Mkdir {
+            path: d.str("mkdir path")?,
+            mode: d.u32("mkdir mode")?,
+        },
+        2 => Op::SetFile {
+            path: d.str("setfile path")?,
+            len: d.u64("setfile len")?,
+            mode: d.u32("setfile mode")?,
+        },
+        3 => {
+            let path = d.str("write path")?;
+            let offset = d.u64("write offset")?;
+            let data = d.bytes("write data")?.to_vec();
+            let n = d.count("write hashes", 32)?;
+            let hashes = d.items(n, |d| d.arr::<32>("write hash"))?;
+            Op::Write {
+                path,
+                offset,
+                data,
+                hashes,
+            }
+        }
+        4 => Op::Rename {
+            from: d.str("rename from")?,
+            to: d.str("rename to")?,
+        },
+        5 => Op::Remove {
+            path: d.str("remove path")?,
+        },
+        6 => Op::Barrier {
+            id: d.u64("barrier id")?,
+        },
+        t => return Err(ProtoError::Malformed(format!("unknown op type {t}"))),
+    })
+}
+
+// ---------------------------------------------------------------- frames
+
+impl Frame {
+    /// Appends the frame's body to `out`; fails only for a string, a byte string or a list
+    /// too long for its `u32` length prefix.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), ProtoError> {
+        let mut e = Enc(out);
+        match self {
+            Frame::Hello { .. }
+            | Frame::Challenge { .. }
+            | Frame::Proof { .. }
+            | Frame::Intro { .. }
+            | Frame::Welcome { .. }
+            | Frame::Reject { .. } => self.encode_handshake(&mut e),
+            Frame::IndexDir { .. } | Frame::IndexFile { .. } | Frame::IndexEnd => {
+                self.encode_index(&mut e)
+            }
+            Frame::Batch { .. }
+            | Frame::Ack { .. }
+            | Frame::Nack { .. }
+            | Frame::Digest { .. }
+            | Frame::Drained { .. }
+            | Frame::Heartbeat => self.encode_stream(&mut e),
+        }
+    }
+
+    /// Frame types 1 to 6: authentication, introduction, admission.
+    fn encode_handshake(&self, e: &mut Enc<'_>) -> Result<(), ProtoError> {
+        match self {
+            Frame::Hello { version, nonce } => {
+                e.u8(1);
+                e.u16(*version);
+                e.arr(nonce);
+            }
+            Frame::Challenge { nonce, mac } => {
+                e.u8(2);
+                e.arr(nonce);
+                e.arr(mac);
+            }
+            Frame::Proof { mac } => {
+                e.u8(3);
+                e.arr(mac);
+            }
+            Frame::Intro {
+                epoch,
+                hot,
+                node,
+                page_size,
+            } => {
+                e.u8(4);
+                e.u64(*epoch);
+                e.u8(u8::from(*hot));
+                e.str(node)?;
+                e.u32(*page_size);
+            }
+            Frame::Welcome { epoch } => {
+                e.u8(5);
+                e.u64(*epoch);
+            }
+            Frame::Reject { epoch, reason } => {
+                e.u8(6);
+                e.u64(*epoch);
+                e.str(reason)?;
+            }
+            other => unreachable!("{other:?} is not a handshake frame"),
+        }
+        Ok(())
+    }
+
+    /// Frame types 7 to 9: the cold side's index.
+    fn encode_index(&self, e: &mut Enc<'_>) -> Result<(), ProtoError> {
+        match self {
+            Frame::IndexDir { path, mode } => {
+                e.u8(7);
+                e.str(path)?;
+                e.u32(*mode);
+            }
+            Frame::IndexFile {
+                path,
+                len,
+                mode,
+                pages,
+            } => {
+                e.u8(8);
+                e.str(path)?;
+                e.u64(*len);
+                e.u32(*mode);
+                e.count(pages.len())?;
+                pages.iter().for_each(|p| e.arr(p));
+            }
+            Frame::IndexEnd => e.u8(9),
+            other => unreachable!("{other:?} is not an index frame"),
+        }
+        Ok(())
+    }
+
+    /// Frame types 10 to 15: batches and what answers them.
+    fn encode_stream(&self, e: &mut Enc<'_>) -> Result<(), ProtoError> {
+        match self {
+            Frame::Batch { seq, ops } => {
+                e.u8(10);
+                e.u64(*seq);
+                e.count(ops.len())?;
+                for op in ops {
+                    encode_op(op, e)?;
+                }
+            }
+            Frame::Ack { seq } => {
+                e.u8(11);
+                e.u64(*seq);
+            }
+            Frame::Nack { seq, reason } => {
+                e.u8(12);
+                e.u64(*seq);
+                e.str(reason)?;
+            }
+            Frame::Digest { id, root, files } => {
+                e.u8(13);
+                e.u64(*id);
+                e.arr(root);
+                e.count(files.len())?;
+                for (p, d) in files {
+                    e.str(p)?;
+                    e.arr(d);
+                }
+            }
+            Frame::Drained { seq } => {
+                e.u8(14);
+                e.u64(*seq);
+            }
+            Frame::Heartbeat => e.u8(15),
+            other => unreachable!("{other:?} is not a stream frame"),
+        }
+        Ok(())
+    }
+
+    /// Parses a frame body; every length is checked against the body.
+    pub fn decode(body: &[u8]) -> Result<Frame, ProtoError> {
+        let mut d = Dec { buf: body, pos: 0 };
+        let frame = match d.u8("frame type")? {
+            t @ 1..=6 => Frame::decode_handshake(t, &mut d)?,
+            t @ 7..=9 => Frame::decode_index(t, &mut d)?,
+            t @ 10..=15 => Frame::decode_stream(t, &mut d)?,
+            t => return Err(unknown(t)),
+        };
+        d.end()?;
+        Ok(frame)
+    }
+
+    fn decode_handshake(t: u8, d: &mut Dec<'_>) -> Result<Frame, ProtoError> {
+        Ok(match t {
+            1 => Frame::Hello {
+                version: d.u16("version")?,
+                nonce: d.arr("nonce")?,
+            },
+            2 => Frame::Challenge {
+                nonce: d.arr("nonce")?,
+                mac: d.arr("mac")?,
+            },
+            3 => Frame::Proof { mac: d.arr("mac")? },
+            4 => Frame::Intro {
+                epoch: d.u64("epoch")?,
+                hot: d.u8("role")? != 0,
+                node: d.str("node")?,
+                page_size: d.u32("page size")?,
+            },
+            5 => Frame::Welcome {
+                epoch: d.u64("epoch")?,
+            },
+            6 => Frame::Reject {
+                epoch: d.u64("epoch")?,
+                reason: d.str("reason")?,
+            },
+            t => return Err(unknown(t)),
+        })
+    }
+
+    fn decode_index(t: u8, d: &mut Dec<'_>) -> Result<Frame, ProtoError> {
+        Ok(match t {
+            7 => Frame::IndexDir {
+                path: d.str("dir path")?,
+                mode: d.u32("dir mode")?,
+            },
+            8 => {
+                let path = d.str("file path")?;
+                let len = d.u64("file len")?;
+                let mode = d.u32("file mode")?;
+                let n = d.count("page hashes", 16)?;
+                let pages = d.items(n, |d| d.arr::<16>("page hash"))?;
+                Frame::IndexFile {
+                    path,
+                    len,
+                    mode,
+                    pages,
+                }
+            }
+            9 => Frame::IndexEnd,
+            t => return Err(unknown(t)),
+        })
+    }
+
+    fn decode_stream(t: u8, d: &mut Dec<'_>) -> Result<Frame, ProtoError> {
+        Ok(match t {
+            10 => {
+                let seq = d.u64("seq")?;
+                let n = d.count("ops", 9)?;
+                let ops = d.items(n, decode_op)?;
+                Frame::Batch { seq, ops }
+            }
+            11 => Frame::Ack { seq: d.u64("seq")? },
+            12 => Frame::Nack {
+                seq: d.u64("seq")?,
+                reason: d.str("reason")?,
+            },
+            13 => {
+                let id = d.u64("id")?;
+                let root = d.arr("root")?;
+                let n = d.count("digests", 36)?;
+                let files = d.items(n, |d| Ok((d.str("path")?, d.arr::<32>("digest")?)))?;
+                Frame::Digest { id, root, files }
+            }
+            14 => Frame::Drained { seq: d.u64("seq")? },
+            15 => Frame::Heartbeat,
+            t => return Err(unknown(t)),
+        })
+    }
+}
+
+fn unknown(t: u8) -> ProtoError {
+    ProtoError::Malformed(format!("unknown frame type {t}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_length_beyond_its_u32_prefix_is_refused_not_truncated() {
+        let mut out = Vec::new();
+        let mut e = Enc(&mut out);
+        e.count(4096).unwrap();
+        if let Ok(n) = usize::try_from(u64::from(u32::MAX) + 1) {
+            assert!(matches!(e.count(n), Err(ProtoError::TooLarge(m)) if m == n));
+        }
+        assert_eq!(out, 4096u32.to_le_bytes());
+    }
+}

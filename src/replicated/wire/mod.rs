@@ -1,0 +1,108 @@
+//! The replication wire protocol: frames ([`Frame`]), their binary encoding ([`codec`]), the
+//! pre-shared-key proofs and per-frame MACs ([`mac`]), and reading and writing frames on a
+//! stream ([`framed`]).
+//!
+//! A frame on the wire is `len: u32 LE | body (len bytes) | mac (16 bytes, PSK mode only)`.
+//! `len` is checked against [`MAX_FRAME_BYTES`] before anything is allocated, and every count
+//! and string inside a body is checked against what remains of it, so a hostile peer cannot
+//! make us allocate more than one frame's worth. In PSK mode the MAC is keyed blake3 over the
+//! direction, a per-direction frame counter and the body, under a session key both sides
+//! derive from the PSK and two fresh nonces; a replayed, reordered or altered frame fails it.
+//!
+//! Handshake: the connecting side sends [`Frame::Hello`] (its nonce); the accepting side answers
+//! [`Frame::Challenge`] (its nonce and proof that it knows the PSK); the connecting side answers
+//! [`Frame::Proof`]. Only then does either side say anything about files. With TLS, TLS does
+//! this instead, and frames carry no MAC.
+
+use std::io;
+
+use crate::replicated::ops::Op;
+use crate::replicated::pages::PageHash;
+
+pub mod codec;
+pub mod framed;
+pub mod mac;
+
+pub use framed::{FrameReader, FrameWriter};
+pub use mac::{mac_eq, nonce, FrameMac, Psk};
+
+#[cfg(test)]
+mod tests;
+
+/// The protocol version spoken.
+pub const VERSION: u16 = 1;
+/// The largest frame body accepted or sent.
+pub const MAX_FRAME_BYTES: usize = 8 << 20;
+/// The longest path accepted.
+pub const MAX_PATH_BYTES: usize = 4096;
+/// Bytes of MAC after each frame in PSK mode.
+pub const MAC_BYTES: usize = 16;
+
+/// Errors on the wire, naming what was wrong.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum ProtoError {
+    /// connection: {0}
+    Io(#[from] io::Error),
+    /// the peer closed the connection
+    Closed,
+    /// frame of {0} bytes exceeds the limit of 8 MiB
+    TooLarge(usize),
+    /// frame {seq} failed its authentication code (altered in transit, or a different key)
+    BadMac { seq: u64 },
+    /// malformed frame: {0}
+    Malformed(String),
+    /// the peer could not prove it knows the pre-shared key
+    AuthFailed,
+    /// the peer broke the protocol: {0}
+    Unexpected(String),
+}
+
+/// Everything that crosses the wire, in the order a connection uses them: the handshake, the
+/// cold side's index, then the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Connector, first frame: who it is, and its nonce.
+    Hello { version: u16, nonce: [u8; 32] },
+    /// Acceptor: its nonce and proof of the PSK (zeros without PSK).
+    Challenge { nonce: [u8; 32], mac: [u8; 32] },
+    /// Connector: proof of the PSK.
+    Proof { mac: [u8; 32] },
+    /// Connector, once authenticated: its role (`hot`), epoch and holder id.
+    Intro {
+        epoch: u64,
+        hot: bool,
+        node: String,
+        page_size: u32,
+    },
+    /// Acceptor: accepted; its own epoch.
+    Welcome { epoch: u64 },
+    /// Acceptor: refused (a stale epoch, two hot sides), with its epoch and why.
+    Reject { epoch: u64, reason: String },
+    /// Cold: a directory of its tree.
+    IndexDir { path: String, mode: u32 },
+    /// Cold: a file of its tree with its page hashes.
+    IndexFile {
+        path: String,
+        len: u64,
+        mode: u32,
+        pages: Vec<PageHash>,
+    },
+    /// Cold: the index is complete.
+    IndexEnd,
+    /// Hot: changes to apply in order, then fsync, then ack `seq`.
+    Batch { seq: u64, ops: Vec<Op> },
+    /// Cold: batch `seq` and all before it are durable.
+    Ack { seq: u64 },
+    /// Cold: batch `seq` was rejected (failed a check) and dropped with all after it: resend.
+    Nack { seq: u64, reason: String },
+    /// Cold: the tree digest at a barrier.
+    Digest {
+        id: u64,
+        root: [u8; 32],
+        files: Vec<(String, [u8; 32])>,
+    },
+    /// Hot: everything up to `seq` was sent and acked, and the hot is going away cleanly.
+    Drained { seq: u64 },
+    /// Either: still here.
+    Heartbeat,
+}
