@@ -1,6 +1,10 @@
 //! The command-line definitions of both binaries (clap derive), in the library so that the
 //! man pages and shell completions are generated from the same definitions and cannot drift;
 //! [`commands`] is what each command of `artemis-sync` does.
+//!
+//! The doc comments here are the `--help` text (clap) and the man pages, not rustdoc: `<host>`
+//! and the like are placeholders for the reader, not HTML.
+#![allow(rustdoc::invalid_html_tags)]
 
 pub mod commands;
 

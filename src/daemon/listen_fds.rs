@@ -34,6 +34,8 @@ pub const LISTEN_PID_ENV: &str = "LISTEN_PID";
 static TAKEN: AtomicBool = AtomicBool::new(false);
 
 /// Why a socket handed over cannot serve as the listener, naming the descriptor.
+// The messages name the config section `[replication]`, which is not a doc link.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
 pub enum ListenFdsError {
     /// LISTEN_FDS={0:?} is not a number of file descriptors

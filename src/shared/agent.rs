@@ -7,7 +7,7 @@
 //!   that spawned it). It waits on a `crossbeam` select of shutdown signals, control requests,
 //!   share-worker replies and the node's exit, with a timeout at the next deadline (poll,
 //!   renewal, fence);
-//! - the **share worker** ([`super::share_worker`]) does every operation on the share (lock,
+//! - the **share worker** (`share_worker.rs`) does every operation on the share (lock,
 //!   read and write the lease, mount, link) one at a time from a bounded queue. An NFS call can
 //!   block for minutes; the main thread never waits on one past its fence deadline, it fences
 //!   instead;

@@ -207,7 +207,12 @@ impl Pair {
         let s = self.side(name);
         if let Some(mut c) = s.child.take() {
             // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            unsafe {
+                libc::kill(
+                    libc::pid_t::try_from(c.id()).expect("a child's pid came from a pid_t"),
+                    libc::SIGTERM,
+                )
+            };
             assert!(
                 wait_bounded(&mut c, Duration::from_secs(30)).is_some(),
                 "{name} did not stop"
@@ -296,7 +301,7 @@ fn seed_tree(root: &Path, journal_mib: usize) {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                x as u8
+                x.to_le_bytes()[0]
             })
             .collect()
     };

@@ -1,5 +1,5 @@
 //! The tools beside artemis-sync that an operator does not need on a VM to run the pair:
-//! [`bench`], the standalone throughput benchmark (`artemis-sync-bench`), [`demo`], the
+//! [`bench`](mod@bench), the standalone throughput benchmark (`artemis-sync-bench`), [`demo`], the
 //! walk-through of both modes (`artemis-sync-demo`), and [`workload`], the Artemis-like writer
 //! and lag probe that both drive through real agents.
 

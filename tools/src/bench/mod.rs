@@ -8,9 +8,9 @@
 //! reason.
 
 //!
-//! The pieces: [`pair`] starts and measures the two agents, [`baselines`] runs the same-run
-//! baselines (a plain TCP copy, an rsync daemon, lsyncd), [`workloads`] the measured workloads, and
-//! [`report`] prints the table and draws the SVG.
+//! The pieces: `pair` starts and measures the two agents, `baselines` runs the same-run
+//! baselines (a plain TCP copy, an rsync daemon, lsyncd), `workloads` the measured workloads, and
+//! `report` prints the table and draws the SVG.
 
 mod baselines;
 mod pair;
