@@ -263,6 +263,10 @@ pub struct ReplicatedStatus {
     pub node_pid: Option<u32>,
     /// Whether the node runs.
     pub node_state: NodeState,
+    /// Hot but the node may not run yet: what it waits for (the peer's confirmation that no
+    /// newer epoch exists, after a restart), and the override.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
     /// The last problem seen, if any.
     pub error: Option<String>,
 }

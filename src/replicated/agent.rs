@@ -42,6 +42,8 @@ use crate::replicated::wire::Psk;
 
 /// A hot side that sent a frame this recently counts as connected and streaming for `promote`.
 pub const STREAMING_WITHIN: Duration = Duration::from_secs(3);
+/// How long `promote` waits for the apply thread to finish the batch it is applying.
+pub const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an `on_acquire` or `on_release` hook may run in replicated mode (no lease deadline
 /// bounds it here; this keeps `promote` within its client's wait).
 pub const HOOK_TIMEOUT: Duration = Duration::from_secs(20);
@@ -86,6 +88,8 @@ struct Replica {
     /// The address the listener is bound to.
     listen: SocketAddr,
     sender: Option<SenderHandle>,
+    /// Hot, but the node may not run yet: what it waits for (see [`Replica::become_hot`]).
+    waiting_for: Option<String>,
     /// The node, its hooks, the last error, systemd.
     sup: Supervisor,
 }
@@ -129,7 +133,8 @@ pub fn run(
     let state = me.gate.get();
     tracing::info!(role = ?state.role, epoch = state.epoch, listen = %me.listen, peer = %me.repl.peer, "replication agent started");
     if state.role == ReplRole::Hot {
-        me.become_hot()?;
+        // a restart or a reboot: a newer epoch may exist that this host has not heard of
+        me.become_hot(false)?;
     }
     loop {
         me.announce();
@@ -144,12 +149,16 @@ pub fn run(
             }
             recv(requests) -> req => if let Ok(req) = req { me.handle(req) },
             recv(step_rx) -> epoch => if let Ok(epoch) = epoch { me.step_down(epoch, "a hot side at a newer epoch connected") },
-            recv(sender_events) -> ev => if let Ok(SenderEvent::Rejected { epoch, reason }) = ev {
-                if epoch > me.gate.get().epoch {
-                    me.step_down(epoch, &reason);
-                } else {
-                    me.sup.note_error(format!("the peer refused our stream: {reason}"));
+            recv(sender_events) -> ev => match ev {
+                Ok(SenderEvent::Rejected { epoch, reason }) => {
+                    if epoch > me.gate.get().epoch {
+                        me.step_down(epoch, &reason);
+                    } else {
+                        me.sup.note_error(format!("the peer refused our stream: {reason}"));
+                    }
                 }
+                Ok(SenderEvent::Welcomed { epoch }) => me.confirmed(epoch),
+                Err(_) => {}
             },
             recv(node_exit) -> status => if let Ok(status) = status { me.sup.node_exited(status); },
             default(me.sup.wait_limit(IDLE_WAKEUP)) => {}
@@ -249,6 +258,7 @@ impl Replica {
             receiver,
             listen,
             sender: None,
+            waiting_for: None,
             sup,
         })
     }
@@ -263,7 +273,9 @@ impl Replica {
         self.sup.announce(format!("{role} at epoch {}", st.epoch));
     }
 
-    fn become_hot(&mut self) -> Result<(), ReplicaError> {
+    /// Runs the sender and, once `confirmed` (a promotion, or the peer's welcome, see
+    /// [`Replica::confirmed`]), the node. Unconfirmed, it waits and says why in `status`.
+    fn become_hot(&mut self, confirmed: bool) -> Result<(), ReplicaError> {
         let st = self.gate.get();
         if let Err(e) = link::link(
             &self.config.artemis_link(),
@@ -299,11 +311,41 @@ impl Replica {
         let sender = sender::start(cfg, self.rt.handle())
             .map_err(|e| ReplicaError::Start(crate::error_chain(&e)))?;
         self.sender = Some(sender);
-        if let Err(e) = self.sup.acquire(st.epoch) {
-            self.sup.note_error(e.to_string());
+        if confirmed {
+            self.waiting_for = None;
+            self.start_node(st.epoch);
+        } else {
+            let why = format!(
+                "the peer {} to confirm that no epoch newer than {} exists (this host was hot when it stopped); `artemis-sync promote --force` starts the node without it",
+                self.repl.peer, st.epoch
+            );
+            tracing::warn!(epoch = st.epoch, "hot, but the node waits for {why}");
+            self.waiting_for = Some(why);
         }
         tracing::info!(epoch = st.epoch, peer = %self.repl.peer, "hot: streaming to the cold side");
         Ok(())
+    }
+
+    fn start_node(&mut self, epoch: u64) {
+        if let Err(e) = self.sup.acquire(epoch) {
+            self.sup.note_error(e.to_string());
+        }
+    }
+
+    /// The peer welcomed our stream at `epoch`: it is cold and knows nothing newer than
+    /// ours. A hot that waited for this starts its node.
+    fn confirmed(&mut self, epoch: u64) {
+        let st = self.gate.get();
+        if st.role != ReplRole::Hot || self.waiting_for.is_none() {
+            return;
+        }
+        self.waiting_for = None;
+        tracing::info!(
+            epoch = st.epoch,
+            peer_epoch = epoch,
+            "the peer confirmed that no newer epoch exists: starting the node"
+        );
+        self.start_node(st.epoch);
     }
 
     /// A newer epoch exists: stop the node and the sender, become cold, wait to be resynced.
@@ -315,17 +357,20 @@ impl Replica {
         tracing::error!(
             epoch = st.epoch,
             newer = epoch,
-            "FENCING: {why}; stopping the node and turning cold to be resynced"
+            "FENCING: {why}; recording epoch {}, stopping the node and turning cold to be resynced",
+            epoch.max(st.epoch)
         );
-        self.sup.release(Some(st.epoch));
-        if let Some(s) = self.sender.take() {
-            s.stop();
-        }
+        // first on disk: cold at the newer epoch, so that no restart runs the node again
         if let Err(e) = self.gate.set(ReplState {
-            epoch: st.epoch,
+            epoch: epoch.max(st.epoch),
             role: ReplRole::Cold,
         }) {
             self.sup.note_error(e.to_string());
+        }
+        self.waiting_for = None;
+        self.sup.release(Some(st.epoch));
+        if let Some(s) = self.sender.take() {
+            s.stop();
         }
         self.sup.note_error(format!("stepped down: {why}"));
     }
@@ -371,16 +416,20 @@ impl Replica {
         let _ = req.reply.send(answer);
     }
 
+    /// Becomes hot at a new epoch. Without `force`, only after a clean hand-over: the old hot
+    /// demoted (its drained goodbye arrived) and is no longer streaming. The new epoch is on
+    /// disk, and the apply thread idle for good, before the node starts.
     fn promote(&mut self, force: bool) -> Result<Promoted, String> {
         let st = self.gate.get();
         if st.role == ReplRole::Hot {
-            return Err(format!("this host is already hot (epoch {})", st.epoch));
+            return self.promote_waiting_hot(force);
         }
         let rs = &self.receiver.stats;
         let now = crate::sys::now_unix_ms();
         let last_frame = rs.last_frame_unix_ms.load(Ordering::Relaxed);
         let streaming = rs.connected.load(Ordering::Relaxed)
             && now.saturating_sub(last_frame) < duration_ms(STREAMING_WITHIN);
+        let drained = rs.drained.load(Ordering::Relaxed);
         if streaming && !force {
             return Err(format!(
                 "the hot side {} is connected and streaming (last frame {} ms ago): demote it first (`artemis-sync demote` there), or promote --force if it cannot be reached",
@@ -388,14 +437,30 @@ impl Replica {
                 now.saturating_sub(last_frame)
             ));
         }
+        if !drained && !force {
+            return Err(format!(
+                "the hot side {} has not handed over (no `demote`, no drained goodbye since it last connected); silence alone may be a pause: demote it first (`artemis-sync demote` there), or, if it is down for good, promote --force (if it is only paused or cut off, it runs its node until it hears of the new epoch, and what it wrote after the last applied batch is lost)",
+                self.peer()
+            ));
+        }
         let last_ack = rs.last_ack_unix_ms.load(Ordering::Relaxed);
-        let drained = rs.drained.load(Ordering::Relaxed);
         let new = ReplState {
             epoch: st.epoch + 1,
             role: ReplRole::Hot,
         };
         self.gate.set(new).map_err(|e| e.to_string())?;
-        self.become_hot().map_err(|e| e.to_string())?;
+        // the gate no longer admits the old stream: once the batch being applied is done,
+        // the apply thread writes nothing more
+        if !self.receiver.fence(FENCE_TIMEOUT) {
+            let why = format!("the apply thread to finish its batch (it did not within {} s); `artemis-sync promote --force` starts the node anyway", FENCE_TIMEOUT.as_secs());
+            self.become_hot(false).map_err(|e| e.to_string())?;
+            self.waiting_for = Some(why.clone());
+            return Err(format!(
+                "hot at epoch {}, but the node waits for {why}",
+                new.epoch
+            ));
+        }
+        self.become_hot(true).map_err(|e| e.to_string())?;
         let behind = if last_ack == 0 {
             "no batch was ever acknowledged here".to_string()
         } else {
@@ -421,6 +486,42 @@ impl Replica {
         })
     }
 
+    /// `promote` on a hot host: `--force` starts a node that waits (for its peer, after a
+    /// restart) at a new epoch; otherwise it says what the node waits for.
+    fn promote_waiting_hot(&mut self, force: bool) -> Result<Promoted, String> {
+        let st = self.gate.get();
+        let Some(why) = self.waiting_for.clone() else {
+            return Err(format!("this host is already hot (epoch {})", st.epoch));
+        };
+        if !force {
+            return Err(format!(
+                "this host is hot at epoch {} but its node waits for {why}",
+                st.epoch
+            ));
+        }
+        let new = ReplState {
+            epoch: st.epoch + 1,
+            role: ReplRole::Hot,
+        };
+        self.gate.set(new).map_err(|e| e.to_string())?;
+        if let Some(s) = self.sender.take() {
+            s.stop();
+        }
+        self.become_hot(true).map_err(|e| e.to_string())?;
+        let summary = "forced without the peer's confirmation: if the peer was promoted meanwhile, this host turns cold when it hears of it";
+        tracing::warn!(
+            epoch = new.epoch,
+            "PROMOTED (--force, was waiting for {why}): {summary}"
+        );
+        Ok(Promoted {
+            epoch: new.epoch,
+            forced: true,
+            drained: false,
+            behind: "this host was already hot".into(),
+            summary: summary.into(),
+        })
+    }
+
     fn demote(&mut self, force: bool) -> Result<Demoted, String> {
         let st = self.gate.get();
         if st.role != ReplRole::Hot {
@@ -436,6 +537,7 @@ impl Replica {
         if let Some(s) = self.sender.take() {
             s.stop();
         }
+        self.waiting_for = None;
         self.gate
             .set(ReplState {
                 epoch: st.epoch,
@@ -527,6 +629,7 @@ impl Replica {
             batches,
             node_pid: self.sup.node_pid(),
             node_state: self.sup.node_state(),
+            waiting_for: self.waiting_for.clone(),
             error: self.sup.last_error(),
         }
     }

@@ -14,12 +14,15 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, oneshot};
 
 use crate::replicated::ops::{Applied, BarrierDigest, Op};
 use crate::replicated::pages::{
     self, confine, no_symlinks_below, FileCache, PagesError, TreeIndex,
 };
+use crate::replicated::receiver::Gate;
 
 /// Batches queued for the apply thread.
 pub const APPLY_QUEUE: usize = 4;
@@ -28,19 +31,72 @@ pub const APPLY_QUEUE: usize = 4;
 pub(crate) enum Job {
     /// Index the tree (a new connection) and expect batch 1 next.
     Index(oneshot::Sender<Result<TreeIndex, PagesError>>),
-    /// Validate and apply one batch; the outcome goes to `reply`.
+    /// Validate and apply one batch of a stream admitted at `epoch`; the outcome goes to
+    /// `reply`.
     Batch {
         seq: u64,
+        epoch: u64,
         ops: Vec<Op>,
         reply: mpsc::UnboundedSender<Applied>,
     },
+    /// Answers once every job before it is done: after a promotion, the apply thread is idle
+    /// and applies nothing more (its gate refuses the old stream).
+    Fence(crossbeam_channel::Sender<()>),
 }
 
-/// What a batch touched so far: files to fsync, and directories whose entries changed.
+/// What a batch changed and has not made durable yet: files whose data it wrote
+/// (`fdatasync`), entries whose metadata it changed (mode, owner: `fsync` of the inode), and
+/// directories whose entries it changed (`fsync` of the directory, which also covers its own
+/// metadata). Every change goes through one of the three methods, so that [`Applier::sync`]
+/// cannot miss it; tests read the log of changes and syncs ([`Durability`]).
 #[derive(Default)]
 struct Touched {
     files: HashSet<String>,
+    meta: HashSet<PathBuf>,
     dirs: HashSet<PathBuf>,
+    #[cfg(test)]
+    log: Vec<Durability>,
+}
+
+/// A change or an fsync, in the order they happened (tests only).
+#[cfg(test)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Durability {
+    /// The data of a file changed.
+    Data(PathBuf),
+    /// The metadata of an inode changed (mode, owner).
+    Meta(PathBuf),
+    /// The entries of a directory changed.
+    Entries(PathBuf),
+    /// `fdatasync` of a file.
+    SyncedData(PathBuf),
+    /// `fsync` of a file or directory (data and metadata).
+    SyncedAll(PathBuf),
+}
+
+impl Touched {
+    /// The batch wrote data into `rel` (relative to the root, `full` absolute).
+    fn data(&mut self, rel: &str, full: &Path) {
+        #[cfg(test)]
+        self.log.push(Durability::Data(full.to_owned()));
+        #[cfg(not(test))]
+        let _ = full;
+        self.files.insert(rel.to_owned());
+    }
+
+    /// The batch changed the metadata (mode, owner) of `full`.
+    fn meta(&mut self, full: &Path) {
+        #[cfg(test)]
+        self.log.push(Durability::Meta(full.to_owned()));
+        self.meta.insert(full.to_owned());
+    }
+
+    /// The batch created, removed or renamed an entry of directory `dir`.
+    fn entries(&mut self, dir: &Path) {
+        #[cfg(test)]
+        self.log.push(Durability::Entries(dir.to_owned()));
+        self.dirs.insert(dir.to_owned());
+    }
 }
 
 /// Applies batches to the data directory, in order.
@@ -49,9 +105,11 @@ pub(crate) struct Applier {
     page_size: usize,
     files: FileCache,
     expected: u64,
-    /// Files whose data was fsynced, for tests.
+    /// Admits each batch again just before it is applied (a promotion fences the stream).
+    gate: Option<Arc<dyn Gate>>,
+    /// Every change and fsync of the batches applied, in order, for tests.
     #[cfg(test)]
-    synced: HashSet<String>,
+    log: Vec<Durability>,
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PagesError {
@@ -67,9 +125,17 @@ impl Applier {
             page_size,
             files: FileCache::default(),
             expected: 1,
+            gate: None,
             #[cfg(test)]
-            synced: HashSet::new(),
+            log: Vec::new(),
         }
+    }
+
+    /// Checks each batch with `gate` (at the epoch its stream was admitted) before applying
+    /// it: once this side is promoted, nothing queued before is applied.
+    pub(crate) fn with_gate(mut self, gate: Arc<dyn Gate>) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// Starts the apply thread: it serves `jobs` until every sender is gone.
@@ -88,8 +154,22 @@ impl Applier {
                     self.files.clear();
                     let _ = reply.send(pages::index_tree(&self.root, self.page_size));
                 }
-                Job::Batch { seq, ops, reply } => {
-                    let _ = reply.send(self.batch(seq, ops));
+                Job::Batch {
+                    seq,
+                    epoch,
+                    ops,
+                    reply,
+                } => {
+                    let admitted = self.gate.as_ref().is_none_or(|g| g.still_admitted(epoch));
+                    let outcome = if admitted {
+                        self.batch(seq, ops)
+                    } else {
+                        Applied::Skipped { seq }
+                    };
+                    let _ = reply.send(outcome);
+                }
+                Job::Fence(done) => {
+                    let _ = done.send(());
                 }
             }
         }
@@ -100,11 +180,12 @@ impl Applier {
         if seq != self.expected {
             return Applied::Skipped { seq };
         }
-        if let Err(reason) = self.validate(&ops) {
-            return Applied::Rejected { seq, reason };
-        }
+        let deferred = match self.validate(&ops) {
+            Ok(d) => d,
+            Err(reason) => return Applied::Rejected { seq, reason },
+        };
         let bytes = ops.iter().map(|o| o.data_len() as u64).sum();
-        match self.apply(ops) {
+        match self.apply(ops, &deferred) {
             Ok(digests) => {
                 self.expected += 1;
                 Applied::Done {
@@ -124,19 +205,23 @@ impl Applier {
     }
 
     /// Every path confined and free of symlinks, every write whole pages with good hashes.
-    fn validate(&self, ops: &[Op]) -> Result<(), String> {
-        for op in ops {
-            let paths: Vec<&str> = match op {
-                Op::Mkdir { path, .. }
-                | Op::SetFile { path, .. }
-                | Op::Remove { path }
-                | Op::Write { path, .. } => vec![path],
-                Op::Rename { from, to } => vec![from, to],
-                Op::Barrier { .. } => vec![],
-            };
-            for p in paths {
+    /// A path below (or at) one that an earlier op of the batch creates, removes or renames
+    /// cannot be checked against the disk before the batch runs (a file that becomes a
+    /// directory): its op is marked in the returned set and checked just before it runs.
+    fn validate(&self, ops: &[Op]) -> Result<HashSet<usize>, String> {
+        let mut changed: HashSet<&str> = HashSet::new();
+        let mut deferred = HashSet::new();
+        for (i, op) in ops.iter().enumerate() {
+            for p in op_paths(op) {
                 let full = confine(&self.root, p).map_err(|e| e.to_string())?;
-                no_symlinks_below(&self.root, &full, p).map_err(|e| e.to_string())?;
+                if ancestors_or_self(p).any(|a| changed.contains(a)) {
+                    deferred.insert(i);
+                } else {
+                    no_symlinks_below(&self.root, &full, p).map_err(|e| e.to_string())?;
+                }
+            }
+            if !matches!(op, Op::Write { .. }) {
+                changed.extend(op_paths(op));
             }
             if let Op::Write {
                 path,
@@ -148,7 +233,7 @@ impl Applier {
                 self.validate_pages(path, *offset, data, hashes)?;
             }
         }
-        Ok(())
+        Ok(deferred)
     }
 
     fn validate_pages(
@@ -192,13 +277,34 @@ impl Applier {
     }
 
     /// Applies a validated batch, then makes it durable; returns the digests of its barriers.
-    fn apply(&mut self, ops: Vec<Op>) -> Result<Vec<BarrierDigest>, PagesError> {
+    fn apply(
+        &mut self,
+        ops: Vec<Op>,
+        deferred: &HashSet<usize>,
+    ) -> Result<Vec<BarrierDigest>, PagesError> {
         let mut touched = Touched::default();
+        let result = self.apply_ops(ops, deferred, &mut touched);
+        #[cfg(test)]
+        self.log.append(&mut touched.log);
+        result
+    }
+
+    fn apply_ops(
+        &mut self,
+        ops: Vec<Op>,
+        deferred: &HashSet<usize>,
+        touched: &mut Touched,
+    ) -> Result<Vec<BarrierDigest>, PagesError> {
         let mut digests = Vec::new();
-        for op in ops {
+        for (i, op) in ops.into_iter().enumerate() {
+            if deferred.contains(&i) {
+                for p in op_paths(&op) {
+                    no_symlinks_below(&self.root, &self.root.join(p), p)?;
+                }
+            }
             match op {
-                Op::Mkdir { path, mode } => self.mkdir(&path, mode, &mut touched)?,
-                Op::SetFile { path, len, mode } => self.set_file(path, len, mode, &mut touched)?,
+                Op::Mkdir { path, mode } => self.mkdir(&path, mode, touched)?,
+                Op::SetFile { path, len, mode } => self.set_file(path, len, mode, touched)?,
                 Op::Write {
                     path, offset, data, ..
                 } => {
@@ -206,18 +312,18 @@ impl Applier {
                     let f = self.open(&path, true)?;
                     f.write_all_at(&data, offset)
                         .map_err(io_err("cannot write", &full))?;
-                    touched.files.insert(path);
+                    touched.data(&path, &full);
                 }
-                Op::Rename { from, to } => self.rename(&from, &to, &mut touched)?,
-                Op::Remove { path } => self.remove(&path, &mut touched)?,
+                Op::Rename { from, to } => self.rename(&from, &to, touched)?,
+                Op::Remove { path } => self.remove(&path, touched)?,
                 Op::Barrier { id } => {
-                    self.sync(&mut touched)?;
+                    self.sync(touched)?;
                     let (root, files) = pages::index_tree(&self.root, self.page_size)?.digest();
                     digests.push((id, root, files.into_iter().collect()));
                 }
             }
         }
-        self.sync(&mut touched)?;
+        self.sync(touched)?;
         Ok(digests)
     }
 
@@ -226,16 +332,46 @@ impl Applier {
         full.parent().unwrap_or(&self.root).to_owned()
     }
 
+    /// `create_dir_all(dir)`, noting every directory it created and the parent of the first
+    /// one: each new entry is made durable with the batch.
+    fn create_dirs(&self, dir: &Path, touched: &mut Touched) -> Result<(), PagesError> {
+        let mut missing = Vec::new();
+        let mut cur = dir;
+        while cur.starts_with(&self.root) && cur != self.root && fs::symlink_metadata(cur).is_err()
+        {
+            missing.push(cur.to_owned());
+            match cur.parent() {
+                Some(p) => cur = p,
+                None => break,
+            }
+        }
+        fs::create_dir_all(dir).map_err(io_err("cannot create directory", dir))?;
+        for d in missing {
+            touched.entries(&self.parent_of(&d));
+            touched.entries(&d);
+        }
+        Ok(())
+    }
+
+    /// Sets the mode of `full` if it differs, noting the inode for an `fsync`.
+    fn chmod(&self, full: &Path, mode: u32, touched: &mut Touched) -> Result<(), PagesError> {
+        let old = fs::symlink_metadata(full).map_err(io_err("cannot inspect", full))?;
+        if std::os::unix::fs::MetadataExt::mode(&old) & 0o7777 != mode {
+            pages::set_mode(full, mode)?;
+            touched.meta(full);
+        }
+        Ok(())
+    }
+
     fn mkdir(&mut self, path: &str, mode: u32, touched: &mut Touched) -> Result<(), PagesError> {
         let full = self.root.join(path);
         if fs::symlink_metadata(&full).is_ok_and(|m| !m.is_dir()) {
             self.files.forget(path);
             fs::remove_file(&full).map_err(io_err("cannot remove", &full))?;
+            touched.entries(&self.parent_of(&full));
         }
-        fs::create_dir_all(&full).map_err(io_err("cannot create directory", &full))?;
-        pages::set_mode(&full, mode)?;
-        touched.dirs.insert(self.parent_of(&full));
-        Ok(())
+        self.create_dirs(&full, touched)?;
+        self.chmod(&full, mode, touched)
     }
 
     fn set_file(
@@ -254,29 +390,24 @@ impl Applier {
         let f = self.open(&path, true)?;
         f.set_len(len)
             .map_err(io_err("cannot set length of", &full))?;
-        pages::set_mode(&full, mode)?;
-        touched.files.insert(path);
+        touched.data(&path, &full);
         if created {
-            touched.dirs.insert(self.parent_of(&full));
+            touched.entries(&self.parent_of(&full));
         }
-        Ok(())
+        self.chmod(&full, mode, touched)
     }
 
-    /// Durability of the data before the name: syncs what the batch wrote so far, then
-    /// renames.
+    /// Durability before the name: makes everything the batch changed so far durable (the
+    /// data renamed, and entries of directories that may be renamed away), then renames.
     fn rename(&mut self, from: &str, to: &str, touched: &mut Touched) -> Result<(), PagesError> {
-        for p in touched.files.drain() {
-            self.sync_file(&p)?;
-        }
+        self.sync(touched)?;
         let (a, b) = (self.root.join(from), self.root.join(to));
         self.files.forget(from);
         self.files.forget(to);
-        if let Some(parent) = b.parent() {
-            fs::create_dir_all(parent).map_err(io_err("cannot create directory", parent))?;
-        }
+        self.create_dirs(&self.parent_of(&b), touched)?;
         fs::rename(&a, &b).map_err(io_err("cannot rename", &a))?;
-        touched.dirs.insert(self.parent_of(&a));
-        touched.dirs.insert(self.parent_of(&b));
+        touched.entries(&self.parent_of(&a));
+        touched.entries(&self.parent_of(&b));
         Ok(())
     }
 
@@ -291,53 +422,91 @@ impl Applier {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("cannot inspect", &full)(e)),
         }
-        touched.dirs.insert(self.parent_of(&full));
+        touched.entries(&self.parent_of(&full));
         Ok(())
     }
 
     /// Fsyncs the data of a file the batch wrote: through its cached handle or, when the
     /// cache dropped it meanwhile (it holds [`pages::OPEN_FILES_CACHED`]), a new one (an
     /// fsync covers the file, whichever descriptor asks). A file the batch removed since is
-    /// skipped.
-    fn sync_file(&mut self, rel: &str) -> Result<(), PagesError> {
+    /// skipped (its directory's entry is synced instead).
+    fn sync_file(&mut self, rel: &str, touched: &mut Touched) -> Result<(), PagesError> {
         let path = self.root.join(rel);
         let reopened;
         let file = match self.files.get(rel) {
             Some(f) => f,
-            None => match OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&path)
-            {
-                Ok(f) => {
+            None => match open_nofollow(&path)? {
+                Some(f) => {
                     reopened = f;
                     &reopened
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(io_err("cannot open", &path)(e)),
+                None => return Ok(()),
             },
         };
         file.sync_data().map_err(io_err("cannot fsync", &path))?;
         #[cfg(test)]
-        self.synced.insert(rel.to_owned());
+        touched.log.push(Durability::SyncedData(path));
+        #[cfg(not(test))]
+        let _ = touched;
         Ok(())
     }
 
-    /// Fsyncs the files written and the directories whose entries changed.
+    /// Fsyncs the files written, the inodes whose metadata changed, and the directories whose
+    /// entries changed; what the batch removed since is skipped (its parent is synced).
     fn sync(&mut self, touched: &mut Touched) -> Result<(), PagesError> {
-        for p in touched.files.drain() {
-            self.sync_file(&p)?;
+        let files: Vec<String> = touched.files.drain().collect();
+        for p in files {
+            self.sync_file(&p, touched)?;
         }
-        for d in touched.dirs.drain() {
-            if let Ok(dir) = File::open(&d) {
-                dir.sync_all()
-                    .map_err(io_err("cannot fsync directory", &d))?;
+        let inodes: Vec<PathBuf> = touched.meta.drain().chain(touched.dirs.drain()).collect();
+        for mut p in inodes {
+            if fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+                // a symlink's own metadata is in its directory's entry: fsync the directory
+                p = self.parent_of(&p);
+            }
+            if let Some(f) = open_nofollow(&p)? {
+                f.sync_all().map_err(io_err("cannot fsync", &p))?;
+                #[cfg(test)]
+                touched.log.push(Durability::SyncedAll(p));
             }
         }
         Ok(())
     }
 }
 
+/// The paths an op names.
+fn op_paths(op: &Op) -> Vec<&str> {
+    match op {
+        Op::Mkdir { path, .. }
+        | Op::SetFile { path, .. }
+        | Op::Remove { path }
+        | Op::Write { path, .. } => vec![path],
+        Op::Rename { from, to } => vec![from, to],
+        Op::Barrier { .. } => vec![],
+    }
+}
+
+/// `a/b/c`, `a/b`, `a`.
+fn ancestors_or_self(rel: &str) -> impl Iterator<Item = &str> {
+    std::iter::successors(Some(rel), |p| p.rfind('/').map(|i| &p[..i]))
+}
+
+/// Opens `path` read-only without following a symlink (a file or a directory); `None` if it
+/// is gone.
+fn open_nofollow(path: &Path) -> Result<Option<File>, PagesError> {
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("cannot open", path)(e)),
+    }
+}
+
+#[cfg(test)]
+mod durability_tests;
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,7 +591,8 @@ mod tests {
         for i in 1..n {
             let f = format!("f{i}");
             assert_eq!(fs::read(dir.path().join(&f)).unwrap(), [1; 4096]);
-            assert!(a.synced.contains(&f), "{f} was acknowledged unsynced");
+            let synced = Durability::SyncedData(dir.path().join(&f));
+            assert!(a.log.contains(&synced), "{f} was acknowledged unsynced");
         }
     }
 

@@ -107,6 +107,9 @@ pub(crate) enum Outgoing {
 pub enum SenderEvent {
     /// The cold side refused us: its epoch is newer. We must stop being hot.
     Rejected { epoch: u64, reason: String },
+    /// The peer welcomed our stream: it is cold and has seen no epoch newer than ours
+    /// (`epoch` is its own), so a hot side that waits for this may start its node.
+    Welcomed { epoch: u64 },
 }
 
 /// The result of `verify`.

@@ -68,9 +68,20 @@ pub struct ReceiverHandle {
     /// Counters.
     pub stats: Arc<ReceiverStats>,
     stop: tokio::sync::watch::Sender<bool>,
+    jobs: crossbeam_channel::Sender<Job>,
 }
 
 impl ReceiverHandle {
+    /// Waits until the apply thread has finished every batch queued so far; call it after the
+    /// gate stopped admitting the stream (a promotion): the apply thread then applies nothing
+    /// more. `false` if it did not answer within `limit`.
+    pub fn fence(&self, limit: Duration) -> bool {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.jobs
+            .send_timeout(Job::Fence(tx), limit)
+            .is_ok_and(|()| rx.recv_timeout(limit).is_ok())
+    }
+
     /// Stops accepting and drops the connection.
     pub fn stop(&self) {
         let _ = self.stop.send(true);
@@ -86,11 +97,20 @@ pub fn start(
     let stats = Arc::new(ReceiverStats::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(APPLY_QUEUE);
-    Applier::new(&cfg.root, cfg.page_size).spawn(jobs_rx);
-    rt.spawn(accept_loop(cfg, listener, jobs_tx, stats.clone(), stop_rx));
+    Applier::new(&cfg.root, cfg.page_size)
+        .with_gate(cfg.gate.clone())
+        .spawn(jobs_rx);
+    rt.spawn(accept_loop(
+        cfg,
+        listener,
+        jobs_tx.clone(),
+        stats.clone(),
+        stop_rx,
+    ));
     ReceiverHandle {
         stats,
         stop: stop_tx,
+        jobs: jobs_tx,
     }
 }
 
@@ -101,8 +121,8 @@ pub enum ReceiveError {
     Proto(#[from] ProtoError),
     /// cannot index the data directory: {0}
     Index(#[source] PagesError),
-    /// applying batch {seq} failed: {reason}
-    Apply { seq: u64, reason: String },
+    /// batch {seq} could not be applied: the hot side resyncs from our index
+    Resync { seq: u64 },
     /// the apply thread is gone
     ApplyGone,
     /// no frame for {0:?}: the hot side is gone
@@ -122,6 +142,8 @@ struct Shared {
     stats: Arc<ReceiverStats>,
     /// Held by the connection that streams: one at a time.
     streaming: Arc<tokio::sync::Mutex<()>>,
+    /// The last reason a batch could not be applied (logged once while it stays the same).
+    last_failure: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 async fn accept_loop(
@@ -136,6 +158,7 @@ async fn accept_loop(
         jobs,
         stats,
         streaming: Arc::new(tokio::sync::Mutex::new(())),
+        last_failure: Arc::new(std::sync::Mutex::new(None)),
     };
     let mut current: Option<tokio::task::JoinHandle<()>> = None;
     loop {
@@ -188,6 +211,7 @@ async fn serve(
         gate: &*shared.cfg.gate,
         epoch,
         rejecting: false,
+        last_failure: &shared.last_failure,
         counted: 0,
     };
     let result = inbound.run(reader).await;
@@ -196,6 +220,7 @@ async fn serve(
         Ok(()) => {
             tracing::info!(%peer, drained = stats.drained.load(Ordering::Relaxed), "hot side went away")
         }
+        Err(e @ ReceiveError::Resync { .. }) => tracing::info!(%peer, "{e}"),
         Err(e) => tracing::warn!(%peer, "replication stream: {}", crate::error_chain(&e)),
     }
 }
@@ -271,6 +296,8 @@ struct Inbound<'a> {
     epoch: u64,
     /// A `Nack` is out and its batch not yet applied: further failures are not answered.
     rejecting: bool,
+    /// The last reason a batch could not be applied, across connections: said once.
+    last_failure: &'a std::sync::Mutex<Option<String>>,
     /// Writer bytes already added to the statistics.
     counted: u64,
 }
@@ -358,7 +385,14 @@ impl Inbound<'_> {
             Ok(Frame::Batch { seq, ops }) => {
                 let reply = done.clone();
                 // the apply queue is bounded: waiting here is the back-pressure
-                tokio::task::block_in_place(|| self.jobs.send(Job::Batch { seq, ops, reply }))
+                let epoch = self.epoch;
+                let job = Job::Batch {
+                    seq,
+                    epoch,
+                    ops,
+                    reply,
+                };
+                tokio::task::block_in_place(|| self.jobs.send(job))
                     .map_err(|_| ReceiveError::ApplyGone)?;
             }
             Ok(Frame::Heartbeat) => {}
@@ -409,15 +443,42 @@ impl Inbound<'_> {
             Applied::Skipped { .. } => {}
             Applied::Rejected { seq, reason } => {
                 stats.checksum_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    seq,
-                    "dropped batch {seq}: {reason}; nothing of it was written; asking for it again"
-                );
-                self.nack(seq, reason).await?;
+                return Err(self
+                    .cannot_apply(seq, reason, "nothing of it was written")
+                    .await);
             }
-            Applied::Failed { seq, reason } => return Err(ReceiveError::Apply { seq, reason }),
+            Applied::Failed { seq, reason } => {
+                let what = "what it wrote is not acknowledged";
+                return Err(self.cannot_apply(seq, reason, what).await);
+            }
         }
         Ok(())
+    }
+
+    /// Batch `seq` failed a check or could not be applied: resending it unchanged could fail
+    /// for ever (a name that changed type, a missing parent, a full disk). Says why once
+    /// (again only when the reason changes), answers `Nack`, and ends the stream: the hot side
+    /// reconnects, our fresh index becomes its table, and it sends the paths involved (and
+    /// whatever else differs) as they are now.
+    async fn cannot_apply(&mut self, seq: u64, reason: String, written: &str) -> ReceiveError {
+        let new = {
+            let mut last = self.last_failure.lock().expect("failure lock");
+            let new = last.as_deref() != Some(reason.as_str());
+            *last = Some(reason.clone());
+            new
+        };
+        if new {
+            tracing::error!(
+                seq,
+                "cannot apply batch {seq}: {reason}; {written}; the hot side resyncs from our index (said once while the reason stays the same)"
+            );
+        } else {
+            tracing::debug!(seq, "cannot apply batch {seq} again: {reason}");
+        }
+        if let Err(e) = self.nack(seq, reason).await {
+            return e;
+        }
+        ReceiveError::Resync { seq }
     }
 
     /// Asks for `seq` again, unless a request is already out.

@@ -100,15 +100,32 @@ pub(crate) async fn run_net(
 ) {
     let mut gen = 0u64;
     let mut pause = RECONNECT_FIRST;
+    // the same failure again (a cold side that cannot apply a batch until it has room) is
+    // said once, not at every reconnection
+    let mut last_error = String::new();
+    let mut last_nack = String::new();
     loop {
         gen += 1;
-        let result = stream_once(&cfg, gen, &mut scanner, &stats, &events, &mut stop).await;
+        let result = stream_once(
+            &cfg,
+            gen,
+            &mut scanner,
+            (&stats, &events, &mut last_nack),
+            &mut stop,
+        )
+        .await;
         stats.connected.store(false, Ordering::Relaxed);
         let _ = scanner.ctl.send(ScanMsg::Disconnected);
         match result {
             Ok(()) => return,
             Err(e) => {
-                tracing::warn!(peer = %cfg.peer, "replication connection: {}; reconnecting in {} ms", crate::error_chain(&e), pause.as_millis());
+                let text = crate::error_chain(&e);
+                if text == last_error {
+                    tracing::debug!(peer = %cfg.peer, "replication connection: {text}; reconnecting in {} ms", pause.as_millis());
+                } else {
+                    tracing::warn!(peer = %cfg.peer, "replication connection: {text}; reconnecting in {} ms", pause.as_millis());
+                    last_error = text;
+                }
             }
         }
         if !pause_before_reconnect(pause, &mut scanner.out, &mut stop).await {
@@ -146,8 +163,7 @@ async fn stream_once(
     cfg: &StreamConfig,
     gen: u64,
     scanner: &mut ScannerLink,
-    stats: &SenderStats,
-    events: &Sender<SenderEvent>,
+    (stats, events, last_nack): (&SenderStats, &Sender<SenderEvent>, &mut String),
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), SendError> {
     let peer = cfg.peer;
@@ -175,6 +191,7 @@ async fn stream_once(
         verifies: HashMap::new(),
         drains: Vec::new(),
         last_sent: tokio::time::Instant::now(),
+        last_nack,
     };
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     loop {
@@ -238,7 +255,11 @@ async fn introduce(
         .map_err(proto)?;
     writer.flush().await.map_err(proto)?;
     match reader.recv().await.map_err(proto)? {
-        Frame::Welcome { .. } => Ok(()),
+        Frame::Welcome { epoch } => {
+            // the peer is cold and knows no newer epoch: a hot that waits may start its node
+            let _ = events.try_send(SenderEvent::Welcomed { epoch });
+            Ok(())
+        }
         Frame::Reject { epoch, reason } => Err(rejected(peer, epoch, reason, events)),
         other => Err(proto(ProtoError::Unexpected(format!(
             "{other:?} instead of Welcome"
@@ -302,6 +323,8 @@ struct Outbound<'a> {
     verifies: HashMap<u64, (TreeIndex, Sender<Result<VerifyReport, String>>)>,
     drains: Vec<Sender<Result<u64, String>>>,
     last_sent: tokio::time::Instant,
+    /// The reason of the last `Nack`, across connections: the same one again is not logged.
+    last_nack: &'a mut String,
 }
 
 impl Outbound<'_> {
@@ -418,7 +441,12 @@ impl Outbound<'_> {
     /// The cold side dropped batch `seq` (and all after it): resends them from the window.
     async fn on_nack(&mut self, seq: u64, reason: &str) -> Result<(), SendError> {
         self.stats.nacks.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(peer = %self.peer, seq, "the cold side rejected batch {seq}: {reason}; resending from it");
+        if reason == self.last_nack.as_str() {
+            tracing::debug!(peer = %self.peer, seq, "the cold side rejected batch {seq} again: {reason}");
+        } else {
+            tracing::warn!(peer = %self.peer, seq, "the cold side rejected batch {seq}: {reason}; resending from it (a batch it cannot apply ends the connection instead, and the next index resyncs its paths)");
+            reason.clone_into(self.last_nack);
+        }
         for (_, frame, _) in self.window.iter().filter(|(s, _, _)| *s >= seq) {
             self.writer
                 .send(frame)

@@ -23,18 +23,18 @@ use crate::util::{artemis_sync, main_cmd, spawn, toml_path, wait_bounded, Fixtur
 const PSK_HEX: &str = "5ec2e7c0ffee5ec2e7c0ffee5ec2e7c0ffee5ec2e7c0ffee5ec2e7c0ffee0001";
 
 /// The port of a listener the test keeps (and hands to the agent that listens there).
-fn port_of(listener: &TcpListener) -> u16 {
+pub(crate) fn port_of(listener: &TcpListener) -> u16 {
     listener.local_addr().unwrap().port()
 }
 
 #[derive(Debug, PartialEq, Eq)]
-enum Entry {
+pub(crate) enum Entry {
     Dir(u32),
     File { mode: u32, len: u64, blake3: String },
 }
 
 /// Paths, kinds, modes, sizes and content digests below `root` (mtimes are not replicated).
-fn content(root: &Path) -> BTreeMap<String, Entry> {
+pub(crate) fn content(root: &Path) -> BTreeMap<String, Entry> {
     let mut out = BTreeMap::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
@@ -65,27 +65,27 @@ fn content(root: &Path) -> BTreeMap<String, Entry> {
     out
 }
 
-struct Side {
+pub(crate) struct Side {
     name: &'static str,
-    config: PathBuf,
-    data: PathBuf,
+    pub(crate) config: PathBuf,
+    pub(crate) data: PathBuf,
     port: u16,
     /// Bound by the test on `port`, handed to every run of the agent as its fd 3.
     listener: TcpListener,
-    child: Option<Child>,
+    pub(crate) child: Option<Child>,
     runs: usize,
 }
 
-struct Pair {
-    fx: Fixture,
-    hot: Side,
-    cold: Side,
+pub(crate) struct Pair {
+    pub(crate) fx: Fixture,
+    pub(crate) hot: Side,
+    pub(crate) cold: Side,
 }
 
 impl Pair {
     /// `hot` streams to `cold`; `hot_peer` overrides where the hot connects (a proxy).
     /// `mode` is `psk`, `insecure` or `tls`.
-    fn new(mode: &str, hot_peer: Option<u16>) -> Pair {
+    pub(crate) fn new(mode: &str, hot_peer: Option<u16>) -> Pair {
         let fx = Fixture::new();
         let psk = fx.path("psk");
         fs::write(&psk, PSK_HEX).unwrap();
@@ -159,7 +159,7 @@ impl Pair {
         }
     }
 
-    fn start(&mut self, name: &str) {
+    pub(crate) fn start(&mut self, name: &str) {
         let fx_root = self.fx.root.clone();
         let s = self.side(name);
         s.runs += 1;
@@ -194,7 +194,7 @@ impl Pair {
         );
     }
 
-    fn kill9(&mut self, name: &str) {
+    pub(crate) fn kill9(&mut self, name: &str) {
         let s = self.side(name);
         if let Some(mut c) = s.child.take() {
             let _ = c.kill();
@@ -202,8 +202,7 @@ impl Pair {
         }
     }
 
-    #[allow(dead_code)]
-    fn stop(&mut self, name: &str) {
+    pub(crate) fn stop(&mut self, name: &str) {
         let s = self.side(name);
         if let Some(mut c) = s.child.take() {
             // SAFETY: kill has no memory-safety preconditions.
@@ -220,7 +219,7 @@ impl Pair {
         }
     }
 
-    fn status(&self, name: &str) -> serde_json::Value {
+    pub(crate) fn status(&self, name: &str) -> serde_json::Value {
         let cfg = if name == "hot" {
             &self.hot.config
         } else {
@@ -230,7 +229,7 @@ impl Pair {
         serde_json::from_str(out.stdout.trim()).unwrap_or(serde_json::Value::Null)
     }
 
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         let mut s = String::new();
         let mut names: Vec<_> = fs::read_dir(&self.fx.root)
             .unwrap()
@@ -249,7 +248,7 @@ impl Pair {
     }
 
     #[track_caller]
-    fn assert_converges(&self, limit: Duration) -> Duration {
+    pub(crate) fn assert_converges(&self, limit: Duration) -> Duration {
         let started = Instant::now();
         let ok = wait_until(limit, || {
             self.cold.data.exists() && content(&self.hot.data) == content(&self.cold.data)
@@ -281,7 +280,7 @@ impl Drop for Pair {
     }
 }
 
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+pub(crate) fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if cond() {
@@ -293,7 +292,7 @@ fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 /// A small Artemis-like tree: journal files, bindings, paging directories, odd modes.
-fn seed_tree(root: &Path, journal_mib: usize) {
+pub(crate) fn seed_tree(root: &Path, journal_mib: usize) {
     let mut x = 0x2545_f491_4f6c_dd1du64;
     let mut rnd = |n: usize| -> Vec<u8> {
         (0..n)
