@@ -10,5 +10,6 @@ mod link;
 mod listen;
 mod replication;
 mod root;
+mod scale;
 mod tools;
 mod util;

@@ -65,28 +65,35 @@ fn content(root: &Path) -> BTreeMap<String, Entry> {
     out
 }
 
-struct Side {
+pub(crate) struct Side {
     name: &'static str,
-    config: PathBuf,
-    data: PathBuf,
-    port: u16,
+    pub(crate) config: PathBuf,
+    pub(crate) data: PathBuf,
+    pub(crate) port: u16,
     /// Bound by the test on `port`, handed to every run of the agent as its fd 3.
     listener: TcpListener,
-    child: Option<Child>,
+    pub(crate) child: Option<Child>,
     runs: usize,
 }
 
-struct Pair {
-    fx: Fixture,
-    hot: Side,
-    cold: Side,
+pub(crate) struct Pair {
+    pub(crate) fx: Fixture,
+    pub(crate) hot: Side,
+    pub(crate) cold: Side,
 }
+
+/// `[replication]` lines every test pair gets unless it asks for others.
+const REPLICATION_EXTRA: &str = "rescan_interval_ms = 200";
 
 impl Pair {
     /// `hot` streams to `cold`; `hot_peer` overrides where the hot connects (a proxy).
     /// `mode` is `psk`, `insecure` or `tls`.
-    fn new(mode: &str, hot_peer: Option<u16>) -> Pair {
-        let fx = Fixture::new();
+    pub(crate) fn new(mode: &str, hot_peer: Option<u16>) -> Pair {
+        Pair::new_in(mode, hot_peer, Fixture::new(), REPLICATION_EXTRA)
+    }
+
+    /// As [`Pair::new`], in `fx`, with `extra` as the `[replication]` section's last lines.
+    pub(crate) fn new_in(mode: &str, hot_peer: Option<u16>, fx: Fixture, extra: &str) -> Pair {
         let psk = fx.path("psk");
         fs::write(&psk, PSK_HEX).unwrap();
         fs::set_permissions(&psk, fs::Permissions::from_mode(0o600)).unwrap();
@@ -126,7 +133,7 @@ impl Pair {
             };
             let text = format!(
                 "[node]\nbase_dir = {}\n\n[storage]\nmode = \"replicated\"\n\n[replication]\nrole = \"{role}\"\ndata_dir = {}\n\
-                 listen = \"127.0.0.1:{port}\"\npeer = \"127.0.0.1:{peer}\"\n{auth}\nstate_file = {}\nrescan_interval_ms = 200\n\n\
+                 listen = \"127.0.0.1:{port}\"\npeer = \"127.0.0.1:{peer}\"\n{auth}\nstate_file = {}\n{extra}\n\n\
                  [lock]\nmachine_name = \"{name}\"\n\n[agent]\ncontrol_socket = {}\n",
                 toml_path(&base),
                 toml_path(&data),
@@ -151,7 +158,7 @@ impl Pair {
         Pair { fx, hot, cold }
     }
 
-    fn side(&mut self, name: &str) -> &mut Side {
+    pub(crate) fn side(&mut self, name: &str) -> &mut Side {
         if name == "hot" {
             &mut self.hot
         } else {
@@ -159,7 +166,7 @@ impl Pair {
         }
     }
 
-    fn start(&mut self, name: &str) {
+    pub(crate) fn start(&mut self, name: &str) {
         let fx_root = self.fx.root.clone();
         let s = self.side(name);
         s.runs += 1;
@@ -194,7 +201,7 @@ impl Pair {
         );
     }
 
-    fn kill9(&mut self, name: &str) {
+    pub(crate) fn kill9(&mut self, name: &str) {
         let s = self.side(name);
         if let Some(mut c) = s.child.take() {
             let _ = c.kill();
@@ -203,7 +210,7 @@ impl Pair {
     }
 
     #[allow(dead_code)]
-    fn stop(&mut self, name: &str) {
+    pub(crate) fn stop(&mut self, name: &str) {
         let s = self.side(name);
         if let Some(mut c) = s.child.take() {
             // SAFETY: kill has no memory-safety preconditions.
@@ -220,7 +227,7 @@ impl Pair {
         }
     }
 
-    fn status(&self, name: &str) -> serde_json::Value {
+    pub(crate) fn status(&self, name: &str) -> serde_json::Value {
         let cfg = if name == "hot" {
             &self.hot.config
         } else {
@@ -230,7 +237,7 @@ impl Pair {
         serde_json::from_str(out.stdout.trim()).unwrap_or(serde_json::Value::Null)
     }
 
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         let mut s = String::new();
         let mut names: Vec<_> = fs::read_dir(&self.fx.root)
             .unwrap()
@@ -249,7 +256,7 @@ impl Pair {
     }
 
     #[track_caller]
-    fn assert_converges(&self, limit: Duration) -> Duration {
+    pub(crate) fn assert_converges(&self, limit: Duration) -> Duration {
         let started = Instant::now();
         let ok = wait_until(limit, || {
             self.cold.data.exists() && content(&self.hot.data) == content(&self.cold.data)
@@ -281,7 +288,7 @@ impl Drop for Pair {
     }
 }
 
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+pub(crate) fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if cond() {
@@ -519,19 +526,19 @@ fn issue4_without_psk_a_flipped_page_fails_its_blake3_and_is_resent() {
 
 /// Connects to the cold side with `auth` and, if authenticated, introduces itself as a hot
 /// side at `epoch`; returns the first answer.
-type RawConn = (
+pub(crate) type RawConn = (
     FrameReader<tokio::net::tcp::OwnedReadHalf>,
     FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
 );
 
-fn rt() -> tokio::runtime::Runtime {
+pub(crate) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap()
 }
 
-fn raw_client(
+pub(crate) fn raw_client(
     rt: &tokio::runtime::Runtime,
     port: u16,
     auth: Auth,
