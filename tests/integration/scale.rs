@@ -5,7 +5,8 @@
 //! and a few seconds at most, and cannot keep a real hot side out.
 
 use std::fs;
-use std::io::Read;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -185,4 +186,85 @@ fn issue11_metadata_index_and_digest_larger_than_a_frame_converge_and_resync() {
 #[ignore = "about a minute and 3 GiB of tmpfs; run by hand (see the doc comment)"]
 fn issue11_acceptance_200000_files_and_a_3_gib_file() {
     converge_at_scale(200_000, 40, 3072, 4096);
+}
+
+/// Issue 11 item 6: strangers that announce an 8 MiB frame before authenticating are refused
+/// on the length (no 8 MiB buffer each), one that sends nothing is dropped within the
+/// admission timeout, and 50 idle connections neither stay open nor keep the hot side out.
+#[test]
+fn issue11_unauthenticated_peers_cost_kibs_and_seconds_and_cannot_keep_the_hot_out() {
+    let mut p = Pair::new("psk", None);
+    fs::write(p.hot.data.join("a.amq"), b"journal").unwrap();
+    p.start("cold");
+    let cold = pid(&p, "cold");
+    let before = proc_kib(cold, "VmRSS");
+    // eight strangers at once, each announcing an 8 MiB first frame and trickling a few bytes
+    let mut strangers: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", p.cold.port)).unwrap();
+            s.write_all(&(8u32 << 20).to_le_bytes()).unwrap();
+            s.write_all(&[0; 100]).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let grown = proc_kib(cold, "VmRSS").saturating_sub(before);
+    println!("RSS of the cold agent grew by {grown} KiB for 8 strangers announcing 8 MiB frames");
+    assert!(grown < 8 << 10, "grew by {grown} KiB\n{}", p.logs());
+    for s in &mut strangers {
+        assert!(
+            closed_within(s, Duration::from_secs(1)),
+            "a stranger's connection stayed open"
+        );
+    }
+    // one that sends nothing is dropped within the admission timeout
+    let mut silent = TcpStream::connect(("127.0.0.1", p.cold.port)).unwrap();
+    let t = Instant::now();
+    assert!(closed_within(&mut silent, Duration::from_secs(8)));
+    println!("a silent peer was dropped after {:?}", t.elapsed());
+    // 50 idle ones: all but the first 8 are closed at once, and the hot side still streams
+    let mut idle: Vec<TcpStream> = (0..50)
+        .map(|_| TcpStream::connect(("127.0.0.1", p.cold.port)).unwrap())
+        .collect();
+    let closed = idle
+        .iter_mut()
+        .map(|s| closed_within(s, Duration::from_millis(300)))
+        .filter(|c| *c)
+        .count();
+    assert!(
+        closed >= 40,
+        "only {closed} of 50 idle connections closed at once"
+    );
+    p.start("hot");
+    let took = wait_synced(&p, Duration::from_secs(30));
+    println!("the hot side synced in {took:?} past 50 idle connections");
+    assert_eq!(fs::read(p.cold.data.join("a.amq")).unwrap(), b"journal");
+    assert!(
+        p.logs().contains("handshakes are already under way"),
+        "{}",
+        p.logs()
+    );
+}
+
+/// Whether the peer closes `s` within `limit` (a read returns end of file or an error).
+fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 256];
+    let deadline = Instant::now() + limit;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+    }
 }
