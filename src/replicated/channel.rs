@@ -209,6 +209,7 @@ where
                 writer.flush().await?;
             }
         }
+        reader.authenticated();
         Ok(())
     })
     .await
@@ -262,6 +263,7 @@ where
             writer.set_mac(FrameMac::new(session, 1));
             reader.set_mac(FrameMac::new(session, 0));
         }
+        reader.authenticated();
         Ok(())
     })
     .await

@@ -18,9 +18,11 @@ use tokio::sync::{mpsc, oneshot};
 use crate::replicated::apply::{Applier, Job, APPLY_QUEUE};
 use crate::replicated::channel::{self, Auth};
 use crate::replicated::ops::Applied;
-use crate::replicated::pages::PagesError;
+use crate::replicated::pages::{PageHash, PagesError};
 use crate::replicated::wire::framed::ReadTask;
-use crate::replicated::wire::{Frame, FrameReader, FrameWriter, ProtoError};
+use crate::replicated::wire::{
+    Frame, FrameReader, FrameWriter, ProtoError, DIGEST_CHUNK_BYTES, INDEX_CHUNK_PAGES,
+};
 
 pub use crate::replicated::stats::ReceiverStats;
 
@@ -30,6 +32,14 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 const WRITE_BUFFER_BYTES: usize = 1 << 16;
 /// The pause after a failed `accept` (out of descriptors, say) before the next.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// Encoded bytes of one file digest besides its path: the path's length prefix and the digest.
+const DIGEST_ENTRY_OVERHEAD: usize = 4 + 32;
+/// Connections still in their handshake at once; more are closed as soon as accepted.
+pub const MAX_UNAUTHENTICATED: usize = 8;
+/// A connection must be authenticated, introduced and admitted within this.
+pub const ADMIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections closed over [`MAX_UNAUTHENTICATED`] are logged at most this often.
+const OVER_CAP_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Decides whether a hot side at a given epoch may stream to us.
 pub trait Gate: Send + Sync {
@@ -144,6 +154,20 @@ struct Shared {
     streaming: Arc<tokio::sync::Mutex<()>>,
     /// The last reason a batch could not be applied (logged once while it stays the same).
     last_failure: Arc<std::sync::Mutex<Option<String>>>,
+    /// The admitted connection's stream task: a newly admitted one aborts it.
+    current: Arc<std::sync::Mutex<Option<tokio::task::AbortHandle>>>,
+    /// One permit per connection not yet admitted: at most [`MAX_UNAUTHENTICATED`].
+    handshakes: Arc<tokio::sync::Semaphore>,
+}
+
+impl Shared {
+    /// Replaces the admitted stream task (aborting the previous one); `None` aborts it only.
+    fn replace_current(&self, next: Option<tokio::task::AbortHandle>) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(previous) = std::mem::replace(&mut *current, next) {
+            previous.abort();
+        }
+    }
 }
 
 async fn accept_loop(
@@ -159,8 +183,10 @@ async fn accept_loop(
         stats,
         streaming: Arc::new(tokio::sync::Mutex::new(())),
         last_failure: Arc::new(std::sync::Mutex::new(None)),
+        current: Arc::new(std::sync::Mutex::new(None)),
+        handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_UNAUTHENTICATED)),
     };
-    let mut current: Option<tokio::task::JoinHandle<()>> = None;
+    let mut over_cap = OverCap::default();
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -172,32 +198,85 @@ async fn accept_loop(
                 }
             },
             _ = stop.changed() => {
-                if let Some(c) = current.take() {
-                    c.abort();
-                }
+                shared.replace_current(None);
                 return;
             }
         };
-        let previous = current.take();
-        current = Some(tokio::spawn(serve(shared.clone(), stream, peer, previous)));
+        let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+            // dropping the stream closes it at once: a flood costs a descriptor for an instant
+            over_cap.closed(peer);
+            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        tokio::spawn(serve(shared.clone(), stream, peer, permit));
     }
 }
 
-/// One connection: admitted, it replaces the `previous` one and streams until it ends.
+/// Connections closed because [`MAX_UNAUTHENTICATED`] handshakes were under way, logged at
+/// most once per [`OVER_CAP_LOG_EVERY`].
+#[derive(Default)]
+struct OverCap {
+    since_log: u64,
+    last_log: Option<tokio::time::Instant>,
+}
+
+impl OverCap {
+    fn closed(&mut self, peer: SocketAddr) {
+        self.since_log += 1;
+        if self
+            .last_log
+            .is_none_or(|t| t.elapsed() >= OVER_CAP_LOG_EVERY)
+        {
+            tracing::warn!(%peer, closed = self.since_log, "{MAX_UNAUTHENTICATED} replication handshakes are already under way: closed new connections at once");
+            self.since_log = 0;
+            self.last_log = Some(tokio::time::Instant::now());
+        }
+    }
+}
+
+/// One connection: authenticated and admitted within [`ADMIT_TIMEOUT`] (holding a handshake
+/// permit meanwhile), it replaces the admitted stream and streams until it ends.
 async fn serve(
     shared: Shared,
     stream: TcpStream,
     peer: SocketAddr,
-    previous: Option<tokio::task::JoinHandle<()>>,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let stats = &shared.stats;
     // authenticate before touching the previous stream: a stranger cannot cut it off
-    let Some((reader, writer, epoch, node)) = admit(&shared.cfg, stream, peer, stats).await else {
+    let admitted = tokio::time::timeout(ADMIT_TIMEOUT, admit(&shared.cfg, stream, peer, stats));
+    let Some((reader, writer, epoch, node)) = (match admitted.await {
+        Ok(x) => x,
+        Err(_) => refused(
+            stats,
+            peer,
+            &format!("no handshake within {ADMIT_TIMEOUT:?}"),
+        ),
+    }) else {
         return;
     };
-    if let Some(p) = previous {
-        p.abort();
-    }
+    drop(permit);
+    let task = tokio::spawn(stream_admitted(
+        shared.clone(),
+        reader,
+        writer,
+        peer,
+        epoch,
+        node,
+    ));
+    shared.replace_current(Some(task.abort_handle()));
+}
+
+/// An admitted hot side's stream, one at a time, until it ends.
+async fn stream_admitted(
+    shared: Shared,
+    reader: Reader,
+    writer: Writer,
+    peer: SocketAddr,
+    epoch: u64,
+    node: String,
+) {
+    let stats = &shared.stats;
     let _one_at_a_time = shared.streaming.lock().await;
     tracing::info!(%peer, epoch, node, "hot side connected");
     stats.connected.store(true, Ordering::Relaxed);
@@ -346,19 +425,39 @@ impl Inbound<'_> {
                 })
                 .await?;
         }
-        for (path, f) in index.files {
+        for (path, mut f) in index.files {
+            // the first chunk of pages goes with the file, the rest in IndexPages frames
+            let rest = f.pages.split_off(f.pages.len().min(INDEX_CHUNK_PAGES));
             self.writer
                 .send(&Frame::IndexFile {
-                    path,
+                    path: path.clone(),
                     len: f.len,
                     mode: f.mode,
                     pages: f.pages,
                 })
                 .await?;
+            self.send_index_pages(&path, &rest).await?;
         }
         self.writer.send(&Frame::IndexEnd).await?;
         self.writer.flush().await?;
         self.count_out();
+        Ok(())
+    }
+
+    /// The pages of a file beyond its [`Frame::IndexFile`]'s chunk, in chunks of
+    /// [`INDEX_CHUNK_PAGES`].
+    async fn send_index_pages(&mut self, path: &str, rest: &[PageHash]) -> Result<(), ProtoError> {
+        let mut first_page = INDEX_CHUNK_PAGES;
+        for chunk in rest.chunks(INDEX_CHUNK_PAGES) {
+            self.writer
+                .send(&Frame::IndexPages {
+                    path: path.to_owned(),
+                    first_page: first_page as u64,
+                    pages: chunk.to_vec(),
+                })
+                .await?;
+            first_page += chunk.len();
+        }
         Ok(())
     }
 
@@ -434,7 +533,7 @@ impl Inbound<'_> {
                     .last_ack_unix_ms
                     .store(crate::sys::now_unix_ms(), Ordering::Relaxed);
                 for (id, root, files) in digests {
-                    self.writer.send(&Frame::Digest { id, root, files }).await?;
+                    self.send_digest(id, root, files).await?;
                 }
                 self.writer.send(&Frame::Ack { seq }).await?;
                 self.writer.flush().await?;
@@ -479,6 +578,35 @@ impl Inbound<'_> {
             return e;
         }
         ReceiveError::Resync { seq }
+    }
+
+    /// A barrier's digest: [`Frame::DigestFiles`] chunks of at most [`DIGEST_CHUNK_BYTES`],
+    /// then the [`Frame::Digest`] with the root and the last chunk.
+    async fn send_digest(
+        &mut self,
+        id: u64,
+        root: [u8; 32],
+        files: Vec<(String, [u8; 32])>,
+    ) -> Result<(), ProtoError> {
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        for (path, digest) in files {
+            let size = path.len() + DIGEST_ENTRY_OVERHEAD;
+            if bytes + size > DIGEST_CHUNK_BYTES && !chunk.is_empty() {
+                let files = std::mem::take(&mut chunk);
+                self.writer.send(&Frame::DigestFiles { id, files }).await?;
+                bytes = 0;
+            }
+            bytes += size;
+            chunk.push((path, digest));
+        }
+        self.writer
+            .send(&Frame::Digest {
+                id,
+                root,
+                files: chunk,
+            })
+            .await
     }
 
     /// Asks for `seq` again, unless a request is already out.

@@ -80,6 +80,12 @@ pub enum SendError {
 }
 
 type Reader = FrameReader<channel::BoxRead>;
+/// A verify waiting for its digest: the hot table, where to answer, the cold files so far.
+type PendingVerify = (
+    TreeIndex,
+    Sender<Result<VerifyReport, String>>,
+    Vec<(String, [u8; 32])>,
+);
 type Writer = FrameWriter<tokio::io::BufWriter<channel::BoxWrite>>;
 
 /// The scanner's side of the network task.
@@ -285,11 +291,35 @@ fn rejected(
     }
 }
 
-/// The cold side's tree, as it sends it after the welcome.
+/// The cold side's tree, as it sends it after the welcome: a file's page hashes may continue
+/// in [`Frame::IndexPages`] frames right after its [`Frame::IndexFile`].
 async fn receive_index(reader: &mut Reader) -> Result<TreeIndex, ProtoError> {
     let mut index = TreeIndex::default();
+    // the file whose pages may continue, and its state so far
+    let mut open: Option<(String, FileState)> = None;
     loop {
-        match reader.recv().await? {
+        let frame = reader.recv().await?;
+        if let Frame::IndexPages {
+            path,
+            first_page,
+            pages,
+        } = frame
+        {
+            match &mut open {
+                Some((p, f)) if *p == path && u64::try_from(f.pages.len()) == Ok(first_page) => {
+                    f.pages.extend_from_slice(&pages);
+                }
+                _ => {
+                    let what = format!("pages from {first_page} of {path:?} out of order");
+                    return Err(ProtoError::Unexpected(what));
+                }
+            }
+            continue;
+        }
+        if let Some((path, f)) = open.take() {
+            index.files.insert(path, f);
+        }
+        match frame {
             Frame::IndexDir { path, mode } => {
                 index.dirs.insert(path, mode);
             }
@@ -298,9 +328,7 @@ async fn receive_index(reader: &mut Reader) -> Result<TreeIndex, ProtoError> {
                 len,
                 mode,
                 pages,
-            } => {
-                index.files.insert(path, FileState { len, mode, pages });
-            }
+            } => open = Some((path, FileState { len, mode, pages })),
             Frame::IndexEnd => return Ok(index),
             other => return Err(ProtoError::Unexpected(format!("{other:?} in the index"))),
         }
@@ -315,12 +343,14 @@ struct Outbound<'a> {
     writer: Writer,
     stats: &'a SenderStats,
     events: &'a Sender<SenderEvent>,
-    /// Sent and not yet acknowledged: sequence number, frame, page data bytes.
+    /// Sent and not yet acknowledged: sequence number, frame, its bytes on the wire.
     window: VecDeque<(u64, Frame, usize)>,
     window_bytes: usize,
     window_limit: usize,
     next_seq: u64,
-    verifies: HashMap<u64, (TreeIndex, Sender<Result<VerifyReport, String>>)>,
+    /// Verify requests by barrier id: the hot table, where to answer, and the cold side's file
+    /// digests received so far ([`Frame::DigestFiles`] chunks).
+    verifies: HashMap<u64, PendingVerify>,
     drains: Vec<Sender<Result<u64, String>>>,
     last_sent: tokio::time::Instant,
     /// The reason of the last `Nack`, across connections: the same one again is not logged.
@@ -352,7 +382,7 @@ impl Outbound<'_> {
                 reply,
             } => {
                 if gen == self.gen {
-                    self.verifies.insert(id, (hot, reply));
+                    self.verifies.insert(id, (hot, reply, Vec::new()));
                 } else {
                     let _ = reply.send(Err("the connection changed during verify".into()));
                 }
@@ -380,14 +410,15 @@ impl Outbound<'_> {
         let before = self.writer.bytes;
         self.send_flush(&frame).await?;
         let stats = self.stats;
-        stats
-            .wire_bytes
-            .fetch_add(self.writer.bytes - before, Ordering::Relaxed);
+        let wire = self.writer.bytes - before;
+        stats.wire_bytes.fetch_add(wire, Ordering::Relaxed);
         stats.data_bytes.fetch_add(data as u64, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.sent_seq.store(seq, Ordering::Relaxed);
-        self.window_bytes += data;
-        self.window.push_back((seq, frame, data));
+        // the window holds frames: count what they take, metadata included, not page data only
+        let held = usize::try_from(wire).unwrap_or(usize::MAX);
+        self.window_bytes += held;
+        self.window.push_back((seq, frame, held));
         self.last_sent = tokio::time::Instant::now();
         Ok(())
     }
@@ -404,9 +435,16 @@ impl Outbound<'_> {
         match frame {
             Frame::Ack { seq } => self.on_ack(seq).await,
             Frame::Nack { seq, reason } => self.on_nack(seq, &reason).await,
+            Frame::DigestFiles { id, files } => {
+                if let Some((_, _, so_far)) = self.verifies.get_mut(&id) {
+                    so_far.extend(files);
+                }
+                Ok(())
+            }
             Frame::Digest { id, root, files } => {
-                if let Some((hot, reply)) = self.verifies.remove(&id) {
-                    let _ = reply.send(Ok(VerifyReport::compare(&hot, root, files)));
+                if let Some((hot, reply, mut so_far)) = self.verifies.remove(&id) {
+                    so_far.extend(files);
+                    let _ = reply.send(Ok(VerifyReport::compare(&hot, root, so_far)));
                 }
                 Ok(())
             }

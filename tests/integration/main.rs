@@ -11,5 +11,6 @@ mod link;
 mod listen;
 mod replication;
 mod root;
+mod scale;
 mod tools;
 mod util;

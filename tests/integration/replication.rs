@@ -69,7 +69,7 @@ pub(crate) struct Side {
     name: &'static str,
     pub(crate) config: PathBuf,
     pub(crate) data: PathBuf,
-    port: u16,
+    pub(crate) port: u16,
     /// Bound by the test on `port`, handed to every run of the agent as its fd 3.
     listener: TcpListener,
     pub(crate) child: Option<Child>,
@@ -82,11 +82,18 @@ pub(crate) struct Pair {
     pub(crate) cold: Side,
 }
 
+/// `[replication]` lines every test pair gets unless it asks for others.
+const REPLICATION_EXTRA: &str = "rescan_interval_ms = 200";
+
 impl Pair {
     /// `hot` streams to `cold`; `hot_peer` overrides where the hot connects (a proxy).
     /// `mode` is `psk`, `insecure` or `tls`.
     pub(crate) fn new(mode: &str, hot_peer: Option<u16>) -> Pair {
-        let fx = Fixture::new();
+        Pair::new_in(mode, hot_peer, Fixture::new(), REPLICATION_EXTRA)
+    }
+
+    /// As [`Pair::new`], in `fx`, with `extra` as the `[replication]` section's last lines.
+    pub(crate) fn new_in(mode: &str, hot_peer: Option<u16>, fx: Fixture, extra: &str) -> Pair {
         let psk = fx.path("psk");
         fs::write(&psk, PSK_HEX).unwrap();
         fs::set_permissions(&psk, fs::Permissions::from_mode(0o600)).unwrap();
@@ -126,7 +133,7 @@ impl Pair {
             };
             let text = format!(
                 "[node]\nbase_dir = {}\n\n[storage]\nmode = \"replicated\"\n\n[replication]\nrole = \"{role}\"\ndata_dir = {}\n\
-                 listen = \"127.0.0.1:{port}\"\npeer = \"127.0.0.1:{peer}\"\n{auth}\nstate_file = {}\nrescan_interval_ms = 200\n\n\
+                 listen = \"127.0.0.1:{port}\"\npeer = \"127.0.0.1:{peer}\"\n{auth}\nstate_file = {}\n{extra}\n\n\
                  [lock]\nmachine_name = \"{name}\"\n\n[agent]\ncontrol_socket = {}\n",
                 toml_path(&base),
                 toml_path(&data),
@@ -151,7 +158,7 @@ impl Pair {
         Pair { fx, hot, cold }
     }
 
-    fn side(&mut self, name: &str) -> &mut Side {
+    pub(crate) fn side(&mut self, name: &str) -> &mut Side {
         if name == "hot" {
             &mut self.hot
         } else {
@@ -518,19 +525,19 @@ fn issue4_without_psk_a_flipped_page_fails_its_blake3_and_is_resent() {
 
 /// Connects to the cold side with `auth` and, if authenticated, introduces itself as a hot
 /// side at `epoch`; returns the first answer.
-type RawConn = (
+pub(crate) type RawConn = (
     FrameReader<tokio::net::tcp::OwnedReadHalf>,
     FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
 );
 
-fn rt() -> tokio::runtime::Runtime {
+pub(crate) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap()
 }
 
-fn raw_client(
+pub(crate) fn raw_client(
     rt: &tokio::runtime::Runtime,
     port: u16,
     auth: Auth,

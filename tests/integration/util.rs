@@ -77,9 +77,14 @@ pub(crate) struct Fixture {
 
 impl Fixture {
     pub(crate) fn new() -> Self {
+        Fixture::new_in(&std::env::temp_dir())
+    }
+
+    /// A fixture below `dir` (`/dev/shm` for big trees on tmpfs).
+    pub(crate) fn new_in(dir: &Path) -> Self {
         let tmp = tempfile::Builder::new()
             .prefix("artemis-sync-it.")
-            .tempdir()
+            .tempdir_in(dir)
             .expect("create temp dir");
         let root = tmp.path().canonicalize().expect("canonicalize temp dir");
         Fixture { _tmp: tmp, root }

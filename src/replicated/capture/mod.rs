@@ -47,7 +47,8 @@ mod tests;
 
 use watch::FsEvent;
 
-/// Page data per batch before it is sent.
+/// Encoded bytes (page data, checksums, paths) per batch before it is sent: an eighth of the
+/// frame limit, so a batch always fits one frame.
 pub const BATCH_DATA_BYTES: usize = 1 << 20;
 /// How long a lone "moved from" event waits for its "moved to" before it counts as a delete.
 pub const RENAME_PAIR_WAIT: Duration = Duration::from_millis(50);
@@ -57,6 +58,24 @@ const RENAME_POLL: Duration = Duration::from_millis(2);
 pub const RACY_WINDOW: Duration = Duration::from_millis(100);
 /// How often initial-sync progress is logged.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// Bytes an op adds to a batch frame beyond its paths and data: type, lengths, offsets,
+/// modes, with room for a few more fields.
+const OP_OVERHEAD_BYTES: usize = 64;
+
+/// A bound on the bytes `op` takes in a batch frame (its page data, page checksums, paths and
+/// fields), for sizing batches.
+fn wire_bytes(op: &Op) -> usize {
+    OP_OVERHEAD_BYTES
+        + match op {
+            Op::Write {
+                path, data, hashes, ..
+            } => path.len() + data.len() + hashes.len() * 32,
+            Op::Rename { from, to } => from.len() + to.len(),
+            Op::Mkdir { path, .. } | Op::SetFile { path, .. } | Op::Remove { path } => path.len(),
+            Op::Barrier { .. } => 0,
+        }
+}
 
 /// What the scanner needs to know.
 #[derive(Debug, Clone)]
@@ -320,9 +339,13 @@ impl Scanner {
         (!s.is_empty()).then(|| s.to_owned())
     }
 
+    /// Adds an op to the batch; a batch that reaches [`BATCH_DATA_BYTES`] of encoded ops
+    /// (page data, or metadata alone: 200,000 files to create) is sent at once, so no batch
+    /// comes near the frame limit whatever the number of files.
     fn push(&mut self, op: Op) {
-        self.data += op.data_len();
+        self.data += wire_bytes(&op);
         self.ops.push(op);
+        self.flush_if_full();
     }
 
     /// Sends the ops so far as one batch.
@@ -340,7 +363,7 @@ impl Scanner {
             .blocking_send(Outgoing::Batch { gen: self.gen, ops });
     }
 
-    /// Sends the ops so far once they carry a batch's worth of data.
+    /// Sends the ops so far once they make a batch's worth of bytes.
     fn flush_if_full(&mut self) {
         if self.data >= BATCH_DATA_BYTES {
             self.flush();

@@ -233,7 +233,60 @@ impl Frame {
             | Frame::Digest { .. }
             | Frame::Drained { .. }
             | Frame::Heartbeat => self.encode_stream(&mut e),
+            Frame::IndexPages { .. } | Frame::DigestFiles { .. } => self.encode_chunk(&mut e),
         }
+    }
+
+    /// Frame types 16 and 17: the chunks that follow a long index entry or precede a long
+    /// digest.
+    fn encode_chunk(&self, e: &mut Enc<'_>) -> Result<(), ProtoError> {
+        match self {
+            Frame::IndexPages {
+                path,
+                first_page,
+                pages,
+            } => {
+                e.u8(16);
+                e.str(path)?;
+                e.u64(*first_page);
+                e.count(pages.len())?;
+                pages.iter().for_each(|p| e.arr(p));
+            }
+            Frame::DigestFiles { id, files } => {
+                e.u8(17);
+                e.u64(*id);
+                e.count(files.len())?;
+                for (p, d) in files {
+                    e.str(p)?;
+                    e.arr(d);
+                }
+            }
+            other => unreachable!("{other:?} is not a chunk frame"),
+        }
+        Ok(())
+    }
+
+    fn decode_chunk(t: u8, d: &mut Dec<'_>) -> Result<Frame, ProtoError> {
+        Ok(match t {
+            16 => {
+                let path = d.str("file path")?;
+                let first_page = d.u64("first page")?;
+                let n = d.count("page hashes", 16)?;
+                let pages = d.items(n, |d| d.arr::<16>("page hash"))?;
+                Frame::IndexPages {
+                    path,
+                    first_page,
+                    pages,
+                }
+            }
+            17 => {
+                let id = d.u64("id")?;
+                let n = d.count("digests", 36)?;
+                let files = d.items(n, |d| Ok((d.str("path")?, d.arr::<32>("digest")?)))?;
+                Frame::DigestFiles { id, files }
+            }
+            t => return Err(unknown(t)),
+        })
     }
 
     /// Frame types 1 to 6: authentication, introduction, admission.
@@ -353,6 +406,7 @@ impl Frame {
             t @ 1..=6 => Frame::decode_handshake(t, &mut d)?,
             t @ 7..=9 => Frame::decode_index(t, &mut d)?,
             t @ 10..=15 => Frame::decode_stream(t, &mut d)?,
+            t @ 16..=17 => Frame::decode_chunk(t, &mut d)?,
             t => return Err(unknown(t)),
         };
         d.end()?;

@@ -1,5 +1,8 @@
 //! Frames on a byte stream: [`FrameWriter`] encodes, prefixes the length and appends the MAC;
-//! [`FrameReader`] checks the length before it allocates, then the MAC, then decodes.
+//! [`FrameReader`] checks the length before it allocates, then the MAC, then decodes. A new
+//! reader accepts only handshake-sized frames ([`MAX_HANDSHAKE_FRAME_BYTES`]) until the
+//! handshake calls [`FrameReader::authenticated`], so a peer that has proved nothing cannot
+//! make us allocate more than a few KiB.
 //! `ReadTask` runs a reader in its own task so that a connection's `select!` never cancels a
 //! read half-way.
 
@@ -9,7 +12,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::replicated::wire::mac::{mac_eq, FrameMac};
-use crate::replicated::wire::{Frame, ProtoError, MAC_BYTES, MAX_FRAME_BYTES};
+use crate::replicated::wire::{
+    Frame, ProtoError, MAC_BYTES, MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME_BYTES,
+};
 
 /// Bytes of the length prefix.
 const LEN_BYTES: usize = 4;
@@ -29,7 +34,8 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(inner: W) -> Self {
         FrameWriter {
             inner,
-            buf: Vec::with_capacity(1 << 20),
+            // grows to the largest frame sent: a refusal to a stranger stays small
+            buf: Vec::new(),
             mac: None,
             bytes: 0,
         }
@@ -78,19 +84,28 @@ pub struct FrameReader<R> {
     inner: R,
     buf: Vec<u8>,
     mac: Option<FrameMac>,
+    /// The largest body accepted: handshake-sized until [`FrameReader::authenticated`].
+    limit: usize,
     /// Bytes read, for statistics.
     pub bytes: u64,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    /// A reader without MAC (until [`FrameReader::set_mac`]).
+    /// A reader without MAC (until [`FrameReader::set_mac`]) that accepts only frames of up to
+    /// [`MAX_HANDSHAKE_FRAME_BYTES`] (until [`FrameReader::authenticated`]).
     pub fn new(inner: R) -> Self {
         FrameReader {
             inner,
             buf: Vec::new(),
             mac: None,
+            limit: MAX_HANDSHAKE_FRAME_BYTES,
             bytes: 0,
         }
+    }
+
+    /// The peer proved who it is: from now on frames of up to [`MAX_FRAME_BYTES`] are read.
+    pub fn authenticated(&mut self) {
+        self.limit = MAX_FRAME_BYTES;
     }
 
     /// From now on, every frame must carry a valid MAC.
@@ -109,8 +124,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         // a length beyond the address space is beyond the limit too
         let len = usize::try_from(u32::from_le_bytes(prefix)).unwrap_or(usize::MAX);
-        if len > MAX_FRAME_BYTES {
-            return Err(ProtoError::TooLarge(len));
+        if len > self.limit {
+            return Err(if self.limit < MAX_FRAME_BYTES {
+                ProtoError::TooLargeBeforeAuth(len)
+            } else {
+                ProtoError::TooLarge(len)
+            });
         }
         let total = len + if self.mac.is_some() { MAC_BYTES } else { 0 };
         self.buf.resize(total, 0);

@@ -30,9 +30,19 @@ pub use mac::{mac_eq, nonce, FrameMac, Psk};
 mod tests;
 
 /// The protocol version spoken.
-pub const VERSION: u16 = 1;
-/// The largest frame body accepted or sent.
+pub const VERSION: u16 = 2;
+/// The largest frame body accepted or sent once the peer is authenticated.
 pub const MAX_FRAME_BYTES: usize = 8 << 20;
+/// The largest frame body accepted before the peer is authenticated: the handshake's frames
+/// (and a refusal's reason) take a few dozen bytes, so a stranger costs at most this much.
+pub const MAX_HANDSHAKE_FRAME_BYTES: usize = 4 << 10;
+/// The most page hashes one index frame ([`Frame::IndexFile`] or [`Frame::IndexPages`])
+/// carries: 16 B each, 2 MiB of them, a quarter of a frame. A file with more is sent as its
+/// `IndexFile` (the first chunk) followed by `IndexPages` frames for the rest.
+pub const INDEX_CHUNK_PAGES: usize = 128 << 10;
+/// The most bytes of file digests (paths plus 32-byte digests) one digest frame
+/// ([`Frame::DigestFiles`] or [`Frame::Digest`]) carries: half a frame.
+pub const DIGEST_CHUNK_BYTES: usize = 4 << 20;
 /// The longest path accepted.
 pub const MAX_PATH_BYTES: usize = 4096;
 /// Bytes of MAC after each frame in PSK mode.
@@ -47,6 +57,8 @@ pub enum ProtoError {
     Closed,
     /// frame of {0} bytes exceeds the limit of 8 MiB
     TooLarge(usize),
+    /// frame of {0} bytes before authentication exceeds the handshake limit of 4 KiB
+    TooLargeBeforeAuth(usize),
     /// frame {seq} failed its authentication code (altered in transit, or a different key)
     BadMac { seq: u64 },
     /// malformed frame: {0}
@@ -89,13 +101,28 @@ pub enum Frame {
     },
     /// Cold: the index is complete.
     IndexEnd,
+    /// Cold: more page hashes of the file the last [`Frame::IndexFile`] named, from page
+    /// `first_page` on: a file with more than [`INDEX_CHUNK_PAGES`] pages is sent as its
+    /// `IndexFile` (its first chunk) followed by these, in order, before any other frame.
+    IndexPages {
+        path: String,
+        first_page: u64,
+        pages: Vec<PageHash>,
+    },
     /// Hot: changes to apply in order, then fsync, then ack `seq`.
     Batch { seq: u64, ops: Vec<Op> },
     /// Cold: batch `seq` and all before it are durable.
     Ack { seq: u64 },
     /// Cold: batch `seq` was rejected (failed a check) and dropped with all after it: resend.
     Nack { seq: u64, reason: String },
-    /// Cold: the tree digest at a barrier.
+    /// Cold: a chunk of the file digests of barrier `id`; the [`Frame::Digest`] of the same
+    /// id that follows carries the root and the last chunk. Each frame carries at most
+    /// [`DIGEST_CHUNK_BYTES`] of them.
+    DigestFiles {
+        id: u64,
+        files: Vec<(String, [u8; 32])>,
+    },
+    /// Cold: the tree digest at a barrier (the last chunk of its file digests).
     Digest {
         id: u64,
         root: [u8; 32],

@@ -86,9 +86,25 @@ fn every_frame() -> Vec<Frame> {
     ]
 }
 
+/// The frames that continue a long index entry and precede a long digest (version 2).
+fn chunk_frames() -> Vec<Frame> {
+    vec![
+        Frame::IndexPages {
+            path: "large-messages/1.msg".into(),
+            first_page: 131_072,
+            pages: vec![[7; 16], [8; 16]],
+        },
+        Frame::DigestFiles {
+            id: 1,
+            files: vec![("b".into(), [9; 32])],
+        },
+    ]
+}
+
 #[test]
 fn every_frame_round_trips() {
-    let frames = every_frame();
+    let mut frames = every_frame();
+    frames.extend(chunk_frames());
     for f in &frames {
         round_trip(f);
     }
@@ -98,10 +114,10 @@ fn every_frame_round_trips() {
     for f in &frames {
         f.encode(&mut all).unwrap();
     }
-    assert_eq!(all.len(), 8730);
+    assert_eq!(all.len(), 8849);
     assert_eq!(
         blake3::hash(&all).to_hex().as_str(),
-        "26561762ef53e624d3dcd453d91c425b10af7df97f9001570d11b7010e5d907c"
+        "2781d367192b1fdc713a03d2ec62cce63764d997850d1e0e3738bac613c4dc73"
     );
 }
 
@@ -131,6 +147,23 @@ fn hostile_counts_and_lengths_are_refused_before_allocation() {
 }
 
 #[tokio::test]
+async fn before_authentication_only_handshake_sized_frames_are_read() {
+    // a stranger announcing an 8 MiB frame is refused on its length, before any allocation
+    let mut wire = (8u32 << 20).to_le_bytes().to_vec();
+    wire.extend_from_slice(&[0; 64]);
+    let mut r = FrameReader::new(&wire[..]);
+    let e = r.recv().await.unwrap_err();
+    assert!(
+        matches!(e, ProtoError::TooLargeBeforeAuth(n) if n == 8 << 20),
+        "{e:?}"
+    );
+    // once authenticated, the same frame is within limits (and short of bytes here)
+    let mut r = FrameReader::new(&wire[..]);
+    r.authenticated();
+    assert!(matches!(r.recv().await, Err(ProtoError::Closed)));
+}
+
+#[tokio::test]
 async fn macs_catch_flipped_bytes_and_keep_the_stream_in_step() {
     let psk = Psk::from_hex(&"ab".repeat(32)).unwrap();
     let session = psk.session(&[1; 32], &[2; 32]);
@@ -149,6 +182,7 @@ async fn macs_catch_flipped_bytes_and_keep_the_stream_in_step() {
     let frame_len = wire.len() / 3;
     wire[frame_len + 6] ^= 0x40; // inside the second frame's body
     let mut r = FrameReader::new(&wire[..]);
+    r.authenticated();
     r.set_mac(FrameMac::new(session, 0));
     assert_eq!(r.recv().await.unwrap(), Frame::Ack { seq: 1 });
     assert!(matches!(r.recv().await, Err(ProtoError::BadMac { seq: 1 })));
