@@ -21,6 +21,8 @@ use crate::replicated::pages::{
     self, confine, no_symlinks_below, FileCache, PagesError, TreeIndex,
 };
 
+mod meta;
+
 /// Batches queued for the apply thread.
 pub const APPLY_QUEUE: usize = 4;
 
@@ -126,15 +128,8 @@ impl Applier {
     /// Every path confined and free of symlinks, every write whole pages with good hashes.
     fn validate(&self, ops: &[Op]) -> Result<(), String> {
         for op in ops {
-            let paths: Vec<&str> = match op {
-                Op::Mkdir { path, .. }
-                | Op::SetFile { path, .. }
-                | Op::Remove { path }
-                | Op::Write { path, .. } => vec![path],
-                Op::Rename { from, to } => vec![from, to],
-                Op::Barrier { .. } => vec![],
-            };
-            for p in paths {
+            meta::check_target(op)?;
+            for p in meta::op_paths(op) {
                 let full = confine(&self.root, p).map_err(|e| e.to_string())?;
                 no_symlinks_below(&self.root, &full, p).map_err(|e| e.to_string())?;
             }
@@ -196,7 +191,13 @@ impl Applier {
         let mut touched = Touched::default();
         let mut digests = Vec::new();
         for op in ops {
+            self.guard(&op)?;
             match op {
+                Op::SetAttrs { path, attrs } => self.set_attrs(&path, attrs, &mut touched)?,
+                Op::Symlink { path, target } => self.symlink(&path, &target, &mut touched)?,
+                Op::Allocate { path, offset, len } => {
+                    self.allocate(&path, offset, len, &mut touched)?
+                }
                 Op::Mkdir { path, mode } => self.mkdir(&path, mode, &mut touched)?,
                 Op::SetFile { path, len, mode } => self.set_file(path, len, mode, &mut touched)?,
                 Op::Write {
@@ -246,11 +247,19 @@ impl Applier {
         touched: &mut Touched,
     ) -> Result<(), PagesError> {
         let full = self.root.join(&path);
-        if fs::symlink_metadata(&full).is_ok_and(|m| m.is_dir()) {
+        let existing = fs::symlink_metadata(&full).ok();
+        if existing.as_ref().is_some_and(|m| m.is_dir()) {
             self.files.forget(&path);
             fs::remove_dir_all(&full).map_err(io_err("cannot remove", &full))?;
+        } else if existing
+            .as_ref()
+            .is_some_and(|m| m.file_type().is_symlink())
+        {
+            // a symlink became a file: replace the link, never write through it
+            self.files.forget(&path);
+            fs::remove_file(&full).map_err(io_err("cannot remove", &full))?;
         }
-        let created = !full.exists();
+        let created = existing.is_none_or(|m| !m.is_file());
         let f = self.open(&path, true)?;
         f.set_len(len)
             .map_err(io_err("cannot set length of", &full))?;

@@ -311,11 +311,11 @@ impl Inbound<'_> {
             .await
             .map_err(|_| ReceiveError::ApplyGone)?
             .map_err(ReceiveError::Index)?;
-        for (path, mode) in &index.dirs {
+        for (path, attrs) in &index.dirs {
             self.writer
                 .send(&Frame::IndexDir {
                     path: path.clone(),
-                    mode: *mode,
+                    attrs: *attrs,
                 })
                 .await?;
         }
@@ -324,8 +324,18 @@ impl Inbound<'_> {
                 .send(&Frame::IndexFile {
                     path,
                     len: f.len,
-                    mode: f.mode,
+                    attrs: f.attrs,
+                    allocated: f.allocated,
                     pages: f.pages,
+                })
+                .await?;
+        }
+        for (path, l) in index.links {
+            self.writer
+                .send(&Frame::IndexLink {
+                    path,
+                    target: l.target,
+                    attrs: l.attrs,
                 })
                 .await?;
         }

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::replicated::channel::{self, Auth};
 use crate::replicated::ops::{Op, Outgoing, ScanMsg, SenderEvent, VerifyReport};
-use crate::replicated::pages::{FileState, TreeIndex};
+use crate::replicated::pages::{FileState, LinkState, TreeIndex};
 use crate::replicated::stats::SenderStats;
 use crate::replicated::wire::framed::ReadTask;
 use crate::replicated::wire::{Frame, FrameReader, FrameWriter, ProtoError};
@@ -269,16 +269,30 @@ async fn receive_index(reader: &mut Reader) -> Result<TreeIndex, ProtoError> {
     let mut index = TreeIndex::default();
     loop {
         match reader.recv().await? {
-            Frame::IndexDir { path, mode } => {
-                index.dirs.insert(path, mode);
+            Frame::IndexDir { path, attrs } => {
+                index.dirs.insert(path, attrs);
             }
             Frame::IndexFile {
                 path,
                 len,
-                mode,
+                attrs,
+                allocated,
                 pages,
             } => {
-                index.files.insert(path, FileState { len, mode, pages });
+                let state = FileState {
+                    len,
+                    attrs,
+                    allocated,
+                    pages,
+                };
+                index.files.insert(path, state);
+            }
+            Frame::IndexLink {
+                path,
+                target,
+                attrs,
+            } => {
+                index.links.insert(path, LinkState { target, attrs });
             }
             Frame::IndexEnd => return Ok(index),
             other => return Err(ProtoError::Unexpected(format!("{other:?} in the index"))),

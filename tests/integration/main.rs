@@ -5,6 +5,7 @@
 
 mod agent;
 mod cli;
+mod exact;
 mod helper;
 mod link;
 mod listen;

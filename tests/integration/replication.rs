@@ -65,10 +65,10 @@ fn content(root: &Path) -> BTreeMap<String, Entry> {
     out
 }
 
-struct Side {
+pub(crate) struct Side {
     name: &'static str,
-    config: PathBuf,
-    data: PathBuf,
+    pub(crate) config: PathBuf,
+    pub(crate) data: PathBuf,
     port: u16,
     /// Bound by the test on `port`, handed to every run of the agent as its fd 3.
     listener: TcpListener,
@@ -76,16 +76,16 @@ struct Side {
     runs: usize,
 }
 
-struct Pair {
-    fx: Fixture,
-    hot: Side,
-    cold: Side,
+pub(crate) struct Pair {
+    pub(crate) fx: Fixture,
+    pub(crate) hot: Side,
+    pub(crate) cold: Side,
 }
 
 impl Pair {
     /// `hot` streams to `cold`; `hot_peer` overrides where the hot connects (a proxy).
     /// `mode` is `psk`, `insecure` or `tls`.
-    fn new(mode: &str, hot_peer: Option<u16>) -> Pair {
+    pub(crate) fn new(mode: &str, hot_peer: Option<u16>) -> Pair {
         let fx = Fixture::new();
         let psk = fx.path("psk");
         fs::write(&psk, PSK_HEX).unwrap();
@@ -159,7 +159,7 @@ impl Pair {
         }
     }
 
-    fn start(&mut self, name: &str) {
+    pub(crate) fn start(&mut self, name: &str) {
         let fx_root = self.fx.root.clone();
         let s = self.side(name);
         s.runs += 1;
@@ -194,7 +194,7 @@ impl Pair {
         );
     }
 
-    fn kill9(&mut self, name: &str) {
+    pub(crate) fn kill9(&mut self, name: &str) {
         let s = self.side(name);
         if let Some(mut c) = s.child.take() {
             let _ = c.kill();
@@ -220,7 +220,7 @@ impl Pair {
         }
     }
 
-    fn status(&self, name: &str) -> serde_json::Value {
+    pub(crate) fn status(&self, name: &str) -> serde_json::Value {
         let cfg = if name == "hot" {
             &self.hot.config
         } else {
@@ -230,7 +230,7 @@ impl Pair {
         serde_json::from_str(out.stdout.trim()).unwrap_or(serde_json::Value::Null)
     }
 
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         let mut s = String::new();
         let mut names: Vec<_> = fs::read_dir(&self.fx.root)
             .unwrap()
@@ -281,7 +281,7 @@ impl Drop for Pair {
     }
 }
 
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+pub(crate) fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if cond() {

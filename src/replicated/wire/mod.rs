@@ -17,7 +17,7 @@
 use std::io;
 
 use crate::replicated::ops::Op;
-use crate::replicated::pages::PageHash;
+use crate::replicated::pages::{Attrs, Entry, PageHash};
 
 pub mod codec;
 pub mod framed;
@@ -29,8 +29,9 @@ pub use mac::{mac_eq, nonce, FrameMac, Psk};
 #[cfg(test)]
 mod tests;
 
-/// The protocol version spoken.
-pub const VERSION: u16 = 1;
+/// The protocol version spoken (2: owners, symlinks and allocation in the index, ops and
+/// digests).
+pub const VERSION: u16 = 2;
 /// The largest frame body accepted or sent.
 pub const MAX_FRAME_BYTES: usize = 8 << 20;
 /// The longest path accepted.
@@ -79,13 +80,20 @@ pub enum Frame {
     /// Acceptor: refused (a stale epoch, two hot sides), with its epoch and why.
     Reject { epoch: u64, reason: String },
     /// Cold: a directory of its tree.
-    IndexDir { path: String, mode: u32 },
-    /// Cold: a file of its tree with its page hashes.
+    IndexDir { path: String, attrs: Attrs },
+    /// Cold: a file of its tree with its allocation and page hashes.
     IndexFile {
         path: String,
         len: u64,
-        mode: u32,
+        attrs: Attrs,
+        allocated: bool,
         pages: Vec<PageHash>,
+    },
+    /// Cold: a symlink of its tree.
+    IndexLink {
+        path: String,
+        target: String,
+        attrs: Attrs,
     },
     /// Cold: the index is complete.
     IndexEnd,
@@ -95,11 +103,11 @@ pub enum Frame {
     Ack { seq: u64 },
     /// Cold: batch `seq` was rejected (failed a check) and dropped with all after it: resend.
     Nack { seq: u64, reason: String },
-    /// Cold: the tree digest at a barrier.
+    /// Cold: the tree digest at a barrier, and every entry.
     Digest {
         id: u64,
         root: [u8; 32],
-        files: Vec<(String, [u8; 32])>,
+        files: Vec<(String, Entry)>,
     },
     /// Hot: everything up to `seq` was sent and acked, and the hot is going away cleanly.
     Drained { seq: u64 },

@@ -2,6 +2,15 @@
 
 use super::*;
 use crate::replicated::ops::Op;
+use crate::replicated::pages::{Attrs, Entry, EntryKind};
+
+fn attrs(mode: u32) -> Attrs {
+    Attrs {
+        mode,
+        uid: 4321,
+        gid: 4322,
+    }
+}
 use proptest::prelude::*;
 
 fn round_trip(f: &Frame) {
@@ -36,13 +45,19 @@ fn every_frame() -> Vec<Frame> {
         },
         Frame::IndexDir {
             path: "journal".into(),
-            mode: 0o755,
+            attrs: attrs(0o755),
         },
         Frame::IndexFile {
             path: "journal/a".into(),
             len: 5,
-            mode: 0o644,
+            attrs: attrs(0o644),
+            allocated: true,
             pages: vec![[9; 16]],
+        },
+        Frame::IndexLink {
+            path: "journal/l".into(),
+            target: "../elsewhere".into(),
+            attrs: attrs(0o777),
         },
         Frame::IndexEnd,
         Frame::Batch {
@@ -69,6 +84,19 @@ fn every_frame() -> Vec<Frame> {
                 },
                 Op::Remove { path: "d".into() },
                 Op::Barrier { id: 1 },
+                Op::SetAttrs {
+                    path: "d/g".into(),
+                    attrs: attrs(0o640),
+                },
+                Op::Symlink {
+                    path: "d/l".into(),
+                    target: "/etc/passwd".into(),
+                },
+                Op::Allocate {
+                    path: "d/g".into(),
+                    offset: 4096,
+                    len: 8192,
+                },
             ],
         },
         Frame::Ack { seq: 3 },
@@ -79,7 +107,17 @@ fn every_frame() -> Vec<Frame> {
         Frame::Digest {
             id: 1,
             root: [5; 32],
-            files: vec![("a".into(), [6; 32])],
+            files: vec![(
+                "a".into(),
+                Entry {
+                    kind: EntryKind::Link,
+                    attrs: attrs(0o777),
+                    len: 0,
+                    allocated: false,
+                    content: [6; 32],
+                    target: "b".into(),
+                },
+            )],
         },
         Frame::Drained { seq: 3 },
         Frame::Heartbeat,
@@ -92,16 +130,16 @@ fn every_frame_round_trips() {
     for f in &frames {
         round_trip(f);
     }
-    // the bytes themselves, as the previous implementation wrote them: a peer running it
-    // must read ours
+    // the bytes themselves (version 2: owners, symlinks and allocation), so that an encoding
+    // change cannot pass unnoticed: a peer of the same version must read ours
     let mut all = Vec::new();
     for f in &frames {
         f.encode(&mut all).unwrap();
     }
-    assert_eq!(all.len(), 8730);
+    assert_eq!(all.len(), 8883);
     assert_eq!(
         blake3::hash(&all).to_hex().as_str(),
-        "26561762ef53e624d3dcd453d91c425b10af7df97f9001570d11b7010e5d907c"
+        "b86b1336ee8b5c2d859ddd03968d5167df91e565e0bfcbce2c24b1dcc2899be2"
     );
 }
 
@@ -118,7 +156,7 @@ fn hostile_counts_and_lengths_are_refused_before_allocation() {
     let mut out = Vec::new();
     Frame::IndexDir {
         path: "a".repeat(MAX_PATH_BYTES + 1),
-        mode: 0,
+        attrs: Attrs::default(),
     }
     .encode(&mut out)
     .unwrap();
