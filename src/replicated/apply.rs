@@ -24,6 +24,10 @@ use crate::replicated::pages::{
 };
 use crate::replicated::receiver::Gate;
 
+mod meta;
+
+use meta::op_paths;
+
 /// Batches queued for the apply thread.
 pub const APPLY_QUEUE: usize = 4;
 
@@ -180,12 +184,11 @@ impl Applier {
         if seq != self.expected {
             return Applied::Skipped { seq };
         }
-        let deferred = match self.validate(&ops) {
-            Ok(d) => d,
-            Err(reason) => return Applied::Rejected { seq, reason },
-        };
+        if let Err(reason) = self.validate(&ops) {
+            return Applied::Rejected { seq, reason };
+        }
         let bytes = ops.iter().map(|o| o.data_len() as u64).sum();
-        match self.apply(ops, &deferred) {
+        match self.apply(ops) {
             Ok(digests) => {
                 self.expected += 1;
                 Applied::Done {
@@ -207,16 +210,15 @@ impl Applier {
     /// Every path confined and free of symlinks, every write whole pages with good hashes.
     /// A path below (or at) one that an earlier op of the batch creates, removes or renames
     /// cannot be checked against the disk before the batch runs (a file that becomes a
-    /// directory): its op is marked in the returned set and checked just before it runs.
-    fn validate(&self, ops: &[Op]) -> Result<HashSet<usize>, String> {
+    /// directory): it is checked just before its op runs ([`Applier::guard`], which checks
+    /// every op again then).
+    fn validate(&self, ops: &[Op]) -> Result<(), String> {
         let mut changed: HashSet<&str> = HashSet::new();
-        let mut deferred = HashSet::new();
-        for (i, op) in ops.iter().enumerate() {
+        for op in ops {
+            meta::check_target(op)?;
             for p in op_paths(op) {
                 let full = confine(&self.root, p).map_err(|e| e.to_string())?;
-                if ancestors_or_self(p).any(|a| changed.contains(a)) {
-                    deferred.insert(i);
-                } else {
+                if !ancestors_or_self(p).any(|a| changed.contains(a)) {
                     no_symlinks_below(&self.root, &full, p).map_err(|e| e.to_string())?;
                 }
             }
@@ -233,7 +235,7 @@ impl Applier {
                 self.validate_pages(path, *offset, data, hashes)?;
             }
         }
-        Ok(deferred)
+        Ok(())
     }
 
     fn validate_pages(
@@ -277,13 +279,9 @@ impl Applier {
     }
 
     /// Applies a validated batch, then makes it durable; returns the digests of its barriers.
-    fn apply(
-        &mut self,
-        ops: Vec<Op>,
-        deferred: &HashSet<usize>,
-    ) -> Result<Vec<BarrierDigest>, PagesError> {
+    fn apply(&mut self, ops: Vec<Op>) -> Result<Vec<BarrierDigest>, PagesError> {
         let mut touched = Touched::default();
-        let result = self.apply_ops(ops, deferred, &mut touched);
+        let result = self.apply_ops(ops, &mut touched);
         #[cfg(test)]
         self.log.append(&mut touched.log);
         result
@@ -292,17 +290,15 @@ impl Applier {
     fn apply_ops(
         &mut self,
         ops: Vec<Op>,
-        deferred: &HashSet<usize>,
         touched: &mut Touched,
     ) -> Result<Vec<BarrierDigest>, PagesError> {
         let mut digests = Vec::new();
-        for (i, op) in ops.into_iter().enumerate() {
-            if deferred.contains(&i) {
-                for p in op_paths(&op) {
-                    no_symlinks_below(&self.root, &self.root.join(p), p)?;
-                }
-            }
+        for op in ops {
+            self.guard(&op)?;
             match op {
+                Op::SetAttrs { path, attrs } => self.set_attrs(&path, attrs, touched)?,
+                Op::Symlink { path, target } => self.symlink(&path, &target, touched)?,
+                Op::Allocate { path, offset, len } => self.allocate(&path, offset, len, touched)?,
                 Op::Mkdir { path, mode } => self.mkdir(&path, mode, touched)?,
                 Op::SetFile { path, len, mode } => self.set_file(path, len, mode, touched)?,
                 Op::Write {
@@ -382,11 +378,19 @@ impl Applier {
         touched: &mut Touched,
     ) -> Result<(), PagesError> {
         let full = self.root.join(&path);
-        if fs::symlink_metadata(&full).is_ok_and(|m| m.is_dir()) {
+        let existing = fs::symlink_metadata(&full).ok();
+        if existing.as_ref().is_some_and(|m| m.is_dir()) {
             self.files.forget(&path);
             fs::remove_dir_all(&full).map_err(io_err("cannot remove", &full))?;
+        } else if existing
+            .as_ref()
+            .is_some_and(|m| m.file_type().is_symlink())
+        {
+            // a symlink became a file: replace the link, never write through it
+            self.files.forget(&path);
+            fs::remove_file(&full).map_err(io_err("cannot remove", &full))?;
         }
-        let created = !full.exists();
+        let created = existing.is_none_or(|m| !m.is_file());
         let f = self.open(&path, true)?;
         f.set_len(len)
             .map_err(io_err("cannot set length of", &full))?;
@@ -471,18 +475,6 @@ impl Applier {
             }
         }
         Ok(())
-    }
-}
-
-/// The paths an op names.
-fn op_paths(op: &Op) -> Vec<&str> {
-    match op {
-        Op::Mkdir { path, .. }
-        | Op::SetFile { path, .. }
-        | Op::Remove { path }
-        | Op::Write { path, .. } => vec![path],
-        Op::Rename { from, to } => vec![from, to],
-        Op::Barrier { .. } => vec![],
     }
 }
 

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use crossbeam_channel::Sender;
 
-use crate::replicated::pages::TreeIndex;
+use crate::replicated::pages::{compare_entries, Attrs, Entry, TreeIndex};
 
 /// One change to apply on the cold side, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,8 +26,16 @@ pub enum Op {
         data: Vec<u8>,
         hashes: Vec<[u8; 32]>,
     },
-    /// Rename a file or directory.
+    /// Rename a file, directory or symlink.
     Rename { from: String, to: String },
+    /// Set the owner and group of `path` itself (never a symlink's target), then its mode
+    /// (unless it is a symlink: changing the owner may clear set-id bits).
+    SetAttrs { path: String, attrs: Attrs },
+    /// Make `path` a symlink to `target` (text, never followed), replacing what is there.
+    Symlink { path: String, target: String },
+    /// Allocate `len` bytes of the file at `offset` (`fallocate`, mode 0): the hot file is
+    /// fully allocated, so the cold one must not be sparse.
+    Allocate { path: String, offset: u64, len: u64 },
     /// Remove a file or a directory tree.
     Remove { path: String },
     /// `verify`: reply with the digest of the tree as it stands after everything before this.
@@ -44,8 +52,8 @@ impl Op {
     }
 }
 
-/// The digest of the tree at a barrier: its id, the root, and each file's digest.
-pub type BarrierDigest = (u64, [u8; 32], Vec<(String, [u8; 32])>);
+/// The digest of the tree at a barrier: its id, the root, and each entry.
+pub type BarrierDigest = (u64, [u8; 32], Vec<(String, Entry)>);
 
 /// The apply thread's outcome for one batch: the connection answers `Ack` for `Done`, nothing
 /// for `Skipped`, `Nack` for `Rejected`, and drops the stream for `Failed`.
@@ -121,34 +129,29 @@ pub struct VerifyReport {
     pub hot_root: String,
     /// The cold tree's root digest (hex).
     pub cold_root: String,
-    /// Files in the trees.
+    /// Entries (directories, files, symlinks) in the larger tree.
     pub files: usize,
-    /// Files that differ or exist on one side only.
+    /// Each difference in words: "journal/a: owner 4321:4322 vs 0:0" (hot first),
+    /// "link x: target a vs b", "x: missing on cold".
     pub differing: Vec<String>,
 }
 
 impl VerifyReport {
-    /// Compares the hot side's table with the digest the cold side computed at the barrier.
+    /// Compares the hot side's table with the entries the cold side listed at the barrier.
     pub(crate) fn compare(
         hot: &TreeIndex,
         cold_root: [u8; 32],
-        cold_files: Vec<(String, [u8; 32])>,
+        cold_entries: Vec<(String, Entry)>,
     ) -> VerifyReport {
-        let (hot_root, hot_files) = hot.digest();
-        let cold: BTreeMap<String, [u8; 32]> = cold_files.into_iter().collect();
-        let mut differing: Vec<String> = hot_files
-            .iter()
-            .filter(|(p, d)| cold.get(*p) != Some(d))
-            .map(|(p, _)| p.clone())
-            .collect();
-        differing.extend(cold.keys().filter(|p| !hot_files.contains_key(*p)).cloned());
-        differing.sort();
+        let (hot_root, hot_entries) = hot.digest();
+        let cold: BTreeMap<String, Entry> = cold_entries.into_iter().collect();
+        let differing = compare_entries(&hot_entries, &cold);
         let hex = |d: &[u8; 32]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
         VerifyReport {
             identical: hot_root == cold_root && differing.is_empty(),
             hot_root: hex(&hot_root),
             cold_root: hex(&cold_root),
-            files: hot_files.len().max(cold.len()),
+            files: hot_entries.len().max(cold.len()),
             differing,
         }
     }

@@ -1,7 +1,12 @@
 //! Pages and trees: the per-page blake3 table that tells what changed ([`hash_pages`]), the
-//! tree index the cold side reports on connect, the whole-tree digest `verify` compares, the
-//! confinement of paths received from the network to the data directory, and the cache of
-//! open files (`FileCache`) the scanner and the apply thread keep.
+//! tree index the cold side reports on connect (every directory, file and symlink with its
+//! mode, owner and group, a file's allocation, a link's target), the whole-tree digest
+//! `verify` compares (`entry.rs`), the confinement of paths received from the network to the
+//! data directory, and the cache of open files (`FileCache`) the scanner and the apply thread
+//! keep.
+//!
+//! Symlinks are data: their target is read as text (`readlink`) and never followed; every
+//! file is opened with `O_NOFOLLOW`.
 //!
 //! Files are read with positional reads (`pread`), never through `mmap`: a file truncated by
 //! Artemis while we read it then gives a short read instead of a SIGBUS that would kill the
@@ -11,8 +16,18 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+
+mod entry;
+
+pub use entry::{compare_entries, Entry, EntryKind};
+
+/// The unit of allocation a file's length is rounded up to when telling whether it is fully
+/// allocated (the smallest block of the filesystems the journal lives on).
+pub const ALLOC_UNIT_BYTES: u64 = 4096;
+/// Bytes per unit of `st_blocks`.
+const ST_BLOCK_BYTES: u64 = 512;
 
 /// A page's entry in a table: the first 16 bytes of its blake3 digest.
 pub type PageHash = [u8; 16];
@@ -55,15 +70,75 @@ pub fn page_hash(data: &[u8]) -> PageHash {
     out
 }
 
-/// What the table knows of one file: its length, mode, and a hash per page.
+/// What every entry has besides its content: permission bits, owner and group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Attrs {
+    /// Permission bits (`0o7777`).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+}
+
+impl Attrs {
+    /// The attributes in `m` (from `lstat` or `fstat`).
+    pub fn of(m: &fs::Metadata) -> Attrs {
+        Attrs {
+            mode: m.mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
+        }
+    }
+}
+
+/// Whether the file in `m` has every block of its length allocated (a preallocated journal
+/// file, or any file written throughout), as opposed to sparse. An empty file is not.
+pub fn fully_allocated(m: &fs::Metadata) -> bool {
+    let len = m.len();
+    len > 0 && m.blocks().saturating_mul(ST_BLOCK_BYTES) >= len.next_multiple_of(ALLOC_UNIT_BYTES)
+}
+
+/// What the table knows of one file: its length, attributes, allocation, and a hash per page.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FileState {
     /// Length in bytes.
     pub len: u64,
-    /// Permission bits.
-    pub mode: u32,
+    /// Mode, owner and group.
+    pub attrs: Attrs,
+    /// Whether every block of its length is allocated ([`fully_allocated`]).
+    pub allocated: bool,
     /// One entry per `page_size` bytes; the last page may be short.
     pub pages: Vec<PageHash>,
+}
+
+/// What the table knows of one symlink: its target (text, never followed) and attributes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkState {
+    /// The target, as `readlink` returns it.
+    pub target: String,
+    /// Owner and group (the mode of a symlink is always `0o777` on Linux).
+    pub attrs: Attrs,
+}
+
+/// Opens `path` for reading without following a symlink at its last component.
+pub fn open_nofollow(path: &Path) -> io::Result<File> {
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// The target of the symlink at `path` as text; `None` (logged) if it is not UTF-8.
+pub fn link_target(path: &Path) -> io::Result<Option<String>> {
+    let target = fs::read_link(path)?;
+    match target.into_os_string().into_string() {
+        Ok(t) => Ok(Some(t)),
+        Err(_) => {
+            tracing::warn!(link = %path.display(), "skipping a symlink whose target is not UTF-8");
+            Ok(None)
+        }
+    }
 }
 
 impl FileState {
@@ -78,16 +153,18 @@ impl FileState {
     }
 }
 
-/// The page table of the file at `path`: its length, mode and the hash of every page (read
-/// with `pread`, [`READ_PAGES`] pages at a time).
+/// The page table of the file at `path`: its length, attributes, allocation and the hash of
+/// every page (read with `pread`, [`READ_PAGES`] pages at a time). A symlink at `path` is not
+/// followed (`ELOOP`).
 pub fn hash_pages(path: &Path, page_size: usize) -> Result<FileState, PagesError> {
-    let file = File::open(path).map_err(io_err("cannot open", path))?;
+    let file = open_nofollow(path).map_err(io_err("cannot open", path))?;
     let meta = file.metadata().map_err(io_err("cannot inspect", path))?;
     // only a capacity hint: a length beyond the address space starts from an empty table
     let pages = usize::try_from(meta.len()).map_or(0, |len| len.div_ceil(page_size));
     let mut state = FileState {
         len: 0,
-        mode: meta.mode() & 0o7777,
+        attrs: Attrs::of(&meta),
+        allocated: fully_allocated(&meta),
         pages: Vec::with_capacity(pages),
     };
     let mut buf = vec![0u8; page_size * READ_PAGES];
@@ -158,43 +235,21 @@ impl FileCache {
     }
 }
 
-/// A whole tree: directories and their modes, files and their states, by relative path.
+/// A whole tree: directories, files and symlinks with their states, by relative path.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TreeIndex {
-    /// Directories (relative, `/`-separated) and their permission bits.
-    pub dirs: BTreeMap<String, u32>,
+    /// Directories (relative, `/`-separated) and their attributes.
+    pub dirs: BTreeMap<String, Attrs>,
     /// Files (relative, `/`-separated).
     pub files: BTreeMap<String, FileState>,
+    /// Symlinks (relative, `/`-separated).
+    pub links: BTreeMap<String, LinkState>,
 }
 
-impl TreeIndex {
-    /// The root digest over every directory and file (path, mode, content digest), and the
-    /// per-file digests, for `verify`.
-    pub fn digest(&self) -> ([u8; 32], BTreeMap<String, [u8; 32]>) {
-        let mut root = blake3::Hasher::new();
-        for (d, mode) in &self.dirs {
-            root.update(b"d");
-            root.update(d.as_bytes());
-            root.update(&[0]);
-            root.update(&mode.to_le_bytes());
-        }
-        let mut per_file = BTreeMap::new();
-        for (f, state) in &self.files {
-            let d = state.digest();
-            root.update(b"f");
-            root.update(f.as_bytes());
-            root.update(&[0]);
-            root.update(&state.mode.to_le_bytes());
-            root.update(&d);
-            per_file.insert(f.clone(), d);
-        }
-        (*root.finalize().as_bytes(), per_file)
-    }
-}
-
-/// Hashes the whole tree under `root`. Symlinks and special files are skipped (the journal
-/// holds none, and a replica must never create them). Files that vanish while being read are
-/// left out: the next event or rescan accounts for them.
+/// Hashes the whole tree under `root`: directories, files, and symlinks (their target, never
+/// followed). Special files are skipped (the journal holds none, and a replica must never
+/// create them). Entries that vanish while being read are left out: the next event or rescan
+/// accounts for them.
 pub fn index_tree(root: &Path, page_size: usize) -> Result<TreeIndex, PagesError> {
     let mut index = TreeIndex::default();
     let mut stack = vec![String::new()];
@@ -226,8 +281,13 @@ pub fn index_tree(root: &Path, page_size: usize) -> Result<TreeIndex, PagesError
                 continue;
             };
             if meta.is_dir() {
-                index.dirs.insert(child.clone(), meta.mode() & 0o7777);
+                index.dirs.insert(child.clone(), Attrs::of(&meta));
                 stack.push(child);
+            } else if meta.file_type().is_symlink() {
+                if let Ok(Some(target)) = link_target(&path) {
+                    let attrs = Attrs::of(&meta);
+                    index.links.insert(child, LinkState { target, attrs });
+                }
             } else if meta.is_file() {
                 match hash_pages(&path, page_size) {
                     Ok(state) => {
@@ -279,9 +339,11 @@ pub fn confine(root: &Path, rel: &str) -> Result<PathBuf, PagesError> {
     Ok(joined)
 }
 
-/// Checks that no existing component of `path` below `root` is a symlink or special file, so
-/// that writing to `path` stays inside `root`. Missing components are fine (they will be
-/// created as real directories).
+/// Checks that no existing parent component of `path` below `root` is a symlink or anything
+/// but a directory, so that an op on `path` stays inside `root`, and that `path` itself is not
+/// a device, socket or pipe. `path` itself may be a symlink: ops act on the link, never
+/// through it (files are opened with `O_NOFOLLOW`). Missing components are fine (they will
+/// be created as real directories).
 pub fn no_symlinks_below(root: &Path, path: &Path, rel: &str) -> Result<(), PagesError> {
     let mut cur = root.to_owned();
     let parts: Vec<_> = path
@@ -291,6 +353,7 @@ pub fn no_symlinks_below(root: &Path, path: &Path, rel: &str) -> Result<(), Page
     for (i, part) in parts.iter().enumerate() {
         cur.push(part);
         match fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() && i + 1 == parts.len() => {}
             Ok(m) if m.file_type().is_symlink() => {
                 return Err(PagesError::Unconfined {
                     path: rel.to_owned(),
@@ -323,6 +386,34 @@ pub fn set_mode(path: &Path, mode: u32) -> Result<(), PagesError> {
     if meta.mode() & 0o7777 != mode {
         fs::set_permissions(path, fs::Permissions::from_mode(mode))
             .map_err(io_err("cannot set mode of", path))?;
+    }
+    Ok(())
+}
+
+/// Sets the owner and group of `path` itself (`fchownat` with `AT_SYMLINK_NOFOLLOW`: a
+/// symlink's own owner, never its target's).
+pub fn set_owner(path: &Path, uid: u32, gid: u32) -> Result<(), PagesError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| PagesError::Io {
+        op: "cannot change the owner of",
+        path: path.to_owned(),
+        source: io::Error::from(io::ErrorKind::InvalidInput),
+    })?;
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call; fchownat reads it
+    // and keeps no reference.
+    let rc = unsafe {
+        libc::fchownat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            uid,
+            gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        return Err(io_err("cannot change the owner of", path)(
+            io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }
@@ -395,7 +486,46 @@ mod tests {
         fs::write(dir.path().join("journal/a"), &data[..9999]).unwrap();
         let (root2, files) = index_tree(dir.path(), 4096).unwrap().digest();
         assert_ne!(root1, root2);
-        assert_eq!(files.len(), 1);
+        assert_eq!(files.len(), 2, "the directory and the file");
+    }
+
+    #[test]
+    fn the_index_has_owners_symlinks_and_allocation_and_verify_names_each_difference() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::write(root.join("zeros"), vec![0u8; 64 << 10]).unwrap();
+        File::create(root.join("sparse"))
+            .unwrap()
+            .set_len(64 << 10)
+            .unwrap();
+        std::os::unix::fs::symlink("../outside", root.join("link")).unwrap();
+        let idx = index_tree(root, 4096).unwrap();
+        assert_eq!(idx.links["link"].target, "../outside");
+        assert!(idx.files["zeros"].allocated);
+        assert!(!idx.files["sparse"].allocated);
+        let mut cold = idx.clone();
+        cold.links.get_mut("link").unwrap().target = "b".into();
+        cold.files.get_mut("zeros").unwrap().attrs.uid = 4321;
+        cold.files.get_mut("zeros").unwrap().allocated = false;
+        cold.files.remove("sparse");
+        let (hot_root, hot) = idx.digest();
+        let (cold_root, cold) = cold.digest();
+        assert_ne!(hot_root, cold_root);
+        let diff = compare_entries(&hot, &cold);
+        assert_eq!(
+            diff,
+            [
+                "link link: target ../outside vs b",
+                "sparse: missing on cold",
+                &format!(
+                    "zeros: owner {}:{} vs 4321:{}",
+                    idx.files["zeros"].attrs.uid,
+                    idx.files["zeros"].attrs.gid,
+                    idx.files["zeros"].attrs.gid
+                ),
+                "zeros: fully allocated vs sparse",
+            ]
+        );
     }
 
     proptest! {

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::replicated::apply::{Applier, Job, APPLY_QUEUE};
 use crate::replicated::channel::{self, Auth};
 use crate::replicated::ops::Applied;
-use crate::replicated::pages::{PageHash, PagesError};
+use crate::replicated::pages::{Entry, PageHash, PagesError};
 use crate::replicated::wire::framed::ReadTask;
 use crate::replicated::wire::{
     Frame, FrameReader, FrameWriter, ProtoError, DIGEST_CHUNK_BYTES, INDEX_CHUNK_PAGES,
@@ -32,8 +32,6 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 const WRITE_BUFFER_BYTES: usize = 1 << 16;
 /// The pause after a failed `accept` (out of descriptors, say) before the next.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
-/// Encoded bytes of one file digest besides its path: the path's length prefix and the digest.
-const DIGEST_ENTRY_OVERHEAD: usize = 4 + 32;
 /// Connections still in their handshake at once; more are closed as soon as accepted.
 pub const MAX_UNAUTHENTICATED: usize = 8;
 /// A connection must be authenticated, introduced and admitted within this.
@@ -417,11 +415,11 @@ impl Inbound<'_> {
             .await
             .map_err(|_| ReceiveError::ApplyGone)?
             .map_err(ReceiveError::Index)?;
-        for (path, mode) in &index.dirs {
+        for (path, attrs) in &index.dirs {
             self.writer
                 .send(&Frame::IndexDir {
                     path: path.clone(),
-                    mode: *mode,
+                    attrs: *attrs,
                 })
                 .await?;
         }
@@ -432,11 +430,21 @@ impl Inbound<'_> {
                 .send(&Frame::IndexFile {
                     path: path.clone(),
                     len: f.len,
-                    mode: f.mode,
+                    attrs: f.attrs,
+                    allocated: f.allocated,
                     pages: f.pages,
                 })
                 .await?;
             self.send_index_pages(&path, &rest).await?;
+        }
+        for (path, l) in index.links {
+            self.writer
+                .send(&Frame::IndexLink {
+                    path,
+                    target: l.target,
+                    attrs: l.attrs,
+                })
+                .await?;
         }
         self.writer.send(&Frame::IndexEnd).await?;
         self.writer.flush().await?;
@@ -586,12 +594,13 @@ impl Inbound<'_> {
         &mut self,
         id: u64,
         root: [u8; 32],
-        files: Vec<(String, [u8; 32])>,
+        files: Vec<(String, Entry)>,
     ) -> Result<(), ProtoError> {
         let mut chunk = Vec::new();
         let mut bytes = 0;
         for (path, digest) in files {
-            let size = path.len() + DIGEST_ENTRY_OVERHEAD;
+            let size =
+                path.len() + digest.target.len() + crate::replicated::wire::codec::ENTRY_MIN_BYTES;
             if bytes + size > DIGEST_CHUNK_BYTES && !chunk.is_empty() {
                 let files = std::mem::take(&mut chunk);
                 self.writer.send(&Frame::DigestFiles { id, files }).await?;

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::replicated::channel::{self, Auth};
 use crate::replicated::ops::{Op, Outgoing, ScanMsg, SenderEvent, VerifyReport};
-use crate::replicated::pages::{FileState, TreeIndex};
+use crate::replicated::pages::{Entry, FileState, LinkState, TreeIndex};
 use crate::replicated::stats::SenderStats;
 use crate::replicated::wire::framed::ReadTask;
 use crate::replicated::wire::{Frame, FrameReader, FrameWriter, ProtoError};
@@ -84,7 +84,7 @@ type Reader = FrameReader<channel::BoxRead>;
 type PendingVerify = (
     TreeIndex,
     Sender<Result<VerifyReport, String>>,
-    Vec<(String, [u8; 32])>,
+    Vec<(String, Entry)>,
 );
 type Writer = FrameWriter<tokio::io::BufWriter<channel::BoxWrite>>;
 
@@ -320,15 +320,31 @@ async fn receive_index(reader: &mut Reader) -> Result<TreeIndex, ProtoError> {
             index.files.insert(path, f);
         }
         match frame {
-            Frame::IndexDir { path, mode } => {
-                index.dirs.insert(path, mode);
+            Frame::IndexDir { path, attrs } => {
+                index.dirs.insert(path, attrs);
             }
             Frame::IndexFile {
                 path,
                 len,
-                mode,
+                attrs,
+                allocated,
                 pages,
-            } => open = Some((path, FileState { len, mode, pages })),
+            } => {
+                let state = FileState {
+                    len,
+                    attrs,
+                    allocated,
+                    pages,
+                };
+                open = Some((path, state));
+            }
+            Frame::IndexLink {
+                path,
+                target,
+                attrs,
+            } => {
+                index.links.insert(path, LinkState { target, attrs });
+            }
             Frame::IndexEnd => return Ok(index),
             other => return Err(ProtoError::Unexpected(format!("{other:?} in the index"))),
         }

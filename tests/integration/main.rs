@@ -5,6 +5,7 @@
 
 mod agent;
 mod cli;
+mod exact;
 mod failover;
 mod helper;
 mod link;

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use notify::event::{CreateKind, EventKind, ModifyKind, RemoveKind, RenameMode};
 
+use crate::replicated::capture::scan::INVALID;
 use crate::replicated::capture::watch::FsEvent;
 use crate::replicated::capture::{Scanner, RENAME_PAIR_WAIT};
 use crate::replicated::ops::Op;
@@ -86,6 +87,16 @@ impl Scanner {
             self.rename_file(from, to, state);
         } else if self.table.dirs.contains_key(from) && is_dir {
             self.rename_dir(from, to);
+        } else if let Some(link) = self.table.links.get(from).cloned() {
+            // moved as it is; check_path then sends what differs (a retarget)
+            self.forget_target(to);
+            self.table.links.remove(from);
+            self.table.links.insert(to.to_owned(), link);
+            self.push(Op::Rename {
+                from: from.to_owned(),
+                to: to.to_owned(),
+            });
+            self.check_path(to);
         } else {
             self.check_path(from);
             self.check_path(to);
@@ -93,29 +104,61 @@ impl Scanner {
     }
 
     /// Sends the file's changes under its old name first (read from its new name), then the
-    /// rename: the cold side never has `to` without the data written to `from`.
+    /// rename: the cold side never has `to` without the data written to `from`. A file already
+    /// gone from `to` (renamed on again: a chain) is removed under both names instead.
     fn rename_file(&mut self, from: &str, to: &str, state: FileState) {
+        self.forget_target(to);
         let cursor = self.cursors.remove(from);
         self.table.files.remove(from);
         self.table.files.insert(to.to_owned(), state);
+        let (first, flushes) = (self.ops.len(), self.flushes);
         self.scan_file(to, true);
-        // what scan_file just emitted for `to` belongs under `from`: the rename follows
-        for op in self.ops.iter_mut() {
-            match op {
-                Op::SetFile { path, .. } | Op::Write { path, .. } if path == to => {
-                    *path = from.to_owned()
-                }
-                _ => {}
+        if self.flushes != flushes {
+            // part of the scan went out under `to` before the rename: resend all of it
+            if let Some(entry) = self.table.files.get_mut(to) {
+                entry.pages.fill(INVALID);
+                self.dirty.insert(to.to_owned());
             }
+        } else {
+            // what scan_file just emitted for `to` belongs under `from`: the rename follows
+            for op in &mut self.ops[first..] {
+                match op {
+                    Op::SetFile { path, .. }
+                    | Op::Write { path, .. }
+                    | Op::SetAttrs { path, .. }
+                    | Op::Allocate { path, .. }
+                        if path == to =>
+                    {
+                        *path = from.to_owned()
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.seen.remove(from);
+        if !self.table.files.contains_key(to) {
+            // gone from `to` too: the scan removed `to`; the cold side's `from` goes as well
+            self.push(Op::Remove {
+                path: from.to_owned(),
+            });
+            return;
         }
         if let Some(c) = cursor {
             self.cursors.insert(to.to_owned(), c);
         }
-        self.seen.remove(from);
         self.push(Op::Rename {
             from: from.to_owned(),
             to: to.to_owned(),
         });
+    }
+
+    /// A rename replaces a file or symlink at `to` on the cold side as it did here: the table
+    /// forgets it without queueing a removal.
+    fn forget_target(&mut self, to: &str) {
+        self.table.files.remove(to);
+        self.table.links.remove(to);
+        self.seen.remove(to);
+        self.cursors.remove(to);
     }
 
     /// Moves every table entry below `from` to `to`, sends the rename, then scans `to` for

@@ -18,8 +18,11 @@
 //! - an event whose window found nothing (a write elsewhere in the file), or whose window's
 //!   first page changed (a write that may have begun before it), marks the file dirty; dirty
 //!   files are hashed in full every half `rescan_interval_ms`;
-//! - every `rescan_interval_ms`, files whose size, mtime, ctime or inode changed are hashed in
-//!   full (random in-place writes, anything events missed);
+//! - every `rescan_interval_ms`, files whose size, mtime, ctime (a chmod or chown), inode or
+//!   allocation changed are hashed in full (random in-place writes, anything events missed),
+//!   and directories and symlinks whose attributes or target differ from the table are sent;
+//! - owners, modes and allocation travel with the entry (`SetAttrs`, `Allocate`); a symlink
+//!   is sent as its target text (`Symlink`) and never followed;
 //! - every `deep_rescan_interval_ms`, and on an event-queue overflow, everything is hashed.
 
 use std::collections::{BTreeSet, HashMap};
@@ -72,7 +75,12 @@ fn wire_bytes(op: &Op) -> usize {
                 path, data, hashes, ..
             } => path.len() + data.len() + hashes.len() * 32,
             Op::Rename { from, to } => from.len() + to.len(),
-            Op::Mkdir { path, .. } | Op::SetFile { path, .. } | Op::Remove { path } => path.len(),
+            Op::Symlink { path, target } => path.len() + target.len(),
+            Op::Mkdir { path, .. }
+            | Op::SetFile { path, .. }
+            | Op::SetAttrs { path, .. }
+            | Op::Allocate { path, .. }
+            | Op::Remove { path } => path.len(),
             Op::Barrier { .. } => 0,
         }
 }
@@ -97,6 +105,7 @@ struct Seen {
     mtime: (i64, i64),
     ctime: (i64, i64),
     ino: u64,
+    blocks: u64,
 }
 
 impl Seen {
@@ -106,6 +115,7 @@ impl Seen {
             mtime: (m.mtime(), m.mtime_nsec()),
             ctime: (m.ctime(), m.ctime_nsec()),
             ino: m.ino(),
+            blocks: m.blocks(),
         }
     }
 }
@@ -135,6 +145,8 @@ pub(crate) struct Scanner {
     connected: bool,
     ops: Vec<Op>,
     data: usize,
+    /// Batches flushed so far (a rename tells by it whether its scan went out in part).
+    flushes: u64,
     /// "Moved from" events waiting for their "moved to": tracker, path, when.
     pending_from: Vec<(usize, String, Instant)>,
     rescan: Duration,
@@ -169,6 +181,7 @@ impl Scanner {
             connected: false,
             ops: Vec::new(),
             data: 0,
+            flushes: 0,
             pending_from: Vec::new(),
             rescan: cfg.rescan,
             deep_rescan: cfg.deep_rescan,
@@ -355,6 +368,7 @@ impl Scanner {
         }
         let ops = std::mem::take(&mut self.ops);
         self.data = 0;
+        self.flushes += 1;
         if let Some(st) = &self.stats {
             st.emitted.fetch_add(1, Ordering::AcqRel);
         }

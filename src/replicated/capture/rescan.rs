@@ -5,13 +5,12 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Instant;
 
 use crate::replicated::capture::scan::sorted_names;
 use crate::replicated::capture::{Progress, Scanner, Seen, PROGRESS_EVERY};
-use crate::replicated::ops::Op;
+use crate::replicated::pages::Attrs;
 
 impl Scanner {
     /// Walks the tree: files whose metadata changed since their last full hash (all files when
@@ -24,8 +23,9 @@ impl Scanner {
         self.remove_gone(&dirs, &files);
     }
 
-    /// Scans every directory whose mode the table does not have and every file that may have
-    /// changed; returns the directories and files present.
+    /// Scans every directory whose attributes the table does not have, every symlink, and
+    /// every file that may have changed; returns the directories, and the files and symlinks,
+    /// present.
     fn walk(&mut self, deep: bool) -> (HashSet<String>, HashSet<String>) {
         let mut dirs = HashSet::new();
         let mut files = HashSet::new();
@@ -49,12 +49,17 @@ impl Scanner {
                     continue;
                 };
                 if meta.is_dir() {
-                    let mode = meta.mode() & 0o7777;
-                    if self.table.dirs.get(&child) != Some(&mode) {
-                        self.scan_dir_entry(&child, mode);
+                    let attrs = Attrs::of(&meta);
+                    if self.table.dirs.get(&child) != Some(&attrs) {
+                        self.ensure_parents(&child);
+                        self.model_dir(&child, attrs);
                     }
                     dirs.insert(child.clone());
                     stack.push(child);
+                } else if meta.file_type().is_symlink() {
+                    // scan_link compares target and owner with the table
+                    self.scan_link(&child, &meta);
+                    files.insert(child);
                 } else if meta.is_file() {
                     let unchanged = !deep
                         && self.seen.get(&child) == Some(&Seen::of(&meta))
@@ -83,6 +88,16 @@ impl Scanner {
         for f in gone_files {
             self.remove(&f);
         }
+        let gone_links: Vec<String> = self
+            .table
+            .links
+            .keys()
+            .filter(|k| !files.contains(*k))
+            .cloned()
+            .collect();
+        for l in gone_links {
+            self.remove(&l);
+        }
         let mut gone_dirs: Vec<String> = self
             .table
             .dirs
@@ -94,19 +109,6 @@ impl Scanner {
         for d in gone_dirs {
             self.remove(&d);
         }
-    }
-
-    /// A directory found by the walk with a mode the table does not have.
-    fn scan_dir_entry(&mut self, rel: &str, mode: u32) {
-        self.ensure_parents(rel);
-        if self.table.files.contains_key(rel) {
-            self.remove(rel);
-        }
-        self.table.dirs.insert(rel.to_owned(), mode);
-        self.push(Op::Mkdir {
-            path: rel.to_owned(),
-            mode,
-        });
     }
 
     /// The full scan after a (re)connection, with progress (bytes, files, ETA) logged every

@@ -9,16 +9,18 @@
 //! Walking the whole tree is [`super::rescan`]'s.
 
 use std::fs::{self, File};
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::SystemTime;
 
 use crate::replicated::capture::{Scanner, Seen, BATCH_DATA_BYTES, RACY_WINDOW};
 use crate::replicated::ops::Op;
-use crate::replicated::pages::{page_hash, read_full_at, PageHash, READ_PAGES};
+use crate::replicated::pages::{
+    fully_allocated, link_target, open_nofollow, page_hash, read_full_at, Attrs, LinkState,
+    PageHash, READ_PAGES,
+};
 
 /// Marks a table entry that must be re-sent whatever the content.
-const INVALID: PageHash = [0xff; 16];
+pub(super) const INVALID: PageHash = [0xff; 16];
 /// Pages an append window reads first; each further read doubles, up to [`READ_PAGES`].
 const WINDOW_FIRST_READ_PAGES: usize = 8;
 /// Unchanged pages past the cursor that end an append window.
@@ -109,8 +111,44 @@ impl Scanner {
         match fs::symlink_metadata(&path) {
             Ok(m) if m.is_dir() => self.scan_dir(rel),
             Ok(m) if m.is_file() => self.scan_file(rel, false),
+            Ok(m) if m.file_type().is_symlink() => self.scan_link(rel, &m),
             _ => self.remove(rel),
         }
+    }
+
+    /// A symlink: its target (text, never followed) and owner, replacing whatever the table
+    /// had at `rel`.
+    pub(super) fn scan_link(&mut self, rel: &str, meta: &fs::Metadata) {
+        let target = match link_target(&self.root.join(rel)) {
+            Ok(Some(t)) => t,
+            Ok(None) => return,
+            Err(_) => return self.remove(rel),
+        };
+        if self.table.files.contains_key(rel) || self.table.dirs.contains_key(rel) {
+            self.remove(rel); // a file or directory became a symlink
+        }
+        self.ensure_parents(rel);
+        let attrs = Attrs::of(meta);
+        let known = self.table.links.get(rel).cloned();
+        if known.as_ref().is_none_or(|k| k.target != target) {
+            self.push(Op::Symlink {
+                path: rel.to_owned(),
+                target: target.clone(),
+            });
+        }
+        if known
+            .as_ref()
+            .is_none_or(|k| k.target != target || k.attrs != attrs)
+        {
+            // a new link is the cold agent's own until its owner is set
+            self.push(Op::SetAttrs {
+                path: rel.to_owned(),
+                attrs,
+            });
+        }
+        self.table
+            .links
+            .insert(rel.to_owned(), LinkState { target, attrs });
     }
 
     /// Removes `rel` and everything below it from the table and queues the removal.
@@ -118,11 +156,13 @@ impl Scanner {
         let prefix = format!("{rel}/");
         let was_file = self.table.files.remove(rel).is_some();
         let was_dir = self.table.dirs.remove(rel).is_some();
-        if !(was_file || was_dir) {
+        let was_link = self.table.links.remove(rel).is_some();
+        if !(was_file || was_dir || was_link) {
             return;
         }
         self.table.files.retain(|k, _| !k.starts_with(&prefix));
         self.table.dirs.retain(|k, _| !k.starts_with(&prefix));
+        self.table.links.retain(|k, _| !k.starts_with(&prefix));
         self.seen.retain(|k, _| k != rel && !k.starts_with(&prefix));
         self.cursors
             .retain(|k, _| k != rel && !k.starts_with(&prefix));
@@ -142,14 +182,17 @@ impl Scanner {
             }
             cur.push_str(part);
             if !self.table.dirs.contains_key(&cur) {
-                let mode = fs::metadata(self.root.join(&cur))
-                    .map(|m| m.mode() & 0o7777)
-                    .unwrap_or(0o755);
-                self.table.dirs.insert(cur.clone(), mode);
-                self.push(Op::Mkdir {
-                    path: cur.clone(),
-                    mode,
-                });
+                let attrs = fs::symlink_metadata(self.root.join(&cur))
+                    .ok()
+                    .filter(fs::Metadata::is_dir)
+                    .map_or(
+                        Attrs {
+                            mode: 0o755,
+                            ..Attrs::default()
+                        },
+                        |m| Attrs::of(&m),
+                    );
+                self.new_dir(&cur, attrs);
             }
         }
     }
@@ -164,17 +207,7 @@ impl Scanner {
             return self.check_path(rel);
         }
         self.ensure_parents(rel);
-        let mode = meta.mode() & 0o7777;
-        if self.table.files.contains_key(rel) {
-            self.remove(rel); // a file became a directory
-        }
-        if self.table.dirs.get(rel) != Some(&mode) {
-            self.table.dirs.insert(rel.to_owned(), mode);
-            self.push(Op::Mkdir {
-                path: rel.to_owned(),
-                mode,
-            });
-        }
+        self.model_dir(rel, Attrs::of(&meta));
         let Some(names) = sorted_names(&path) else {
             return;
         };
@@ -182,6 +215,39 @@ impl Scanner {
             self.check_path(&format!("{rel}/{name}"));
             self.flush_if_full();
         }
+    }
+
+    /// Queues what makes the table's directory `rel` have `attrs`: a `Mkdir` and `SetAttrs`
+    /// for a new one (replacing a file or symlink), a `SetAttrs` for a changed one.
+    pub(super) fn model_dir(&mut self, rel: &str, attrs: Attrs) {
+        if self.table.files.contains_key(rel) || self.table.links.contains_key(rel) {
+            self.remove(rel); // a file or symlink became a directory
+        }
+        match self.table.dirs.get(rel) {
+            None => self.new_dir(rel, attrs),
+            Some(a) if *a != attrs => {
+                self.table.dirs.insert(rel.to_owned(), attrs);
+                self.push(Op::SetAttrs {
+                    path: rel.to_owned(),
+                    attrs,
+                });
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// A directory the table does not have: created, then given its owner (the cold agent
+    /// owns what it creates) and mode.
+    fn new_dir(&mut self, rel: &str, attrs: Attrs) {
+        self.table.dirs.insert(rel.to_owned(), attrs);
+        self.push(Op::Mkdir {
+            path: rel.to_owned(),
+            mode: attrs.mode,
+        });
+        self.push(Op::SetAttrs {
+            path: rel.to_owned(),
+            attrs,
+        });
     }
 
     /// Sends what changed in the file at `rel`: everything when `full`, else the window from
@@ -194,8 +260,8 @@ impl Scanner {
         if !meta.is_file() {
             return;
         }
-        if self.table.dirs.contains_key(rel) {
-            self.remove(rel); // a directory became a file
+        if self.table.dirs.contains_key(rel) || self.table.links.contains_key(rel) {
+            self.remove(rel); // a directory or symlink became a file
         }
         self.ensure_parents(rel);
         let Ok(pages) = usize::try_from(meta.len().div_ceil(self.page_size as u64)) else {
@@ -206,7 +272,8 @@ impl Scanner {
             );
             return;
         };
-        let grew = self.model_set_file(rel, meta.len(), meta.mode() & 0o7777, pages);
+        let (attrs, allocated) = (Attrs::of(&meta), fully_allocated(&meta));
+        let grew = self.model_set_file(rel, meta.len(), attrs, allocated, pages);
         let cursor = self.cursors.get(rel).copied().unwrap_or(0);
         let reach = if grew { pages } else { 0 };
         let mut pass = Pass::new(full, cursor, pages, reach);
@@ -226,48 +293,82 @@ impl Scanner {
         if cached.is_some() {
             return cached;
         }
-        match File::open(self.root.join(rel)) {
+        let path = self.root.join(rel);
+        match open_nofollow(&path) {
             Ok(f) => Some(f),
             Err(_) => {
-                self.remove(rel);
+                match fs::symlink_metadata(&path) {
+                    // it became a symlink: never followed, sent as one
+                    Ok(m) if m.file_type().is_symlink() => self.scan_link(rel, &m),
+                    _ => self.remove(rel),
+                }
                 None
             }
         }
     }
 
     /// When the file's length or mode differs from the table's: queues a `SetFile`, and
-    /// models in the table what the cold side does with it (truncate or zero-extend).
-    fn model_set_file(&mut self, rel: &str, len: u64, mode: u32, pages: usize) -> bool {
+    /// models in the table what the cold side does with it (truncate or zero-extend); then
+    /// queues what its owner and allocation need. Whether the file grew.
+    fn model_set_file(
+        &mut self,
+        rel: &str,
+        len: u64,
+        attrs: Attrs,
+        allocated: bool,
+        pages: usize,
+    ) -> bool {
         let ps = self.page_size as u64;
         let zero_hash = self.zero_hash;
         let known = self.table.files.contains_key(rel);
         let entry = self.table.files.entry(rel.to_owned()).or_default();
-        if known && entry.len == len && entry.mode == mode {
+        let (old_len, old_attrs, old_allocated) = (entry.len, entry.attrs, entry.allocated);
+        if known && old_len == len && old_attrs == attrs && old_allocated == allocated {
             return false;
         }
-        let old_len = entry.len;
-        let old_pages = entry.pages.len();
-        if !old_len.is_multiple_of(ps) && len != old_len {
-            // the cold side keeps the old partial page's bytes: content unknown here
-            if let Some(last) = entry.pages.last_mut() {
-                *last = INVALID;
+        if !known || old_len != len || old_attrs.mode != attrs.mode {
+            let old_pages = entry.pages.len();
+            if !old_len.is_multiple_of(ps) && len != old_len {
+                // the cold side keeps the old partial page's bytes: content unknown here
+                if let Some(last) = entry.pages.last_mut() {
+                    *last = INVALID;
+                }
             }
-        }
-        entry.pages.resize(pages, zero_hash);
-        if !len.is_multiple_of(ps) && pages > old_pages {
-            // a new short last page: zeros on the cold side
-            let tail = usize::try_from(len % ps).expect("less than the page size, a usize");
-            if let Some(last) = entry.pages.last_mut() {
-                *last = page_hash(&vec![0u8; tail]);
+            entry.pages.resize(pages, zero_hash);
+            if !len.is_multiple_of(ps) && pages > old_pages {
+                // a new short last page: zeros on the cold side
+                let tail = usize::try_from(len % ps).expect("less than the page size, a usize");
+                if let Some(last) = entry.pages.last_mut() {
+                    *last = page_hash(&vec![0u8; tail]);
+                }
             }
+            self.push(Op::SetFile {
+                path: rel.to_owned(),
+                len,
+                mode: attrs.mode,
+            });
         }
+        let entry = self.table.files.get_mut(rel).expect("inserted above");
         entry.len = len;
-        entry.mode = mode;
-        self.push(Op::SetFile {
-            path: rel.to_owned(),
-            len,
-            mode,
-        });
+        entry.attrs = attrs;
+        entry.allocated = allocated;
+        if !known || (old_attrs.uid, old_attrs.gid) != (attrs.uid, attrs.gid) {
+            // a new file is the cold agent's own until its owner is set
+            self.push(Op::SetAttrs {
+                path: rel.to_owned(),
+                attrs,
+            });
+        }
+        let grew = known && len > old_len;
+        if allocated && (!old_allocated || !known || grew) {
+            // allocate what the cold side lacks: the part gained, or all of it
+            let offset = if known && old_allocated { old_len } else { 0 };
+            self.push(Op::Allocate {
+                path: rel.to_owned(),
+                offset,
+                len: len - offset,
+            });
+        }
         len > old_len
     }
 

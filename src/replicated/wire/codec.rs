@@ -5,7 +5,18 @@
 //! allocates, and refuses trailing bytes.
 
 use crate::replicated::ops::Op;
+use crate::replicated::pages::{Attrs, Entry, EntryKind};
 use crate::replicated::wire::{Frame, ProtoError, MAX_PATH_BYTES};
+
+/// Frame type of [`Frame::IndexLink`] (after the frame types 1 to 15, leaving room).
+const INDEX_LINK: u8 = 20;
+/// The fewest bytes an op takes: its type and an empty path's length (a `Remove` of a short
+/// name is 6 bytes; counting 9, as before, refused a batch ending with one).
+const OP_MIN_BYTES: usize = 1 + 4;
+/// Bytes of an encoded [`Attrs`].
+const ATTRS_BYTES: usize = 12;
+/// The fewest bytes an entry of a [`Frame::Digest`] takes (empty path and target).
+pub(crate) const ENTRY_MIN_BYTES: usize = 4 + 1 + ATTRS_BYTES + 8 + 1 + 32 + 4;
 
 /// Appends to a frame body.
 struct Enc<'a>(&'a mut Vec<u8>);
@@ -38,6 +49,20 @@ impl Enc<'_> {
     }
     fn arr<const N: usize>(&mut self, a: &[u8; N]) {
         self.0.extend_from_slice(a);
+    }
+    fn attrs(&mut self, a: &Attrs) {
+        self.u32(a.mode);
+        self.u32(a.uid);
+        self.u32(a.gid);
+    }
+    fn entry(&mut self, path: &str, e: &Entry) -> Result<(), ProtoError> {
+        self.str(path)?;
+        self.u8(e.kind.code());
+        self.attrs(&e.attrs);
+        self.u64(e.len);
+        self.u8(u8::from(e.allocated));
+        self.arr(&e.content);
+        self.str(&e.target)
     }
 }
 
@@ -116,6 +141,35 @@ impl<'a> Dec<'a> {
     ) -> Result<Vec<T>, ProtoError> {
         (0..n).map(|_| item(self)).collect()
     }
+    fn attrs(&mut self, what: &str) -> Result<Attrs, ProtoError> {
+        Ok(Attrs {
+            mode: self.u32(what)?,
+            uid: self.u32(what)?,
+            gid: self.u32(what)?,
+        })
+    }
+    fn flag(&mut self, what: &str) -> Result<bool, ProtoError> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            b => Err(ProtoError::Malformed(format!("{what}: {b} is not 0 or 1"))),
+        }
+    }
+    fn entry(&mut self) -> Result<(String, Entry), ProtoError> {
+        let path = self.str("entry path")?;
+        let code = self.u8("entry kind")?;
+        let kind = EntryKind::from_code(code)
+            .ok_or_else(|| ProtoError::Malformed(format!("unknown entry kind {code}")))?;
+        let e = Entry {
+            kind,
+            attrs: self.attrs("entry attributes")?,
+            len: self.u64("entry len")?,
+            allocated: self.flag("entry allocation")?,
+            content: self.arr("entry digest")?,
+            target: self.str("entry target")?,
+        };
+        Ok((path, e))
+    }
     fn end(&self) -> Result<(), ProtoError> {
         if self.pos != self.buf.len() {
             return Err(ProtoError::Malformed(format!(
@@ -168,6 +222,22 @@ fn encode_op(op: &Op, e: &mut Enc<'_>) -> Result<(), ProtoError> {
             e.u8(6);
             e.u64(*id);
         }
+        Op::SetAttrs { path, attrs } => {
+            e.u8(7);
+            e.str(path)?;
+            e.attrs(attrs);
+        }
+        Op::Symlink { path, target } => {
+            e.u8(8);
+            e.str(path)?;
+            e.str(target)?;
+        }
+        Op::Allocate { path, offset, len } => {
+            e.u8(9);
+            e.str(path)?;
+            e.u64(*offset);
+            e.u64(*len);
+        }
     }
     Ok(())
 }
@@ -206,6 +276,19 @@ fn decode_op(d: &mut Dec<'_>) -> Result<Op, ProtoError> {
         6 => Op::Barrier {
             id: d.u64("barrier id")?,
         },
+        7 => Op::SetAttrs {
+            path: d.str("setattrs path")?,
+            attrs: d.attrs("setattrs attributes")?,
+        },
+        8 => Op::Symlink {
+            path: d.str("symlink path")?,
+            target: d.str("symlink target")?,
+        },
+        9 => Op::Allocate {
+            path: d.str("allocate path")?,
+            offset: d.u64("allocate offset")?,
+            len: d.u64("allocate len")?,
+        },
         t => return Err(ProtoError::Malformed(format!("unknown op type {t}"))),
     })
 }
@@ -224,9 +307,10 @@ impl Frame {
             | Frame::Intro { .. }
             | Frame::Welcome { .. }
             | Frame::Reject { .. } => self.encode_handshake(&mut e),
-            Frame::IndexDir { .. } | Frame::IndexFile { .. } | Frame::IndexEnd => {
-                self.encode_index(&mut e)
-            }
+            Frame::IndexDir { .. }
+            | Frame::IndexFile { .. }
+            | Frame::IndexLink { .. }
+            | Frame::IndexEnd => self.encode_index(&mut e),
             Frame::Batch { .. }
             | Frame::Ack { .. }
             | Frame::Nack { .. }
@@ -256,9 +340,8 @@ impl Frame {
                 e.u8(17);
                 e.u64(*id);
                 e.count(files.len())?;
-                for (p, d) in files {
-                    e.str(p)?;
-                    e.arr(d);
+                for (p, entry) in files {
+                    e.entry(p, entry)?;
                 }
             }
             other => unreachable!("{other:?} is not a chunk frame"),
@@ -281,8 +364,8 @@ impl Frame {
             }
             17 => {
                 let id = d.u64("id")?;
-                let n = d.count("digests", 36)?;
-                let files = d.items(n, |d| Ok((d.str("path")?, d.arr::<32>("digest")?)))?;
+                let n = d.count("entries", ENTRY_MIN_BYTES)?;
+                let files = d.items(n, Dec::entry)?;
                 Frame::DigestFiles { id, files }
             }
             t => return Err(unknown(t)),
@@ -332,28 +415,40 @@ impl Frame {
         Ok(())
     }
 
-    /// Frame types 7 to 9: the cold side's index.
+    /// Frame types 7 to 9 and [`INDEX_LINK`]: the cold side's index.
     fn encode_index(&self, e: &mut Enc<'_>) -> Result<(), ProtoError> {
         match self {
-            Frame::IndexDir { path, mode } => {
+            Frame::IndexDir { path, attrs } => {
                 e.u8(7);
                 e.str(path)?;
-                e.u32(*mode);
+                e.attrs(attrs);
             }
             Frame::IndexFile {
                 path,
                 len,
-                mode,
+                attrs,
+                allocated,
                 pages,
             } => {
                 e.u8(8);
                 e.str(path)?;
                 e.u64(*len);
-                e.u32(*mode);
+                e.attrs(attrs);
+                e.u8(u8::from(*allocated));
                 e.count(pages.len())?;
                 pages.iter().for_each(|p| e.arr(p));
             }
             Frame::IndexEnd => e.u8(9),
+            Frame::IndexLink {
+                path,
+                target,
+                attrs,
+            } => {
+                e.u8(INDEX_LINK);
+                e.str(path)?;
+                e.str(target)?;
+                e.attrs(attrs);
+            }
             other => unreachable!("{other:?} is not an index frame"),
         }
         Ok(())
@@ -384,9 +479,8 @@ impl Frame {
                 e.u64(*id);
                 e.arr(root);
                 e.count(files.len())?;
-                for (p, d) in files {
-                    e.str(p)?;
-                    e.arr(d);
+                for (p, entry) in files {
+                    e.entry(p, entry)?;
                 }
             }
             Frame::Drained { seq } => {
@@ -404,7 +498,7 @@ impl Frame {
         let mut d = Dec { buf: body, pos: 0 };
         let frame = match d.u8("frame type")? {
             t @ 1..=6 => Frame::decode_handshake(t, &mut d)?,
-            t @ 7..=9 => Frame::decode_index(t, &mut d)?,
+            t @ (7..=9 | INDEX_LINK) => Frame::decode_index(t, &mut d)?,
             t @ 10..=15 => Frame::decode_stream(t, &mut d)?,
             t @ 16..=17 => Frame::decode_chunk(t, &mut d)?,
             t => return Err(unknown(t)),
@@ -445,22 +539,29 @@ impl Frame {
         Ok(match t {
             7 => Frame::IndexDir {
                 path: d.str("dir path")?,
-                mode: d.u32("dir mode")?,
+                attrs: d.attrs("dir attributes")?,
             },
             8 => {
                 let path = d.str("file path")?;
                 let len = d.u64("file len")?;
-                let mode = d.u32("file mode")?;
+                let attrs = d.attrs("file attributes")?;
+                let allocated = d.flag("file allocation")?;
                 let n = d.count("page hashes", 16)?;
                 let pages = d.items(n, |d| d.arr::<16>("page hash"))?;
                 Frame::IndexFile {
                     path,
                     len,
-                    mode,
+                    attrs,
+                    allocated,
                     pages,
                 }
             }
             9 => Frame::IndexEnd,
+            INDEX_LINK => Frame::IndexLink {
+                path: d.str("link path")?,
+                target: d.str("link target")?,
+                attrs: d.attrs("link attributes")?,
+            },
             t => return Err(unknown(t)),
         })
     }
@@ -469,7 +570,7 @@ impl Frame {
         Ok(match t {
             10 => {
                 let seq = d.u64("seq")?;
-                let n = d.count("ops", 9)?;
+                let n = d.count("ops", OP_MIN_BYTES)?;
                 let ops = d.items(n, decode_op)?;
                 Frame::Batch { seq, ops }
             }
@@ -481,8 +582,8 @@ impl Frame {
             13 => {
                 let id = d.u64("id")?;
                 let root = d.arr("root")?;
-                let n = d.count("digests", 36)?;
-                let files = d.items(n, |d| Ok((d.str("path")?, d.arr::<32>("digest")?)))?;
+                let n = d.count("entries", ENTRY_MIN_BYTES)?;
+                let files = d.items(n, Dec::entry)?;
                 Frame::Digest { id, root, files }
             }
             14 => Frame::Drained { seq: d.u64("seq")? },
@@ -499,6 +600,17 @@ fn unknown(t: u8) -> ProtoError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_of_one_removal_of_a_short_name_decodes() {
+        let f = Frame::Batch {
+            seq: 1,
+            ops: vec![Op::Remove { path: "d".into() }],
+        };
+        let mut out = Vec::new();
+        f.encode(&mut out).unwrap();
+        assert_eq!(Frame::decode(&out).unwrap(), f);
+    }
 
     #[test]
     fn a_length_beyond_its_u32_prefix_is_refused_not_truncated() {

@@ -17,7 +17,7 @@
 use std::io;
 
 use crate::replicated::ops::Op;
-use crate::replicated::pages::PageHash;
+use crate::replicated::pages::{Attrs, Entry, PageHash};
 
 pub mod codec;
 pub mod framed;
@@ -29,7 +29,8 @@ pub use mac::{mac_eq, nonce, FrameMac, Psk};
 #[cfg(test)]
 mod tests;
 
-/// The protocol version spoken.
+/// The protocol version spoken (2: owners, symlinks and allocation in the index, ops and
+/// digests).
 pub const VERSION: u16 = 2;
 /// The largest frame body accepted or sent once the peer is authenticated.
 pub const MAX_FRAME_BYTES: usize = 8 << 20;
@@ -91,13 +92,20 @@ pub enum Frame {
     /// Acceptor: refused (a stale epoch, two hot sides), with its epoch and why.
     Reject { epoch: u64, reason: String },
     /// Cold: a directory of its tree.
-    IndexDir { path: String, mode: u32 },
-    /// Cold: a file of its tree with its page hashes.
+    IndexDir { path: String, attrs: Attrs },
+    /// Cold: a file of its tree with its allocation and page hashes.
     IndexFile {
         path: String,
         len: u64,
-        mode: u32,
+        attrs: Attrs,
+        allocated: bool,
         pages: Vec<PageHash>,
+    },
+    /// Cold: a symlink of its tree.
+    IndexLink {
+        path: String,
+        target: String,
+        attrs: Attrs,
     },
     /// Cold: the index is complete.
     IndexEnd,
@@ -120,13 +128,13 @@ pub enum Frame {
     /// [`DIGEST_CHUNK_BYTES`] of them.
     DigestFiles {
         id: u64,
-        files: Vec<(String, [u8; 32])>,
+        files: Vec<(String, Entry)>,
     },
-    /// Cold: the tree digest at a barrier (the last chunk of its file digests).
+    /// Cold: the tree digest at a barrier, and every entry (the last chunk of its file digests).
     Digest {
         id: u64,
         root: [u8; 32],
-        files: Vec<(String, [u8; 32])>,
+        files: Vec<(String, Entry)>,
     },
     /// Hot: everything up to `seq` was sent and acked, and the hot is going away cleanly.
     Drained { seq: u64 },

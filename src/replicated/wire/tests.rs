@@ -2,6 +2,15 @@
 
 use super::*;
 use crate::replicated::ops::Op;
+use crate::replicated::pages::{Attrs, Entry, EntryKind};
+
+fn attrs(mode: u32) -> Attrs {
+    Attrs {
+        mode,
+        uid: 4321,
+        gid: 4322,
+    }
+}
 use proptest::prelude::*;
 
 fn round_trip(f: &Frame) {
@@ -36,13 +45,19 @@ fn every_frame() -> Vec<Frame> {
         },
         Frame::IndexDir {
             path: "journal".into(),
-            mode: 0o755,
+            attrs: attrs(0o755),
         },
         Frame::IndexFile {
             path: "journal/a".into(),
             len: 5,
-            mode: 0o644,
+            attrs: attrs(0o644),
+            allocated: true,
             pages: vec![[9; 16]],
+        },
+        Frame::IndexLink {
+            path: "journal/l".into(),
+            target: "../elsewhere".into(),
+            attrs: attrs(0o777),
         },
         Frame::IndexEnd,
         Frame::Batch {
@@ -69,6 +84,19 @@ fn every_frame() -> Vec<Frame> {
                 },
                 Op::Remove { path: "d".into() },
                 Op::Barrier { id: 1 },
+                Op::SetAttrs {
+                    path: "d/g".into(),
+                    attrs: attrs(0o640),
+                },
+                Op::Symlink {
+                    path: "d/l".into(),
+                    target: "/etc/passwd".into(),
+                },
+                Op::Allocate {
+                    path: "d/g".into(),
+                    offset: 4096,
+                    len: 8192,
+                },
             ],
         },
         Frame::Ack { seq: 3 },
@@ -79,7 +107,17 @@ fn every_frame() -> Vec<Frame> {
         Frame::Digest {
             id: 1,
             root: [5; 32],
-            files: vec![("a".into(), [6; 32])],
+            files: vec![(
+                "a".into(),
+                Entry {
+                    kind: EntryKind::Link,
+                    attrs: attrs(0o777),
+                    len: 0,
+                    allocated: false,
+                    content: [6; 32],
+                    target: "b".into(),
+                },
+            )],
         },
         Frame::Drained { seq: 3 },
         Frame::Heartbeat,
@@ -96,7 +134,17 @@ fn chunk_frames() -> Vec<Frame> {
         },
         Frame::DigestFiles {
             id: 1,
-            files: vec![("b".into(), [9; 32])],
+            files: vec![(
+                "b".into(),
+                Entry {
+                    kind: EntryKind::File,
+                    attrs: attrs(0o640),
+                    len: 4096,
+                    allocated: true,
+                    content: [9; 32],
+                    target: String::new(),
+                },
+            )],
         },
     ]
 }
@@ -108,16 +156,16 @@ fn every_frame_round_trips() {
     for f in &frames {
         round_trip(f);
     }
-    // the bytes themselves, as the previous implementation wrote them: a peer running it
-    // must read ours
+    // the bytes themselves (version 2: owners, symlinks and allocation), so that an encoding
+    // change cannot pass unnoticed: a peer of the same version must read ours
     let mut all = Vec::new();
     for f in &frames {
         f.encode(&mut all).unwrap();
     }
-    assert_eq!(all.len(), 8849);
+    assert_eq!(all.len(), 9028);
     assert_eq!(
         blake3::hash(&all).to_hex().as_str(),
-        "2781d367192b1fdc713a03d2ec62cce63764d997850d1e0e3738bac613c4dc73"
+        "59c0137692db44574621a383bba924290c3ddf5d4d30dfdcb385d3101b97b209"
     );
 }
 
@@ -134,7 +182,7 @@ fn hostile_counts_and_lengths_are_refused_before_allocation() {
     let mut out = Vec::new();
     Frame::IndexDir {
         path: "a".repeat(MAX_PATH_BYTES + 1),
-        mode: 0,
+        attrs: Attrs::default(),
     }
     .encode(&mut out)
     .unwrap();
