@@ -90,11 +90,9 @@ impl Applier {
             )
             .map_err(io_err("cannot set mode of", &full))?;
         }
-        if meta.is_file() {
-            touched.files.insert(path.to_owned());
-        } else {
-            touched.dirs.insert(self.parent_of(&full));
-        }
+        // owner and mode are inode metadata: a full fsync of the inode (of its directory for a
+        // symlink), not the fdatasync a data write gets
+        touched.meta(&full);
         Ok(())
     }
 
@@ -107,18 +105,10 @@ impl Applier {
         touched: &mut Touched,
     ) -> Result<(), PagesError> {
         let full = self.root.join(path);
-        self.files.forget(path);
-        match fs::symlink_metadata(&full) {
-            Ok(m) if m.is_dir() => {
-                fs::remove_dir_all(&full).map_err(io_err("cannot remove", &full))?
-            }
-            Ok(_) => fs::remove_file(&full).map_err(io_err("cannot remove", &full))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("cannot inspect", &full)(e)),
-        }
+        self.remove(path, touched)?;
         std::os::unix::fs::symlink(target, &full)
             .map_err(io_err("cannot create symlink", &full))?;
-        touched.dirs.insert(self.parent_of(&full));
+        touched.entries(&self.parent_of(&full));
         Ok(())
     }
 
@@ -152,7 +142,7 @@ impl Applier {
             }
             return Err(io_err("cannot allocate", &full)(e));
         }
-        touched.files.insert(path.to_owned());
+        touched.data(path, &full);
         Ok(())
     }
 }
