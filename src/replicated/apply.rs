@@ -507,7 +507,8 @@ mod tests {
         Applier::new(root, 4096)
     }
 
-    fn write(path: &str, offset: u64, data: Vec<u8>) -> Op {
+    /// A `Write` of `data` at `offset` with the page hashes the apply thread checks.
+    pub(super) fn write(path: &str, offset: u64, data: Vec<u8>) -> Op {
         let hashes = data
             .chunks(4096)
             .map(|p| *blake3::hash(p).as_bytes())

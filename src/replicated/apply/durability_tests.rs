@@ -8,20 +8,8 @@
 
 use std::fs;
 
+use super::tests::write;
 use super::*;
-
-fn write(path: &str, offset: u64, data: Vec<u8>) -> Op {
-    let hashes = data
-        .chunks(4096)
-        .map(|p| *blake3::hash(p).as_bytes())
-        .collect();
-    Op::Write {
-        path: path.into(),
-        offset,
-        data,
-        hashes,
-    }
-}
 
 fn applier(root: &Path) -> Applier {
     Applier::new(root, 4096)
