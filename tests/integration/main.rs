@@ -13,5 +13,4 @@ mod listen;
 mod replication;
 mod root;
 mod scale;
-mod tools;
 mod util;

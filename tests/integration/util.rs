@@ -13,10 +13,6 @@ use std::sync::RwLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// The operator's command line.
-pub(crate) const MAIN: &str = env!("CARGO_BIN_EXE_artemis-sync");
-/// The mount(8) helper.
-pub(crate) const HELPER: &str = env!("CARGO_BIN_EXE_mount-artemis-sync");
 /// The longest any one run of a binary may take before the test fails.
 pub(crate) const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 /// An EFS source as the docs write it.
@@ -155,7 +151,7 @@ pub(crate) fn write_script(path: &Path, body: &str) -> PathBuf {
 }
 
 /// A command for `program` with none of the caller's artemis-sync settings and no colours.
-fn command(program: &str) -> Command {
+fn command(program: &Path) -> Command {
     let mut c = Command::new(program);
     for var in [
         "ARTEMIS_SYNC_CONFIG",
@@ -169,26 +165,32 @@ fn command(program: &str) -> Command {
     c
 }
 
-/// A binary of the workspace's `tools` package (the benchmark, the demo), which cargo builds
-/// into the same directory as `artemis-sync` when it tests the whole workspace.
-pub(crate) fn tool_cmd(name: &str) -> Command {
-    let path = Path::new(MAIN).with_file_name(name);
+/// A binary of the workspace, from the folder cargo builds every binary into (a test binary
+/// runs from its `deps/` subfolder). This file is shared by both packages' integration tests,
+/// so the path comes from that layout rather than from one package's `CARGO_BIN_EXE_*`.
+pub(crate) fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's own path");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join(name))
+        .expect("the test binary runs from target/<profile>/deps/");
     assert!(
         path.is_file(),
         "{} is missing: run the tests of the whole workspace (`cargo test --release` at the top), which builds it",
         path.display()
     );
-    Command::new(path)
+    path
 }
 
 /// `artemis-sync` with a clean environment.
 pub(crate) fn main_cmd() -> Command {
-    command(MAIN)
+    command(&workspace_bin("artemis-sync"))
 }
 
 /// `mount-artemis-sync` with a clean environment.
 pub(crate) fn helper_cmd() -> Command {
-    command(HELPER)
+    command(&workspace_bin("mount-artemis-sync"))
 }
 
 /// Runs `artemis-sync -c <config> <args>`.

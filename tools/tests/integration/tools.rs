@@ -5,6 +5,7 @@
 
 use std::fs;
 
+use crate::tool_cmd;
 use crate::util::*;
 
 #[test]
