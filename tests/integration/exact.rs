@@ -406,7 +406,6 @@ fn apply_step(root: &Path, step: &Step) {
 use std::os::unix::fs::OpenOptionsExt;
 
 #[test]
-#[ignore = "item 7 not done: a random sequence still leaves the cold copy different (run with --ignored; see the report)"]
 fn issue11_renames_and_every_change_converge_in_any_order() {
     if !require_root("renames converge", "chown to 4321:4322") {
         return;
