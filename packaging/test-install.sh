@@ -291,7 +291,7 @@ else
     echo "+ packaging/build.sh --release 1" >>"$LOG"
     timeout 1800 bash packaging/build.sh --release 1 --out "$PKGS/1" >>"$LOG" 2>&1 || fail "packaging/build.sh --release 1"
     echo "+ packaging/build.sh --release 2" >>"$LOG"
-    timeout 600 bash packaging/build.sh --release 2 --out "$PKGS/2" >>"$LOG" 2>&1 || fail "packaging/build.sh --release 2"
+    timeout 1200 bash packaging/build.sh --release 2 --out "$PKGS/2" >>"$LOG" 2>&1 || fail "packaging/build.sh --release 2"
 fi
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
 DEB1=$(cd "$PKGS" && ls 1/artemis-sync_"$version"-1_*.deb)
