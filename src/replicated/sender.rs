@@ -107,9 +107,10 @@ pub fn start(cfg: SenderConfig, rt: &tokio::runtime::Handle) -> SenderHandle {
     let (ev_tx, ev_rx) = crossbeam_channel::bounded(SENDER_EVENT_QUEUE);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stats = Arc::new(SenderStats::default());
-    let scanner = Scanner::new(&scan_cfg, out_tx)
-        .with_watches(watches)
-        .spawn(stats.clone(), fs_rx, ctl_rx);
+    let scanner =
+        Scanner::new(&scan_cfg, out_tx)
+            .with_watches(watches)
+            .spawn(stats.clone(), fs_rx, ctl_rx);
     let link = ScannerLink {
         out: out_rx,
         ctl: ctl_tx.clone(),

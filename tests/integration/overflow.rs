@@ -71,7 +71,10 @@ fn rescans_and_overflows(log: &str) -> (usize, u64) {
         .iter()
         .filter_map(|l| {
             let v = l.split("overflows=").nth(1)?;
-            v.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok()
+            v.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
         })
         .sum();
     (lines.len(), overflows)
@@ -91,18 +94,23 @@ fn issue11_an_inotify_overflow_leads_to_one_rescan_not_a_storm() {
     p.start("cold");
     p.start("hot");
     assert!(
-        wait_until(Duration::from_secs(30), || p.status("hot")["synced"] == true),
+        wait_until(Duration::from_secs(30), || p.status("hot")["synced"]
+            == true),
         "not synced\n{}",
         p.logs()
     );
     let n = (max_queued_events() * 3).min(MAX_BURST_FILES);
     let t = Instant::now();
     burst(&p.hot.data.join("paging/burst"), n);
-    println!("overflow: {n} files created, then appended, renamed, removed in {:?}", t.elapsed());
+    println!(
+        "overflow: {n} files created, then appended, renamed, removed in {:?}",
+        t.elapsed()
+    );
     let took = p.assert_converges(Duration::from_secs(300));
     println!("overflow: converged {took:?} after the burst");
     assert!(
-        wait_until(Duration::from_secs(60), || p.status("hot")["synced"] == true),
+        wait_until(Duration::from_secs(60), || p.status("hot")["synced"]
+            == true),
         "not synced\n{}",
         p.logs()
     );

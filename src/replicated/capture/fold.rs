@@ -18,7 +18,7 @@
 //! by the one follow-up; nothing is missed and rescans do not pile up.
 
 use std::collections::HashSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::select;
 use notify::EventKind;
@@ -31,7 +31,10 @@ pub(super) const FOLD_EVERY: usize = 256;
 /// Events kept for replay after a walk; beyond this a follow-up rescan covers them.
 pub(super) const FOLD_MAX_EVENTS: usize = 16_384;
 /// How long a rebuild of the watch set may take before the walk starts without it.
-pub(super) const REBUILD_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+pub(super) const REBUILD_WAIT: Duration = Duration::from_secs(60);
+/// How often a watch set that a limit (or an error) left incomplete is rebuilt again, unless
+/// events are lost meanwhile: a rebuild stats every entry of the tree.
+pub(super) const LIMIT_RETRY: Duration = Duration::from_secs(60);
 
 /// Where a walk is, for deciding whether it will still see a path.
 #[derive(Debug, Default)]
@@ -194,6 +197,10 @@ impl Scanner {
         if !self.watch_stale {
             return;
         }
+        let incomplete = self.watch_limit.is_some() || self.watch_error.is_some();
+        if incomplete && self.rescan_due.is_none() && Instant::now() < self.next_limit_retry {
+            return;
+        }
         let Some(reply) = self.watches.as_ref().and_then(|w| w.rebuild()) else {
             return;
         };
@@ -204,23 +211,32 @@ impl Scanner {
                 recv(reply) -> r => break r.ok(),
                 recv(fs_rx) -> ev => match ev {
                     Ok(FsEvent::WatchLimit) => self.watch_limit_hit(),
-                    Ok(FsEvent::Rescan(_)) => self.overflows += 1,
+                    Ok(FsEvent::Rescan(why)) => self.request_rescan(why),
                     Ok(FsEvent::Event(_)) => {}
                     Err(_) => break None,
                 },
                 default(deadline.saturating_duration_since(Instant::now())) => break None,
             }
         };
+        self.next_limit_retry = Instant::now() + LIMIT_RETRY;
         match outcome {
             Some(Ok(())) => {
                 self.watch_stale = false;
-                if self.watch_limit.take().is_some() {
+                if self.watch_limit.take().is_some() || self.watch_error.take().is_some() {
                     tracing::info!("every directory is watched again");
                     self.set_status_limit(None);
                 }
             }
             Some(Err(WatchFailure::Limit(l))) => self.note_limit(l),
-            Some(Err(WatchFailure::Other(e))) => tracing::warn!("cannot rebuild the watch set: {e}"),
+            Some(Err(WatchFailure::Other(e))) => {
+                if self.watch_error.as_ref() != Some(&e) {
+                    tracing::warn!(
+                        retry_s = LIMIT_RETRY.as_secs(),
+                        "cannot watch the data directory: {e}; periodic rescans find changes meanwhile"
+                    );
+                    self.watch_error = Some(e);
+                }
+            }
             None => tracing::warn!(
                 wait_s = REBUILD_WAIT.as_secs(),
                 "the watch set was not rebuilt in time; walking without it"
@@ -235,19 +251,14 @@ impl Scanner {
     }
 
     /// Logs a reached limit once (until a rebuild watches everything again); the watch set is
-    /// rebuilt again at each rescan, in case the limit was raised.
+    /// rebuilt again every [`LIMIT_RETRY`], in case the limit was raised.
     fn note_limit(&mut self, limit: Limit) {
         self.watch_stale = true;
         if self.watch_limit == Some(limit) {
             return;
         }
         self.watch_limit = Some(limit);
-        let msg = limit_message(
-            limit,
-            limit.current(),
-            count_dirs(&self.root),
-            self.rescan,
-        );
+        let msg = limit_message(limit, limit.current(), count_dirs(&self.root), self.rescan);
         tracing::error!(sysctl = limit.sysctl(), "{msg}");
         self.set_status_limit(Some(msg));
     }
@@ -265,7 +276,9 @@ fn count_dirs(root: &std::path::Path) -> u64 {
     let mut stack = vec![root.to_owned()];
     while let Some(d) = stack.pop() {
         n += 1;
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             if e.file_type().is_ok_and(|t| t.is_dir()) {
                 stack.push(e.path());
@@ -300,8 +313,14 @@ mod tests {
         assert!(w.covers("d/c/deep/file"), "below an entry ahead");
         assert!(!w.covers("d/new"), "created after the listing");
         assert!(!w.covers("d/a/file"), "below a visited entry");
-        assert!(w.covers("e/f") && w.covers("x/y/z/w"), "below a pending directory");
-        assert!(!w.covers("e"), "a pending directory's own attributes were read");
+        assert!(
+            w.covers("e/f") && w.covers("x/y/z/w"),
+            "below a pending directory"
+        );
+        assert!(
+            !w.covers("e"),
+            "a pending directory's own attributes were read"
+        );
         assert!(!w.covers("x/z"), "beside a pending directory");
         assert!(!w.covers("top"), "in the root, listed before");
         // listing the root

@@ -178,6 +178,10 @@ pub(crate) struct Scanner {
     watch_stale: bool,
     /// The limit reached at the last rebuild, logged once.
     watch_limit: Option<Limit>,
+    /// The last other failure to watch, logged once.
+    watch_error: Option<String>,
+    /// When an incomplete watch set is rebuilt again.
+    next_limit_retry: Instant,
     /// Why a rescan is due (lost events); one rescan serves every request before it starts.
     rescan_due: Option<String>,
     /// Lost-event notices since the last rescan started, and rescans run for lost events.
@@ -222,6 +226,8 @@ impl Scanner {
             watches: None,
             watch_stale: true,
             watch_limit: None,
+            watch_error: None,
+            next_limit_retry: now,
             rescan_due: None,
             overflows: 0,
             rescans: 0,

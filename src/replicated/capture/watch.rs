@@ -11,7 +11,7 @@
 //! under their current names. When the kernel refuses a watch (`ENOSPC`: the per-user watch
 //! limit) or an inotify instance (`EMFILE`), the rebuild says which limit ([`Limit`]); the
 //! scanner logs it once with the sysctl to raise ([`limit_message`]) and relies on its
-//! periodic rescans, retrying the rebuild at each of them.
+//! periodic rescans, retrying the rebuild every minute (at once after lost events).
 
 use std::fmt;
 use std::fs;
