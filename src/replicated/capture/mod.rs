@@ -338,6 +338,8 @@ impl Scanner {
                     return;
                 }
                 self.full_scan(true);
+                // a follow-up for events lost during that walk goes before the marker
+                self.rescan_if_due();
                 self.flush();
                 let _ = self.out.blocking_send(Outgoing::Drain {
                     gen: self.gen,
@@ -379,6 +381,7 @@ impl Scanner {
             return;
         }
         self.full_scan(true);
+        self.rescan_if_due();
         self.flush();
         // register the verify before the barrier goes out: the cold side's digest
         // can come back before the network task would otherwise see the registration
