@@ -101,19 +101,24 @@ pub fn limit_message(
         limit.sysctl(),
         shown(global)
     );
-    if let Some(u) = userns.filter(|u| global.is_none_or(|g| *u < g)) {
+    let lower_userns = userns.filter(|u| global.is_none_or(|g| *u < g));
+    let file = limit.files().1.rsplit('/').next().unwrap_or_default();
+    if let Some(u) = lower_userns {
         msg.push_str(&format!(
-            "; this user namespace allows {u} (/proc/sys/user/{})",
-            limit.files().1.rsplit('/').next().unwrap_or_default()
+            "; this user namespace allows {u} (/proc/sys/user/{file})"
         ));
     }
+    // the namespace's own limit binds when it is the lower one
+    let (key, current) = match lower_userns {
+        Some(u) => (format!("user.{file}"), u),
+        None => (limit.sysctl().to_owned(), global.unwrap_or(0)),
+    };
     let want = match limit {
-        Limit::Watches => global.unwrap_or(0).max(dirs).saturating_mul(2),
-        Limit::Instances => global.unwrap_or(0).saturating_mul(2).max(128),
+        Limit::Watches => current.max(dirs).saturating_mul(2),
+        Limit::Instances => current.saturating_mul(2).max(128),
     };
     msg.push_str(&format!(
-        "; raise it with `sysctl -w {}={want}` (and a file in /etc/sysctl.d/ to keep it); until then changes in unwatched directories are found by the rescan every {} ms",
-        limit.sysctl(),
+        "; raise it with `sysctl -w {key}={want}` (and a file in /etc/sysctl.d/ to keep it); until then changes in unwatched directories are found by the rescan every {} ms",
         rescan.as_millis()
     ));
     msg
@@ -253,6 +258,7 @@ mod tests {
             m.contains("this user namespace allows 5 (/proc/sys/user/max_inotify_watches)"),
             "{m}"
         );
+        assert!(m.contains("sysctl -w user.max_inotify_watches=24"), "{m}");
         let m = limit_message(
             Limit::Instances,
             (Some(128), None),
