@@ -267,6 +267,10 @@ pub struct ReplicatedStatus {
     /// newer epoch exists, after a restart), and the override.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_for: Option<String>,
+    /// Hot: an inotify limit keeps some directories unwatched (changes there wait for the
+    /// periodic rescan), with the sysctl to raise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch_limit: Option<String>,
     /// The last problem seen, if any.
     pub error: Option<String>,
 }

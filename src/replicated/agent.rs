@@ -308,8 +308,7 @@ impl Replica {
             window_bytes: usize::try_from(self.repl.window_mb.saturating_mul(1 << 20))
                 .unwrap_or(usize::MAX),
         };
-        let sender = sender::start(cfg, self.rt.handle())
-            .map_err(|e| ReplicaError::Start(crate::error_chain(&e)))?;
+        let sender = sender::start(cfg, self.rt.handle());
         self.sender = Some(sender);
         if confirmed {
             self.waiting_for = None;
@@ -630,6 +629,13 @@ impl Replica {
             node_pid: self.sup.node_pid(),
             node_state: self.sup.node_state(),
             waiting_for: self.waiting_for.clone(),
+            watch_limit: self.sender.as_ref().and_then(|s| {
+                s.stats
+                    .watch_limit
+                    .lock()
+                    .expect("watch limit lock")
+                    .clone()
+            }),
             error: self.sup.last_error(),
         }
     }

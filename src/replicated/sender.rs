@@ -11,7 +11,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::mpsc;
 
-use crate::replicated::capture::watch::{self, WatchError, EVENT_QUEUE};
+use crate::replicated::capture::watch::{NotifyBackend, Watches, EVENT_QUEUE};
 use crate::replicated::capture::{ScanConfig, Scanner};
 use crate::replicated::channel::Auth;
 use crate::replicated::ops::Outgoing;
@@ -82,7 +82,6 @@ pub struct SenderHandle {
     pub events: Receiver<SenderEvent>,
     stop: tokio::sync::watch::Sender<bool>,
     scanner: Option<std::thread::JoinHandle<()>>,
-    _watcher: notify::RecommendedWatcher,
 }
 
 impl SenderHandle {
@@ -96,17 +95,22 @@ impl SenderHandle {
     }
 }
 
-/// Starts watching, scanning and sending, on `rt` for the network part.
-pub fn start(cfg: SenderConfig, rt: &tokio::runtime::Handle) -> Result<SenderHandle, WatchError> {
+/// Starts watching, scanning and sending, on `rt` for the network part. The watch set is
+/// built before the scanner's first walk (and rebuilt after lost events); a watch that
+/// cannot be set up is logged, and periodic rescans do its work.
+pub fn start(cfg: SenderConfig, rt: &tokio::runtime::Handle) -> SenderHandle {
     let (scan_cfg, stream_cfg) = cfg.split();
     let (fs_tx, fs_rx) = crossbeam_channel::bounded(EVENT_QUEUE);
-    let watcher = watch::watch(&scan_cfg.root, fs_tx)?;
+    let watches = Watches::start(scan_cfg.root.clone(), NotifyBackend::new(fs_tx));
     let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(SCAN_CONTROL_QUEUE);
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>(BATCH_QUEUE);
     let (ev_tx, ev_rx) = crossbeam_channel::bounded(SENDER_EVENT_QUEUE);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stats = Arc::new(SenderStats::default());
-    let scanner = Scanner::new(&scan_cfg, out_tx).spawn(stats.clone(), fs_rx, ctl_rx);
+    let scanner =
+        Scanner::new(&scan_cfg, out_tx)
+            .with_watches(watches)
+            .spawn(stats.clone(), fs_rx, ctl_rx);
     let link = ScannerLink {
         out: out_rx,
         ctl: ctl_tx.clone(),
@@ -118,12 +122,11 @@ pub fn start(cfg: SenderConfig, rt: &tokio::runtime::Handle) -> Result<SenderHan
         ev_tx,
         stop_rx,
     ));
-    Ok(SenderHandle {
+    SenderHandle {
         ctl: ctl_tx,
         stats,
         events: ev_rx,
         stop: stop_tx,
         scanner: Some(scanner),
-        _watcher: watcher,
-    })
+    }
 }

@@ -28,6 +28,8 @@ pub struct SenderStats {
     pub emitted: AtomicU64,
     /// Whether the full comparison after the current connection's index is done.
     pub initial_done: AtomicBool,
+    /// The inotify limit that keeps some directories unwatched, with the sysctl to raise.
+    pub watch_limit: Mutex<Option<String>>,
 }
 
 impl SenderStats {

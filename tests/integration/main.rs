@@ -10,6 +10,7 @@ mod failover;
 mod helper;
 mod link;
 mod listen;
+mod overflow;
 mod replication;
 mod root;
 mod scale;

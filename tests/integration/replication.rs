@@ -74,6 +74,8 @@ pub(crate) struct Side {
     listener: TcpListener,
     pub(crate) child: Option<Child>,
     runs: usize,
+    /// Run the agent in a new user namespace whose `user.max_inotify_watches` is this.
+    pub(crate) userns_watch_limit: Option<u32>,
 }
 
 pub(crate) struct Pair {
@@ -150,6 +152,7 @@ impl Pair {
                 listener,
                 child: None,
                 runs: 0,
+                userns_watch_limit: None,
             }
         };
         let hot = mk("hot", "hot", hot_listener, hot_peer.unwrap_or(cp));
@@ -171,7 +174,11 @@ impl Pair {
         let s = self.side(name);
         s.runs += 1;
         let err = fs::File::create(fx_root.join(format!("{}.{}.err", s.name, s.runs))).unwrap();
-        let mut cmd = crate::listen::with_listener(&main_cmd(), &s.listener);
+        let base = match s.userns_watch_limit {
+            None => main_cmd(),
+            Some(n) => in_userns_with_watch_limit(&main_cmd(), n),
+        };
+        let mut cmd = crate::listen::with_listener(&base, &s.listener);
         cmd.arg("-c")
             .arg(&s.config)
             .arg("agent")
@@ -285,6 +292,25 @@ impl Drop for Pair {
             }
         }
     }
+}
+
+/// `cmd` run by `unshare` in a new user namespace (root mapped to root) that lowers its own
+/// `user.max_inotify_watches` to `limit` first: the global sysctls stay as they are.
+fn in_userns_with_watch_limit(cmd: &std::process::Command, limit: u32) -> std::process::Command {
+    let mut c = std::process::Command::new("unshare");
+    c.args(["--user", "--map-root-user", "/bin/sh", "-c"])
+        .arg(format!(
+            "echo {limit} > /proc/sys/user/max_inotify_watches && exec \"$0\" \"$@\""
+        ))
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c
 }
 
 pub(crate) fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {

@@ -16,17 +16,15 @@ use crate::replicated::pages::FileState;
 impl Scanner {
     /// Brings the table (and the cold side) in line with what one event says changed.
     pub(super) fn fs_event(&mut self, ev: FsEvent) {
+        let ev = match ev {
+            // one rescan for all lost events, at the end of this round of events
+            FsEvent::Rescan(why) => return self.request_rescan(why),
+            FsEvent::WatchLimit => return self.watch_limit_hit(),
+            FsEvent::Event(e) => e,
+        };
         if !self.connected {
             return;
         }
-        let ev = match ev {
-            FsEvent::Rescan(why) => {
-                tracing::warn!("{why}; rescanning everything");
-                self.full_scan(true);
-                return;
-            }
-            FsEvent::Event(e) => e,
-        };
         tracing::trace!(kind = ?ev.kind, paths = ?ev.paths, "event");
         let tracker = ev.attrs.tracker();
         let paths: Vec<String> = ev.paths.iter().filter_map(|p| self.rel(p)).collect();

@@ -23,7 +23,9 @@
 //!   and directories and symlinks whose attributes or target differ from the table are sent;
 //! - owners, modes and allocation travel with the entry (`SetAttrs`, `Allocate`); a symlink
 //!   is sent as its target text (`Symlink`) and never followed;
-//! - every `deep_rescan_interval_ms`, and on an event-queue overflow, everything is hashed.
+//! - every `deep_rescan_interval_ms`, and on an event-queue overflow, everything is hashed;
+//!   overflows coalesce into one rescan, and events during a rescan are folded into it
+//!   (`fold.rs`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
@@ -41,14 +43,18 @@ use crate::replicated::pages::{page_hash, FileCache, PageHash, TreeIndex, READ_P
 use crate::replicated::stats::SenderStats;
 
 mod events;
+mod fold;
 mod rescan;
 mod scan;
 pub mod watch;
 
 #[cfg(test)]
+mod fold_tests;
+#[cfg(test)]
 mod tests;
 
-use watch::FsEvent;
+use fold::WalkPos;
+use watch::{FsEvent, Limit, Watches};
 
 /// Encoded bytes (page data, checksums, paths) per batch before it is sent: an eighth of the
 /// frame limit, so a batch always fits one frame.
@@ -163,6 +169,29 @@ pub(crate) struct Scanner {
     /// Files kept open for window scans; dropped on any create, rename or remove event for
     /// the path.
     open_files: FileCache,
+    /// The event channel, read during walks too (`fold.rs`).
+    fs_rx: Option<Receiver<FsEvent>>,
+    /// The watch thread; `None` in unit tests that deliver events by hand.
+    watches: Option<Watches>,
+    /// Whether the watch set must be rebuilt before the next walk (at start, after lost
+    /// events, while a limit keeps directories unwatched).
+    watch_stale: bool,
+    /// The limit reached at the last rebuild, logged once.
+    watch_limit: Option<Limit>,
+    /// The last other failure to watch, logged once.
+    watch_error: Option<String>,
+    /// When an incomplete watch set is rebuilt again.
+    next_limit_retry: Instant,
+    /// Why a rescan is due (lost events); one rescan serves every request before it starts.
+    rescan_due: Option<String>,
+    /// Lost-event notices since the last rescan started, and rescans run for lost events.
+    overflows: u64,
+    rescans: u64,
+    /// The walk in progress, for folding events into it.
+    walk: Option<WalkPos>,
+    /// Runs at each look at the event channel during a walk (tests make changes there).
+    #[cfg(test)]
+    fold_hook: Option<Box<dyn FnMut() + Send>>,
 }
 
 impl Scanner {
@@ -193,7 +222,25 @@ impl Scanner {
             dirty: BTreeSet::new(),
             next_dirty: now + cfg.rescan / 2,
             open_files: FileCache::default(),
+            fs_rx: None,
+            watches: None,
+            watch_stale: true,
+            watch_limit: None,
+            watch_error: None,
+            next_limit_retry: now,
+            rescan_due: None,
+            overflows: 0,
+            rescans: 0,
+            walk: None,
+            #[cfg(test)]
+            fold_hook: None,
         }
+    }
+
+    /// The watch thread whose watch set the scanner rebuilds before walks after lost events.
+    pub(crate) fn with_watches(mut self, watches: Watches) -> Self {
+        self.watches = Some(watches);
+        self
     }
 
     /// Starts the scanner thread: it reads `fs_rx` and `ctl_rx` until told to stop.
@@ -204,6 +251,7 @@ impl Scanner {
         ctl_rx: Receiver<ScanMsg>,
     ) -> std::thread::JoinHandle<()> {
         self.stats = Some(stats);
+        self.fs_rx = Some(fs_rx.clone());
         std::thread::Builder::new()
             .name("scanner".into())
             .spawn(move || self.run(fs_rx, ctl_rx))
@@ -229,6 +277,7 @@ impl Scanner {
                 default(self.next_wake().saturating_duration_since(Instant::now())) => {}
             }
             self.expire_renames();
+            self.rescan_if_due();
             self.timers();
             self.flush();
         }
@@ -289,6 +338,8 @@ impl Scanner {
                     return;
                 }
                 self.full_scan(true);
+                // a follow-up for events lost during that walk goes before the marker
+                self.rescan_if_due();
                 self.flush();
                 let _ = self.out.blocking_send(Outgoing::Drain {
                     gen: self.gen,
@@ -330,6 +381,7 @@ impl Scanner {
             return;
         }
         self.full_scan(true);
+        self.rescan_if_due();
         self.flush();
         // register the verify before the barrier goes out: the cold side's digest
         // can come back before the network task would otherwise see the registration

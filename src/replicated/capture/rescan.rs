@@ -8,19 +8,28 @@ use std::fs;
 use std::path::Path;
 use std::time::Instant;
 
+use crate::replicated::capture::fold::{WalkPos, FOLD_EVERY};
 use crate::replicated::capture::scan::sorted_names;
 use crate::replicated::capture::{Progress, Scanner, Seen, PROGRESS_EVERY};
 use crate::replicated::pages::Attrs;
 
 impl Scanner {
     /// Walks the tree: files whose metadata changed since their last full hash (all files when
-    /// `deep`) are hashed in full; what is gone is removed.
+    /// `deep`) are hashed in full; what is gone is removed. The watch set is rebuilt first if
+    /// events were lost; events arriving during the walk are folded into it (`fold.rs`).
     pub(super) fn full_scan(&mut self, deep: bool) {
         if !self.connected {
             return;
         }
+        self.ensure_watches();
+        if deep {
+            // this walk starts after every loss notice read so far: it covers them
+            self.rescan_due = None;
+        }
+        self.walk = Some(WalkPos::start());
         let (dirs, files) = self.walk(deep);
         self.remove_gone(&dirs, &files);
+        self.finish_walk();
     }
 
     /// Scans every directory whose attributes the table does not have, every symlink, and
@@ -30,49 +39,84 @@ impl Scanner {
         let mut dirs = HashSet::new();
         let mut files = HashSet::new();
         let mut stack = vec![String::new()];
+        let mut since_fold = 0;
         while let Some(rel) = stack.pop() {
+            self.fold_events();
             let dir = if rel.is_empty() {
                 self.root.clone()
             } else {
                 self.root.join(&rel)
             };
+            let w = self.walk.get_or_insert_with(WalkPos::start);
+            w.pending.remove(&rel);
+            w.names = Vec::new();
             let Some(names) = sorted_names(&dir) else {
                 continue;
             };
-            for name in names {
+            // the names live in the walk's position, where folding looks them up
+            let w = self.walk.get_or_insert_with(WalkPos::start);
+            w.dir.clone_from(&rel);
+            w.names = names;
+            w.next = 0;
+            let count = w.names.len();
+            for i in 0..count {
+                since_fold += 1;
+                if since_fold >= FOLD_EVERY {
+                    since_fold = 0;
+                    self.fold_events();
+                }
+                let Some(w) = &mut self.walk else { break };
+                w.next = i + 1;
+                let name = &w.names[i];
                 let child = if rel.is_empty() {
-                    name
+                    name.clone()
                 } else {
                     format!("{rel}/{name}")
                 };
-                let Ok(meta) = fs::symlink_metadata(self.root.join(&child)) else {
-                    continue;
-                };
-                if meta.is_dir() {
-                    let attrs = Attrs::of(&meta);
-                    if self.table.dirs.get(&child) != Some(&attrs) {
-                        self.ensure_parents(&child);
-                        self.model_dir(&child, attrs);
+                if let Some(sub) = self.walk_entry(&child, deep, &mut dirs, &mut files) {
+                    if let Some(w) = &mut self.walk {
+                        w.pending.insert(sub.clone());
                     }
-                    dirs.insert(child.clone());
-                    stack.push(child);
-                } else if meta.file_type().is_symlink() {
-                    // scan_link compares target and owner with the table
-                    self.scan_link(&child, &meta);
-                    files.insert(child);
-                } else if meta.is_file() {
-                    let unchanged = !deep
-                        && self.seen.get(&child) == Some(&Seen::of(&meta))
-                        && self.table.files.contains_key(&child);
-                    if !unchanged {
-                        self.scan_file(&child, true);
-                    }
-                    files.insert(child);
-                    self.flush_if_full();
+                    stack.push(sub);
                 }
             }
         }
         (dirs, files)
+    }
+
+    /// One entry of the walk; a directory to list later is returned.
+    fn walk_entry(
+        &mut self,
+        child: &str,
+        deep: bool,
+        dirs: &mut HashSet<String>,
+        files: &mut HashSet<String>,
+    ) -> Option<String> {
+        let meta = fs::symlink_metadata(self.root.join(child)).ok()?;
+        if meta.is_dir() {
+            let attrs = Attrs::of(&meta);
+            if self.table.dirs.get(child) != Some(&attrs) {
+                self.ensure_parents(child);
+                self.model_dir(child, attrs);
+            }
+            dirs.insert(child.to_owned());
+            return Some(child.to_owned());
+        }
+        if meta.file_type().is_symlink() {
+            // scan_link compares target and owner with the table
+            self.scan_link(child, &meta);
+            files.insert(child.to_owned());
+        } else if meta.is_file() {
+            let unchanged = !deep
+                && self.seen.get(child) == Some(&Seen::of(&meta))
+                && self.table.files.contains_key(child);
+            if !unchanged {
+                self.scan_file(child, true);
+            }
+            files.insert(child.to_owned());
+            self.flush_if_full();
+        }
+        None
     }
 
     /// Removes what the table has and the walk did not find: files first, then directories
