@@ -3,8 +3,9 @@
 //! the initial sync's progress in the log. What the table has and the walk did not find is
 //! removed.
 
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 use std::fs;
+use std::ops::Bound;
 use std::path::Path;
 use std::time::Instant;
 
@@ -19,16 +20,13 @@ impl Scanner {
         if !self.connected {
             return;
         }
-        let (dirs, files) = self.walk(deep);
-        self.remove_gone(&dirs, &files);
+        self.walk(deep);
     }
 
     /// Scans every directory whose attributes the table does not have, every symlink, and
-    /// every file that may have changed; returns the directories, and the files and symlinks,
-    /// present.
-    fn walk(&mut self, deep: bool) -> (HashSet<String>, HashSet<String>) {
-        let mut dirs = HashSet::new();
-        let mut files = HashSet::new();
+    /// every file that may have changed; removes, directory by directory, what the table has
+    /// and the listing lacks (so that no set of every path is ever built).
+    fn walk(&mut self, deep: bool) {
         let mut stack = vec![String::new()];
         while let Some(rel) = stack.pop() {
             let dir = if rel.is_empty() {
@@ -39,6 +37,7 @@ impl Scanner {
             let Some(names) = sorted_names(&dir) else {
                 continue;
             };
+            self.remove_gone(&rel, &names);
             for name in names {
                 let child = if rel.is_empty() {
                     name
@@ -54,12 +53,10 @@ impl Scanner {
                         self.ensure_parents(&child);
                         self.model_dir(&child, attrs);
                     }
-                    dirs.insert(child.clone());
                     stack.push(child);
                 } else if meta.file_type().is_symlink() {
                     // scan_link compares target and owner with the table
                     self.scan_link(&child, &meta);
-                    files.insert(child);
                 } else if meta.is_file() {
                     let unchanged = !deep
                         && self.seen.get(&child) == Some(&Seen::of(&meta))
@@ -67,47 +64,28 @@ impl Scanner {
                     if !unchanged {
                         self.scan_file(&child, true);
                     }
-                    files.insert(child);
                     self.flush_if_full();
                 }
             }
         }
-        (dirs, files)
     }
 
-    /// Removes what the table has and the walk did not find: files first, then directories
-    /// from the deepest.
-    fn remove_gone(&mut self, dirs: &HashSet<String>, files: &HashSet<String>) {
-        let gone_files: Vec<String> = self
-            .table
-            .files
-            .keys()
-            .filter(|k| !files.contains(*k))
-            .cloned()
-            .collect();
-        for f in gone_files {
-            self.remove(&f);
-        }
-        let gone_links: Vec<String> = self
-            .table
-            .links
-            .keys()
-            .filter(|k| !files.contains(*k))
-            .cloned()
-            .collect();
-        for l in gone_links {
-            self.remove(&l);
-        }
-        let mut gone_dirs: Vec<String> = self
-            .table
-            .dirs
-            .keys()
-            .filter(|k| !dirs.contains(*k))
-            .cloned()
-            .collect();
-        gone_dirs.sort_by_key(|d| std::cmp::Reverse(d.len()));
-        for d in gone_dirs {
-            self.remove(&d);
+    /// Removes what the table has in directory `dir` whose name there its sorted listing
+    /// `names` lacks: directories first, with everything below them, then files and symlinks
+    /// (below a directory the table lacks too, in a table that has one, at their own path).
+    fn remove_gone(&mut self, dir: &str, names: &[String]) {
+        let prefix = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        let listed = |name: &str| names.binary_search_by(|n| n.as_str().cmp(name)).is_ok();
+        let mut gone: Vec<String> = Vec::new();
+        gone.extend(gone_children(&self.table.dirs, &prefix, listed));
+        gone.extend(gone_children(&self.table.files, &prefix, listed));
+        gone.extend(gone_children(&self.table.links, &prefix, listed));
+        for path in gone {
+            self.remove(&path);
         }
     }
 
@@ -156,6 +134,25 @@ impl Scanner {
             );
         }
     }
+}
+
+/// The paths in `map` below `prefix` (a directory and `/`, or empty for the root) whose
+/// name in that directory (their first component below it) is not `listed`: the entries of
+/// `prefix` and below are one range of the map.
+fn gone_children<V>(
+    map: &BTreeMap<String, V>,
+    prefix: &str,
+    listed: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    map.range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+        .map(|(path, _)| path)
+        .take_while(|path| path.starts_with(prefix))
+        .filter(|path| {
+            let below = &path[prefix.len()..];
+            !listed(below.split('/').next().unwrap_or(below))
+        })
+        .cloned()
+        .collect()
 }
 
 /// Files and bytes under `root`, for the initial sync's progress.
