@@ -34,8 +34,10 @@ pub const RECONNECT_FIRST: Duration = Duration::from_millis(50);
 pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// The connection's write buffer (batches are up to a megabyte of pages).
 const SEND_BUFFER_BYTES: usize = 1 << 20;
-/// Frames from the cold side waiting for the network task.
-const ANSWER_QUEUE: usize = 64;
+/// Frames from the cold side waiting for the network task: acknowledgements, and the parts
+/// of a `verify` digest, which wait here while the scanner compares those before them (so
+/// few of them, or a tree's digest could queue up decoded).
+const ANSWER_QUEUE: usize = 4;
 
 /// What the network task needs.
 #[derive(Debug, Clone)]

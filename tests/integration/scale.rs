@@ -12,7 +12,11 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::replication::{wait_until, Pair};
+use artemis_sync::replicated::channel::Auth;
+use artemis_sync::replicated::ops::Op;
+use artemis_sync::replicated::wire::{Frame, Psk};
+
+use crate::replication::{raw_client, rt, wait_until, Pair, PSK_HEX};
 use crate::util::{main_cmd, run_within, Fixture, Output};
 
 /// The peak resident set an agent may reach, in KiB.
@@ -204,18 +208,31 @@ fn make_spread_tree(root: &Path, files: usize) {
     }
 }
 
-/// Syncs `files` spread files, runs `verify`; returns the cold agent's peak after it and how
-/// much `verify` raised the hot agent's peak (KiB).
+/// Syncs `files` spread files; kills the cold agent and starts it again (it sends its index of
+/// the whole tree), runs `verify` (it walks the tree for its digest); returns the restarted
+/// cold agent's peak, and how much `verify` raised the hot agent's peak (KiB).
 fn verify_cost(files: usize) -> (u64, u64) {
     let fx = Fixture::new_in(Path::new("/dev/shm"));
     let mut p = Pair::new_in("psk", None, fx, "rescan_interval_ms = 2000");
     make_spread_tree(&p.hot.data, files);
-    let (took, hot, _) = sync_and_measure(&mut p, Duration::from_secs(300));
+    let (took, _, _) = sync_and_measure(&mut p, Duration::from_secs(300));
+    p.kill9("cold");
+    p.start("cold");
+    // the hot side reconnects (its pauses grow to 2 s) and resyncs from the new index
+    let reconnected = wait_until(Duration::from_secs(60), || {
+        p.status("cold")["connected"] == true && p.status("hot")["synced"] == true
+    });
+    assert!(
+        reconnected,
+        "no resync after the cold restart\n{}",
+        tail(&p.logs())
+    );
+    let hot = proc_kib(pid(&p, "hot"), "VmHWM");
     let took_verify = verify_identical(&p);
     let vhot = proc_kib(pid(&p, "hot"), "VmHWM");
     let vcold = proc_kib(pid(&p, "cold"), "VmHWM");
     println!(
-        "scale: {files} files synced in {took:?}, verified in {took_verify:?}; VmHWM hot {} -> {} MiB, cold {} MiB",
+        "scale: {files} files synced in {took:?}, verified in {took_verify:?}; VmHWM hot {} -> {} MiB, restarted cold {} MiB",
         hot >> 10,
         vhot >> 10,
         vcold >> 10
@@ -224,9 +241,10 @@ fn verify_cost(files: usize) -> (u64, u64) {
 }
 
 /// Issue 11 item 2, memory proportional to the window and not to the tree: from 20,000 files
-/// to 80,000, the cold agent's peak (it holds no index, no digest, only a directory listing
-/// and a chunk at a time) and what `verify` adds to the hot agent's (no copy of its table, no
-/// map of either side's entries) grow by less than [`MAX_GROWTH_KIB`].
+/// to 80,000, the peak of a cold agent that sends its index and a `verify` digest (it holds
+/// neither, only a directory listing and a chunk at a time), and what `verify` adds to the hot
+/// agent's (no copy of its table, no map of either side's entries), grow by less than
+/// [`MAX_GROWTH_KIB`].
 #[test]
 fn issue11_cold_agent_and_verify_memory_do_not_grow_with_the_tree() {
     let (cold_n, verify_n) = verify_cost(20_000);
@@ -242,6 +260,71 @@ fn issue11_cold_agent_and_verify_memory_do_not_grow_with_the_tree() {
         verify_4n < MAX_GROWTH_KIB,
         "verify of 80,000 files raised the hot agent's peak by {verify_4n} KiB (20,000: {verify_n} KiB)"
     );
+}
+
+/// Issue 11 item 2: a hot side that goes on sending batches after a barrier (one that does not
+/// wait for the digest) while the cold side walks its tree for that digest. The apply thread
+/// waits for the connection to write the digest's parts, and the connection waits for room in
+/// the apply queue: it forwards the parts while it waits, so the whole digest and every ack
+/// arrive (with a blocking hand-over both would wait for ever).
+#[test]
+fn issue11_batches_after_a_barrier_do_not_stall_the_cold_side_s_digest() {
+    const BATCHES: u64 = 40;
+    const FILES: usize = 20_000;
+    let fx = Fixture::new_in(Path::new("/dev/shm"));
+    let mut p = Pair::new_in("psk", None, fx, "");
+    make_spread_tree(&p.cold.data, FILES);
+    p.start("cold");
+    let rt = rt();
+    let psk = Psk::from_hex(PSK_HEX).unwrap();
+    let (first, (mut r, mut w)) = raw_client(&rt, p.cold.port, Auth::Psk(psk), 1).unwrap();
+    assert!(matches!(first, Frame::Welcome { .. }), "{first:?}");
+    let outcome = rt.block_on(async move {
+        while !matches!(r.recv().await.unwrap(), Frame::IndexEnd) {}
+        // batch 1 is the barrier; each one after it creates a directory (small: they all fit
+        // in the socket buffers, so that this client can write them all before it reads)
+        let barrier = vec![Op::Barrier { id: 7 }];
+        w.send(&Frame::Batch { seq: 1, ops: barrier }).await.unwrap();
+        for seq in 2..=BATCHES {
+            let ops = vec![Op::Mkdir {
+                path: format!("after-{seq}"),
+                mode: 0o755,
+            }];
+            w.send(&Frame::Batch { seq, ops }).await.unwrap();
+        }
+        w.flush().await.unwrap();
+        // heartbeats, or the cold side drops a connection silent for 5 s
+        let beat = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if w.send(&Frame::Heartbeat).await.is_err() || w.flush().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let read = async {
+            let (mut entries, mut root, mut acked) = (0, None, 0);
+            while root.is_none() || acked < BATCHES {
+                match r.recv().await.unwrap() {
+                    Frame::DigestFiles { id: 7, files } => entries += files.len(),
+                    Frame::Digest { id: 7, root: r, files } => {
+                        entries += files.len();
+                        root = Some(r);
+                    }
+                    Frame::Ack { seq } => acked = seq,
+                    other => panic!("{other:?}"),
+                }
+            }
+            entries
+        };
+        let outcome = tokio::time::timeout(Duration::from_secs(120), read).await;
+        beat.abort();
+        outcome
+    });
+    let entries = outcome.unwrap_or_else(|_| panic!("the digest or the acks stalled\n{}", p.logs()));
+    // every file, its 40 directories and `paging`: none of the directories made after it
+    assert_eq!(entries, FILES + FILES / 500 + 1);
+    assert!(p.cold.data.join(format!("after-{BATCHES}")).is_dir());
 }
 
 /// Issue 11 item 2, the acceptance test: 200,000 files plus a 3 GiB file (4 KiB pages), from
