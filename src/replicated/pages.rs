@@ -25,7 +25,7 @@ mod walk;
 pub use entry::{compare_entries, Comparison, DigestCompare, Entry, EntryKind};
 pub use walk::{
     digest_parts, hash_pages_chunked, index_parts, index_tree, walk_sorted, IndexPart, Node,
-    UNREAD_PAGE,
+    RootAndLast, UNREAD_PAGE,
 };
 
 /// The unit of allocation a file's length is rounded up to when telling whether it is fully

@@ -284,7 +284,12 @@ fn issue11_batches_after_a_barrier_do_not_stall_the_cold_side_s_digest() {
         // batch 1 is the barrier; each one after it creates a directory (small: they all fit
         // in the socket buffers, so that this client can write them all before it reads)
         let barrier = vec![Op::Barrier { id: 7 }];
-        w.send(&Frame::Batch { seq: 1, ops: barrier }).await.unwrap();
+        w.send(&Frame::Batch {
+            seq: 1,
+            ops: barrier,
+        })
+        .await
+        .unwrap();
         for seq in 2..=BATCHES {
             let ops = vec![Op::Mkdir {
                 path: format!("after-{seq}"),
@@ -307,7 +312,11 @@ fn issue11_batches_after_a_barrier_do_not_stall_the_cold_side_s_digest() {
             while root.is_none() || acked < BATCHES {
                 match r.recv().await.unwrap() {
                     Frame::DigestFiles { id: 7, files } => entries += files.len(),
-                    Frame::Digest { id: 7, root: r, files } => {
+                    Frame::Digest {
+                        id: 7,
+                        root: r,
+                        files,
+                    } => {
                         entries += files.len();
                         root = Some(r);
                     }
@@ -321,7 +330,8 @@ fn issue11_batches_after_a_barrier_do_not_stall_the_cold_side_s_digest() {
         beat.abort();
         outcome
     });
-    let entries = outcome.unwrap_or_else(|_| panic!("the digest or the acks stalled\n{}", p.logs()));
+    let entries =
+        outcome.unwrap_or_else(|_| panic!("the digest or the acks stalled\n{}", p.logs()));
     // every file, its 40 directories and `paging`: none of the directories made after it
     assert_eq!(entries, FILES + FILES / 500 + 1);
     assert!(p.cold.data.join(format!("after-{BATCHES}")).is_dir());

@@ -364,11 +364,11 @@ mod tests {
     fn arb_tree() -> impl Strategy<Value = TreeIndex> {
         let path = "[ab]{1,2}([-/][ab]{1,2}){0,2}";
         let file =
-            (0u64..3, arb_attrs(), any::<bool>()).prop_map(|(len, attrs, allocated)| FileState {
-                len,
+            (0u8..3, arb_attrs(), any::<bool>()).prop_map(|(len, attrs, allocated)| FileState {
+                len: u64::from(len),
                 attrs,
                 allocated,
-                pages: vec![[len as u8; 16]; len as usize],
+                pages: vec![[len; 16]; usize::from(len)],
             });
         let link = ("[xy]", arb_attrs()).prop_map(|(target, attrs)| LinkState { target, attrs });
         (

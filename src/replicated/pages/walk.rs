@@ -386,6 +386,9 @@ pub fn index_tree(root: &Path, page_size: usize) -> Result<TreeIndex, PagesError
     Ok(index)
 }
 
+/// The root digest of a tree, and the last part of its entries.
+pub type RootAndLast = ([u8; 32], Vec<(String, Entry)>);
+
 /// Streams the digest of the tree under `root` as `verify` compares it: each entry in path
 /// order, in chunks whose [`Entry`] sizes (by `size_of`) stay within `chunk_bytes`, handed to
 /// `each`; returns the root digest and the last chunk (possibly empty).
@@ -394,7 +397,7 @@ pub fn digest_parts<E: From<PagesError>>(
     page_size: usize,
     (chunk_bytes, size_of): (usize, fn(&str, &Entry) -> usize),
     each: &mut dyn FnMut(Vec<(String, Entry)>) -> Result<(), E>,
-) -> Result<([u8; 32], Vec<(String, Entry)>), E> {
+) -> Result<RootAndLast, E> {
     let mut hasher = blake3::Hasher::new();
     let mut chunk: Vec<(String, Entry)> = Vec::new();
     let mut bytes = 0;
@@ -484,7 +487,7 @@ mod tests {
             512,
             (3, &mut buf),
             &mut |first, p| {
-                assert_eq!(first as usize, got.len());
+                assert_eq!(usize::try_from(first).unwrap(), got.len());
                 assert!(p.len() <= 3);
                 got.extend(p);
                 Ok(())
