@@ -342,7 +342,7 @@ fn issue11_batches_after_a_barrier_do_not_stall_the_cold_side_s_digest() {
 /// A minute or more; run with
 /// `cargo test --release --test integration scale::issue11_acceptance -- --ignored --nocapture`.
 #[test]
-#[ignore = "about a minute and 3 GiB of tmpfs; run by hand (see the doc comment)"]
+#[ignore = "minutes and 3 GiB of tmpfs; run by hand (see the doc comment)"]
 fn issue11_acceptance_200000_files_and_a_3_gib_file() {
     converge_at_scale(200_000, 40, 3072, 4096);
 }
