@@ -101,6 +101,12 @@ pub fn serve(listener: UnixListener, requests: Sender<Incoming>, reply_timeout: 
     }
 }
 
+/// Whether a request is a `verify`, whose answer may take the agent longer than the others'.
+enum RequestKind {
+    Verify,
+    Other,
+}
+
 /// Hands `request` to the agent's main thread and waits for its answer.
 fn forward(
     requests: &Sender<Incoming>,
@@ -108,10 +114,22 @@ fn forward(
     reply_timeout: Duration,
 ) -> Result<Reply, String> {
     let (tx, rx) = bounded(1);
+    let request_kind = if matches!(request, Request::Verify) {
+        RequestKind::Verify
+    } else {
+        RequestKind::Other
+    };
     if requests.send(Incoming { request, reply: tx }).is_err() {
         return Err("the agent is shutting down".to_owned());
     }
-    rx.recv_timeout(reply_timeout)
+    // a verify may take the agent its whole limit (hashing both trees): wait for that
+    let limit = match request_kind {
+        RequestKind::Verify => {
+            reply_timeout.max(protocol::VERIFY_TIMEOUT + protocol::STATUS_TIMEOUT)
+        }
+        RequestKind::Other => reply_timeout,
+    };
+    rx.recv_timeout(limit)
         .unwrap_or_else(|_| Err("the agent did not answer in time".into()))
 }
 

@@ -102,7 +102,8 @@ impl Request {
             }
             Request::Promote { .. } => PROMOTE_TIMEOUT,
             Request::Demote { .. } => DRAIN_TIMEOUT + STATUS_TIMEOUT,
-            Request::Verify => VERIFY_TIMEOUT,
+            // the agent's own limit, and time for its answer to arrive
+            Request::Verify => VERIFY_TIMEOUT + STATUS_TIMEOUT,
         }
     }
 

@@ -18,13 +18,16 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::replicated::ops::{Applied, BarrierDigest, Op};
+use crate::replicated::ops::{Applied, Op};
 use crate::replicated::pages::{
-    self, confine, no_symlinks_below, FileCache, PagesError, TreeIndex,
+    self, confine, no_symlinks_below, FileCache, IndexPart, PagesError,
 };
 use crate::replicated::receiver::Gate;
 
 mod meta;
+mod outlet;
+
+pub(crate) use outlet::Outlet;
 
 use meta::op_paths;
 
@@ -33,8 +36,14 @@ pub const APPLY_QUEUE: usize = 4;
 
 /// Work for the apply thread.
 pub(crate) enum Job {
-    /// Index the tree (a new connection) and expect batch 1 next.
-    Index(oneshot::Sender<Result<TreeIndex, PagesError>>),
+    /// A new connection: stream the tree's index into `parts` as it is walked, answer `done`
+    /// once it is complete, and expect batch 1 next; the digests of the connection's barriers
+    /// go to `outlet`.
+    Index {
+        parts: mpsc::Sender<IndexPart>,
+        done: oneshot::Sender<Result<(), PagesError>>,
+        outlet: Outlet,
+    },
     /// Validate and apply one batch of a stream admitted at `epoch`; the outcome goes to
     /// `reply`.
     Batch {
@@ -111,6 +120,10 @@ pub(crate) struct Applier {
     expected: u64,
     /// Admits each batch again just before it is applied (a promotion fences the stream).
     gate: Option<Arc<dyn Gate>>,
+    /// Where the connection's barrier digests go.
+    outlet: Option<Outlet>,
+    /// Told each time a job is taken from the queue (the connection waits for room).
+    taken: Option<Arc<tokio::sync::Notify>>,
     /// Every change and fsync of the batches applied, in order, for tests.
     #[cfg(test)]
     log: Vec<Durability>,
@@ -130,6 +143,8 @@ impl Applier {
             files: FileCache::default(),
             expected: 1,
             gate: None,
+            outlet: None,
+            taken: None,
             #[cfg(test)]
             log: Vec::new(),
         }
@@ -139,6 +154,12 @@ impl Applier {
     /// it: once this side is promoted, nothing queued before is applied.
     pub(crate) fn with_gate(mut self, gate: Arc<dyn Gate>) -> Self {
         self.gate = Some(gate);
+        self
+    }
+
+    /// Tells `taken` each time a job leaves the queue: whoever waits for room in it.
+    pub(crate) fn with_taken(mut self, taken: Arc<tokio::sync::Notify>) -> Self {
+        self.taken = Some(taken);
         self
     }
 
@@ -152,12 +173,15 @@ impl Applier {
 
     fn run(mut self, jobs: crossbeam_channel::Receiver<Job>) {
         for job in jobs.iter() {
+            if let Some(taken) = &self.taken {
+                taken.notify_one();
+            }
             match job {
-                Job::Index(reply) => {
-                    self.expected = 1;
-                    self.files.clear();
-                    let _ = reply.send(pages::index_tree(&self.root, self.page_size));
-                }
+                Job::Index {
+                    parts,
+                    done,
+                    outlet,
+                } => self.index(&parts, done, outlet),
                 Job::Batch {
                     seq,
                     epoch,
@@ -189,13 +213,9 @@ impl Applier {
         }
         let bytes = ops.iter().map(|o| o.data_len() as u64).sum();
         match self.apply(ops) {
-            Ok(digests) => {
+            Ok(()) => {
                 self.expected += 1;
-                Applied::Done {
-                    seq,
-                    bytes,
-                    digests,
-                }
+                Applied::Done { seq, bytes }
             }
             Err(e) => {
                 self.files.clear();
@@ -278,8 +298,9 @@ impl Applier {
         Ok(self.files.get(rel).expect("cached"))
     }
 
-    /// Applies a validated batch, then makes it durable; returns the digests of its barriers.
-    fn apply(&mut self, ops: Vec<Op>) -> Result<Vec<BarrierDigest>, PagesError> {
+    /// Applies a validated batch, then makes it durable; the digests of its barriers go to
+    /// the connection as they are read.
+    fn apply(&mut self, ops: Vec<Op>) -> Result<(), PagesError> {
         let mut touched = Touched::default();
         let result = self.apply_ops(ops, &mut touched);
         #[cfg(test)]
@@ -287,12 +308,7 @@ impl Applier {
         result
     }
 
-    fn apply_ops(
-        &mut self,
-        ops: Vec<Op>,
-        touched: &mut Touched,
-    ) -> Result<Vec<BarrierDigest>, PagesError> {
-        let mut digests = Vec::new();
+    fn apply_ops(&mut self, ops: Vec<Op>, touched: &mut Touched) -> Result<(), PagesError> {
         for op in ops {
             self.guard(&op)?;
             match op {
@@ -314,13 +330,11 @@ impl Applier {
                 Op::Remove { path } => self.remove(&path, touched)?,
                 Op::Barrier { id } => {
                     self.sync(touched)?;
-                    let (root, files) = pages::index_tree(&self.root, self.page_size)?.digest();
-                    digests.push((id, root, files.into_iter().collect()));
+                    self.barrier_digest(id)?;
                 }
             }
         }
-        self.sync(touched)?;
-        Ok(digests)
+        self.sync(touched)
     }
 
     /// The directory holding `full` (the root for a top-level entry).
@@ -500,156 +514,4 @@ fn open_nofollow(path: &Path) -> Result<Option<File>, PagesError> {
 #[cfg(test)]
 mod durability_tests;
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn applier(root: &Path) -> Applier {
-        Applier::new(root, 4096)
-    }
-
-    /// A `Write` of `data` at `offset` with the page hashes the apply thread checks.
-    pub(super) fn write(path: &str, offset: u64, data: Vec<u8>) -> Op {
-        let hashes = data
-            .chunks(4096)
-            .map(|p| *blake3::hash(p).as_bytes())
-            .collect();
-        Op::Write {
-            path: path.into(),
-            offset,
-            data,
-            hashes,
-        }
-    }
-
-    #[test]
-    fn applies_in_order_and_skips_out_of_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut a = applier(dir.path());
-        let ops = vec![
-            Op::Mkdir {
-                path: "journal".into(),
-                mode: 0o750,
-            },
-            Op::SetFile {
-                path: "journal/a.tmp".into(),
-                len: 8192,
-                mode: 0o600,
-            },
-            write("journal/a.tmp", 4096, vec![7; 4096]),
-            Op::Rename {
-                from: "journal/a.tmp".into(),
-                to: "journal/a".into(),
-            },
-        ];
-        assert!(matches!(
-            a.batch(2, ops.clone()),
-            Applied::Skipped { seq: 2 }
-        ));
-        assert!(matches!(a.batch(1, ops), Applied::Done { seq: 1, .. }));
-        let data = fs::read(dir.path().join("journal/a")).unwrap();
-        assert_eq!(data.len(), 8192);
-        assert!(data[..4096].iter().all(|b| *b == 0) && data[4096..].iter().all(|b| *b == 7));
-        assert!(matches!(
-            a.batch(
-                2,
-                vec![Op::Remove {
-                    path: "journal".into()
-                }]
-            ),
-            Applied::Done { .. }
-        ));
-        assert!(!dir.path().join("journal").exists());
-    }
-
-    #[test]
-    fn a_batch_touching_more_files_than_the_cache_holds_applies_whole() {
-        // the cache of open files empties itself while the batch writes; the files it
-        // dropped are synced all the same
-        let dir = tempfile::tempdir().unwrap();
-        let mut a = applier(dir.path());
-        let n = pages::OPEN_FILES_CACHED * 2 + 1;
-        let mut ops = Vec::new();
-        for i in 0..n {
-            let path = format!("f{i}");
-            ops.push(Op::SetFile {
-                path: path.clone(),
-                len: 4096,
-                mode: 0o644,
-            });
-            ops.push(write(&path, 0, vec![1; 4096]));
-        }
-        ops.push(Op::Remove { path: "f0".into() });
-        assert!(matches!(a.batch(1, ops), Applied::Done { seq: 1, .. }));
-        assert!(!dir.path().join("f0").exists());
-        for i in 1..n {
-            let f = format!("f{i}");
-            assert_eq!(fs::read(dir.path().join(&f)).unwrap(), [1; 4096]);
-            let synced = Durability::SyncedData(dir.path().join(&f));
-            assert!(a.log.contains(&synced), "{f} was acknowledged unsynced");
-        }
-    }
-
-    #[test]
-    fn a_bad_page_rejects_the_whole_batch_before_any_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut a = applier(dir.path());
-        let mut bad = write("f", 0, vec![1; 8192]);
-        if let Op::Write { data, .. } = &mut bad {
-            data[5000] ^= 1;
-        }
-        let ops = vec![
-            Op::SetFile {
-                path: "f".into(),
-                len: 8192,
-                mode: 0o644,
-            },
-            bad,
-        ];
-        let Applied::Rejected { reason, .. } = a.batch(1, ops) else {
-            panic!()
-        };
-        assert!(
-            reason.contains("offset 4096") && reason.contains("blake3"),
-            "{reason}"
-        );
-        assert!(!dir.path().join("f").exists(), "nothing was written");
-        assert_eq!(a.expected, 1);
-    }
-
-    #[test]
-    fn escaping_paths_are_rejected() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("data");
-        fs::create_dir(&root).unwrap();
-        std::os::unix::fs::symlink(dir.path(), root.join("up")).unwrap();
-        let mut a = applier(&root);
-        for op in [
-            Op::SetFile {
-                path: "../escape".into(),
-                len: 1,
-                mode: 0o644,
-            },
-            Op::SetFile {
-                path: "/etc/x".into(),
-                len: 1,
-                mode: 0o644,
-            },
-            Op::SetFile {
-                path: "up/escape".into(),
-                len: 1,
-                mode: 0o644,
-            },
-            Op::Rename {
-                from: "a".into(),
-                to: "../b".into(),
-            },
-            write("up/x", 0, vec![0; 4096]),
-        ] {
-            let Applied::Rejected { reason, .. } = a.batch(1, vec![op.clone()]) else {
-                panic!("{op:?} was not rejected")
-            };
-            assert!(reason.contains("refusing path"), "{reason}");
-        }
-        assert!(!dir.path().join("escape").exists());
-    }
-}
+mod tests;

@@ -4,11 +4,9 @@
 //! ([`ScanMsg`]), the apply thread's answer for a batch ([`Applied`]: ack, skip or nack), the
 //! sender's events for the agent, and the `verify` report built from both sides' digests.
 
-use std::collections::BTreeMap;
-
 use crossbeam_channel::Sender;
 
-use crate::replicated::pages::{compare_entries, Attrs, Entry, TreeIndex};
+use crate::replicated::pages::{Attrs, Comparison, Entry, TreeIndex};
 
 /// One change to apply on the cold side, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,19 +50,24 @@ impl Op {
     }
 }
 
-/// The digest of the tree at a barrier: its id, the root, and each entry.
-pub type BarrierDigest = (u64, [u8; 32], Vec<(String, Entry)>);
+/// A part of the cold tree's digest at barrier `id`, streamed as the tree is walked: entries
+/// in path order; the last part carries the root digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DigestPart {
+    /// The barrier.
+    pub id: u64,
+    /// The root digest, in the last part only.
+    pub root: Option<[u8; 32]>,
+    /// The next entries, in path order.
+    pub files: Vec<(String, Entry)>,
+}
 
 /// The apply thread's outcome for one batch: the connection answers `Ack` for `Done`, nothing
 /// for `Skipped`, `Nack` for `Rejected`, and drops the stream for `Failed`.
 #[derive(Debug)]
 pub enum Applied {
-    /// Durable; page bytes written, and the digests of any barriers in it.
-    Done {
-        seq: u64,
-        bytes: u64,
-        digests: Vec<BarrierDigest>,
-    },
+    /// Durable; page bytes written (the digests of any barriers in it went out before).
+    Done { seq: u64, bytes: u64 },
     /// Not the next batch (a duplicate, or one after a rejected batch): ignored.
     Skipped { seq: u64 },
     /// Failed a check before anything was written: resend it.
@@ -96,12 +99,12 @@ pub enum ScanMsg {
 pub(crate) enum Outgoing {
     /// Ops to number, frame and send as one batch.
     Batch { gen: u64, ops: Vec<Op> },
-    /// A verify whose barrier follows in the stream: compare `hot` with the cold digest.
+    /// A verify whose barrier follows in the stream: the parts of the cold digest of barrier
+    /// `id` go to `parts`, where the scanner compares them with its table as they come.
     Verify {
         gen: u64,
         id: u64,
-        hot: TreeIndex,
-        reply: Sender<Result<VerifyReport, String>>,
+        parts: Sender<DigestPart>,
     },
     /// Answer once every batch sent so far is acknowledged.
     Drain {
@@ -137,22 +140,15 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
-    /// Compares the hot side's table with the entries the cold side listed at the barrier.
-    pub(crate) fn compare(
-        hot: &TreeIndex,
-        cold_root: [u8; 32],
-        cold_entries: Vec<(String, Entry)>,
-    ) -> VerifyReport {
-        let (hot_root, hot_entries) = hot.digest();
-        let cold: BTreeMap<String, Entry> = cold_entries.into_iter().collect();
-        let differing = compare_entries(&hot_entries, &cold);
+    /// The report of a comparison of the hot table with the cold side's digest.
+    pub(crate) fn new(cmp: Comparison, cold_root: [u8; 32]) -> VerifyReport {
         let hex = |d: &[u8; 32]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
         VerifyReport {
-            identical: hot_root == cold_root && differing.is_empty(),
-            hot_root: hex(&hot_root),
+            identical: cmp.hot_root == cold_root && cmp.differing.is_empty(),
+            hot_root: hex(&cmp.hot_root),
             cold_root: hex(&cold_root),
-            files: hot_entries.len().max(cold.len()),
-            differing,
+            files: cmp.hot_entries.max(cmp.cold_entries),
+            differing: cmp.differing,
         }
     }
 }

@@ -20,8 +20,13 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 mod entry;
+mod walk;
 
-pub use entry::{compare_entries, Entry, EntryKind};
+pub use entry::{compare_entries, Comparison, DigestCompare, Entry, EntryKind};
+pub use walk::{
+    digest_parts, hash_pages_chunked, index_parts, index_tree, walk_sorted, IndexPart, Node,
+    RootAndLast, UNREAD_PAGE,
+};
 
 /// The unit of allocation a file's length is rounded up to when telling whether it is fully
 /// allocated (the smallest block of the filesystems the journal lives on).
@@ -142,10 +147,17 @@ pub fn link_target(path: &Path) -> io::Result<Option<String>> {
 }
 
 impl FileState {
+    /// The hasher of a content digest ([`FileState::digest`]) of a file of `len` bytes, to
+    /// which its page hashes are added in order.
+    pub fn content_hasher(len: u64) -> blake3::Hasher {
+        let mut h = blake3::Hasher::new();
+        h.update(&len.to_le_bytes());
+        h
+    }
+
     /// A digest of the file's content as the table sees it: its length and page hashes.
     pub fn digest(&self) -> [u8; 32] {
-        let mut h = blake3::Hasher::new();
-        h.update(&self.len.to_le_bytes());
+        let mut h = FileState::content_hasher(self.len);
         for p in &self.pages {
             h.update(p);
         }
@@ -244,63 +256,6 @@ pub struct TreeIndex {
     pub files: BTreeMap<String, FileState>,
     /// Symlinks (relative, `/`-separated).
     pub links: BTreeMap<String, LinkState>,
-}
-
-/// Hashes the whole tree under `root`: directories, files, and symlinks (their target, never
-/// followed). Special files are skipped (the journal holds none, and a replica must never
-/// create them). Entries that vanish while being read are left out: the next event or rescan
-/// accounts for them.
-pub fn index_tree(root: &Path, page_size: usize) -> Result<TreeIndex, PagesError> {
-    let mut index = TreeIndex::default();
-    let mut stack = vec![String::new()];
-    while let Some(rel) = stack.pop() {
-        let dir = if rel.is_empty() {
-            root.to_owned()
-        } else {
-            root.join(&rel)
-        };
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !rel.is_empty() => continue,
-            Err(e) => return Err(io_err("cannot list", &dir)(e)),
-        };
-        for entry in entries {
-            let entry = entry.map_err(io_err("cannot list", &dir))?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else {
-                tracing::warn!(dir = %dir.display(), "skipping a file name that is not UTF-8");
-                continue;
-            };
-            let child = if rel.is_empty() {
-                name.to_owned()
-            } else {
-                format!("{rel}/{name}")
-            };
-            let path = root.join(&child);
-            let Ok(meta) = fs::symlink_metadata(&path) else {
-                continue;
-            };
-            if meta.is_dir() {
-                index.dirs.insert(child.clone(), Attrs::of(&meta));
-                stack.push(child);
-            } else if meta.file_type().is_symlink() {
-                if let Ok(Some(target)) = link_target(&path) {
-                    let attrs = Attrs::of(&meta);
-                    index.links.insert(child, LinkState { target, attrs });
-                }
-            } else if meta.is_file() {
-                match hash_pages(&path, page_size) {
-                    Ok(state) => {
-                        index.files.insert(child, state);
-                    }
-                    Err(PagesError::Io { source, .. })
-                        if source.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-    }
-    Ok(index)
 }
 
 /// Checks a relative path received from the network: `/`-separated normal components only,

@@ -13,16 +13,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
 
 use crate::replicated::apply::{Applier, Job, APPLY_QUEUE};
 use crate::replicated::channel::{self, Auth};
-use crate::replicated::ops::Applied;
-use crate::replicated::pages::{Entry, PageHash, PagesError};
-use crate::replicated::wire::framed::ReadTask;
-use crate::replicated::wire::{
-    Frame, FrameReader, FrameWriter, ProtoError, DIGEST_CHUNK_BYTES, INDEX_CHUNK_PAGES,
-};
+use crate::replicated::pages::PagesError;
+use crate::replicated::wire::{Frame, FrameReader, FrameWriter, ProtoError};
+
+mod inbound;
+
+use inbound::Inbound;
 
 pub use crate::replicated::stats::ReceiverStats;
 
@@ -105,13 +104,15 @@ pub fn start(
     let stats = Arc::new(ReceiverStats::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(APPLY_QUEUE);
+    let taken = Arc::new(tokio::sync::Notify::new());
     Applier::new(&cfg.root, cfg.page_size)
         .with_gate(cfg.gate.clone())
+        .with_taken(taken.clone())
         .spawn(jobs_rx);
     rt.spawn(accept_loop(
         cfg,
         listener,
-        jobs_tx.clone(),
+        (jobs_tx.clone(), taken),
         stats.clone(),
         stop_rx,
     ));
@@ -139,8 +140,8 @@ pub enum ReceiveError {
     NoLongerAdmitted,
 }
 
-type Reader = FrameReader<channel::BoxRead>;
-type Writer = FrameWriter<tokio::io::BufWriter<channel::BoxWrite>>;
+pub(crate) type Reader = FrameReader<channel::BoxRead>;
+pub(crate) type Writer = FrameWriter<tokio::io::BufWriter<channel::BoxWrite>>;
 
 /// What every connection shares.
 #[derive(Clone)]
@@ -156,6 +157,8 @@ struct Shared {
     current: Arc<std::sync::Mutex<Option<tokio::task::AbortHandle>>>,
     /// One permit per connection not yet admitted: at most [`MAX_UNAUTHENTICATED`].
     handshakes: Arc<tokio::sync::Semaphore>,
+    /// Told each time the apply thread takes a job.
+    taken: Arc<tokio::sync::Notify>,
 }
 
 impl Shared {
@@ -171,7 +174,7 @@ impl Shared {
 async fn accept_loop(
     cfg: ReceiverConfig,
     listener: TcpListener,
-    jobs: crossbeam_channel::Sender<Job>,
+    (jobs, taken): (crossbeam_channel::Sender<Job>, Arc<tokio::sync::Notify>),
     stats: Arc<ReceiverStats>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -183,6 +186,7 @@ async fn accept_loop(
         last_failure: Arc::new(std::sync::Mutex::new(None)),
         current: Arc::new(std::sync::Mutex::new(None)),
         handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_UNAUTHENTICATED)),
+        taken,
     };
     let mut over_cap = OverCap::default();
     loop {
@@ -284,6 +288,7 @@ async fn stream_admitted(
     let inbound = Inbound {
         writer,
         jobs: &shared.jobs,
+        taken: &shared.taken,
         stats,
         gate: &*shared.cfg.gate,
         epoch,
@@ -361,270 +366,5 @@ async fn admit(
             let _ = writer.flush().await;
             None
         }
-    }
-}
-
-/// An admitted hot side's stream: index out, batches in, answers out.
-struct Inbound<'a> {
-    writer: Writer,
-    jobs: &'a crossbeam_channel::Sender<Job>,
-    stats: &'a Arc<ReceiverStats>,
-    gate: &'a dyn Gate,
-    epoch: u64,
-    /// A `Nack` is out and its batch not yet applied: further failures are not answered.
-    rejecting: bool,
-    /// The last reason a batch could not be applied, across connections: said once.
-    last_failure: &'a std::sync::Mutex<Option<String>>,
-    /// Writer bytes already added to the statistics.
-    counted: u64,
-}
-
-impl Inbound<'_> {
-    async fn run(mut self, reader: Reader) -> Result<(), ReceiveError> {
-        self.send_index().await?;
-        self.stats.applied_seq.store(0, Ordering::Relaxed);
-        let read_stats = self.stats.clone();
-        let mut frames = ReadTask::spawn(
-            reader,
-            APPLY_QUEUE,
-            move |bytes| read_stats.wire_bytes.store(bytes, Ordering::Relaxed),
-            |e| !matches!(e, ProtoError::BadMac { .. }),
-        );
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Applied>();
-        loop {
-            tokio::select! {
-                frame = tokio::time::timeout(IDLE_TIMEOUT, frames.frames.recv()) => {
-                    let Ok(frame) = frame else { return Err(ReceiveError::Idle(IDLE_TIMEOUT)) };
-                    let Some(frame) = frame else { return Ok(()) };
-                    if !self.on_frame(frame, &done_tx).await? {
-                        return Ok(());
-                    }
-                }
-                done = done_rx.recv() => self.on_applied(done.expect("we hold a sender")).await?,
-            }
-        }
-    }
-
-    /// Our index first: the hot side diffs against it.
-    async fn send_index(&mut self) -> Result<(), ReceiveError> {
-        let (tx, rx) = oneshot::channel();
-        self.jobs
-            .send(Job::Index(tx))
-            .map_err(|_| ReceiveError::ApplyGone)?;
-        let index = rx
-            .await
-            .map_err(|_| ReceiveError::ApplyGone)?
-            .map_err(ReceiveError::Index)?;
-        for (path, attrs) in &index.dirs {
-            self.writer
-                .send(&Frame::IndexDir {
-                    path: path.clone(),
-                    attrs: *attrs,
-                })
-                .await?;
-        }
-        for (path, mut f) in index.files {
-            // the first chunk of pages goes with the file, the rest in IndexPages frames
-            let rest = f.pages.split_off(f.pages.len().min(INDEX_CHUNK_PAGES));
-            self.writer
-                .send(&Frame::IndexFile {
-                    path: path.clone(),
-                    len: f.len,
-                    attrs: f.attrs,
-                    allocated: f.allocated,
-                    pages: f.pages,
-                })
-                .await?;
-            self.send_index_pages(&path, &rest).await?;
-        }
-        for (path, l) in index.links {
-            self.writer
-                .send(&Frame::IndexLink {
-                    path,
-                    target: l.target,
-                    attrs: l.attrs,
-                })
-                .await?;
-        }
-        self.writer.send(&Frame::IndexEnd).await?;
-        self.writer.flush().await?;
-        self.count_out();
-        Ok(())
-    }
-
-    /// The pages of a file beyond its [`Frame::IndexFile`]'s chunk, in chunks of
-    /// [`INDEX_CHUNK_PAGES`].
-    async fn send_index_pages(&mut self, path: &str, rest: &[PageHash]) -> Result<(), ProtoError> {
-        let mut first_page = INDEX_CHUNK_PAGES;
-        for chunk in rest.chunks(INDEX_CHUNK_PAGES) {
-            self.writer
-                .send(&Frame::IndexPages {
-                    path: path.to_owned(),
-                    first_page: first_page as u64,
-                    pages: chunk.to_vec(),
-                })
-                .await?;
-            first_page += chunk.len();
-        }
-        Ok(())
-    }
-
-    fn count_out(&mut self) {
-        let out = self.writer.bytes - self.counted;
-        self.stats.wire_out_bytes.fetch_add(out, Ordering::Relaxed);
-        self.counted = self.writer.bytes;
-    }
-
-    /// One frame (or read error) from the hot side; `false` when the stream ended cleanly.
-    async fn on_frame(
-        &mut self,
-        frame: Result<Frame, ProtoError>,
-        done: &mpsc::UnboundedSender<Applied>,
-    ) -> Result<bool, ReceiveError> {
-        let stats = self.stats;
-        stats
-            .last_frame_unix_ms
-            .store(crate::sys::now_unix_ms(), Ordering::Relaxed);
-        match frame {
-            Ok(Frame::Batch { .. }) if !self.gate.still_admitted(self.epoch) => {
-                return Err(ReceiveError::NoLongerAdmitted);
-            }
-            Ok(Frame::Batch { seq, ops }) => {
-                let reply = done.clone();
-                // the apply queue is bounded: waiting here is the back-pressure
-                let epoch = self.epoch;
-                let job = Job::Batch {
-                    seq,
-                    epoch,
-                    ops,
-                    reply,
-                };
-                tokio::task::block_in_place(|| self.jobs.send(job))
-                    .map_err(|_| ReceiveError::ApplyGone)?;
-            }
-            Ok(Frame::Heartbeat) => {}
-            Ok(Frame::Drained { seq }) => {
-                stats.drained.store(true, Ordering::Relaxed);
-                tracing::info!(seq, "the hot side drained its stream: the copy is complete");
-            }
-            Ok(other) => {
-                let what = format!("{other:?} from the hot side");
-                return Err(ProtoError::Unexpected(what).into());
-            }
-            Err(ProtoError::Closed) => return Ok(false),
-            Err(ProtoError::BadMac { seq }) => {
-                stats.mac_failures.fetch_add(1, Ordering::Relaxed);
-                let next = stats.applied_seq.load(Ordering::Relaxed) + 1;
-                tracing::error!(frame = seq, "a frame failed its authentication code and was dropped; asking for batch {next} again");
-                let reason = "a frame failed its authentication code".into();
-                self.nack(next, reason).await?;
-            }
-            Err(e) => return Err(e.into()),
-        }
-        Ok(true)
-    }
-
-    /// The apply thread's outcome for a batch.
-    async fn on_applied(&mut self, applied: Applied) -> Result<(), ReceiveError> {
-        let stats = self.stats;
-        match applied {
-            Applied::Done {
-                seq,
-                bytes,
-                digests,
-            } => {
-                self.rejecting = false;
-                stats.data_bytes.fetch_add(bytes, Ordering::Relaxed);
-                stats.applied_seq.store(seq, Ordering::Relaxed);
-                stats.batches.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .last_ack_unix_ms
-                    .store(crate::sys::now_unix_ms(), Ordering::Relaxed);
-                for (id, root, files) in digests {
-                    self.send_digest(id, root, files).await?;
-                }
-                self.writer.send(&Frame::Ack { seq }).await?;
-                self.writer.flush().await?;
-                self.count_out();
-            }
-            Applied::Skipped { .. } => {}
-            Applied::Rejected { seq, reason } => {
-                stats.checksum_failures.fetch_add(1, Ordering::Relaxed);
-                return Err(self
-                    .cannot_apply(seq, reason, "nothing of it was written")
-                    .await);
-            }
-            Applied::Failed { seq, reason } => {
-                let what = "what it wrote is not acknowledged";
-                return Err(self.cannot_apply(seq, reason, what).await);
-            }
-        }
-        Ok(())
-    }
-
-    /// Batch `seq` failed a check or could not be applied: resending it unchanged could fail
-    /// for ever (a name that changed type, a missing parent, a full disk). Says why once
-    /// (again only when the reason changes), answers `Nack`, and ends the stream: the hot side
-    /// reconnects, our fresh index becomes its table, and it sends the paths involved (and
-    /// whatever else differs) as they are now.
-    async fn cannot_apply(&mut self, seq: u64, reason: String, written: &str) -> ReceiveError {
-        let new = {
-            let mut last = self.last_failure.lock().expect("failure lock");
-            let new = last.as_deref() != Some(reason.as_str());
-            *last = Some(reason.clone());
-            new
-        };
-        if new {
-            tracing::error!(
-                seq,
-                "cannot apply batch {seq}: {reason}; {written}; the hot side resyncs from our index (said once while the reason stays the same)"
-            );
-        } else {
-            tracing::debug!(seq, "cannot apply batch {seq} again: {reason}");
-        }
-        if let Err(e) = self.nack(seq, reason).await {
-            return e;
-        }
-        ReceiveError::Resync { seq }
-    }
-
-    /// A barrier's digest: [`Frame::DigestFiles`] chunks of at most [`DIGEST_CHUNK_BYTES`],
-    /// then the [`Frame::Digest`] with the root and the last chunk.
-    async fn send_digest(
-        &mut self,
-        id: u64,
-        root: [u8; 32],
-        files: Vec<(String, Entry)>,
-    ) -> Result<(), ProtoError> {
-        let mut chunk = Vec::new();
-        let mut bytes = 0;
-        for (path, digest) in files {
-            let size =
-                path.len() + digest.target.len() + crate::replicated::wire::codec::ENTRY_MIN_BYTES;
-            if bytes + size > DIGEST_CHUNK_BYTES && !chunk.is_empty() {
-                let files = std::mem::take(&mut chunk);
-                self.writer.send(&Frame::DigestFiles { id, files }).await?;
-                bytes = 0;
-            }
-            bytes += size;
-            chunk.push((path, digest));
-        }
-        self.writer
-            .send(&Frame::Digest {
-                id,
-                root,
-                files: chunk,
-            })
-            .await
-    }
-
-    /// Asks for `seq` again, unless a request is already out.
-    async fn nack(&mut self, seq: u64, reason: String) -> Result<(), ReceiveError> {
-        if !self.rejecting {
-            self.rejecting = true;
-            self.writer.send(&Frame::Nack { seq, reason }).await?;
-            self.writer.flush().await?;
-        }
-        Ok(())
     }
 }

@@ -18,10 +18,10 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::replicated::channel::{self, Auth};
-use crate::replicated::ops::{Op, Outgoing, ScanMsg, SenderEvent, VerifyReport};
-use crate::replicated::pages::{Entry, FileState, LinkState, TreeIndex};
+use crate::replicated::ops::{DigestPart, Op, Outgoing, ScanMsg, SenderEvent};
+use crate::replicated::pages::{IndexPart, TreeIndex};
 use crate::replicated::stats::SenderStats;
-use crate::replicated::wire::framed::ReadTask;
+use crate::replicated::wire::framed::{encode_body, ReadTask};
 use crate::replicated::wire::{Frame, FrameReader, FrameWriter, ProtoError};
 
 /// The hot sends a heartbeat after this long without other frames.
@@ -34,8 +34,10 @@ pub const RECONNECT_FIRST: Duration = Duration::from_millis(50);
 pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// The connection's write buffer (batches are up to a megabyte of pages).
 const SEND_BUFFER_BYTES: usize = 1 << 20;
-/// Frames from the cold side waiting for the network task.
-const ANSWER_QUEUE: usize = 64;
+/// Frames from the cold side waiting for the network task: acknowledgements, and the parts
+/// of a `verify` digest, which wait here while the scanner compares those before them (so
+/// few of them, or a tree's digest could queue up decoded).
+const ANSWER_QUEUE: usize = 4;
 
 /// What the network task needs.
 #[derive(Debug, Clone)]
@@ -80,12 +82,6 @@ pub enum SendError {
 }
 
 type Reader = FrameReader<channel::BoxRead>;
-/// A verify waiting for its digest: the hot table, where to answer, the cold files so far.
-type PendingVerify = (
-    TreeIndex,
-    Sender<Result<VerifyReport, String>>,
-    Vec<(String, Entry)>,
-);
 type Writer = FrameWriter<tokio::io::BufWriter<channel::BoxWrite>>;
 
 /// The scanner's side of the network task.
@@ -156,7 +152,8 @@ async fn pause_before_reconnect(
             _ = stop.changed() => return false,
             out = out_rx.recv() => match out {
                 None => return false,
-                Some(Outgoing::Verify { reply, .. }) => { let _ = reply.send(Err(dropped.into())); }
+                // dropping its parts' channel fails the scanner's verify
+                Some(Outgoing::Verify { .. }) => {}
                 Some(Outgoing::Drain { reply, .. }) => { let _ = reply.send(Err(dropped.into())); }
                 Some(Outgoing::Batch { .. }) => {}
             },
@@ -291,63 +288,56 @@ fn rejected(
     }
 }
 
-/// The cold side's tree, as it sends it after the welcome: a file's page hashes may continue
-/// in [`Frame::IndexPages`] frames right after its [`Frame::IndexFile`].
+/// The cold side's tree, as it sends it after the welcome (streamed as it walks it, in path
+/// order): a file's page hashes may continue in [`Frame::IndexPages`] frames right after its
+/// [`Frame::IndexFile`].
 async fn receive_index(reader: &mut Reader) -> Result<TreeIndex, ProtoError> {
     let mut index = TreeIndex::default();
     // the file whose pages may continue, and its state so far
-    let mut open: Option<(String, FileState)> = None;
+    let mut open = None;
     loop {
-        let frame = reader.recv().await?;
-        if let Frame::IndexPages {
-            path,
-            first_page,
-            pages,
-        } = frame
-        {
-            match &mut open {
-                Some((p, f)) if *p == path && u64::try_from(f.pages.len()) == Ok(first_page) => {
-                    f.pages.extend_from_slice(&pages);
-                }
-                _ => {
-                    let what = format!("pages from {first_page} of {path:?} out of order");
-                    return Err(ProtoError::Unexpected(what));
-                }
-            }
-            continue;
-        }
-        if let Some((path, f)) = open.take() {
-            index.files.insert(path, f);
-        }
-        match frame {
-            Frame::IndexDir { path, attrs } => {
-                index.dirs.insert(path, attrs);
-            }
+        let part = match reader.recv().await? {
+            Frame::IndexPages {
+                path,
+                first_page,
+                pages,
+            } => IndexPart::Pages {
+                path,
+                first_page,
+                pages,
+            },
+            Frame::IndexDir { path, attrs } => IndexPart::Dir { path, attrs },
             Frame::IndexFile {
                 path,
                 len,
                 attrs,
                 allocated,
                 pages,
-            } => {
-                let state = FileState {
-                    len,
-                    attrs,
-                    allocated,
-                    pages,
-                };
-                open = Some((path, state));
-            }
+            } => IndexPart::File {
+                path,
+                len,
+                attrs,
+                allocated,
+                pages,
+            },
             Frame::IndexLink {
                 path,
                 target,
                 attrs,
-            } => {
-                index.links.insert(path, LinkState { target, attrs });
+            } => IndexPart::Link {
+                path,
+                target,
+                attrs,
+            },
+            Frame::IndexEnd => {
+                index.close_file(&mut open);
+                return Ok(index);
             }
-            Frame::IndexEnd => return Ok(index),
             other => return Err(ProtoError::Unexpected(format!("{other:?} in the index"))),
-        }
+        };
+        index
+            .add_part(&mut open, part)
+            .map_err(ProtoError::Unexpected)?;
     }
 }
 
@@ -359,14 +349,14 @@ struct Outbound<'a> {
     writer: Writer,
     stats: &'a SenderStats,
     events: &'a Sender<SenderEvent>,
-    /// Sent and not yet acknowledged: sequence number, frame, its bytes on the wire.
-    window: VecDeque<(u64, Frame, usize)>,
+    /// Sent and not yet acknowledged: sequence number and encoded frame.
+    window: VecDeque<(u64, Vec<u8>)>,
     window_bytes: usize,
     window_limit: usize,
     next_seq: u64,
-    /// Verify requests by barrier id: the hot table, where to answer, and the cold side's file
-    /// digests received so far ([`Frame::DigestFiles`] chunks).
-    verifies: HashMap<u64, PendingVerify>,
+    /// Verify requests by barrier id: where the parts of the cold side's digest go (the
+    /// scanner compares them with its table as they come).
+    verifies: HashMap<u64, Sender<DigestPart>>,
     drains: Vec<Sender<Result<u64, String>>>,
     last_sent: tokio::time::Instant,
     /// The reason of the last `Nack`, across connections: the same one again is not logged.
@@ -391,16 +381,10 @@ impl Outbound<'_> {
         match out {
             Outgoing::Batch { gen, ops } if gen == self.gen => self.send_batch(ops).await?,
             Outgoing::Batch { .. } => {}
-            Outgoing::Verify {
-                gen,
-                id,
-                hot,
-                reply,
-            } => {
+            Outgoing::Verify { gen, id, parts } => {
+                // one made for an earlier connection is dropped: the scanner hears of it
                 if gen == self.gen {
-                    self.verifies.insert(id, (hot, reply, Vec::new()));
-                } else {
-                    let _ = reply.send(Err("the connection changed during verify".into()));
+                    self.verifies.insert(id, parts);
                 }
             }
             Outgoing::Drain { gen, reply } => {
@@ -417,14 +401,19 @@ impl Outbound<'_> {
         Ok(())
     }
 
-    /// Numbers, sends and keeps one batch.
+    /// Numbers, sends and keeps one batch: encoded, so that the window holds what it takes on
+    /// the wire and no more (decoded, a batch of metadata ops is several times larger).
     async fn send_batch(&mut self, ops: Vec<Op>) -> Result<(), SendError> {
         let seq = self.next_seq;
         self.next_seq += 1;
         let data: usize = ops.iter().map(Op::data_len).sum();
-        let frame = Frame::Batch { seq, ops };
+        let body = encode_body(&Frame::Batch { seq, ops }).map_err(|e| self.proto(e))?;
         let before = self.writer.bytes;
-        self.send_flush(&frame).await?;
+        self.writer
+            .send_encoded(&body)
+            .await
+            .map_err(|e| self.proto(e))?;
+        self.writer.flush().await.map_err(|e| self.proto(e))?;
         let stats = self.stats;
         let wire = self.writer.bytes - before;
         stats.wire_bytes.fetch_add(wire, Ordering::Relaxed);
@@ -432,9 +421,8 @@ impl Outbound<'_> {
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.sent_seq.store(seq, Ordering::Relaxed);
         // the window holds frames: count what they take, metadata included, not page data only
-        let held = usize::try_from(wire).unwrap_or(usize::MAX);
-        self.window_bytes += held;
-        self.window.push_back((seq, frame, held));
+        self.window_bytes += body.len();
+        self.window.push_back((seq, body));
         self.last_sent = tokio::time::Instant::now();
         Ok(())
     }
@@ -452,16 +440,20 @@ impl Outbound<'_> {
             Frame::Ack { seq } => self.on_ack(seq).await,
             Frame::Nack { seq, reason } => self.on_nack(seq, &reason).await,
             Frame::DigestFiles { id, files } => {
-                if let Some((_, _, so_far)) = self.verifies.get_mut(&id) {
-                    so_far.extend(files);
-                }
+                self.digest_part(DigestPart {
+                    id,
+                    root: None,
+                    files,
+                });
                 Ok(())
             }
             Frame::Digest { id, root, files } => {
-                if let Some((hot, reply, mut so_far)) = self.verifies.remove(&id) {
-                    so_far.extend(files);
-                    let _ = reply.send(Ok(VerifyReport::compare(&hot, root, so_far)));
-                }
+                self.digest_part(DigestPart {
+                    id,
+                    root: Some(root),
+                    files,
+                });
+                self.verifies.remove(&id);
                 Ok(())
             }
             Frame::Heartbeat => Ok(()),
@@ -472,12 +464,24 @@ impl Outbound<'_> {
         }
     }
 
+    /// Hands a part of a barrier's digest to the scanner, waiting while it compares the parts
+    /// before (so that no more than a few parts are ever held); a scanner that gave up
+    /// forgets the verify.
+    fn digest_part(&mut self, part: DigestPart) {
+        let id = part.id;
+        if let Some(parts) = self.verifies.get(&id) {
+            if tokio::task::block_in_place(|| parts.send(part)).is_err() {
+                self.verifies.remove(&id);
+            }
+        }
+    }
+
     /// Batch `seq` and all before it are durable: out of the window; waiting drains are
     /// answered once the window is empty.
     async fn on_ack(&mut self, seq: u64) -> Result<(), SendError> {
-        while self.window.front().is_some_and(|(s, _, _)| *s <= seq) {
-            let (_, _, d) = self.window.pop_front().expect("front");
-            self.window_bytes -= d;
+        while self.window.front().is_some_and(|(s, _)| *s <= seq) {
+            let (_, body) = self.window.pop_front().expect("front");
+            self.window_bytes -= body.len();
         }
         self.stats.acked_seq.store(seq, Ordering::Relaxed);
         self.stats
@@ -501,9 +505,9 @@ impl Outbound<'_> {
             tracing::warn!(peer = %self.peer, seq, "the cold side rejected batch {seq}: {reason}; resending from it (a batch it cannot apply ends the connection instead, and the next index resyncs its paths)");
             reason.clone_into(self.last_nack);
         }
-        for (_, frame, _) in self.window.iter().filter(|(s, _, _)| *s >= seq) {
+        for (_, body) in self.window.iter().filter(|(s, _)| *s >= seq) {
             self.writer
-                .send(frame)
+                .send_encoded(body)
                 .await
                 .map_err(|source| SendError::Proto {
                     peer: self.peer,

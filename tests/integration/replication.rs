@@ -20,7 +20,7 @@ use artemis_sync::replicated::wire::{Frame, FrameReader, FrameWriter, Psk};
 
 use crate::util::{artemis_sync, main_cmd, spawn, toml_path, wait_bounded, Fixture};
 
-const PSK_HEX: &str = "5ec2e7c0ffee5ec2e7c0ffee5ec2e7c0ffee5ec2e7c0ffee5ec2e7c0ffee0001";
+pub(crate) const PSK_HEX: &str = "5ec2e7c0ffee5ec2e7c0ffee5ec2e7c0ffee5ec2e7c0ffee5ec2e7c0ffee0001";
 
 /// The port of a listener the test keeps (and hands to the agent that listens there).
 pub(crate) fn port_of(listener: &TcpListener) -> u16 {

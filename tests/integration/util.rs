@@ -292,6 +292,11 @@ pub(crate) fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitSta
 
 /// Runs `cmd` to completion (at most [`RUN_TIMEOUT`]), capturing its output.
 pub(crate) fn run(cmd: &mut Command) -> Output {
+    run_within(cmd, RUN_TIMEOUT)
+}
+
+/// Runs `cmd` to completion (at most `limit`), capturing its output.
+pub(crate) fn run_within(cmd: &mut Command, limit: Duration) -> Output {
     let what = format!("{cmd:?}");
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let start = Instant::now();
@@ -308,10 +313,10 @@ pub(crate) fn run(cmd: &mut Command) -> Output {
         let _ = err.read_to_end(&mut v);
         v
     });
-    let Some(status) = wait_bounded(&mut child, RUN_TIMEOUT) else {
+    let Some(status) = wait_bounded(&mut child, limit) else {
         let _ = child.kill();
         let _ = child.wait();
-        panic!("{what} did not finish within {RUN_TIMEOUT:?}");
+        panic!("{what} did not finish within {limit:?}");
     };
     let text =
         |h: thread::JoinHandle<Vec<u8>>| String::from_utf8_lossy(&h.join().unwrap()).into_owned();

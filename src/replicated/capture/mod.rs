@@ -35,11 +35,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver, Sender};
+use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
 use tokio::sync::mpsc;
 
-use crate::replicated::ops::{Op, Outgoing, ScanMsg, VerifyReport};
-use crate::replicated::pages::{page_hash, FileCache, PageHash, TreeIndex, READ_PAGES};
+use crate::daemon::protocol::VERIFY_TIMEOUT;
+use crate::replicated::ops::{DigestPart, Op, Outgoing, ScanMsg, VerifyReport};
+use crate::replicated::pages::{
+    page_hash, DigestCompare, FileCache, PageHash, TreeIndex, READ_PAGES,
+};
 use crate::replicated::stats::SenderStats;
 
 mod events;
@@ -65,6 +68,9 @@ pub const RENAME_PAIR_WAIT: Duration = Duration::from_millis(50);
 const RENAME_POLL: Duration = Duration::from_millis(2);
 /// A file modified this recently is rehashed by every rescan (timestamps are coarse).
 pub const RACY_WINDOW: Duration = Duration::from_millis(100);
+/// Parts of the cold side's digest waiting for the scanner's comparison during `verify`
+/// (each at most [`crate::replicated::wire::DIGEST_CHUNK_BYTES`] on the wire).
+const VERIFY_PARTS_QUEUE: usize = 2;
 /// How often initial-sync progress is logged.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
@@ -374,7 +380,10 @@ impl Scanner {
         }
     }
 
-    /// Sends everything, then a barrier whose digest the network task compares with ours.
+    /// Sends everything, then a barrier; compares the cold side's digest at the barrier with
+    /// the table as its parts arrive, and answers. Events wait meanwhile: the table must stay
+    /// as it was at the barrier, and it is never copied (the cold side applies nothing else
+    /// while it walks its tree for the digest either).
     fn verify(&mut self, reply: Sender<Result<VerifyReport, String>>) {
         if !self.connected {
             let _ = reply.send(Err("not connected to the cold side".into()));
@@ -386,15 +395,40 @@ impl Scanner {
         // register the verify before the barrier goes out: the cold side's digest
         // can come back before the network task would otherwise see the registration
         self.verify_id += 1;
+        let (parts_tx, parts) = crossbeam_channel::bounded(VERIFY_PARTS_QUEUE);
         let out = Outgoing::Verify {
             gen: self.gen,
             id: self.verify_id,
-            hot: self.table.clone(),
-            reply,
+            parts: parts_tx,
         };
         let _ = self.out.blocking_send(out);
         self.push(Op::Barrier { id: self.verify_id });
         self.flush();
+        let _ = reply.send(self.compare_with_cold(&parts));
+    }
+
+    /// Merges the cold digest's parts, in path order, with the table's entries.
+    fn compare_with_cold(&self, parts: &Receiver<DigestPart>) -> Result<VerifyReport, String> {
+        let deadline = Instant::now() + VERIFY_TIMEOUT;
+        let mut cmp = DigestCompare::new(&self.table);
+        loop {
+            match parts.recv_deadline(deadline) {
+                Ok(part) => {
+                    cmp.feed(part.files)?;
+                    if let Some(root) = part.root {
+                        return Ok(VerifyReport::new(cmp.finish(), root));
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!(
+                        "the cold side sent no digest within {VERIFY_TIMEOUT:?}"
+                    ))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err("the connection to the cold side changed during verify".into())
+                }
+            }
+        }
     }
 
     /// The path relative to the root, `None` for the root itself or anything outside it.

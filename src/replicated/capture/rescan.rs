@@ -3,8 +3,9 @@
 //! the initial sync's progress in the log. What the table has and the walk did not find is
 //! removed.
 
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 use std::fs;
+use std::ops::Bound;
 use std::path::Path;
 use std::time::Instant;
 
@@ -27,17 +28,14 @@ impl Scanner {
             self.rescan_due = None;
         }
         self.walk = Some(WalkPos::start());
-        let (dirs, files) = self.walk(deep);
-        self.remove_gone(&dirs, &files);
+        self.walk(deep);
         self.finish_walk();
     }
 
     /// Scans every directory whose attributes the table does not have, every symlink, and
-    /// every file that may have changed; returns the directories, and the files and symlinks,
-    /// present.
-    fn walk(&mut self, deep: bool) -> (HashSet<String>, HashSet<String>) {
-        let mut dirs = HashSet::new();
-        let mut files = HashSet::new();
+    /// every file that may have changed; removes, directory by directory, what the table has
+    /// and the listing lacks (so that no set of every path is ever built).
+    fn walk(&mut self, deep: bool) {
         let mut stack = vec![String::new()];
         let mut since_fold = 0;
         while let Some(rel) = stack.pop() {
@@ -51,8 +49,13 @@ impl Scanner {
             w.pending.remove(&rel);
             w.names = Vec::new();
             let Some(names) = sorted_names(&dir) else {
+                // gone (or no longer a directory) since its parent was listed
+                if !rel.is_empty() && !fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+                    self.remove(&rel);
+                }
                 continue;
             };
+            self.remove_gone(&rel, &names);
             // the names live in the walk's position, where folding looks them up
             let w = self.walk.get_or_insert_with(WalkPos::start);
             w.dir.clone_from(&rel);
@@ -73,7 +76,7 @@ impl Scanner {
                 } else {
                     format!("{rel}/{name}")
                 };
-                if let Some(sub) = self.walk_entry(&child, deep, &mut dirs, &mut files) {
+                if let Some(sub) = self.walk_entry(&child, deep) {
                     if let Some(w) = &mut self.walk {
                         w.pending.insert(sub.clone());
                     }
@@ -81,31 +84,27 @@ impl Scanner {
                 }
             }
         }
-        (dirs, files)
     }
 
-    /// One entry of the walk; a directory to list later is returned.
-    fn walk_entry(
-        &mut self,
-        child: &str,
-        deep: bool,
-        dirs: &mut HashSet<String>,
-        files: &mut HashSet<String>,
-    ) -> Option<String> {
-        let meta = fs::symlink_metadata(self.root.join(child)).ok()?;
+    /// One entry of the walk; a directory to list later is returned. An entry that went
+    /// away between the listing and now is removed (its event, if folded into this walk, was
+    /// dropped because the walk was still to read it).
+    fn walk_entry(&mut self, child: &str, deep: bool) -> Option<String> {
+        let Ok(meta) = fs::symlink_metadata(self.root.join(child)) else {
+            self.remove(child);
+            return None;
+        };
         if meta.is_dir() {
             let attrs = Attrs::of(&meta);
             if self.table.dirs.get(child) != Some(&attrs) {
                 self.ensure_parents(child);
                 self.model_dir(child, attrs);
             }
-            dirs.insert(child.to_owned());
             return Some(child.to_owned());
         }
         if meta.file_type().is_symlink() {
             // scan_link compares target and owner with the table
             self.scan_link(child, &meta);
-            files.insert(child.to_owned());
         } else if meta.is_file() {
             let unchanged = !deep
                 && self.seen.get(child) == Some(&Seen::of(&meta))
@@ -113,45 +112,27 @@ impl Scanner {
             if !unchanged {
                 self.scan_file(child, true);
             }
-            files.insert(child.to_owned());
             self.flush_if_full();
         }
         None
     }
 
-    /// Removes what the table has and the walk did not find: files first, then directories
-    /// from the deepest.
-    fn remove_gone(&mut self, dirs: &HashSet<String>, files: &HashSet<String>) {
-        let gone_files: Vec<String> = self
-            .table
-            .files
-            .keys()
-            .filter(|k| !files.contains(*k))
-            .cloned()
-            .collect();
-        for f in gone_files {
-            self.remove(&f);
-        }
-        let gone_links: Vec<String> = self
-            .table
-            .links
-            .keys()
-            .filter(|k| !files.contains(*k))
-            .cloned()
-            .collect();
-        for l in gone_links {
-            self.remove(&l);
-        }
-        let mut gone_dirs: Vec<String> = self
-            .table
-            .dirs
-            .keys()
-            .filter(|k| !dirs.contains(*k))
-            .cloned()
-            .collect();
-        gone_dirs.sort_by_key(|d| std::cmp::Reverse(d.len()));
-        for d in gone_dirs {
-            self.remove(&d);
+    /// Removes what the table has in directory `dir` whose name there its sorted listing
+    /// `names` lacks: directories first, with everything below them, then files and symlinks
+    /// (below a directory the table lacks too, in a table that has one, at their own path).
+    fn remove_gone(&mut self, dir: &str, names: &[String]) {
+        let prefix = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        let listed = |name: &str| names.binary_search_by(|n| n.as_str().cmp(name)).is_ok();
+        let mut gone: Vec<String> = Vec::new();
+        gone.extend(gone_children(&self.table.dirs, &prefix, listed));
+        gone.extend(gone_children(&self.table.files, &prefix, listed));
+        gone.extend(gone_children(&self.table.links, &prefix, listed));
+        for path in gone {
+            self.remove(&path);
         }
     }
 
@@ -200,6 +181,25 @@ impl Scanner {
             );
         }
     }
+}
+
+/// The paths in `map` below `prefix` (a directory and `/`, or empty for the root) whose
+/// name in that directory (their first component below it) is not `listed`: the entries of
+/// `prefix` and below are one range of the map.
+fn gone_children<V>(
+    map: &BTreeMap<String, V>,
+    prefix: &str,
+    listed: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    map.range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+        .map(|(path, _)| path)
+        .take_while(|path| path.starts_with(prefix))
+        .filter(|path| {
+            let below = &path[prefix.len()..];
+            !listed(below.split('/').next().unwrap_or(below))
+        })
+        .cloned()
+        .collect()
 }
 
 /// Files and bytes under `root`, for the initial sync's progress.

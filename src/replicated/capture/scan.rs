@@ -160,12 +160,17 @@ impl Scanner {
         if !(was_file || was_dir || was_link) {
             return;
         }
-        self.table.files.retain(|k, _| !k.starts_with(&prefix));
-        self.table.dirs.retain(|k, _| !k.starts_with(&prefix));
-        self.table.links.retain(|k, _| !k.starts_with(&prefix));
-        self.seen.retain(|k, _| k != rel && !k.starts_with(&prefix));
-        self.cursors
-            .retain(|k, _| k != rel && !k.starts_with(&prefix));
+        self.seen.remove(rel);
+        self.cursors.remove(rel);
+        if was_dir {
+            // only a directory has entries below it: a whole-table pass per removed file
+            // would make removing n files cost n times the table
+            remove_below(&mut self.table.files, &prefix);
+            remove_below(&mut self.table.dirs, &prefix);
+            remove_below(&mut self.table.links, &prefix);
+            self.seen.retain(|k, _| !k.starts_with(&prefix));
+            self.cursors.retain(|k, _| !k.starts_with(&prefix));
+        }
         self.push(Op::Remove {
             path: rel.to_owned(),
         });
@@ -518,4 +523,20 @@ pub(super) fn sorted_names(dir: &Path) -> Option<Vec<String>> {
         .collect();
     names.sort();
     Some(names)
+}
+
+/// Removes the keys of `map` that start with `prefix` (one range of the sorted map).
+fn remove_below<V>(map: &mut std::collections::BTreeMap<String, V>, prefix: &str) {
+    let below: Vec<String> = map
+        .range::<str, _>((
+            std::ops::Bound::Included(prefix),
+            std::ops::Bound::Unbounded,
+        ))
+        .map(|(k, _)| k)
+        .take_while(|k| k.starts_with(prefix))
+        .cloned()
+        .collect();
+    for k in below {
+        map.remove(&k);
+    }
 }

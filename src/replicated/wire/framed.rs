@@ -19,6 +19,19 @@ use crate::replicated::wire::{
 /// Bytes of the length prefix.
 const LEN_BYTES: usize = 4;
 
+/// A frame's body, encoded to be sent (and sent again) with
+/// [`FrameWriter::send_encoded`]: what a window of unacknowledged frames holds, as small
+/// as it is on the wire (a batch of metadata ops takes several times more decoded).
+pub fn encode_body(frame: &Frame) -> Result<Vec<u8>, ProtoError> {
+    let mut body = Vec::new();
+    frame.encode(&mut body)?;
+    if body.len() > MAX_FRAME_BYTES {
+        return Err(ProtoError::TooLarge(body.len()));
+    }
+    body.shrink_to_fit();
+    Ok(body)
+}
+
 /// Writes frames to a stream.
 #[derive(Debug)]
 pub struct FrameWriter<W> {
@@ -48,21 +61,30 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Encodes and writes one frame (buffered; call [`FrameWriter::flush`]).
     pub async fn send(&mut self, frame: &Frame) -> Result<(), ProtoError> {
-        self.buf.clear();
-        self.buf.extend_from_slice(&[0; LEN_BYTES]);
-        frame.encode(&mut self.buf)?;
-        let body_len = self.buf.len() - LEN_BYTES;
-        if body_len > MAX_FRAME_BYTES {
-            return Err(ProtoError::TooLarge(body_len));
+        let mut body = std::mem::take(&mut self.buf);
+        body.clear();
+        frame.encode(&mut body)?;
+        let sent = self.send_encoded(&body).await;
+        self.buf = body;
+        sent
+    }
+
+    /// Writes a frame body from [`encode_body`] with its length and MAC (buffered;
+    /// call [`FrameWriter::flush`]).
+    pub async fn send_encoded(&mut self, body: &[u8]) -> Result<(), ProtoError> {
+        if body.len() > MAX_FRAME_BYTES {
+            return Err(ProtoError::TooLarge(body.len()));
         }
-        let prefix = u32::try_from(body_len).map_err(|_| ProtoError::TooLarge(body_len))?;
-        self.buf[..LEN_BYTES].copy_from_slice(&prefix.to_le_bytes());
+        let prefix = u32::try_from(body.len()).map_err(|_| ProtoError::TooLarge(body.len()))?;
+        self.inner.write_all(&prefix.to_le_bytes()).await?;
+        self.inner.write_all(body).await?;
+        let mut sent = LEN_BYTES + body.len();
         if let Some(mac) = &mut self.mac {
-            let (tag, _) = mac.next_tag(&self.buf[LEN_BYTES..]);
-            self.buf.extend_from_slice(&tag);
+            let (tag, _) = mac.next_tag(body);
+            self.inner.write_all(&tag).await?;
+            sent += tag.len();
         }
-        self.inner.write_all(&self.buf).await?;
-        self.bytes += self.buf.len() as u64;
+        self.bytes += sent as u64;
         Ok(())
     }
 

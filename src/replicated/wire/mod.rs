@@ -42,8 +42,10 @@ pub const MAX_HANDSHAKE_FRAME_BYTES: usize = 4 << 10;
 /// `IndexFile` (the first chunk) followed by `IndexPages` frames for the rest.
 pub const INDEX_CHUNK_PAGES: usize = 128 << 10;
 /// The most bytes of file digests (paths plus 32-byte digests) one digest frame
-/// ([`Frame::DigestFiles`] or [`Frame::Digest`]) carries: half a frame.
-pub const DIGEST_CHUNK_BYTES: usize = 4 << 20;
+/// ([`Frame::DigestFiles`] or [`Frame::Digest`]) carries: 256 KiB, so that the dozen parts in
+/// flight between the cold side's walk and the hot side's comparison (queues, buffers) stay a
+/// few MiB decoded (a reader accepts any digest frame under the frame limit).
+pub const DIGEST_CHUNK_BYTES: usize = 256 << 10;
 /// The longest path accepted.
 pub const MAX_PATH_BYTES: usize = 4096;
 /// Bytes of MAC after each frame in PSK mode.

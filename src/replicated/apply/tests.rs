@@ -1,0 +1,153 @@
+//! The apply thread's unit tests: order, the cache of open files, page checks, confinement.
+
+use super::*;
+
+fn applier(root: &Path) -> Applier {
+    Applier::new(root, 4096)
+}
+
+/// A `Write` of `data` at `offset` with the page hashes the apply thread checks.
+pub(super) fn write(path: &str, offset: u64, data: Vec<u8>) -> Op {
+    let hashes = data
+        .chunks(4096)
+        .map(|p| *blake3::hash(p).as_bytes())
+        .collect();
+    Op::Write {
+        path: path.into(),
+        offset,
+        data,
+        hashes,
+    }
+}
+
+#[test]
+fn applies_in_order_and_skips_out_of_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = applier(dir.path());
+    let ops = vec![
+        Op::Mkdir {
+            path: "journal".into(),
+            mode: 0o750,
+        },
+        Op::SetFile {
+            path: "journal/a.tmp".into(),
+            len: 8192,
+            mode: 0o600,
+        },
+        write("journal/a.tmp", 4096, vec![7; 4096]),
+        Op::Rename {
+            from: "journal/a.tmp".into(),
+            to: "journal/a".into(),
+        },
+    ];
+    assert!(matches!(
+        a.batch(2, ops.clone()),
+        Applied::Skipped { seq: 2 }
+    ));
+    assert!(matches!(a.batch(1, ops), Applied::Done { seq: 1, .. }));
+    let data = fs::read(dir.path().join("journal/a")).unwrap();
+    assert_eq!(data.len(), 8192);
+    assert!(data[..4096].iter().all(|b| *b == 0) && data[4096..].iter().all(|b| *b == 7));
+    assert!(matches!(
+        a.batch(
+            2,
+            vec![Op::Remove {
+                path: "journal".into()
+            }]
+        ),
+        Applied::Done { .. }
+    ));
+    assert!(!dir.path().join("journal").exists());
+}
+
+#[test]
+fn a_batch_touching_more_files_than_the_cache_holds_applies_whole() {
+    // the cache of open files empties itself while the batch writes; the files it
+    // dropped are synced all the same
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = applier(dir.path());
+    let n = pages::OPEN_FILES_CACHED * 2 + 1;
+    let mut ops = Vec::new();
+    for i in 0..n {
+        let path = format!("f{i}");
+        ops.push(Op::SetFile {
+            path: path.clone(),
+            len: 4096,
+            mode: 0o644,
+        });
+        ops.push(write(&path, 0, vec![1; 4096]));
+    }
+    ops.push(Op::Remove { path: "f0".into() });
+    assert!(matches!(a.batch(1, ops), Applied::Done { seq: 1, .. }));
+    assert!(!dir.path().join("f0").exists());
+    for i in 1..n {
+        let f = format!("f{i}");
+        assert_eq!(fs::read(dir.path().join(&f)).unwrap(), [1; 4096]);
+        let synced = Durability::SyncedData(dir.path().join(&f));
+        assert!(a.log.contains(&synced), "{f} was acknowledged unsynced");
+    }
+}
+
+#[test]
+fn a_bad_page_rejects_the_whole_batch_before_any_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = applier(dir.path());
+    let mut bad = write("f", 0, vec![1; 8192]);
+    if let Op::Write { data, .. } = &mut bad {
+        data[5000] ^= 1;
+    }
+    let ops = vec![
+        Op::SetFile {
+            path: "f".into(),
+            len: 8192,
+            mode: 0o644,
+        },
+        bad,
+    ];
+    let Applied::Rejected { reason, .. } = a.batch(1, ops) else {
+        panic!()
+    };
+    assert!(
+        reason.contains("offset 4096") && reason.contains("blake3"),
+        "{reason}"
+    );
+    assert!(!dir.path().join("f").exists(), "nothing was written");
+    assert_eq!(a.expected, 1);
+}
+
+#[test]
+fn escaping_paths_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    fs::create_dir(&root).unwrap();
+    std::os::unix::fs::symlink(dir.path(), root.join("up")).unwrap();
+    let mut a = applier(&root);
+    for op in [
+        Op::SetFile {
+            path: "../escape".into(),
+            len: 1,
+            mode: 0o644,
+        },
+        Op::SetFile {
+            path: "/etc/x".into(),
+            len: 1,
+            mode: 0o644,
+        },
+        Op::SetFile {
+            path: "up/escape".into(),
+            len: 1,
+            mode: 0o644,
+        },
+        Op::Rename {
+            from: "a".into(),
+            to: "../b".into(),
+        },
+        write("up/x", 0, vec![0; 4096]),
+    ] {
+        let Applied::Rejected { reason, .. } = a.batch(1, vec![op.clone()]) else {
+            panic!("{op:?} was not rejected")
+        };
+        assert!(reason.contains("refusing path"), "{reason}");
+    }
+    assert!(!dir.path().join("escape").exists());
+}

@@ -1,0 +1,303 @@
+//! An admitted hot side's stream on the cold side: the index out (streamed from the apply
+//! thread as it walks the tree), batches in (to the apply thread, waiting for room in its
+//! queue while forwarding digest parts), and answers out: `Ack`, `Nack`, and each barrier's
+//! digest as the apply thread walks it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::replicated::apply::{Job, Outlet, APPLY_QUEUE};
+use crate::replicated::ops::{Applied, DigestPart};
+use crate::replicated::pages::{Entry, IndexPart};
+use crate::replicated::receiver::{
+    Gate, Reader, ReceiveError, ReceiverStats, Writer, IDLE_TIMEOUT,
+};
+use crate::replicated::wire::codec::ENTRY_MIN_BYTES;
+use crate::replicated::wire::framed::ReadTask;
+use crate::replicated::wire::{Frame, ProtoError, DIGEST_CHUNK_BYTES, INDEX_CHUNK_PAGES};
+
+/// Index parts waiting to be written (each up to [`INDEX_CHUNK_PAGES`] page hashes).
+const INDEX_PARTS_QUEUE: usize = 4;
+/// Digest parts waiting to be written (each up to [`DIGEST_CHUNK_BYTES`] of entries).
+const DIGEST_PARTS_QUEUE: usize = 2;
+
+/// The bytes an entry takes in a digest frame.
+fn entry_wire_bytes(path: &str, entry: &Entry) -> usize {
+    path.len() + entry.target.len() + ENTRY_MIN_BYTES
+}
+
+/// An admitted hot side's stream: index out, batches in, answers out.
+pub(super) struct Inbound<'a> {
+    pub(super) writer: Writer,
+    pub(super) jobs: &'a crossbeam_channel::Sender<Job>,
+    /// Told each time the apply thread takes a job: room in its queue.
+    pub(super) taken: &'a tokio::sync::Notify,
+    pub(super) stats: &'a Arc<ReceiverStats>,
+    pub(super) gate: &'a dyn Gate,
+    pub(super) epoch: u64,
+    /// A `Nack` is out and its batch not yet applied: further failures are not answered.
+    pub(super) rejecting: bool,
+    /// The last reason a batch could not be applied, across connections: said once.
+    pub(super) last_failure: &'a std::sync::Mutex<Option<String>>,
+    /// Writer bytes already added to the statistics.
+    pub(super) counted: u64,
+}
+
+impl Inbound<'_> {
+    pub(super) async fn run(mut self, reader: Reader) -> Result<(), ReceiveError> {
+        let (digests_tx, mut digests) = mpsc::channel(DIGEST_PARTS_QUEUE);
+        self.send_index(digests_tx).await?;
+        self.stats.applied_seq.store(0, Ordering::Relaxed);
+        let read_stats = self.stats.clone();
+        let mut frames = ReadTask::spawn(
+            reader,
+            APPLY_QUEUE,
+            move |bytes| read_stats.wire_bytes.store(bytes, Ordering::Relaxed),
+            |e| !matches!(e, ProtoError::BadMac { .. }),
+        );
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Applied>();
+        loop {
+            tokio::select! {
+                frame = tokio::time::timeout(IDLE_TIMEOUT, frames.frames.recv()) => {
+                    let Ok(frame) = frame else { return Err(ReceiveError::Idle(IDLE_TIMEOUT)) };
+                    let Some(frame) = frame else { return Ok(()) };
+                    if !self.on_frame(frame, &done_tx, &mut digests).await? {
+                        return Ok(());
+                    }
+                }
+                done = done_rx.recv() => self.on_applied(done.expect("we hold a sender")).await?,
+                part = digests.recv() => {
+                    let Some(part) = part else { return Err(ReceiveError::ApplyGone) };
+                    self.send_digest_part(part).await?;
+                }
+            }
+        }
+    }
+
+    /// Our index first, as the apply thread walks the tree: the hot side diffs against it.
+    async fn send_index(&mut self, digests: mpsc::Sender<DigestPart>) -> Result<(), ReceiveError> {
+        let (parts_tx, mut parts) = mpsc::channel(INDEX_PARTS_QUEUE);
+        let (done_tx, done) = oneshot::channel();
+        let job = Job::Index {
+            parts: parts_tx,
+            done: done_tx,
+            outlet: Outlet {
+                digests,
+                index_chunk_pages: INDEX_CHUNK_PAGES,
+                digest_chunk: (DIGEST_CHUNK_BYTES, entry_wire_bytes),
+            },
+        };
+        tokio::task::block_in_place(|| self.jobs.send(job)).map_err(|_| ReceiveError::ApplyGone)?;
+        while let Some(part) = parts.recv().await {
+            self.writer.send(&index_frame(part)).await?;
+        }
+        done.await
+            .map_err(|_| ReceiveError::ApplyGone)?
+            .map_err(ReceiveError::Index)?;
+        self.writer.send(&Frame::IndexEnd).await?;
+        self.writer.flush().await?;
+        self.count_out();
+        Ok(())
+    }
+
+    /// Hands a batch to the apply thread. Its queue is bounded: waiting for room is the
+    /// back-pressure; meanwhile the parts of a digest the apply thread is walking go out
+    /// (it waits for them to, so it would never take the batch otherwise).
+    async fn submit(
+        &mut self,
+        mut job: Job,
+        digests: &mut mpsc::Receiver<DigestPart>,
+    ) -> Result<(), ReceiveError> {
+        loop {
+            match self.jobs.try_send(job) {
+                Ok(()) => return Ok(()),
+                Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                    return Err(ReceiveError::ApplyGone)
+                }
+                Err(crossbeam_channel::TrySendError::Full(j)) => job = j,
+            }
+            tokio::select! {
+                () = self.taken.notified() => {}
+                part = digests.recv() => {
+                    let Some(part) = part else { return Err(ReceiveError::ApplyGone) };
+                    self.send_digest_part(part).await?;
+                }
+            }
+        }
+    }
+
+    fn count_out(&mut self) {
+        let out = self.writer.bytes - self.counted;
+        self.stats.wire_out_bytes.fetch_add(out, Ordering::Relaxed);
+        self.counted = self.writer.bytes;
+    }
+
+    /// One frame (or read error) from the hot side; `false` when the stream ended cleanly.
+    async fn on_frame(
+        &mut self,
+        frame: Result<Frame, ProtoError>,
+        done: &mpsc::UnboundedSender<Applied>,
+        digests: &mut mpsc::Receiver<DigestPart>,
+    ) -> Result<bool, ReceiveError> {
+        let stats = self.stats;
+        stats
+            .last_frame_unix_ms
+            .store(crate::sys::now_unix_ms(), Ordering::Relaxed);
+        match frame {
+            Ok(Frame::Batch { .. }) if !self.gate.still_admitted(self.epoch) => {
+                return Err(ReceiveError::NoLongerAdmitted);
+            }
+            Ok(Frame::Batch { seq, ops }) => {
+                let job = Job::Batch {
+                    seq,
+                    epoch: self.epoch,
+                    ops,
+                    reply: done.clone(),
+                };
+                self.submit(job, digests).await?;
+            }
+            Ok(Frame::Heartbeat) => {}
+            Ok(Frame::Drained { seq }) => {
+                stats.drained.store(true, Ordering::Relaxed);
+                tracing::info!(seq, "the hot side drained its stream: the copy is complete");
+            }
+            Ok(other) => {
+                let what = format!("{other:?} from the hot side");
+                return Err(ProtoError::Unexpected(what).into());
+            }
+            Err(ProtoError::Closed) => return Ok(false),
+            Err(ProtoError::BadMac { seq }) => {
+                stats.mac_failures.fetch_add(1, Ordering::Relaxed);
+                let next = stats.applied_seq.load(Ordering::Relaxed) + 1;
+                tracing::error!(frame = seq, "a frame failed its authentication code and was dropped; asking for batch {next} again");
+                let reason = "a frame failed its authentication code".into();
+                self.nack(next, reason).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(true)
+    }
+
+    /// The apply thread's outcome for a batch.
+    async fn on_applied(&mut self, applied: Applied) -> Result<(), ReceiveError> {
+        let stats = self.stats;
+        match applied {
+            Applied::Done { seq, bytes } => {
+                self.rejecting = false;
+                stats.data_bytes.fetch_add(bytes, Ordering::Relaxed);
+                stats.applied_seq.store(seq, Ordering::Relaxed);
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .last_ack_unix_ms
+                    .store(crate::sys::now_unix_ms(), Ordering::Relaxed);
+                self.writer.send(&Frame::Ack { seq }).await?;
+                self.writer.flush().await?;
+                self.count_out();
+            }
+            Applied::Skipped { .. } => {}
+            Applied::Rejected { seq, reason } => {
+                stats.checksum_failures.fetch_add(1, Ordering::Relaxed);
+                return Err(self
+                    .cannot_apply(seq, reason, "nothing of it was written")
+                    .await);
+            }
+            Applied::Failed { seq, reason } => {
+                let what = "what it wrote is not acknowledged";
+                return Err(self.cannot_apply(seq, reason, what).await);
+            }
+        }
+        Ok(())
+    }
+
+    /// Batch `seq` failed a check or could not be applied: resending it unchanged could fail
+    /// for ever (a name that changed type, a missing parent, a full disk). Says why once
+    /// (again only when the reason changes), answers `Nack`, and ends the stream: the hot side
+    /// reconnects, our fresh index becomes its table, and it sends the paths involved (and
+    /// whatever else differs) as they are now.
+    async fn cannot_apply(&mut self, seq: u64, reason: String, written: &str) -> ReceiveError {
+        let new = {
+            let mut last = self.last_failure.lock().expect("failure lock");
+            let new = last.as_deref() != Some(reason.as_str());
+            *last = Some(reason.clone());
+            new
+        };
+        if new {
+            tracing::error!(
+                seq,
+                "cannot apply batch {seq}: {reason}; {written}; the hot side resyncs from our index (said once while the reason stays the same)"
+            );
+        } else {
+            tracing::debug!(seq, "cannot apply batch {seq} again: {reason}");
+        }
+        if let Err(e) = self.nack(seq, reason).await {
+            return e;
+        }
+        ReceiveError::Resync { seq }
+    }
+
+    /// A part of a barrier's digest: [`Frame::DigestFiles`], or the [`Frame::Digest`] with the
+    /// root for the last part.
+    async fn send_digest_part(&mut self, part: DigestPart) -> Result<(), ProtoError> {
+        let DigestPart { id, root, files } = part;
+        let frame = match root {
+            Some(root) => Frame::Digest { id, root, files },
+            None => Frame::DigestFiles { id, files },
+        };
+        self.writer.send(&frame).await?;
+        if root.is_some() {
+            self.writer.flush().await?;
+            self.count_out();
+        }
+        Ok(())
+    }
+
+    /// Asks for `seq` again, unless a request is already out.
+    async fn nack(&mut self, seq: u64, reason: String) -> Result<(), ReceiveError> {
+        if !self.rejecting {
+            self.rejecting = true;
+            self.writer.send(&Frame::Nack { seq, reason }).await?;
+            self.writer.flush().await?;
+        }
+        Ok(())
+    }
+}
+
+/// The frame of an index part.
+fn index_frame(part: IndexPart) -> Frame {
+    match part {
+        IndexPart::Dir { path, attrs } => Frame::IndexDir { path, attrs },
+        IndexPart::File {
+            path,
+            len,
+            attrs,
+            allocated,
+            pages,
+        } => Frame::IndexFile {
+            path,
+            len,
+            attrs,
+            allocated,
+            pages,
+        },
+        IndexPart::Pages {
+            path,
+            first_page,
+            pages,
+        } => Frame::IndexPages {
+            path,
+            first_page,
+            pages,
+        },
+        IndexPart::Link {
+            path,
+            target,
+            attrs,
+        } => Frame::IndexLink {
+            path,
+            target,
+            attrs,
+        },
+    }
+}
