@@ -20,7 +20,7 @@ pub mod replication;
 pub mod storage;
 mod validate;
 
-pub use replication::{psk_material, ReplRole, ReplicationConfig};
+pub use replication::{psk_material, Capture, ReplRole, ReplicationConfig};
 pub use storage::{nfs_host, smb_host, Backend, Mode, StorageConfig, BACKENDS};
 pub use validate::{check_credentials_file, check_private_file, check_user_options};
 

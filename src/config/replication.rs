@@ -30,6 +30,18 @@ pub enum ReplRole {
     Cold,
 }
 
+/// How the hot side sees what the node changes in `data_dir`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Capture {
+    /// inotify on `data_dir` plus rescans: misses native AIO on `O_DIRECT` files and stores
+    /// through a shared mmap until the next rescan.
+    #[default]
+    Watch,
+    /// A FUSE passthrough of `data_dir` served at `mount_point`: every write is seen at the call.
+    Fuse,
+}
+
 /// `[replication]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -73,6 +85,13 @@ pub struct ReplicationConfig {
     /// Where the epoch and role are kept across restarts.
     #[serde(default = "default_state_file")]
     pub state_file: PathBuf,
+    /// How the hot side captures changes: `"watch"` (inotify and rescans) or `"fuse"`.
+    #[serde(default)]
+    pub capture: Capture,
+    /// With `capture = "fuse"`: where the hot side serves `data_dir`; `${BASE_DIR}/artemis`
+    /// links here instead of to `data_dir`.
+    #[serde(default)]
+    pub mount_point: PathBuf,
 }
 
 fn default_page_size() -> u32 {
@@ -157,7 +176,50 @@ impl Config {
                 return Err(invalid(key, "must be above 0".into()));
             }
         }
+        self.validate_capture(path, r)?;
         validate_authentication(path, r, listen, peer)
+    }
+
+    /// `capture = "fuse"` needs an absolute `mount_point` apart from `data_dir` (neither
+    /// inside the other: the mount would serve itself) and from the link; `"watch"` takes none.
+    fn validate_capture(&self, path: &Path, r: &ReplicationConfig) -> Result<(), ConfigError> {
+        let invalid = invalid_in(path);
+        let key = "replication.mount_point";
+        let mp = &r.mount_point;
+        match r.capture {
+            Capture::Watch if mp.as_os_str().is_empty() => Ok(()),
+            Capture::Watch => Err(invalid(
+                key,
+                "is used only with capture = \"fuse\" (remove it, or set capture = \"fuse\")"
+                    .into(),
+            )),
+            Capture::Fuse if mp.as_os_str().is_empty() => Err(invalid(
+                key,
+                "is required with capture = \"fuse\": the directory where the hot host serves \
+                 data_dir (e.g. \"/var/lib/artemis-sync/journal\")"
+                    .into(),
+            )),
+            Capture::Fuse => {
+                absolute(key, mp).map_err(|e| invalid(key, e))?;
+                if mp.starts_with(&r.data_dir) || r.data_dir.starts_with(mp) {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "= {mp:?} must be apart from data_dir {:?} (neither inside the other)",
+                            r.data_dir
+                        ),
+                    ));
+                }
+                if *mp == self.artemis_link() {
+                    return Err(invalid(
+                        key,
+                        "must not be base_dir/artemis itself: that path becomes the link to it"
+                            .into(),
+                    ));
+                }
+                Ok(())
+            }
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! The hot side assembled: [`start`] runs the watch and the scanner thread
+//! The hot side assembled: [`start`] runs the capture (the watch, or the FUSE mount) and the
+//! scanner thread
 //! ([`crate::replicated::capture`]) and the network task ([`crate::replicated::stream`]),
 //! connected by bounded channels; the agent keeps the [`SenderHandle`] and talks to the
 //! scanner through [`ScanMsg`].
@@ -11,6 +12,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::mpsc;
 
+use crate::replicated::capture::fuse::{self, FuseCapture, FuseError};
 use crate::replicated::capture::watch::{self, WatchError, EVENT_QUEUE};
 use crate::replicated::capture::{ScanConfig, Scanner};
 use crate::replicated::channel::Auth;
@@ -48,11 +50,29 @@ pub struct SenderConfig {
     pub deep_rescan: Duration,
     /// Unacknowledged page data allowed in flight.
     pub window_bytes: usize,
+    /// `Some(mount point)`: capture with FUSE, serving `root` there; `None`: watch `root`.
+    pub fuse_mount: Option<PathBuf>,
+}
+
+/// Errors starting the sender.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum SenderError {
+    /// {0}
+    Watch(#[from] WatchError),
+    /// {0}
+    Fuse(#[from] FuseError),
+}
+
+/// What feeds the scanner its events.
+#[derive(Debug)]
+enum Source {
+    Watch(notify::RecommendedWatcher),
+    Fuse(FuseCapture),
 }
 
 impl SenderConfig {
     /// The scanner's part and the network task's part.
-    fn split(self) -> (ScanConfig, StreamConfig) {
+    fn split(self) -> (ScanConfig, StreamConfig, Option<PathBuf>) {
         let scan = ScanConfig {
             root: self.root,
             page_size: self.page_size,
@@ -67,7 +87,7 @@ impl SenderConfig {
             page_size: self.page_size,
             window_bytes: self.window_bytes,
         };
-        (scan, stream)
+        (scan, stream, self.fuse_mount)
     }
 }
 
@@ -82,12 +102,18 @@ pub struct SenderHandle {
     pub events: Receiver<SenderEvent>,
     stop: tokio::sync::watch::Sender<bool>,
     scanner: Option<std::thread::JoinHandle<()>>,
-    _watcher: notify::RecommendedWatcher,
+    source: Option<Source>,
 }
 
 impl SenderHandle {
-    /// Stops the scanner and the network task and waits for the scanner thread.
+    /// Stops the capture (a FUSE mount is unmounted: the node must be stopped already), the
+    /// scanner and the network task, and waits for the scanner thread.
     pub fn stop(mut self) {
+        match self.source.take() {
+            Some(Source::Fuse(f)) => f.stop(),
+            Some(Source::Watch(w)) => drop(w),
+            None => {}
+        }
         let _ = self.stop.send(true);
         let _ = self.ctl.send(ScanMsg::Stop);
         if let Some(t) = self.scanner.take() {
@@ -96,11 +122,15 @@ impl SenderHandle {
     }
 }
 
-/// Starts watching, scanning and sending, on `rt` for the network part.
-pub fn start(cfg: SenderConfig, rt: &tokio::runtime::Handle) -> Result<SenderHandle, WatchError> {
-    let (scan_cfg, stream_cfg) = cfg.split();
+/// Starts capturing (watching, or serving the FUSE mount), scanning and sending, on `rt` for
+/// the network part.
+pub fn start(cfg: SenderConfig, rt: &tokio::runtime::Handle) -> Result<SenderHandle, SenderError> {
+    let (scan_cfg, stream_cfg, fuse_mount) = cfg.split();
     let (fs_tx, fs_rx) = crossbeam_channel::bounded(EVENT_QUEUE);
-    let watcher = watch::watch(&scan_cfg.root, fs_tx)?;
+    let source = match fuse_mount {
+        None => Source::Watch(watch::watch(&scan_cfg.root, fs_tx)?),
+        Some(mp) => Source::Fuse(fuse::mount(&scan_cfg.root, &mp, fs_tx)?),
+    };
     let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(SCAN_CONTROL_QUEUE);
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>(BATCH_QUEUE);
     let (ev_tx, ev_rx) = crossbeam_channel::bounded(SENDER_EVENT_QUEUE);
@@ -124,6 +154,6 @@ pub fn start(cfg: SenderConfig, rt: &tokio::runtime::Handle) -> Result<SenderHan
         events: ev_rx,
         stop: stop_tx,
         scanner: Some(scanner),
-        _watcher: watcher,
+        source: Some(source),
     })
 }

@@ -26,6 +26,21 @@ impl Scanner {
                 return;
             }
             FsEvent::Event(e) => e,
+            FsEvent::Wrote {
+                path,
+                file,
+                offset,
+                len,
+            } => return self.wrote(&path, &file, offset, len),
+            FsEvent::Changed(path) => {
+                self.open_files.forget(&path);
+                return self.check_path(&path);
+            }
+            FsEvent::Renamed { from, to } => {
+                self.open_files.forget(&from);
+                self.open_files.forget(&to);
+                return self.rename(&from, &to);
+            }
         };
         tracing::trace!(kind = ?ev.kind, paths = ?ev.paths, "event");
         let tracker = ev.attrs.tracker();
@@ -61,6 +76,23 @@ impl Scanner {
                 paths.iter().for_each(|p| self.check_path(p))
             }
             _ => paths.iter().for_each(|p| self.check_path(p)),
+        }
+    }
+
+    /// The FUSE capture wrote `len` bytes at `offset` of `rel` through `file`: those pages
+    /// are compared and sent. If `rel` names another file by now (renamed or replaced since;
+    /// the events that did it follow), whatever is at `rel` now is sent in full instead.
+    fn wrote(&mut self, rel: &str, file: &fs::File, offset: u64, len: u64) {
+        use std::os::unix::fs::MetadataExt;
+        let same = match (fs::symlink_metadata(self.root.join(rel)), file.metadata()) {
+            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+            _ => false,
+        };
+        if same {
+            self.scan_range(rel, file, offset, len);
+        } else {
+            self.open_files.forget(rel);
+            self.scan_file(rel, true);
         }
     }
 

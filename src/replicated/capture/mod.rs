@@ -41,6 +41,7 @@ use crate::replicated::pages::{page_hash, FileCache, PageHash, TreeIndex, READ_P
 use crate::replicated::stats::SenderStats;
 
 mod events;
+pub mod fuse;
 mod rescan;
 mod scan;
 pub mod watch;

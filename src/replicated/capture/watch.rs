@@ -3,7 +3,9 @@
 //! blocks, the kernel's inotify queue overflows, and the resulting `IN_Q_OVERFLOW` reaches the
 //! scanner as a rescan request: back-pressure without unbounded memory, and nothing missed.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crossbeam_channel::Sender;
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
@@ -29,6 +31,19 @@ pub enum FsEvent {
     Event(notify::Event),
     /// Events were lost (queue overflow, watcher error): rescan everything.
     Rescan(String),
+    /// From the FUSE capture: `len` bytes at `offset` of the file at `path` (relative) were
+    /// written, allocated or punched through `file`, the backing file the writer holds.
+    Wrote {
+        path: String,
+        file: Arc<File>,
+        offset: u64,
+        len: u64,
+    },
+    /// From the FUSE capture: the entry at `path` (relative) was created or removed, or its
+    /// attributes (length, mode, owner, times) changed.
+    Changed(String),
+    /// From the FUSE capture: `from` was renamed to `to` (relative paths).
+    Renamed { from: String, to: String },
 }
 
 /// Starts a recursive watch of `root`; events go to `tx` until the returned watcher is dropped.

@@ -1,0 +1,329 @@
+//! The FUSE capture (issue 12), with real agents as root: the hot agent serves its data
+//! directory at a mount point, and the tests write through that mount with the system-call
+//! patterns of Artemis' three journal types (NIO: `pwrite` + `fdatasync`; ASYNCIO: kernel AIO
+//! `io_submit` on an `O_DIRECT` file; MAPPED: stores into a shared mmap + `msync`). The
+//! rescan periods are ten minutes, so what reaches the cold side came from the calls.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::replication::{wait_until, Pair};
+use crate::util::{mounts_at, require_root, system, toml_path, Fixture, MountGuard};
+
+/// Bytes per journal record.
+const RECORD_BYTES: usize = 4096;
+/// Records each writer makes.
+const RECORDS: usize = 200;
+/// How long the cold copy may take to converge (no rescan can run within it).
+const CONVERGE: Duration = Duration::from_secs(20);
+
+/// `[replication]` lines: FUSE capture, and rescans too rare to deliver anything in a test.
+const FUSE_EXTRA: &str = "rescan_interval_ms = 600000\ndeep_rescan_interval_ms = 600000\n\
+                          capture = \"fuse\"\nmount_point = __MNT__";
+
+/// A pair in FUSE mode; each side's mount point is `<side>/mnt`.
+fn fuse_pair(fx: Fixture) -> Pair {
+    let p = Pair::new_in("psk", None, fx, FUSE_EXTRA);
+    for (name, cfg) in [("hot", &p.hot.config), ("cold", &p.cold.config)] {
+        let text = fs::read_to_string(cfg).unwrap();
+        let mnt = toml_path(&p.fx.path(&format!("{name}/mnt")));
+        fs::write(cfg, text.replace("__MNT__", &mnt)).unwrap();
+    }
+    p
+}
+
+fn mount_point(p: &Pair) -> PathBuf {
+    p.fx.path("hot/mnt")
+}
+
+/// Starts both sides and waits until the hot one has sent its initial sync.
+fn start_synced(p: &mut Pair) {
+    p.start("cold");
+    p.start("hot");
+    assert!(
+        wait_until(Duration::from_secs(20), || p.status("hot")["synced"] == true),
+        "the hot side did not sync\n{}",
+        p.logs()
+    );
+}
+
+/// Record `i` of writer `w`: its index, then a byte pattern of both.
+fn record(w: u8, i: usize) -> Vec<u8> {
+    let fill = w.wrapping_mul(31).wrapping_add(u8::try_from(i % 251).unwrap());
+    let mut r = vec![fill; RECORD_BYTES];
+    r[..8].copy_from_slice(&u64::try_from(i).unwrap().to_le_bytes());
+    r
+}
+
+fn check(rc: libc::c_long, what: &str) {
+    assert!(rc >= 0, "{what}: {}", std::io::Error::last_os_error());
+}
+
+/// NIO: `pwrite` then `fdatasync`, record by record.
+fn nio_writer(path: &Path) {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap();
+    for i in 0..RECORDS {
+        let r = record(1, i);
+        let at = u64::try_from(i * RECORD_BYTES).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &r, at).unwrap();
+        f.sync_data().unwrap();
+    }
+}
+
+/// The kernel's `struct iocb` (linux/aio_abi.h, little-endian).
+#[repr(C)]
+#[derive(Default)]
+struct Iocb {
+    data: u64,
+    key: u32,
+    rw_flags: i32,
+    opcode: u16,
+    reqprio: i16,
+    fildes: u32,
+    buf: u64,
+    nbytes: u64,
+    offset: i64,
+    reserved2: u64,
+    flags: u32,
+    resfd: u32,
+}
+
+/// The kernel's `struct io_event`.
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct IoEvent {
+    data: u64,
+    obj: u64,
+    res: i64,
+    res2: i64,
+}
+
+/// `IOCB_CMD_PWRITE`.
+const IOCB_CMD_PWRITE: u16 = 1;
+
+/// ASYNCIO: a preallocated `O_DIRECT` file written by `io_submit` from an aligned buffer,
+/// each completion reaped with `io_getevents`, then `fdatasync` (Artemis' libaio journal).
+fn aio_writer(path: &Path) {
+    fs::write(path, vec![0u8; RECORDS * RECORD_BYTES]).unwrap();
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    let layout = std::alloc::Layout::from_size_align(RECORD_BYTES, RECORD_BYTES).unwrap();
+    // SAFETY: the layout has a non-zero size.
+    let buf = unsafe { std::alloc::alloc(layout) };
+    assert!(!buf.is_null());
+    let mut ctx: libc::c_ulong = 0;
+    // SAFETY: io_setup writes the new context id into `ctx`.
+    check(unsafe { libc::syscall(libc::SYS_io_setup, 4, &mut ctx) }, "io_setup");
+    for i in 0..RECORDS {
+        let r = record(2, i);
+        // SAFETY: `buf` holds RECORD_BYTES bytes and does not overlap `r`.
+        unsafe { std::ptr::copy_nonoverlapping(r.as_ptr(), buf, RECORD_BYTES) };
+        let mut cb = Iocb {
+            opcode: IOCB_CMD_PWRITE,
+            fildes: u32::try_from(f.as_raw_fd()).unwrap(),
+            buf: buf as u64,
+            nbytes: u64::try_from(RECORD_BYTES).unwrap(),
+            offset: i64::try_from(i * RECORD_BYTES).unwrap(),
+            ..Iocb::default()
+        };
+        let mut cbs = [&mut cb as *mut Iocb];
+        // SAFETY: `cbs` holds one valid iocb whose buffer outlives the request (reaped below).
+        check(
+            unsafe { libc::syscall(libc::SYS_io_submit, ctx, 1, cbs.as_mut_ptr()) },
+            "io_submit",
+        );
+        let mut ev = [IoEvent::default()];
+        // SAFETY: `ev` has room for the one event asked for; no timeout.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_io_getevents,
+                ctx,
+                1,
+                1,
+                ev.as_mut_ptr(),
+                std::ptr::null::<libc::timespec>(),
+            )
+        };
+        assert_eq!(n, 1, "io_getevents: {}", std::io::Error::last_os_error());
+        assert_eq!(ev[0].res, i64::try_from(RECORD_BYTES).unwrap(), "AIO write {i}");
+        f.sync_data().unwrap();
+    }
+    // SAFETY: `ctx` came from io_setup and has no request in flight.
+    check(unsafe { libc::syscall(libc::SYS_io_destroy, ctx) }, "io_destroy");
+    // SAFETY: `buf` came from alloc with this layout.
+    unsafe { std::alloc::dealloc(buf, layout) };
+}
+
+/// MAPPED: a file sized up front, mapped shared, each record stored then `msync(MS_SYNC)`.
+fn mmap_writer(path: &Path) {
+    let len = RECORDS * RECORD_BYTES;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap();
+    f.set_len(len as u64).unwrap();
+    // SAFETY: a fresh shared mapping of `len` bytes of an open file; unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    for i in 0..RECORDS {
+        let r = record(3, i);
+        // SAFETY: the record lies inside the mapping (i < RECORDS); the page is synced whole.
+        unsafe {
+            let at = map.cast::<u8>().add(i * RECORD_BYTES);
+            std::ptr::copy_nonoverlapping(r.as_ptr(), at, RECORD_BYTES);
+            check(
+                libc::c_long::from(libc::msync(at.cast(), RECORD_BYTES, libc::MS_SYNC)),
+                "msync",
+            );
+        }
+    }
+    // SAFETY: `map` is the mapping made above, of `len` bytes.
+    unsafe { libc::munmap(map, len) };
+}
+
+/// The records writer `w` made, as the file must hold them.
+fn expected(w: u8) -> Vec<u8> {
+    (0..RECORDS).flat_map(|i| record(w, i)).collect()
+}
+
+#[test]
+fn issue12_fuse_capture_pwrite_aio_and_mmap_writers_converge_without_rescans() {
+    if !require_root("issue12_fuse", "FUSE mounts") {
+        return;
+    }
+    let mut p = fuse_pair(Fixture::new());
+    let _guard = MountGuard::new(&p.fx.path("hot/mnt"));
+    start_synced(&mut p);
+    let mnt = mount_point(&p);
+    assert_eq!(mounts_at(&mnt).len(), 1, "{}", p.logs());
+    let link = p.fx.path("hot/base/artemis");
+    assert_eq!(fs::read_link(&link).unwrap(), mnt, "the link goes to the mount");
+    fs::create_dir(mnt.join("journal")).unwrap();
+    nio_writer(&mnt.join("journal/nio.amq"));
+    aio_writer(&mnt.join("journal/aio.amq"));
+    mmap_writer(&mnt.join("journal/mmap.amq"));
+    // a file made by the node's user is the node's, on both sides (the kernel checks the
+    // user's access: the fixture's directories are opened to it, the journal given to it)
+    for dir in [p.fx.root.clone(), p.fx.path("hot")] {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::os::unix::fs::chown(mnt.join("journal"), Some(4321), Some(4322)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=4321", "--regid=4322", "--clear-groups", "touch"])
+        .arg(mnt.join("journal/owned.tmp"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    fs::rename(mnt.join("journal/owned.tmp"), mnt.join("journal/owned")).unwrap();
+    let owned = fs::metadata(p.hot.data.join("journal/owned")).unwrap();
+    assert_eq!((owned.uid(), owned.gid()), (4321, 4322));
+    let took = p.assert_converges(CONVERGE);
+    eprintln!("three writers x {RECORDS} records converged {took:?} after the last write");
+    for (w, name) in [(1, "nio"), (2, "aio"), (3, "mmap")] {
+        let cold = fs::read(p.cold.data.join(format!("journal/{name}.amq"))).unwrap();
+        assert!(cold == expected(w), "{name}: the cold copy differs from the records");
+    }
+    let cold_owned = fs::metadata(p.cold.data.join("journal/owned")).unwrap();
+    assert_eq!((cold_owned.uid(), cold_owned.gid()), (4321, 4322));
+    p.stop("hot");
+    assert!(mounts_at(&mnt).is_empty(), "a clean stop unmounts");
+}
+
+#[test]
+fn issue12_kill9_of_the_hot_agent_leaves_a_stale_mount_the_next_start_detaches() {
+    if !require_root("issue12_stale", "FUSE mounts") {
+        return;
+    }
+    let mut p = fuse_pair(Fixture::new());
+    let _guard = MountGuard::new(&p.fx.path("hot/mnt"));
+    start_synced(&mut p);
+    let mnt = mount_point(&p);
+    fs::write(mnt.join("before"), b"before the crash").unwrap();
+    p.kill9("hot");
+    let err = fs::metadata(mnt.join("before")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    assert_eq!(mounts_at(&mnt).len(), 1, "the dead mount is still there");
+    p.start("hot");
+    assert!(
+        wait_until(Duration::from_secs(20), || p.status("hot")["synced"] == true),
+        "{}",
+        p.logs()
+    );
+    assert_eq!(mounts_at(&mnt).len(), 1, "one live mount: {:?}", mounts_at(&mnt));
+    assert_eq!(fs::read(mnt.join("before")).unwrap(), b"before the crash");
+    fs::write(mnt.join("after"), b"after the restart").unwrap();
+    p.assert_converges(CONVERGE);
+    assert_eq!(
+        fs::read(p.cold.data.join("after")).unwrap(),
+        b"after the restart"
+    );
+    assert!(p.logs().contains("detaching a FUSE mount left by an earlier agent"));
+}
+
+#[test]
+fn issue12_a_full_disk_under_the_mount_returns_enospc_and_queues_nothing_unwritten() {
+    if !require_root("issue12_enospc", "tmpfs and FUSE mounts") {
+        return;
+    }
+    let mut p = fuse_pair(Fixture::new());
+    let _tmpfs = MountGuard::new(&p.hot.data);
+    let _guard = MountGuard::new(&p.fx.path("hot/mnt"));
+    let data = p.hot.data.clone();
+    system(
+        "mount",
+        &["-t", "tmpfs", "-o", "size=1m", "tmpfs"]
+            .map(std::ffi::OsStr::new)
+            .into_iter()
+            .chain([data.as_os_str()])
+            .collect::<Vec<_>>(),
+    );
+    start_synced(&mut p);
+    let mnt = mount_point(&p);
+    let f = fs::File::create(mnt.join("big")).unwrap();
+    let chunk = vec![0x5au8; 64 << 10];
+    let (mut written, mut enospc) = (0u64, None);
+    for _ in 0..64 {
+        match std::os::unix::fs::FileExt::write_at(&f, &chunk, written) {
+            Ok(n) => written += u64::try_from(n).unwrap(),
+            Err(e) => {
+                enospc = Some(e);
+                break;
+            }
+        }
+    }
+    let e = enospc.expect("1 MiB of tmpfs fills before 4 MiB are written");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    assert_eq!(fs::metadata(data.join("big")).unwrap().len(), written);
+    p.assert_converges(CONVERGE);
+    let cold = fs::read(p.cold.data.join("big")).unwrap();
+    assert_eq!(u64::try_from(cold.len()).unwrap(), written, "exactly what was written");
+    assert!(cold.iter().all(|&b| b == 0x5a));
+    drop(f);
+    p.stop("hot");
+}
