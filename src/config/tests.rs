@@ -273,7 +273,6 @@ fn replicated_mode_needs_its_section_and_authentication() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("`storage.backend`"), "{err}");
-
 }
 
 #[test]
@@ -290,9 +289,11 @@ fn issue12_fuse_capture_needs_a_mount_point_apart_from_data_dir() {
         err.contains("`replication.mount_point`") && err.contains("is required"),
         "{err}"
     );
-    let err = load(&format!("{base}capture = \"fuse\"\nmount_point = \"journal\"\n"))
-        .unwrap_err()
-        .to_string();
+    let err = load(&format!(
+        "{base}capture = \"fuse\"\nmount_point = \"journal\"\n"
+    ))
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("`replication.mount_point`"), "{err}");
     for inside in [
         "/var/lib/artemis-sync/artemis/m",
@@ -304,7 +305,10 @@ fn issue12_fuse_capture_needs_a_mount_point_apart_from_data_dir() {
         ))
         .unwrap_err()
         .to_string();
-        assert!(err.contains("must be apart from data_dir"), "{inside}: {err}");
+        assert!(
+            err.contains("must be apart from data_dir"),
+            "{inside}: {err}"
+        );
     }
     let err = load(&format!(
         "{base}capture = \"fuse\"\nmount_point = \"/opt/corda/artemis\"\n"
@@ -312,9 +316,11 @@ fn issue12_fuse_capture_needs_a_mount_point_apart_from_data_dir() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("base_dir/artemis"), "{err}");
-    let err = load(&format!("{base}mount_point = \"/var/lib/artemis-sync/journal\"\n"))
-        .unwrap_err()
-        .to_string();
+    let err = load(&format!(
+        "{base}mount_point = \"/var/lib/artemis-sync/journal\"\n"
+    ))
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("only with capture"), "{err}");
     let err = load(&format!("{base}capture = \"inotify\"\n"))
         .unwrap_err()

@@ -45,7 +45,8 @@ fn start_synced(p: &mut Pair) {
     p.start("cold");
     p.start("hot");
     assert!(
-        wait_until(Duration::from_secs(20), || p.status("hot")["synced"] == true),
+        wait_until(Duration::from_secs(20), || p.status("hot")["synced"]
+            == true),
         "the hot side did not sync\n{}",
         p.logs()
     );
@@ -53,7 +54,9 @@ fn start_synced(p: &mut Pair) {
 
 /// Record `i` of writer `w`: its index, then a byte pattern of both.
 fn record(w: u8, i: usize) -> Vec<u8> {
-    let fill = w.wrapping_mul(31).wrapping_add(u8::try_from(i % 251).unwrap());
+    let fill = w
+        .wrapping_mul(31)
+        .wrapping_add(u8::try_from(i % 251).unwrap());
     let mut r = vec![fill; RECORD_BYTES];
     r[..8].copy_from_slice(&u64::try_from(i).unwrap().to_le_bytes());
     r
@@ -127,7 +130,10 @@ fn aio_writer(path: &Path) {
     assert!(!buf.is_null());
     let mut ctx: libc::c_ulong = 0;
     // SAFETY: io_setup writes the new context id into `ctx`.
-    check(unsafe { libc::syscall(libc::SYS_io_setup, 4, &mut ctx) }, "io_setup");
+    check(
+        unsafe { libc::syscall(libc::SYS_io_setup, 4, &mut ctx) },
+        "io_setup",
+    );
     for i in 0..RECORDS {
         let r = record(2, i);
         // SAFETY: `buf` holds RECORD_BYTES bytes and does not overlap `r`.
@@ -159,11 +165,18 @@ fn aio_writer(path: &Path) {
             )
         };
         assert_eq!(n, 1, "io_getevents: {}", std::io::Error::last_os_error());
-        assert_eq!(ev[0].res, i64::try_from(RECORD_BYTES).unwrap(), "AIO write {i}");
+        assert_eq!(
+            ev[0].res,
+            i64::try_from(RECORD_BYTES).unwrap(),
+            "AIO write {i}"
+        );
         f.sync_data().unwrap();
     }
     // SAFETY: `ctx` came from io_setup and has no request in flight.
-    check(unsafe { libc::syscall(libc::SYS_io_destroy, ctx) }, "io_destroy");
+    check(
+        unsafe { libc::syscall(libc::SYS_io_destroy, ctx) },
+        "io_destroy",
+    );
     // SAFETY: `buf` came from alloc with this layout.
     unsafe { std::alloc::dealloc(buf, layout) };
 }
@@ -190,7 +203,12 @@ fn mmap_writer(path: &Path) {
             0,
         )
     };
-    assert_ne!(map, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    assert_ne!(
+        map,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
     for i in 0..RECORDS {
         let r = record(3, i);
         // SAFETY: the record lies inside the mapping (i < RECORDS); the page is synced whole.
@@ -223,7 +241,11 @@ fn issue12_fuse_capture_pwrite_aio_and_mmap_writers_converge_without_rescans() {
     let mnt = mount_point(&p);
     assert_eq!(mounts_at(&mnt).len(), 1, "{}", p.logs());
     let link = p.fx.path("hot/base/artemis");
-    assert_eq!(fs::read_link(&link).unwrap(), mnt, "the link goes to the mount");
+    assert_eq!(
+        fs::read_link(&link).unwrap(),
+        mnt,
+        "the link goes to the mount"
+    );
     fs::create_dir(mnt.join("journal")).unwrap();
     nio_writer(&mnt.join("journal/nio.amq"));
     aio_writer(&mnt.join("journal/aio.amq"));
@@ -247,7 +269,10 @@ fn issue12_fuse_capture_pwrite_aio_and_mmap_writers_converge_without_rescans() {
     eprintln!("three writers x {RECORDS} records converged {took:?} after the last write");
     for (w, name) in [(1, "nio"), (2, "aio"), (3, "mmap")] {
         let cold = fs::read(p.cold.data.join(format!("journal/{name}.amq"))).unwrap();
-        assert!(cold == expected(w), "{name}: the cold copy differs from the records");
+        assert!(
+            cold == expected(w),
+            "{name}: the cold copy differs from the records"
+        );
     }
     let cold_owned = fs::metadata(p.cold.data.join("journal/owned")).unwrap();
     assert_eq!((cold_owned.uid(), cold_owned.gid()), (4321, 4322));
@@ -271,11 +296,17 @@ fn issue12_kill9_of_the_hot_agent_leaves_a_stale_mount_the_next_start_detaches()
     assert_eq!(mounts_at(&mnt).len(), 1, "the dead mount is still there");
     p.start("hot");
     assert!(
-        wait_until(Duration::from_secs(20), || p.status("hot")["synced"] == true),
+        wait_until(Duration::from_secs(20), || p.status("hot")["synced"]
+            == true),
         "{}",
         p.logs()
     );
-    assert_eq!(mounts_at(&mnt).len(), 1, "one live mount: {:?}", mounts_at(&mnt));
+    assert_eq!(
+        mounts_at(&mnt).len(),
+        1,
+        "one live mount: {:?}",
+        mounts_at(&mnt)
+    );
     assert_eq!(fs::read(mnt.join("before")).unwrap(), b"before the crash");
     fs::write(mnt.join("after"), b"after the restart").unwrap();
     p.assert_converges(CONVERGE);
@@ -283,7 +314,9 @@ fn issue12_kill9_of_the_hot_agent_leaves_a_stale_mount_the_next_start_detaches()
         fs::read(p.cold.data.join("after")).unwrap(),
         b"after the restart"
     );
-    assert!(p.logs().contains("detaching a FUSE mount left by an earlier agent"));
+    assert!(p
+        .logs()
+        .contains("detaching a FUSE mount left by an earlier agent"));
 }
 
 #[test]
@@ -322,7 +355,11 @@ fn issue12_a_full_disk_under_the_mount_returns_enospc_and_queues_nothing_unwritt
     assert_eq!(fs::metadata(data.join("big")).unwrap().len(), written);
     p.assert_converges(CONVERGE);
     let cold = fs::read(p.cold.data.join("big")).unwrap();
-    assert_eq!(u64::try_from(cold.len()).unwrap(), written, "exactly what was written");
+    assert_eq!(
+        u64::try_from(cold.len()).unwrap(),
+        written,
+        "exactly what was written"
+    );
     assert!(cold.iter().all(|&b| b == 0x5a));
     drop(f);
     p.stop("hot");

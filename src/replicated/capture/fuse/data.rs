@@ -7,8 +7,8 @@ use std::os::unix::fs::FileExt;
 
 use fuser::{Errno, FileHandle, INodeNo, Request, TimeOrNow};
 
-use crate::replicated::capture::fuse::passthrough::{Passthrough, Res};
 use crate::replicated::capture::fuse::names::open_backing;
+use crate::replicated::capture::fuse::passthrough::{Passthrough, Res};
 use crate::replicated::capture::fuse::sys;
 use crate::replicated::capture::watch::FsEvent;
 

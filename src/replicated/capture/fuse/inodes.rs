@@ -74,7 +74,10 @@ impl Inodes {
             self.by_path.remove(rel);
         }
         if let Some(&ino) = self.by_backing.get(&backing) {
-            let node = self.nodes.get_mut(&ino).expect("by_backing names live nodes");
+            let node = self
+                .nodes
+                .get_mut(&ino)
+                .expect("by_backing names live nodes");
             if node.path.is_some() && ino != ROOT_INO {
                 // a second name of the same file (a hard link made outside): follow it
                 if let Some(old) = node.path.replace(rel.to_owned()) {

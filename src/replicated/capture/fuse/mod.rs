@@ -26,9 +26,9 @@ use fuser::{MountOption, SessionACL};
 use crate::replicated::capture::watch::FsEvent;
 
 mod data;
-mod passthrough;
 mod inodes;
 mod names;
+mod passthrough;
 mod sys;
 
 /// Threads serving the kernel's requests.
@@ -205,7 +205,9 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        let oct = b.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match (b[i], oct) {
             (b'\\', Some(d)) => {
                 out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
@@ -245,7 +247,8 @@ mod tests {
 
     #[test]
     fn finds_fuse_mounts_in_mountinfo() {
-        let info = "36 35 98:0 / /mnt/a\\040b rw,noatime master:1 - fuse.artemis-sync artemis-sync rw\n\
+        let info =
+            "36 35 98:0 / /mnt/a\\040b rw,noatime master:1 - fuse.artemis-sync artemis-sync rw\n\
                     37 35 98:0 / /mnt/c rw - ext4 /dev/sda1 rw\n";
         assert!(fuse_mounted_at(info, Path::new("/mnt/a b")));
         assert!(!fuse_mounted_at(info, Path::new("/mnt/c")));

@@ -178,7 +178,8 @@ impl Passthrough {
         newname: &OsStr,
         flags: RenameFlags,
     ) -> Res<()> {
-        if flags.contains(RenameFlags::RENAME_EXCHANGE) || flags.contains(RenameFlags::RENAME_WHITEOUT)
+        if flags.contains(RenameFlags::RENAME_EXCHANGE)
+            || flags.contains(RenameFlags::RENAME_WHITEOUT)
         {
             return Err(Errno::EINVAL);
         }

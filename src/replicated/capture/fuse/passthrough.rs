@@ -22,8 +22,8 @@ use crossbeam_channel::Sender;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
-    TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::replicated::capture::fuse::inodes::{child, Inodes};
@@ -121,7 +121,10 @@ impl Passthrough {
         if let Some(f) = fh.and_then(|fh| self.file(fh).ok()) {
             return Ok(sys::attr(ino.0, &f.metadata()?));
         }
-        Ok(sys::attr(ino.0, &fs::symlink_metadata(self.abs(&self.rel(ino)?))?))
+        Ok(sys::attr(
+            ino.0,
+            &fs::symlink_metadata(self.abs(&self.rel(ino)?))?,
+        ))
     }
 
     fn readdir_of(&self, ino: INodeNo, offset: u64, reply: &mut ReplyDirectory) -> Res<()> {
@@ -179,7 +182,10 @@ impl Filesystem for Passthrough {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.inodes.lock().expect("inode table").forget(ino.0, nlookup);
+        self.inodes
+            .lock()
+            .expect("inode table")
+            .forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -301,7 +307,8 @@ impl Filesystem for Passthrough {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let r = self.open_file(ino, flags.0);
-        answer!(r, reply, |fh| reply.opened(FileHandle(fh), FopenFlags::empty()));
+        answer!(r, reply, |fh| reply
+            .opened(FileHandle(fh), FopenFlags::empty()));
     }
 
     fn read(
@@ -450,5 +457,69 @@ impl Filesystem for Passthrough {
     ) {
         let r = self.allocate(ino, fh, offset, length, mode);
         answer!(r, reply, |_v| reply.ok());
+    }
+
+    // Calls the passthrough does not serve answer ENOSYS without a log line: the kernel then
+    // stops asking (extended attributes read as unsupported, `lseek` and `copy_file_range`
+    // fall back to its generic code).
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: i64,
+        _whence: i32,
+        reply: ReplyLseek,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::ENOSYS);
     }
 }
