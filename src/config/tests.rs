@@ -332,5 +332,23 @@ fn issue12_fuse_capture_needs_a_mount_point_apart_from_data_dir() {
     .unwrap();
     let r = c.replication.as_ref().unwrap();
     assert_eq!(r.capture, Capture::Fuse);
+    assert_eq!((r.ack, r.peer_timeout_ms), (Ack::Async, 2000));
     load(&c.to_toml()).unwrap();
+    let err = load(&format!("{base}ack = \"durable\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`replication.ack`") && err.contains("capture = \"fuse\""),
+        "{err}"
+    );
+    let fuse = format!(
+        "{base}capture = \"fuse\"\nmount_point = \"/var/lib/artemis-sync/journal\"\nack = \"durable\"\n"
+    );
+    let c = load(&format!("{fuse}on_peer_loss = \"block\"\n")).unwrap();
+    let r = c.replication.as_ref().unwrap();
+    assert_eq!((r.ack, r.on_peer_loss), (Ack::Durable, PeerLoss::Block));
+    let err = load(&format!("{fuse}peer_timeout_ms = 0\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`replication.peer_timeout_ms`"), "{err}");
 }

@@ -267,6 +267,9 @@ pub struct ReplicatedStatus {
     /// newer epoch exists, after a restart), and the override.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_for: Option<String>,
+    /// Hot with durable acks: since when syncs no longer wait for the cold side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
     /// The last problem seen, if any.
     pub error: Option<String>,
 }

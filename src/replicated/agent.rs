@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, never, select, Receiver};
 
-use crate::config::{Capture, Config, ReplRole, ReplicationConfig};
+use crate::config::{Ack, Capture, Config, PeerLoss, ReplRole, ReplicationConfig};
 use crate::daemon::control::Incoming;
 use crate::daemon::listen_fds::{self, ListenFdsError};
 use crate::daemon::protocol::{
@@ -34,6 +34,7 @@ use crate::daemon::protocol::{
 use crate::daemon::supervisor::{Supervisor, IDLE_WAKEUP};
 use crate::daemon::{duration_ms, sdnotify, ShutdownReason};
 use crate::link::{self, LinkOptions};
+use crate::replicated::capture::fuse::DurableConfig;
 use crate::replicated::channel::Auth;
 use crate::replicated::receiver::{self, ReceiverConfig, ReceiverHandle};
 use crate::replicated::sender::{self, ScanMsg, SenderConfig, SenderEvent, SenderHandle};
@@ -301,6 +302,10 @@ impl Replica {
             window_bytes: usize::try_from(self.repl.window_mb.saturating_mul(1 << 20))
                 .unwrap_or(usize::MAX),
             fuse_mount: fuse_mount.clone(),
+            durable: (self.repl.ack == Ack::Durable).then(|| DurableConfig {
+                peer_timeout: Duration::from_millis(self.repl.peer_timeout_ms),
+                block: self.repl.on_peer_loss == PeerLoss::Block,
+            }),
         };
         let sender = sender::start(cfg, self.rt.handle())
             .map_err(|e| ReplicaError::Start(crate::error_chain(&e)))?;
@@ -639,6 +644,15 @@ impl Replica {
             node_pid: self.sup.node_pid(),
             node_state: self.sup.node_state(),
             waiting_for: self.waiting_for.clone(),
+            degraded: self.sender.as_ref().and_then(|s| {
+                let since = s.stats.degraded_since_unix_ms.load(Ordering::Relaxed);
+                (since > 0).then(|| {
+                    format!(
+                        "degraded since {} s ago (unix ms {since}): the cold copy may lack data",
+                        now.saturating_sub(since) / 1000
+                    )
+                })
+            }),
             error: self.sup.last_error(),
         }
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::mpsc;
 
-use crate::replicated::capture::fuse::{self, FuseCapture, FuseError};
+use crate::replicated::capture::fuse::{self, DurableConfig, FuseCapture, FuseError};
 use crate::replicated::capture::watch::{self, WatchError, EVENT_QUEUE};
 use crate::replicated::capture::{ScanConfig, Scanner};
 use crate::replicated::channel::Auth;
@@ -52,6 +52,8 @@ pub struct SenderConfig {
     pub window_bytes: usize,
     /// `Some(mount point)`: capture with FUSE, serving `root` there; `None`: watch `root`.
     pub fuse_mount: Option<PathBuf>,
+    /// With FUSE: durable acks (`None`: async).
+    pub durable: Option<DurableConfig>,
 }
 
 /// Errors starting the sender.
@@ -72,7 +74,14 @@ enum Source {
 
 impl SenderConfig {
     /// The scanner's part and the network task's part.
-    fn split(self) -> (ScanConfig, StreamConfig, Option<PathBuf>) {
+    fn split(
+        self,
+    ) -> (
+        ScanConfig,
+        StreamConfig,
+        Option<PathBuf>,
+        Option<DurableConfig>,
+    ) {
         let scan = ScanConfig {
             root: self.root,
             page_size: self.page_size,
@@ -87,7 +96,7 @@ impl SenderConfig {
             page_size: self.page_size,
             window_bytes: self.window_bytes,
         };
-        (scan, stream, self.fuse_mount)
+        (scan, stream, self.fuse_mount, self.durable)
     }
 }
 
@@ -125,17 +134,20 @@ impl SenderHandle {
 /// Starts capturing (watching, or serving the FUSE mount), scanning and sending, on `rt` for
 /// the network part.
 pub fn start(cfg: SenderConfig, rt: &tokio::runtime::Handle) -> Result<SenderHandle, SenderError> {
-    let (scan_cfg, stream_cfg, fuse_mount) = cfg.split();
+    let (scan_cfg, stream_cfg, fuse_mount, durable) = cfg.split();
+    let stats = Arc::new(SenderStats::default());
     let (fs_tx, fs_rx) = crossbeam_channel::bounded(EVENT_QUEUE);
     let source = match fuse_mount {
         None => Source::Watch(watch::watch(&scan_cfg.root, fs_tx)?),
-        Some(mp) => Source::Fuse(fuse::mount(&scan_cfg.root, &mp, fs_tx)?),
+        Some(mp) => {
+            let durable = durable.map(|d| (d, stats.clone()));
+            Source::Fuse(fuse::mount(&scan_cfg.root, &mp, fs_tx, durable)?)
+        }
     };
     let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(SCAN_CONTROL_QUEUE);
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>(BATCH_QUEUE);
     let (ev_tx, ev_rx) = crossbeam_channel::bounded(SENDER_EVENT_QUEUE);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stats = Arc::new(SenderStats::default());
     let scanner = Scanner::new(&scan_cfg, out_tx).spawn(stats.clone(), fs_rx, ctl_rx);
     let link = ScannerLink {
         out: out_rx,

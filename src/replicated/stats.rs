@@ -28,6 +28,9 @@ pub struct SenderStats {
     pub emitted: AtomicU64,
     /// Whether the full comparison after the current connection's index is done.
     pub initial_done: AtomicBool,
+    /// Durable acks: since when (ms since the Unix epoch) syncs no longer wait for the cold
+    /// side because it did not answer in time; 0 while durable.
+    pub degraded_since_unix_ms: AtomicU64,
 }
 
 impl SenderStats {

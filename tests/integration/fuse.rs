@@ -25,9 +25,9 @@ const CONVERGE: Duration = Duration::from_secs(20);
 const FUSE_EXTRA: &str = "rescan_interval_ms = 600000\ndeep_rescan_interval_ms = 600000\n\
                           capture = \"fuse\"\nmount_point = __MNT__";
 
-/// A pair in FUSE mode; each side's mount point is `<side>/mnt`.
-fn fuse_pair(fx: Fixture) -> Pair {
-    let p = Pair::new_in("psk", None, fx, FUSE_EXTRA);
+/// A pair in FUSE mode; each side's mount point is `<side>/mnt`; `more` ends `[replication]`.
+fn fuse_pair(fx: Fixture, more: &str) -> Pair {
+    let p = Pair::new_in("psk", None, fx, &format!("{FUSE_EXTRA}\n{more}"));
     for (name, cfg) in [("hot", &p.hot.config), ("cold", &p.cold.config)] {
         let text = fs::read_to_string(cfg).unwrap();
         let mnt = toml_path(&p.fx.path(&format!("{name}/mnt")));
@@ -66,8 +66,11 @@ fn check(rc: libc::c_long, what: &str) {
     assert!(rc >= 0, "{what}: {}", std::io::Error::last_os_error());
 }
 
+/// What a writer calls after each sync returns, with the record's index.
+type AfterSync<'a> = &'a mut dyn FnMut(usize);
+
 /// NIO: `pwrite` then `fdatasync`, record by record.
-fn nio_writer(path: &Path) {
+fn nio_writer(path: &Path, after: AfterSync) {
     let f = fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -80,6 +83,7 @@ fn nio_writer(path: &Path) {
         let at = u64::try_from(i * RECORD_BYTES).unwrap();
         std::os::unix::fs::FileExt::write_all_at(&f, &r, at).unwrap();
         f.sync_data().unwrap();
+        after(i);
     }
 }
 
@@ -116,7 +120,7 @@ const IOCB_CMD_PWRITE: u16 = 1;
 
 /// ASYNCIO: a preallocated `O_DIRECT` file written by `io_submit` from an aligned buffer,
 /// each completion reaped with `io_getevents`, then `fdatasync` (Artemis' libaio journal).
-fn aio_writer(path: &Path) {
+fn aio_writer(path: &Path, after: AfterSync) {
     fs::write(path, vec![0u8; RECORDS * RECORD_BYTES]).unwrap();
     let f = fs::OpenOptions::new()
         .read(true)
@@ -171,6 +175,7 @@ fn aio_writer(path: &Path) {
             "AIO write {i}"
         );
         f.sync_data().unwrap();
+        after(i);
     }
     // SAFETY: `ctx` came from io_setup and has no request in flight.
     check(
@@ -182,7 +187,7 @@ fn aio_writer(path: &Path) {
 }
 
 /// MAPPED: a file sized up front, mapped shared, each record stored then `msync(MS_SYNC)`.
-fn mmap_writer(path: &Path) {
+fn mmap_writer(path: &Path, after: AfterSync) {
     let len = RECORDS * RECORD_BYTES;
     let f = fs::OpenOptions::new()
         .read(true)
@@ -220,6 +225,7 @@ fn mmap_writer(path: &Path) {
                 "msync",
             );
         }
+        after(i);
     }
     // SAFETY: `map` is the mapping made above, of `len` bytes.
     unsafe { libc::munmap(map, len) };
@@ -235,7 +241,7 @@ fn issue12_fuse_capture_pwrite_aio_and_mmap_writers_converge_without_rescans() {
     if !require_root("issue12_fuse", "FUSE mounts") {
         return;
     }
-    let mut p = fuse_pair(Fixture::new());
+    let mut p = fuse_pair(Fixture::new(), "");
     let _guard = MountGuard::new(&p.fx.path("hot/mnt"));
     start_synced(&mut p);
     let mnt = mount_point(&p);
@@ -247,9 +253,9 @@ fn issue12_fuse_capture_pwrite_aio_and_mmap_writers_converge_without_rescans() {
         "the link goes to the mount"
     );
     fs::create_dir(mnt.join("journal")).unwrap();
-    nio_writer(&mnt.join("journal/nio.amq"));
-    aio_writer(&mnt.join("journal/aio.amq"));
-    mmap_writer(&mnt.join("journal/mmap.amq"));
+    nio_writer(&mnt.join("journal/nio.amq"), &mut |_| {});
+    aio_writer(&mnt.join("journal/aio.amq"), &mut |_| {});
+    mmap_writer(&mnt.join("journal/mmap.amq"), &mut |_| {});
     // a file made by the node's user is the node's, on both sides (the kernel checks the
     // user's access: the fixture's directories are opened to it, the journal given to it)
     for dir in [p.fx.root.clone(), p.fx.path("hot")] {
@@ -285,7 +291,7 @@ fn issue12_kill9_of_the_hot_agent_leaves_a_stale_mount_the_next_start_detaches()
     if !require_root("issue12_stale", "FUSE mounts") {
         return;
     }
-    let mut p = fuse_pair(Fixture::new());
+    let mut p = fuse_pair(Fixture::new(), "");
     let _guard = MountGuard::new(&p.fx.path("hot/mnt"));
     start_synced(&mut p);
     let mnt = mount_point(&p);
@@ -324,7 +330,7 @@ fn issue12_a_full_disk_under_the_mount_returns_enospc_and_queues_nothing_unwritt
     if !require_root("issue12_enospc", "tmpfs and FUSE mounts") {
         return;
     }
-    let mut p = fuse_pair(Fixture::new());
+    let mut p = fuse_pair(Fixture::new(), "");
     let _tmpfs = MountGuard::new(&p.hot.data);
     let _guard = MountGuard::new(&p.fx.path("hot/mnt"));
     let data = p.hot.data.clone();
@@ -363,4 +369,111 @@ fn issue12_a_full_disk_under_the_mount_returns_enospc_and_queues_nothing_unwritt
     assert!(cold.iter().all(|&b| b == 0x5a));
     drop(f);
     p.stop("hot");
+}
+
+/// Whether the cold copy of `rel` holds record `i` of writer `w` now.
+fn cold_has(p: &Pair, rel: &str, w: u8, i: usize) -> bool {
+    let Ok(f) = fs::File::open(p.cold.data.join(rel)) else {
+        return false;
+    };
+    let mut buf = vec![0u8; RECORD_BYTES];
+    let at = u64::try_from(i * RECORD_BYTES).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, at).is_ok() && buf == record(w, i)
+}
+
+#[test]
+fn issue12_durable_every_record_is_on_the_cold_disk_when_its_sync_returns() {
+    if !require_root("issue12_durable", "FUSE mounts") {
+        return;
+    }
+    let mut p = fuse_pair(Fixture::new(), "ack = \"durable\"\npeer_timeout_ms = 10000");
+    let _guard = MountGuard::new(&p.fx.path("hot/mnt"));
+    start_synced(&mut p);
+    let mnt = mount_point(&p);
+    fs::create_dir(mnt.join("journal")).unwrap();
+    let mut missing = Vec::new();
+    let started = std::time::Instant::now();
+    for (w, name) in [(1u8, "nio"), (2, "aio"), (3, "mmap")] {
+        let rel = format!("journal/{name}.amq");
+        let mut check = |i: usize| {
+            if !cold_has(&p, &rel, w, i) {
+                missing.push(format!("{name} {i}"));
+            }
+        };
+        match w {
+            1 => nio_writer(&mnt.join(&rel), &mut check),
+            2 => aio_writer(&mnt.join(&rel), &mut check),
+            _ => mmap_writer(&mnt.join(&rel), &mut check),
+        }
+    }
+    let per_sync = started.elapsed() / u32::try_from(3 * RECORDS).unwrap();
+    eprintln!("durable: 3 x {RECORDS} records, {per_sync:?} per record and sync");
+    assert!(
+        missing.is_empty(),
+        "not on the cold disk when the sync returned: {missing:?}"
+    );
+    assert!(
+        p.status("hot").get("degraded").is_none(),
+        "{}",
+        p.status("hot")
+    );
+}
+
+#[test]
+fn issue12_durable_with_the_cold_side_gone_degrades_after_the_timeout_and_recovers() {
+    if !require_root("issue12_degrade", "FUSE mounts") {
+        return;
+    }
+    let mut p = fuse_pair(Fixture::new(), "ack = \"durable\"\npeer_timeout_ms = 500");
+    let _guard = MountGuard::new(&p.fx.path("hot/mnt"));
+    start_synced(&mut p);
+    let mnt = mount_point(&p);
+    let f = fs::File::create(mnt.join("j")).unwrap();
+    let write_sync = |i: usize| {
+        let at = u64::try_from(i * RECORD_BYTES).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &record(4, i), at).unwrap();
+        let t = std::time::Instant::now();
+        f.sync_data().unwrap();
+        t.elapsed()
+    };
+    write_sync(0);
+    assert!(
+        cold_has(&p, "j", 4, 0),
+        "durable while the cold side is there"
+    );
+    p.stop("cold");
+    let waited = write_sync(1);
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_secs(5),
+        "the first sync without the peer waited {waited:?}"
+    );
+    let degraded = p.status("hot")["degraded"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(degraded.contains("may lack data"), "{}", p.status("hot"));
+    let waited = write_sync(2);
+    assert!(
+        waited < Duration::from_millis(400),
+        "degraded syncs do not wait: {waited:?}"
+    );
+    assert!(p.logs().contains("DEGRADED"));
+    p.start("cold");
+    assert!(
+        wait_until(Duration::from_secs(20), || p.status("hot")["synced"]
+            == true),
+        "{}",
+        p.logs()
+    );
+    // the next sync is acknowledged in time: durable again
+    write_sync(3);
+    assert!(cold_has(&p, "j", 4, 3), "durable again after the catch-up");
+    assert!(
+        p.status("hot").get("degraded").is_none(),
+        "{}",
+        p.status("hot")
+    );
+    for i in 0..4 {
+        assert!(cold_has(&p, "j", 4, i), "record {i} after the catch-up");
+    }
 }

@@ -10,7 +10,7 @@ use notify::event::{CreateKind, EventKind, ModifyKind, RemoveKind, RenameMode};
 use crate::replicated::capture::scan::INVALID;
 use crate::replicated::capture::watch::FsEvent;
 use crate::replicated::capture::{Scanner, RENAME_PAIR_WAIT};
-use crate::replicated::ops::Op;
+use crate::replicated::ops::{Op, Outgoing};
 use crate::replicated::pages::FileState;
 
 impl Scanner {
@@ -35,6 +35,13 @@ impl Scanner {
             FsEvent::Changed(path) => {
                 self.open_files.forget(&path);
                 return self.check_path(&path);
+            }
+            FsEvent::Sync(reply) => {
+                // everything before it goes out now; the network task answers on its ack
+                self.flush();
+                let gen = self.gen;
+                let _ = self.out.blocking_send(Outgoing::Synced { gen, reply });
+                return;
             }
             FsEvent::Renamed { from, to } => {
                 self.open_files.forget(&from);

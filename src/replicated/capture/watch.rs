@@ -44,6 +44,9 @@ pub enum FsEvent {
     Changed(String),
     /// From the FUSE capture: `from` was renamed to `to` (relative paths).
     Renamed { from: String, to: String },
+    /// From the FUSE capture, durable acks: answer once the cold side has acknowledged every
+    /// op made from the events before this one (dropped unanswered if it cannot be).
+    Sync(Sender<()>),
 }
 
 /// Starts a recursive watch of `root`; events go to `tx` until the returned watcher is dropped.

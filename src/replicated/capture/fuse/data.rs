@@ -94,6 +94,7 @@ impl Passthrough {
         } else {
             file.sync_all()?;
         }
+        self.wait_durable();
         Ok(())
     }
 

@@ -17,6 +17,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -24,8 +25,12 @@ use crossbeam_channel::Sender;
 use fuser::{MountOption, SessionACL};
 
 use crate::replicated::capture::watch::FsEvent;
+use crate::replicated::stats::SenderStats;
+
+pub use durable::DurableConfig;
 
 mod data;
+mod durable;
 mod inodes;
 mod names;
 mod passthrough;
@@ -75,12 +80,14 @@ pub struct FuseCapture {
     thread: Option<JoinHandle<io::Result<()>>>,
 }
 
-/// Serves `data_dir` (canonical) at `mount_point`; events go to `events`. A stale mount
-/// there is detached first.
+/// Serves `data_dir` (canonical) at `mount_point`; events go to `events`; with `durable`,
+/// syncs wait for the cold side's ack (counted in `stats`). A stale mount there is detached
+/// first.
 pub fn mount(
     data_dir: &Path,
     mount_point: &Path,
     events: Sender<FsEvent>,
+    durable: Option<(DurableConfig, Arc<SenderStats>)>,
 ) -> Result<FuseCapture, FuseError> {
     detach_stale(mount_point)?;
     let at = |source| FuseError::MountPoint {
@@ -93,7 +100,8 @@ pub fn mount(
         path: mount_point.to_owned(),
         source,
     };
-    let fs = passthrough::Passthrough::new(data_dir.to_owned(), events).map_err(failed)?;
+    let durable = durable.map(|(cfg, stats)| durable::Durable { cfg, stats });
+    let fs = passthrough::Passthrough::new(data_dir.to_owned(), events, durable).map_err(failed)?;
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         MountOption::FSName(FS_NAME.into()),

@@ -26,6 +26,7 @@ use fuser::{
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use crate::replicated::capture::fuse::durable::Durable;
 use crate::replicated::capture::fuse::inodes::{child, Inodes};
 use crate::replicated::capture::fuse::sys;
 use crate::replicated::capture::watch::FsEvent;
@@ -44,6 +45,8 @@ pub(super) struct Passthrough {
     next_fh: AtomicU64,
     pub(super) order: RwLock<()>,
     events: Sender<FsEvent>,
+    /// Durable acks, when `ack = "durable"`.
+    pub(super) durable: Option<Durable>,
 }
 
 /// A result with the errno the caller gets.
@@ -56,7 +59,11 @@ pub(super) fn utf8(name: &OsStr) -> Res<&str> {
 
 impl Passthrough {
     /// Serves `root` (canonical); events go to `events`.
-    pub(super) fn new(root: PathBuf, events: Sender<FsEvent>) -> std::io::Result<Passthrough> {
+    pub(super) fn new(
+        root: PathBuf,
+        events: Sender<FsEvent>,
+        durable: Option<Durable>,
+    ) -> std::io::Result<Passthrough> {
         let backing = fs::metadata(&root)?.ino();
         Ok(Passthrough {
             root,
@@ -65,6 +72,7 @@ impl Passthrough {
             next_fh: AtomicU64::new(1),
             order: RwLock::new(()),
             events,
+            durable,
         })
     }
 
