@@ -477,3 +477,64 @@ fn issue12_durable_with_the_cold_side_gone_degrades_after_the_timeout_and_recove
         assert!(cold_has(&p, "j", 4, i), "record {i} after the catch-up");
     }
 }
+
+/// Kill -9 runs of the durable test.
+const KILL_RUNS: usize = 5;
+
+#[test]
+fn issue12_durable_kill9_of_the_hot_agent_loses_no_record_whose_sync_returned() {
+    if !require_root("issue12_durable_kill9", "FUSE mounts") {
+        return;
+    }
+    let mut p = fuse_pair(Fixture::new(), "ack = \"durable\"\npeer_timeout_ms = 10000");
+    let _guard = MountGuard::new(&p.fx.path("hot/mnt"));
+    start_synced(&mut p);
+    let mnt = mount_point(&p);
+    for run in 0..KILL_RUNS {
+        let rel = format!("j{run}");
+        let path = mnt.join(&rel);
+        let writer = std::thread::spawn(move || {
+            let f = fs::File::create(path).unwrap();
+            // the index of every record whose fdatasync returned success
+            let mut synced = Vec::new();
+            for i in 0..10_000 {
+                let at = u64::try_from(i * RECORD_BYTES).unwrap();
+                let rec = record(5, i);
+                if std::os::unix::fs::FileExt::write_all_at(&f, &rec, at).is_err()
+                    || f.sync_data().is_err()
+                {
+                    break;
+                }
+                synced.push(i);
+            }
+            synced
+        });
+        std::thread::sleep(Duration::from_millis(
+            150 + 50 * u64::try_from(run).unwrap(),
+        ));
+        p.kill9("hot");
+        let synced = writer.join().unwrap();
+        assert!(synced.len() > 1, "run {run}: the loop ran ({synced:?})");
+        let lost: Vec<_> = synced
+            .iter()
+            .filter(|&&i| !cold_has(&p, &rel, 5, i))
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "run {run}: {} of {} synced records missing on the cold side: {lost:?}",
+            lost.len(),
+            synced.len()
+        );
+        eprintln!(
+            "run {run}: {} synced records, all on the cold side",
+            synced.len()
+        );
+        p.start("hot");
+        assert!(
+            wait_until(Duration::from_secs(20), || p.status("hot")["synced"]
+                == true),
+            "{}",
+            p.logs()
+        );
+    }
+}
