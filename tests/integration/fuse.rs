@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::replication::{wait_until, Pair};
-use crate::util::{mounts_at, require_root, system, toml_path, Fixture, MountGuard};
+use crate::util::{main_cmd, mounts_at, require_root, run, system, toml_path, Fixture, MountGuard};
 
 /// Bytes per journal record.
 const RECORD_BYTES: usize = 4096;
@@ -323,6 +323,21 @@ fn issue12_kill9_of_the_hot_agent_leaves_a_stale_mount_the_next_start_detaches()
     assert!(p
         .logs()
         .contains("detaching a FUSE mount left by an earlier agent"));
+    // a live mount is another agent's: an agent of another config with the same mount
+    // point (the control socket already keeps out a second one of the same config) leaves
+    // it alone
+    let other = p.fx.path("other.toml");
+    let text = fs::read_to_string(&p.hot.config).unwrap();
+    fs::write(&other, text.replace("hot.sock", "other.sock")).unwrap();
+    let out = run(main_cmd().arg("-c").arg(&other).arg("agent"));
+    assert!(!out.status.success(), "{out}");
+    assert!(
+        out.stderr
+            .contains("a live FUSE filesystem is already served"),
+        "{out}"
+    );
+    fs::write(mnt.join("still"), b"served").unwrap();
+    p.assert_converges(CONVERGE);
 }
 
 #[test]

@@ -48,6 +48,8 @@ const STOP_POLL: Duration = Duration::from_millis(10);
 const MAX_STALE_MOUNTS: usize = 16;
 /// Where the kernel lists FUSE connections (fusectl).
 const FUSECTL: &str = "/sys/fs/fuse/connections";
+/// How long a `stat` of a mount found at start may take before its server counts as hung.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Errors of the FUSE capture, each naming the path.
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
@@ -71,6 +73,8 @@ pub enum FuseError {
         #[source]
         source: io::Error,
     },
+    /// a live FUSE filesystem is already served at {path:?} (another agent running?); stop it, or `umount {path:?}`
+    Live { path: PathBuf },
 }
 
 /// A served mount; see the module doc.
@@ -174,7 +178,11 @@ impl Drop for FuseCapture {
 /// Aborts the FUSE connection of the mount whose device is `dev` (fusectl): its pending and
 /// future calls fail, and the serving threads end.
 fn abort_connection(dev: u64) {
-    let id = (u64::from(libc::major(dev)) << 20) | u64::from(libc::minor(dev));
+    abort_connection_id((u64::from(libc::major(dev)) << 20) | u64::from(libc::minor(dev)));
+}
+
+/// Aborts FUSE connection `id` (the kernel's device number, as fusectl names it).
+fn abort_connection_id(id: u64) {
     let path = Path::new(FUSECTL).join(id.to_string()).join("abort");
     if let Err(e) = fs::write(&path, "1") {
         tracing::warn!(path = %path.display(), "cannot abort the FUSE connection: {e}");
@@ -193,18 +201,48 @@ fn table_path(mount_point: &Path) -> PathBuf {
     }
 }
 
-/// Whether a FUSE filesystem is mounted at `path` (as the mount table spells it), from
-/// `/proc/self/mountinfo`.
-fn fuse_mounted_at(mountinfo: &str, path: &Path) -> bool {
-    mountinfo.lines().any(|line| {
-        let Some((left, right)) = line.split_once(" - ") else {
-            return false;
-        };
-        let at = left.split(' ').nth(4).map(unescape);
+/// The device (`major:minor`, as fusectl names its connection) of the topmost FUSE
+/// filesystem mounted at `path` (as the mount table spells it), from `/proc/self/mountinfo`.
+fn fuse_mounted_at(mountinfo: &str, path: &Path) -> Option<(u64, u64)> {
+    mountinfo.lines().rev().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fields: Vec<&str> = left.split(' ').collect();
         let fstype = right.split(' ').next().unwrap_or("");
-        at.as_deref() == Some(path.as_os_str().to_str().unwrap_or(""))
-            && (fstype == "fuse" || fstype.starts_with("fuse."))
+        let here = fields.get(4).map(|f| unescape(f)).as_deref()
+            == Some(path.as_os_str().to_str().unwrap_or(""));
+        if !here || !(fstype == "fuse" || fstype.starts_with("fuse.")) {
+            return None;
+        }
+        let (major, minor) = fields.get(2)?.split_once(':')?;
+        Some((major.parse().ok()?, minor.parse().ok()?))
     })
+}
+
+/// What a `stat` of a mount says about its server: gone (`ENOTCONN`), alive, or hung (no
+/// answer within [`PROBE_TIMEOUT`]; the probing thread is left blocked).
+#[derive(Debug, PartialEq, Eq)]
+enum Probe {
+    Dead,
+    Live,
+    Hung,
+}
+
+fn probe(path: &Path) -> Probe {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let p = path.to_owned();
+    let spawned = std::thread::Builder::new()
+        .name("fuse-probe".into())
+        .spawn(move || {
+            let _ = tx.send(fs::metadata(p).map_err(|e| e.raw_os_error()));
+        });
+    if spawned.is_err() {
+        return Probe::Hung;
+    }
+    match rx.recv_timeout(PROBE_TIMEOUT) {
+        Ok(Err(Some(libc::ENOTCONN))) => Probe::Dead,
+        Ok(_) => Probe::Live,
+        Err(_) => Probe::Hung,
+    }
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space).
@@ -230,8 +268,9 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Lazily unmounts every FUSE mount at `mount_point` (left by an agent that was killed: its
-/// calls fail with `ENOTCONN`); how many there were.
+/// Lazily unmounts every FUSE mount at `mount_point` whose server is gone (an agent that was
+/// killed: its calls fail with `ENOTCONN`) or hung (its connection is aborted too); how many
+/// there were. A mount whose server answers is someone else's: refused, not touched.
 pub fn detach_stale(mount_point: &Path) -> Result<usize, FuseError> {
     let path = table_path(mount_point);
     let stale = |source| FuseError::Stale {
@@ -240,10 +279,19 @@ pub fn detach_stale(mount_point: &Path) -> Result<usize, FuseError> {
     };
     for n in 0..MAX_STALE_MOUNTS {
         let info = fs::read_to_string("/proc/self/mountinfo").map_err(stale)?;
-        if !fuse_mounted_at(&info, &path) {
+        let Some((major, minor)) = fuse_mounted_at(&info, &path) else {
             return Ok(n);
+        };
+        match probe(&path) {
+            Probe::Live => return Err(FuseError::Live { path }),
+            Probe::Dead => {
+                tracing::warn!(mount_point = %path.display(), "detaching a FUSE mount left by an earlier agent");
+            }
+            Probe::Hung => {
+                tracing::warn!(mount_point = %path.display(), "a FUSE mount whose server does not answer: aborting its connection and detaching it");
+                abort_connection_id((major << 20) | minor);
+            }
         }
-        tracing::warn!(mount_point = %path.display(), "detaching a FUSE mount left by an earlier agent");
         sys::umount(&path, libc::MNT_DETACH).map_err(stale)?;
     }
     Ok(MAX_STALE_MOUNTS)
@@ -258,9 +306,9 @@ mod tests {
         let info =
             "36 35 98:0 / /mnt/a\\040b rw,noatime master:1 - fuse.artemis-sync artemis-sync rw\n\
                     37 35 98:0 / /mnt/c rw - ext4 /dev/sda1 rw\n";
-        assert!(fuse_mounted_at(info, Path::new("/mnt/a b")));
-        assert!(!fuse_mounted_at(info, Path::new("/mnt/c")));
-        assert!(!fuse_mounted_at(info, Path::new("/mnt/a")));
+        assert_eq!(fuse_mounted_at(info, Path::new("/mnt/a b")), Some((98, 0)));
+        assert_eq!(fuse_mounted_at(info, Path::new("/mnt/c")), None);
+        assert_eq!(fuse_mounted_at(info, Path::new("/mnt/a")), None);
         assert_eq!(unescape("a\\040b\\\\"), "a b\\\\");
     }
 }
