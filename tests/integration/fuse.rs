@@ -269,6 +269,13 @@ fn issue12_fuse_capture_pwrite_aio_and_mmap_writers_converge_without_rescans() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     fs::rename(mnt.join("journal/owned.tmp"), mnt.join("journal/owned")).unwrap();
+    // a file held open across its rename keeps being written, under its new name
+    let held = fs::File::create(mnt.join("journal/held.tmp")).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&held, b"before the rename|", 0).unwrap();
+    fs::rename(mnt.join("journal/held.tmp"), mnt.join("journal/held")).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&held, b"after", 18).unwrap();
+    held.sync_data().unwrap();
+    drop(held);
     let owned = fs::metadata(p.hot.data.join("journal/owned")).unwrap();
     assert_eq!((owned.uid(), owned.gid()), (4321, 4322));
     let took = p.assert_converges(CONVERGE);
@@ -280,6 +287,11 @@ fn issue12_fuse_capture_pwrite_aio_and_mmap_writers_converge_without_rescans() {
             "{name}: the cold copy differs from the records"
         );
     }
+    assert_eq!(
+        fs::read(p.cold.data.join("journal/held")).unwrap(),
+        b"before the rename|after"
+    );
+    assert!(!p.cold.data.join("journal/held.tmp").exists());
     let cold_owned = fs::metadata(p.cold.data.join("journal/owned")).unwrap();
     assert_eq!((cold_owned.uid(), cold_owned.gid()), (4321, 4322));
     p.stop("hot");
