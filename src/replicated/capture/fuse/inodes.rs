@@ -60,6 +60,11 @@ impl Inodes {
         self.nodes.get(&ino)?.path.as_deref()
     }
 
+    /// The node at `rel`, if the kernel knows one.
+    pub(super) fn ino_of(&self, rel: &str) -> Option<u64> {
+        self.by_path.get(rel).copied()
+    }
+
     /// A lookup (or create) found the backing inode `backing` at `rel`: its node id, with one
     /// more lookup counted.
     pub(super) fn learn(&mut self, rel: &str, backing: u64) -> u64 {

@@ -136,7 +136,8 @@ impl Passthrough {
     }
 
     fn readdir_of(&self, ino: INodeNo, offset: u64, reply: &mut ReplyDirectory) -> Res<()> {
-        let dir = self.abs(&self.rel(ino)?);
+        let rel = self.rel(ino)?;
+        let dir = self.abs(&rel);
         let mut entries = vec![
             (ino.0, FileType::Directory, ".".into()),
             (ino.0, FileType::Directory, "..".into()),
@@ -149,7 +150,12 @@ impl Passthrough {
                 () if ft.is_symlink() => FileType::Symlink,
                 () => FileType::RegularFile,
             };
-            entries.push((e.ino(), kind, e.file_name()));
+            // the node id the kernel knows for it, else the backing inode (never looked up)
+            let known = e.file_name().to_str().and_then(|n| {
+                let t = self.inodes.lock().expect("inode table");
+                t.ino_of(&child(&rel, n))
+            });
+            entries.push((known.unwrap_or(e.ino()), kind, e.file_name()));
         }
         let skip = usize::try_from(offset).unwrap_or(usize::MAX);
         for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(skip) {
