@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::config::{Backend, Config, ConfigError};
+use crate::config::{Backend, Capture, Config, ConfigError};
 use crate::link::{inspect, LinkState};
 use crate::shared::lock_safety::{self, LockVerdict};
 use crate::shared::mount::same_file;
@@ -23,6 +23,8 @@ pub const FREE_WARN_BYTES: u64 = 1 << 30;
 pub const FREE_FAIL_BYTES: u64 = 100 << 20;
 /// The size of the file `doctor` writes to prove the share is writable.
 pub const WRITE_PROBE_BYTES: usize = 4096;
+/// The device the FUSE capture mounts through.
+pub const FUSE_DEVICE: &str = "/dev/fuse";
 
 /// How one check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -132,6 +134,13 @@ pub fn run(loaded: Result<&Config, &ConfigError>, path: &Path, sys: &dyn Sys) ->
         None => check("locks", Status::Skip, "the share is not mounted", None),
     });
     checks.push(link_check(config));
+    if let Some(r) = config
+        .replication
+        .as_ref()
+        .filter(|r| r.capture == Capture::Fuse)
+    {
+        checks.push(fuse_check(Path::new(FUSE_DEVICE), &r.mount_point));
+    }
     let dir = &config.storage.mount_point;
     if mounted {
         checks.push(writable_check(dir));
@@ -142,6 +151,43 @@ pub fn run(loaded: Result<&Config, &ConfigError>, path: &Path, sys: &dyn Sys) ->
         }
     }
     Report::new(checks)
+}
+
+/// `capture = "fuse"`: the FUSE device opens for reading and writing (the agent mounts with
+/// it), and `mount_point` is not a dead mount left by a killed agent.
+fn fuse_check(device: &Path, mount_point: &Path) -> Check {
+    if let Err(e) = OpenOptions::new().read(true).write(true).open(device) {
+        return check(
+            "fuse",
+            Status::Fail,
+            format!("cannot open {}: {e}", device.display()),
+            Some(
+                "load the module (`modprobe fuse`, and list `fuse` in /etc/modules-load.d/), \
+                 and run the agent as root"
+                    .into(),
+            ),
+        );
+    }
+    match fs::metadata(mount_point) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => check(
+            "fuse",
+            Status::Warn,
+            format!(
+                "{} is a dead FUSE mount (its agent was killed)",
+                mount_point.display()
+            ),
+            Some(format!(
+                "the agent detaches it when it starts; by hand: umount -l {}",
+                mount_point.display()
+            )),
+        ),
+        _ => check(
+            "fuse",
+            Status::Ok,
+            format!("{} opens; the agent can serve the mount", device.display()),
+            None,
+        ),
+    }
 }
 
 /// The `mount` check against the live mount table, and the mount that holds the share.
@@ -510,6 +556,16 @@ mod tests {
             &sys,
         );
         assert_eq!(r.checks[2].status, Status::Ok);
+    }
+
+    #[test]
+    fn issue12_fuse_check_names_a_missing_device_and_its_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = fuse_check(&dir.path().join("no-fuse"), dir.path());
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.fix.unwrap().contains("modprobe fuse"));
+        let c = fuse_check(Path::new("/dev/null"), dir.path());
+        assert_eq!(c.status, Status::Ok, "{}", c.detail);
     }
 
     #[test]

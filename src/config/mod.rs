@@ -20,7 +20,7 @@ pub mod replication;
 pub mod storage;
 mod validate;
 
-pub use replication::{psk_material, ReplRole, ReplicationConfig};
+pub use replication::{psk_material, Ack, Capture, PeerLoss, ReplRole, ReplicationConfig};
 pub use storage::{nfs_host, smb_host, Backend, Mode, StorageConfig, BACKENDS};
 pub use validate::{check_credentials_file, check_private_file, check_user_options};
 
@@ -52,6 +52,8 @@ pub const DEFAULT_RESCAN_INTERVAL_MS: u64 = 1000;
 pub const DEFAULT_DEEP_RESCAN_INTERVAL_MS: u64 = 60_000;
 /// Unacknowledged page data in flight, in MiB.
 pub const DEFAULT_WINDOW_MB: u64 = 32;
+/// How long a durable sync waits for the cold side before `on_peer_loss` applies, in ms.
+pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 2000;
 /// Where replicated mode keeps its epoch and role.
 pub const DEFAULT_STATE_FILE: &str = "/var/lib/artemis-sync/replication-state.json";
 

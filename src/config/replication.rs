@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::validate::{absolute, check_private_file, invalid_in};
 use crate::config::{
     Config, ConfigError, DEFAULT_DEEP_RESCAN_INTERVAL_MS, DEFAULT_PAGE_SIZE,
-    DEFAULT_RESCAN_INTERVAL_MS, DEFAULT_STATE_FILE, DEFAULT_WINDOW_MB,
+    DEFAULT_PEER_TIMEOUT_MS, DEFAULT_RESCAN_INTERVAL_MS, DEFAULT_STATE_FILE, DEFAULT_WINDOW_MB,
 };
 
 /// The smallest `page_size`, in bytes.
@@ -28,6 +28,40 @@ pub enum ReplRole {
     Hot,
     /// Receives the stream.
     Cold,
+}
+
+/// How the hot side sees what the node changes in `data_dir`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Capture {
+    /// inotify on `data_dir` plus rescans: misses native AIO on `O_DIRECT` files and stores
+    /// through a shared mmap until the next rescan.
+    #[default]
+    Watch,
+    /// A FUSE passthrough of `data_dir` served at `mount_point`: every write is seen at the call.
+    Fuse,
+}
+
+/// When a sync (fsync, fdatasync, msync, an `O_DSYNC` write) through the FUSE mount returns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ack {
+    /// Once the local disk has it; the cold side follows within the lag.
+    #[default]
+    Async,
+    /// Once the cold side has also fsynced everything before it (RPO 0).
+    Durable,
+}
+
+/// What a durable sync does when the cold side does not answer within `peer_timeout_ms`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerLoss {
+    /// Go on as async (said in the log and `status`) until the cold side is back and synced.
+    #[default]
+    Degrade,
+    /// Wait for the cold side, however long (RPO 0 over availability).
+    Block,
 }
 
 /// `[replication]`
@@ -73,6 +107,22 @@ pub struct ReplicationConfig {
     /// Where the epoch and role are kept across restarts.
     #[serde(default = "default_state_file")]
     pub state_file: PathBuf,
+    /// How the hot side captures changes: `"watch"` (inotify and rescans) or `"fuse"`.
+    #[serde(default)]
+    pub capture: Capture,
+    /// With `capture = "fuse"`: where the hot side serves `data_dir`; `${BASE_DIR}/artemis`
+    /// links here instead of to `data_dir`.
+    #[serde(default)]
+    pub mount_point: PathBuf,
+    /// With `capture = "fuse"`: `"async"` or `"durable"` (a sync waits for the cold side).
+    #[serde(default)]
+    pub ack: Ack,
+    /// Durable: how long a sync waits for the cold side before `on_peer_loss` applies.
+    #[serde(default = "default_peer_timeout_ms")]
+    pub peer_timeout_ms: u64,
+    /// Durable: `"degrade"` (go on as async after `peer_timeout_ms`) or `"block"`.
+    #[serde(default)]
+    pub on_peer_loss: PeerLoss,
 }
 
 fn default_page_size() -> u32 {
@@ -86,6 +136,9 @@ fn default_deep_rescan_interval_ms() -> u64 {
 }
 fn default_window_mb() -> u64 {
     DEFAULT_WINDOW_MB
+}
+fn default_peer_timeout_ms() -> u64 {
+    DEFAULT_PEER_TIMEOUT_MS
 }
 fn default_state_file() -> PathBuf {
     PathBuf::from(DEFAULT_STATE_FILE)
@@ -152,12 +205,63 @@ impl Config {
                 r.deep_rescan_interval_ms,
             ),
             ("replication.window_mb", r.window_mb),
+            ("replication.peer_timeout_ms", r.peer_timeout_ms),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be above 0".into()));
             }
         }
+        self.validate_capture(path, r)?;
         validate_authentication(path, r, listen, peer)
+    }
+
+    /// `capture = "fuse"` needs an absolute `mount_point` apart from `data_dir` (neither
+    /// inside the other: the mount would serve itself) and from the link; `"watch"` takes none.
+    fn validate_capture(&self, path: &Path, r: &ReplicationConfig) -> Result<(), ConfigError> {
+        let invalid = invalid_in(path);
+        let key = "replication.mount_point";
+        let mp = &r.mount_point;
+        if r.ack == Ack::Durable && r.capture != Capture::Fuse {
+            return Err(invalid(
+                "replication.ack",
+                "= \"durable\" needs capture = \"fuse\": only the FUSE mount sees the node's syncs"
+                    .into(),
+            ));
+        }
+        match r.capture {
+            Capture::Watch if mp.as_os_str().is_empty() => Ok(()),
+            Capture::Watch => Err(invalid(
+                key,
+                "is used only with capture = \"fuse\" (remove it, or set capture = \"fuse\")"
+                    .into(),
+            )),
+            Capture::Fuse if mp.as_os_str().is_empty() => Err(invalid(
+                key,
+                "is required with capture = \"fuse\": the directory where the hot host serves \
+                 data_dir (e.g. \"/var/lib/artemis-sync/journal\")"
+                    .into(),
+            )),
+            Capture::Fuse => {
+                absolute(key, mp).map_err(|e| invalid(key, e))?;
+                if mp.starts_with(&r.data_dir) || r.data_dir.starts_with(mp) {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "= {mp:?} must be apart from data_dir {:?} (neither inside the other)",
+                            r.data_dir
+                        ),
+                    ));
+                }
+                if *mp == self.artemis_link() {
+                    return Err(invalid(
+                        key,
+                        "must not be base_dir/artemis itself: that path becomes the link to it"
+                            .into(),
+                    ));
+                }
+                Ok(())
+            }
+        }
     }
 }
 

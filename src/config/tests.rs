@@ -274,3 +274,81 @@ fn replicated_mode_needs_its_section_and_authentication() {
     .to_string();
     assert!(err.contains("`storage.backend`"), "{err}");
 }
+
+#[test]
+fn issue12_fuse_capture_needs_a_mount_point_apart_from_data_dir() {
+    let base = "[node]\nbase_dir = \"/opt/corda\"\n[storage]\nmode = \"replicated\"\n[replication]\nrole = \"hot\"\n\
+                data_dir = \"/var/lib/artemis-sync/artemis\"\nlisten = \"127.0.0.1:7410\"\npeer = \"127.0.0.2:7410\"\n\
+                insecure_loopback = true\n";
+    let c = load(base).unwrap();
+    assert_eq!(c.replication.as_ref().unwrap().capture, Capture::Watch);
+    let err = load(&format!("{base}capture = \"fuse\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`replication.mount_point`") && err.contains("is required"),
+        "{err}"
+    );
+    let err = load(&format!(
+        "{base}capture = \"fuse\"\nmount_point = \"journal\"\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("`replication.mount_point`"), "{err}");
+    for inside in [
+        "/var/lib/artemis-sync/artemis/m",
+        "/var/lib/artemis-sync",
+        "/var/lib/artemis-sync/artemis",
+    ] {
+        let err = load(&format!(
+            "{base}capture = \"fuse\"\nmount_point = \"{inside}\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("must be apart from data_dir"),
+            "{inside}: {err}"
+        );
+    }
+    let err = load(&format!(
+        "{base}capture = \"fuse\"\nmount_point = \"/opt/corda/artemis\"\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("base_dir/artemis"), "{err}");
+    let err = load(&format!(
+        "{base}mount_point = \"/var/lib/artemis-sync/journal\"\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("only with capture"), "{err}");
+    let err = load(&format!("{base}capture = \"inotify\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("capture"), "{err}");
+    let c = load(&format!(
+        "{base}capture = \"fuse\"\nmount_point = \"/var/lib/artemis-sync/journal\"\n"
+    ))
+    .unwrap();
+    let r = c.replication.as_ref().unwrap();
+    assert_eq!(r.capture, Capture::Fuse);
+    assert_eq!((r.ack, r.peer_timeout_ms), (Ack::Async, 2000));
+    load(&c.to_toml()).unwrap();
+    let err = load(&format!("{base}ack = \"durable\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`replication.ack`") && err.contains("capture = \"fuse\""),
+        "{err}"
+    );
+    let fuse = format!(
+        "{base}capture = \"fuse\"\nmount_point = \"/var/lib/artemis-sync/journal\"\nack = \"durable\"\n"
+    );
+    let c = load(&format!("{fuse}on_peer_loss = \"block\"\n")).unwrap();
+    let r = c.replication.as_ref().unwrap();
+    assert_eq!((r.ack, r.on_peer_loss), (Ack::Durable, PeerLoss::Block));
+    let err = load(&format!("{fuse}peer_timeout_ms = 0\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`replication.peer_timeout_ms`"), "{err}");
+}

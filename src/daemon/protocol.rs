@@ -272,6 +272,9 @@ pub struct ReplicatedStatus {
     /// periodic rescan), with the sysctl to raise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watch_limit: Option<String>,
+    /// Hot with durable acks: since when syncs no longer wait for the cold side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
     /// The last problem seen, if any.
     pub error: Option<String>,
 }

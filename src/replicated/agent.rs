@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, never, select, Receiver};
 
-use crate::config::{Config, ReplRole, ReplicationConfig};
+use crate::config::{Ack, Capture, Config, PeerLoss, ReplRole, ReplicationConfig};
 use crate::daemon::control::Incoming;
 use crate::daemon::listen_fds::{self, ListenFdsError};
 use crate::daemon::protocol::{
@@ -34,6 +34,7 @@ use crate::daemon::protocol::{
 use crate::daemon::supervisor::{Supervisor, IDLE_WAKEUP};
 use crate::daemon::{duration_ms, sdnotify, ShutdownReason};
 use crate::link::{self, LinkOptions};
+use crate::replicated::capture::fuse::DurableConfig;
 use crate::replicated::channel::Auth;
 use crate::replicated::receiver::{self, ReceiverConfig, ReceiverHandle};
 use crate::replicated::sender::{self, ScanMsg, SenderConfig, SenderEvent, SenderHandle};
@@ -221,6 +222,11 @@ impl Replica {
             .replication
             .clone()
             .expect("validated: replicated mode has its section");
+        if repl.capture == Capture::Fuse {
+            // a mount left by a killed agent fails every call (ENOTCONN): gone before anything
+            crate::replicated::capture::fuse::detach_stale(&repl.mount_point)
+                .map_err(|e| ReplicaError::Start(crate::error_chain(&e)))?;
+        }
         let data_dir_error = |source| ReplicaError::DataDir {
             path: repl.data_dir.clone(),
             source,
@@ -277,20 +283,8 @@ impl Replica {
     /// [`Replica::confirmed`]), the node. Unconfirmed, it waits and says why in `status`.
     fn become_hot(&mut self, confirmed: bool) -> Result<(), ReplicaError> {
         let st = self.gate.get();
-        if let Err(e) = link::link(
-            &self.config.artemis_link(),
-            &self.repl.data_dir,
-            LinkOptions {
-                migrate: false,
-                force: true,
-            },
-        ) {
-            self.sup.note_error(format!(
-                "cannot link {}: {}",
-                self.config.artemis_link().display(),
-                crate::error_chain(&e)
-            ));
-        }
+        let fuse_mount =
+            (self.repl.capture == Capture::Fuse).then(|| self.repl.mount_point.clone());
         let peer: SocketAddr = self
             .repl
             .peer
@@ -307,9 +301,30 @@ impl Replica {
             deep_rescan: Duration::from_millis(self.repl.deep_rescan_interval_ms),
             window_bytes: usize::try_from(self.repl.window_mb.saturating_mul(1 << 20))
                 .unwrap_or(usize::MAX),
+            fuse_mount: fuse_mount.clone(),
+            durable: (self.repl.ack == Ack::Durable).then(|| DurableConfig {
+                peer_timeout: Duration::from_millis(self.repl.peer_timeout_ms),
+                block: self.repl.on_peer_loss == PeerLoss::Block,
+            }),
         };
-        let sender = sender::start(cfg, self.rt.handle());
+        let sender = sender::start(cfg, self.rt.handle())
+            .map_err(|e| ReplicaError::Start(crate::error_chain(&e)))?;
         self.sender = Some(sender);
+        // after the sender: in FUSE mode the link's target is the mount it has just served
+        if let Err(e) = link::link(
+            &self.config.artemis_link(),
+            fuse_mount.as_ref().unwrap_or(&self.repl.data_dir),
+            LinkOptions {
+                migrate: false,
+                force: true,
+            },
+        ) {
+            self.sup.note_error(format!(
+                "cannot link {}: {}",
+                self.config.artemis_link().display(),
+                crate::error_chain(&e)
+            ));
+        }
         if confirmed {
             self.waiting_for = None;
             self.start_node(st.epoch);
@@ -635,6 +650,15 @@ impl Replica {
                     .lock()
                     .expect("watch limit lock")
                     .clone()
+            }),
+            degraded: self.sender.as_ref().and_then(|s| {
+                let since = s.stats.degraded_since_unix_ms.load(Ordering::Relaxed);
+                (since > 0).then(|| {
+                    format!(
+                        "degraded since {} s ago (unix ms {since}): the cold copy may lack data",
+                        now.saturating_sub(since) / 1000
+                    )
+                })
             }),
             error: self.sup.last_error(),
         }

@@ -111,6 +111,9 @@ pub(crate) enum Outgoing {
         gen: u64,
         reply: Sender<Result<u64, String>>,
     },
+    /// A durable sync: answer once every batch sent so far is acknowledged (no marker is sent;
+    /// dropped unanswered if the connection ends first).
+    Synced { gen: u64, reply: Sender<()> },
 }
 
 /// What the sender tells the agent.

@@ -1,4 +1,5 @@
-//! The hot side assembled: [`start`] runs the watch and the scanner thread
+//! The hot side assembled: [`start`] runs the capture (the watch, or the FUSE mount) and the
+//! scanner thread
 //! ([`crate::replicated::capture`]) and the network task ([`crate::replicated::stream`]),
 //! connected by bounded channels; the agent keeps the [`SenderHandle`] and talks to the
 //! scanner through [`ScanMsg`].
@@ -11,6 +12,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::mpsc;
 
+use crate::replicated::capture::fuse::{self, DurableConfig, FuseCapture, FuseError};
 use crate::replicated::capture::watch::{NotifyBackend, Watches, EVENT_QUEUE};
 use crate::replicated::capture::{ScanConfig, Scanner};
 use crate::replicated::channel::Auth;
@@ -48,11 +50,29 @@ pub struct SenderConfig {
     pub deep_rescan: Duration,
     /// Unacknowledged page data allowed in flight.
     pub window_bytes: usize,
+    /// `Some(mount point)`: capture with FUSE, serving `root` there; `None`: watch `root`.
+    pub fuse_mount: Option<PathBuf>,
+    /// With FUSE: durable acks (`None`: async).
+    pub durable: Option<DurableConfig>,
+}
+
+/// Errors starting the sender.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum SenderError {
+    /// {0}
+    Fuse(#[from] FuseError),
 }
 
 impl SenderConfig {
     /// The scanner's part and the network task's part.
-    fn split(self) -> (ScanConfig, StreamConfig) {
+    fn split(
+        self,
+    ) -> (
+        ScanConfig,
+        StreamConfig,
+        Option<PathBuf>,
+        Option<DurableConfig>,
+    ) {
         let scan = ScanConfig {
             root: self.root,
             page_size: self.page_size,
@@ -67,7 +87,7 @@ impl SenderConfig {
             page_size: self.page_size,
             window_bytes: self.window_bytes,
         };
-        (scan, stream)
+        (scan, stream, self.fuse_mount, self.durable)
     }
 }
 
@@ -82,11 +102,17 @@ pub struct SenderHandle {
     pub events: Receiver<SenderEvent>,
     stop: tokio::sync::watch::Sender<bool>,
     scanner: Option<std::thread::JoinHandle<()>>,
+    fuse: Option<FuseCapture>,
 }
 
 impl SenderHandle {
-    /// Stops the scanner and the network task and waits for the scanner thread.
+    /// Stops the capture (a FUSE mount is unmounted: the node must be stopped already), the
+    /// scanner and the network task, and waits for the scanner thread.
     pub fn stop(mut self) {
+        // the watch set, if any, belongs to the scanner and goes with it
+        if let Some(f) = self.fuse.take() {
+            f.stop();
+        }
         let _ = self.stop.send(true);
         let _ = self.ctl.send(ScanMsg::Stop);
         if let Some(t) = self.scanner.take() {
@@ -95,22 +121,41 @@ impl SenderHandle {
     }
 }
 
-/// Starts watching, scanning and sending, on `rt` for the network part. The watch set is
-/// built before the scanner's first walk (and rebuilt after lost events); a watch that
-/// cannot be set up is logged, and periodic rescans do its work.
-pub fn start(cfg: SenderConfig, rt: &tokio::runtime::Handle) -> SenderHandle {
-    let (scan_cfg, stream_cfg) = cfg.split();
+/// Starts capturing (watching, or serving the FUSE mount), scanning and sending, on `rt` for
+/// the network part. A watch set is built before the scanner's first walk (and rebuilt after
+/// lost events); a watch that cannot be set up is logged, and periodic rescans do its work.
+/// Only a FUSE mount that cannot be served fails the start.
+pub fn start(cfg: SenderConfig, rt: &tokio::runtime::Handle) -> Result<SenderHandle, SenderError> {
+    let (scan_cfg, stream_cfg, fuse_mount, durable) = cfg.split();
+    let stats = Arc::new(SenderStats::default());
     let (fs_tx, fs_rx) = crossbeam_channel::bounded(EVENT_QUEUE);
-    let watches = Watches::start(scan_cfg.root.clone(), NotifyBackend::new(fs_tx));
+    let (watches, fuse) = match fuse_mount {
+        None => (
+            Some(Watches::start(
+                scan_cfg.root.clone(),
+                NotifyBackend::new(fs_tx),
+            )),
+            None,
+        ),
+        Some(mp) => {
+            let durable = durable.map(|d| (d, stats.clone()));
+            (
+                None,
+                Some(fuse::mount(&scan_cfg.root, &mp, fs_tx, durable)?),
+            )
+        }
+    };
     let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(SCAN_CONTROL_QUEUE);
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>(BATCH_QUEUE);
     let (ev_tx, ev_rx) = crossbeam_channel::bounded(SENDER_EVENT_QUEUE);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stats = Arc::new(SenderStats::default());
-    let scanner =
-        Scanner::new(&scan_cfg, out_tx)
-            .with_watches(watches)
-            .spawn(stats.clone(), fs_rx, ctl_rx);
+    let mut scanner = Scanner::new(&scan_cfg, out_tx);
+    scanner = match watches {
+        Some(w) => scanner.with_watches(w),
+        // the write path's events are the changes themselves: never folded into a walk
+        None => scanner.with_exact_events(),
+    };
+    let scanner = scanner.spawn(stats.clone(), fs_rx, ctl_rx);
     let link = ScannerLink {
         out: out_rx,
         ctl: ctl_tx.clone(),
@@ -122,11 +167,12 @@ pub fn start(cfg: SenderConfig, rt: &tokio::runtime::Handle) -> SenderHandle {
         ev_tx,
         stop_rx,
     ));
-    SenderHandle {
+    Ok(SenderHandle {
         ctl: ctl_tx,
         stats,
         events: ev_rx,
         stop: stop_tx,
         scanner: Some(scanner),
-    }
+        fuse,
+    })
 }

@@ -30,6 +30,9 @@ pub struct SenderStats {
     pub initial_done: AtomicBool,
     /// The inotify limit that keeps some directories unwatched, with the sysctl to raise.
     pub watch_limit: Mutex<Option<String>>,
+    /// Durable acks: since when (ms since the Unix epoch) syncs no longer wait for the cold
+    /// side because it did not answer in time; 0 while durable.
+    pub degraded_since_unix_ms: AtomicU64,
 }
 
 impl SenderStats {

@@ -155,7 +155,7 @@ async fn pause_before_reconnect(
                 // dropping its parts' channel fails the scanner's verify
                 Some(Outgoing::Verify { .. }) => {}
                 Some(Outgoing::Drain { reply, .. }) => { let _ = reply.send(Err(dropped.into())); }
-                Some(Outgoing::Batch { .. }) => {}
+                Some(Outgoing::Batch { .. } | Outgoing::Synced { .. }) => {}
             },
         }
     }
@@ -193,6 +193,7 @@ async fn stream_once(
         next_seq: 1,
         verifies: HashMap::new(),
         drains: Vec::new(),
+        syncs: Vec::new(),
         last_sent: tokio::time::Instant::now(),
         last_nack,
     };
@@ -358,6 +359,8 @@ struct Outbound<'a> {
     /// scanner compares them with its table as they come).
     verifies: HashMap<u64, Sender<DigestPart>>,
     drains: Vec<Sender<Result<u64, String>>>,
+    /// Durable syncs waiting for the ack of the batch numbered with them.
+    syncs: Vec<(u64, Sender<()>)>,
     last_sent: tokio::time::Instant,
     /// The reason of the last `Nack`, across connections: the same one again is not logged.
     last_nack: &'a mut String,
@@ -397,6 +400,14 @@ impl Outbound<'_> {
                     self.drains.push(reply);
                 }
             }
+            Outgoing::Synced { gen, reply } if gen == self.gen => {
+                if self.window.is_empty() {
+                    let _ = reply.send(());
+                } else {
+                    self.syncs.push((self.next_seq - 1, reply));
+                }
+            }
+            Outgoing::Synced { .. } => {}
         }
         Ok(())
     }
@@ -487,6 +498,13 @@ impl Outbound<'_> {
         self.stats
             .last_ack_unix_ms
             .store(crate::sys::now_unix_ms(), Ordering::Relaxed);
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.syncs)
+            .into_iter()
+            .partition(|(s, _)| *s <= seq);
+        self.syncs = waiting;
+        for (_, reply) in done {
+            let _ = reply.send(());
+        }
         if self.window.is_empty() && !self.drains.is_empty() {
             let seq = self.send_drained().await?;
             for d in self.drains.drain(..) {

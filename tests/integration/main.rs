@@ -7,6 +7,7 @@ mod agent;
 mod cli;
 mod exact;
 mod failover;
+mod fuse;
 mod helper;
 mod link;
 mod listen;

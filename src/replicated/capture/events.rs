@@ -10,7 +10,7 @@ use notify::event::{CreateKind, EventKind, ModifyKind, RemoveKind, RenameMode};
 use crate::replicated::capture::scan::INVALID;
 use crate::replicated::capture::watch::FsEvent;
 use crate::replicated::capture::{Scanner, RENAME_PAIR_WAIT};
-use crate::replicated::ops::Op;
+use crate::replicated::ops::{Op, Outgoing};
 use crate::replicated::pages::FileState;
 
 impl Scanner {
@@ -21,6 +21,30 @@ impl Scanner {
             FsEvent::Rescan(why) => return self.request_rescan(why),
             FsEvent::WatchLimit => return self.watch_limit_hit(),
             FsEvent::Event(e) => e,
+            // the write path's events (the FUSE capture): the change itself, in call order
+            _ if !self.connected => return,
+            FsEvent::Wrote {
+                path,
+                file,
+                offset,
+                len,
+            } => return self.wrote(&path, &file, offset, len),
+            FsEvent::Changed(path) => {
+                self.open_files.forget(&path);
+                return self.check_path(&path);
+            }
+            FsEvent::Sync(reply) => {
+                // everything before it goes out now; the network task answers on its ack
+                self.flush();
+                let gen = self.gen;
+                let _ = self.out.blocking_send(Outgoing::Synced { gen, reply });
+                return;
+            }
+            FsEvent::Renamed { from, to } => {
+                self.open_files.forget(&from);
+                self.open_files.forget(&to);
+                return self.rename(&from, &to);
+            }
         };
         if !self.connected {
             return;
@@ -59,6 +83,23 @@ impl Scanner {
                 paths.iter().for_each(|p| self.check_path(p))
             }
             _ => paths.iter().for_each(|p| self.check_path(p)),
+        }
+    }
+
+    /// The FUSE capture wrote `len` bytes at `offset` of `rel` through `file`: those pages
+    /// are compared and sent. If `rel` names another file by now (renamed or replaced since;
+    /// the events that did it follow), whatever is at `rel` now is sent in full instead.
+    fn wrote(&mut self, rel: &str, file: &fs::File, offset: u64, len: u64) {
+        use std::os::unix::fs::MetadataExt;
+        let same = match (fs::symlink_metadata(self.root.join(rel)), file.metadata()) {
+            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+            _ => false,
+        };
+        if same {
+            self.scan_range(rel, file, offset, len);
+        } else {
+            self.open_files.forget(rel);
+            self.scan_file(rel, true);
         }
     }
 

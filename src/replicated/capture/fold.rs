@@ -132,6 +132,9 @@ impl Scanner {
         if let Some(hook) = &mut self.fold_hook {
             hook();
         }
+        if self.exact_events {
+            return;
+        }
         let Some(rx) = self.fs_rx.clone() else { return };
         for _ in 0..EVENT_QUEUE {
             let Ok(ev) = rx.try_recv() else { break };
@@ -153,6 +156,9 @@ impl Scanner {
             }
             FsEvent::WatchLimit => return self.watch_limit_hit(),
             FsEvent::Event(e) => e,
+            // the write path's events are never folded (`exact_events`); were one here, it
+            // is the change itself and is applied where it stands
+            exact => return self.fs_event(exact),
         };
         if matches!(e.kind, EventKind::Access(_)) {
             return; // ignored by the event handling too
@@ -213,6 +219,8 @@ impl Scanner {
                     Ok(FsEvent::WatchLimit) => self.watch_limit_hit(),
                     Ok(FsEvent::Rescan(why)) => self.request_rescan(why),
                     Ok(FsEvent::Event(_)) => {}
+                    // only watch mode rebuilds watches; the write path's events are kept
+                    Ok(exact) => self.fs_event(exact),
                     Err(_) => break None,
                 },
                 default(deadline.saturating_duration_since(Instant::now())) => break None,

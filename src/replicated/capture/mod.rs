@@ -47,6 +47,7 @@ use crate::replicated::stats::SenderStats;
 
 mod events;
 mod fold;
+pub mod fuse;
 mod rescan;
 mod scan;
 pub mod watch;
@@ -177,6 +178,9 @@ pub(crate) struct Scanner {
     open_files: FileCache,
     /// The event channel, read during walks too (`fold.rs`).
     fs_rx: Option<Receiver<FsEvent>>,
+    /// The events are the write path's (FUSE): each is the change itself and keeps its
+    /// place behind a walk (a sync must follow what came before it), so none is folded.
+    exact_events: bool,
     /// The watch thread; `None` in unit tests that deliver events by hand.
     watches: Option<Watches>,
     /// Whether the watch set must be rebuilt before the next walk (at start, after lost
@@ -229,6 +233,7 @@ impl Scanner {
             next_dirty: now + cfg.rescan / 2,
             open_files: FileCache::default(),
             fs_rx: None,
+            exact_events: false,
             watches: None,
             watch_stale: true,
             watch_limit: None,
@@ -246,6 +251,13 @@ impl Scanner {
     /// The watch thread whose watch set the scanner rebuilds before walks after lost events.
     pub(crate) fn with_watches(mut self, watches: Watches) -> Self {
         self.watches = Some(watches);
+        self
+    }
+
+    /// Takes its events from the write path (the FUSE capture): no watches, and events wait
+    /// for a walk to end instead of being folded into it.
+    pub(crate) fn with_exact_events(mut self) -> Self {
+        self.exact_events = true;
         self
     }
 

@@ -286,6 +286,34 @@ impl Scanner {
         self.finish_pass(rel, file, &meta, &pass);
     }
 
+    /// Sends what changed in the pages of `rel` that `len` bytes at `offset` touch (the FUSE
+    /// capture's write, allocation or punched hole), read through `file`, after modelling its
+    /// length, mode, owner and allocation as [`Scanner::scan_file`] does.
+    pub(super) fn scan_range(&mut self, rel: &str, file: &File, offset: u64, len: u64) {
+        let Ok(meta) = file.metadata() else { return };
+        if self.table.dirs.contains_key(rel) || self.table.links.contains_key(rel) {
+            self.remove(rel); // a directory or symlink became a file
+        }
+        self.ensure_parents(rel);
+        let ps = self.page_size as u64;
+        let (Ok(pages), Ok(first), Ok(end)) = (
+            usize::try_from(meta.len().div_ceil(ps)),
+            usize::try_from(offset / ps),
+            usize::try_from(offset.saturating_add(len).div_ceil(ps)),
+        ) else {
+            tracing::warn!(file = rel, "too large to scan on this platform");
+            return;
+        };
+        let (attrs, allocated) = (Attrs::of(&meta), fully_allocated(&meta));
+        self.model_set_file(rel, meta.len(), attrs, allocated, pages);
+        let mut pass = Pass::new(true, 0, end.min(pages), 0);
+        (pass.start, pass.page, pass.compared_to) = (first, first, first);
+        self.compare_pass(rel, file, &mut pass);
+        if let Some(c) = pass.last_changed {
+            self.cursors.insert(rel.to_owned(), c);
+        }
+    }
+
     /// The file to scan: the cached handle for a window, a fresh one for a full pass (the
     /// file at the path may have been replaced). `None` (after queueing its removal) if the
     /// file is gone.

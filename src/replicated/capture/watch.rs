@@ -14,8 +14,9 @@
 //! periodic rescans, retrying the rebuild every minute (at once after lost events).
 
 use std::fmt;
-use std::fs;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -35,6 +36,22 @@ pub enum FsEvent {
     Rescan(String),
     /// A new directory could not be watched: the watch limit is reached.
     WatchLimit,
+    /// From the FUSE capture: `len` bytes at `offset` of the file at `path` (relative) were
+    /// written, allocated or punched through `file`, the backing file the writer holds.
+    Wrote {
+        path: String,
+        file: Arc<File>,
+        offset: u64,
+        len: u64,
+    },
+    /// From the FUSE capture: the entry at `path` (relative) was created or removed, or its
+    /// attributes (length, mode, owner, times) changed.
+    Changed(String),
+    /// From the FUSE capture: `from` was renamed to `to` (relative paths).
+    Renamed { from: String, to: String },
+    /// From the FUSE capture, durable acks: answer once the cold side has acknowledged every
+    /// op made from the events before this one (dropped unanswered if it cannot be).
+    Sync(Sender<()>),
 }
 
 /// The kernel limit that stopped the watch set from covering the tree.

@@ -1,0 +1,161 @@
+//! The data calls of the passthrough: open, read, write, fsync, fallocate and setattr (length,
+//! mode, owner, times). A write goes to the backing file the caller opened, at its offset;
+//! only the bytes the backing file took are reported to the caller and queued (a disk that
+//! fills mid-write queues the part written, or nothing and the caller gets `ENOSPC`).
+
+use std::os::unix::fs::FileExt;
+
+use fuser::{Errno, FileHandle, INodeNo, Request, TimeOrNow};
+
+use crate::replicated::capture::fuse::names::open_backing;
+use crate::replicated::capture::fuse::passthrough::{Passthrough, Res};
+use crate::replicated::capture::fuse::sys;
+use crate::replicated::capture::watch::FsEvent;
+
+/// What a `setattr` asks for.
+#[derive(Debug)]
+pub(super) struct AttrChange {
+    pub(super) mode: Option<u32>,
+    pub(super) uid: Option<u32>,
+    pub(super) gid: Option<u32>,
+    pub(super) size: Option<u64>,
+    pub(super) atime: Option<TimeOrNow>,
+    pub(super) mtime: Option<TimeOrNow>,
+}
+
+impl Passthrough {
+    /// Opens node `ino`'s backing file as the caller asked (see `STRIPPED_OPEN_FLAGS`).
+    pub(super) fn open_file(&self, ino: INodeNo, flags: i32) -> Res<u64> {
+        let rel = self.rel(ino)?;
+        let file = open_backing(&self.abs(&rel), flags, None)?;
+        Ok(self.keep(file))
+    }
+
+    pub(super) fn read_at(&self, fh: FileHandle, offset: u64, size: u32) -> Res<Vec<u8>> {
+        let file = self.file(fh)?;
+        let mut buf = vec![0u8; usize::try_from(size).map_err(|_| Errno::EINVAL)?];
+        let mut got = 0;
+        while got < buf.len() {
+            match file.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if got == 0 => return Err(e.into()),
+                Err(_) => break,
+            }
+        }
+        buf.truncate(got);
+        Ok(buf)
+    }
+
+    /// Writes `data` at `offset`; queues and answers the bytes written.
+    pub(super) fn write_at(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+    ) -> Res<u32> {
+        let file = self.file(fh)?;
+        let _order = self.order.read().expect("order lock");
+        let mut done = 0;
+        let mut failed = None;
+        while done < data.len() {
+            match file.write_at(&data[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if done == 0 {
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+        }
+        if let Ok(path) = self.rel(ino) {
+            self.send(FsEvent::Wrote {
+                path,
+                file,
+                offset,
+                len: done as u64,
+            });
+        }
+        u32::try_from(done).map_err(|_| Errno::EINVAL)
+    }
+
+    pub(super) fn sync(&self, fh: FileHandle, datasync: bool) -> Res<()> {
+        let file = self.file(fh)?;
+        if datasync {
+            file.sync_data()?;
+        } else {
+            file.sync_all()?;
+        }
+        self.wait_durable();
+        Ok(())
+    }
+
+    /// `fallocate` with any mode the backing filesystem supports (punching holes, zeroing);
+    /// the range is rescanned, so what it did to the bytes and the allocation is sent.
+    pub(super) fn allocate(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        len: u64,
+        mode: i32,
+    ) -> Res<()> {
+        let file = self.file(fh)?;
+        let _order = self.order.read().expect("order lock");
+        sys::fallocate(&file, mode, offset, len)?;
+        if let Ok(path) = self.rel(ino) {
+            self.send(FsEvent::Wrote {
+                path,
+                file,
+                offset,
+                len,
+            });
+        }
+        Ok(())
+    }
+
+    /// `setattr`: length (through the caller's handle when it has one), owner, mode, times,
+    /// in that order (a chown may clear set-id bits the mode then sets).
+    pub(super) fn set_attrs(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: Option<FileHandle>,
+        c: &AttrChange,
+    ) -> Res<()> {
+        let _order = self.order.read().expect("order lock");
+        let rel = self.rel(ino)?;
+        let abs = self.abs(&rel);
+        let result = (|| -> Res<()> {
+            if let Some(size) = c.size {
+                match fh.map(|fh| self.file(fh)).transpose()? {
+                    Some(f) => f.set_len(size)?,
+                    None => open_backing(&abs, libc::O_WRONLY, None)?.set_len(size)?,
+                }
+            }
+            if c.uid.is_some() || c.gid.is_some() {
+                sys::lchown(&abs, c.uid, c.gid)?;
+            }
+            if let Some(mode) = c.mode {
+                use std::os::unix::fs::PermissionsExt;
+                let perms = std::fs::Permissions::from_mode(mode & sys::MODE_BITS);
+                std::fs::set_permissions(&abs, perms)?;
+            }
+            if c.atime.is_some() || c.mtime.is_some() {
+                sys::set_times(&abs, c.atime, c.mtime)?;
+            }
+            Ok(())
+        })();
+        // a part may have been applied before a failure: the scanner looks and sends what is
+        self.send(FsEvent::Changed(rel));
+        result
+    }
+}

@@ -1,0 +1,91 @@
+//! Durable acks (`ack = "durable"`): an `fsync`/`fdatasync` through the mount (also the one
+//! `msync(MS_SYNC)` and an `O_DSYNC` write make) returns only once the cold side has
+//! acknowledged, so fsynced, every op made from the calls before it.
+//!
+//! After the local sync, the FUSE thread queues [`FsEvent::Sync`] behind the events of those
+//! calls; the scanner flushes its batch and hands the reply to the network task, which answers
+//! when the ack of the last batch sent arrives. With the cold side gone or slow for
+//! `peer_timeout_ms`, `on_peer_loss = "degrade"` goes on as async (logged once, and
+//! [`SenderStats::degraded_since_unix_ms`] set for `status`) until the stream is connected and
+//! the resync after it done, when the next sync that is acknowledged in time makes syncs
+//! durable again; `"block"` keeps waiting.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, RecvTimeoutError};
+
+use crate::replicated::capture::fuse::passthrough::Passthrough;
+use crate::replicated::capture::watch::FsEvent;
+use crate::replicated::stats::SenderStats;
+
+/// How soon a sync asks again after finding the stream disconnected.
+const SYNC_RETRY: Duration = Duration::from_millis(20);
+
+/// What durable acks need to know.
+#[derive(Debug, Clone, Copy)]
+pub struct DurableConfig {
+    /// How long a sync waits for the cold side before `block` decides.
+    pub peer_timeout: Duration,
+    /// Whether a sync waits for the cold side however long (`on_peer_loss = "block"`).
+    pub block: bool,
+}
+
+/// Durable acks of one mount: the settings and the sender's counters.
+#[derive(Debug)]
+pub(super) struct Durable {
+    pub(super) cfg: DurableConfig,
+    pub(super) stats: Arc<SenderStats>,
+}
+
+impl Passthrough {
+    /// Returns once the cold side has acknowledged everything queued so far, or (degrade) once
+    /// it has not within the timeout; at once when acks are async or already degraded.
+    pub(super) fn wait_durable(&self) {
+        let Some(d) = &self.durable else { return };
+        let stats = &d.stats;
+        let degraded = stats.degraded_since_unix_ms.load(Ordering::Acquire) != 0;
+        let resynced =
+            stats.connected.load(Ordering::Acquire) && stats.initial_done.load(Ordering::Acquire);
+        if degraded && !resynced {
+            return;
+        }
+        let mut deadline = Instant::now() + d.cfg.peer_timeout;
+        loop {
+            let (tx, rx) = bounded(1);
+            self.send(FsEvent::Sync(tx));
+            match rx.recv_deadline(deadline) {
+                Ok(()) => {
+                    if degraded {
+                        stats.degraded_since_unix_ms.store(0, Ordering::Release);
+                        tracing::warn!(
+                            "the cold side is back and has caught up: syncs are durable again"
+                        );
+                    }
+                    return;
+                }
+                Err(RecvTimeoutError::Disconnected) if Instant::now() < deadline => {
+                    std::thread::sleep(SYNC_RETRY);
+                }
+                Err(_) if d.cfg.block => {
+                    tracing::warn!(
+                        waited_ms = d.cfg.peer_timeout.as_millis(),
+                        "a durable sync is still waiting for the cold side (on_peer_loss = \"block\")"
+                    );
+                    deadline = Instant::now() + d.cfg.peer_timeout;
+                }
+                Err(_) => {
+                    let now = crate::sys::now_unix_ms();
+                    if stats.degraded_since_unix_ms.swap(now, Ordering::AcqRel) == 0 {
+                        tracing::error!(
+                            timeout_ms = d.cfg.peer_timeout.as_millis(),
+                            "DEGRADED: the cold side did not acknowledge a sync in time; syncs return without it (async) until it is back and caught up: the cold copy may lack data"
+                        );
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! The namespace calls of the passthrough: create, mknod, mkdir, symlink, unlink, rmdir,
+//! rename. Each holds the ordering lock exclusively from the backing call until its event is
+//! queued. What they create is given the caller's owner (`req.uid()`, `req.gid()`, or the
+//! directory's group under a set-group-id directory) and exactly the mode asked for (the
+//! kernel has already applied the caller's umask): the node, not root, owns its journal.
+
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use fuser::{Errno, FileAttr, INodeNo, RenameFlags, Request};
+
+use crate::replicated::capture::fuse::passthrough::{Passthrough, Res};
+use crate::replicated::capture::fuse::sys::{self, MODE_BITS};
+use crate::replicated::capture::watch::FsEvent;
+
+/// Open flags the backing file never gets: the kernel has dealt with them (`O_CREAT`,
+/// `O_EXCL`, `O_TRUNC`, `O_NOCTTY`), offsets come with each write (`O_APPEND`), and the
+/// daemon's buffers are not aligned for `O_DIRECT` (the data reaches the backing page cache;
+/// the caller's `fdatasync` makes it durable, as it must with `O_DIRECT` anyway).
+pub(super) const STRIPPED_OPEN_FLAGS: i32 = libc::O_CREAT
+    | libc::O_EXCL
+    | libc::O_TRUNC
+    | libc::O_NOCTTY
+    | libc::O_APPEND
+    | libc::O_DIRECT
+    | libc::O_ACCMODE;
+
+/// Opens the backing `path` for the access mode and sync flags in `flags`; a file opened
+/// for writing is also opened for reading (the kernel has checked the caller's access), since
+/// the scanner reads what was written through the same handle.
+pub(super) fn open_backing(path: &Path, flags: i32, create: Option<u32>) -> Res<File> {
+    let mut o = OpenOptions::new();
+    o.read(true);
+    if flags & libc::O_ACCMODE != libc::O_RDONLY {
+        o.write(true);
+    }
+    if let Some(mode) = create {
+        o.write(true).create_new(true).mode(mode & MODE_BITS);
+    }
+    o.custom_flags((flags & !STRIPPED_OPEN_FLAGS) | libc::O_NOFOLLOW);
+    Ok(o.open(path)?)
+}
+
+impl Passthrough {
+    /// Who owns what `req` creates in the backing directory `dir`.
+    fn owner(&self, req: &Request, dir: &Path) -> Res<(u32, u32)> {
+        let m = fs::metadata(dir)?;
+        let gid = if m.mode() & libc::S_ISGID != 0 {
+            m.gid()
+        } else {
+            req.gid()
+        };
+        Ok((req.uid(), gid))
+    }
+
+    /// After a new entry at `rel`: its owner and exact mode (`None` for a symlink, which has
+    /// none), then its event and attributes. A failure removes what was made.
+    fn finish_new(&self, req: &Request, rel: &str, mode: Option<u32>) -> Res<FileAttr> {
+        let abs = self.abs(rel);
+        let parent = abs.parent().unwrap_or(&abs).to_owned();
+        let result = (|| {
+            let (uid, gid) = self.owner(req, &parent)?;
+            sys::lchown(&abs, Some(uid), Some(gid))?;
+            if let Some(mode) = mode {
+                fs::set_permissions(&abs, fs::Permissions::from_mode(mode & MODE_BITS))?;
+            }
+            self.entry(rel)
+        })();
+        match result {
+            Ok(a) => {
+                self.send(FsEvent::Changed(rel.to_owned()));
+                Ok(a)
+            }
+            Err(e) => {
+                let _ = fs::remove_dir(&abs).or_else(|_| fs::remove_file(&abs));
+                Err(e)
+            }
+        }
+    }
+
+    /// `mknod`: regular files only (the op stream has no devices, pipes or sockets).
+    pub(super) fn make_node(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+    ) -> Res<FileAttr> {
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(Errno::EPERM);
+        }
+        let _order = self.order.write().expect("order lock");
+        let rel = self.child_of(parent, name)?;
+        sys::mknod(&self.abs(&rel), mode, rdev)?;
+        self.finish_new(req, &rel, Some(mode))
+    }
+
+    pub(super) fn make_dir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+    ) -> Res<FileAttr> {
+        let _order = self.order.write().expect("order lock");
+        let rel = self.child_of(parent, name)?;
+        fs::create_dir(self.abs(&rel))?;
+        self.finish_new(req, &rel, Some(mode))
+    }
+
+    pub(super) fn make_symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        target: &Path,
+    ) -> Res<FileAttr> {
+        let _order = self.order.write().expect("order lock");
+        let rel = self.child_of(parent, name)?;
+        std::os::unix::fs::symlink(target, self.abs(&rel))?;
+        self.finish_new(req, &rel, None)
+    }
+
+    /// `create`: a new file, opened; or, without `O_EXCL`, the existing one opened as it is.
+    pub(super) fn create_file(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+    ) -> Res<(FileAttr, u64)> {
+        let _order = self.order.write().expect("order lock");
+        let rel = self.child_of(parent, name)?;
+        let abs = self.abs(&rel);
+        let file = match open_backing(&abs, flags, Some(mode)) {
+            Ok(f) => f,
+            Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {
+                let f = open_backing(&abs, flags, None)?;
+                if flags & libc::O_TRUNC != 0 && f.metadata()?.len() > 0 {
+                    f.set_len(0)?;
+                    self.send(FsEvent::Changed(rel.clone()));
+                }
+                let attr = self.entry(&rel)?;
+                return Ok((attr, self.keep(f)));
+            }
+            Err(e) => return Err(e),
+        };
+        let attr = self.finish_new(req, &rel, Some(mode))?;
+        Ok((attr, self.keep(file)))
+    }
+
+    /// `unlink` (`dir` false) or `rmdir`.
+    pub(super) fn remove(&self, parent: INodeNo, name: &OsStr, dir: bool) -> Res<()> {
+        let _order = self.order.write().expect("order lock");
+        let rel = self.child_of(parent, name)?;
+        let abs = self.abs(&rel);
+        if dir {
+            fs::remove_dir(abs)?;
+        } else {
+            fs::remove_file(abs)?;
+        }
+        self.inodes.lock().expect("inode table").unlinked(&rel);
+        self.send(FsEvent::Changed(rel));
+        Ok(())
+    }
+
+    /// `rename`, also over an existing name; `RENAME_NOREPLACE` is honoured, an exchange
+    /// refused (the op stream cannot say it).
+    pub(super) fn rename_entry(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+    ) -> Res<()> {
+        if flags.contains(RenameFlags::RENAME_EXCHANGE)
+            || flags.contains(RenameFlags::RENAME_WHITEOUT)
+        {
+            return Err(Errno::EINVAL);
+        }
+        let _order = self.order.write().expect("order lock");
+        let from = self.child_of(parent, name)?;
+        let to = self.child_of(newparent, newname)?;
+        if flags.is_empty() {
+            fs::rename(self.abs(&from), self.abs(&to))?;
+        } else {
+            sys::rename2(&self.abs(&from), &self.abs(&to), flags.bits())?;
+        }
+        self.inodes.lock().expect("inode table").renamed(&from, &to);
+        self.send(FsEvent::Renamed { from, to });
+        Ok(())
+    }
+}
