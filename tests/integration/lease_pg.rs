@@ -1,0 +1,267 @@
+//! Issue 13: the lease as a row in a real PostgreSQL database (a throwaway cluster started by
+//! the test, `pg.rs`), shared mode: two real agents on one premounted share, each
+//! supervising a node script that logs its start and stop. Faults are provoked for real:
+//! kill -9 of the hot agent, SIGSTOP of the hot agent and its node then SIGCONT, the database
+//! stopped and restarted within the wait interval, the database down for longer. Measured
+//! figures go to stderr (`-- --nocapture`).
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::agent::{alive, assert_one_at_a_time, kill, pid_t, wait_until, Pair};
+use crate::pg::{PgCluster, PG_PASSWORD};
+use crate::util::{artemis_sync, toml_path};
+
+/// Renewal period of the test agents.
+const UPDATE_MS: u64 = 500;
+/// Takeover delay of the test agents (room for a database restart inside it).
+const WAIT_MS: u64 = 4000;
+/// What the agents keep between their node being down and a takeover: a tenth of the wait.
+const MARGIN_MS: u64 = WAIT_MS / 10;
+/// SIGTERM-to-SIGKILL time of the test nodes (the Pair's).
+const STOP_MS: u64 = 300;
+/// Scheduling slack on a loaded 2-core machine.
+const SLACK_MS: u64 = 1000;
+
+/// The database, and two agents whose `[lease]` names it; the table is created unless `init`
+/// is false.
+fn pair_on(test: &str, init: bool) -> Option<(PgCluster, Pair)> {
+    let pg = PgCluster::start(test)?;
+    let p = Pair::with(UPDATE_MS, WAIT_MS, |fx| {
+        let dsn = fx.path("lease.dsn");
+        pg.write_dsn(&dsn);
+        format!(
+            "\n[lease]\nbackend = \"postgres\"\ndsn_file = {}\npair = \"corda-test\"\n",
+            toml_path(&dsn)
+        )
+    });
+    if init {
+        artemis_sync(&p.config("a"), ["lease", "init"])
+            .code(0)
+            .stdout_has(&["artemis_sync_lease", "ready", "password=***"])
+            .nowhere(PG_PASSWORD);
+    }
+    Some((pg, p))
+}
+
+/// Starts `a`, waits for it to be hot, starts `b`, waits for it to be cold; returns a's pid
+/// and its node's pid.
+fn a_hot_b_cold(p: &mut Pair) -> (u32, u32) {
+    let a = p.start("a");
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
+    p.start("b");
+    assert!(wait_until(Duration::from_secs(10), || p.role("b") == "cold"));
+    let node = p.status("a")["node_pid"].as_u64().expect("a runs its node");
+    (a, u32::try_from(node).expect("a pid"))
+}
+
+fn epoch(p: &Pair, name: &str) -> Option<u64> {
+    p.status(name)["epoch"].as_u64()
+}
+
+#[test]
+fn issue13_lease_init_is_idempotent_and_a_missing_table_names_the_fix() {
+    let Some((_pg, mut p)) = pair_on("issue13_lease_init", false) else {
+        return;
+    };
+    p.start("a");
+    let says_init = || {
+        p.status("a")["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("artemis-sync lease init"))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), says_init),
+        "{}",
+        p.stderr_of()
+    );
+    assert_eq!(p.role("a"), "cold");
+    for _ in 0..2 {
+        artemis_sync(&p.config("b"), ["lease", "init"])
+            .code(0)
+            .stdout_has(&["ready"])
+            .nowhere(PG_PASSWORD);
+    }
+    // a missing row: taken after wait_interval_ms of seeing it missing, at epoch 1
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
+    assert_eq!(epoch(&p, "a"), Some(1));
+    let log = p.stderr_of();
+    assert!(
+        !log.contains(PG_PASSWORD),
+        "the password is in a log:\n{log}"
+    );
+}
+
+#[test]
+fn issue13_kill9_of_the_hot_agent_the_cold_takes_the_database_lease_after_wait_interval() {
+    let Some((_pg, mut p)) = pair_on("issue13_kill9", true) else {
+        return;
+    };
+    let (a, node) = a_hot_b_cold(&mut p);
+    assert_eq!(epoch(&p, "a"), Some(1));
+    let killed = Instant::now();
+    p.signal(a, libc::SIGKILL);
+    assert!(
+        wait_until(Duration::from_secs(2), || !alive(node)),
+        "node {node} survived the agent's kill -9"
+    );
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p
+            .events()
+            .iter()
+            .any(|e| e.start && e.name == "b")),
+        "b never ran the node\n{}",
+        p.stderr_of()
+    );
+    let took = killed.elapsed();
+    eprintln!(
+        "issue13 kill -9 (postgres lease): b's node started {took:?} after the kill \
+         (wait_interval {WAIT_MS} ms, update_interval {UPDATE_MS} ms)"
+    );
+    // the last renewal was at most one update before the kill, and the database says when
+    assert!(
+        took >= Duration::from_millis(WAIT_MS - UPDATE_MS),
+        "took over too early: {took:?}"
+    );
+    assert!(
+        took <= Duration::from_millis(WAIT_MS + 2 * UPDATE_MS + SLACK_MS),
+        "took over too late: {took:?}\n{}",
+        p.stderr_of()
+    );
+    assert_eq!(p.role("b"), "hot");
+    assert_eq!(epoch(&p, "b"), Some(2));
+    assert_one_at_a_time(&p.events());
+}
+
+#[test]
+fn issue13_a_frozen_hot_is_replaced_and_on_waking_sees_the_newer_epoch_and_stays_down() {
+    let Some((_pg, mut p)) = pair_on("issue13_sigstop", true) else {
+        return;
+    };
+    let (a, node) = a_hot_b_cold(&mut p);
+    kill(pid_t(a), libc::SIGSTOP);
+    kill(-pid_t(node), libc::SIGSTOP);
+    let frozen = Instant::now();
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("b") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
+    let took = frozen.elapsed();
+    assert!(
+        took >= Duration::from_millis(WAIT_MS - UPDATE_MS),
+        "b took over {took:?} after the freeze"
+    );
+    assert_eq!(epoch(&p, "b"), Some(2));
+
+    kill(-pid_t(node), libc::SIGCONT);
+    kill(pid_t(a), libc::SIGCONT);
+    let woke = Instant::now();
+    assert!(
+        wait_until(Duration::from_millis(STOP_MS + SLACK_MS), || !alive(node)),
+        "the old hot did not fence its node\n{}",
+        p.stderr_of()
+    );
+    let fenced = woke.elapsed();
+    eprintln!(
+        "issue13 SIGSTOP (postgres lease): b took over {took:?} after the freeze \
+         (wait_interval {WAIT_MS} ms); a's node gone {fenced:?} after SIGCONT"
+    );
+    // a stays down: over more than a wait interval b keeps the lease and a never starts again
+    thread::sleep(Duration::from_millis(WAIT_MS + 2 * UPDATE_MS));
+    assert_ne!(p.role("a"), "hot");
+    assert_eq!(p.role("b"), "hot");
+    assert_eq!(epoch(&p, "b"), Some(2));
+    let starts_a = p
+        .events()
+        .iter()
+        .filter(|e| e.start && e.name == "a")
+        .count();
+    assert_eq!(starts_a, 1, "{:#?}", p.events());
+    assert!(p.stderr_of().contains("FENCING"));
+}
+
+#[test]
+fn issue13_a_database_restart_shorter_than_the_wait_interval_fails_nobody_over() {
+    let Some((pg, mut p)) = pair_on("issue13_db_restart", true) else {
+        return;
+    };
+    let (_a, node) = a_hot_b_cold(&mut p);
+    let down = Instant::now();
+    pg.stop();
+    thread::sleep(Duration::from_millis(WAIT_MS / 4));
+    pg.restart();
+    let outage = down.elapsed();
+    assert!(
+        outage < Duration::from_millis(WAIT_MS - MARGIN_MS - STOP_MS),
+        "the restart took {outage:?}: too slow a machine for this test's wait interval"
+    );
+    // renewals resume: the lease age drops back below one update interval
+    let resumed = wait_until(Duration::from_millis(WAIT_MS), || {
+        p.status("a")["last_renewal_age_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms < UPDATE_MS * 2)
+    });
+    let back = down.elapsed();
+    assert!(resumed, "renewals did not resume\n{}", p.stderr_of());
+    eprintln!("issue13 database restart (postgres lease): down for {outage:?}, renewing again {back:?} after the stop; no failover");
+    thread::sleep(Duration::from_millis(WAIT_MS + UPDATE_MS));
+    assert_eq!(p.role("a"), "hot", "{}", p.stderr_of());
+    assert_eq!(p.role("b"), "cold");
+    assert_eq!(epoch(&p, "a"), Some(1));
+    assert!(alive(node), "a's node was stopped");
+    let events = p.events();
+    assert_eq!(events.len(), 1, "one start, no stop: {events:#?}");
+}
+
+#[test]
+fn issue13_a_database_down_longer_than_the_wait_interval_fences_the_holder_on_time() {
+    let Some((pg, mut p)) = pair_on("issue13_db_down", true) else {
+        return;
+    };
+    let (_a, node) = a_hot_b_cold(&mut p);
+    let down = Instant::now();
+    pg.stop();
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS + SLACK_MS), || !alive(node)),
+        "a did not fence its node\n{}",
+        p.stderr_of()
+    );
+    let fenced = down.elapsed();
+    // the deadline is the start of the last good renewal (at most one update before the
+    // stop) + wait − stop − margin
+    let deadline = WAIT_MS - STOP_MS - MARGIN_MS;
+    eprintln!(
+        "issue13 database down (postgres lease): a's node gone {fenced:?} after the database \
+         stopped (deadline {deadline} ms after the last renewal; wait_interval {WAIT_MS} ms)"
+    );
+    assert!(
+        fenced >= Duration::from_millis(deadline - UPDATE_MS),
+        "fenced early: {fenced:?}"
+    );
+    assert!(
+        fenced <= Duration::from_millis(deadline + STOP_MS + 200),
+        "fenced late: {fenced:?}"
+    );
+    assert_ne!(p.role("a"), "hot");
+    pg.restart();
+    // someone takes over at epoch 2, and never while a's node ran
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 4), || p.role("a") == "hot"
+            || p.role("b") == "hot"),
+        "nobody took over after the database came back\n{}",
+        p.stderr_of()
+    );
+    let hot = if p.role("a") == "hot" { "a" } else { "b" };
+    assert_eq!(epoch(&p, hot), Some(2));
+    assert!(wait_until(Duration::from_secs(3), || p.events().len() >= 3));
+    assert_one_at_a_time(&p.events());
+}
