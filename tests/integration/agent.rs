@@ -34,12 +34,16 @@ fn config_path(fx: &Fixture, name: &str) -> PathBuf {
 
 impl Pair {
     fn new() -> Pair {
-        Pair::with(UPDATE_MS, WAIT_MS, |_| String::new())
+        Pair::with(UPDATE_MS, WAIT_MS, |_, _| String::new())
     }
 
     /// Two agents renewing every `update_ms`, taking over after `wait_ms`, each config ending
-    /// with what `extra` gives for the fixture (a `[lease]` section).
-    pub(crate) fn with(update_ms: u64, wait_ms: u64, extra: impl Fn(&Fixture) -> String) -> Pair {
+    /// with what `extra` gives for the fixture and the agent's name (a `[lease]` section).
+    pub(crate) fn with(
+        update_ms: u64,
+        wait_ms: u64,
+        extra: impl Fn(&Fixture, &str) -> String,
+    ) -> Pair {
         let fx = Fixture::new();
         let share = fx.mkdir("share");
         let log = fx.path("nodes.log");
@@ -63,7 +67,7 @@ impl Pair {
                 toml_path(&node),
                 toml_path(&share),
                 toml_path(&fx.path(&format!("{name}.sock"))),
-                extra(&fx),
+                extra(&fx, name),
             );
             fs::write(config_path(&fx, name), text).unwrap();
         }

@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::agent::{alive, assert_one_at_a_time, kill, pid_t, wait_until, Pair};
-use crate::pg::{PgCluster, PG_PASSWORD};
+use crate::pg::{CutProxy, PgCluster, PG_PASSWORD};
 use crate::util::{artemis_sync, toml_path};
 
 /// Renewal period of the test agents.
@@ -27,9 +27,20 @@ const SLACK_MS: u64 = 1000;
 /// is false.
 fn pair_on(test: &str, init: bool) -> Option<(PgCluster, Pair)> {
     let pg = PgCluster::start(test)?;
-    let p = Pair::with(UPDATE_MS, WAIT_MS, |fx| {
-        let dsn = fx.path("lease.dsn");
-        pg.write_dsn(&dsn);
+    let port = pg.port;
+    Some((pg, pair_via(&same_port(port), init)))
+}
+
+/// The port each agent reaches the database on, by agent name.
+fn same_port(port: u16) -> impl Fn(&str) -> u16 {
+    move |_| port
+}
+
+/// Two agents whose `[lease]` reaches the database on the port `port_of(agent)` gives.
+fn pair_via(port_of: &dyn Fn(&str) -> u16, init: bool) -> Pair {
+    let p = Pair::with(UPDATE_MS, WAIT_MS, |fx, name| {
+        let dsn = fx.path(&format!("{name}.dsn"));
+        PgCluster::write_dsn_on(&dsn, port_of(name));
         format!(
             "\n[lease]\nbackend = \"postgres\"\ndsn_file = {}\npair = \"corda-test\"\n",
             toml_path(&dsn)
@@ -41,7 +52,7 @@ fn pair_on(test: &str, init: bool) -> Option<(PgCluster, Pair)> {
             .stdout_has(&["artemis_sync_lease", "ready", "password=***"])
             .nowhere(PG_PASSWORD);
     }
-    Some((pg, p))
+    p
 }
 
 /// Starts `a`, waits for it to be hot, starts `b`, waits for it to be cold; returns a's pid
@@ -266,6 +277,53 @@ fn issue13_a_database_down_longer_than_the_wait_interval_fences_the_holder_on_ti
     );
     let hot = if p.role("a") == "hot" { "a" } else { "b" };
     assert_eq!(epoch(&p, hot), Some(2));
+    assert!(wait_until(Duration::from_secs(3), || p.events().len() >= 3));
+    assert_one_at_a_time(&p.events());
+}
+
+#[test]
+fn issue13_the_hot_cut_from_the_database_fences_on_time_and_the_cold_takes_over() {
+    let Some(pg) = PgCluster::start("issue13_hot_cut_from_db") else {
+        return;
+    };
+    let proxy = CutProxy::start(pg.port);
+    let (via, direct) = (proxy.port, pg.port);
+    // a reaches the database through the proxy, b directly
+    let mut p = pair_via(&move |name| if name == "a" { via } else { direct }, true);
+    let (_a, node) = a_hot_b_cold(&mut p);
+    let cut = Instant::now();
+    proxy.set_cut(true);
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS + SLACK_MS), || !alive(node)),
+        "a did not fence its node\n{}",
+        p.stderr_of()
+    );
+    let fenced = cut.elapsed();
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("b") == "hot"),
+        "b did not take over\n{}",
+        p.stderr_of()
+    );
+    let took = cut.elapsed();
+    eprintln!(
+        "issue13 hot cut from the database (postgres lease): a's node gone {fenced:?} after \
+         the cut, b hot {took:?} after it (wait_interval {WAIT_MS} ms)"
+    );
+    let deadline = WAIT_MS - STOP_MS - MARGIN_MS;
+    assert!(
+        fenced <= Duration::from_millis(deadline + STOP_MS + 200),
+        "fenced late: {fenced:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(WAIT_MS - UPDATE_MS),
+        "took over early: {took:?}"
+    );
+    assert_eq!(epoch(&p, "b"), Some(2));
+    // the path comes back: a sees epoch 2 held by b and stays cold
+    proxy.set_cut(false);
+    thread::sleep(Duration::from_millis(WAIT_MS + 2 * UPDATE_MS));
+    assert_ne!(p.role("a"), "hot");
+    assert_eq!(p.role("b"), "hot");
     assert!(wait_until(Duration::from_secs(3), || p.events().len() >= 3));
     assert_one_at_a_time(&p.events());
 }

@@ -176,17 +176,13 @@ impl PgCluster {
         assert!(self.pg_ctl_start(), "pg_ctl start failed:\n{}", self.log());
     }
 
-    /// A libpq DSN reaching the cluster over TCP with the password.
-    pub(crate) fn dsn(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres password='{PG_PASSWORD}' dbname=postgres",
-            self.port
-        )
-    }
-
-    /// Writes the DSN to `path` as the agent wants it: root-owned, mode 0600.
-    pub(crate) fn write_dsn(&self, path: &Path) {
-        fs::write(path, self.dsn()).unwrap();
+    /// Writes a DSN reaching a cluster on 127.0.0.1:`port` (or a proxy to it) with the
+    /// password to `path`, as the agent wants it: root-owned, mode 0600.
+    pub(crate) fn write_dsn_on(path: &Path, port: u16) {
+        let dsn = format!(
+            "host=127.0.0.1 port={port} user=postgres password='{PG_PASSWORD}' dbname=postgres"
+        );
+        fs::write(path, dsn).unwrap();
         fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
     }
 }
@@ -201,4 +197,95 @@ impl Drop for PgCluster {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// How long a proxy thread blocks in one read or accept before looking at its flags.
+const PROXY_TICK: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// A TCP proxy on 127.0.0.1 to the database that the test can cut: one agent reaches the
+/// database through it, so the database becomes unreachable from that agent only. Cut, it
+/// closes every connection and closes each new one at once (as a firewall's reset would).
+pub(crate) struct CutProxy {
+    pub(crate) port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CutProxy {
+    pub(crate) fn start(target: u16) -> CutProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, s) = (cut.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) if !c.load(Ordering::Relaxed) => {
+                        if let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) {
+                            pump(
+                                client.try_clone().unwrap(),
+                                server.try_clone().unwrap(),
+                                &c,
+                                &s,
+                            );
+                            pump(server, client, &c, &s);
+                        }
+                    }
+                    Ok(_) => {} // cut: dropped at once
+                    Err(_) => std::thread::sleep(PROXY_TICK),
+                }
+            }
+        });
+        CutProxy { port, cut, stop }
+    }
+
+    /// Cuts (`true`) or restores (`false`) the path.
+    pub(crate) fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.set_cut(true);
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Copies `from` to `to` on a thread until either closes, or the proxy is cut or stopped.
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    cut: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let (cut, stop) = (cut.clone(), stop.clone());
+    from.set_read_timeout(Some(PROXY_TICK)).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 16 * 1024];
+        while !cut.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+            match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break,
+            }
+        }
+        let _ = from.shutdown(std::net::Shutdown::Both);
+        let _ = to.shutdown(std::net::Shutdown::Both);
+    });
 }
