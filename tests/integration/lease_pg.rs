@@ -327,3 +327,59 @@ fn issue13_the_hot_cut_from_the_database_fences_on_time_and_the_cold_takes_over(
     assert!(wait_until(Duration::from_secs(3), || p.events().len() >= 3));
     assert_one_at_a_time(&p.events());
 }
+
+#[test]
+fn issue13_tls_verify_full_takes_the_lease_and_a_wrong_server_name_is_refused() {
+    let Some((pg, ca)) = PgCluster::start_tls("issue13_tls") else {
+        return;
+    };
+    let port = pg.port;
+    let ca = toml_path(&ca);
+    let ca = ca.trim_matches('"').to_owned();
+    let mut p = Pair::with(UPDATE_MS, WAIT_MS, |fx, name| {
+        let dsn = fx.path(&format!("{name}.dsn"));
+        // a names the server as its certificate does; b by a name the certificate lacks
+        let host = if name == "a" {
+            "127.0.0.1"
+        } else {
+            "localhost"
+        };
+        PgCluster::write_dsn_with(
+            &dsn,
+            &format!("host={host} port={port} sslmode=verify-full sslrootcert={ca}"),
+        );
+        format!(
+            "\n[lease]\nbackend = \"postgres\"\ndsn_file = {}\npair = \"corda-test\"\n",
+            toml_path(&dsn)
+        )
+    });
+    artemis_sync(&p.config("a"), ["lease", "init"])
+        .code(0)
+        .stdout_has(&["ready", "sslmode=verify-full"])
+        .nowhere(PG_PASSWORD);
+    let out = artemis_sync(&p.config("b"), ["lease", "init"]);
+    out.failed().nowhere(PG_PASSWORD);
+    assert!(
+        out.stderr.to_lowercase().contains("certificate"),
+        "a wrong server name is refused for its certificate:\n{out}"
+    );
+    p.start("a");
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
+    // the server logged the agent's sessions as encrypted
+    assert!(pg.log().contains("SSL enabled"), "{}", pg.log());
+    p.start("b");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            p.status("b")["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("certificate"))
+        }),
+        "{}",
+        p.stderr_of()
+    );
+    assert_eq!(p.role("b"), "cold");
+}

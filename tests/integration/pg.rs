@@ -25,6 +25,8 @@ pub(crate) struct PgCluster {
     uid: u32,
     gid: u32,
     pub(crate) port: u16,
+    /// Server options beyond the port and socket (TLS).
+    extra: String,
 }
 
 /// The directory holding `initdb`, `pg_ctl` and `postgres`.
@@ -63,6 +65,18 @@ fn free_port() -> u16 {
 impl PgCluster {
     /// Starts a cluster, or skips `test` (a failure under CI) and returns None.
     pub(crate) fn start(test: &str) -> Option<PgCluster> {
+        PgCluster::start_with(test, false)
+    }
+
+    /// Starts a cluster that also accepts TLS, with a certificate for `127.0.0.1` from a CA
+    /// made by `artemis-sync certs init`; returns it and the CA file.
+    pub(crate) fn start_tls(test: &str) -> Option<(PgCluster, PathBuf)> {
+        let c = PgCluster::start_with(test, true)?;
+        let ca = c.dir.path().join("tls/ca.pem");
+        Some((c, ca))
+    }
+
+    fn start_with(test: &str, tls: bool) -> Option<PgCluster> {
         if !is_root() {
             skip(
                 test,
@@ -96,7 +110,11 @@ impl PgCluster {
             uid,
             gid,
             port: 0,
+            extra: String::new(),
         };
+        if tls {
+            c.extra = c.make_certs();
+        }
         let pw = c.dir.path().join("pw");
         fs::write(&pw, PG_PASSWORD).unwrap();
         std::os::unix::fs::chown(&pw, Some(uid), Some(gid)).unwrap();
@@ -135,6 +153,30 @@ impl PgCluster {
         cmd
     }
 
+    /// A CA and a server certificate for 127.0.0.1 in `<dir>/tls`, readable by the server;
+    /// returns the server options that turn TLS on.
+    fn make_certs(&self) -> String {
+        let tls = self.dir.path().join("tls");
+        let out = crate::util::main_cmd()
+            .args(["certs", "init", "--hosts", "127.0.0.1", "--dir"])
+            .arg(&tls)
+            .output()
+            .expect("run certs init");
+        assert!(
+            out.status.success(),
+            "certs init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for f in ["", "ca.pem", "127.0.0.1.pem", "127.0.0.1.key"] {
+            std::os::unix::fs::chown(tls.join(f), Some(self.uid), Some(self.gid)).unwrap();
+        }
+        format!(
+            "-c ssl=on -c log_connections=on -c ssl_cert_file={} -c ssl_key_file={}",
+            tls.join("127.0.0.1.pem").display(),
+            tls.join("127.0.0.1.key").display()
+        )
+    }
+
     /// The server's log so far.
     pub(crate) fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
@@ -142,9 +184,10 @@ impl PgCluster {
 
     fn pg_ctl_start(&self) -> bool {
         let opts = format!(
-            "-k {} -p {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-k {} -p {} -c listen_addresses=127.0.0.1 -c fsync=off {}",
             self.dir.path().display(),
-            self.port
+            self.port,
+            self.extra
         );
         self.as_postgres("pg_ctl")
             .args(["start", "-w", "-t", "30", "-D"])
@@ -179,9 +222,12 @@ impl PgCluster {
     /// Writes a DSN reaching a cluster on 127.0.0.1:`port` (or a proxy to it) with the
     /// password to `path`, as the agent wants it: root-owned, mode 0600.
     pub(crate) fn write_dsn_on(path: &Path, port: u16) {
-        let dsn = format!(
-            "host=127.0.0.1 port={port} user=postgres password='{PG_PASSWORD}' dbname=postgres"
-        );
+        PgCluster::write_dsn_with(path, &format!("host=127.0.0.1 port={port}"));
+    }
+
+    /// Writes a DSN of `host_port_tls` (host, port, TLS keys) with the user and password.
+    pub(crate) fn write_dsn_with(path: &Path, host_port_tls: &str) {
+        let dsn = format!("{host_port_tls} user=postgres password='{PG_PASSWORD}' dbname=postgres");
         fs::write(path, dsn).unwrap();
         fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
     }
