@@ -114,6 +114,12 @@ impl Config {
                 }
                 Ok(())
             }
+            LeaseBackend::Postgres if self.storage.mode == Mode::Replicated => Err(invalid(
+                "lease.backend",
+                "= \"postgres\" is not used by replicated mode yet (its automatic failover is \
+                 issue 13's next step); remove [lease] and fail over with `artemis-sync promote`"
+                    .into(),
+            )),
             LeaseBackend::Postgres => {
                 absolute("lease.dsn_file", &l.dsn_file)
                     .map_err(|r| invalid("lease.dsn_file", r))?;
