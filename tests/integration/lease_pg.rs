@@ -383,3 +383,92 @@ fn issue13_tls_verify_full_takes_the_lease_and_a_wrong_server_name_is_refused() 
     );
     assert_eq!(p.role("b"), "cold");
 }
+
+#[test]
+fn issue13_alternating_kill9_and_release_failovers_one_node_at_a_time_with_consecutive_epochs() {
+    /// Faster intervals than the other tests: no database restart has to fit in the wait.
+    const FAST_UPDATE_MS: u64 = 300;
+    const FAST_WAIT_MS: u64 = 1500;
+    const CYCLES: usize = 10;
+    let Some(pg) = PgCluster::start("issue13_cycles") else {
+        return;
+    };
+    let port = pg.port;
+    let mut p = Pair::with(FAST_UPDATE_MS, FAST_WAIT_MS, |fx, name| {
+        let dsn = fx.path(&format!("{name}.dsn"));
+        PgCluster::write_dsn_on(&dsn, port);
+        format!(
+            "\n[lease]\nbackend = \"postgres\"\ndsn_file = {}\npair = \"corda-cycles\"\n",
+            toml_path(&dsn)
+        )
+    });
+    artemis_sync(&p.config("a"), ["lease", "init"]).code(0);
+    let mut pids = [p.start("a"), 0];
+    let limit = Duration::from_millis(FAST_WAIT_MS * 4);
+    assert!(
+        wait_until(limit, || p.role("a") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
+    pids[1] = p.start("b");
+    let mut handovers = Vec::new();
+    for cycle in 0..CYCLES {
+        let (hot, cold) = if cycle % 2 == 0 { (0, 1) } else { (1, 0) };
+        let names = ["a", "b"];
+        assert!(
+            wait_until(limit, || p.role(names[cold]) == "cold"),
+            "cycle {cycle}"
+        );
+        let old_node =
+            u32::try_from(p.status(names[hot])["node_pid"].as_u64().expect("node")).expect("a pid");
+        let new_epoch = u64::try_from(cycle).unwrap() + 2;
+        let t = Instant::now();
+        if cycle % 4 == 3 {
+            // a planned hand-over: no wait
+            artemis_sync(&p.config(names[hot]), ["release"]).code(0);
+        } else {
+            p.signal(pids[hot], libc::SIGKILL);
+        }
+        // the old node is gone before the new one starts
+        assert!(
+            wait_until(limit, || !alive(old_node)),
+            "cycle {cycle}: old node lives"
+        );
+        assert!(
+            !p.events().iter().any(|e| e.epoch == Some(new_epoch)),
+            "cycle {cycle}: the new node started while the old one ran"
+        );
+        assert!(
+            wait_until(limit, || p.role(names[cold]) == "hot"),
+            "cycle {cycle}: no takeover\n{}",
+            p.stderr_of()
+        );
+        handovers.push((cycle % 4 == 3, t.elapsed()));
+        assert_eq!(
+            epoch(&p, names[cold]),
+            Some(u64::try_from(cycle).unwrap() + 2)
+        );
+        if cycle % 4 != 3 {
+            pids[hot] = p.start(names[hot]);
+        }
+    }
+    eprintln!("issue13 cycles (postgres lease, update {FAST_UPDATE_MS} ms, wait {FAST_WAIT_MS} ms): (release?, hand-over) {handovers:?}");
+    for (released, took) in &handovers {
+        if *released {
+            assert!(
+                *took < Duration::from_millis(FAST_WAIT_MS),
+                "release took {took:?}"
+            );
+        } else {
+            assert!(
+                *took >= Duration::from_millis(FAST_WAIT_MS - FAST_UPDATE_MS),
+                "{took:?}"
+            );
+        }
+    }
+    let epochs: Vec<u64> = p.events().iter().filter_map(|e| e.epoch).collect();
+    assert_eq!(
+        epochs,
+        (1..=u64::try_from(CYCLES).unwrap() + 1).collect::<Vec<_>>()
+    );
+}
