@@ -178,7 +178,9 @@ impl PgStore {
         let timeout = self.call_timeout;
         if self.client.as_ref().is_none_or(Client::is_closed) {
             self.client = None;
-            let connected = self.rt.block_on(async {
+            // the whole connection (TCP, TLS, authentication) within one call timeout: a
+            // server that accepts but never answers must not hold the worker
+            let connected = self.rt.block_on(tokio::time::timeout(timeout, async {
                 let made = match &self.tls {
                     None => {
                         let (c, conn) = self.dsn.config.connect(NoTls).await?;
@@ -192,10 +194,17 @@ impl PgStore {
                     }
                 };
                 Ok::<_, tokio_postgres::Error>(made)
-            });
+            }));
             match connected {
-                Ok(c) => self.client = Some(c),
-                Err(e) => return Err(self.explain(&e)),
+                Ok(Ok(c)) => self.client = Some(c),
+                Ok(Err(e)) => return Err(self.explain(&e)),
+                Err(_) => {
+                    return Err(format!(
+                        "lease database {}: no connection within {} ms",
+                        self.dsn.shown,
+                        timeout.as_millis()
+                    ))
+                }
             }
         }
         let client = self.client.as_ref().expect("connected just above");
