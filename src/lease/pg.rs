@@ -180,7 +180,7 @@ impl PgStore {
             self.client = None;
             // the whole connection (TCP, TLS, authentication) within one call timeout: a
             // server that accepts but never answers must not hold the worker
-            let connected = self.rt.block_on(tokio::time::timeout(timeout, async {
+            let connecting = async {
                 let made = match &self.tls {
                     None => {
                         let (c, conn) = self.dsn.config.connect(NoTls).await?;
@@ -194,7 +194,11 @@ impl PgStore {
                     }
                 };
                 Ok::<_, tokio_postgres::Error>(made)
-            }));
+            };
+            // (the timer is made inside the runtime: tokio's timers need its context)
+            let connected = self
+                .rt
+                .block_on(async { tokio::time::timeout(timeout, connecting).await });
             match connected {
                 Ok(Ok(c)) => self.client = Some(c),
                 Ok(Err(e)) => return Err(self.explain(&e)),

@@ -472,3 +472,87 @@ fn issue13_alternating_kill9_and_release_failovers_one_node_at_a_time_with_conse
         (1..=u64::try_from(CYCLES).unwrap() + 1).collect::<Vec<_>>()
     );
 }
+
+/// A store of the database lease for holder `name`, through the library (the statements
+/// themselves, without an agent's own rules on top).
+fn store(fx: &crate::util::Fixture, port: u16, name: &str) -> artemis_sync::lease::pg::PgStore {
+    let dsn = fx.path(&format!("{name}.dsn"));
+    PgCluster::write_dsn_on(&dsn, port);
+    // stop_timeout_ms must fit the short wait interval
+    let text = format!(
+        "{}machine_name = \"{name}\"\nupdate_interval_ms = {FAST_UPDATE_MS}\n\
+         wait_interval_ms = {FAST_WAIT_MS}\n\n[lease]\nbackend = \"postgres\"\n\
+         dsn_file = {}\npair = \"statements\"\n",
+        crate::util::premounted_config(&fx.mkdir(name), &fx.mkdir("share")),
+        toml_path(&dsn)
+    )
+    .replacen("[node]\n", "[node]\nstop_timeout_ms = 100\n", 1);
+    let config = artemis_sync::config::Config::from_toml(&fx.path("x.toml"), &text)
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    artemis_sync::lease::pg::PgStore::open(&config).unwrap()
+}
+
+/// Renewal period of the statement test's holders.
+const FAST_UPDATE_MS: u64 = 300;
+/// Takeover delay of the statement test's holders.
+const FAST_WAIT_MS: u64 = 1500;
+
+#[test]
+fn issue13_each_lease_statement_is_conditional_and_judged_by_the_database_clock() {
+    use artemis_sync::lease::{Lease, LeaseState, LeaseStore, Obs, RenewFail};
+    let Some(pg) = PgCluster::start("issue13_statements") else {
+        return;
+    };
+    let fx = crate::util::Fixture::new();
+    let (mut a, mut b) = (store(&fx, pg.port, "a"), store(&fx, pg.port, "b"));
+    a.init_table().unwrap();
+    let lease = |holder: &str, epoch, renewals| Lease {
+        renewals,
+        ..Lease::new(holder, epoch, FAST_UPDATE_MS, FAST_WAIT_MS)
+    };
+    let settle = Duration::ZERO;
+    // a missing row is inserted once
+    assert!(a
+        .take_over(&Obs::Missing, &lease("a", 1, 0), settle)
+        .is_ok());
+    assert!(matches!(
+        b.take_over(&Obs::Missing, &lease("b", 1, 0), settle),
+        Err((false, _))
+    ));
+    let (_, seen) = b.observe(false);
+    assert_eq!(seen, Obs::Lease(lease("a", 1, 0)));
+    // fresh by the database's clock: refused whatever b believes
+    let refused = b.take_over(&seen, &lease("b", 2, 0), settle).unwrap_err();
+    assert!(!refused.0 && refused.1.contains("refused"), "{refused:?}");
+    // renew: ours and our count, and a retry of the same renewal (its answer lost) is fine
+    assert!(a.renew(&lease("a", 1, 0), &lease("a", 1, 1)).is_ok());
+    assert!(a.renew(&lease("a", 1, 0), &lease("a", 1, 1)).is_ok());
+    assert!(matches!(
+        a.renew(&lease("a", 1, 5), &lease("a", 1, 6)),
+        Err(RenewFail::Lost(_))
+    ));
+    // stale by the database's clock: b takes it, with a higher epoch only
+    let (_, seen) = b.observe(false);
+    thread::sleep(Duration::from_millis(FAST_WAIT_MS + 100));
+    assert!(matches!(
+        b.take_over(&seen, &lease("b", 1, 0), settle),
+        Err((false, _))
+    ));
+    assert!(b.take_over(&seen, &lease("b", 2, 0), settle).is_ok());
+    match a.renew(&lease("a", 1, 1), &lease("a", 1, 2)) {
+        Err(RenewFail::Lost(why)) => {
+            assert!(why.contains("names b") && why.contains("epoch 2"), "{why}")
+        }
+        other => panic!("a renewed a lease b holds: {other:?}"),
+    }
+    // release: only by the holder; then taken at once
+    assert!(a.release(&lease("a", 1, 1)).is_err());
+    assert!(b.release(&lease("b", 2, 0)).is_ok());
+    let (_, seen) = a.observe(false);
+    let Obs::Lease(l) = &seen else {
+        panic!("{seen:?}")
+    };
+    assert_eq!((l.state, l.epoch), (LeaseState::Released, 2));
+    assert!(a.take_over(&seen, &lease("a", 3, 0), settle).is_ok());
+    assert_eq!(b.observe(false).1, Obs::Lease(lease("a", 3, 0)));
+}
