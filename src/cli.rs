@@ -106,6 +106,18 @@ pub enum Command {
         #[command(subcommand)]
         action: CertsAction,
     },
+    /// The lease in the pair's database (`[lease] backend = "postgres"`)
+    Lease {
+        #[command(subcommand)]
+        action: LeaseAction,
+    },
+}
+
+/// `artemis-sync lease ...`
+#[derive(Debug, Subcommand)]
+pub enum LeaseAction {
+    /// Create the lease table if it is missing (idempotent; run once, from either VM)
+    Init,
 }
 
 /// `artemis-sync certs ...`

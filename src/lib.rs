@@ -5,13 +5,15 @@
 //!
 //! The tree follows the two storage modes: [`shared`] (a network share, a lock and a lease on
 //! it), [`replicated`] (each VM's own disk, the journal streamed hot to cold), and [`daemon`],
-//! what the agents of both modes are made of. [`config`], [`sys`], [`cli`], [`link`] and
-//! [`doctor`] serve both. `shared` and `replicated` never import each other.
+//! what the agents of both modes are made of. [`lease`] is the lease
+//! both agents contend for and where it is kept (the share, or a PostgreSQL row). [`config`],
+//! [`sys`], [`cli`], [`link`] and [`doctor`] serve both. `shared` and `replicated` never import each other.
 
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+pub mod lease;
 pub mod link;
 pub mod logging;
 pub mod replicated;

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use artemis_sync::cli::commands::{self, StatusReport};
-use artemis_sync::cli::{CertsAction, Cli, Command};
+use artemis_sync::cli::{CertsAction, Cli, Command, LeaseAction};
 use artemis_sync::config::{Config, ConfigError};
 use artemis_sync::daemon::client;
 use artemis_sync::doctor;
@@ -160,6 +160,12 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             action: CertsAction::Init { dir, hosts },
         } => {
             print!("{}", commands::certs_init(dir, hosts)?);
+            Ok(EXIT_OK)
+        }
+        Command::Lease {
+            action: LeaseAction::Init,
+        } => {
+            println!("{}", commands::lease_init(&load(path)?)?);
             Ok(EXIT_OK)
         }
     }

@@ -275,3 +275,11 @@ impl fmt::Display for CertsReport {
 pub fn certs_init(dir: &Path, hosts: &[String]) -> Result<CertsReport, CertsError> {
     certs::init(dir, hosts).map(CertsReport)
 }
+
+/// `lease init`: creates the database lease table if it is missing.
+pub fn lease_init(config: &Config) -> Result<String, crate::lease::pg::PgError> {
+    if config.lease_backend() != Some(crate::config::LeaseBackend::Postgres) {
+        return Err(crate::lease::pg::PgError::NotPostgres);
+    }
+    crate::lease::pg::PgStore::open(config)?.init_table()
+}

@@ -29,6 +29,7 @@ impl Config {
         self.validate_options(path)?;
         self.validate_credentials(path)?;
         self.validate_lock(path)?;
+        self.validate_lease(path)?;
         self.validate_mount_retries(path)
     }
 

@@ -26,16 +26,18 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver};
 
-use crate::config::{fence_margin_ms, Config};
+use crate::config::{fence_margin_ms, Config, LeaseBackend};
 use crate::daemon::control::Incoming;
 use crate::daemon::protocol::{
     AgentStatus, LeaseRole, ObservedLeaseState, Released, Reply, Request, SharedStatus,
 };
 use crate::daemon::supervisor::Supervisor;
 use crate::daemon::{duration_ms, ShutdownReason};
+use crate::lease::pg::{PgError, PgStore};
+use crate::lease::{LeaseStore, Obs, RenewFail};
 use crate::shared::lease::{Lease, LeaseState};
 use crate::shared::lock_safety::{self, LockSafetyError};
-use crate::shared::share_worker::{self, Done, Job, Jobs, Obs, RenewFail, Results};
+use crate::shared::share_worker::{self, Done, Job, Jobs, Results, ShareStore};
 
 /// The shortest pause between two observations of the lease by a cold agent.
 pub const MIN_POLL: Duration = Duration::from_millis(20);
@@ -49,6 +51,8 @@ pub enum AgentError {
     LockSafety(#[from] LockSafetyError),
     /// cannot start a thread: {0}
     Thread(#[source] std::io::Error),
+    /// {0}
+    Pg(#[from] PgError),
 }
 
 /// The state machine; see the module doc.
@@ -82,6 +86,8 @@ struct Agent {
     holdoff_until: Option<Instant>,
     split_warned: Option<Instant>,
     want_unlock: bool,
+    /// Whether the store has a lock (the share) besides the lease (false: the database).
+    has_lock: bool,
     /// The node, its hooks, the last error, systemd.
     sup: Supervisor,
 }
@@ -94,13 +100,21 @@ pub fn run(
     listener: UnixListener,
     shutdown: Receiver<ShutdownReason>,
 ) -> Result<ShutdownReason, AgentError> {
-    lock_safety::check_lock_dir(&config)?;
+    let store: Box<dyn LeaseStore> = match config.lease_backend() {
+        Some(LeaseBackend::Postgres) => Box::new(PgStore::open(&config)?),
+        _ => {
+            lock_safety::check_lock_dir(&config)?;
+            Box::new(ShareStore::new(&config))
+        }
+    };
+    let has_lock = store.has_lock();
     let config = Arc::new(config);
-    let (jobs, replies) = share_worker::start(config.clone()).map_err(AgentError::Thread)?;
+    let (jobs, replies) = share_worker::start(config.clone(), store).map_err(AgentError::Thread)?;
     let requests = Supervisor::serve_control(listener).map_err(AgentError::Thread)?;
     let mut agent = Agent::new(config, jobs, replies);
+    agent.has_lock = has_lock;
     let l = &agent.config.lock;
-    tracing::info!(holder = %agent.holder, dir = %l.dir.display(),
+    tracing::info!(holder = %agent.holder, dir = %l.dir.display(), backend = ?agent.config.lease_backend(),
         update_interval_ms = l.update_interval_ms, wait_interval_ms = l.wait_interval_ms, "agent started, cold");
     loop {
         let timeout = agent.sup.wait_limit(
@@ -170,6 +184,7 @@ impl Agent {
             holdoff_until: None,
             split_warned: None,
             want_unlock: false,
+            has_lock: true,
         }
     }
 
@@ -291,7 +306,8 @@ impl Agent {
             // The lock was granted while another holder renews: the lock does not exclude the
             // other VM (local-only locks, or its server dropped the holder's lock).
             Obs::Lease(l)
-                if l.holder != self.holder
+                if self.has_lock
+                    && l.holder != self.holder
                     && unchanged < self.update * 2
                     && self
                         .split_warned

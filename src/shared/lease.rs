@@ -10,14 +10,10 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 /// The lease file's name inside the lock directory.
 pub const LEASE_FILE: &str = "lease.json";
 /// The lock file's name inside the lock directory.
 pub const LOCK_FILE: &str = "lock";
-/// The record format this version writes and reads.
-pub const LEASE_VERSION: u32 = 1;
 /// The longest lease file read; a real one is about 250 bytes.
 pub const LEASE_MAX_BYTES: u64 = 64 * 1024;
 
@@ -40,54 +36,9 @@ pub enum LeaseError {
     },
 }
 
-/// Whether the holder still holds the lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LeaseState {
-    /// Held and renewed.
-    Held,
-    /// Given up cleanly: a contender may take over at once.
-    Released,
-}
-
-/// The record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Lease {
-    /// Record format.
-    pub version: u32,
-    /// `machine_name:base_dir` of the holder.
-    pub holder: String,
-    /// The fencing token: +1 on every takeover.
-    pub epoch: u64,
-    /// Renewals under this epoch; changes on every write, which is what contenders watch.
-    pub renewals: u64,
-    /// Held or released.
-    pub state: LeaseState,
-    /// The holder's renewal period.
-    pub update_interval_ms: u64,
-    /// The holder's takeover delay.
-    pub wait_interval_ms: u64,
-    /// blake3 of the fields above, to catch a record damaged in place.
-    #[serde(default)]
-    pub check: String,
-}
+pub use crate::lease::{Lease, LeaseState, LEASE_VERSION};
 
 impl Lease {
-    /// A held lease under `epoch`, not yet renewed.
-    pub fn new(holder: &str, epoch: u64, update_interval_ms: u64, wait_interval_ms: u64) -> Self {
-        Lease {
-            version: LEASE_VERSION,
-            holder: holder.to_owned(),
-            epoch,
-            renewals: 0,
-            state: LeaseState::Held,
-            update_interval_ms,
-            wait_interval_ms,
-            check: String::new(),
-        }
-    }
-
     fn checksum(&self) -> String {
         let body = format!(
             "{}\n{}\n{}\n{}\n{:?}\n{}\n{}",

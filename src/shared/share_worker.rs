@@ -1,5 +1,6 @@
 //! The shared-mode agent's share worker: the one thread that touches the share (lock, lease,
-//! mount, link), one job at a time from a bounded queue, each reply numbered with its job. An
+//! mount, link) and the lease's store (the share's [`ShareStore`], or the database's
+//! [`crate::lease::pg::PgStore`], behind [`LeaseStore`]), one job at a time from a bounded queue, each reply numbered with its job. An
 //! NFS call can block for minutes; only this thread blocks, and the agent's main thread, which
 //! never waits for a reply past its fence deadline, discards a late reply by its number.
 
@@ -11,27 +12,18 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::config::{Backend, Config};
 use crate::error_chain;
+use crate::lease::{LeaseStore, Obs, RenewFail};
 use crate::link::{self, LinkOptions};
 use crate::shared::lease::{self, Lease, LeaseError, LeaseState, LOCK_FILE};
 use crate::shared::lock::LockFile;
 use crate::shared::mount::{self, MountRequest};
 use crate::sys::RealSys;
 
-/// The lease as last read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Obs {
-    Missing,
-    Lease(Lease),
-    Error(String),
-}
-
-impl Obs {
-    fn from_read(r: Result<Option<Lease>, LeaseError>) -> Obs {
-        match r {
-            Ok(None) => Obs::Missing,
-            Ok(Some(l)) => Obs::Lease(l),
-            Err(e) => Obs::Error(e.to_string()),
-        }
+fn obs_from_read(r: Result<Option<Lease>, LeaseError>) -> Obs {
+    match r {
+        Ok(None) => Obs::Missing,
+        Ok(Some(l)) => Obs::Lease(l),
+        Err(e) => Obs::Error(e.to_string()),
     }
 }
 
@@ -68,28 +60,19 @@ pub(super) enum Done {
     Unlocked,
 }
 
-pub(super) enum RenewFail {
-    /// Someone else changed the lease or the lock: fence now.
-    Lost(String),
-    /// The share did not answer properly: retry until the fence deadline.
-    Io(String),
-}
-
 /// Numbered jobs to the share worker.
 pub(super) type Jobs = Sender<(u64, Job)>;
 /// Their results, with the job's number.
 pub(super) type Results = Receiver<(u64, Done)>;
 
 /// Starts the share worker's thread: numbered jobs in, numbered results out, both bounded(1).
-pub(super) fn start(config: Arc<Config>) -> std::io::Result<(Jobs, Results)> {
+pub(super) fn start(
+    config: Arc<Config>,
+    store: Box<dyn LeaseStore>,
+) -> std::io::Result<(Jobs, Results)> {
     let (jobs_tx, jobs_rx) = bounded::<(u64, Job)>(1);
     let (done_tx, done_rx) = bounded::<(u64, Done)>(1);
-    let mut worker = Worker {
-        lock_path: config.lock.dir.join(LOCK_FILE),
-        lease_path: lease::path(&config),
-        config,
-        lock: None,
-    };
+    let mut worker = Worker { config, store };
     std::thread::Builder::new()
         .name("share-worker".into())
         .spawn(move || {
@@ -102,87 +85,94 @@ pub(super) fn start(config: Arc<Config>) -> std::io::Result<(Jobs, Results)> {
     Ok((jobs_tx, done_rx))
 }
 
-/// Does the share operations, one at a time, in its own thread.
+/// Does the lease and share operations, one at a time, in its own thread.
 struct Worker {
     config: Arc<Config>,
-    lock_path: PathBuf,
-    lease_path: PathBuf,
-    lock: Option<LockFile>,
+    store: Box<dyn LeaseStore>,
 }
 
 impl Worker {
     fn handle(&mut self, job: Job) -> Done {
         match job {
             Job::Observe { try_lock } => {
-                let mut locked = Ok(self.lock.is_some());
-                if try_lock && self.lock.is_none() {
-                    locked = match LockFile::try_acquire(&self.lock_path) {
-                        Ok(l) => {
-                            self.lock = l;
-                            Ok(self.lock.is_some())
-                        }
-                        Err(e) => Err(e.to_string()),
-                    };
-                }
-                Done::Observed {
-                    locked,
-                    obs: Obs::from_read(lease::read(&self.lease_path)),
-                }
+                let (locked, obs) = self.store.observe(try_lock);
+                Done::Observed { locked, obs }
             }
             Job::Takeover {
                 expect,
                 lease,
                 settle,
-            } => Done::TookOver(self.take_over(expect, lease, settle)),
-            Job::Renew { current, next } => Done::Renewed(self.renew(&current, &next)),
-            Job::Release { current } => {
-                let result = match lease::read(&self.lease_path) {
-                    Ok(Some(l)) if l == current => {
-                        let released = Lease {
-                            state: LeaseState::Released,
-                            renewals: current.renewals + 1,
-                            ..current
-                        };
-                        lease::write(&self.lease_path, &released).map_err(|e| e.to_string())
-                    }
-                    Ok(other) => Err(format!(
-                        "the lease is no longer ours ({other:?}); not marking it released"
-                    )),
-                    Err(e) => Err(e.to_string()),
-                };
-                self.lock = None;
-                Done::Released(result)
-            }
+            } => Done::TookOver(
+                self.store
+                    .take_over(&expect, &lease, settle)
+                    .and_then(|()| ensure_share(&self.config).map_err(|m| (true, m))),
+            ),
+            Job::Renew { current, next } => Done::Renewed(self.store.renew(&current, &next)),
+            Job::Release { current } => Done::Released(self.store.release(&current)),
             Job::Unlock => {
-                self.lock = None;
+                self.store.unlock();
                 Done::Unlocked
             }
         }
     }
+}
+
+/// The lock file and the lease file in the lock directory on the share.
+pub(super) struct ShareStore {
+    lock_path: PathBuf,
+    lease_path: PathBuf,
+    lock: Option<LockFile>,
+}
+
+impl ShareStore {
+    pub(super) fn new(config: &Config) -> ShareStore {
+        ShareStore {
+            lock_path: config.lock.dir.join(LOCK_FILE),
+            lease_path: lease::path(config),
+            lock: None,
+        }
+    }
+}
+
+impl LeaseStore for ShareStore {
+    fn has_lock(&self) -> bool {
+        true
+    }
+
+    fn observe(&mut self, try_lock: bool) -> (Result<bool, String>, Obs) {
+        let mut locked = Ok(self.lock.is_some());
+        if try_lock && self.lock.is_none() {
+            locked = match LockFile::try_acquire(&self.lock_path) {
+                Ok(l) => {
+                    self.lock = l;
+                    Ok(self.lock.is_some())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+        }
+        (locked, obs_from_read(lease::read(&self.lease_path)))
+    }
 
     fn take_over(
         &mut self,
-        expect: Obs,
-        lease: Lease,
+        expect: &Obs,
+        lease: &Lease,
         settle: Duration,
     ) -> Result<(), (bool, String)> {
-        let now = Obs::from_read(lease::read(&self.lease_path));
-        if now != expect {
+        let now = obs_from_read(lease::read(&self.lease_path));
+        if now != *expect {
             return Err((false, "the lease changed just before takeover".into()));
         }
-        lease::write(&self.lease_path, &lease).map_err(|e| (false, e.to_string()))?;
+        lease::write(&self.lease_path, lease).map_err(|e| (false, e.to_string()))?;
         // A second writer (locks that do not reach the other VM) would show up here.
         std::thread::sleep(settle);
         match lease::read(&self.lease_path) {
-            Ok(Some(l)) if l == lease => {}
-            other => {
-                return Err((
-                    true,
-                    format!("our new lease was replaced right after takeover: {other:?}"),
-                ))
-            }
+            Ok(Some(l)) if l == *lease => Ok(()),
+            other => Err((
+                true,
+                format!("our new lease was replaced right after takeover: {other:?}"),
+            )),
         }
-        ensure_share(&self.config).map_err(|m| (true, m))
     }
 
     fn renew(&mut self, current: &Lease, next: &Lease) -> Result<(), RenewFail> {
@@ -220,6 +210,29 @@ impl Worker {
             Err(e) => return Err(RenewFail::Io(e.to_string())),
         }
         lease::write(&self.lease_path, next).map_err(|e| RenewFail::Io(e.to_string()))
+    }
+
+    fn release(&mut self, current: &Lease) -> Result<(), String> {
+        let result = match lease::read(&self.lease_path) {
+            Ok(Some(l)) if l == *current => {
+                let released = Lease {
+                    state: LeaseState::Released,
+                    renewals: current.renewals + 1,
+                    ..current.clone()
+                };
+                lease::write(&self.lease_path, &released).map_err(|e| e.to_string())
+            }
+            Ok(other) => Err(format!(
+                "the lease is no longer ours ({other:?}); not marking it released"
+            )),
+            Err(e) => Err(e.to_string()),
+        };
+        self.lock = None;
+        result
+    }
+
+    fn unlock(&mut self) {
+        self.lock = None;
     }
 }
 

@@ -20,8 +20,8 @@ const WAIT_MS: u64 = 1500;
 const STOP_MS: u64 = 300;
 
 /// Two agents (`a`, `b`) configured on one share, with a node log.
-struct Pair {
-    fx: Fixture,
+pub(crate) struct Pair {
+    pub(crate) fx: Fixture,
     log: PathBuf,
     agents: Vec<(String, Child)>,
     /// Extra environment for the agents.
@@ -34,6 +34,16 @@ fn config_path(fx: &Fixture, name: &str) -> PathBuf {
 
 impl Pair {
     fn new() -> Pair {
+        Pair::with(UPDATE_MS, WAIT_MS, |_, _| String::new())
+    }
+
+    /// Two agents renewing every `update_ms`, taking over after `wait_ms`, each config ending
+    /// with what `extra` gives for the fixture and the agent's name (a `[lease]` section).
+    pub(crate) fn with(
+        update_ms: u64,
+        wait_ms: u64,
+        extra: impl Fn(&Fixture, &str) -> String,
+    ) -> Pair {
         let fx = Fixture::new();
         let share = fx.mkdir("share");
         let log = fx.path("nodes.log");
@@ -51,12 +61,13 @@ impl Pair {
             let text = format!(
                 "[node]\nbase_dir = {}\ncommand = [{}, \"{name}\"]\nstop_timeout_ms = {STOP_MS}\n\n\
                  [storage]\nbackend = \"premounted\"\nmount_point = {}\n\n\
-                 [lock]\nmachine_name = \"{name}\"\nupdate_interval_ms = {UPDATE_MS}\nwait_interval_ms = {WAIT_MS}\n\
-                 allow_local_locks = true\n\n[agent]\ncontrol_socket = {}\n",
+                 [lock]\nmachine_name = \"{name}\"\nupdate_interval_ms = {update_ms}\nwait_interval_ms = {wait_ms}\n\
+                 allow_local_locks = true\n\n[agent]\ncontrol_socket = {}\n{}",
                 toml_path(&base),
                 toml_path(&node),
                 toml_path(&share),
                 toml_path(&fx.path(&format!("{name}.sock"))),
+                extra(&fx, name),
             );
             fs::write(config_path(&fx, name), text).unwrap();
         }
@@ -68,7 +79,7 @@ impl Pair {
         }
     }
 
-    fn config(&self, name: &str) -> PathBuf {
+    pub(crate) fn config(&self, name: &str) -> PathBuf {
         config_path(&self.fx, name)
     }
 
@@ -77,7 +88,7 @@ impl Pair {
     }
 
     /// Starts agent `name` in its own process group, stderr to `<name>.<n>.err`.
-    fn start(&mut self, name: &str) -> u32 {
+    pub(crate) fn start(&mut self, name: &str) -> u32 {
         let n = self.agents.len();
         let err = fs::File::create(self.fx.path(&format!("{name}.{n}.err"))).unwrap();
         let mut cmd = main_cmd();
@@ -96,7 +107,7 @@ impl Pair {
         pid
     }
 
-    fn child(&mut self, pid: u32) -> &mut Child {
+    pub(crate) fn child(&mut self, pid: u32) -> &mut Child {
         &mut self
             .agents
             .iter_mut()
@@ -106,7 +117,7 @@ impl Pair {
     }
 
     /// Sends `sig` to agent `pid` and, for a terminating signal, waits for it to exit.
-    fn signal(&mut self, pid: u32, sig: libc::c_int) {
+    pub(crate) fn signal(&mut self, pid: u32, sig: libc::c_int) {
         kill(pid_t(pid), sig);
         if sig == libc::SIGTERM || sig == libc::SIGKILL {
             let status = wait_bounded(self.child(pid), Duration::from_secs(10));
@@ -117,17 +128,17 @@ impl Pair {
         }
     }
 
-    fn status(&self, name: &str) -> serde_json::Value {
+    pub(crate) fn status(&self, name: &str) -> serde_json::Value {
         let out = artemis_sync(&self.config(name), ["status", "--json"]);
         serde_json::from_str(out.stdout.trim())
             .unwrap_or_else(|e| panic!("status is not JSON ({e}):\n{out}"))
     }
 
-    fn role(&self, name: &str) -> String {
+    pub(crate) fn role(&self, name: &str) -> String {
         self.status(name)["role"].as_str().unwrap_or("?").to_owned()
     }
 
-    fn events(&self) -> Vec<Event> {
+    pub(crate) fn events(&self) -> Vec<Event> {
         fs::read_to_string(&self.log)
             .unwrap_or_default()
             .lines()
@@ -135,7 +146,7 @@ impl Pair {
             .collect()
     }
 
-    fn stderr_of(&self) -> String {
+    pub(crate) fn stderr_of(&self) -> String {
         let mut all = String::new();
         for (i, (name, _)) in self.agents.iter().enumerate() {
             let text =
@@ -156,18 +167,18 @@ impl Drop for Pair {
 }
 
 /// A process id as `kill(2)` takes it (pids are below 2^22 on Linux).
-fn pid_t(pid: u32) -> libc::pid_t {
+pub(crate) fn pid_t(pid: u32) -> libc::pid_t {
     libc::pid_t::try_from(pid).expect("a pid fits in pid_t")
 }
 
-fn kill(pid: libc::pid_t, sig: libc::c_int) {
+pub(crate) fn kill(pid: libc::pid_t, sig: libc::c_int) {
     // SAFETY: kill has no memory-safety preconditions.
     unsafe {
         libc::kill(pid, sig);
     }
 }
 
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     let exists = unsafe { libc::kill(pid_t(pid), 0) == 0 };
     // a zombie still "exists": look at its state
@@ -184,14 +195,14 @@ fn alive(pid: u32) -> bool {
 }
 
 #[derive(Debug, Clone)]
-struct Event {
-    start: bool,
-    name: String,
-    epoch: Option<u64>,
+pub(crate) struct Event {
+    pub(crate) start: bool,
+    pub(crate) name: String,
+    pub(crate) epoch: Option<u64>,
     /// When it happened (ns since the epoch), for the failure report.
     #[allow(dead_code)]
-    t_ns: u128,
-    pid: u32,
+    pub(crate) t_ns: u128,
+    pub(crate) pid: u32,
 }
 
 impl Event {
@@ -219,7 +230,7 @@ impl Event {
 }
 
 /// Polls `cond` every 10 ms for at most `limit`.
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+pub(crate) fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     loop {
         if cond() {
@@ -234,7 +245,7 @@ fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// Asserts that node runs never overlap: every start comes after the previous run's stop.
 #[track_caller]
-fn assert_one_at_a_time(events: &[Event]) {
+pub(crate) fn assert_one_at_a_time(events: &[Event]) {
     let mut running: Option<&Event> = None;
     for e in events {
         if e.start {
