@@ -1,0 +1,255 @@
+//! The replicated agent's answers to the operator (`status`, `promote`, `demote`, `verify`
+//! over the control socket): each request is judged against the role and epoch on disk and
+//! the peer's last word, and answered with what was done or why not.
+
+use super::*;
+
+impl Replica {
+    pub(super) fn handle(&mut self, req: Incoming) {
+        let answer = match req.request {
+            Request::Status => Ok(Reply::Status(AgentStatus::Replicated(self.status()))),
+            Request::Promote { force } => self.promote(force).map(Reply::Promoted),
+            Request::Demote { force } => self.demote(force).map(Reply::Demoted),
+            Request::Verify => self.verify().map(Reply::Verified),
+            Request::Release => Err(req.request.not_in_mode(
+                "replicated",
+                "there is no lease to release; use `artemis-sync demote` on the hot host",
+            )),
+        };
+        let _ = req.reply.send(answer);
+    }
+
+    /// Becomes hot at a new epoch. Without `force`, only after a clean hand-over: the old hot
+    /// demoted (its drained goodbye arrived) and is no longer streaming. The new epoch is on
+    /// disk, and the apply thread idle for good, before the node starts.
+    fn promote(&mut self, force: bool) -> Result<Promoted, String> {
+        let st = self.gate.get();
+        if st.role == ReplRole::Hot {
+            return self.promote_waiting_hot(force);
+        }
+        let rs = &self.receiver.stats;
+        let now = crate::sys::now_unix_ms();
+        let last_frame = rs.last_frame_unix_ms.load(Ordering::Relaxed);
+        let streaming = rs.connected.load(Ordering::Relaxed)
+            && now.saturating_sub(last_frame) < duration_ms(STREAMING_WITHIN);
+        let drained = rs.drained.load(Ordering::Relaxed);
+        if streaming && !force {
+            return Err(format!(
+                "the hot side {} is connected and streaming (last frame {} ms ago): demote it first (`artemis-sync demote` there), or promote --force if it cannot be reached",
+                self.peer(),
+                now.saturating_sub(last_frame)
+            ));
+        }
+        if !drained && !force {
+            return Err(format!(
+                "the hot side {} has not handed over (no `demote`, no drained goodbye since it last connected); silence alone may be a pause: demote it first (`artemis-sync demote` there), or, if it is down for good, promote --force (if it is only paused or cut off, it runs its node until it hears of the new epoch, and what it wrote after the last applied batch is lost)",
+                self.peer()
+            ));
+        }
+        let last_ack = rs.last_ack_unix_ms.load(Ordering::Relaxed);
+        let new = ReplState {
+            epoch: st.epoch + 1,
+            role: ReplRole::Hot,
+        };
+        self.gate.set(new).map_err(|e| e.to_string())?;
+        // the gate no longer admits the old stream: once the batch being applied is done,
+        // the apply thread writes nothing more
+        if !self.receiver.fence(FENCE_TIMEOUT) {
+            let why = format!("the apply thread to finish its batch (it did not within {} s); `artemis-sync promote --force` starts the node anyway", FENCE_TIMEOUT.as_secs());
+            self.become_hot(false).map_err(|e| e.to_string())?;
+            self.waiting_for = Some(why.clone());
+            return Err(format!(
+                "hot at epoch {}, but the node waits for {why}",
+                new.epoch
+            ));
+        }
+        self.become_hot(true).map_err(|e| e.to_string())?;
+        let behind = if last_ack == 0 {
+            "no batch was ever acknowledged here".to_string()
+        } else {
+            format!("last batch applied {} ms ago", now.saturating_sub(last_ack))
+        };
+        let summary = if drained {
+            "the old hot drained its stream before leaving: the copy is complete"
+        } else {
+            "the old hot did NOT send a drained marker: writes after the last applied batch may be missing"
+        };
+        tracing::warn!(
+            epoch = new.epoch,
+            forced = force,
+            drained,
+            "PROMOTED: {behind}; {summary}"
+        );
+        Ok(Promoted {
+            epoch: new.epoch,
+            forced: force,
+            drained,
+            behind,
+            summary: summary.to_owned(),
+        })
+    }
+
+    /// `promote` on a hot host: `--force` starts a node that waits (for its peer, after a
+    /// restart) at a new epoch; otherwise it says what the node waits for.
+    fn promote_waiting_hot(&mut self, force: bool) -> Result<Promoted, String> {
+        let st = self.gate.get();
+        let Some(why) = self.waiting_for.clone() else {
+            return Err(format!("this host is already hot (epoch {})", st.epoch));
+        };
+        if !force {
+            return Err(format!(
+                "this host is hot at epoch {} but its node waits for {why}",
+                st.epoch
+            ));
+        }
+        let new = ReplState {
+            epoch: st.epoch + 1,
+            role: ReplRole::Hot,
+        };
+        self.gate.set(new).map_err(|e| e.to_string())?;
+        if let Some(s) = self.sender.take() {
+            s.stop();
+        }
+        self.become_hot(true).map_err(|e| e.to_string())?;
+        let summary = "forced without the peer's confirmation: if the peer was promoted meanwhile, this host turns cold when it hears of it";
+        tracing::warn!(
+            epoch = new.epoch,
+            "PROMOTED (--force, was waiting for {why}): {summary}"
+        );
+        Ok(Promoted {
+            epoch: new.epoch,
+            forced: true,
+            drained: false,
+            behind: "this host was already hot".into(),
+            summary: summary.into(),
+        })
+    }
+
+    fn demote(&mut self, force: bool) -> Result<Demoted, String> {
+        let st = self.gate.get();
+        if st.role != ReplRole::Hot {
+            return Err(format!("this host is not hot (epoch {})", st.epoch));
+        }
+        self.sup.release(Some(st.epoch));
+        let drained = self.drain();
+        if let Err(e) = &drained {
+            if !force {
+                return Err(format!("the node is stopped, but the stream could not be drained ({e}); this host stays hot so nothing is lost: demote again once the cold side is connected, or demote --force"));
+            }
+        }
+        if let Some(s) = self.sender.take() {
+            s.stop();
+        }
+        self.waiting_for = None;
+        self.gate
+            .set(ReplState {
+                epoch: st.epoch,
+                role: ReplRole::Cold,
+            })
+            .map_err(|e| e.to_string())?;
+        tracing::info!(epoch = st.epoch, "demoted: cold");
+        Ok(Demoted {
+            epoch: st.epoch,
+            drained: drained.is_ok(),
+            last_seq: drained.ok(),
+        })
+    }
+
+    fn verify(&self) -> Result<Verified, String> {
+        let Some(s) = &self.sender else {
+            return Err("verify runs on the hot host (this one is cold)".into());
+        };
+        let (tx, rx) = bounded(1);
+        s.ctl
+            .send(ScanMsg::Verify(tx))
+            .map_err(|_| "the scanner stopped".to_string())?;
+        let report = sdnotify::recv_pinging(&rx, VERIFY_TIMEOUT)
+            .map_err(|_| "no answer in time".to_string())??;
+        Ok(Verified {
+            identical: report.identical,
+            hot_root: report.hot_root,
+            cold_root: report.cold_root,
+            files: u64::try_from(report.files).unwrap_or(u64::MAX),
+            differing: report.differing,
+        })
+    }
+
+    /// The connected hot side's address on a cold host, else `[replication] peer`.
+    fn peer(&self) -> String {
+        self.receiver
+            .stats
+            .peer
+            .lock()
+            .expect("peer lock")
+            .clone()
+            .unwrap_or_else(|| self.repl.peer.clone())
+    }
+
+    fn status(&self) -> ReplicatedStatus {
+        let st = self.gate.get();
+        let now = crate::sys::now_unix_ms();
+        let (connected, last_ack, drained, wire, data, batches) = match &self.sender {
+            Some(s) => {
+                let x = &s.stats;
+                (
+                    x.connected.load(Ordering::Relaxed),
+                    x.last_ack_unix_ms.load(Ordering::Relaxed),
+                    None,
+                    x.wire_bytes.load(Ordering::Relaxed),
+                    x.data_bytes.load(Ordering::Relaxed),
+                    x.batches.load(Ordering::Relaxed),
+                )
+            }
+            None => {
+                let x = &self.receiver.stats;
+                (
+                    x.connected.load(Ordering::Relaxed),
+                    x.last_ack_unix_ms.load(Ordering::Relaxed),
+                    Some(x.drained.load(Ordering::Relaxed)),
+                    x.wire_bytes.load(Ordering::Relaxed),
+                    x.data_bytes.load(Ordering::Relaxed),
+                    x.batches.load(Ordering::Relaxed),
+                )
+            }
+        };
+        ReplicatedStatus {
+            role: st.role,
+            epoch: st.epoch,
+            holder: self.config.holder_id(),
+            data_dir: self.repl.data_dir.display().to_string(),
+            listen: self.listen.to_string(),
+            peer: self.peer(),
+            connected,
+            synced: self.sender.as_ref().map(|s| s.stats.synced()),
+            last_ack_age_ms: (last_ack > 0).then(|| now.saturating_sub(last_ack)),
+            drained,
+            wire_bytes: wire,
+            wire_out_bytes: self
+                .sender
+                .is_none()
+                .then(|| self.receiver.stats.wire_out_bytes.load(Ordering::Relaxed)),
+            data_bytes: data,
+            batches,
+            node_pid: self.sup.node_pid(),
+            node_state: self.sup.node_state(),
+            waiting_for: self.waiting_for.clone(),
+            watch_limit: self.sender.as_ref().and_then(|s| {
+                s.stats
+                    .watch_limit
+                    .lock()
+                    .expect("watch limit lock")
+                    .clone()
+            }),
+            degraded: self.sender.as_ref().and_then(|s| {
+                let since = s.stats.degraded_since_unix_ms.load(Ordering::Relaxed);
+                (since > 0).then(|| {
+                    format!(
+                        "degraded since {} s ago (unix ms {since}): the cold copy may lack data",
+                        now.saturating_sub(since) / 1000
+                    )
+                })
+            }),
+            error: self.sup.last_error(),
+        }
+    }
+}
