@@ -5,7 +5,8 @@
 //! A file's scan, step by step: open it (or take it from the cache of open files), model in
 //! the table what the cold side will do with its new length and mode, hash pages from the
 //! window's start and compare them with the table, queue each run of changed pages as one
-//! `Write`, then move the file's cursor (or mark it dirty when the window found nothing).
+//! `Write`, then move the file's cursor (and mark it dirty when the window did not see every
+//! page).
 //! Walking the whole tree is [`super::rescan`]'s.
 
 use std::fs::{self, File};
@@ -61,8 +62,6 @@ struct Pass {
     clean_run: usize,
     stop_after_clean: usize,
     last_changed: Option<usize>,
-    /// Whether the window's first page changed: the write may have begun before it.
-    first_changed: bool,
     /// One past the last page compared.
     compared_to: usize,
     /// Clean pages end a window only from this page on: a file that grew may have been
@@ -92,7 +91,6 @@ impl Pass {
             clean_run: 0,
             stop_after_clean,
             last_changed: None,
-            first_changed: false,
             compared_to: start,
             reach,
             run: None,
@@ -444,7 +442,6 @@ impl Scanner {
                 continue;
             }
             pass.clean_run = 0;
-            pass.first_changed |= idx == pass.start;
             table[idx] = short;
             pass.last_changed = Some(idx);
             let offset = idx as u64 * self.page_size as u64;
@@ -465,10 +462,11 @@ impl Scanner {
         }
     }
 
-    /// After a pass: the cursor moves to the last changed page; a window that found nothing
-    /// (and did not see every page), or whose first page changed, marks the file dirty; a
-    /// full pass records the file's metadata, a window keeps the file
-    /// open for the next event.
+    /// After a pass: the cursor moves to the last changed page; a window that did not compare
+    /// every page marks the file dirty (an event says "modified", not where: a write may have
+    /// begun before the window, and its pages up to the window may differ although the
+    /// window's first page does not, when that page was rewritten with the bytes it had); a
+    /// full pass records the file's metadata, a window keeps the file open for the next event.
     fn finish_pass(&mut self, rel: &str, file: File, meta: &fs::Metadata, pass: &Pass) {
         if let Some(c) = pass.last_changed {
             self.cursors.insert(rel.to_owned(), c);
@@ -476,15 +474,11 @@ impl Scanner {
         if !pass.full {
             // a window that compared every page saw all there was to see
             let saw_all = pass.start == 0 && pass.compared_to >= pass.pages;
-            let unexplained = pass.last_changed.is_none() && !saw_all;
-            // a change on the window's first page may have begun before it
-            let began_before = pass.first_changed && pass.start > 0;
-            if unexplained || began_before {
+            if !saw_all {
                 tracing::trace!(
                     file = rel,
                     cursor = pass.cursor,
-                    unexplained,
-                    began_before,
+                    found = pass.last_changed.is_some(),
                     "window: dirty"
                 );
                 self.dirty.insert(rel.to_owned());
