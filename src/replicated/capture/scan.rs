@@ -325,10 +325,24 @@ impl Scanner {
         let zero_hash = self.zero_hash;
         let known = self.table.files.contains_key(rel);
         let entry = self.table.files.entry(rel.to_owned()).or_default();
-        let (old_len, old_attrs, old_allocated) = (entry.len, entry.attrs, entry.allocated);
+        let (mut old_len, old_attrs, old_allocated) = (entry.len, entry.attrs, entry.allocated);
         if known && old_len == len && old_attrs == attrs && old_allocated == allocated {
             return false;
         }
+        if known && old_allocated && !allocated && len > 0 {
+            // the cold side keeps blocks the hot file no longer has (it shrank and grew again
+            // meanwhile, or a rename brought another file's entry): empty it and regrow it
+            // sparse; the pass from page 0 to the end resends every page that is not zeros
+            entry.pages.clear();
+            old_len = 0;
+            self.cursors.remove(rel);
+            self.push(Op::SetFile {
+                path: rel.to_owned(),
+                len: 0,
+                mode: attrs.mode,
+            });
+        }
+        let entry = self.table.files.get_mut(rel).expect("inserted above");
         if !known || old_len != len || old_attrs.mode != attrs.mode {
             let old_pages = entry.pages.len();
             if !old_len.is_multiple_of(ps) && len != old_len {
