@@ -159,8 +159,8 @@ impl Scanner {
         self.cursors.remove(to);
     }
 
-    /// Moves every table entry below `from` to `to`, sends the rename, then scans `to` for
-    /// whatever changed inside it.
+    /// Moves every table entry below `from` (files, directories and symlinks) to `to`, sends
+    /// the rename, then scans `to` for whatever changed inside it.
     fn rename_dir(&mut self, from: &str, to: &str) {
         let pf = format!("{from}/");
         let moved = |k: &str| -> String {
@@ -170,28 +170,9 @@ impl Scanner {
                 format!("{to}/{}", &k[pf.len()..])
             }
         };
-        let moved_files: Vec<_> = self
-            .table
-            .files
-            .keys()
-            .filter(|k| k.starts_with(&pf))
-            .cloned()
-            .collect();
-        for k in moved_files {
-            let v = self.table.files.remove(&k).expect("listed");
-            self.table.files.insert(moved(&k), v);
-        }
-        let moved_dirs: Vec<_> = self
-            .table
-            .dirs
-            .keys()
-            .filter(|k| *k == from || k.starts_with(&pf))
-            .cloned()
-            .collect();
-        for k in moved_dirs {
-            let v = self.table.dirs.remove(&k).expect("listed");
-            self.table.dirs.insert(moved(&k), v);
-        }
+        move_keys(&mut self.table.files, &pf, None, moved);
+        move_keys(&mut self.table.dirs, &pf, Some(from), moved);
+        move_keys(&mut self.table.links, &pf, None, moved);
         self.seen.clear();
         self.cursors.clear();
         self.push(Op::Rename {
@@ -199,5 +180,23 @@ impl Scanner {
             to: to.to_owned(),
         });
         self.scan_dir(to);
+    }
+}
+
+/// Moves the keys of `map` that start with `prefix` (and `exact`, if given) to `moved(key)`.
+fn move_keys<V>(
+    map: &mut std::collections::BTreeMap<String, V>,
+    prefix: &str,
+    exact: Option<&str>,
+    moved: impl Fn(&str) -> String,
+) {
+    let keys: Vec<String> = map
+        .keys()
+        .filter(|k| k.starts_with(prefix) || exact == Some(k.as_str()))
+        .cloned()
+        .collect();
+    for k in keys {
+        let v = map.remove(&k).expect("listed");
+        map.insert(moved(&k), v);
     }
 }

@@ -257,6 +257,31 @@ fn issue11_a_file_that_lost_blocks_loses_them_on_the_cold_side_too() {
     assert!(r.same());
 }
 
+#[test]
+fn issue11_a_renamed_directory_takes_its_symlinks_along_in_the_table() {
+    // The table kept `d/b` after `d` was renamed to `e`; a new `d/b` with the same target
+    // then matched that stale entry and never reached the cold side, not even by a rescan.
+    let mut r = Rig::new();
+    fs::create_dir(r.hot.join("d")).unwrap();
+    r.event(EventKind::Create(CreateKind::Folder), &["d"]);
+    std::os::unix::fs::symlink("..", r.hot.join("d/b")).unwrap();
+    r.event(EventKind::Create(CreateKind::Any), &["d/b"]);
+    assert!(r.same());
+    fs::rename(r.hot.join("d"), r.hot.join("e")).unwrap();
+    r.event(
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
+        &["d", "e"],
+    );
+    assert!(r.same(), "after the rename");
+    fs::create_dir(r.hot.join("d")).unwrap();
+    r.event(EventKind::Create(CreateKind::Folder), &["d"]);
+    std::os::unix::fs::symlink("..", r.hot.join("d/b")).unwrap();
+    r.event(EventKind::Create(CreateKind::Any), &["d/b"]);
+    r.scanner.full_scan(false);
+    r.pump();
+    assert!(r.same(), "the new link");
+}
+
 #[derive(Debug, Clone)]
 enum FsOp {
     Write {
