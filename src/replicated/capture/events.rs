@@ -108,12 +108,14 @@ impl Scanner {
         self.forget_target(to);
         let cursor = self.cursors.remove(from);
         self.table.files.remove(from);
-        self.table.files.insert(to.to_owned(), state);
+        self.table.files.insert(to.to_owned(), state.clone());
         let (first, flushes) = (self.ops.len(), self.flushes);
         self.scan_file(to, true);
         if self.flushes != flushes {
-            // part of the scan went out under `to` before the rename: resend all of it
+            // part of the scan went out under `to` before the rename (to the file the rename
+            // replaces): the cold side has `from` as it was; resend all of it
             if let Some(entry) = self.table.files.get_mut(to) {
+                *entry = state;
                 entry.pages.fill(INVALID);
                 self.dirty.insert(to.to_owned());
             }

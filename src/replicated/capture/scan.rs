@@ -64,6 +64,8 @@ struct Pass {
     last_changed: Option<usize>,
     /// One past the last page compared.
     compared_to: usize,
+    /// Whether a changed page is all zeros (written as zeros, it allocates its blocks).
+    zeroed: bool,
     /// Clean pages end a window only from this page on: a file that grew may have been
     /// written anywhere up to its new end.
     reach: usize,
@@ -92,6 +94,7 @@ impl Pass {
             stop_after_clean,
             last_changed: None,
             compared_to: start,
+            zeroed: false,
             reach,
             run: None,
         }
@@ -281,7 +284,30 @@ impl Scanner {
         let reach = if grew { pages } else { 0 };
         let mut pass = Pass::new(full, cursor, pages, reach);
         self.compare_pass(rel, &file, &mut pass);
+        if pass.zeroed && !allocated {
+            // zeros written where the hot file may have a hole would give the cold side
+            // blocks the hot file lacks: regrown sparse, every page that is not zeros resent
+            self.regrow_sparse(rel, attrs.mode);
+            self.model_set_file(rel, meta.len(), attrs, allocated, pages);
+            pass = Pass::new(true, 0, pages, pages);
+            self.compare_pass(rel, &file, &mut pass);
+        }
         self.finish_pass(rel, file, &meta, &pass);
+    }
+
+    /// Empties the file on the cold side (it regrows sparse with the next `SetFile`), and
+    /// models it empty: what the cold side had allocated is gone.
+    fn regrow_sparse(&mut self, rel: &str, mode: u32) {
+        if let Some(entry) = self.table.files.get_mut(rel) {
+            entry.pages.clear();
+            entry.len = 0;
+        }
+        self.cursors.remove(rel);
+        self.push(Op::SetFile {
+            path: rel.to_owned(),
+            len: 0,
+            mode,
+        });
     }
 
     /// The file to scan: the cached handle for a window, a fresh one for a full pass (the
@@ -331,16 +357,10 @@ impl Scanner {
         }
         if known && old_allocated && !allocated && len > 0 {
             // the cold side keeps blocks the hot file no longer has (it shrank and grew again
-            // meanwhile, or a rename brought another file's entry): empty it and regrow it
-            // sparse; the pass from page 0 to the end resends every page that is not zeros
-            entry.pages.clear();
+            // meanwhile, or a rename brought another file's entry): the pass from page 0 to
+            // the end resends every page that is not zeros
             old_len = 0;
-            self.cursors.remove(rel);
-            self.push(Op::SetFile {
-                path: rel.to_owned(),
-                len: 0,
-                mode: attrs.mode,
-            });
+            self.regrow_sparse(rel, attrs.mode);
         }
         let entry = self.table.files.get_mut(rel).expect("inserted above");
         if !known || old_len != len || old_attrs.mode != attrs.mode {
@@ -456,6 +476,7 @@ impl Scanner {
                 continue;
             }
             pass.clean_run = 0;
+            pass.zeroed |= chunk.iter().all(|&b| b == 0);
             table[idx] = short;
             pass.last_changed = Some(idx);
             let offset = idx as u64 * self.page_size as u64;

@@ -282,6 +282,28 @@ fn issue11_a_renamed_directory_takes_its_symlinks_along_in_the_table() {
     assert!(r.same(), "the new link");
 }
 
+#[test]
+fn issue11_zeros_where_the_hot_file_has_a_hole_do_not_allocate_the_cold_one() {
+    // A hole at block 3 moves to block 1 (cut short, written again from block 2): data
+    // fills the cold side's hole, and the pages that became zeros, written as zeros, would
+    // allocate the rest: the cold file fully allocated, the hot one not.
+    const BLOCK: usize = 4096;
+    let mut r = Rig::new();
+    let f = open_hot(&r, "a");
+    f.write_all_at(&[7; 3 * BLOCK], 0).unwrap();
+    f.write_all_at(&[7; 4 * BLOCK], 4 * BLOCK as u64).unwrap();
+    r.modified("a");
+    r.rehash_dirty();
+    assert!(r.same());
+    f.set_len(BLOCK as u64).unwrap();
+    f.write_all_at(&[8; 6 * BLOCK], 2 * BLOCK as u64).unwrap();
+    r.modified("a");
+    r.rehash_dirty();
+    let hot = crate::replicated::pages::index_tree(&r.hot, 512).unwrap();
+    assert!(!hot.files["a"].allocated, "the hot file has a hole");
+    assert!(r.same());
+}
+
 #[derive(Debug, Clone)]
 enum FsOp {
     Write {
