@@ -406,7 +406,6 @@ fn apply_step(root: &Path, step: &Step) {
 use std::os::unix::fs::OpenOptionsExt;
 
 #[test]
-#[ignore = "finds two divergences in some runs (a symlink that never reaches the cold side; a sparse file fully allocated on the cold side): open in issue 11; run with --ignored"]
 fn issue11_renames_and_every_change_converge_in_any_order() {
     if !require_root("renames converge", "chown to 4321:4322") {
         return;

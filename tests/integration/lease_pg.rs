@@ -448,6 +448,15 @@ fn issue13_alternating_kill9_and_release_failovers_one_node_at_a_time_with_conse
             epoch(&p, names[cold]),
             Some(u64::try_from(cycle).unwrap() + 2)
         );
+        // the new node has run (written its line) before the next cycle kills its agent
+        assert!(
+            wait_until(limit, || p
+                .events()
+                .iter()
+                .any(|e| e.epoch == Some(new_epoch))),
+            "cycle {cycle}: no node started at epoch {new_epoch}\n{}",
+            p.stderr_of()
+        );
         if cycle % 4 != 3 {
             pids[hot] = p.start(names[hot]);
         }

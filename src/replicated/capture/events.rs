@@ -149,12 +149,14 @@ impl Scanner {
         self.forget_target(to);
         let cursor = self.cursors.remove(from);
         self.table.files.remove(from);
-        self.table.files.insert(to.to_owned(), state);
+        self.table.files.insert(to.to_owned(), state.clone());
         let (first, flushes) = (self.ops.len(), self.flushes);
         self.scan_file(to, true);
         if self.flushes != flushes {
-            // part of the scan went out under `to` before the rename: resend all of it
+            // part of the scan went out under `to` before the rename (to the file the rename
+            // replaces): the cold side has `from` as it was; resend all of it
             if let Some(entry) = self.table.files.get_mut(to) {
+                *entry = state;
                 entry.pages.fill(INVALID);
                 self.dirty.insert(to.to_owned());
             }
@@ -200,8 +202,8 @@ impl Scanner {
         self.cursors.remove(to);
     }
 
-    /// Moves every table entry below `from` to `to`, sends the rename, then scans `to` for
-    /// whatever changed inside it.
+    /// Moves every table entry below `from` (files, directories and symlinks) to `to`, sends
+    /// the rename, then scans `to` for whatever changed inside it.
     fn rename_dir(&mut self, from: &str, to: &str) {
         let pf = format!("{from}/");
         let moved = |k: &str| -> String {
@@ -211,28 +213,9 @@ impl Scanner {
                 format!("{to}/{}", &k[pf.len()..])
             }
         };
-        let moved_files: Vec<_> = self
-            .table
-            .files
-            .keys()
-            .filter(|k| k.starts_with(&pf))
-            .cloned()
-            .collect();
-        for k in moved_files {
-            let v = self.table.files.remove(&k).expect("listed");
-            self.table.files.insert(moved(&k), v);
-        }
-        let moved_dirs: Vec<_> = self
-            .table
-            .dirs
-            .keys()
-            .filter(|k| *k == from || k.starts_with(&pf))
-            .cloned()
-            .collect();
-        for k in moved_dirs {
-            let v = self.table.dirs.remove(&k).expect("listed");
-            self.table.dirs.insert(moved(&k), v);
-        }
+        move_keys(&mut self.table.files, &pf, None, moved);
+        move_keys(&mut self.table.dirs, &pf, Some(from), moved);
+        move_keys(&mut self.table.links, &pf, None, moved);
         self.seen.clear();
         self.cursors.clear();
         self.push(Op::Rename {
@@ -240,5 +223,23 @@ impl Scanner {
             to: to.to_owned(),
         });
         self.scan_dir(to);
+    }
+}
+
+/// Moves the keys of `map` that start with `prefix` (and `exact`, if given) to `moved(key)`.
+fn move_keys<V>(
+    map: &mut std::collections::BTreeMap<String, V>,
+    prefix: &str,
+    exact: Option<&str>,
+    moved: impl Fn(&str) -> String,
+) {
+    let keys: Vec<String> = map
+        .keys()
+        .filter(|k| k.starts_with(prefix) || exact == Some(k.as_str()))
+        .cloned()
+        .collect();
+    for k in keys {
+        let v = map.remove(&k).expect("listed");
+        map.insert(moved(&k), v);
     }
 }

@@ -15,9 +15,11 @@
 //!   in the part it gained);
 //! - a rename first sends every change of the file under its old name (a full scan of that
 //!   one file), then the rename, so `x` never exists on the cold side without `x.tmp`'s data;
-//! - an event whose window found nothing (a write elsewhere in the file), or whose window's
-//!   first page changed (a write that may have begun before it), marks the file dirty; dirty
-//!   files are hashed in full every half `rescan_interval_ms`;
+//! - an event whose window did not compare every page marks the file dirty: an event says
+//!   "modified", not where, and a write that began before the window may have changed pages
+//!   there while rewriting the window's first page with the bytes it had; dirty files are
+//!   hashed in full every half `rescan_interval_ms` (so the window gives the latency, the
+//!   dirty pass the certainty);
 //! - every `rescan_interval_ms`, files whose size, mtime, ctime (a chmod or chown), inode or
 //!   allocation changed are hashed in full (random in-place writes, anything events missed),
 //!   and directories and symlinks whose attributes or target differ from the table are sent;
@@ -169,8 +171,9 @@ pub(crate) struct Scanner {
     verify_id: u64,
     buf: Vec<u8>,
     progress: Option<Progress>,
-    /// Files with an event that the append window did not explain (a write elsewhere in the
-    /// file): rehashed in full every half rescan interval, not only at the next rescan.
+    /// Files with an event whose append window did not see every page (a write may have
+    /// changed pages before it): rehashed in full every half rescan interval, not only at the
+    /// next rescan.
     dirty: BTreeSet<String>,
     next_dirty: Instant,
     /// Files kept open for window scans; dropped on any create, rename or remove event for

@@ -5,7 +5,8 @@
 //! A file's scan, step by step: open it (or take it from the cache of open files), model in
 //! the table what the cold side will do with its new length and mode, hash pages from the
 //! window's start and compare them with the table, queue each run of changed pages as one
-//! `Write`, then move the file's cursor (or mark it dirty when the window found nothing).
+//! `Write`, then move the file's cursor (and mark it dirty when the window did not see every
+//! page).
 //! Walking the whole tree is [`super::rescan`]'s.
 
 use std::fs::{self, File};
@@ -61,10 +62,10 @@ struct Pass {
     clean_run: usize,
     stop_after_clean: usize,
     last_changed: Option<usize>,
-    /// Whether the window's first page changed: the write may have begun before it.
-    first_changed: bool,
     /// One past the last page compared.
     compared_to: usize,
+    /// Whether a changed page is all zeros (written as zeros, it allocates its blocks).
+    zeroed: bool,
     /// Clean pages end a window only from this page on: a file that grew may have been
     /// written anywhere up to its new end.
     reach: usize,
@@ -92,8 +93,8 @@ impl Pass {
             clean_run: 0,
             stop_after_clean,
             last_changed: None,
-            first_changed: false,
             compared_to: start,
+            zeroed: false,
             reach,
             run: None,
         }
@@ -283,6 +284,14 @@ impl Scanner {
         let reach = if grew { pages } else { 0 };
         let mut pass = Pass::new(full, cursor, pages, reach);
         self.compare_pass(rel, &file, &mut pass);
+        if pass.zeroed && !allocated {
+            // zeros written where the hot file may have a hole would give the cold side
+            // blocks the hot file lacks: regrown sparse, every page that is not zeros resent
+            self.regrow_sparse(rel, attrs.mode);
+            self.model_set_file(rel, meta.len(), attrs, allocated, pages);
+            pass = Pass::new(true, 0, pages, pages);
+            self.compare_pass(rel, &file, &mut pass);
+        }
         self.finish_pass(rel, file, &meta, &pass);
     }
 
@@ -305,13 +314,42 @@ impl Scanner {
             return;
         };
         let (attrs, allocated) = (Attrs::of(&meta), fully_allocated(&meta));
+        // a file that lost blocks is regrown sparse by model_set_file: all of it is resent
+        let regrown =
+            !allocated && meta.len() > 0 && self.table.files.get(rel).is_some_and(|e| e.allocated);
         self.model_set_file(rel, meta.len(), attrs, allocated, pages);
         let mut pass = Pass::new(true, 0, end.min(pages), 0);
-        (pass.start, pass.page, pass.compared_to) = (first, first, first);
+        if regrown {
+            pass = Pass::new(true, 0, pages, pages);
+        } else {
+            (pass.start, pass.page, pass.compared_to) = (first, first, first);
+        }
         self.compare_pass(rel, file, &mut pass);
+        if pass.zeroed && !allocated {
+            // as in scan_file: zeros must not allocate blocks the hot file may lack
+            self.regrow_sparse(rel, attrs.mode);
+            self.model_set_file(rel, meta.len(), attrs, allocated, pages);
+            pass = Pass::new(true, 0, pages, pages);
+            self.compare_pass(rel, file, &mut pass);
+        }
         if let Some(c) = pass.last_changed {
             self.cursors.insert(rel.to_owned(), c);
         }
+    }
+
+    /// Empties the file on the cold side (it regrows sparse with the next `SetFile`), and
+    /// models it empty: what the cold side had allocated is gone.
+    fn regrow_sparse(&mut self, rel: &str, mode: u32) {
+        if let Some(entry) = self.table.files.get_mut(rel) {
+            entry.pages.clear();
+            entry.len = 0;
+        }
+        self.cursors.remove(rel);
+        self.push(Op::SetFile {
+            path: rel.to_owned(),
+            len: 0,
+            mode,
+        });
     }
 
     /// The file to scan: the cached handle for a window, a fresh one for a full pass (the
@@ -355,10 +393,18 @@ impl Scanner {
         let zero_hash = self.zero_hash;
         let known = self.table.files.contains_key(rel);
         let entry = self.table.files.entry(rel.to_owned()).or_default();
-        let (old_len, old_attrs, old_allocated) = (entry.len, entry.attrs, entry.allocated);
+        let (mut old_len, old_attrs, old_allocated) = (entry.len, entry.attrs, entry.allocated);
         if known && old_len == len && old_attrs == attrs && old_allocated == allocated {
             return false;
         }
+        if known && old_allocated && !allocated && len > 0 {
+            // the cold side keeps blocks the hot file no longer has (it shrank and grew again
+            // meanwhile, or a rename brought another file's entry): the pass from page 0 to
+            // the end resends every page that is not zeros
+            old_len = 0;
+            self.regrow_sparse(rel, attrs.mode);
+        }
+        let entry = self.table.files.get_mut(rel).expect("inserted above");
         if !known || old_len != len || old_attrs.mode != attrs.mode {
             let old_pages = entry.pages.len();
             if !old_len.is_multiple_of(ps) && len != old_len {
@@ -472,7 +518,7 @@ impl Scanner {
                 continue;
             }
             pass.clean_run = 0;
-            pass.first_changed |= idx == pass.start;
+            pass.zeroed |= chunk.iter().all(|&b| b == 0);
             table[idx] = short;
             pass.last_changed = Some(idx);
             let offset = idx as u64 * self.page_size as u64;
@@ -493,10 +539,11 @@ impl Scanner {
         }
     }
 
-    /// After a pass: the cursor moves to the last changed page; a window that found nothing
-    /// (and did not see every page), or whose first page changed, marks the file dirty; a
-    /// full pass records the file's metadata, a window keeps the file
-    /// open for the next event.
+    /// After a pass: the cursor moves to the last changed page; a window that did not compare
+    /// every page marks the file dirty (an event says "modified", not where: a write may have
+    /// begun before the window, and its pages up to the window may differ although the
+    /// window's first page does not, when that page was rewritten with the bytes it had); a
+    /// full pass records the file's metadata, a window keeps the file open for the next event.
     fn finish_pass(&mut self, rel: &str, file: File, meta: &fs::Metadata, pass: &Pass) {
         if let Some(c) = pass.last_changed {
             self.cursors.insert(rel.to_owned(), c);
@@ -504,15 +551,11 @@ impl Scanner {
         if !pass.full {
             // a window that compared every page saw all there was to see
             let saw_all = pass.start == 0 && pass.compared_to >= pass.pages;
-            let unexplained = pass.last_changed.is_none() && !saw_all;
-            // a change on the window's first page may have begun before it
-            let began_before = pass.first_changed && pass.start > 0;
-            if unexplained || began_before {
+            if !saw_all {
                 tracing::trace!(
                     file = rel,
                     cursor = pass.cursor,
-                    unexplained,
-                    began_before,
+                    found = pass.last_changed.is_some(),
                     "window: dirty"
                 );
                 self.dirty.insert(rel.to_owned());

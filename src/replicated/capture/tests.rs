@@ -223,6 +223,87 @@ fn a_write_that_began_before_the_window_is_rehashed_with_the_dirty_files() {
     assert!(r.same());
 }
 
+#[test]
+fn issue11_a_write_over_identical_bytes_before_the_window_is_rehashed_with_the_dirty_files() {
+    // The proptest's saved case: the second write begins at page 3, rewrites pages 4 and 5
+    // with the bytes they had and grows the file by a byte; the window (from page 5) sees
+    // only page 6 change, its first page unchanged. Page 3 differs all the same.
+    let mut r = Rig::new();
+    let f = open_hot(&r, "a");
+    f.write_all_at(&[116; 951], 2122).unwrap();
+    r.modified("a");
+    f.write_all_at(&[116; 1375], 1699).unwrap();
+    r.modified("a");
+    r.rehash_dirty();
+    assert!(r.same());
+}
+
+#[test]
+fn issue11_a_file_that_lost_blocks_loses_them_on_the_cold_side_too() {
+    // Fully allocated, then (between two looks) cut short and grown again past a hole: the
+    // scanner sees the same file longer and no longer fully allocated. The cold side kept
+    // the old blocks, and the pages that are zeros now were written as zeros there.
+    let mut r = Rig::new();
+    let f = open_hot(&r, "a");
+    f.write_all_at(&[7; 20_000], 0).unwrap();
+    r.modified("a");
+    assert!(r.same());
+    f.set_len(100).unwrap();
+    f.write_all_at(&[9; 8389], 17_960).unwrap();
+    r.modified("a");
+    r.rehash_dirty();
+    let hot = crate::replicated::pages::index_tree(&r.hot, 512).unwrap();
+    assert!(!hot.files["a"].allocated, "the hot file has a hole");
+    assert!(r.same());
+}
+
+#[test]
+fn issue11_a_renamed_directory_takes_its_symlinks_along_in_the_table() {
+    // The table kept `d/b` after `d` was renamed to `e`; a new `d/b` with the same target
+    // then matched that stale entry and never reached the cold side, not even by a rescan.
+    let mut r = Rig::new();
+    fs::create_dir(r.hot.join("d")).unwrap();
+    r.event(EventKind::Create(CreateKind::Folder), &["d"]);
+    std::os::unix::fs::symlink("..", r.hot.join("d/b")).unwrap();
+    r.event(EventKind::Create(CreateKind::Any), &["d/b"]);
+    assert!(r.same());
+    fs::rename(r.hot.join("d"), r.hot.join("e")).unwrap();
+    r.event(
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
+        &["d", "e"],
+    );
+    assert!(r.same(), "after the rename");
+    fs::create_dir(r.hot.join("d")).unwrap();
+    r.event(EventKind::Create(CreateKind::Folder), &["d"]);
+    std::os::unix::fs::symlink("..", r.hot.join("d/b")).unwrap();
+    r.event(EventKind::Create(CreateKind::Any), &["d/b"]);
+    r.scanner.full_scan(false);
+    r.pump();
+    assert!(r.same(), "the new link");
+}
+
+#[test]
+fn issue11_zeros_where_the_hot_file_has_a_hole_do_not_allocate_the_cold_one() {
+    // A hole at block 3 moves to block 1 (cut short, written again from block 2): data
+    // fills the cold side's hole, and the pages that became zeros, written as zeros, would
+    // allocate the rest: the cold file fully allocated, the hot one not.
+    const BLOCK: usize = 4096;
+    let mut r = Rig::new();
+    let f = open_hot(&r, "a");
+    f.write_all_at(&[7; 3 * BLOCK], 0).unwrap();
+    f.write_all_at(&[7; 4 * BLOCK], 4 * BLOCK as u64).unwrap();
+    r.modified("a");
+    r.rehash_dirty();
+    assert!(r.same());
+    f.set_len(BLOCK as u64).unwrap();
+    f.write_all_at(&[8; 6 * BLOCK], 2 * BLOCK as u64).unwrap();
+    r.modified("a");
+    r.rehash_dirty();
+    let hot = crate::replicated::pages::index_tree(&r.hot, 512).unwrap();
+    assert!(!hot.files["a"].allocated, "the hot file has a hole");
+    assert!(r.same());
+}
+
 #[derive(Debug, Clone)]
 enum FsOp {
     Write {
