@@ -46,6 +46,11 @@ pub struct LeaseConfig {
     /// postgres: the row's key, one per hot/cold pair.
     #[serde(default)]
     pub pair: String,
+    /// Replicated mode, async acks: the cold VM takes the lease by itself only if the hot's
+    /// last report had its copy at most this far behind, in ms (0: only fully caught up). With
+    /// durable acks it takes over only in sync (RPO 0), whatever this says.
+    #[serde(default)]
+    pub max_failover_lag_ms: u64,
 }
 
 impl Default for LeaseConfig {
@@ -55,6 +60,7 @@ impl Default for LeaseConfig {
             dsn_file: PathBuf::new(),
             table: default_table(),
             pair: String::new(),
+            max_failover_lag_ms: 0,
         }
     }
 }
@@ -114,12 +120,14 @@ impl Config {
                 }
                 Ok(())
             }
-            LeaseBackend::Postgres if self.storage.mode == Mode::Replicated => Err(invalid(
-                "lease.backend",
-                "= \"postgres\" is not used by replicated mode yet (its automatic failover is \
-                 issue 13's next step); remove [lease] and fail over with `artemis-sync promote`"
-                    .into(),
-            )),
+            LeaseBackend::Postgres
+                if self.storage.mode == Mode::Shared && l.max_failover_lag_ms != 0 =>
+            {
+                Err(invalid(
+                    "lease.max_failover_lag_ms",
+                    "is only used in replicated mode (a share has no lag)".into(),
+                ))
+            }
             LeaseBackend::Postgres => {
                 absolute("lease.dsn_file", &l.dsn_file)
                     .map_err(|r| invalid("lease.dsn_file", r))?;

@@ -275,8 +275,29 @@ pub struct ReplicatedStatus {
     /// Hot with durable acks: since when syncs no longer wait for the cold side.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub degraded: Option<String>,
+    /// With `[lease] backend = "postgres"`: the lease as this host sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Box<ReplicatedLease>>,
     /// The last problem seen, if any.
     pub error: Option<String>,
+}
+
+/// The database lease in replicated mode, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicatedLease {
+    /// This host's part in the contention.
+    pub role: LeaseRole,
+    /// Who the row names, and under which epoch (`None`: no row, or not read).
+    pub holder: Option<String>,
+    pub epoch: Option<u64>,
+    /// Whether the row is released.
+    pub released: Option<bool>,
+    /// How far behind the hot's last report has the cold copy (0: in sync); `None`: unknown.
+    pub cold_lag_ms: Option<u64>,
+    /// Hot: since the last good renewal; cold: since the row last changed.
+    pub age_ms: u64,
+    /// Why this host did not take over a lease it could have taken.
+    pub not_taking_over: Option<String>,
 }
 
 /// The answer to `release`.

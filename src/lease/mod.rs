@@ -14,7 +14,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub mod dsn;
+pub mod machine;
 pub mod pg;
+pub mod worker;
 
 /// Whether the holder still holds the lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +46,11 @@ pub struct Lease {
     pub update_interval_ms: u64,
     /// The holder's takeover delay.
     pub wait_interval_ms: u64,
+    /// The database lease in replicated mode: how far behind the cold copy was at the hot's
+    /// last report, in ms (0: in sync, every confirmed sync is on the cold disk); `None` when
+    /// unknown or degraded. The cold side takes over by itself only on a report it accepts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_lag_ms: Option<u64>,
     /// blake3 of the fields above, to catch a record damaged in place (the file only).
     #[serde(default)]
     pub check: String,
@@ -63,6 +70,7 @@ impl Lease {
             state: LeaseState::Held,
             update_interval_ms,
             wait_interval_ms,
+            cold_lag_ms: None,
             check: String::new(),
         }
     }

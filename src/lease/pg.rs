@@ -48,6 +48,7 @@ struct Statements {
     take: String,
     renew: String,
     release: String,
+    report: String,
 }
 
 impl Statements {
@@ -57,16 +58,19 @@ impl Statements {
             create: format!(
                 "CREATE TABLE IF NOT EXISTS {t} (pair text PRIMARY KEY, holder text NOT NULL, \
                  epoch bigint NOT NULL CHECK (epoch > 0), renewals bigint NOT NULL, \
-                 renewed_at timestamptz NOT NULL, released boolean NOT NULL)"
+                 renewed_at timestamptz NOT NULL, released boolean NOT NULL, cold_lag_ms bigint); \
+                 ALTER TABLE {t} ADD COLUMN IF NOT EXISTS cold_lag_ms bigint"
             ),
-            select: format!("SELECT holder, epoch, renewals, released FROM {t} WHERE pair = $1"),
+            select: format!(
+                "SELECT holder, epoch, renewals, released, cold_lag_ms FROM {t} WHERE pair = $1"
+            ),
             insert: format!(
                 "INSERT INTO {t} (pair, holder, epoch, renewals, renewed_at, released) \
                  VALUES ($1, $2, $3, 0, now(), false) ON CONFLICT (pair) DO NOTHING"
             ),
             take: format!(
                 "UPDATE {t} SET holder = $2, epoch = $3, renewals = 0, renewed_at = now(), \
-                 released = false WHERE pair = $1 AND holder = $4 AND epoch = $5 \
+                 released = false, cold_lag_ms = NULL WHERE pair = $1 AND holder = $4 AND epoch = $5 \
                  AND renewals = $6 AND released = $7 AND $3 > epoch \
                  AND (released OR renewed_at <= now() - $8::bigint * interval '1 millisecond')"
             ),
@@ -78,6 +82,7 @@ impl Statements {
                 "UPDATE {t} SET released = true, renewals = $4 + 1, renewed_at = now() \
                  WHERE {live} AND renewals = $4"
             ),
+            report: format!("UPDATE {t} SET cold_lag_ms = $4 WHERE {live}"),
         }
     }
 }
@@ -254,6 +259,7 @@ impl PgStore {
         let Some(row) = row else { return Ok(None) };
         let (holder, epoch, renewals, released): (String, i64, i64, bool) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
+        let cold_lag_ms: Option<i64> = row.get(4);
         let unsigned =
             |v: i64| u64::try_from(v).map_err(|_| format!("negative value {v} in the lease row"));
         Ok(Some(Lease {
@@ -268,8 +274,29 @@ impl PgStore {
             },
             update_interval_ms: self.update_interval_ms,
             wait_interval_ms: self.wait_interval_ms,
+            cold_lag_ms: cold_lag_ms.and_then(|v| u64::try_from(v).ok()),
             check: String::new(),
         }))
+    }
+
+    /// Records in our row (`holder` under `epoch`, still held) how far behind the cold copy
+    /// is: `Some(0)` in sync, `None` unknown or degraded. Fails when the row no longer names us.
+    pub fn report_cold_lag(
+        &mut self,
+        holder: &str,
+        epoch: u64,
+        lag_ms: Option<u64>,
+    ) -> Result<(), String> {
+        let (holder, e) = (holder.to_owned(), to_i64(epoch));
+        let lag = lag_ms.map(to_i64);
+        let rows = self.call(move |c, sql, pair| {
+            Box::pin(async move { c.execute(&sql.report, &[&pair, &holder, &e, &lag]).await })
+        })?;
+        if rows == 1 {
+            Ok(())
+        } else {
+            Err(format!("{}, not us under epoch {epoch}", self.now_says()))
+        }
     }
 
     /// What the row says now, for a message.

@@ -33,6 +33,7 @@ use crate::daemon::protocol::{
 };
 use crate::daemon::supervisor::{Supervisor, IDLE_WAKEUP};
 use crate::daemon::{duration_ms, sdnotify, ShutdownReason};
+use crate::lease::machine::LeaseMachine;
 use crate::link::{self, LinkOptions};
 use crate::replicated::capture::fuse::DurableConfig;
 use crate::replicated::channel::Auth;
@@ -40,8 +41,10 @@ use crate::replicated::receiver::{self, ReceiverConfig, ReceiverHandle};
 use crate::replicated::sender::{self, ScanMsg, SenderConfig, SenderEvent, SenderHandle};
 use crate::replicated::state::{load_state, save_state, EpochGate, ReplState, StateError};
 use crate::replicated::wire::Psk;
+use crate::replicated::witness::{self, Witness, WitnessHandle};
 
 mod control;
+mod lease;
 
 /// A hot side that sent a frame this recently counts as connected and streaming for `promote`.
 pub const STREAMING_WITHIN: Duration = Duration::from_secs(3);
@@ -95,6 +98,10 @@ struct Replica {
     waiting_for: Option<String>,
     /// The node, its hooks, the last error, systemd.
     sup: Supervisor,
+    /// With `[lease] backend = "postgres"`: the lease, which then decides who is hot.
+    lease: Option<LeaseMachine>,
+    /// With the lease, while hot: the thread reporting the cold copy's lag into the row.
+    witness: Option<(Witness, WitnessHandle)>,
 }
 
 /// How the replication peers authenticate, from the config (files named in errors).
@@ -134,15 +141,22 @@ pub fn run(
     let requests = Supervisor::serve_control(control_listener)
         .map_err(|e| ReplicaError::Start(format!("control thread: {e}")))?;
     let state = me.gate.get();
-    tracing::info!(role = ?state.role, epoch = state.epoch, listen = %me.listen, peer = %me.repl.peer, "replication agent started");
+    tracing::info!(role = ?state.role, epoch = state.epoch, listen = %me.listen, peer = %me.repl.peer,
+        lease = me.lease.is_some(), "replication agent started");
     if state.role == ReplRole::Hot {
         // a restart or a reboot: a newer epoch may exist that this host has not heard of
         me.become_hot(false)?;
     }
+    let lease_replies = me.lease.as_ref().map_or(never(), LeaseMachine::replies);
     loop {
         me.announce();
         let sender_events = me.sender.as_ref().map_or(never(), |s| s.events.clone());
         let node_exit = me.sup.node_exit();
+        let limit = me.lease.as_ref().map_or(IDLE_WAKEUP, |m| {
+            m.next_deadline()
+                .saturating_duration_since(std::time::Instant::now())
+                .min(IDLE_WAKEUP)
+        });
         select! {
             recv(shutdown) -> reason => {
                 let reason = reason.unwrap_or(ShutdownReason::Signal(libc::SIGTERM));
@@ -164,8 +178,12 @@ pub fn run(
                 Err(_) => {}
             },
             recv(node_exit) -> status => if let Ok(status) = status { me.sup.node_exited(status); },
-            default(me.sup.wait_limit(IDLE_WAKEUP)) => {}
+            recv(lease_replies) -> msg => if let Ok((seq, done)) = msg {
+                if let Some(m) = me.lease.as_mut() { m.handle_reply(seq, done) }
+            },
+            default(me.sup.wait_limit(limit)) => {}
         }
+        me.lease_tick();
         me.sup.ping_watchdog();
     }
 }
@@ -257,6 +275,7 @@ impl Replica {
         );
         repl.data_dir = data_dir;
         let sup = Supervisor::new(&config.node, config.holder_id(), HOOK_TIMEOUT);
+        let lease = lease::machine(&config, &gate)?;
         Ok(Replica {
             config,
             repl,
@@ -268,6 +287,8 @@ impl Replica {
             sender: None,
             waiting_for: None,
             sup,
+            lease,
+            witness: None,
         })
     }
 
@@ -287,6 +308,11 @@ impl Replica {
         let st = self.gate.get();
         let fuse_mount =
             (self.repl.capture == Capture::Fuse).then(|| self.repl.mount_point.clone());
+        let durable = self.repl.ack == Ack::Durable;
+        let witness = self
+            .lease
+            .is_some()
+            .then(|| witness::channel(self.witness_timeout()));
         let peer: SocketAddr = self
             .repl
             .peer
@@ -304,13 +330,17 @@ impl Replica {
             window_bytes: usize::try_from(self.repl.window_mb.saturating_mul(1 << 20))
                 .unwrap_or(usize::MAX),
             fuse_mount: fuse_mount.clone(),
-            durable: (self.repl.ack == Ack::Durable).then(|| DurableConfig {
+            durable: durable.then(|| DurableConfig {
                 peer_timeout: Duration::from_millis(self.repl.peer_timeout_ms),
                 block: self.repl.on_peer_loss == PeerLoss::Block,
+                witness: witness.as_ref().map(|(h, _)| h.clone()),
             }),
         };
         let sender = sender::start(cfg, self.rt.handle())
             .map_err(|e| ReplicaError::Start(crate::error_chain(&e)))?;
+        if let Some((handle, inbox)) = witness {
+            self.start_witness(handle, inbox, st.epoch, durable, sender.stats.clone())?;
+        }
         self.sender = Some(sender);
         // after the sender: in FUSE mode the link's target is the mount it has just served
         if let Err(e) = link::link(
@@ -331,10 +361,14 @@ impl Replica {
             self.waiting_for = None;
             self.start_node(st.epoch);
         } else {
-            let why = format!(
+            let why = if self.lease.is_some() {
+                format!("the lease database to confirm that this host still holds epoch {} (it was hot when it stopped); if another VM took over meanwhile, this one turns cold", st.epoch)
+            } else {
+                format!(
                 "the peer {} to confirm that no epoch newer than {} exists (this host was hot when it stopped); `artemis-sync promote --force` starts the node without it",
                 self.repl.peer, st.epoch
-            );
+            )
+            };
             tracing::warn!(epoch = st.epoch, "hot, but the node waits for {why}");
             self.waiting_for = Some(why);
         }
@@ -352,8 +386,8 @@ impl Replica {
     /// ours. A hot that waited for this starts its node.
     fn confirmed(&mut self, epoch: u64) {
         let st = self.gate.get();
-        if st.role != ReplRole::Hot || self.waiting_for.is_none() {
-            return;
+        if st.role != ReplRole::Hot || self.waiting_for.is_none() || self.lease.is_some() {
+            return; // with the lease, the database confirms, not the peer
         }
         self.waiting_for = None;
         tracing::info!(
@@ -385,9 +419,13 @@ impl Replica {
         }
         self.waiting_for = None;
         self.sup.release(Some(st.epoch));
-        if let Some(s) = self.sender.take() {
-            s.stop();
+        if let Some(m) = self.lease.as_mut() {
+            m.see_epoch(epoch);
+            if m.held_epoch().is_some() {
+                m.release("a newer epoch exists");
+            }
         }
+        self.stop_sender();
         self.sup.note_error(format!("stepped down: {why}"));
     }
 
@@ -395,15 +433,25 @@ impl Replica {
         let st = self.gate.get();
         if st.role == ReplRole::Hot {
             self.sup.release(Some(st.epoch));
-            match self.drain() {
+            let drained = self.drain();
+            match &drained {
                 Ok(seq) => tracing::info!(seq, "drained: the cold side has everything"),
                 Err(e) => tracing::warn!("could not drain before stopping: {e}"),
             }
+            self.hand_lease_over(drained.is_ok(), "the agent is stopping");
+        }
+        self.stop_sender();
+        self.receiver.stop();
+    }
+
+    /// Stops the sender and, with it, the lease witness.
+    fn stop_sender(&mut self) {
+        if let Some((w, _)) = self.witness.take() {
+            w.stop();
         }
         if let Some(s) = self.sender.take() {
             s.stop();
         }
-        self.receiver.stop();
     }
 
     fn drain(&self) -> Result<u64, String> {

@@ -20,7 +20,10 @@
 //! outcome, the verify report), [`stats`] the counters both sides publish. [`sender`] and
 //! [`receiver`] are the two entry points the agent starts; [`agent`] is the daemon that keeps
 //! the epoch and the role ([`state`]: the state file, and the gate that decides which hot side
-//! the cold side admits), and runs the node on the hot VM.
+//! the cold side admits), and runs the node on the hot VM. With the database lease
+//! (`[lease] backend = "postgres"`) the agent also runs the [`crate::lease::machine`], whose
+//! epoch is the replication epoch, and the hot side's [`witness`] reports in the lease row how
+//! far behind the cold copy is, so that the cold VM can fail over by itself only when complete.
 
 pub mod agent;
 pub mod apply;
@@ -35,3 +38,4 @@ pub mod state;
 pub mod stats;
 pub mod stream;
 pub mod wire;
+pub mod witness;

@@ -1,14 +1,10 @@
-//! The shared-mode agent's share worker: the one thread that touches the share (lock, lease,
-//! mount, link) and the lease's store (the share's [`ShareStore`], or the database's
-//! [`crate::lease::pg::PgStore`], behind [`LeaseStore`]), one job at a time from a bounded queue, each reply numbered with its job. An
-//! NFS call can block for minutes; only this thread blocks, and the agent's main thread, which
-//! never waits for a reply past its fence deadline, discards a late reply by its number.
+//! The share as a lease store: [`ShareStore`] keeps the lock file and the lease file in the
+//! lock directory on the share, behind [`LeaseStore`]; [`ensure_share`] mounts the share and
+//! links `${BASE_DIR}/artemis` to it after a takeover. Both run on the lease worker's thread
+//! ([`crate::lease::worker`]), the only one that touches the share.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
-
-use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::config::{Backend, Config};
 use crate::error_chain;
@@ -24,96 +20,6 @@ fn obs_from_read(r: Result<Option<Lease>, LeaseError>) -> Obs {
         Ok(None) => Obs::Missing,
         Ok(Some(l)) => Obs::Lease(l),
         Err(e) => Obs::Error(e.to_string()),
-    }
-}
-
-/// What the main thread asks of the share.
-pub(super) enum Job {
-    Observe {
-        try_lock: bool,
-    },
-    Takeover {
-        expect: Obs,
-        lease: Lease,
-        settle: Duration,
-    },
-    Renew {
-        current: Lease,
-        next: Lease,
-    },
-    Release {
-        current: Lease,
-    },
-    Unlock,
-}
-
-/// How a [`Job`] went.
-pub(super) enum Done {
-    Observed {
-        locked: Result<bool, String>,
-        obs: Obs,
-    },
-    /// `Err((written, message))`: whether our lease was written before the failure.
-    TookOver(Result<(), (bool, String)>),
-    Renewed(Result<(), RenewFail>),
-    Released(Result<(), String>),
-    Unlocked,
-}
-
-/// Numbered jobs to the share worker.
-pub(super) type Jobs = Sender<(u64, Job)>;
-/// Their results, with the job's number.
-pub(super) type Results = Receiver<(u64, Done)>;
-
-/// Starts the share worker's thread: numbered jobs in, numbered results out, both bounded(1).
-pub(super) fn start(
-    config: Arc<Config>,
-    store: Box<dyn LeaseStore>,
-) -> std::io::Result<(Jobs, Results)> {
-    let (jobs_tx, jobs_rx) = bounded::<(u64, Job)>(1);
-    let (done_tx, done_rx) = bounded::<(u64, Done)>(1);
-    let mut worker = Worker { config, store };
-    std::thread::Builder::new()
-        .name("share-worker".into())
-        .spawn(move || {
-            for (seq, job) in jobs_rx.iter() {
-                if done_tx.send((seq, worker.handle(job))).is_err() {
-                    break;
-                }
-            }
-        })?;
-    Ok((jobs_tx, done_rx))
-}
-
-/// Does the lease and share operations, one at a time, in its own thread.
-struct Worker {
-    config: Arc<Config>,
-    store: Box<dyn LeaseStore>,
-}
-
-impl Worker {
-    fn handle(&mut self, job: Job) -> Done {
-        match job {
-            Job::Observe { try_lock } => {
-                let (locked, obs) = self.store.observe(try_lock);
-                Done::Observed { locked, obs }
-            }
-            Job::Takeover {
-                expect,
-                lease,
-                settle,
-            } => Done::TookOver(
-                self.store
-                    .take_over(&expect, &lease, settle)
-                    .and_then(|()| ensure_share(&self.config).map_err(|m| (true, m))),
-            ),
-            Job::Renew { current, next } => Done::Renewed(self.store.renew(&current, &next)),
-            Job::Release { current } => Done::Released(self.store.release(&current)),
-            Job::Unlock => {
-                self.store.unlock();
-                Done::Unlocked
-            }
-        }
     }
 }
 
@@ -237,7 +143,7 @@ impl LeaseStore for ShareStore {
 }
 
 /// Mounts the share if it is not, and makes `${BASE_DIR}/artemis` link to it.
-fn ensure_share(config: &Config) -> Result<(), String> {
+pub(super) fn ensure_share(config: &Config) -> Result<(), String> {
     if config.storage.backend() != Backend::Premounted {
         mount::mount(
             &RealSys::from_env(),

@@ -7,6 +7,7 @@ mod agent;
 mod cli;
 mod exact;
 mod failover;
+mod failover_pg;
 mod fuse;
 mod helper;
 mod lease_pg;

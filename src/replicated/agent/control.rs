@@ -23,6 +23,9 @@ impl Replica {
     /// demoted (its drained goodbye arrived) and is no longer streaming. The new epoch is on
     /// disk, and the apply thread idle for good, before the node starts.
     fn promote(&mut self, force: bool) -> Result<Promoted, String> {
+        if self.lease.is_some() {
+            return self.lease_promote(force);
+        }
         let st = self.gate.get();
         if st.role == ReplRole::Hot {
             return self.promote_waiting_hot(force);
@@ -107,9 +110,7 @@ impl Replica {
             role: ReplRole::Hot,
         };
         self.gate.set(new).map_err(|e| e.to_string())?;
-        if let Some(s) = self.sender.take() {
-            s.stop();
-        }
+        self.stop_sender();
         self.become_hot(true).map_err(|e| e.to_string())?;
         let summary = "forced without the peer's confirmation: if the peer was promoted meanwhile, this host turns cold when it hears of it";
         tracing::warn!(
@@ -137,9 +138,8 @@ impl Replica {
                 return Err(format!("the node is stopped, but the stream could not be drained ({e}); this host stays hot so nothing is lost: demote again once the cold side is connected, or demote --force"));
             }
         }
-        if let Some(s) = self.sender.take() {
-            s.stop();
-        }
+        self.hand_lease_over(drained.is_ok(), "demoted");
+        self.stop_sender();
         self.waiting_for = None;
         self.gate
             .set(ReplState {
@@ -249,6 +249,7 @@ impl Replica {
                     )
                 })
             }),
+            lease: self.lease_status(),
             error: self.sup.last_error(),
         }
     }

@@ -8,7 +8,8 @@
 //! `peer_timeout_ms`, `on_peer_loss = "degrade"` goes on as async (logged once, and
 //! [`SenderStats::degraded_since_unix_ms`] set for `status`) until the stream is connected and
 //! the resync after it done, when the next sync that is acknowledged in time makes syncs
-//! durable again; `"block"` keeps waiting.
+//! durable again; `"block"` keeps waiting. With the database lease, degrading waits until the
+//! lease row says the cold copy is behind ([`crate::replicated::witness`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,17 +20,31 @@ use crossbeam_channel::{bounded, RecvTimeoutError};
 use crate::replicated::capture::fuse::passthrough::Passthrough;
 use crate::replicated::capture::watch::FsEvent;
 use crate::replicated::stats::SenderStats;
+use crate::replicated::witness::WitnessHandle;
 
 /// How soon a sync asks again after finding the stream disconnected.
 const SYNC_RETRY: Duration = Duration::from_millis(20);
 
 /// What durable acks need to know.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct DurableConfig {
     /// How long a sync waits for the cold side before `block` decides.
     pub peer_timeout: Duration,
     /// Whether a sync waits for the cold side however long (`on_peer_loss = "block"`).
     pub block: bool,
+    /// With the database lease: told before any sync returns without the cold side
+    /// ([`crate::replicated::witness`]); degrading waits until it has recorded it.
+    pub witness: Option<WitnessHandle>,
+}
+
+/// Marks the sender degraded (syncs return without the cold side) and says so once.
+pub(crate) fn mark_degraded(stats: &SenderStats) {
+    let now = crate::sys::now_unix_ms();
+    if stats.degraded_since_unix_ms.swap(now, Ordering::AcqRel) == 0 {
+        tracing::error!(
+            "DEGRADED: the cold side did not acknowledge a sync in time; syncs return without it (async) until it is back and caught up: the cold copy may lack data"
+        );
+    }
 }
 
 /// Durable acks of one mount: the settings and the sender's counters.
@@ -75,16 +90,19 @@ impl Passthrough {
                     );
                     deadline = Instant::now() + d.cfg.peer_timeout;
                 }
-                Err(_) => {
-                    let now = crate::sys::now_unix_ms();
-                    if stats.degraded_since_unix_ms.swap(now, Ordering::AcqRel) == 0 {
-                        tracing::error!(
-                            timeout_ms = d.cfg.peer_timeout.as_millis(),
-                            "DEGRADED: the cold side did not acknowledge a sync in time; syncs return without it (async) until it is back and caught up: the cold copy may lack data"
-                        );
-                    }
-                    return;
-                }
+                Err(_) => match &d.cfg.witness {
+                    None => return mark_degraded(stats),
+                    // the database hears first that the cold copy is behind
+                    Some(w) => match w.outdate() {
+                        Ok(()) => return,
+                        Err(e) => {
+                            tracing::error!(
+                                "a durable sync keeps waiting for the cold side: it may not return without it before the lease database records that the cold copy is behind ({e})"
+                            );
+                            deadline = Instant::now() + d.cfg.peer_timeout;
+                        }
+                    },
+                },
             }
         }
     }

@@ -27,6 +27,7 @@ use fuser::{MountOption, SessionACL};
 use crate::replicated::capture::watch::FsEvent;
 use crate::replicated::stats::SenderStats;
 
+pub(crate) use durable::mark_degraded;
 pub use durable::DurableConfig;
 
 mod data;

@@ -1,0 +1,329 @@
+//! The replicated agent with the database lease (`[lease] backend = "postgres"`): the lease
+//! decides who is hot, and its epoch is the replication epoch. The machine
+//! ([`crate::lease::machine`]) runs on the agent's main thread beside the stream:
+//! - a cold host takes the lease only when its copy is complete ([`eligible`]: the hot's last
+//!   report in the row, written by the [`crate::replicated::witness`], says in sync, or within
+//!   `max_failover_lag_ms` with async acks), then turns hot under the lease's epoch;
+//! - a hot host that restarts resumes its lease (a renewal that succeeds only if nobody took
+//!   it meanwhile) before its node runs; one that sees a newer epoch in the row steps down;
+//! - losing the lease, or the database for too long, fences the node on time; the stream goes
+//!   on, so the cold copy stays current;
+//! - `demote` and a stop drain the stream, report "in sync", and release the row, so the other
+//!   VM takes over at once.
+
+use std::time::Instant;
+
+use super::*;
+use crate::daemon::protocol::{LeaseRole, ReplicatedLease};
+use crate::lease::machine::{Eligible, Event};
+use crate::lease::pg::PgStore;
+use crate::lease::{worker, Lease, LeaseState, Obs};
+use crate::replicated::stats::SenderStats;
+use crate::replicated::witness::{Inbox, WitnessConfig};
+
+/// The lease machine of a config with the database lease, else `None`.
+pub(super) fn machine(
+    config: &Config,
+    gate: &Arc<EpochGate>,
+) -> Result<Option<LeaseMachine>, ReplicaError> {
+    if config.lease_backend() != Some(crate::config::LeaseBackend::Postgres) {
+        return Ok(None);
+    }
+    let store = PgStore::open(config).map_err(|e| ReplicaError::Start(crate::error_chain(&e)))?;
+    let channels = worker::start(Box::new(store), None)
+        .map_err(|e| ReplicaError::Start(format!("lease worker thread: {e}")))?;
+    let t = crate::shared::agent::timing(config);
+    let mut m = LeaseMachine::new(
+        config.holder_id(),
+        t,
+        channels,
+        false,
+        Some(eligible(config, gate.clone())),
+    );
+    let st = gate.get();
+    m.see_epoch(st.epoch);
+    if st.role == ReplRole::Hot {
+        m.resume(Some(st.epoch));
+    }
+    Ok(Some(m))
+}
+
+/// Rule 4 of issue 13: this host may take the lease only with a complete copy.
+fn eligible(config: &Config, gate: Arc<EpochGate>) -> Eligible {
+    let max_lag = config.lease.as_ref().map_or(0, |l| l.max_failover_lag_ms);
+    let durable = config
+        .replication
+        .as_ref()
+        .is_some_and(|r| r.ack == Ack::Durable);
+    Box::new(move |lease: Option<&Lease>| {
+        let st = gate.get();
+        let Some(l) = lease else {
+            return if st.role == ReplRole::Hot {
+                Ok(())
+            } else {
+                Err("there is no lease row yet: the VM that starts hot takes it first".into())
+            };
+        };
+        if st.epoch < l.epoch {
+            return Err(format!(
+                "this copy never received the stream of epoch {} (it is at epoch {}): it lacks that hot's writes",
+                l.epoch, st.epoch
+            ));
+        }
+        if st.role == ReplRole::Hot {
+            return Ok(()); // this copy is the source of that epoch
+        }
+        match l.cold_lag_ms {
+            Some(0) => Ok(()),
+            Some(ms) if !durable && ms <= max_lag => Ok(()),
+            Some(ms) => Err(format!(
+                "the hot's last report had this copy {ms} ms behind ({})",
+                if durable {
+                    "durable acks take over only in sync".to_string()
+                } else {
+                    format!("max_failover_lag_ms = {max_lag}")
+                }
+            )),
+            None => Err(
+                "the hot's last report had this copy behind by an unknown amount (degraded, disconnected, or not yet caught up): it may lack writes the hot confirmed".into(),
+            ),
+        }
+    })
+}
+
+impl Replica {
+    /// How long a FUSE thread waits for the witness to record "behind".
+    pub(super) fn witness_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.lock.update_interval_ms.max(1000) * 2)
+    }
+
+    pub(super) fn start_witness(
+        &mut self,
+        handle: WitnessHandle,
+        inbox: Inbox,
+        epoch: u64,
+        durable: bool,
+        stats: Arc<SenderStats>,
+    ) -> Result<(), ReplicaError> {
+        let store =
+            PgStore::open(&self.config).map_err(|e| ReplicaError::Start(crate::error_chain(&e)))?;
+        let w = witness::spawn(
+            WitnessConfig {
+                store,
+                holder: self.config.holder_id(),
+                epoch,
+                durable,
+                period: Duration::from_millis(self.config.lock.update_interval_ms),
+                stats,
+            },
+            inbox,
+        )
+        .map_err(|e| ReplicaError::Start(format!("lease witness thread: {e}")))?;
+        self.witness = Some((w, handle));
+        Ok(())
+    }
+
+    /// Runs the lease machine's due step and acts on what it says.
+    pub(super) fn lease_tick(&mut self) {
+        let epoch = self.gate.get().epoch;
+        let Some(m) = self.lease.as_mut() else { return };
+        m.see_epoch(epoch);
+        m.tick();
+        let events = m.take_events();
+        let newer = match m.obs() {
+            Obs::Lease(l) if l.holder != self.config.holder_id() && l.epoch > epoch => {
+                Some((l.epoch, l.holder.clone()))
+            }
+            _ => None,
+        };
+        for event in events {
+            match event {
+                Event::Acquired(e) => self.lease_acquired(e),
+                Event::Fence { epoch, why } => {
+                    self.sup.note_error(why.clone());
+                    self.sup.release(epoch);
+                    if self.gate.get().role == ReplRole::Hot {
+                        self.waiting_for = Some(format!("the lease (fenced: {why})"));
+                        if let Some(m) = self.lease.as_mut() {
+                            m.resume(epoch);
+                        }
+                    }
+                }
+                Event::Error(e) => self.sup.note_error(e),
+                Event::Healthy => self.sup.clear_error(),
+            }
+        }
+        if let Some((e, holder)) = newer {
+            if self.gate.get().role == ReplRole::Hot {
+                self.step_down(
+                    e,
+                    &format!("the lease database names {holder} under epoch {e}"),
+                );
+            }
+        }
+    }
+
+    /// The lease is ours under `epoch`: hot under it (the stream restarted if the epoch is
+    /// new), then the node.
+    fn lease_acquired(&mut self, epoch: u64) {
+        let st = self.gate.get();
+        if st.role == ReplRole::Hot && st.epoch == epoch && self.sender.is_some() {
+            tracing::info!(epoch, "the lease confirms this host: starting the node");
+            self.waiting_for = None;
+            self.start_node(epoch);
+            return;
+        }
+        let was_cold = st.role == ReplRole::Cold;
+        if let Err(e) = self.gate.set(ReplState {
+            epoch,
+            role: ReplRole::Hot,
+        }) {
+            self.sup.note_error(e.to_string());
+            self.lease_lost("the new epoch could not be recorded");
+            return;
+        }
+        // the gate no longer admits the old stream: once the batch being applied is done,
+        // the apply thread writes nothing more
+        if was_cold && !self.receiver.fence(FENCE_TIMEOUT) {
+            self.sup
+                .note_error("the apply thread did not finish its batch in time");
+            self.lease_lost("the apply thread did not stop");
+            return;
+        }
+        self.stop_sender();
+        if let Err(e) = self.become_hot(true) {
+            self.sup.note_error(e.to_string());
+            self.lease_lost("the stream could not start");
+            return;
+        }
+        tracing::warn!(epoch, was_cold, "TOOK THE LEASE: hot under epoch {epoch}");
+    }
+
+    /// Gives the lease back after a failed start (the node is not running).
+    fn lease_lost(&mut self, why: &str) {
+        self.sup
+            .release(self.lease.as_ref().and_then(LeaseMachine::held_epoch));
+        if let Some(m) = self.lease.as_mut() {
+            m.release(why);
+        }
+    }
+
+    /// A planned hand-over (demote, stop) with the node stopped: after a drain, the row says
+    /// "in sync", then it is released, so the other VM takes over at once.
+    pub(super) fn hand_lease_over(&mut self, drained: bool, why: &str) {
+        if self.lease.is_none() {
+            return;
+        }
+        if drained {
+            if let Some((_, h)) = &self.witness {
+                if let Err(e) = h.in_sync() {
+                    tracing::warn!("cannot report the drained copy as in sync: {e}");
+                }
+            }
+        }
+        if let Some(m) = self.lease.as_mut() {
+            m.release(why);
+        }
+    }
+
+    /// `promote` with the database lease: the cold host takes over by itself when it may;
+    /// `--force` takes the lease as soon as the database allows (released, or not renewed for
+    /// `wait_interval_ms`), complete copy or not, and waits for it.
+    pub(super) fn lease_promote(&mut self, force: bool) -> Result<Promoted, String> {
+        let before = self.gate.get();
+        if before.role == ReplRole::Hot && self.waiting_for.is_none() {
+            return Err(format!("this host is already hot (epoch {})", before.epoch));
+        }
+        if !force {
+            let why = self
+                .lease
+                .as_ref()
+                .and_then(|m| m.not_eligible().map(str::to_owned))
+                .unwrap_or_else(|| self.lease_holder_text());
+            return Err(format!(
+                "with the database lease this host takes over by itself when it may; now: {why}. `promote --force` takes the lease as soon as the database allows, with whatever this copy has"
+            ));
+        }
+        let wait = Duration::from_millis(self.config.lock.wait_interval_ms);
+        let deadline = Instant::now() + wait + FENCE_TIMEOUT;
+        if let Some(m) = self.lease.as_mut() {
+            m.force_next();
+        }
+        let replies = self.lease.as_ref().map(LeaseMachine::replies);
+        while Instant::now() < deadline {
+            let st = self.gate.get();
+            if st.role == ReplRole::Hot && st.epoch > before.epoch && self.waiting_for.is_none() {
+                let summary = "forced: the lease was taken without the check that this copy is complete; writes the old hot confirmed after this copy's last batch may be missing";
+                tracing::warn!(epoch = st.epoch, "PROMOTED (--force): {summary}");
+                return Ok(Promoted {
+                    epoch: st.epoch,
+                    forced: true,
+                    drained: false,
+                    behind: self.lease_holder_text(),
+                    summary: summary.into(),
+                });
+            }
+            if let (Some(r), Some(m)) = (&replies, self.lease.as_ref()) {
+                let limit = m
+                    .next_deadline()
+                    .saturating_duration_since(Instant::now())
+                    .min(IDLE_WAKEUP);
+                if let Ok((seq, done)) = r.recv_timeout(limit) {
+                    if let Some(m) = self.lease.as_mut() {
+                        m.handle_reply(seq, done);
+                    }
+                }
+            }
+            self.lease_tick();
+            self.sup.ping_watchdog();
+        }
+        Err(format!(
+            "the lease was not taken within {} ms: {}",
+            duration_ms(wait + FENCE_TIMEOUT),
+            self.lease_holder_text()
+        ))
+    }
+
+    /// Who the row names, for messages.
+    fn lease_holder_text(&self) -> String {
+        match self.lease.as_ref().map(LeaseMachine::obs) {
+            Some(Obs::Lease(l)) => format!(
+                "the row names {} under epoch {} ({}, changed {} ms ago)",
+                l.holder,
+                l.epoch,
+                if l.state == LeaseState::Released {
+                    "released"
+                } else {
+                    "held"
+                },
+                self.lease.as_ref().map_or(0, |m| duration_ms(m.age()))
+            ),
+            Some(Obs::Missing) => "there is no lease row".into(),
+            Some(Obs::Error(e)) => e.clone(),
+            None => "there is no lease".into(),
+        }
+    }
+
+    /// The lease for `status`.
+    pub(super) fn lease_status(&self) -> Option<Box<ReplicatedLease>> {
+        let m = self.lease.as_ref()?;
+        let row = match (m.role(), m.lease(), m.obs()) {
+            (LeaseRole::Hot | LeaseRole::Starting, Some(l), _) | (_, _, Obs::Lease(l)) => Some(l),
+            _ => None,
+        };
+        Some(Box::new(ReplicatedLease {
+            role: m.role(),
+            holder: row.map(|l| l.holder.clone()),
+            epoch: row.map(|l| l.epoch),
+            released: row.map(|l| l.state == LeaseState::Released),
+            // hot: what this host last wrote (it does not read the row while it renews)
+            cold_lag_ms: match (&self.witness, m.obs()) {
+                (Some((_, h)), _) => h.reported(),
+                (None, Obs::Lease(l)) => l.cold_lag_ms,
+                _ => None,
+            },
+            age_ms: duration_ms(m.age()),
+            not_taking_over: m.not_eligible().map(str::to_owned),
+        }))
+    }
+}
