@@ -327,3 +327,66 @@ impl Replica {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(role: ReplRole, epoch: u64, ack: &str, max_lag: u64) -> (Eligible, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, _rx) = bounded(1);
+        let gate = Arc::new(EpochGate::new(
+            ReplState { epoch, role },
+            dir.path().join("state.json"),
+            tx,
+        ));
+        let text = format!(
+            "[node]\nbase_dir = \"/opt/corda\"\n[storage]\nmode = \"replicated\"\n\
+             [replication]\nrole = \"cold\"\ndata_dir = \"/d\"\nlisten = \"127.0.0.1:1\"\n\
+             peer = \"127.0.0.1:2\"\ninsecure_loopback = true\ncapture = \"fuse\"\nack = \"{ack}\"\n"
+        );
+        let mut config: Config = toml::from_str(&text).unwrap();
+        config.lease = Some(crate::config::LeaseConfig {
+            max_failover_lag_ms: max_lag,
+            ..Default::default()
+        });
+        (eligible(&config, gate), dir)
+    }
+
+    fn row(epoch: u64, lag: Option<u64>) -> Lease {
+        Lease {
+            cold_lag_ms: lag,
+            ..Lease::new("other", epoch, 500, 3000)
+        }
+    }
+
+    #[test]
+    fn issue13_a_cold_copy_takes_over_only_in_sync_or_within_the_async_lag() {
+        let (mut durable, _d) = rule(ReplRole::Cold, 4, "durable", 5000);
+        assert!(durable(Some(&row(4, Some(0)))).is_ok());
+        let e = durable(Some(&row(4, Some(10)))).unwrap_err();
+        assert!(e.contains("only in sync"), "{e}");
+        let e = durable(Some(&row(4, None))).unwrap_err();
+        assert!(e.contains("unknown amount"), "{e}");
+        // a copy that never followed the row's epoch lacks that hot's writes
+        let e = durable(Some(&row(5, Some(0)))).unwrap_err();
+        assert!(e.contains("never received the stream of epoch 5"), "{e}");
+        let e = durable(None).unwrap_err();
+        assert!(e.contains("no lease row"), "{e}");
+
+        let (mut lagging, _d) = rule(ReplRole::Cold, 4, "async", 200);
+        assert!(lagging(Some(&row(4, Some(200)))).is_ok());
+        let e = lagging(Some(&row(4, Some(201)))).unwrap_err();
+        assert!(e.contains("max_failover_lag_ms = 200"), "{e}");
+    }
+
+    #[test]
+    fn issue13_a_hot_copy_is_the_source_of_its_own_epoch_only() {
+        let (mut hot, _d) = rule(ReplRole::Hot, 4, "durable", 0);
+        // whatever the row says of the cold copy: this copy is the source
+        assert!(hot(Some(&row(4, None))).is_ok());
+        assert!(hot(None).is_ok(), "the first start takes the first row");
+        // a hot that slept through a failover is not
+        assert!(hot(Some(&row(6, Some(0)))).is_err());
+    }
+}
