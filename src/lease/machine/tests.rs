@@ -1,0 +1,169 @@
+//! The lease machine against a lease kept in memory, in real time with short intervals.
+
+use super::*;
+use crate::lease::{worker, LeaseStore};
+use std::sync::{Arc, Mutex};
+
+/// The lease in memory, shared by the machines of a test.
+#[derive(Clone, Default)]
+struct Mem(Arc<Mutex<Option<Lease>>>);
+
+impl LeaseStore for Mem {
+    fn has_lock(&self) -> bool {
+        false
+    }
+    fn observe(&mut self, _: bool) -> (Result<bool, String>, Obs) {
+        let obs = match self.0.lock().unwrap().clone() {
+            Some(l) => Obs::Lease(l),
+            None => Obs::Missing,
+        };
+        (Ok(true), obs)
+    }
+    fn take_over(
+        &mut self,
+        expect: &Obs,
+        lease: &Lease,
+        _: Duration,
+    ) -> Result<(), (bool, String)> {
+        let mut cur = self.0.lock().unwrap();
+        let now = match cur.clone() {
+            Some(l) => Obs::Lease(l),
+            None => Obs::Missing,
+        };
+        if now != *expect {
+            return Err((false, "changed".into()));
+        }
+        *cur = Some(lease.clone());
+        Ok(())
+    }
+    fn renew(&mut self, current: &Lease, next: &Lease) -> Result<(), RenewFail> {
+        let mut cur = self.0.lock().unwrap();
+        if cur.as_ref() != Some(current) {
+            return Err(RenewFail::Lost(format!("now {cur:?}")));
+        }
+        *cur = Some(next.clone());
+        Ok(())
+    }
+    fn release(&mut self, current: &Lease) -> Result<(), String> {
+        let mut cur = self.0.lock().unwrap();
+        if cur.as_ref() == Some(current) {
+            *cur = Some(Lease {
+                state: LeaseState::Released,
+                ..current.clone()
+            });
+        }
+        Ok(())
+    }
+    fn unlock(&mut self) {}
+}
+
+const T: Timing = Timing {
+    update: Duration::from_millis(20),
+    wait: Duration::from_millis(150),
+    stop_timeout: Duration::from_millis(10),
+    margin: Duration::from_millis(15),
+};
+
+fn machine(mem: &Mem, holder: &str, eligible: Option<Eligible>) -> LeaseMachine {
+    let ch = worker::start(Box::new(mem.clone()), None).unwrap();
+    LeaseMachine::new(holder.into(), T, ch, false, eligible)
+}
+
+/// Drives `m` for at most `limit`; returns its events.
+fn run(m: &mut LeaseMachine, limit: Duration, until: impl Fn(&[Event]) -> bool) -> Vec<Event> {
+    let deadline = Instant::now() + limit;
+    let replies = m.replies();
+    let mut all = Vec::new();
+    while Instant::now() < deadline && !until(&all) {
+        let left = m.next_deadline().saturating_duration_since(Instant::now());
+        if let Ok((seq, done)) = replies.recv_timeout(left.min(Duration::from_millis(5))) {
+            m.handle_reply(seq, done);
+        }
+        m.tick();
+        all.extend(m.take_events());
+    }
+    all
+}
+
+fn acquired(ev: &[Event]) -> Option<u64> {
+    ev.iter().find_map(|e| match e {
+        Event::Acquired(n) => Some(*n),
+        _ => None,
+    })
+}
+
+#[test]
+fn issue13_a_stale_lease_is_taken_only_when_eligible_or_forced() {
+    let mem = Mem::default();
+    *mem.0.lock().unwrap() = Some(Lease::new("old", 3, 20, 150));
+    let mut m = machine(
+        &mem,
+        "me",
+        Some(Box::new(|_| Err("copy incomplete".into()))),
+    );
+    let ev = run(&mut m, Duration::from_millis(600), |e| {
+        acquired(e).is_some()
+    });
+    assert_eq!(acquired(&ev), None, "{ev:?}");
+    assert_eq!(m.not_eligible(), Some("copy incomplete"));
+    m.force_next();
+    let ev = run(&mut m, Duration::from_secs(2), |e| acquired(e).is_some());
+    assert_eq!(acquired(&ev), Some(4), "{ev:?}");
+    assert_eq!(m.role(), LeaseRole::Hot);
+}
+
+#[test]
+fn issue13_a_restarted_holder_resumes_its_live_lease_at_once_and_not_a_taken_one() {
+    let mem = Mem::default();
+    *mem.0.lock().unwrap() = Some(Lease::new("me", 7, 20, 150));
+    let mut m = machine(
+        &mem,
+        "me",
+        Some(Box::new(|_| Err("never by takeover".into()))),
+    );
+    m.resume(Some(7));
+    let started = Instant::now();
+    let ev = run(&mut m, Duration::from_secs(2), |e| acquired(e).is_some());
+    assert_eq!(
+        acquired(&ev),
+        Some(7),
+        "resumed under the same epoch: {ev:?}"
+    );
+    assert!(
+        started.elapsed() < T.wait,
+        "no wait for a lease that names us"
+    );
+    // another machine, whose epoch was taken meanwhile, does not resume it
+    let mem = Mem::default();
+    *mem.0.lock().unwrap() = Some(Lease::new("other", 8, 20, 150));
+    let mut m = machine(&mem, "me", Some(Box::new(|_| Err("no".into()))));
+    m.resume(Some(7));
+    let ev = run(&mut m, Duration::from_millis(400), |e| {
+        acquired(e).is_some()
+    });
+    assert_eq!(acquired(&ev), None, "{ev:?}");
+}
+
+#[test]
+fn issue13_a_lost_renewal_fences_and_the_epoch_moves_past_one_seen_elsewhere() {
+    let mem = Mem::default();
+    let mut m = machine(&mem, "me", None);
+    m.see_epoch(10);
+    let ev = run(&mut m, Duration::from_secs(2), |e| acquired(e).is_some());
+    assert_eq!(acquired(&ev), Some(11), "{ev:?}");
+    *mem.0.lock().unwrap() = Some(Lease::new("thief", 12, 20, 150));
+    let ev = run(&mut m, Duration::from_secs(1), |e| {
+        e.iter().any(|x| matches!(x, Event::Fence { .. }))
+    });
+    assert!(
+        ev.iter().any(|e| matches!(
+            e,
+            Event::Fence {
+                epoch: Some(11),
+                ..
+            }
+        )),
+        "{ev:?}"
+    );
+    assert_eq!(m.role(), LeaseRole::Fenced);
+}
