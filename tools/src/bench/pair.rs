@@ -1,5 +1,6 @@
 //! A pair of real `artemis-sync agent` processes, hot and cold, on 127.0.0.1: started with a
-//! config per side, waited for, measured (CPU time, peak RSS) and removed.
+//! config per side (the watch capture, or the FUSE capture with async or durable acks),
+//! waited for, measured (CPU time, peak RSS) and removed, the FUSE mount detached with it.
 
 use artemis_sync::daemon::listen_fds::command_with_listener;
 use artemis_sync::daemon::protocol::{Reply, Request};
@@ -92,10 +93,60 @@ pub(super) fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis(ticks * 1000 / hz)
 }
 
+/// How the hot agent sees the writes, and when a sync through it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Capture {
+    /// `capture = "watch"`: inotify and rescans of `data_dir`; writers write `data_dir`.
+    Watch,
+    /// `capture = "fuse"`, `ack = "async"`: writers write through the mount.
+    FuseAsync,
+    /// `capture = "fuse"`, `ack = "durable"`: a sync returns once the cold side has fsynced.
+    FuseDurable,
+}
+
+impl Capture {
+    /// The `[replication]` lines of this capture; `mnt` is the side's mount point.
+    fn config_lines(self, mnt: &Path) -> String {
+        let ack = match self {
+            Capture::Watch => return "capture = \"watch\"\n".to_owned(),
+            Capture::FuseAsync => "async",
+            Capture::FuseDurable => "durable",
+        };
+        format!("capture = \"fuse\"\nmount_point = {mnt:?}\nack = \"{ack}\"\n")
+    }
+}
+
+/// Why the FUSE workloads cannot run here, if they cannot: they need root and /dev/fuse.
+pub(super) fn fuse_unavailable() -> Option<String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (the hot agent mounts a FUSE filesystem)".into());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Some("/dev/fuse is missing (modprobe fuse)".into());
+    }
+    None
+}
+
+/// Lazily detaches whatever is mounted at `dir` (nothing when nothing is).
+fn detach(dir: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    unsafe {
+        libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+    }
+}
+
 /// A hot and a cold agent on fresh directories.
 pub(super) struct Pair {
     pub(super) root: PathBuf,
     pub(super) hot_data: PathBuf,
+    /// Where writers write: the mount point with the FUSE capture, else `hot_data`.
+    pub(super) write_dir: PathBuf,
+    pub(super) capture: Capture,
     pub(super) cold_data: PathBuf,
     pub(super) hot_cfg: PathBuf,
     pub(super) cold_cfg: PathBuf,
@@ -111,7 +162,7 @@ pub(super) struct Pair {
 }
 
 impl Pair {
-    pub(super) fn new(s: &Settings, name: &str) -> Result<Pair, BenchError> {
+    pub(super) fn new(s: &Settings, name: &str, capture: Capture) -> Result<Pair, BenchError> {
         let root = s.dir.join(name);
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root).map_err(err("create the workload directory"))?;
@@ -151,6 +202,13 @@ impl Pair {
             let dir = root.join(side);
             fs::create_dir_all(dir.join("base")).map_err(err("create a side"))?;
             fs::create_dir_all(dir.join("data")).map_err(err("create a side"))?;
+            fs::create_dir_all(dir.join("mnt")).map_err(err("create a side"))?;
+            let mut capture_lines = capture.config_lines(&dir.join("mnt"));
+            if let Some(ms) = s.rescan_ms {
+                capture_lines.push_str(&format!(
+                    "rescan_interval_ms = {ms}\ndeep_rescan_interval_ms = {ms}\n"
+                ));
+            }
             let auth = if auth == "TLS" {
                 let c = root.join("certs");
                 format!(
@@ -164,7 +222,7 @@ impl Pair {
             };
             let text = format!(
                 "[node]\nbase_dir = {:?}\n\n[storage]\nmode = \"replicated\"\n\n[replication]\nrole = \"{side}\"\ndata_dir = {:?}\n\
-                 listen = \"127.0.0.1:{listen}\"\npeer = \"127.0.0.1:{peer}\"\n{auth}\nstate_file = {:?}\n\n\
+                 listen = \"127.0.0.1:{listen}\"\npeer = \"127.0.0.1:{peer}\"\n{auth}\nstate_file = {:?}\n{capture_lines}\n\
                  [lock]\nmachine_name = \"{side}\"\n\n[agent]\ncontrol_socket = {:?}\n",
                 dir.join("base"), dir.join("data"), dir.join("state.json"), dir.join("agent.sock")
             );
@@ -172,8 +230,15 @@ impl Pair {
             fs::write(&cfg, text).map_err(err("write a config"))?;
             cfgs.push(cfg);
         }
+        let write_dir = if capture == Capture::Watch {
+            root.join("hot/data")
+        } else {
+            root.join("hot/mnt")
+        };
         Ok(Pair {
             hot_data: root.join("hot/data"),
+            write_dir,
+            capture,
             cold_data: root.join("cold/data"),
             hot_cfg: cfgs[0].clone(),
             cold_cfg: cfgs[1].clone(),
@@ -290,6 +355,14 @@ impl Pair {
         )
     }
 
+    /// Hot and cold CPU time so far.
+    pub(super) fn cpu(&self) -> (Duration, Duration) {
+        (
+            self.hot.as_ref().map(Agent::cpu).unwrap_or_default(),
+            self.cold.as_ref().map(Agent::cpu).unwrap_or_default(),
+        )
+    }
+
     pub(super) fn finish(mut self) -> (f64, f64) {
         self.note_rss();
         if let Some(h) = self.hot.take() {
@@ -298,9 +371,21 @@ impl Pair {
         if let Some(c) = self.cold.take() {
             c.stop();
         }
+        detach(&self.root.join("hot/mnt"));
         if std::env::var_os("ARTEMIS_SYNC_BENCH_KEEP").is_none() {
             let _ = fs::remove_dir_all(&self.root);
         }
         (self.peak_hot_mb, self.peak_cold_mb)
+    }
+}
+
+impl Drop for Pair {
+    /// On an error path: the agents are killed and a mount left behind detached.
+    fn drop(&mut self) {
+        drop(self.hot.take());
+        drop(self.cold.take());
+        if self.capture != Capture::Watch {
+            detach(&self.root.join("hot/mnt"));
+        }
     }
 }
