@@ -53,13 +53,16 @@ fn writer(p: &Pair, rate: Option<u32>, record_bytes: usize, seconds: u64) -> Wri
 }
 
 /// An append run with its probe on the cold copy; returns the report and the hot and cold
-/// agents' CPU as % of a core over the run. `per_second` hears each second's MB.
+/// agents' CPU as % of a core over the run (the benchmark's own, writer and probe, goes to
+/// `p.bench_cpu_pct`: on two cores it competes with the agents). `per_second` hears each
+/// second's MB.
 fn append_run(
     p: &mut Pair,
     cfg: &WriterConfig,
     rss: &mut (f64, f64),
     per_second: &mut Vec<f64>,
 ) -> Result<(workload::Report, f64, f64), BenchError> {
+    let me = cpu_time(std::process::id());
     let (h0, c0) = p.cpu();
     let report = workload::run(cfg, Some(&p.cold_data), |t| {
         per_second.push(t.records as f64 * cfg.record_bytes as f64 / 1e6)
@@ -67,6 +70,7 @@ fn append_run(
     .map_err(err("writer"))?;
     let (h1, c1) = p.cpu();
     let wall = report.elapsed.as_secs_f64();
+    p.bench_cpu_pct = (cpu_time(std::process::id()) - me).as_secs_f64() / wall * 100.0;
     p.note_rss();
     *rss = (rss.0.max(p.peak_hot_mb), rss.1.max(p.peak_cold_mb));
     Ok((
@@ -81,6 +85,7 @@ fn append_figures(
     r: &workload::Report,
     hot_cpu: f64,
     cold_cpu: f64,
+    bench_cpu: f64,
 ) -> serde_json::Map<String, Value> {
     let v = json!({
         "records": r.records,
@@ -93,6 +98,7 @@ fn append_figures(
         "p99_from_write_ms": ms(quantile(&r.lags_from_write, 0.99)),
         "hot_cpu_pct": round(hot_cpu, 1),
         "cold_cpu_pct": round(cold_cpu, 1),
+        "bench_cpu_pct": round(bench_cpu, 1),
     });
     match v {
         Value::Object(m) => m,
@@ -119,7 +125,7 @@ pub(super) fn append_lag(
             let mut p = start_pair(s, "append_lag", Capture::FuseAsync)?;
             let cfg = writer(&p, Some(s.rate), workload::RECORD_BYTES, s.seconds);
             let (r, hot, cold) = append_run(&mut p, &cfg, rss, &mut Vec::new())?;
-            let mut m = append_figures(&r, hot, cold);
+            let mut m = append_figures(&r, hot, cold, p.bench_cpu_pct);
             m.insert("identical".into(), json!(p.verify()));
             let _ = p.finish();
             curves.lags = r.lags.clone();
@@ -152,7 +158,7 @@ pub(super) fn capture_watch(s: &Settings, rss: &mut (f64, f64)) -> Result<Value,
     let mut p = start_pair(s, "capture_watch", Capture::Watch)?;
     let cfg = writer(&p, Some(s.rate), workload::RECORD_BYTES, s.seconds);
     let (r, hot, cold) = append_run(&mut p, &cfg, rss, &mut Vec::new())?;
-    let mut m = append_figures(&r, hot, cold);
+    let mut m = append_figures(&r, hot, cold, p.bench_cpu_pct);
     m.insert("identical".into(), json!(p.verify()));
     let _ = p.finish();
     let mut v = Value::Object(m);

@@ -155,6 +155,8 @@ pub(super) struct Pair {
     pub(super) cold: Option<Agent>,
     pub(super) peak_hot_mb: f64,
     pub(super) peak_cold_mb: f64,
+    /// The benchmark's own CPU (writer, probe) in its last append run, % of a core.
+    pub(super) bench_cpu_pct: f64,
     /// The hot agent's replication listener, handed to each hot agent started.
     hot_listener: TcpListener,
     /// The cold agent's.
@@ -248,6 +250,7 @@ impl Pair {
             cold: None,
             peak_hot_mb: 0.0,
             peak_cold_mb: 0.0,
+            bench_cpu_pct: 0.0,
             hot_listener,
             cold_listener,
         })
