@@ -147,7 +147,7 @@ const ROWS: &[Row] = &[
         "rtt_us",
         |v| {
             format!(
-                "TCP 127.0.0.1, 4 KiB out 64 B back (64 B both: {} us)",
+                "TCP loopback, 4 KiB out, 64 B back (64/64: {} us)",
                 fig(&v["durable_fsync"]["rtt_small_us"])
             )
         },
@@ -266,7 +266,7 @@ pub fn table(v: &Value) -> String {
         let met = verdict(met);
         let _ = writeln!(
             t,
-            "{w:<14} {figure:<18} {value:>10}   {base:<46} {target:<36} {met}"
+            "{w:<14} {figure:<18} {value:>10}   {base:<48} {target:<38} {met}"
         );
     };
     line(

@@ -59,11 +59,34 @@ struct Args {
     /// The artemis-sync binary (default: the one beside this program)
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
+    /// Run nothing: print the table of a result saved from `--json`
+    #[arg(long, value_name = "FILE.json")]
+    table_of: Option<PathBuf>,
+}
+
+/// `--table-of`: the table of a saved `--json` result.
+fn table_of(path: &std::path::Path) -> ExitCode {
+    let parsed = std::fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string()));
+    match parsed {
+        Ok(v) => {
+            print!("{}", bench::table(&v));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("artemis-sync-bench: {}: {e}", path.display());
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let mut a = Args::parse();
     artemis_sync::logging::init(None, "warn");
+    if let Some(path) = &a.table_of {
+        return table_of(path);
+    }
     if a.quick {
         a.files = a.files.min(4);
         a.file_mib = a.file_mib.min(1);
