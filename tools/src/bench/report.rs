@@ -286,6 +286,7 @@ pub fn table(v: &Value) -> String {
     let met = v["hot_rss_mb"]
         .as_f64()
         .zip(v["cold_rss_mb"].as_f64())
+        .filter(|(h, c)| h.max(*c) > 0.0) // no agent ran: nothing to judge
         .map(|(h, c)| h.max(c) <= rss);
     line(
         "memory",
