@@ -128,6 +128,42 @@ pub(super) fn fuse_unavailable() -> Option<String> {
     None
 }
 
+/// The `[replication]` lines of `capture` (and of `--rescan-ms`) for a side mounting at `mnt`.
+fn capture_lines(s: &Settings, capture: Capture, mnt: &Path) -> String {
+    let mut lines = capture.config_lines(mnt);
+    if let Some(ms) = s.rescan_ms {
+        lines.push_str(&format!(
+            "rescan_interval_ms = {ms}\ndeep_rescan_interval_ms = {ms}\n"
+        ));
+    }
+    lines
+}
+
+/// Prepares the pair's authentication under `root`: the `[replication]` line of a PSK or of
+/// `insecure`, or "TLS" once the certificates are made (each side then names its own).
+fn auth_setup(mode: AuthMode, root: &Path) -> Result<String, BenchError> {
+    let auth = match mode {
+        AuthMode::Insecure => "insecure_loopback = true".to_owned(),
+        AuthMode::Psk => {
+            let psk = root.join("psk");
+            let key = artemis_sync::replicated::wire::nonce().map_err(err("make a key"))?;
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            artemis_sync::sys::write_atomic(&psk, hex.as_bytes()).map_err(err("write the psk"))?;
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&psk, fs::Permissions::from_mode(0o600))
+                .map_err(err("chmod the psk"))?;
+            format!("psk_file = {psk:?}")
+        }
+        AuthMode::Tls => {
+            let certs = root.join("certs");
+            artemis_sync::replicated::certs::init(&certs, &["hot".into(), "cold".into()])
+                .map_err(err("certs init"))?;
+            "TLS".to_owned()
+        }
+    };
+    Ok(auth)
+}
+
 /// Lazily detaches whatever is mounted at `dir` (nothing when nothing is).
 fn detach(dir: &Path) {
     use std::os::unix::ffi::OsStrExt;
@@ -179,38 +215,14 @@ impl Pair {
                 .map_err(err("bind ports"))?
                 .port(),
         );
-        let auth = match s.auth {
-            AuthMode::Insecure => "insecure_loopback = true".to_owned(),
-            AuthMode::Psk => {
-                let psk = root.join("psk");
-                let key = artemis_sync::replicated::wire::nonce().map_err(err("make a key"))?;
-                let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-                artemis_sync::sys::write_atomic(&psk, hex.as_bytes())
-                    .map_err(err("write the psk"))?;
-                use std::os::unix::fs::PermissionsExt;
-                fs::set_permissions(&psk, fs::Permissions::from_mode(0o600))
-                    .map_err(err("chmod the psk"))?;
-                format!("psk_file = {psk:?}")
-            }
-            AuthMode::Tls => {
-                let certs = root.join("certs");
-                artemis_sync::replicated::certs::init(&certs, &["hot".into(), "cold".into()])
-                    .map_err(err("certs init"))?;
-                "TLS".to_owned()
-            }
-        };
+        let auth = auth_setup(s.auth, &root)?;
         let mut cfgs = Vec::new();
         for (side, listen, peer) in [("hot", ports.0, ports.1), ("cold", ports.1, ports.0)] {
             let dir = root.join(side);
             fs::create_dir_all(dir.join("base")).map_err(err("create a side"))?;
             fs::create_dir_all(dir.join("data")).map_err(err("create a side"))?;
             fs::create_dir_all(dir.join("mnt")).map_err(err("create a side"))?;
-            let mut capture_lines = capture.config_lines(&dir.join("mnt"));
-            if let Some(ms) = s.rescan_ms {
-                capture_lines.push_str(&format!(
-                    "rescan_interval_ms = {ms}\ndeep_rescan_interval_ms = {ms}\n"
-                ));
-            }
+            let capture_lines = capture_lines(s, capture, &dir.join("mnt"));
             let auth = if auth == "TLS" {
                 let c = root.join("certs");
                 format!(
@@ -232,14 +244,13 @@ impl Pair {
             fs::write(&cfg, text).map_err(err("write a config"))?;
             cfgs.push(cfg);
         }
-        let write_dir = if capture == Capture::Watch {
-            root.join("hot/data")
-        } else {
-            root.join("hot/mnt")
-        };
         Ok(Pair {
             hot_data: root.join("hot/data"),
-            write_dir,
+            write_dir: root.join(if capture == Capture::Watch {
+                "hot/data"
+            } else {
+                "hot/mnt"
+            }),
             capture,
             cold_data: root.join("cold/data"),
             hot_cfg: cfgs[0].clone(),
