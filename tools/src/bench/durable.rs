@@ -193,8 +193,7 @@ pub(super) fn durable_fsync(s: &Settings, rss: &mut (f64, f64)) -> Result<Value,
     let (h0, _) = p.cpu();
     let (lat, elapsed, degraded, on_cold) = durable_run(s, &mut p)?;
     let hot_cpu = (p.cpu().0 - h0).as_secs_f64() / elapsed.as_secs_f64() * 100.0;
-    let r = p.finish();
-    *rss = (rss.0.max(r.0), rss.1.max(r.1));
+    v["hot_rss_mb"] = finish(p, rss);
     let added = |q: f64| {
         us_f(quantile(&lat, q))
             .zip(us_f(quantile(&local, q)))

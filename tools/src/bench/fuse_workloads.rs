@@ -28,6 +28,14 @@ pub(super) fn unavailable(figures: &[&str], reason: &str) -> Value {
     Value::Object(m)
 }
 
+/// Stops and removes pair `p`; returns the hot agent's peak RSS in MiB (both sides' go into
+/// `rss`, the run's peaks).
+pub(super) fn finish(p: Pair, rss: &mut (f64, f64)) -> Value {
+    let r = p.finish();
+    *rss = (rss.0.max(r.0), rss.1.max(r.1));
+    json!(round(r.0, 1))
+}
+
 /// A fresh pair with `capture`, started and in sync.
 pub(super) fn start_pair(s: &Settings, name: &str, capture: Capture) -> Result<Pair, BenchError> {
     let mut p = Pair::new(s, name, capture)?;
@@ -127,7 +135,7 @@ pub(super) fn append_lag(
             let (r, hot, cold) = append_run(&mut p, &cfg, rss, &mut Vec::new())?;
             let mut m = append_figures(&r, hot, cold, p.bench_cpu_pct);
             m.insert("identical".into(), json!(p.verify()));
-            let _ = p.finish();
+            m.insert("hot_rss_mb".into(), finish(p, rss));
             curves.lags = r.lags.clone();
             (quantile(&r.lags, 0.5), Value::Object(m))
         }
@@ -160,7 +168,7 @@ pub(super) fn capture_watch(s: &Settings, rss: &mut (f64, f64)) -> Result<Value,
     let (r, hot, cold) = append_run(&mut p, &cfg, rss, &mut Vec::new())?;
     let mut m = append_figures(&r, hot, cold, p.bench_cpu_pct);
     m.insert("identical".into(), json!(p.verify()));
-    let _ = p.finish();
+    m.insert("hot_rss_mb".into(), finish(p, rss));
     let mut v = Value::Object(m);
     v["append_lag_p50_ms"] = v["p50_ms"].clone();
     v["append_lag_p99_ms"] = v["p99_ms"].clone();
@@ -246,7 +254,7 @@ pub(super) fn append_max(
     let wall = t0.elapsed().as_secs_f64();
     let (h1, c1) = p.cpu();
     let identical = p.verify();
-    let _ = p.finish();
+    let hot_rss = finish(p, rss);
     // no good step: the first one's figures (its p99 shows the miss)
     let best = best.unwrap_or_else(|| steps[0].clone());
     Ok(json!({
@@ -262,6 +270,7 @@ pub(super) fn append_max(
         "hot_cpu_pct": round((h1 - h0).as_secs_f64() / wall * 100.0, 1),
         "cold_cpu_pct": round((c1 - c0).as_secs_f64() / wall * 100.0, 1),
         "identical": identical,
+        "hot_rss_mb": hot_rss,
     }))
 }
 
@@ -298,8 +307,7 @@ pub(super) fn random_writes(s: &Settings, rss: &mut (f64, f64)) -> Result<Value,
     lags.sort();
     drop(handles);
     let converged = p.verify();
-    let r = p.finish();
-    *rss = (rss.0.max(r.0), rss.1.max(r.1));
+    let hot_rss = finish(p, rss);
     Ok(json!({
         "writes": n,
         "samples": lags.len(),
@@ -310,6 +318,7 @@ pub(super) fn random_writes(s: &Settings, rss: &mut (f64, f64)) -> Result<Value,
         "max_ms": ms(lags.last().copied()),
         "hot_cpu_pct": round(hot_cpu, 1),
         "converged": converged,
+        "hot_rss_mb": hot_rss,
         "capture": "fuse",
     }))
 }
