@@ -505,8 +505,10 @@ fn write_and_measure(root: &Path, out: &mut dyn Write) -> Result<Report, DemoErr
         rate_per_s: Some(DEMO_RATE_PER_S),
         duration: Duration::from_secs(DEMO_WRITE_SECONDS),
         file_bytes: crate::workload::JOURNAL_FILE_BYTES,
+        record_bytes: crate::workload::RECORD_BYTES,
         sample_every: 5,
         paging: true,
+        keep_files: None,
         first_file: 1,
     };
     let report = crate::workload::run(&cfg, Some(&cold_data), |t| {

@@ -19,7 +19,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 /// Artemis' default journal file size.
 pub const JOURNAL_FILE_BYTES: u64 = 10 << 20;
-/// One record.
+/// One record (the default record size).
 pub const RECORD_BYTES: usize = 4096;
 /// The probe looks at its pending records this often (its resolution).
 pub const PROBE_SWEEP: Duration = Duration::from_micros(100);
@@ -37,10 +37,15 @@ pub struct WriterConfig {
     pub duration: Duration,
     /// Size of each journal file.
     pub file_bytes: u64,
+    /// Bytes per record (each written by one `pwrite`, then `fdatasync`ed).
+    pub record_bytes: usize,
     /// Probe every n-th record (1 = all).
     pub sample_every: u64,
     /// Create and delete paging files too.
     pub paging: bool,
+    /// Keep at most this many journal files: older ones are deleted at each rotation (as
+    /// Artemis removes reclaimed files), so a long fast run does not fill the disk.
+    pub keep_files: Option<u64>,
     /// Number of the first journal file (runs that follow each other continue the numbering,
     /// as Artemis does).
     pub first_file: u64,
@@ -121,7 +126,7 @@ impl<'a> Journal<'a> {
         if cfg.paging {
             fs::create_dir_all(&paging)?;
         }
-        let records_per_file = cfg.file_bytes / RECORD_BYTES as u64;
+        let records_per_file = (cfg.file_bytes / cfg.record_bytes as u64).max(1);
         Ok(Journal {
             cfg,
             journal,
@@ -149,6 +154,12 @@ impl<'a> Journal<'a> {
         fs::rename(&tmp, self.journal.join(&name))?;
         self.file = Some((f, format!("journal/{name}")));
         self.slot = 0;
+        if let Some(keep) = self.cfg.keep_files {
+            if self.file_no > keep {
+                let old = format!("activemq-data-{}.amq", self.file_no - keep);
+                let _ = fs::remove_file(self.journal.join(old));
+            }
+        }
         if self.cfg.paging {
             self.page_no += 1;
             let fill = u8::try_from(self.page_no % 256).unwrap_or_default();
@@ -173,7 +184,7 @@ impl<'a> Journal<'a> {
             self.rotate()?;
         }
         let (f, rel) = self.file.as_ref().expect("a journal file is open");
-        let offset = self.slot * RECORD_BYTES as u64;
+        let offset = self.slot * self.cfg.record_bytes as u64;
         let started = Instant::now();
         f.write_all_at(record, offset)?;
         f.sync_data()?;
@@ -228,7 +239,7 @@ pub fn run(
         second: 1,
         ..Tick::default()
     };
-    let mut record = vec![0u8; RECORD_BYTES];
+    let mut record = vec![0u8; cfg.record_bytes];
     let mut seq = 0u64;
     while start.elapsed() < cfg.duration {
         seq += 1;
@@ -246,7 +257,7 @@ pub fn run(
             });
         }
         report.records += 1;
-        report.bytes += RECORD_BYTES as u64;
+        report.bytes += cfg.record_bytes as u64;
         this_tick.records += 1;
         drain_lags(&lag_rx, &mut this_tick, &mut report);
         if Instant::now() >= next_tick {
@@ -367,8 +378,10 @@ mod tests {
             rate_per_s: None,
             duration: Duration::from_millis(300),
             file_bytes: 64 * 1024,
+            record_bytes: RECORD_BYTES,
             sample_every: 1,
             paging: true,
+            keep_files: None,
             first_file: 1,
         };
         // probing the hot directory itself: every record "arrives" at once

@@ -456,7 +456,9 @@ impl Scanner {
     fn compare_pass(&mut self, rel: &str, file: &File, pass: &mut Pass) {
         while pass.page < pass.pages && pass.clean_run < pass.stop_after_clean {
             let off = pass.page as u64 * self.page_size as u64;
-            let want = pass.chunk_pages * self.page_size;
+            // never past the pass's end: a range scan of one 4 KiB write read (and hashed)
+            // 1 MiB after it
+            let want = pass.chunk_pages.min(pass.pages - pass.page) * self.page_size;
             pass.chunk_pages = (pass.chunk_pages * 2).min(READ_PAGES);
             let n = match read_full_at(file, &mut self.buf[..want], off) {
                 Ok(0) => break,

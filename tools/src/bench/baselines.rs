@@ -210,8 +210,10 @@ pub(super) fn lsyncd_lag(
         rate_per_s: Some(s.rate),
         duration: Duration::from_secs(s.seconds.min(10)),
         file_bytes: workload::JOURNAL_FILE_BYTES,
+        record_bytes: workload::RECORD_BYTES,
         sample_every: 10,
         paging: false,
+        keep_files: None,
         first_file: 1,
     };
     let r = workload::run(&cfg, Some(&dst), |_| {}).map_err(err("lsyncd writer"));

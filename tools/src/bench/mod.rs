@@ -1,23 +1,31 @@
 //! `artemis-sync-bench`: throughput and lag of replicated mode, each figure next to a baseline
-//! measured in the same run (a plain TCP copy, an rsync daemon, lsyncd), so that noise on a
-//! shared machine moves both.
+//! measured in the same run (a plain TCP copy, an rsync daemon, lsyncd, the same loop on a local
+//! directory, a loopback round trip, the watch capture), so that noise on a shared machine moves
+//! both.
 //!
 //! Every workload starts a fresh pair of real `artemis-sync agent` processes (the binary beside
 //! this one) on 127.0.0.1, in directories under `--dir` (default: a new directory in /dev/shm),
-//! and removes them afterwards. Baselines whose tool is missing are reported as null with the
-//! reason.
+//! and removes them afterwards. The write-path workloads write through the hot agent's FUSE
+//! mount (issue 12); without root or /dev/fuse they, like baselines whose tool is missing, are
+//! reported as null with the reason.
 
 //!
 //! The pieces: `pair` starts and measures the two agents, `baselines` runs the same-run
-//! baselines (a plain TCP copy, an rsync daemon, lsyncd), `workloads` the measured workloads, and
-//! `report` prints the table and draws the SVG.
+//! baselines (a plain TCP copy, an rsync daemon, lsyncd), `workloads` the scanner's workloads
+//! (initial sync, resync), `fuse_workloads` the write-path ones (append lag, sustained appends,
+//! random writes through the mount, and the watch capture's baseline line), `durable` the
+//! durable-ack fsync latency, and `report` prints the table and draws the SVG.
 
 mod baselines;
+mod durable;
+mod fuse_workloads;
 mod pair;
 mod report;
 mod workloads;
 
 use baselines::*;
+use durable::*;
+use fuse_workloads::*;
 use pair::*;
 pub use report::{svg, table};
 use workloads::*;
@@ -63,12 +71,14 @@ pub enum AuthMode {
 }
 
 /// The workloads.
-pub const WORKLOADS: [&str; 5] = [
+pub const WORKLOADS: [&str; 7] = [
     "initial_sync",
     "resync",
+    "durable_fsync",
     "append_lag",
     "append_max",
     "random_writes",
+    "capture_watch",
 ];
 
 /// What to run.
@@ -84,9 +94,9 @@ pub struct Settings {
     pub files: usize,
     /// `initial_sync`/`resync` tree: MiB per file.
     pub file_mib: usize,
-    /// `append_lag` records per second.
+    /// `append_lag`, `durable_fsync` and `capture_watch` records per second.
     pub rate: u32,
-    /// Seconds of `append_lag`, `append_max`, `random_writes`.
+    /// Seconds of `append_lag`, `append_max`, `random_writes`, `durable_fsync`, `capture_watch`.
     pub seconds: u64,
     /// `random_writes`: MiB of files written into.
     pub random_mib: usize,
@@ -94,6 +104,9 @@ pub struct Settings {
     pub random_rate: u32,
     /// The agent binary.
     pub agent_bin: PathBuf,
+    /// Both rescan periods of the agents, when not the product's defaults (a diagnosis: how
+    /// much of a figure the periodic rescans cost).
+    pub rescan_ms: Option<u64>,
 }
 
 /// Results, as one JSON object.
@@ -141,7 +154,6 @@ fn ms(d: Option<Duration>) -> Value {
     d.map_or(Value::Null, |d| json!(round(d.as_secs_f64() * 1e3, 3)))
 }
 
-/// An rsync daemon on 127.0.0.1 serving `dir` as module `bench`.
 /// Data for the SVG report.
 #[derive(Debug, Default)]
 pub struct Curves {
@@ -162,9 +174,11 @@ pub fn run(s: &Settings, mut progress: impl FnMut(&str)) -> Result<(Results, Cur
         let v = match w.as_str() {
             "initial_sync" => initial_sync(s, &mut rss)?,
             "resync" => resync(s, &mut rss)?,
+            "durable_fsync" => durable_fsync(s, &mut rss)?,
             "append_lag" => append_lag(s, &mut rss, &mut curves)?,
-            "append_max" => append_max(s, &mut rss, &mut curves, s.seconds <= 2)?,
+            "append_max" => append_max(s, &mut rss, &mut curves)?,
             "random_writes" => random_writes(s, &mut rss)?,
+            "capture_watch" => capture_watch(s, &mut rss)?,
             other => {
                 return Err(BenchError::Step {
                     step: "workloads".into(),
@@ -185,6 +199,12 @@ pub fn run(s: &Settings, mut progress: impl FnMut(&str)) -> Result<(Results, Cur
         json!(round(64.0 + tree / 1048576.0 / 100.0, 1)),
     );
     out.insert("auth".into(), json!(s.auth));
+    out.insert(
+        "rescan_interval_ms".into(),
+        json!(s
+            .rescan_ms
+            .unwrap_or(artemis_sync::config::DEFAULT_RESCAN_INTERVAL_MS)),
+    );
     out.insert("dir".into(), json!(s.dir));
     Ok((Value::Object(out), curves))
 }

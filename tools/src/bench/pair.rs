@@ -1,5 +1,6 @@
 //! A pair of real `artemis-sync agent` processes, hot and cold, on 127.0.0.1: started with a
-//! config per side, waited for, measured (CPU time, peak RSS) and removed.
+//! config per side (the watch capture, or the FUSE capture with async or durable acks),
+//! waited for, measured (CPU time, peak RSS) and removed, the FUSE mount detached with it.
 
 use artemis_sync::daemon::listen_fds::command_with_listener;
 use artemis_sync::daemon::protocol::{Reply, Request};
@@ -92,10 +93,96 @@ pub(super) fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis(ticks * 1000 / hz)
 }
 
+/// How the hot agent sees the writes, and when a sync through it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Capture {
+    /// `capture = "watch"`: inotify and rescans of `data_dir`; writers write `data_dir`.
+    Watch,
+    /// `capture = "fuse"`, `ack = "async"`: writers write through the mount.
+    FuseAsync,
+    /// `capture = "fuse"`, `ack = "durable"`: a sync returns once the cold side has fsynced.
+    FuseDurable,
+}
+
+impl Capture {
+    /// The `[replication]` lines of this capture; `mnt` is the side's mount point.
+    fn config_lines(self, mnt: &Path) -> String {
+        let ack = match self {
+            Capture::Watch => return "capture = \"watch\"\n".to_owned(),
+            Capture::FuseAsync => "async",
+            Capture::FuseDurable => "durable",
+        };
+        format!("capture = \"fuse\"\nmount_point = {mnt:?}\nack = \"{ack}\"\n")
+    }
+}
+
+/// Why the FUSE workloads cannot run here, if they cannot: they need root and /dev/fuse.
+pub(super) fn fuse_unavailable() -> Option<String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (the hot agent mounts a FUSE filesystem)".into());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Some("/dev/fuse is missing (modprobe fuse)".into());
+    }
+    None
+}
+
+/// The `[replication]` lines of `capture` (and of `--rescan-ms`) for a side mounting at `mnt`.
+fn capture_lines(s: &Settings, capture: Capture, mnt: &Path) -> String {
+    let mut lines = capture.config_lines(mnt);
+    if let Some(ms) = s.rescan_ms {
+        lines.push_str(&format!(
+            "rescan_interval_ms = {ms}\ndeep_rescan_interval_ms = {ms}\n"
+        ));
+    }
+    lines
+}
+
+/// Prepares the pair's authentication under `root`: the `[replication]` line of a PSK or of
+/// `insecure`, or "TLS" once the certificates are made (each side then names its own).
+fn auth_setup(mode: AuthMode, root: &Path) -> Result<String, BenchError> {
+    let auth = match mode {
+        AuthMode::Insecure => "insecure_loopback = true".to_owned(),
+        AuthMode::Psk => {
+            let psk = root.join("psk");
+            let key = artemis_sync::replicated::wire::nonce().map_err(err("make a key"))?;
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            artemis_sync::sys::write_atomic(&psk, hex.as_bytes()).map_err(err("write the psk"))?;
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&psk, fs::Permissions::from_mode(0o600))
+                .map_err(err("chmod the psk"))?;
+            format!("psk_file = {psk:?}")
+        }
+        AuthMode::Tls => {
+            let certs = root.join("certs");
+            artemis_sync::replicated::certs::init(&certs, &["hot".into(), "cold".into()])
+                .map_err(err("certs init"))?;
+            "TLS".to_owned()
+        }
+    };
+    Ok(auth)
+}
+
+/// Lazily detaches whatever is mounted at `dir` (nothing when nothing is).
+fn detach(dir: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    unsafe {
+        libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+    }
+}
+
 /// A hot and a cold agent on fresh directories.
 pub(super) struct Pair {
     pub(super) root: PathBuf,
     pub(super) hot_data: PathBuf,
+    /// Where writers write: the mount point with the FUSE capture, else `hot_data`.
+    pub(super) write_dir: PathBuf,
+    pub(super) capture: Capture,
     pub(super) cold_data: PathBuf,
     pub(super) hot_cfg: PathBuf,
     pub(super) cold_cfg: PathBuf,
@@ -104,6 +191,8 @@ pub(super) struct Pair {
     pub(super) cold: Option<Agent>,
     pub(super) peak_hot_mb: f64,
     pub(super) peak_cold_mb: f64,
+    /// The benchmark's own CPU (writer, probe) in its last append run, % of a core.
+    pub(super) bench_cpu_pct: f64,
     /// The hot agent's replication listener, handed to each hot agent started.
     hot_listener: TcpListener,
     /// The cold agent's.
@@ -111,7 +200,7 @@ pub(super) struct Pair {
 }
 
 impl Pair {
-    pub(super) fn new(s: &Settings, name: &str) -> Result<Pair, BenchError> {
+    pub(super) fn new(s: &Settings, name: &str, capture: Capture) -> Result<Pair, BenchError> {
         let root = s.dir.join(name);
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root).map_err(err("create the workload directory"))?;
@@ -126,31 +215,14 @@ impl Pair {
                 .map_err(err("bind ports"))?
                 .port(),
         );
-        let auth = match s.auth {
-            AuthMode::Insecure => "insecure_loopback = true".to_owned(),
-            AuthMode::Psk => {
-                let psk = root.join("psk");
-                let key = artemis_sync::replicated::wire::nonce().map_err(err("make a key"))?;
-                let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-                artemis_sync::sys::write_atomic(&psk, hex.as_bytes())
-                    .map_err(err("write the psk"))?;
-                use std::os::unix::fs::PermissionsExt;
-                fs::set_permissions(&psk, fs::Permissions::from_mode(0o600))
-                    .map_err(err("chmod the psk"))?;
-                format!("psk_file = {psk:?}")
-            }
-            AuthMode::Tls => {
-                let certs = root.join("certs");
-                artemis_sync::replicated::certs::init(&certs, &["hot".into(), "cold".into()])
-                    .map_err(err("certs init"))?;
-                "TLS".to_owned()
-            }
-        };
+        let auth = auth_setup(s.auth, &root)?;
         let mut cfgs = Vec::new();
         for (side, listen, peer) in [("hot", ports.0, ports.1), ("cold", ports.1, ports.0)] {
             let dir = root.join(side);
             fs::create_dir_all(dir.join("base")).map_err(err("create a side"))?;
             fs::create_dir_all(dir.join("data")).map_err(err("create a side"))?;
+            fs::create_dir_all(dir.join("mnt")).map_err(err("create a side"))?;
+            let capture_lines = capture_lines(s, capture, &dir.join("mnt"));
             let auth = if auth == "TLS" {
                 let c = root.join("certs");
                 format!(
@@ -164,7 +236,7 @@ impl Pair {
             };
             let text = format!(
                 "[node]\nbase_dir = {:?}\n\n[storage]\nmode = \"replicated\"\n\n[replication]\nrole = \"{side}\"\ndata_dir = {:?}\n\
-                 listen = \"127.0.0.1:{listen}\"\npeer = \"127.0.0.1:{peer}\"\n{auth}\nstate_file = {:?}\n\n\
+                 listen = \"127.0.0.1:{listen}\"\npeer = \"127.0.0.1:{peer}\"\n{auth}\nstate_file = {:?}\n{capture_lines}\n\
                  [lock]\nmachine_name = \"{side}\"\n\n[agent]\ncontrol_socket = {:?}\n",
                 dir.join("base"), dir.join("data"), dir.join("state.json"), dir.join("agent.sock")
             );
@@ -174,6 +246,12 @@ impl Pair {
         }
         Ok(Pair {
             hot_data: root.join("hot/data"),
+            write_dir: root.join(if capture == Capture::Watch {
+                "hot/data"
+            } else {
+                "hot/mnt"
+            }),
+            capture,
             cold_data: root.join("cold/data"),
             hot_cfg: cfgs[0].clone(),
             cold_cfg: cfgs[1].clone(),
@@ -183,6 +261,7 @@ impl Pair {
             cold: None,
             peak_hot_mb: 0.0,
             peak_cold_mb: 0.0,
+            bench_cpu_pct: 0.0,
             hot_listener,
             cold_listener,
         })
@@ -290,6 +369,14 @@ impl Pair {
         )
     }
 
+    /// Hot and cold CPU time so far.
+    pub(super) fn cpu(&self) -> (Duration, Duration) {
+        (
+            self.hot.as_ref().map(Agent::cpu).unwrap_or_default(),
+            self.cold.as_ref().map(Agent::cpu).unwrap_or_default(),
+        )
+    }
+
     pub(super) fn finish(mut self) -> (f64, f64) {
         self.note_rss();
         if let Some(h) = self.hot.take() {
@@ -298,9 +385,21 @@ impl Pair {
         if let Some(c) = self.cold.take() {
             c.stop();
         }
+        detach(&self.root.join("hot/mnt"));
         if std::env::var_os("ARTEMIS_SYNC_BENCH_KEEP").is_none() {
             let _ = fs::remove_dir_all(&self.root);
         }
         (self.peak_hot_mb, self.peak_cold_mb)
+    }
+}
+
+impl Drop for Pair {
+    /// On an error path: the agents are killed and a mount left behind detached.
+    fn drop(&mut self) {
+        drop(self.hot.take());
+        drop(self.cold.take());
+        if self.capture != Capture::Watch {
+            detach(&self.root.join("hot/mnt"));
+        }
     }
 }

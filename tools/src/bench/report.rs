@@ -11,17 +11,42 @@ fn fig(x: &Value) -> String {
     }
 }
 
+/// A target cell: what the target says, and whether the results meet it (`None`: no target,
+/// or the figure is null).
+type Target = (String, Option<bool>);
+
 /// One row of the table: the workload, the figure, what its baseline cell says (from the whole
-/// results), and the target.
+/// results), and its target.
 type Row = (
     &'static str,
     &'static str,
     fn(&Value) -> String,
-    &'static str,
+    fn(&Value) -> Target,
 );
 
 fn none(_: &Value) -> String {
     String::new()
+}
+
+fn no_target(_: &Value) -> Target {
+    (String::new(), None)
+}
+
+/// `x <= limit`.
+fn le(x: &Value, limit: f64) -> Target {
+    (format!("<= {limit}"), x.as_f64().map(|x| x <= limit))
+}
+
+/// `x >= limit`.
+fn ge(x: &Value, limit: f64) -> Target {
+    (format!(">= {limit}"), x.as_f64().map(|x| x >= limit))
+}
+
+/// The reason a workload's figures are null, as its baseline cell says it.
+fn why_null(v: &Value, w: &str) -> String {
+    v[w]["null_reason"]
+        .as_str()
+        .map_or_else(String::new, |r| format!("null: {r}"))
 }
 
 /// The rows, in the order the README's table has them.
@@ -36,20 +61,24 @@ const ROWS: &[Row] = &[
                 fig(&v["initial_sync"]["raw_tcp_mb_per_s"])
             )
         },
-        "",
+        no_target,
     ),
-    (
-        "initial_sync",
-        "ratio_vs_rsync",
-        none,
-        ">= 3 (PSK), >= 2 (TLS)",
-    ),
-    ("initial_sync", "ratio_vs_raw_tcp", none, ">= 0.5 (PSK)"),
+    ("initial_sync", "ratio_vs_rsync", none, |v| {
+        let x = &v["initial_sync"]["ratio_vs_rsync"];
+        let min = if v["auth"] == "tls" { 2.0 } else { 3.0 };
+        (
+            ">= 3 (PSK), >= 2 (TLS)".into(),
+            x.as_f64().map(|x| x >= min),
+        )
+    }),
+    ("initial_sync", "ratio_vs_raw_tcp", none, |v| {
+        ge(&v["initial_sync"]["ratio_vs_raw_tcp"], 0.5)
+    }),
     (
         "resync",
         "seconds",
         |v| format!("rsync {} s", fig(&v["resync"]["rsync_seconds"])),
-        "",
+        no_target,
     ),
     (
         "resync",
@@ -61,78 +90,210 @@ const ROWS: &[Row] = &[
                 fig(&v["resync"]["changed_bytes"])
             )
         },
-        "<= wire_bound_bytes",
+        |v| {
+            let bound = v["resync"]["wire_bound_bytes"].as_f64().unwrap_or(0.0);
+            le(&v["resync"]["wire_bytes"], bound)
+        },
     ),
-    ("resync", "ratio_vs_rsync", none, ">= 2"),
+    ("resync", "ratio_vs_rsync", none, |v| {
+        ge(&v["resync"]["ratio_vs_rsync"], 2.0)
+    }),
+    (
+        "durable_fsync",
+        "p50_added_us",
+        |v| {
+            let d = &v["durable_fsync"];
+            match d["null_reason"].as_str() {
+                Some(r) => format!("null: {r}"),
+                None => format!(
+                    "durable p50 {} us - local p50 {} us",
+                    fig(&d["p50_us"]),
+                    fig(&d["local_p50_us"])
+                ),
+            }
+        },
+        |v| {
+            let d = &v["durable_fsync"];
+            (
+                format!(
+                    "<= rtt + cold fdatasync + 100 = {}",
+                    fig(&d["target_p50_added_us"])
+                ),
+                d["target_met"].as_bool(),
+            )
+        },
+    ),
+    (
+        "durable_fsync",
+        "p99_added_us",
+        |v| {
+            let d = &v["durable_fsync"];
+            format!(
+                "durable p99 {} us - local p99 {} us",
+                fig(&d["p99_us"]),
+                fig(&d["local_p99_us"])
+            )
+        },
+        no_target,
+    ),
+    (
+        "durable_fsync",
+        "local_p50_us",
+        |_| "same loop, local dir, no replication".into(),
+        no_target,
+    ),
+    (
+        "durable_fsync",
+        "rtt_us",
+        |v| {
+            format!(
+                "TCP loopback, 4 KiB out, 64 B back (64/64: {} us)",
+                fig(&v["durable_fsync"]["rtt_small_us"])
+            )
+        },
+        no_target,
+    ),
+    (
+        "durable_fsync",
+        "cold_fdatasync_us",
+        |_| "fdatasync alone on the cold filesystem".into(),
+        no_target,
+    ),
     (
         "append_lag",
         "p50_ms",
         |v| {
+            let reason = why_null(v, "append_lag");
+            if !reason.is_empty() {
+                return reason;
+            }
             format!(
-                "lsyncd p50 {} ms ({}x ours)",
+                "watch {} ms; lsyncd {} ms ({}x ours)",
+                fig(&v["capture_watch"]["append_lag_p50_ms"]),
                 fig(&v["append_lag"]["lsyncd_p50_ms"]),
                 fig(&v["append_lag"]["lsyncd_ratio"])
             )
         },
-        "<= 1; lsyncd >= 20x",
+        no_target,
     ),
-    ("append_lag", "p99_ms", none, "<= 5"),
     (
         "append_lag",
-        "p50_from_write_ms",
-        |_| "from before the write (upper bound)".into(),
-        "",
+        "p99_ms",
+        |v| format!("watch {} ms", fig(&v["capture_watch"]["append_lag_p99_ms"])),
+        |v| le(&v["append_lag"]["p99_ms"], 2.0),
     ),
-    ("append_lag", "p99_from_write_ms", none, ""),
-    ("append_lag", "max_ms", none, ""),
-    ("append_lag", "hot_cpu_pct", none, "<= 15"),
-    ("append_lag", "cold_cpu_pct", none, ""),
+    (
+        "append_lag",
+        "p99_from_write_ms",
+        |_| "from before the write (upper bound)".into(),
+        no_target,
+    ),
+    ("append_lag", "max_ms", none, no_target),
+    (
+        "append_lag",
+        "hot_cpu_pct",
+        |v| format!("watch {} %", fig(&v["capture_watch"]["hot_cpu_pct"])),
+        |v| le(&v["append_lag"]["hot_cpu_pct"], 10.0),
+    ),
+    (
+        "append_lag",
+        "cold_cpu_pct",
+        |v| format!("watch {} %", fig(&v["capture_watch"]["cold_cpu_pct"])),
+        no_target,
+    ),
     (
         "append_max",
         "mb_per_s",
         |v| {
+            let reason = why_null(v, "append_max");
+            if !reason.is_empty() {
+                return reason;
+            }
             format!(
-                "at {} records/s, p99 {} ms",
-                fig(&v["append_max"]["rate_per_s"]),
-                fig(&v["append_max"]["p99_ms"])
+                "unthrottled {} MB/s (p99 {} ms)",
+                fig(&v["append_max"]["unthrottled_mb_per_s"]),
+                fig(&v["append_max"]["unthrottled_p99_ms"])
             )
         },
-        ">= 150 (p99 <= 20 ms)",
+        |v| {
+            let m = &v["append_max"];
+            let met = m["mb_per_s"]
+                .as_f64()
+                .zip(m["p99_ms"].as_f64())
+                .map(|(mbs, p99)| mbs >= 300.0 && p99 <= 20.0);
+            (">= 300 with p99 <= 20 ms".into(), met)
+        },
     ),
-    ("random_writes", "p50_ms", none, ""),
-    ("random_writes", "p99_ms", none, "<= rescan interval (1000)"),
-    ("random_writes", "converged", none, "true"),
+    ("append_max", "p99_ms", none, |v| {
+        le(&v["append_max"]["p99_ms"], 20.0)
+    }),
+    ("append_max", "hot_cpu_pct", none, no_target),
+    (
+        "random_writes",
+        "p50_ms",
+        |v| why_null(v, "random_writes"),
+        no_target,
+    ),
+    ("random_writes", "p99_ms", none, |v| {
+        le(&v["random_writes"]["p99_ms"], 5.0)
+    }),
+    ("random_writes", "converged", none, |v| {
+        ("true".into(), v["random_writes"]["converged"].as_bool())
+    }),
+    (
+        "capture_watch",
+        "append_lag_p99_ms",
+        |_| "baseline: the watch capture".into(),
+        no_target,
+    ),
+    ("capture_watch", "hot_cpu_pct", none, no_target),
 ];
+
+/// "met", "MISSED" or nothing.
+fn verdict(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "met",
+        Some(false) => "MISSED",
+        None => "",
+    }
+}
 
 /// The results as a table, each figure next to its baseline and target.
 pub fn table(v: &Value) -> String {
     let mut t = String::new();
-    let mut line = |w: &str, figure: &str, value: String, base: String, target: String| {
-        let _ = writeln!(t, "{w:<14} {figure:<20} {value:>12}   {base:<44} {target}");
+    let mut line = |w: &str, figure: &str, value: String, base: String, target: Target| {
+        let (target, met) = target;
+        let met = verdict(met);
+        let _ = writeln!(
+            t,
+            "{w:<14} {figure:<18} {value:>10}   {base:<48} {target:<38} {met}"
+        );
     };
     line(
         "workload",
         "figure",
         "value".into(),
         "baseline (same run)".into(),
-        "target".into(),
+        ("target".into(), None),
     );
     for (w, figure, base, target) in ROWS {
         if v[w].is_null() {
             continue;
         }
-        let target = match *target {
-            "<= wire_bound_bytes" => format!("<= {}", fig(&v[w]["wire_bound_bytes"])),
-            t => t.to_owned(),
-        };
-        line(w, figure, fig(&v[w][figure]), base(v), target);
+        line(w, figure, fig(&v[w][figure]), base(v), target(v));
     }
+    let rss = v["rss_target_mb"].as_f64().unwrap_or(0.0);
+    let met = v["hot_rss_mb"]
+        .as_f64()
+        .zip(v["cold_rss_mb"].as_f64())
+        .filter(|(h, c)| h.max(*c) > 0.0) // no agent ran: nothing to judge
+        .map(|(h, c)| h.max(c) <= rss);
     line(
         "memory",
         "hot_rss_mb",
         fig(&v["hot_rss_mb"]),
         format!("cold {} MiB", fig(&v["cold_rss_mb"])),
-        format!("<= {} each", fig(&v["rss_target_mb"])),
+        (format!("<= {rss} each"), met),
     );
     t
 }

@@ -1,12 +1,13 @@
-//! The measured workloads: initial sync and resync of a tree, append lag at a steady rate, the
-//! highest append rate that keeps the lag bounded, and random in-place writes.
+//! The scanner's workloads, initial sync and resync of a tree (the watch capture: both are the
+//! scanner's work whatever the capture), and the writer and probe of random in-place writes
+//! that `fuse_workloads` runs through the FUSE mount.
 
 use super::*;
 
 // ------------------------------------------------------------------------------ workloads
 
 pub(super) fn initial_sync(s: &Settings, rss: &mut (f64, f64)) -> Result<Value, BenchError> {
-    let mut p = Pair::new(s, "initial_sync")?;
+    let mut p = Pair::new(s, "initial_sync", Capture::Watch)?;
     let bytes = make_tree(&p.hot_data, s.files, s.file_mib)?;
     let mb = bytes as f64 / 1e6;
     p.start_cold()?;
@@ -91,7 +92,7 @@ pub(super) fn rewrite_pages(dir: &Path, fraction: f64, seed: u64) -> Result<usiz
 }
 
 pub(super) fn resync(s: &Settings, rss: &mut (f64, f64)) -> Result<Value, BenchError> {
-    let mut p = Pair::new(s, "resync")?;
+    let mut p = Pair::new(s, "resync", Capture::Watch)?;
     let bytes = make_tree(&p.hot_data, s.files, s.file_mib)?;
     p.start_cold()?;
     p.start_hot()?;
@@ -158,219 +159,12 @@ pub(super) fn resync(s: &Settings, rss: &mut (f64, f64)) -> Result<Value, BenchE
     }))
 }
 
-pub(super) fn lag_figures(r: &workload::Report) -> (Value, Value, Value) {
-    (
-        ms(quantile(&r.lags, 0.5)),
-        ms(quantile(&r.lags, 0.99)),
-        ms(r.lags.last().copied()),
-    )
-}
-
-pub(super) fn append(
-    s: &Settings,
-    rss: &mut (f64, f64),
-    rate: Option<u32>,
-    name: &str,
-    per_second: &mut Vec<f64>,
-) -> Result<(workload::Report, f64, f64, Pair), BenchError> {
-    let mut p = Pair::new(s, name)?;
-    p.start_cold()?;
-    p.start_hot()?;
-    p.wait_synced(Duration::from_secs(60))?;
-    let (h0, c0) = (
-        p.hot.as_ref().map(Agent::cpu).unwrap_or_default(),
-        p.cold.as_ref().map(Agent::cpu).unwrap_or_default(),
-    );
-    let cfg = WriterConfig {
-        dir: p.hot_data.clone(),
-        rate_per_s: rate,
-        duration: Duration::from_secs(s.seconds),
-        file_bytes: workload::JOURNAL_FILE_BYTES,
-        sample_every: 1,
-        paging: true,
-        first_file: 1,
-    };
-    let report = workload::run(&cfg, Some(&p.cold_data), |t| {
-        per_second.push(t.records as f64 * workload::RECORD_BYTES as f64 / 1e6)
-    })
-    .map_err(err("writer"))?;
-    let wall = report.elapsed.as_secs_f64();
-    let (h1, c1) = (
-        p.hot.as_ref().map(Agent::cpu).unwrap_or_default(),
-        p.cold.as_ref().map(Agent::cpu).unwrap_or_default(),
-    );
-    let hot_cpu = (h1 - h0).as_secs_f64() / wall * 100.0;
-    let cold_cpu = (c1 - c0).as_secs_f64() / wall * 100.0;
-    p.note_rss();
-    *rss = (rss.0.max(p.peak_hot_mb), rss.1.max(p.peak_cold_mb));
-    Ok((report, hot_cpu, cold_cpu, p))
-}
-
-pub(super) fn append_lag(
-    s: &Settings,
-    rss: &mut (f64, f64),
-    curves: &mut Curves,
-) -> Result<Value, BenchError> {
-    let mut per_second = Vec::new();
-    let (r, hot_cpu, cold_cpu, p) = append(s, rss, Some(s.rate), "append_lag", &mut per_second)?;
-    let identical = p.verify();
-    let root = p.root.clone();
-    let (p50, p99, max) = lag_figures(&r);
-    let _ = p.finish();
-    fs::create_dir_all(&root).map_err(err("lsyncd dir"))?;
-    let (lsyncd, reason) = lsyncd_lag(s, &root)?;
-    let _ = fs::remove_dir_all(&root);
-    curves.lags = r.lags.clone();
-    let lsyncd_ratio = match (&lsyncd, p50.as_f64()) {
-        (Some(Value::Number(l)), Some(o)) if o > 0.0 => {
-            Some(round(l.as_f64().unwrap_or(0.0) / o, 1))
-        }
-        _ => None,
-    };
-    Ok(json!({
-        "rate_per_s": s.rate,
-        "records": r.records,
-        "samples": r.lags.len(),
-        "lost": r.lost,
-        "p50_ms": p50, "p99_ms": p99, "max_ms": max,
-        "p50_from_write_ms": ms(quantile(&r.lags_from_write, 0.5)),
-        "p99_from_write_ms": ms(quantile(&r.lags_from_write, 0.99)),
-        "hot_cpu_pct": round(hot_cpu, 1),
-        "cold_cpu_pct": round(cold_cpu, 1),
-        "identical": identical,
-        "lsyncd_p50_ms": lsyncd,
-        "lsyncd_ratio": lsyncd_ratio,
-        "lsyncd_null_reason": reason,
-    }))
-}
-
-/// The p99 lag `append_max` must keep.
-pub(super) const APPEND_MAX_P99: Duration = Duration::from_millis(20);
-
-pub(super) fn append_max(
-    s: &Settings,
-    rss: &mut (f64, f64),
-    curves: &mut Curves,
-    quick: bool,
-) -> Result<Value, BenchError> {
-    let mut p = Pair::new(s, "append_max")?;
-    p.start_cold()?;
-    p.start_hot()?;
-    p.wait_synced(Duration::from_secs(60))?;
-    // Double the rate while p99 stays within the bound; the figure is the best sustained rate.
-    let step = if quick {
-        Duration::from_secs(1)
-    } else {
-        Duration::from_secs((s.seconds / 4).max(2))
-    };
-    let mut rate = 2000u32;
-    let mut steps = Vec::new();
-    let mut best: Option<(f64, Value, u32)> = None;
-    let (h0, c0, t0) = (
-        p.hot.as_ref().map(Agent::cpu).unwrap_or_default(),
-        p.cold.as_ref().map(Agent::cpu).unwrap_or_default(),
-        Instant::now(),
-    );
-    let mut next_file = 1;
-    loop {
-        let cfg = WriterConfig {
-            dir: p.hot_data.clone(),
-            rate_per_s: Some(rate),
-            duration: step,
-            file_bytes: workload::JOURNAL_FILE_BYTES,
-            sample_every: 4,
-            paging: false,
-            first_file: next_file,
-        };
-        let mut per_second = Vec::new();
-        let r = workload::run(&cfg, Some(&p.cold_data), |t| {
-            per_second.push(t.records as f64 * workload::RECORD_BYTES as f64 / 1e6)
-        })
-        .map_err(err("writer"))?;
-        next_file += r.files;
-        let mbs = r.bytes as f64 / 1e6 / r.elapsed.as_secs_f64();
-        let p99 = quantile(&r.lags, 0.99);
-        let ok = r.lost == 0 && p99.is_some_and(|d| d <= APPEND_MAX_P99);
-        steps.push(
-            json!({"rate_per_s": rate, "mb_per_s": round(mbs, 1), "p99_ms": ms(p99), "ok": ok}),
-        );
-        curves.throughput.extend(per_second);
-        let kept_up = r.records as f64 >= 0.9 * f64::from(rate) * r.elapsed.as_secs_f64();
-        if ok {
-            best = Some((mbs, ms(p99), rate));
-        }
-        if !ok || !kept_up || rate >= 256_000 || (quick && steps.len() >= 3) {
-            break;
-        }
-        rate *= 2;
-    }
-    let wall = t0.elapsed().as_secs_f64();
-    let (h1, c1) = (
-        p.hot.as_ref().map(Agent::cpu).unwrap_or_default(),
-        p.cold.as_ref().map(Agent::cpu).unwrap_or_default(),
-    );
-    let identical = p.verify();
-    let r = p.finish();
-    *rss = (rss.0.max(r.0), rss.1.max(r.1));
-    Ok(json!({
-        "mb_per_s": best.as_ref().map(|b| round(b.0, 1)),
-        "p99_ms": best.as_ref().map_or(Value::Null, |b| b.1.clone()),
-        "rate_per_s": best.as_ref().map(|b| b.2),
-        "steps": steps,
-        "hot_cpu_pct": round((h1 - h0).as_secs_f64() / wall * 100.0, 1),
-        "cold_cpu_pct": round((c1 - c0).as_secs_f64() / wall * 100.0, 1),
-        "identical": identical,
-    }))
-}
-
-pub(super) fn random_writes(s: &Settings, rss: &mut (f64, f64)) -> Result<Value, BenchError> {
-    let mut p = Pair::new(s, "random_writes")?;
-    let files = (s.random_mib / 10).max(1);
-    make_tree(&p.hot_data, files, s.random_mib.min(10))?;
-    p.start_cold()?;
-    p.start_hot()?;
-    p.wait_synced(Duration::from_secs(120))?;
-    let paths: Vec<PathBuf> = (0..files)
-        .map(|i| p.hot_data.join(format!("journal/activemq-data-{i}.amq")))
-        .collect();
-    let handles: Vec<File> = paths
-        .iter()
-        .map(|x| OpenOptions::new().write(true).open(x))
-        .collect::<Result<_, _>>()
-        .map_err(err("random writes"))?;
-    let pages_per_file = (s.random_mib.min(10) << 20) as u64 / 4096;
-    let (tx, rx) = crossbeam_channel::bounded::<RandomSample>(65536);
-    let cold = p.cold_data.clone();
-    let probe = std::thread::spawn(move || random_probe(&cold, files, &rx));
-    let n = random_write_loop(s, &handles, pages_per_file, &tx)?;
-    drop(tx);
-    let (mut lags, superseded, lost) = probe.join().map_err(|_| BenchError::Step {
-        step: "random writes".into(),
-        message: "probe panicked".into(),
-    })?;
-    lags.sort();
-    let converged = p.verify();
-    let r = p.finish();
-    *rss = (rss.0.max(r.0), rss.1.max(r.1));
-    Ok(json!({
-        "writes": n,
-        "samples": lags.len(),
-        "superseded": superseded,
-        "lost": lost,
-        "p50_ms": ms(quantile(&lags, 0.5)),
-        "p99_ms": ms(quantile(&lags, 0.99)),
-        "max_ms": ms(lags.last().copied()),
-        "converged": converged,
-        "rescan_interval_ms": artemis_sync::config::DEFAULT_RESCAN_INTERVAL_MS,
-    }))
-}
-
 /// A sample of `random_writes`: file index, offset, the page's first 16 bytes, when written.
-type RandomSample = (usize, u64, [u8; 16], Instant);
+pub(super) type RandomSample = (usize, u64, [u8; 16], Instant);
 
 /// Writes random pages at random offsets of `handles` at `s.random_rate` per second for
 /// `s.seconds`, each followed by `fdatasync`, and tells the probe about each; returns the count.
-fn random_write_loop(
+pub(super) fn random_write_loop(
     s: &Settings,
     handles: &[File],
     pages_per_file: u64,
@@ -407,7 +201,7 @@ fn random_write_loop(
 /// Watches the cold copy for each written page (keyed by page: a page written again before the
 /// first write arrived only ever shows the second content, so the first sample is superseded,
 /// not lost); returns the lags, the superseded count and the pages that never arrived.
-fn random_probe(
+pub(super) fn random_probe(
     cold: &Path,
     files: usize,
     rx: &crossbeam_channel::Receiver<RandomSample>,

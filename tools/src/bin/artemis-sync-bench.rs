@@ -28,7 +28,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "initial_sync,resync,append_lag,append_max,random_writes"
+        default_value = "initial_sync,resync,durable_fsync,append_lag,append_max,random_writes,capture_watch"
     )]
     workloads: Vec<String>,
     /// Files in the initial_sync/resync tree
@@ -37,10 +37,10 @@ struct Args {
     /// MiB per file in that tree
     #[arg(long, default_value_t = 10)]
     file_mib: usize,
-    /// append_lag: records per second
+    /// append_lag, durable_fsync, capture_watch: records per second
     #[arg(long, default_value_t = 2000)]
     rate: u32,
-    /// Seconds of append_lag, append_max and random_writes
+    /// Seconds of append_lag, append_max, random_writes, durable_fsync, capture_watch
     #[arg(long, default_value_t = 20)]
     seconds: u64,
     /// random_writes: MiB of files written into
@@ -52,14 +52,41 @@ struct Args {
     /// Also draw the lag CDF and throughput over time into this SVG file
     #[arg(long, value_name = "FILE.svg")]
     report: Option<PathBuf>,
+    /// Both rescan periods of the agents in ms (default: the product's); a diagnosis of what
+    /// the periodic rescans cost
+    #[arg(long, value_name = "MS")]
+    rescan_ms: Option<u64>,
     /// The artemis-sync binary (default: the one beside this program)
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
+    /// Run nothing: print the table of a result saved from `--json`
+    #[arg(long, value_name = "FILE.json")]
+    table_of: Option<PathBuf>,
+}
+
+/// `--table-of`: the table of a saved `--json` result.
+fn table_of(path: &std::path::Path) -> ExitCode {
+    let parsed = std::fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string()));
+    match parsed {
+        Ok(v) => {
+            print!("{}", bench::table(&v));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("artemis-sync-bench: {}: {e}", path.display());
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let mut a = Args::parse();
     artemis_sync::logging::init(None, "warn");
+    if let Some(path) = &a.table_of {
+        return table_of(path);
+    }
     if a.quick {
         a.files = a.files.min(4);
         a.file_mib = a.file_mib.min(1);
@@ -106,6 +133,7 @@ fn main() -> ExitCode {
         random_mib: a.random_mib,
         random_rate: a.random_rate,
         agent_bin,
+        rescan_ms: a.rescan_ms,
     };
     let result = bench::run(&settings, |w| eprintln!("artemis-sync-bench: {w} ..."));
     if remove {

@@ -1,61 +1,90 @@
 //! The workspace's tools (`tools/`): the demo runs end to end, and the benchmark's `--quick`
-//! mode runs every workload against real agents, so neither can rot. Benchmark figures are not
-//! asserted here (timing belongs to the benchmark, not to tests); keys, convergence and identity
-//! are.
+//! mode runs every workload against real agents (the write-path ones through a FUSE mount, as
+//! root), so neither can rot. Benchmark figures are not asserted here (timing belongs to the
+//! benchmark, not to tests); keys, that they are numbers, convergence and identity are.
 
 use std::fs;
 
 use crate::tool_cmd;
 use crate::util::*;
 
+/// The keys `--json` must have: (workload, figures), and whether they need FUSE (root and
+/// /dev/fuse): those are numbers when it is there, null with a reason when it is not.
+const KEYS: &[(&str, &[&str], bool)] = &[
+    (
+        "initial_sync",
+        &[
+            "mb_per_s",
+            "raw_tcp_mb_per_s",
+            "rsync_mb_per_s",
+            "ratio_vs_rsync",
+            "ratio_vs_raw_tcp",
+        ],
+        false,
+    ),
+    (
+        "resync",
+        &[
+            "seconds",
+            "wire_bytes",
+            "changed_bytes",
+            "rsync_seconds",
+            "rsync_wire_bytes",
+            "ratio_vs_rsync",
+        ],
+        false,
+    ),
+    (
+        "durable_fsync",
+        &["local_p50_us", "rtt_us", "cold_fdatasync_us"],
+        false,
+    ),
+    ("durable_fsync", &["p50_added_us", "p99_added_us"], true),
+    (
+        "append_lag",
+        &["p50_ms", "p99_ms", "max_ms", "hot_cpu_pct", "cold_cpu_pct"],
+        true,
+    ),
+    ("append_lag", &["lsyncd_p50_ms"], false),
+    ("append_max", &["mb_per_s", "p99_ms"], true),
+    ("random_writes", &["p50_ms", "p99_ms"], true),
+    (
+        "capture_watch",
+        &["append_lag_p99_ms", "hot_cpu_pct"],
+        false,
+    ),
+];
+
+/// Whether this machine can serve a FUSE mount (as the benchmark decides it).
+fn fuse_here() -> bool {
+    is_root() && std::path::Path::new("/dev/fuse").exists()
+}
+
 #[test]
-fn issue5_quick_benchmark_prints_every_key() {
+fn issue12_quick_benchmark_prints_every_key() {
     let mut cmd = tool_cmd("artemis-sync-bench");
     cmd.args(["--quick", "--json"]);
     let out = run(&mut cmd);
     out.code(0);
     let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
         .unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"));
-    let keys: &[(&str, &[&str])] = &[
-        (
-            "initial_sync",
-            &[
-                "mb_per_s",
-                "raw_tcp_mb_per_s",
-                "rsync_mb_per_s",
-                "ratio_vs_rsync",
-                "ratio_vs_raw_tcp",
-            ],
-        ),
-        (
-            "resync",
-            &[
-                "seconds",
-                "wire_bytes",
-                "changed_bytes",
-                "rsync_seconds",
-                "rsync_wire_bytes",
-                "ratio_vs_rsync",
-            ],
-        ),
-        (
-            "append_lag",
-            &[
-                "p50_ms",
-                "p99_ms",
-                "max_ms",
-                "hot_cpu_pct",
-                "cold_cpu_pct",
-                "lsyncd_p50_ms",
-            ],
-        ),
-        ("append_max", &["mb_per_s", "p99_ms"]),
-        ("random_writes", &["p50_ms", "p99_ms", "converged"]),
-    ];
-    for (w, figs) in keys {
+    let fuse = fuse_here();
+    for (w, figs, needs_fuse) in KEYS {
         for f in *figs {
             assert!(v[w].get(f).is_some(), "{w}.{f} missing:\n{v:#}");
+            if *needs_fuse && !fuse {
+                assert!(v[w][f].is_null(), "{w}.{f} without FUSE: {v:#}");
+                assert!(v[w]["null_reason"].is_string(), "{w}: no reason: {v:#}");
+            } else if *needs_fuse || !["rsync", "lsyncd"].iter().any(|t| f.contains(t)) {
+                assert!(v[w][f].is_number(), "{w}.{f} is not a number:\n{v:#}");
+            }
         }
+    }
+    if !fuse {
+        skip(
+            "issue12_quick_benchmark_prints_every_key: FUSE figures",
+            "needs root and /dev/fuse",
+        );
     }
     assert!(
         v["hot_rss_mb"].as_f64().is_some() && v["cold_rss_mb"].as_f64().is_some(),
@@ -74,17 +103,26 @@ fn issue5_quick_benchmark_prints_every_key() {
                 .unwrap_or_else(|| panic!("{w}.{f} is null without a reason: {v:#}"));
             if reason.contains("not installed") {
                 skip(
-                    &format!("issue5_quick_benchmark_prints_every_key: baseline {w}.{f}"),
+                    &format!("issue12_quick_benchmark_prints_every_key: baseline {w}.{f}"),
                     reason,
                 );
             }
         }
     }
-    for w in ["initial_sync", "resync", "append_lag"] {
+    for w in ["initial_sync", "resync", "capture_watch"] {
         assert_eq!(v[w]["identical"], true, "{w}: copies differ: {v:#}");
     }
-    assert_eq!(v["random_writes"]["converged"], true, "{v:#}");
-    assert_eq!(v["append_lag"]["lost"], 0, "{v:#}");
+    assert_eq!(v["capture_watch"]["lost"], 0, "{v:#}");
+    if fuse {
+        for w in ["append_lag", "append_max"] {
+            assert_eq!(v[w]["identical"], true, "{w}: copies differ: {v:#}");
+        }
+        assert_eq!(v["random_writes"]["converged"], true, "{v:#}");
+        assert_eq!(v["append_lag"]["lost"], 0, "{v:#}");
+        // durable: the cold copy held every byte when the last sync returned
+        assert_eq!(v["durable_fsync"]["on_cold_when_synced"], true, "{v:#}");
+        assert_eq!(v["durable_fsync"]["degraded"], false, "{v:#}");
+    }
 }
 
 #[test]
