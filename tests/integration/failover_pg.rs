@@ -268,6 +268,26 @@ impl Duo {
         );
     }
 
+    /// Waits until `side` runs its node, at most the issue's takeover limit (plus slack for
+    /// the report); returns how long after `since` it was seen, checked against the limit.
+    #[track_caller]
+    fn wait_runs_node(&self, side: &str, since: Instant) -> Duration {
+        let mut took = Duration::ZERO;
+        assert!(
+            wait_until(TAKEOVER_LIMIT + Duration::from_secs(3), || {
+                took = since.elapsed();
+                self.node_pid(side).is_some()
+            }),
+            "{side} never ran the node\n{}",
+            self.p.logs()
+        );
+        assert!(
+            took <= TAKEOVER_LIMIT,
+            "{side}'s node started {took:?} after the fault"
+        );
+        took
+    }
+
     /// kill -9 of `hot`'s agent: its node dies with it, `cold` runs the node within the limit
     /// under the next epoch, and every record whose sync returned is in `cold`'s copy.
     fn kill9_and_fail_over(&mut self, hot: &str, cold: &str) -> Duration {
@@ -285,19 +305,7 @@ impl Duo {
             starts_before,
             "a node started before the old one was dead"
         );
-        let mut took = Duration::ZERO;
-        assert!(
-            wait_until(TAKEOVER_LIMIT + Duration::from_secs(3), || {
-                took = killed.elapsed();
-                self.node_pid(cold).is_some()
-            }),
-            "{cold} never ran the node\n{}",
-            self.p.logs()
-        );
-        assert!(
-            took <= TAKEOVER_LIMIT,
-            "{cold}'s node started {took:?} after the kill"
-        );
+        let took = self.wait_runs_node(cold, killed);
         assert_eq!(self.epoch(cold), Some(epoch + 1), "epochs are consecutive");
         let missing = self.missing_on(cold);
         assert!(
@@ -384,16 +392,7 @@ fn issue13_replicated_a_frozen_hot_is_replaced_and_on_waking_fences_and_turns_co
     let agent = d.agent_pid("hot");
     kill(agent, libc::SIGSTOP);
     kill(-pid_t(node), libc::SIGSTOP);
-    let frozen = Instant::now();
-    assert!(
-        wait_until(TAKEOVER_LIMIT + Duration::from_secs(3), || d
-            .node_pid("cold")
-            .is_some()),
-        "the cold side did not take over from a frozen hot\n{}",
-        d.p.logs()
-    );
-    let took = frozen.elapsed();
-    assert!(took <= TAKEOVER_LIMIT, "took {took:?}");
+    let took = d.wait_runs_node("cold", Instant::now());
     let epoch = d.epoch("cold").unwrap();
     kill(-pid_t(node), libc::SIGCONT);
     kill(agent, libc::SIGCONT);
@@ -474,14 +473,7 @@ fn issue13_replicated_the_hot_cut_from_the_database_fences_and_the_cold_takes_ov
         d.node_pid("cold").is_none(),
         "the cold side ran its node before the hot was fenced"
     );
-    assert!(
-        wait_until(TAKEOVER_LIMIT + Duration::from_secs(3), || d
-            .node_pid("cold")
-            .is_some()),
-        "{}",
-        d.p.logs()
-    );
-    let took = cut.elapsed();
+    let took = d.wait_runs_node("cold", cut);
     let missing = d.missing_on("cold");
     assert!(missing.is_empty(), "synced records missing: {missing:?}");
     proxy.get().unwrap().set_cut(false);
@@ -584,15 +576,7 @@ fn issue13_replicated_async_acks_fail_over_within_max_failover_lag() {
     let killed = Instant::now();
     d.p.kill9("hot");
     assert!(wait_until(Duration::from_secs(2), || !alive(node)));
-    assert!(
-        wait_until(TAKEOVER_LIMIT + Duration::from_secs(3), || d
-            .node_pid("cold")
-            .is_some()),
-        "the cold side did not take over within max_failover_lag_ms\n{}",
-        d.p.logs()
-    );
-    let took = killed.elapsed();
-    assert!(took <= TAKEOVER_LIMIT, "took {took:?}");
+    let took = d.wait_runs_node("cold", killed);
     // async: what the old hot confirmed in its last lag window may be missing, no more
     let synced = d.synced();
     let missing = d.missing_on("cold");

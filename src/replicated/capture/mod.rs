@@ -25,6 +25,7 @@
 //!   and directories and symlinks whose attributes or target differ from the table are sent;
 //! - owners, modes and allocation travel with the entry (`SetAttrs`, `Allocate`); a symlink
 //!   is sent as its target text (`Symlink`) and never followed;
+//!   With the FUSE capture, whose events are the calls themselves, this rescan does not run;
 //! - every `deep_rescan_interval_ms`, and on an event-queue overflow, everything is hashed;
 //!   overflows coalesce into one rescan, and events during a rescan are folded into it
 //!   (`fold.rs`).
@@ -304,13 +305,15 @@ impl Scanner {
         }
     }
 
-    /// When the loop must wake up without an event: the next rescan, the next pass over
-    /// dirty files, or soon while a "moved from" waits for its pair.
+    /// When the loop must wake up without an event: the next rescan (deep only, on the write
+    /// path), the next pass over dirty files, or soon while a "moved from" waits for its pair.
     fn next_wake(&self) -> Instant {
-        let mut wake = if self.pending_from.is_empty() {
-            self.next_rescan
-        } else {
+        let mut wake = if !self.pending_from.is_empty() {
             Instant::now() + RENAME_POLL
+        } else if self.exact_events {
+            self.next_deep
+        } else {
+            self.next_rescan
         };
         if !self.dirty.is_empty() {
             wake = wake.min(self.next_dirty);
@@ -325,7 +328,9 @@ impl Scanner {
             self.next_deep = now + self.deep_rescan;
             self.next_rescan = now + self.rescan;
             self.full_scan(true);
-        } else if now >= self.next_rescan {
+        } else if now >= self.next_rescan && !self.exact_events {
+            // (on the write path every change is an event: only the deep rescan runs, a safety
+            // net for writes that bypass the mount)
             self.next_rescan = now + self.rescan;
             self.dirty.clear();
             self.full_scan(false);
