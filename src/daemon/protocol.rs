@@ -149,7 +149,7 @@ pub enum AgentStatus {
     /// The agent of shared-storage mode.
     Shared(SharedStatus),
     /// The agent of replicated mode.
-    Replicated(ReplicatedStatus),
+    Replicated(Box<ReplicatedStatus>),
 }
 
 /// What the shared-mode agent is doing.
@@ -275,6 +275,14 @@ pub struct ReplicatedStatus {
     /// Hot with durable acks: since when syncs no longer wait for the cold side.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub degraded: Option<String>,
+    /// Hot with durable acks and `on_peer_loss = "block"`: a sync has waited for the cold
+    /// side longer than `peer_timeout_ms`, since when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<String>,
+    /// Cold: the hot side's sync state at its last heartbeat (in sync, degraded, async and
+    /// how far behind), and how long ago that was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hot_sync: Option<String>,
     /// The last problem seen, if any.
     pub error: Option<String>,
 }
@@ -316,13 +324,21 @@ pub struct Promoted {
     pub behind: String,
     /// What `drained` means for the copy.
     pub summary: String,
+    /// What the copy may lack: RPO 0 (drained, or durable and in sync when the hot went
+    /// silent) or how far behind it may be (degraded, async).
+    #[serde(default)]
+    pub rpo: String,
 }
 
 impl fmt::Display for Promoted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "promoted: hot at epoch {}", self.epoch)?;
         writeln!(f, "{}", self.behind)?;
-        writeln!(f, "{}", self.summary)
+        writeln!(f, "{}", self.summary)?;
+        if !self.rpo.is_empty() {
+            writeln!(f, "{}", self.rpo)?;
+        }
+        Ok(())
     }
 }
 

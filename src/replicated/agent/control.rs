@@ -7,7 +7,9 @@ use super::*;
 impl Replica {
     pub(super) fn handle(&mut self, req: Incoming) {
         let answer = match req.request {
-            Request::Status => Ok(Reply::Status(AgentStatus::Replicated(self.status()))),
+            Request::Status => Ok(Reply::Status(AgentStatus::Replicated(Box::new(
+                self.status(),
+            )))),
             Request::Promote { force } => self.promote(force).map(Reply::Promoted),
             Request::Demote { force } => self.demote(force).map(Reply::Demoted),
             Request::Verify => self.verify().map(Reply::Verified),
@@ -47,6 +49,14 @@ impl Replica {
             ));
         }
         let last_ack = rs.last_ack_unix_ms.load(Ordering::Relaxed);
+        let rpo = if drained {
+            "RPO 0: the old hot drained its stream before it left".to_owned()
+        } else {
+            self.receiver.hot_sync().map_or_else(
+                || "RPO unknown: no heartbeat from a hot side since this agent started".into(),
+                |h| h.promote_text(),
+            )
+        };
         let new = ReplState {
             epoch: st.epoch + 1,
             role: ReplRole::Hot,
@@ -78,7 +88,7 @@ impl Replica {
             epoch = new.epoch,
             forced = force,
             drained,
-            "PROMOTED: {behind}; {summary}"
+            "PROMOTED: {behind}; {summary}; {rpo}"
         );
         Ok(Promoted {
             epoch: new.epoch,
@@ -86,6 +96,7 @@ impl Replica {
             drained,
             behind,
             summary: summary.to_owned(),
+            rpo,
         })
     }
 
@@ -122,6 +133,7 @@ impl Replica {
             drained: false,
             behind: "this host was already hot".into(),
             summary: summary.into(),
+            rpo: "this host was hot: it has what its own node wrote".into(),
         })
     }
 
@@ -248,6 +260,21 @@ impl Replica {
                         now.saturating_sub(since) / 1000
                     )
                 })
+            }),
+            blocked: self.sender.as_ref().and_then(|s| {
+                let since = s.stats.blocked_since_unix_ms.load(Ordering::Relaxed);
+                (since > 0).then(|| {
+                    format!(
+                        "a durable sync has waited {} ms for the cold side (on_peer_loss = \"block\"): the node's syncs wait until it is back",
+                        now.saturating_sub(since)
+                    )
+                })
+            }),
+            hot_sync: self.sender.is_none().then(|| {
+                self.receiver.hot_sync().map_or_else(
+                    || "no heartbeat from a hot side since this agent started".into(),
+                    |h| h.status_text(),
+                )
             }),
             error: self.sup.last_error(),
         }
