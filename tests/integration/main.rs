@@ -8,6 +8,7 @@ mod cli;
 mod exact;
 mod failover;
 mod fuse;
+mod fuse_faults;
 mod helper;
 mod lease_pg;
 mod link;
