@@ -164,7 +164,7 @@ impl Pair {
             };
             let text = format!(
                 "[node]\nbase_dir = {:?}\n\n[storage]\nmode = \"replicated\"\n\n[replication]\nrole = \"{side}\"\ndata_dir = {:?}\n\
-                 listen = \"127.0.0.1:{listen}\"\npeer = \"127.0.0.1:{peer}\"\n{auth}\nstate_file = {:?}\n\n\
+                 listen = \"127.0.0.1:{listen}\"\npeer = \"127.0.0.1:{peer}\"\n{auth}\nstate_file = {:?}\ncapture = \"watch\"\n\n\
                  [lock]\nmachine_name = \"{side}\"\n\n[agent]\ncontrol_socket = {:?}\n",
                 dir.join("base"), dir.join("data"), dir.join("state.json"), dir.join("agent.sock")
             );
