@@ -49,14 +49,7 @@ impl Replica {
             ));
         }
         let last_ack = rs.last_ack_unix_ms.load(Ordering::Relaxed);
-        let rpo = if drained {
-            "RPO 0: the old hot drained its stream before it left".to_owned()
-        } else {
-            self.receiver.hot_sync().map_or_else(
-                || "RPO unknown: no heartbeat from a hot side since this agent started".into(),
-                |h| h.promote_text(),
-            )
-        };
+        let rpo = self.promote_rpo(drained);
         let new = ReplState {
             epoch: st.epoch + 1,
             role: ReplRole::Hot,
@@ -98,6 +91,18 @@ impl Replica {
             summary: summary.to_owned(),
             rpo,
         })
+    }
+
+    /// What the copy may lack, for `promote`: nothing after a drained hand-over, else what the
+    /// old hot's last heartbeat said ([`crate::replicated::hot_sync::HotSync::promote_text`]).
+    fn promote_rpo(&self, drained: bool) -> String {
+        if drained {
+            return "RPO 0: the old hot drained its stream before it left".to_owned();
+        }
+        self.receiver.hot_sync().map_or_else(
+            || "RPO unknown: no heartbeat from a hot side since this agent started".into(),
+            |h| h.promote_text(),
+        )
     }
 
     /// `promote` on a hot host: `--force` starts a node that waits (for its peer, after a
