@@ -56,6 +56,8 @@ pub const DEFAULT_DEEP_RESCAN_INTERVAL_MS: u64 = 60_000;
 pub const DEFAULT_WINDOW_MB: u64 = 32;
 /// How long a durable sync waits for the cold side before `on_peer_loss` applies, in ms.
 pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 2000;
+/// Where the hot host serves `data_dir` with `capture = "fuse"` (the default capture).
+pub const DEFAULT_FUSE_MOUNT_POINT: &str = "/var/lib/artemis-sync/journal";
 /// Where replicated mode keeps its epoch and role.
 pub const DEFAULT_STATE_FILE: &str = "/var/lib/artemis-sync/replication-state.json";
 

@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::validate::{absolute, check_private_file, invalid_in};
 use crate::config::{
-    Config, ConfigError, DEFAULT_DEEP_RESCAN_INTERVAL_MS, DEFAULT_PAGE_SIZE,
-    DEFAULT_PEER_TIMEOUT_MS, DEFAULT_RESCAN_INTERVAL_MS, DEFAULT_STATE_FILE, DEFAULT_WINDOW_MB,
+    Config, ConfigError, DEFAULT_DEEP_RESCAN_INTERVAL_MS, DEFAULT_FUSE_MOUNT_POINT,
+    DEFAULT_PAGE_SIZE, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_RESCAN_INTERVAL_MS, DEFAULT_STATE_FILE,
+    DEFAULT_WINDOW_MB,
 };
 
 /// The smallest `page_size`, in bytes.
@@ -35,10 +36,11 @@ pub enum ReplRole {
 #[serde(rename_all = "lowercase")]
 pub enum Capture {
     /// inotify on `data_dir` plus rescans: misses native AIO on `O_DIRECT` files and stores
-    /// through a shared mmap until the next rescan.
-    #[default]
+    /// through a shared mmap until the next rescan. The fallback where FUSE is unavailable.
     Watch,
-    /// A FUSE passthrough of `data_dir` served at `mount_point`: every write is seen at the call.
+    /// A FUSE passthrough of `data_dir` served at `mount_point`: every write is seen at the
+    /// call (the default).
+    #[default]
     Fuse,
 }
 
@@ -107,12 +109,13 @@ pub struct ReplicationConfig {
     /// Where the epoch and role are kept across restarts.
     #[serde(default = "default_state_file")]
     pub state_file: PathBuf,
-    /// How the hot side captures changes: `"watch"` (inotify and rescans) or `"fuse"`.
+    /// How the hot side captures changes: `"fuse"` (the default: on the write path) or
+    /// `"watch"` (inotify and rescans).
     #[serde(default)]
     pub capture: Capture,
     /// With `capture = "fuse"`: where the hot side serves `data_dir`; `${BASE_DIR}/artemis`
-    /// links here instead of to `data_dir`.
-    #[serde(default)]
+    /// links here instead of to `data_dir`. Default `/var/lib/artemis-sync/journal`.
+    #[serde(default = "default_fuse_mount_point")]
     pub mount_point: PathBuf,
     /// With `capture = "fuse"`: `"async"` or `"durable"` (a sync waits for the cold side).
     #[serde(default)]
@@ -139,6 +142,9 @@ fn default_window_mb() -> u64 {
 }
 fn default_peer_timeout_ms() -> u64 {
     DEFAULT_PEER_TIMEOUT_MS
+}
+fn default_fuse_mount_point() -> PathBuf {
+    PathBuf::from(DEFAULT_FUSE_MOUNT_POINT)
 }
 fn default_state_file() -> PathBuf {
     PathBuf::from(DEFAULT_STATE_FILE)
@@ -216,7 +222,8 @@ impl Config {
     }
 
     /// `capture = "fuse"` needs an absolute `mount_point` apart from `data_dir` (neither
-    /// inside the other: the mount would serve itself) and from the link; `"watch"` takes none.
+    /// inside the other: the mount would serve itself) and from the link; `"watch"` takes none
+    /// but the default.
     fn validate_capture(&self, path: &Path, r: &ReplicationConfig) -> Result<(), ConfigError> {
         let invalid = invalid_in(path);
         let key = "replication.mount_point";
@@ -229,7 +236,9 @@ impl Config {
             ));
         }
         match r.capture {
-            Capture::Watch if mp.as_os_str().is_empty() => Ok(()),
+            Capture::Watch if mp.as_os_str().is_empty() || *mp == default_fuse_mount_point() => {
+                Ok(())
+            }
             Capture::Watch => Err(invalid(
                 key,
                 "is used only with capture = \"fuse\" (remove it, or set capture = \"fuse\")"

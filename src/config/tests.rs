@@ -280,9 +280,15 @@ fn issue12_fuse_capture_needs_a_mount_point_apart_from_data_dir() {
     let base = "[node]\nbase_dir = \"/opt/corda\"\n[storage]\nmode = \"replicated\"\n[replication]\nrole = \"hot\"\n\
                 data_dir = \"/var/lib/artemis-sync/artemis\"\nlisten = \"127.0.0.1:7410\"\npeer = \"127.0.0.2:7410\"\n\
                 insecure_loopback = true\n";
+    // FUSE by default, served at the default mount point
     let c = load(base).unwrap();
-    assert_eq!(c.replication.as_ref().unwrap().capture, Capture::Watch);
-    let err = load(&format!("{base}capture = \"fuse\"\n"))
+    let r = c.replication.as_ref().unwrap();
+    assert_eq!(r.capture, Capture::Fuse);
+    assert_eq!(r.mount_point, Path::new("/var/lib/artemis-sync/journal"));
+    let watch = load(&format!("{base}capture = \"watch\"\n")).unwrap();
+    assert_eq!(watch.replication.as_ref().unwrap().capture, Capture::Watch);
+    load(&watch.to_toml()).unwrap();
+    let err = load(&format!("{base}mount_point = \"\"\n"))
         .unwrap_err()
         .to_string();
     assert!(
@@ -317,7 +323,7 @@ fn issue12_fuse_capture_needs_a_mount_point_apart_from_data_dir() {
     .to_string();
     assert!(err.contains("base_dir/artemis"), "{err}");
     let err = load(&format!(
-        "{base}mount_point = \"/var/lib/artemis-sync/journal\"\n"
+        "{base}capture = \"watch\"\nmount_point = \"/srv/journal\"\n"
     ))
     .unwrap_err()
     .to_string();
@@ -334,7 +340,7 @@ fn issue12_fuse_capture_needs_a_mount_point_apart_from_data_dir() {
     assert_eq!(r.capture, Capture::Fuse);
     assert_eq!((r.ack, r.peer_timeout_ms), (Ack::Async, 2000));
     load(&c.to_toml()).unwrap();
-    let err = load(&format!("{base}ack = \"durable\"\n"))
+    let err = load(&format!("{base}capture = \"watch\"\nack = \"durable\"\n"))
         .unwrap_err()
         .to_string();
     assert!(

@@ -149,7 +149,7 @@ pub enum AgentStatus {
     /// The agent of shared-storage mode.
     Shared(SharedStatus),
     /// The agent of replicated mode.
-    Replicated(ReplicatedStatus),
+    Replicated(Box<ReplicatedStatus>),
 }
 
 /// What the shared-mode agent is doing.
@@ -278,6 +278,14 @@ pub struct ReplicatedStatus {
     /// With `[lease] backend = "postgres"`: the lease as this host sees it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<Box<ReplicatedLease>>,
+    /// Hot with durable acks and `on_peer_loss = "block"`: a sync has waited for the cold
+    /// side longer than `peer_timeout_ms`, since when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<String>,
+    /// Cold: the hot side's sync state at its last heartbeat (in sync, degraded, async and
+    /// how far behind), and how long ago that was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hot_sync: Option<String>,
     /// The last problem seen, if any.
     pub error: Option<String>,
 }
@@ -337,13 +345,21 @@ pub struct Promoted {
     pub behind: String,
     /// What `drained` means for the copy.
     pub summary: String,
+    /// What the copy may lack: RPO 0 (drained, or durable and in sync when the hot went
+    /// silent) or how far behind it may be (degraded, async).
+    #[serde(default)]
+    pub rpo: String,
 }
 
 impl fmt::Display for Promoted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "promoted: hot at epoch {}", self.epoch)?;
         writeln!(f, "{}", self.behind)?;
-        writeln!(f, "{}", self.summary)
+        writeln!(f, "{}", self.summary)?;
+        if !self.rpo.is_empty() {
+            writeln!(f, "{}", self.rpo)?;
+        }
+        Ok(())
     }
 }
 
@@ -500,120 +516,4 @@ fn malformed(what: &'static str, line: &str, reason: impl fmt::Display) -> Proto
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn shared_status() -> AgentStatus {
-        AgentStatus::Shared(SharedStatus {
-            role: LeaseRole::Hot,
-            holder: "a:/srv/corda".into(),
-            lease_holder: Some("a:/srv/corda".into()),
-            epoch: Some(3),
-            lease_state: Some(ObservedLeaseState::Held),
-            last_renewal_age_ms: 12,
-            lock_held: true,
-            node_pid: Some(42),
-            node_state: NodeState::Running,
-            error: None,
-        })
-    }
-
-    #[test]
-    fn every_request_and_reply_round_trips_with_its_version() {
-        for request in [
-            Request::Status,
-            Request::Release,
-            Request::Promote { force: true },
-            Request::Demote { force: false },
-            Request::Verify,
-        ] {
-            let line = encode_request(&request);
-            assert!(line.contains("\"v\":1"), "{line}");
-            assert_eq!(decode_request(&line).unwrap(), request);
-        }
-        let replies = [
-            Ok(Reply::Status(shared_status())),
-            Ok(Reply::Verified(Verified {
-                identical: false,
-                hot_root: "ab".into(),
-                cold_root: "cd".into(),
-                files: 2,
-                differing: vec!["journal/a.amq".into()],
-            })),
-            Err("this host is not hot (epoch 2)".to_owned()),
-        ];
-        for answer in replies {
-            let line = encode_answer(&answer);
-            assert!(!line.contains('\n'), "{line}");
-            assert_eq!(decode_answer(&line).unwrap(), answer);
-        }
-    }
-
-    #[test]
-    fn the_status_json_keeps_its_fields() {
-        let v = serde_json::to_value(shared_status()).unwrap();
-        assert_eq!(v["mode"], "shared");
-        assert_eq!(v["role"], "hot");
-        assert_eq!(v["lease_state"], "held");
-        assert_eq!(v["node_state"], "running");
-        assert!(v["error"].is_null());
-        let text = shared_status().to_string();
-        assert!(text.contains("role                 hot\n"), "{text}");
-        assert!(text.contains("error                -\n"), "{text}");
-    }
-
-    #[test]
-    fn an_unknown_version_or_request_is_named() {
-        let err = decode_request(r#"{"v":2,"request":"status"}"#).unwrap_err();
-        assert!(
-            err.to_string().contains("version 2 is not supported"),
-            "{err}"
-        );
-        let err = decode_request(r#"{"request":"status"}"#).unwrap_err();
-        assert!(err.to_string().contains("no protocol version"), "{err}");
-        let err = decode_request(r#"{"v":1,"request":"dance"}"#).unwrap_err();
-        assert!(
-            err.to_string().contains("unknown request \"dance\""),
-            "{err}"
-        );
-        let err = decode_request("status").unwrap_err();
-        assert!(
-            err.to_string().contains("not a control protocol message"),
-            "{err}"
-        );
-        let err = decode_request(r#"{"v":1,"request":"promote"}"#).unwrap_err();
-        assert!(err.to_string().contains("missing field `force`"), "{err}");
-        let err = decode_answer(r#"{"v":7,"ok":{}}"#).unwrap_err();
-        assert!(err.to_string().contains("version 7"), "{err}");
-    }
-
-    #[test]
-    fn replies_print_as_the_cli_always_did() {
-        let released = Released {
-            epoch: Some(4),
-            role: LeaseRole::Hot,
-            holdoff_ms: 40000,
-        };
-        assert_eq!(
-            released.to_string(),
-            "released epoch 4; not contending for 40000 ms\n"
-        );
-        let nothing = Released {
-            epoch: None,
-            role: LeaseRole::Fenced,
-            holdoff_ms: 0,
-        };
-        assert_eq!(
-            nothing.to_string(),
-            "nothing to release: this agent is fenced\n"
-        );
-        let demoted = Demoted {
-            epoch: 1,
-            drained: true,
-            last_seq: Some(9),
-        };
-        assert!(demoted.to_string().starts_with(
-            "demoted: cold at epoch 1; the cold copy has everything (through batch 9)"
-        ));
-    }
-}
+mod tests;

@@ -273,6 +273,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replicated::wire::HotState;
 
     async fn pair(client: Auth, server: Auth) -> (Result<(), ProtoError>, Result<(), ProtoError>) {
         let (a, b) = tokio::io::duplex(1 << 16);
@@ -282,7 +283,9 @@ mod tests {
             let (mut r, mut w) = (FrameReader::new(ar), FrameWriter::new(aw));
             let res = connect(&client, &mut r, &mut w).await;
             if res.is_ok() {
-                w.send(&Frame::Heartbeat).await.unwrap();
+                w.send(&Frame::Heartbeat(HotState::default()))
+                    .await
+                    .unwrap();
                 w.flush().await.unwrap();
             }
             res
@@ -292,7 +295,7 @@ mod tests {
             accept(&server, &mut r, &mut w).await?;
             // the first MAC'd frame must verify
             match r.recv().await? {
-                Frame::Heartbeat => Ok(()),
+                Frame::Heartbeat(_) => Ok(()),
                 other => Err(ProtoError::Unexpected(format!("{other:?}"))),
             }
         });

@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::replicated::apply::{Applier, Job, APPLY_QUEUE};
 use crate::replicated::channel::{self, Auth};
+use crate::replicated::hot_sync::HotSync;
 use crate::replicated::pages::PagesError;
 use crate::replicated::wire::{Frame, FrameReader, FrameWriter, ProtoError};
 
@@ -87,6 +88,16 @@ impl ReceiverHandle {
         self.jobs
             .send_timeout(Job::Fence(tx), limit)
             .is_ok_and(|()| rx.recv_timeout(limit).is_ok())
+    }
+
+    /// The hot side's sync state from its last heartbeat, with when it arrived: whether a
+    /// promotion now would lose confirmed syncs ([`HotSync::rpo`]). `None` before any.
+    pub fn hot_sync(&self) -> Option<HotSync> {
+        *self
+            .stats
+            .hot_sync
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Stops accepting and drops the connection.

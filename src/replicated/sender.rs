@@ -86,6 +86,7 @@ impl SenderConfig {
             epoch: self.epoch,
             page_size: self.page_size,
             window_bytes: self.window_bytes,
+            durable: self.durable.clone(),
         };
         (scan, stream, self.fuse_mount, self.durable)
     }

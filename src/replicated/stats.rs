@@ -5,6 +5,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use crate::replicated::hot_sync::HotSync;
+
 /// Counters the agent reports in `status` and the benchmark reads.
 #[derive(Debug, Default)]
 pub struct SenderStats {
@@ -33,6 +35,9 @@ pub struct SenderStats {
     /// Durable acks: since when (ms since the Unix epoch) syncs no longer wait for the cold
     /// side because it did not answer in time; 0 while durable.
     pub degraded_since_unix_ms: AtomicU64,
+    /// Durable acks with `on_peer_loss = "block"`: since when (ms since the Unix epoch) a sync
+    /// has waited for the cold side longer than `peer_timeout_ms`; 0 while none has.
+    pub blocked_since_unix_ms: AtomicU64,
 }
 
 impl SenderStats {
@@ -78,4 +83,6 @@ pub struct ReceiverStats {
     pub refused: AtomicU64,
     /// The connected peer.
     pub peer: Mutex<Option<String>>,
+    /// The hot side's sync state, from the last heartbeat received (kept after it left).
+    pub hot_sync: Mutex<Option<HotSync>>,
 }

@@ -3,7 +3,9 @@
 //! cold side's index and hands it to the scanner (which resyncs against it), then streams:
 //! numbers each batch the scanner emits, frames and sends it, keeps it in a window bounded in
 //! bytes until it is acknowledged, resends from a `Nack`ed batch, answers `verify` and `drain`,
-//! and sends heartbeats. A lost connection is retried with growing pauses; whatever the scanner
+//! and sends a heartbeat every second carrying our sync state ([`HotState`]: durable or async,
+//! degraded since when, how old the oldest unacknowledged batch is), which a promoted cold side
+//! reports as its RPO. A lost connection is retried with growing pauses; whatever the scanner
 //! emitted meanwhile is dropped, because the next connection's index resyncs it.
 
 use std::collections::{HashMap, VecDeque};
@@ -17,14 +19,15 @@ use crossbeam_channel::Sender;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use crate::replicated::capture::fuse::DurableConfig;
 use crate::replicated::channel::{self, Auth};
 use crate::replicated::ops::{DigestPart, Op, Outgoing, ScanMsg, SenderEvent};
 use crate::replicated::pages::{IndexPart, TreeIndex};
 use crate::replicated::stats::SenderStats;
 use crate::replicated::wire::framed::{encode_body, ReadTask};
-use crate::replicated::wire::{Frame, FrameReader, FrameWriter, ProtoError};
+use crate::replicated::wire::{Frame, FrameReader, FrameWriter, HotState, ProtoError};
 
-/// The hot sends a heartbeat after this long without other frames.
+/// The hot sends a heartbeat (with its sync state) this often, busy or not.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Connecting to the cold side gives up after this long.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -54,6 +57,8 @@ pub(crate) struct StreamConfig {
     pub(crate) page_size: usize,
     /// Unacknowledged page data allowed in flight.
     pub(crate) window_bytes: usize,
+    /// Durable acks (`None`: async), for the heartbeat's sync state.
+    pub(crate) durable: Option<DurableConfig>,
 }
 
 /// Errors of one connection of the sender, naming the peer.
@@ -179,6 +184,9 @@ async fn stream_once(
     stats.connected.store(true, Ordering::Relaxed);
     stats.acked_seq.store(0, Ordering::Relaxed);
     stats.sent_seq.store(0, Ordering::Relaxed);
+    // not caught up until the scanner's comparison against this index is done (our first
+    // heartbeat goes out before the scanner has even read the index)
+    stats.initial_done.store(false, Ordering::Release);
     let _ = scanner.ctl.send(ScanMsg::Resync { gen, index });
     let mut answers = ReadTask::spawn(reader, ANSWER_QUEUE, |_| {}, |_| true);
     let mut outbound = Outbound {
@@ -194,7 +202,7 @@ async fn stream_once(
         verifies: HashMap::new(),
         drains: Vec::new(),
         syncs: Vec::new(),
-        last_sent: tokio::time::Instant::now(),
+        durable: cfg.durable.clone(),
         last_nack,
     };
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
@@ -209,7 +217,7 @@ async fn stream_once(
                 let frame = frame.map_err(|e| outbound.proto(e))?;
                 outbound.on_frame(frame).await?;
             }
-            _ = heartbeat.tick() => outbound.heartbeat_if_idle().await?,
+            _ = heartbeat.tick() => outbound.heartbeat().await?,
             _ = stop.changed() => return Ok(()),
         }
     }
@@ -350,8 +358,8 @@ struct Outbound<'a> {
     writer: Writer,
     stats: &'a SenderStats,
     events: &'a Sender<SenderEvent>,
-    /// Sent and not yet acknowledged: sequence number and encoded frame.
-    window: VecDeque<(u64, Vec<u8>)>,
+    /// Sent and not yet acknowledged: sequence number, encoded frame, when it was sent.
+    window: VecDeque<(u64, Vec<u8>, tokio::time::Instant)>,
     window_bytes: usize,
     window_limit: usize,
     next_seq: u64,
@@ -361,7 +369,8 @@ struct Outbound<'a> {
     drains: Vec<Sender<Result<u64, String>>>,
     /// Durable syncs waiting for the ack of the batch numbered with them.
     syncs: Vec<(u64, Sender<()>)>,
-    last_sent: tokio::time::Instant,
+    /// Durable acks, for the heartbeat.
+    durable: Option<DurableConfig>,
     /// The reason of the last `Nack`, across connections: the same one again is not logged.
     last_nack: &'a mut String,
 }
@@ -433,8 +442,8 @@ impl Outbound<'_> {
         stats.sent_seq.store(seq, Ordering::Relaxed);
         // the window holds frames: count what they take, metadata included, not page data only
         self.window_bytes += body.len();
-        self.window.push_back((seq, body));
-        self.last_sent = tokio::time::Instant::now();
+        self.window
+            .push_back((seq, body, tokio::time::Instant::now()));
         Ok(())
     }
 
@@ -467,7 +476,7 @@ impl Outbound<'_> {
                 self.verifies.remove(&id);
                 Ok(())
             }
-            Frame::Heartbeat => Ok(()),
+            Frame::Heartbeat(_) => Ok(()),
             Frame::Reject { epoch, reason } => Err(rejected(self.peer, epoch, reason, self.events)),
             other => Err(self.proto(ProtoError::Unexpected(format!(
                 "{other:?} from the cold side"
@@ -490,8 +499,8 @@ impl Outbound<'_> {
     /// Batch `seq` and all before it are durable: out of the window; waiting drains are
     /// answered once the window is empty.
     async fn on_ack(&mut self, seq: u64) -> Result<(), SendError> {
-        while self.window.front().is_some_and(|(s, _)| *s <= seq) {
-            let (_, body) = self.window.pop_front().expect("front");
+        while self.window.front().is_some_and(|(s, _, _)| *s <= seq) {
+            let (_, body, _) = self.window.pop_front().expect("front");
             self.window_bytes -= body.len();
         }
         self.stats.acked_seq.store(seq, Ordering::Relaxed);
@@ -523,7 +532,7 @@ impl Outbound<'_> {
             tracing::warn!(peer = %self.peer, seq, "the cold side rejected batch {seq}: {reason}; resending from it (a batch it cannot apply ends the connection instead, and the next index resyncs its paths)");
             reason.clone_into(self.last_nack);
         }
-        for (_, body) in self.window.iter().filter(|(s, _)| *s >= seq) {
+        for (_, body, _) in self.window.iter().filter(|(s, _, _)| *s >= seq) {
             self.writer
                 .send_encoded(body)
                 .await
@@ -536,11 +545,29 @@ impl Outbound<'_> {
         self.writer.flush().await.map_err(|e| self.proto(e))
     }
 
-    async fn heartbeat_if_idle(&mut self) -> Result<(), SendError> {
-        if self.last_sent.elapsed() >= HEARTBEAT {
-            self.send_flush(&Frame::Heartbeat).await?;
-            self.last_sent = tokio::time::Instant::now();
+    /// Still here, and our sync state as it is now.
+    async fn heartbeat(&mut self) -> Result<(), SendError> {
+        let state = self.hot_state();
+        self.send_flush(&Frame::Heartbeat(state)).await
+    }
+
+    /// Durable or async, degraded since when, caught up, and the oldest unacknowledged
+    /// batch's age.
+    fn hot_state(&self) -> HotState {
+        let unacked_ms = self.window.front().map_or(0, |(_, _, sent)| {
+            u64::try_from(sent.elapsed().as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1)
+        });
+        HotState {
+            durable: self.durable.is_some(),
+            block: self.durable.as_ref().is_some_and(|d| d.block),
+            caught_up: self.stats.initial_done.load(Ordering::Acquire),
+            degraded_since_unix_ms: self.stats.degraded_since_unix_ms.load(Ordering::Acquire),
+            unacked_ms,
+            peer_timeout_ms: self.durable.as_ref().map_or(0, |d| {
+                u64::try_from(d.peer_timeout.as_millis()).unwrap_or(u64::MAX)
+            }),
         }
-        Ok(())
     }
 }

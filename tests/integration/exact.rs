@@ -1,6 +1,8 @@
 //! Issue 11, items 1 and 7: the cold copy is exact (type, contents, size, mode, owner and
 //! group, symlink target, allocation) and renames converge in any order. Real agents
-//! (`replication.rs`'s `Pair`), real files; owners need root.
+//! (`replication.rs`'s `Pair`), real files; owners need root. The owner and symlink tests run
+//! against both captures (issue 12): the watch, the node writing into `data_dir`, and FUSE,
+//! the node writing through the hot side's mount (root).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -12,7 +14,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 use crate::replication::{wait_until, Pair};
-use crate::util::{artemis_sync, require_root};
+use crate::util::{artemis_sync, require_root, Fixture, MountGuard};
 
 /// One entry as the copy must reproduce it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,12 +124,53 @@ fn started(p: &mut Pair) {
     p.start("hot");
 }
 
+/// How the hot side captures what the node changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// inotify and rescans; the node writes into `data_dir`.
+    Watch,
+    /// The FUSE mount (no rescans within a test); the node writes through it.
+    Fuse,
+}
+
+/// A pair capturing `via`, with the guard of the FUSE mount point.
+fn pair(via: Via) -> (Pair, Option<MountGuard>) {
+    match via {
+        Via::Watch => (Pair::new("psk", None), None),
+        Via::Fuse => {
+            let p = crate::fuse::fuse_pair(Fixture::new(), "");
+            let guard = MountGuard::new(&p.fx.path("hot/mnt"));
+            (p, Some(guard))
+        }
+    }
+}
+
+/// Where the node writes once the hot side runs.
+fn node_dir(p: &Pair, via: Via) -> PathBuf {
+    match via {
+        Via::Watch => p.hot.data.clone(),
+        Via::Fuse => crate::fuse::mount_point(p),
+    }
+}
+
 #[test]
 fn issue11_owners_of_files_and_directories_are_replicated_initially_and_streamed() {
     if !require_root("owners", "chown to 4321:4322") {
         return;
     }
-    let mut p = Pair::new("psk", None);
+    owners(Via::Watch);
+}
+
+#[test]
+fn issue12_owners_are_replicated_through_the_fuse_mount() {
+    if !require_root("owners_fuse", "chown to 4321:4322, FUSE mounts") {
+        return;
+    }
+    owners(Via::Fuse);
+}
+
+fn owners(via: Via) {
+    let (mut p, _guard) = pair(via);
     let journal = p.hot.data.join("journal");
     fs::create_dir_all(&journal).unwrap();
     fs::write(journal.join("a.amq"), vec![1u8; 10_000]).unwrap();
@@ -138,7 +181,8 @@ fn issue11_owners_of_files_and_directories_are_replicated_initially_and_streamed
     let m = fs::metadata(p.cold.data.join("journal/a.amq")).unwrap();
     assert_eq!((m.uid(), m.gid()), (4321, 4322));
     // streamed: a new directory and file, and an owner changed in place (IN_ATTRIB)
-    let paging = p.hot.data.join("paging");
+    let journal = node_dir(&p, via).join("journal");
+    let paging = node_dir(&p, via).join("paging");
     fs::create_dir_all(&paging).unwrap();
     fs::write(paging.join("b.page"), b"page").unwrap();
     lchown(paging.join("b.page"), Some(4323), Some(4324)).unwrap();
@@ -166,7 +210,19 @@ fn issue11_owners_of_files_and_directories_are_replicated_initially_and_streamed
 
 #[test]
 fn issue11_symlinks_are_replicated_as_links_never_followed_and_verified() {
-    let mut p = Pair::new("psk", None);
+    symlinks(Via::Watch);
+}
+
+#[test]
+fn issue12_symlinks_are_replicated_through_the_fuse_mount() {
+    if !require_root("symlinks_fuse", "FUSE mounts") {
+        return;
+    }
+    symlinks(Via::Fuse);
+}
+
+fn symlinks(via: Via) {
+    let (mut p, _guard) = pair(via);
     let outside = p.fx.write("outside", b"not data");
     let d = p.hot.data.clone();
     fs::create_dir_all(d.join("journal")).unwrap();
@@ -187,6 +243,7 @@ fn issue11_symlinks_are_replicated_as_links_never_followed_and_verified() {
     // streamed: retarget by rename over (ln -sfn), a new link, a link that becomes a file
     // (the cold side must replace the link, not write through it to `outside`), a file and
     // a directory that become links
+    let d = node_dir(&p, via);
     symlink("journal/b.amq", d.join("current.tmp")).unwrap();
     fs::rename(d.join("current.tmp"), d.join("current")).unwrap();
     symlink("..", d.join("journal/up")).unwrap();

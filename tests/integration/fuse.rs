@@ -12,10 +12,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::replication::{wait_until, Pair};
-use crate::util::{main_cmd, mounts_at, require_root, run, system, toml_path, Fixture, MountGuard};
+use crate::util::{
+    artemis_sync, main_cmd, mounts_at, require_root, run, system, toml_path, Fixture, MountGuard,
+};
 
 /// Bytes per journal record.
-const RECORD_BYTES: usize = 4096;
+pub(crate) const RECORD_BYTES: usize = 4096;
 /// Records each writer makes.
 const RECORDS: usize = 200;
 /// How long the cold copy may take to converge (no rescan can run within it).
@@ -26,7 +28,7 @@ const FUSE_EXTRA: &str = "rescan_interval_ms = 600000\ndeep_rescan_interval_ms =
                           capture = \"fuse\"\nmount_point = __MNT__";
 
 /// A pair in FUSE mode; each side's mount point is `<side>/mnt`; `more` ends `[replication]`.
-fn fuse_pair(fx: Fixture, more: &str) -> Pair {
+pub(crate) fn fuse_pair(fx: Fixture, more: &str) -> Pair {
     let p = Pair::new_in("psk", None, fx, &format!("{FUSE_EXTRA}\n{more}"));
     for (name, cfg) in [("hot", &p.hot.config), ("cold", &p.cold.config)] {
         let text = fs::read_to_string(cfg).unwrap();
@@ -36,12 +38,22 @@ fn fuse_pair(fx: Fixture, more: &str) -> Pair {
     p
 }
 
-fn mount_point(p: &Pair) -> PathBuf {
+pub(crate) fn mount_point(p: &Pair) -> PathBuf {
     p.fx.path("hot/mnt")
 }
 
+/// A FUSE pair (`more` ends `[replication]`) started and synced, the guard that unmounts the
+/// hot side's mount point, and that mount point.
+pub(crate) fn fuse_pair_started(more: &str) -> (Pair, MountGuard, PathBuf) {
+    let mut p = fuse_pair(Fixture::new(), more);
+    let guard = MountGuard::new(&p.fx.path("hot/mnt"));
+    start_synced(&mut p);
+    let mnt = mount_point(&p);
+    (p, guard, mnt)
+}
+
 /// Starts both sides and waits until the hot one has sent its initial sync.
-fn start_synced(p: &mut Pair) {
+pub(crate) fn start_synced(p: &mut Pair) {
     p.start("cold");
     p.start("hot");
     assert!(
@@ -53,7 +65,7 @@ fn start_synced(p: &mut Pair) {
 }
 
 /// Record `i` of writer `w`: its index, then a byte pattern of both.
-fn record(w: u8, i: usize) -> Vec<u8> {
+pub(crate) fn record(w: u8, i: usize) -> Vec<u8> {
     let fill = w
         .wrapping_mul(31)
         .wrapping_add(u8::try_from(i % 251).unwrap());
@@ -241,10 +253,7 @@ fn issue12_fuse_capture_pwrite_aio_and_mmap_writers_converge_without_rescans() {
     if !require_root("issue12_fuse", "FUSE mounts") {
         return;
     }
-    let mut p = fuse_pair(Fixture::new(), "");
-    let _guard = MountGuard::new(&p.fx.path("hot/mnt"));
-    start_synced(&mut p);
-    let mnt = mount_point(&p);
+    let (mut p, _guard, mnt) = fuse_pair_started("");
     assert_eq!(mounts_at(&mnt).len(), 1, "{}", p.logs());
     let link = p.fx.path("hot/base/artemis");
     assert_eq!(
@@ -280,6 +289,17 @@ fn issue12_fuse_capture_pwrite_aio_and_mmap_writers_converge_without_rescans() {
     assert_eq!((owned.uid(), owned.gid()), (4321, 4322));
     let took = p.assert_converges(CONVERGE);
     eprintln!("three writers x {RECORDS} records converged {took:?} after the last write");
+    // the cold side knows the hot side acks async, and how far behind it was
+    let async_state = || {
+        p.status("cold")["hot_sync"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("async, "))
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), async_state),
+        "{}",
+        p.status("cold")
+    );
     for (w, name) in [(1, "nio"), (2, "aio"), (3, "mmap")] {
         let cold = fs::read(p.cold.data.join(format!("journal/{name}.amq"))).unwrap();
         assert!(
@@ -303,10 +323,7 @@ fn issue12_kill9_of_the_hot_agent_leaves_a_stale_mount_the_next_start_detaches()
     if !require_root("issue12_stale", "FUSE mounts") {
         return;
     }
-    let mut p = fuse_pair(Fixture::new(), "");
-    let _guard = MountGuard::new(&p.fx.path("hot/mnt"));
-    start_synced(&mut p);
-    let mnt = mount_point(&p);
+    let (mut p, _guard, mnt) = fuse_pair_started("");
     fs::write(mnt.join("before"), b"before the crash").unwrap();
     p.kill9("hot");
     let err = fs::metadata(mnt.join("before")).unwrap_err();
@@ -399,7 +416,7 @@ fn issue12_a_full_disk_under_the_mount_returns_enospc_and_queues_nothing_unwritt
 }
 
 /// Whether the cold copy of `rel` holds record `i` of writer `w` now.
-fn cold_has(p: &Pair, rel: &str, w: u8, i: usize) -> bool {
+pub(crate) fn cold_has(p: &Pair, rel: &str, w: u8, i: usize) -> bool {
     let Ok(f) = fs::File::open(p.cold.data.join(rel)) else {
         return false;
     };
@@ -413,10 +430,7 @@ fn issue12_durable_every_record_is_on_the_cold_disk_when_its_sync_returns() {
     if !require_root("issue12_durable", "FUSE mounts") {
         return;
     }
-    let mut p = fuse_pair(Fixture::new(), "ack = \"durable\"\npeer_timeout_ms = 10000");
-    let _guard = MountGuard::new(&p.fx.path("hot/mnt"));
-    start_synced(&mut p);
-    let mnt = mount_point(&p);
+    let (p, _guard, mnt) = fuse_pair_started("ack = \"durable\"\npeer_timeout_ms = 10000");
     fs::create_dir(mnt.join("journal")).unwrap();
     let mut missing = Vec::new();
     let started = std::time::Instant::now();
@@ -451,10 +465,7 @@ fn issue12_durable_with_the_cold_side_gone_degrades_after_the_timeout_and_recove
     if !require_root("issue12_degrade", "FUSE mounts") {
         return;
     }
-    let mut p = fuse_pair(Fixture::new(), "ack = \"durable\"\npeer_timeout_ms = 500");
-    let _guard = MountGuard::new(&p.fx.path("hot/mnt"));
-    start_synced(&mut p);
-    let mnt = mount_point(&p);
+    let (mut p, _guard, mnt) = fuse_pair_started("ack = \"durable\"\npeer_timeout_ms = 500");
     let f = fs::File::create(mnt.join("j")).unwrap();
     let write_sync = |i: usize| {
         let at = u64::try_from(i * RECORD_BYTES).unwrap();
@@ -503,6 +514,9 @@ fn issue12_durable_with_the_cold_side_gone_degrades_after_the_timeout_and_recove
     for i in 0..4 {
         assert!(cold_has(&p, "j", 4, i), "record {i} after the catch-up");
     }
+    drop(f);
+    let out = artemis_sync(&p.hot.config, ["verify"]);
+    out.code(0).stdout_has(&["identical"]);
 }
 
 /// Kill -9 runs of the durable test.
@@ -513,10 +527,7 @@ fn issue12_durable_kill9_of_the_hot_agent_loses_no_record_whose_sync_returned() 
     if !require_root("issue12_durable_kill9", "FUSE mounts") {
         return;
     }
-    let mut p = fuse_pair(Fixture::new(), "ack = \"durable\"\npeer_timeout_ms = 10000");
-    let _guard = MountGuard::new(&p.fx.path("hot/mnt"));
-    start_synced(&mut p);
-    let mnt = mount_point(&p);
+    let (mut p, _guard, mnt) = fuse_pair_started("ack = \"durable\"\npeer_timeout_ms = 10000");
     for run in 0..KILL_RUNS {
         let rel = format!("j{run}");
         let path = mnt.join(&rel);

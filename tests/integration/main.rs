@@ -9,6 +9,7 @@ mod exact;
 mod failover;
 mod failover_pg;
 mod fuse;
+mod fuse_faults;
 mod helper;
 mod lease_pg;
 mod link;

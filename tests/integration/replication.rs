@@ -95,7 +95,16 @@ impl Pair {
     }
 
     /// As [`Pair::new`], in `fx`, with `extra` as the `[replication]` section's last lines.
+    /// The capture is the watch unless `extra` sets one: these tests write into `data_dir`
+    /// directly, as a node does only under the watch capture (FUSE tests write through the
+    /// mount, `fuse.rs`).
     pub(crate) fn new_in(mode: &str, hot_peer: Option<u16>, fx: Fixture, extra: &str) -> Pair {
+        let watch = format!("capture = \"watch\"\n{extra}");
+        let extra = if extra.contains("capture =") {
+            extra
+        } else {
+            &watch
+        };
         let psk = fx.path("psk");
         fs::write(&psk, PSK_HEX).unwrap();
         fs::set_permissions(&psk, fs::Permissions::from_mode(0o600)).unwrap();

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use artemis_sync::replicated::channel::Auth;
 use artemis_sync::replicated::ops::Op;
-use artemis_sync::replicated::wire::{Frame, Psk};
+use artemis_sync::replicated::wire::{Frame, HotState, Psk};
 
 use crate::replication::{raw_client, rt, wait_until, Pair, PSK_HEX};
 use crate::util::{main_cmd, run_within, Fixture, Output};
@@ -302,7 +302,11 @@ fn issue11_batches_after_a_barrier_do_not_stall_the_cold_side_s_digest() {
         let beat = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                if w.send(&Frame::Heartbeat).await.is_err() || w.flush().await.is_err() {
+                if w.send(&Frame::Heartbeat(HotState::default()))
+                    .await
+                    .is_err()
+                    || w.flush().await.is_err()
+                {
                     return;
                 }
             }

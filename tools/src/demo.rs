@@ -434,7 +434,7 @@ fn start_agents(
         let cfg = side.join("agent.toml");
         let text = format!(
             "[node]\nbase_dir = {:?}\n\n[storage]\nmode = \"replicated\"\n\n[replication]\nrole = \"{role}\"\ndata_dir = {:?}\n\
-             listen = \"127.0.0.1:{listen}\"\npeer = \"127.0.0.1:{peer}\"\npsk_file = {:?}\nstate_file = {:?}\n\n\
+             listen = \"127.0.0.1:{listen}\"\npeer = \"127.0.0.1:{peer}\"\npsk_file = {:?}\nstate_file = {:?}\ncapture = \"watch\"\n\n\
              [lock]\nmachine_name = \"{name}\"\n\n[agent]\ncontrol_socket = {:?}\n",
             side.join("base"), side.join("data"), psk, side.join("state.json"), side.join("agent.sock")
         );

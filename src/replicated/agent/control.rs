@@ -7,7 +7,9 @@ use super::*;
 impl Replica {
     pub(super) fn handle(&mut self, req: Incoming) {
         let answer = match req.request {
-            Request::Status => Ok(Reply::Status(AgentStatus::Replicated(self.status()))),
+            Request::Status => Ok(Reply::Status(AgentStatus::Replicated(Box::new(
+                self.status(),
+            )))),
             Request::Promote { force } => self.promote(force).map(Reply::Promoted),
             Request::Demote { force } => self.demote(force).map(Reply::Demoted),
             Request::Verify => self.verify().map(Reply::Verified),
@@ -50,6 +52,7 @@ impl Replica {
             ));
         }
         let last_ack = rs.last_ack_unix_ms.load(Ordering::Relaxed);
+        let rpo = self.promote_rpo(drained);
         let new = ReplState {
             epoch: st.epoch + 1,
             role: ReplRole::Hot,
@@ -81,7 +84,7 @@ impl Replica {
             epoch = new.epoch,
             forced = force,
             drained,
-            "PROMOTED: {behind}; {summary}"
+            "PROMOTED: {behind}; {summary}; {rpo}"
         );
         Ok(Promoted {
             epoch: new.epoch,
@@ -89,7 +92,20 @@ impl Replica {
             drained,
             behind,
             summary: summary.to_owned(),
+            rpo,
         })
+    }
+
+    /// What the copy may lack, for `promote`: nothing after a drained hand-over, else what the
+    /// old hot's last heartbeat said ([`crate::replicated::hot_sync::HotSync::promote_text`]).
+    pub(super) fn promote_rpo(&self, drained: bool) -> String {
+        if drained {
+            return "RPO 0: the old hot drained its stream before it left".to_owned();
+        }
+        self.receiver.hot_sync().map_or_else(
+            || "RPO unknown: no heartbeat from a hot side since this agent started".into(),
+            |h| h.promote_text(),
+        )
     }
 
     /// `promote` on a hot host: `--force` starts a node that waits (for its peer, after a
@@ -123,6 +139,7 @@ impl Replica {
             drained: false,
             behind: "this host was already hot".into(),
             summary: summary.into(),
+            rpo: "this host was hot: it has what its own node wrote".into(),
         })
     }
 
@@ -250,6 +267,21 @@ impl Replica {
                 })
             }),
             lease: self.lease_status(),
+            blocked: self.sender.as_ref().and_then(|s| {
+                let since = s.stats.blocked_since_unix_ms.load(Ordering::Relaxed);
+                (since > 0).then(|| {
+                    format!(
+                        "a durable sync has waited {} ms for the cold side (on_peer_loss = \"block\"): the node's syncs wait until it is back",
+                        now.saturating_sub(since)
+                    )
+                })
+            }),
+            hot_sync: self.sender.is_none().then(|| {
+                self.receiver.hot_sync().map_or_else(
+                    || "no heartbeat from a hot side since this agent started".into(),
+                    |h| h.status_text(),
+                )
+            }),
             error: self.sup.last_error(),
         }
     }

@@ -244,6 +244,8 @@ impl Replica {
                 "with the database lease this host takes over by itself when it may; now: {why}. `promote --force` takes the lease as soon as the database allows, with whatever this copy has"
             ));
         }
+        // what the copy may lack, from the hot's last heartbeat, before this host turns hot
+        let rpo = self.promote_rpo(false);
         let wait = Duration::from_millis(self.config.lock.wait_interval_ms);
         let deadline = Instant::now() + wait + FENCE_TIMEOUT;
         if let Some(m) = self.lease.as_mut() {
@@ -261,6 +263,7 @@ impl Replica {
                     drained: false,
                     behind: self.lease_holder_text(),
                     summary: summary.into(),
+                    rpo,
                 });
             }
             if let (Some(r), Some(m)) = (&replies, self.lease.as_ref()) {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::replicated::apply::{Job, Outlet, APPLY_QUEUE};
+use crate::replicated::hot_sync::HotSync;
 use crate::replicated::ops::{Applied, DigestPart};
 use crate::replicated::pages::{Entry, IndexPart};
 use crate::replicated::receiver::{
@@ -158,7 +159,10 @@ impl Inbound<'_> {
                 };
                 self.submit(job, digests).await?;
             }
-            Ok(Frame::Heartbeat) => {}
+            Ok(Frame::Heartbeat(state)) => {
+                let hs = HotSync::new(state, self.epoch);
+                *stats.hot_sync.lock().unwrap_or_else(|p| p.into_inner()) = Some(hs);
+            }
             Ok(Frame::Drained { seq }) => {
                 stats.drained.store(true, Ordering::Relaxed);
                 tracing::info!(seq, "the hot side drained its stream: the copy is complete");

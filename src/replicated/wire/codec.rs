@@ -6,7 +6,7 @@
 
 use crate::replicated::ops::Op;
 use crate::replicated::pages::{Attrs, Entry, EntryKind};
-use crate::replicated::wire::{Frame, ProtoError, MAX_PATH_BYTES};
+use crate::replicated::wire::{Frame, HotState, ProtoError, MAX_PATH_BYTES};
 
 /// Frame type of [`Frame::IndexLink`] (after the frame types 1 to 15, leaving room).
 const INDEX_LINK: u8 = 20;
@@ -316,7 +316,7 @@ impl Frame {
             | Frame::Nack { .. }
             | Frame::Digest { .. }
             | Frame::Drained { .. }
-            | Frame::Heartbeat => self.encode_stream(&mut e),
+            | Frame::Heartbeat(_) => self.encode_stream(&mut e),
             Frame::IndexPages { .. } | Frame::DigestFiles { .. } => self.encode_chunk(&mut e),
         }
     }
@@ -487,7 +487,15 @@ impl Frame {
                 e.u8(14);
                 e.u64(*seq);
             }
-            Frame::Heartbeat => e.u8(15),
+            Frame::Heartbeat(h) => {
+                e.u8(15);
+                e.u8(u8::from(h.durable));
+                e.u8(u8::from(h.block));
+                e.u8(u8::from(h.caught_up));
+                e.u64(h.degraded_since_unix_ms);
+                e.u64(h.unacked_ms);
+                e.u64(h.peer_timeout_ms);
+            }
             other => unreachable!("{other:?} is not a stream frame"),
         }
         Ok(())
@@ -587,7 +595,14 @@ impl Frame {
                 Frame::Digest { id, root, files }
             }
             14 => Frame::Drained { seq: d.u64("seq")? },
-            15 => Frame::Heartbeat,
+            15 => Frame::Heartbeat(HotState {
+                durable: d.flag("heartbeat durable")?,
+                block: d.flag("heartbeat block")?,
+                caught_up: d.flag("heartbeat caught up")?,
+                degraded_since_unix_ms: d.u64("heartbeat degraded since")?,
+                unacked_ms: d.u64("heartbeat unacked age")?,
+                peer_timeout_ms: d.u64("heartbeat peer timeout")?,
+            }),
             t => return Err(unknown(t)),
         })
     }

@@ -30,8 +30,8 @@ pub use mac::{mac_eq, nonce, FrameMac, Psk};
 mod tests;
 
 /// The protocol version spoken (2: owners, symlinks and allocation in the index, ops and
-/// digests).
-pub const VERSION: u16 = 2;
+/// digests; 3: the hot side's sync state in its heartbeat).
+pub const VERSION: u16 = 3;
 /// The largest frame body accepted or sent once the peer is authenticated.
 pub const MAX_FRAME_BYTES: usize = 8 << 20;
 /// The largest frame body accepted before the peer is authenticated: the handshake's frames
@@ -140,6 +140,26 @@ pub enum Frame {
     },
     /// Hot: everything up to `seq` was sent and acked, and the hot is going away cleanly.
     Drained { seq: u64 },
-    /// Either: still here.
-    Heartbeat,
+    /// Hot: still here, and how far the cold copy may be behind (sent every second, busy or
+    /// not).
+    Heartbeat(HotState),
+}
+
+/// The hot side's sync state as its heartbeat carries it: what a promoted cold side may have
+/// lost if the hot went silent right after sending it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HotState {
+    /// `ack = "durable"`: a sync through the mount returns only once we have it.
+    pub durable: bool,
+    /// Durable with `on_peer_loss = "block"`: it never returns without us.
+    pub block: bool,
+    /// The first full comparison of this connection is done (before it, the copy may lack
+    /// whatever differed when the connection began).
+    pub caught_up: bool,
+    /// Durable: since when (ms since the Unix epoch) syncs return without us; 0 while not.
+    pub degraded_since_unix_ms: u64,
+    /// How old the oldest batch sent and not yet acknowledged is, in ms; 0 if none.
+    pub unacked_ms: u64,
+    /// Durable: how long a sync waits for us before `on_peer_loss` applies, in ms.
+    pub peer_timeout_ms: u64,
 }

@@ -120,7 +120,14 @@ fn every_frame() -> Vec<Frame> {
             )],
         },
         Frame::Drained { seq: 3 },
-        Frame::Heartbeat,
+        Frame::Heartbeat(HotState {
+            durable: true,
+            block: false,
+            caught_up: true,
+            degraded_since_unix_ms: 1_764_500_000_000,
+            unacked_ms: 12,
+            peer_timeout_ms: 2000,
+        }),
     ]
 }
 
@@ -156,16 +163,17 @@ fn every_frame_round_trips() {
     for f in &frames {
         round_trip(f);
     }
-    // the bytes themselves (version 2: owners, symlinks and allocation), so that an encoding
-    // change cannot pass unnoticed: a peer of the same version must read ours
+    // the bytes themselves (version 3: owners, symlinks and allocation; the heartbeat's sync
+    // state), so that an encoding change cannot pass unnoticed: a peer of the same version
+    // must read ours
     let mut all = Vec::new();
     for f in &frames {
         f.encode(&mut all).unwrap();
     }
-    assert_eq!(all.len(), 9028);
+    assert_eq!(all.len(), 9055);
     assert_eq!(
         blake3::hash(&all).to_hex().as_str(),
-        "59c0137692db44574621a383bba924290c3ddf5d4d30dfdcb385d3101b97b209"
+        "a570165355a2fbf3ddc8fe9f4f8169c95af3dbf1a0b4e15a1d69bce7b2064aa1"
     );
 }
 
@@ -189,9 +197,21 @@ fn hostile_counts_and_lengths_are_refused_before_allocation() {
     assert!(Frame::decode(&out).is_err());
     // trailing garbage
     let mut out = Vec::new();
-    Frame::Heartbeat.encode(&mut out).unwrap();
+    Frame::Heartbeat(HotState::default())
+        .encode(&mut out)
+        .unwrap();
     out.push(0);
     assert!(Frame::decode(&out).is_err());
+    // a heartbeat whose flag is neither 0 nor 1, and one cut short
+    let mut two = vec![15, 2, 0, 0];
+    two.extend_from_slice(&[0; 24]);
+    let short = vec![15, 1, 0, 1, 0, 0];
+    for body in [two, short] {
+        assert!(
+            matches!(Frame::decode(&body), Err(ProtoError::Malformed(_))),
+            "{body:?}"
+        );
+    }
 }
 
 #[tokio::test]

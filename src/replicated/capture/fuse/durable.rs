@@ -72,6 +72,7 @@ impl Passthrough {
             self.send(FsEvent::Sync(tx));
             match rx.recv_deadline(deadline) {
                 Ok(()) => {
+                    stats.blocked_since_unix_ms.store(0, Ordering::Release);
                     if degraded {
                         stats.degraded_since_unix_ms.store(0, Ordering::Release);
                         tracing::warn!(
@@ -84,6 +85,16 @@ impl Passthrough {
                     std::thread::sleep(SYNC_RETRY);
                 }
                 Err(_) if d.cfg.block => {
+                    // when this sync began to wait, one timeout ago
+                    let began = crate::sys::now_unix_ms().saturating_sub(
+                        u64::try_from(d.cfg.peer_timeout.as_millis()).unwrap_or(u64::MAX),
+                    );
+                    let _ = stats.blocked_since_unix_ms.compare_exchange(
+                        0,
+                        began,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
                     tracing::warn!(
                         waited_ms = d.cfg.peer_timeout.as_millis(),
                         "a durable sync is still waiting for the cold side (on_peer_loss = \"block\")"

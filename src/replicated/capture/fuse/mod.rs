@@ -49,7 +49,7 @@ const STOP_POLL: Duration = Duration::from_millis(10);
 const MAX_STALE_MOUNTS: usize = 16;
 /// Where the kernel lists FUSE connections (fusectl).
 const FUSECTL: &str = "/sys/fs/fuse/connections";
-/// How long a `stat` of a mount found at start may take before its server counts as hung.
+/// How long a `statfs` of a mount found at start may take before its server counts as hung.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Errors of the FUSE capture, each naming the path.
@@ -219,8 +219,11 @@ fn fuse_mounted_at(mountinfo: &str, path: &Path) -> Option<(u64, u64)> {
     })
 }
 
-/// What a `stat` of a mount says about its server: gone (`ENOTCONN`), alive, or hung (no
-/// answer within [`PROBE_TIMEOUT`]; the probing thread is left blocked).
+/// What a `statfs` of a mount says about its server: gone (`ENOTCONN`), alive, or hung (no
+/// answer within [`PROBE_TIMEOUT`]; the probing thread is left blocked). Not a `stat`: the
+/// kernel answers that from its attribute cache for a while after the server died (a node
+/// that wrote through the mount until the agent was killed kept it fresh), and the dead mount
+/// looked live; every `statfs` is a request to the server.
 #[derive(Debug, PartialEq, Eq)]
 enum Probe {
     Dead,
@@ -234,7 +237,7 @@ fn probe(path: &Path) -> Probe {
     let spawned = std::thread::Builder::new()
         .name("fuse-probe".into())
         .spawn(move || {
-            let _ = tx.send(fs::metadata(p).map_err(|e| e.raw_os_error()));
+            let _ = tx.send(sys::statvfs(&p).map_err(|e| e.raw_os_error()));
         });
     if spawned.is_err() {
         return Probe::Hung;
