@@ -29,7 +29,7 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `verify` may take.
 pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long the client waits for `promote` (linking, starting the node and its hook).
-pub const PROMOTE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const PROMOTE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The names [`Request`] accepts, for the error that names an unknown one.
 const REQUEST_NAMES: [&str; 5] = ["status", "release", "promote", "demote", "verify"];

@@ -90,6 +90,8 @@ pub struct LeaseMachine {
     not_eligible: Option<String>,
     /// The next takeover skips [`Eligible`] (the operator's `promote --force`).
     forced: bool,
+    /// A takeover in flight when the machine fenced: released if it turns out written.
+    orphan: Option<Lease>,
     events: Vec<Event>,
 }
 
@@ -141,6 +143,7 @@ impl LeaseMachine {
             eligible,
             not_eligible: None,
             forced: false,
+            orphan: None,
             events: Vec::new(),
         }
     }
@@ -200,6 +203,14 @@ impl LeaseMachine {
     pub fn force_next(&mut self) {
         self.forced = true;
         self.next_poll = Instant::now();
+    }
+    /// Withdraws [`LeaseMachine::force_next`] (the operator's request ended unserved).
+    pub fn cancel_force(&mut self) {
+        self.forced = false;
+    }
+    /// Whether a node may start now: hot, and before the fence deadline.
+    pub fn may_run_node(&self) -> bool {
+        self.role == LeaseRole::Hot && Instant::now() < self.fence_at()
     }
 
     fn fence_at(&self) -> Instant {
@@ -457,7 +468,17 @@ impl LeaseMachine {
 
     fn took_over(&mut self, sent: Instant, result: Result<(), (bool, String)>) {
         if self.role != LeaseRole::Starting {
-            return; // fenced while the takeover ran: never start on it
+            // fenced while the takeover ran: never start on it, and give back what it wrote,
+            // or the row would name us unrenewed until someone waits it out
+            let written = matches!(result, Ok(()) | Err((true, _)));
+            if let (true, Some(current)) = (written, self.orphan.take()) {
+                tracing::warn!(
+                    epoch = current.epoch,
+                    "a takeover finished after the fence deadline; releasing it"
+                );
+                self.send(Job::Release { current });
+            }
+            return;
         }
         match result {
             Ok(()) => self.became_hot(sent),
@@ -506,6 +527,9 @@ impl LeaseMachine {
     fn fence(&mut self, why: &str) {
         let epoch = self.held_epoch();
         tracing::error!(epoch, "FENCING: {why}; stopping the node");
+        if self.role == LeaseRole::Starting && !self.resuming && self.outstanding.is_some() {
+            self.orphan = self.lease.clone();
+        }
         self.events.push(Event::Fence {
             epoch,
             why: why.to_owned(),

@@ -2,7 +2,8 @@
 //! `(pair, holder, epoch, renewals, renewed_at, released)`. Every change is one conditional
 //! statement judged by the database's clock (`now()`), never a VM's wall clock:
 //! - **take over**: only when the row is released or was not renewed for `wait_interval_ms`,
-//!   and is still the row the agent saw, with a higher epoch (a missing row is inserted);
+//!   and is still the row the agent saw (holder, epoch, renewals, released, and the cold copy's
+//!   lag the agent judged it by), with a higher epoch (a missing row is inserted);
 //! - **renew**: only a row that still names us, our epoch and our renewal count (or the count
 //!   this renewal sets, when an earlier attempt committed but its answer was lost);
 //! - **release**: the same condition, setting `released`.
@@ -72,6 +73,7 @@ impl Statements {
                 "UPDATE {t} SET holder = $2, epoch = $3, renewals = 0, renewed_at = now(), \
                  released = false, cold_lag_ms = NULL WHERE pair = $1 AND holder = $4 AND epoch = $5 \
                  AND renewals = $6 AND released = $7 AND $3 > epoch \
+                 AND cold_lag_ms IS NOT DISTINCT FROM $9 \
                  AND (released OR renewed_at <= now() - $8::bigint * interval '1 millisecond')"
             ),
             renew: format!(
@@ -345,11 +347,13 @@ impl LeaseStore for PgStore {
                     to_i64(seen.renewals),
                 );
                 let released = seen.state == LeaseState::Released;
+                // the cold copy's state as seen: a hot that reported "behind" since refuses it
+                let lag: Option<i64> = seen.cold_lag_ms.map(to_i64);
                 self.call(move |c, sql, pair| {
                     Box::pin(async move {
                         c.execute(
                             &sql.take,
-                            &[&pair, &holder, &epoch, &h, &e, &r, &released, &wait],
+                            &[&pair, &holder, &epoch, &h, &e, &r, &released, &wait, &lag],
                         )
                         .await
                     })

@@ -274,8 +274,14 @@ impl Replica {
             rt.handle(),
         );
         repl.data_dir = data_dir;
-        let sup = Supervisor::new(&config.node, config.holder_id(), HOOK_TIMEOUT);
         let lease = lease::machine(&config, &gate)?;
+        // with the lease a hook runs while the fence deadline runs: one renewal period at most
+        let hooks = if lease.is_some() {
+            HOOK_TIMEOUT.min(Duration::from_millis(config.lock.update_interval_ms))
+        } else {
+            HOOK_TIMEOUT
+        };
+        let sup = Supervisor::new(&config.node, config.holder_id(), hooks);
         Ok(Replica {
             config,
             repl,
@@ -309,10 +315,7 @@ impl Replica {
         let fuse_mount =
             (self.repl.capture == Capture::Fuse).then(|| self.repl.mount_point.clone());
         let durable = self.repl.ack == Ack::Durable;
-        let witness = self
-            .lease
-            .is_some()
-            .then(|| witness::channel(self.witness_timeout()));
+        let witness = self.witness_parts()?;
         let peer: SocketAddr = self
             .repl
             .peer
@@ -333,13 +336,16 @@ impl Replica {
             durable: durable.then(|| DurableConfig {
                 peer_timeout: Duration::from_millis(self.repl.peer_timeout_ms),
                 block: self.repl.on_peer_loss == PeerLoss::Block,
-                witness: witness.as_ref().map(|(h, _)| h.clone()),
+                witness: witness.as_ref().map(|(h, _, _)| h.clone()),
             }),
         };
         let sender = sender::start(cfg, self.rt.handle())
             .map_err(|e| ReplicaError::Start(crate::error_chain(&e)))?;
-        if let Some((handle, inbox)) = witness {
-            self.start_witness(handle, inbox, st.epoch, durable, sender.stats.clone())?;
+        if let Some(parts) = witness {
+            if let Err(e) = self.start_witness(parts, st.epoch, durable, sender.stats.clone()) {
+                sender.stop();
+                return Err(ReplicaError::Start(format!("lease witness thread: {e}")));
+            }
         }
         self.sender = Some(sender);
         // after the sender: in FUSE mode the link's target is the mount it has just served
@@ -377,6 +383,12 @@ impl Replica {
     }
 
     fn start_node(&mut self, epoch: u64) {
+        if self.lease.as_ref().is_some_and(|m| !m.may_run_node()) {
+            // the set-up outlasted the lease's fence deadline: the next tick fences
+            self.sup
+                .note_error("the node did not start: the lease was not renewed in time");
+            return;
+        }
         if let Err(e) = self.sup.acquire(epoch) {
             self.sup.note_error(e.to_string());
         }
@@ -421,6 +433,7 @@ impl Replica {
         self.sup.release(Some(st.epoch));
         if let Some(m) = self.lease.as_mut() {
             m.see_epoch(epoch);
+            m.resume(None);
             if m.held_epoch().is_some() {
                 m.release("a newer epoch exists");
             }

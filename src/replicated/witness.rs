@@ -2,8 +2,9 @@
 //! behind the cold copy is, written into the lease row (`cold_lag_ms`) so that the cold VM,
 //! when the hot goes silent, knows by itself whether it may take over (issue 13, rule 4).
 //!
-//! - **Durable acks**: the row says 0 (in sync) once the stream of this epoch has connected
-//!   and caught up, and stays 0 while every sync waits for the cold side. Before a sync may
+//! - **Durable acks**: the row says 0 (in sync) while the stream is connected, caught up (not
+//!   in a resync, which may empty a file to regrow it) and not degraded, "unknown" otherwise
+//!   (checked every `update_interval_ms`). Before a sync may
 //!   return without the cold side's ack (`on_peer_loss = "degrade"`), [`WitnessHandle::outdate`]
 //!   writes "unknown" into the row and only then marks the sender degraded, on this thread,
 //!   so no report of "in sync" can slip in between. If the database cannot be told, the sync
@@ -36,6 +37,8 @@ enum Msg {
     Outdate(Sender<Result<(), String>>),
     /// Record "in sync" now (after a drain).
     InSync(Sender<Result<(), String>>),
+    /// Record "behind by an unknown amount" (a hand-over without a drain).
+    Behind(Sender<Result<(), String>>),
 }
 
 /// What [`WitnessHandle::reported`] holds before the first report, or after "unknown".
@@ -80,6 +83,11 @@ impl WitnessHandle {
     /// Writes "the cold copy is in sync" (the stream was just drained).
     pub fn in_sync(&self) -> Result<(), String> {
         self.ask(Msg::InSync)
+    }
+
+    /// Writes "the cold copy is behind by an unknown amount" (a hand-over without a drain).
+    pub fn behind(&self) -> Result<(), String> {
+        self.ask(Msg::Behind)
     }
 }
 
@@ -149,8 +157,6 @@ struct Reporter {
     cfg: WitnessConfig,
     /// What the row says as far as we know (`None` inside: unknown), once written.
     written: Option<Option<u64>>,
-    /// Durable: the stream of this epoch has been connected and caught up at least once.
-    caught_up: bool,
     /// The last report error logged, so a database outage is logged once.
     logged: Option<String>,
     /// Shared with the handles: what was last written.
@@ -162,7 +168,6 @@ impl Reporter {
         Reporter {
             cfg,
             written: None,
-            caught_up: false,
             logged: None,
             reported,
         }
@@ -183,6 +188,9 @@ impl Reporter {
                     Ok(Msg::InSync(reply)) => {
                         let _ = reply.send(self.write(Some(0)));
                     }
+                    Ok(Msg::Behind(reply)) => {
+                        let _ = reply.send(self.write(None));
+                    }
                     Err(_) => return,
                 },
                 default(self.cfg.period) => self.periodic(),
@@ -196,9 +204,10 @@ impl Reporter {
         let connected = s.connected.load(Ordering::Acquire);
         let caught_up = connected && s.initial_done.load(Ordering::Acquire);
         if self.cfg.durable {
-            self.caught_up |= caught_up;
+            // every confirmed sync is on the cold disk, and the copy is not in the middle of
+            // a resync (which may empty a file to regrow it)
             let degraded = s.degraded_since_unix_ms.load(Ordering::Acquire) != 0;
-            return (self.caught_up && !degraded).then_some(0);
+            return (caught_up && !degraded).then_some(0);
         }
         if !caught_up {
             return None;

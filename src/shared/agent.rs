@@ -82,18 +82,16 @@ pub fn run(
     shutdown: Receiver<ShutdownReason>,
 ) -> Result<ShutdownReason, AgentError> {
     let config = Arc::new(config);
-    let (store, after): (Box<dyn LeaseStore>, Option<worker::AfterTakeover>) =
-        match config.lease_backend() {
-            Some(LeaseBackend::Postgres) => (Box::new(PgStore::open(&config)?), None),
-            _ => {
-                lock_safety::check_lock_dir(&config)?;
-                let c = config.clone();
-                (
-                    Box::new(ShareStore::new(&config)),
-                    Some(Box::new(move || ensure_share(&c))),
-                )
-            }
-        };
+    let store: Box<dyn LeaseStore> = match config.lease_backend() {
+        Some(LeaseBackend::Postgres) => Box::new(PgStore::open(&config)?),
+        _ => {
+            lock_safety::check_lock_dir(&config)?;
+            Box::new(ShareStore::new(&config))
+        }
+    };
+    // whichever store keeps the lease, the node needs the share mounted and linked
+    let c = config.clone();
+    let after: Option<worker::AfterTakeover> = Some(Box::new(move || ensure_share(&c)));
     let has_lock = store.has_lock();
     let channels = worker::start(store, after).map_err(AgentError::Thread)?;
     let requests = Supervisor::serve_control(listener).map_err(AgentError::Thread)?;
@@ -129,6 +127,7 @@ pub fn run(
             recv(node_exit) -> status => if let Ok(status) = status { agent.node_exited(status) },
             default(timeout) => {}
         }
+        agent.act();
         agent.machine.tick();
         agent.act();
         // systemd: READY once the first observation gave us a role, STATUS on every change,

@@ -564,4 +564,21 @@ fn issue13_each_lease_statement_is_conditional_and_judged_by_the_database_clock(
     assert_eq!((l.state, l.epoch), (LeaseState::Released, 2));
     assert!(a.take_over(&seen, &lease("a", 3, 0), settle).is_ok());
     assert_eq!(b.observe(false).1, Obs::Lease(lease("a", 3, 0)));
+    // replicated mode's witness: only the holder reports the cold copy's lag, and a takeover
+    // judged on "in sync" is refused once the holder has reported "behind" since
+    assert!(b.report_cold_lag("b", 3, Some(0)).is_err());
+    a.report_cold_lag("a", 3, Some(0)).unwrap();
+    let (_, in_sync) = b.observe(false);
+    let Obs::Lease(l) = &in_sync else {
+        panic!("{in_sync:?}")
+    };
+    assert_eq!(l.cold_lag_ms, Some(0));
+    a.report_cold_lag("a", 3, None).unwrap();
+    thread::sleep(Duration::from_millis(FAST_WAIT_MS + 100));
+    let refused = b
+        .take_over(&in_sync, &lease("b", 4, 0), settle)
+        .unwrap_err();
+    assert!(!refused.0 && refused.1.contains("refused"), "{refused:?}");
+    let (_, behind) = b.observe(false);
+    assert!(b.take_over(&behind, &lease("b", 4, 0), settle).is_ok());
 }

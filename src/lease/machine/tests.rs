@@ -167,3 +167,20 @@ fn issue13_a_lost_renewal_fences_and_the_epoch_moves_past_one_seen_elsewhere() {
     );
     assert_eq!(m.role(), LeaseRole::Fenced);
 }
+
+#[test]
+fn issue13_a_withdrawn_force_does_not_linger_until_the_holder_dies() {
+    let mem = Mem::default();
+    *mem.0.lock().unwrap() = Some(Lease::new("old", 3, 20, 150));
+    let mut m = machine(
+        &mem,
+        "me",
+        Some(Box::new(|_| Err("copy incomplete".into()))),
+    );
+    m.force_next();
+    m.cancel_force();
+    let ev = run(&mut m, Duration::from_millis(600), |e| {
+        acquired(e).is_some()
+    });
+    assert_eq!(acquired(&ev), None, "{ev:?}");
+}

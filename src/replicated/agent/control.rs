@@ -172,7 +172,7 @@ impl Replica {
         })
     }
 
-    fn verify(&self) -> Result<Verified, String> {
+    fn verify(&mut self) -> Result<Verified, String> {
         let Some(s) = &self.sender else {
             return Err("verify runs on the hot host (this one is cold)".into());
         };
@@ -180,8 +180,7 @@ impl Replica {
         s.ctl
             .send(ScanMsg::Verify(tx))
             .map_err(|_| "the scanner stopped".to_string())?;
-        let report = sdnotify::recv_pinging(&rx, VERIFY_TIMEOUT)
-            .map_err(|_| "no answer in time".to_string())??;
+        let report = self.wait_keeping_lease(&rx, VERIFY_TIMEOUT)??;
         Ok(Verified {
             identical: report.identical,
             hot_root: report.hot_root,

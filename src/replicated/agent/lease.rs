@@ -14,7 +14,7 @@
 use std::time::Instant;
 
 use super::*;
-use crate::daemon::protocol::{LeaseRole, ReplicatedLease};
+use crate::daemon::protocol::{LeaseRole, ReplicatedLease, PROMOTE_TIMEOUT};
 use crate::lease::machine::{Eligible, Event};
 use crate::lease::pg::PgStore;
 use crate::lease::{worker, Lease, LeaseState, Obs};
@@ -97,16 +97,27 @@ impl Replica {
         Duration::from_millis(self.config.lock.update_interval_ms.max(1000) * 2)
     }
 
+    /// The witness's channel and its own database store, made before the sender starts (so
+    /// that a failure leaves nothing running).
+    pub(super) fn witness_parts(
+        &self,
+    ) -> Result<Option<(WitnessHandle, Inbox, PgStore)>, ReplicaError> {
+        if self.lease.is_none() {
+            return Ok(None);
+        }
+        let store =
+            PgStore::open(&self.config).map_err(|e| ReplicaError::Start(crate::error_chain(&e)))?;
+        let (handle, inbox) = witness::channel(self.witness_timeout());
+        Ok(Some((handle, inbox, store)))
+    }
+
     pub(super) fn start_witness(
         &mut self,
-        handle: WitnessHandle,
-        inbox: Inbox,
+        (handle, inbox, store): (WitnessHandle, Inbox, PgStore),
         epoch: u64,
         durable: bool,
         stats: Arc<SenderStats>,
-    ) -> Result<(), ReplicaError> {
-        let store =
-            PgStore::open(&self.config).map_err(|e| ReplicaError::Start(crate::error_chain(&e)))?;
+    ) -> std::io::Result<()> {
         let w = witness::spawn(
             WitnessConfig {
                 store,
@@ -117,8 +128,7 @@ impl Replica {
                 stats,
             },
             inbox,
-        )
-        .map_err(|e| ReplicaError::Start(format!("lease witness thread: {e}")))?;
+        )?;
         self.witness = Some((w, handle));
         Ok(())
     }
@@ -130,12 +140,6 @@ impl Replica {
         m.see_epoch(epoch);
         m.tick();
         let events = m.take_events();
-        let newer = match m.obs() {
-            Obs::Lease(l) if l.holder != self.config.holder_id() && l.epoch > epoch => {
-                Some((l.epoch, l.holder.clone()))
-            }
-            _ => None,
-        };
         for event in events {
             match event {
                 Event::Acquired(e) => self.lease_acquired(e),
@@ -153,14 +157,53 @@ impl Replica {
                 Event::Healthy => self.sup.clear_error(),
             }
         }
+        // after the events: a takeover just made moved our epoch past what the row said
+        let st = self.gate.get();
+        let newer = self.lease.as_ref().and_then(|m| match (m.role(), m.obs()) {
+            (LeaseRole::Hot | LeaseRole::Starting, _) => None,
+            (_, Obs::Lease(l)) if l.holder != self.config.holder_id() && l.epoch > st.epoch => {
+                Some((l.epoch, l.holder.clone()))
+            }
+            _ => None,
+        });
         if let Some((e, holder)) = newer {
-            if self.gate.get().role == ReplRole::Hot {
+            if st.role == ReplRole::Hot {
                 self.step_down(
                     e,
                     &format!("the lease database names {holder} under epoch {e}"),
                 );
             }
         }
+    }
+
+    /// Waits for `rx` (a verify's answer) at most `limit`, renewing the lease meanwhile (the
+    /// lease's deadlines do not wait for an operator's request).
+    pub(super) fn wait_keeping_lease<T>(
+        &mut self,
+        rx: &Receiver<T>,
+        limit: Duration,
+    ) -> Result<T, String> {
+        let Some(replies) = self.lease.as_ref().map(LeaseMachine::replies) else {
+            return sdnotify::recv_pinging(rx, limit).map_err(|_| "no answer in time".into());
+        };
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let next = self.lease.as_ref().map_or(IDLE_WAKEUP, |m| {
+                m.next_deadline()
+                    .saturating_duration_since(Instant::now())
+                    .min(IDLE_WAKEUP)
+            });
+            select! {
+                recv(rx) -> v => return v.map_err(|_| "the request was dropped (the stream stopped)".into()),
+                recv(replies) -> msg => if let (Ok((seq, done)), Some(m)) = (msg, self.lease.as_mut()) {
+                    m.handle_reply(seq, done);
+                },
+                default(next) => {}
+            }
+            self.lease_tick();
+            self.sup.ping_watchdog();
+        }
+        Err("no answer in time".into())
     }
 
     /// The lease is ours under `epoch`: hot under it (the stream restarted if the epoch is
@@ -214,14 +257,19 @@ impl Replica {
         if self.lease.is_none() {
             return;
         }
-        if drained {
-            if let Some((_, h)) = &self.witness {
-                if let Err(e) = h.in_sync() {
-                    tracing::warn!("cannot report the drained copy as in sync: {e}");
-                }
+        if let Some((_, h)) = &self.witness {
+            // drained: complete; not drained: the cold VM must not take it for complete
+            let (said, what) = if drained {
+                (h.in_sync(), "in sync")
+            } else {
+                (h.behind(), "behind")
+            };
+            if let Err(e) = said {
+                tracing::warn!("cannot report the cold copy as {what}: {e}");
             }
         }
         if let Some(m) = self.lease.as_mut() {
+            m.resume(None);
             m.release(why);
         }
     }
@@ -247,7 +295,9 @@ impl Replica {
         // what the copy may lack, from the hot's last heartbeat, before this host turns hot
         let rpo = self.promote_rpo(false);
         let wait = Duration::from_millis(self.config.lock.wait_interval_ms);
-        let deadline = Instant::now() + wait + FENCE_TIMEOUT;
+        // within the client's wait for the answer
+        let limit = (wait + FENCE_TIMEOUT).min(PROMOTE_TIMEOUT - FENCE_TIMEOUT);
+        let deadline = Instant::now() + limit;
         if let Some(m) = self.lease.as_mut() {
             m.force_next();
         }
@@ -280,9 +330,13 @@ impl Replica {
             self.lease_tick();
             self.sup.ping_watchdog();
         }
+        if let Some(m) = self.lease.as_mut() {
+            m.cancel_force(); // an unserved --force must not linger until the hot dies
+        }
         Err(format!(
-            "the lease was not taken within {} ms: {}",
-            duration_ms(wait + FENCE_TIMEOUT),
+            "the lease was not taken within {} ms (the database allows it once the row is released or not renewed for wait_interval_ms = {} ms): {}; run `promote --force` again",
+            duration_ms(limit),
+            duration_ms(wait),
             self.lease_holder_text()
         ))
     }
