@@ -557,7 +557,24 @@ fn issue13_replicated_demote_hands_the_lease_over_without_the_wait() {
     assert_eq!(d.role("hot"), "cold");
     let missing = d.missing_on("cold");
     assert!(missing.is_empty(), "synced records missing: {missing:?}");
-    eprintln!("issue13 replicated demote: the cold node ran {took:?} after the request");
+    // and back with `release`, the same planned hand-over under the shared mode's name
+    d.wait_in_sync("hot");
+    let node = d.node_pid("cold").unwrap();
+    let asked = Instant::now();
+    artemis_sync(&d.p.cold.config, ["release"]).code(0);
+    assert!(!alive(node), "release stopped the node");
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS), || d
+            .node_pid("hot")
+            .is_some()),
+        "{}",
+        d.p.logs()
+    );
+    let back = asked.elapsed();
+    assert_eq!(d.epoch("hot"), Some(epoch + 2));
+    let missing = d.missing_on("hot");
+    assert!(missing.is_empty(), "synced records missing: {missing:?}");
+    eprintln!("issue13 replicated demote: the cold node ran {took:?} after the request; release handed it back in {back:?}");
 }
 
 #[test]

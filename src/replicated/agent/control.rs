@@ -3,6 +3,7 @@
 //! the peer's last word, and answered with what was done or why not.
 
 use super::*;
+use crate::daemon::protocol::{LeaseRole, Released};
 
 impl Replica {
     pub(super) fn handle(&mut self, req: Incoming) {
@@ -13,6 +14,8 @@ impl Replica {
             Request::Promote { force } => self.promote(force).map(Reply::Promoted),
             Request::Demote { force } => self.demote(force).map(Reply::Demoted),
             Request::Verify => self.verify().map(Reply::Verified),
+            // with the database lease, `release` is the planned hand-over: a demote
+            Request::Release if self.lease.is_some() => self.release_lease().map(Reply::Released),
             Request::Release => Err(req.request.not_in_mode(
                 "replicated",
                 "there is no lease to release; use `artemis-sync demote` on the hot host",
@@ -140,6 +143,25 @@ impl Replica {
             behind: "this host was already hot".into(),
             summary: summary.into(),
             rpo: "this host was hot: it has what its own node wrote".into(),
+        })
+    }
+
+    /// `release` with the database lease: `demote` (node stopped, stream drained, the row
+    /// says in sync and is released), answered as shared mode answers it.
+    fn release_lease(&mut self) -> Result<Released, String> {
+        let role = self.lease.as_ref().map_or(LeaseRole::Cold, |m| m.role());
+        if self.gate.get().role != ReplRole::Hot {
+            return Ok(Released {
+                epoch: None,
+                role,
+                holdoff_ms: 0,
+            });
+        }
+        let demoted = self.demote(false)?;
+        Ok(Released {
+            epoch: Some(demoted.epoch),
+            role,
+            holdoff_ms: self.config.lock.wait_interval_ms,
         })
     }
 
