@@ -14,19 +14,8 @@ use crate::replicated::wire::HotState;
 /// The last heartbeat of a hot side, as the cold side received it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HotSync {
-    /// `ack = "durable"`.
-    pub durable: bool,
-    /// Durable with `on_peer_loss = "block"`.
-    pub block: bool,
-    /// The hot side's first comparison since it connected was done.
-    pub caught_up: bool,
-    /// Durable: since when (ms since the Unix epoch, the hot side's clock) its syncs return
-    /// without us; 0 while not degraded.
-    pub degraded_since_unix_ms: u64,
-    /// The age of its oldest batch not yet acknowledged, in ms; 0 if none.
-    pub unacked_ms: u64,
-    /// Durable: how long its syncs wait for us before degrading (or, block, warning).
-    pub peer_timeout_ms: u64,
+    /// What the heartbeat said.
+    pub state: HotState,
     /// The hot side's epoch.
     pub epoch: u64,
     /// When the heartbeat arrived (our monotonic clock).
@@ -56,12 +45,7 @@ impl HotSync {
     /// The state a heartbeat carried, received now from a hot side at `epoch`.
     pub fn new(state: HotState, epoch: u64) -> Self {
         HotSync {
-            durable: state.durable,
-            block: state.block,
-            caught_up: state.caught_up,
-            degraded_since_unix_ms: state.degraded_since_unix_ms,
-            unacked_ms: state.unacked_ms,
-            peer_timeout_ms: state.peer_timeout_ms,
+            state,
             epoch,
             received: Instant::now(),
         }
@@ -69,19 +53,19 @@ impl HotSync {
 
     /// What the copy may lack if the hot side went silent right after this heartbeat.
     pub fn rpo(&self) -> Rpo {
-        if !self.durable {
+        if !self.state.durable {
             Rpo::Async
-        } else if self.degraded_since_unix_ms != 0 {
+        } else if self.state.degraded_since_unix_ms != 0 {
             Rpo::Degraded {
-                since_unix_ms: self.degraded_since_unix_ms,
+                since_unix_ms: self.state.degraded_since_unix_ms,
             }
-        } else if !self.caught_up {
+        } else if !self.state.caught_up {
             Rpo::CatchingUp
-        } else if self.block {
+        } else if self.state.block {
             Rpo::Zero
         } else {
             Rpo::ZeroUnlessRanOn {
-                peer_timeout: Duration::from_millis(self.peer_timeout_ms),
+                peer_timeout: Duration::from_millis(self.state.peer_timeout_ms),
             }
         }
     }
@@ -105,9 +89,9 @@ impl HotSync {
             Rpo::Degraded { since_unix_ms } => format!(
                 "degraded since {}: the hot side's syncs returned without us; oldest unacknowledged batch {} ms old {at}",
                 utc(since_unix_ms),
-                self.unacked_ms
+                self.state.unacked_ms
             ),
-            Rpo::Async => format!("async, {} ms behind {at}", self.unacked_ms),
+            Rpo::Async => format!("async, {} ms behind {at}", self.state.unacked_ms),
             Rpo::CatchingUp => format!("catching up (resync after connecting not done) {at}"),
         }
     }
@@ -130,11 +114,11 @@ impl HotSync {
             Rpo::Degraded { since_unix_ms } => format!(
                 "NOT in sync: the old hot was degraded since {} {at}: syncs it confirmed since then may be missing; its oldest unacknowledged batch was {} ms old",
                 utc(since_unix_ms),
-                self.unacked_ms
+                self.state.unacked_ms
             ),
             Rpo::Async => format!(
                 "NOT in sync: the old hot acked async; {at} it was {} ms behind: that much, and whatever it wrote after, may be missing",
-                self.unacked_ms
+                self.state.unacked_ms
             ),
             Rpo::CatchingUp => format!(
                 "NOT in sync: the old hot was still resyncing after it connected {at}: what differed then may be missing"

@@ -347,6 +347,10 @@ fn issue13_replicated_kill9_of_the_hot_the_cold_runs_the_node_with_every_synced_
     );
     assert!(d.node_pid("hot").is_none());
     d.wait_in_sync("hot");
+    // verify on the new hot keeps its lease renewed while it compares (its node stays up)
+    let node = d.node_pid("cold");
+    artemis_sync(&d.p.cold.config, ["verify"]).code(0);
+    assert_eq!(d.node_pid("cold"), node);
 }
 
 #[test]

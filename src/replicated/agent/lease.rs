@@ -183,27 +183,42 @@ impl Replica {
         rx: &Receiver<T>,
         limit: Duration,
     ) -> Result<T, String> {
-        let Some(replies) = self.lease.as_ref().map(LeaseMachine::replies) else {
+        if self.lease.is_none() {
             return sdnotify::recv_pinging(rx, limit).map_err(|_| "no answer in time".into());
-        };
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
+        }
+        match self.run_lease_until(rx, Instant::now() + limit, |_| false) {
+            Some(Ok(v)) => Ok(v),
+            Some(Err(_)) => Err("the request was dropped (the stream stopped)".into()),
+            None => Err("no answer in time".into()),
+        }
+    }
+
+    /// Runs the lease (its worker's replies, its ticks and what they decide, the watchdog)
+    /// until `rx` answers, `done` holds, or `deadline`; returns `rx`'s answer if it came.
+    fn run_lease_until<T>(
+        &mut self,
+        rx: &Receiver<T>,
+        deadline: Instant,
+        done: impl Fn(&Self) -> bool,
+    ) -> Option<Result<T, crossbeam_channel::RecvError>> {
+        let replies = self.lease.as_ref().map_or(never(), LeaseMachine::replies);
+        while Instant::now() < deadline && !done(self) {
             let next = self.lease.as_ref().map_or(IDLE_WAKEUP, |m| {
                 m.next_deadline()
                     .saturating_duration_since(Instant::now())
                     .min(IDLE_WAKEUP)
             });
             select! {
-                recv(rx) -> v => return v.map_err(|_| "the request was dropped (the stream stopped)".into()),
-                recv(replies) -> msg => if let (Ok((seq, done)), Some(m)) = (msg, self.lease.as_mut()) {
-                    m.handle_reply(seq, done);
+                recv(rx) -> v => return Some(v),
+                recv(replies) -> msg => if let (Ok((seq, reply)), Some(m)) = (msg, self.lease.as_mut()) {
+                    m.handle_reply(seq, reply);
                 },
                 default(next) => {}
             }
             self.lease_tick();
             self.sup.ping_watchdog();
         }
-        Err("no answer in time".into())
+        None
     }
 
     /// The lease is ours under `epoch`: hot under it (the stream restarted if the epoch is
@@ -301,34 +316,23 @@ impl Replica {
         if let Some(m) = self.lease.as_mut() {
             m.force_next();
         }
-        let replies = self.lease.as_ref().map(LeaseMachine::replies);
-        while Instant::now() < deadline {
-            let st = self.gate.get();
-            if st.role == ReplRole::Hot && st.epoch > before.epoch && self.waiting_for.is_none() {
-                let summary = "forced: the lease was taken without the check that this copy is complete; writes the old hot confirmed after this copy's last batch may be missing";
-                tracing::warn!(epoch = st.epoch, "PROMOTED (--force): {summary}");
-                return Ok(Promoted {
-                    epoch: st.epoch,
-                    forced: true,
-                    drained: false,
-                    behind: self.lease_holder_text(),
-                    summary: summary.into(),
-                    rpo,
-                });
-            }
-            if let (Some(r), Some(m)) = (&replies, self.lease.as_ref()) {
-                let limit = m
-                    .next_deadline()
-                    .saturating_duration_since(Instant::now())
-                    .min(IDLE_WAKEUP);
-                if let Ok((seq, done)) = r.recv_timeout(limit) {
-                    if let Some(m) = self.lease.as_mut() {
-                        m.handle_reply(seq, done);
-                    }
-                }
-            }
-            self.lease_tick();
-            self.sup.ping_watchdog();
+        let taken = |me: &Self| {
+            let st = me.gate.get();
+            st.role == ReplRole::Hot && st.epoch > before.epoch && me.waiting_for.is_none()
+        };
+        self.run_lease_until(&never::<()>(), deadline, taken);
+        if taken(self) {
+            let epoch = self.gate.get().epoch;
+            let summary = "forced: the lease was taken without the check that this copy is complete; writes the old hot confirmed after this copy's last batch may be missing";
+            tracing::warn!(epoch, "PROMOTED (--force): {summary}");
+            return Ok(Promoted {
+                epoch,
+                forced: true,
+                drained: false,
+                behind: self.lease_holder_text(),
+                summary: summary.into(),
+                rpo,
+            });
         }
         if let Some(m) = self.lease.as_mut() {
             m.cancel_force(); // an unserved --force must not linger until the hot dies
