@@ -129,6 +129,8 @@ impl SenderHandle {
 pub fn start(cfg: SenderConfig, rt: &tokio::runtime::Handle) -> Result<SenderHandle, SenderError> {
     let (scan_cfg, stream_cfg, fuse_mount, durable) = cfg.split();
     let stats = Arc::new(SenderStats::default());
+    // async acks on the write path: nothing waits on a send, so small writes may gather
+    let coalesce = durable.is_none();
     let (fs_tx, fs_rx) = crossbeam_channel::bounded(EVENT_QUEUE);
     let (watches, fuse) = match fuse_mount {
         None => (
@@ -154,7 +156,7 @@ pub fn start(cfg: SenderConfig, rt: &tokio::runtime::Handle) -> Result<SenderHan
     scanner = match watches {
         Some(w) => scanner.with_watches(w),
         // the write path's events are the changes themselves: never folded into a walk
-        None => scanner.with_exact_events(),
+        None => scanner.with_exact_events(coalesce),
     };
     let scanner = scanner.spawn(stats.clone(), fs_rx, ctl_rx);
     let link = ScannerLink {

@@ -75,6 +75,11 @@ pub const RACY_WINDOW: Duration = Duration::from_millis(100);
 /// Parts of the cold side's digest waiting for the scanner's comparison during `verify`
 /// (each at most [`crate::replicated::wire::DIGEST_CHUNK_BYTES`] on the wire).
 const VERIFY_PARTS_QUEUE: usize = 2;
+/// On the write path, how long the scanner lets further writes gather after one that followed
+/// the previous send this closely, before sending them together: under a steady stream of
+/// small writes each send (and each wake-up of the scanner and the network task) then carries
+/// several, at the price of at most this much added lag. A sync is never held back.
+pub const COALESCE_WINDOW: Duration = Duration::from_millis(1);
 /// How often initial-sync progress is logged.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
@@ -163,6 +168,8 @@ pub(crate) struct Scanner {
     data: usize,
     /// Batches flushed so far (a rename tells by it whether its scan went out in part).
     flushes: u64,
+    /// When the last batch went to the network task (see [`COALESCE_WINDOW`]).
+    last_send: Instant,
     /// "Moved from" events waiting for their "moved to": tracker, path, when.
     pending_from: Vec<(usize, String, Instant)>,
     rescan: Duration,
@@ -185,6 +192,8 @@ pub(crate) struct Scanner {
     /// The events are the write path's (FUSE): each is the change itself and keeps its
     /// place behind a walk (a sync must follow what came before it), so none is folded.
     exact_events: bool,
+    /// Write-path events with async acks: a steady stream is sent in [`COALESCE_WINDOW`]s.
+    coalesce: bool,
     /// The watch thread; `None` in unit tests that deliver events by hand.
     watches: Option<Watches>,
     /// Whether the watch set must be rebuilt before the next walk (at start, after lost
@@ -225,6 +234,7 @@ impl Scanner {
             ops: Vec::new(),
             data: 0,
             flushes: 0,
+            last_send: Instant::now(),
             pending_from: Vec::new(),
             rescan: cfg.rescan,
             deep_rescan: cfg.deep_rescan,
@@ -238,6 +248,7 @@ impl Scanner {
             open_files: FileCache::default(),
             fs_rx: None,
             exact_events: false,
+            coalesce: false,
             watches: None,
             watch_stale: true,
             watch_limit: None,
@@ -259,9 +270,11 @@ impl Scanner {
     }
 
     /// Takes its events from the write path (the FUSE capture): no watches, and events wait
-    /// for a walk to end instead of being folded into it.
-    pub(crate) fn with_exact_events(mut self) -> Self {
+    /// for a walk to end instead of being folded into it. With `coalesce` (async acks), a
+    /// steady stream of writes is sent at most once per [`COALESCE_WINDOW`].
+    pub(crate) fn with_exact_events(mut self, coalesce: bool) -> Self {
         self.exact_events = true;
+        self.coalesce = coalesce;
         self
     }
 
@@ -285,11 +298,16 @@ impl Scanner {
             select! {
                 recv(fs_rx) -> ev => {
                     let Ok(ev) = ev else { return };
+                    // writes following the last send this closely are a steady stream
+                    let dense = self.coalesce && self.last_send.elapsed() < COALESCE_WINDOW;
                     self.fs_event(ev);
                     // take whatever else is already queued, then send once
-                    while let Ok(ev) = fs_rx.try_recv() {
-                        self.fs_event(ev);
-                        self.flush_if_full();
+                    self.drain_events(&fs_rx);
+                    if dense && !self.ops.is_empty() {
+                        // let the next writes join this send, one window after the last
+                        let due = self.last_send + COALESCE_WINDOW;
+                        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                        self.drain_events(&fs_rx);
                     }
                 }
                 recv(ctl_rx) -> msg => match msg {
@@ -302,6 +320,14 @@ impl Scanner {
             self.rescan_if_due();
             self.timers();
             self.flush();
+        }
+    }
+
+    /// Handles the events already queued, sending whenever a batch is full.
+    fn drain_events(&mut self, fs_rx: &Receiver<FsEvent>) {
+        while let Ok(ev) = fs_rx.try_recv() {
+            self.fs_event(ev);
+            self.flush_if_full();
         }
     }
 
@@ -475,6 +501,7 @@ impl Scanner {
         let ops = std::mem::take(&mut self.ops);
         self.data = 0;
         self.flushes += 1;
+        self.last_send = Instant::now();
         if let Some(st) = &self.stats {
             st.emitted.fetch_add(1, Ordering::AcqRel);
         }

@@ -428,3 +428,96 @@ proptest! {
         prop_assert!(r.same(), "hot and cold differ after events and a rescan");
     }
 }
+
+/// The scanner's loop with write-path events (the FUSE capture's, here made by hand) in a
+/// steady stream, one every `gap`: how many batches carried the `writes` appends, with the
+/// cold copy checked equal, and how long the stream took.
+fn batches_for_steady_writes(coalesce: bool, writes: u64, gap: Duration) -> (u64, Duration) {
+    use std::sync::Arc;
+    use std::time::Instant;
+    let tmp = tempfile::tempdir().unwrap();
+    let (hot, cold) = (tmp.path().join("hot"), tmp.path().join("cold"));
+    fs::create_dir_all(&hot).unwrap();
+    fs::create_dir_all(&cold).unwrap();
+    let cfg = ScanConfig {
+        root: hot.clone(),
+        page_size: 512,
+        rescan: Duration::from_secs(3600),
+        deep_rescan: Duration::from_secs(3600),
+    };
+    let (tx, mut rx) = mpsc::channel(4096);
+    let (fs_tx, fs_rx) = crossbeam_channel::bounded(1024);
+    let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(4);
+    let stats = Arc::new(crate::replicated::stats::SenderStats::default());
+    let scanner = Scanner::new(&cfg, tx)
+        .with_exact_events(coalesce)
+        .spawn(stats, fs_rx, ctl_rx);
+    ctl_tx
+        .send(ScanMsg::Resync {
+            gen: 1,
+            index: TreeIndex::default(),
+        })
+        .unwrap();
+    let file = Arc::new(
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(hot.join("journal"))
+            .unwrap(),
+    );
+    fs_tx.send(FsEvent::Changed("journal".into())).unwrap();
+    let start = Instant::now();
+    for i in 0..writes {
+        // a steady stream, paced by the clock rather than by sleeps that may oversleep
+        while start.elapsed() < gap * u32::try_from(i).unwrap() {
+            std::hint::spin_loop();
+        }
+        file.write_all_at(&[u8::try_from(i % 251).unwrap(); 512], i * 512)
+            .unwrap();
+        fs_tx
+            .send(FsEvent::Wrote {
+                path: "journal".into(),
+                file: file.clone(),
+                offset: i * 512,
+                len: 512,
+            })
+            .unwrap();
+    }
+    let took = start.elapsed();
+    drop(fs_tx);
+    scanner.join().unwrap();
+    let mut applier = Applier::new(&cold, 512);
+    let mut batches = 0;
+    while let Ok(out) = rx.try_recv() {
+        if let Outgoing::Batch { ops, .. } = out {
+            batches += 1;
+            match applier.batch(batches, ops) {
+                Applied::Done { .. } => {}
+                other => panic!("batch {batches} not applied: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(
+        crate::replicated::pages::index_tree(&hot, 512).unwrap(),
+        crate::replicated::pages::index_tree(&cold, 512).unwrap()
+    );
+    (batches, took)
+}
+
+#[test]
+fn issue12_a_steady_stream_of_async_writes_is_sent_once_per_window() {
+    // one write every 250 µs for 50 ms: with coalescing, two sends are never closer than
+    // COALESCE_WINDOW (1 ms), so at most one batch per window (plus the file's creation and
+    // the last one) carried the 200 writes, and the copy is still exact
+    let (batches, took) = batches_for_steady_writes(true, 200, Duration::from_micros(250));
+    let windows = took.as_micros() / super::COALESCE_WINDOW.as_micros();
+    assert!(
+        u128::from(batches) <= windows + 3,
+        "{batches} batches for 200 writes in {took:?}"
+    );
+    // durable acks (no coalescing): nothing is held back, the copy is exact too
+    let (batches, _) = batches_for_steady_writes(false, 50, Duration::from_micros(250));
+    assert!(batches >= 1);
+}
