@@ -1,5 +1,5 @@
 //! `artemis-sync-bench`: throughput and lag of replicated mode, each figure next to a baseline
-//! measured in the same run (a plain TCP copy, an rsync daemon, lsyncd, the same loop on a local
+//! measured in the same run (a plain TCP copy, `cp -a`, an rsync daemon, lsyncd, the same loop on a local
 //! directory, a loopback round trip, the watch capture), so that noise on a shared machine moves
 //! both.
 //!
@@ -11,7 +11,7 @@
 
 //!
 //! The pieces: `pair` starts and measures the two agents, `baselines` runs the same-run
-//! baselines (a plain TCP copy, an rsync daemon, lsyncd), `workloads` the scanner's workloads
+//! baselines (a plain TCP copy, `cp -a`, an rsync daemon, lsyncd), `workloads` the scanner's workloads
 //! (initial sync, resync), `fuse_workloads` the write-path ones (append lag, sustained appends,
 //! random writes through the mount, and the watch capture's baseline line), `durable` the
 //! durable-ack fsync latency, and `report` prints the table and draws the SVG.
@@ -71,8 +71,9 @@ pub enum AuthMode {
 }
 
 /// The workloads.
-pub const WORKLOADS: [&str; 7] = [
+pub const WORKLOADS: [&str; 8] = [
     "initial_sync",
+    "initial_sync_tls",
     "resync",
     "durable_fsync",
     "append_lag",
@@ -172,7 +173,8 @@ pub fn run(s: &Settings, mut progress: impl FnMut(&str)) -> Result<(Results, Cur
     for w in &s.workloads {
         progress(w);
         let v = match w.as_str() {
-            "initial_sync" => initial_sync(s, &mut rss)?,
+            "initial_sync" => initial_sync(s, w, s.auth, &mut rss)?,
+            "initial_sync_tls" => initial_sync(s, w, AuthMode::Tls, &mut rss)?,
             "resync" => resync(s, &mut rss)?,
             "durable_fsync" => durable_fsync(s, &mut rss)?,
             "append_lag" => append_lag(s, &mut rss, &mut curves)?,

@@ -28,7 +28,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "initial_sync,resync,durable_fsync,append_lag,append_max,random_writes,capture_watch"
+        default_value = "initial_sync,initial_sync_tls,resync,durable_fsync,append_lag,append_max,random_writes,capture_watch"
     )]
     workloads: Vec<String>,
     /// Files in the initial_sync/resync tree

@@ -15,10 +15,27 @@ const KEYS: &[(&str, &[&str], bool)] = &[
         "initial_sync",
         &[
             "mb_per_s",
-            "raw_tcp_mb_per_s",
+            "plain_copy_mb_per_s",
+            "cp_mb_per_s",
             "rsync_mb_per_s",
             "ratio_vs_rsync",
-            "ratio_vs_raw_tcp",
+            "ratio_vs_plain_copy",
+            "hot_cpu_s_per_gib",
+            "cold_cpu_s_per_gib",
+        ],
+        false,
+    ),
+    (
+        "initial_sync_tls",
+        &[
+            "mb_per_s",
+            "plain_copy_mb_per_s",
+            "cp_mb_per_s",
+            "rsync_mb_per_s",
+            "ratio_vs_rsync",
+            "ratio_vs_plain_copy",
+            "hot_cpu_s_per_gib",
+            "cold_cpu_s_per_gib",
         ],
         false,
     ),
@@ -28,6 +45,7 @@ const KEYS: &[(&str, &[&str], bool)] = &[
             "seconds",
             "wire_bytes",
             "changed_bytes",
+            "summary_bytes",
             "rsync_seconds",
             "rsync_wire_bytes",
             "ratio_vs_rsync",
@@ -95,6 +113,7 @@ fn issue12_quick_benchmark_prints_every_key() {
     // run's few seconds is a figure (lsyncd syncs a journal file only once it is closed).
     for (w, f, why) in [
         ("initial_sync", "rsync_mb_per_s", "rsync_null_reason"),
+        ("initial_sync_tls", "rsync_mb_per_s", "rsync_null_reason"),
         ("append_lag", "lsyncd_p50_ms", "lsyncd_null_reason"),
     ] {
         if v[w][f].is_null() {
@@ -109,7 +128,12 @@ fn issue12_quick_benchmark_prints_every_key() {
             }
         }
     }
-    for w in ["initial_sync", "resync", "capture_watch"] {
+    for w in [
+        "initial_sync",
+        "initial_sync_tls",
+        "resync",
+        "capture_watch",
+    ] {
         assert_eq!(v[w]["identical"], true, "{w}: copies differ: {v:#}");
     }
     assert_eq!(v["capture_watch"]["lost"], 0, "{v:#}");
