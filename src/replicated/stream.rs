@@ -24,7 +24,7 @@ use crate::replicated::channel::{self, Auth};
 use crate::replicated::ops::{DigestPart, Op, Outgoing, ScanMsg, SenderEvent};
 use crate::replicated::pages::{IndexPart, TreeIndex};
 use crate::replicated::stats::SenderStats;
-use crate::replicated::wire::framed::{encode_body, ReadTask};
+use crate::replicated::wire::framed::{encode_body_sized, ReadTask};
 use crate::replicated::wire::{Frame, FrameReader, FrameWriter, HotState, ProtoError};
 
 /// The hot sends a heartbeat (with its sync state) this often, busy or not.
@@ -41,6 +41,8 @@ const SEND_BUFFER_BYTES: usize = 1 << 20;
 /// of a `verify` digest, which wait here while the scanner compares those before them (so
 /// few of them, or a tree's digest could queue up decoded).
 const ANSWER_QUEUE: usize = 4;
+/// A batch frame's own fields (type, sequence number, op count) beyond its ops.
+const BATCH_HEADER_BYTES: usize = 32;
 
 /// What the network task needs.
 #[derive(Debug, Clone)]
@@ -427,7 +429,9 @@ impl Outbound<'_> {
         let seq = self.next_seq;
         self.next_seq += 1;
         let data: usize = ops.iter().map(Op::data_len).sum();
-        let body = encode_body(&Frame::Batch { seq, ops }).map_err(|e| self.proto(e))?;
+        let bound: usize = ops.iter().map(crate::replicated::capture::wire_bytes).sum();
+        let body = encode_body_sized(&Frame::Batch { seq, ops }, bound + BATCH_HEADER_BYTES)
+            .map_err(|e| self.proto(e))?;
         let before = self.writer.bytes;
         self.writer
             .send_encoded(&body)

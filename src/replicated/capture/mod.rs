@@ -88,8 +88,8 @@ pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 const OP_OVERHEAD_BYTES: usize = 64;
 
 /// A bound on the bytes `op` takes in a batch frame (its page data, page checksums, paths and
-/// fields), for sizing batches.
-fn wire_bytes(op: &Op) -> usize {
+/// fields), for sizing batches and the buffer a batch is encoded into.
+pub(crate) fn wire_bytes(op: &Op) -> usize {
     OP_OVERHEAD_BYTES
         + match op {
             Op::Write {

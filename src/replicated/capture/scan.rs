@@ -38,7 +38,13 @@ struct PageRun {
 }
 
 impl PageRun {
-    fn into_write(self, rel: &str) -> Op {
+    fn into_write(mut self, rel: &str) -> Op {
+        // a run is sized for the rest of its read; one that ended early gives the rest back
+        // rather than holding it in the queue and the window
+        if self.data.capacity() > self.data.len() + self.data.len() / 4 {
+            self.data.shrink_to_fit();
+            self.hashes.shrink_to_fit();
+        }
         Op::Write {
             path: rel.to_owned(),
             offset: self.offset,
@@ -524,10 +530,12 @@ impl Scanner {
             table[idx] = short;
             pass.last_changed = Some(idx);
             let offset = idx as u64 * self.page_size as u64;
+            // sized for the rest of this read: a run of many pages does not regrow page by page
+            let rest = n - i * self.page_size;
             let run = pass.run.get_or_insert_with(|| PageRun {
                 offset,
-                data: Vec::new(),
-                hashes: Vec::new(),
+                data: Vec::with_capacity(rest),
+                hashes: Vec::with_capacity(rest.div_ceil(self.page_size)),
             });
             run.data.extend_from_slice(chunk);
             run.hashes.push(*full_hash.as_bytes());

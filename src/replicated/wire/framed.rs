@@ -23,7 +23,14 @@ const LEN_BYTES: usize = 4;
 /// [`FrameWriter::send_encoded`]: what a window of unacknowledged frames holds, as small
 /// as it is on the wire (a batch of metadata ops takes several times more decoded).
 pub fn encode_body(frame: &Frame) -> Result<Vec<u8>, ProtoError> {
-    let mut body = Vec::new();
+    encode_body_sized(frame, 0)
+}
+
+/// [`encode_body`] into a buffer of `capacity` bytes to begin with: a batch of page data,
+/// encoded into a buffer that grows as it goes, is copied once per doubling and lands on
+/// freshly faulted pages each time.
+pub fn encode_body_sized(frame: &Frame, capacity: usize) -> Result<Vec<u8>, ProtoError> {
+    let mut body = Vec::with_capacity(capacity.min(MAX_FRAME_BYTES));
     frame.encode(&mut body)?;
     if body.len() > MAX_FRAME_BYTES {
         return Err(ProtoError::TooLarge(body.len()));
