@@ -101,6 +101,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Both modes: forget the node health watchdog's give-up, so this VM contends for the lease
+    /// again (without waiting for `[node] cooldown_ms`)
+    Resume,
     /// Certificates for mutual TLS between the two hosts of a pair
     Certs {
         #[command(subcommand)]
