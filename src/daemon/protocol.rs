@@ -157,7 +157,7 @@ impl Reply {
 #[serde(tag = "mode", rename_all = "lowercase")]
 pub enum AgentStatus {
     /// The agent of shared-storage mode.
-    Shared(SharedStatus),
+    Shared(Box<SharedStatus>),
     /// The agent of replicated mode.
     Replicated(Box<ReplicatedStatus>),
 }

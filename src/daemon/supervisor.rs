@@ -386,6 +386,7 @@ impl Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::protocol::HealthState;
 
     fn node_config(command: &str) -> NodeConfig {
         let text = format!(
@@ -459,5 +460,37 @@ mod tests {
             .unwrap()
             .contains("the node exited with code 5"));
         assert_eq!(s.node_pid(), None);
+    }
+
+    #[test]
+    fn issue14_an_exited_node_is_restarted_after_the_back_off_only_while_it_may_run() {
+        let cfg: NodeConfig = toml::from_str(
+            "base_dir = \"/tmp\"\ncommand = [\"/bin/sh\", \"-c\", \"exit 5\"]\n\
+             max_local_restarts = 2\nrestart_backoff_ms = 50\n",
+        )
+        .unwrap();
+        let mut s = Supervisor::new(&cfg, "a".into(), Duration::from_secs(5));
+        s.acquire(3).unwrap();
+        let first = s.node_pid().unwrap();
+        let status = s.node_exit().recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(s.node_exited(status), None, "a restart, not a give-up");
+        assert_eq!(s.node_health().state, HealthState::Restarting);
+        assert!(s.wait_limit(Duration::from_secs(10)) <= Duration::from_millis(50));
+        assert_eq!(s.health_turn(true), None);
+        assert_eq!(s.node_pid(), None, "restarted before the back-off");
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(s.health_turn(true), None);
+        let second = s.node_pid().expect("restarted");
+        assert_ne!(first, second);
+        assert_eq!(s.node_health().restarts_total, 1);
+        // the next exit waits twice as long, and a restart due while the mode may not run the
+        // node is dropped
+        let status = s.node_exit().recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(s.node_exited(status), None);
+        assert!(s.node_health().next_restart_in_ms.unwrap() > 50);
+        std::thread::sleep(Duration::from_millis(110));
+        assert_eq!(s.health_turn(false), None);
+        assert_eq!(s.node_pid(), None);
+        assert_eq!(s.node_health().state, HealthState::None);
     }
 }

@@ -212,7 +212,7 @@ impl Agent {
 
     fn handle_request(&mut self, req: Incoming) {
         let answer = match req.request {
-            Request::Status => Ok(Reply::Status(AgentStatus::Shared(self.status()))),
+            Request::Status => Ok(Reply::Status(AgentStatus::Shared(Box::new(self.status())))),
             Request::Release => Ok(Reply::Released(self.release_requested())),
             Request::Resume => Ok(Reply::Resumed(Resumed {
                 gave_up: self.sup.resume(),

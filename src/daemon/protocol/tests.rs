@@ -3,7 +3,7 @@
 use super::*;
 
 fn shared_status() -> AgentStatus {
-    AgentStatus::Shared(SharedStatus {
+    AgentStatus::Shared(Box::new(SharedStatus {
         role: LeaseRole::Hot,
         holder: "a:/srv/corda".into(),
         lease_holder: Some("a:/srv/corda".into()),
@@ -25,7 +25,7 @@ fn shared_status() -> AgentStatus {
             last_probe_error: Some("http http://127.0.0.1:8080/health: answered 503".into()),
             cannot_fail_over: None,
         },
-    })
+    }))
 }
 
 #[test]
