@@ -338,3 +338,107 @@ fn issue14_watchdog_config_errors_name_the_key() {
         "cooldown_ms = 0",
     ]);
 }
+
+#[test]
+fn issue14_replicated_without_a_lease_keeps_restarting_at_the_longest_back_off_and_says_why() {
+    let mut p = crate::replication::Pair::new("insecure", None);
+    let text = std::fs::read_to_string(&p.hot.config).unwrap().replacen(
+        "[node]\n",
+        "[node]\ncommand = [\"/bin/sh\", \"-c\", \"sleep 0.2; exit 4\"]\nstop_timeout_ms = 300\n\
+         max_local_restarts = 1\nrestart_backoff_ms = 100\nrestart_backoff_max_ms = 300\n",
+        1,
+    );
+    std::fs::write(&p.hot.config, text).unwrap();
+    p.start("cold");
+    p.start("hot");
+    let started = Instant::now();
+    let restarts = |p: &crate::replication::Pair| {
+        p.status("hot")["node_health"]["restarts_total"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert!(
+        crate::replication::wait_until(Duration::from_secs(15), || restarts(&p) >= 4),
+        "{}",
+        p.logs()
+    );
+    let took = started.elapsed();
+    let st = p.status("hot");
+    eprintln!(
+        "issue14 replicated: 4 local restarts in {took:?}: {}",
+        st["node_health"]
+    );
+    assert_eq!(st["role"], "hot", "{st}");
+    let h = &st["node_health"];
+    assert!(h["gave_up"].is_null(), "{h}");
+    assert!(
+        h["cannot_fail_over"]
+            .as_str()
+            .is_some_and(|w| w.contains("no other VM can take over")),
+        "{h}"
+    );
+    assert_eq!(p.status("cold")["role"], "cold");
+    let logs = p.logs();
+    assert!(
+        logs.contains("without a lease no other VM can take over"),
+        "{logs}"
+    );
+    assert!(logs.contains("backoff_ms=300"), "{logs}");
+}
+
+#[test]
+fn issue14_replicated_with_the_lease_hands_it_over_after_max_local_restarts_and_stays_out() {
+    use crate::failover_pg::{Duo, WAIT_MS as PG_WAIT_MS};
+    let Some(mut d) = Duo::direct("issue14_repl_watchdog") else {
+        return;
+    };
+    for cfg in [&d.p.hot.config, &d.p.cold.config] {
+        let text = std::fs::read_to_string(cfg).unwrap().replacen(
+            "[node]\n",
+            "[node]\nmax_local_restarts = 1\nrestart_backoff_ms = 100\n",
+            1,
+        );
+        std::fs::write(cfg, text).unwrap();
+    }
+    let first = d.hot_then_cold();
+    kill(pid_t(first), libc::SIGKILL);
+    // the first exit: a local restart, still hot
+    assert!(
+        wait_until(Duration::from_secs(5), || d
+            .node_pid("hot")
+            .is_some_and(|p| p != first)),
+        "{}",
+        d.p.logs()
+    );
+    assert_eq!(d.role("hot"), "hot");
+    assert_eq!(d.p.status("hot")["node_health"]["restarts_total"], 1);
+    // the second: the watchdog gives up and hands the lease over
+    let second = d.node_pid("hot").unwrap();
+    let t = Instant::now();
+    kill(pid_t(second), libc::SIGKILL);
+    let took = d.wait_runs_node("cold", t);
+    eprintln!("issue14 replicated lease: the cold VM ran the node {took:?} after the hot's second node crash");
+    let st = d.p.status("hot");
+    assert_eq!(st["role"], "cold", "{st}");
+    assert_eq!(st["node_health"]["state"], "gave_up", "{st}");
+    // it stays out: the new hot dies, its lease goes stale, the old hot does not take it
+    d.p.kill9("cold");
+    thread::sleep(Duration::from_millis(PG_WAIT_MS * 2 + 1000));
+    let st = d.p.status("hot");
+    assert!(d.node_pid("hot").is_none(), "{st}\n{}", d.p.logs());
+    assert!(
+        st["lease"]["not_taking_over"]
+            .as_str()
+            .is_some_and(|w| w.contains("watchdog gave up")),
+        "{st}"
+    );
+    artemis_sync(&d.p.hot.config, ["resume"])
+        .code(0)
+        .stdout_has(&[
+            "resumed",
+            "the node killed by signal 9",
+            "max_local_restarts = 1",
+        ]);
+    let st = d.p.status("hot");
+    assert_ne!(st["node_health"]["state"], "gave_up", "{st}");
+}
