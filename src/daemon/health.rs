@@ -60,10 +60,15 @@ impl Policy {
 pub enum Decision {
     /// Nothing changes.
     Nothing,
-    /// Stop the node (if it still runs) and start it again after `backoff`.
-    Restart { why: String, backoff: Duration },
+    /// Stop the node (if it still runs) and start it again after `backoff`; `failures`: the
+    /// consecutive failed rounds that made it unhealthy (0 when it exited).
+    Restart {
+        why: String,
+        failures: u32,
+        backoff: Duration,
+    },
     /// Stop the node and give up on this VM: the mode releases the lease and stays out.
-    GiveUp { why: String },
+    GiveUp { why: String, failures: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,11 +156,9 @@ impl Watchdog {
         if self.consecutive < self.p.failures {
             return Decision::Nothing;
         }
-        let why = format!(
-            "{} consecutive probe failures, the last: {error}",
-            self.consecutive
-        );
-        self.failed(why, now)
+        let failures = self.consecutive;
+        let why = format!("{failures} consecutive probe failures, the last: {error}");
+        self.failed(why, failures, now)
     }
 
     /// The node exited by itself at `now` (`what`: `the node exited with code 1`).
@@ -163,10 +166,10 @@ impl Watchdog {
         if !matches!(self.phase, Phase::Running { .. }) {
             return Decision::Nothing;
         }
-        self.failed(what.to_owned(), now)
+        self.failed(what.to_owned(), 0, now)
     }
 
-    fn failed(&mut self, why: String, now: Instant) -> Decision {
+    fn failed(&mut self, why: String, failures: u32, now: Instant) -> Decision {
         self.expire(now);
         self.consecutive = 0;
         let in_window = self.restarts_in_window();
@@ -180,7 +183,7 @@ impl Watchdog {
                     since: now,
                     why: why.clone(),
                 };
-                return Decision::GiveUp { why };
+                return Decision::GiveUp { why, failures };
             }
             self.cannot_fail_over = Some(format!(
                 "max_local_restarts ({}) reached, but without a lease no other VM can take over: restarting every restart_backoff_max_ms",
@@ -189,7 +192,11 @@ impl Watchdog {
         }
         let backoff = self.backoff(in_window);
         self.phase = Phase::Restarting { at: now + backoff };
-        Decision::Restart { why, backoff }
+        Decision::Restart {
+            why,
+            failures,
+            backoff,
+        }
     }
 
     /// The pause before the restart that follows `in_window` restarts in the window.
@@ -270,6 +277,11 @@ impl Watchdog {
     /// Consecutive failed rounds.
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive
+    }
+
+    /// The last failed round's error.
+    pub fn last_probe_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
     }
 
     /// The view for `status` at `now` (`now_unix_ms` the same moment on the wall clock).

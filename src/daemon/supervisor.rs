@@ -246,7 +246,7 @@ impl Supervisor {
                 pid = self.node_pid(),
                 epoch = self.epoch,
                 failures = self.health.consecutive_failures(),
-                error = self.health.snapshot(Instant::now(), 0).last_probe_error,
+                error = self.health.last_probe_error(),
                 "node probe failed"
             );
         }
@@ -258,17 +258,21 @@ impl Supervisor {
         let epoch = self.epoch;
         match decision {
             Decision::Nothing => None,
-            Decision::Restart { why, backoff } => {
+            Decision::Restart {
+                why,
+                failures,
+                backoff,
+            } => {
                 let backoff_ms = super::duration_ms(backoff);
-                tracing::error!(pid, epoch, backoff_ms, "node unhealthy: {why}; stopping it and restarting it locally after the back-off");
+                tracing::error!(pid, epoch, failures, backoff_ms, "node unhealthy: {why}; stopping it and restarting it locally after the back-off");
                 self.halt_node();
                 if let Some(note) = self.health.snapshot(Instant::now(), 0).cannot_fail_over {
                     tracing::error!(pid, epoch, backoff_ms, "{note}");
                 }
                 None
             }
-            Decision::GiveUp { why } => {
-                tracing::error!(pid, epoch, "node health watchdog GIVES UP: {why}; giving the right to run the node to the other VM");
+            Decision::GiveUp { why, failures } => {
+                tracing::error!(pid, epoch, failures, "node health watchdog GIVES UP: {why}; giving the right to run the node to the other VM");
                 self.halt_node();
                 self.note_error(format!("the node health watchdog gave up: {why}"));
                 Some(why)
@@ -291,7 +295,12 @@ impl Supervisor {
             self.health.stopped();
             return None;
         }
-        tracing::info!(epoch, "restarting the node after the back-off");
+        let restarts_total = self.health.snapshot(Instant::now(), 0).restarts_total + 1;
+        tracing::info!(
+            epoch,
+            restarts_total,
+            "restarting the node after the back-off"
+        );
         if let Err(e) = self.start_node(epoch, true) {
             let what = format!("the node could not restart: {e}");
             self.note_error(what.clone());

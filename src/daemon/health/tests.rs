@@ -70,7 +70,7 @@ fn consecutive_failures_after_the_grace_restart_and_a_pass_resets_the_count() {
     let d = fail(&mut w, t + 50 * MS);
     assert_eq!(backoff_of(&d), 100 * MS);
     assert!(
-        matches!(&d, Decision::Restart { why, .. } if why.contains("3 consecutive probe failures")),
+        matches!(&d, Decision::Restart { why, failures: 3, .. } if why.contains("3 consecutive probe failures")),
         "{d:?}"
     );
     let s = w.snapshot(t + 60 * MS, 0);
@@ -102,7 +102,7 @@ fn the_back_off_doubles_up_to_its_cap_and_then_the_watchdog_gives_up() {
     assert_eq!(seen, [100, 200, 400, 500, 500]);
     let d = unhealthy(&mut w, t);
     assert!(
-        matches!(&d, Decision::GiveUp { why } if why.contains("5 local restarts")),
+        matches!(&d, Decision::GiveUp { why, .. } if why.contains("5 local restarts")),
         "{d:?}"
     );
     let s = w.snapshot(t, 1_000_000);
@@ -135,6 +135,7 @@ fn restarts_older_than_the_window_no_longer_count() {
         w.exited("the node exited with code 1", t0),
         Decision::Restart {
             why: "the node exited with code 1".into(),
+            failures: 0,
             backoff: 100 * MS,
         }
     );
@@ -162,7 +163,7 @@ fn zero_max_local_restarts_gives_up_on_the_first_failure() {
     });
     w.started(t0, false);
     assert!(
-        matches!(w.exited("the node exited with code 5", t0), Decision::GiveUp { why } if why.contains("code 5"))
+        matches!(w.exited("the node exited with code 5", t0), Decision::GiveUp { why, .. } if why.contains("code 5"))
     );
 }
 
