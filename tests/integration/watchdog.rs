@@ -67,7 +67,7 @@ fn http_node_keys(port: u16, more: &str) -> String {
         "command = [{}, \"--exact\", \"watchdog::issue14_http_node\", \"--ignored\", \"--test-threads=1\"]\n\
          probe_http = [\"http://127.0.0.1:{port}/health\"]\n\
          probe_interval_ms = {INTERVAL_MS}\nprobe_timeout_ms = 150\nprobe_failures = {FAILURES}\n\
-         probe_grace_ms = 500\n{more}",
+         probe_grace_ms = 3000\n{more}",
         toml_path(&exe)
     )
 }
