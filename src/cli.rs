@@ -72,7 +72,7 @@ pub enum Command {
     },
     /// Run the agent: hold the lock and lease on the share, run the node only while holding them
     Agent,
-    /// Show the running agent's role, lease holder, epoch, renewal age and node
+    /// Show the running agent's role, lease holder, epoch, renewal age, node and node health
     Status {
         /// One JSON object instead of text
         #[arg(long)]

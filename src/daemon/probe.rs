@@ -90,11 +90,13 @@ pub fn http_get(url: &str, timeout: Duration) -> Result<(), String> {
         .set_write_timeout(Some(left()))
         .map_err(|e| e.to_string())?;
     let host = authority.trim_end_matches(":80");
-    write!(
-        stream,
+    // one write: a server may answer (and close) after the first segment it reads
+    let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: artemis-sync\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("send: {e}"))?;
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("send: {e}"))?;
     let mut head = Vec::new();
     let mut buf = [0u8; 256];
     while !head.windows(2).any(|w| w == b"\r\n") && head.len() < HTTP_STATUS_LINE_MAX_BYTES {
