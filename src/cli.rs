@@ -72,7 +72,7 @@ pub enum Command {
     },
     /// Run the agent: hold the lock and lease on the share, run the node only while holding them
     Agent,
-    /// Show the running agent's role, lease holder, epoch, renewal age and node
+    /// Show the running agent's role, lease holder, epoch, renewal age, node and node health
     Status {
         /// One JSON object instead of text
         #[arg(long)]
@@ -101,6 +101,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Both modes: forget the node health watchdog's give-up, so this VM contends for the lease
+    /// again (without waiting for `[node] cooldown_ms`)
+    Resume,
     /// Certificates for mutual TLS between the two hosts of a pair
     Certs {
         #[command(subcommand)]

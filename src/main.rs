@@ -139,6 +139,10 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             print!("{}", client::release(&load(path)?)?);
             Ok(EXIT_OK)
         }
+        Command::Resume => {
+            print!("{}", client::resume(&load(path)?)?);
+            Ok(EXIT_OK)
+        }
         Command::Promote { force } => {
             print!("{}", client::promote(&load(path)?, *force)?);
             Ok(EXIT_OK)

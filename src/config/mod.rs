@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::mount_options::MountOptions;
 
 pub mod backoff;
+pub mod health;
 pub mod lease;
 pub mod mount_options;
 pub mod replication;
@@ -127,6 +128,43 @@ pub struct NodeConfig {
     /// systemctl, for nodes that already have a unit.
     #[serde(default)]
     pub systemd_unit: String,
+    /// Health probe: `host:port` addresses a TCP connect must reach.
+    #[serde(default)]
+    pub probe_tcp: Vec<String>,
+    /// Health probe: plain `http://` URLs a GET must answer with a 2xx status.
+    #[serde(default)]
+    pub probe_http: Vec<String>,
+    /// Health probe: a command (program and arguments) that must exit 0 within the timeout.
+    #[serde(default)]
+    pub probe_command: Vec<String>,
+    /// How often a round of probes runs.
+    #[serde(default = "health::default_probe_interval_ms")]
+    pub probe_interval_ms: u64,
+    /// How long each probe of a round may take.
+    #[serde(default = "health::default_probe_timeout_ms")]
+    pub probe_timeout_ms: u64,
+    /// Consecutive failed rounds that make the node unhealthy.
+    #[serde(default = "health::default_probe_failures")]
+    pub probe_failures: u32,
+    /// After each node start, failed rounds do not count for this long (or until one passes).
+    #[serde(default = "health::default_probe_grace_ms")]
+    pub probe_grace_ms: u64,
+    /// The first pause before a local restart; it doubles with each restart in the window.
+    #[serde(default = "health::default_restart_backoff_ms")]
+    pub restart_backoff_ms: u64,
+    /// The longest pause before a local restart.
+    #[serde(default = "health::default_restart_backoff_max_ms")]
+    pub restart_backoff_max_ms: u64,
+    /// Local restarts within `restart_window_ms` before the watchdog gives up (0: give up on
+    /// the first failure).
+    #[serde(default = "health::default_max_local_restarts")]
+    pub max_local_restarts: u32,
+    /// The window local restarts are counted in.
+    #[serde(default = "health::default_restart_window_ms")]
+    pub restart_window_ms: u64,
+    /// After giving up, how long this VM stays out of the contention (0: until `resume`).
+    #[serde(default)]
+    pub cooldown_ms: u64,
 }
 
 /// `[lock]`

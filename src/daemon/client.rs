@@ -4,7 +4,9 @@
 use crate::config::Config;
 
 use super::control::{self, ControlError};
-use super::protocol::{AgentStatus, Demoted, Promoted, Released, Reply, Request, Verified};
+use super::protocol::{
+    AgentStatus, Demoted, Promoted, Released, Reply, Request, Resumed, Verified,
+};
 
 /// Sends `request` to the agent of `config` and returns its reply, whatever it is.
 pub fn ask(config: &Config, request: Request) -> Result<Reply, ControlError> {
@@ -62,5 +64,13 @@ pub fn verify(config: &Config) -> Result<Verified, ControlError> {
     match ask(config, Request::Verify)? {
         Reply::Verified(verified) => Ok(verified),
         other => Err(unexpected(config, Request::Verify, &other)),
+    }
+}
+
+/// `resume` (both modes): the watchdog's give-up forgotten.
+pub fn resume(config: &Config) -> Result<Resumed, ControlError> {
+    match ask(config, Request::Resume)? {
+        Reply::Resumed(resumed) => Ok(resumed),
+        other => Err(unexpected(config, Request::Resume, &other)),
     }
 }

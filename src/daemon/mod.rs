@@ -9,8 +9,10 @@
 
 pub mod client;
 pub mod control;
+pub mod health;
 pub mod listen_fds;
 pub mod node;
+pub mod probe;
 pub mod protocol;
 pub mod sdnotify;
 pub mod supervisor;

@@ -224,7 +224,8 @@ impl Node {
         &self.exited
     }
 
-    /// Stops the node: SIGTERM to its process group, SIGKILL after `timeout`; for a unit,
+    /// Stops the node: SIGTERM then SIGCONT to its process group (so that a stopped node dies
+    /// gracefully too), SIGKILL after `timeout`; for a unit,
     /// `systemctl stop` (the unit's `TimeoutStopSec` applies; ours is `timeout` plus 5 s).
     pub fn stop(self, timeout: Duration) -> Stopped {
         if let Some(unit) = &self.unit {
@@ -241,6 +242,8 @@ impl Node {
             return Stopped::AlreadyExited(status);
         }
         signal_group(self.pid, libc::SIGTERM);
+        // a stopped (SIGSTOPped, hung in a debugger) node only sees the SIGTERM once continued
+        signal_group(self.pid, libc::SIGCONT);
         if let Ok(status) = self.exited.recv_timeout(timeout) {
             signal_group(self.pid, libc::SIGKILL);
             return Stopped::Terminated(status);
@@ -364,6 +367,27 @@ mod tests {
         let started = Instant::now();
         assert_eq!(node.stop(Duration::from_millis(200)), Stopped::Killed);
         assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+
+    #[test]
+    fn issue14_a_stopped_node_gets_its_sigterm_once_continued() {
+        let dir = tempfile::tempdir().unwrap();
+        let mark = dir.path().join("termed");
+        let node = Node::spawn(
+            &sh(&format!(
+                "trap 'touch {}; exit 0' TERM; while :; do sleep 0.05; done",
+                mark.display()
+            )),
+            &[],
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        signal_group(node.pid(), libc::SIGSTOP);
+        assert!(matches!(
+            node.stop(Duration::from_secs(5)),
+            Stopped::Terminated(_)
+        ));
+        assert!(mark.exists(), "the TERM trap did not run");
     }
 
     #[test]

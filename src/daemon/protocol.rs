@@ -1,5 +1,5 @@
-//! The control protocol: what `artemis-sync status`, `release`, `promote`, `demote` and `verify`
-//! send to the running agent of either mode, and what it answers, as serde types.
+//! The control protocol: what `artemis-sync status`, `release`, `promote`, `demote`, `verify`
+//! and `resume` send to the running agent of either mode, and what it answers, as serde types.
 //!
 //! On the socket ([`super::control`]) every message is one line of JSON carrying the protocol
 //! version: a request `{"v":1,"request":"promote","force":true}`, an answer
@@ -20,6 +20,10 @@ use serde_json::{Map, Value};
 
 use crate::config::{Config, ReplRole};
 
+mod node_health;
+
+pub use node_health::{GaveUp, HealthState, NodeHealth};
+
 /// The version every message carries as `"v"`.
 pub const PROTOCOL_VERSION: u64 = 1;
 /// How long the client waits for a `status` answer (and the base of the other waits).
@@ -32,7 +36,7 @@ pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(300);
 pub const PROMOTE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The names [`Request`] accepts, for the error that names an unknown one.
-const REQUEST_NAMES: [&str; 5] = ["status", "release", "promote", "demote", "verify"];
+const REQUEST_NAMES: [&str; 6] = ["status", "release", "promote", "demote", "verify", "resume"];
 
 /// Errors decoding a control message, naming what was wrong with it.
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
@@ -43,7 +47,7 @@ pub enum ProtocolError {
     NoVersion(String),
     /// control protocol version {0} is not supported: this side speaks version 1 (are the client and the agent the same artemis-sync version?)
     Version(Value),
-    /// unknown request {0} (expected one of: status, release, promote, demote, verify)
+    /// unknown request {0} (expected one of: status, release, promote, demote, verify, resume)
     UnknownRequest(Value),
     /// malformed {what} {line:?}: {reason}
     Malformed {
@@ -73,6 +77,8 @@ pub enum Request {
     },
     /// Replicated mode, on the hot host: compare both copies ([`Verified`]).
     Verify,
+    /// Both modes: forget the node health watchdog's give-up and contend again ([`Resumed`]).
+    Resume,
 }
 
 impl Request {
@@ -84,6 +90,7 @@ impl Request {
             Request::Promote { .. } => "promote",
             Request::Demote { .. } => "demote",
             Request::Verify => "verify",
+            Request::Resume => "resume",
         }
     }
 
@@ -91,7 +98,7 @@ impl Request {
     /// (stopping the node, waiting for the share, draining, comparing the copies).
     pub fn reply_timeout(&self, config: &Config) -> Duration {
         match self {
-            Request::Status => STATUS_TIMEOUT,
+            Request::Status | Request::Resume => STATUS_TIMEOUT,
             Request::Release => {
                 Duration::from_millis(
                     config
@@ -127,6 +134,8 @@ pub enum Reply {
     Demoted(Demoted),
     /// To [`Request::Verify`].
     Verified(Verified),
+    /// To [`Request::Resume`].
+    Resumed(Resumed),
 }
 
 impl Reply {
@@ -138,6 +147,7 @@ impl Reply {
             Reply::Promoted(_) => "promoted",
             Reply::Demoted(_) => "demoted",
             Reply::Verified(_) => "verified",
+            Reply::Resumed(_) => "resumed",
         }
     }
 }
@@ -147,7 +157,7 @@ impl Reply {
 #[serde(tag = "mode", rename_all = "lowercase")]
 pub enum AgentStatus {
     /// The agent of shared-storage mode.
-    Shared(SharedStatus),
+    Shared(Box<SharedStatus>),
     /// The agent of replicated mode.
     Replicated(Box<ReplicatedStatus>),
 }
@@ -226,6 +236,9 @@ pub struct SharedStatus {
     pub node_state: NodeState,
     /// The last problem seen with the share or the lease, if any.
     pub error: Option<String>,
+    /// The node health watchdog.
+    #[serde(default)]
+    pub node_health: NodeHealth,
 }
 
 /// The answer to `status` in replicated mode.
@@ -288,6 +301,9 @@ pub struct ReplicatedStatus {
     pub hot_sync: Option<String>,
     /// The last problem seen, if any.
     pub error: Option<String>,
+    /// The node health watchdog.
+    #[serde(default)]
+    pub node_health: NodeHealth,
 }
 
 /// The database lease in replicated mode, for `status`.
@@ -328,6 +344,25 @@ impl fmt::Display for Released {
                 self.holdoff_ms
             ),
             None => writeln!(f, "nothing to release: this agent is {}", self.role),
+        }
+    }
+}
+
+/// The answer to `resume`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resumed {
+    /// What the watchdog had given up for; `None`: it had not given up.
+    pub gave_up: Option<String>,
+}
+
+impl fmt::Display for Resumed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.gave_up {
+            Some(why) => writeln!(
+                f,
+                "resumed: the node health watchdog's give-up is forgotten and this VM contends again (it had given up: {why})"
+            ),
+            None => writeln!(f, "nothing to resume: the node health watchdog has not given up"),
         }
     }
 }
@@ -429,6 +464,9 @@ pub fn write_fields(f: &mut fmt::Formatter<'_>, value: &impl Serialize) -> fmt::
     for (key, val) in map {
         let text = match val {
             Value::Null => "-".to_owned(),
+            // one line: state, failures, restarts, give-up, last probe error
+            other if key == "node_health" => serde_json::from_value::<NodeHealth>(other)
+                .map_or_else(|e| format!("? ({e})"), |h| h.to_string()),
             Value::String(s) => s,
             other => other.to_string(),
         };

@@ -7,18 +7,26 @@
 //! A mode's agent owns one [`Supervisor`] on its main thread (the node's death signal is tied
 //! to the thread that spawned it) and calls [`Supervisor::acquire`] and
 //! [`Supervisor::release`] at its own transitions.
+//!
+//! The supervisor also carries out the node health watchdog ([`super::health`]): it runs the
+//! probe thread ([`super::probe`]) while a node runs, stops an unhealthy or exited node and
+//! restarts it after the back-off, but only when the mode says it still may run the node
+//! ([`Supervisor::health_turn`]); when the watchdog gives up it tells the mode, which releases
+//! the lease and asks [`Supervisor::staying_out`] before contending again.
 
 use std::os::unix::net::UnixListener;
 use std::process::ExitStatus;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, never, Receiver};
+use crossbeam_channel::{bounded, never, Receiver, Sender};
 
 use crate::config::NodeConfig;
 
 use super::control::{self, Incoming};
+use super::health::{Decision, Policy, Watchdog};
 use super::node::{self, Node, NodeError, Stopped};
-use super::protocol::NodeState;
+use super::probe::{self, Probe, ProbeThread, Round};
+use super::protocol::{NodeHealth, NodeState};
 use super::{sdnotify, CONTROL_REPLY_TIMEOUT};
 
 /// How many control requests may wait for the main thread.
@@ -58,6 +66,16 @@ pub struct Supervisor {
     /// The status text systemd last got; `None` before `READY=1`.
     announced: Option<String>,
     watchdog: Option<Duration>,
+    /// The node health watchdog's state machine.
+    health: Watchdog,
+    probes: Vec<Probe>,
+    rounds: (Sender<Round>, Receiver<Round>),
+    /// Probes the running node; `None` while none runs or no probe is configured.
+    probe_thread: Option<ProbeThread>,
+    /// Counts node starts, so a late round of an earlier node is known.
+    generation: u64,
+    /// The epoch the node last started under (local restarts keep it).
+    epoch: u64,
 }
 
 impl Supervisor {
@@ -73,7 +91,20 @@ impl Supervisor {
             last_error: None,
             announced: None,
             watchdog: sdnotify::watchdog_interval(),
+            health: Watchdog::new(Policy::from_config(node_config, true)),
+            probes: Probe::from_config(node_config),
+            rounds: probe::channel(),
+            probe_thread: None,
+            generation: 0,
+            epoch: 0,
         }
+    }
+
+    /// Whether giving up lets another VM take over (false: replicated mode without a lease,
+    /// where the watchdog keeps restarting at the longest back-off instead).
+    pub fn with_fail_over(mut self, can_fail_over: bool) -> Supervisor {
+        self.health = Watchdog::new(Policy::from_config(&self.node_config, can_fail_over));
+        self
     }
 
     /// Replaces the hooks (those of the config by default).
@@ -108,14 +139,39 @@ impl Supervisor {
         if !self.hooks.on_acquire.is_empty() {
             node::run_hook(&self.hooks.on_acquire, &env, self.hook_timeout)?;
         }
-        if let Some(node) = Node::start(&self.node_config, &env)? {
-            tracing::info!(
-                pid = node.pid(),
-                unit = self.node_config.systemd_unit,
-                epoch,
-                "node started"
-            );
-            self.node = Some(node);
+        self.health.stopped(); // a restart pending from an earlier epoch is void
+        self.start_node(epoch, false)
+    }
+
+    /// Starts the node (no hook) and, if probes are configured, its probe thread.
+    fn start_node(&mut self, epoch: u64, restart: bool) -> Result<(), NodeError> {
+        let env = self.env(epoch);
+        let Some(node) = Node::start(&self.node_config, &env)? else {
+            return Ok(());
+        };
+        self.epoch = epoch;
+        self.generation += 1;
+        tracing::info!(
+            pid = node.pid(),
+            unit = self.node_config.systemd_unit,
+            epoch,
+            restart,
+            "node started"
+        );
+        self.node = Some(node);
+        self.health.started(Instant::now(), restart);
+        if !self.probes.is_empty() {
+            let n = &self.node_config;
+            match ProbeThread::start(
+                self.probes.clone(),
+                self.generation,
+                Duration::from_millis(n.probe_interval_ms),
+                Duration::from_millis(n.probe_timeout_ms),
+                self.rounds.0.clone(),
+            ) {
+                Ok(t) => self.probe_thread = Some(t),
+                Err(e) => self.note_error(format!("cannot start the probe thread: {e}")),
+            }
         }
         Ok(())
     }
@@ -132,8 +188,16 @@ impl Supervisor {
         }
     }
 
-    /// Stops the node, if it runs: SIGTERM, SIGKILL after `[node] stop_timeout_ms`.
+    /// Stops the node, if it runs: SIGTERM, SIGKILL after `[node] stop_timeout_ms`. No
+    /// local restart follows (the mode gave up or lost the right to run it).
     pub fn stop_node(&mut self) {
+        self.health.stopped();
+        self.halt_node();
+    }
+
+    /// Stops the node and its probe thread, leaving the watchdog's plans alone.
+    fn halt_node(&mut self) {
+        self.probe_thread = None;
         if let Some(node) = self.node.take() {
             let pid = node.pid();
             match node.stop(Duration::from_millis(self.node_config.stop_timeout_ms)) {
@@ -148,13 +212,124 @@ impl Supervisor {
         self.node.as_ref().map_or(never(), |n| n.exited().clone())
     }
 
-    /// The node exited by itself: forgets it and returns what happened (`the node exited
-    /// with code 1`), also noted as the last error.
-    pub fn node_exited(&mut self, status: ExitStatus) -> String {
+    /// The node exited by itself: forgets it, notes what happened (`the node exited with
+    /// code 1`) as the last error, and lets the watchdog decide; `Some(why)` when it gave up
+    /// (the mode then releases the lease).
+    pub fn node_exited(&mut self, status: ExitStatus) -> Option<String> {
+        let pid = self.node_pid();
+        self.probe_thread = None;
         self.node = None;
         let what = format!("the node {}", node::describe(status));
         self.note_error(what.clone());
-        what
+        let decision = self.health.exited(&what, Instant::now());
+        self.carry_out(decision, pid)
+    }
+
+    /// The probe thread's rounds (never, while none runs).
+    pub fn probe_rounds(&self) -> Receiver<Round> {
+        if self.probe_thread.is_some() {
+            self.rounds.1.clone()
+        } else {
+            never()
+        }
+    }
+
+    /// A round of probes ended; `Some(why)` when the watchdog gave up.
+    pub fn probed(&mut self, round: Round) -> Option<String> {
+        if round.generation != self.generation || self.node.is_none() {
+            return None;
+        }
+        let failed = round.result.is_err();
+        let decision = self.health.probed(round.result, Instant::now());
+        if failed && decision == Decision::Nothing {
+            tracing::warn!(
+                pid = self.node_pid(),
+                epoch = self.epoch,
+                failures = self.health.consecutive_failures(),
+                error = self.health.last_probe_error(),
+                "node probe failed"
+            );
+        }
+        self.carry_out(decision, self.node_pid())
+    }
+
+    /// Stops the node for a restart or for good, as the watchdog decided.
+    fn carry_out(&mut self, decision: Decision, pid: Option<u32>) -> Option<String> {
+        let epoch = self.epoch;
+        match decision {
+            Decision::Nothing => None,
+            Decision::Restart {
+                why,
+                failures,
+                backoff,
+            } => {
+                let backoff_ms = super::duration_ms(backoff);
+                tracing::error!(pid, epoch, failures, backoff_ms, "node unhealthy: {why}; stopping it and restarting it locally after the back-off");
+                self.halt_node();
+                if let Some(note) = self.health.snapshot(Instant::now(), 0).cannot_fail_over {
+                    tracing::error!(pid, epoch, backoff_ms, "{note}");
+                }
+                None
+            }
+            Decision::GiveUp { why, failures } => {
+                tracing::error!(pid, epoch, failures, "node health watchdog GIVES UP: {why}; giving the right to run the node to the other VM");
+                self.halt_node();
+                self.note_error(format!("the node health watchdog gave up: {why}"));
+                Some(why)
+            }
+        }
+    }
+
+    /// Restarts the node if the watchdog's back-off has passed and the mode says it `may_run`
+    /// the node (holds the lease, is hot); a restart due while it may not is dropped.
+    pub fn health_turn(&mut self, may_run: bool) -> Option<String> {
+        if !self.health.restart_due(Instant::now()) {
+            return None;
+        }
+        let epoch = self.epoch;
+        if !may_run {
+            tracing::warn!(
+                epoch,
+                "not restarting the node: this VM no longer may run it"
+            );
+            self.health.stopped();
+            return None;
+        }
+        let restarts_total = self.health.snapshot(Instant::now(), 0).restarts_total + 1;
+        tracing::info!(
+            epoch,
+            restarts_total,
+            "restarting the node after the back-off"
+        );
+        if let Err(e) = self.start_node(epoch, true) {
+            let what = format!("the node could not restart: {e}");
+            self.note_error(what.clone());
+            self.health.started(Instant::now(), true);
+            let decision = self.health.exited(&what, Instant::now());
+            return self.carry_out(decision, None);
+        }
+        None
+    }
+
+    /// Why this VM stays out of the contention (the watchdog gave up and the cool-down has not
+    /// passed), if it does.
+    pub fn staying_out(&mut self) -> Option<String> {
+        self.health.staying_out(Instant::now())
+    }
+
+    /// The operator's `resume`: forgets the watchdog's give-up; returns it, if there was one.
+    pub fn resume(&mut self) -> Option<String> {
+        let was = self.health.resume();
+        if let Some(why) = &was {
+            tracing::info!("resume: the watchdog's give-up ({why}) is forgotten; contending again");
+        }
+        was
+    }
+
+    /// The watchdog's view, for `status`.
+    pub fn node_health(&self) -> NodeHealth {
+        self.health
+            .snapshot(Instant::now(), crate::sys::now_unix_ms())
     }
 
     /// The node's pid, while it runs.
@@ -203,8 +378,10 @@ impl Supervisor {
     /// How long the main loop may wait for its next event when its own next deadline is
     /// `until_deadline` away: no longer than half of systemd's watchdog timeout.
     pub fn wait_limit(&self, until_deadline: Duration) -> Duration {
-        self.watchdog
-            .map_or(until_deadline, |w| until_deadline.min(w))
+        let until = self.health.restart_at().map_or(until_deadline, |at| {
+            until_deadline.min(at.saturating_duration_since(Instant::now()))
+        });
+        self.watchdog.map_or(until, |w| until.min(w))
     }
 
     /// Pings systemd's watchdog, if it set one: the main loop calls this on every turn.
@@ -218,10 +395,11 @@ impl Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::protocol::HealthState;
 
     fn node_config(command: &str) -> NodeConfig {
         let text = format!(
-            "base_dir = \"/tmp\"\ncommand = [\"/bin/sh\", \"-c\", {command:?}]\nstop_timeout_ms = 2000\n"
+            "base_dir = \"/tmp\"\ncommand = [\"/bin/sh\", \"-c\", {command:?}]\nstop_timeout_ms = 2000\nmax_local_restarts = 0\n"
         );
         toml::from_str(&text).unwrap()
     }
@@ -283,11 +461,45 @@ mod tests {
         let mut s = Supervisor::new(&node_config("exit 5"), "a".into(), Duration::from_secs(5));
         s.acquire(1).unwrap();
         let status = s.node_exit().recv_timeout(Duration::from_secs(5)).unwrap();
-        assert_eq!(s.node_exited(status), "the node exited with code 5");
-        assert_eq!(
-            s.last_error().as_deref(),
-            Some("the node exited with code 5")
-        );
+        // max_local_restarts = 0: the watchdog gives up on the first exit
+        let gave_up = s.node_exited(status).unwrap();
+        assert!(gave_up.contains("the node exited with code 5"), "{gave_up}");
+        assert!(s
+            .last_error()
+            .unwrap()
+            .contains("the node exited with code 5"));
         assert_eq!(s.node_pid(), None);
+    }
+
+    #[test]
+    fn issue14_an_exited_node_is_restarted_after_the_back_off_only_while_it_may_run() {
+        let cfg: NodeConfig = toml::from_str(
+            "base_dir = \"/tmp\"\ncommand = [\"/bin/sh\", \"-c\", \"exit 5\"]\n\
+             max_local_restarts = 2\nrestart_backoff_ms = 50\n",
+        )
+        .unwrap();
+        let mut s = Supervisor::new(&cfg, "a".into(), Duration::from_secs(5));
+        s.acquire(3).unwrap();
+        let first = s.node_pid().unwrap();
+        let status = s.node_exit().recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(s.node_exited(status), None, "a restart, not a give-up");
+        assert_eq!(s.node_health().state, HealthState::Restarting);
+        assert!(s.wait_limit(Duration::from_secs(10)) <= Duration::from_millis(50));
+        assert_eq!(s.health_turn(true), None);
+        assert_eq!(s.node_pid(), None, "restarted before the back-off");
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(s.health_turn(true), None);
+        let second = s.node_pid().expect("restarted");
+        assert_ne!(first, second);
+        assert_eq!(s.node_health().restarts_total, 1);
+        // the next exit waits twice as long, and a restart due while the mode may not run the
+        // node is dropped
+        let status = s.node_exit().recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(s.node_exited(status), None);
+        assert!(s.node_health().next_restart_in_ms.unwrap() > 50);
+        std::thread::sleep(Duration::from_millis(110));
+        assert_eq!(s.health_turn(false), None);
+        assert_eq!(s.node_pid(), None);
+        assert_eq!(s.node_health().state, HealthState::None);
     }
 }

@@ -90,6 +90,9 @@ pub struct LeaseMachine {
     not_eligible: Option<String>,
     /// The next takeover skips [`Eligible`] (the operator's `promote --force`).
     forced: bool,
+    /// Why this side does not contend at all (the node health watchdog gave up): it neither
+    /// takes the lock nor the lease, so the other VM can.
+    stay_out: Option<String>,
     /// A takeover in flight when the machine fenced: released if it turns out written.
     orphan: Option<Lease>,
     events: Vec<Event>,
@@ -143,6 +146,7 @@ impl LeaseMachine {
             eligible,
             not_eligible: None,
             forced: false,
+            stay_out: None,
             orphan: None,
             events: Vec::new(),
         }
@@ -180,7 +184,7 @@ impl LeaseMachine {
     }
     /// Why this side did not take a lease it could have taken, if it did not.
     pub fn not_eligible(&self) -> Option<&str> {
-        self.not_eligible.as_deref()
+        self.stay_out.as_deref().or(self.not_eligible.as_deref())
     }
     /// How long ago our last good renewal started (hot), or the lease last changed (cold).
     pub fn age(&self) -> Duration {
@@ -240,6 +244,22 @@ impl LeaseMachine {
         }
     }
 
+    /// Keeps this side out of the contention while `why` is `Some` (the owner sets it on every
+    /// turn from the node health watchdog): it still observes the lease, but takes neither the
+    /// lock nor the lease. The owner releases a lease it holds first.
+    pub fn stay_out(&mut self, why: Option<String>) {
+        if why != self.stay_out {
+            match &why {
+                Some(w) => tracing::warn!("not contending for the lease: {w}"),
+                None => tracing::info!("contending for the lease again"),
+            }
+            if why.is_some() && self.lock_held {
+                self.want_unlock = true;
+            }
+            self.stay_out = why;
+        }
+    }
+
     /// Fences, renews or observes, whichever is due.
     pub fn tick(&mut self) {
         let now = Instant::now();
@@ -267,7 +287,9 @@ impl LeaseMachine {
                 if self.want_unlock && self.send(Job::Unlock) {
                     self.want_unlock = false;
                 } else if self.send(Job::Observe {
-                    try_lock: self.holdoff_until.is_none() && !self.lock_held,
+                    try_lock: self.holdoff_until.is_none()
+                        && self.stay_out.is_none()
+                        && !self.lock_held,
                 }) {
                     self.next_poll = now + self.poll;
                 }
@@ -310,7 +332,11 @@ impl LeaseMachine {
             self.obs = obs;
             self.obs_changed = now;
         }
-        if self.role != LeaseRole::Cold || !self.lock_held || self.holdoff_until.is_some() {
+        if self.role != LeaseRole::Cold
+            || !self.lock_held
+            || self.holdoff_until.is_some()
+            || self.stay_out.is_some()
+        {
             return;
         }
         let unchanged = now.duration_since(self.obs_changed);

@@ -152,6 +152,7 @@ pub fn run(
         me.announce();
         let sender_events = me.sender.as_ref().map_or(never(), |s| s.events.clone());
         let node_exit = me.sup.node_exit();
+        let rounds = me.sup.probe_rounds();
         let limit = me.lease.as_ref().map_or(IDLE_WAKEUP, |m| {
             m.next_deadline()
                 .saturating_duration_since(std::time::Instant::now())
@@ -177,12 +178,18 @@ pub fn run(
                 Ok(SenderEvent::Welcomed { epoch }) => me.confirmed(epoch),
                 Err(_) => {}
             },
-            recv(node_exit) -> status => if let Ok(status) = status { me.sup.node_exited(status); },
+            recv(node_exit) -> status => if let Some(why) = status.ok().and_then(|s| me.sup.node_exited(s)) {
+                me.give_up(&why);
+            },
+            recv(rounds) -> round => if let Some(why) = round.ok().and_then(|r| me.sup.probed(r)) {
+                me.give_up(&why);
+            },
             recv(lease_replies) -> msg => if let Ok((seq, done)) = msg {
                 if let Some(m) = me.lease.as_mut() { m.handle_reply(seq, done) }
             },
             default(me.sup.wait_limit(limit)) => {}
         }
+        me.health_turn();
         me.lease_tick();
         me.sup.ping_watchdog();
     }
@@ -281,7 +288,9 @@ impl Replica {
         } else {
             HOOK_TIMEOUT
         };
-        let sup = Supervisor::new(&config.node, config.holder_id(), hooks);
+        // without a lease no other VM takes over: the watchdog never gives up then
+        let sup = Supervisor::new(&config.node, config.holder_id(), hooks)
+            .with_fail_over(lease.is_some());
         Ok(Replica {
             config,
             repl,
@@ -440,6 +449,36 @@ impl Replica {
         }
         self.stop_sender();
         self.sup.note_error(format!("stepped down: {why}"));
+    }
+
+    /// The watchdog's turn: a due local restart, only while this host is hot, confirmed, and
+    /// (with the lease) renewed in time.
+    fn health_turn(&mut self) {
+        let may_run = self.gate.get().role == ReplRole::Hot
+            && self.waiting_for.is_none()
+            && self.lease.as_ref().is_none_or(LeaseMachine::may_run_node);
+        if let Some(why) = self.sup.health_turn(may_run) {
+            self.give_up(&why);
+        }
+    }
+
+    /// The watchdog gave up (only with the lease: without one it never does): hand the lease
+    /// over as `demote` does (drained if the cold side is there) and stay out of the contention.
+    fn give_up(&mut self, why: &str) {
+        let epoch = self.gate.get().epoch;
+        tracing::error!(
+            epoch,
+            "{why}; handing the lease over so the other VM can take over"
+        );
+        if let Err(e) = self.demote(true) {
+            self.sup.note_error(format!(
+                "could not turn cold after the watchdog gave up: {e}"
+            ));
+        }
+        let out = self.sup.staying_out();
+        if let Some(m) = self.lease.as_mut() {
+            m.stay_out(out);
+        }
     }
 
     fn shutdown(&mut self) {

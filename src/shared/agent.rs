@@ -5,15 +5,22 @@
 //! - the **main thread** owns the state machine and, through its
 //!   [`Supervisor`], the node process (it must: the node's death signal is tied to the thread
 //!   that spawned it). It waits on a `crossbeam` select of shutdown signals, control requests,
-//!   share-worker replies and the node's exit, with a timeout at the next deadline (poll,
-//!   renewal, fence);
+//!   share-worker replies, the node's exit and the node's probe rounds, with a timeout at the
+//!   next deadline (poll, renewal, fence, a local restart of the node);
 //! - the **lease worker** ([`crate::lease::worker`]) does every operation on the share (lock,
 //!   read and write the lease, then mount and link after a takeover) or the database, one at a
 //!   time from a bounded queue. An NFS call can block for minutes; the main thread never waits
 //!   on one past its fence deadline, it fences instead. The decisions are the
 //!   [`crate::lease::machine`]'s; this agent turns its events into starting and stopping the
 //!   node;
-//! - the **control thread** serves the Unix socket (`status`, `release`).
+//! - the **control thread** serves the Unix socket (`status`, `release`, `resume`);
+//! - the **probe thread**, while a node runs and probes are configured
+//!   ([`crate::daemon::probe`]).
+//!
+//! The node health watchdog ([`crate::daemon::health`]) restarts an unhealthy or exited node
+//! locally while this VM holds the lease; when it gives up, the agent releases the lease and
+//! stays out of the contention (neither lock nor lease) until the cool-down passes or the
+//! operator runs `artemis-sync resume`, so the other VM takes over.
 //!
 //! Timeline (defaults 20 s / 40 s / 10 s): a renewal starts every `update_interval_ms`. The
 //! fence deadline is the start of the last good renewal + `wait_interval_ms` −
@@ -31,7 +38,7 @@ use crossbeam_channel::{select, Receiver};
 use crate::config::{fence_margin_ms, Config, LeaseBackend};
 use crate::daemon::control::Incoming;
 use crate::daemon::protocol::{
-    AgentStatus, LeaseRole, ObservedLeaseState, Released, Reply, Request, SharedStatus,
+    AgentStatus, LeaseRole, ObservedLeaseState, Released, Reply, Request, Resumed, SharedStatus,
 };
 use crate::daemon::supervisor::Supervisor;
 use crate::daemon::{duration_ms, ShutdownReason};
@@ -115,6 +122,7 @@ pub fn run(
                 .saturating_duration_since(Instant::now()),
         );
         let node_exit = agent.sup.node_exit();
+        let rounds = agent.sup.probe_rounds();
         select! {
             recv(shutdown) -> reason => {
                 let reason = reason.unwrap_or(ShutdownReason::Signal(libc::SIGTERM));
@@ -125,9 +133,13 @@ pub fn run(
             recv(requests) -> req => if let Ok(req) = req { agent.handle_request(req) },
             recv(replies) -> msg => if let Ok((seq, done)) = msg { agent.machine.handle_reply(seq, done) },
             recv(node_exit) -> status => if let Ok(status) = status { agent.node_exited(status) },
+            recv(rounds) -> round => if let Some(why) = round.ok().and_then(|r| agent.sup.probed(r)) {
+                agent.give_up(&why);
+            },
             default(timeout) => {}
         }
         agent.act();
+        agent.health_turn();
         agent.machine.tick();
         agent.act();
         // systemd: READY once the first observation gave us a role, STATUS on every change,
@@ -172,19 +184,39 @@ impl Agent {
     }
 
     fn node_exited(&mut self, status: std::process::ExitStatus) {
-        let pid = self.sup.node_pid();
-        let what = self.sup.node_exited(status);
+        if let Some(why) = self.sup.node_exited(status) {
+            self.give_up(&why);
+        }
+    }
+
+    /// The watchdog gave up (`why`): the node is down; give the lease up so the other VM can
+    /// take over, and stay out of the contention.
+    fn give_up(&mut self, why: &str) {
         tracing::error!(
-            pid,
-            "{what}; giving the lease up so the other VM can take over"
+            epoch = self.machine.held_epoch(),
+            "{why}; giving the lease up so the other VM can take over"
         );
-        self.release("the node exited");
+        self.release("the node health watchdog gave up");
+        self.machine.stay_out(self.sup.staying_out());
+    }
+
+    /// The watchdog's turn: a due local restart (only while the lease is ours and renewed),
+    /// and whether this VM stays out of the contention.
+    fn health_turn(&mut self) {
+        let may_run = self.machine.may_run_node();
+        if let Some(why) = self.sup.health_turn(may_run) {
+            self.give_up(&why);
+        }
+        self.machine.stay_out(self.sup.staying_out());
     }
 
     fn handle_request(&mut self, req: Incoming) {
         let answer = match req.request {
-            Request::Status => Ok(Reply::Status(AgentStatus::Shared(self.status()))),
+            Request::Status => Ok(Reply::Status(AgentStatus::Shared(Box::new(self.status())))),
             Request::Release => Ok(Reply::Released(self.release_requested())),
+            Request::Resume => Ok(Reply::Resumed(Resumed {
+                gave_up: self.sup.resume(),
+            })),
             other => Err(other.not_in_mode(
                 "shared",
                 "promote, demote and verify are for replicated mode; `release` hands the lease over",
@@ -232,6 +264,7 @@ impl Agent {
             node_pid: self.sup.node_pid(),
             node_state: self.sup.node_state(),
             error: self.sup.last_error(),
+            node_health: self.sup.node_health(),
         }
     }
 }

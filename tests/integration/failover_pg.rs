@@ -19,7 +19,7 @@ use crate::util::{artemis_sync, require_root, toml_path, write_script, Fixture, 
 /// Renewal period of the test agents.
 const UPDATE_MS: u64 = 500;
 /// Takeover delay of the test agents.
-const WAIT_MS: u64 = 3000;
+pub(crate) const WAIT_MS: u64 = 3000;
 /// SIGTERM-to-SIGKILL time of the test nodes.
 const STOP_MS: u64 = 300;
 /// A durable sync's wait for the peer before it degrades.
@@ -30,9 +30,9 @@ const TAKEOVER_LIMIT: Duration = Duration::from_millis(WAIT_MS + 2000);
 const MAX_RECORDS: usize = 100_000;
 
 /// The database, a pair of replicated agents leasing in it, and the node logs.
-struct Duo {
+pub(crate) struct Duo {
     pg: PgCluster,
-    p: Pair,
+    pub(crate) p: Pair,
     /// Node starts and stops: `start <side> <epoch> <ns> <pid>` / `stop <side> <ns> <pid>`.
     events: PathBuf,
     /// Records whose sync returned: `<side> <pid> <index>`.
@@ -139,7 +139,7 @@ impl Duo {
         })
     }
 
-    fn direct(test: &str) -> Option<Duo> {
+    pub(crate) fn direct(test: &str) -> Option<Duo> {
         Duo::start(test, &|_, port| port, None)
     }
 
@@ -152,7 +152,7 @@ impl Duo {
         fs::write(&self.p.hot.config, text).unwrap();
     }
 
-    fn role(&self, side: &str) -> String {
+    pub(crate) fn role(&self, side: &str) -> String {
         self.p.status(side)["role"]
             .as_str()
             .unwrap_or("down")
@@ -163,7 +163,7 @@ impl Duo {
         self.p.status(side)["epoch"].as_u64()
     }
 
-    fn node_pid(&self, side: &str) -> Option<u32> {
+    pub(crate) fn node_pid(&self, side: &str) -> Option<u32> {
         self.p.status(side)["node_pid"]
             .as_u64()
             .and_then(|v| u32::try_from(v).ok())
@@ -248,7 +248,7 @@ impl Duo {
     }
 
     /// Starts the initially hot side, waits for its node, then the cold one, in sync.
-    fn hot_then_cold(&mut self) -> u32 {
+    pub(crate) fn hot_then_cold(&mut self) -> u32 {
         self.p.start("hot");
         let node = self.wait_node_writing("hot", Duration::from_millis(WAIT_MS * 3));
         self.p.start("cold");
@@ -271,7 +271,7 @@ impl Duo {
     /// Waits until `side` runs its node, at most the takeover limit (plus slack for
     /// the report); returns how long after `since` it was seen, checked against the limit.
     #[track_caller]
-    fn wait_runs_node(&self, side: &str, since: Instant) -> Duration {
+    pub(crate) fn wait_runs_node(&self, side: &str, since: Instant) -> Duration {
         let mut took = Duration::ZERO;
         assert!(
             wait_until(TAKEOVER_LIMIT + Duration::from_secs(3), || {

@@ -20,3 +20,4 @@ mod replication;
 mod root;
 mod scale;
 mod util;
+mod watchdog;

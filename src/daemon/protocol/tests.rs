@@ -3,7 +3,7 @@
 use super::*;
 
 fn shared_status() -> AgentStatus {
-    AgentStatus::Shared(SharedStatus {
+    AgentStatus::Shared(Box::new(SharedStatus {
         role: LeaseRole::Hot,
         holder: "a:/srv/corda".into(),
         lease_holder: Some("a:/srv/corda".into()),
@@ -14,7 +14,18 @@ fn shared_status() -> AgentStatus {
         node_pid: Some(42),
         node_state: NodeState::Running,
         error: None,
-    })
+        node_health: NodeHealth {
+            state: HealthState::Restarting,
+            consecutive_failures: 0,
+            probe_failures_total: 7,
+            restarts_total: 2,
+            restarts_in_window: 1,
+            next_restart_in_ms: Some(800),
+            gave_up: None,
+            last_probe_error: Some("http http://127.0.0.1:8080/health: answered 503".into()),
+            cannot_fail_over: None,
+        },
+    }))
 }
 
 #[test]
@@ -25,6 +36,7 @@ fn every_request_and_reply_round_trips_with_its_version() {
         Request::Promote { force: true },
         Request::Demote { force: false },
         Request::Verify,
+        Request::Resume,
     ] {
         let line = encode_request(&request);
         assert!(line.contains("\"v\":1"), "{line}");
@@ -38,6 +50,9 @@ fn every_request_and_reply_round_trips_with_its_version() {
             cold_root: "cd".into(),
             files: 2,
             differing: vec!["journal/a.amq".into()],
+        })),
+        Ok(Reply::Resumed(Resumed {
+            gave_up: Some("the node exited".into()),
         })),
         Err("this host is not hot (epoch 2)".to_owned()),
     ];
@@ -59,6 +74,24 @@ fn the_status_json_keeps_its_fields() {
     let text = shared_status().to_string();
     assert!(text.contains("role                 hot\n"), "{text}");
     assert!(text.contains("error                -\n"), "{text}");
+    assert_eq!(v["node_health"]["state"], "restarting");
+    assert_eq!(v["node_health"]["restarts_total"], 2);
+    assert!(
+        text.contains("node_health          restarting, 0 failures in a row (7 total), 2 restarts (1 in window), next restart in 800 ms; last probe error: http http://127.0.0.1:8080/health: answered 503\n"),
+        "{text}"
+    );
+}
+
+#[test]
+fn issue14_a_status_without_node_health_still_decodes() {
+    let mut v = serde_json::to_value(shared_status()).unwrap();
+    v.as_object_mut().unwrap().remove("node_health");
+    let status: AgentStatus = serde_json::from_value(v).unwrap();
+    let AgentStatus::Shared(s) = status else {
+        panic!("shared")
+    };
+    assert_eq!(s.node_health, NodeHealth::default());
+    assert_eq!(s.node_health.state, HealthState::None);
 }
 
 #[test]

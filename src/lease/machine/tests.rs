@@ -184,3 +184,22 @@ fn issue13_a_withdrawn_force_does_not_linger_until_the_holder_dies() {
     });
     assert_eq!(acquired(&ev), None, "{ev:?}");
 }
+
+#[test]
+fn issue14_a_machine_told_to_stay_out_takes_no_lease_until_told_otherwise() {
+    let mem = Mem::default();
+    let mut released = Lease::new("other", 5, 20, 150);
+    released.state = LeaseState::Released;
+    *mem.0.lock().unwrap() = Some(released);
+    let mut m = machine(&mem, "me", None);
+    m.stay_out(Some("the node health watchdog gave up".into()));
+    let ev = run(&mut m, Duration::from_millis(400), |e| {
+        acquired(e).is_some()
+    });
+    assert_eq!(acquired(&ev), None, "{ev:?}");
+    assert_eq!(m.role(), LeaseRole::Cold);
+    assert_eq!(m.not_eligible(), Some("the node health watchdog gave up"));
+    m.stay_out(None);
+    let ev = run(&mut m, Duration::from_secs(2), |e| acquired(e).is_some());
+    assert_eq!(acquired(&ev), Some(6), "{ev:?}");
+}

@@ -3,7 +3,7 @@
 //! the peer's last word, and answered with what was done or why not.
 
 use super::*;
-use crate::daemon::protocol::{LeaseRole, Released};
+use crate::daemon::protocol::{LeaseRole, Released, Resumed};
 
 impl Replica {
     pub(super) fn handle(&mut self, req: Incoming) {
@@ -14,6 +14,9 @@ impl Replica {
             Request::Promote { force } => self.promote(force).map(Reply::Promoted),
             Request::Demote { force } => self.demote(force).map(Reply::Demoted),
             Request::Verify => self.verify().map(Reply::Verified),
+            Request::Resume => Ok(Reply::Resumed(Resumed {
+                gave_up: self.sup.resume(),
+            })),
             // with the database lease, `release` is the planned hand-over: a demote
             Request::Release if self.lease.is_some() => self.release_lease().map(Reply::Released),
             Request::Release => Err(req.request.not_in_mode(
@@ -165,7 +168,7 @@ impl Replica {
         })
     }
 
-    fn demote(&mut self, force: bool) -> Result<Demoted, String> {
+    pub(super) fn demote(&mut self, force: bool) -> Result<Demoted, String> {
         let st = self.gate.get();
         if st.role != ReplRole::Hot {
             return Err(format!("this host is not hot (epoch {})", st.epoch));
@@ -304,6 +307,7 @@ impl Replica {
                 )
             }),
             error: self.sup.last_error(),
+            node_health: self.sup.node_health(),
         }
     }
 }

@@ -136,7 +136,9 @@ impl Replica {
     /// Runs the lease machine's due step and acts on what it says.
     pub(super) fn lease_tick(&mut self) {
         let epoch = self.gate.get().epoch;
+        let out = self.sup.staying_out();
         let Some(m) = self.lease.as_mut() else { return };
+        m.stay_out(out);
         m.see_epoch(epoch);
         m.tick();
         let events = m.take_events();
