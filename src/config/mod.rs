@@ -16,12 +16,14 @@ use crate::config::mount_options::MountOptions;
 
 pub mod backoff;
 pub mod lease;
+pub mod metrics;
 pub mod mount_options;
 pub mod replication;
 pub mod storage;
 mod validate;
 
 pub use lease::{LeaseBackend, LeaseConfig, DEFAULT_LEASE_TABLE};
+pub use metrics::{MetricsConfig, DEFAULT_METRICS_LISTEN};
 pub use replication::{psk_material, Ack, Capture, PeerLoss, ReplRole, ReplicationConfig};
 pub use storage::{nfs_host, smb_host, Backend, Mode, StorageConfig, BACKENDS};
 pub use validate::{check_credentials_file, check_private_file, check_user_options};
@@ -95,6 +97,9 @@ pub struct Config {
     /// The agent process itself.
     #[serde(default)]
     pub agent: AgentConfig,
+    /// The HTTP endpoint for Prometheus and load balancers.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Where the lease lives (`share` or `postgres`); absent: the share in shared mode, no
     /// lease (manual failover) in replicated mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -30,6 +30,7 @@ impl Config {
         self.validate_credentials(path)?;
         self.validate_lock(path)?;
         self.validate_lease(path)?;
+        self.validate_metrics(path)?;
         self.validate_mount_retries(path)
     }
 

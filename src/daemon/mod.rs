@@ -10,6 +10,7 @@
 pub mod client;
 pub mod control;
 pub mod listen_fds;
+pub mod metrics;
 pub mod node;
 pub mod protocol;
 pub mod sdnotify;

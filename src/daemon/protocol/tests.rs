@@ -14,6 +14,8 @@ fn shared_status() -> AgentStatus {
         node_pid: Some(42),
         node_state: NodeState::Running,
         error: None,
+        wait_interval_ms: 40_000,
+        metrics_error: None,
     })
 }
 

@@ -203,6 +203,7 @@ impl Replica {
             .send(ScanMsg::Verify(tx))
             .map_err(|_| "the scanner stopped".to_string())?;
         let report = self.wait_keeping_lease(&rx, VERIFY_TIMEOUT)??;
+        self.metrics.verified(report.identical);
         Ok(Verified {
             identical: report.identical,
             hot_root: report.hot_root,
@@ -303,7 +304,37 @@ impl Replica {
                     |h| h.status_text(),
                 )
             }),
+            lag_ms: self.lag_ms(),
+            unacked_bytes: self
+                .sender
+                .as_ref()
+                .map(|s| s.stats.window_bytes.load(Ordering::Relaxed)),
+            reconnects: self
+                .sender
+                .as_ref()
+                .map_or(0, |s| s.stats.reconnects.load(Ordering::Relaxed)),
+            resends: self
+                .sender
+                .as_ref()
+                .map_or(0, |s| s.stats.nacks.load(Ordering::Relaxed)),
+            checksum_failures: self.receiver.stats.checksum_failures.load(Ordering::Relaxed),
+            metrics_error: self.endpoint.error(),
             error: self.sup.last_error(),
+        }
+    }
+
+    /// Hot: the oldest unacknowledged batch's age (0: none); cold: the hot's last heartbeat's.
+    fn lag_ms(&self) -> Option<u64> {
+        match &self.sender {
+            Some(s) => {
+                let oldest = s.stats.oldest_unacked_unix_ms.load(Ordering::Relaxed);
+                Some(if oldest == 0 {
+                    0
+                } else {
+                    crate::sys::now_unix_ms().saturating_sub(oldest).max(1)
+                })
+            }
+            None => self.receiver.hot_sync().map(|h| h.state.unacked_ms),
         }
     }
 }

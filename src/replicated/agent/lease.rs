@@ -25,12 +25,13 @@ use crate::replicated::witness::{Inbox, WitnessConfig};
 pub(super) fn machine(
     config: &Config,
     gate: &Arc<EpochGate>,
+    metrics: Arc<Metrics>,
 ) -> Result<Option<LeaseMachine>, ReplicaError> {
     if config.lease_backend() != Some(crate::config::LeaseBackend::Postgres) {
         return Ok(None);
     }
     let store = PgStore::open(config).map_err(|e| ReplicaError::Start(crate::error_chain(&e)))?;
-    let channels = worker::start(Box::new(store), None)
+    let channels = worker::start(Box::new(store), None, metrics)
         .map_err(|e| ReplicaError::Start(format!("lease worker thread: {e}")))?;
     let t = crate::shared::agent::timing(config);
     let mut m = LeaseMachine::new(
@@ -144,6 +145,7 @@ impl Replica {
             match event {
                 Event::Acquired(e) => self.lease_acquired(e),
                 Event::Fence { epoch, why } => {
+                    self.metrics.fence_events.inc();
                     self.sup.note_error(why.clone());
                     self.sup.release(epoch);
                     if self.gate.get().role == ReplRole::Hot {
@@ -385,6 +387,7 @@ impl Replica {
             },
             age_ms: duration_ms(m.age()),
             not_taking_over: m.not_eligible().map(str::to_owned),
+            wait_interval_ms: self.config.lock.wait_interval_ms,
         }))
     }
 }
