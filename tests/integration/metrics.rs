@@ -366,7 +366,7 @@ fn issue14_the_rules_file_passes_promtool_and_names_served_metrics() {
     ] {
         for name in metric_names(&text) {
             assert!(
-                served.iter().any(|s| *s == name),
+                served.contains(&name),
                 "{what} uses {name}, which the agent does not serve ({served:?})"
             );
         }

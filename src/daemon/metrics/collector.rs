@@ -125,7 +125,7 @@ impl Collector for StatusCollector {
     }
 }
 
-fn common(out: &mut Out<'_>, node: NodeState, error: bool, endpoint_error: bool) -> Fmt {
+fn common(out: &mut Out<'_>, node: NodeState, error: bool) -> Fmt {
     out.flag(
         "node_up",
         "1 while the node this agent supervises runs",
@@ -135,11 +135,6 @@ fn common(out: &mut Out<'_>, node: NodeState, error: bool, endpoint_error: bool)
         "error",
         "1 while the agent reports a problem (see `artemis-sync status`)",
         error,
-    )?;
-    out.flag(
-        "metrics_endpoint_error",
-        "1 while the metrics endpoint could not bind its configured address (it retries)",
-        endpoint_error,
     )
 }
 
@@ -167,12 +162,7 @@ fn shared(out: &mut Out<'_>, s: &SharedStatus) -> Fmt {
         "1 while this agent holds the lock file's lock",
         s.lock_held,
     )?;
-    common(
-        out,
-        s.node_state,
-        s.error.is_some(),
-        s.metrics_error.is_some(),
-    )
+    common(out, s.node_state, s.error.is_some())
 }
 
 #[allow(clippy::cast_precision_loss)] // a byte count below 2^53 (8 PiB) is exact
@@ -244,6 +234,12 @@ fn replicated(out: &mut Out<'_>, r: &ReplicatedStatus) -> Fmt {
     if let Some(age) = r.last_ack_age_ms {
         out.seconds_ms("last_ack_age", "Since the last acknowledgement", age)?;
     }
+    totals(out, r)?;
+    common(out, r.node_state, r.error.is_some())
+}
+
+/// Replicated mode's counters: what went over the stream, and its faults.
+fn totals(out: &mut Out<'_>, r: &ReplicatedStatus) -> Fmt {
     let (dir, side) = match r.role {
         crate::config::ReplRole::Hot => ("sent", "hot: sent"),
         crate::config::ReplRole::Cold => ("received", "cold: applied"),
@@ -291,11 +287,5 @@ fn replicated(out: &mut Out<'_>, r: &ReplicatedStatus) -> Fmt {
         "Cold: batches rejected for a bad page checksum",
         None,
         r.checksum_failures,
-    )?;
-    common(
-        out,
-        r.node_state,
-        r.error.is_some(),
-        r.metrics_error.is_some(),
     )
 }
