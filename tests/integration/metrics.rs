@@ -495,3 +495,55 @@ fn issue14_a_taken_metrics_port_does_not_stop_the_agent() {
     );
     assert_eq!(pair.status("a")["metrics_error"], serde_json::Value::Null);
 }
+
+#[test]
+fn issue14_durable_sync_waits_and_verify_results_are_recorded_where_they_happen() {
+    let test = "issue14_durable_sync_waits_and_verify_results_are_recorded_where_they_happen";
+    if !crate::util::require_root(test, "FUSE mounts") {
+        return;
+    }
+    let Some(promtool) = prometheus_tool(test, "promtool") else {
+        return;
+    };
+    let mut p =
+        crate::fuse::fuse_pair(Fixture::new(), "ack = \"durable\"\npeer_timeout_ms = 10000");
+    let port = free_port();
+    let mut text = std::fs::read_to_string(&p.hot.config).unwrap();
+    text.push_str(&metrics_section(port));
+    std::fs::write(&p.hot.config, text).unwrap();
+    let _guard = crate::util::MountGuard::new(&p.fx.path("hot/mnt"));
+    crate::fuse::start_synced(&mut p);
+    const SYNCS: usize = 20;
+    let mut f = std::fs::File::create(crate::fuse::mount_point(&p).join("journal.amq")).unwrap();
+    for i in 0..SYNCS {
+        f.write_all(&[u8::try_from(i).unwrap(); 4096]).unwrap();
+        f.sync_data().unwrap();
+    }
+    drop(f);
+    artemis_sync(&p.hot.config, ["verify"])
+        .code(0)
+        .stdout_has(&["identical"]);
+    let text = check_live(&promtool, port, "hot", "replicated durable hot");
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name}:\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    let waits = value("artemis_sync_durable_sync_wait_seconds_count");
+    assert!(
+        waits >= SYNCS as f64,
+        "{waits} durable waits recorded for {SYNCS} syncs"
+    );
+    assert_eq!(value("artemis_sync_last_verify_identical"), 1.0);
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let verified_at = value("artemis_sync_last_verify_timestamp_seconds");
+    assert!(
+        (now_s - verified_at).abs() < 60.0,
+        "{verified_at} vs now {now_s}"
+    );
+}

@@ -126,27 +126,17 @@ impl Metrics {
             "Checks of the share's mount and link after a takeover, by result",
             self.mount_checks.clone(),
         );
+        let answered = Gauge::<i64>::default();
+        answered.set(i64::from(status.is_some()));
         r.register(
             "status_answered",
             "Whether the agent's main loop answered this scrape's status request in time (the other state metrics are absent when not)",
-            Gauge::<i64>::default().tap(status.is_some()),
+            answered,
         );
         if let Some(status) = status {
             r.register_collector(Box::new(collector::StatusCollector::new(status)));
         }
         r
-    }
-}
-
-/// Setting a gauge inline.
-trait Tap {
-    fn tap(self, value: bool) -> Self;
-}
-
-impl Tap for Gauge {
-    fn tap(self, value: bool) -> Self {
-        self.set(i64::from(value));
-        self
     }
 }
 
