@@ -5,7 +5,8 @@
 //!
 //! This file holds the whole file's type, `[node]`, `[lock]`, `[agent]`, the defaults and
 //! loading; [`storage`] holds `[storage]` and the backends, [`replication`] `[replication]`,
-//! [`lease`] `[lease]`, and `validate` the checks run on load. Everything is re-exported here, so users name
+//! [`lease`] `[lease]`, [`metrics`] `[metrics]`, and `validate` the checks run on load.
+//! Everything is re-exported here, so users name
 //! `crate::config::{Config, Backend, ...}`. This module imports nothing of the modes.
 
 use std::path::{Path, PathBuf};
