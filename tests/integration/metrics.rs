@@ -6,10 +6,12 @@
 //! else holds does not stop the agent. Each agent gets its own loopback port (chosen free by
 //! binding port 0; the agent retries a bind that fails, so a port taken meanwhile only delays).
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -27,11 +29,34 @@ const PROBE_EVERY: Duration = Duration::from_millis(50);
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an agent may take to become hot or cold.
 const ROLE_LIMIT: Duration = Duration::from_secs(15);
+/// How long the endpoint may take to listen: a few bind retries.
+const ENDPOINT_LIMIT: Duration = Duration::from_secs(10);
 
-/// A loopback port nobody listens on right now.
+/// Ports [`free_port`] handed out in this process: the kernel may give a port freed again
+/// to the next bind to port 0, and two tests running at once must not share one.
+static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+/// A loopback port nobody listens on right now, and not handed out before in this process.
 fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().unwrap().port()
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1000 {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().unwrap().port();
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
+    panic!("no fresh loopback port in 1000 tries")
+}
+
+/// Waits until the endpoint on `port` answers (the agent binds it on its own thread, and
+/// retries every few seconds if something else held the port meanwhile).
+#[track_caller]
+fn wait_endpoint(port: u16) {
+    assert!(
+        wait_until(ENDPOINT_LIMIT, || get(port, "/health", "*/*").is_some()),
+        "nothing answers on 127.0.0.1:{port}"
+    );
 }
 
 fn metrics_section(port: u16) -> String {
@@ -108,6 +133,7 @@ fn promtool_accepts(promtool: &Path, text: &str, what: &str) {
 /// role it shows.
 #[track_caller]
 fn check_live(promtool: &Path, port: u16, role: &str, what: &str) -> String {
+    wait_endpoint(port);
     let (code, text) = get(port, "/metrics", "text/plain").expect("the endpoint answers");
     assert_eq!(code, 200, "{text}");
     promtool_accepts(promtool, &text, what);
@@ -151,12 +177,27 @@ fn issue14_promtool_accepts_live_metrics_of_shared_hot_and_cold() {
         "artemis_sync_node_up 1",
         "artemis_sync_healthy 1",
         "artemis_sync_lock_held 1",
+        // the share's mount and link were checked once, after the takeover
+        "artemis_sync_mount_checks_total{result=\"ok\"} 1",
     ] {
         assert!(hot.lines().any(|l| l == line), "no {line}:\n{hot}");
     }
+    // the lease worker times every renewal (one every UPDATE_MS)
+    let renewals = || {
+        get(ports[0], "/metrics", "text/plain")
+            .and_then(|(_, t)| {
+                t.lines()
+                    .find_map(|l| {
+                        l.strip_prefix("artemis_sync_lease_renewal_duration_seconds_count ")
+                    })
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+    };
     assert!(
-        hot.contains("artemis_sync_lease_renewal_duration_seconds_count"),
-        "{hot}"
+        wait_until(Duration::from_secs(5), || renewals() >= 2),
+        "renewals are not timed: {}",
+        renewals()
     );
     let cold = check_live(&promtool, ports[1], "cold", "shared cold");
     assert!(
@@ -256,6 +297,8 @@ fn issue14_health_polled_through_failovers_never_shows_two_hot_vms() {
     wait_role(&pair, "a", "hot");
     let b = pair.start("b");
     wait_role(&pair, "b", "cold");
+    wait_endpoint(ports[0]);
+    wait_endpoint(ports[1]);
     assert_eq!((health(ports[0]), health(ports[1])), (200, 503));
 
     // a planned hand-over: `release` on the hot VM
@@ -397,6 +440,7 @@ fn served_names(root: &Path) -> Vec<String> {
     let mut pair = shared_pair(ports);
     pair.start("a");
     wait_role(&pair, "a", "hot");
+    wait_endpoint(ports[0]);
     let (_, text) = get(ports[0], "/metrics", "text/plain").unwrap();
     let mut names: Vec<String> = text
         .lines()
@@ -473,7 +517,7 @@ fn issue14_a_bad_metrics_config_is_refused_naming_the_key() {
 
 #[test]
 fn issue14_a_taken_metrics_port_does_not_stop_the_agent() {
-    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = TcpListener::bind(("127.0.0.1", free_port())).unwrap();
     let port = taken.local_addr().unwrap().port();
     let mut pair = shared_pair([port, free_port()]);
     pair.start("a");
