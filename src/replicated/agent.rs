@@ -108,6 +108,9 @@ struct Replica {
     metrics: Arc<Metrics>,
     /// The metrics endpoint, for its bind error in `status`.
     endpoint: EndpointState,
+    /// Control requests (the socket's and the metrics endpoint's), so that waits on a long
+    /// request can still answer `status`.
+    requests: Receiver<Incoming>,
 }
 
 /// How the replication peers authenticate, from the config (files named in errors).
@@ -148,6 +151,7 @@ pub fn run(
         Supervisor::serve_control(control_listener, &me.config.metrics, me.metrics.clone())
             .map_err(|e| ReplicaError::Start(format!("control thread: {e}")))?;
     me.endpoint = endpoint;
+    me.requests = requests.clone();
     let state = me.gate.get();
     tracing::info!(role = ?state.role, epoch = state.epoch, listen = %me.listen, peer = %me.repl.peer,
         lease = me.lease.is_some(), "replication agent started");
@@ -306,6 +310,7 @@ impl Replica {
             witness: None,
             metrics,
             endpoint: EndpointState::default(),
+            requests: never(),
         })
     }
 

@@ -24,6 +24,22 @@ impl Replica {
         let _ = req.reply.send(answer);
     }
 
+    /// While the main thread waits on a long request (a verify, a forced promotion): answers
+    /// `status` at once (the CLI's, and the metrics endpoint's for `/health`, which would
+    /// otherwise call a hot VM down for the verify's duration), refuses the rest.
+    pub(super) fn answer_while_busy(&mut self, req: Incoming) {
+        let answer = match req.request {
+            Request::Status => Ok(Reply::Status(AgentStatus::Replicated(Box::new(
+                self.status(),
+            )))),
+            other => Err(format!(
+                "`{}` cannot run now: the agent is busy with another request (a verify or a forced promotion); try again when it is done",
+                other.name()
+            )),
+        };
+        let _ = req.reply.send(answer);
+    }
+
     /// Becomes hot at a new epoch. Without `force`, only after a clean hand-over: the old hot
     /// demoted (its drained goodbye arrived) and is no longer streaming. The new epoch is on
     /// disk, and the apply thread idle for good, before the node starts.

@@ -186,7 +186,7 @@ impl Replica {
         limit: Duration,
     ) -> Result<T, String> {
         if self.lease.is_none() {
-            return sdnotify::recv_pinging(rx, limit).map_err(|_| "no answer in time".into());
+            return self.wait_answering_status(rx, limit);
         }
         match self.run_lease_until(rx, Instant::now() + limit, |_| false) {
             Some(Ok(v)) => Ok(v),
@@ -195,8 +195,28 @@ impl Replica {
         }
     }
 
+    /// Waits for `rx` at most `limit` without a lease, answering `status` meanwhile and
+    /// pinging the watchdog.
+    fn wait_answering_status<T>(&mut self, rx: &Receiver<T>, limit: Duration) -> Result<T, String> {
+        let deadline = Instant::now() + limit;
+        let requests = self.requests.clone();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err("no answer in time".into());
+            }
+            select! {
+                recv(rx) -> v => return v.map_err(|_| "no answer in time".into()),
+                recv(requests) -> req => if let Ok(req) = req { self.answer_while_busy(req) },
+                default(self.sup.wait_limit(left.min(IDLE_WAKEUP))) => {}
+            }
+            self.sup.ping_watchdog();
+        }
+    }
+
     /// Runs the lease (its worker's replies, its ticks and what they decide, the watchdog)
     /// until `rx` answers, `done` holds, or `deadline`; returns `rx`'s answer if it came.
+    /// `status` is answered meanwhile.
     fn run_lease_until<T>(
         &mut self,
         rx: &Receiver<T>,
@@ -204,6 +224,7 @@ impl Replica {
         done: impl Fn(&Self) -> bool,
     ) -> Option<Result<T, crossbeam_channel::RecvError>> {
         let replies = self.lease.as_ref().map_or(never(), LeaseMachine::replies);
+        let requests = self.requests.clone();
         while Instant::now() < deadline && !done(self) {
             let next = self.lease.as_ref().map_or(IDLE_WAKEUP, |m| {
                 m.next_deadline()
@@ -212,6 +233,7 @@ impl Replica {
             });
             select! {
                 recv(rx) -> v => return Some(v),
+                recv(requests) -> req => if let Ok(req) = req { self.answer_while_busy(req) },
                 recv(replies) -> msg => if let (Ok((seq, reply)), Some(m)) = (msg, self.lease.as_mut()) {
                     m.handle_reply(seq, reply);
                 },
