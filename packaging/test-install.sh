@@ -324,6 +324,8 @@ required=(
     /usr/share/fish/vendor_completions.d/artemis-sync.fish
     /usr/share/doc/artemis-sync/README.md
     /usr/share/doc/artemis-sync/fstab.examples
+    /usr/share/doc/artemis-sync/prometheus-rules.yml
+    /usr/share/doc/artemis-sync/grafana-dashboard.json
     /usr/share/doc/artemis-sync/copyright
 )
 # The benchmark and the demo (the workspace's tools package) ship beside the agent.

@@ -5,7 +5,8 @@
 //!
 //! This file holds the whole file's type, `[node]`, `[lock]`, `[agent]`, the defaults and
 //! loading; [`storage`] holds `[storage]` and the backends, [`replication`] `[replication]`,
-//! [`lease`] `[lease]`, and `validate` the checks run on load. Everything is re-exported here, so users name
+//! [`lease`] `[lease]`, [`metrics`] `[metrics]`, and `validate` the checks run on load.
+//! Everything is re-exported here, so users name
 //! `crate::config::{Config, Backend, ...}`. This module imports nothing of the modes.
 
 use std::path::{Path, PathBuf};
@@ -17,12 +18,14 @@ use crate::config::mount_options::MountOptions;
 pub mod backoff;
 pub mod health;
 pub mod lease;
+pub mod metrics;
 pub mod mount_options;
 pub mod replication;
 pub mod storage;
 mod validate;
 
 pub use lease::{LeaseBackend, LeaseConfig, DEFAULT_LEASE_TABLE};
+pub use metrics::{MetricsConfig, DEFAULT_METRICS_LISTEN};
 pub use replication::{psk_material, Ack, Capture, PeerLoss, ReplRole, ReplicationConfig};
 pub use storage::{nfs_host, smb_host, Backend, Mode, StorageConfig, BACKENDS};
 pub use validate::{check_credentials_file, check_private_file, check_user_options};
@@ -96,6 +99,9 @@ pub struct Config {
     /// The agent process itself.
     #[serde(default)]
     pub agent: AgentConfig,
+    /// The HTTP endpoint for Prometheus and load balancers.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Where the lease lives (`share` or `postgres`); absent: the share in shared mode, no
     /// lease (manual failover) in replicated mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]

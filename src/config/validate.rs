@@ -31,6 +31,7 @@ impl Config {
         self.validate_lock(path)?;
         self.validate_lease(path)?;
         super::health::validate(&self.node, path)?;
+        self.validate_metrics(path)?;
         self.validate_mount_retries(path)
     }
 

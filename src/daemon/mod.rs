@@ -4,13 +4,15 @@
 //! status, watchdog). [`protocol`] is the typed, versioned control protocol both agents and the
 //! CLI speak, [`control`] the Unix socket that carries it and [`client`] the CLI's side of it.
 //! [`listen_fds`] takes over a listening socket handed over by the parent (systemd socket
-//! activation). Nothing here knows either mode: `daemon` imports neither `shared` nor
-//! `replicated`.
+//! activation). [`metrics`] is the HTTP endpoint for Prometheus and load balancers, which
+//! asks the agent's main loop for its status through the control socket's channel. Nothing
+//! here knows either mode: `daemon` imports neither `shared` nor `replicated`.
 
 pub mod client;
 pub mod control;
 pub mod health;
 pub mod listen_fds;
+pub mod metrics;
 pub mod node;
 pub mod probe;
 pub mod protocol;

@@ -239,6 +239,12 @@ pub struct SharedStatus {
     /// The node health watchdog.
     #[serde(default)]
     pub node_health: NodeHealth,
+    /// `[lock] wait_interval_ms`: a hot whose last renewal is older is not healthy.
+    #[serde(default)]
+    pub wait_interval_ms: u64,
+    /// The metrics endpoint cannot bind its address (it retries), if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_error: Option<String>,
 }
 
 /// The answer to `status` in replicated mode.
@@ -299,6 +305,25 @@ pub struct ReplicatedStatus {
     /// how far behind), and how long ago that was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hot_sync: Option<String>,
+    /// How far behind the cold copy is, in ms: hot, the age of the oldest batch sent and not
+    /// yet acknowledged (0: none); cold, what the hot's last heartbeat said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_ms: Option<u64>,
+    /// Hot: bytes sent and not yet acknowledged (the window in use).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unacked_bytes: Option<u64>,
+    /// Hot: connections to the cold side made again after one was lost.
+    #[serde(default)]
+    pub reconnects: u64,
+    /// Hot: batches resent after the cold side rejected them.
+    #[serde(default)]
+    pub resends: u64,
+    /// Cold: batches rejected for a bad page checksum.
+    #[serde(default)]
+    pub checksum_failures: u64,
+    /// The metrics endpoint cannot bind its address (it retries), if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_error: Option<String>,
     /// The last problem seen, if any.
     pub error: Option<String>,
     /// The node health watchdog.
@@ -322,6 +347,9 @@ pub struct ReplicatedLease {
     pub age_ms: u64,
     /// Why this host did not take over a lease it could have taken.
     pub not_taking_over: Option<String>,
+    /// `[lock] wait_interval_ms`: a hot whose last renewal is older is not healthy.
+    #[serde(default)]
+    pub wait_interval_ms: u64,
 }
 
 /// The answer to `release`.

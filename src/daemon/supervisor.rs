@@ -16,14 +16,17 @@
 
 use std::os::unix::net::UnixListener;
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, never, Receiver, Sender};
 
-use crate::config::NodeConfig;
+use crate::config::{MetricsConfig, NodeConfig};
 
 use super::control::{self, Incoming};
 use super::health::{Decision, Policy, Watchdog};
+use super::metrics::http::{self, Endpoint, EndpointState};
+use super::metrics::Metrics;
 use super::node::{self, Node, NodeError, Stopped};
 use super::probe::{self, Probe, ProbeThread, Round};
 use super::protocol::{NodeHealth, NodeState};
@@ -113,13 +116,29 @@ impl Supervisor {
         self
     }
 
-    /// Starts the control socket's thread; requests arrive on the returned channel.
-    pub fn serve_control(listener: UnixListener) -> std::io::Result<Receiver<Incoming>> {
+    /// Starts the control socket's thread and, unless `[metrics] listen` is empty, the metrics
+    /// endpoint's ([`http::start`]); requests from both arrive on the returned channel. The
+    /// endpoint's state says whether it could bind its address (it retries while it cannot).
+    pub fn serve_control(
+        listener: UnixListener,
+        metrics_config: &MetricsConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<(Receiver<Incoming>, EndpointState)> {
         let (tx, rx) = bounded::<Incoming>(CONTROL_QUEUE);
+        let endpoint = match metrics_config.address() {
+            Some(addr) => http::start(
+                addr,
+                Endpoint {
+                    requests: tx.clone(),
+                    metrics,
+                },
+            )?,
+            None => EndpointState::default(),
+        };
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || control::serve(listener, tx, CONTROL_REPLY_TIMEOUT))?;
-        Ok(rx)
+        Ok((rx, endpoint))
     }
 
     fn env(&self, epoch: u64) -> [(&'static str, String); 2] {

@@ -4,10 +4,12 @@
 //! database that does not answer); only this thread blocks, and the [`super::machine`], which
 //! never waits for a reply past its fence deadline, discards a late reply by its number.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
+use crate::daemon::metrics::Metrics;
 use crate::lease::{Lease, LeaseStore, Obs, RenewFail};
 
 /// What the machine asks of the store.
@@ -51,10 +53,12 @@ pub type Results = Receiver<(u64, Done)>;
 /// share's mount and link); its error gives the lease up again.
 pub type AfterTakeover = Box<dyn FnMut() -> Result<(), String> + Send>;
 
-/// Starts the worker's thread: numbered jobs in, numbered results out, both bounded(1).
+/// Starts the worker's thread: numbered jobs in, numbered results out, both bounded(1); each
+/// renewal's duration goes into `metrics`.
 pub fn start(
     mut store: Box<dyn LeaseStore>,
     mut after_takeover: Option<AfterTakeover>,
+    metrics: Arc<Metrics>,
 ) -> std::io::Result<(Jobs, Results)> {
     let (jobs_tx, jobs_rx) = bounded::<(u64, Job)>(1);
     let (done_tx, done_rx) = bounded::<(u64, Done)>(1);
@@ -62,7 +66,13 @@ pub fn start(
         .name("lease-worker".into())
         .spawn(move || {
             for (seq, job) in jobs_rx.iter() {
+                let renewal = matches!(job, Job::Renew { .. }).then(Instant::now);
                 let done = handle(store.as_mut(), after_takeover.as_mut(), job);
+                if let Some(began) = renewal {
+                    metrics
+                        .lease_renewal_seconds
+                        .observe(began.elapsed().as_secs_f64());
+                }
                 if done_tx.send((seq, done)).is_err() {
                     break;
                 }

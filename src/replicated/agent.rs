@@ -27,6 +27,8 @@ use crossbeam_channel::{bounded, never, select, Receiver};
 use crate::config::{Ack, Capture, Config, PeerLoss, ReplRole, ReplicationConfig};
 use crate::daemon::control::Incoming;
 use crate::daemon::listen_fds::{self, ListenFdsError};
+use crate::daemon::metrics::http::EndpointState;
+use crate::daemon::metrics::Metrics;
 use crate::daemon::protocol::{
     AgentStatus, Demoted, Promoted, ReplicatedStatus, Reply, Request, Verified, DRAIN_TIMEOUT,
     VERIFY_TIMEOUT,
@@ -102,6 +104,13 @@ struct Replica {
     lease: Option<LeaseMachine>,
     /// With the lease, while hot: the thread reporting the cold copy's lag into the row.
     witness: Option<(Witness, WitnessHandle)>,
+    /// The event metrics (fences, durable waits, verify).
+    metrics: Arc<Metrics>,
+    /// The metrics endpoint, for its bind error in `status`.
+    endpoint: EndpointState,
+    /// Control requests (the socket's and the metrics endpoint's), so that waits on a long
+    /// request can still answer `status`.
+    requests: Receiver<Incoming>,
 }
 
 /// How the replication peers authenticate, from the config (files named in errors).
@@ -138,8 +147,11 @@ pub fn run(
 ) -> Result<ShutdownReason, ReplicaError> {
     let (step_tx, step_rx) = bounded::<u64>(4);
     let mut me = Replica::start(config, step_tx)?;
-    let requests = Supervisor::serve_control(control_listener)
-        .map_err(|e| ReplicaError::Start(format!("control thread: {e}")))?;
+    let (requests, endpoint) =
+        Supervisor::serve_control(control_listener, &me.config.metrics, me.metrics.clone())
+            .map_err(|e| ReplicaError::Start(format!("control thread: {e}")))?;
+    me.endpoint = endpoint;
+    me.requests = requests.clone();
     let state = me.gate.get();
     tracing::info!(role = ?state.role, epoch = state.epoch, listen = %me.listen, peer = %me.repl.peer,
         lease = me.lease.is_some(), "replication agent started");
@@ -281,7 +293,8 @@ impl Replica {
             rt.handle(),
         );
         repl.data_dir = data_dir;
-        let lease = lease::machine(&config, &gate)?;
+        let metrics = Metrics::new();
+        let lease = lease::machine(&config, &gate, metrics.clone())?;
         // with the lease a hook runs while the fence deadline runs: one renewal period at most
         let hooks = if lease.is_some() {
             HOOK_TIMEOUT.min(Duration::from_millis(config.lock.update_interval_ms))
@@ -304,6 +317,9 @@ impl Replica {
             sup,
             lease,
             witness: None,
+            metrics,
+            endpoint: EndpointState::default(),
+            requests: never(),
         })
     }
 
@@ -346,6 +362,7 @@ impl Replica {
                 peer_timeout: Duration::from_millis(self.repl.peer_timeout_ms),
                 block: self.repl.on_peer_loss == PeerLoss::Block,
                 witness: witness.as_ref().map(|(h, _, _)| h.clone()),
+                metrics: self.metrics.clone(),
             }),
         };
         let sender = sender::start(cfg, self.rt.handle())
@@ -425,6 +442,7 @@ impl Replica {
         if st.role != ReplRole::Hot {
             return;
         }
+        self.metrics.fence_events.inc();
         tracing::error!(
             epoch = st.epoch,
             newer = epoch,

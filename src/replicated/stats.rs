@@ -24,6 +24,13 @@ pub struct SenderStats {
     pub sent_seq: AtomicU64,
     /// Batches rejected by the cold side and resent.
     pub nacks: AtomicU64,
+    /// Connections made again after one was lost.
+    pub reconnects: AtomicU64,
+    /// Bytes sent and not yet acknowledged (the window in use).
+    pub window_bytes: AtomicU64,
+    /// When the oldest batch sent and not yet acknowledged was sent (ms since the Unix
+    /// epoch); 0 when none is.
+    pub oldest_unacked_unix_ms: AtomicU64,
     /// When the last acknowledgement arrived (ms since the Unix epoch), 0 if none.
     pub last_ack_unix_ms: AtomicU64,
     /// Batches the scanner emitted for the current connection.

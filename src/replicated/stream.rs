@@ -124,10 +124,13 @@ pub(crate) async fn run_net(
         )
         .await;
         stats.connected.store(false, Ordering::Relaxed);
+        stats.window_bytes.store(0, Ordering::Relaxed);
+        stats.oldest_unacked_unix_ms.store(0, Ordering::Relaxed);
         let _ = scanner.ctl.send(ScanMsg::Disconnected);
         match result {
             Ok(()) => return,
             Err(e) => {
+                stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 let text = crate::error_chain(&e);
                 if text == last_error {
                     tracing::debug!(peer = %cfg.peer, "replication connection: {text}; reconnecting in {} ms", pause.as_millis());
@@ -448,7 +451,21 @@ impl Outbound<'_> {
         self.window_bytes += body.len();
         self.window
             .push_back((seq, body, tokio::time::Instant::now()));
+        self.publish_window();
         Ok(())
+    }
+
+    /// The window's size and its oldest batch's send time, for `status` and the metrics.
+    fn publish_window(&self) {
+        let bytes = u64::try_from(self.window_bytes).unwrap_or(u64::MAX);
+        self.stats.window_bytes.store(bytes, Ordering::Relaxed);
+        let oldest = self.window.front().map_or(0, |(_, _, sent)| {
+            let age = u64::try_from(sent.elapsed().as_millis()).unwrap_or(u64::MAX);
+            crate::sys::now_unix_ms().saturating_sub(age).max(1)
+        });
+        self.stats
+            .oldest_unacked_unix_ms
+            .store(oldest, Ordering::Relaxed);
     }
 
     /// Tells the cold side that everything up to the last batch sent is acknowledged.
@@ -507,6 +524,7 @@ impl Outbound<'_> {
             let (_, body, _) = self.window.pop_front().expect("front");
             self.window_bytes -= body.len();
         }
+        self.publish_window();
         self.stats.acked_seq.store(seq, Ordering::Relaxed);
         self.stats
             .last_ack_unix_ms

@@ -37,6 +37,8 @@ use crossbeam_channel::{select, Receiver};
 
 use crate::config::{fence_margin_ms, Config, LeaseBackend};
 use crate::daemon::control::Incoming;
+use crate::daemon::metrics::http::EndpointState;
+use crate::daemon::metrics::Metrics;
 use crate::daemon::protocol::{
     AgentStatus, LeaseRole, ObservedLeaseState, Released, Reply, Request, Resumed, SharedStatus,
 };
@@ -67,6 +69,10 @@ struct Agent {
     machine: LeaseMachine,
     /// The node, its hooks, the last error, systemd.
     sup: Supervisor,
+    /// The event metrics (fences here).
+    metrics: Arc<Metrics>,
+    /// The metrics endpoint, for its bind error in `status`.
+    endpoint: EndpointState,
 }
 
 /// The lease machine's timing from `[lock]` and `[node]`.
@@ -98,10 +104,18 @@ pub fn run(
     };
     // whichever store keeps the lease, the node needs the share mounted and linked
     let c = config.clone();
-    let after: Option<worker::AfterTakeover> = Some(Box::new(move || ensure_share(&c)));
+    let metrics = Metrics::new();
+    let m = metrics.clone();
+    let after: Option<worker::AfterTakeover> = Some(Box::new(move || {
+        let checked = ensure_share(&c);
+        m.mount_checked(checked.is_ok());
+        checked
+    }));
     let has_lock = store.has_lock();
-    let channels = worker::start(store, after).map_err(AgentError::Thread)?;
-    let requests = Supervisor::serve_control(listener).map_err(AgentError::Thread)?;
+    let channels = worker::start(store, after, metrics.clone()).map_err(AgentError::Thread)?;
+    let (requests, endpoint) =
+        Supervisor::serve_control(listener, &config.metrics, metrics.clone())
+            .map_err(AgentError::Thread)?;
     let t = timing(&config);
     let mut agent = Agent {
         holder: config.holder_id(),
@@ -109,6 +123,8 @@ pub fn run(
         machine: LeaseMachine::new(config.holder_id(), t, channels, has_lock, None),
         // a hook runs while the fence deadline runs: one renewal period at most
         sup: Supervisor::new(&config.node, config.holder_id(), t.update),
+        metrics,
+        endpoint,
     };
     let l = &config.lock;
     tracing::info!(holder = %agent.holder, dir = %l.dir.display(), backend = ?config.lease_backend(),
@@ -168,6 +184,7 @@ impl Agent {
                     }
                 }
                 Event::Fence { epoch, why } => {
+                    self.metrics.fence_events.inc();
                     self.sup.note_error(why);
                     self.sup.release(epoch);
                 }
@@ -265,6 +282,8 @@ impl Agent {
             node_state: self.sup.node_state(),
             error: self.sup.last_error(),
             node_health: self.sup.node_health(),
+            wait_interval_ms: duration_ms(self.wait),
+            metrics_error: self.endpoint.error(),
         }
     }
 }

@@ -14,6 +14,7 @@ mod helper;
 mod lease_pg;
 mod link;
 mod listen;
+mod metrics;
 mod overflow;
 mod pg;
 mod replication;

@@ -25,6 +25,8 @@ fn shared_status() -> AgentStatus {
             last_probe_error: Some("http http://127.0.0.1:8080/health: answered 503".into()),
             cannot_fail_over: None,
         },
+        wait_interval_ms: 40_000,
+        metrics_error: None,
     }))
 }
 

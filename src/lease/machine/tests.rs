@@ -65,7 +65,12 @@ const T: Timing = Timing {
 };
 
 fn machine(mem: &Mem, holder: &str, eligible: Option<Eligible>) -> LeaseMachine {
-    let ch = worker::start(Box::new(mem.clone()), None).unwrap();
+    let ch = worker::start(
+        Box::new(mem.clone()),
+        None,
+        crate::daemon::metrics::Metrics::new(),
+    )
+    .unwrap();
     LeaseMachine::new(holder.into(), T, ch, false, eligible)
 }
 

@@ -27,6 +27,22 @@ impl Replica {
         let _ = req.reply.send(answer);
     }
 
+    /// While the main thread waits on a long request (a verify, a forced promotion): answers
+    /// `status` at once (the CLI's, and the metrics endpoint's for `/health`, which would
+    /// otherwise call a hot VM down for the verify's duration), refuses the rest.
+    pub(super) fn answer_while_busy(&mut self, req: Incoming) {
+        let answer = match req.request {
+            Request::Status => Ok(Reply::Status(AgentStatus::Replicated(Box::new(
+                self.status(),
+            )))),
+            other => Err(format!(
+                "`{}` cannot run now: the agent is busy with another request (a verify or a forced promotion); try again when it is done",
+                other.name()
+            )),
+        };
+        let _ = req.reply.send(answer);
+    }
+
     /// Becomes hot at a new epoch. Without `force`, only after a clean hand-over: the old hot
     /// demoted (its drained goodbye arrived) and is no longer streaming. The new epoch is on
     /// disk, and the apply thread idle for good, before the node starts.
@@ -206,6 +222,7 @@ impl Replica {
             .send(ScanMsg::Verify(tx))
             .map_err(|_| "the scanner stopped".to_string())?;
         let report = self.wait_keeping_lease(&rx, VERIFY_TIMEOUT)??;
+        self.metrics.verified(report.identical);
         Ok(Verified {
             identical: report.identical,
             hot_root: report.hot_root,
@@ -306,8 +323,38 @@ impl Replica {
                     |h| h.status_text(),
                 )
             }),
+            lag_ms: self.lag_ms(),
+            unacked_bytes: self
+                .sender
+                .as_ref()
+                .map(|s| s.stats.window_bytes.load(Ordering::Relaxed)),
+            reconnects: self
+                .sender
+                .as_ref()
+                .map_or(0, |s| s.stats.reconnects.load(Ordering::Relaxed)),
+            resends: self
+                .sender
+                .as_ref()
+                .map_or(0, |s| s.stats.nacks.load(Ordering::Relaxed)),
+            checksum_failures: self.receiver.stats.checksum_failures.load(Ordering::Relaxed),
+            metrics_error: self.endpoint.error(),
             error: self.sup.last_error(),
             node_health: self.sup.node_health(),
+        }
+    }
+
+    /// Hot: the oldest unacknowledged batch's age (0: none); cold: the hot's last heartbeat's.
+    fn lag_ms(&self) -> Option<u64> {
+        match &self.sender {
+            Some(s) => {
+                let oldest = s.stats.oldest_unacked_unix_ms.load(Ordering::Relaxed);
+                Some(if oldest == 0 {
+                    0
+                } else {
+                    crate::sys::now_unix_ms().saturating_sub(oldest).max(1)
+                })
+            }
+            None => self.receiver.hot_sync().map(|h| h.state.unacked_ms),
         }
     }
 }

@@ -25,12 +25,13 @@ use crate::replicated::witness::{Inbox, WitnessConfig};
 pub(super) fn machine(
     config: &Config,
     gate: &Arc<EpochGate>,
+    metrics: Arc<Metrics>,
 ) -> Result<Option<LeaseMachine>, ReplicaError> {
     if config.lease_backend() != Some(crate::config::LeaseBackend::Postgres) {
         return Ok(None);
     }
     let store = PgStore::open(config).map_err(|e| ReplicaError::Start(crate::error_chain(&e)))?;
-    let channels = worker::start(Box::new(store), None)
+    let channels = worker::start(Box::new(store), None, metrics)
         .map_err(|e| ReplicaError::Start(format!("lease worker thread: {e}")))?;
     let t = crate::shared::agent::timing(config);
     let mut m = LeaseMachine::new(
@@ -146,6 +147,7 @@ impl Replica {
             match event {
                 Event::Acquired(e) => self.lease_acquired(e),
                 Event::Fence { epoch, why } => {
+                    self.metrics.fence_events.inc();
                     self.sup.note_error(why.clone());
                     self.sup.release(epoch);
                     if self.gate.get().role == ReplRole::Hot {
@@ -186,7 +188,7 @@ impl Replica {
         limit: Duration,
     ) -> Result<T, String> {
         if self.lease.is_none() {
-            return sdnotify::recv_pinging(rx, limit).map_err(|_| "no answer in time".into());
+            return self.wait_answering_status(rx, limit);
         }
         match self.run_lease_until(rx, Instant::now() + limit, |_| false) {
             Some(Ok(v)) => Ok(v),
@@ -195,8 +197,28 @@ impl Replica {
         }
     }
 
+    /// Waits for `rx` at most `limit` without a lease, answering `status` meanwhile and
+    /// pinging the watchdog.
+    fn wait_answering_status<T>(&mut self, rx: &Receiver<T>, limit: Duration) -> Result<T, String> {
+        let deadline = Instant::now() + limit;
+        let requests = self.requests.clone();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err("no answer in time".into());
+            }
+            select! {
+                recv(rx) -> v => return v.map_err(|_| "no answer in time".into()),
+                recv(requests) -> req => if let Ok(req) = req { self.answer_while_busy(req) },
+                default(self.sup.wait_limit(left.min(IDLE_WAKEUP))) => {}
+            }
+            self.sup.ping_watchdog();
+        }
+    }
+
     /// Runs the lease (its worker's replies, its ticks and what they decide, the watchdog)
     /// until `rx` answers, `done` holds, or `deadline`; returns `rx`'s answer if it came.
+    /// `status` is answered meanwhile.
     fn run_lease_until<T>(
         &mut self,
         rx: &Receiver<T>,
@@ -204,6 +226,7 @@ impl Replica {
         done: impl Fn(&Self) -> bool,
     ) -> Option<Result<T, crossbeam_channel::RecvError>> {
         let replies = self.lease.as_ref().map_or(never(), LeaseMachine::replies);
+        let requests = self.requests.clone();
         while Instant::now() < deadline && !done(self) {
             let next = self.lease.as_ref().map_or(IDLE_WAKEUP, |m| {
                 m.next_deadline()
@@ -212,6 +235,7 @@ impl Replica {
             });
             select! {
                 recv(rx) -> v => return Some(v),
+                recv(requests) -> req => if let Ok(req) = req { self.answer_while_busy(req) },
                 recv(replies) -> msg => if let (Ok((seq, reply)), Some(m)) = (msg, self.lease.as_mut()) {
                     m.handle_reply(seq, reply);
                 },
@@ -387,6 +411,7 @@ impl Replica {
             },
             age_ms: duration_ms(m.age()),
             not_taking_over: m.not_eligible().map(str::to_owned),
+            wait_interval_ms: self.config.lock.wait_interval_ms,
         }))
     }
 }

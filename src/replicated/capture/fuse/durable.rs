@@ -35,6 +35,8 @@ pub struct DurableConfig {
     /// With the database lease: told before any sync returns without the cold side
     /// ([`crate::replicated::witness`]); degrading waits until it has recorded it.
     pub witness: Option<WitnessHandle>,
+    /// Where each sync's wait is recorded.
+    pub metrics: Arc<crate::daemon::metrics::Metrics>,
 }
 
 /// Marks the sender degraded (syncs return without the cold side) and says so once.
@@ -59,6 +61,15 @@ impl Passthrough {
     /// it has not within the timeout; at once when acks are async or already degraded.
     pub(super) fn wait_durable(&self) {
         let Some(d) = &self.durable else { return };
+        let began = Instant::now();
+        self.wait_durable_of(d);
+        d.cfg
+            .metrics
+            .durable_sync_wait_seconds
+            .observe(began.elapsed().as_secs_f64());
+    }
+
+    fn wait_durable_of(&self, d: &Durable) {
         let stats = &d.stats;
         let degraded = stats.degraded_since_unix_ms.load(Ordering::Acquire) != 0;
         let resynced =
