@@ -199,6 +199,23 @@ impl Watchdog {
         }
     }
 
+    /// The node was stopped for a restart at `now`: the back-off runs from the end of the stop,
+    /// so a stop that had to wait for the SIGKILL does not use it up.
+    pub fn halted(&mut self, backoff: Duration, now: Instant) {
+        if let Phase::Restarting { at } = &mut self.phase {
+            *at = (*at).max(now + backoff);
+        }
+    }
+
+    /// The mode cannot hand the node over after all (replicated: the cold copy is not there to
+    /// take over): instead of giving up, restart at the longest back-off, saying `why`.
+    pub fn cannot_give_up(&mut self, why: String, now: Instant) {
+        self.cannot_fail_over = Some(why);
+        self.phase = Phase::Restarting {
+            at: now + self.p.backoff_max,
+        };
+    }
+
     /// The pause before the restart that follows `in_window` restarts in the window.
     fn backoff(&self, in_window: u32) -> Duration {
         if self.cannot_fail_over.is_some() {

@@ -285,6 +285,7 @@ impl Supervisor {
                 let backoff_ms = super::duration_ms(backoff);
                 tracing::error!(pid, epoch, failures, backoff_ms, "node unhealthy: {why}; stopping it and restarting it locally after the back-off");
                 self.halt_node();
+                self.health.halted(backoff, Instant::now());
                 if let Some(note) = self.health.snapshot(Instant::now(), 0).cannot_fail_over {
                     tracing::error!(pid, epoch, backoff_ms, "{note}");
                 }
@@ -334,6 +335,14 @@ impl Supervisor {
     /// passed), if it does.
     pub fn staying_out(&mut self) -> Option<String> {
         self.health.staying_out(Instant::now())
+    }
+
+    /// The mode cannot hand the node over after the watchdog gave up (see
+    /// [`super::health::Watchdog::cannot_give_up`]): the node is restarted at the longest
+    /// back-off instead, and `why` is logged and kept for `status`.
+    pub fn keep_restarting(&mut self, why: String) {
+        tracing::error!(epoch = self.epoch, "{why}");
+        self.health.cannot_give_up(why, Instant::now());
     }
 
     /// The operator's `resume`: forgets the watchdog's give-up; returns it, if there was one.

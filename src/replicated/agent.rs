@@ -484,6 +484,18 @@ impl Replica {
     /// over as `demote` does (drained if the cold side is there) and stay out of the contention.
     fn give_up(&mut self, why: &str) {
         let epoch = self.gate.get().epoch;
+        let connected = self
+            .sender
+            .as_ref()
+            .is_some_and(|s| s.stats.connected.load(Ordering::Acquire));
+        if !connected {
+            // the hand-over could not drain: the lease would say "behind" and the other VM
+            // would not take over, leaving the pair with no node at all
+            self.sup.keep_restarting(format!(
+                "{why}; but the cold VM is not connected, so it could not take over: restarting the node here at restart_backoff_max_ms instead of handing the lease over"
+            ));
+            return;
+        }
         tracing::error!(
             epoch,
             "{why}; handing the lease over so the other VM can take over"

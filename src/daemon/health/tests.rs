@@ -217,3 +217,36 @@ fn a_stop_by_the_mode_cancels_a_pending_restart() {
     // an exit when nothing runs is not a failure
     assert_eq!(w.exited("x", t0), Decision::Nothing);
 }
+
+#[test]
+fn issue14_the_back_off_runs_from_the_end_of_a_slow_stop() {
+    let t0 = Instant::now();
+    let mut w = Watchdog::new(policy());
+    w.started(t0, false);
+    let Decision::Restart { backoff, .. } = w.exited("the node exited with code 1", t0) else {
+        panic!("not a restart");
+    };
+    // the stop took 10 s (SIGKILL after the stop timeout): the back-off starts after it
+    let stopped = t0 + Duration::from_secs(10);
+    w.halted(backoff, stopped);
+    assert!(!w.restart_due(stopped));
+    assert!(!w.restart_due(stopped + backoff - Duration::from_millis(1)));
+    assert!(w.restart_due(stopped + backoff));
+}
+
+#[test]
+fn issue14_a_give_up_the_mode_cannot_carry_out_keeps_restarting_at_the_longest_back_off() {
+    let t0 = Instant::now();
+    let p = policy();
+    let max = p.backoff_max;
+    let mut w = Watchdog::new(p);
+    w.cannot_give_up("the cold VM is not connected".into(), t0);
+    assert_eq!(w.staying_out(t0), None);
+    assert!(!w.restart_due(t0 + max - Duration::from_millis(1)));
+    assert!(w.restart_due(t0 + max));
+    let h = w.snapshot(t0, 0);
+    assert_eq!(
+        h.cannot_fail_over.as_deref(),
+        Some("the cold VM is not connected")
+    );
+}

@@ -48,6 +48,12 @@ impl Replica {
     /// disk, and the apply thread idle for good, before the node starts.
     fn promote(&mut self, force: bool) -> Result<Promoted, String> {
         if self.lease.is_some() {
+            if let Some(why) = self.sup.staying_out() {
+                // the lease machine stays out of the contention: a promotion could never win
+                return Err(format!(
+                    "the node health watchdog gave up on this VM ({why}): it stays out of the contention until its cool-down passes or `artemis-sync resume`; run resume first, then promote"
+                ));
+            }
             return self.lease_promote(force);
         }
         let st = self.gate.get();
