@@ -341,13 +341,11 @@ fn issue14_watchdog_config_errors_name_the_key() {
 #[test]
 fn issue14_replicated_without_a_lease_keeps_restarting_at_the_longest_back_off_and_says_why() {
     let mut p = crate::replication::Pair::new("insecure", None);
-    let text = std::fs::read_to_string(&p.hot.config).unwrap().replacen(
-        "[node]\n",
-        "[node]\ncommand = [\"/bin/sh\", \"-c\", \"sleep 0.2; exit 4\"]\nstop_timeout_ms = 300\n\
+    add_node_keys(
+        &p.hot.config,
+        "command = [\"/bin/sh\", \"-c\", \"sleep 0.2; exit 4\"]\nstop_timeout_ms = 300\n\
          max_local_restarts = 1\nrestart_backoff_ms = 100\nrestart_backoff_max_ms = 300\n",
-        1,
     );
-    std::fs::write(&p.hot.config, text).unwrap();
     p.start("cold");
     p.start("hot");
     let started = Instant::now();
@@ -392,12 +390,7 @@ fn issue14_replicated_with_the_lease_hands_it_over_after_max_local_restarts_and_
         return;
     };
     for cfg in [&d.p.hot.config, &d.p.cold.config] {
-        let text = std::fs::read_to_string(cfg).unwrap().replacen(
-            "[node]\n",
-            "[node]\nmax_local_restarts = 1\nrestart_backoff_ms = 100\n",
-            1,
-        );
-        std::fs::write(cfg, text).unwrap();
+        add_node_keys(cfg, "max_local_restarts = 1\nrestart_backoff_ms = 100\n");
     }
     let first = d.hot_then_cold();
     kill(pid_t(first), libc::SIGKILL);
@@ -451,12 +444,10 @@ fn issue14_a_give_up_with_the_cold_vm_gone_keeps_the_node_here() {
         return;
     };
     for cfg in [&d.p.hot.config, &d.p.cold.config] {
-        let text = std::fs::read_to_string(cfg).unwrap().replacen(
-            "[node]\n",
-            "[node]\nmax_local_restarts = 0\nrestart_backoff_ms = 100\nrestart_backoff_max_ms = 300\n",
-            1,
+        add_node_keys(
+            cfg,
+            "max_local_restarts = 0\nrestart_backoff_ms = 100\nrestart_backoff_max_ms = 300\n",
         );
-        std::fs::write(cfg, text).unwrap();
     }
     let first = d.hot_then_cold();
     d.p.kill9("cold");
@@ -483,4 +474,13 @@ fn issue14_a_give_up_with_the_cold_vm_gone_keeps_the_node_here() {
             .is_some_and(|w| w.contains("cold VM is not connected")),
         "{st}"
     );
+}
+
+/// Adds `keys` (TOML lines) at the top of the `[node]` section of the config at `path`.
+fn add_node_keys(path: &std::path::Path, keys: &str) {
+    let text =
+        std::fs::read_to_string(path)
+            .unwrap()
+            .replacen("[node]\n", &format!("[node]\n{keys}"), 1);
+    std::fs::write(path, text).unwrap();
 }

@@ -8,37 +8,23 @@ use std::fs;
 use crate::tool_cmd;
 use crate::util::*;
 
+/// The figures of `initial_sync` and `initial_sync_tls`.
+const SYNC_KEYS: &[&str] = &[
+    "mb_per_s",
+    "plain_copy_mb_per_s",
+    "cp_mb_per_s",
+    "rsync_mb_per_s",
+    "ratio_vs_rsync",
+    "ratio_vs_plain_copy",
+    "hot_cpu_s_per_gib",
+    "cold_cpu_s_per_gib",
+];
+
 /// The keys `--json` must have: (workload, figures), and whether they need FUSE (root and
 /// /dev/fuse): those are numbers when it is there, null with a reason when it is not.
 const KEYS: &[(&str, &[&str], bool)] = &[
-    (
-        "initial_sync",
-        &[
-            "mb_per_s",
-            "plain_copy_mb_per_s",
-            "cp_mb_per_s",
-            "rsync_mb_per_s",
-            "ratio_vs_rsync",
-            "ratio_vs_plain_copy",
-            "hot_cpu_s_per_gib",
-            "cold_cpu_s_per_gib",
-        ],
-        false,
-    ),
-    (
-        "initial_sync_tls",
-        &[
-            "mb_per_s",
-            "plain_copy_mb_per_s",
-            "cp_mb_per_s",
-            "rsync_mb_per_s",
-            "ratio_vs_rsync",
-            "ratio_vs_plain_copy",
-            "hot_cpu_s_per_gib",
-            "cold_cpu_s_per_gib",
-        ],
-        false,
-    ),
+    ("initial_sync", SYNC_KEYS, false),
+    ("initial_sync_tls", SYNC_KEYS, false),
     (
         "resync",
         &[
