@@ -1,19 +1,8 @@
 //! The config file: parsed and validated, or refused with an error; never a panic. What is
 //! accepted serializes back to TOML that is accepted again.
+//! The check is `artemis_sync_tools::fuzz_checks::config`, which CI also replays on stable.
 #![no_main]
 
-use std::path::Path;
-
-use artemis_sync::config::Config;
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    let path = Path::new("/etc/artemis-sync/agent.toml");
-    if let Ok(config) = Config::from_toml(path, text) {
-        let again = config.to_toml();
-        Config::from_toml(path, &again).expect("a valid config's TOML is valid");
-    }
-});
+fuzz_target!(|data: &[u8]| artemis_sync_tools::fuzz_checks::config(data));

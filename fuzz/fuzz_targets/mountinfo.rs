@@ -1,11 +1,7 @@
 //! `/proc/self/mountinfo` text: parsed or refused with the line named; never a panic.
+//! The check is `artemis_sync_tools::fuzz_checks::mountinfo_text`, which CI also replays on stable.
 #![no_main]
 
-use artemis_sync::shared::mountinfo;
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    if let Ok(text) = std::str::from_utf8(data) {
-        let _ = mountinfo::parse(text);
-    }
-});
+fuzz_target!(|data: &[u8]| artemis_sync_tools::fuzz_checks::mountinfo_text(data));

@@ -1,10 +1,12 @@
 //! The tools beside artemis-sync that an operator does not need on a VM to run the pair:
 //! [`bench`](mod@bench), the standalone throughput benchmark (`artemis-sync-bench`), [`demo`], the
-//! walk-through of both modes (`artemis-sync-demo`), and [`workload`], the Artemis-like writer
-//! and lag probe that both drive through real agents.
+//! walk-through of both modes (`artemis-sync-demo`), [`workload`], the Artemis-like writer
+//! and lag probe that both drive through real agents, and [`fuzz_checks`], the properties the
+//! fuzz targets in `fuzz/` check, which the tests replay on stable.
 
 pub mod bench;
 pub mod demo;
+pub mod fuzz_checks;
 pub mod workload;
 
 /// `x` rounded down to a whole number, as a `u64`: `as` from a float saturates (a negative or

@@ -8,6 +8,7 @@
 #[path = "../../../tests/integration/util.rs"]
 mod util;
 
+mod fuzz_replay;
 mod tools;
 
 /// A binary of this package (the benchmark, the demo).
