@@ -16,8 +16,11 @@ use artemis_sync::replicated::state::{load_state, save_state};
 use artemis_sync::replicated::wire::{Frame, FrameMac, FrameReader, FrameWriter, Psk};
 use artemis_sync::shared::mountinfo;
 
+/// A target's check: returns, or panics on a bug.
+pub type Check = fn(&[u8]);
+
 /// Every target by name (the name of its folder in `fuzz/seeds/` and of its binary in `fuzz/`).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Check)] = &[
     ("wire_frame", wire_frame),
     ("frame_stream", frame_stream),
     ("handshake", handshake),

@@ -9,7 +9,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use artemis_sync_tools::fuzz_checks::TARGETS;
+use artemis_sync_tools::fuzz_checks::{Check, TARGETS};
 
 /// Mutated inputs tried per target.
 const MUTATIONS_PER_TARGET: u32 = 50_000;
@@ -41,7 +41,7 @@ fn inputs(dir: &Path) -> Vec<(String, Vec<u8>)> {
 
 /// Runs `check` on `data`; a panic is reported with the input saved to a file named in the
 /// message.
-fn run_one(target: &str, check: fn(&[u8]), origin: &str, data: &[u8]) {
+fn run_one(target: &str, check: Check, origin: &str, data: &[u8]) {
     if catch_unwind(AssertUnwindSafe(|| check(data))).is_ok() {
         return;
     }
@@ -92,7 +92,7 @@ fn mutate(rng: &mut Rng, base: &[u8], other: &[u8]) -> Vec<u8> {
             2 => v.truncate(at),
             3 => {
                 let n = 1 + rng.below(16);
-                let fresh: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                let fresh: Vec<u8> = (0..n).map(|_| rng.next().to_le_bytes()[0]).collect();
                 v.splice(at..at, fresh);
             }
             4 if at < v.len() => {
