@@ -180,6 +180,12 @@ impl Fs {
         Ok(self.rel(parent)?.join(name))
     }
 
+    /// The path of `name` in `parent`, which the call is about to change (`EIO` while failing).
+    fn changed_child(&self, parent: INodeNo, name: &OsStr) -> Res<PathBuf> {
+        self.fault()?;
+        self.child(parent, name)
+    }
+
     fn keep(&self, f: File) -> u64 {
         let fh = self.0.next.fetch_add(1, Ordering::SeqCst);
         self.0.files.lock().unwrap().insert(fh, f);
@@ -306,30 +312,25 @@ impl Filesystem for Fs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        let r = self
-            .fault()
-            .and_then(|()| self.child(parent, name))
-            .and_then(|rel| {
-                fs::create_dir(self.abs(&rel)).map_err(errno)?;
-                fs::set_permissions(self.abs(&rel), fs::Permissions::from_mode(mode & 0o7777))
-                    .map_err(errno)?;
-                self.node(rel)
-            });
+        let r = self.changed_child(parent, name).and_then(|rel| {
+            fs::create_dir(self.abs(&rel)).map_err(errno)?;
+            fs::set_permissions(self.abs(&rel), fs::Permissions::from_mode(mode & 0o7777))
+                .map_err(errno)?;
+            self.node(rel)
+        });
         answer!(r, reply, |a| reply.entry(&TTL, &a, Generation(0)));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let r = self
-            .fault()
-            .and_then(|()| self.child(parent, name))
+            .changed_child(parent, name)
             .and_then(|rel| fs::remove_file(self.abs(&rel)).map_err(errno));
         answer!(r, reply, |()| reply.ok());
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let r = self
-            .fault()
-            .and_then(|()| self.child(parent, name))
+            .changed_child(parent, name)
             .and_then(|rel| fs::remove_dir(self.abs(&rel)).map_err(errno));
         answer!(r, reply, |()| reply.ok());
     }
@@ -342,13 +343,10 @@ impl Filesystem for Fs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let r = self
-            .fault()
-            .and_then(|()| self.child(parent, link_name))
-            .and_then(|rel| {
-                std::os::unix::fs::symlink(target, self.abs(&rel)).map_err(errno)?;
-                self.node(rel)
-            });
+        let r = self.changed_child(parent, link_name).and_then(|rel| {
+            std::os::unix::fs::symlink(target, self.abs(&rel)).map_err(errno)?;
+            self.node(rel)
+        });
         answer!(r, reply, |a| reply.entry(&TTL, &a, Generation(0)));
     }
 
@@ -533,13 +531,10 @@ impl Filesystem for Fs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let r = self
-            .fault()
-            .and_then(|()| self.child(parent, name))
-            .and_then(|rel| {
-                let f = self.open_path(&rel, flags, Some(mode & 0o7777))?;
-                Ok((self.node(rel)?, f))
-            });
+        let r = self.changed_child(parent, name).and_then(|rel| {
+            let f = self.open_path(&rel, flags, Some(mode & 0o7777))?;
+            Ok((self.node(rel)?, f))
+        });
         answer!(r, reply, |(a, f)| reply.created(
             &TTL,
             &a,
