@@ -321,6 +321,14 @@ pub struct ReplicatedStatus {
     /// Cold: batches rejected for a bad page checksum.
     #[serde(default)]
     pub checksum_failures: u64,
+    /// Cold: batches could not be applied since when, and the latest reason (the op, the
+    /// file and the errno: a full, read-only or failing disk); cleared once one applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apply_error: Option<String>,
+    /// Cold: batches that could not be applied since the agent started (each one is
+    /// answered `Nack` and resynced).
+    #[serde(default)]
+    pub apply_failures: u64,
     /// The metrics endpoint cannot bind its address (it retries), if so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_error: Option<String>,

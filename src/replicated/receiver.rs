@@ -38,6 +38,24 @@ pub const MAX_UNAUTHENTICATED: usize = 8;
 pub const ADMIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections closed over [`MAX_UNAUTHENTICATED`] are logged at most this often.
 const OVER_CAP_LOG_EVERY: Duration = Duration::from_secs(10);
+/// While batches cannot be applied (a full, read-only or failing disk), a new connection's
+/// index waits first: this long after the first failure, doubling with each failure after it,
+pub const FAILING_PAUSE_FIRST: Duration = Duration::from_secs(2);
+/// up to this (once the disk is fixed, the copy catches up within about this long),
+pub const FAILING_PAUSE_MAX: Duration = Duration::from_secs(30);
+/// and at least this many times as long as the last index took: each connection hashes the
+/// whole tree again, and against a disk that stays full that must not keep a core busy.
+pub const FAILING_PAUSE_INDEX_FACTOR: u32 = 4;
+
+/// The pause before indexing for a new connection after `failures` batches in a row could
+/// not be applied, the last index having taken `index_took`.
+pub fn failing_pause(failures: u32, index_took: Duration) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    FAILING_PAUSE_FIRST
+        .saturating_mul(1 << doublings)
+        .max(index_took.saturating_mul(FAILING_PAUSE_INDEX_FACTOR))
+        .min(FAILING_PAUSE_MAX)
+}
 
 /// Decides whether a hot side at a given epoch may stream to us.
 pub trait Gate: Send + Sync {
@@ -162,8 +180,6 @@ struct Shared {
     stats: Arc<ReceiverStats>,
     /// Held by the connection that streams: one at a time.
     streaming: Arc<tokio::sync::Mutex<()>>,
-    /// The last reason a batch could not be applied (logged once while it stays the same).
-    last_failure: Arc<std::sync::Mutex<Option<String>>>,
     /// The admitted connection's stream task: a newly admitted one aborts it.
     current: Arc<std::sync::Mutex<Option<tokio::task::AbortHandle>>>,
     /// One permit per connection not yet admitted: at most [`MAX_UNAUTHENTICATED`].
@@ -194,7 +210,6 @@ async fn accept_loop(
         jobs,
         stats,
         streaming: Arc::new(tokio::sync::Mutex::new(())),
-        last_failure: Arc::new(std::sync::Mutex::new(None)),
         current: Arc::new(std::sync::Mutex::new(None)),
         handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_UNAUTHENTICATED)),
         taken,
@@ -304,7 +319,6 @@ async fn stream_admitted(
         gate: &*shared.cfg.gate,
         epoch,
         rejecting: false,
-        last_failure: &shared.last_failure,
         counted: 0,
     };
     let result = inbound.run(reader).await;
@@ -313,7 +327,7 @@ async fn stream_admitted(
         Ok(()) => {
             tracing::info!(%peer, drained = stats.drained.load(Ordering::Relaxed), "hot side went away")
         }
-        Err(e @ ReceiveError::Resync { .. }) => tracing::info!(%peer, "{e}"),
+        Err(e @ ReceiveError::Resync { .. }) => tracing::debug!(%peer, "{e}"),
         Err(e) => tracing::warn!(%peer, "replication stream: {}", crate::error_chain(&e)),
     }
 }
@@ -377,5 +391,21 @@ async fn admit(
             let _ = writer.flush().await;
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue16_a_failing_disk_is_indexed_again_after_growing_pauses() {
+        let ms =
+            |f, i| u64::try_from(failing_pause(f, Duration::from_millis(i)).as_millis()).unwrap();
+        let small: Vec<u64> = (1..=7).map(|f| ms(f, 10)).collect();
+        assert_eq!(small, [2000, 4000, 8000, 16000, 30000, 30000, 30000]);
+        // a large tree: at most a fifth of the time spent indexing
+        assert_eq!(ms(1, 5000), 20000);
+        assert_eq!(ms(u32::MAX, 0), 30000);
     }
 }

@@ -92,4 +92,90 @@ pub struct ReceiverStats {
     pub peer: Mutex<Option<String>>,
     /// The hot side's sync state, from the last heartbeat received (kept after it left).
     pub hot_sync: Mutex<Option<HotSync>>,
+    /// How long the last index of the data directory took (ms).
+    pub index_ms: AtomicU64,
+    /// Batches that could not be applied (a full, read-only or failing disk; a failed check).
+    pub apply_failures: AtomicU64,
+    /// Why batches cannot be applied, since the first failure; cleared once one applies.
+    pub apply_error: Mutex<Option<ApplyError>>,
+}
+
+/// The last part of an error chain: the errno ("No space left on device (os error 28)"), or
+/// the whole text when it has one part.
+fn cause(reason: &str) -> &str {
+    reason.rsplit(": ").next().unwrap_or(reason)
+}
+
+/// The cold side cannot apply batches: the latest reason, and since when it fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyError {
+    /// The latest failure: the op, the file and the errno ("cannot write /data/j: No space
+    /// left on device (os error 28)"), or the check that failed.
+    pub reason: String,
+    /// When the first failure of this run of failures happened (ms since the Unix epoch).
+    pub since_unix_ms: u64,
+    /// Batches that failed in this run of failures.
+    pub failures: u32,
+}
+
+impl ReceiverStats {
+    /// Records that a batch could not be applied for `reason`; whether it is news: the first
+    /// failure since batches last applied, or one with another cause (a full disk that turns
+    /// read-only; not the same errno on another file, which the next resync may well meet).
+    pub fn apply_failed(&self, reason: &str) -> bool {
+        self.apply_failures.fetch_add(1, Ordering::Relaxed);
+        let mut current = self.apply_error.lock().unwrap_or_else(|p| p.into_inner());
+        match current.as_mut() {
+            Some(e) => {
+                e.failures = e.failures.saturating_add(1);
+                let new = cause(&e.reason) != cause(reason);
+                reason.clone_into(&mut e.reason);
+                new
+            }
+            None => {
+                *current = Some(ApplyError {
+                    reason: reason.to_owned(),
+                    since_unix_ms: crate::sys::now_unix_ms(),
+                    failures: 1,
+                });
+                true
+            }
+        }
+    }
+
+    /// A batch applied: the failure before it, if there was one, is over.
+    pub fn applied_again(&self) -> Option<ApplyError> {
+        self.apply_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// The current failure, if batches cannot be applied.
+    pub fn apply_error(&self) -> Option<ApplyError> {
+        self.apply_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue16_an_apply_failure_is_news_once_per_cause_and_cleared_by_a_success() {
+        let s = ReceiverStats::default();
+        assert!(s.apply_failed("cannot write \"/d/a\": No space left on device (os error 28)"));
+        assert!(!s.apply_failed("cannot allocate \"/d/b\": No space left on device (os error 28)"));
+        let e = s.apply_error().unwrap();
+        assert!(e.reason.contains("/d/b"), "the latest file: {e:?}");
+        assert_eq!(e.failures, 2);
+        assert!(s.apply_failed("cannot open \"/d/b\": Read-only file system (os error 30)"));
+        assert_eq!(s.applied_again().map(|e| e.failures), Some(3));
+        assert!(s.apply_error().is_none());
+        assert!(s.apply_failed("cannot open \"/d/b\": Read-only file system (os error 30)"));
+        assert_eq!(s.apply_failures.load(Ordering::Relaxed), 4);
+    }
 }

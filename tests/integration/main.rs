@@ -5,9 +5,11 @@
 
 mod agent;
 mod cli;
+mod cold_disk;
 mod exact;
 mod failover;
 mod failover_pg;
+mod faultfs;
 mod fuse;
 mod fuse_faults;
 mod helper;

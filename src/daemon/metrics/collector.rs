@@ -326,5 +326,16 @@ fn totals(out: &mut Out<'_>, r: &ReplicatedStatus) -> Fmt {
         "Cold: batches rejected for a bad page checksum",
         None,
         r.checksum_failures,
+    )?;
+    out.counter(
+        "apply_failures",
+        "Cold: batches that could not be applied (a full, read-only or failing disk; a failed check)",
+        None,
+        r.apply_failures,
+    )?;
+    out.flag(
+        "apply_failing",
+        "Cold: 1 while batches cannot be applied (status apply_error says why)",
+        r.apply_error.is_some(),
     )
 }

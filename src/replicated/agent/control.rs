@@ -343,6 +343,15 @@ impl Replica {
                 .as_ref()
                 .map_or(0, |s| s.stats.nacks.load(Ordering::Relaxed)),
             checksum_failures: self.receiver.stats.checksum_failures.load(Ordering::Relaxed),
+            apply_error: self.receiver.stats.apply_error().map(|e| {
+                format!(
+                    "batches cannot be applied since {} s ago (unix ms {}): {}; nothing unwritten is acknowledged, the hot side resyncs until they apply",
+                    now.saturating_sub(e.since_unix_ms) / 1000,
+                    e.since_unix_ms,
+                    e.reason
+                )
+            }),
+            apply_failures: self.receiver.stats.apply_failures.load(Ordering::Relaxed),
             metrics_error: self.endpoint.error(),
             error: self.sup.last_error(),
             node_health: self.sup.node_health(),

@@ -5,6 +5,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -13,7 +14,7 @@ use crate::replicated::hot_sync::HotSync;
 use crate::replicated::ops::{Applied, DigestPart};
 use crate::replicated::pages::{Entry, IndexPart};
 use crate::replicated::receiver::{
-    Gate, Reader, ReceiveError, ReceiverStats, Writer, IDLE_TIMEOUT,
+    failing_pause, Gate, Reader, ReceiveError, ReceiverStats, Writer, IDLE_TIMEOUT,
 };
 use crate::replicated::wire::codec::ENTRY_MIN_BYTES;
 use crate::replicated::wire::framed::ReadTask;
@@ -40,16 +41,18 @@ pub(super) struct Inbound<'a> {
     pub(super) epoch: u64,
     /// A `Nack` is out and its batch not yet applied: further failures are not answered.
     pub(super) rejecting: bool,
-    /// The last reason a batch could not be applied, across connections: said once.
-    pub(super) last_failure: &'a std::sync::Mutex<Option<String>>,
     /// Writer bytes already added to the statistics.
     pub(super) counted: u64,
 }
 
 impl Inbound<'_> {
     pub(super) async fn run(mut self, reader: Reader) -> Result<(), ReceiveError> {
+        pause_while_failing(self.stats).await;
         let (digests_tx, mut digests) = mpsc::channel(DIGEST_PARTS_QUEUE);
+        let began = tokio::time::Instant::now();
         self.send_index(digests_tx).await?;
+        let took = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.stats.index_ms.store(took, Ordering::Relaxed);
         self.stats.applied_seq.store(0, Ordering::Relaxed);
         let read_stats = self.stats.clone();
         let mut frames = ReadTask::spawn(
@@ -190,6 +193,10 @@ impl Inbound<'_> {
         match applied {
             Applied::Done { seq, bytes } => {
                 self.rejecting = false;
+                if let Some(was) = stats.applied_again() {
+                    let failed_ms = crate::sys::now_unix_ms().saturating_sub(was.since_unix_ms);
+                    tracing::warn!(seq, failed_ms, "batch {seq} applied: batches apply again after failing for {failed_ms} ms (last: {})", was.reason);
+                }
                 stats.data_bytes.fetch_add(bytes, Ordering::Relaxed);
                 stats.applied_seq.store(seq, Ordering::Relaxed);
                 stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -216,21 +223,16 @@ impl Inbound<'_> {
     }
 
     /// Batch `seq` failed a check or could not be applied: resending it unchanged could fail
-    /// for ever (a name that changed type, a missing parent, a full disk). Says why once
-    /// (again only when the reason changes), answers `Nack`, and ends the stream: the hot side
-    /// reconnects, our fresh index becomes its table, and it sends the paths involved (and
-    /// whatever else differs) as they are now.
+    /// for ever (a name that changed type, a missing parent, a full disk). Records it for
+    /// `status` (cleared once a batch applies), says why once (again only for another cause,
+    /// the errno, or after batches applied meanwhile), answers `Nack`, and ends the stream: the
+    /// hot side reconnects, our fresh index becomes its table, and it sends the paths involved
+    /// (and whatever else differs) as they are now.
     async fn cannot_apply(&mut self, seq: u64, reason: String, written: &str) -> ReceiveError {
-        let new = {
-            let mut last = self.last_failure.lock().expect("failure lock");
-            let new = last.as_deref() != Some(reason.as_str());
-            *last = Some(reason.clone());
-            new
-        };
-        if new {
+        if self.stats.apply_failed(&reason) {
             tracing::error!(
                 seq,
-                "cannot apply batch {seq}: {reason}; {written}; the hot side resyncs from our index (said once while the reason stays the same)"
+                "cannot apply batch {seq}: {reason}; {written}; the hot side resyncs from our index (said again only for another cause)"
             );
         } else {
             tracing::debug!(seq, "cannot apply batch {seq} again: {reason}");
@@ -266,6 +268,23 @@ impl Inbound<'_> {
         }
         Ok(())
     }
+}
+
+/// While batches cannot be applied, waits [`failing_pause`] before indexing the tree
+/// again for the hot side: a disk that stays full costs an index every half minute at
+/// most, not a core. The hot side waits for our index meanwhile (not in sync).
+async fn pause_while_failing(stats: &ReceiverStats) {
+    let Some(failing) = stats.apply_error() else {
+        return;
+    };
+    let took = Duration::from_millis(stats.index_ms.load(Ordering::Relaxed));
+    let pause = failing_pause(failing.failures, took);
+    tracing::debug!(
+        failures = failing.failures,
+        "batches cannot be applied: waiting {} ms before indexing for the hot side",
+        pause.as_millis()
+    );
+    tokio::time::sleep(pause).await;
 }
 
 /// The frame of an index part.
