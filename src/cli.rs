@@ -7,6 +7,7 @@
 #![allow(rustdoc::invalid_html_tags)]
 
 pub mod commands;
+pub mod progress;
 
 use std::path::PathBuf;
 
@@ -100,6 +101,14 @@ pub enum Command {
         /// One JSON object instead of text
         #[arg(long)]
         json: bool,
+    },
+    /// Replicated mode, on the hot host: follow the initial sync or resync until the cold copy
+    /// has caught up: a progress bar (bytes, files, rate, ETA) on a terminal, plain lines
+    /// otherwise; exits 0 once in sync
+    Progress {
+        /// When the output is not a terminal, print a line this often (and at every change)
+        #[arg(long, value_name = "MS", default_value_t = 5000)]
+        interval_ms: u64,
     },
     /// Both modes: forget the node health watchdog's give-up, so this VM contends for the lease
     /// again (without waiting for `[node] cooldown_ms`)

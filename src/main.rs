@@ -2,11 +2,14 @@
 //! command ([`artemis_sync::cli::commands`], [`artemis_sync::daemon::client`]), prints its
 //! result, and maps errors to the exit codes listed in `--help` and the README.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use artemis_sync::cli::commands::{self, StatusReport};
+use artemis_sync::cli::progress::{self, Output};
 use artemis_sync::cli::{CertsAction, Cli, Command, LeaseAction};
 use artemis_sync::config::{Config, ConfigError};
 use artemis_sync::daemon::client;
@@ -14,7 +17,7 @@ use artemis_sync::doctor;
 use artemis_sync::link::{LinkError, LinkOptions};
 use artemis_sync::shared::lock_safety::LockSafetyError;
 use artemis_sync::shared::mount;
-use artemis_sync::sys::RealSys;
+use artemis_sync::sys::{self, RealSys};
 use clap::Parser;
 
 /// Success.
@@ -29,6 +32,8 @@ const EXIT_CHECK: u8 = 4;
 /// Refused, to protect data: a journal directory where the link should be, a foreign file in
 /// the share, not enough space.
 const EXIT_REFUSED: u8 = 5;
+/// The width assumed for a terminal that does not say its own.
+const DEFAULT_COLUMNS: usize = 80;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -159,6 +164,16 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
                 print!("{report}");
             }
             Ok(code(report.identical, EXIT_CHECK))
+        }
+        Command::Progress { interval_ms } => {
+            let stdout = std::io::stdout();
+            let columns = stdout
+                .is_terminal()
+                .then(|| sys::terminal_columns(stdout.as_fd()).unwrap_or(DEFAULT_COLUMNS));
+            let mut lock = stdout.lock();
+            let mut out = Output::new(&mut lock, columns, Duration::from_millis(*interval_ms));
+            progress::progress(&load(path)?, &mut out)?;
+            Ok(EXIT_OK)
         }
         Command::Certs {
             action: CertsAction::Init { dir, hosts },

@@ -110,6 +110,17 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The width in columns of the terminal on `fd`; `None` if it is not a terminal.
+pub fn terminal_columns(fd: std::os::fd::BorrowedFd<'_>) -> Option<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: winsize is plain old data; all-zero bytes are a valid value of it.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is an open descriptor for the borrow's lifetime, and TIOCGWINSZ writes one
+    // winsize into `ws`, a valid, writable one.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_col > 0).then_some(usize::from(ws.ws_col))
+}
+
 /// Replaces `path` with `data` atomically: a temporary file beside it (`.<name>.tmp.<pid>`),
 /// fsynced, renamed over it, and the directory fsynced, so a reader sees the old content or the
 /// new, never a mix, even after a crash. The temporary is removed on failure.

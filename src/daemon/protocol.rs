@@ -21,8 +21,10 @@ use serde_json::{Map, Value};
 use crate::config::{Config, ReplRole};
 
 mod node_health;
+mod sync_progress;
 
 pub use node_health::{GaveUp, HealthState, NodeHealth};
+pub use sync_progress::{human_bytes, SyncDone, SyncPhase, SyncProgress};
 
 /// The version every message carries as `"v"`.
 pub const PROTOCOL_VERSION: u64 = 1;
@@ -312,6 +314,12 @@ pub struct ReplicatedStatus {
     /// Hot: bytes sent and not yet acknowledged (the window in use).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unacked_bytes: Option<u64>,
+    /// Hot: the initial sync or resync in progress; absent once the cold copy caught up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_progress: Option<SyncProgress>,
+    /// Hot: this connection's initial sync or resync, once finished (the copy caught up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_done: Option<SyncDone>,
     /// Hot: connections to the cold side made again after one was lost.
     #[serde(default)]
     pub reconnects: u64,
@@ -501,14 +509,20 @@ pub fn write_fields(f: &mut fmt::Formatter<'_>, value: &impl Serialize) -> fmt::
         let text = match val {
             Value::Null => "-".to_owned(),
             // one line: state, failures, restarts, give-up, last probe error
-            other if key == "node_health" => serde_json::from_value::<NodeHealth>(other)
-                .map_or_else(|e| format!("? ({e})"), |h| h.to_string()),
+            other if key == "node_health" => as_text::<NodeHealth>(other),
+            other if key == "sync_progress" => as_text::<SyncProgress>(other),
+            other if key == "sync_done" => as_text::<SyncDone>(other),
             Value::String(s) => s,
             other => other.to_string(),
         };
         writeln!(f, "{key:<20} {text}")?;
     }
     Ok(())
+}
+
+/// A field that has its own one-line text.
+fn as_text<T: serde::de::DeserializeOwned + fmt::Display>(v: Value) -> String {
+    serde_json::from_value::<T>(v).map_or_else(|e| format!("? ({e})"), |t| t.to_string())
 }
 
 impl fmt::Display for AgentStatus {

@@ -17,7 +17,8 @@
 //!    writes it, fsyncs, and answers; the connection acknowledges.
 //!
 //! [`ops`] holds what the steps hand each other (ops, the scanner's messages, the apply
-//! outcome, the verify report), [`stats`] the counters both sides publish, [`hot_sync`] the
+//! outcome, the verify report), [`stats`] the counters both sides publish, [`progress`] the hot
+//! side's progress through an initial sync or resync, [`hot_sync`] the
 //! hot side's sync state as the cold side last heard it (the RPO `promote` reports). [`sender`] and
 //! [`receiver`] are the two entry points the agent starts; [`agent`] is the daemon that keeps
 //! the epoch and the role ([`state`]: the state file, and the gate that decides which hot side
@@ -34,6 +35,7 @@ pub mod channel;
 pub mod hot_sync;
 pub mod ops;
 pub mod pages;
+pub mod progress;
 pub mod receiver;
 pub mod sender;
 pub mod state;

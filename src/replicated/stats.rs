@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::replicated::hot_sync::HotSync;
+use crate::replicated::progress::SyncTracker;
 
 /// Counters the agent reports in `status` and the benchmark reads.
 #[derive(Debug, Default)]
@@ -39,6 +40,8 @@ pub struct SenderStats {
     pub initial_done: AtomicBool,
     /// The inotify limit that keeps some directories unwatched, with the sysctl to raise.
     pub watch_limit: Mutex<Option<String>>,
+    /// The initial sync or resync in progress, or this connection's once finished.
+    pub sync: SyncTracker,
     /// Durable acks: since when (ms since the Unix epoch) syncs no longer wait for the cold
     /// side because it did not answer in time; 0 while durable.
     pub degraded_since_unix_ms: AtomicU64,

@@ -124,6 +124,7 @@ pub(crate) async fn run_net(
         )
         .await;
         stats.connected.store(false, Ordering::Relaxed);
+        stats.sync.abort();
         stats.window_bytes.store(0, Ordering::Relaxed);
         stats.oldest_unacked_unix_ms.store(0, Ordering::Relaxed);
         let _ = scanner.ctl.send(ScanMsg::Disconnected);
@@ -445,6 +446,7 @@ impl Outbound<'_> {
         let wire = self.writer.bytes - before;
         stats.wire_bytes.fetch_add(wire, Ordering::Relaxed);
         stats.data_bytes.fetch_add(data as u64, Ordering::Relaxed);
+        stats.sync.sent(data as u64);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.sent_seq.store(seq, Ordering::Relaxed);
         // the window holds frames: count what they take, metadata included, not page data only
@@ -526,6 +528,7 @@ impl Outbound<'_> {
         }
         self.publish_window();
         self.stats.acked_seq.store(seq, Ordering::Relaxed);
+        self.stats.sync.acked(seq);
         self.stats
             .last_ack_unix_ms
             .store(crate::sys::now_unix_ms(), Ordering::Relaxed);
@@ -567,8 +570,10 @@ impl Outbound<'_> {
         self.writer.flush().await.map_err(|e| self.proto(e))
     }
 
-    /// Still here, and our sync state as it is now.
+    /// Still here, and our sync state as it is now; a progress line in the log every few
+    /// seconds while an initial sync or resync runs.
     async fn heartbeat(&mut self) -> Result<(), SendError> {
+        self.stats.sync.log_if_due();
         let state = self.hot_state();
         self.send_flush(&Frame::Heartbeat(state)).await
     }

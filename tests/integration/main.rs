@@ -19,6 +19,7 @@ mod listen;
 mod metrics;
 mod overflow;
 mod pg;
+mod progress;
 mod replication;
 mod root;
 mod scale;

@@ -277,8 +277,9 @@ impl CutProxy {
                                 server.try_clone().unwrap(),
                                 &c,
                                 &s,
+                                None,
                             );
-                            pump(server, client, &c, &s);
+                            pump(server, client, &c, &s, None);
                         }
                     }
                     Ok(_) => {} // cut: dropped at once
@@ -302,18 +303,22 @@ impl Drop for CutProxy {
     }
 }
 
-/// Copies `from` to `to` on a thread until either closes, or the proxy is cut or stopped.
-fn pump(
+/// Copies `from` to `to` on a thread until either closes, or the proxy is cut or stopped;
+/// with `bytes_per_s`, at about that rate.
+pub(crate) fn pump(
     mut from: std::net::TcpStream,
     mut to: std::net::TcpStream,
     cut: &std::sync::Arc<std::sync::atomic::AtomicBool>,
     stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    bytes_per_s: Option<u64>,
 ) {
     use std::io::{Read, Write};
     use std::sync::atomic::Ordering;
     let (cut, stop) = (cut.clone(), stop.clone());
     from.set_read_timeout(Some(PROXY_TICK)).unwrap();
     std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let mut total = 0u64;
         let mut buf = [0u8; 16 * 1024];
         while !cut.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
             match from.read(&mut buf) {
@@ -321,6 +326,11 @@ fn pump(
                 Ok(n) => {
                     if to.write_all(&buf[..n]).is_err() {
                         break;
+                    }
+                    total += n as u64;
+                    if let Some(rate) = bytes_per_s {
+                        let due = std::time::Duration::from_millis(total * 1000 / rate);
+                        std::thread::sleep(due.saturating_sub(started.elapsed()));
                     }
                 }
                 Err(e)

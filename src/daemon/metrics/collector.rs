@@ -11,7 +11,9 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Unit;
 
 use super::{health_verdict, role_name};
-use crate::daemon::protocol::{AgentStatus, NodeHealth, NodeState, ReplicatedStatus, SharedStatus};
+use crate::daemon::protocol::{
+    AgentStatus, NodeHealth, NodeState, ReplicatedStatus, SharedStatus, SyncProgress,
+};
 
 /// Every role an agent can report, shared mode's and replicated mode's (`hot`, `cold`).
 const ROLES: [&str; 5] = ["cold", "starting", "hot", "fenced", "stopping"];
@@ -273,8 +275,58 @@ fn replicated(out: &mut Out<'_>, r: &ReplicatedStatus) -> Fmt {
     if let Some(age) = r.last_ack_age_ms {
         out.seconds_ms("last_ack_age", "Since the last acknowledgement", age)?;
     }
+    if r.synced.is_some() {
+        sync_progress(out, r.sync_progress.as_ref())?;
+    }
     totals(out, r)?;
     common(out, r.node_state, &r.node_health, r.error.is_some())
+}
+
+/// The hot side's initial sync or resync: whether one runs, and while it does how far it is.
+fn sync_progress(out: &mut Out<'_>, p: Option<&SyncProgress>) -> Fmt {
+    out.flag(
+        "sync_in_progress",
+        "Hot: 1 while an initial sync or resync runs (the cold copy has not caught up)",
+        p.is_some(),
+    )?;
+    let Some(p) = p else { return Ok(()) };
+    let bytes =
+        |out: &mut Out<'_>, name, help, v| out.gauge(name, help, Some(Unit::Bytes), ms_u64(v));
+    bytes(out, "sync_done", "Hot, during a sync: bytes the cold side is known to have (equal, or sent and acknowledged)", p.bytes_done)?;
+    bytes(
+        out,
+        "sync_total",
+        "Hot, during a sync: bytes of the tree being compared",
+        p.bytes_total,
+    )?;
+    out.int(
+        "sync_files_done",
+        "Hot, during a sync: files compared whose differences are acknowledged",
+        saturating_i64(p.files_done),
+    )?;
+    out.int(
+        "sync_files_total",
+        "Hot, during a sync: files of the tree being compared",
+        saturating_i64(p.files_total),
+    )?;
+    if let Some(rate) = p.bytes_per_s {
+        let unit = Unit::Other("bytes_per_second".into());
+        out.gauge(
+            "sync_rate",
+            "Hot, during a sync: bytes done per second over the last seconds",
+            Some(unit),
+            ms_u64(rate),
+        )?;
+    }
+    if let Some(eta) = p.eta_s {
+        out.gauge(
+            "sync_eta",
+            "Hot, during a sync: seconds left at that rate",
+            Some(Unit::Seconds),
+            ms_u64(eta),
+        )?;
+    }
+    Ok(())
 }
 
 /// Replicated mode's counters: what went over the stream, and its faults.

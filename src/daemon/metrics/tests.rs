@@ -79,6 +79,46 @@ fn encode(status: AgentStatus, openmetrics: bool) -> String {
 }
 
 #[test]
+fn issue15_a_sync_in_progress_is_in_the_metrics_and_gone_once_caught_up() {
+    let hot = |progress: serde_json::Value| -> AgentStatus {
+        let mut v = serde_json::json!({
+            "mode": "replicated", "role": "hot", "epoch": 1, "holder": "a", "data_dir": "/d",
+            "listen": "127.0.0.1:1", "peer": "127.0.0.1:2", "connected": true, "synced": false,
+            "wire_bytes": 0, "data_bytes": 0, "batches": 0, "node_state": "none",
+        });
+        if !progress.is_null() {
+            v["sync_progress"] = progress;
+        }
+        serde_json::from_value(v).unwrap()
+    };
+    let text = encode(
+        hot(serde_json::json!({
+            "phase": "resync", "bytes_done": 1024, "bytes_total": 4096, "files_done": 1,
+            "files_total": 4, "bytes_sent": 512, "bytes_per_s": 2048, "eta_s": 2,
+            "elapsed_ms": 500,
+        })),
+        false,
+    );
+    for line in [
+        "artemis_sync_sync_in_progress 1",
+        "artemis_sync_sync_done_bytes 1024.0",
+        "artemis_sync_sync_total_bytes 4096.0",
+        "artemis_sync_sync_files_done 1",
+        "artemis_sync_sync_files_total 4",
+        "artemis_sync_sync_rate_bytes_per_second 2048.0",
+        "artemis_sync_sync_eta_seconds 2.0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+    }
+    let text = encode(hot(serde_json::Value::Null), false);
+    assert!(
+        text.lines().any(|l| l == "artemis_sync_sync_in_progress 0"),
+        "{text}"
+    );
+    assert!(!text.contains("sync_done_bytes"), "{text}");
+}
+
+#[test]
 fn issue14_state_and_event_metrics_in_both_formats() {
     let text = encode(shared(LeaseRole::Hot, NodeState::Running, 250), false);
     for line in [

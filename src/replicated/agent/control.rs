@@ -251,6 +251,10 @@ impl Replica {
 
     fn status(&self) -> ReplicatedStatus {
         let st = self.gate.get();
+        let (sync_progress, sync_done) = self
+            .sender
+            .as_ref()
+            .map_or((None, None), |s| s.stats.sync.snapshot());
         let now = crate::sys::now_unix_ms();
         let (connected, last_ack, drained, wire, data, batches) = match &self.sender {
             Some(s) => {
@@ -334,6 +338,8 @@ impl Replica {
                 .sender
                 .as_ref()
                 .map(|s| s.stats.window_bytes.load(Ordering::Relaxed)),
+            sync_progress,
+            sync_done,
             reconnects: self
                 .sender
                 .as_ref()

@@ -80,8 +80,6 @@ const VERIFY_PARTS_QUEUE: usize = 2;
 /// small writes each send (and each wake-up of the scanner and the network task) then carries
 /// several, at the price of at most this much added lag. A sync is never held back.
 pub const COALESCE_WINDOW: Duration = Duration::from_millis(1);
-/// How often initial-sync progress is logged.
-pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
 /// Bytes an op adds to a batch frame beyond its paths and data: type, lengths, offsets,
 /// modes, with room for a few more fields.
@@ -141,16 +139,6 @@ impl Seen {
     }
 }
 
-/// Initial-sync progress.
-struct Progress {
-    files_total: u64,
-    bytes_total: u64,
-    files_done: u64,
-    bytes_done: u64,
-    started: Instant,
-    last_log: Instant,
-}
-
 /// The scanner thread's state: the table (the cold side's disk as it will be once every op
 /// sent so far is applied), what it knows of each file, and the ops not yet flushed.
 pub(crate) struct Scanner {
@@ -178,7 +166,9 @@ pub(crate) struct Scanner {
     next_deep: Instant,
     verify_id: u64,
     buf: Vec<u8>,
-    progress: Option<Progress>,
+    /// Whether the comparison after a connection runs: its progress goes to the tracker
+    /// (`SenderStats::sync`).
+    tracking: bool,
     /// Files with an event whose append window did not see every page (a write may have
     /// changed pages before it): rehashed in full every half rescan interval, not only at the
     /// next rescan.
@@ -242,7 +232,7 @@ impl Scanner {
             next_deep: now + cfg.deep_rescan,
             verify_id: 0,
             buf: vec![0u8; cfg.page_size * READ_PAGES],
-            progress: None,
+            tracking: false,
             dirty: BTreeSet::new(),
             next_dirty: now + cfg.rescan / 2,
             open_files: FileCache::default(),
@@ -380,6 +370,7 @@ impl Scanner {
             ScanMsg::Resync { gen, index } => self.resync(gen, index),
             ScanMsg::Disconnected => {
                 self.connected = false;
+                self.tracking = false;
                 self.ops.clear();
                 self.data = 0;
             }
@@ -415,12 +406,10 @@ impl Scanner {
             st.emitted.store(0, Ordering::Release);
             st.initial_done.store(false, Ordering::Release);
         }
-        tracing::info!(
-            files = self.table.files.len(),
-            "cold index received; sending what differs"
-        );
-        self.full_scan_with_progress();
-        self.flush();
+        let empty = self.table.files.is_empty()
+            && self.table.dirs.is_empty()
+            && self.table.links.is_empty();
+        self.full_scan_with_progress(empty);
         if let Some(st) = &self.stats {
             st.initial_done.store(true, Ordering::Release);
         }
@@ -488,6 +477,9 @@ impl Scanner {
     /// (page data, or metadata alone: 200,000 files to create) is sent at once, so no batch
     /// comes near the frame limit whatever the number of files.
     fn push(&mut self, op: Op) {
+        if self.ops.is_empty() {
+            self.change_found();
+        }
         self.data += wire_bytes(&op);
         self.ops.push(op);
         self.flush_if_full();
@@ -503,7 +495,10 @@ impl Scanner {
         self.flushes += 1;
         self.last_send = Instant::now();
         if let Some(st) = &self.stats {
-            st.emitted.fetch_add(1, Ordering::AcqRel);
+            let batch = st.emitted.fetch_add(1, Ordering::AcqRel) + 1;
+            if self.tracking {
+                st.sync.emitted(batch);
+            }
         }
         let _ = self
             .out

@@ -1,18 +1,19 @@
 //! Walking the whole tree: the periodic rescan (files whose metadata changed since their
 //! last full hash), the deep rescan and the comparison after a connection (every file), with
-//! the initial sync's progress in the log. What the table has and the walk did not find is
-//! removed.
+//! that comparison's progress for `status` and the log. What the table has and the walk did
+//! not find is removed.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::ops::Bound;
 use std::path::Path;
-use std::time::Instant;
 
+use crate::daemon::protocol::SyncPhase;
 use crate::replicated::capture::fold::{WalkPos, FOLD_EVERY};
 use crate::replicated::capture::scan::sorted_names;
-use crate::replicated::capture::{Progress, Scanner, Seen, PROGRESS_EVERY};
+use crate::replicated::capture::{Scanner, Seen};
 use crate::replicated::pages::Attrs;
+use crate::replicated::progress::Counts;
 
 impl Scanner {
     /// Walks the tree: files whose metadata changed since their last full hash (all files when
@@ -136,49 +137,41 @@ impl Scanner {
         }
     }
 
-    /// The full scan after a (re)connection, with progress (bytes, files, ETA) logged every
-    /// few seconds.
-    pub(super) fn full_scan_with_progress(&mut self) {
-        let (files_total, bytes_total) = walk_sizes(&self.root);
-        let now = Instant::now();
-        self.progress = Some(Progress {
-            files_total,
-            bytes_total,
-            files_done: 0,
-            bytes_done: 0,
-            started: now,
-            last_log: now,
-        });
+    /// The full scan after a (re)connection (`initial`: against an empty copy), its last
+    /// batch emitted, with its progress in the tracker (`SenderStats::sync`): `status`, the
+    /// metrics and the log follow it.
+    pub(super) fn full_scan_with_progress(&mut self, initial: bool) {
+        if let Some(st) = &self.stats {
+            let phase = if initial {
+                SyncPhase::Initial
+            } else {
+                SyncPhase::Resync
+            };
+            st.sync.start(phase, walk_sizes(&self.root));
+            self.tracking = true;
+        }
         self.full_scan(true);
-        if let Some(p) = self.progress.take() {
-            tracing::info!(
-                files = p.files_done,
-                bytes = p.bytes_done,
-                elapsed_ms = u64::try_from(p.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                "initial comparison done; the cold side receives what differed"
-            );
+        self.flush();
+        if self.tracking {
+            self.tracking = false;
+            if let Some(st) = &self.stats {
+                st.sync.compare_finished();
+            }
         }
     }
 
-    /// Counts a file of the initial comparison; logs progress every [`PROGRESS_EVERY`].
-    pub(super) fn progress(&mut self, bytes: u64) {
-        let Some(p) = &mut self.progress else { return };
-        p.files_done += 1;
-        p.bytes_done += bytes;
-        if p.last_log.elapsed() >= PROGRESS_EVERY {
-            p.last_log = Instant::now();
-            let elapsed_ms = u64::try_from(p.started.elapsed().as_millis())
-                .unwrap_or(u64::MAX)
-                .max(1);
-            let bytes_per_s = (p.bytes_done.saturating_mul(1000) / elapsed_ms).max(1);
-            let left = p.bytes_total.saturating_sub(p.bytes_done);
-            tracing::info!(
-                files = format!("{}/{}", p.files_done, p.files_total),
-                mib = format!("{}/{}", p.bytes_done >> 20, p.bytes_total >> 20),
-                mib_per_s = bytes_per_s >> 20,
-                eta_s = (left + bytes_per_s / 2) / bytes_per_s,
-                "initial sync"
-            );
+    /// The comparison after a connection covered `bytes` more and finished `files` more files.
+    pub(super) fn compared(&self, bytes: u64, files: u64) {
+        if let Some(st) = self.stats.as_ref().filter(|_| self.tracking) {
+            st.sync.compared(bytes, files);
+        }
+    }
+
+    /// The comparison after a connection found something to send (the tracker keeps the
+    /// first one of each batch).
+    pub(super) fn change_found(&self) {
+        if let Some(st) = self.stats.as_ref().filter(|_| self.tracking) {
+            st.sync.change_found();
         }
     }
 }
@@ -202,8 +195,8 @@ fn gone_children<V>(
         .collect()
 }
 
-/// Files and bytes under `root`, for the initial sync's progress.
-fn walk_sizes(root: &Path) -> (u64, u64) {
+/// Files and bytes under `root`, for the progress of the comparison after a connection.
+fn walk_sizes(root: &Path) -> Counts {
     let (mut files, mut total) = (0, 0);
     let mut stack = vec![root.to_owned()];
     while let Some(d) = stack.pop() {
@@ -218,5 +211,8 @@ fn walk_sizes(root: &Path) -> (u64, u64) {
             }
         }
     }
-    (files, total)
+    Counts {
+        bytes: total,
+        files,
+    }
 }

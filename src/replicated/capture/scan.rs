@@ -477,6 +477,9 @@ impl Scanner {
             if !self.compare_read(rel, n, pass) {
                 break;
             }
+            if pass.full {
+                self.compared(n as u64, 0);
+            }
             pass.page += n.div_ceil(self.page_size);
             if n < want {
                 break;
@@ -504,6 +507,8 @@ impl Scanner {
             return false;
         };
         let table = &mut entry.pages;
+        // whether a run of changed pages began here
+        let mut found = false;
         for (i, chunk) in self.buf[..n].chunks(self.page_size).enumerate() {
             let idx = pass.page + i;
             if idx >= table.len() || pass.clean_run >= pass.stop_after_clean {
@@ -532,6 +537,7 @@ impl Scanner {
             let offset = idx as u64 * self.page_size as u64;
             // sized for the rest of this read: a run of many pages does not regrow page by page
             let rest = n - i * self.page_size;
+            found |= pass.run.is_none();
             let run = pass.run.get_or_insert_with(|| PageRun {
                 offset,
                 data: Vec::with_capacity(rest),
@@ -539,6 +545,9 @@ impl Scanner {
             });
             run.data.extend_from_slice(chunk);
             run.hashes.push(*full_hash.as_bytes());
+        }
+        if found {
+            self.change_found();
         }
         true
     }
@@ -573,7 +582,7 @@ impl Scanner {
         }
         if pass.full {
             self.remember_seen(rel, meta);
-            self.progress(meta.len());
+            self.compared(0, 1);
         } else {
             self.open_files.keep(rel, file);
         }
