@@ -39,7 +39,9 @@ pub const ADMIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections closed over [`MAX_UNAUTHENTICATED`] are logged at most this often.
 const OVER_CAP_LOG_EVERY: Duration = Duration::from_secs(10);
 /// While batches cannot be applied (a full, read-only or failing disk), a new connection's
-/// index waits first: this long after the first failure, doubling with each failure after it,
+/// index waits first (not after a first failure, which the resync usually mends: a name that
+/// changed type, a page damaged in transit): this long after the second failure in a row,
+/// doubling with each failure after it,
 pub const FAILING_PAUSE_FIRST: Duration = Duration::from_secs(2);
 /// up to this (once the disk is fixed, the copy catches up within about this long),
 pub const FAILING_PAUSE_MAX: Duration = Duration::from_secs(30);
@@ -50,7 +52,10 @@ pub const FAILING_PAUSE_INDEX_FACTOR: u32 = 4;
 /// The pause before indexing for a new connection after `failures` batches in a row could
 /// not be applied, the last index having taken `index_took`.
 pub fn failing_pause(failures: u32, index_took: Duration) -> Duration {
-    let doublings = failures.saturating_sub(1).min(16);
+    if failures < 2 {
+        return Duration::ZERO;
+    }
+    let doublings = failures.saturating_sub(2).min(16);
     FAILING_PAUSE_FIRST
         .saturating_mul(1 << doublings)
         .max(index_took.saturating_mul(FAILING_PAUSE_INDEX_FACTOR))
@@ -402,10 +407,11 @@ mod tests {
     fn issue16_a_failing_disk_is_indexed_again_after_growing_pauses() {
         let ms =
             |f, i| u64::try_from(failing_pause(f, Duration::from_millis(i)).as_millis()).unwrap();
-        let small: Vec<u64> = (1..=7).map(|f| ms(f, 10)).collect();
-        assert_eq!(small, [2000, 4000, 8000, 16000, 30000, 30000, 30000]);
+        let small: Vec<u64> = (1..=8).map(|f| ms(f, 10)).collect();
+        assert_eq!(small, [0, 2000, 4000, 8000, 16000, 30000, 30000, 30000]);
         // a large tree: at most a fifth of the time spent indexing
-        assert_eq!(ms(1, 5000), 20000);
+        assert_eq!(ms(2, 5000), 20000);
+        assert_eq!(ms(1, 5000), 0);
         assert_eq!(ms(u32::MAX, 0), 30000);
     }
 }

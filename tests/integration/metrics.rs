@@ -458,11 +458,20 @@ fn served_names(root: &Path) -> Vec<String> {
         "reconnects",
         "resends",
         "checksum_failures",
+        "apply_failures",
+        "apply_failing",
     ] {
         assert!(collector.contains(&format!("\"{base}\"")), "{base}");
         let name = format!("artemis_sync_{base}");
         names.push(
-            if ["reconnects", "resends", "checksum_failures"].contains(&base) {
+            if [
+                "reconnects",
+                "resends",
+                "checksum_failures",
+                "apply_failures",
+            ]
+            .contains(&base)
+            {
                 format!("{name}_total")
             } else {
                 name
