@@ -124,6 +124,9 @@ pub(crate) struct Applier {
     outlet: Option<Outlet>,
     /// Told each time a job is taken from the queue (the connection waits for room).
     taken: Option<Arc<tokio::sync::Notify>>,
+    /// Files a failed batch wrote and did not make durable (its fsync failed, or the batch
+    /// stopped before it): fsynced before the next index is walked ([`Applier::index`]).
+    unsynced: HashSet<String>,
     /// Every change and fsync of the batches applied, in order, for tests.
     #[cfg(test)]
     log: Vec<Durability>,
@@ -145,6 +148,7 @@ impl Applier {
             gate: None,
             outlet: None,
             taken: None,
+            unsynced: HashSet::new(),
             #[cfg(test)]
             log: Vec::new(),
         }
@@ -303,9 +307,39 @@ impl Applier {
     fn apply(&mut self, ops: Vec<Op>) -> Result<(), PagesError> {
         let mut touched = Touched::default();
         let result = self.apply_ops(ops, &mut touched);
+        if result.is_err() {
+            // What the batch wrote and did not fsync may be only in the page cache. After a
+            // failed fsync Linux marks those pages clean although the disk never got them:
+            // the next index would read them, find them equal to the hot's, and they would
+            // never be sent again. Dropping them from the cache makes the index read what the
+            // disk has; the next index fsyncs the rest first.
+            for rel in touched.files.drain() {
+                drop_cached(&self.root.join(&rel));
+                self.unsynced.insert(rel);
+            }
+        }
         #[cfg(test)]
         self.log.append(&mut touched.log);
         result
+    }
+
+    /// Fsyncs the files failed batches left unsynced (see [`Applier::apply`]); one that still
+    /// cannot be fsynced is dropped from the page cache again and fails the index, so that the
+    /// hot side never compares against data the disk may not have.
+    fn sync_unsynced(&mut self) -> Result<(), PagesError> {
+        let mut pending: Vec<String> = self.unsynced.iter().cloned().collect();
+        pending.sort();
+        for rel in pending {
+            let path = self.root.join(&rel);
+            if let Some(f) = open_nofollow(&path)? {
+                if let Err(e) = f.sync_data() {
+                    drop_cached(&path);
+                    return Err(io_err("cannot fsync", &path)(e));
+                }
+            }
+            self.unsynced.remove(&rel);
+        }
+        Ok(())
     }
 
     fn apply_ops(&mut self, ops: Vec<Op>, touched: &mut Touched) -> Result<(), PagesError> {
@@ -472,9 +506,11 @@ impl Applier {
     /// Fsyncs the files written, the inodes whose metadata changed, and the directories whose
     /// entries changed; what the batch removed since is skipped (its parent is synced).
     fn sync(&mut self, touched: &mut Touched) -> Result<(), PagesError> {
-        let files: Vec<String> = touched.files.drain().collect();
+        let files: Vec<String> = touched.files.iter().cloned().collect();
         for p in files {
             self.sync_file(&p, touched)?;
+            // kept until fsynced: a failure leaves the rest for [`Applier::apply`] to note
+            touched.files.remove(&p);
         }
         let inodes: Vec<PathBuf> = touched.meta.drain().chain(touched.dirs.drain()).collect();
         for mut p in inodes {
@@ -495,6 +531,32 @@ impl Applier {
 /// `a/b/c`, `a/b`, `a`.
 fn ancestors_or_self(rel: &str) -> impl Iterator<Item = &str> {
     std::iter::successors(Some(rel), |p| p.rfind('/').map(|i| &p[..i]))
+}
+
+/// Drops the clean pages of `path` from the page cache (and starts writing back its dirty
+/// ones), so that the next read comes from the disk: after a failed fsync the pages the disk
+/// did not take are clean in the cache. Best effort: a file that cannot be opened is read
+/// from wherever the kernel has it.
+fn drop_cached(path: &Path) {
+    let Ok(Some(f)) = open_nofollow(path) else {
+        return;
+    };
+    // SAFETY: posix_fadvise only reads its arguments; the descriptor is open for this call.
+    let rc = unsafe {
+        libc::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+            0,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+    if rc != 0 {
+        tracing::warn!(
+            file = %path.display(),
+            "cannot drop the file's pages from the cache (posix_fadvise: {})",
+            io::Error::from_raw_os_error(rc)
+        );
+    }
 }
 
 /// Opens `path` read-only without following a symlink (a file or a directory); `None` if it

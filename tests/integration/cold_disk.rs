@@ -344,3 +344,80 @@ fn issue16_cold_eio_durable_block_sync_waits_until_the_disk_works_again() {
         p.status("hot")
     );
 }
+
+/// Regression (found in review of issue 16): after a failed fsync Linux keeps the unwritten
+/// pages in the cache, marked clean. The cold side's next index read them, found them equal to
+/// the hot's, and the hot never sent them again: a durable sync returned while the cold disk
+/// lacked the write. Here the fault layer loses the write on the failed fsync while the
+/// kernel's cache keeps it, as a disk whose writeback failed does.
+#[test]
+fn issue16_cold_fsync_eio_that_loses_the_write_is_sent_again_before_a_durable_sync_returns() {
+    if !require_root("issue16_cold_fsync_lost", "FUSE mounts") {
+        return;
+    }
+    let more = "ack = \"durable\"\npeer_timeout_ms = 500\non_peer_loss = \"block\"";
+    let (mut p, (faultfs, backing), _hot_mount) = pair_over(more, |d| {
+        let b = d.with_file_name("backing");
+        (FaultFs::mount(&b, d), b)
+    });
+    the_fault_layer_loses_a_write_the_cache_keeps(&p.fx.path("probe"));
+    let mnt = crate::fuse::mount_point(&p);
+    let f = fs::File::create(mnt.join("j")).unwrap();
+    f.write_all_at(&record(8, 0), 0).unwrap();
+    f.sync_data().unwrap();
+    assert_eq!(fs::read(backing.join("j")).unwrap(), record(8, 0));
+    faultfs.set_losing(true);
+    let writer = std::thread::spawn(move || {
+        f.write_all_at(&record(8, 1), 0).unwrap();
+        f.sync_data().unwrap();
+    });
+    reported(&p, &["Input/output error (os error 5)", "j"]);
+    hold_fault(&mut p, "Input/output error");
+    assert!(
+        !writer.is_finished(),
+        "the sync returned while the cold disk lost the write\n{}",
+        p.logs()
+    );
+    assert_eq!(
+        fs::read(backing.join("j")).unwrap(),
+        record(8, 0),
+        "the fault layer lost the write"
+    );
+    faultfs.set_losing(false);
+    assert!(
+        wait_until(CONVERGE, || writer.is_finished()),
+        "the sync did not return\n{}",
+        p.logs()
+    );
+    writer.join().unwrap();
+    assert_eq!(
+        fs::read(backing.join("j")).unwrap(),
+        record(8, 1),
+        "on the cold disk (not only in its cache) when the sync returned"
+    );
+    converged(&p);
+}
+
+/// The fault layer does what the test above says of it: after a write and a failed fsync, a
+/// read through the mount sees the write (the kernel's cache) and the disk does not.
+fn the_fault_layer_loses_a_write_the_cache_keeps(dir: &Path) {
+    let (backing, mnt) = (dir.join("backing"), dir.join("mnt"));
+    let faultfs = FaultFs::mount(&backing, &mnt);
+    let f = fs::File::create(mnt.join("f")).unwrap();
+    f.write_all_at(&record(1, 0), 0).unwrap();
+    f.sync_data().unwrap();
+    faultfs.set_losing(true);
+    f.write_all_at(&record(1, 1), 0).unwrap();
+    assert!(f.sync_data().is_err(), "the fsync fails");
+    let mut cached = vec![0u8; RECORD_BYTES];
+    fs::File::open(mnt.join("f"))
+        .unwrap()
+        .read_exact_at(&mut cached, 0)
+        .unwrap();
+    assert_eq!(cached, record(1, 1), "the cache keeps the lost write");
+    assert_eq!(
+        fs::read(backing.join("f")).unwrap(),
+        record(1, 0),
+        "the disk lost it"
+    );
+}

@@ -38,6 +38,11 @@ struct Shared {
     failing: AtomicBool,
     /// Calls answered `EIO` because of the flag.
     failed: AtomicU64,
+    /// Every fsync fails and loses what was written since the file's last good one.
+    losing: AtomicBool,
+    /// Path below `backing` -> its content at its last good fsync (taken at the first write
+    /// while `losing`).
+    durable: Mutex<HashMap<PathBuf, Vec<u8>>>,
     /// Node id -> path below `backing`; backing inode -> node id.
     nodes: Mutex<(HashMap<u64, PathBuf>, HashMap<u64, u64>)>,
     files: Mutex<HashMap<u64, File>>,
@@ -61,6 +66,8 @@ impl FaultFs {
             backing: backing.to_owned(),
             failing: AtomicBool::new(false),
             failed: AtomicU64::new(0),
+            losing: AtomicBool::new(false),
+            durable: Mutex::new(HashMap::new()),
             nodes: Mutex::new((
                 HashMap::from([(1, PathBuf::new())]),
                 HashMap::from([(root_ino, 1)]),
@@ -91,6 +98,14 @@ impl FaultFs {
     /// From now on, every change to the disk fails with `EIO` (`true`), or works again.
     pub(crate) fn set_failing(&self, on: bool) {
         self.shared.failing.store(on, Ordering::SeqCst);
+    }
+
+    /// From now on, every fsync fails with `EIO` and the file loses what was written since
+    /// its last good fsync, as a disk whose writeback failed does, while the kernel's cache
+    /// keeps it (files are opened with `FOPEN_KEEP_CACHE`): reads through the mount still see
+    /// the lost data, the backing file does not. `false`: fsyncs work again.
+    pub(crate) fn set_losing(&self, on: bool) {
+        self.shared.losing.store(on, Ordering::SeqCst);
     }
 
     /// Calls answered `EIO` so far.
@@ -149,6 +164,39 @@ impl Fs {
             return Err(Errno::EIO);
         }
         Ok(())
+    }
+
+    /// While losing: the content of the file of `ino` before its first write since the last
+    /// good fsync.
+    fn remember_durable(&self, ino: INodeNo) -> Res<()> {
+        if !self.0.losing.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let rel = self.rel(ino)?;
+        let mut durable = self.0.durable.lock().unwrap();
+        if !durable.contains_key(&rel) {
+            let old = fs::read(self.abs(&rel)).map_err(errno)?;
+            durable.insert(rel, old);
+        }
+        Ok(())
+    }
+
+    /// A failed fsync while losing: the file goes back to its content at the last good fsync,
+    /// keeping its size and mtime (the kernel keeps its cached pages).
+    fn lose(&self, ino: INodeNo) -> Res<()> {
+        let rel = self.rel(ino)?;
+        self.0.failed.fetch_add(1, Ordering::SeqCst);
+        let Some(old) = self.0.durable.lock().unwrap().remove(&rel) else {
+            return Err(Errno::EIO);
+        };
+        let path = self.abs(&rel);
+        let mtime = fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .map_err(errno)?;
+        let f = OpenOptions::new().write(true).open(&path).map_err(errno)?;
+        f.write_all_at(&old, 0).map_err(errno)?;
+        f.set_modified(mtime).map_err(errno)?;
+        Err(Errno::EIO)
     }
 
     fn rel(&self, ino: INodeNo) -> Res<PathBuf> {
@@ -373,7 +421,7 @@ impl Filesystem for Fs {
             .rel(ino)
             .and_then(|rel| self.open_path(&rel, flags.0, None));
         answer!(r, reply, |f| reply
-            .opened(FileHandle(self.keep(f)), FopenFlags::empty()));
+            .opened(FileHandle(self.keep(f)), FopenFlags::FOPEN_KEEP_CACHE));
     }
 
     fn read(
@@ -405,7 +453,7 @@ impl Filesystem for Fs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -416,6 +464,7 @@ impl Filesystem for Fs {
     ) {
         let r = self
             .fault()
+            .and_then(|()| self.remember_durable(ino))
             .and_then(|()| self.with_file(fh, |f| f.write_all_at(data, offset)));
         answer!(r, reply, |()| reply
             .written(u32::try_from(data.len()).unwrap()));
@@ -449,11 +498,16 @@ impl Filesystem for Fs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if self.0.losing.load(Ordering::SeqCst) {
+            let r = self.lose(ino);
+            answer!(r, reply, |()| reply.ok());
+            return;
+        }
         let r = self.fault().and_then(|()| {
             self.with_file(fh, |f| {
                 if datasync {
@@ -461,7 +515,11 @@ impl Filesystem for Fs {
                 } else {
                     f.sync_all()
                 }
-            })
+            })?;
+            // the disk has what was written: nothing to lose any more
+            let rel = self.rel(ino)?;
+            self.0.durable.lock().unwrap().remove(&rel);
+            Ok(())
         });
         answer!(r, reply, |()| reply.ok());
     }

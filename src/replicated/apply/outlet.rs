@@ -46,6 +46,10 @@ impl Applier {
     ) {
         self.expected = 1;
         self.files.clear();
+        if let Err(e) = self.sync_unsynced() {
+            let _ = done.send(Err(e));
+            return;
+        }
         let chunk = outlet.index_chunk_pages;
         self.outlet = Some(outlet);
         let walked = index_parts(&self.root, self.page_size, chunk, &mut |part| {

@@ -97,9 +97,17 @@ impl Inbound<'_> {
         while let Some(part) = parts.recv().await {
             self.writer.send(&index_frame(part)).await?;
         }
-        done.await
-            .map_err(|_| ReceiveError::ApplyGone)?
-            .map_err(ReceiveError::Index)?;
+        if let Err(e) = done.await.map_err(|_| ReceiveError::ApplyGone)? {
+            if self.stats.apply_error().is_some() {
+                // the disk that failed a batch (an fsync the index retries) fails the index
+                // too: it counts as a failure, so the pause before the next index grows
+                let reason = crate::error_chain(&e);
+                if self.stats.apply_failed(&reason) {
+                    tracing::error!("cannot index the tree for the hot side: {reason}");
+                }
+            }
+            return Err(ReceiveError::Index(e));
+        }
         self.writer.send(&Frame::IndexEnd).await?;
         self.writer.flush().await?;
         self.count_out();
