@@ -173,10 +173,11 @@ impl Fs {
             return Ok(());
         }
         let rel = self.rel(ino)?;
-        let mut durable = self.0.durable.lock().unwrap();
-        if !durable.contains_key(&rel) {
-            let old = fs::read(self.abs(&rel)).map_err(errno)?;
-            durable.insert(rel, old);
+        if let std::collections::hash_map::Entry::Vacant(e) =
+            self.0.durable.lock().unwrap().entry(rel)
+        {
+            let old = fs::read(self.abs(e.key())).map_err(errno)?;
+            e.insert(old);
         }
         Ok(())
     }
