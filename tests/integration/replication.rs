@@ -483,9 +483,54 @@ fn issue4_kill9_of_either_side_converges_without_a_full_copy() {
     assert!(sent < tree / 4, "sent {sent} bytes after the hot restarted");
 }
 
-/// Forwards what `listener` accepts to `target`, flipping one bit at byte `flip_at` of the
-/// first connection's hot-to-cold direction.
-fn flipping_proxy(listener: TcpListener, target: u16, flip_at: usize) -> Arc<AtomicBool> {
+/// Where the flipping proxy flips a bit of the first connection's hot-to-cold direction.
+#[derive(Clone, Copy)]
+enum Flip {
+    /// At this byte of the stream.
+    At(usize),
+    /// In the header of the first batch frame (its sequence number), the stream's frames
+    /// read as they pass (`len | body | 16-byte MAC` after the PSK handshake's two frames).
+    BatchHeader,
+}
+
+/// Bytes of the PSK handshake frames the hot side sends before its frames carry a MAC
+/// (`Hello`: length, type, version, nonce; `Proof`: length, type, proof).
+const PSK_HANDSHAKE_BYTES: usize = (4 + 1 + 2 + 32) + (4 + 1 + 32);
+/// The batch frame type, and where its sequence number starts in its body (after the type
+/// and the header length).
+const BATCH_TYPE: u8 = 10;
+const BATCH_SEQ_AT: usize = 1 + 4;
+
+/// Flips `flip` in `buf`, the bytes from `seen` on of the stream, if it falls there;
+/// `frame_at` is where the next whole frame starts (for [`Flip::BatchHeader`]).
+fn flip_in(flip: Flip, buf: &mut [u8], seen: usize, frame_at: &mut usize) -> bool {
+    match flip {
+        Flip::At(at) => {
+            let hit = (seen..seen + buf.len()).contains(&at);
+            if hit {
+                buf[at - seen] ^= 0x10;
+            }
+            hit
+        }
+        Flip::BatchHeader => {
+            // the caller hands over whole frames from `frame_at` on
+            while *frame_at + 4 <= seen + buf.len() {
+                let i = *frame_at - seen;
+                let len = u32::from_le_bytes(buf[i..i + 4].try_into().unwrap()) as usize;
+                if buf[i + 4] == BATCH_TYPE {
+                    buf[i + 4 + BATCH_SEQ_AT] ^= 0x10;
+                    return true;
+                }
+                *frame_at += 4 + len + 16;
+            }
+            false
+        }
+    }
+}
+
+/// Forwards what `listener` accepts to `target`, flipping one bit (`flip`) of the first
+/// connection's hot-to-cold direction.
+fn flipping_proxy(listener: TcpListener, target: u16, flip: Flip) -> Arc<AtomicBool> {
     let flipped = Arc::new(AtomicBool::new(false));
     let f2 = flipped.clone();
     thread::spawn(move || {
@@ -499,19 +544,29 @@ fn flipping_proxy(listener: TcpListener, target: u16, flip_at: usize) -> Arc<Ato
             thread::spawn(move || {
                 let (mut client, mut server) = (client, server);
                 let mut buf = vec![0u8; 65536];
-                let mut seen = 0usize;
+                // bytes read but not forwarded: whole frames go on, for BatchHeader
+                let mut held: Vec<u8> = Vec::new();
+                let (mut seen, mut frame_at) = (0usize, PSK_HANDSHAKE_BYTES);
                 while let Ok(n) = client.read(&mut buf) {
                     if n == 0 {
                         break;
                     }
-                    if !f3.load(Ordering::SeqCst) && seen + n > flip_at {
-                        buf[flip_at - seen] ^= 0x10;
+                    held.extend_from_slice(&buf[..n]);
+                    let ready = if f3.load(Ordering::SeqCst) {
+                        held.len()
+                    } else {
+                        whole_frames(flip, &held, seen, frame_at)
+                    };
+                    if !f3.load(Ordering::SeqCst)
+                        && flip_in(flip, &mut held[..ready], seen, &mut frame_at)
+                    {
                         f3.store(true, Ordering::SeqCst);
                     }
-                    seen += n;
-                    if server.write_all(&buf[..n]).is_err() {
+                    if server.write_all(&held[..ready]).is_err() {
                         break;
                     }
+                    held.drain(..ready);
+                    seen += ready;
                 }
                 let _ = server.shutdown(std::net::Shutdown::Both);
             });
@@ -524,14 +579,29 @@ fn flipping_proxy(listener: TcpListener, target: u16, flip_at: usize) -> Arc<Ato
     flipped
 }
 
-fn corrupted_frame_is_rejected_and_resent(insecure: bool, expect_in_log: &str) {
+/// How many of `held` (the stream from `seen` on) may go on: all of it, or for
+/// [`Flip::BatchHeader`] up to the end of the last whole frame (the handshake's bytes as
+/// they come).
+fn whole_frames(flip: Flip, held: &[u8], seen: usize, frame_at: usize) -> usize {
+    if matches!(flip, Flip::At(_)) || seen + held.len() <= frame_at {
+        return held.len();
+    }
+    let mut at = frame_at.max(seen) - seen;
+    while at + 4 <= held.len() {
+        let len = u32::from_le_bytes(held[at..at + 4].try_into().unwrap()) as usize;
+        if at + 4 + len + 16 > held.len() {
+            break;
+        }
+        at += 4 + len + 16;
+    }
+    at
+}
+
+fn corrupted_frame_is_rejected_and_resent(mode: &str, flip: Flip, expect_in_log: &str) {
     // the hot connects to the proxy, which forwards to the cold
     let proxy = crate::listen::loopback_listener();
-    let mut p = Pair::new(
-        if insecure { "insecure" } else { "psk" },
-        Some(port_of(&proxy)),
-    );
-    let flipped = flipping_proxy(proxy, p.cold.port, 300_000);
+    let mut p = Pair::new(mode, Some(port_of(&proxy)));
+    let flipped = flipping_proxy(proxy, p.cold.port, flip);
     seed_tree(&p.hot.data, 4);
     p.start("cold");
     p.start("hot");
@@ -552,12 +622,27 @@ fn corrupted_frame_is_rejected_and_resent(insecure: bool, expect_in_log: &str) {
 
 #[test]
 fn issue4_a_byte_flipped_in_transit_fails_the_mac_and_is_resent() {
-    corrupted_frame_is_rejected_and_resent(false, "failed its authentication code");
+    corrupted_frame_is_rejected_and_resent(
+        "psk",
+        Flip::BatchHeader,
+        "failed its authentication code",
+    );
+}
+
+/// Issue 15: a batch's page data is outside the PSK MAC (its page hashes are inside): a page
+/// altered in transit fails its blake3 on the cold side, and is refused and resent.
+#[test]
+fn issue15_with_psk_a_flipped_page_fails_its_blake3_and_is_resent() {
+    corrupted_frame_is_rejected_and_resent("psk", Flip::At(300_000), "failed its blake3 check");
 }
 
 #[test]
 fn issue4_without_psk_a_flipped_page_fails_its_blake3_and_is_resent() {
-    corrupted_frame_is_rejected_and_resent(true, "failed its blake3 check");
+    corrupted_frame_is_rejected_and_resent(
+        "insecure",
+        Flip::At(300_000),
+        "failed its blake3 check",
+    );
 }
 
 /// Connects to the cold side with `auth` and, if authenticated, introduces itself as a hot

@@ -4,15 +4,15 @@
 //! decoding checks every length and count against what is left of the body before it
 //! allocates, and refuses trailing bytes.
 
-use crate::replicated::ops::Op;
 use crate::replicated::pages::{Attrs, Entry, EntryKind};
 use crate::replicated::wire::{Frame, HotState, ProtoError, MAX_PATH_BYTES};
 
+mod batch;
+
+pub(crate) use batch::authenticated;
+
 /// Frame type of [`Frame::IndexLink`] (after the frame types 1 to 15, leaving room).
 const INDEX_LINK: u8 = 20;
-/// The fewest bytes an op takes: its type and an empty path's length (a `Remove` of a short
-/// name is 6 bytes; counting 9, as before, refused a batch ending with one).
-const OP_MIN_BYTES: usize = 1 + 4;
 /// Bytes of an encoded [`Attrs`].
 const ATTRS_BYTES: usize = 12;
 /// The fewest bytes an entry of a [`Frame::Digest`] takes (empty path and target).
@@ -181,118 +181,6 @@ impl<'a> Dec<'a> {
     }
 }
 
-// ---------------------------------------------------------------- ops
-
-fn encode_op(op: &Op, e: &mut Enc<'_>) -> Result<(), ProtoError> {
-    match op {
-        Op::Mkdir { path, mode } => {
-            e.u8(1);
-            e.str(path)?;
-            e.u32(*mode);
-        }
-        Op::SetFile { path, len, mode } => {
-            e.u8(2);
-            e.str(path)?;
-            e.u64(*len);
-            e.u32(*mode);
-        }
-        Op::Write {
-            path,
-            offset,
-            data,
-            hashes,
-        } => {
-            e.u8(3);
-            e.str(path)?;
-            e.u64(*offset);
-            e.bytes(data)?;
-            e.count(hashes.len())?;
-            hashes.iter().for_each(|h| e.arr(h));
-        }
-        Op::Rename { from, to } => {
-            e.u8(4);
-            e.str(from)?;
-            e.str(to)?;
-        }
-        Op::Remove { path } => {
-            e.u8(5);
-            e.str(path)?;
-        }
-        Op::Barrier { id } => {
-            e.u8(6);
-            e.u64(*id);
-        }
-        Op::SetAttrs { path, attrs } => {
-            e.u8(7);
-            e.str(path)?;
-            e.attrs(attrs);
-        }
-        Op::Symlink { path, target } => {
-            e.u8(8);
-            e.str(path)?;
-            e.str(target)?;
-        }
-        Op::Allocate { path, offset, len } => {
-            e.u8(9);
-            e.str(path)?;
-            e.u64(*offset);
-            e.u64(*len);
-        }
-    }
-    Ok(())
-}
-
-fn decode_op(d: &mut Dec<'_>) -> Result<Op, ProtoError> {
-    Ok(match d.u8("op type")? {
-        1 => Op::Mkdir {
-            path: d.str("mkdir path")?,
-            mode: d.u32("mkdir mode")?,
-        },
-        2 => Op::SetFile {
-            path: d.str("setfile path")?,
-            len: d.u64("setfile len")?,
-            mode: d.u32("setfile mode")?,
-        },
-        3 => {
-            let path = d.str("write path")?;
-            let offset = d.u64("write offset")?;
-            let data = d.bytes("write data")?.to_vec();
-            let n = d.count("write hashes", 32)?;
-            let hashes = d.items(n, |d| d.arr::<32>("write hash"))?;
-            Op::Write {
-                path,
-                offset,
-                data,
-                hashes,
-            }
-        }
-        4 => Op::Rename {
-            from: d.str("rename from")?,
-            to: d.str("rename to")?,
-        },
-        5 => Op::Remove {
-            path: d.str("remove path")?,
-        },
-        6 => Op::Barrier {
-            id: d.u64("barrier id")?,
-        },
-        7 => Op::SetAttrs {
-            path: d.str("setattrs path")?,
-            attrs: d.attrs("setattrs attributes")?,
-        },
-        8 => Op::Symlink {
-            path: d.str("symlink path")?,
-            target: d.str("symlink target")?,
-        },
-        9 => Op::Allocate {
-            path: d.str("allocate path")?,
-            offset: d.u64("allocate offset")?,
-            len: d.u64("allocate len")?,
-        },
-        t => return Err(ProtoError::Malformed(format!("unknown op type {t}"))),
-    })
-}
-
 // ---------------------------------------------------------------- frames
 
 impl Frame {
@@ -457,14 +345,7 @@ impl Frame {
     /// Frame types 10 to 15: batches and what answers them.
     fn encode_stream(&self, e: &mut Enc<'_>) -> Result<(), ProtoError> {
         match self {
-            Frame::Batch { seq, ops } => {
-                e.u8(10);
-                e.u64(*seq);
-                e.count(ops.len())?;
-                for op in ops {
-                    encode_op(op, e)?;
-                }
-            }
+            Frame::Batch { seq, ops } => batch::encode(*seq, ops, e)?,
             Frame::Ack { seq } => {
                 e.u8(11);
                 e.u64(*seq);
@@ -576,12 +457,7 @@ impl Frame {
 
     fn decode_stream(t: u8, d: &mut Dec<'_>) -> Result<Frame, ProtoError> {
         Ok(match t {
-            10 => {
-                let seq = d.u64("seq")?;
-                let n = d.count("ops", OP_MIN_BYTES)?;
-                let ops = d.items(n, decode_op)?;
-                Frame::Batch { seq, ops }
-            }
+            batch::BATCH => batch::decode(d)?,
             11 => Frame::Ack { seq: d.u64("seq")? },
             12 => Frame::Nack {
                 seq: d.u64("seq")?,
@@ -615,6 +491,7 @@ fn unknown(t: u8) -> ProtoError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replicated::ops::Op;
 
     #[test]
     fn a_batch_of_one_removal_of_a_short_name_decodes() {

@@ -1,10 +1,11 @@
 //! Pre-shared-key authentication: the key derived from the PSK file ([`Psk`]), the proofs both
 //! sides exchange in the handshake, the session key, and the per-frame MAC of one direction
-//! ([`FrameMac`]), keyed blake3 over the direction, a frame counter and the body.
+//! ([`FrameMac`]), keyed blake3 over the direction, a frame counter, the body's length and the
+//! body (but a batch's page data, bound by its page hashes).
 
 use std::io;
 
-use crate::replicated::wire::MAC_BYTES;
+use crate::replicated::wire::{codec, MAC_BYTES};
 
 /// The blake3 key-derivation context for the PSK.
 const PSK_CONTEXT: &str = "artemis-sync 2026-11 replication psk v1";
@@ -83,12 +84,15 @@ impl FrameMac {
     }
 
     /// The tag of the next frame's `body`, and the frame counter it was computed for; the
-    /// counter then moves on, whether or not the frame turns out to be valid.
+    /// counter then moves on, whether or not the frame turns out to be valid. It covers the
+    /// body's length and all of the body but a batch's page data, which its page hashes (in
+    /// the part covered) bind ([`codec::authenticated`]).
     pub(crate) fn next_tag(&mut self, body: &[u8]) -> ([u8; MAC_BYTES], u64) {
         let mut h = blake3::Hasher::new_keyed(&self.key);
         h.update(&[self.direction]);
         h.update(&self.seq.to_le_bytes());
-        h.update(body);
+        h.update(&(body.len() as u64).to_le_bytes());
+        h.update(codec::authenticated(body));
         let mut out = [0u8; MAC_BYTES];
         out.copy_from_slice(&h.finalize().as_bytes()[..MAC_BYTES]);
         let seq = self.seq;

@@ -6,8 +6,12 @@
 //! `len` is checked against [`MAX_FRAME_BYTES`] before anything is allocated, and every count
 //! and string inside a body is checked against what remains of it, so a hostile peer cannot
 //! make us allocate more than one frame's worth. In PSK mode the MAC is keyed blake3 over the
-//! direction, a per-direction frame counter and the body, under a session key both sides
-//! derive from the PSK and two fresh nonces; a replayed, reordered or altered frame fails it.
+//! direction, a per-direction frame counter, the body's length and the body, under a session
+//! key both sides derive from the PSK and two fresh nonces; a replayed, reordered or altered
+//! frame fails it. A batch's page data (the tail of its body, `codec/batch.rs`) is left out of
+//! the MAC: each page's blake3 is in the part covered, and the cold side checks every page
+//! against it before anything is written, so altered page data is refused all the same (as a
+//! checksum failure: the batch is rejected and resent) without a second pass over the bytes.
 //!
 //! Handshake: the connecting side sends [`Frame::Hello`] (its nonce); the accepting side answers
 //! [`Frame::Challenge`] (its nonce and proof that it knows the PSK); the connecting side answers
@@ -30,8 +34,9 @@ pub use mac::{mac_eq, nonce, FrameMac, Psk};
 mod tests;
 
 /// The protocol version spoken (2: owners, symlinks and allocation in the index, ops and
-/// digests; 3: the hot side's sync state in its heartbeat).
-pub const VERSION: u16 = 3;
+/// digests; 3: the hot side's sync state in its heartbeat; 4: a batch's page data after its
+/// header, outside the PSK MAC, which covers the page hashes and the body's length).
+pub const VERSION: u16 = 4;
 /// The largest frame body accepted or sent once the peer is authenticated.
 pub const MAX_FRAME_BYTES: usize = 8 << 20;
 /// The largest frame body accepted before the peer is authenticated: the handshake's frames

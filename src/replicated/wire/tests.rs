@@ -163,29 +163,54 @@ fn every_frame_round_trips() {
     for f in &frames {
         round_trip(f);
     }
-    // the bytes themselves (version 3: owners, symlinks and allocation; the heartbeat's sync
-    // state), so that an encoding change cannot pass unnoticed: a peer of the same version
-    // must read ours
+    // the bytes themselves (version 4: owners, symlinks and allocation; the heartbeat's sync
+    // state; a batch's page data after its header), so that an encoding change cannot pass
+    // unnoticed: a peer of the same version must read ours
     let mut all = Vec::new();
     for f in &frames {
         f.encode(&mut all).unwrap();
     }
-    assert_eq!(all.len(), 9055);
+    assert_eq!(all.len(), 9059);
     assert_eq!(
         blake3::hash(&all).to_hex().as_str(),
-        "a570165355a2fbf3ddc8fe9f4f8169c95af3dbf1a0b4e15a1d69bce7b2064aa1"
+        "a484a3d310917693a17995e3cd832ffe9a67c7ec097a5ef7fbf81dbcd6f64f6c"
     );
 }
 
 #[test]
 fn hostile_counts_and_lengths_are_refused_before_allocation() {
-    // a batch claiming 4 billion ops in 13 bytes
+    // a batch claiming 4 billion ops in a 12-byte header
     let mut body = vec![10];
+    body.extend_from_slice(&12u32.to_le_bytes());
     body.extend_from_slice(&1u64.to_le_bytes());
     body.extend_from_slice(&u32::MAX.to_le_bytes());
     assert!(
         matches!(Frame::decode(&body), Err(ProtoError::Malformed(m)) if m.contains("cannot fit"))
     );
+    // a batch header longer than the body, a write whose data the tail lacks, a tail with
+    // bytes no write takes
+    let write = Frame::Batch {
+        seq: 1,
+        ops: vec![Op::Write {
+            path: "a".into(),
+            offset: 0,
+            data: vec![7; 10],
+            hashes: vec![[1; 32]],
+        }],
+    };
+    let mut out = Vec::new();
+    write.encode(&mut out).unwrap();
+    let mut long_header = out.clone();
+    long_header[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+    let short_tail = out[..out.len() - 1].to_vec();
+    let mut long_tail = out.clone();
+    long_tail.push(0);
+    for body in [long_header, short_tail, long_tail] {
+        assert!(
+            matches!(Frame::decode(&body), Err(ProtoError::Malformed(_))),
+            "{body:?}"
+        );
+    }
     // a path longer than allowed
     let mut out = Vec::new();
     Frame::IndexDir {
@@ -244,7 +269,7 @@ async fn macs_catch_flipped_bytes_and_keep_the_stream_in_step() {
     w.flush().await.unwrap();
     assert_eq!(
         blake3::hash(&wire).to_hex().as_str(),
-        "9586b4a6e0c30dc198d836c4c51941663f024a5b18e95cc03001f62a9aa0b0bd",
+        "f8cb2c89f0e8a41790754c8c1e9f2701fe75c7e9900dc95302d6967db95077f7",
         "the framing and MACs changed"
     );
     let frame_len = wire.len() / 3;
@@ -259,6 +284,77 @@ async fn macs_catch_flipped_bytes_and_keep_the_stream_in_step() {
     let mut r = FrameReader::new(&wire[..]);
     r.set_mac(FrameMac::new([0; 32], 0));
     assert!(matches!(r.recv().await, Err(ProtoError::BadMac { seq: 0 })));
+}
+
+#[tokio::test]
+async fn issue15_a_batch_mac_covers_header_and_length_and_its_page_hashes_bind_the_data() {
+    let session = Psk::from_hex(&"ab".repeat(32))
+        .unwrap()
+        .session(&[1; 32], &[2; 32]);
+    let page = vec![0x42u8; 4096];
+    let batch = Frame::Batch {
+        seq: 7,
+        ops: vec![Op::Write {
+            path: "journal/a".into(),
+            offset: 0,
+            hashes: vec![*blake3::hash(&page).as_bytes()],
+            data: page.clone(),
+        }],
+    };
+    let mut wire = Vec::new();
+    let mut w = FrameWriter::new(&mut wire);
+    w.set_mac(FrameMac::new(session, 0));
+    w.send(&batch).await.unwrap();
+    w.flush().await.unwrap();
+    let read = |wire: Vec<u8>| async move {
+        let mut r = FrameReader::new(&wire[..]);
+        r.authenticated();
+        r.set_mac(FrameMac::new(session, 0));
+        r.recv().await
+    };
+    assert_eq!(read(wire.clone()).await.unwrap(), batch);
+    // the page data is the body's tail, before the 16-byte MAC: altered there, the frame
+    // passes the MAC, and its page no longer matches its hash, which the cold side checks
+    // before it writes anything (apply.rs; the integration test flips a page in transit)
+    let mut data_flipped = wire.clone();
+    let in_page = data_flipped.len() - MAC_BYTES - 100;
+    data_flipped[in_page] ^= 1;
+    let Frame::Batch { ops, .. } = read(data_flipped).await.unwrap() else {
+        panic!("not a batch")
+    };
+    let Op::Write { data, hashes, .. } = &ops[0] else {
+        panic!("not a write")
+    };
+    assert_ne!(blake3::hash(data).as_bytes(), &hashes[0]);
+    // anything in the header (the path, offset, lengths, page hashes) fails the MAC
+    let header_len = u32::from_le_bytes(wire[5..9].try_into().unwrap()) as usize;
+    for at in [4 + 1, 4 + 5, 4 + 5 + header_len - 1] {
+        let mut flipped = wire.clone();
+        flipped[at] ^= 1;
+        let got = read(flipped).await;
+        assert!(
+            matches!(
+                got,
+                Err(ProtoError::BadMac { seq: 0 }) | Err(ProtoError::Malformed(_))
+            ),
+            "byte {at}: {got:?}"
+        );
+    }
+    let mut flipped = wire.clone();
+    flipped[4 + 5 + header_len - 1] ^= 1; // the last byte of the last page hash
+    assert!(matches!(
+        read(flipped).await,
+        Err(ProtoError::BadMac { seq: 0 })
+    ));
+    // a page cut short (the length prefix adjusted) fails the MAC: the length is covered
+    let mut cut = wire[..wire.len() - MAC_BYTES - 1].to_vec();
+    cut.extend_from_slice(&wire[wire.len() - MAC_BYTES..]);
+    let len = u32::from_le_bytes(cut[..4].try_into().unwrap()) - 1;
+    cut[..4].copy_from_slice(&len.to_le_bytes());
+    assert!(matches!(
+        read(cut).await,
+        Err(ProtoError::BadMac { seq: 0 })
+    ));
 }
 
 #[test]
