@@ -5,6 +5,7 @@
 
 mod agent;
 mod cli;
+mod drill;
 mod exact;
 mod failover;
 mod failover_pg;

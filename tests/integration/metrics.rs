@@ -87,11 +87,7 @@ fn health(port: u16) -> u16 {
 
 /// A program of the `prometheus` package, or `None` after [`skip`]ping `test`.
 fn prometheus_tool(test: &str, name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    });
+    let found = crate::util::on_path(name);
     if found.is_none() {
         skip(
             test,

@@ -27,6 +27,8 @@ pub(crate) struct PgCluster {
     pub(crate) port: u16,
     /// Server options beyond the port and socket (TLS).
     extra: String,
+    /// Addresses it listens on besides 127.0.0.1 (comma-separated, each with a leading comma).
+    also: String,
 }
 
 /// The directory holding `initdb`, `pg_ctl` and `postgres`.
@@ -65,18 +67,24 @@ fn free_port() -> u16 {
 impl PgCluster {
     /// Starts a cluster, or skips `test` (a failure under CI) and returns None.
     pub(crate) fn start(test: &str) -> Option<PgCluster> {
-        PgCluster::start_with(test, false)
+        PgCluster::start_with(test, false, &[])
+    }
+
+    /// Starts a cluster that also listens on `addrs` (addresses of this host, such as the
+    /// root end of a veth pair to a network namespace) and accepts password logins there.
+    pub(crate) fn start_on(test: &str, addrs: &[std::net::Ipv4Addr]) -> Option<PgCluster> {
+        PgCluster::start_with(test, false, addrs)
     }
 
     /// Starts a cluster that also accepts TLS, with a certificate for `127.0.0.1` from a CA
     /// made by `artemis-sync certs init`; returns it and the CA file.
     pub(crate) fn start_tls(test: &str) -> Option<(PgCluster, PathBuf)> {
-        let c = PgCluster::start_with(test, true)?;
+        let c = PgCluster::start_with(test, true, &[])?;
         let ca = c.dir.path().join("tls/ca.pem");
         Some((c, ca))
     }
 
-    fn start_with(test: &str, tls: bool) -> Option<PgCluster> {
+    fn start_with(test: &str, tls: bool, addrs: &[std::net::Ipv4Addr]) -> Option<PgCluster> {
         if !is_root() {
             skip(
                 test,
@@ -111,6 +119,7 @@ impl PgCluster {
             gid,
             port: 0,
             extra: String::new(),
+            also: addrs.iter().map(|a| format!(",{a}")).collect(),
         };
         if tls {
             c.extra = c.make_certs();
@@ -131,6 +140,18 @@ impl PgCluster {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let mut hba = fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("pg_hba.conf"))
+            .unwrap();
+        for a in addrs {
+            std::io::Write::write_all(
+                &mut hba,
+                format!("host all all {a}/24 scram-sha-256\n").as_bytes(),
+            )
+            .unwrap();
+        }
+        drop(hba);
         for _ in 0..PORT_ATTEMPTS {
             c.port = free_port();
             if c.pg_ctl_start() {
@@ -184,9 +205,10 @@ impl PgCluster {
 
     fn pg_ctl_start(&self) -> bool {
         let opts = format!(
-            "-k {} -p {} -c listen_addresses=127.0.0.1 -c fsync=off {}",
+            "-k {} -p {} -c listen_addresses=127.0.0.1{} -c fsync=off {}",
             self.dir.path().display(),
             self.port,
+            self.also,
             self.extra
         );
         self.as_postgres("pg_ctl")

@@ -183,6 +183,15 @@ pub(crate) fn workspace_bin(name: &str) -> PathBuf {
     path
 }
 
+/// Where `program` is on `PATH`, if it is.
+pub(crate) fn on_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
 /// `artemis-sync` with a clean environment.
 pub(crate) fn main_cmd() -> Command {
     command(&workspace_bin("artemis-sync"))

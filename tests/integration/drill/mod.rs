@@ -1,0 +1,361 @@
+//! Issue 16: fault drills on a real network and a soak with random faults. Two replicated
+//! agents (FUSE capture, durable acks, the database lease) run in two network namespaces,
+//! "VMs" joined by a veth pair (`netns.rs`); the faults are nftables rules, a `tc tbf` cap
+//! (`faults.rs`) and a delaying proxy (`proxy.rs`); the node is failover_pg.rs's durable
+//! writer, which also takes a lock shared by both VMs' nodes, so that two nodes at once are
+//! seen for real. `net.rs` holds the network drills, `soak.rs` the soak. After every fault
+//! [`Drill::check`] asserts the invariants: never two nodes, no record whose sync returned
+//! missing from the copy of the VM running the node, and the cold copy converging to the
+//! hot's (blake3 of both trees, the writer paused) once the fault is healed.
+
+mod faults;
+mod net;
+pub(crate) mod netns;
+mod proxy;
+
+use std::fmt::Write as _;
+use std::fs;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::agent::{kill, pid_t, wait_until};
+use crate::failover_pg::{Duo, DuoSpec};
+use crate::pg::PgCluster;
+use crate::replication::{content, seed_tree, Pair};
+use crate::util::{require_root, skip, system, Fixture, MountGuard};
+use netns::{listener_in, Topology};
+use proxy::DelayProxy;
+
+/// How long the hot may take to report the cold copy in sync after a fault is healed.
+const CONVERGE_LIMIT: Duration = Duration::from_secs(60);
+/// How long the trees may take to compare equal once the writer is paused and in sync.
+const DIGEST_LIMIT: Duration = Duration::from_secs(20);
+
+/// A seeded random number generator (SplitMix64), so that a run can be replayed.
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n` > 0).
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// How a drill's pair is set up.
+pub(crate) struct DrillOpts {
+    /// The hot connects to the cold through a [`DelayProxy`] in its own namespace.
+    pub(crate) proxied: bool,
+    /// Both data dirs on a tmpfs of this size (MiB), so that a balloon can fill the cold's.
+    pub(crate) tmpfs_mib: Option<u64>,
+    /// Journal data (MiB) in the hot's copy before the first start (the initial sync).
+    pub(crate) seed_mib: usize,
+    /// The node's bulk writes ([`DuoSpec::bulk_every`]).
+    pub(crate) bulk_every: usize,
+}
+
+/// A [`Duo`] whose agents run in a [`Topology`]: side "hot" is VM `a`, side "cold" is VM `b`
+/// (the names of their first roles; which one is hot now is [`Drill::hot`]).
+pub(crate) struct Drill {
+    pub(crate) d: Duo,
+    pub(crate) proxies: Vec<DelayProxy>,
+    tmpfs: Vec<MountGuard>,
+    pub(crate) topo: Topology,
+}
+
+/// What one check of the invariants saw.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Checked {
+    /// From the fault's end to the hot reporting the cold copy in sync.
+    pub(crate) converge: Duration,
+    /// Records whose sync returned, in all.
+    pub(crate) synced: usize,
+}
+
+impl Drill {
+    /// Starts the database, the topology and both agents (the hot first), in sync; or skips
+    /// `test` (a failure under CI) where it cannot run.
+    pub(crate) fn start(test: &str, opts: &DrillOpts) -> Option<Drill> {
+        if !require_root(test, "network namespaces, nftables and FUSE mounts") {
+            return None;
+        }
+        for program in ["nft", "tc", "nsenter", "flock"] {
+            if crate::util::on_path(program).is_none() {
+                skip(
+                    test,
+                    &format!(
+                        "{program} is not installed (apt-get install nftables iproute2 util-linux)"
+                    ),
+                );
+                return None;
+            }
+        }
+        let topo = Topology::new();
+        topo.heal();
+        let pg = PgCluster::start_on(test, &[topo.a.db_ip, topo.b.db_ip])?;
+        let fx = Fixture::new();
+        let mut tmpfs = Vec::new();
+        if let Some(mib) = opts.tmpfs_mib {
+            for side in ["hot", "cold"] {
+                let dir = fx.mkdir(&format!("{side}/data"));
+                tmpfs.push(MountGuard::new(&dir));
+                let size = format!("size={mib}m");
+                system(
+                    "mount",
+                    &[
+                        "-t".as_ref(),
+                        "tmpfs".as_ref(),
+                        "-o".as_ref(),
+                        size.as_ref(),
+                        "tmpfs".as_ref(),
+                        dir.as_ref(),
+                    ],
+                );
+            }
+        }
+        if opts.seed_mib > 0 {
+            seed_tree(&fx.mkdir("hot/data"), opts.seed_mib);
+        }
+        let (a, b) = (&topo.a, &topo.b);
+        let mut proxies = Vec::new();
+        let peers = if opts.proxied {
+            let on = |vm: &netns::Vm, to: SocketAddr, seed| {
+                DelayProxy::start(&vm.path(), SocketAddr::from(([127, 0, 0, 1], 0)), to, seed)
+            };
+            proxies.push(on(a, b.repl_addr(), 1));
+            proxies.push(on(b, a.repl_addr(), 2));
+            [proxies[0].addr.to_string(), proxies[1].addr.to_string()]
+        } else {
+            [b.repl_addr().to_string(), a.repl_addr().to_string()]
+        };
+        let listeners = [
+            listener_in(&a.path(), a.repl_addr()),
+            listener_in(&b.path(), b.repl_addr()),
+        ];
+        let spec = DuoSpec {
+            ack: "ack = \"durable\"",
+            lease: "",
+            bulk_every: opts.bulk_every,
+        };
+        let (a_db, b_db) = (a.db_ip, b.db_ip);
+        let (a_ns, b_ns) = (a.path(), b.path());
+        let mut d = Duo::build(
+            pg,
+            fx,
+            &spec,
+            &|side, port| {
+                format!(
+                    "host={} port={port}",
+                    if side == "hot" { a_db } else { b_db }
+                )
+            },
+            |fx, extra| {
+                let mut p = Pair::on("psk", fx, extra, listeners, peers);
+                p.hot.netns = Some(a_ns);
+                p.cold.netns = Some(b_ns);
+                p
+            },
+        );
+        d.hot_then_cold();
+        Some(Drill {
+            d,
+            proxies,
+            tmpfs,
+            topo,
+        })
+    }
+
+    /// The side ("hot" is VM a, "cold" VM b) whose agent is hot now, if one is.
+    pub(crate) fn hot(&self) -> Option<&'static str> {
+        ["hot", "cold"]
+            .into_iter()
+            .find(|s| self.d.role(s) == "hot")
+    }
+
+    /// The other side.
+    pub(crate) fn other(side: &str) -> &'static str {
+        if side == "hot" {
+            "cold"
+        } else {
+            "hot"
+        }
+    }
+
+    /// The VM of a side.
+    pub(crate) fn vm(&self, side: &str) -> &netns::Vm {
+        if side == "hot" {
+            &self.topo.a
+        } else {
+            &self.topo.b
+        }
+    }
+
+    /// Never two nodes: no node found the shared lock taken, and not both agents report one.
+    #[track_caller]
+    pub(crate) fn assert_one_node(&self, when: &str) {
+        let violations = fs::read_to_string(&self.d.violations).unwrap_or_default();
+        assert!(
+            violations.is_empty(),
+            "{when}: a node started while another held the lock:\n{violations}\n{}",
+            self.d.p.logs()
+        );
+        assert!(
+            self.d.node_pid("hot").is_none() || self.d.node_pid("cold").is_none(),
+            "{when}: both agents run a node\n{}",
+            self.d.p.logs()
+        );
+    }
+
+    /// Every record whose sync returned is in the copy of `side`.
+    #[track_caller]
+    pub(crate) fn assert_nothing_lost(&self, side: &str, when: &str) {
+        let missing = self.d.missing_on(side);
+        assert!(
+            missing.is_empty(),
+            "{when}: {} synced records missing on {side}: {:?}\n{}",
+            missing.len(),
+            &missing[..missing.len().min(20)],
+            self.d.p.logs()
+        );
+    }
+
+    /// After a fault ended at `healed`: one node runs (on the hot), nothing synced is lost,
+    /// the hot reports the cold copy in sync, and with the writer paused both trees are equal.
+    #[track_caller]
+    pub(crate) fn check(&self, when: &str, healed: Instant) -> Checked {
+        self.assert_one_node(when);
+        let mut hot = None;
+        assert!(
+            wait_until(CONVERGE_LIMIT, || {
+                hot = self.hot();
+                hot.is_some_and(|h| self.d.node_pid(h).is_some())
+            }),
+            "{when}: no hot VM runs the node\n{}",
+            self.d.p.logs()
+        );
+        let hot = hot.unwrap();
+        let cold = Drill::other(hot);
+        self.assert_nothing_lost(hot, when);
+        assert!(
+            wait_until(CONVERGE_LIMIT, || self.in_sync(hot, cold)),
+            "{when}: the cold copy did not catch up within {CONVERGE_LIMIT:?}\n{}\n{}\n{}",
+            self.d.p.status(hot),
+            self.d.p.status(cold),
+            self.d.p.logs()
+        );
+        let converge = healed.elapsed();
+        self.assert_trees_equal(hot, cold, when);
+        self.assert_one_node(when);
+        Checked {
+            converge,
+            synced: self.d.synced().len(),
+        }
+    }
+
+    /// The hot's view: connected, durable (not degraded), nothing unacknowledged, and the
+    /// cold's view of the lease row: the copy is in sync.
+    fn in_sync(&self, hot: &str, cold: &str) -> bool {
+        let h = self.d.p.status(hot);
+        h["role"] == "hot"
+            && h.get("degraded").is_none()
+            && h["lag_ms"] == 0
+            && self.d.p.status(cold)["lease"]["cold_lag_ms"] == 0
+    }
+
+    /// With the node (and its children) stopped, the stream drains and both copies hold the
+    /// same tree; the node goes on afterwards.
+    #[track_caller]
+    fn assert_trees_equal(&self, hot: &str, cold: &str, when: &str) {
+        let node = self.d.node_pid(hot).expect("the hot runs its node");
+        kill(-pid_t(node), libc::SIGSTOP);
+        let (hd, cd) = (self.d.data(hot), self.d.data(cold));
+        let equal = wait_until(DIGEST_LIMIT, || {
+            self.in_sync(hot, cold) && content(hd) == content(cd)
+        });
+        kill(-pid_t(node), libc::SIGCONT);
+        if !equal {
+            let (h, c) = (content(hd), content(cd));
+            let diff: Vec<_> = h
+                .keys()
+                .chain(c.keys())
+                .filter(|k| h.get(*k) != c.get(*k))
+                .collect();
+            panic!(
+                "{when}: the copies differ after the fault: {diff:?}\n{}",
+                self.d.p.logs()
+            );
+        }
+    }
+
+    /// A status figure of `side` (0 when absent).
+    pub(crate) fn figure(&self, side: &str, key: &str) -> u64 {
+        self.d.p.status(side)[key].as_u64().unwrap_or(0)
+    }
+}
+
+impl Drop for Drill {
+    fn drop(&mut self) {
+        // the agents (and their nodes) go first, then the tmpfs below their data dirs
+        self.d.p.kill9("hot");
+        self.d.p.kill9("cold");
+        self.tmpfs.clear();
+    }
+}
+
+/// A table with a header row; every row has as many cells.
+pub(crate) struct Table {
+    head: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub(crate) fn new(head: &[&str]) -> Table {
+        Table {
+            head: head.iter().map(|s| (*s).to_owned()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub(crate) fn row(&mut self, cells: Vec<String>) {
+        assert_eq!(cells.len(), self.head.len());
+        self.rows.push(cells);
+    }
+
+    /// As a Markdown table.
+    pub(crate) fn render(&self) -> String {
+        let mut s = String::new();
+        let line = |s: &mut String, cells: &[String]| {
+            let _ = writeln!(s, "| {} |", cells.join(" | "));
+        };
+        line(&mut s, &self.head);
+        line(&mut s, &vec!["---".to_owned(); self.head.len()]);
+        for r in &self.rows {
+            line(&mut s, r);
+        }
+        s
+    }
+}
+
+/// `secs` seconds, from the environment variable `var` if set (a bad value fails the test).
+pub(crate) fn seconds_from_env(var: &str, default: u64) -> Duration {
+    Duration::from_secs(std::env::var(var).map_or(default, |v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{var}={v:?} is not a number of seconds"))
+    }))
+}
+
+/// Bytes as MB with one decimal.
+pub(crate) fn mb(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / 1e6)
+}
