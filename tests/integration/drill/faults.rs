@@ -87,7 +87,7 @@ impl Topology {
                     nft(
                         vm,
                         &format!(
-                            "add rule inet artemis_drill input iifname {} numgen random mod 100 < {LOSS_PERCENT} drop",
+                            "add rule inet artemis_drill input iifname {} numgen random mod 100 < {LOSS_PERCENT} counter drop",
                             vm.link_dev
                         ),
                     );
@@ -116,6 +116,21 @@ impl Topology {
                 );
             }
         }
+    }
+
+    /// Packets the rules with a counter dropped in `vm` (the loss rule).
+    pub(crate) fn dropped(&self, vm: &Vm) -> u64 {
+        let out = run_in(
+            &vm.path(),
+            "nft",
+            &["list", "chain", "inet", "artemis_drill", "input"],
+            "",
+        );
+        out.split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
     }
 
     /// Removes every rule and qdisc of this module from both VMs.

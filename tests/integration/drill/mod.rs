@@ -12,6 +12,7 @@ mod faults;
 mod net;
 pub(crate) mod netns;
 mod proxy;
+mod soak;
 
 use std::fmt::Write as _;
 use std::fs;
@@ -79,8 +80,14 @@ pub(crate) struct Drill {
 pub(crate) struct Checked {
     /// From the fault's end to the hot reporting the cold copy in sync.
     pub(crate) converge: Duration,
-    /// Records whose sync returned, in all.
-    pub(crate) synced: usize,
+    /// Of those, missing from the hot's copy (asserted 0).
+    pub(crate) lost: usize,
+    /// Nodes that found the shared lock taken (asserted 0).
+    pub(crate) violations: usize,
+    /// Page bytes the hot sent and the cold applied, read while the writer was paused and
+    /// the copies equal.
+    pub(crate) sent_bytes: u64,
+    pub(crate) applied_bytes: u64,
 }
 
 impl Drill {
@@ -108,20 +115,7 @@ impl Drill {
         let mut tmpfs = Vec::new();
         if let Some(mib) = opts.tmpfs_mib {
             for side in ["hot", "cold"] {
-                let dir = fx.mkdir(&format!("{side}/data"));
-                tmpfs.push(MountGuard::new(&dir));
-                let size = format!("size={mib}m");
-                system(
-                    "mount",
-                    &[
-                        "-t".as_ref(),
-                        "tmpfs".as_ref(),
-                        "-o".as_ref(),
-                        size.as_ref(),
-                        "tmpfs".as_ref(),
-                        dir.as_ref(),
-                    ],
-                );
+                tmpfs.extend(data_on_tmpfs(&fx, side, mib));
             }
         }
         if opts.seed_mib > 0 {
@@ -204,7 +198,7 @@ impl Drill {
     /// Never two nodes: no node found the shared lock taken, and not both agents report one.
     #[track_caller]
     pub(crate) fn assert_one_node(&self, when: &str) {
-        let violations = fs::read_to_string(&self.d.violations).unwrap_or_default();
+        let violations = self.violations();
         assert!(
             violations.is_empty(),
             "{when}: a node started while another held the lock:\n{violations}\n{}",
@@ -255,12 +249,20 @@ impl Drill {
             self.d.p.logs()
         );
         let converge = healed.elapsed();
-        self.assert_trees_equal(hot, cold, when);
+        let (sent_bytes, applied_bytes) = self.assert_trees_equal(hot, cold, when);
         self.assert_one_node(when);
         Checked {
             converge,
-            synced: self.d.synced().len(),
+            lost: self.d.missing_on(hot).len(),
+            violations: self.violations().lines().count(),
+            sent_bytes,
+            applied_bytes,
         }
+    }
+
+    /// The lines of the nodes that found the shared lock taken.
+    fn violations(&self) -> String {
+        fs::read_to_string(&self.d.violations).unwrap_or_default()
     }
 
     /// The hot's view: connected, durable (not degraded), nothing unacknowledged, and the
@@ -274,15 +276,20 @@ impl Drill {
     }
 
     /// With the node (and its children) stopped, the stream drains and both copies hold the
-    /// same tree; the node goes on afterwards.
+    /// same tree; the node goes on afterwards. Returns the hot's page bytes sent and the
+    /// cold's applied, read meanwhile.
     #[track_caller]
-    fn assert_trees_equal(&self, hot: &str, cold: &str, when: &str) {
+    fn assert_trees_equal(&self, hot: &str, cold: &str, when: &str) -> (u64, u64) {
         let node = self.d.node_pid(hot).expect("the hot runs its node");
         kill(-pid_t(node), libc::SIGSTOP);
         let (hd, cd) = (self.d.data(hot), self.d.data(cold));
         let equal = wait_until(DIGEST_LIMIT, || {
             self.in_sync(hot, cold) && content(hd) == content(cd)
         });
+        let bytes = (
+            self.figure(hot, "data_bytes"),
+            self.figure(cold, "data_bytes"),
+        );
         kill(-pid_t(node), libc::SIGCONT);
         if !equal {
             let (h, c) = (content(hd), content(cd));
@@ -296,6 +303,7 @@ impl Drill {
                 self.d.p.logs()
             );
         }
+        bytes
     }
 
     /// A status figure of `side` (0 when absent).
@@ -311,6 +319,40 @@ impl Drop for Drill {
         self.d.p.kill9("cold");
         self.tmpfs.clear();
     }
+}
+
+/// Mounts a tmpfs of `mib` MiB on `<side>/vol` and binds its `data` folder onto
+/// `<side>/data` (the side's data dir), so that a balloon in `vol` fills the data dir's
+/// disk; returns the guards, the bind's first.
+fn data_on_tmpfs(fx: &Fixture, side: &str, mib: u64) -> [MountGuard; 2] {
+    let (vol, data) = (
+        fx.mkdir(&format!("{side}/vol")),
+        fx.mkdir(&format!("{side}/data")),
+    );
+    let guards = [MountGuard::new(&data), MountGuard::new(&vol)];
+    let size = format!("size={mib}m");
+    let arg = std::ffi::OsStr::new;
+    system(
+        "mount",
+        &[
+            arg("-t"),
+            arg("tmpfs"),
+            arg("-o"),
+            arg(&size),
+            arg("tmpfs"),
+            vol.as_os_str(),
+        ],
+    );
+    fs::create_dir(vol.join("data")).unwrap();
+    system(
+        "mount",
+        &[
+            arg("--bind"),
+            vol.join("data").as_os_str(),
+            data.as_os_str(),
+        ],
+    );
+    guards
 }
 
 /// A table with a header row; every row has as many cells.

@@ -45,6 +45,10 @@ struct Seen {
     /// The old hot's node gone, and the other VM's node started, since the fault began.
     fenced_at: Option<Duration>,
     took_over_at: Option<Duration>,
+    /// The bandwidth drill's burst.
+    burst: Option<Burst>,
+    /// The loss drill: packets the rules dropped.
+    dropped: u64,
 }
 
 /// Samples the invariants and figures until `until`.
@@ -68,17 +72,22 @@ fn watch(dr: &Drill, hot: &str, start: Instant, until: Instant, seen: &mut Seen)
 /// Holds `held` on the pair, heals, checks the invariants, and adds the figures to `table`.
 fn drill(dr: &Drill, held: Held, table: &mut Table) {
     let hot = dr.hot().expect("a hot VM before the fault");
+    let cold = Drill::other(hot);
     let synced = dr.d.synced().len();
-    let (wire, reconnects, resends) = (
-        dr.figure(hot, "wire_bytes"),
-        dr.figure(hot, "reconnects"),
-        dr.figure(hot, "resends"),
+    let before = |key| (dr.figure(hot, key), dr.figure(cold, key));
+    let ((wire, _), (sent, applied), (reconnects, _)) = (
+        before("wire_bytes"),
+        before("data_bytes"),
+        before("reconnects"),
     );
     let mut seen = Seen::default();
     let start = Instant::now();
     match held {
         Held::Net(fault, hold) => {
             dr.topo.apply(fault, dr.vm(hot));
+            if fault == NetFault::Cap {
+                seen.burst = Some(burst(dr, hot));
+            }
             watch(dr, hot, start, start + hold, &mut seen);
         }
         Held::Flap(n, hold) => {
@@ -97,89 +106,172 @@ fn drill(dr: &Drill, held: Held, table: &mut Table) {
     }
     let held_for = start.elapsed();
     let wire_during = dr.figure(hot, "wire_bytes").saturating_sub(wire);
+    let synced_during = dr.d.synced().len() - synced;
+    if let Held::Net(NetFault::Loss, _) = held {
+        seen.dropped = dr.topo.dropped(&dr.topo.a) + dr.topo.dropped(&dr.topo.b);
+    }
     dr.topo.heal();
     let healed = Instant::now();
-    expect(dr, held, hot, &seen, wire_during, held_for);
+    expect(dr, held, hot, &seen, wire_during, held_for, synced_during);
     let c = dr.check(&held.name(), healed);
-    let now_hot = dr.hot().unwrap_or("none");
+    let failed_over = dr.hot() != Some(hot);
+    let (resent, reconnected) = if failed_over {
+        // the counters are the new hot's, from its start: not comparable
+        ("-".to_owned(), "-".to_owned())
+    } else {
+        (
+            mb((c.sent_bytes - sent).saturating_sub(c.applied_bytes - applied)),
+            (dr.figure(hot, "reconnects") - reconnects).to_string(),
+        )
+    };
     table.row(vec![
         held.name(),
         seen.max_lag_ms.to_string(),
-        if seen.degraded { "yes" } else { "no" }.to_owned(),
-        if now_hot == hot {
-            "no".to_owned()
-        } else {
-            format!(
-                "yes, after {:.2} s (old node fenced after {:.2} s)",
-                seen.took_over_at.unwrap_or_default().as_secs_f64(),
-                seen.fenced_at.unwrap_or_default().as_secs_f64()
-            )
+        yes_no(seen.degraded),
+        match (failed_over, seen.took_over_at, seen.fenced_at) {
+            (true, Some(t), Some(f)) => format!(
+                "yes: old node fenced at {:.2} s, new one ran at {:.2} s",
+                f.as_secs_f64(),
+                t.as_secs_f64()
+            ),
+            _ => yes_no(failed_over),
         },
         format!("{:.2}", c.converge.as_secs_f64()),
         mb(wire_during),
-        (dr.figure(now_hot, "reconnects")
-            .saturating_sub(if now_hot == hot { reconnects } else { 0 }))
-        .to_string(),
-        (dr.figure(now_hot, "resends")
-            .saturating_sub(if now_hot == hot { resends } else { 0 }))
-        .to_string(),
-        (c.synced - synced).to_string(),
-        "0".to_owned(),
-        "held".to_owned(),
+        resent,
+        reconnected,
+        synced_during.to_string(),
+        c.lost.to_string(),
+        c.violations.to_string(),
     ]);
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_owned()
+}
+
+/// Bytes written at once through the hot's mount, with fdatasync, in the bandwidth drill.
+const BURST_BYTES: usize = 45_000_000;
+
+/// Writes [`BURST_BYTES`] of random bytes to a file through `hot`'s mount and fdatasyncs it
+/// (durable: the sync returns once the cold VM has it all, or after `peer_timeout_ms` having
+/// degraded).
+fn burst(dr: &Drill, hot: &str) -> Burst {
+    use std::io::Write;
+    let mut rng = crate::drill::Rng::new(BURST_BYTES as u64);
+    let data: Vec<u8> = (0..BURST_BYTES / 8)
+        .flat_map(|_| rng.next().to_le_bytes())
+        .collect();
+    let path = dr.d.p.fx.path(&format!("{hot}/mnt/large-message.bin"));
+    let wire = dr.figure(hot, "wire_bytes");
+    let started = Instant::now();
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(&data).unwrap();
+    f.sync_data().unwrap();
+    let took = started.elapsed();
+    let status = dr.d.p.status(hot);
+    let wire = status["wire_bytes"].as_u64().unwrap_or(0) - wire;
+    Burst {
+        took,
+        wire,
+        degraded: status.get("degraded").is_some(),
+    }
+}
+
+/// What the bandwidth drill's burst did.
+#[derive(Clone, Copy)]
+struct Burst {
+    /// Until its fdatasync returned.
+    took: Duration,
+    /// Bytes the hot put on the wire meanwhile.
+    wire: u64,
+    /// Whether the hot was degraded (syncs returning without the cold) when it returned.
+    degraded: bool,
 }
 
 /// What each fault must have done (besides the invariants every fault keeps).
 #[track_caller]
-fn expect(dr: &Drill, held: Held, hot: &str, seen: &Seen, wire: u64, held_for: Duration) {
+fn expect(
+    dr: &Drill,
+    held: Held,
+    hot: &str,
+    seen: &Seen,
+    wire: u64,
+    held_for: Duration,
+    synced: usize,
+) {
+    if let Held::Net(NetFault::HotIsolated, _) = held {
+        // fenced on its own clock, before the other VM's node started
+        let fenced = seen
+            .fenced_at
+            .expect("the isolated hot never stopped its node");
+        let took = seen.took_over_at.expect("the cold VM never took over");
+        assert!(
+            fenced <= took,
+            "the cold VM's node ran at {took:?}, before the hot fenced at {fenced:?}"
+        );
+        assert!(
+            took <= Duration::from_millis(WAIT_MS + 2000) + SAMPLE,
+            "the takeover took {took:?}"
+        );
+        return;
+    }
+    // every other fault is between the VMs only: the hot keeps the lease and its node
+    assert!(
+        seen.took_over_at.is_none(),
+        "{}: the cold VM ran a node\n{}",
+        held.name(),
+        dr.d.p.logs()
+    );
+    assert!(
+        dr.d.node_pid(hot).is_some(),
+        "{}: the hot's node stopped",
+        held.name()
+    );
+    // and the fault was real
     match held {
-        Held::Net(NetFault::HotIsolated, _) => {
-            // fenced on its own clock, before the other VM's node started
-            let (fenced, took) = (
-                seen.fenced_at
-                    .expect("the isolated hot never stopped its node"),
-                seen.took_over_at.expect("the cold VM never took over"),
-            );
-            assert!(
-                fenced <= took,
-                "the cold VM's node ran at {took:?}, before the hot fenced at {fenced:?}"
-            );
-            assert!(
-                took <= Duration::from_millis(WAIT_MS + 2000) + SAMPLE,
-                "the takeover took {took:?}"
-            );
-        }
         Held::Net(NetFault::Cap, _) => {
-            // the cap was real: the hot sent no faster than it allows (plus one burst)
-            let rate = wire as f64 / held_for.as_secs_f64();
-            assert!(
-                rate <= CAP_BYTES_PER_S as f64 * 1.1,
-                "{:.1} MB/s went through a 15 MB/s cap",
-                rate / 1e6
+            let b = seen.burst.expect("the burst ran");
+            let cap = CAP_BYTES_PER_S as f64 * 1.1;
+            let (rate, burst_rate) = (
+                wire as f64 / held_for.as_secs_f64(),
+                b.wire as f64 / b.took.as_secs_f64(),
             );
             eprintln!(
-                "issue16 cap: {:.1} MB/s on the wire during the cap",
-                rate / 1e6
+                "issue16 cap: {:.1} MB/s on the wire during the cap; a {} MB burst's fdatasync returned after {:?} ({:.1} MB/s on the wire meanwhile), {}",
+                rate / 1e6,
+                BURST_BYTES / 1_000_000,
+                b.took,
+                burst_rate / 1e6,
+                if b.degraded { "degraded (it could not be durable within peer_timeout_ms)" } else { "durable" }
             );
             assert!(
-                seen.took_over_at.is_none(),
-                "a capped link failed the pair over"
+                rate <= cap && burst_rate <= cap,
+                "more than 15 MB/s went through the cap"
+            );
+            // a sync that returned durable faster than the link could carry it would be a lie
+            let least = Duration::from_secs_f64(BURST_BYTES as f64 / cap);
+            assert!(
+                b.degraded || b.took >= least,
+                "the burst's sync returned durable after {:?}, faster than the cap allows ({least:?})",
+                b.took
             );
         }
-        _ => {
-            // faults between the VMs only: the hot keeps the lease and its node
+        Held::Net(NetFault::Loss, _) => {
+            eprintln!("issue16 loss: {} packets dropped", seen.dropped);
+            assert!(seen.dropped > 0, "the loss rules dropped nothing");
+        }
+        Held::Delay(_) => {
+            // a durable sync waits a round trip: at least twice the least delay
+            let rate = synced as f64 / held_for.as_secs_f64();
+            let most = 1000.0 / (2 * (DELAY_MS - JITTER_MS)) as f64;
+            eprintln!("issue16 delay: {rate:.1} durable syncs/s (at most {most:.1} possible)");
             assert!(
-                seen.took_over_at.is_none(),
-                "{}: the cold VM ran a node\n{}",
-                held.name(),
-                dr.d.p.logs()
-            );
-            assert!(
-                dr.d.node_pid(hot).is_some(),
-                "{}: the hot's node stopped",
-                held.name()
+                rate <= most,
+                "{rate:.1} syncs/s through a delay allowing {most:.1}"
             );
         }
+        _ => {}
     }
 }
 
@@ -211,11 +303,11 @@ fn table() -> Table {
         "failed over",
         "converged s after heal",
         "wire MB during",
+        "resent MB",
         "reconnects",
-        "resent batches",
-        "records synced",
+        "records synced during",
         "records lost",
-        "one node",
+        "two-node violations",
     ])
 }
 

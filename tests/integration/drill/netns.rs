@@ -180,9 +180,9 @@ pub(crate) fn in_netns(cmd: &Command, ns: &Path) -> Command {
 }
 
 /// Runs `program args` inside the namespace at `ns` with `stdin` as its input; asserts it
-/// succeeded.
+/// succeeded and returns its output.
 #[track_caller]
-pub(crate) fn run_in(ns: &Path, program: &str, args: &[&str], stdin: &str) {
+pub(crate) fn run_in(ns: &Path, program: &str, args: &[&str], stdin: &str) -> String {
     use std::io::Write;
     let mut c = in_netns(Command::new(program).args(args), ns);
     let what = format!("{c:?}");
@@ -203,4 +203,5 @@ pub(crate) fn run_in(ns: &Path, program: &str, args: &[&str], stdin: &str) {
         "{what}: {}\n{stdin}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
