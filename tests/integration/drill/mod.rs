@@ -265,14 +265,23 @@ impl Drill {
         fs::read_to_string(&self.d.violations).unwrap_or_default()
     }
 
-    /// The hot's view: connected, durable (not degraded), nothing unacknowledged, and the
-    /// cold's view of the lease row: the copy is in sync.
+    /// The hot's view: connected, durable (not degraded), the cold side has everything seen
+    /// so far; the cold's: connected, and the lease row says its copy is in sync.
     fn in_sync(&self, hot: &str, cold: &str) -> bool {
         let h = self.d.p.status(hot);
+        h.get("degraded").is_none() && self.drained(hot, cold)
+    }
+
+    /// As [`Drill::in_sync`] but for the hot's durability: with the writer paused no sync
+    /// comes to find the cold side back and make syncs durable again.
+    fn drained(&self, hot: &str, cold: &str) -> bool {
+        let (h, c) = (self.d.p.status(hot), self.d.p.status(cold));
         h["role"] == "hot"
-            && h.get("degraded").is_none()
+            && h["connected"] == true
+            && h["synced"] == true
             && h["lag_ms"] == 0
-            && self.d.p.status(cold)["lease"]["cold_lag_ms"] == 0
+            && c["connected"] == true
+            && c["lease"]["cold_lag_ms"] == 0
     }
 
     /// With the node (and its children) stopped, the stream drains and both copies hold the
@@ -284,25 +293,30 @@ impl Drill {
         kill(-pid_t(node), libc::SIGSTOP);
         let (hd, cd) = (self.d.data(hot), self.d.data(cold));
         let equal = wait_until(DIGEST_LIMIT, || {
-            self.in_sync(hot, cold) && content(hd) == content(cd)
+            self.drained(hot, cold) && content(hd) == content(cd)
         });
         let bytes = (
             self.figure(hot, "data_bytes"),
             self.figure(cold, "data_bytes"),
         );
-        kill(-pid_t(node), libc::SIGCONT);
         if !equal {
             let (h, c) = (content(hd), content(cd));
             let diff: Vec<_> = h
                 .keys()
                 .chain(c.keys())
                 .filter(|k| h.get(*k) != c.get(*k))
+                .map(|k| format!("{k}: hot {:?}, cold {:?}", h.get(k), c.get(k)))
                 .collect();
+            let status = (self.d.p.status(hot), self.d.p.status(cold));
+            kill(-pid_t(node), libc::SIGCONT);
             panic!(
-                "{when}: the copies differ after the fault: {diff:?}\n{}",
+                "{when}: the copies differ after the fault (writer paused): {diff:#?}\nhot {}\ncold {}\n{}",
+                status.0,
+                status.1,
                 self.d.p.logs()
             );
         }
+        kill(-pid_t(node), libc::SIGCONT);
         bytes
     }
 

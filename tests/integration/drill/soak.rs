@@ -24,8 +24,10 @@ const SHORT_SECONDS: u64 = 180;
 const FULL_SECONDS: u64 = 1800;
 /// Each VM's data dir lives on a tmpfs this big (MiB).
 const TMPFS_MIB: u64 = 64;
-/// How much an agent's RSS may grow over its first check.
-const RSS_GROWTH_BYTES: u64 = 32 << 20;
+/// How much an agent's RSS may grow from its first check to its last: the send window (the
+/// most a side buffers, `window_mb`'s default) plus 32 MiB. RSS follows the load (the window in
+/// use, the allocator's arenas), so a bound tighter than a window would fail without a leak.
+const RSS_GROWTH_BYTES: u64 = (artemis_sync::config::DEFAULT_WINDOW_MB + 32) << 20;
 /// How many descriptors an agent may have beyond its first check's.
 const FD_GROWTH: usize = 16;
 /// A frozen hot agent stays below its fencing deadline (wait − stop − wait/10 = 2.4 s) so
@@ -197,14 +199,19 @@ fn soak(test: &str, length: Duration) {
     };
     let mut rng = Rng::new(seed);
     let mut tally: BTreeMap<Kind, Tally> = BTreeMap::new();
-    // per agent pid: its usage at its first check, and at its last
-    let mut first: BTreeMap<libc::pid_t, (u64, usize)> = BTreeMap::new();
+    // per agent pid: its usage after each check (comparable moments: just after one)
+    let mut usages: BTreeMap<libc::pid_t, Vec<(u64, usize)>> = BTreeMap::new();
     let started = Instant::now();
     let mut checks = 0;
     while started.elapsed() < length {
         std::thread::sleep(Duration::from_millis(rng.below(CALM_MAX_MS)));
         let kind = KINDS[rng.below(KINDS.len() as u64) as usize];
         let hot_before = dr.hot();
+        eprintln!(
+            "{test}: {:7.1} s: {}",
+            started.elapsed().as_secs_f64(),
+            kind.name()
+        );
         let healed = inject(&mut dr, kind, &mut rng);
         let c = dr.check(kind.name(), healed);
         checks += 1;
@@ -214,7 +221,7 @@ fn soak(test: &str, length: Duration) {
         t.failovers += usize::from(dr.hot() != hot_before);
         for side in ["hot", "cold"] {
             let pid = dr.d.agent_pid(side);
-            first.entry(pid).or_insert_with(|| usage(pid));
+            usages.entry(pid).or_default().push(usage(pid));
         }
     }
     let mut t = Table::new(&[
@@ -237,19 +244,21 @@ fn soak(test: &str, length: Duration) {
             format!("{:.2}", tl.converge.last().unwrap().as_secs_f64()),
         ]);
     }
-    let mut res = Table::new(&["agent", "pid", "RSS MiB first -> end", "fds first -> end"]);
+    let mut res = Table::new(&[
+        "agent at the end",
+        "checks lived",
+        "RSS MiB first -> peak -> last",
+        "fds first -> last",
+    ]);
     for side in ["hot", "cold"] {
-        let pid = dr.d.agent_pid(side);
-        let (rss0, fd0) = first[&pid];
-        let (rss, fds) = usage(pid);
+        let samples = &usages[&dr.d.agent_pid(side)];
+        let ((rss0, fd0), (rss, fds)) = (samples[0], samples[samples.len() - 1]);
+        let peak = samples.iter().map(|u| u.0).max().unwrap_or(0);
+        let mib = |b: u64| format!("{:.1}", b as f64 / 1_048_576.0);
         res.row(vec![
-            format!("VM {}", dr.vm(side).name),
-            pid.to_string(),
-            format!(
-                "{:.1} -> {:.1}",
-                rss0 as f64 / 1048576.0,
-                rss as f64 / 1048576.0
-            ),
+            format!("VM {}", if side == "hot" { "a" } else { "b" }),
+            samples.len().to_string(),
+            format!("{} -> {} -> {}", mib(rss0), mib(peak), mib(rss)),
             format!("{fd0} -> {fds}"),
         ]);
         assert!(
