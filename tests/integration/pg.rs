@@ -324,6 +324,18 @@ impl Drop for CutProxy {
     }
 }
 
+/// One read from a socket with a read timeout: `Some(n)` bytes (0: nothing within the
+/// timeout), `None` at its end or on an error.
+pub(crate) fn read_step(from: &mut std::net::TcpStream, buf: &mut [u8]) -> Option<usize> {
+    use std::io::{ErrorKind, Read};
+    match from.read(buf) {
+        Ok(0) => None,
+        Ok(n) => Some(n),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Some(0),
+        Err(_) => None,
+    }
+}
+
 /// Copies `from` to `to` on a thread until either closes, or the proxy is cut or stopped.
 fn pump(
     mut from: std::net::TcpStream,
@@ -331,26 +343,21 @@ fn pump(
     cut: &std::sync::Arc<std::sync::atomic::AtomicBool>,
     stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     use std::sync::atomic::Ordering;
     let (cut, stop) = (cut.clone(), stop.clone());
     from.set_read_timeout(Some(PROXY_TICK)).unwrap();
     std::thread::spawn(move || {
         let mut buf = [0u8; 16 * 1024];
         while !cut.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
-            match from.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
+            match read_step(&mut from, &mut buf) {
+                Some(0) => {}
+                Some(n) => {
                     if to.write_all(&buf[..n]).is_err() {
                         break;
                     }
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => break,
+                None => break,
             }
         }
         let _ = from.shutdown(std::net::Shutdown::Both);

@@ -285,6 +285,22 @@ pub(crate) fn spawn(cmd: &mut Command) -> Child {
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
+/// Runs `cmd` with `stdin` as its input, capturing its output (stdout, stderr).
+pub(crate) fn run_with_input(cmd: &mut Command, stdin: &str) -> std::process::Output {
+    let mut child = spawn(
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    child
+        .stdin
+        .take()
+        .expect("stdin pipe")
+        .write_all(stdin.as_bytes())
+        .expect("write the input");
+    child.wait_with_output().expect("wait for the command")
+}
+
 /// Waits for `child` at most `limit`, polling; `None` if it is still running.
 pub(crate) fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + limit;

@@ -311,16 +311,21 @@ fn table() -> Table {
     ])
 }
 
-fn run_network(test: &str, scale: u32) {
-    let Some(dr) = Drill::start(
+/// The pair of the network drills: `proxied` through the delaying proxies.
+fn start(test: &str, proxied: bool) -> Option<Drill> {
+    Drill::start(
         test,
         &DrillOpts {
-            proxied: false,
+            proxied,
             tmpfs_mib: None,
-            seed_mib: 32,
+            seed_mib: if proxied { 8 } else { 32 },
             bulk_every: 10,
         },
-    ) else {
+    )
+}
+
+fn run_network(test: &str, scale: u32) {
+    let Some(dr) = start(test, false) else {
         return;
     };
     let mut t = table();
@@ -333,15 +338,7 @@ fn run_network(test: &str, scale: u32) {
 }
 
 fn run_delay(test: &str, scale: u32) {
-    let Some(dr) = Drill::start(
-        test,
-        &DrillOpts {
-            proxied: true,
-            tmpfs_mib: None,
-            seed_mib: 8,
-            bulk_every: 10,
-        },
-    ) else {
+    let Some(dr) = start(test, true) else {
         return;
     };
     let mut t = table();

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::util::{run, spawn};
+use crate::util::{run, run_with_input};
 
 /// Counts the topologies made by this process (part of their names and subnets).
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -183,21 +183,9 @@ pub(crate) fn in_netns(cmd: &Command, ns: &Path) -> Command {
 /// succeeded and returns its output.
 #[track_caller]
 pub(crate) fn run_in(ns: &Path, program: &str, args: &[&str], stdin: &str) -> String {
-    use std::io::Write;
     let mut c = in_netns(Command::new(program).args(args), ns);
     let what = format!("{c:?}");
-    let mut child = spawn(
-        c.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    );
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_with_input(&mut c, stdin);
     assert!(
         out.status.success(),
         "{what}: {}\n{stdin}",

@@ -8,7 +8,7 @@
 //! costs a TCP receiver). The two directions are delayed independently, so acknowledgements
 //! and data are not held in step.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::drill::netns::enter;
 use crate::drill::Rng;
+use crate::pg::read_step;
 
 /// The mean delay added to each chunk.
 pub(crate) const DELAY_MS: u64 = 50;
@@ -100,9 +101,9 @@ fn relay(
         let mut last = Instant::now();
         let mut buf = vec![0u8; CHUNK_BYTES];
         while !stop.load(Ordering::Relaxed) {
-            match from.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
+            match read_step(&mut from, &mut buf) {
+                Some(0) => {}
+                Some(n) => {
                     let held = if delay.load(Ordering::Relaxed) {
                         DELAY_MS - JITTER_MS + rng.below(2 * JITTER_MS + 1)
                     } else {
@@ -114,12 +115,7 @@ fn relay(
                         break;
                     }
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => break,
+                None => break,
             }
         }
         let _ = from.shutdown(Shutdown::Both);
