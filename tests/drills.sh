@@ -23,7 +23,7 @@ for program in nft tc ip nsenter flock; do
     command -v "$program" >/dev/null || { echo "drills: $program is missing (apt-get install nftables iproute2 util-linux)" >&2; exit 1; }
 done
 
-cargo build --release --workspace
+# cargo test builds the package's binaries for its integration tests
 # one at a time: each drill measures timings and the machine has few cores
 echo "== network drills (full)"
 cargo test --release --test integration -- --ignored --nocapture --test-threads=1 \
