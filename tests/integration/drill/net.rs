@@ -333,7 +333,7 @@ fn run_network(test: &str, scale: u32) {
         drill(&dr, held, &mut t);
     }
     let hot = dr.hot().unwrap();
-    artemis_sync(&dr.d.p.config_of(hot), ["verify"]).code(0);
+    artemis_sync(dr.d.p.config_of(hot), ["verify"]).code(0);
     eprintln!("\n{test} (scale {scale}):\n{}", t.render());
 }
 

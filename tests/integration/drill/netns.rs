@@ -66,13 +66,16 @@ impl Topology {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         // the root namespace sees 10.<s>.<t>.0/24 per topology: distinct per process and drill
-        let (s, t) = (100 + pid % 100, (pid / 100 * 16 + n) % 250);
+        let (s, t) = (
+            u8::try_from(100 + pid % 100).expect("below 200"),
+            u8::try_from((pid / 100 * 16 + n) % 250).expect("below 250"),
+        );
         let vm = |side: char, host: u8| Vm {
             name: format!("artemis-drill-{pid}-{n}-{side}"),
             link_dev: format!("dl{side}{pid}{n}"),
             db_dev: format!("dd{side}{pid}{n}"),
             link_ip: Ipv4Addr::new(192, 168, 77, host),
-            db_ip: Ipv4Addr::new(10, s as u8, t as u8, if side == 'a' { 1 } else { 5 }),
+            db_ip: Ipv4Addr::new(10, s, t, if side == 'a' { 1 } else { 5 }),
         };
         let topo = Topology {
             a: vm('a', 1),

@@ -181,7 +181,8 @@ fn soak(test: &str, length: Duration) {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
-                .as_nanos() as u64
+                .subsec_nanos()
+                .into()
         },
         |v| v.parse().expect("ARTEMIS_SYNC_SOAK_SEED is a number"),
     );
@@ -205,7 +206,7 @@ fn soak(test: &str, length: Duration) {
     let mut checks = 0;
     while started.elapsed() < length {
         std::thread::sleep(Duration::from_millis(rng.below(CALM_MAX_MS)));
-        let kind = KINDS[rng.below(KINDS.len() as u64) as usize];
+        let kind = KINDS[usize::try_from(rng.below(KINDS.len() as u64)).expect("an index")];
         let hot_before = dr.hot();
         eprintln!(
             "{test}: {:7.1} s: {}",
