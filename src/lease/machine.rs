@@ -580,12 +580,16 @@ impl LeaseMachine {
         self.role = LeaseRole::Stopping;
         let deadline = Instant::now() + self.t.wait;
         if let Some((seq, _)) = self.outstanding.take() {
-            // let the job in flight finish first; its result no longer matters
-            while let Ok((s, _)) = crate::daemon::sdnotify::recv_pinging(
+            // let the job in flight finish first; a renewal it wrote is the row to release
+            // (releasing the one before it would find the row changed and leave it held)
+            while let Ok((s, done)) = crate::daemon::sdnotify::recv_pinging(
                 &self.replies,
                 deadline.saturating_duration_since(Instant::now()),
             ) {
                 if s == seq {
+                    if let (Done::Renewed(Ok(())), Some(renewed)) = (done, self.renewing.take()) {
+                        self.lease = Some(renewed);
+                    }
                     break;
                 }
             }

@@ -31,13 +31,77 @@ const MAX_RECORDS: usize = 100_000;
 
 /// The database, a pair of replicated agents leasing in it, and the node logs.
 pub(crate) struct Duo {
-    pg: PgCluster,
+    pub(crate) pg: PgCluster,
     pub(crate) p: Pair,
     /// Node starts and stops: `start <side> <epoch> <ns> <pid>` / `stop <side> <ns> <pid>`.
     events: PathBuf,
     /// Records whose sync returned: `<side> <pid> <index>`.
     records: PathBuf,
+    /// A line per node that started while another held the nodes' shared lock.
+    pub(crate) violations: PathBuf,
     _guards: [MountGuard; 2],
+}
+
+/// What a [`Duo`] is made with besides its database and pair.
+pub(crate) struct DuoSpec<'a> {
+    /// The `ack = ...` line of `[replication]`.
+    pub(crate) ack: &'a str,
+    /// Lines at the end of `[lease]`.
+    pub(crate) lease: &'a str,
+    /// Every this many records the node also writes 1 MiB of random bytes to one of
+    /// [`BULK_FILES`] page files with fdatasync (0: never).
+    pub(crate) bulk_every: usize,
+}
+
+/// Page files a node with bulk writes rotates over.
+const BULK_FILES: usize = 4;
+
+/// The node: takes the lock shared by both VMs' nodes (`flock -n`; a line in `violations`
+/// if another node holds it: two nodes at once), logs its start, appends numbered 9-byte
+/// records to `rec.<pid>` through `$2/artemis` with `dd conv=fdatasync` and logs each whose
+/// sync returned to `records` (outside the mount); every `bulk_every` records also 1 MiB of
+/// page data. Neither `dd` nor `sleep` inherits the lock's descriptor, so that the lock goes
+/// with the node. Bounded: at most [`MAX_RECORDS`] records.
+fn write_node_script(
+    fx: &Fixture,
+    events: &Path,
+    records: &Path,
+    violations: &Path,
+    bulk_every: usize,
+) -> PathBuf {
+    let bulk = if bulk_every == 0 {
+        String::new()
+    } else {
+        format!(
+            "if [ $((i % {bulk_every})) -eq 0 ]; then \
+             dd if=/dev/urandom of=\"$2/artemis/page.$$.$((i / {bulk_every} % {BULK_FILES}))\" \
+             bs=1M count=1 conv=fdatasync status=none 9>&- 2>/dev/null; fi\n"
+        )
+    };
+    write_script(
+        &fx.path("node.sh"),
+        &format!(
+            "trap 'echo \"stop $1 $(date +%s%N) $$\" >> {ev}; exit 0' TERM\n\
+             exec 9>>{lock}\n\
+             flock -n -x 9 || echo \"$1 $$ $(date +%s%N)\" >> {viol}\n\
+             echo \"start $1 $ARTEMIS_SYNC_EPOCH $(date +%s%N) $$\" >> {ev}\n\
+             i=0\n\
+             while [ $i -lt {MAX_RECORDS} ]; do\n\
+               if printf '%08d\\n' $i | dd of=\"$2/artemis/rec.$$\" bs=9 seek=$i conv=notrunc,fdatasync status=none 9>&- 2>/dev/null; then\n\
+                 echo \"$1 $$ $i\" >> {rec}\n\
+                 {bulk}\
+                 i=$((i+1))\n\
+               else\n\
+                 sleep 0.05 9>&- & wait $!\n\
+               fi\n\
+             done\n\
+             while :; do sleep 0.05 9>&- & wait $!; done",
+            ev = events.display(),
+            rec = records.display(),
+            lock = fx.path("node.lock").display(),
+            viol = violations.display(),
+        ),
+    )
 }
 
 /// What `[replication]` gets besides the FUSE lines and the ack level.
@@ -67,35 +131,42 @@ impl Duo {
             return None;
         }
         let pg = PgCluster::start(test)?;
-        let fx = Fixture::new();
+        let spec = DuoSpec {
+            ack,
+            lease,
+            bulk_every: 0,
+        };
+        Some(Duo::build(
+            pg,
+            Fixture::new(),
+            &spec,
+            &|side, port| format!("host=127.0.0.1 port={}", proxy_of(side, port)),
+            |fx, extra| Pair::new_in("psk", hot_peer, fx, extra),
+        ))
+    }
+
+    /// The duo in `fx` leasing in `pg`: `dsn_of(side, port)` is the host and port part of
+    /// that side's DSN (`port`: the database's), `pair_of(fx, extra)` makes the pair with
+    /// `extra` as the `[replication]` section's last lines.
+    pub(crate) fn build(
+        pg: PgCluster,
+        fx: Fixture,
+        spec: &DuoSpec,
+        dsn_of: &dyn Fn(&str, u16) -> String,
+        pair_of: impl FnOnce(Fixture, &str) -> Pair,
+    ) -> Duo {
         let events = fx.path("node-events.log");
         let records = fx.path("records.log");
-        let node = write_script(
-            &fx.path("node.sh"),
-            &format!(
-                "trap 'echo \"stop $1 $(date +%s%N) $$\" >> {ev}; exit 0' TERM\n\
-                 echo \"start $1 $ARTEMIS_SYNC_EPOCH $(date +%s%N) $$\" >> {ev}\n\
-                 i=0\n\
-                 while [ $i -lt {MAX_RECORDS} ]; do\n\
-                   if printf '%08d\\n' $i | dd of=\"$2/artemis/rec.$$\" bs=9 seek=$i conv=notrunc,fdatasync status=none 2>/dev/null; then\n\
-                     echo \"$1 $$ $i\" >> {rec}\n\
-                     i=$((i+1))\n\
-                   else\n\
-                     sleep 0.05 & wait $!\n\
-                   fi\n\
-                 done\n\
-                 while :; do sleep 0.05 & wait $!; done",
-                ev = events.display(),
-                rec = records.display(),
-            ),
-        );
+        let violations = fx.path("violations.log");
+        let node = write_node_script(&fx, &events, &records, &violations, spec.bulk_every);
         let extra = format!(
-            "{REPLICATION}\n{ack}\npeer_timeout_ms = {PEER_TIMEOUT_MS}\nmount_point = __MNT__"
+            "{REPLICATION}\n{}\npeer_timeout_ms = {PEER_TIMEOUT_MS}\nmount_point = __MNT__",
+            spec.ack
         );
-        let p = Pair::new_in("psk", hot_peer, fx, &extra);
+        let p = pair_of(fx, &extra);
         for (name, cfg) in [("hot", &p.hot.config), ("cold", &p.cold.config)] {
             let dsn = p.fx.path(&format!("{name}.dsn"));
-            PgCluster::write_dsn_on(&dsn, proxy_of(name, pg.port));
+            PgCluster::write_dsn_with(&dsn, &dsn_of(name, pg.port));
             let base = p.fx.path(&format!("{name}/base"));
             let text = fs::read_to_string(cfg)
                 .unwrap()
@@ -119,8 +190,9 @@ impl Duo {
             fs::write(
                 cfg,
                 format!(
-                    "{text}\n[lease]\nbackend = \"postgres\"\ndsn_file = {}\npair = \"corda-repl\"\n{lease}\n",
-                    toml_path(&dsn)
+                    "{text}\n[lease]\nbackend = \"postgres\"\ndsn_file = {}\npair = \"corda-repl\"\n{}\n",
+                    toml_path(&dsn),
+                    spec.lease
                 ),
             )
             .unwrap();
@@ -130,13 +202,14 @@ impl Duo {
             MountGuard::new(&p.fx.path("hot/mnt")),
             MountGuard::new(&p.fx.path("cold/mnt")),
         ];
-        Some(Duo {
+        Duo {
             pg,
             p,
             events,
             records,
+            violations,
             _guards: guards,
-        })
+        }
     }
 
     pub(crate) fn direct(test: &str) -> Option<Duo> {
@@ -159,7 +232,7 @@ impl Duo {
             .to_owned()
     }
 
-    fn epoch(&self, side: &str) -> Option<u64> {
+    pub(crate) fn epoch(&self, side: &str) -> Option<u64> {
         self.p.status(side)["epoch"].as_u64()
     }
 
@@ -169,7 +242,7 @@ impl Duo {
             .and_then(|v| u32::try_from(v).ok())
     }
 
-    fn agent_pid(&self, side: &str) -> libc::pid_t {
+    pub(crate) fn agent_pid(&self, side: &str) -> libc::pid_t {
         let s = if side == "hot" {
             &self.p.hot
         } else {
@@ -178,7 +251,7 @@ impl Duo {
         pid_t(s.child.as_ref().expect("running").id())
     }
 
-    fn data(&self, side: &str) -> &Path {
+    pub(crate) fn data(&self, side: &str) -> &Path {
         if side == "hot" {
             &self.p.hot.data
         } else {
@@ -187,7 +260,7 @@ impl Duo {
     }
 
     /// Node starts, in order: (side, epoch, pid).
-    fn starts(&self) -> Vec<(String, Option<u64>, u32)> {
+    pub(crate) fn starts(&self) -> Vec<(String, Option<u64>, u32)> {
         fs::read_to_string(&self.events)
             .unwrap_or_default()
             .lines()
@@ -204,7 +277,7 @@ impl Duo {
     }
 
     /// Records whose sync returned: (pid, index).
-    fn synced(&self) -> Vec<(u32, usize)> {
+    pub(crate) fn synced(&self) -> Vec<(u32, usize)> {
         fs::read_to_string(&self.records)
             .unwrap_or_default()
             .lines()
@@ -219,7 +292,7 @@ impl Duo {
     }
 
     /// The synced records missing from `side`'s copy.
-    fn missing_on(&self, side: &str) -> Vec<(u32, usize)> {
+    pub(crate) fn missing_on(&self, side: &str) -> Vec<(u32, usize)> {
         let mut files = std::collections::HashMap::new();
         self.synced()
             .into_iter()
@@ -234,7 +307,7 @@ impl Duo {
     }
 
     /// Waits until `side` runs its node and has written a few records since.
-    fn wait_node_writing(&self, side: &str, limit: Duration) -> u32 {
+    pub(crate) fn wait_node_writing(&self, side: &str, limit: Duration) -> u32 {
         let mut pid = None;
         assert!(
             wait_until(limit, || {
@@ -257,7 +330,7 @@ impl Duo {
     }
 
     /// Waits until `cold` reads in the row that its copy is in sync.
-    fn wait_in_sync(&self, cold: &str) {
+    pub(crate) fn wait_in_sync(&self, cold: &str) {
         assert!(
             wait_until(Duration::from_secs(30), || self.p.status(cold)["lease"]
                 ["cold_lag_ms"]

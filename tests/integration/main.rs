@@ -6,6 +6,7 @@
 mod agent;
 mod cli;
 mod cold_disk;
+mod drill;
 mod exact;
 mod failover;
 mod failover_pg;

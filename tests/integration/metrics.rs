@@ -87,11 +87,7 @@ fn health(port: u16) -> u16 {
 
 /// A program of the `prometheus` package, or `None` after [`skip`]ping `test`.
 fn prometheus_tool(test: &str, name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    });
+    let found = crate::util::on_path(name);
     if found.is_none() {
         skip(
             test,
@@ -104,20 +100,7 @@ fn prometheus_tool(test: &str, name: &str) -> Option<PathBuf> {
 /// Runs `promtool check metrics` on `text` and asserts that it finds no problem.
 #[track_caller]
 fn promtool_accepts(promtool: &Path, text: &str, what: &str) {
-    let mut child = spawn(
-        Command::new(promtool)
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    );
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = crate::util::run_with_input(Command::new(promtool).args(["check", "metrics"]), text);
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

@@ -27,6 +27,8 @@ pub(crate) struct PgCluster {
     pub(crate) port: u16,
     /// Server options beyond the port and socket (TLS).
     extra: String,
+    /// Addresses it listens on besides 127.0.0.1 (comma-separated, each with a leading comma).
+    also: String,
 }
 
 /// The directory holding `initdb`, `pg_ctl` and `postgres`.
@@ -65,18 +67,24 @@ fn free_port() -> u16 {
 impl PgCluster {
     /// Starts a cluster, or skips `test` (a failure under CI) and returns None.
     pub(crate) fn start(test: &str) -> Option<PgCluster> {
-        PgCluster::start_with(test, false)
+        PgCluster::start_with(test, false, &[])
+    }
+
+    /// Starts a cluster that also listens on `addrs` (addresses of this host, such as the
+    /// root end of a veth pair to a network namespace) and accepts password logins there.
+    pub(crate) fn start_on(test: &str, addrs: &[std::net::Ipv4Addr]) -> Option<PgCluster> {
+        PgCluster::start_with(test, false, addrs)
     }
 
     /// Starts a cluster that also accepts TLS, with a certificate for `127.0.0.1` from a CA
     /// made by `artemis-sync certs init`; returns it and the CA file.
     pub(crate) fn start_tls(test: &str) -> Option<(PgCluster, PathBuf)> {
-        let c = PgCluster::start_with(test, true)?;
+        let c = PgCluster::start_with(test, true, &[])?;
         let ca = c.dir.path().join("tls/ca.pem");
         Some((c, ca))
     }
 
-    fn start_with(test: &str, tls: bool) -> Option<PgCluster> {
+    fn start_with(test: &str, tls: bool, addrs: &[std::net::Ipv4Addr]) -> Option<PgCluster> {
         if !is_root() {
             skip(
                 test,
@@ -111,6 +119,7 @@ impl PgCluster {
             gid,
             port: 0,
             extra: String::new(),
+            also: addrs.iter().map(|a| format!(",{a}")).collect(),
         };
         if tls {
             c.extra = c.make_certs();
@@ -131,6 +140,18 @@ impl PgCluster {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let mut hba = fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("pg_hba.conf"))
+            .unwrap();
+        for a in addrs {
+            std::io::Write::write_all(
+                &mut hba,
+                format!("host all all {a}/24 scram-sha-256\n").as_bytes(),
+            )
+            .unwrap();
+        }
+        drop(hba);
         for _ in 0..PORT_ATTEMPTS {
             c.port = free_port();
             if c.pg_ctl_start() {
@@ -184,9 +205,10 @@ impl PgCluster {
 
     fn pg_ctl_start(&self) -> bool {
         let opts = format!(
-            "-k {} -p {} -c listen_addresses=127.0.0.1 -c fsync=off {}",
+            "-k {} -p {} -c listen_addresses=127.0.0.1{} -c fsync=off {}",
             self.dir.path().display(),
             self.port,
+            self.also,
             self.extra
         );
         self.as_postgres("pg_ctl")
@@ -303,6 +325,18 @@ impl Drop for CutProxy {
     }
 }
 
+/// One read from a socket with a read timeout: `Some(n)` bytes (0: nothing within the
+/// timeout), `None` at its end or on an error.
+pub(crate) fn read_step(from: &mut std::net::TcpStream, buf: &mut [u8]) -> Option<usize> {
+    use std::io::{ErrorKind, Read};
+    match from.read(buf) {
+        Ok(0) => None,
+        Ok(n) => Some(n),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Some(0),
+        Err(_) => None,
+    }
+}
+
 /// Copies `from` to `to` on a thread until either closes, or the proxy is cut or stopped;
 /// with `bytes_per_s`, at about that rate.
 pub(crate) fn pump(
@@ -312,7 +346,7 @@ pub(crate) fn pump(
     stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
     bytes_per_s: Option<u64>,
 ) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     use std::sync::atomic::Ordering;
     let (cut, stop) = (cut.clone(), stop.clone());
     from.set_read_timeout(Some(PROXY_TICK)).unwrap();
@@ -321,9 +355,9 @@ pub(crate) fn pump(
         let mut total = 0u64;
         let mut buf = [0u8; 16 * 1024];
         while !cut.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
-            match from.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
+            match read_step(&mut from, &mut buf) {
+                Some(0) => {}
+                Some(n) => {
                     if to.write_all(&buf[..n]).is_err() {
                         break;
                     }
@@ -333,12 +367,7 @@ pub(crate) fn pump(
                         std::thread::sleep(due.saturating_sub(started.elapsed()));
                     }
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => break,
+                None => break,
             }
         }
         let _ = from.shutdown(std::net::Shutdown::Both);

@@ -70,8 +70,13 @@ pub(crate) struct Side {
     pub(crate) config: PathBuf,
     pub(crate) data: PathBuf,
     pub(crate) port: u16,
+    /// `listen` of the config (`ip:port`), where `listener` is bound.
+    listen: String,
     /// Bound by the test on `port`, handed to every run of the agent as its fd 3.
     listener: TcpListener,
+    /// Run the agent in this network namespace (`nsenter --net=<path>`), where `listener` was
+    /// bound.
+    pub(crate) netns: Option<PathBuf>,
     pub(crate) child: Option<Child>,
     runs: usize,
     /// Run the agent in a new user namespace whose `user.max_inotify_watches` is this.
@@ -105,9 +110,6 @@ impl Pair {
         } else {
             &watch
         };
-        let psk = fx.path("psk");
-        fs::write(&psk, PSK_HEX).unwrap();
-        fs::set_permissions(&psk, fs::Permissions::from_mode(0o600)).unwrap();
         if mode == "tls" {
             artemis_sync(
                 &fx.path("unused.toml"),
@@ -127,8 +129,28 @@ impl Pair {
             crate::listen::loopback_listener(),
         );
         let (hp, cp) = (port_of(&hot_listener), port_of(&cold_listener));
-        let mk = |name: &'static str, role: &str, listener: TcpListener, peer: u16| {
+        let peers = [
+            format!("127.0.0.1:{}", hot_peer.unwrap_or(cp)),
+            format!("127.0.0.1:{hp}"),
+        ];
+        Pair::on(mode, fx, extra, [hot_listener, cold_listener], peers)
+    }
+
+    /// The pair with the listeners given (hot's, cold's: where each agent accepts) and where
+    /// each connects to stream (`ip:port`, hot's, cold's).
+    pub(crate) fn on(
+        mode: &str,
+        fx: Fixture,
+        extra: &str,
+        [hot_listener, cold_listener]: [TcpListener; 2],
+        [hot_peer, cold_peer]: [String; 2],
+    ) -> Pair {
+        let psk = fx.path("psk");
+        fs::write(&psk, PSK_HEX).unwrap();
+        fs::set_permissions(&psk, fs::Permissions::from_mode(0o600)).unwrap();
+        let mk = |name: &'static str, role: &str, listener: TcpListener, peer: &str| {
             let port = port_of(&listener);
+            let listen = listener.local_addr().unwrap().to_string();
             let base = fx.mkdir(&format!("{name}/base"));
             let data = fx.path(&format!("{name}/data"));
             let certs = fx.path("certs");
@@ -144,7 +166,7 @@ impl Pair {
             };
             let text = format!(
                 "[node]\nbase_dir = {}\n\n[storage]\nmode = \"replicated\"\n\n[replication]\nrole = \"{role}\"\ndata_dir = {}\n\
-                 listen = \"127.0.0.1:{port}\"\npeer = \"127.0.0.1:{peer}\"\n{auth}\nstate_file = {}\n{extra}\n\n\
+                 listen = \"{listen}\"\npeer = \"{peer}\"\n{auth}\nstate_file = {}\n{extra}\n\n\
                  [lock]\nmachine_name = \"{name}\"\n\n[agent]\ncontrol_socket = {}\n",
                 toml_path(&base),
                 toml_path(&data),
@@ -158,14 +180,16 @@ impl Pair {
                 config,
                 data,
                 port,
+                listen,
                 listener,
+                netns: None,
                 child: None,
                 runs: 0,
                 userns_watch_limit: None,
             }
         };
-        let hot = mk("hot", "hot", hot_listener, hot_peer.unwrap_or(cp));
-        let cold = mk("cold", "cold", cold_listener, hp);
+        let hot = mk("hot", "hot", hot_listener, &hot_peer);
+        let cold = mk("cold", "cold", cold_listener, &cold_peer);
         fs::create_dir_all(&hot.data).unwrap();
         Pair { fx, hot, cold }
     }
@@ -183,9 +207,10 @@ impl Pair {
         let s = self.side(name);
         s.runs += 1;
         let err = fs::File::create(fx_root.join(format!("{}.{}.err", s.name, s.runs))).unwrap();
-        let base = match s.userns_watch_limit {
-            None => main_cmd(),
-            Some(n) => in_userns_with_watch_limit(&main_cmd(), n),
+        let base = match (s.userns_watch_limit, &s.netns) {
+            (Some(n), _) => in_userns_with_watch_limit(&main_cmd(), n),
+            (None, Some(ns)) => crate::drill::netns::in_netns(&main_cmd(), ns),
+            (None, None) => main_cmd(),
         };
         let mut cmd = crate::listen::with_listener(&base, &s.listener);
         cmd.arg("-c")
@@ -204,14 +229,14 @@ impl Pair {
             self.logs()
         );
         // it listens on the socket the test handed over, and says so
-        let port = if name == "hot" {
-            self.hot.port
+        let listen = if name == "hot" {
+            &self.hot.listen
         } else {
-            self.cold.port
+            &self.cold.listen
         };
         assert_eq!(
             self.status(name)["listen"],
-            format!("127.0.0.1:{port}"),
+            listen.as_str(),
             "{}",
             self.logs()
         );
@@ -242,13 +267,17 @@ impl Pair {
         }
     }
 
-    pub(crate) fn status(&self, name: &str) -> serde_json::Value {
-        let cfg = if name == "hot" {
+    /// The config file of side `name`.
+    pub(crate) fn config_of(&self, name: &str) -> &Path {
+        if name == "hot" {
             &self.hot.config
         } else {
             &self.cold.config
-        };
-        let out = artemis_sync(cfg, ["status", "--json"]);
+        }
+    }
+
+    pub(crate) fn status(&self, name: &str) -> serde_json::Value {
+        let out = artemis_sync(self.config_of(name), ["status", "--json"]);
         serde_json::from_str(out.stdout.trim()).unwrap_or(serde_json::Value::Null)
     }
 

@@ -183,6 +183,15 @@ pub(crate) fn workspace_bin(name: &str) -> PathBuf {
     path
 }
 
+/// Where `program` is on `PATH`, if it is.
+pub(crate) fn on_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
 /// `artemis-sync` with a clean environment.
 pub(crate) fn main_cmd() -> Command {
     command(&workspace_bin("artemis-sync"))
@@ -274,6 +283,22 @@ pub(crate) fn spawn(cmd: &mut Command) -> Child {
     let _guard = SPAWN_LOCK.read().unwrap_or_else(|e| e.into_inner());
     cmd.spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs `cmd` with `stdin` as its input, capturing its output (stdout, stderr).
+pub(crate) fn run_with_input(cmd: &mut Command, stdin: &str) -> std::process::Output {
+    let mut child = spawn(
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    child
+        .stdin
+        .take()
+        .expect("stdin pipe")
+        .write_all(stdin.as_bytes())
+        .expect("write the input");
+    child.wait_with_output().expect("wait for the command")
 }
 
 /// Waits for `child` at most `limit`, polling; `None` if it is still running.

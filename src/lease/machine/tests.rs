@@ -208,3 +208,28 @@ fn issue14_a_machine_told_to_stay_out_takes_no_lease_until_told_otherwise() {
     let ev = run(&mut m, Duration::from_secs(2), |e| acquired(e).is_some());
     assert_eq!(acquired(&ev), Some(6), "{ev:?}");
 }
+
+#[test]
+fn issue16_a_release_while_a_renewal_is_in_flight_releases_the_renewed_row() {
+    let mem = Mem::default();
+    let mut m = machine(&mem, "me", None);
+    let ev = run(&mut m, Duration::from_secs(2), |e| acquired(e).is_some());
+    let epoch = acquired(&ev).expect("acquired");
+    // a renewal is due, sent, and written by the worker; its reply is not read yet
+    std::thread::sleep(T.update * 2);
+    m.tick();
+    let renewals = |mem: &Mem| mem.0.lock().unwrap().as_ref().map(|l| l.renewals);
+    let before = renewals(&mem);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while renewals(&mem) == before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_ne!(renewals(&mem), before, "no renewal was in flight");
+    m.release("demoted");
+    let row = mem.0.lock().unwrap().clone().expect("a row");
+    assert_eq!(
+        (row.holder.as_str(), row.epoch, row.state),
+        ("me", epoch, LeaseState::Released),
+        "{row:?}"
+    );
+}
