@@ -175,15 +175,19 @@ fn fill(dir: &std::path::Path) -> PathBuf {
 /// with the same mix), held to [`RSS_GROWTH_BYTES`], [`FD_GROWTH`] and [`RSS_MAX_BYTES`].
 fn usage_table(usages: &[(Duration, u64, usize)], length: Duration) -> Table {
     let most = |from: Duration, to: Duration| {
-        let window: Vec<_> = usages
-            .iter()
-            .filter(|u| u.0 >= from && u.0 < to)
-            .collect();
+        let window: Vec<_> = usages.iter().filter(|u| u.0 >= from && u.0 < to).collect();
         assert!(!window.is_empty(), "no check between {from:?} and {to:?}");
         let rss = window.iter().map(|u| u.1).max().unwrap_or(0);
-        (rss, window.iter().map(|u| u.2).max().unwrap_or(0), window.len())
+        (
+            rss,
+            window.iter().map(|u| u.2).max().unwrap_or(0),
+            window.len(),
+        )
     };
-    let (first, last) = (most(Duration::ZERO, length / 3), most(length * 2 / 3, length));
+    let (first, last) = (
+        most(Duration::ZERO, length / 3),
+        most(length * 2 / 3, length),
+    );
     let mib = |b: u64| format!("{:.1}", b as f64 / 1_048_576.0);
     let mut res = Table::new(&["both agents", "checks", "RSS MiB, most", "fds, most"]);
     for (name, (rss, fds, n)) in [("first third", first), ("last third", last)] {
