@@ -127,6 +127,8 @@ pub(crate) struct Applier {
     /// Files a failed batch wrote and did not make durable (its fsync failed, or the batch
     /// stopped before it): fsynced before the next index is walked ([`Applier::index`]).
     unsynced: HashSet<String>,
+    /// Inodes whose metadata or directory entries a failed batch changed and did not fsync.
+    unsynced_inodes: HashSet<PathBuf>,
     /// Every change and fsync of the batches applied, in order, for tests.
     #[cfg(test)]
     log: Vec<Durability>,
@@ -149,6 +151,7 @@ impl Applier {
             outlet: None,
             taken: None,
             unsynced: HashSet::new(),
+            unsynced_inodes: HashSet::new(),
             #[cfg(test)]
             log: Vec::new(),
         }
@@ -317,15 +320,17 @@ impl Applier {
                 drop_cached(&self.root.join(&rel));
                 self.unsynced.insert(rel);
             }
+            self.unsynced_inodes
+                .extend(touched.meta.drain().chain(touched.dirs.drain()));
         }
         #[cfg(test)]
         self.log.append(&mut touched.log);
         result
     }
 
-    /// Fsyncs the files failed batches left unsynced (see [`Applier::apply`]); one that still
-    /// cannot be fsynced is dropped from the page cache again and fails the index, so that the
-    /// hot side never compares against data the disk may not have.
+    /// Fsyncs the files and inodes failed batches left unsynced (see [`Applier::apply`]); a
+    /// file that still cannot be fsynced is dropped from the page cache again and fails the
+    /// index, so that the hot side never compares against data the disk may not have.
     fn sync_unsynced(&mut self) -> Result<(), PagesError> {
         let mut pending: Vec<String> = self.unsynced.iter().cloned().collect();
         pending.sort();
@@ -338,6 +343,11 @@ impl Applier {
                 }
             }
             self.unsynced.remove(&rel);
+        }
+        let inodes: Vec<PathBuf> = self.unsynced_inodes.iter().cloned().collect();
+        for p in inodes {
+            self.sync_inode(&p)?;
+            self.unsynced_inodes.remove(&p);
         }
         Ok(())
     }
@@ -355,10 +365,12 @@ impl Applier {
                     path, offset, data, ..
                 } => {
                     let full = self.root.join(&path);
+                    // noted first: a write that fails part way left what it wrote in the
+                    // page cache, which a failed batch must not leave unsynced
+                    touched.data(&path, &full);
                     let f = self.open(&path, true)?;
                     f.write_all_at(&data, offset)
                         .map_err(io_err("cannot write", &full))?;
-                    touched.data(&path, &full);
                 }
                 Op::Rename { from, to } => self.rename(&from, &to, touched)?,
                 Op::Remove { path } => self.remove(&path, touched)?,
@@ -512,19 +524,36 @@ impl Applier {
             // kept until fsynced: a failure leaves the rest for [`Applier::apply`] to note
             touched.files.remove(&p);
         }
-        let inodes: Vec<PathBuf> = touched.meta.drain().chain(touched.dirs.drain()).collect();
-        for mut p in inodes {
-            if fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
-                // a symlink's own metadata is in its directory's entry: fsync the directory
-                p = self.parent_of(&p);
+        let inodes: Vec<PathBuf> = touched.meta.iter().chain(&touched.dirs).cloned().collect();
+        for p in inodes {
+            let synced = self.sync_inode(&p)?;
+            #[cfg(test)]
+            if let Some(synced) = synced {
+                touched.log.push(Durability::SyncedAll(synced));
             }
-            if let Some(f) = open_nofollow(&p)? {
-                f.sync_all().map_err(io_err("cannot fsync", &p))?;
-                #[cfg(test)]
-                touched.log.push(Durability::SyncedAll(p));
-            }
+            #[cfg(not(test))]
+            let _ = synced;
+            // kept until fsynced, as the files are
+            touched.meta.remove(&p);
+            touched.dirs.remove(&p);
         }
         Ok(())
+    }
+
+    /// Fsyncs an inode whose metadata or entries changed (a symlink's own metadata is in its
+    /// directory's entry: the directory is fsynced instead); what it fsynced, `None` if gone.
+    fn sync_inode(&self, p: &Path) -> Result<Option<PathBuf>, PagesError> {
+        let mut p = p.to_owned();
+        if fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+            p = self.parent_of(&p);
+        }
+        match open_nofollow(&p)? {
+            Some(f) => {
+                f.sync_all().map_err(io_err("cannot fsync", &p))?;
+                Ok(Some(p))
+            }
+            None => Ok(None),
+        }
     }
 }
 

@@ -647,6 +647,13 @@ fn corrupted_frame_is_rejected_and_resent(mode: &str, flip: Flip, expect_in_log:
         logs.contains("resending from it") || logs.contains("the hot side resyncs from our index"),
         "the hot side did not resend:\n{logs}"
     );
+    // damage in transit is counted as such, never as a failing cold disk
+    let cold = p.status("cold");
+    if expect_in_log.contains("blake3") {
+        assert!(cold["checksum_failures"].as_u64() > Some(0), "{cold}");
+    }
+    assert!(cold.get("apply_error").is_none(), "{cold}");
+    assert_eq!(cold["apply_failures"].as_u64(), Some(0), "{cold}");
 }
 
 #[test]

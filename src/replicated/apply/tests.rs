@@ -151,3 +151,54 @@ fn escaping_paths_are_rejected() {
     }
     assert!(!dir.path().join("escape").exists());
 }
+
+/// Issue 16 review: what a batch that failed part way wrote is left unsynced (its file and
+/// the directory entries it made) and fsynced before the next index, and the next index
+/// reads it from the disk.
+#[test]
+fn a_failed_batch_leaves_its_files_and_entries_unsynced_until_the_next_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = applier(dir.path());
+    let ops = vec![
+        Op::Mkdir {
+            path: "j".into(),
+            mode: 0o750,
+        },
+        write("j/a", 0, vec![5; 4096]),
+        // fails after the write: no filesystem allocates 2^62 bytes
+        Op::Allocate {
+            path: "j/a".into(),
+            offset: 0,
+            len: 1 << 62,
+        },
+    ];
+    assert!(matches!(a.batch(1, ops), Applied::Failed { seq: 1, .. }));
+    assert!(a.unsynced.contains("j/a"), "{:?}", a.unsynced);
+    assert!(
+        a.unsynced_inodes.contains(&dir.path().join("j")),
+        "the new directory's entry: {:?}",
+        a.unsynced_inodes
+    );
+    let (parts_tx, mut parts) = mpsc::channel(64);
+    let (done_tx, mut done) = oneshot::channel();
+    let (digests, _digests_rx) = mpsc::channel(4);
+    a.index(
+        &parts_tx,
+        done_tx,
+        Outlet {
+            digests,
+            index_chunk_pages: 64,
+            digest_chunk: (1 << 20, |_, _| 0),
+        },
+    );
+    drop(parts_tx);
+    assert!(matches!(done.try_recv(), Ok(Ok(()))));
+    assert!(a.unsynced.is_empty() && a.unsynced_inodes.is_empty());
+    let mut files = Vec::new();
+    while let Ok(part) = parts.try_recv() {
+        if let IndexPart::File { path, pages, .. } = part {
+            files.push((path, pages.len()));
+        }
+    }
+    assert_eq!(files, vec![("j/a".to_owned(), 1)]);
+}

@@ -217,10 +217,15 @@ impl Inbound<'_> {
             }
             Applied::Skipped { .. } => {}
             Applied::Rejected { seq, reason } => {
+                // damaged in transit or not allowed (a page's blake3, a path): not the disk's
+                // fault, so not an apply failure (no `apply_error`, no pause)
                 stats.checksum_failures.fetch_add(1, Ordering::Relaxed);
-                return Err(self
-                    .cannot_apply(seq, reason, "nothing of it was written")
-                    .await);
+                tracing::warn!(
+                    seq,
+                    "refused batch {seq}: {reason}; nothing of it was written; the hot side resyncs from our index"
+                );
+                self.nack(seq, reason).await?;
+                return Err(ReceiveError::Resync { seq });
             }
             Applied::Failed { seq, reason } => {
                 let what = "what it wrote is not acknowledged";

@@ -267,7 +267,7 @@ impl Drill {
 
     /// The hot's view: connected, durable (not degraded), the cold side has everything seen
     /// so far; the cold's: connected, and the lease row says its copy is in sync.
-    fn in_sync(&self, hot: &str, cold: &str) -> bool {
+    pub(crate) fn in_sync(&self, hot: &str, cold: &str) -> bool {
         let h = self.d.p.status(hot);
         h.get("degraded").is_none() && self.drained(hot, cold)
     }

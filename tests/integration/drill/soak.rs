@@ -133,7 +133,7 @@ fn inject(dr: &mut Drill, kind: Kind, rng: &mut Rng) -> Instant {
             fs::remove_file(&balloon).unwrap();
         }
         Kind::Demote => {
-            artemis_sync(dr.d.p.config_of(hot), ["demote"]).code(0);
+            demote(dr, hot, cold);
             assert!(
                 wait_until(Duration::from_millis(WAIT_MS), || dr
                     .d
@@ -146,6 +146,40 @@ fn inject(dr: &mut Drill, kind: Kind, rng: &mut Rng) -> Instant {
     }
     Instant::now()
 }
+
+/// Refusals of one `demote` before the soak fails.
+const DEMOTE_TRIES: usize = 3;
+
+/// `demote` on `hot`, as an operator would: a demote the agent refuses because the stream to
+/// the cold side could not be drained (a connection that dropped meanwhile, as the one a
+/// partition left behind can) keeps this VM hot with nothing lost; it is tried again once the
+/// pair is in sync, at most [`DEMOTE_TRIES`] times.
+fn demote(dr: &Drill, hot: &str, cold: &str) {
+    for attempt in 1..=DEMOTE_TRIES {
+        let out = artemis_sync(dr.d.p.config_of(hot), ["demote"]);
+        if out.status.code() == Some(0) {
+            return;
+        }
+        assert!(
+            out.status.code() == Some(1) && out.stderr.contains("could not be drained"),
+            "demote failed otherwise:\n{out}"
+        );
+        assert!(dr.d.node_pid(hot).is_some() || dr.d.node_pid(cold).is_none());
+        eprintln!(
+            "soak: demote {attempt} refused (stream not drained): {}",
+            out.stderr.trim()
+        );
+        assert!(
+            wait_until(CONVERGE_AFTER_REFUSAL, || dr.in_sync(hot, cold)),
+            "not in sync after a refused demote\n{}",
+            dr.d.p.logs()
+        );
+    }
+    panic!("demote refused {DEMOTE_TRIES} times\n{}", dr.d.p.logs());
+}
+
+/// How long the pair may take to be in sync again after a refused demote.
+const CONVERGE_AFTER_REFUSAL: Duration = Duration::from_secs(30);
 
 /// Sleeps `d`, asserting every 200 ms that no two nodes run.
 fn sleep_checking(dr: &Drill, d: Duration) {

@@ -29,7 +29,8 @@ pub(crate) fn authenticated(body: &[u8]) -> &[u8] {
     let len = u32::from_le_bytes(body[1..HEADER_AT].try_into().expect("4 bytes"));
     usize::try_from(len)
         .ok()
-        .and_then(|len| body.get(..HEADER_AT + len))
+        .and_then(|len| HEADER_AT.checked_add(len))
+        .and_then(|end| body.get(..end))
         .unwrap_or(body)
 }
 
