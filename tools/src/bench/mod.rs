@@ -103,6 +103,8 @@ pub struct Settings {
     pub random_mib: usize,
     /// `random_writes` writes per second.
     pub random_rate: u32,
+    /// `initial_sync`: rounds of ours and every baseline in turn; figures are medians.
+    pub rounds: u32,
     /// The agent binary.
     pub agent_bin: PathBuf,
     /// Both rescan periods of the agents, when not the product's defaults (a diagnosis: how

@@ -377,7 +377,8 @@ impl Pair {
         )
     }
 
-    pub(super) fn finish(mut self) -> (f64, f64) {
+    /// Stops both agents (their peak RSS noted).
+    pub(super) fn stop_agents(&mut self) {
         self.note_rss();
         if let Some(h) = self.hot.take() {
             h.stop();
@@ -385,6 +386,10 @@ impl Pair {
         if let Some(c) = self.cold.take() {
             c.stop();
         }
+    }
+
+    pub(super) fn finish(mut self) -> (f64, f64) {
+        self.stop_agents();
         detach(&self.root.join("hot/mnt"));
         if std::env::var_os("ARTEMIS_SYNC_BENCH_KEEP").is_none() {
             let _ = fs::remove_dir_all(&self.root);

@@ -49,6 +49,10 @@ struct Args {
     /// random_writes: writes per second
     #[arg(long, default_value_t = 500)]
     random_rate: u32,
+    /// initial_sync, initial_sync_tls: rounds of ours and every baseline, in turn;
+    /// the figures are the medians (default 3, 1 with --quick)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=99))]
+    rounds: Option<u32>,
     /// Also draw the lag CDF and throughput over time into this SVG file
     #[arg(long, value_name = "FILE.svg")]
     report: Option<PathBuf>,
@@ -132,6 +136,7 @@ fn main() -> ExitCode {
         seconds: a.seconds,
         random_mib: a.random_mib,
         random_rate: a.random_rate,
+        rounds: a.rounds.unwrap_or(if a.quick { 1 } else { 3 }),
         agent_bin,
         rescan_ms: a.rescan_ms,
     };
