@@ -17,11 +17,13 @@ pub enum Op {
     /// extended with zeros).
     SetFile { path: String, len: u64, mode: u32 },
     /// Write whole pages at `offset` (a multiple of the page size); `hashes` holds the full
-    /// blake3 of each page of `data`, checked before anything is written.
+    /// blake3 of each page of `data`, checked before anything is written. `data` is shared,
+    /// not copied: on the hot side between the scanner's run and the sender's window, on the
+    /// cold side with the frame it arrived in.
     Write {
         path: String,
         offset: u64,
-        data: Vec<u8>,
+        data: bytes::Bytes,
         hashes: Vec<[u8; 32]>,
     },
     /// Rename a file, directory or symlink.

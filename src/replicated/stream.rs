@@ -24,7 +24,7 @@ use crate::replicated::channel::{self, Auth};
 use crate::replicated::ops::{DigestPart, Op, Outgoing, ScanMsg, SenderEvent};
 use crate::replicated::pages::{IndexPart, TreeIndex};
 use crate::replicated::stats::SenderStats;
-use crate::replicated::wire::framed::{encode_body_sized, ReadTask};
+use crate::replicated::wire::framed::{encode_body, Encoded, ReadTask};
 use crate::replicated::wire::{Frame, FrameReader, FrameWriter, HotState, ProtoError};
 
 /// The hot sends a heartbeat (with its sync state) this often, busy or not.
@@ -41,8 +41,6 @@ const SEND_BUFFER_BYTES: usize = 1 << 20;
 /// of a `verify` digest, which wait here while the scanner compares those before them (so
 /// few of them, or a tree's digest could queue up decoded).
 const ANSWER_QUEUE: usize = 4;
-/// A batch frame's own fields (type, sequence number, op count) beyond its ops.
-const BATCH_HEADER_BYTES: usize = 32;
 
 /// What the network task needs.
 #[derive(Debug, Clone)]
@@ -365,7 +363,7 @@ struct Outbound<'a> {
     stats: &'a SenderStats,
     events: &'a Sender<SenderEvent>,
     /// Sent and not yet acknowledged: sequence number, encoded frame, when it was sent.
-    window: VecDeque<(u64, Vec<u8>, tokio::time::Instant)>,
+    window: VecDeque<(u64, Encoded, tokio::time::Instant)>,
     window_bytes: usize,
     window_limit: usize,
     next_seq: u64,
@@ -433,9 +431,7 @@ impl Outbound<'_> {
         let seq = self.next_seq;
         self.next_seq += 1;
         let data: usize = ops.iter().map(Op::data_len).sum();
-        let bound: usize = ops.iter().map(crate::replicated::capture::wire_bytes).sum();
-        let body = encode_body_sized(&Frame::Batch { seq, ops }, bound + BATCH_HEADER_BYTES)
-            .map_err(|e| self.proto(e))?;
+        let body = encode_body(&Frame::Batch { seq, ops }).map_err(|e| self.proto(e))?;
         let before = self.writer.bytes;
         self.writer
             .send_encoded(&body)

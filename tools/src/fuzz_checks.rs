@@ -33,13 +33,27 @@ pub const TARGETS: &[(&str, Check)] = &[
 ];
 
 /// A frame body from the peer (after the length prefix and the MAC): decoding never panics,
-/// and whatever decodes encodes back to a body that decodes to the same frame.
+/// decoding in place (writes sharing the body) gives what decoding with copies gives, and
+/// whatever decodes encodes back, whole or in parts, to a body that decodes to the same frame.
 pub fn wire_frame(body: &[u8]) {
-    if let Ok(frame) = Frame::decode(body) {
+    let decoded = Frame::decode(body);
+    let shared = Frame::decode_shared(&bytes::Bytes::copy_from_slice(body));
+    assert_eq!(
+        decoded.as_ref().ok(),
+        shared.as_ref().ok(),
+        "decoded in place differs"
+    );
+    if let Ok(frame) = decoded {
         let mut again = Vec::new();
         frame.encode(&mut again).expect("a decoded frame encodes");
         let back = Frame::decode(&again).expect("an encoded frame decodes");
         assert_eq!(back, frame);
+        let mut head = Vec::new();
+        let tail = frame
+            .encode_parts(&mut head)
+            .expect("a decoded frame encodes");
+        tail.iter().for_each(|part| head.extend_from_slice(part));
+        assert_eq!(head, again, "encoded in parts differs");
     }
 }
 

@@ -55,7 +55,7 @@ fn frames() -> Vec<Frame> {
                     path: "d/f".into(),
                     offset: 0,
                     hashes: vec![*blake3::hash(&data).as_bytes()],
-                    data,
+                    data: data.into(),
                 },
                 Op::Rename {
                     from: "d/f".into(),

@@ -15,7 +15,7 @@ pub(super) fn write(path: &str, offset: u64, data: Vec<u8>) -> Op {
     Op::Write {
         path: path.into(),
         offset,
-        data,
+        data: data.into(),
         hashes,
     }
 }
@@ -94,7 +94,9 @@ fn a_bad_page_rejects_the_whole_batch_before_any_write() {
     let mut a = applier(dir.path());
     let mut bad = write("f", 0, vec![1; 8192]);
     if let Op::Write { data, .. } = &mut bad {
-        data[5000] ^= 1;
+        let mut altered = data.to_vec();
+        altered[5000] ^= 1;
+        *data = altered.into();
     }
     let ops = vec![
         Op::SetFile {

@@ -48,7 +48,7 @@ impl PageRun {
         Op::Write {
             path: rel.to_owned(),
             offset: self.offset,
-            data: self.data,
+            data: self.data.into(),
             hashes: self.hashes,
         }
     }

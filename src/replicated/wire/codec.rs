@@ -4,6 +4,9 @@
 //! decoding checks every length and count against what is left of the body before it
 //! allocates, and refuses trailing bytes.
 
+use bytes::Bytes;
+
+use crate::replicated::ops::Op;
 use crate::replicated::pages::{Attrs, Entry, EntryKind};
 use crate::replicated::wire::{Frame, HotState, ProtoError, MAX_PATH_BYTES};
 
@@ -70,6 +73,8 @@ impl Enc<'_> {
 struct Dec<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// The buffer `buf` lies in, when a write's data may share it rather than copy it.
+    shared: Option<&'a Bytes>,
 }
 
 impl<'a> Dec<'a> {
@@ -86,6 +91,14 @@ impl<'a> Dec<'a> {
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;
         Ok(s)
+    }
+    /// `n` bytes as their own buffer: a slice of the shared one, else a copy.
+    fn take_bytes(&mut self, n: usize, what: &str) -> Result<Bytes, ProtoError> {
+        let s = self.take(n, what)?;
+        Ok(match self.shared {
+            Some(b) => b.slice_ref(s),
+            None => Bytes::copy_from_slice(s),
+        })
     }
     fn u8(&mut self, what: &str) -> Result<u8, ProtoError> {
         Ok(self.take(1, what)?[0])
@@ -384,7 +397,45 @@ impl Frame {
 
     /// Parses a frame body; every length is checked against the body.
     pub fn decode(body: &[u8]) -> Result<Frame, ProtoError> {
-        let mut d = Dec { buf: body, pos: 0 };
+        Frame::decode_from(Dec {
+            buf: body,
+            pos: 0,
+            shared: None,
+        })
+    }
+
+    /// [`Frame::decode`], each write's data a slice of `body` rather than a copy.
+    pub fn decode_shared(body: &Bytes) -> Result<Frame, ProtoError> {
+        Frame::decode_from(Dec {
+            buf: body,
+            pos: 0,
+            shared: Some(body),
+        })
+    }
+
+    /// A batch's body in two parts: everything but the tail, then the tail's parts (each
+    /// write's data, shared with `ops`, not copied); any other frame whole, with no tail.
+    /// Sent one after the other they are the body [`Frame::encode`] makes.
+    pub fn encode_parts(&self, out: &mut Vec<u8>) -> Result<Vec<Bytes>, ProtoError> {
+        match self {
+            Frame::Batch { seq, ops } => {
+                batch::encode_header(*seq, ops, &mut Enc(out))?;
+                Ok(ops
+                    .iter()
+                    .filter_map(|op| match op {
+                        Op::Write { data, .. } => Some(data.clone()),
+                        _ => None,
+                    })
+                    .collect())
+            }
+            other => {
+                other.encode(out)?;
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    fn decode_from(mut d: Dec<'_>) -> Result<Frame, ProtoError> {
         let frame = match d.u8("frame type")? {
             t @ 1..=6 => Frame::decode_handshake(t, &mut d)?,
             t @ (7..=9 | INDEX_LINK) => Frame::decode_index(t, &mut d)?,

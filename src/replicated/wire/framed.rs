@@ -8,9 +8,11 @@
 
 use std::io;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use crate::replicated::wire::codec;
 use crate::replicated::wire::mac::{mac_eq, FrameMac};
 use crate::replicated::wire::{
     Frame, ProtoError, MAC_BYTES, MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME_BYTES,
@@ -19,23 +21,42 @@ use crate::replicated::wire::{
 /// Bytes of the length prefix.
 const LEN_BYTES: usize = 4;
 
+/// Frames read into a buffer of their own, which the writes they carry then share (rather
+/// than copy out of the reader's reused buffer): those longer than this.
+const OWN_BUFFER_FRAME_BYTES: usize = 64 << 10;
+
 /// A frame's body, encoded to be sent (and sent again) with
 /// [`FrameWriter::send_encoded`]: what a window of unacknowledged frames holds, as small
-/// as it is on the wire (a batch of metadata ops takes several times more decoded).
-pub fn encode_body(frame: &Frame) -> Result<Vec<u8>, ProtoError> {
-    encode_body_sized(frame, 0)
+/// as it is on the wire (a batch of metadata ops takes several times more decoded). A batch's
+/// page data is not copied into it: `tail` shares the buffers of its writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    /// The body but a batch's tail.
+    pub head: Vec<u8>,
+    /// A batch's tail, part by part (empty for any other frame).
+    pub tail: Vec<Bytes>,
 }
 
-/// [`encode_body`] into a buffer of `capacity` bytes to begin with: a batch of page data,
-/// encoded into a buffer that grows as it goes, is copied once per doubling and lands on
-/// freshly faulted pages each time.
-pub fn encode_body_sized(frame: &Frame, capacity: usize) -> Result<Vec<u8>, ProtoError> {
-    let mut body = Vec::with_capacity(capacity.min(MAX_FRAME_BYTES));
-    frame.encode(&mut body)?;
+impl Encoded {
+    /// Bytes of the body.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.tail.iter().map(Bytes::len).sum::<usize>()
+    }
+
+    /// Whether the body is empty (never, for an encoded frame).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `frame`, encoded to be sent and kept: see [`Encoded`].
+pub fn encode_body(frame: &Frame) -> Result<Encoded, ProtoError> {
+    let mut head = Vec::new();
+    let tail = frame.encode_parts(&mut head)?;
+    let body = Encoded { head, tail };
     if body.len() > MAX_FRAME_BYTES {
         return Err(ProtoError::TooLarge(body.len()));
     }
-    body.shrink_to_fit();
     Ok(body)
 }
 
@@ -71,23 +92,37 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         let mut body = std::mem::take(&mut self.buf);
         body.clear();
         frame.encode(&mut body)?;
-        let sent = self.send_encoded(&body).await;
+        let sent = self.send_parts(body.len(), &body, &[]).await;
         self.buf = body;
         sent
     }
 
     /// Writes a frame body from [`encode_body`] with its length and MAC (buffered;
     /// call [`FrameWriter::flush`]).
-    pub async fn send_encoded(&mut self, body: &[u8]) -> Result<(), ProtoError> {
-        if body.len() > MAX_FRAME_BYTES {
-            return Err(ProtoError::TooLarge(body.len()));
+    pub async fn send_encoded(&mut self, body: &Encoded) -> Result<(), ProtoError> {
+        self.send_parts(body.len(), &body.head, &body.tail).await
+    }
+
+    /// Writes a body of `len` bytes, `head` then `tail`, with its length and MAC.
+    async fn send_parts(
+        &mut self,
+        len: usize,
+        head: &[u8],
+        tail: &[Bytes],
+    ) -> Result<(), ProtoError> {
+        if len > MAX_FRAME_BYTES {
+            return Err(ProtoError::TooLarge(len));
         }
-        let prefix = u32::try_from(body.len()).map_err(|_| ProtoError::TooLarge(body.len()))?;
+        let prefix = u32::try_from(len).map_err(|_| ProtoError::TooLarge(len))?;
         self.inner.write_all(&prefix.to_le_bytes()).await?;
-        self.inner.write_all(body).await?;
-        let mut sent = LEN_BYTES + body.len();
+        self.inner.write_all(head).await?;
+        for part in tail {
+            self.inner.write_all(part).await?;
+        }
+        let mut sent = LEN_BYTES + len;
         if let Some(mac) = &mut self.mac {
-            let (tag, _) = mac.next_tag(body);
+            // the covered part of a batch is within its head; any other frame is all head
+            let (tag, _) = mac.next_tag_of(len, codec::authenticated(head));
             self.inner.write_all(&tag).await?;
             sent += tag.len();
         }
@@ -161,22 +196,50 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             });
         }
         let total = len + if self.mac.is_some() { MAC_BYTES } else { 0 };
-        self.buf.resize(total, 0);
-        self.inner.read_exact(&mut self.buf).await.map_err(|e| {
+        // a long frame (page data) gets a buffer of its own, which its writes then share
+        let mut buf = if len > OWN_BUFFER_FRAME_BYTES {
+            vec![0u8; total]
+        } else {
+            let mut b = std::mem::take(&mut self.buf);
+            b.resize(total, 0);
+            b
+        };
+        let read = self.inner.read_exact(&mut buf).await;
+        let own = len > OWN_BUFFER_FRAME_BYTES;
+        let checked = self.check(read, &mut buf, len);
+        if own {
+            checked?;
+            buf.truncate(len);
+            return Frame::decode_shared(&Bytes::from(buf));
+        }
+        let frame = checked.and_then(|()| Frame::decode(&buf[..len]));
+        self.buf = buf;
+        frame
+    }
+
+    /// After the read of a body of `len` bytes (and its MAC) into `buf`: counts it and checks
+    /// its MAC.
+    fn check(
+        &mut self,
+        read: io::Result<usize>,
+        buf: &mut [u8],
+        len: usize,
+    ) -> Result<(), ProtoError> {
+        read.map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 ProtoError::Closed
             } else {
                 e.into()
             }
         })?;
-        self.bytes += (LEN_BYTES + total) as u64;
+        self.bytes += (LEN_BYTES + buf.len()) as u64;
         if let Some(mac) = &mut self.mac {
-            let (want, seq) = mac.next_tag(&self.buf[..len]);
-            if !mac_eq(&want, &self.buf[len..]) {
+            let (want, seq) = mac.next_tag(&buf[..len]);
+            if !mac_eq(&want, &buf[len..]) {
                 return Err(ProtoError::BadMac { seq });
             }
         }
-        Frame::decode(&self.buf[..len])
+        Ok(())
     }
 }
 

@@ -88,11 +88,16 @@ impl FrameMac {
     /// body's length and all of the body but a batch's page data, which its page hashes (in
     /// the part covered) bind ([`codec::authenticated`]).
     pub(crate) fn next_tag(&mut self, body: &[u8]) -> ([u8; MAC_BYTES], u64) {
+        self.next_tag_of(body.len(), codec::authenticated(body))
+    }
+
+    /// [`FrameMac::next_tag`] of a body `len` bytes long whose covered part is `covered`.
+    pub(crate) fn next_tag_of(&mut self, len: usize, covered: &[u8]) -> ([u8; MAC_BYTES], u64) {
         let mut h = blake3::Hasher::new_keyed(&self.key);
         h.update(&[self.direction]);
         h.update(&self.seq.to_le_bytes());
-        h.update(&(body.len() as u64).to_le_bytes());
-        h.update(codec::authenticated(body));
+        h.update(&(len as u64).to_le_bytes());
+        h.update(covered);
         let mut out = [0u8; MAC_BYTES];
         out.copy_from_slice(&h.finalize().as_bytes()[..MAC_BYTES]);
         let seq = self.seq;

@@ -76,7 +76,7 @@ fn every_frame() -> Vec<Frame> {
                     path: "d/f".into(),
                     offset: 0,
                     hashes: vec![*blake3::hash(&data[..4096]).as_bytes(); 2],
-                    data: data.clone(),
+                    data: data.clone().into(),
                 },
                 Op::Rename {
                     from: "d/f".into(),
@@ -194,7 +194,7 @@ fn hostile_counts_and_lengths_are_refused_before_allocation() {
         ops: vec![Op::Write {
             path: "a".into(),
             offset: 0,
-            data: vec![7; 10],
+            data: vec![7; 10].into(),
             hashes: vec![[1; 32]],
         }],
     };
@@ -298,7 +298,7 @@ async fn issue15_a_batch_mac_covers_header_and_length_and_its_page_hashes_bind_t
             path: "journal/a".into(),
             offset: 0,
             hashes: vec![*blake3::hash(&page).as_bytes()],
-            data: page.clone(),
+            data: page.clone().into(),
         }],
     };
     let mut wire = Vec::new();
@@ -357,6 +357,69 @@ async fn issue15_a_batch_mac_covers_header_and_length_and_its_page_hashes_bind_t
     ));
 }
 
+#[tokio::test]
+async fn issue15_a_long_batch_sent_in_parts_and_read_in_place_is_the_same_frame_on_the_same_bytes()
+{
+    let session = [9u8; 32];
+    // long enough for the reader's own buffer; two writes, a metadata op between
+    let pages: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 4096]).collect();
+    let write = |path: &str, ps: &[Vec<u8>]| Op::Write {
+        path: path.into(),
+        offset: 0,
+        hashes: ps.iter().map(|p| *blake3::hash(p).as_bytes()).collect(),
+        data: ps.concat().into(),
+    };
+    let batch = Frame::Batch {
+        seq: 3,
+        ops: vec![
+            write("journal/a", &pages[..25]),
+            Op::Remove { path: "x".into() },
+            write("journal/b", &pages[25..]),
+        ],
+    };
+    let mut whole = Vec::new();
+    let mut w = FrameWriter::new(&mut whole);
+    w.set_mac(FrameMac::new(session, 0));
+    w.send(&batch).await.unwrap();
+    let mut parts = Vec::new();
+    let mut w = FrameWriter::new(&mut parts);
+    w.set_mac(FrameMac::new(session, 0));
+    let encoded = framed::encode_body(&batch).unwrap();
+    assert_eq!(encoded.tail.len(), 2, "the page data is shared, not copied");
+    w.send_encoded(&encoded).await.unwrap();
+    assert_eq!(parts, whole, "the same bytes on the wire");
+    let read = |wire: Vec<u8>| async move {
+        let mut r = FrameReader::new(&wire[..]);
+        r.authenticated();
+        r.set_mac(FrameMac::new(session, 0));
+        r.recv().await
+    };
+    assert_eq!(read(parts.clone()).await.unwrap(), batch);
+    // a page byte altered in transit: the frame decodes, the page fails its hash
+    let mut flipped = parts.clone();
+    let at = flipped.len() - MAC_BYTES - 5000;
+    flipped[at] ^= 1;
+    let Frame::Batch { ops, .. } = read(flipped).await.unwrap() else {
+        panic!("not a batch")
+    };
+    let Op::Write { data, hashes, .. } = &ops[2] else {
+        panic!("not a write")
+    };
+    let bad = data
+        .chunks(4096)
+        .zip(hashes)
+        .filter(|(p, h)| blake3::hash(p).as_bytes() != *h)
+        .count();
+    assert_eq!(bad, 1);
+    // the header altered: the MAC fails
+    let mut flipped = parts.clone();
+    flipped[4 + 5 + 10] ^= 1;
+    assert!(matches!(
+        read(flipped).await,
+        Err(ProtoError::BadMac { seq: 0 })
+    ));
+}
+
 #[test]
 fn psk_parsing_and_proofs() {
     assert!(Psk::from_hex("zz").is_err());
@@ -389,7 +452,7 @@ proptest! {
     /// Writes of arbitrary content and offsets round-trip.
     #[test]
     fn batches_round_trip(data in proptest::collection::vec(any::<u8>(), 0..9000), offset in 0u64..1<<40, path in "[a-z]{1,8}(/[a-z]{1,8}){0,3}") {
-        let f = Frame::Batch { seq: offset, ops: vec![Op::Write { path, offset, hashes: vec![[1; 32]], data }] };
+        let f = Frame::Batch { seq: offset, ops: vec![Op::Write { path, offset, hashes: vec![[1; 32]], data: data.into() }] };
         round_trip(&f);
     }
 }

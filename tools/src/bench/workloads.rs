@@ -37,7 +37,9 @@ pub(super) fn initial_sync(
         json!(v[v.len() / 2])
     };
     let ours_s = med("seconds");
-    let rsync_reason = runs.first().map_or(Value::Null, |r| r["rsync_null_reason"].clone());
+    let rsync_reason = runs
+        .first()
+        .map_or(Value::Null, |r| r["rsync_null_reason"].clone());
     Ok(json!({
         "auth": auth,
         "bytes": bytes,
@@ -93,7 +95,7 @@ fn initial_sync_round(
         Some(rsync) => {
             let dst = p.root.join("rsync-dst");
             fs::create_dir_all(&dst).map_err(err("rsync dir"))?;
-                    let d = RsyncDaemon::start(&rsync, &p.root, &dst)?;
+            let d = RsyncDaemon::start(&rsync, &p.root, &dst)?;
             let (t, _) = d.push(&rsync, &p.hot_data, &["-a", "--whole-file"])?;
             drop(d);
             let _ = fs::remove_dir_all(&dst);

@@ -36,6 +36,17 @@ pub(crate) fn authenticated(body: &[u8]) -> &[u8] {
 
 /// Appends batch `seq` of `ops`.
 pub(super) fn encode(seq: u64, ops: &[Op], e: &mut Enc<'_>) -> Result<(), ProtoError> {
+    encode_header(seq, ops, e)?;
+    for op in ops {
+        if let Op::Write { data, .. } = op {
+            e.0.extend_from_slice(data);
+        }
+    }
+    Ok(())
+}
+
+/// Appends batch `seq` of `ops` but its tail: the type, the header length and the header.
+pub(super) fn encode_header(seq: u64, ops: &[Op], e: &mut Enc<'_>) -> Result<(), ProtoError> {
     e.u8(BATCH);
     let at = e.0.len();
     e.u32(0);
@@ -47,11 +58,6 @@ pub(super) fn encode(seq: u64, ops: &[Op], e: &mut Enc<'_>) -> Result<(), ProtoE
     let header = e.0.len() - at - 4;
     let header = u32::try_from(header).map_err(|_| ProtoError::TooLarge(header))?;
     e.0[at..at + 4].copy_from_slice(&header.to_le_bytes());
-    for op in ops {
-        if let Op::Write { data, .. } = op {
-            e.0.extend_from_slice(data);
-        }
-    }
     Ok(())
 }
 
@@ -62,6 +68,7 @@ pub(super) fn decode(d: &mut Dec<'_>) -> Result<Frame, ProtoError> {
     let mut h = Dec {
         buf: d.take(len, "batch header")?,
         pos: 0,
+        shared: None,
     };
     let seq = h.u64("seq")?;
     let n = h.count("ops", OP_MIN_BYTES)?;
@@ -145,7 +152,7 @@ fn decode_op(d: &mut Dec<'_>, tail: &mut Dec<'_>) -> Result<Op, ProtoError> {
             let path = d.str("write path")?;
             let offset = d.u64("write offset")?;
             let len = d.len("write data length")?;
-            let data = tail.take(len, "write data")?.to_vec();
+            let data = tail.take_bytes(len, "write data")?;
             let n = d.count("write hashes", 32)?;
             let hashes = d.items(n, |d| d.arr::<32>("write hash"))?;
             Op::Write {
