@@ -179,7 +179,7 @@ pub fn hash_pages(path: &Path, page_size: usize) -> Result<FileState, PagesError
         allocated: fully_allocated(&meta),
         pages: Vec::with_capacity(pages),
     };
-    let mut buf = vec![0u8; page_size * READ_PAGES];
+    let mut buf = ReadBuf::with_len(page_size * READ_PAGES);
     let mut off = 0u64;
     loop {
         let n = read_full_at(&file, &mut buf, off).map_err(io_err("cannot read", path))?;
@@ -193,6 +193,60 @@ pub fn hash_pages(path: &Path, page_size: usize) -> Result<FileState, PagesError
     }
     state.len = off;
     Ok(state)
+}
+
+/// Where a [`ReadBuf`]'s bytes begin: on a page boundary.
+const READ_ALIGN_BYTES: usize = 4096;
+
+/// A buffer to `pread` into whose first byte is page-aligned. The kernel's copy into user
+/// memory runs at a third of its speed on this project's machines (AMD EPYC, `rep movsb`) when
+/// the destination is not 64-byte aligned, and the allocator hands out large blocks 16 bytes
+/// past a page: 1 MiB `pread`s from tmpfs measured 2.2 GB/s into such a block, 7.8 GB/s into
+/// an aligned one. (The source of a `pwrite` or a `send` does not matter: measured the same.)
+#[derive(Debug, Default)]
+pub struct ReadBuf {
+    raw: Vec<u8>,
+    at: usize,
+    len: usize,
+}
+
+impl ReadBuf {
+    /// A buffer of `len` zeroed bytes.
+    pub fn with_len(len: usize) -> ReadBuf {
+        let mut b = ReadBuf::default();
+        b.set_len(len);
+        b
+    }
+
+    /// Makes the buffer `len` bytes long (what it held is kept up to the old length; bytes
+    /// beyond it may be anything).
+    pub fn set_len(&mut self, len: usize) {
+        if self.raw.len() < len + READ_ALIGN_BYTES {
+            self.raw.resize(len + READ_ALIGN_BYTES, 0);
+            let at =
+                (READ_ALIGN_BYTES - self.raw.as_ptr().addr() % READ_ALIGN_BYTES) % READ_ALIGN_BYTES;
+            if at != self.at {
+                // the block moved: the kept bytes move with it to the new boundary
+                let old = self.at..self.at + self.len;
+                self.raw.copy_within(old, at);
+                self.at = at;
+            }
+        }
+        self.len = len;
+    }
+}
+
+impl std::ops::Deref for ReadBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.raw[self.at..self.at + self.len]
+    }
+}
+
+impl std::ops::DerefMut for ReadBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.at..self.at + self.len]
+    }
 }
 
 /// Reads at `off` until `buf` is full or the file ends; returns the bytes read.
@@ -377,6 +431,20 @@ pub fn set_owner(path: &Path, uid: u32, gid: u32) -> Result<(), PagesError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_read_buffer_starts_on_a_page_and_keeps_its_bytes_when_it_grows() {
+        let mut b = ReadBuf::with_len(100);
+        assert_eq!(b.len(), 100);
+        assert_eq!(b.as_ptr().addr() % READ_ALIGN_BYTES, 0);
+        b.iter_mut().zip(0u8..).for_each(|(x, i)| *x = i);
+        for len in [3 << 20, 50, 9 << 20] {
+            b.set_len(len);
+            assert_eq!(b.len(), len);
+            assert_eq!(b.as_ptr().addr() % READ_ALIGN_BYTES, 0, "{len}");
+            assert!(b[..50].iter().zip(0u8..).all(|(x, i)| *x == i), "{len}");
+        }
+    }
 
     #[test]
     fn confinement_refuses_escapes() {

@@ -44,7 +44,7 @@ use tokio::sync::mpsc;
 use crate::daemon::protocol::VERIFY_TIMEOUT;
 use crate::replicated::ops::{DigestPart, Op, Outgoing, ScanMsg, VerifyReport};
 use crate::replicated::pages::{
-    page_hash, DigestCompare, FileCache, PageHash, TreeIndex, READ_PAGES,
+    page_hash, DigestCompare, FileCache, PageHash, ReadBuf, TreeIndex, READ_PAGES,
 };
 use crate::replicated::stats::SenderStats;
 
@@ -165,7 +165,7 @@ pub(crate) struct Scanner {
     next_rescan: Instant,
     next_deep: Instant,
     verify_id: u64,
-    buf: Vec<u8>,
+    buf: ReadBuf,
     /// Whether the comparison after a connection runs: its progress goes to the tracker
     /// (`SenderStats::sync`).
     tracking: bool,
@@ -231,7 +231,7 @@ impl Scanner {
             next_rescan: now + cfg.rescan,
             next_deep: now + cfg.deep_rescan,
             verify_id: 0,
-            buf: vec![0u8; cfg.page_size * READ_PAGES],
+            buf: ReadBuf::with_len(cfg.page_size * READ_PAGES),
             tracking: false,
             dirty: BTreeSet::new(),
             next_dirty: now + cfg.rescan / 2,

@@ -17,7 +17,7 @@ use std::path::Path;
 use crate::replicated::pages::entry::Entry;
 use crate::replicated::pages::{
     io_err, link_target, open_nofollow, read_full_at, Attrs, FileState, LinkState, PageHash,
-    PagesError, TreeIndex, READ_PAGES,
+    PagesError, ReadBuf, TreeIndex, READ_PAGES,
 };
 
 /// The hash the index gives a page it could not read (a file that shrank while it was read):
@@ -179,10 +179,10 @@ pub fn hash_pages_chunked<E: From<PagesError>>(
     (file, path): (&File, &Path),
     len: u64,
     page_size: usize,
-    (chunk, buf): (usize, &mut Vec<u8>),
+    (chunk, buf): (usize, &mut ReadBuf),
     each: &mut dyn FnMut(u64, Vec<PageHash>) -> Result<(), E>,
 ) -> Result<(), E> {
-    buf.resize(page_size * READ_PAGES, 0);
+    buf.set_len(page_size * READ_PAGES);
     let total = len.div_ceil(page_size as u64);
     let chunk = chunk.max(1);
     let mut hashes = Vec::with_capacity(usize::try_from(total).unwrap_or(chunk).min(chunk));
@@ -253,7 +253,7 @@ pub fn index_parts<E: From<PagesError>>(
     chunk_pages: usize,
     each: &mut dyn FnMut(IndexPart) -> Result<(), E>,
 ) -> Result<(), E> {
-    let mut buf = Vec::new();
+    let mut buf = ReadBuf::default();
     walk_sorted(root, &mut |rel, node| match node {
         Node::Dir(attrs) => each(IndexPart::Dir {
             path: rel.to_owned(),
@@ -401,7 +401,7 @@ pub fn digest_parts<E: From<PagesError>>(
     let mut hasher = blake3::Hasher::new();
     let mut chunk: Vec<(String, Entry)> = Vec::new();
     let mut bytes = 0;
-    let mut buf = Vec::new();
+    let mut buf = ReadBuf::default();
     walk_sorted::<E>(root, &mut |rel, node| {
         let entry = match node {
             Node::Dir(attrs) => Entry::dir(attrs),
@@ -480,7 +480,7 @@ mod tests {
         fs::write(&path, &data).unwrap();
         let file = File::open(&path).unwrap();
         let mut got = Vec::new();
-        let mut buf = Vec::new();
+        let mut buf = ReadBuf::default();
         hash_pages_chunked::<PagesError>(
             (&file, &path),
             10_000,
