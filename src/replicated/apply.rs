@@ -33,6 +33,8 @@ use meta::op_paths;
 
 /// Batches queued for the apply thread.
 pub const APPLY_QUEUE: usize = 4;
+/// Batches checked and waiting for the apply thread: one, written while the next is checked.
+const CHECKED_QUEUE: usize = 1;
 
 /// Work for the apply thread.
 pub(crate) enum Job {
@@ -51,6 +53,9 @@ pub(crate) enum Job {
         epoch: u64,
         ops: Vec<Op>,
         reply: mpsc::UnboundedSender<Applied>,
+        /// Whether every page of `ops` matches its hash, found by the check thread on the
+        /// way to the apply thread (`None`: not checked yet; the apply thread checks).
+        pages: Option<Result<(), String>>,
     },
     /// Answers once every job before it is done: after a promotion, the apply thread is idle
     /// and applies nothing more (its gate refuses the old stream).
@@ -170,19 +175,37 @@ impl Applier {
         self
     }
 
-    /// Starts the apply thread: it serves `jobs` until every sender is gone.
+    /// Starts the apply thread, and before it the check thread, which takes each job off
+    /// `jobs` and hashes a batch's pages (the apply thread's largest cost after its writes)
+    /// while the apply thread writes the batch before: both serve until every sender is gone.
     pub(crate) fn spawn(self, jobs: crossbeam_channel::Receiver<Job>) {
+        let (checked_tx, checked) = crossbeam_channel::bounded(CHECKED_QUEUE);
+        let taken = self.taken.clone();
+        let page_size = self.page_size;
+        std::thread::Builder::new()
+            .name("apply-check".into())
+            .spawn(move || {
+                for mut job in jobs.iter() {
+                    if let Some(taken) = &taken {
+                        taken.notify_one();
+                    }
+                    if let Job::Batch { ops, pages, .. } = &mut job {
+                        *pages = Some(check_pages(ops, page_size));
+                    }
+                    if checked_tx.send(job).is_err() {
+                        return;
+                    }
+                }
+            })
+            .expect("spawn the check thread");
         std::thread::Builder::new()
             .name("apply".into())
-            .spawn(move || self.run(jobs))
+            .spawn(move || self.run(checked))
             .expect("spawn the apply thread");
     }
 
     fn run(mut self, jobs: crossbeam_channel::Receiver<Job>) {
         for job in jobs.iter() {
-            if let Some(taken) = &self.taken {
-                taken.notify_one();
-            }
             match job {
                 Job::Index {
                     parts,
@@ -194,10 +217,11 @@ impl Applier {
                     epoch,
                     ops,
                     reply,
+                    pages,
                 } => {
                     let admitted = self.gate.as_ref().is_none_or(|g| g.still_admitted(epoch));
                     let outcome = if admitted {
-                        self.batch(seq, ops)
+                        self.batch_checked(seq, ops, pages)
                     } else {
                         Applied::Skipped { seq }
                     };
@@ -211,11 +235,23 @@ impl Applier {
     }
 
     /// Validates and applies batch `seq` if it is the next one.
+    #[cfg(test)]
     pub(crate) fn batch(&mut self, seq: u64, ops: Vec<Op>) -> Applied {
+        self.batch_checked(seq, ops, None)
+    }
+
+    /// [`Applier::batch`], whose pages were checked already if `pages` says how they fared.
+    fn batch_checked(
+        &mut self,
+        seq: u64,
+        ops: Vec<Op>,
+        pages: Option<Result<(), String>>,
+    ) -> Applied {
         if seq != self.expected {
             return Applied::Skipped { seq };
         }
-        if let Err(reason) = self.validate(&ops) {
+        let pages = pages.unwrap_or_else(|| check_pages(&ops, self.page_size));
+        if let Err(reason) = self.validate(&ops).and(pages) {
             return Applied::Rejected { seq, reason };
         }
         let bytes = ops.iter().map(|o| o.data_len() as u64).sum();
@@ -234,8 +270,7 @@ impl Applier {
         }
     }
 
-    /// Every path confined and free of symlinks, every write whole pages with good hashes.
-    /// A path below (or at) one that an earlier op of the batch creates, removes or renames
+    /// Every path confined and free of symlinks (the pages are [`check_pages`]'). A path below (or at) one that an earlier op of the batch creates, removes or renames
     /// cannot be checked against the disk before the batch runs (a file that becomes a
     /// directory): it is checked just before its op runs ([`Applier::guard`], which checks
     /// every op again then).
@@ -251,39 +286,6 @@ impl Applier {
             }
             if !matches!(op, Op::Write { .. }) {
                 changed.extend(op_paths(op));
-            }
-            if let Op::Write {
-                path,
-                offset,
-                data,
-                hashes,
-            } = op
-            {
-                self.validate_pages(path, *offset, data, hashes)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn validate_pages(
-        &self,
-        path: &str,
-        offset: u64,
-        data: &[u8],
-        hashes: &[[u8; 32]],
-    ) -> Result<(), String> {
-        let ps = self.page_size;
-        if !offset.is_multiple_of(ps as u64) || data.len().div_ceil(ps) != hashes.len() {
-            return Err(format!(
-                "write to {path:?} at {offset}: not whole pages with one hash each"
-            ));
-        }
-        for (i, (page, want)) in data.chunks(ps).zip(hashes).enumerate() {
-            if blake3::hash(page).as_bytes() != want {
-                return Err(format!(
-                    "page at offset {} of {path:?} failed its blake3 check",
-                    offset + (i * ps) as u64
-                ));
             }
         }
         Ok(())
@@ -602,7 +604,39 @@ fn open_nofollow(path: &Path) -> Result<Option<File>, PagesError> {
     }
 }
 
-#[cfg(test)]
-mod durability_tests;
+/// Every write of `ops` whole pages of `page_size`, each matching its blake3: what the check
+/// thread finds before the apply thread writes anything of the batch.
+fn check_pages(ops: &[Op], page_size: usize) -> Result<(), String> {
+    let ps = page_size;
+    for op in ops {
+        let Op::Write {
+            path,
+            offset,
+            data,
+            hashes,
+        } = op
+        else {
+            continue;
+        };
+        if !offset.is_multiple_of(ps as u64) || data.len().div_ceil(ps) != hashes.len() {
+            return Err(format!(
+                "write to {path:?} at {offset}: not whole pages with one hash each"
+            ));
+        }
+        for (i, (page, want)) in data.chunks(ps).zip(hashes).enumerate() {
+            if blake3::hash(page).as_bytes() != want {
+                return Err(format!(
+                    "page at offset {} of {path:?} failed its blake3 check",
+                    offset + (i * ps) as u64
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod durability_tests;

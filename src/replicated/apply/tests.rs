@@ -117,6 +117,50 @@ fn a_bad_page_rejects_the_whole_batch_before_any_write() {
     assert_eq!(a.expected, 1);
 }
 
+/// The threads as the receiver runs them: the check thread hashes a batch's pages on the
+/// way, and a bad page still rejects the whole batch before anything of it is written; the
+/// next batch, good, applies.
+#[test]
+fn issue15_pages_checked_on_the_way_to_the_apply_thread_still_reject_a_bad_batch_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (jobs_tx, jobs) = crossbeam_channel::bounded(APPLY_QUEUE);
+    applier(dir.path()).spawn(jobs);
+    let (reply, mut replies) = mpsc::unbounded_channel();
+    let mut bad = write("f", 0, vec![1; 3 * 4096]);
+    if let Op::Write { data, .. } = &mut bad {
+        let mut altered = data.to_vec();
+        altered[2 * 4096 + 9] ^= 1;
+        *data = altered.into();
+    }
+    let set = Op::SetFile {
+        path: "f".into(),
+        len: 3 * 4096,
+        mode: 0o644,
+    };
+    let job = |seq, ops| Job::Batch {
+        seq,
+        epoch: 1,
+        ops,
+        reply: reply.clone(),
+        pages: None,
+    };
+    jobs_tx.send(job(1, vec![set.clone(), bad])).unwrap();
+    jobs_tx
+        .send(job(1, vec![set, write("f", 0, vec![2; 3 * 4096])]))
+        .unwrap();
+    let first = replies.blocking_recv().unwrap();
+    let Applied::Rejected { seq: 1, reason } = first else {
+        panic!("{first:?}")
+    };
+    assert!(
+        reason.contains("offset 8192") && reason.contains("blake3"),
+        "{reason}"
+    );
+    let second = replies.blocking_recv().unwrap();
+    assert!(matches!(second, Applied::Done { seq: 1, .. }), "{second:?}");
+    assert_eq!(fs::read(dir.path().join("f")).unwrap(), vec![2; 3 * 4096]);
+}
+
 #[test]
 fn escaping_paths_are_rejected() {
     let dir = tempfile::tempdir().unwrap();

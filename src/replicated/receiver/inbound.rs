@@ -167,6 +167,7 @@ impl Inbound<'_> {
                     epoch: self.epoch,
                     ops,
                     reply: done.clone(),
+                    pages: None,
                 };
                 self.submit(job, digests).await?;
             }

@@ -8,7 +8,7 @@
 
 use std::io;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -24,6 +24,8 @@ const LEN_BYTES: usize = 4;
 /// Frames read into a buffer of their own, which the writes they carry then share (rather
 /// than copy out of the reader's reused buffer): those longer than this.
 const OWN_BUFFER_FRAME_BYTES: usize = 64 << 10;
+/// Where such a buffer's body begins: on a page boundary.
+const OWN_BUFFER_ALIGN_BYTES: usize = 4096;
 
 /// A frame's body, encoded to be sent (and sent again) with
 /// [`FrameWriter::send_encoded`]: what a window of unacknowledged frames holds, as small
@@ -197,22 +199,23 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         let total = len + if self.mac.is_some() { MAC_BYTES } else { 0 };
         // a long frame (page data) gets a buffer of its own, which its writes then share
-        let mut buf = if len > OWN_BUFFER_FRAME_BYTES {
-            vec![0u8; total]
-        } else {
-            let mut b = std::mem::take(&mut self.buf);
-            b.resize(total, 0);
-            b
-        };
-        let read = self.inner.read_exact(&mut buf).await;
-        let own = len > OWN_BUFFER_FRAME_BYTES;
-        let checked = self.check(read, &mut buf, len);
-        if own {
-            checked?;
-            buf.truncate(len);
-            return Frame::decode_shared(&Bytes::from(buf));
+        if len > OWN_BUFFER_FRAME_BYTES {
+            // page-aligned within its block, as the kernel copies fastest (see `ReadBuf`),
+            // and read into its spare capacity: nothing is zeroed first
+            let mut block: Vec<u8> = Vec::with_capacity(total + OWN_BUFFER_ALIGN_BYTES);
+            let at = (OWN_BUFFER_ALIGN_BYTES - block.as_ptr().addr() % OWN_BUFFER_ALIGN_BYTES)
+                % OWN_BUFFER_ALIGN_BYTES;
+            block.resize(at, 0);
+            let read = read_appending(&mut self.inner, &mut block, total).await;
+            self.check(read, &mut block[at..], len)?;
+            return Frame::decode_shared(&Bytes::from(block).slice(at..at + len));
         }
-        let frame = checked.and_then(|()| Frame::decode(&buf[..len]));
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(total, 0);
+        let read = self.inner.read_exact(&mut buf).await;
+        let frame = self
+            .check(read, &mut buf, len)
+            .and_then(|()| Frame::decode(&buf[..len]));
         self.buf = buf;
         frame
     }
@@ -241,6 +244,22 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         Ok(())
     }
+}
+
+/// Appends exactly `n` bytes from `r` to `block`, within its capacity if it has room.
+async fn read_appending<R: AsyncRead + Unpin>(
+    r: &mut R,
+    block: &mut Vec<u8>,
+    n: usize,
+) -> io::Result<usize> {
+    let end = block.len() + n;
+    while block.len() < end {
+        let want = end - block.len();
+        if r.read_buf(&mut (&mut *block).limit(want)).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(n)
 }
 
 /// A [`FrameReader`] running in its own task, its frames (and errors) queued in `frames`:

@@ -395,6 +395,9 @@ async fn issue15_a_long_batch_sent_in_parts_and_read_in_place_is_the_same_frame_
         r.recv().await
     };
     assert_eq!(read(parts.clone()).await.unwrap(), batch);
+    // the stream ends in the middle of the body
+    let cut = parts[..parts.len() / 2].to_vec();
+    assert!(matches!(read(cut).await, Err(ProtoError::Closed)));
     // a page byte altered in transit: the frame decodes, the page fails its hash
     let mut flipped = parts.clone();
     let at = flipped.len() - MAC_BYTES - 5000;
