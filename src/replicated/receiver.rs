@@ -325,6 +325,7 @@ async fn stream_admitted(
         epoch,
         rejecting: false,
         counted: 0,
+        in_flight: 0,
     };
     let result = inbound.run(reader).await;
     stats.connected.store(false, Ordering::Relaxed);

@@ -398,6 +398,56 @@ fn issue16_cold_fsync_eio_that_loses_the_write_is_sent_again_before_a_durable_sy
     converged(&p);
 }
 
+/// Regression (review of issue 16): an fsync on the cold disk fails although its data was
+/// written. Once fsyncs work again the cold side's index finds the copy equal, so the hot side
+/// sends nothing, and with an idle node no batch applies: `apply_error` (and the alert on it)
+/// stayed on for good. The hot side's heartbeat (everything compared, nothing unacknowledged)
+/// now ends it.
+#[test]
+fn issue16_cold_fsync_eio_whose_data_landed_clears_once_the_idle_copy_is_complete() {
+    if !require_root("issue16_cold_fsync_landed", "FUSE mounts") {
+        return;
+    }
+    let (p, (faultfs, backing), _hot_mount) = pair_over("ack = \"async\"", |d| {
+        let b = d.with_file_name("backing");
+        (FaultFs::mount(&b, d), b)
+    });
+    let mnt = crate::fuse::mount_point(&p);
+    let f = fs::File::create(mnt.join("j")).unwrap();
+    f.write_all_at(&record(5, 0), 0).unwrap();
+    f.sync_data().unwrap();
+    assert!(
+        wait_until(REPORTED, || cold_has(&p, "j", 5, 0)),
+        "{}",
+        p.logs()
+    );
+    faultfs.set_fsync_failing(true);
+    f.write_all_at(&record(5, 1), u64::try_from(RECORD_BYTES).unwrap())
+        .unwrap();
+    f.sync_data().unwrap();
+    reported(&p, &["Input/output error (os error 5)", "j"]);
+    assert!(faultfs.failed_calls() > 0);
+    assert_eq!(
+        fs::read(backing.join("j")).unwrap()[RECORD_BYTES..],
+        record(5, 1)[..],
+        "the data landed although its fsync failed"
+    );
+    faultfs.set_fsync_failing(false);
+    // the node stays idle: nothing more is written
+    assert!(
+        wait_until(CONVERGE, || p.status("cold").get("apply_error").is_none()),
+        "apply_error stays on over a complete copy\n{}\n{}",
+        p.status("cold"),
+        p.logs()
+    );
+    converged(&p);
+    assert!(
+        p.logs().contains("the hot side finds the copy complete"),
+        "cleared by the heartbeat, not by a batch\n{}",
+        p.logs()
+    );
+}
+
 /// The fault layer does what the test above says of it: after a write and a failed fsync, a
 /// read through the mount sees the write (the kernel's cache) and the disk does not.
 fn the_fault_layer_loses_a_write_the_cache_keeps(dir: &Path) {

@@ -40,6 +40,8 @@ struct Shared {
     failed: AtomicU64,
     /// Every fsync fails and loses what was written since the file's last good one.
     losing: AtomicBool,
+    /// Every fsync (of a file or a directory) fails; what was written stays written.
+    fsync_failing: AtomicBool,
     /// Path below `backing` -> its content at its last good fsync (taken at the first write
     /// while `losing`).
     durable: Mutex<HashMap<PathBuf, Vec<u8>>>,
@@ -67,6 +69,7 @@ impl FaultFs {
             failing: AtomicBool::new(false),
             failed: AtomicU64::new(0),
             losing: AtomicBool::new(false),
+            fsync_failing: AtomicBool::new(false),
             durable: Mutex::new(HashMap::new()),
             nodes: Mutex::new((
                 HashMap::from([(1, PathBuf::new())]),
@@ -106,6 +109,13 @@ impl FaultFs {
     /// the lost data, the backing file does not. `false`: fsyncs work again.
     pub(crate) fn set_losing(&self, on: bool) {
         self.shared.losing.store(on, Ordering::SeqCst);
+    }
+
+    /// From now on, every fsync of a file or directory fails with `EIO` while the writes
+    /// before it stay on the backing disk (a transient error whose data landed), or works
+    /// again (`false`).
+    pub(crate) fn set_fsync_failing(&self, on: bool) {
+        self.shared.fsync_failing.store(on, Ordering::SeqCst);
     }
 
     /// Calls answered `EIO` so far.
@@ -164,6 +174,15 @@ impl Fs {
             return Err(Errno::EIO);
         }
         Ok(())
+    }
+
+    /// Whether fsyncs fail (and the failure is counted).
+    fn fsync_fails(&self) -> bool {
+        let on = self.0.fsync_failing.load(Ordering::SeqCst);
+        if on {
+            self.0.failed.fetch_add(1, Ordering::SeqCst);
+        }
+        on
     }
 
     /// While losing: the content of the file of `ino` before its first write since the last
@@ -509,6 +528,9 @@ impl Filesystem for Fs {
             answer!(r, reply, |()| reply.ok());
             return;
         }
+        if self.fsync_fails() {
+            return reply.error(Errno::EIO);
+        }
         let r = self.fault().and_then(|()| {
             self.with_file(fh, |f| {
                 if datasync {
@@ -555,6 +577,9 @@ impl Filesystem for Fs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if self.fsync_fails() {
+            return reply.error(Errno::EIO);
+        }
         let r = self.fault().and_then(|()| self.rel(ino)).and_then(|rel| {
             File::open(self.abs(&rel))
                 .and_then(|f| f.sync_all())

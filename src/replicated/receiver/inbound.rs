@@ -43,6 +43,8 @@ pub(super) struct Inbound<'a> {
     pub(super) rejecting: bool,
     /// Writer bytes already added to the statistics.
     pub(super) counted: u64,
+    /// Batches handed to the apply thread whose outcome has not come back.
+    pub(super) in_flight: u64,
 }
 
 impl Inbound<'_> {
@@ -170,8 +172,12 @@ impl Inbound<'_> {
                     pages: None,
                 };
                 self.submit(job, digests).await?;
+                self.in_flight += 1;
             }
             Ok(Frame::Heartbeat(state)) => {
+                if state.caught_up && state.unacked_ms == 0 && self.in_flight == 0 {
+                    self.complete_again();
+                }
                 let hs = HotSync::new(state, self.epoch);
                 *stats.hot_sync.lock().unwrap_or_else(|p| p.into_inner()) = Some(hs);
             }
@@ -197,8 +203,25 @@ impl Inbound<'_> {
     }
 
     /// The apply thread's outcome for a batch.
+    /// The hot side compared everything on this stream and has nothing unacknowledged, and no
+    /// batch of ours is out: a failure to apply, if one was recorded, is over, even if no batch
+    /// has applied since (an idle node after an fsync that failed although its data was
+    /// written: the index found the copy equal, so nothing was sent again). A batch that
+    /// failed would have ended the stream.
+    fn complete_again(&self) {
+        if let Some(was) = self.stats.applied_again() {
+            let failed_ms = crate::sys::now_unix_ms().saturating_sub(was.since_unix_ms);
+            tracing::warn!(
+                failed_ms,
+                "the hot side finds the copy complete: batches apply again after failing for {failed_ms} ms (last: {})",
+                was.reason
+            );
+        }
+    }
+
     async fn on_applied(&mut self, applied: Applied) -> Result<(), ReceiveError> {
         let stats = self.stats;
+        self.in_flight = self.in_flight.saturating_sub(1);
         match applied {
             Applied::Done { seq, bytes } => {
                 self.rejecting = false;
