@@ -270,7 +270,8 @@ impl Applier {
         }
     }
 
-    /// Every path confined and free of symlinks (the pages are [`check_pages`]'). A path below (or at) one that an earlier op of the batch creates, removes or renames
+    /// Every path confined and free of symlinks (the pages are checked by [`check_pages`]).
+    /// A path below (or at) one that an earlier op of the batch creates, removes or renames
     /// cannot be checked against the disk before the batch runs (a file that becomes a
     /// directory): it is checked just before its op runs ([`Applier::guard`], which checks
     /// every op again then).

@@ -223,8 +223,7 @@ impl ReadBuf {
     pub fn set_len(&mut self, len: usize) {
         if self.raw.len() < len + READ_ALIGN_BYTES {
             self.raw.resize(len + READ_ALIGN_BYTES, 0);
-            let at =
-                (READ_ALIGN_BYTES - self.raw.as_ptr().addr() % READ_ALIGN_BYTES) % READ_ALIGN_BYTES;
+            let at = to_page_boundary(self.raw.as_ptr());
             if at != self.at {
                 // the block moved: the kept bytes move with it to the new boundary
                 let old = self.at..self.at + self.len;
@@ -234,6 +233,12 @@ impl ReadBuf {
         }
         self.len = len;
     }
+}
+
+/// How many bytes past `p` the next page boundary is (0 if `p` is on one): where a buffer
+/// the kernel copies into should begin (see [`ReadBuf`]).
+pub fn to_page_boundary(p: *const u8) -> usize {
+    (READ_ALIGN_BYTES - p.addr() % READ_ALIGN_BYTES) % READ_ALIGN_BYTES
 }
 
 impl std::ops::Deref for ReadBuf {

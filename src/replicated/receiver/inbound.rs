@@ -202,7 +202,6 @@ impl Inbound<'_> {
         Ok(true)
     }
 
-    /// The apply thread's outcome for a batch.
     /// The hot side compared everything on this stream and has nothing unacknowledged, and no
     /// batch of ours is out: a failure to apply, if one was recorded, is over, even if no batch
     /// has applied since (an idle node after an fsync that failed although its data was
@@ -219,6 +218,7 @@ impl Inbound<'_> {
         }
     }
 
+    /// The apply thread's outcome for a batch.
     async fn on_applied(&mut self, applied: Applied) -> Result<(), ReceiveError> {
         let stats = self.stats;
         self.in_flight = self.in_flight.saturating_sub(1);

@@ -12,6 +12,7 @@ use bytes::{BufMut, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use crate::replicated::pages::to_page_boundary;
 use crate::replicated::wire::codec;
 use crate::replicated::wire::mac::{mac_eq, FrameMac};
 use crate::replicated::wire::{
@@ -24,8 +25,8 @@ const LEN_BYTES: usize = 4;
 /// Frames read into a buffer of their own, which the writes they carry then share (rather
 /// than copy out of the reader's reused buffer): those longer than this.
 const OWN_BUFFER_FRAME_BYTES: usize = 64 << 10;
-/// Where such a buffer's body begins: on a page boundary.
-const OWN_BUFFER_ALIGN_BYTES: usize = 4096;
+/// Room such a buffer keeps to begin its body on a page boundary.
+const ALIGN_SLACK_BYTES: usize = 4096;
 
 /// A frame's body, encoded to be sent (and sent again) with
 /// [`FrameWriter::send_encoded`]: what a window of unacknowledged frames holds, as small
@@ -202,9 +203,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         if len > OWN_BUFFER_FRAME_BYTES {
             // page-aligned within its block, as the kernel copies fastest (see `ReadBuf`),
             // and read into its spare capacity: nothing is zeroed first
-            let mut block: Vec<u8> = Vec::with_capacity(total + OWN_BUFFER_ALIGN_BYTES);
-            let at = (OWN_BUFFER_ALIGN_BYTES - block.as_ptr().addr() % OWN_BUFFER_ALIGN_BYTES)
-                % OWN_BUFFER_ALIGN_BYTES;
+            let mut block: Vec<u8> = Vec::with_capacity(total + ALIGN_SLACK_BYTES);
+            let at = to_page_boundary(block.as_ptr());
             block.resize(at, 0);
             let read = read_appending(&mut self.inner, &mut block, total).await;
             self.check(read, &mut block[at..], len)?;
