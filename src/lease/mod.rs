@@ -113,9 +113,11 @@ pub trait LeaseStore: Send {
         lease: &Lease,
         settle: Duration,
     ) -> Result<(), (bool, String)>;
-    /// Replaces `current` by `next` (one more renewal), only if `current` is still the lease.
+    /// Replaces `current` by `next` (one more renewal), only if the lease is still `current`,
+    /// or `next` already (a retry of a renewal written although its answer was lost).
     fn renew(&mut self, current: &Lease, next: &Lease) -> Result<(), RenewFail>;
-    /// Marks `current` released if it is still the lease, and lets the lock go.
+    /// Marks `current` released if it is still the lease, or the renewal after it (written
+    /// although its answer was lost: the agent still believes `current`), and lets the lock go.
     fn release(&mut self, current: &Lease) -> Result<(), String>;
     /// Lets the lock go, if there is one.
     fn unlock(&mut self);

@@ -80,9 +80,11 @@ impl Statements {
                 "UPDATE {t} SET renewals = $5, renewed_at = now() WHERE {live} \
                  AND renewals IN ($4, $5)"
             ),
+            // `$4 + 1`: the renewal after `$4` may have been written although its answer
+            // was lost (the row is still ours: nobody else writes our holder and epoch)
             release: format!(
-                "UPDATE {t} SET released = true, renewals = $4 + 1, renewed_at = now() \
-                 WHERE {live} AND renewals = $4"
+                "UPDATE {t} SET released = true, renewals = renewals + 1, renewed_at = now() \
+                 WHERE {live} AND renewals IN ($4::bigint, $4::bigint + 1)"
             ),
             report: format!("UPDATE {t} SET cold_lag_ms = $4 WHERE {live}"),
         }

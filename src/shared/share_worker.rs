@@ -99,7 +99,8 @@ impl LeaseStore for ShareStore {
             }
         }
         match lease::read(&self.lease_path) {
-            Ok(Some(l)) if l == *current => {}
+            // `next`: a retry of a renewal that was written although it reported an error
+            Ok(Some(l)) if l == *current || l == *next => {}
             Ok(Some(l)) => {
                 return Err(RenewFail::Lost(format!(
                     "the lease now names {} under epoch {} (renewal {}), not us under epoch {}",
@@ -120,11 +121,12 @@ impl LeaseStore for ShareStore {
 
     fn release(&mut self, current: &Lease) -> Result<(), String> {
         let result = match lease::read(&self.lease_path) {
-            Ok(Some(l)) if l == *current => {
+            // or one renewal on: written although it reported an error (a lost answer)
+            Ok(Some(l)) if l == *current || l == renewed_once(current) => {
                 let released = Lease {
                     state: LeaseState::Released,
-                    renewals: current.renewals + 1,
-                    ..current.clone()
+                    renewals: l.renewals + 1,
+                    ..l
                 };
                 lease::write(&self.lease_path, &released).map_err(|e| e.to_string())
             }
@@ -139,6 +141,14 @@ impl LeaseStore for ShareStore {
 
     fn unlock(&mut self) {
         self.lock = None;
+    }
+}
+
+/// `current` renewed once more: what a renewal of it writes.
+fn renewed_once(current: &Lease) -> Lease {
+    Lease {
+        renewals: current.renewals + 1,
+        ..current.clone()
     }
 }
 
@@ -159,4 +169,44 @@ pub(super) fn ensure_share(config: &Config) -> Result<(), String> {
     )
     .map(|_| ())
     .map_err(|e| error_chain(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review of issue 16: a renewal written although it reported an error (its answer lost)
+    /// left the agent with the lease before it; retrying the renewal fenced, and releasing
+    /// it left the lease held, so the other VM waited out the whole takeover delay.
+    #[test]
+    fn issue16_a_renewal_written_whose_answer_was_lost_is_retried_and_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock_path = dir.path().join(LOCK_FILE);
+        let lease_path = dir.path().join("lease.json");
+        let mut store = ShareStore {
+            lock: LockFile::try_acquire(&lock_path).unwrap(),
+            lock_path,
+            lease_path: lease_path.clone(),
+        };
+        let held = |renewals| Lease {
+            renewals,
+            ..Lease::new("vm1:/opt/corda", 4, 20_000, 40_000)
+        };
+        lease::write(&lease_path, &held(6)).unwrap();
+        // renewal 6 -> 7 lands; the agent heard an error and still holds 6
+        store.renew(&held(6), &held(7)).unwrap();
+        store.renew(&held(6), &held(7)).unwrap();
+        assert_eq!(lease::read(&lease_path).unwrap(), Some(held(7)));
+        // two renewals on, or someone else's lease, is not ours to renew or release
+        assert!(matches!(
+            store.renew(&held(5), &held(6)),
+            Err(RenewFail::Lost(_))
+        ));
+        assert!(store.release(&held(5)).is_err());
+        store.lock = LockFile::try_acquire(&store.lock_path).unwrap();
+        // released from what the agent believes (6), one renewal behind the file
+        store.release(&held(6)).unwrap();
+        let l = lease::read(&lease_path).unwrap().unwrap();
+        assert_eq!((l.state, l.renewals, l.epoch), (LeaseState::Released, 8, 4));
+    }
 }

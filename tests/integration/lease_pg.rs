@@ -581,4 +581,15 @@ fn issue13_each_lease_statement_is_conditional_and_judged_by_the_database_clock(
     assert!(!refused.0 && refused.1.contains("refused"), "{refused:?}");
     let (_, behind) = b.observe(false);
     assert!(b.take_over(&behind, &lease("b", 4, 0), settle).is_ok());
+    // a renewal written although its answer was lost: b still believes renewal 0, the row
+    // says 1; releasing from 0 releases it (the other VM takes over at once), from 3 not
+    assert!(b.renew(&lease("b", 4, 0), &lease("b", 4, 1)).is_ok());
+    assert!(b.release(&lease("b", 4, 3)).is_err());
+    assert!(b.release(&lease("b", 4, 0)).is_ok());
+    let (_, seen) = a.observe(false);
+    let Obs::Lease(l) = &seen else {
+        panic!("{seen:?}")
+    };
+    assert_eq!((l.state, l.epoch, l.renewals), (LeaseState::Released, 4, 2));
+    assert!(a.take_over(&seen, &lease("a", 5, 0), settle).is_ok());
 }
