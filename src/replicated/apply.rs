@@ -14,8 +14,11 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use crossbeam_channel::{SendTimeoutError, Sender, TrySendError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::replicated::ops::{Applied, Op};
@@ -35,6 +38,68 @@ use meta::op_paths;
 pub const APPLY_QUEUE: usize = 4;
 /// Batches checked and waiting for the apply thread: one, written while the next is checked.
 const CHECKED_QUEUE: usize = 1;
+/// A batch with at most this much page data, sent while the check thread has nothing, is
+/// checked by the sender (a durable sync's record: 4 KiB, microseconds of hashing) and goes
+/// straight to the apply thread: a thread's wake-up less on the sync's path.
+pub(crate) const DIRECT_BATCH_BYTES: usize = 64 << 10;
+
+/// The way to the apply thread ([`Applier::spawn`]): every job passes the check thread, but
+/// for a small batch sent while that thread has nothing queued or in hand, which is checked
+/// on the caller's thread and queued for the apply thread directly. Order holds: the check
+/// thread counts a job out only after it has queued it for the apply thread, so when the
+/// count is 0 everything sent before is already ahead in that queue.
+#[derive(Debug, Clone)]
+pub(crate) struct Jobs {
+    check: Sender<Job>,
+    apply: Sender<Job>,
+    /// Jobs sent to the check thread and not yet queued for the apply thread.
+    checking: Arc<AtomicUsize>,
+    page_size: usize,
+}
+
+impl Jobs {
+    /// Queues `job` if there is room now (back-pressure: `Full` gives it back).
+    pub(crate) fn try_send(&self, mut job: Job) -> Result<(), TrySendError<Job>> {
+        if let Job::Batch { ops, pages, .. } = &mut job {
+            let bytes: usize = ops.iter().map(Op::data_len).sum();
+            if bytes <= DIRECT_BATCH_BYTES && self.checking.load(Ordering::Acquire) == 0 {
+                *pages = Some(check_pages(ops, self.page_size));
+                match self.apply.try_send(job) {
+                    Ok(()) => return Ok(()),
+                    Err(TrySendError::Disconnected(j)) => {
+                        return Err(TrySendError::Disconnected(j))
+                    }
+                    // the apply thread is busy: behind the check thread's queue, checked
+                    Err(TrySendError::Full(j)) => job = j,
+                }
+            }
+        }
+        self.checking.fetch_add(1, Ordering::AcqRel);
+        self.check.try_send(job).inspect_err(|_| {
+            self.checking.fetch_sub(1, Ordering::AcqRel);
+        })
+    }
+
+    /// Queues `job` through the check thread, waiting for room.
+    pub(crate) fn send(&self, job: Job) -> Result<(), crossbeam_channel::SendError<Job>> {
+        self.checking.fetch_add(1, Ordering::AcqRel);
+        self.check.send(job).inspect_err(|_| {
+            self.checking.fetch_sub(1, Ordering::AcqRel);
+        })
+    }
+
+    /// [`Jobs::send`], waiting at most `limit`.
+    pub(crate) fn send_timeout(
+        &self,
+        job: Job,
+        limit: Duration,
+    ) -> Result<(), SendTimeoutError<Job>> {
+        self.checking.fetch_add(1, Ordering::AcqRel);
+        self.check.send_timeout(job, limit).inspect_err(|_| {
+            self.checking.fetch_sub(1, Ordering::AcqRel);
+        })
+    }
+}
 
 /// Work for the apply thread.
 pub(crate) enum Job {
@@ -59,7 +124,7 @@ pub(crate) enum Job {
     },
     /// Answers once every job before it is done: after a promotion, the apply thread is idle
     /// and applies nothing more (its gate refuses the old stream).
-    Fence(crossbeam_channel::Sender<()>),
+    Fence(Sender<()>),
 }
 
 /// What a batch changed and has not made durable yet: files whose data it wrote
@@ -175,13 +240,22 @@ impl Applier {
         self
     }
 
-    /// Starts the apply thread, and before it the check thread, which takes each job off
-    /// `jobs` and hashes a batch's pages (the apply thread's largest cost after its writes)
-    /// while the apply thread writes the batch before: both serve until every sender is gone.
-    pub(crate) fn spawn(self, jobs: crossbeam_channel::Receiver<Job>) {
+    /// Starts the apply thread, and before it the check thread, which takes each job off the
+    /// returned [`Jobs`] (at most [`APPLY_QUEUE`] wait) and hashes a batch's pages (the apply
+    /// thread's largest cost after its writes) while the apply thread writes the batch
+    /// before: both serve until every sender is gone.
+    pub(crate) fn spawn(self) -> Jobs {
+        let (jobs_tx, jobs) = crossbeam_channel::bounded(APPLY_QUEUE);
         let (checked_tx, checked) = crossbeam_channel::bounded(CHECKED_QUEUE);
         let taken = self.taken.clone();
         let page_size = self.page_size;
+        let checking = Arc::new(AtomicUsize::new(0));
+        let front = Jobs {
+            check: jobs_tx,
+            apply: checked_tx.clone(),
+            checking: checking.clone(),
+            page_size,
+        };
         std::thread::Builder::new()
             .name("apply-check".into())
             .spawn(move || {
@@ -195,6 +269,8 @@ impl Applier {
                     if checked_tx.send(job).is_err() {
                         return;
                     }
+                    // only now: a batch sent direct from here on is behind this one
+                    checking.fetch_sub(1, Ordering::AcqRel);
                 }
             })
             .expect("spawn the check thread");
@@ -202,6 +278,7 @@ impl Applier {
             .name("apply".into())
             .spawn(move || self.run(checked))
             .expect("spawn the apply thread");
+        front
     }
 
     fn run(mut self, jobs: crossbeam_channel::Receiver<Job>) {

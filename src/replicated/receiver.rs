@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::replicated::apply::{Applier, Job, APPLY_QUEUE};
+use crate::replicated::apply::{Applier, Job, Jobs};
 use crate::replicated::channel::{self, Auth};
 use crate::replicated::hot_sync::HotSync;
 use crate::replicated::pages::PagesError;
@@ -99,7 +99,7 @@ pub struct ReceiverHandle {
     /// Counters.
     pub stats: Arc<ReceiverStats>,
     stop: tokio::sync::watch::Sender<bool>,
-    jobs: crossbeam_channel::Sender<Job>,
+    jobs: Jobs,
 }
 
 impl ReceiverHandle {
@@ -137,12 +137,11 @@ pub fn start(
 ) -> ReceiverHandle {
     let stats = Arc::new(ReceiverStats::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(APPLY_QUEUE);
     let taken = Arc::new(tokio::sync::Notify::new());
-    Applier::new(&cfg.root, cfg.page_size)
+    let jobs_tx = Applier::new(&cfg.root, cfg.page_size)
         .with_gate(cfg.gate.clone())
         .with_taken(taken.clone())
-        .spawn(jobs_rx);
+        .spawn();
     rt.spawn(accept_loop(
         cfg,
         listener,
@@ -181,7 +180,7 @@ pub(crate) type Writer = FrameWriter<tokio::io::BufWriter<channel::BoxWrite>>;
 #[derive(Clone)]
 struct Shared {
     cfg: ReceiverConfig,
-    jobs: crossbeam_channel::Sender<Job>,
+    jobs: Jobs,
     stats: Arc<ReceiverStats>,
     /// Held by the connection that streams: one at a time.
     streaming: Arc<tokio::sync::Mutex<()>>,
@@ -206,7 +205,7 @@ impl Shared {
 async fn accept_loop(
     cfg: ReceiverConfig,
     listener: TcpListener,
-    (jobs, taken): (crossbeam_channel::Sender<Job>, Arc<tokio::sync::Notify>),
+    (jobs, taken): (Jobs, Arc<tokio::sync::Notify>),
     stats: Arc<ReceiverStats>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {

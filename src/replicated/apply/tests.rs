@@ -117,48 +117,98 @@ fn a_bad_page_rejects_the_whole_batch_before_any_write() {
     assert_eq!(a.expected, 1);
 }
 
-/// The threads as the receiver runs them: the check thread hashes a batch's pages on the
-/// way, and a bad page still rejects the whole batch before anything of it is written; the
-/// next batch, good, applies.
+/// The threads as the receiver runs them, both ways in: a batch of 20 pages through the check
+/// thread, one of 3 checked by the sender and queued straight for the apply thread. A bad
+/// page still rejects the whole batch before anything of it is written; the next batch,
+/// good, applies.
 #[test]
 fn issue15_pages_checked_on_the_way_to_the_apply_thread_still_reject_a_bad_batch_whole() {
-    let dir = tempfile::tempdir().unwrap();
-    let (jobs_tx, jobs) = crossbeam_channel::bounded(APPLY_QUEUE);
-    applier(dir.path()).spawn(jobs);
-    let (reply, mut replies) = mpsc::unbounded_channel();
-    let mut bad = write("f", 0, vec![1; 3 * 4096]);
-    if let Op::Write { data, .. } = &mut bad {
-        let mut altered = data.to_vec();
-        altered[2 * 4096 + 9] ^= 1;
-        *data = altered.into();
+    for pages in [20, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs_tx = applier(dir.path()).spawn();
+        let (reply, mut replies) = mpsc::unbounded_channel();
+        let mut bad = write("f", 0, vec![1; pages * 4096]);
+        if let Op::Write { data, .. } = &mut bad {
+            let mut altered = data.to_vec();
+            altered[2 * 4096 + 9] ^= 1;
+            *data = altered.into();
+        }
+        let set = Op::SetFile {
+            path: "f".into(),
+            len: (pages * 4096) as u64,
+            mode: 0o644,
+        };
+        let job = |seq, ops| Job::Batch {
+            seq,
+            epoch: 1,
+            ops,
+            reply: reply.clone(),
+            pages: None,
+        };
+        jobs_tx.try_send(job(1, vec![set.clone(), bad])).unwrap();
+        let good = vec![set, write("f", 0, vec![2; pages * 4096])];
+        jobs_tx.send(job(1, good)).unwrap();
+        let first = replies.blocking_recv().unwrap();
+        let Applied::Rejected { seq: 1, reason } = first else {
+            panic!("{first:?}")
+        };
+        assert!(
+            reason.contains("offset 8192") && reason.contains("blake3"),
+            "{reason}"
+        );
+        let second = replies.blocking_recv().unwrap();
+        assert!(matches!(second, Applied::Done { seq: 1, .. }), "{second:?}");
+        assert_eq!(
+            fs::read(dir.path().join("f")).unwrap(),
+            vec![2; pages * 4096]
+        );
     }
-    let set = Op::SetFile {
-        path: "f".into(),
-        len: 3 * 4096,
-        mode: 0o644,
-    };
-    let job = |seq, ops| Job::Batch {
-        seq,
-        epoch: 1,
-        ops,
-        reply: reply.clone(),
-        pages: None,
-    };
-    jobs_tx.send(job(1, vec![set.clone(), bad])).unwrap();
-    jobs_tx
-        .send(job(1, vec![set, write("f", 0, vec![2; 3 * 4096])]))
-        .unwrap();
-    let first = replies.blocking_recv().unwrap();
-    let Applied::Rejected { seq: 1, reason } = first else {
-        panic!("{first:?}")
-    };
-    assert!(
-        reason.contains("offset 8192") && reason.contains("blake3"),
-        "{reason}"
-    );
-    let second = replies.blocking_recv().unwrap();
-    assert!(matches!(second, Applied::Done { seq: 1, .. }), "{second:?}");
-    assert_eq!(fs::read(dir.path().join("f")).unwrap(), vec![2; 3 * 4096]);
+}
+
+/// Small batches go straight to the apply thread only when the check thread has nothing:
+/// large and small batches sent back to back, as fast as there is room, all apply in
+/// sequence (one overtaking another would be skipped as out of order and never answered
+/// `Done`), and the file ends as the last batch left it.
+#[test]
+fn issue12_small_batches_sent_direct_never_overtake_large_ones_in_the_check_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let jobs_tx = applier(dir.path()).spawn();
+    let (reply, mut replies) = mpsc::unbounded_channel();
+    let rounds: u64 = 200;
+    let sender = std::thread::spawn(move || {
+        for seq in 1..=rounds {
+            // large (through the check thread) and small (direct when it is idle) in turn,
+            // with runs of each so that both meet the other in flight
+            let pages = if (seq / 3) % 2 == 0 { 32 } else { 1 };
+            let fill = u8::try_from(seq % 251).unwrap();
+            let mut job = Job::Batch {
+                seq,
+                epoch: 1,
+                ops: vec![write("f", 0, vec![fill; pages * 4096])],
+                reply: reply.clone(),
+                pages: None,
+            };
+            loop {
+                match jobs_tx.try_send(job) {
+                    Ok(()) => break,
+                    Err(TrySendError::Full(j)) => job = j,
+                    Err(e) => panic!("{e}"),
+                }
+                std::thread::yield_now();
+            }
+        }
+    });
+    for seq in 1..=rounds {
+        let got = replies.blocking_recv().unwrap();
+        assert!(
+            matches!(got, Applied::Done { seq: s, .. } if s == seq),
+            "batch {seq}: {got:?}"
+        );
+    }
+    sender.join().unwrap();
+    let last = fs::read(dir.path().join("f")).unwrap();
+    let fill = u8::try_from(rounds % 251).unwrap();
+    assert!(last[..4096].iter().all(|b| *b == fill));
 }
 
 #[test]

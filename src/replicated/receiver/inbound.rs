@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::replicated::apply::{Job, Outlet, APPLY_QUEUE};
+use crate::replicated::apply::{Job, Jobs, Outlet, APPLY_QUEUE};
 use crate::replicated::hot_sync::HotSync;
 use crate::replicated::ops::{Applied, DigestPart};
 use crate::replicated::pages::{Entry, IndexPart};
@@ -33,7 +33,7 @@ fn entry_wire_bytes(path: &str, entry: &Entry) -> usize {
 /// An admitted hot side's stream: index out, batches in, answers out.
 pub(super) struct Inbound<'a> {
     pub(super) writer: Writer,
-    pub(super) jobs: &'a crossbeam_channel::Sender<Job>,
+    pub(super) jobs: &'a Jobs,
     /// Told each time the apply thread takes a job: room in its queue.
     pub(super) taken: &'a tokio::sync::Notify,
     pub(super) stats: &'a Arc<ReceiverStats>,
