@@ -668,8 +668,8 @@ fn drop_cached(path: &Path) {
     }
 }
 
-/// Opens `path` read-only without following a symlink (a file or a directory); `None` if it
-/// is gone.
+/// Opens `path` read-only without following a symlink (a file or a directory); `None` if
+/// nothing there opens as itself (gone, a symlink, or below a non-directory).
 fn open_nofollow(path: &Path) -> Result<Option<File>, PagesError> {
     match OpenOptions::new()
         .read(true)
@@ -677,7 +677,17 @@ fn open_nofollow(path: &Path) -> Result<Option<File>, PagesError> {
         .open(path)
     {
         Ok(f) => Ok(Some(f)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        // nothing there to open as itself: gone, a symlink now (the file a failed batch
+        // wrote is no longer under this name, so no index reads it through it), or below
+        // something that is no longer a directory
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT | libc::ELOOP | libc::ENOTDIR)
+            ) =>
+        {
+            Ok(None)
+        }
         Err(e) => Err(io_err("cannot open", path)(e)),
     }
 }

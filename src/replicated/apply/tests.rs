@@ -248,6 +248,46 @@ fn escaping_paths_are_rejected() {
     assert!(!dir.path().join("escape").exists());
 }
 
+/// A batch that failed opening a path the cold side has as a symlink (a write the watch
+/// capture sent before the change that replaced the file) left that path to fsync before
+/// the next index, which then failed on the symlink (`ELOOP`) at every reconnection: the
+/// pair never converged again (found by `exact::issue11_renames_and_every_change_converge_in_any_order`
+/// at 100 cases). A name that no longer holds a file has nothing of the failed batch to sync.
+#[test]
+fn issue16_a_failed_write_to_what_is_now_a_symlink_does_not_block_every_later_index() {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink("elsewhere", dir.path().join("e")).unwrap();
+    fs::write(dir.path().join("f"), b"a file").unwrap();
+    let mut a = applier(dir.path());
+    let ops = vec![write("e", 0, vec![5; 4096])];
+    let failed = a.batch(1, ops);
+    assert!(
+        matches!(failed, Applied::Failed { seq: 1, .. }),
+        "{failed:?}"
+    );
+    // and one whose name now sits below a file
+    assert!(matches!(
+        a.batch(1, vec![write("f/g", 0, vec![6; 4096])]),
+        Applied::Rejected { .. } | Applied::Failed { .. }
+    ));
+    a.unsynced.insert("f/g".into());
+    let (parts_tx, _parts) = mpsc::channel(64);
+    let (done_tx, mut done) = oneshot::channel();
+    let (digests, _digests_rx) = mpsc::channel(4);
+    a.index(
+        &parts_tx,
+        done_tx,
+        Outlet {
+            digests,
+            index_chunk_pages: 64,
+            digest_chunk: (1 << 20, |_, _| 0),
+        },
+    );
+    let indexed = done.try_recv();
+    assert!(matches!(indexed, Ok(Ok(()))), "{indexed:?}");
+    assert!(a.unsynced.is_empty(), "{:?}", a.unsynced);
+}
+
 /// Issue 16 review: what a batch that failed part way wrote is left unsynced (its file and
 /// the directory entries it made) and fsynced before the next index, and the next index
 /// reads it from the disk.
