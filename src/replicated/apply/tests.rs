@@ -271,7 +271,14 @@ fn issue16_a_failed_write_to_what_is_now_a_symlink_does_not_block_every_later_in
         Applied::Rejected { .. } | Applied::Failed { .. }
     ));
     a.unsynced.insert("f/g".into());
-    let (parts_tx, _parts) = mpsc::channel(64);
+    let (indexed, _) = index_now(&mut a);
+    assert!(indexed.is_ok(), "{indexed:?}");
+    assert!(a.unsynced.is_empty(), "{:?}", a.unsynced);
+}
+
+/// Runs an index on this thread: its outcome and the parts it streamed.
+fn index_now(a: &mut Applier) -> (Result<(), PagesError>, Vec<IndexPart>) {
+    let (parts_tx, mut parts) = mpsc::channel(1024);
     let (done_tx, mut done) = oneshot::channel();
     let (digests, _digests_rx) = mpsc::channel(4);
     a.index(
@@ -283,9 +290,12 @@ fn issue16_a_failed_write_to_what_is_now_a_symlink_does_not_block_every_later_in
             digest_chunk: (1 << 20, |_, _| 0),
         },
     );
-    let indexed = done.try_recv();
-    assert!(matches!(indexed, Ok(Ok(()))), "{indexed:?}");
-    assert!(a.unsynced.is_empty(), "{:?}", a.unsynced);
+    drop(parts_tx);
+    let mut streamed = Vec::new();
+    while let Ok(part) = parts.try_recv() {
+        streamed.push(part);
+    }
+    (done.try_recv().expect("the index answered"), streamed)
 }
 
 /// Issue 16 review: what a batch that failed part way wrote is left unsynced (its file and
@@ -315,23 +325,11 @@ fn a_failed_batch_leaves_its_files_and_entries_unsynced_until_the_next_index() {
         "the new directory's entry: {:?}",
         a.unsynced_inodes
     );
-    let (parts_tx, mut parts) = mpsc::channel(64);
-    let (done_tx, mut done) = oneshot::channel();
-    let (digests, _digests_rx) = mpsc::channel(4);
-    a.index(
-        &parts_tx,
-        done_tx,
-        Outlet {
-            digests,
-            index_chunk_pages: 64,
-            digest_chunk: (1 << 20, |_, _| 0),
-        },
-    );
-    drop(parts_tx);
-    assert!(matches!(done.try_recv(), Ok(Ok(()))));
+    let (indexed, parts) = index_now(&mut a);
+    assert!(indexed.is_ok(), "{indexed:?}");
     assert!(a.unsynced.is_empty() && a.unsynced_inodes.is_empty());
     let mut files = Vec::new();
-    while let Ok(part) = parts.try_recv() {
+    for part in parts {
         if let IndexPart::File { path, pages, .. } = part {
             files.push((path, pages.len()));
         }
