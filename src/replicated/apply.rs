@@ -74,18 +74,12 @@ impl Jobs {
                 }
             }
         }
-        self.checking.fetch_add(1, Ordering::AcqRel);
-        self.check.try_send(job).inspect_err(|_| {
-            self.checking.fetch_sub(1, Ordering::AcqRel);
-        })
+        self.counted_in(|| self.check.try_send(job))
     }
 
     /// Queues `job` through the check thread, waiting for room.
     pub(crate) fn send(&self, job: Job) -> Result<(), crossbeam_channel::SendError<Job>> {
-        self.checking.fetch_add(1, Ordering::AcqRel);
-        self.check.send(job).inspect_err(|_| {
-            self.checking.fetch_sub(1, Ordering::AcqRel);
-        })
+        self.counted_in(|| self.check.send(job))
     }
 
     /// [`Jobs::send`], waiting at most `limit`.
@@ -94,8 +88,13 @@ impl Jobs {
         job: Job,
         limit: Duration,
     ) -> Result<(), SendTimeoutError<Job>> {
+        self.counted_in(|| self.check.send_timeout(job, limit))
+    }
+
+    /// Counts a job in for the check thread around `send`, out again if it was not sent.
+    fn counted_in<E>(&self, send: impl FnOnce() -> Result<(), E>) -> Result<(), E> {
         self.checking.fetch_add(1, Ordering::AcqRel);
-        self.check.send_timeout(job, limit).inspect_err(|_| {
+        send().inspect_err(|_| {
             self.checking.fetch_sub(1, Ordering::AcqRel);
         })
     }
@@ -263,7 +262,13 @@ impl Applier {
                     if let Some(taken) = &taken {
                         taken.notify_one();
                     }
-                    if let Job::Batch { ops, pages, .. } = &mut job {
+                    // (a small batch the apply thread had no room for comes checked)
+                    if let Job::Batch {
+                        ops,
+                        pages: pages @ None,
+                        ..
+                    } = &mut job
+                    {
                         *pages = Some(check_pages(ops, page_size));
                     }
                     if checked_tx.send(job).is_err() {
