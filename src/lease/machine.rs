@@ -270,10 +270,7 @@ impl LeaseMachine {
             }
             LeaseRole::Hot if now >= self.next_renew && self.outstanding.is_none() => {
                 let current = self.lease.clone().expect("hot means a lease");
-                let next = Lease {
-                    renewals: current.renewals + 1,
-                    ..current.clone()
-                };
+                let next = current.renewed();
                 self.renewing = Some(next.clone());
                 self.send(Job::Renew { current, next });
             }
@@ -440,10 +437,7 @@ impl LeaseMachine {
 
     /// Renews the lease we held before a restart; [`LeaseMachine::resumed`] takes the answer.
     fn start_resume(&mut self, current: Lease) {
-        let next = Lease {
-            renewals: current.renewals + 1,
-            ..current.clone()
-        };
+        let next = current.renewed();
         if self.send(Job::Renew {
             current: current.clone(),
             next: next.clone(),

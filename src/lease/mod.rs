@@ -74,6 +74,14 @@ impl Lease {
             check: String::new(),
         }
     }
+
+    /// This lease renewed once more: what a renewal of it writes.
+    pub fn renewed(&self) -> Lease {
+        Lease {
+            renewals: self.renewals + 1,
+            ..self.clone()
+        }
+    }
 }
 
 /// The lease as last read.

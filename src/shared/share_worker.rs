@@ -122,7 +122,7 @@ impl LeaseStore for ShareStore {
     fn release(&mut self, current: &Lease) -> Result<(), String> {
         let result = match lease::read(&self.lease_path) {
             // or one renewal on: written although it reported an error (a lost answer)
-            Ok(Some(l)) if l == *current || l == renewed_once(current) => {
+            Ok(Some(l)) if l == *current || l == current.renewed() => {
                 let released = Lease {
                     state: LeaseState::Released,
                     renewals: l.renewals + 1,
@@ -141,14 +141,6 @@ impl LeaseStore for ShareStore {
 
     fn unlock(&mut self) {
         self.lock = None;
-    }
-}
-
-/// `current` renewed once more: what a renewal of it writes.
-fn renewed_once(current: &Lease) -> Lease {
-    Lease {
-        renewals: current.renewals + 1,
-        ..current.clone()
     }
 }
 
