@@ -49,9 +49,14 @@ impl Scanner {
             let w = self.walk.get_or_insert_with(WalkPos::start);
             w.pending.remove(&rel);
             w.names = Vec::new();
-            let Some(names) = sorted_names(&dir) else {
-                // gone (or no longer a directory) since its parent was listed
-                if !rel.is_empty() && !fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+            // gone, or no longer a directory, since its parent was listed: a symlink is not
+            // listed (read_dir would follow it out of the tree)
+            let real = |s: &Self| {
+                rel.is_empty()
+                    || (s.beneath(&rel) && fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()))
+            };
+            let Some(names) = real(self).then(|| sorted_names(&dir)).flatten() else {
+                if !real(self) {
                     self.remove(&rel);
                 }
                 continue;

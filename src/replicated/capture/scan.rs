@@ -114,6 +114,9 @@ impl Pass {
 impl Scanner {
     /// Brings the table (and the cold side) in line with whatever is at `rel` now.
     pub(super) fn check_path(&mut self, rel: &str) {
+        if !self.beneath(rel) {
+            return self.remove(rel);
+        }
         let path = self.root.join(rel);
         match fs::symlink_metadata(&path) {
             Ok(m) if m.is_dir() => self.scan_dir(rel),
@@ -183,7 +186,24 @@ impl Scanner {
         });
     }
 
-    /// Queues a `Mkdir` for every parent of `rel` the table does not have.
+    /// Whether every directory between the root and `rel` is a real directory. A path through
+    /// a symlink is not in the tree, whatever it names outside it (a link to `..` would
+    /// otherwise bring the data directory's parent into the copy); the change that put the
+    /// symlink there has its own event.
+    pub(super) fn beneath(&self, rel: &str) -> bool {
+        let mut end = 0;
+        while let Some(i) = rel[end..].find('/') {
+            end += i;
+            if !fs::symlink_metadata(self.root.join(&rel[..end])).is_ok_and(|m| m.is_dir()) {
+                return false;
+            }
+            end += 1;
+        }
+        true
+    }
+
+    /// Queues a `Mkdir` for every parent of `rel` the table does not have (a parent the table
+    /// has as a file or symlink is removed first: a path is in one of its maps at most).
     pub(super) fn ensure_parents(&mut self, rel: &str) {
         let mut parts: Vec<&str> = rel.split('/').collect();
         parts.pop();
@@ -194,6 +214,9 @@ impl Scanner {
             }
             cur.push_str(part);
             if !self.table.dirs.contains_key(&cur) {
+                if self.table.files.contains_key(&cur) || self.table.links.contains_key(&cur) {
+                    self.remove(&cur);
+                }
                 let attrs = fs::symlink_metadata(self.root.join(&cur))
                     .ok()
                     .filter(fs::Metadata::is_dir)
@@ -211,6 +234,9 @@ impl Scanner {
 
     /// A directory and everything in it.
     pub(super) fn scan_dir(&mut self, rel: &str) {
+        if !self.beneath(rel) {
+            return self.remove(rel);
+        }
         let path = self.root.join(rel);
         let Ok(meta) = fs::symlink_metadata(&path) else {
             return self.remove(rel);
@@ -369,6 +395,10 @@ impl Scanner {
         };
         if cached.is_some() {
             return cached;
+        }
+        if !self.beneath(rel) {
+            self.remove(rel);
+            return None;
         }
         let path = self.root.join(rel);
         match open_nofollow(&path) {

@@ -521,3 +521,49 @@ fn issue12_a_steady_stream_of_async_writes_is_sent_once_per_window() {
     let (batches, _) = batches_for_steady_writes(false, 50, Duration::from_micros(250));
     assert!(batches >= 1);
 }
+
+#[test]
+fn issue11_a_path_through_a_symlink_is_not_in_the_tree() {
+    // an event for a name below a symlink (a watcher that followed links reported one, and
+    // a directory replaced by a link since its event was queued still does) names something
+    // outside the tree: nothing of it is copied, the link stays a link on both sides
+    let mut r = Rig::new();
+    let outside = r.hot.parent().unwrap().join("outside");
+    fs::create_dir_all(outside.join("base")).unwrap();
+    fs::write(outside.join("base/secret"), b"not data").unwrap();
+    std::os::unix::fs::symlink("../outside", r.hot.join("d")).unwrap();
+    r.event(EventKind::Create(CreateKind::Any), &["d"]);
+    r.modified("d/base/secret");
+    r.event(EventKind::Create(CreateKind::Folder), &["d/base"]);
+    assert!(r.same(), "the cold copy followed the link");
+    assert!(fs::symlink_metadata(r.cold.join("d"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    // a walk never lists a directory through a link either
+    r.scanner.full_scan(true);
+    r.pump();
+    assert!(r.same());
+}
+
+#[test]
+fn issue11_a_parent_the_table_has_as_a_symlink_is_replaced_not_kept_beside_the_directory() {
+    // `d` was a symlink; it became a directory with a file, whose event comes first: the
+    // table must not keep the link beside the new directory, or the link's name reappearing
+    // later (same target) is taken for one the cold side already has
+    let mut r = Rig::new();
+    std::os::unix::fs::symlink("..", r.hot.join("d")).unwrap();
+    r.event(EventKind::Create(CreateKind::Any), &["d"]);
+    fs::remove_file(r.hot.join("d")).unwrap();
+    fs::create_dir(r.hot.join("d")).unwrap();
+    fs::write(r.hot.join("d/x"), b"x").unwrap();
+    r.modified("d/x");
+    fs::rename(r.hot.join("d"), r.hot.join("e")).unwrap();
+    r.event(
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
+        &["d", "e"],
+    );
+    std::os::unix::fs::symlink("..", r.hot.join("d")).unwrap();
+    r.event(EventKind::Create(CreateKind::Any), &["d"]);
+    assert!(r.same(), "the cold copy lacks the link `d`");
+}

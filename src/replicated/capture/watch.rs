@@ -188,9 +188,14 @@ impl WatchBackend for NotifyBackend {
     fn rewatch(&mut self, root: &Path) -> Result<(), WatchFailure> {
         if self.watcher.is_none() {
             let tx = self.tx.clone();
-            let w = notify::recommended_watcher(move |res| {
-                let _ = tx.send(to_fs_event(res));
-            })
+            // symlinks are data, never followed: a link to `..` would otherwise watch (and
+            // report paths into) the data directory's parent
+            let w = RecommendedWatcher::new(
+                move |res| {
+                    let _ = tx.send(to_fs_event(res));
+                },
+                notify::Config::default().with_follow_symlinks(false),
+            )
             .map_err(|e| failure(&e))?;
             self.watcher = Some(w);
         }
