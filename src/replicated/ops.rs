@@ -50,6 +50,23 @@ impl Op {
             _ => 0,
         }
     }
+
+    /// The op in a few words, without its data (for trace logs).
+    pub fn describe(&self) -> String {
+        match self {
+            Op::Mkdir { path, mode } => format!("mkdir {path} {mode:o}"),
+            Op::SetFile { path, len, mode } => format!("setfile {path} {len} {mode:o}"),
+            Op::Write {
+                path, offset, data, ..
+            } => format!("write {path} @{offset}+{}", data.len()),
+            Op::Rename { from, to } => format!("rename {from} -> {to}"),
+            Op::SetAttrs { path, attrs } => format!("setattrs {path} {attrs:?}"),
+            Op::Symlink { path, target } => format!("symlink {path} -> {target}"),
+            Op::Allocate { path, offset, len } => format!("allocate {path} @{offset}+{len}"),
+            Op::Remove { path } => format!("remove {path}"),
+            Op::Barrier { id } => format!("barrier {id}"),
+        }
+    }
 }
 
 /// A part of the cold tree's digest at barrier `id`, streamed as the tree is walked: entries
@@ -89,6 +106,9 @@ pub enum ScanMsg {
     /// Stop scanning.
     Stop,
     // from the network task:
+    /// The cold side is building its index: hash the tree meanwhile (the write path only).
+    #[doc(hidden)]
+    Prehash,
     #[doc(hidden)]
     Resync { gen: u64, index: TreeIndex },
     #[doc(hidden)]

@@ -181,6 +181,8 @@ async fn stream_once(
     let peer = cfg.peer;
     let (mut reader, mut writer) = connect(cfg).await?;
     introduce(cfg, &mut reader, &mut writer, events).await?;
+    // the cold side now walks its tree for the index; the scanner hashes ours meanwhile
+    let _ = scanner.ctl.send(ScanMsg::Prehash);
     let index = receive_index(&mut reader)
         .await
         .map_err(|source| SendError::Proto { peer, source })?;

@@ -151,6 +151,8 @@ pub(crate) fn write_script(path: &Path, body: &str) -> PathBuf {
 }
 
 /// A command for `program` with none of the caller's artemis-sync settings and no colours.
+/// `IT_AGENT_LOG` (a log filter, as `ARTEMIS_SYNC_LOG` takes) is passed on as its
+/// `ARTEMIS_SYNC_LOG`, to see what the agents did in a failing test.
 fn command(program: &Path) -> Command {
     let mut c = Command::new(program);
     for var in [
@@ -160,6 +162,9 @@ fn command(program: &Path) -> Command {
         "JOURNAL_STREAM",
     ] {
         c.env_remove(var);
+    }
+    if let Ok(filter) = std::env::var("IT_AGENT_LOG") {
+        c.env("ARTEMIS_SYNC_LOG", filter);
     }
     c.env("NO_COLOR", "1").stdin(Stdio::null());
     c

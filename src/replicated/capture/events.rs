@@ -16,6 +16,9 @@ use crate::replicated::pages::FileState;
 impl Scanner {
     /// Brings the table (and the cold side) in line with what one event says changed.
     pub(super) fn fs_event(&mut self, ev: FsEvent) {
+        if !self.prehash.is_empty() {
+            self.prehash_forget(&ev);
+        }
         let ev = match ev {
             // one rescan for all lost events, at the end of this round of events
             FsEvent::Rescan(why) => return self.request_rescan(why),

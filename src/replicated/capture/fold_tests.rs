@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use super::fold::FOLD_EVERY;
 use super::watch::{FsEvent, Limit, NotifyBackend, WatchBackend, WatchFailure, Watches};
-use super::{ScanConfig, Scanner};
+use super::Scanner;
 use crate::replicated::apply::Applier;
 use crate::replicated::ops::{Applied, Outgoing, ScanMsg};
 use crate::replicated::pages::TreeIndex;
@@ -46,12 +46,7 @@ impl Rig {
         for i in 0..FILES {
             fs::write(hot.join(format!("d/f{i:04}")), b"before").unwrap();
         }
-        let cfg = ScanConfig {
-            root: hot.clone(),
-            page_size: 512,
-            rescan: Duration::from_secs(3600),
-            deep_rescan: Duration::from_secs(3600),
-        };
+        let cfg = super::tests::test_config(&hot);
         let (tx, rx) = mpsc::channel(65_536);
         let (fs_tx, fs_rx) = crossbeam_channel::bounded(4096);
         let mut scanner = Scanner::new(&cfg, tx);

@@ -51,6 +51,7 @@ use crate::replicated::stats::SenderStats;
 mod events;
 mod fold;
 pub mod fuse;
+mod prehash;
 mod rescan;
 mod scan;
 pub mod watch;
@@ -179,6 +180,13 @@ pub(crate) struct Scanner {
     open_files: FileCache,
     /// The event channel, read during walks too (`fold.rs`).
     fs_rx: Option<Receiver<FsEvent>>,
+    /// The control channel, looked at during the pre-hash (the index ends it).
+    ctl_rx: Option<Receiver<ScanMsg>>,
+    /// The hot tree's pages hashed while the cold side indexed its own (`prehash.rs`).
+    prehash: prehash::Prehashes,
+    /// Pages the comparison after a connection did not read again: the pre-hash had proven
+    /// them equal to the index.
+    proven_pages: u64,
     /// The events are the write path's (FUSE): each is the change itself and keeps its
     /// place behind a walk (a sync must follow what came before it), so none is folded.
     exact_events: bool,
@@ -237,6 +245,9 @@ impl Scanner {
             next_dirty: now + cfg.rescan / 2,
             open_files: FileCache::default(),
             fs_rx: None,
+            ctl_rx: None,
+            prehash: prehash::Prehashes::default(),
+            proven_pages: 0,
             exact_events: false,
             coalesce: false,
             watches: None,
@@ -277,6 +288,7 @@ impl Scanner {
     ) -> std::thread::JoinHandle<()> {
         self.stats = Some(stats);
         self.fs_rx = Some(fs_rx.clone());
+        self.ctl_rx = Some(ctl_rx.clone());
         std::thread::Builder::new()
             .name("scanner".into())
             .spawn(move || self.run(fs_rx, ctl_rx))
@@ -367,6 +379,7 @@ impl Scanner {
 
     fn control(&mut self, msg: ScanMsg) {
         match msg {
+            ScanMsg::Prehash => self.prehash(),
             ScanMsg::Resync { gen, index } => self.resync(gen, index),
             ScanMsg::Disconnected => {
                 self.connected = false;
@@ -409,7 +422,15 @@ impl Scanner {
         let empty = self.table.files.is_empty()
             && self.table.dirs.is_empty()
             && self.table.links.is_empty();
+        self.proven_pages = 0;
         self.full_scan_with_progress(empty);
+        if self.proven_pages > 0 {
+            tracing::debug!(
+                pages = self.proven_pages,
+                "the comparison skipped the pages the pre-hash proved equal to the index"
+            );
+        }
+        self.prehash.clear();
         if let Some(st) = &self.stats {
             st.initial_done.store(true, Ordering::Release);
         }
@@ -491,6 +512,10 @@ impl Scanner {
             return;
         }
         let ops = std::mem::take(&mut self.ops);
+        if tracing::enabled!(tracing::Level::TRACE) {
+            let ops: Vec<String> = ops.iter().map(Op::describe).collect();
+            tracing::trace!(gen = self.gen, ?ops, "batch");
+        }
         self.data = 0;
         self.flushes += 1;
         self.last_send = Instant::now();

@@ -76,6 +76,9 @@ struct Pass {
     /// written anywhere up to its new end.
     reach: usize,
     run: Option<PageRun>,
+    /// The file's pages as the pre-hash saw them (`prehash.rs`), still true of the file:
+    /// pages where it equals the table are not read.
+    hint: Option<Vec<PageHash>>,
 }
 
 impl Pass {
@@ -103,6 +106,7 @@ impl Pass {
             zeroed: false,
             reach,
             run: None,
+            hint: None,
         }
     }
 
@@ -315,13 +319,20 @@ impl Scanner {
         let cursor = self.cursors.get(rel).copied().unwrap_or(0);
         let reach = if grew { pages } else { 0 };
         let mut pass = Pass::new(full, cursor, pages, reach);
+        if full && !self.prehash.is_empty() {
+            pass.hint = self
+                .take_prehash(rel, &meta)
+                .filter(|hint| hint.len() == pages);
+        }
         self.compare_pass(rel, &file, &mut pass);
         if pass.zeroed && !allocated {
             // zeros written where the hot file may have a hole would give the cold side
             // blocks the hot file lacks: regrown sparse, every page that is not zeros resent
             self.regrow_sparse(rel, attrs.mode);
             self.model_set_file(rel, meta.len(), attrs, allocated, pages);
+            let hint = pass.hint.take();
             pass = Pass::new(true, 0, pages, pages);
+            pass.hint = hint;
             self.compare_pass(rel, &file, &mut pass);
         }
         self.finish_pass(rel, file, &meta, &pass);
@@ -494,7 +505,24 @@ impl Scanner {
             let off = pass.page as u64 * self.page_size as u64;
             // never past the pass's end: a range scan of one 4 KiB write read (and hashed)
             // 1 MiB after it
-            let want = pass.chunk_pages.min(pass.pages - pass.page) * self.page_size;
+            let mut want = pass.chunk_pages.min(pass.pages - pass.page);
+            if let Some(hint) = &pass.hint {
+                let table = self.table.files.get(rel).map_or(&[][..], |e| &e.pages[..]);
+                let equal = agreeing(table, hint, pass.page, pass.pages, true);
+                if equal > 0 {
+                    // proven equal without reading: an unchanged page ends the run
+                    let len = self.table.files.get(rel).map_or(0, |e| e.len);
+                    let end = ((pass.page + equal) as u64 * self.page_size as u64).min(len);
+                    self.queue_run(rel, pass.run.take());
+                    self.proven_pages += equal as u64;
+                    pass.page += equal;
+                    pass.compared_to = pass.page;
+                    self.compared(end.saturating_sub(off), 0);
+                    continue;
+                }
+                want = agreeing(table, hint, pass.page, pass.page + want, false);
+            }
+            let want = want * self.page_size;
             pass.chunk_pages = (pass.chunk_pages * 2).min(READ_PAGES);
             let n = match read_full_at(file, &mut self.buf[..want], off) {
                 Ok(0) => break,
@@ -635,6 +663,14 @@ impl Scanner {
     }
 }
 
+/// How many pages from `from` (up to `to`) in a row have `table` and `hint` equal (`equal`),
+/// or different.
+fn agreeing(table: &[PageHash], hint: &[PageHash], from: usize, to: usize, equal: bool) -> usize {
+    (from..to)
+        .take_while(|&i| (table.get(i) == hint.get(i)) == equal)
+        .count()
+}
+
 /// The UTF-8 names in `dir`, sorted; `None` if it cannot be listed (it vanished meanwhile).
 pub(super) fn sorted_names(dir: &Path) -> Option<Vec<String>> {
     let mut names: Vec<String> = fs::read_dir(dir)
@@ -646,7 +682,7 @@ pub(super) fn sorted_names(dir: &Path) -> Option<Vec<String>> {
 }
 
 /// Removes the keys of `map` that start with `prefix` (one range of the sorted map).
-fn remove_below<V>(map: &mut std::collections::BTreeMap<String, V>, prefix: &str) {
+pub(super) fn remove_below<V>(map: &mut std::collections::BTreeMap<String, V>, prefix: &str) {
     let below: Vec<String> = map
         .range::<str, _>((
             std::ops::Bound::Included(prefix),

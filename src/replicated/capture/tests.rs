@@ -16,6 +16,17 @@ use crate::replicated::capture::watch::FsEvent;
 use crate::replicated::ops::{Applied, Op, Outgoing, ScanMsg};
 use crate::replicated::pages::TreeIndex;
 
+/// The scanner's settings for a test on `root`: 512-byte pages, and no timers (the scanner's
+/// loop is not running: rescans happen only when a test asks for one).
+pub(super) fn test_config(root: &std::path::Path) -> ScanConfig {
+    ScanConfig {
+        root: root.to_owned(),
+        page_size: 512,
+        rescan: Duration::from_secs(3600),
+        deep_rescan: Duration::from_secs(3600),
+    }
+}
+
 /// A scanner wired to an applier on a second directory, with events delivered by hand.
 struct Rig {
     _tmp: tempfile::TempDir,
@@ -35,14 +46,7 @@ impl Rig {
         let cold = tmp.path().join("cold");
         fs::create_dir_all(&hot).unwrap();
         fs::create_dir_all(&cold).unwrap();
-        // no timers run here (the scanner's loop is not running): rescans happen only when
-        // a test asks for one
-        let cfg = ScanConfig {
-            root: hot.clone(),
-            page_size: 512,
-            rescan: Duration::from_secs(3600),
-            deep_rescan: Duration::from_secs(3600),
-        };
+        let cfg = test_config(&hot);
         let (tx, rx) = mpsc::channel(4096);
         let mut scanner = Scanner::new(&cfg, tx);
         let applier = Applier::new(&cold, 512);
@@ -439,12 +443,7 @@ fn batches_for_steady_writes(coalesce: bool, writes: u64, gap: Duration) -> (u64
     let (hot, cold) = (tmp.path().join("hot"), tmp.path().join("cold"));
     fs::create_dir_all(&hot).unwrap();
     fs::create_dir_all(&cold).unwrap();
-    let cfg = ScanConfig {
-        root: hot.clone(),
-        page_size: 512,
-        rescan: Duration::from_secs(3600),
-        deep_rescan: Duration::from_secs(3600),
-    };
+    let cfg = test_config(&hot);
     let (tx, mut rx) = mpsc::channel(4096);
     let (fs_tx, fs_rx) = crossbeam_channel::bounded(1024);
     let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(4);
@@ -566,4 +565,140 @@ fn issue11_a_parent_the_table_has_as_a_symlink_is_replaced_not_kept_beside_the_d
     std::os::unix::fs::symlink("..", r.hot.join("d")).unwrap();
     r.event(EventKind::Create(CreateKind::Any), &["d"]);
     assert!(r.same(), "the cold copy lacks the link `d`");
+}
+
+/// A hot and a cold directory holding the same 64-page file `f` (the cold side's index is
+/// built from the cold one), and a write-path scanner on the hot one that has not connected.
+struct PrehashRig {
+    _tmp: tempfile::TempDir,
+    hot: PathBuf,
+    cold: PathBuf,
+    scanner: Scanner,
+    rx: mpsc::Receiver<Outgoing>,
+}
+
+impl PrehashRig {
+    fn new(exact_events: bool) -> PrehashRig {
+        let tmp = tempfile::tempdir().unwrap();
+        let (hot, cold) = (tmp.path().join("hot"), tmp.path().join("cold"));
+        fs::create_dir_all(&hot).unwrap();
+        fs::create_dir_all(&cold).unwrap();
+        let data: Vec<u8> = (0..64 * 512u32)
+            .map(|i| u8::try_from(i % 251).unwrap())
+            .collect();
+        fs::write(hot.join("f"), &data).unwrap();
+        fs::write(cold.join("f"), &data).unwrap();
+        let cfg = test_config(&hot);
+        let (tx, rx) = mpsc::channel(4096);
+        let mut scanner = Scanner::new(&cfg, tx);
+        if exact_events {
+            scanner = scanner.with_exact_events(false);
+        }
+        PrehashRig {
+            _tmp: tmp,
+            hot,
+            cold,
+            scanner,
+            rx,
+        }
+    }
+
+    /// Writes page `page` of the hot file with `byte`.
+    fn write_page(&self, page: u64, byte: u8) {
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(self.hot.join("f"))
+            .unwrap();
+        f.write_all_at(&[byte; 512], page * 512).unwrap();
+    }
+
+    /// Connects with the cold directory's index; the cold side then applies what was sent.
+    /// The offsets of the pages written.
+    fn resync(&mut self) -> Vec<u64> {
+        let index = crate::replicated::pages::index_tree(&self.cold, 512).unwrap();
+        self.scanner.control(ScanMsg::Resync { gen: 1, index });
+        self.scanner.flush();
+        let mut applier = Applier::new(&self.cold, 512);
+        let (mut seq, mut written) = (0, Vec::new());
+        while let Ok(out) = self.rx.try_recv() {
+            if let Outgoing::Batch { ops, .. } = out {
+                for op in &ops {
+                    if let Op::Write { offset, data, .. } = op {
+                        written.extend((0..data.len() as u64 / 512).map(|p| offset + p * 512));
+                    }
+                }
+                seq += 1;
+                assert!(matches!(applier.batch(seq, ops), Applied::Done { .. }));
+            }
+        }
+        let a = crate::replicated::pages::index_tree(&self.hot, 512).unwrap();
+        let b = crate::replicated::pages::index_tree(&self.cold, 512).unwrap();
+        assert_eq!(a, b, "the cold copy differs after the resync");
+        written
+    }
+}
+
+#[test]
+fn issue15_a_resync_after_a_prehash_reads_only_the_pages_it_cannot_prove_equal() {
+    let mut r = PrehashRig::new(true);
+    r.write_page(10, 0xaa);
+    // older than the racy window: a later change would move its ctime
+    std::thread::sleep(super::RACY_WINDOW + Duration::from_millis(50));
+    r.scanner.prehash();
+    assert!(!r.scanner.prehash.is_empty(), "nothing was pre-hashed");
+    assert_eq!(r.resync(), vec![10 * 512]);
+    assert_eq!(r.scanner.proven_pages, 63, "pages proven equal, not read");
+    assert!(r.scanner.prehash.is_empty(), "kept after the comparison");
+}
+
+#[test]
+fn issue15_a_file_changed_after_its_prehash_is_compared_by_reading_it() {
+    let mut r = PrehashRig::new(true);
+    r.write_page(10, 0xaa);
+    std::thread::sleep(super::RACY_WINDOW + Duration::from_millis(50));
+    r.scanner.prehash();
+    // changed behind the pre-hash's back (no event): its ctime tells
+    r.write_page(20, 0xbb);
+    assert_eq!(r.resync(), vec![10 * 512, 20 * 512]);
+    assert_eq!(r.scanner.proven_pages, 0);
+}
+
+#[test]
+fn issue15_a_file_written_within_the_racy_window_is_not_prehashed() {
+    // its timestamps could stay the same through a write in the same clock tick
+    let mut r = PrehashRig::new(true);
+    r.write_page(10, 0xaa);
+    r.scanner.prehash();
+    assert!(r.scanner.prehash.is_empty());
+    assert_eq!(r.resync(), vec![10 * 512]);
+}
+
+#[test]
+fn issue15_an_event_while_disconnected_drops_the_prehash_of_its_path() {
+    let mut r = PrehashRig::new(true);
+    fs::create_dir(r.hot.join("d")).unwrap();
+    fs::write(r.hot.join("d/g"), b"g").unwrap();
+    std::thread::sleep(super::RACY_WINDOW + Duration::from_millis(50));
+    r.scanner.prehash();
+    r.scanner.fs_event(FsEvent::Changed("d".into()));
+    assert!(r.scanner.prehash.files.contains_key("f"));
+    assert!(
+        !r.scanner.prehash.files.contains_key("d/g"),
+        "below d: stale"
+    );
+    r.scanner.fs_event(FsEvent::Renamed {
+        from: "f".into(),
+        to: "h".into(),
+    });
+    assert!(r.scanner.prehash.is_empty(), "a rename drops them all");
+}
+
+#[test]
+fn issue15_the_watch_capture_never_prehashes() {
+    // a store through an mmap of data_dir moves no timestamp until written back
+    let mut r = PrehashRig::new(false);
+    std::thread::sleep(super::RACY_WINDOW + Duration::from_millis(50));
+    r.scanner.prehash();
+    assert!(r.scanner.prehash.is_empty());
+    assert!(r.resync().is_empty());
 }

@@ -361,6 +361,24 @@ impl Pair {
         })
     }
 
+    /// Waits until the cold side has the hot side's stream; when it did.
+    pub(super) fn wait_connected(&self, limit: Duration) -> Result<Instant, BenchError> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.cold_status()["connected"] == true {
+                return Ok(Instant::now());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Err(BenchError::Step {
+            step: "wait for the connection".into(),
+            message: format!(
+                "the hot side did not connect within {limit:?}; logs in {}",
+                self.root.display()
+            ),
+        })
+    }
+
     pub(super) fn verify(&self) -> bool {
         let Some(h) = &self.hot else { return false };
         matches!(

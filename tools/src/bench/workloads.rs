@@ -164,7 +164,14 @@ pub(super) fn rewrite_pages(dir: &Path, fraction: f64, seed: u64) -> Result<usiz
 }
 
 pub(super) fn resync(s: &Settings, rss: &mut (f64, f64)) -> Result<Value, BenchError> {
-    let mut p = Pair::new(s, "resync", Capture::Watch)?;
+    // the default capture where it can run: its resync hashes the hot tree while the cold
+    // side indexes its own; the changes go through the mount as the broker's would
+    let capture = if fuse_unavailable().is_none() {
+        Capture::FuseAsync
+    } else {
+        Capture::Watch
+    };
+    let mut p = Pair::new(s, "resync", capture)?;
     let bytes = make_tree(&p.hot_data, s.files, s.file_mib)?;
     p.start_cold()?;
     p.start_hot()?;
@@ -187,11 +194,15 @@ pub(super) fn resync(s: &Settings, rss: &mut (f64, f64)) -> Result<Value, BenchE
         }
     }
     p.stop_cold();
-    let pages = rewrite_pages(&p.hot_data, 0.05, 0x5eed)?;
+    let pages = rewrite_pages(&p.write_dir, 0.05, 0x5eed)?;
     let changed = pages as u64 * 4096;
     let hot_before = p.hot_status()["wire_bytes"].as_u64().unwrap_or(0);
-    let start = Instant::now();
+    let started = Instant::now();
     p.start_cold()?;
+    // timed from the connection: the hot side's pause between attempts to reach the stopped
+    // cold side (doubling up to 2 s) is not the resync's work
+    let start = p.wait_connected(Duration::from_secs(60))?;
+    let reconnect_wait = start.duration_since(started);
     // wait for the new connection's comparison to finish
     std::thread::sleep(Duration::from_millis(20));
     p.wait_synced(Duration::from_secs(600))?;
@@ -219,9 +230,11 @@ pub(super) fn resync(s: &Settings, rss: &mut (f64, f64)) -> Result<Value, BenchE
     // the cold side's index (its page summaries) is what it sends back
     let bound = 1.05 * changed as f64 + cold_out as f64;
     Ok(json!({
+        "capture": if capture == Capture::Watch { "watch" } else { "fuse" },
         "tree_bytes": bytes,
         "changed_bytes": changed,
         "seconds": round(ours.as_secs_f64(), 3),
+        "reconnect_wait_seconds": round(reconnect_wait.as_secs_f64(), 3),
         "wire_bytes": wire,
         "summary_bytes": cold_out,
         "wire_bound_bytes": crate::whole(bound),
