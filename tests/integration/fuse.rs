@@ -576,3 +576,76 @@ fn issue12_durable_kill9_of_the_hot_agent_loses_no_record_whose_sync_returned() 
         );
     }
 }
+
+/// A file of `pages` pages of 4 KiB whose every page differs from the others and from the
+/// other files' (`seed`).
+fn paged(seed: u8, pages: usize) -> Vec<u8> {
+    (0..pages * 4096)
+        .map(|i| u8::try_from((i / 4096 * 7 + i % 251 + usize::from(seed) * 13) % 256).unwrap())
+        .collect()
+}
+
+#[test]
+fn issue15_a_resync_after_a_cold_restart_reads_only_what_the_prehash_cannot_prove_equal() {
+    if !require_root("issue15_prehash", "FUSE mounts") {
+        return;
+    }
+    let (mut p, _guard, mnt) = fuse_pair_started("");
+    let mut want: Vec<(&str, Vec<u8>)> = ["a", "b", "c"]
+        .iter()
+        .zip(1u8..)
+        .map(|(name, seed)| (*name, paged(seed, 64)))
+        .collect();
+    for (name, data) in &want {
+        fs::write(mnt.join(name), data).unwrap();
+    }
+    let cold = p.cold.data.clone();
+    let copied = |want: &[(&str, Vec<u8>)]| {
+        want.iter()
+            .all(|(name, data)| fs::read(cold.join(name)).is_ok_and(|d| d == *data))
+    };
+    assert!(
+        wait_until(CONVERGE, || copied(&want)),
+        "not copied\n{}",
+        p.logs()
+    );
+    p.stop("cold");
+    // while the cold side is away: a page of `a` through the mount (an event), a page of `b`
+    // behind the mount's back (only its ctime tells); `c` untouched
+    let page = |byte: u8| vec![byte; 4096];
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("a"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &page(0xa5), 5 * 4096).unwrap();
+    drop(f);
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(p.hot.data.join("b"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &page(0xb7), 7 * 4096).unwrap();
+    drop(f);
+    want[0].1[5 * 4096..6 * 4096].copy_from_slice(&page(0xa5));
+    want[1].1[7 * 4096..8 * 4096].copy_from_slice(&page(0xb7));
+    // a stray file on the cold side: removed by the resync, and 64 MiB for its index to
+    // hash, so the hot side's pre-hash of 768 KiB is done before the index arrives
+    fs::write(cold.join("zz-stray"), vec![1u8; 64 << 20]).unwrap();
+    // every change older than the racy window, so each file is pre-hashed
+    std::thread::sleep(Duration::from_millis(300));
+    p.start("cold");
+    assert!(
+        wait_until(CONVERGE, || p.status("hot")["synced"] == true
+            && copied(&want)),
+        "the resync did not bring the changes\n{}",
+        p.logs()
+    );
+    assert!(!cold.join("zz-stray").exists(), "the stray file is kept");
+    // 63 + 63 + 64: every page but the two changed ones proven equal
+    assert!(
+        p.logs().contains("pre-hash proved equal pages=190"),
+        "{}",
+        p.logs()
+    );
+    let out = artemis_sync(&p.hot.config, ["verify"]);
+    out.code(0).stdout_has(&["identical"]);
+}

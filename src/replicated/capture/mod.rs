@@ -5,7 +5,9 @@
 //! The scanner's table is a model of the **cold side's** disk. On every connection the cold
 //! side sends its index; the table becomes that index ([`ScanMsg::Resync`]), and a full scan
 //! sends exactly what differs. Initial sync, catching up after either side restarts, and
-//! resyncing an old hot after a promotion are therefore the same code.
+//! resyncing an old hot after a promotion are therefore the same code. With the FUSE capture
+//! the scanner hashes the tree while the cold side builds that index (`prehash.rs`), and the
+//! full scan reads only the pages the pre-hash cannot prove equal to it.
 //!
 //! Detection, cheapest first (`events.rs` reads the events, `scan.rs` hashes a file,
 //! `rescan.rs` walks the tree):
@@ -425,9 +427,9 @@ impl Scanner {
         self.proven_pages = 0;
         self.full_scan_with_progress(empty);
         if self.proven_pages > 0 {
-            tracing::debug!(
+            tracing::info!(
                 pages = self.proven_pages,
-                "the comparison skipped the pages the pre-hash proved equal to the index"
+                "the comparison did not read again the pages the pre-hash proved equal"
             );
         }
         self.prehash.clear();
