@@ -216,7 +216,10 @@ impl Pair {
         cmd.arg("-c")
             .arg(&s.config)
             .arg("agent")
-            .env("ARTEMIS_SYNC_LOG", "info")
+            .env(
+                "ARTEMIS_SYNC_LOG",
+                std::env::var("IT_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(err);
         s.child = Some(spawn(&mut cmd));
