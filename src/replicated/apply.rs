@@ -440,6 +440,9 @@ impl Applier {
     fn apply_ops(&mut self, ops: Vec<Op>, touched: &mut Touched) -> Result<(), PagesError> {
         for op in ops {
             self.guard(&op)?;
+            if !matches!(op, Op::Write { .. }) {
+                tracing::trace!(op = %op.describe(), "apply");
+            }
             match op {
                 Op::SetAttrs { path, attrs } => self.set_attrs(&path, attrs, touched)?,
                 Op::Symlink { path, target } => self.symlink(&path, &target, touched)?,

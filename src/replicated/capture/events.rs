@@ -131,6 +131,7 @@ impl Scanner {
             self.rename_dir(from, to);
         } else if let Some(link) = self.table.links.get(from).cloned() {
             // moved as it is; check_path then sends what differs (a retarget)
+            self.clear_target(to, false);
             self.forget_target(to);
             self.table.links.remove(from);
             self.table.links.insert(to.to_owned(), link);
@@ -149,12 +150,22 @@ impl Scanner {
     /// rename: the cold side never has `to` without the data written to `from`. A file already
     /// gone from `to` (renamed on again: a chain) is removed under both names instead.
     fn rename_file(&mut self, from: &str, to: &str, state: FileState) {
+        self.clear_target(to, false);
         self.forget_target(to);
         let cursor = self.cursors.remove(from);
         self.table.files.remove(from);
         self.table.files.insert(to.to_owned(), state.clone());
         let (first, flushes) = (self.ops.len(), self.flushes);
         self.scan_file(to, true);
+        if !self.table.files.contains_key(to) {
+            // not a file at `to` any more (a symlink, or gone): what the scan sent is for `to`
+            // itself, and the cold side's `from` goes
+            self.seen.remove(from);
+            self.push(Op::Remove {
+                path: from.to_owned(),
+            });
+            return;
+        }
         if self.flushes != flushes {
             // part of the scan went out under `to` before the rename (to the file the rename
             // replaces): the cold side has `from` as it was; resend all of it
@@ -180,13 +191,6 @@ impl Scanner {
             }
         }
         self.seen.remove(from);
-        if !self.table.files.contains_key(to) {
-            // gone from `to` too: the scan removed `to`; the cold side's `from` goes as well
-            self.push(Op::Remove {
-                path: from.to_owned(),
-            });
-            return;
-        }
         if let Some(c) = cursor {
             self.cursors.insert(to.to_owned(), c);
         }
@@ -194,6 +198,27 @@ impl Scanner {
             from: from.to_owned(),
             to: to.to_owned(),
         });
+    }
+
+    /// Removes what the table has at `to` that the cold side's rename could not replace: a
+    /// directory (a file or symlink is renamed onto it), or anything but an empty directory
+    /// (a directory is). The rename succeeded here, so it is stale: its removal's event, or
+    /// the rename that emptied it, is still queued (a swap through a temporary name whose
+    /// events are read after all three renames leaves the table's `a` with b's files).
+    fn clear_target(&mut self, to: &str, dir: bool) {
+        let stale = if dir {
+            let below = format!("{to}/");
+            self.table.files.contains_key(to)
+                || self.table.links.contains_key(to)
+                || has_below(&self.table.files, &below)
+                || has_below(&self.table.dirs, &below)
+                || has_below(&self.table.links, &below)
+        } else {
+            self.table.dirs.contains_key(to)
+        };
+        if stale {
+            self.remove(to);
+        }
     }
 
     /// A rename replaces a file or symlink at `to` on the cold side as it did here: the table
@@ -208,6 +233,7 @@ impl Scanner {
     /// Moves every table entry below `from` (files, directories and symlinks) to `to`, sends
     /// the rename, then scans `to` for whatever changed inside it.
     fn rename_dir(&mut self, from: &str, to: &str) {
+        self.clear_target(to, true);
         let pf = format!("{from}/");
         let moved = |k: &str| -> String {
             if k == from {
@@ -227,6 +253,16 @@ impl Scanner {
         });
         self.scan_dir(to);
     }
+}
+
+/// Whether `map` has a key that starts with `prefix`.
+fn has_below<V>(map: &std::collections::BTreeMap<String, V>, prefix: &str) -> bool {
+    map.range::<str, _>((
+        std::ops::Bound::Included(prefix),
+        std::ops::Bound::Unbounded,
+    ))
+    .next()
+    .is_some_and(|(k, _)| k.starts_with(prefix))
 }
 
 /// Moves the keys of `map` that start with `prefix` (and `exact`, if given) to `moved(key)`.
