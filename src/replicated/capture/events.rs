@@ -122,6 +122,16 @@ impl Scanner {
     /// A rename inside the tree: moves the table's entries and sends the rename, after the
     /// data the file had under its old name.
     pub(super) fn rename(&mut self, from: &str, to: &str) {
+        if !self.beneath(to) {
+            // `to` is below a directory that is gone or moved since (the watcher names a
+            // moved directory's entries by its old name until it hears of the move): the
+            // cold side would make its parents, unknown to the table and never removed.
+            // `from` is gone from here; where it went has an event of its own
+            self.check_path(from);
+            return self.check_path(to);
+        }
+        // the cold side makes missing parents of `to`: the table must know them
+        self.ensure_parents(to);
         let is_dir = fs::symlink_metadata(self.root.join(to))
             .map(|m| m.is_dir())
             .unwrap_or(false);

@@ -767,3 +767,25 @@ fn issue11_a_file_renamed_then_replaced_by_a_symlink_gives_the_link_its_owner() 
     );
     assert!(r.same(), "the link's owner differs");
 }
+
+#[test]
+fn issue11_a_rename_named_below_a_directory_moved_since_makes_no_directory_on_the_cold_side() {
+    // `s` renamed to `e`, then `d` renamed into it as `e/a`: the watcher, not yet aware of
+    // the first move, names the second `s/a`. A rename to `s/a` would make `s` on the cold
+    // side (it makes missing parents): a directory the table does not know, which no
+    // rescan removes
+    let mut r = Rig::new();
+    fs::create_dir(r.hot.join("s")).unwrap();
+    r.event(EventKind::Create(CreateKind::Folder), &["s"]);
+    std::os::unix::fs::symlink("..", r.hot.join("d")).unwrap();
+    r.event(EventKind::Create(CreateKind::Any), &["d"]);
+    fs::rename(r.hot.join("s"), r.hot.join("e")).unwrap();
+    fs::rename(r.hot.join("d"), r.hot.join("e/a")).unwrap();
+    let both = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+    r.event(both, &["s", "e"]);
+    r.event(both, &["d", "s/a"]);
+    // the periodic rescan finds `e/a`, which no event named
+    r.scanner.full_scan(false);
+    r.pump();
+    assert!(r.same(), "the cold side has a directory the hot side lacks");
+}
