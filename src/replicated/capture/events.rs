@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use notify::event::{CreateKind, EventKind, ModifyKind, RemoveKind, RenameMode};
 
-use crate::replicated::capture::scan::INVALID;
+use crate::replicated::capture::scan::{keys_below, INVALID};
 use crate::replicated::capture::watch::FsEvent;
 use crate::replicated::capture::{Scanner, RENAME_PAIR_WAIT};
 use crate::replicated::ops::{Op, Outgoing};
@@ -220,9 +220,9 @@ impl Scanner {
             let below = format!("{to}/");
             self.table.files.contains_key(to)
                 || self.table.links.contains_key(to)
-                || has_below(&self.table.files, &below)
-                || has_below(&self.table.dirs, &below)
-                || has_below(&self.table.links, &below)
+                || keys_below(&self.table.files, &below).next().is_some()
+                || keys_below(&self.table.dirs, &below).next().is_some()
+                || keys_below(&self.table.links, &below).next().is_some()
         } else {
             self.table.dirs.contains_key(to)
         };
@@ -263,16 +263,6 @@ impl Scanner {
         });
         self.scan_dir(to);
     }
-}
-
-/// Whether `map` has a key that starts with `prefix`.
-fn has_below<V>(map: &std::collections::BTreeMap<String, V>, prefix: &str) -> bool {
-    map.range::<str, _>((
-        std::ops::Bound::Included(prefix),
-        std::ops::Bound::Unbounded,
-    ))
-    .next()
-    .is_some_and(|(k, _)| k.starts_with(prefix))
 }
 
 /// Moves the keys of `map` that start with `prefix` (and `exact`, if given) to `moved(key)`.

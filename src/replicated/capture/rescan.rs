@@ -5,12 +5,11 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::ops::Bound;
 use std::path::Path;
 
 use crate::daemon::protocol::SyncPhase;
 use crate::replicated::capture::fold::{WalkPos, FOLD_EVERY};
-use crate::replicated::capture::scan::sorted_names;
+use crate::replicated::capture::scan::{keys_below, sorted_names};
 use crate::replicated::capture::{Scanner, Seen};
 use crate::replicated::pages::Attrs;
 use crate::replicated::progress::Counts;
@@ -189,9 +188,7 @@ fn gone_children<V>(
     prefix: &str,
     listed: impl Fn(&str) -> bool,
 ) -> Vec<String> {
-    map.range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
-        .map(|(path, _)| path)
-        .take_while(|path| path.starts_with(prefix))
+    keys_below(map, prefix)
         .filter(|path| {
             let below = &path[prefix.len()..];
             !listed(below.split('/').next().unwrap_or(below))

@@ -681,17 +681,23 @@ pub(super) fn sorted_names(dir: &Path) -> Option<Vec<String>> {
     Some(names)
 }
 
-/// Removes the keys of `map` that start with `prefix` (one range of the sorted map).
+/// The keys of `map` that start with `prefix`: one range of the sorted map (a directory's
+/// entries, all levels below it, when `prefix` is the directory and `/`).
+pub(super) fn keys_below<'a, V>(
+    map: &'a std::collections::BTreeMap<String, V>,
+    prefix: &'a str,
+) -> impl Iterator<Item = &'a String> {
+    map.range::<str, _>((
+        std::ops::Bound::Included(prefix),
+        std::ops::Bound::Unbounded,
+    ))
+    .map(|(k, _)| k)
+    .take_while(move |k| k.starts_with(prefix))
+}
+
+/// Removes the keys of `map` that start with `prefix`.
 pub(super) fn remove_below<V>(map: &mut std::collections::BTreeMap<String, V>, prefix: &str) {
-    let below: Vec<String> = map
-        .range::<str, _>((
-            std::ops::Bound::Included(prefix),
-            std::ops::Bound::Unbounded,
-        ))
-        .map(|(k, _)| k)
-        .take_while(|k| k.starts_with(prefix))
-        .cloned()
-        .collect();
+    let below: Vec<String> = keys_below(map, prefix).cloned().collect();
     for k in below {
         map.remove(&k);
     }
