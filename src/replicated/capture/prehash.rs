@@ -9,8 +9,8 @@
 //!   through a `pwrite` that moves its ctime (a store through an `mmap` of `data_dir` itself
 //!   does not, until written back: the watch capture never pre-hashes);
 //! - the file's [`Seen`] (length, mtime, ctime, inode, blocks) is the same before and after
-//!   hashing, and both its times were older than [`RACY_WINDOW`] then: any later change sets
-//!   a ctime the coarse clock can tell apart;
+//!   hashing, and both its times were older than [`RACY_WINDOW`](super::RACY_WINDOW) then:
+//!   any later change sets a ctime the coarse clock can tell apart;
 //! - at the comparison the opened file's [`Seen`] is still that one, else it is read in full;
 //! - an event for the path (or a directory above it) while disconnected drops it; a rename
 //!   drops them all.
@@ -22,11 +22,11 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
-use crate::replicated::capture::scan::{remove_below, sorted_names};
+use crate::replicated::capture::scan::{remove_below, settled_at, sorted_names};
 use crate::replicated::capture::watch::FsEvent;
-use crate::replicated::capture::{Scanner, Seen, RACY_WINDOW};
+use crate::replicated::capture::{Scanner, Seen};
 use crate::replicated::pages::{open_nofollow, page_hash, read_full_at, PageHash};
 
 /// Pages whose pre-hash is kept at most: 16 bytes each, so 64 MiB, the table of a 16 GiB tree
@@ -212,17 +212,12 @@ impl Scanner {
     }
 }
 
-/// Whether both the file's mtime and ctime are older than [`RACY_WINDOW`]: a change after now
-/// gives it times that differ (see `Scanner::remember_seen`).
+/// Whether both the file's mtime and ctime are older than
+/// [`RACY_WINDOW`](super::RACY_WINDOW): a change after now gives it times that differ.
 fn settled(m: &fs::Metadata) -> bool {
-    let old = |secs: i64, nsec: i64| {
-        let (Ok(secs), Ok(nsec)) = (u64::try_from(secs), u32::try_from(nsec)) else {
-            return false;
-        };
-        let at = UNIX_EPOCH + Duration::new(secs, nsec);
-        SystemTime::now()
-            .duration_since(at)
-            .is_ok_and(|age| age > RACY_WINDOW)
-    };
-    old(m.mtime(), m.mtime_nsec()) && old(m.ctime(), m.ctime_nsec())
+    let ctime = u64::try_from(m.ctime())
+        .ok()
+        .zip(u32::try_from(m.ctime_nsec()).ok())
+        .map(|(secs, nsec)| UNIX_EPOCH + Duration::new(secs, nsec));
+    m.modified().is_ok_and(settled_at) && ctime.is_some_and(settled_at)
 }

@@ -650,17 +650,20 @@ impl Scanner {
     /// same tick as this hash would leave them unchanged. Remember a file as seen only once
     /// its mtime is safely in the past; until then every rescan rehashes it.
     fn remember_seen(&mut self, rel: &str, meta: &fs::Metadata) {
-        let settled = meta
-            .modified()
-            .ok()
-            .and_then(|m| SystemTime::now().duration_since(m).ok())
-            .is_some_and(|age| age > RACY_WINDOW);
-        if settled {
+        if meta.modified().is_ok_and(settled_at) {
             self.seen.insert(rel.to_owned(), Seen::of(meta));
         } else {
             self.seen.remove(rel);
         }
     }
+}
+
+/// Whether a timestamp `at` is older than [`RACY_WINDOW`]: a change from now on sets one the
+/// coarse clock tells apart from it.
+pub(super) fn settled_at(at: SystemTime) -> bool {
+    SystemTime::now()
+        .duration_since(at)
+        .is_ok_and(|age| age > RACY_WINDOW)
 }
 
 /// How many pages from `from` (up to `to`) in a row have `table` and `hint` equal (`equal`),
