@@ -56,9 +56,18 @@ impl SenderStats {
     pub fn synced(&self) -> bool {
         let emitted = self.emitted.load(Ordering::Acquire);
         self.connected.load(Ordering::Acquire)
-            && self.initial_done.load(Ordering::Acquire)
-            && self.sent_seq.load(Ordering::Acquire) == emitted
+            && self.caught_up()
             && self.acked_seq.load(Ordering::Acquire) == emitted
+    }
+
+    /// Whether the first full comparison is done and every batch the scanner emitted since
+    /// has reached the network task's window (what the heartbeat tells the cold side, with
+    /// the age of the oldest unacknowledged batch). A batch still in the channel between
+    /// them counts: the scanner counts it before it sends it, and marks the comparison done
+    /// only after its last batch.
+    pub fn caught_up(&self) -> bool {
+        self.initial_done.load(Ordering::Acquire)
+            && self.sent_seq.load(Ordering::Acquire) == self.emitted.load(Ordering::Acquire)
     }
 }
 
@@ -180,5 +189,21 @@ mod tests {
         assert!(s.apply_error().is_none());
         assert!(s.apply_failed("cannot open \"/d/b\": Read-only file system (os error 30)"));
         assert_eq!(s.apply_failures.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn issue16_not_caught_up_while_an_emitted_batch_has_not_reached_the_window() {
+        // the comparison is done, but its last batch is still in the channel to the network
+        // task: a heartbeat saying "caught up" with an empty window made the cold side
+        // declare a failure over before that batch failed again
+        let s = SenderStats::default();
+        s.initial_done.store(true, Ordering::Release);
+        s.emitted.store(3, Ordering::Release);
+        s.sent_seq.store(2, Ordering::Release);
+        assert!(!s.caught_up());
+        s.sent_seq.store(3, Ordering::Release);
+        assert!(s.caught_up());
+        s.initial_done.store(false, Ordering::Release);
+        assert!(!s.caught_up());
     }
 }

@@ -587,7 +587,7 @@ impl Outbound<'_> {
         HotState {
             durable: self.durable.is_some(),
             block: self.durable.as_ref().is_some_and(|d| d.block),
-            caught_up: self.stats.initial_done.load(Ordering::Acquire),
+            caught_up: self.stats.caught_up(),
             degraded_since_unix_ms: self.stats.degraded_since_unix_ms.load(Ordering::Acquire),
             unacked_ms,
             peer_timeout_ms: self.durable.as_ref().map_or(0, |d| {
