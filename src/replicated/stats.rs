@@ -38,6 +38,9 @@ pub struct SenderStats {
     pub emitted: AtomicU64,
     /// Whether the full comparison after the current connection's index is done.
     pub initial_done: AtomicBool,
+    /// How many batches that comparison emitted (set before [`Self::initial_done`]): until
+    /// the cold side has acknowledged them all it may hold a file half resynced.
+    pub resync_batches: AtomicU64,
     /// The inotify limit that keeps some directories unwatched, with the sysctl to raise.
     pub watch_limit: Mutex<Option<String>>,
     /// The initial sync or resync in progress, or this connection's once finished.
@@ -68,6 +71,16 @@ impl SenderStats {
     pub fn caught_up(&self) -> bool {
         self.initial_done.load(Ordering::Acquire)
             && self.sent_seq.load(Ordering::Acquire) == self.emitted.load(Ordering::Acquire)
+    }
+
+    /// Whether the cold copy is past this connection's resync: the comparison is done and
+    /// the cold side has acknowledged (so fsynced) every batch it emitted. Before that a file
+    /// may be there only in part (a resync may empty a file to regrow it), so nothing may
+    /// call the copy in sync, however recent the last acknowledgement.
+    pub fn resync_acked(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+            && self.initial_done.load(Ordering::Acquire)
+            && self.acked_seq.load(Ordering::Acquire) >= self.resync_batches.load(Ordering::Acquire)
     }
 }
 

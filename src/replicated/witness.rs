@@ -2,8 +2,9 @@
 //! behind the cold copy is, written into the lease row (`cold_lag_ms`) so that the cold VM,
 //! when the hot goes silent, knows by itself whether it may take over (issue 13, rule 4).
 //!
-//! - **Durable acks**: the row says 0 (in sync) while the stream is connected, caught up (not
-//!   in a resync, which may empty a file to regrow it) and not degraded, "unknown" otherwise
+//! - **Durable acks**: the row says 0 (in sync) while the stream is connected, past the resync
+//!   (its comparison done and every batch it sent acknowledged: a resync may empty a file to
+//!   regrow it) and not degraded, "unknown" otherwise
 //!   (checked every `update_interval_ms`). Before a sync may
 //!   return without the cold side's ack (`on_peer_loss = "degrade"`), [`WitnessHandle::outdate`]
 //!   writes "unknown" into the row and only then marks the sender degraded, on this thread,
@@ -12,7 +13,7 @@
 //!   away). This is DRBD's "outdate the peer before going on alone".
 //! - **Async acks**: every `update_interval_ms` the row gets an estimate: 0 when everything
 //!   sent is acknowledged, else the time since the last acknowledgement, "unknown" while no
-//!   cold side is connected. Writes in the last report's window are not covered: RPO is at
+//!   cold side is connected or the resync is not yet acknowledged. Writes in the last report's window are not covered: RPO is at
 //!   most that lag plus `update_interval_ms`.
 //!
 //! One thread per sender (per epoch), with its own database connection, so that a report
@@ -152,6 +153,25 @@ pub fn spawn(cfg: WitnessConfig, Inbox { rx, reported }: Inbox) -> std::io::Resu
     })
 }
 
+/// What the sender's counters say the row should say: `Some(0)` in sync, `Some(ms)` behind by
+/// about that much, `None` unknown.
+fn estimate(s: &SenderStats, durable: bool) -> Option<u64> {
+    // until the resync's batches are on the cold disk, a file may be there only in part
+    if !s.resync_acked() {
+        return None;
+    }
+    if durable {
+        // every confirmed sync is on the cold disk unless syncs stopped waiting for it
+        let degraded = s.degraded_since_unix_ms.load(Ordering::Acquire) != 0;
+        return (!degraded).then_some(0);
+    }
+    if s.synced() {
+        return Some(0);
+    }
+    let last_ack = s.last_ack_unix_ms.load(Ordering::Acquire);
+    (last_ack != 0).then(|| crate::sys::now_unix_ms().saturating_sub(last_ack))
+}
+
 /// The thread's state.
 struct Reporter {
     cfg: WitnessConfig,
@@ -198,29 +218,8 @@ impl Reporter {
         }
     }
 
-    /// What the counters say the row should say.
-    fn estimate(&mut self) -> Option<u64> {
-        let s = &self.cfg.stats;
-        let connected = s.connected.load(Ordering::Acquire);
-        let caught_up = connected && s.initial_done.load(Ordering::Acquire);
-        if self.cfg.durable {
-            // every confirmed sync is on the cold disk, and the copy is not in the middle of
-            // a resync (which may empty a file to regrow it)
-            let degraded = s.degraded_since_unix_ms.load(Ordering::Acquire) != 0;
-            return (caught_up && !degraded).then_some(0);
-        }
-        if !caught_up {
-            return None;
-        }
-        if s.synced() {
-            return Some(0);
-        }
-        let last_ack = s.last_ack_unix_ms.load(Ordering::Acquire);
-        (last_ack != 0).then(|| crate::sys::now_unix_ms().saturating_sub(last_ack))
-    }
-
     fn periodic(&mut self) {
-        let want = self.estimate();
+        let want = estimate(&self.cfg.stats, self.cfg.durable);
         // an async estimate changes all the time: write when it crosses "in sync", or moves
         // by more than a period
         let period_ms = crate::daemon::duration_ms(self.cfg.period);
@@ -251,5 +250,68 @@ impl Reporter {
         self.reported
             .store(lag_ms.unwrap_or(NOT_REPORTED), Ordering::Release);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connected sender whose comparison emitted `resync` batches, `acked` of them
+    /// acknowledged, and `emitted` batches in all.
+    fn sender(resync: u64, acked: u64, emitted: u64) -> SenderStats {
+        let s = SenderStats::default();
+        s.connected.store(true, Ordering::Release);
+        s.resync_batches.store(resync, Ordering::Release);
+        s.initial_done.store(true, Ordering::Release);
+        s.emitted.store(emitted, Ordering::Release);
+        s.sent_seq.store(emitted, Ordering::Release);
+        s.acked_seq.store(acked, Ordering::Release);
+        s.last_ack_unix_ms
+            .store(crate::sys::now_unix_ms(), Ordering::Release);
+        s
+    }
+
+    #[test]
+    fn issue13_not_in_sync_while_the_resync_is_not_acknowledged() {
+        // the comparison is done, but its last two batches (which may regrow an emptied
+        // file) are not on the cold disk: a hot that dies now leaves a copy that must not be
+        // promoted as in sync, durable or not
+        let s = sender(5, 3, 5);
+        assert_eq!(estimate(&s, true), None);
+        assert_eq!(
+            estimate(&s, false),
+            None,
+            "a recent ack is no estimate mid-resync"
+        );
+        s.acked_seq.store(5, Ordering::Release);
+        assert_eq!(estimate(&s, true), Some(0));
+        assert_eq!(estimate(&s, false), Some(0));
+    }
+
+    #[test]
+    fn issue13_after_the_resync_durable_is_in_sync_and_async_is_the_time_since_an_ack() {
+        // batches after the resync that wait for an ack: durable syncs still wait for them,
+        // async ones do not
+        let s = sender(5, 6, 8);
+        assert_eq!(estimate(&s, true), Some(0));
+        let lag = estimate(&s, false).expect("an estimate");
+        assert!(lag < 60_000, "{lag}");
+        s.degraded_since_unix_ms
+            .store(crate::sys::now_unix_ms(), Ordering::Release);
+        assert_eq!(
+            estimate(&s, true),
+            None,
+            "degraded: syncs returned without the peer"
+        );
+        s.connected.store(false, Ordering::Release);
+        assert_eq!(estimate(&s, false), None);
+        let s = sender(5, 5, 5);
+        s.initial_done.store(false, Ordering::Release);
+        assert_eq!(
+            estimate(&s, true),
+            None,
+            "a new connection's comparison runs"
+        );
     }
 }

@@ -434,6 +434,8 @@ impl Scanner {
         }
         self.prehash.clear();
         if let Some(st) = &self.stats {
+            let emitted = st.emitted.load(Ordering::Acquire);
+            st.resync_batches.store(emitted, Ordering::Release);
             st.initial_done.store(true, Ordering::Release);
         }
     }
