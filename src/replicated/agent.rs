@@ -52,6 +52,9 @@ mod lease;
 pub const STREAMING_WITHIN: Duration = Duration::from_secs(3);
 /// How long `promote` waits for the apply thread to finish the batch it is applying.
 pub const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a clean stop waits for the apply thread to finish its queue and write the page
+/// memo (a few MiB per GiB of tree).
+pub const MEMO_SAVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an `on_acquire` or `on_release` hook may run in replicated mode (no lease deadline
 /// bounds it here; this keeps `promote` within its client's wait).
 pub const HOOK_TIMEOUT: Duration = Duration::from_secs(20);
@@ -288,6 +291,7 @@ impl Replica {
                 page_size: page_size(&repl),
                 auth: auth.clone(),
                 gate: gate.clone(),
+                memo_file: Some(crate::replicated::apply::memo_path(&repl.state_file)),
             },
             listener,
             rt.handle(),
@@ -524,6 +528,12 @@ impl Replica {
         }
         self.stop_sender();
         self.receiver.stop();
+        if !self.receiver.save_memo(MEMO_SAVE_TIMEOUT) {
+            tracing::warn!(
+                "the apply thread did not write its page memo within {} s: the next start hashes the whole tree",
+                MEMO_SAVE_TIMEOUT.as_secs()
+            );
+        }
     }
 
     /// Stops the sender and, with it, the lease witness.

@@ -27,8 +27,12 @@ use crate::replicated::pages::{
 };
 use crate::replicated::receiver::Gate;
 
+mod memo;
 mod meta;
 mod outlet;
+
+pub use memo::memo_path;
+use memo::PageMemo;
 
 pub(crate) use outlet::Outlet;
 
@@ -124,6 +128,8 @@ pub(crate) enum Job {
     /// Answers once every job before it is done: after a promotion, the apply thread is idle
     /// and applies nothing more (its gate refuses the old stream).
     Fence(Sender<()>),
+    /// A clean stop: writes the page memo for the next start, then answers.
+    Save(Sender<()>),
 }
 
 /// What a batch changed and has not made durable yet: files whose data it wrote
@@ -198,6 +204,10 @@ pub(crate) struct Applier {
     unsynced: HashSet<String>,
     /// Inodes whose metadata or directory entries a failed batch changed and did not fsync.
     unsynced_inodes: HashSet<PathBuf>,
+    /// What the apply thread knows of its files' pages, so an index reads only the rest.
+    memo: PageMemo,
+    /// Where the memo is kept across restarts (`Job::Save` writes it, the start reads it).
+    memo_file: Option<PathBuf>,
     /// Every change and fsync of the batches applied, in order, for tests.
     #[cfg(test)]
     log: Vec<Durability>,
@@ -221,8 +231,50 @@ impl Applier {
             taken: None,
             unsynced: HashSet::new(),
             unsynced_inodes: HashSet::new(),
+            memo: PageMemo::new(page_size),
+            memo_file: None,
             #[cfg(test)]
             log: Vec::new(),
+        }
+    }
+
+    /// Keeps the page memo in `path` across restarts: read when the apply thread starts,
+    /// written on [`Job::Save`] (a clean stop).
+    pub(crate) fn with_memo_file(mut self, path: PathBuf) -> Self {
+        self.memo_file = Some(path);
+        self
+    }
+
+    /// Reads the memo a clean stop left; one that is missing costs nothing, one that cannot
+    /// be used is said and ignored (the index hashes what it would have vouched for).
+    fn load_memo(&mut self) {
+        let Some(path) = &self.memo_file else { return };
+        if !path.exists() {
+            return;
+        }
+        match self.memo.load(path) {
+            Ok(()) => {
+                let (files, pages) = self.memo.size();
+                tracing::info!(file = %path.display(), files, pages, "read the page memo the last clean stop left");
+            }
+            Err(e) => tracing::warn!(
+                file = %path.display(),
+                "cannot use the page memo, the next index hashes every file: {e}"
+            ),
+        }
+    }
+
+    /// Writes the memo for the next start (a clean stop).
+    fn save_memo(&mut self) {
+        let Some(path) = &self.memo_file else { return };
+        match self.memo.save(&self.root, path) {
+            Ok((files, pages)) => {
+                tracing::info!(file = %path.display(), files, pages, "wrote the page memo for the next start");
+            }
+            Err(e) => tracing::warn!(
+                file = %path.display(),
+                "cannot write the page memo, the next start hashes every file: {e}"
+            ),
         }
     }
 
@@ -287,6 +339,7 @@ impl Applier {
     }
 
     fn run(mut self, jobs: crossbeam_channel::Receiver<Job>) {
+        self.load_memo();
         for job in jobs.iter() {
             match job {
                 Job::Index {
@@ -310,6 +363,10 @@ impl Applier {
                     let _ = reply.send(outcome);
                 }
                 Job::Fence(done) => {
+                    let _ = done.send(());
+                }
+                Job::Save(done) => {
+                    self.save_memo();
                     let _ = done.send(());
                 }
             }
@@ -340,9 +397,11 @@ impl Applier {
         match self.apply(ops) {
             Ok(()) => {
                 self.expected += 1;
+                self.memo.batch_done(&self.root);
                 Applied::Done { seq, bytes }
             }
             Err(e) => {
+                self.memo.batch_failed();
                 self.files.clear();
                 Applied::Failed {
                     seq,
@@ -450,15 +509,20 @@ impl Applier {
                 Op::Mkdir { path, mode } => self.mkdir(&path, mode, touched)?,
                 Op::SetFile { path, len, mode } => self.set_file(path, len, mode, touched)?,
                 Op::Write {
-                    path, offset, data, ..
+                    path,
+                    offset,
+                    data,
+                    hashes,
                 } => {
                     let full = self.root.join(&path);
                     // noted first: a write that fails part way left what it wrote in the
                     // page cache, which a failed batch must not leave unsynced
                     touched.data(&path, &full);
+                    self.memo.changing(&path);
                     let f = self.open(&path, true)?;
                     f.write_all_at(&data, offset)
                         .map_err(io_err("cannot write", &full))?;
+                    self.memo.write(&path, offset, data.len(), &hashes);
                 }
                 Op::Rename { from, to } => self.rename(&from, &to, touched)?,
                 Op::Remove { path } => self.remove(&path, touched)?,
@@ -511,6 +575,7 @@ impl Applier {
         let full = self.root.join(path);
         if fs::symlink_metadata(&full).is_ok_and(|m| !m.is_dir()) {
             self.files.forget(path);
+            self.memo.remove(path);
             fs::remove_file(&full).map_err(io_err("cannot remove", &full))?;
             touched.entries(&self.parent_of(&full));
         }
@@ -527,6 +592,10 @@ impl Applier {
     ) -> Result<(), PagesError> {
         let full = self.root.join(&path);
         let existing = fs::symlink_metadata(&full).ok();
+        self.memo.changing(&path);
+        if existing.as_ref().is_some_and(|m| !m.is_file()) {
+            self.memo.remove(&path);
+        }
         if existing.as_ref().is_some_and(|m| m.is_dir()) {
             self.files.forget(&path);
             fs::remove_dir_all(&full).map_err(io_err("cannot remove", &full))?;
@@ -542,6 +611,7 @@ impl Applier {
         let f = self.open(&path, true)?;
         f.set_len(len)
             .map_err(io_err("cannot set length of", &full))?;
+        self.memo.set_file(&path, len, created);
         touched.data(&path, &full);
         if created {
             touched.entries(&self.parent_of(&full));
@@ -557,7 +627,10 @@ impl Applier {
         self.files.forget(from);
         self.files.forget(to);
         self.create_dirs(&self.parent_of(&b), touched)?;
+        self.memo.changing(from);
+        self.memo.changing(to);
         fs::rename(&a, &b).map_err(io_err("cannot rename", &a))?;
+        self.memo.rename(from, to);
         touched.entries(&self.parent_of(&a));
         touched.entries(&self.parent_of(&b));
         Ok(())
@@ -566,6 +639,7 @@ impl Applier {
     fn remove(&mut self, path: &str, touched: &mut Touched) -> Result<(), PagesError> {
         let full = self.root.join(path);
         self.files.forget(path);
+        self.memo.remove(path);
         match fs::symlink_metadata(&full) {
             Ok(m) if m.is_dir() => {
                 fs::remove_dir_all(&full).map_err(io_err("cannot remove", &full))?
@@ -736,3 +810,6 @@ mod tests;
 
 #[cfg(test)]
 mod durability_tests;
+
+#[cfg(test)]
+mod memo_tests;

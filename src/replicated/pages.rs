@@ -24,8 +24,8 @@ mod walk;
 
 pub use entry::{compare_entries, Comparison, DigestCompare, Entry, EntryKind};
 pub use walk::{
-    digest_parts, hash_pages_chunked, index_parts, index_tree, walk_sorted, IndexPart, Node,
-    RootAndLast, UNREAD_PAGE,
+    digest_parts, file_index_parts, file_parts_from, hash_pages_chunked, index_parts, index_tree,
+    other_index_part, walk_sorted, IndexPart, Node, RootAndLast, UNREAD_PAGE,
 };
 
 /// The unit of allocation a file's length is rounded up to when telling whether it is fully

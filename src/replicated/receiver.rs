@@ -82,6 +82,8 @@ pub struct ReceiverConfig {
     pub auth: Auth,
     /// Who may stream.
     pub gate: Arc<dyn Gate>,
+    /// Where the apply thread keeps its page memo across restarts (`None`: only in memory).
+    pub memo_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for ReceiverConfig {
@@ -127,6 +129,16 @@ impl ReceiverHandle {
     pub fn stop(&self) {
         let _ = self.stop.send(true);
     }
+
+    /// A clean stop, after [`Self::stop`]: once the batches queued are done, the apply
+    /// thread writes its page memo for the next start. `false` if it did not within `limit`
+    /// (the next start then hashes what the memo would have vouched for).
+    pub fn save_memo(&self, limit: Duration) -> bool {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.jobs
+            .send_timeout(Job::Save(tx), limit)
+            .is_ok_and(|()| rx.recv_timeout(limit).is_ok())
+    }
 }
 
 /// Serves hot sides on `listener` until stopped: the apply thread, and on `rt` the listener.
@@ -138,10 +150,13 @@ pub fn start(
     let stats = Arc::new(ReceiverStats::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let taken = Arc::new(tokio::sync::Notify::new());
-    let jobs_tx = Applier::new(&cfg.root, cfg.page_size)
+    let mut applier = Applier::new(&cfg.root, cfg.page_size)
         .with_gate(cfg.gate.clone())
-        .with_taken(taken.clone())
-        .spawn();
+        .with_taken(taken.clone());
+    if let Some(path) = &cfg.memo_file {
+        applier = applier.with_memo_file(path.clone());
+    }
+    let jobs_tx = applier.spawn();
     rt.spawn(accept_loop(
         cfg,
         listener,

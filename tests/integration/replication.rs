@@ -949,3 +949,57 @@ fn issue4_mutual_tls_streams_and_refuses_a_certificate_from_another_ca() {
     .code(1)
     .stderr_has(&["already exists"]);
 }
+
+/// The pages the cold side's last index read and those its page memo vouched for, from its
+/// log line.
+fn last_index_reads(log: &str) -> Option<(u64, u64)> {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("the page memo vouched for"))?;
+    let field = |name: &str| -> Option<u64> {
+        let at = line.find(&format!("{name}="))? + name.len() + 1;
+        line[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((field("pages_read")?, field("pages_vouched")?))
+}
+
+#[test]
+fn issue15_a_cold_restart_indexes_from_its_page_memo_and_reads_only_what_changed_behind_it() {
+    let mut p = Pair::new("psk", None);
+    seed_tree(&p.hot.data, 8);
+    p.start("cold");
+    p.start("hot");
+    p.assert_converges(Duration::from_secs(30));
+    // a clean stop leaves the memo beside the state file
+    p.stop("cold");
+    let memo = p.fx.path("cold/state.json.pages");
+    assert!(memo.exists(), "no {}\n{}", memo.display(), p.logs());
+    // while the cold agent is away: a page of its copy changed behind its back (same length),
+    // and a page of the hot tree changed
+    let damaged = p.cold.data.join("journal/activemq-data-1.amq");
+    let f = fs::OpenOptions::new().write(true).open(&damaged).unwrap();
+    f.write_all_at(&[0x5a; 4096], 40 * 4096).unwrap();
+    drop(f);
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(p.hot.data.join("journal/activemq-data-2.amq"))
+        .unwrap();
+    f.write_all_at(&[0xa5; 4096], 7 * 4096).unwrap();
+    drop(f);
+    p.start("cold");
+    p.assert_converges(Duration::from_secs(30));
+    let cold_log = fs::read_to_string(p.fx.root.join("cold.2.err")).unwrap();
+    let (read, vouched) =
+        last_index_reads(&cold_log).unwrap_or_else(|| panic!("no index line\n{}", p.logs()));
+    // the damaged file (2 MiB, 512 pages) is read; everything else the memo vouched for
+    assert_eq!(read, 512, "{}", p.logs());
+    assert!(vouched > 1000, "vouched for {vouched}\n{}", p.logs());
+    artemis_sync(&p.hot.config, ["verify"])
+        .code(0)
+        .stdout_has(&["identical"]);
+}

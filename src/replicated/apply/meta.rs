@@ -61,6 +61,8 @@ impl Applier {
         touched: &mut Touched,
     ) -> Result<(), PagesError> {
         let full = self.root.join(path);
+        // a chown or chmod moves the ctime: stamped again after the batch
+        self.memo.changing(path);
         let meta = match fs::symlink_metadata(&full) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -130,6 +132,7 @@ impl Applier {
         if n == 0 {
             return Ok(());
         }
+        self.memo.changing(path);
         let f = self.open(path, false)?;
         // SAFETY: the descriptor is open for as long as `f` is borrowed; fallocate takes
         // plain integers.
@@ -142,6 +145,7 @@ impl Applier {
             }
             return Err(io_err("cannot allocate", &full)(e));
         }
+        self.memo.allocate(path, offset, len);
         touched.data(path, &full);
         Ok(())
     }

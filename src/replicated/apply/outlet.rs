@@ -9,7 +9,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::replicated::apply::Applier;
 use crate::replicated::ops::DigestPart;
-use crate::replicated::pages::{digest_parts, index_parts, Entry, IndexPart, PagesError};
+use crate::replicated::pages::{
+    digest_parts, file_index_parts, file_parts_from, other_index_part, walk_sorted, Entry,
+    IndexPart, Node, PagesError, ReadBuf,
+};
 
 /// Where a connection's barrier digests go, and the sizes of the parts (the wire's).
 pub(crate) struct Outlet {
@@ -52,11 +55,11 @@ impl Applier {
         }
         let chunk = outlet.index_chunk_pages;
         self.outlet = Some(outlet);
-        let walked = index_parts(&self.root, self.page_size, chunk, &mut |part| {
+        let walked = self.index_walk(chunk, &mut |part| {
             parts.blocking_send(part).map_err(|_| Stop::Closed)
         });
         match walked {
-            Ok(()) => {
+            Ok(_) => {
                 let _ = done.send(Ok(()));
             }
             Err(Stop::Pages(e)) => {
@@ -64,6 +67,78 @@ impl Applier {
             }
             Err(Stop::Closed) => tracing::debug!("the connection went away during the index"),
         }
+    }
+
+    /// Walks the tree for the index, handing `each` its parts: a file's pages come from the
+    /// page memo where it vouches for them, read and hashed where it does not (and the memo
+    /// learns them); a file too large for the memo is streamed as it is read.
+    fn index_walk(
+        &mut self,
+        chunk: usize,
+        each: &mut dyn FnMut(IndexPart) -> Result<(), Stop>,
+    ) -> Result<usize, Stop> {
+        let started = std::time::Instant::now();
+        let root = self.root.clone();
+        let page_size = self.page_size;
+        let memo = &mut self.memo;
+        memo.begin_index();
+        let mut buf = ReadBuf::default();
+        let (mut vouched, mut read) = (0usize, 0usize);
+        let walked = walk_sorted(&root, &mut |rel, node| {
+            let Node::File(file, meta) = node else {
+                return other_index_part(rel, node).map_or(Ok(()), &mut *each);
+            };
+            let path = root.join(rel);
+            if !memo.has_room(meta.len()) {
+                let opened = (file, meta, path);
+                return file_index_parts(rel, opened, page_size, (chunk, &mut buf), each);
+            }
+            let known = memo.known(rel, meta);
+            let (pages, n) =
+                memo.fill(file, meta.len(), known, &mut buf)
+                    .map_err(|e| PagesError::Io {
+                        op: "cannot read",
+                        path: path.clone(),
+                        source: e,
+                    })?;
+            let after = file.metadata().map_err(|e| PagesError::Io {
+                op: "cannot inspect",
+                path,
+                source: e,
+            })?;
+            memo.learned(rel, (meta, &after), &pages, n);
+            vouched += pages.len() - n;
+            read += n;
+            file_parts_from(rel, meta, pages, chunk, each)
+        });
+        memo.end_index();
+        if walked.is_ok() {
+            let (files, pages) = memo.size();
+            tracing::info!(
+                pages_read = read,
+                pages_vouched = vouched,
+                memo_files = files,
+                memo_pages = pages,
+                elapsed_ms = started.elapsed().as_millis(),
+                "indexed the tree: the page memo vouched for {vouched} pages, {read} were read"
+            );
+        }
+        walked.map(|()| read)
+    }
+
+    /// The index as a connection would get it, and how many pages it read (tests).
+    #[cfg(test)]
+    pub(super) fn index_for_test(&mut self) -> (crate::replicated::pages::TreeIndex, usize) {
+        let mut index = crate::replicated::pages::TreeIndex::default();
+        let mut open = None;
+        let read = self
+            .index_walk(7, &mut |part| {
+                index.add_part(&mut open, part).expect("parts in order");
+                Ok(())
+            })
+            .unwrap_or_else(|_| panic!("index of {}", self.root.display()));
+        index.close_file(&mut open);
+        (index, read)
     }
 
     /// The digest of the tree at barrier `id`, streamed to the connection as it is walked; a

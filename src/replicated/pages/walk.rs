@@ -255,58 +255,113 @@ pub fn index_parts<E: From<PagesError>>(
 ) -> Result<(), E> {
     let mut buf = ReadBuf::default();
     walk_sorted(root, &mut |rel, node| match node {
-        Node::Dir(attrs) => each(IndexPart::Dir {
+        Node::File(file, meta) => {
+            let opened = (file, meta, root.join(rel));
+            file_index_parts(rel, opened, page_size, (chunk_pages, &mut buf), each)
+        }
+        other => other_index_part(rel, other).map_or(Ok(()), &mut *each),
+    })
+}
+
+/// The index part of a directory or symlink (`None` for a file: see [`file_index_parts`]).
+pub fn other_index_part(rel: &str, node: Node<'_>) -> Option<IndexPart> {
+    match node {
+        Node::Dir(attrs) => Some(IndexPart::Dir {
             path: rel.to_owned(),
             attrs,
         }),
-        Node::Link(LinkState { target, attrs }) => each(IndexPart::Link {
+        Node::Link(LinkState { target, attrs }) => Some(IndexPart::Link {
             path: rel.to_owned(),
             target,
             attrs,
         }),
-        Node::File(file, meta) => {
-            let mut head = Some(IndexPart::File {
-                path: rel.to_owned(),
-                len: meta.len(),
-                attrs: Attrs::of(meta),
-                allocated: super::fully_allocated(meta),
-                pages: Vec::new(),
-            });
-            let path = root.join(rel);
-            let chunks = (chunk_pages.max(1), &mut buf);
-            hash_pages_chunked(
-                (file, &path),
-                meta.len(),
-                page_size,
-                chunks,
-                &mut |first, pages| match head.take() {
-                    Some(IndexPart::File {
-                        path,
-                        len,
-                        attrs,
-                        allocated,
-                        ..
-                    }) => each(IndexPart::File {
-                        path,
-                        len,
-                        attrs,
-                        allocated,
-                        pages,
-                    }),
-                    _ => each(IndexPart::Pages {
-                        path: rel.to_owned(),
-                        first_page: first,
-                        pages,
-                    }),
-                },
-            )?;
-            // an empty file has no chunk: its part goes alone
-            match head {
-                Some(part) => each(part),
-                None => Ok(()),
-            }
-        }
-    })
+        Node::File(..) => None,
+    }
+}
+
+/// The head of a file's index parts: its `File` part, without pages yet.
+fn file_head(rel: &str, meta: &fs::Metadata) -> IndexPart {
+    IndexPart::File {
+        path: rel.to_owned(),
+        len: meta.len(),
+        attrs: Attrs::of(meta),
+        allocated: super::fully_allocated(meta),
+        pages: Vec::new(),
+    }
+}
+
+/// Hands `each` the parts of one file's index as its pages are read and hashed: its `File`
+/// part with the first chunk, then `Pages` parts.
+pub fn file_index_parts<E: From<PagesError>>(
+    rel: &str,
+    (file, meta, path): (&File, &fs::Metadata, std::path::PathBuf),
+    page_size: usize,
+    (chunk_pages, buf): (usize, &mut ReadBuf),
+    each: &mut dyn FnMut(IndexPart) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut head = Some(file_head(rel, meta));
+    hash_pages_chunked(
+        (file, &path),
+        meta.len(),
+        page_size,
+        (chunk_pages.max(1), buf),
+        &mut |first, pages| chunk_part(rel, &mut head, first, pages, each),
+    )?;
+    // an empty file has no chunk: its part goes alone
+    match head {
+        Some(part) => each(part),
+        None => Ok(()),
+    }
+}
+
+/// Hands `each` the parts of one file's index from its page hashes, all known already.
+pub fn file_parts_from<E>(
+    rel: &str,
+    meta: &fs::Metadata,
+    pages: Vec<PageHash>,
+    chunk_pages: usize,
+    each: &mut dyn FnMut(IndexPart) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut head = Some(file_head(rel, meta));
+    for (i, chunk) in pages.chunks(chunk_pages.max(1)).enumerate() {
+        let first = (i * chunk_pages.max(1)) as u64;
+        chunk_part(rel, &mut head, first, chunk.to_vec(), each)?;
+    }
+    match head {
+        Some(part) => each(part),
+        None => Ok(()),
+    }
+}
+
+/// One chunk of a file's page hashes as a part: with the `File` head if it is still
+/// `head`, else as `Pages`.
+fn chunk_part<E>(
+    rel: &str,
+    head: &mut Option<IndexPart>,
+    first: u64,
+    pages: Vec<PageHash>,
+    each: &mut dyn FnMut(IndexPart) -> Result<(), E>,
+) -> Result<(), E> {
+    match head.take() {
+        Some(IndexPart::File {
+            path,
+            len,
+            attrs,
+            allocated,
+            ..
+        }) => each(IndexPart::File {
+            path,
+            len,
+            attrs,
+            allocated,
+            pages,
+        }),
+        _ => each(IndexPart::Pages {
+            path: rel.to_owned(),
+            first_page: first,
+            pages,
+        }),
+    }
 }
 
 impl TreeIndex {

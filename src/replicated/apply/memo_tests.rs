@@ -1,0 +1,259 @@
+//! The page memo's tests: what it vouches for is what the disk has, whatever the batches did;
+//! the index it shortens is the index a full hash gives; a saved memo spares the next start's
+//! reads and a damaged one is refused.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+
+use proptest::prelude::*;
+
+use super::tests::write;
+use super::*;
+use crate::replicated::pages::index_tree;
+
+const PS: usize = 4096;
+
+/// One change a batch may carry, on a few paths that collide on purpose.
+#[derive(Debug, Clone)]
+enum Change {
+    SetFile {
+        path: usize,
+        len: u64,
+    },
+    Write {
+        path: usize,
+        page: u64,
+        len: usize,
+        seed: u8,
+    },
+    Allocate {
+        path: usize,
+        offset: u64,
+        len: u64,
+    },
+    Rename {
+        from: usize,
+        to: usize,
+    },
+    Remove {
+        path: usize,
+    },
+    Chmod {
+        path: usize,
+    },
+}
+
+const PATHS: [&str; 4] = ["a", "b", "d/a", "d/b"];
+
+fn change() -> impl Strategy<Value = Change> {
+    let path = 0..PATHS.len();
+    prop_oneof![
+        (path.clone(), 0u64..5 * PS as u64).prop_map(|(path, len)| Change::SetFile { path, len }),
+        (path.clone(), 0u64..5, 1usize..3 * PS, any::<u8>()).prop_map(|(path, page, len, seed)| {
+            Change::Write {
+                path,
+                page,
+                len,
+                seed,
+            }
+        }),
+        (path.clone(), 0u64..4 * PS as u64, 1u64..2 * PS as u64)
+            .prop_map(|(path, offset, len)| Change::Allocate { path, offset, len }),
+        (path.clone(), path.clone()).prop_map(|(from, to)| Change::Rename { from, to }),
+        path.clone().prop_map(|path| Change::Remove { path }),
+        path.prop_map(|path| Change::Chmod { path }),
+    ]
+}
+
+fn op(c: &Change) -> Op {
+    match c {
+        Change::SetFile { path, len } => Op::SetFile {
+            path: PATHS[*path].into(),
+            len: *len,
+            mode: 0o640,
+        },
+        Change::Write {
+            path,
+            page,
+            len,
+            seed,
+        } => {
+            let data = (0..*len)
+                .map(|i| (i.to_le_bytes()[0]).wrapping_mul(31) ^ seed)
+                .collect();
+            write(PATHS[*path], page * PS as u64, data)
+        }
+        Change::Allocate { path, offset, len } => Op::Allocate {
+            path: PATHS[*path].into(),
+            offset: *offset,
+            len: *len,
+        },
+        Change::Rename { from, to } => Op::Rename {
+            from: PATHS[*from].into(),
+            to: PATHS[*to].into(),
+        },
+        Change::Remove { path } => Op::Remove {
+            path: PATHS[*path].into(),
+        },
+        Change::Chmod { path } => Op::SetAttrs {
+            path: PATHS[*path].into(),
+            attrs: pages::Attrs {
+                mode: 0o600,
+                uid: 0,
+                gid: 0,
+            },
+        },
+    }
+}
+
+/// Applies each batch in turn (one that fails, as a write below a file does, is left
+/// behind as the hot side would resend it after a resync).
+fn apply_all(a: &mut Applier, batches: &[Vec<Change>]) {
+    let mut seq = 1;
+    for b in batches {
+        let ops = b.iter().map(op).collect();
+        if matches!(a.batch(seq, ops), Applied::Done { .. }) {
+            seq += 1;
+        } else {
+            // what a new connection does first
+            a.expected = seq;
+        }
+        a.memo
+            .check(&a.root)
+            .expect("the memo vouches only for what is on disk");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("MEMO_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
+    ))]
+
+    #[test]
+    fn issue15_memo_vouches_only_for_what_is_on_disk_and_never_changes_the_index(
+        batches in prop::collection::vec(prop::collection::vec(change(), 1..6), 1..8)
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Applier::new(dir.path(), PS);
+        apply_all(&mut a, &batches);
+        let (index, _) = a.index_for_test();
+        prop_assert_eq!(&index, &index_tree(dir.path(), PS).unwrap());
+        // and again, from what the first index left
+        let (again, _) = a.index_for_test();
+        prop_assert_eq!(&again, &index);
+        a.memo.check(dir.path()).unwrap();
+    }
+}
+
+/// Three files written by batches, as an initial sync writes them.
+fn synced_tree(a: &mut Applier) {
+    let mut ops = vec![Op::Mkdir {
+        path: "j".into(),
+        mode: 0o750,
+    }];
+    for (i, name) in (1u8..).zip(["j/1", "j/2", "j/3"]) {
+        ops.push(Op::SetFile {
+            path: name.into(),
+            len: 10 * PS as u64 + 100,
+            mode: 0o640,
+        });
+        ops.push(write(name, 0, vec![i; 10 * PS + 100]));
+    }
+    assert!(matches!(a.batch(1, ops), Applied::Done { .. }));
+}
+
+#[test]
+fn issue15_a_memo_saved_by_a_clean_stop_spares_the_next_index_every_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (root, memo) = (dir.path().join("data"), dir.path().join("state.toml.pages"));
+    fs::create_dir(&root).unwrap();
+    let mut a = Applier::new(&root, PS).with_memo_file(memo.clone());
+    synced_tree(&mut a);
+    a.save_memo();
+    assert!(memo.exists());
+    let mut b = Applier::new(&root, PS).with_memo_file(memo);
+    b.load_memo();
+    assert_eq!(b.memo.size(), (3, 33));
+    let (index, read) = b.index_for_test();
+    assert_eq!(index, index_tree(&root, PS).unwrap());
+    assert_eq!(read, 0, "every page vouched for");
+}
+
+#[test]
+fn issue15_a_file_changed_behind_the_memo_is_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (root, memo) = (dir.path().join("data"), dir.path().join("state.toml.pages"));
+    fs::create_dir(&root).unwrap();
+    let mut a = Applier::new(&root, PS).with_memo_file(memo.clone());
+    synced_tree(&mut a);
+    a.save_memo();
+    // while the agent is stopped, someone writes a page in place: same length, same blocks
+    let f = OpenOptions::new()
+        .write(true)
+        .open(root.join("j/2"))
+        .unwrap();
+    f.write_all_at(&[9; PS], 3 * PS as u64).unwrap();
+    drop(f);
+    let mut b = Applier::new(&root, PS).with_memo_file(memo);
+    b.load_memo();
+    let (index, read) = b.index_for_test();
+    assert_eq!(
+        index,
+        index_tree(&root, PS).unwrap(),
+        "the new page is indexed"
+    );
+    assert_eq!(read, 11, "only the changed file is read");
+}
+
+#[test]
+fn issue15_a_failed_batch_forgets_what_it_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Applier::new(dir.path(), PS);
+    synced_tree(&mut a);
+    // j/1 is written, then a rename of what is not there fails the batch
+    let ops = vec![
+        write("j/1", 0, vec![7; PS]),
+        Op::Rename {
+            from: "gone".into(),
+            to: "j/4".into(),
+        },
+    ];
+    let outcome = a.batch(2, ops);
+    assert!(matches!(outcome, Applied::Failed { .. }), "{outcome:?}");
+    let (index, read) = a.index_for_test();
+    assert_eq!(index, index_tree(dir.path(), PS).unwrap());
+    assert_eq!(read, 11, "j/1 is read again, and only j/1");
+}
+
+#[test]
+fn issue15_a_damaged_memo_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (root, memo) = (dir.path().join("data"), dir.path().join("m.pages"));
+    fs::create_dir(&root).unwrap();
+    let mut a = Applier::new(&root, PS).with_memo_file(memo.clone());
+    synced_tree(&mut a);
+    a.save_memo();
+    let good = fs::read(&memo).unwrap();
+
+    let mut flipped = good.clone();
+    flipped[40] ^= 1;
+    fs::write(&memo, &flipped).unwrap();
+    let err = PageMemo::new(PS).load(&memo).unwrap_err();
+    assert!(err.contains("checksum"), "{err}");
+
+    fs::write(&memo, &good[..good.len() / 2]).unwrap();
+    let err = PageMemo::new(PS).load(&memo).unwrap_err();
+    assert!(err.contains("checksum"), "{err}");
+
+    fs::write(&memo, &good).unwrap();
+    let err = PageMemo::new(512).load(&memo).unwrap_err();
+    assert!(err.contains("pages of 4096 bytes"), "{err}");
+
+    // refused, the index still comes out right: it reads everything
+    fs::write(&memo, &flipped).unwrap();
+    let mut b = Applier::new(&root, PS).with_memo_file(memo);
+    b.load_memo();
+    let (index, read) = b.index_for_test();
+    assert_eq!(index, index_tree(&root, PS).unwrap());
+    assert_eq!(read, 33);
+}
