@@ -19,6 +19,10 @@ impl Scanner {
         if !self.prehash.is_empty() {
             self.prehash_forget(&ev);
         }
+        // (kept only while disconnected: the writes it must hear of are dropped below)
+        if !self.record.is_empty() {
+            self.record_event(&ev);
+        }
         let ev = match ev {
             // one rescan for all lost events, at the end of this round of events
             FsEvent::Rescan(why) => return self.request_rescan(why),

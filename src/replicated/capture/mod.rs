@@ -7,7 +7,9 @@
 //! sends exactly what differs. Initial sync, catching up after either side restarts, and
 //! resyncing an old hot after a promotion are therefore the same code. With the FUSE capture
 //! the scanner hashes the tree while the cold side builds that index (`prehash.rs`), and the
-//! full scan reads only the pages the pre-hash cannot prove equal to it.
+//! full scan reads only the pages the pre-hash cannot prove equal to it; when this agent stayed
+//! up across the disconnection, the pre-hash reads only the pages written through the mount
+//! since the last comparison (`record.rs`).
 //!
 //! Detection, cheapest first (`events.rs` reads the events, `scan.rs` hashes a file,
 //! `rescan.rs` walks the tree):
@@ -54,6 +56,7 @@ mod events;
 mod fold;
 pub mod fuse;
 mod prehash;
+mod record;
 mod rescan;
 mod scan;
 pub mod watch;
@@ -189,6 +192,14 @@ pub(crate) struct Scanner {
     /// Pages the comparison after a connection did not read again: the pre-hash had proven
     /// them equal to the index.
     proven_pages: u64,
+    /// What the last finished comparison learned of the hot tree's pages, kept while
+    /// disconnected with the pages written since marked dirty (`record.rs`).
+    record: record::Record,
+    /// Whether this connection's comparison (`resync()`'s full scan) finished: only then is
+    /// a record kept when it drops.
+    compared: bool,
+    /// What the last pre-hash did (files from the record, pages read).
+    prehash_counts: record::PrehashCounts,
     /// The events are the write path's (FUSE): each is the change itself and keeps its
     /// place behind a walk (a sync must follow what came before it), so none is folded.
     exact_events: bool,
@@ -250,6 +261,9 @@ impl Scanner {
             ctl_rx: None,
             prehash: prehash::Prehashes::default(),
             proven_pages: 0,
+            record: record::Record::default(),
+            compared: false,
+            prehash_counts: record::PrehashCounts::default(),
             exact_events: false,
             coalesce: false,
             watches: None,
@@ -384,6 +398,8 @@ impl Scanner {
             ScanMsg::Prehash => self.prehash(),
             ScanMsg::Resync { gen, index } => self.resync(gen, index),
             ScanMsg::Disconnected => {
+                // (read after any resync() running when the connection dropped has finished)
+                self.keep_record();
                 self.connected = false;
                 self.tracking = false;
                 self.ops.clear();
@@ -412,6 +428,9 @@ impl Scanner {
     fn resync(&mut self, gen: u64, index: TreeIndex) {
         self.gen = gen;
         self.connected = true;
+        self.compared = false;
+        // the pre-hash, the record's one use, is over
+        self.record.clear();
         self.table = index;
         self.seen.clear();
         self.cursors.clear();
@@ -433,6 +452,7 @@ impl Scanner {
             );
         }
         self.prehash.clear();
+        self.compared = true;
         if let Some(st) = &self.stats {
             let emitted = st.emitted.load(Ordering::Acquire);
             st.resync_batches.store(emitted, Ordering::Release);

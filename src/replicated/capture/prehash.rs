@@ -15,6 +15,11 @@
 //! - an event for the path (or a directory above it) while disconnected drops it; a rename
 //!   drops them all.
 //!
+//! A file the record vouches for (`record.rs`: this agent stayed up since the last comparison,
+//! which learned its pages, and the file's metadata is the one the record last saw) is not
+//! read in full: its pages come from the record, only those written through the mount since
+//! read again, and the rule above applies to the result.
+//!
 //! It is memory the size of the hot tree's page table, for one comparison: at most
 //! [`PREHASH_MAX_PAGES`] pages are kept (the rest is compared by reading), and all of it is
 //! freed when the comparison ends.
@@ -24,6 +29,7 @@ use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, UNIX_EPOCH};
 
+use crate::replicated::capture::record::PrehashCounts;
 use crate::replicated::capture::scan::{remove_below, settled_at, sorted_names};
 use crate::replicated::capture::watch::FsEvent;
 use crate::replicated::capture::{Scanner, Seen};
@@ -89,6 +95,29 @@ impl Scanner {
         if !self.exact_events || self.connected {
             return;
         }
+        self.prehash_counts = PrehashCounts::default();
+        self.prehash_walk();
+        if !self.interrupted() {
+            // the walk is done (or the budget spent): what the record still has is gone
+            // from the tree, or cannot be kept anyway. Cut short by a disconnection, the
+            // rest stays for the next pre-hash (events keep it true meanwhile)
+            self.record.clear();
+        }
+        let c = self.prehash_counts;
+        tracing::debug!(
+            files = self.prehash.files.len(),
+            pages = self.prehash.pages,
+            from_record = c.recorded_files,
+            dirty_pages = c.dirty_pages,
+            hashed_in_full = c.full_files,
+            pages_hashed = c.pages_hashed,
+            "pre-hashed the tree while the cold side indexed its own"
+        );
+    }
+
+    /// Walks the tree for the pre-hash, until it is done or [`Scanner::prehash_file`] says
+    /// stop.
+    fn prehash_walk(&mut self) {
         let mut stack = vec![String::new()];
         while let Some(dir) = stack.pop() {
             let path = if dir.is_empty() {
@@ -115,27 +144,30 @@ impl Scanner {
                 }
             }
         }
-        tracing::debug!(
-            files = self.prehash.files.len(),
-            pages = self.prehash.pages,
-            "pre-hashed the tree while the cold side indexed its own"
-        );
     }
 
-    /// Pre-hashes one file (kept only if it held still); `false` to stop the walk (a control
-    /// message is waiting, or the budget is spent).
+    /// Pre-hashes one file (kept only if it held still): from its record if the record
+    /// vouches for it (only the dirty pages read), else all of it. The record's entry is
+    /// used up either way. `false` to stop the walk (a control message is waiting, or the
+    /// budget is spent).
     fn prehash_file(&mut self, rel: String) -> bool {
-        let Ok(file) = open_nofollow(&self.root.join(&rel)) else {
+        let go_on = self.prehash_one(&rel);
+        self.record.remove(&rel);
+        go_on
+    }
+
+    fn prehash_one(&mut self, rel: &str) -> bool {
+        let Ok(file) = open_nofollow(&self.root.join(rel)) else {
             return true;
         };
         let Ok(before) = file.metadata() else {
             return true;
         };
         let seen = Seen::of(&before);
-        if !before.is_file() || self.prehash.files.get(&rel).is_some_and(|p| p.seen == seen) {
+        if !before.is_file() || self.prehash.files.get(rel).is_some_and(|p| p.seen == seen) {
             return true; // still what an earlier pre-hash saw
         }
-        self.prehash.remove(&rel);
+        self.prehash.remove(rel);
         if !settled(&before) {
             return true; // compared by reading, like any file without a pre-hash
         }
@@ -145,13 +177,18 @@ impl Scanner {
         if self.prehash.pages + pages > PREHASH_MAX_PAGES {
             return false;
         }
-        let Some(hashes) = self.hash_file_pages(&file, pages) else {
+        let hashes = if self.recorded_as(rel, &seen, pages) {
+            self.hash_recorded(rel, &file, &seen)
+        } else {
+            self.hash_file_pages(&file, pages)
+        };
+        let Some(hashes) = hashes else {
             return !self.interrupted();
         };
         let held_still = file.metadata().is_ok_and(|m| Seen::of(&m) == seen);
         if held_still && hashes.len() == pages {
             self.prehash.insert(
-                rel,
+                rel.to_owned(),
                 Prehashed {
                     seen,
                     pages: hashes,
@@ -173,15 +210,17 @@ impl Scanner {
             }
             let n = read_full_at(file, &mut self.buf, off).ok()?;
             hashes.extend(self.buf[..n].chunks(self.page_size).map(page_hash));
+            self.prehash_counts.pages_hashed += n.div_ceil(self.page_size) as u64;
             off += n as u64;
             if n < self.buf.len() {
+                self.prehash_counts.full_files += 1;
                 return Some(hashes);
             }
         }
     }
 
     /// Handles the events queued now (the write path's writers wait while it is full).
-    fn handle_queued_events(&mut self) {
+    pub(super) fn handle_queued_events(&mut self) {
         let Some(rx) = self.fs_rx.clone() else { return };
         while let Ok(ev) = rx.try_recv() {
             self.fs_event(ev);
@@ -189,7 +228,7 @@ impl Scanner {
     }
 
     /// Whether a control message waits (the index has come: stop pre-hashing).
-    fn interrupted(&self) -> bool {
+    pub(super) fn interrupted(&self) -> bool {
         self.ctl_rx.as_ref().is_some_and(|r| !r.is_empty())
     }
 

@@ -529,6 +529,9 @@ impl Scanner {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::warn!(file = %self.root.join(rel).display(), "cannot read: {e}");
+                    // the pages not read are unknown: tried again with the dirty files (and
+                    // never taken into a record, `record.rs`)
+                    self.dirty.insert(rel.to_owned());
                     break;
                 }
             };

@@ -624,7 +624,9 @@ impl PrehashRig {
             if let Outgoing::Batch { ops, .. } = out {
                 for op in &ops {
                     if let Op::Write { offset, data, .. } = op {
-                        written.extend((0..data.len() as u64 / 512).map(|p| offset + p * 512));
+                        written.extend(
+                            (0..(data.len() as u64).div_ceil(512)).map(|p| offset + p * 512),
+                        );
                     }
                 }
                 seq += 1;
@@ -701,6 +703,222 @@ fn issue15_the_watch_capture_never_prehashes() {
     r.scanner.prehash();
     assert!(r.scanner.prehash.is_empty());
     assert!(r.resync().is_empty());
+}
+
+/// Waits out the racy window: the files' times are then older than it, and a later change
+/// gives them times that differ.
+fn settle() {
+    std::thread::sleep(super::RACY_WINDOW + Duration::from_millis(50));
+}
+
+impl PrehashRig {
+    /// Adds `rel` with `len` bytes (the same on both sides).
+    fn add_file(&self, rel: &str, len: usize) {
+        let data: Vec<u8> = (0..len).map(|i| u8::try_from(i % 239).unwrap()).collect();
+        fs::write(self.hot.join(rel), &data).unwrap();
+        fs::write(self.cold.join(rel), &data).unwrap();
+    }
+
+    /// Writes `data` at `offset` of the hot file `rel` and delivers the event the FUSE
+    /// capture queues for it.
+    fn write_through(&mut self, rel: &str, offset: u64, data: &[u8]) {
+        let file = self.write_behind(rel, offset, data);
+        self.scanner.fs_event(FsEvent::Wrote {
+            path: rel.into(),
+            file,
+            offset,
+            len: data.len() as u64,
+        });
+    }
+
+    /// Writes `data` at `offset` of the hot file `rel`, with no event (yet).
+    fn write_behind(&self, rel: &str, offset: u64, data: &[u8]) -> std::sync::Arc<fs::File> {
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.hot.join(rel))
+            .unwrap();
+        file.write_all_at(data, offset).unwrap();
+        std::sync::Arc::new(file)
+    }
+
+    /// Whether the scanner's table has the hot file `rel`'s real pages.
+    fn table_is_hot(&self, rel: &str) -> bool {
+        let real = crate::replicated::pages::hash_pages(&self.hot.join(rel), 512).unwrap();
+        self.scanner.table.files[rel].pages == real.pages
+    }
+}
+
+/// A write-path scanner whose first comparison finished (with `files` added to `f`), whose
+/// files settled since, and whose connection then dropped: it keeps a record.
+fn recorded_rig(files: &[(&str, usize)]) -> PrehashRig {
+    let mut r = PrehashRig::new(true);
+    for (rel, len) in files {
+        r.add_file(rel, *len);
+    }
+    assert!(r.resync().is_empty());
+    settle();
+    r.scanner.control(ScanMsg::Disconnected);
+    r
+}
+
+#[test]
+fn issue15_record_a_resync_after_writes_through_the_mount_reads_only_their_pages() {
+    let mut r = recorded_rig(&[]);
+    assert!(r.scanner.record.contains("f"), "no record kept");
+    r.write_through("f", 10 * 512, &[0xaa; 512]);
+    r.write_through("f", 20 * 512 + 100, &[0xbb; 600]);
+    settle();
+    r.scanner.prehash();
+    let c = r.scanner.prehash_counts;
+    assert_eq!((c.recorded_files, c.full_files), (1, 0), "{c:?}");
+    assert_eq!(c.pages_hashed, 3, "only the dirty pages are read: {c:?}");
+    assert!(
+        r.scanner.record.is_empty(),
+        "the pre-hash uses the record up"
+    );
+    assert_eq!(r.resync(), vec![10 * 512, 20 * 512, 21 * 512]);
+    assert_eq!(r.scanner.proven_pages, 61);
+    assert!(r.table_is_hot("f"));
+}
+
+#[test]
+fn issue15_record_a_file_changed_behind_the_mount_is_hashed_in_full() {
+    let mut r = recorded_rig(&[("g", 4096)]);
+    r.write_behind("f", 5 * 512, &[0xcc; 512]); // no event: its times tell
+    settle();
+    r.scanner.prehash();
+    let c = r.scanner.prehash_counts;
+    assert_eq!((c.recorded_files, c.full_files), (1, 1), "{c:?}");
+    assert_eq!(c.pages_hashed, 64, "g not read, f read in full: {c:?}");
+    assert_eq!(r.resync(), vec![5 * 512]);
+    assert!(r.table_is_hot("f") && r.table_is_hot("g"));
+}
+
+#[test]
+fn issue15_record_a_file_grown_by_a_write_past_its_end_reads_the_pages_gained() {
+    // g: 1000 bytes (two pages, the last one short); written at 3000..3500: the old last page
+    // changes (zeros after byte 1000), pages 2 to 4 are zeros, 5 and 6 written
+    let mut r = recorded_rig(&[("g", 1000)]);
+    r.write_through("g", 3000, &[0xdd; 500]);
+    settle();
+    r.scanner.prehash();
+    let c = r.scanner.prehash_counts;
+    assert_eq!((c.recorded_files, c.full_files), (2, 0), "{c:?}");
+    assert_eq!(c.pages_hashed, 6, "pages 1 to 6 of g: {c:?}");
+    assert_eq!(r.resync(), vec![512, 5 * 512, 6 * 512]);
+    assert!(r.table_is_hot("g"));
+}
+
+#[test]
+fn issue15_record_a_truncate_drops_the_file_and_a_rename_the_record() {
+    let mut r = recorded_rig(&[("g", 4096)]);
+    assert!(r.scanner.record.contains("f") && r.scanner.record.contains("g"));
+    fs::OpenOptions::new()
+        .write(true)
+        .open(r.hot.join("g"))
+        .unwrap()
+        .set_len(700)
+        .unwrap();
+    r.scanner.fs_event(FsEvent::Changed("g".into()));
+    assert!(!r.scanner.record.contains("g"), "kept after a truncate");
+    assert!(r.scanner.record.contains("f"));
+    fs::rename(r.hot.join("f"), r.hot.join("h")).unwrap();
+    r.scanner.fs_event(FsEvent::Renamed {
+        from: "f".into(),
+        to: "h".into(),
+    });
+    assert!(r.scanner.record.is_empty(), "kept after a rename");
+    settle();
+    r.scanner.prehash();
+    assert_eq!(r.scanner.prehash_counts.recorded_files, 0);
+    r.resync();
+}
+
+#[test]
+fn issue15_record_a_write_whose_event_comes_after_the_prehash_used_the_record_is_sent() {
+    // the FUSE thread wrote the backing file before the disconnection and queues its event
+    // only after the pre-hash took the file from the record (same metadata: nothing dirty)
+    let mut r = PrehashRig::new(true);
+    assert!(r.resync().is_empty());
+    settle();
+    let file = r.write_behind("f", 10 * 512, &[0xee; 512]);
+    r.scanner.control(ScanMsg::Disconnected);
+    settle();
+    r.scanner.prehash();
+    assert_eq!(r.scanner.prehash_counts.recorded_files, 1);
+    let len = 512;
+    r.scanner.fs_event(FsEvent::Wrote {
+        path: "f".into(),
+        file,
+        offset: 10 * 512,
+        len,
+    });
+    assert!(
+        r.scanner.prehash.is_empty(),
+        "the late event drops the pre-hash"
+    );
+    assert_eq!(r.resync(), vec![10 * 512]);
+}
+
+#[test]
+fn issue15_record_a_write_whose_event_comes_while_the_prehash_reads_the_file_is_sent() {
+    // as above, but the event is handled while the pre-hash reads the file's dirty pages:
+    // what it read is thrown away, the comparison reads the file
+    let mut r = PrehashRig::new(true);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    r.scanner.fs_rx = Some(rx);
+    assert!(r.resync().is_empty());
+    settle();
+    let file = r.write_behind("f", 10 * 512, &[0xee; 512]);
+    r.scanner.control(ScanMsg::Disconnected);
+    r.write_through("f", 30 * 512, &[0x11; 512]);
+    tx.send(FsEvent::Wrote {
+        path: "f".into(),
+        file,
+        offset: 10 * 512,
+        len: 512,
+    })
+    .unwrap();
+    settle();
+    r.scanner.prehash();
+    assert_eq!(r.scanner.prehash_counts.dirty_pages, 1, "page 30 was read");
+    assert!(r.scanner.prehash.is_empty(), "kept what it read");
+    assert_eq!(r.resync(), vec![10 * 512, 30 * 512]);
+}
+
+#[test]
+fn issue15_record_none_unless_the_comparison_finished() {
+    // the connection's comparison never ran (the connection dropped before its index, as
+    // Disconnected is handled on the scanner's thread: never during a comparison)
+    let mut r = PrehashRig::new(true);
+    r.scanner.control(ScanMsg::Disconnected);
+    assert!(r.scanner.record.is_empty(), "a record without a comparison");
+    assert!(r.resync().is_empty());
+    r.scanner.control(ScanMsg::Disconnected);
+    assert!(
+        r.scanner.record.contains("f"),
+        "no record after a comparison"
+    );
+    settle();
+    r.scanner.prehash();
+    assert!(r.scanner.record.is_empty());
+    // the next connection dropped before its index: the table is the old one, stale
+    r.write_behind("f", 3 * 512, &[0x22; 512]);
+    r.scanner.control(ScanMsg::Disconnected);
+    assert!(
+        r.scanner.record.is_empty(),
+        "a record from a comparison used up"
+    );
+}
+
+#[test]
+fn issue15_record_the_watch_capture_keeps_none() {
+    // a store through an mmap of data_dir raises no event and moves no timestamp
+    let mut r = PrehashRig::new(false);
+    assert!(r.resync().is_empty());
+    r.scanner.control(ScanMsg::Disconnected);
+    assert!(r.scanner.record.is_empty());
 }
 
 #[test]
