@@ -137,6 +137,9 @@ impl Scanner {
                 let Ok(meta) = fs::symlink_metadata(self.root.join(&rel)) else {
                     continue;
                 };
+                if self.interrupted() && self.record.is_empty() {
+                    return; // nothing left that is cheaper to pre-hash than to compare
+                }
                 if meta.is_dir() {
                     stack.push(rel);
                 } else if meta.is_file() && !self.prehash_file(rel) {
@@ -177,8 +180,13 @@ impl Scanner {
         if self.prehash.pages + pages > PREHASH_MAX_PAGES {
             return false;
         }
+        // once the index has come (or another control message), only what the record vouches
+        // for is still pre-hashed: its dirty pages cost less than the full read the
+        // comparison would otherwise make of the file
         let hashes = if self.recorded_as(rel, &seen, pages) {
             self.hash_recorded(rel, &file, &seen)
+        } else if self.interrupted() {
+            return true;
         } else {
             self.hash_file_pages(&file, pages)
         };

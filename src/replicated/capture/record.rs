@@ -239,8 +239,8 @@ impl Scanner {
 
     /// The pages of `rel` (through `file`, whose metadata was `seen`) from its record, with
     /// only the dirty pages read, in runs, as the pre-hash reads a file; the record's entry
-    /// is used up. `None` if reading failed or a control message is waiting (events are
-    /// handled between reads), or if an event for the file came meanwhile.
+    /// is used up. `None` if reading failed, or if an event for the file came meanwhile
+    /// (events are handled between reads).
     pub(super) fn hash_recorded(
         &mut self,
         rel: &str,
@@ -270,7 +270,8 @@ impl Scanner {
     }
 
     /// Reads and hashes the `count` pages from page `first` (of a file of `len` bytes) into
-    /// `out`, a buffer at a time; `None` as [`Scanner::hash_recorded`] says.
+    /// `out`, a buffer at a time; `None` if reading failed or the file is shorter than
+    /// recorded.
     fn hash_run(
         &mut self,
         file: &fs::File,
@@ -283,10 +284,8 @@ impl Scanner {
         let per_read = (self.buf.len() / ps).max(1);
         let (mut page, end) = (first, first + count);
         while page < end {
+            // (a control message waiting does not stop it: see `prehash_one`)
             self.handle_queued_events();
-            if self.interrupted() {
-                return None;
-            }
             let n_pages = per_read.min(end - page);
             let off = page as u64 * ps as u64;
             let want = usize::try_from(len.saturating_sub(off))

@@ -1007,3 +1007,25 @@ fn issue11_a_rename_named_below_a_directory_moved_since_makes_no_directory_on_th
     r.pump();
     assert!(r.same(), "the cold side has a directory the hot side lacks");
 }
+
+#[test]
+fn issue15_record_once_the_index_has_come_only_the_recorded_files_are_still_prehashed() {
+    // g is in the record; h (new while disconnected) is not
+    let mut r = recorded_rig(&[("g", 4096)]);
+    r.write_through("g", 512, &[0xdd; 512]);
+    r.add_file("h", 4096);
+    settle();
+    // the index is here before the pre-hash starts
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    tx.send(ScanMsg::Stop).unwrap();
+    r.scanner.ctl_rx = Some(rx);
+    r.scanner.prehash();
+    let c = r.scanner.prehash_counts;
+    // f and g from the record (g's one dirty page read), h left to the comparison
+    assert_eq!((c.recorded_files, c.full_files), (2, 0), "{c:?}");
+    assert_eq!(c.pages_hashed, 1, "{c:?}");
+    assert!(r.scanner.prehash.files.contains_key("g"));
+    assert!(!r.scanner.prehash.files.contains_key("h"));
+    r.scanner.ctl_rx = None;
+    assert_eq!(r.resync(), vec![512]);
+}
