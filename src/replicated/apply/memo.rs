@@ -20,7 +20,9 @@
 //! Across restarts: a clean stop writes the memo to `<state_file>.pages` (checksummed,
 //! written aside and renamed into place), and the next start reads it; the same stamp rule
 //! decides what of it counts, so an old or foreign file costs hashing, never a wrong index.
-//! Memory: 17 bytes a page, at most [`MEMO_MAX_PAGES`] pages (the rest is hashed each time).
+//! Memory: 17 bytes a page, at most [`MEMO_MAX_PAGES`] pages (the rest is hashed each time),
+//! for files of at least [`MEMO_MIN_PAGES`] pages: a tree of many small files costs no memory
+//! per file (they are read at each index, as without a memo).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
@@ -36,6 +38,9 @@ use crate::replicated::pages::{page_hash, read_full_at, PageHash, ReadBuf, READ_
 /// pages. Files beyond it are hashed in full at each index, as without a memo.
 pub(crate) const MEMO_MAX_PAGES: usize = 4 << 20;
 
+/// Files of fewer pages are not kept: reading them costs little more than the lookup, and
+/// a tree of many small files would make the memo grow by an entry each.
+pub(crate) const MEMO_MIN_PAGES: usize = 16;
 /// The first bytes of a saved memo, and its format's version.
 const MAGIC: &[u8; 8] = b"ASPMEMO1";
 /// Bytes of the blake3 that ends a saved memo.
@@ -106,6 +111,8 @@ pub(crate) struct PageMemo {
     full_said: bool,
     /// During an index: the entries before it, for the files the walk has yet to meet.
     previous: BTreeMap<String, Memo>,
+    /// Files of fewer pages are not kept ([`MEMO_MIN_PAGES`]; tests lower it).
+    pub(crate) min_pages: usize,
 }
 
 impl PageMemo {
@@ -118,6 +125,7 @@ impl PageMemo {
             zero_page: page_hash(&vec![0u8; page_size]),
             full_said: false,
             previous: BTreeMap::new(),
+            min_pages: MEMO_MIN_PAGES,
         }
     }
 
@@ -155,6 +163,10 @@ impl PageMemo {
 
     fn insert(&mut self, rel: String, m: Memo) -> bool {
         let n = m.pages.len();
+        if n < self.min_pages {
+            self.remove_one(&rel);
+            return false;
+        }
         let old = self.files.get(&rel).map_or(0, |o| o.pages.len());
         if self.pages - old + n > MEMO_MAX_PAGES {
             if !self.full_said {
@@ -205,9 +217,15 @@ impl PageMemo {
         self.previous = std::mem::take(&mut self.files);
     }
 
-    /// Ends an index: what the walk did not meet is forgotten.
-    pub(crate) fn end_index(&mut self) {
-        self.previous.clear();
+    /// Ends an index: what a complete walk did not meet is gone from the disk and forgotten;
+    /// after a walk cut short (the connection went) the entries it did not reach are kept
+    /// (their stamps still decide).
+    pub(crate) fn end_index(&mut self, complete: bool) {
+        for (rel, m) in std::mem::take(&mut self.previous) {
+            if !complete && !self.files.contains_key(&rel) {
+                self.insert(rel, m);
+            }
+        }
     }
 
     /// The pages of `rel` the memo vouches for, if its entry's stamp is the file's now
@@ -434,7 +452,9 @@ impl PageMemo {
                 continue;
             };
             match fs::symlink_metadata(root.join(&rel)) {
-                Ok(meta) if meta.is_file() && meta.len() == m.len => {
+                Ok(meta)
+                    if meta.is_file() && meta.len() == m.len && m.pages.len() >= self.min_pages =>
+                {
                     m.stamp = Some(Stamp::of(&meta));
                 }
                 _ => {

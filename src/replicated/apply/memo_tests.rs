@@ -13,6 +13,16 @@ use crate::replicated::pages::index_tree;
 
 const PS: usize = 4096;
 
+/// An applier whose memo keeps files of any size (these tests' files are small).
+fn memo_applier(root: &Path, memo: Option<PathBuf>) -> Applier {
+    let mut a = Applier::new(root, PS);
+    if let Some(m) = memo {
+        a = a.with_memo_file(m);
+    }
+    a.memo.min_pages = 1;
+    a
+}
+
 /// One change a batch may carry, on a few paths that collide on purpose.
 #[derive(Debug, Clone)]
 enum Change {
@@ -134,7 +144,7 @@ proptest! {
         batches in prop::collection::vec(prop::collection::vec(change(), 1..6), 1..8)
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let mut a = Applier::new(dir.path(), PS);
+        let mut a = memo_applier(dir.path(), None);
         apply_all(&mut a, &batches);
         let (index, _) = a.index_for_test();
         prop_assert_eq!(&index, &index_tree(dir.path(), PS).unwrap());
@@ -167,11 +177,11 @@ fn issue15_a_memo_saved_by_a_clean_stop_spares_the_next_index_every_read() {
     let dir = tempfile::tempdir().unwrap();
     let (root, memo) = (dir.path().join("data"), dir.path().join("state.toml.pages"));
     fs::create_dir(&root).unwrap();
-    let mut a = Applier::new(&root, PS).with_memo_file(memo.clone());
+    let mut a = memo_applier(&root, Some(memo.clone()));
     synced_tree(&mut a);
     a.save_memo();
     assert!(memo.exists());
-    let mut b = Applier::new(&root, PS).with_memo_file(memo);
+    let mut b = memo_applier(&root, Some(memo));
     b.load_memo();
     assert_eq!(b.memo.size(), (3, 33));
     let (index, read) = b.index_for_test();
@@ -184,7 +194,7 @@ fn issue15_a_file_changed_behind_the_memo_is_read_again() {
     let dir = tempfile::tempdir().unwrap();
     let (root, memo) = (dir.path().join("data"), dir.path().join("state.toml.pages"));
     fs::create_dir(&root).unwrap();
-    let mut a = Applier::new(&root, PS).with_memo_file(memo.clone());
+    let mut a = memo_applier(&root, Some(memo.clone()));
     synced_tree(&mut a);
     a.save_memo();
     // while the agent is stopped, someone writes a page in place: same length, same blocks
@@ -194,7 +204,7 @@ fn issue15_a_file_changed_behind_the_memo_is_read_again() {
         .unwrap();
     f.write_all_at(&[9; PS], 3 * PS as u64).unwrap();
     drop(f);
-    let mut b = Applier::new(&root, PS).with_memo_file(memo);
+    let mut b = memo_applier(&root, Some(memo));
     b.load_memo();
     let (index, read) = b.index_for_test();
     assert_eq!(
@@ -208,7 +218,7 @@ fn issue15_a_file_changed_behind_the_memo_is_read_again() {
 #[test]
 fn issue15_a_failed_batch_forgets_what_it_touched() {
     let dir = tempfile::tempdir().unwrap();
-    let mut a = Applier::new(dir.path(), PS);
+    let mut a = memo_applier(dir.path(), None);
     synced_tree(&mut a);
     // j/1 is written, then a rename of what is not there fails the batch
     let ops = vec![
@@ -230,7 +240,7 @@ fn issue15_a_damaged_memo_is_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let (root, memo) = (dir.path().join("data"), dir.path().join("m.pages"));
     fs::create_dir(&root).unwrap();
-    let mut a = Applier::new(&root, PS).with_memo_file(memo.clone());
+    let mut a = memo_applier(&root, Some(memo.clone()));
     synced_tree(&mut a);
     a.save_memo();
     let good = fs::read(&memo).unwrap();
@@ -251,9 +261,40 @@ fn issue15_a_damaged_memo_is_refused_with_the_reason() {
 
     // refused, the index still comes out right: it reads everything
     fs::write(&memo, &flipped).unwrap();
-    let mut b = Applier::new(&root, PS).with_memo_file(memo);
+    let mut b = memo_applier(&root, Some(memo));
     b.load_memo();
     let (index, read) = b.index_for_test();
     assert_eq!(index, index_tree(&root, PS).unwrap());
     assert_eq!(read, 33);
+}
+
+#[test]
+fn issue15_small_files_cost_the_memo_nothing() {
+    // a tree of many small files (paging, bindings): read at each index, never kept
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Applier::new(dir.path(), PS);
+    let mut ops = Vec::new();
+    for i in 0..50 {
+        let name = format!("p{i}");
+        ops.push(Op::SetFile {
+            path: name.clone(),
+            len: 3 * PS as u64,
+            mode: 0o640,
+        });
+        ops.push(write(&name, 0, vec![1; 3 * PS]));
+    }
+    // and one journal file, kept
+    ops.push(Op::SetFile {
+        path: "j".into(),
+        len: (memo::MEMO_MIN_PAGES * PS) as u64,
+        mode: 0o640,
+    });
+    assert!(matches!(a.batch(1, ops), Applied::Done { .. }));
+    assert_eq!(a.memo.size(), (1, memo::MEMO_MIN_PAGES));
+    let (index, read) = a.index_for_test();
+    assert_eq!(index, index_tree(dir.path(), PS).unwrap());
+    assert_eq!(
+        read, 150,
+        "the small files are read, the journal file is not"
+    );
 }

@@ -111,7 +111,7 @@ impl Applier {
             read += n;
             file_parts_from(rel, meta, pages, chunk, each)
         });
-        memo.end_index();
+        memo.end_index(walked.is_ok());
         if walked.is_ok() {
             let (files, pages) = memo.size();
             tracing::info!(
