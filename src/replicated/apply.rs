@@ -211,7 +211,14 @@ pub(crate) struct Applier {
     /// Every change and fsync of the batches applied, in order, for tests.
     #[cfg(test)]
     log: Vec<Durability>,
+    /// Runs after the index read a file's pages, with its path (tests change it there).
+    #[cfg(test)]
+    index_hook: Option<IndexHook>,
 }
+
+/// What a test runs after the index read a file (see `Applier::index_hook`).
+#[cfg(test)]
+type IndexHook = Box<dyn FnMut(&Path) + Send>;
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PagesError {
     let path = path.to_owned();
@@ -235,6 +242,8 @@ impl Applier {
             memo_file: None,
             #[cfg(test)]
             log: Vec::new(),
+            #[cfg(test)]
+            index_hook: None,
         }
     }
 

@@ -277,7 +277,9 @@ impl PageMemo {
         buf: &mut ReadBuf,
     ) -> io::Result<(Vec<PageHash>, usize)> {
         let total = self.pages_of(len);
-        let known = known.unwrap_or_else(|| vec![None; total]);
+        let known = known
+            .filter(|k| k.len() == total)
+            .unwrap_or_else(|| vec![None; total]);
         let ps = self.page_size;
         buf.set_len(ps * READ_PAGES);
         let mut out = Vec::with_capacity(total);
@@ -300,13 +302,17 @@ impl PageMemo {
             let n = read_full_at(file, &mut buf[..want], off)?;
             let chunks: Vec<PageHash> = buf[..n].chunks(ps).map(page_hash).collect();
             read += chunks.len();
-            let got = chunks.len();
             out.extend(chunks);
-            // the file shrank meanwhile: pages it no longer has match nothing
-            out.extend(std::iter::repeat_n(
-                crate::replicated::pages::UNREAD_PAGE,
-                run - got.min(run),
-            ));
+            if n < want {
+                // the file shrank meanwhile (its stamp moved: not learned): the pages it no
+                // longer has match nothing, vouched for or not
+                let missing = total - out.len();
+                out.extend(std::iter::repeat_n(
+                    crate::replicated::pages::UNREAD_PAGE,
+                    missing,
+                ));
+                break;
+            }
             p += run;
         }
         Ok((out, read))

@@ -298,3 +298,59 @@ fn issue15_small_files_cost_the_memo_nothing() {
         "the small files are read, the journal file is not"
     );
 }
+
+#[test]
+fn issue15_a_file_that_shrank_while_indexed_gets_no_vouched_page_past_its_end() {
+    // the memo vouched for pages 5..10 of a 10-page file, which meanwhile shrank to 2 pages:
+    // reading pages 0..5 comes up short, and no page after it may keep its vouched hash
+    // (a change the read does not meet is caught by the stamp after it: `index_walk`)
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    fs::write(&path, vec![3u8; PS + 10]).unwrap();
+    let file = File::open(&path).unwrap();
+    let memo = PageMemo::new(PS);
+    let mut known = vec![Some([7u8; 16]); 10];
+    known[..5].fill(None);
+    let mut buf = pages::ReadBuf::default();
+    let (got, read) = memo
+        .fill(&file, 10 * PS as u64, Some(known), &mut buf)
+        .unwrap();
+    assert_eq!(read, 2);
+    assert_eq!(got.len(), 10);
+    assert_eq!(got[0], pages::page_hash(&[3u8; PS]));
+    assert!(got[2..].iter().all(|h| *h == pages::UNREAD_PAGE), "{got:?}");
+}
+
+#[test]
+fn issue15_a_file_changed_while_indexed_is_read_again_in_full() {
+    // while the index reads j/2 (only its unknown last page), someone truncates it to 2
+    // pages: the pages the memo vouched for are past its end now, so all of it is read
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = memo_applier(dir.path(), None);
+    synced_tree(&mut a);
+    // the last page of j/2 unknown: the index reads it, the rest is vouched for
+    let ops = vec![Op::SetFile {
+        path: "j/2".into(),
+        len: 10 * PS as u64 + 50,
+        mode: 0o640,
+    }];
+    assert!(matches!(a.batch(2, ops), Applied::Done { .. }));
+    a.index_hook = Some(Box::new(|path: &Path| {
+        if path.ends_with("j/2") {
+            let f = OpenOptions::new().write(true).open(path).unwrap();
+            f.set_len(2 * PS as u64).unwrap();
+        }
+    }));
+    let (index, _) = a.index_for_test();
+    a.index_hook = None;
+    let f = &index.files["j/2"];
+    assert!(
+        f.pages[2..].iter().all(|p| *p == pages::UNREAD_PAGE),
+        "a page past the end kept a vouched hash: {:?}",
+        &f.pages[2..4]
+    );
+    assert_eq!(
+        &f.pages[..2],
+        &index_tree(dir.path(), PS).unwrap().files["j/2"].pages[..]
+    );
+}

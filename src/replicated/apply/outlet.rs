@@ -7,6 +7,7 @@
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::replicated::apply::memo::Stamp;
 use crate::replicated::apply::Applier;
 use crate::replicated::ops::DigestPart;
 use crate::replicated::pages::{
@@ -93,19 +94,28 @@ impl Applier {
                 let opened = (file, meta, path);
                 return file_index_parts(rel, opened, page_size, (chunk, &mut buf), each);
             }
+            let io = |op: &'static str| {
+                let path = path.clone();
+                move |source| PagesError::Io { op, path, source }
+            };
             let known = memo.known(rel, meta);
-            let (pages, n) =
-                memo.fill(file, meta.len(), known, &mut buf)
-                    .map_err(|e| PagesError::Io {
-                        op: "cannot read",
-                        path: path.clone(),
-                        source: e,
-                    })?;
-            let after = file.metadata().map_err(|e| PagesError::Io {
-                op: "cannot inspect",
-                path,
-                source: e,
-            })?;
+            let vouching = known.is_some();
+            let (mut pages, mut n) = memo
+                .fill(file, meta.len(), known, &mut buf)
+                .map_err(io("cannot read"))?;
+            #[cfg(test)]
+            if let Some(hook) = &mut self.index_hook {
+                hook(&path);
+            }
+            let mut after = file.metadata().map_err(io("cannot inspect"))?;
+            if vouching && Stamp::of(&after) != Stamp::of(meta) {
+                // changed while indexed (by someone else: the apply thread is here): the
+                // hashes vouched for may be of pages it no longer has, so all are read
+                (pages, n) = memo
+                    .fill(file, meta.len(), None, &mut buf)
+                    .map_err(io("cannot read"))?;
+                after = file.metadata().map_err(io("cannot inspect"))?;
+            }
             memo.learned(rel, (meta, &after), &pages, n);
             vouched += pages.len() - n;
             read += n;
