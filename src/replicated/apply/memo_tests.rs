@@ -172,15 +172,22 @@ fn synced_tree(a: &mut Applier) {
     assert!(matches!(a.batch(1, ops), Applied::Done { .. }));
 }
 
-#[test]
-fn issue15_a_memo_saved_by_a_clean_stop_spares_the_next_index_every_read() {
+/// A data directory whose three files batches wrote, and the memo a clean stop left of it:
+/// the temporary directory (kept alive), the data directory and the memo file.
+fn saved_tree() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    let (root, memo) = (dir.path().join("data"), dir.path().join("state.toml.pages"));
+    let (root, memo) = (dir.path().join("data"), dir.path().join("state.json.pages"));
     fs::create_dir(&root).unwrap();
     let mut a = memo_applier(&root, Some(memo.clone()));
     synced_tree(&mut a);
     a.save_memo();
     assert!(memo.exists());
+    (dir, root, memo)
+}
+
+#[test]
+fn issue15_a_memo_saved_by_a_clean_stop_spares_the_next_index_every_read() {
+    let (_dir, root, memo) = saved_tree();
     let mut b = memo_applier(&root, Some(memo));
     b.load_memo();
     assert_eq!(b.memo.size(), (3, 33));
@@ -191,12 +198,7 @@ fn issue15_a_memo_saved_by_a_clean_stop_spares_the_next_index_every_read() {
 
 #[test]
 fn issue15_a_file_changed_behind_the_memo_is_read_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let (root, memo) = (dir.path().join("data"), dir.path().join("state.toml.pages"));
-    fs::create_dir(&root).unwrap();
-    let mut a = memo_applier(&root, Some(memo.clone()));
-    synced_tree(&mut a);
-    a.save_memo();
+    let (_dir, root, memo) = saved_tree();
     // while the agent is stopped, someone writes a page in place: same length, same blocks
     let f = OpenOptions::new()
         .write(true)
@@ -237,12 +239,7 @@ fn issue15_a_failed_batch_forgets_what_it_touched() {
 
 #[test]
 fn issue15_a_damaged_memo_is_refused_with_the_reason() {
-    let dir = tempfile::tempdir().unwrap();
-    let (root, memo) = (dir.path().join("data"), dir.path().join("m.pages"));
-    fs::create_dir(&root).unwrap();
-    let mut a = memo_applier(&root, Some(memo.clone()));
-    synced_tree(&mut a);
-    a.save_memo();
+    let (_dir, root, memo) = saved_tree();
     let good = fs::read(&memo).unwrap();
 
     let mut flipped = good.clone();

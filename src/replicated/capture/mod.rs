@@ -55,6 +55,7 @@ use crate::replicated::stats::SenderStats;
 mod events;
 mod fold;
 pub mod fuse;
+mod paged;
 mod prehash;
 mod record;
 mod rescan;

@@ -24,13 +24,13 @@
 //! [`PREHASH_MAX_PAGES`] pages are kept (the rest is compared by reading), and all of it is
 //! freed when the comparison ends.
 
-use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, UNIX_EPOCH};
 
+use crate::replicated::capture::paged::{Paged, PagedFiles};
 use crate::replicated::capture::record::PrehashCounts;
-use crate::replicated::capture::scan::{remove_below, settled_at, sorted_names};
+use crate::replicated::capture::scan::{settled_at, sorted_names};
 use crate::replicated::capture::watch::FsEvent;
 use crate::replicated::capture::{Scanner, Seen};
 use crate::replicated::pages::{open_nofollow, page_hash, read_full_at, PageHash};
@@ -46,46 +46,14 @@ pub(super) struct Prehashed {
     pages: Vec<PageHash>,
 }
 
+impl Paged for Prehashed {
+    fn page_count(&self) -> usize {
+        self.pages.len()
+    }
+}
+
 /// The pre-hashes of the files hashed since the last comparison, and their pages in all.
-#[derive(Debug, Default)]
-pub(super) struct Prehashes {
-    pub(super) files: BTreeMap<String, Prehashed>,
-    pages: usize,
-}
-
-impl Prehashes {
-    fn insert(&mut self, rel: String, p: Prehashed) {
-        self.pages += p.pages.len();
-        if let Some(old) = self.files.insert(rel, p) {
-            self.pages -= old.pages.len();
-        }
-    }
-
-    fn remove(&mut self, rel: &str) -> Option<Prehashed> {
-        let p = self.files.remove(rel)?;
-        self.pages -= p.pages.len();
-        Some(p)
-    }
-
-    /// Drops `rel` and everything below it.
-    fn forget(&mut self, rel: &str) {
-        self.remove(rel);
-        let before = self.files.len();
-        remove_below(&mut self.files, &format!("{rel}/"));
-        if self.files.len() != before {
-            self.pages = self.files.values().map(|p| p.pages.len()).sum();
-        }
-    }
-
-    pub(super) fn clear(&mut self) {
-        self.files.clear();
-        self.pages = 0;
-    }
-
-    pub(super) fn is_empty(&self) -> bool {
-        self.files.is_empty()
-    }
-}
+pub(super) type Prehashes = PagedFiles<Prehashed>;
 
 impl Scanner {
     /// Hashes the tree's files the way the comparison will walk them, until a control

@@ -33,13 +33,13 @@
 //! [`PREHASH_MAX_PAGES`](super::prehash::PREHASH_MAX_PAGES) of them (a larger tree keeps no
 //! record: every file is hashed in full, as without one).
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::time::Instant;
 
+use crate::replicated::capture::paged::{Paged, PagedFiles};
 use crate::replicated::capture::prehash::PREHASH_MAX_PAGES;
-use crate::replicated::capture::scan::{remove_below, INVALID};
+use crate::replicated::capture::scan::INVALID;
 use crate::replicated::capture::watch::FsEvent;
 use crate::replicated::capture::{Scanner, Seen};
 use crate::replicated::pages::{open_nofollow, page_hash, read_full_at, FileState, PageHash};
@@ -59,49 +59,19 @@ pub(super) struct Recorded {
     writes: u64,
 }
 
-/// The files of the record and their pages in all.
-#[derive(Debug, Default)]
-pub(super) struct Record {
-    files: BTreeMap<String, Recorded>,
-    pages: usize,
+impl Paged for Recorded {
+    fn page_count(&self) -> usize {
+        self.pages.len()
+    }
 }
 
+/// The files of the record and their pages in all.
+pub(super) type Record = PagedFiles<Recorded>;
+
 impl Record {
-    pub(super) fn is_empty(&self) -> bool {
-        self.files.is_empty()
-    }
-
-    pub(super) fn clear(&mut self) {
-        self.files.clear();
-        self.pages = 0;
-    }
-
     #[cfg(test)]
     pub(super) fn contains(&self, rel: &str) -> bool {
         self.files.contains_key(rel)
-    }
-
-    fn insert(&mut self, rel: String, r: Recorded) {
-        self.pages += r.pages.len();
-        if let Some(old) = self.files.insert(rel, r) {
-            self.pages -= old.pages.len();
-        }
-    }
-
-    pub(super) fn remove(&mut self, rel: &str) -> Option<Recorded> {
-        let r = self.files.remove(rel)?;
-        self.pages -= r.pages.len();
-        Some(r)
-    }
-
-    /// Drops `rel` and everything below it.
-    fn forget(&mut self, rel: &str) {
-        self.remove(rel);
-        let before = self.files.len();
-        remove_below(&mut self.files, &format!("{rel}/"));
-        if self.files.len() != before {
-            self.pages = self.files.values().map(|r| r.pages.len()).sum();
-        }
     }
 
     /// `len` bytes at `offset` of `rel` were written (allocated, punched) through a file
