@@ -9,6 +9,8 @@ use crate::drill::netns::{run_in, Topology, Vm};
 
 /// An Azure Standard file share's throughput, the cap of the bandwidth drill: 15 MB/s.
 pub(crate) const CAP_BYTES_PER_S: u64 = 15_000_000;
+/// How long tbf may queue packets behind the cap (its `latency`).
+pub(crate) const CAP_QUEUE: std::time::Duration = std::time::Duration::from_millis(200);
 /// The random loss of the loss drill, in percent of packets, each way.
 pub(crate) const LOSS_PERCENT: u32 = 5;
 
@@ -110,7 +112,7 @@ impl Topology {
                         "burst",
                         "64kb",
                         "latency",
-                        "200ms",
+                        &format!("{}ms", CAP_QUEUE.as_millis()),
                     ],
                     "",
                 );
