@@ -126,6 +126,51 @@ pub struct LinkState {
     pub attrs: Attrs,
 }
 
+/// What a file's metadata says of its contents without reading them: device, inode, length,
+/// mtime, ctime and allocated blocks. Any write, truncation, chmod, chown or rename moves at
+/// least the ctime, which no one can set back; so a stamp taken when the contents were known
+/// and still the file's now proves them unchanged, unless a change came within the same tick
+/// of the coarse clock as the stamp (see [`Stamp::settled`]). The hot scanner's `Seen`, the
+/// pre-hash, the record and the cold side's page memo all decide by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub dev: u64,
+    pub ino: u64,
+    pub len: u64,
+    pub mtime: (i64, i64),
+    pub ctime: (i64, i64),
+    pub blocks: u64,
+}
+
+impl Stamp {
+    /// The stamp in `m` (from `lstat` or `fstat`).
+    pub fn of(m: &fs::Metadata) -> Stamp {
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+            blocks: m.blocks(),
+        }
+    }
+
+    /// Whether both its times are older than `window` now: a change from now on gives the
+    /// file times that differ from them.
+    pub fn settled(&self, window: std::time::Duration) -> bool {
+        let at = |(s, ns): (i64, i64)| {
+            u64::try_from(s)
+                .ok()
+                .zip(u32::try_from(ns).ok())
+                .map(|(s, ns)| std::time::UNIX_EPOCH + std::time::Duration::new(s, ns))
+        };
+        let now = std::time::SystemTime::now();
+        [self.mtime, self.ctime]
+            .into_iter()
+            .all(|t| at(t).is_some_and(|t| now.duration_since(t).is_ok_and(|age| age > window)))
+    }
+}
+
 /// Opens `path` for reading without following a symlink at its last component.
 pub fn open_nofollow(path: &Path) -> io::Result<File> {
     fs::OpenOptions::new()

@@ -27,12 +27,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::replicated::capture::RACY_WINDOW;
-use crate::replicated::pages::{page_hash, read_full_at, PageHash, ReadBuf, READ_PAGES};
+use crate::replicated::pages::{page_hash, read_full_at, PageHash, ReadBuf, Stamp, READ_PAGES};
 
 /// Pages the memo holds at most: 17 bytes each, so about 68 MiB, a 16 GiB tree of 4 KiB
 /// pages. Files beyond it are hashed in full at each index, as without a memo.
@@ -47,45 +45,6 @@ const MAGIC: &[u8; 8] = b"ASPMEMO1";
 const CHECKSUM_BYTES: usize = 32;
 /// The longest path a saved memo may hold (Linux's `PATH_MAX`).
 const MAX_PATH_BYTES: usize = 4096;
-
-/// What a file's metadata was right after the apply thread's last change to it (or when the
-/// index hashed it): any change since moves at least its ctime.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Stamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-    blocks: u64,
-}
-
-impl Stamp {
-    pub(crate) fn of(m: &fs::Metadata) -> Stamp {
-        Stamp {
-            dev: m.dev(),
-            ino: m.ino(),
-            len: m.len(),
-            mtime: (m.mtime(), m.mtime_nsec()),
-            ctime: (m.ctime(), m.ctime_nsec()),
-            blocks: m.blocks(),
-        }
-    }
-
-    /// Whether both times are older than [`RACY_WINDOW`] at `now`: a change after now gives
-    /// the file a ctime that differs.
-    fn settled(&self, now: SystemTime) -> bool {
-        let at = |(s, ns): (i64, i64)| {
-            u64::try_from(s)
-                .ok()
-                .zip(u32::try_from(ns).ok())
-                .map(|(s, ns)| UNIX_EPOCH + Duration::new(s, ns))
-        };
-        [self.mtime, self.ctime].into_iter().all(|t| {
-            at(t).is_some_and(|t| now.duration_since(t).is_ok_and(|age| age >= RACY_WINDOW))
-        })
-    }
-}
 
 /// What the memo knows of one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,7 +212,7 @@ impl PageMemo {
         let stamp = Stamp::of(before);
         let still = stamp == Stamp::of(after);
         if !still
-            || (read > 0 && !stamp.settled(SystemTime::now()))
+            || (read > 0 && !stamp.settled(RACY_WINDOW))
             || pages.len() != self.pages_of(stamp.len)
         {
             return;

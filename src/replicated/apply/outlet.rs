@@ -7,12 +7,11 @@
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::replicated::apply::memo::Stamp;
 use crate::replicated::apply::Applier;
 use crate::replicated::ops::DigestPart;
 use crate::replicated::pages::{
     digest_parts, file_index_parts, file_parts_from, other_index_part, walk_sorted, Entry,
-    IndexPart, Node, PagesError, ReadBuf,
+    IndexPart, Node, PagesError, ReadBuf, Stamp,
 };
 
 /// Where a connection's barrier digests go, and the sizes of the parts (the wire's).

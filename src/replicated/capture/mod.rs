@@ -35,8 +35,6 @@
 //!   (`fold.rs`).
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -51,6 +49,9 @@ use crate::replicated::pages::{
     page_hash, DigestCompare, FileCache, PageHash, ReadBuf, TreeIndex, READ_PAGES,
 };
 use crate::replicated::stats::SenderStats;
+
+/// The last metadata seen for a file after hashing it in full (see [`Stamp`](crate::replicated::pages::Stamp)).
+use crate::replicated::pages::Stamp as Seen;
 
 mod events;
 mod fold;
@@ -122,28 +123,6 @@ pub(crate) struct ScanConfig {
     pub(crate) rescan: Duration,
     /// Full rehash period.
     pub(crate) deep_rescan: Duration,
-}
-
-/// The last metadata seen for a file after hashing it in full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Seen {
-    len: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-    ino: u64,
-    blocks: u64,
-}
-
-impl Seen {
-    fn of(m: &fs::Metadata) -> Seen {
-        Seen {
-            len: m.len(),
-            mtime: (m.mtime(), m.mtime_nsec()),
-            ctime: (m.ctime(), m.ctime_nsec()),
-            ino: m.ino(),
-            blocks: m.blocks(),
-        }
-    }
 }
 
 /// The scanner thread's state: the table (the cold side's disk as it will be once every op

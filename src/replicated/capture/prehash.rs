@@ -8,7 +8,7 @@
 //! - only on the write path (the FUSE capture), where every write reaches the backing file
 //!   through a `pwrite` that moves its ctime (a store through an `mmap` of `data_dir` itself
 //!   does not, until written back: the watch capture never pre-hashes);
-//! - the file's [`Seen`] (length, mtime, ctime, inode, blocks) is the same before and after
+//! - the file's [`Seen`] (device, inode, length, mtime, ctime, blocks) is the same before and after
 //!   hashing, and both its times were older than [`RACY_WINDOW`](super::RACY_WINDOW) then:
 //!   any later change sets a ctime the coarse clock can tell apart;
 //! - at the comparison the opened file's [`Seen`] is still that one, else it is read in full;
@@ -25,12 +25,10 @@
 //! freed when the comparison ends.
 
 use std::fs::{self, File};
-use std::os::unix::fs::MetadataExt;
-use std::time::{Duration, UNIX_EPOCH};
 
 use crate::replicated::capture::paged::{Paged, PagedFiles};
 use crate::replicated::capture::record::PrehashCounts;
-use crate::replicated::capture::scan::{settled_at, sorted_names};
+use crate::replicated::capture::scan::sorted_names;
 use crate::replicated::capture::watch::FsEvent;
 use crate::replicated::capture::{Scanner, Seen};
 use crate::replicated::pages::{open_nofollow, page_hash, read_full_at, PageHash};
@@ -139,7 +137,7 @@ impl Scanner {
             return true; // still what an earlier pre-hash saw
         }
         self.prehash.remove(rel);
-        if !settled(&before) {
+        if !seen.settled(super::RACY_WINDOW) {
             return true; // compared by reading, like any file without a pre-hash
         }
         let Ok(pages) = usize::try_from(before.len().div_ceil(self.page_size as u64)) else {
@@ -225,14 +223,4 @@ impl Scanner {
         let p = self.prehash.remove(rel)?;
         (p.seen == Seen::of(meta)).then_some(p.pages)
     }
-}
-
-/// Whether both the file's mtime and ctime are older than
-/// [`RACY_WINDOW`](super::RACY_WINDOW): a change after now gives it times that differ.
-fn settled(m: &fs::Metadata) -> bool {
-    let ctime = u64::try_from(m.ctime())
-        .ok()
-        .zip(u32::try_from(m.ctime_nsec()).ok())
-        .map(|(secs, nsec)| UNIX_EPOCH + Duration::new(secs, nsec));
-    m.modified().is_ok_and(settled_at) && ctime.is_some_and(settled_at)
 }
