@@ -27,6 +27,7 @@
 //! epoch is the replication epoch, and the hot side's [`witness`] reports in the lease row how
 //! far behind the cold copy is, so that the cold VM can fail over by itself only when complete.
 
+pub mod ack_watch;
 pub mod agent;
 pub mod apply;
 pub mod capture;

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use crate::replicated::ack_watch::AckWatch;
 use crate::replicated::hot_sync::HotSync;
 use crate::replicated::progress::SyncTracker;
 
@@ -51,6 +52,9 @@ pub struct SenderStats {
     /// Durable acks with `on_peer_loss = "block"`: since when (ms since the Unix epoch) a sync
     /// has waited for the cold side longer than `peer_timeout_ms`; 0 while none has.
     pub blocked_since_unix_ms: AtomicU64,
+    /// Durable acks: where a sync through the mount waits for the cold side's ack of its
+    /// calls' ops without passing through the scanner and the network task.
+    pub acks: AckWatch,
 }
 
 impl SenderStats {

@@ -122,6 +122,7 @@ pub(crate) async fn run_net(
         )
         .await;
         stats.connected.store(false, Ordering::Relaxed);
+        stats.acks.disconnected(gen);
         stats.sync.abort();
         stats.window_bytes.store(0, Ordering::Relaxed);
         stats.oldest_unacked_unix_ms.store(0, Ordering::Relaxed);
@@ -175,7 +176,7 @@ async fn stream_once(
     cfg: &StreamConfig,
     gen: u64,
     scanner: &mut ScannerLink,
-    (stats, events, last_nack): (&SenderStats, &Sender<SenderEvent>, &mut String),
+    (stats, events, last_nack): (&Arc<SenderStats>, &Sender<SenderEvent>, &mut String),
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), SendError> {
     let peer = cfg.peer;
@@ -193,8 +194,17 @@ async fn stream_once(
     // not caught up until the scanner's comparison against this index is done (our first
     // heartbeat goes out before the scanner has even read the index)
     stats.initial_done.store(false, Ordering::Release);
+    // (before the scanner can flush on this connection: see `ack_watch`)
+    stats.acks.connected(gen);
     let _ = scanner.ctl.send(ScanMsg::Resync { gen, index });
-    let mut answers = ReadTask::spawn(reader, ANSWER_QUEUE, |_| {}, |_| true);
+    // durable syncs hear of each ack from the reader itself, not through this task
+    let watch = Arc::clone(stats);
+    let on_frame = move |frame: &Result<Frame, ProtoError>, _bytes| {
+        if let Ok(Frame::Ack { seq }) = frame {
+            watch.acks.acked(gen, *seq);
+        }
+    };
+    let mut answers = ReadTask::spawn(reader, ANSWER_QUEUE, on_frame, |_| true);
     let mut outbound = Outbound {
         peer,
         gen,

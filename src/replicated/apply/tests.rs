@@ -211,6 +211,145 @@ fn issue12_small_batches_sent_direct_never_overtake_large_ones_in_the_check_thre
     assert!(last[..4096].iter().all(|b| *b == fill));
 }
 
+/// Issue 12: the connection applies a small batch itself when nothing is ahead of it
+/// (`Jobs::apply_now`), as the receiver does: only with every earlier outcome in hand, and
+/// otherwise through the threads. Large and small batches in turn all apply in sequence (one
+/// applied here while an earlier one waited would be skipped as out of order), some of each
+/// way, and the file ends as the last batch left it.
+#[test]
+fn issue12_batches_applied_by_the_connection_never_overtake_those_in_the_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let jobs = applier(dir.path()).spawn();
+    let (reply, mut replies) = mpsc::unbounded_channel();
+    let rounds: u64 = 300;
+    let (mut in_flight, mut outcomes, mut here) = (0u64, Vec::new(), 0);
+    for seq in 1..=rounds {
+        while let Ok(a) = replies.try_recv() {
+            in_flight -= 1;
+            outcomes.push(a);
+        }
+        if seq % 8 == 4 {
+            // a run of small batches begins after a sync's wait: everything before is answered
+            while in_flight > 0 {
+                outcomes.push(replies.blocking_recv().unwrap());
+                in_flight -= 1;
+            }
+        }
+        let pages = if (seq / 4) % 2 == 0 { 32 } else { 1 };
+        let fill = u8::try_from(seq % 251).unwrap();
+        let mut job = Job::Batch {
+            seq,
+            epoch: 1,
+            ops: vec![write("f", 0, vec![fill; pages * 4096])],
+            reply: reply.clone(),
+            pages: None,
+        };
+        if in_flight == 0 {
+            match jobs.apply_now(job) {
+                Ok(a) => {
+                    here += 1;
+                    outcomes.push(a);
+                    continue;
+                }
+                Err(j) => job = j,
+            }
+        }
+        in_flight += 1;
+        loop {
+            match jobs.try_send(job) {
+                Ok(()) => break,
+                Err(TrySendError::Full(j)) => job = j,
+                Err(e) => panic!("{e}"),
+            }
+            std::thread::yield_now();
+        }
+    }
+    while in_flight > 0 {
+        outcomes.push(replies.blocking_recv().unwrap());
+        in_flight -= 1;
+    }
+    for (i, got) in outcomes.iter().enumerate() {
+        let seq = i as u64 + 1;
+        assert!(
+            matches!(got, Applied::Done { seq: s, .. } if *s == seq),
+            "batch {seq}: {got:?}"
+        );
+    }
+    assert!(here > 0 && here < rounds, "{here} of {rounds} applied here");
+    let last = fs::read(dir.path().join("f")).unwrap();
+    let fill = u8::try_from(rounds % 251).unwrap();
+    assert!(last[..4096].iter().all(|b| *b == fill));
+}
+
+/// Issue 12: a small batch is not applied by the connection while the apply thread has a job
+/// in hand (here an index, held part way), nor a batch with a barrier (its digest goes to the
+/// connection, which would be the one waiting), nor one with more pages than
+/// `DIRECT_BATCH_BYTES`: each comes back to go the usual way, and nothing of it is written.
+#[test]
+fn issue12_the_connection_applies_nothing_while_the_apply_thread_has_a_job() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("old"), vec![3u8; 4096]).unwrap();
+    let (entered_tx, entered) = crossbeam_channel::bounded(1);
+    let (release_tx, release) = crossbeam_channel::bounded::<()>(1);
+    let mut a = applier(dir.path());
+    a.index_hook = Some(Box::new(move |_: &Path| {
+        let _ = entered_tx.send(());
+        let _ = release.recv();
+    }));
+    let jobs = a.spawn();
+    let (parts_tx, mut parts) = mpsc::channel(1024);
+    let (done_tx, mut done) = oneshot::channel();
+    let (digests, _digests_rx) = mpsc::channel(4);
+    let outlet = Outlet {
+        digests,
+        index_chunk_pages: 64,
+        digest_chunk: (1 << 20, |_, _| 0),
+    };
+    jobs.send(Job::Index {
+        parts: parts_tx,
+        done: done_tx,
+        outlet,
+    })
+    .unwrap();
+    entered.recv().unwrap();
+    let (reply, _replies) = mpsc::unbounded_channel();
+    let batch = |ops| Job::Batch {
+        seq: 1,
+        epoch: 1,
+        ops,
+        reply: reply.clone(),
+        pages: None,
+    };
+    let small = vec![write("new", 0, vec![1; 4096])];
+    assert!(
+        jobs.apply_now(batch(small.clone())).is_err(),
+        "applied beside an index"
+    );
+    assert!(!dir.path().join("new").exists());
+    release_tx.send(()).unwrap();
+    while parts.blocking_recv().is_some() {}
+    assert!(done.try_recv().unwrap().is_ok());
+    // the index is done: now it may
+    let mut with_barrier = small.clone();
+    with_barrier.push(Op::Barrier { id: 1 });
+    assert!(
+        jobs.apply_now(batch(with_barrier)).is_err(),
+        "a barrier applied here"
+    );
+    let large = vec![write("new", 0, vec![1; DIRECT_BATCH_BYTES + 4096])];
+    assert!(
+        jobs.apply_now(batch(large)).is_err(),
+        "a large batch applied here"
+    );
+    assert!(!dir.path().join("new").exists());
+    let got = jobs
+        .apply_now(batch(small))
+        .map_err(|_| "sent back")
+        .unwrap();
+    assert!(matches!(got, Applied::Done { seq: 1, .. }), "{got:?}");
+    assert_eq!(fs::read(dir.path().join("new")).unwrap(), vec![1u8; 4096]);
+}
+
 #[test]
 fn escaping_paths_are_rejected() {
     let dir = tempfile::tempdir().unwrap();

@@ -16,6 +16,8 @@ use crate::replicated::pages::FileState;
 impl Scanner {
     /// Brings the table (and the cold side) in line with what one event says changed.
     pub(super) fn fs_event(&mut self, ev: FsEvent) {
+        // (counted as handled before it is: it is, by the next flush, which publishes it)
+        self.handled += 1;
         if !self.prehash.is_empty() {
             self.prehash_forget(&ev);
         }

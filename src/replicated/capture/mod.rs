@@ -185,6 +185,9 @@ pub(crate) struct Scanner {
     exact_events: bool,
     /// Write-path events with async acks: a steady stream is sent in [`COALESCE_WINDOW`]s.
     coalesce: bool,
+    /// Events handled so far (every kind, in the order queued): with durable acks each flush
+    /// publishes it for the syncs waiting ([`crate::replicated::ack_watch`]).
+    handled: u64,
     /// The watch thread; `None` in unit tests that deliver events by hand.
     watches: Option<Watches>,
     /// Whether the watch set must be rebuilt before the next walk (at start, after lost
@@ -246,6 +249,7 @@ impl Scanner {
             prehash_counts: record::PrehashCounts::default(),
             exact_events: false,
             coalesce: false,
+            handled: 0,
             watches: None,
             watch_stale: true,
             watch_limit: None,
@@ -318,6 +322,20 @@ impl Scanner {
             self.rescan_if_due();
             self.timers();
             self.flush();
+            self.publish_flushed();
+        }
+    }
+
+    /// With durable acks (write-path events, not coalesced): tells the syncs waiting how many
+    /// events the batches emitted so far on this connection carry. Only once its comparison is
+    /// done: before, the connection's index is not yet answered.
+    fn publish_flushed(&self) {
+        if !self.exact_events || self.coalesce || !self.connected || !self.compared {
+            return;
+        }
+        if let Some(st) = &self.stats {
+            let seq = st.emitted.load(Ordering::Acquire);
+            st.acks.flushed(self.gen, self.handled, seq);
         }
     }
 

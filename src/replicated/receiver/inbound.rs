@@ -60,7 +60,7 @@ impl Inbound<'_> {
         let mut frames = ReadTask::spawn(
             reader,
             APPLY_QUEUE,
-            move |bytes| read_stats.wire_bytes.store(bytes, Ordering::Relaxed),
+            move |_, bytes| read_stats.wire_bytes.store(bytes, Ordering::Relaxed),
             |e| !matches!(e, ProtoError::BadMac { .. }),
         );
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Applied>();
@@ -171,8 +171,17 @@ impl Inbound<'_> {
                     reply: done.clone(),
                     pages: None,
                 };
-                self.submit(job, digests).await?;
+                // with every earlier outcome in hand, a small batch may be applied right here
+                let now = if self.in_flight == 0 {
+                    self.jobs.apply_now(job)
+                } else {
+                    Err(job)
+                };
                 self.in_flight += 1;
+                match now {
+                    Ok(applied) => self.on_applied(applied).await?,
+                    Err(job) => self.submit(job, digests).await?,
+                }
             }
             Ok(Frame::Heartbeat(state)) => {
                 if state.caught_up && state.unacked_ms == 0 && self.in_flight == 0 {

@@ -273,13 +273,13 @@ pub(crate) struct ReadTask {
 }
 
 impl ReadTask {
-    /// Starts reading: `queue` frames may wait; `counted` hears the reader's byte count after
-    /// each read; `ends_stream` says which errors stop the task (the others are queued and
-    /// reading goes on).
+    /// Starts reading: `queue` frames may wait; `seen` hears of each frame (or error) as it
+    /// is read, before it is queued, with the reader's byte count; `ends_stream` says which
+    /// errors stop the task (the others are queued and reading goes on).
     pub(crate) fn spawn<R>(
         mut reader: FrameReader<R>,
         queue: usize,
-        mut counted: impl FnMut(u64) + Send + 'static,
+        mut seen: impl FnMut(&Result<Frame, ProtoError>, u64) + Send + 'static,
         ends_stream: fn(&ProtoError) -> bool,
     ) -> ReadTask
     where
@@ -289,7 +289,7 @@ impl ReadTask {
         let task = tokio::spawn(async move {
             loop {
                 let f = reader.recv().await;
-                counted(reader.bytes);
+                seen(&f, reader.bytes);
                 let end = matches!(&f, Err(e) if ends_stream(e));
                 if tx.send(f).await.is_err() || end {
                     return;

@@ -2,7 +2,9 @@
 //! through the mount with `ack = "durable"`, against the same loop on a local directory of the
 //! same filesystem without replication, a loopback TCP round trip and the cold filesystem's
 //! `fdatasync` alone, all measured in the same run. The figure is the latency durable acks
-//! add; the target is p50 added <= round trip + cold fdatasync + 100 us.
+//! add; the target is p50 added <= round trip + cold fdatasync + 100 us. The same loop through
+//! a mount with `ack = "async"` splits that figure: what the FUSE round trips (the write's and
+//! the sync's) cost, and what waiting for the cold side adds on top.
 
 use super::*;
 
@@ -181,6 +183,9 @@ pub(super) fn durable_fsync(s: &Settings, rss: &mut (f64, f64)) -> Result<Value,
             "p50_us",
             "p99_us",
             "target_met",
+            "fuse_async_p50_us",
+            "fuse_async_p99_us",
+            "p50_added_over_async_us",
         ] {
             v[k] = Value::Null;
         }
@@ -194,6 +199,15 @@ pub(super) fn durable_fsync(s: &Settings, rss: &mut (f64, f64)) -> Result<Value,
     let (lat, elapsed, degraded, on_cold) = durable_run(s, &mut p)?;
     let hot_cpu = (p.cpu().0 - h0).as_secs_f64() / elapsed.as_secs_f64() * 100.0;
     v["hot_rss_mb"] = finish(p, rss);
+    // the same loop through a mount with async acks: what the FUSE round trips cost alone
+    let p = start_pair(s, "durable_fsync_async", Capture::FuseAsync)?;
+    let (fuse, _) = fsync_loop(&p.write_dir.join("async.amq"), s.rate, s.seconds)?;
+    finish(p, rss);
+    v["fuse_async_p50_us"] = us(quantile(&fuse, 0.5));
+    v["fuse_async_p99_us"] = us(quantile(&fuse, 0.99));
+    v["p50_added_over_async_us"] = json!(us_f(quantile(&lat, 0.5))
+        .zip(us_f(quantile(&fuse, 0.5)))
+        .map(|(d, a)| round(d - a, 1)));
     let added = |q: f64| {
         us_f(quantile(&lat, q))
             .zip(us_f(quantile(&local, q)))

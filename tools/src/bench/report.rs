@@ -181,6 +181,23 @@ const ROWS: &[Row] = &[
     ),
     (
         "durable_fsync",
+        "fuse_async_p50_us",
+        |v| {
+            format!(
+                "same loop through a mount with async acks: the FUSE round trips (p99 {} us)",
+                fig(&v["durable_fsync"]["fuse_async_p99_us"])
+            )
+        },
+        no_target,
+    ),
+    (
+        "durable_fsync",
+        "p50_added_over_async_us",
+        |_| "durable p50 - async p50 through the mount: the wait for the cold side".into(),
+        no_target,
+    ),
+    (
+        "durable_fsync",
         "rtt_us",
         |v| {
             format!(

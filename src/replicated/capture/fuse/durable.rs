@@ -2,9 +2,12 @@
 //! `msync(MS_SYNC)` and an `O_DSYNC` write make) returns only once the cold side has
 //! acknowledged, so fsynced, every op made from the calls before it.
 //!
-//! After the local sync, the FUSE thread queues [`FsEvent::Sync`] behind the events of those
-//! calls; the scanner flushes its batch and hands the reply to the network task, which answers
-//! when the ack of the last batch sent arrives. With the cold side gone or slow for
+//! After the local sync, the FUSE thread waits until the scanner has flushed the events of
+//! those calls and the cold side has acknowledged the batches that carried them, told by the
+//! scanner and the connection's reader ([`crate::replicated::ack_watch`]). Without a
+//! connection, or when it changes meanwhile, it queues [`FsEvent::Sync`] behind those events
+//! instead: the scanner flushes its batch and hands the reply to the network task, which
+//! answers when the ack of the last batch sent arrives. With the cold side gone or slow for
 //! `peer_timeout_ms`, `on_peer_loss = "degrade"` goes on as async (logged once, and
 //! [`SenderStats::degraded_since_unix_ms`] set for `status`) until the stream is connected and
 //! the resync after it done, when the next sync that is acknowledged in time makes syncs
@@ -17,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, RecvTimeoutError};
 
+use crate::replicated::ack_watch::Waited;
 use crate::replicated::capture::fuse::passthrough::Passthrough;
 use crate::replicated::capture::watch::FsEvent;
 use crate::replicated::stats::SenderStats;
@@ -77,11 +81,21 @@ impl Passthrough {
         if degraded && !resynced {
             return;
         }
+        // every call that returned before this sync began has queued its event by now
+        let events = stats.acks.queued();
         let mut deadline = Instant::now() + d.cfg.peer_timeout;
         loop {
-            let (tx, rx) = bounded(1);
-            self.send(FsEvent::Sync(tx));
-            match rx.recv_deadline(deadline) {
+            let waited = match stats.acks.wait(events, deadline) {
+                Waited::Acked => Ok(()),
+                Waited::TimedOut => Err(RecvTimeoutError::Timeout),
+                // no connection, or it changed: the long way, behind the scanner's events
+                Waited::Lost => {
+                    let (tx, rx) = bounded(1);
+                    self.send(FsEvent::Sync(tx));
+                    rx.recv_deadline(deadline)
+                }
+            };
+            match waited {
                 Ok(()) => {
                     stats.blocked_since_unix_ms.store(0, Ordering::Release);
                     if degraded {

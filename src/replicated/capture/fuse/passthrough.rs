@@ -105,6 +105,10 @@ impl Passthrough {
 
     /// Queues an event for the scanner (blocks while its queue is full: back-pressure).
     pub(super) fn send(&self, ev: FsEvent) {
+        if let Some(d) = &self.durable {
+            // counted before it is queued (see `ack_watch`)
+            d.stats.acks.count_event();
+        }
         // a stopped scanner has nothing to send to: the change is on disk regardless
         let _ = self.events.send(ev);
     }
