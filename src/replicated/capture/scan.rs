@@ -16,8 +16,8 @@ use std::time::SystemTime;
 use crate::replicated::capture::{Scanner, Seen, BATCH_DATA_BYTES, RACY_WINDOW};
 use crate::replicated::ops::Op;
 use crate::replicated::pages::{
-    fully_allocated, link_target, open_nofollow, page_hash, read_full_at, Attrs, LinkState,
-    PageHash, READ_PAGES,
+    fully_allocated, link_target, open_nofollow, page_digest, page_hash, read_full_at, Attrs,
+    LinkState, PageHash, READ_PAGES,
 };
 
 /// Marks a table entry that must be re-sent whatever the content.
@@ -576,7 +576,7 @@ impl Scanner {
                 break;
             }
             pass.compared_to = idx + 1;
-            let full_hash = blake3::hash(chunk);
+            let full_hash = page_digest(chunk);
             let mut short = [0u8; 16];
             short.copy_from_slice(&full_hash.as_bytes()[..16]);
             if table[idx] == short {
