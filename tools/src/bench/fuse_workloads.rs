@@ -11,6 +11,9 @@ pub(super) const APPEND_MAX_P99: Duration = Duration::from_millis(20);
 const APPEND_MAX_FIRST_RATE: u32 = 16;
 /// `append_max`: the last rate tried (537 MB/s).
 const APPEND_MAX_LAST_RATE: u32 = 512;
+/// Steps halfway between the highest rate that held and the lowest that did not, after the
+/// doubling (so a target between two doublings is tried, not guessed).
+const APPEND_MAX_BISECTIONS: u32 = 3;
 /// `append_max`: bytes per write.
 pub(super) const APPEND_MAX_RECORD_BYTES: usize = 1 << 20;
 /// `append_max`: journal files kept (older ones deleted), so that a run does not fill tmpfs.
@@ -211,8 +214,8 @@ fn append_max_step(
 
 /// `append_max`: 1 MiB writes + fdatasync through the mount (async acks) at rates doubling
 /// from [`APPEND_MAX_FIRST_RATE`] while the p99 lag stays within [`APPEND_MAX_P99`] and the
-/// writer keeps the rate (then once more halfway between the last good rate and the first bad
-/// one): the figure is the best such step's MB/s. A last step without a rate gives the ceiling.
+/// writer keeps the rate, then up to [`APPEND_MAX_BISECTIONS`] steps halfway between the best
+/// rate that held and the lowest that did not: the figure is the best such step's MB/s. A last step without a rate gives the ceiling.
 pub(super) fn append_max(
     s: &Settings,
     rss: &mut (f64, f64),
@@ -229,23 +232,33 @@ pub(super) fn append_max(
     let (h0, c0) = p.cpu();
     let t0 = Instant::now();
     let (mut steps, mut best, mut next_file) = (Vec::new(), None::<Value>, 1u64);
-    let (mut rate, mut last_good) = (APPEND_MAX_FIRST_RATE, None::<u32>);
+    let mut rate = APPEND_MAX_FIRST_RATE;
+    // the highest rate that held and the lowest that did not, so far
+    let (mut good, mut bad) = (None::<u32>, None::<u32>);
+    let mut bisections = APPEND_MAX_BISECTIONS;
     loop {
         let (v, ok, kept_up) =
             append_max_step(&mut p, Some(rate), step, &mut next_file, rss, curves)?;
         steps.push(v.clone());
         if ok && kept_up {
             best = Some(v);
-            last_good = Some(rate);
-            if rate >= APPEND_MAX_LAST_RATE {
-                break;
+            good = Some(rate);
+            if bad.is_none() {
+                if rate >= APPEND_MAX_LAST_RATE {
+                    break;
+                }
+                rate *= 2;
+                continue;
             }
-            rate *= 2;
-            continue;
+        } else {
+            bad = Some(bad.map_or(rate, |b| b.min(rate)));
         }
-        // one step halfway back, unless this was already one
-        match last_good {
-            Some(good) if rate == 2 * good && good >= 2 => rate = good + good / 2,
+        // halfway between the two, while they are more than an eighth apart
+        match (good, bad) {
+            (Some(g), Some(b)) if bisections > 0 && b - g > g / 8 => {
+                bisections -= 1;
+                rate = g + (b - g) / 2;
+            }
             _ => break,
         }
     }
