@@ -168,6 +168,12 @@ mod tests {
         Instant::now() + Duration::from_secs(5)
     }
 
+    /// A sync waiting for the first `events` events on a thread of its own.
+    fn waiting(w: &Arc<AckWatch>, events: u64) -> std::thread::JoinHandle<Waited> {
+        let w = w.clone();
+        std::thread::spawn(move || w.wait(events, soon()))
+    }
+
     #[test]
     fn without_a_connection_a_sync_takes_the_long_way() {
         let w = AckWatch::default();
@@ -183,11 +189,7 @@ mod tests {
         w.connected(3);
         w.count_event();
         w.count_event();
-        let events = w.queued();
-        let waiter = {
-            let w = w.clone();
-            std::thread::spawn(move || w.wait(events, soon()))
-        };
+        let waiter = waiting(&w, w.queued());
         // the scanner has handled one of the two: its flush does not release the sync
         w.flushed(3, 1, 4);
         w.acked(3, 4);
@@ -211,10 +213,7 @@ mod tests {
     fn flushes_and_acks_of_another_connection_do_not_count() {
         let w = Arc::new(AckWatch::default());
         w.connected(2);
-        let waiter = {
-            let w = w.clone();
-            std::thread::spawn(move || w.wait(1, soon()))
-        };
+        let waiter = waiting(&w, 1);
         w.flushed(1, 10, 1);
         w.acked(1, 1);
         std::thread::sleep(Duration::from_millis(50));

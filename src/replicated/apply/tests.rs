@@ -165,10 +165,52 @@ fn issue15_pages_checked_on_the_way_to_the_apply_thread_still_reject_a_bad_batch
     }
 }
 
+/// Batch `seq` of the ordering tests below: one write at the start of `f` filled with a byte
+/// of its own, large (32 pages, through the check thread) or small (1 page, direct when the
+/// threads are idle) in runs of `run`, so that both meet the other in flight.
+fn ordered_batch(seq: u64, run: u64, reply: &mpsc::UnboundedSender<Applied>) -> Job {
+    let pages = if (seq / run).is_multiple_of(2) { 32 } else { 1 };
+    let fill = u8::try_from(seq % 251).unwrap();
+    Job::Batch {
+        seq,
+        epoch: 1,
+        ops: vec![write("f", 0, vec![fill; pages * 4096])],
+        reply: reply.clone(),
+        pages: None,
+    }
+}
+
+/// Queues `job` as fast as there is room, as the connection does.
+fn send_when_room(jobs: &Jobs, mut job: Job) {
+    loop {
+        match jobs.try_send(job) {
+            Ok(()) => return,
+            Err(TrySendError::Full(j)) => job = j,
+            Err(e) => panic!("{e}"),
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// Batches 1 to `rounds` were all answered `Done`, in sequence (one that overtook another
+/// would be skipped as out of order and never answered `Done`), and `f` is as the last left it.
+fn assert_applied_in_order(outcomes: &[Applied], rounds: u64, dir: &Path) {
+    assert_eq!(outcomes.len() as u64, rounds);
+    for (i, got) in outcomes.iter().enumerate() {
+        let seq = i as u64 + 1;
+        assert!(
+            matches!(got, Applied::Done { seq: s, .. } if *s == seq),
+            "batch {seq}: {got:?}"
+        );
+    }
+    let last = fs::read(dir.join("f")).unwrap();
+    let fill = u8::try_from(rounds % 251).unwrap();
+    assert!(last[..4096].iter().all(|b| *b == fill));
+}
+
 /// Small batches go straight to the apply thread only when the check thread has nothing:
 /// large and small batches sent back to back, as fast as there is room, all apply in
-/// sequence (one overtaking another would be skipped as out of order and never answered
-/// `Done`), and the file ends as the last batch left it.
+/// sequence.
 #[test]
 fn issue12_small_batches_sent_direct_never_overtake_large_ones_in_the_check_thread() {
     let dir = tempfile::tempdir().unwrap();
@@ -177,45 +219,20 @@ fn issue12_small_batches_sent_direct_never_overtake_large_ones_in_the_check_thre
     let rounds: u64 = 200;
     let sender = std::thread::spawn(move || {
         for seq in 1..=rounds {
-            // large (through the check thread) and small (direct when it is idle) in turn,
-            // with runs of each so that both meet the other in flight
-            let pages = if (seq / 3) % 2 == 0 { 32 } else { 1 };
-            let fill = u8::try_from(seq % 251).unwrap();
-            let mut job = Job::Batch {
-                seq,
-                epoch: 1,
-                ops: vec![write("f", 0, vec![fill; pages * 4096])],
-                reply: reply.clone(),
-                pages: None,
-            };
-            loop {
-                match jobs_tx.try_send(job) {
-                    Ok(()) => break,
-                    Err(TrySendError::Full(j)) => job = j,
-                    Err(e) => panic!("{e}"),
-                }
-                std::thread::yield_now();
-            }
+            send_when_room(&jobs_tx, ordered_batch(seq, 3, &reply));
         }
     });
-    for seq in 1..=rounds {
-        let got = replies.blocking_recv().unwrap();
-        assert!(
-            matches!(got, Applied::Done { seq: s, .. } if s == seq),
-            "batch {seq}: {got:?}"
-        );
-    }
+    let outcomes: Vec<_> = (0..rounds)
+        .map(|_| replies.blocking_recv().unwrap())
+        .collect();
     sender.join().unwrap();
-    let last = fs::read(dir.path().join("f")).unwrap();
-    let fill = u8::try_from(rounds % 251).unwrap();
-    assert!(last[..4096].iter().all(|b| *b == fill));
+    assert_applied_in_order(&outcomes, rounds, dir.path());
 }
 
 /// Issue 12: the connection applies a small batch itself when nothing is ahead of it
 /// (`Jobs::apply_now`), as the receiver does: only with every earlier outcome in hand, and
-/// otherwise through the threads. Large and small batches in turn all apply in sequence (one
-/// applied here while an earlier one waited would be skipped as out of order), some of each
-/// way, and the file ends as the last batch left it.
+/// otherwise through the threads. Large and small batches in turn all apply in sequence,
+/// some of each way.
 #[test]
 fn issue12_batches_applied_by_the_connection_never_overtake_those_in_the_threads() {
     let dir = tempfile::tempdir().unwrap();
@@ -235,15 +252,7 @@ fn issue12_batches_applied_by_the_connection_never_overtake_those_in_the_threads
                 in_flight -= 1;
             }
         }
-        let pages = if (seq / 4) % 2 == 0 { 32 } else { 1 };
-        let fill = u8::try_from(seq % 251).unwrap();
-        let mut job = Job::Batch {
-            seq,
-            epoch: 1,
-            ops: vec![write("f", 0, vec![fill; pages * 4096])],
-            reply: reply.clone(),
-            pages: None,
-        };
+        let mut job = ordered_batch(seq, 4, &reply);
         if in_flight == 0 {
             match jobs.apply_now(job) {
                 Ok(a) => {
@@ -255,30 +264,14 @@ fn issue12_batches_applied_by_the_connection_never_overtake_those_in_the_threads
             }
         }
         in_flight += 1;
-        loop {
-            match jobs.try_send(job) {
-                Ok(()) => break,
-                Err(TrySendError::Full(j)) => job = j,
-                Err(e) => panic!("{e}"),
-            }
-            std::thread::yield_now();
-        }
+        send_when_room(&jobs, job);
     }
     while in_flight > 0 {
         outcomes.push(replies.blocking_recv().unwrap());
         in_flight -= 1;
     }
-    for (i, got) in outcomes.iter().enumerate() {
-        let seq = i as u64 + 1;
-        assert!(
-            matches!(got, Applied::Done { seq: s, .. } if *s == seq),
-            "batch {seq}: {got:?}"
-        );
-    }
     assert!(here > 0 && here < rounds, "{here} of {rounds} applied here");
-    let last = fs::read(dir.path().join("f")).unwrap();
-    let fill = u8::try_from(rounds % 251).unwrap();
-    assert!(last[..4096].iter().all(|b| *b == fill));
+    assert_applied_in_order(&outcomes, rounds, dir.path());
 }
 
 /// Issue 12: a small batch is not applied by the connection while the apply thread has a job
