@@ -1,8 +1,10 @@
-//! The last step of the cold side: the apply thread, the only writer of the cold data
-//! directory. For each batch, in sequence order: validate it whole (every path confined to the
-//! data directory, no symlink or special file on the way, every page's blake3 matching), then
-//! apply its ops, fsync the files and directories they touched, and answer with an
-//! [`Applied`] that the connection turns into `Ack`, `Nack` or a dropped stream.
+//! The last step of the cold side: the `Applier`, the only writer of the cold data
+//! directory, held under a mutex by the apply thread for each job (or by the connection for a
+//! small batch with nothing ahead of it, `Jobs::apply_now`). For each batch, in sequence
+//! order: validate it whole (every path confined to the data directory, no symlink or special
+//! file on the way, every page's blake3 matching), then apply its ops, fsync the files and
+//! directories they touched, and answer with an [`Applied`] that the connection turns into
+//! `Ack`, `Nack` or a dropped stream.
 //!
 //! Nothing from the network touches the disk before it is checked: a batch that fails a check
 //! is answered `Rejected` with nothing of it written; batches after it are skipped until the

@@ -11,8 +11,8 @@
 //! When an entry counts: its [`Stamp`] (device, inode, length, mtime, ctime, blocks) was
 //! taken after the last change the apply thread made to the file and is still the file's
 //! now. Any later write, truncation, chmod or rename moves its ctime, which no one can set
-//! back. The apply thread is the only writer of the cold data directory; a write by anyone
-//! else in the same clock tick as the apply thread's last change to that file is the one
+//! back. The applier is the only writer of the cold data directory; a write by anyone
+//! else in the same clock tick as the applier's last change to that file is the one
 //! change a stamp cannot see (`verify` and the hot side's deep rescan still do). A batch that
 //! fails drops the entries of everything it touched; any length the stamp disagrees with
 //! drops the entry.
