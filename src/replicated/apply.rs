@@ -17,7 +17,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_channel::{SendTimeoutError, Sender, TrySendError};
@@ -75,12 +75,6 @@ impl std::fmt::Debug for Jobs {
             .field("applying", &self.applying)
             .finish_non_exhaustive()
     }
-}
-
-/// The applier, whoever held it last (a panic while applying leaves nothing half-locked that
-/// the next batch could trust: the batch's outcome never reached the connection, which ends).
-fn hold(applier: &Mutex<Applier>) -> MutexGuard<'_, Applier> {
-    applier.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Jobs {
@@ -190,6 +184,14 @@ pub(crate) enum Job {
     Fence(Sender<()>),
     /// A clean stop: writes the page memo for the next start, then answers.
     Save(Sender<()>),
+}
+
+/// A job's answer, sent once the apply thread has let the applier go.
+enum Answer {
+    /// A batch's outcome.
+    Batch(mpsc::UnboundedSender<Applied>, Applied),
+    /// A fence or a save is done.
+    Done(Sender<()>),
 }
 
 /// What a batch changed and has not made durable yet: files whose data it wrote
@@ -414,43 +416,66 @@ impl Applier {
         front
     }
 
-    /// The apply thread: each job with the applier held, counted out once done.
+    /// The apply thread: each job with the applier held, counted out once done. A panic
+    /// while the applier was held (here, or on the connection applying a batch) leaves its
+    /// state unknown (a page written and not yet in the memo): the thread stops, as a panic in
+    /// it always stopped it, and the connection finds the apply thread gone.
     fn run(
         applier: &Mutex<Applier>,
         jobs: &crossbeam_channel::Receiver<Job>,
         applying: &AtomicUsize,
     ) {
-        hold(applier).load_memo();
+        let Ok(mut held) = applier.lock() else { return };
+        held.load_memo();
+        drop(held);
         applying.fetch_sub(1, Ordering::AcqRel);
         for job in jobs.iter() {
-            let mut held = hold(applier);
-            held.job(job);
+            let Ok(mut held) = applier.lock() else {
+                tracing::error!("the apply thread stops: a batch panicked while being applied");
+                return;
+            };
+            let answer = held.job(job);
+            drop(held);
+            // counted out and let go before the answer: whoever has every answer in hand finds
+            // the applier free (`Jobs::apply_now`)
             applying.fetch_sub(1, Ordering::AcqRel);
+            match answer {
+                Some(Answer::Batch(reply, outcome)) => {
+                    let _ = reply.send(outcome);
+                }
+                Some(Answer::Done(done)) => {
+                    let _ = done.send(());
+                }
+                None => {}
+            }
         }
     }
 
-    fn job(&mut self, job: Job) {
+    /// Does one job; what it answers, if anything is left to answer.
+    fn job(&mut self, job: Job) -> Option<Answer> {
         match job {
             Job::Index {
                 parts,
                 done,
                 outlet,
-            } => self.index(&parts, done, outlet),
+            } => {
+                self.index(&parts, done, outlet);
+                None
+            }
             Job::Batch {
                 seq,
                 epoch,
                 ops,
                 reply,
                 pages,
-            } => {
-                let _ = reply.send(self.admitted_batch(seq, epoch, ops, pages));
-            }
-            Job::Fence(done) => {
-                let _ = done.send(());
-            }
+            } => Some(Answer::Batch(
+                reply,
+                self.admitted_batch(seq, epoch, ops, pages),
+            )),
+            Job::Fence(done) => Some(Answer::Done(done)),
             Job::Save(done) => {
                 self.save_memo();
-                let _ = done.send(());
+                Some(Answer::Done(done))
             }
         }
     }
