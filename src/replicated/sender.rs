@@ -9,12 +9,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 use tokio::sync::mpsc;
 
 use crate::replicated::capture::fuse::{self, DurableConfig, FuseCapture, FuseError};
 use crate::replicated::capture::watch::{NotifyBackend, Watches, EVENT_QUEUE};
-use crate::replicated::capture::{ScanConfig, Scanner};
+use crate::replicated::capture::{ScanConfig, ScanControl, Scanner};
 use crate::replicated::channel::Auth;
 use crate::replicated::ops::Outgoing;
 use crate::replicated::stream::{self, ScannerLink, StreamConfig};
@@ -96,7 +96,7 @@ impl SenderConfig {
 #[derive(Debug)]
 pub struct SenderHandle {
     /// Requests to the scanner.
-    pub ctl: Sender<ScanMsg>,
+    pub ctl: ScanControl,
     /// Counters.
     pub stats: Arc<SenderStats>,
     /// Events for the agent.
@@ -132,6 +132,7 @@ pub fn start(cfg: SenderConfig, rt: &tokio::runtime::Handle) -> Result<SenderHan
     // async acks on the write path: nothing waits on a send, so small writes may gather
     let coalesce = durable.is_none();
     let (fs_tx, fs_rx) = crossbeam_channel::bounded(EVENT_QUEUE);
+    let nudge = fs_tx.clone();
     let (watches, fuse) = match fuse_mount {
         None => (
             Some(Watches::start(
@@ -149,6 +150,7 @@ pub fn start(cfg: SenderConfig, rt: &tokio::runtime::Handle) -> Result<SenderHan
         }
     };
     let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(SCAN_CONTROL_QUEUE);
+    let ctl_tx = ScanControl::new(ctl_tx, nudge);
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>(BATCH_QUEUE);
     let (ev_tx, ev_rx) = crossbeam_channel::bounded(SENDER_EVENT_QUEUE);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

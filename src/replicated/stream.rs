@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::replicated::capture::fuse::DurableConfig;
+use crate::replicated::capture::ScanControl;
 use crate::replicated::channel::{self, Auth};
 use crate::replicated::ops::{DigestPart, Op, Outgoing, ScanMsg, SenderEvent};
 use crate::replicated::pages::{IndexPart, TreeIndex};
@@ -94,7 +95,7 @@ pub(crate) struct ScannerLink {
     /// What the scanner emits.
     pub(crate) out: mpsc::Receiver<Outgoing>,
     /// Where a connection's index goes, and news of a lost connection.
-    pub(crate) ctl: Sender<ScanMsg>,
+    pub(crate) ctl: ScanControl,
 }
 
 /// The network task: one connection after another until stopped.

@@ -16,6 +16,10 @@ use crate::replicated::pages::FileState;
 impl Scanner {
     /// Brings the table (and the cold side) in line with what one event says changed.
     pub(super) fn fs_event(&mut self, ev: FsEvent) {
+        if matches!(ev, FsEvent::Nudge) {
+            // not an event (never counted as queued): the loop reads the request
+            return;
+        }
         // (counted as handled before it is: it is, by the next flush, which publishes it)
         self.handled += 1;
         if !self.prehash.is_empty() {
@@ -30,6 +34,7 @@ impl Scanner {
             FsEvent::Rescan(why) => return self.request_rescan(why),
             FsEvent::WatchLimit => return self.watch_limit_hit(),
             FsEvent::Event(e) => e,
+            FsEvent::Nudge => return,
             // the write path's events (the FUSE capture): the change itself, in call order
             _ if !self.connected => return,
             FsEvent::Wrote {

@@ -40,7 +40,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, SendError, Sender, TryRecvError};
 use tokio::sync::mpsc;
 
 use crate::daemon::protocol::VERIFY_TIMEOUT;
@@ -92,6 +92,55 @@ pub const COALESCE_WINDOW: Duration = Duration::from_millis(1);
 /// Bytes an op adds to a batch frame beyond its paths and data: type, lengths, offsets,
 /// modes, with room for a few more fields.
 const OP_OVERHEAD_BYTES: usize = 64;
+
+/// Requests to the scanner thread ([`ScanMsg`]). Each is followed by a [`FsEvent::Nudge`] on
+/// the event channel, the one channel the scanner waits on. (Waiting on both with `select!`
+/// cost every event a second wake-up: the woken scanner unregistered from both channels and
+/// blocked on the waker lock that the event's sender still held.) Dropping the last handle
+/// nudges too, so the scanner sees its requests end at once.
+#[derive(Debug, Clone)]
+pub struct ScanControl(Arc<ControlInner>);
+
+#[derive(Debug)]
+struct ControlInner {
+    ctl: Option<Sender<ScanMsg>>,
+    nudge: Sender<FsEvent>,
+}
+
+impl ScanControl {
+    /// The handle for requests on `ctl` to the scanner reading `events`.
+    pub fn new(ctl: Sender<ScanMsg>, events: Sender<FsEvent>) -> ScanControl {
+        ScanControl(Arc::new(ControlInner {
+            ctl: Some(ctl),
+            nudge: events,
+        }))
+    }
+
+    /// Queues `msg` (waiting while the request queue is full) and wakes the scanner; an error
+    /// when the scanner has stopped.
+    pub fn send(&self, msg: ScanMsg) -> Result<(), SendError<ScanMsg>> {
+        match &self.0.ctl {
+            Some(ctl) => ctl.send(msg)?,
+            None => return Err(SendError(msg)),
+        }
+        self.0.nudge_scanner();
+        Ok(())
+    }
+}
+
+impl ControlInner {
+    fn nudge_scanner(&self) {
+        // a full event queue wakes the scanner anyway
+        let _ = self.nudge.try_send(FsEvent::Nudge);
+    }
+}
+
+impl Drop for ControlInner {
+    fn drop(&mut self) {
+        drop(self.ctl.take());
+        self.nudge_scanner();
+    }
+}
 
 /// A bound on the bytes `op` takes in a batch frame (its page data, page checksums, paths and
 /// fields), for sizing batches and the buffer a batch is encoded into.
@@ -295,11 +344,14 @@ impl Scanner {
             .expect("spawn the scanner thread")
     }
 
+    /// The loop waits on the event channel alone and reads requests after each wake-up (a
+    /// request comes with a [`FsEvent::Nudge`]): see [`ScanControl`].
     fn run(&mut self, fs_rx: Receiver<FsEvent>, ctl_rx: Receiver<ScanMsg>) {
         loop {
-            select! {
-                recv(fs_rx) -> ev => {
-                    let Ok(ev) = ev else { return };
+            let wait = self.next_wake().saturating_duration_since(Instant::now());
+            match fs_rx.recv_timeout(wait) {
+                Ok(FsEvent::Nudge) | Err(RecvTimeoutError::Timeout) => {}
+                Ok(ev) => {
                     // writes following the last send this closely are a steady stream
                     let dense = self.coalesce && self.last_send.elapsed() < COALESCE_WINDOW;
                     self.fs_event(ev);
@@ -312,11 +364,14 @@ impl Scanner {
                         self.drain_events(&fs_rx);
                     }
                 }
-                recv(ctl_rx) -> msg => match msg {
-                    Ok(ScanMsg::Stop) | Err(_) => return,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            loop {
+                match ctl_rx.try_recv() {
+                    Ok(ScanMsg::Stop) | Err(TryRecvError::Disconnected) => return,
                     Ok(msg) => self.control(msg),
-                },
-                default(self.next_wake().saturating_duration_since(Instant::now())) => {}
+                    Err(TryRecvError::Empty) => break,
+                }
             }
             self.expire_renames();
             self.rescan_if_due();

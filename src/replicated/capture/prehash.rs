@@ -213,7 +213,7 @@ impl Scanner {
             FsEvent::Renamed { .. } | FsEvent::Event(_) | FsEvent::Rescan(_) => {
                 self.prehash.clear();
             }
-            FsEvent::WatchLimit | FsEvent::Sync(_) => {}
+            FsEvent::WatchLimit | FsEvent::Sync(_) | FsEvent::Nudge => {}
         }
     }
 

@@ -194,7 +194,7 @@ impl Scanner {
             FsEvent::Renamed { .. } | FsEvent::Event(_) | FsEvent::Rescan(_) => {
                 self.record.clear();
             }
-            FsEvent::Sync(_) | FsEvent::WatchLimit => {}
+            FsEvent::Sync(_) | FsEvent::WatchLimit | FsEvent::Nudge => {}
         }
     }
 

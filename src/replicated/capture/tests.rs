@@ -1029,3 +1029,59 @@ fn issue15_record_once_the_index_has_come_only_the_recorded_files_are_still_preh
     r.scanner.ctl_rx = None;
     assert_eq!(r.resync(), vec![512]);
 }
+
+/// A scanner on its own thread with write-path events and no rescan due within the hour, its
+/// event sender and the raw request sender.
+fn idle_scanner() -> (
+    std::thread::JoinHandle<()>,
+    crossbeam_channel::Sender<FsEvent>,
+    crossbeam_channel::Sender<ScanMsg>,
+    tempfile::TempDir,
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tx, _rx) = mpsc::channel(16);
+    let (fs_tx, fs_rx) = crossbeam_channel::bounded(16);
+    let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(4);
+    let stats = std::sync::Arc::new(crate::replicated::stats::SenderStats::default());
+    let scanner = Scanner::new(&test_config(tmp.path()), tx)
+        .with_exact_events(false)
+        .spawn(stats, fs_rx, ctl_rx);
+    (scanner, fs_tx, ctl_tx, tmp)
+}
+
+/// Whether `t` ends within `limit`.
+fn ends_within(t: &std::thread::JoinHandle<()>, limit: Duration) -> bool {
+    let until = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < until {
+        if t.is_finished() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    t.is_finished()
+}
+
+#[test]
+fn issue12_a_request_wakes_the_scanner_waiting_on_its_event_channel_alone() {
+    // a request queued without its nudge waits for the next wake-up: an hour away here
+    let (scanner, fs_tx, ctl_tx, _tmp) = idle_scanner();
+    ctl_tx.send(ScanMsg::Stop).unwrap();
+    assert!(!ends_within(&scanner, Duration::from_millis(200)));
+    // (any event wakes it, and it reads its requests then)
+    fs_tx.send(FsEvent::Nudge).unwrap();
+    assert!(ends_within(&scanner, Duration::from_secs(5)));
+    // with the handle, the request wakes it at once
+    let (scanner, fs_tx, ctl_tx, _tmp) = idle_scanner();
+    let ctl = super::ScanControl::new(ctl_tx, fs_tx.clone());
+    ctl.send(ScanMsg::Stop).unwrap();
+    assert!(ends_within(&scanner, Duration::from_secs(5)));
+    assert!(ctl.send(ScanMsg::Stop).is_err(), "the scanner has stopped");
+    // and so does the last handle going away (its requests have ended)
+    let (scanner, fs_tx, ctl_tx, _tmp) = idle_scanner();
+    let ctl = super::ScanControl::new(ctl_tx, fs_tx.clone());
+    let other = ctl.clone();
+    drop(ctl);
+    assert!(!ends_within(&scanner, Duration::from_millis(100)));
+    drop(other);
+    assert!(ends_within(&scanner, Duration::from_secs(5)));
+}

@@ -52,6 +52,9 @@ pub enum FsEvent {
     /// From the FUSE capture, durable acks: answer once the cold side has acknowledged every
     /// op made from the events before this one (dropped unanswered if it cannot be).
     Sync(Sender<()>),
+    /// Not a change: a request is waiting on the scanner's control channel
+    /// ([`crate::replicated::capture::ScanControl`]). Never counted as handled.
+    Nudge,
 }
 
 /// The kernel limit that stopped the watch set from covering the tree.
