@@ -5,7 +5,7 @@
 //! events, wakes the scanner (which flushes and passes the sync on) and the network task
 //! (which answers once the ack of its last batch arrives) on the sync's path: two thread
 //! wake-ups there and two on the way back, each tens of microseconds on a busy VM. This watch
-//! lets the FUSE thread wait for the same fact itself:
+//! tells the sync's reply the same fact directly:
 //! - the FUSE threads count each event **before** they queue it ([`AckWatch::count_event`]);
 //! - after each flush the scanner publishes how many events it has handled and the last batch
 //!   it has emitted on the connection ([`AckWatch::flushed`]);
@@ -16,8 +16,12 @@
 //! out, and an event is counted before it is queued, so once the scanner has handled that many
 //! events it has handled every event queued before the count was read, the sync's own calls
 //! among them; the batch published with that count (or an earlier one) carries their ops, and
-//! the sync waits for its ack. A connection that ends or changes meanwhile sends the sync the
-//! long way ([`Waited::Lost`]), which knows how to wait for the next one.
+//! the sync is answered on its ack. The sync registers its reply ([`AckWatch::register`]);
+//! whoever makes the fact true gives it (the reader, as it reads the ack; the scanner, when the
+//! ack came before its flush was published), and a settling thread waits on the
+//! [`Ticket`] for the deadline. A connection that ends or changes meanwhile sends the sync the
+//! long way ([`Waited::Lost`]), which knows how to wait for the next one; acks of a later
+//! connection never answer it.
 //!
 //! [`FsEvent::Sync`]: crate::replicated::capture::watch::FsEvent::Sync
 
@@ -35,6 +39,12 @@ pub enum Waited {
     /// The deadline passed first.
     TimedOut,
 }
+
+/// A sync's answer to its caller (for the FUSE mount: the reply to the kernel's `fsync`).
+/// Whoever finds the sync's batch acknowledged first gives it: the connection's reader as it
+/// reads the ack, the scanner as it publishes a flush, or the waiting thread itself. So the
+/// caller hears back without waiting for the waiting thread to wake.
+pub type Answer = Box<dyn FnOnce() + Send>;
 
 /// See the module doc.
 #[derive(Debug, Default)]
@@ -57,8 +67,62 @@ struct State {
     flushed_seq: u64,
     /// The highest batch of `gen` the cold side acknowledged.
     acked: u64,
-    /// Syncs waiting: only then is anyone woken.
-    waiters: usize,
+    /// The syncs waiting: only while there are any is anyone woken.
+    waiting: Vec<Waiter>,
+    /// Names the next waiter.
+    next_id: u64,
+}
+
+/// One waiting sync.
+struct Waiter {
+    id: u64,
+    /// The connection it waits on.
+    gen: u64,
+    /// The events whose ops it waits for.
+    events: u64,
+    /// The batch carrying the last of them, once a flush has covered them.
+    seq: Option<u64>,
+    /// Whether that batch is acknowledged.
+    acked: bool,
+    /// Its answer, until given.
+    answer: Option<Answer>,
+}
+
+impl std::fmt::Debug for Waiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waiter")
+            .field("id", &self.id)
+            .field("gen", &self.gen)
+            .field("events", &self.events)
+            .field("seq", &self.seq)
+            .field("acked", &self.acked)
+            .field("answer", &self.answer.is_some())
+            .finish()
+    }
+}
+
+impl State {
+    /// Marks the waiters of `gen` whose batch is acknowledged; returns their answers, and
+    /// whether there were any such waiters.
+    fn ripe(&mut self) -> (Vec<Answer>, bool) {
+        let mut answers = Vec::new();
+        let mut any = false;
+        for w in self
+            .waiting
+            .iter_mut()
+            .filter(|w| w.gen == self.gen && !w.acked)
+        {
+            if w.seq.is_none() && self.published && self.handled >= w.events {
+                w.seq = Some(self.flushed_seq);
+            }
+            if w.seq.is_some_and(|s| self.acked >= s) {
+                w.acked = true;
+                any = true;
+                answers.extend(w.answer.take());
+            }
+        }
+        (answers, any)
+    }
 }
 
 impl AckWatch {
@@ -79,11 +143,11 @@ impl AckWatch {
     /// Connection `gen` begins: nothing of it is flushed or acknowledged yet.
     pub fn connected(&self, gen: u64) {
         let mut st = self.lock();
-        *st = State {
-            gen,
-            waiters: st.waiters,
-            ..State::default()
-        };
+        st.gen = gen;
+        st.published = false;
+        st.handled = 0;
+        st.flushed_seq = 0;
+        st.acked = 0;
         self.changed.notify_all();
     }
 
@@ -92,6 +156,22 @@ impl AckWatch {
         let mut st = self.lock();
         if st.gen == gen {
             st.gen = 0;
+            self.changed.notify_all();
+        }
+    }
+
+    /// After a change of `st`: gives the answers of the syncs it released (the lock let go
+    /// first), then wakes the threads waiting for them.
+    fn release(&self, mut st: MutexGuard<'_, State>) {
+        if st.waiting.is_empty() {
+            return;
+        }
+        let (answers, any) = st.ripe();
+        drop(st);
+        for answer in answers {
+            answer();
+        }
+        if any {
             self.changed.notify_all();
         }
     }
@@ -106,9 +186,7 @@ impl AckWatch {
         st.published = true;
         st.handled = handled;
         st.flushed_seq = seq;
-        if st.waiters > 0 {
-            self.changed.notify_all();
-        }
+        self.release(st);
     }
 
     /// The cold side acknowledged batch `seq` of connection `gen` and every one before it.
@@ -118,30 +196,70 @@ impl AckWatch {
             return;
         }
         st.acked = seq;
-        if st.waiters > 0 {
-            self.changed.notify_all();
-        }
+        self.release(st);
     }
 
     /// Waits until the cold side has acknowledged the ops of the first `events` events, on
-    /// the connection there is now.
-    pub fn wait(&self, events: u64, deadline: Instant) -> Waited {
+    /// the connection there is now. An `answer` given is called as soon as they are (by
+    /// whichever thread finds out first, this one or another); one not called is left in
+    /// `answer` for the caller: always unless the outcome is [`Waited::Acked`].
+    pub fn wait(&self, events: u64, deadline: Instant, answer: &mut Option<Answer>) -> Waited {
+        let ticket = match self.register(events, answer.take()) {
+            Ok(t) => t,
+            Err(a) => {
+                *answer = a;
+                return Waited::Lost;
+            }
+        };
+        let (waited, left) = self.wait_ticket(ticket, deadline);
+        *answer = left;
+        waited
+    }
+
+    /// Registers a sync for the ops of the first `events` events on the connection there is
+    /// now, without waiting: its `answer` is given as soon as they are acknowledged. Without a
+    /// connection, the answer back. The ticket must be waited for ([`AckWatch::wait_ticket`]).
+    pub fn register(&self, events: u64, answer: Option<Answer>) -> Result<Ticket, Option<Answer>> {
         let mut st = self.lock();
         let gen = st.gen;
         if gen == 0 {
-            return Waited::Lost;
+            return Err(answer);
         }
-        st.waiters += 1;
-        let mut seq = None;
+        let id = st.next_id;
+        st.next_id += 1;
+        st.waiting.push(Waiter {
+            id,
+            gen,
+            events,
+            seq: None,
+            acked: false,
+            answer,
+        });
+        // already acknowledged (or there is nobody else to tell it)
+        self.release(st);
+        Ok(Ticket { id, gen })
+    }
+
+    /// Waits for a registered sync until it is acknowledged, its connection ends or changes,
+    /// or `deadline`; its answer back unless it was given.
+    pub fn wait_ticket(&self, ticket: Ticket, deadline: Instant) -> (Waited, Option<Answer>) {
+        let mut st = self.lock();
         let outcome = loop {
-            if st.gen != gen {
-                break Waited::Lost;
+            // (every change released what it could; answers found here are given with the
+            // lock held, and any other waiter among them woken)
+            let (answers, any) = st.ripe();
+            for a in answers {
+                a();
             }
-            if seq.is_none() && st.published && st.handled >= events {
-                seq = Some(st.flushed_seq);
+            if any {
+                self.changed.notify_all();
             }
-            if seq.is_some_and(|s| st.acked >= s) {
+            let me = st.waiting.iter().find(|w| w.id == ticket.id);
+            if me.expect("registered").acked {
                 break Waited::Acked;
+            }
+            if st.gen != ticket.gen {
+                break Waited::Lost;
             }
             let now = Instant::now();
             if now >= deadline {
@@ -153,9 +271,18 @@ impl AckWatch {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         };
-        st.waiters -= 1;
-        outcome
+        let at = st.waiting.iter().position(|w| w.id == ticket.id);
+        let answer = st.waiting.swap_remove(at.expect("registered")).answer;
+        (outcome, answer)
     }
+}
+
+/// A sync registered with [`AckWatch::register`].
+#[derive(Debug)]
+#[must_use = "a registered sync stays in the watch until it is waited for"]
+pub struct Ticket {
+    id: u64,
+    gen: u64,
 }
 
 #[cfg(test)]
@@ -171,16 +298,16 @@ mod tests {
     /// A sync waiting for the first `events` events on a thread of its own.
     fn waiting(w: &Arc<AckWatch>, events: u64) -> std::thread::JoinHandle<Waited> {
         let w = w.clone();
-        std::thread::spawn(move || w.wait(events, soon()))
+        std::thread::spawn(move || w.wait(events, soon(), &mut None))
     }
 
     #[test]
     fn without_a_connection_a_sync_takes_the_long_way() {
         let w = AckWatch::default();
-        assert_eq!(w.wait(0, soon()), Waited::Lost);
+        assert_eq!(w.wait(0, soon(), &mut None), Waited::Lost);
         w.connected(1);
         w.disconnected(1);
-        assert_eq!(w.wait(0, soon()), Waited::Lost);
+        assert_eq!(w.wait(0, soon(), &mut None), Waited::Lost);
     }
 
     #[test]
@@ -229,12 +356,12 @@ mod tests {
         w.connected(1);
         w.flushed(1, 1, 1);
         let began = Instant::now();
-        let out = w.wait(1, Instant::now() + Duration::from_millis(30));
+        let out = w.wait(1, Instant::now() + Duration::from_millis(30), &mut None);
         assert_eq!(out, Waited::TimedOut);
         assert!(began.elapsed() >= Duration::from_millis(30));
         // acknowledged: at once
         w.acked(1, 1);
-        assert_eq!(w.wait(1, soon()), Waited::Acked);
+        assert_eq!(w.wait(1, soon(), &mut None), Waited::Acked);
     }
 
     #[test]
@@ -245,7 +372,72 @@ mod tests {
         w.acked(1, 2);
         w.connected(2);
         // nothing flushed on connection 2 yet: not acknowledged
-        let out = w.wait(5, Instant::now() + Duration::from_millis(20));
+        let out = w.wait(5, Instant::now() + Duration::from_millis(20), &mut None);
         assert_eq!(out, Waited::TimedOut);
+    }
+
+    /// An answer that records, on a channel, that it was given.
+    fn answer() -> (Option<Answer>, crossbeam_channel::Receiver<()>) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        (Some(Box::new(move || tx.send(()).unwrap())), rx)
+    }
+
+    #[test]
+    fn issue12_the_ack_answers_a_registered_sync_on_the_readers_thread() {
+        let w = AckWatch::default();
+        w.connected(1);
+        w.count_event();
+        let (a, given) = answer();
+        let ticket = w.register(w.queued(), a).ok().unwrap();
+        w.flushed(1, 1, 2);
+        w.acked(1, 1);
+        assert!(given.try_recv().is_err(), "answered before its batch's ack");
+        // the reader's call itself answers, before any waiting thread has run
+        w.acked(1, 2);
+        assert!(given.try_recv().is_ok(), "not answered by the ack");
+        let (waited, left) = w.wait_ticket(ticket, soon());
+        assert_eq!(waited, Waited::Acked);
+        assert!(left.is_none());
+        assert!(given.try_recv().is_err(), "answered twice");
+    }
+
+    #[test]
+    fn issue12_a_sync_registered_after_its_ack_is_answered_at_once() {
+        let w = AckWatch::default();
+        w.connected(4);
+        w.flushed(4, 3, 7);
+        w.acked(4, 7);
+        let (a, given) = answer();
+        let ticket = w.register(3, a).ok().unwrap();
+        assert!(given.try_recv().is_ok());
+        assert_eq!(w.wait_ticket(ticket, soon()).0, Waited::Acked);
+    }
+
+    #[test]
+    fn issue12_an_unanswered_sync_gets_its_answer_back() {
+        let w = AckWatch::default();
+        // no connection: back at once
+        let (a, given) = answer();
+        let back = w.register(1, a).err().unwrap();
+        assert!(back.is_some());
+        // timed out: back, not given
+        w.connected(1);
+        let (a, given2) = answer();
+        let ticket = w.register(1, a).ok().unwrap();
+        let (waited, back) = w.wait_ticket(ticket, Instant::now() + Duration::from_millis(20));
+        assert_eq!(waited, Waited::TimedOut);
+        assert!(back.is_some());
+        // its connection replaced: the new one's flushes and acks do not answer it
+        let (a, given3) = answer();
+        let ticket = w.register(1, a).ok().unwrap();
+        w.connected(2);
+        w.flushed(2, 5, 1);
+        w.acked(2, 1);
+        let (waited, back) = w.wait_ticket(ticket, soon());
+        assert_eq!(waited, Waited::Lost);
+        assert!(back.is_some());
+        for g in [given, given2, given3] {
+            assert!(g.try_recv().is_err(), "an answer was given without its ack");
+        }
     }
 }

@@ -94,7 +94,6 @@ impl Passthrough {
         } else {
             file.sync_all()?;
         }
-        self.wait_durable();
         Ok(())
     }
 

@@ -37,8 +37,12 @@ mod names;
 mod passthrough;
 mod sys;
 
-/// Threads serving the kernel's requests.
-pub const FUSE_THREADS: usize = 4;
+/// Threads serving the kernel's requests. One: no handler waits on anything but the backing
+/// filesystem and the scanner's queue (a durable sync is handed to a settling thread), and the
+/// kernel hands requests to its waiting readers first come first served, so with more threads
+/// each request woke one that had gone cold (the FUSE round trip was 64-68 µs with four threads,
+/// 45-49 µs with one: README "Performance", run 12).
+pub const FUSE_THREADS: usize = 1;
 /// The mount's source and subtype (`fuse.artemis-sync` in the mount table).
 pub const FS_NAME: &str = "artemis-sync";
 /// How long [`FuseCapture::stop`] waits for the serving threads once unmounted.
@@ -105,7 +109,10 @@ pub fn mount(
         path: mount_point.to_owned(),
         source,
     };
-    let durable = durable.map(|(cfg, stats)| durable::Durable { cfg, stats });
+    let durable = durable
+        .map(|(cfg, stats)| durable::Durable::start(cfg, stats, events.clone()))
+        .transpose()
+        .map_err(failed)?;
     let fs = passthrough::Passthrough::new(data_dir.to_owned(), events, durable).map_err(failed)?;
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![

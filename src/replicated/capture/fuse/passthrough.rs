@@ -107,7 +107,7 @@ impl Passthrough {
     pub(super) fn send(&self, ev: FsEvent) {
         if let Some(d) = &self.durable {
             // counted before it is queued (see `ack_watch`)
-            d.stats.acks.count_event();
+            d.stats().acks.count_event();
         }
         // a stopped scanner has nothing to send to: the change is on disk regardless
         let _ = self.events.send(ev);
@@ -392,7 +392,11 @@ impl Filesystem for Passthrough {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        answer!(self.sync(fh, datasync), reply, |_v| reply.ok());
+        // durable: the reply waits for the cold side's ack (given by whoever sees it first)
+        answer!(self.sync(fh, datasync), reply, |_v| match &self.durable {
+            None => reply.ok(),
+            Some(d) => d.answer(Box::new(move || reply.ok())),
+        });
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
