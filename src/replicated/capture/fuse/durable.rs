@@ -17,7 +17,7 @@
 //! durable again; `"block"` keeps waiting. With the database lease, degrading waits until the
 //! lease row says the cold copy is behind ([`crate::replicated::witness`]).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -76,6 +76,9 @@ struct Shared {
     stats: Arc<SenderStats>,
     /// The scanner's event queue (the long way).
     events: Sender<FsEvent>,
+    /// Set once the mount is gone: a sync still waiting has nobody to answer, and its
+    /// settling thread stops waiting (`block` would wait forever).
+    stopped: AtomicBool,
 }
 
 /// A sync handed to a settling thread.
@@ -97,7 +100,12 @@ impl Durable {
         stats: Arc<SenderStats>,
         events: Sender<FsEvent>,
     ) -> std::io::Result<Durable> {
-        let shared = Arc::new(Shared { cfg, stats, events });
+        let shared = Arc::new(Shared {
+            cfg,
+            stats,
+            events,
+            stopped: AtomicBool::new(false),
+        });
         let (settle, jobs) = bounded::<Pending>(SETTLE_QUEUE);
         for i in 0..SETTLE_THREADS {
             let shared = shared.clone();
@@ -154,6 +162,12 @@ impl Durable {
     }
 }
 
+impl Drop for Durable {
+    fn drop(&mut self) {
+        self.shared.stopped.store(true, Ordering::Release);
+    }
+}
+
 impl Shared {
     /// Waits a sync out (see [`Durable::answer`]) and answers it if nobody has.
     fn settle(&self, p: Pending) {
@@ -164,6 +178,11 @@ impl Shared {
             Err(a) => (Waited::Lost, a),
         };
         loop {
+            if waited != Waited::Acked && self.stopped.load(Ordering::Acquire) {
+                // the mount is gone: its reply has nowhere to go
+                tracing::warn!("the mount stopped while a durable sync waited for the cold side");
+                return;
+            }
             let outcome = match waited {
                 Waited::Acked => Ok(()),
                 Waited::TimedOut => Err(RecvTimeoutError::Timeout),
@@ -229,5 +248,44 @@ impl Shared {
         if let Some(answer) = answer {
             answer();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue12_a_sync_blocked_on_a_gone_cold_side_lets_its_thread_go_once_the_mount_stops() {
+        let stats = Arc::new(SenderStats::default());
+        stats.acks.connected(1);
+        let cfg = DurableConfig {
+            peer_timeout: Duration::from_millis(30),
+            block: true,
+            witness: None,
+            metrics: crate::daemon::metrics::Metrics::new(),
+        };
+        let (events, _scanner) = bounded(16);
+        let durable = Durable::start(cfg, stats, events).unwrap();
+        let settling = Arc::downgrade(&durable.shared);
+        let (tx, given) = bounded(1);
+        durable.answer(Box::new(move || tx.send(()).unwrap()));
+        // "block": still waiting after several timeouts
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(given.try_recv().is_err(), "answered without the cold side");
+        drop(durable);
+        let until = Instant::now() + Duration::from_secs(5);
+        while settling.upgrade().is_some() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            settling.upgrade().is_none(),
+            "a settling thread still waits for a mount that is gone"
+        );
+        // dropped unanswered (a FUSE reply dropped tells the kernel EIO)
+        assert!(matches!(
+            given.try_recv(),
+            Err(crossbeam_channel::TryRecvError::Disconnected)
+        ));
     }
 }
