@@ -176,6 +176,25 @@ impl Scanner {
         let cursor = self.cursors.remove(from);
         self.table.files.remove(from);
         self.table.files.insert(to.to_owned(), state.clone());
+        if self.exact_events {
+            // the write path reports every call in order: each write before the rename was
+            // handled before this event, so the table has `from` as the rename found it, and
+            // writes after it come as events under `to`. Nothing to read here; scanning `to`
+            // would send those later writes twice, and a scan long enough to flush part of
+            // itself before the rename would have the whole file resent
+            if self.dirty.remove(from) {
+                self.dirty.insert(to.to_owned());
+            }
+            self.seen.remove(from);
+            if let Some(c) = cursor {
+                self.cursors.insert(to.to_owned(), c);
+            }
+            self.push(Op::Rename {
+                from: from.to_owned(),
+                to: to.to_owned(),
+            });
+            return;
+        }
         let (first, flushes) = (self.ops.len(), self.flushes);
         self.scan_file(to, true);
         if !self.table.files.contains_key(to) {
