@@ -8,7 +8,7 @@
 //! 16-byte tag; the probe polls the cold copy of the same file and offset until the tag is
 //! there and reports the delay from the writer's `fdatasync` returning.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -289,6 +289,14 @@ pub fn run(
     Ok(report)
 }
 
+/// The probe's new sample `s`: waited for, and its file the newest.
+fn take(s: Sample, pending: &mut Vec<Sample>, last: &mut Option<String>) {
+    if last.as_deref() != Some(s.rel.as_str()) {
+        *last = Some(s.rel.clone());
+    }
+    pending.push(s);
+}
+
 /// Polls the cold copy for each sample's tag; sends the lag, or `None` after the timeout.
 fn probe(cold: &Path, rx: Receiver<Sample>, out: Sender<Option<(Duration, Duration)>>) {
     let mut pending: Vec<Sample> = Vec::new();
@@ -297,10 +305,12 @@ fn probe(cold: &Path, rx: Receiver<Sample>, out: Sender<Option<(Duration, Durati
     let mut files: HashMap<String, (File, u64, Instant)> = HashMap::new();
     let mut buf = [0u8; 16];
     let mut open = true;
+    // the file of the newest sample: the one being written
+    let mut last: Option<String> = None;
     while open || !pending.is_empty() {
         loop {
             match rx.try_recv() {
-                Ok(s) => pending.push(s),
+                Ok(s) => take(s, &mut pending, &mut last),
                 Err(crossbeam_channel::TryRecvError::Empty) => break,
                 Err(crossbeam_channel::TryRecvError::Disconnected) => {
                     open = false;
@@ -351,12 +361,22 @@ fn probe(cold: &Path, rx: Receiver<Sample>, out: Sender<Option<(Duration, Durati
                 true
             }
         });
-        if files.len() > 64 {
-            files.clear();
+        // a file no sample waits on, and not the one written last, is closed now: the writer
+        // has moved on, and the agent may delete it on the cold side soon. Held open, its
+        // pages stayed allocated until the probe let go of dozens of such files at once, and
+        // closing them (freeing every page) stalled the probe for 30 to 90 ms, a lag counted
+        // against the agent (`append_max`, 1 MiB records in 10 MiB files, 32 kept)
+        if files.len() > 1 {
+            let waited: HashSet<&str> = pending
+                .iter()
+                .map(|s| s.rel.as_str())
+                .chain(last.as_deref())
+                .collect();
+            files.retain(|rel, _| waited.contains(rel.as_str()));
         }
         if pending.is_empty() && open {
             match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(s) => pending.push(s),
+                Ok(s) => take(s, &mut pending, &mut last),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => open = false,
             }
