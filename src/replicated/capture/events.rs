@@ -185,15 +185,7 @@ impl Scanner {
             if self.dirty.remove(from) {
                 self.dirty.insert(to.to_owned());
             }
-            self.seen.remove(from);
-            if let Some(c) = cursor {
-                self.cursors.insert(to.to_owned(), c);
-            }
-            self.push(Op::Rename {
-                from: from.to_owned(),
-                to: to.to_owned(),
-            });
-            return;
+            return self.send_rename(from, to, cursor);
         }
         let (first, flushes) = (self.ops.len(), self.flushes);
         self.scan_file(to, true);
@@ -230,6 +222,12 @@ impl Scanner {
                 }
             }
         }
+        self.send_rename(from, to, cursor);
+    }
+
+    /// The file's rename, its changes under `from` already queued: its append cursor moves
+    /// with it.
+    fn send_rename(&mut self, from: &str, to: &str, cursor: Option<usize>) {
         self.seen.remove(from);
         if let Some(c) = cursor {
             self.cursors.insert(to.to_owned(), c);
