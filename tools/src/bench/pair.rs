@@ -234,10 +234,13 @@ impl Pair {
             } else {
                 auth.clone()
             };
+            // both agents on one host: each serves its metrics on a port of its own (on the
+            // default port the second one logged an error and retried every 3 s)
             let text = format!(
                 "[node]\nbase_dir = {:?}\n\n[storage]\nmode = \"replicated\"\n\n[replication]\nrole = \"{side}\"\ndata_dir = {:?}\n\
                  listen = \"127.0.0.1:{listen}\"\npeer = \"127.0.0.1:{peer}\"\n{auth}\nstate_file = {:?}\n{capture_lines}\n\
-                 [lock]\nmachine_name = \"{side}\"\n\n[agent]\ncontrol_socket = {:?}\n",
+                 [lock]\nmachine_name = \"{side}\"\n\n[agent]\ncontrol_socket = {:?}\n\n\
+                 [metrics]\nlisten = \"127.0.0.1:0\"\n",
                 dir.join("base"), dir.join("data"), dir.join("state.json"), dir.join("agent.sock")
             );
             let cfg = dir.join("agent.toml");
