@@ -447,6 +447,18 @@ proptest! {
     }
 }
 
+/// A new, empty file at `path`, open for reading and writing: a writer's handle through the
+/// mount, which the FUSE capture's events share with the scanner.
+fn new_shared_file(path: &std::path::Path) -> fs::File {
+    fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap()
+}
+
 /// The scanner's loop with write-path events (the FUSE capture's, here made by hand) in a
 /// steady stream, one every `gap`: how many batches carried the `writes` appends, with the
 /// cold copy checked equal, and how long the stream took.
@@ -471,15 +483,7 @@ fn batches_for_steady_writes(coalesce: bool, writes: u64, gap: Duration) -> (u64
             index: TreeIndex::default(),
         })
         .unwrap();
-    let file = Arc::new(
-        fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(hot.join("journal"))
-            .unwrap(),
-    );
+    let file = Arc::new(new_shared_file(&hot.join("journal")));
     fs_tx.send(FsEvent::Changed("journal".into())).unwrap();
     let start = Instant::now();
     for i in 0..writes {
@@ -547,15 +551,7 @@ fn issue12_a_rename_on_the_write_path_sends_no_page_twice() {
     const MIB: usize = 1 << 20;
     const MIB_OFF: u64 = 1 << 20;
     let mut r = Rig::build(true);
-    let file = Arc::new(
-        fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(r.hot.join("j.tmp"))
-            .unwrap(),
-    );
+    let file = Arc::new(new_shared_file(&r.hot.join("j.tmp")));
     r.fs(FsEvent::Changed("j.tmp".into()));
     file.write_all_at(&[1; MIB], 0).unwrap();
     let wrote = |path: &str, offset, len| FsEvent::Wrote {
