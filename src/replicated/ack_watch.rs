@@ -245,15 +245,8 @@ impl AckWatch {
     pub fn wait_ticket(&self, ticket: Ticket, deadline: Instant) -> (Waited, Option<Answer>) {
         let mut st = self.lock();
         let outcome = loop {
-            // (every change released what it could; answers found here are given with the
-            // lock held, and any other waiter among them woken)
-            let (answers, any) = st.ripe();
-            for a in answers {
-                a();
-            }
-            if any {
-                self.changed.notify_all();
-            }
+            // (every change that can ripen a sync, `register`, `flushed` and `acked`, has
+            // released it already)
             let me = st.waiting.iter().find(|w| w.id == ticket.id);
             if me.expect("registered").acked {
                 break Waited::Acked;

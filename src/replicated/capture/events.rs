@@ -175,8 +175,8 @@ impl Scanner {
         self.forget_target(to);
         let cursor = self.cursors.remove(from);
         self.table.files.remove(from);
-        self.table.files.insert(to.to_owned(), state.clone());
         if self.exact_events {
+            self.table.files.insert(to.to_owned(), state);
             // the write path reports every call in order: each write before the rename was
             // handled before this event, so the table has `from` as the rename found it, and
             // writes after it come as events under `to`. Nothing to read here; scanning `to`
@@ -187,6 +187,7 @@ impl Scanner {
             }
             return self.send_rename(from, to, cursor);
         }
+        self.table.files.insert(to.to_owned(), state.clone());
         let (first, flushes) = (self.ops.len(), self.flushes);
         self.scan_file(to, true);
         if !self.table.files.contains_key(to) {
