@@ -18,8 +18,9 @@
 //! among them; the batch published with that count (or an earlier one) carries their ops, and
 //! the sync is answered on its ack. The sync registers its reply ([`AckWatch::register`]);
 //! whoever makes the fact true gives it (the reader, as it reads the ack; the scanner, when the
-//! ack came before its flush was published), and a settling thread waits on the
-//! [`Ticket`] for the deadline. A connection that ends or changes meanwhile sends the sync the
+//! ack came before its flush was published), and takes the sync out of the watch as it does, so
+//! nobody else wakes for it; whoever holds the [`Ticket`] looks now and then whether the
+//! deadline passed ([`AckWatch::try_ticket`]) or sleeps until it ([`AckWatch::wait_ticket`]). A connection that ends or changes meanwhile sends the sync the
 //! long way ([`Waited::Lost`]), which knows how to wait for the next one; acks of a later
 //! connection never answer it.
 //!
@@ -67,8 +68,10 @@ struct State {
     flushed_seq: u64,
     /// The highest batch of `gen` the cold side acknowledged.
     acked: u64,
-    /// The syncs waiting: only while there are any is anyone woken.
+    /// The syncs waiting (an acknowledged one is taken out as it is answered).
     waiting: Vec<Waiter>,
+    /// Threads asleep in [`AckWatch::wait_ticket`]: only while there are any is anyone woken.
+    sleepers: usize,
     /// Names the next waiter.
     next_id: u64,
 }
@@ -82,8 +85,6 @@ struct Waiter {
     events: u64,
     /// The batch carrying the last of them, once a flush has covered them.
     seq: Option<u64>,
-    /// Whether that batch is acknowledged.
-    acked: bool,
     /// Its answer, until given.
     answer: Option<Answer>,
 }
@@ -95,33 +96,52 @@ impl std::fmt::Debug for Waiter {
             .field("gen", &self.gen)
             .field("events", &self.events)
             .field("seq", &self.seq)
-            .field("acked", &self.acked)
             .field("answer", &self.answer.is_some())
             .finish()
     }
 }
 
 impl State {
-    /// Marks the waiters of `gen` whose batch is acknowledged; returns their answers, and
-    /// whether there were any such waiters.
+    /// Takes out the waiters of `gen` whose batch is acknowledged; returns their answers, and
+    /// whether there were any such waiters. A waiter taken out was acknowledged: its ticket,
+    /// not found, says so ([`AckWatch::try_ticket`]).
     fn ripe(&mut self) -> (Vec<Answer>, bool) {
+        let (gen, published, handled) = (self.gen, self.published, self.handled);
+        let (flushed_seq, acked) = (self.flushed_seq, self.acked);
         let mut answers = Vec::new();
         let mut any = false;
-        for w in self
-            .waiting
-            .iter_mut()
-            .filter(|w| w.gen == self.gen && !w.acked)
-        {
-            if w.seq.is_none() && self.published && self.handled >= w.events {
-                w.seq = Some(self.flushed_seq);
+        self.waiting.retain_mut(|w| {
+            if w.gen != gen {
+                return true;
             }
-            if w.seq.is_some_and(|s| self.acked >= s) {
-                w.acked = true;
+            if w.seq.is_none() && published && handled >= w.events {
+                w.seq = Some(flushed_seq);
+            }
+            if w.seq.is_some_and(|s| acked >= s) {
                 any = true;
                 answers.extend(w.answer.take());
+                return false;
             }
-        }
+            true
+        });
         (answers, any)
+    }
+
+    /// What became of `ticket`'s sync, if anything has by now: acknowledged, its connection
+    /// ended or changed, or `deadline` passed (then it is taken out, its answer back unless it
+    /// was given). `None` while it still waits.
+    fn outcome(&mut self, ticket: &Ticket, deadline: Instant) -> Option<(Waited, Option<Answer>)> {
+        let Some(at) = self.waiting.iter().position(|w| w.id == ticket.id) else {
+            return Some((Waited::Acked, None));
+        };
+        let waited = if self.gen != ticket.gen {
+            Waited::Lost
+        } else if Instant::now() >= deadline {
+            Waited::TimedOut
+        } else {
+            return None;
+        };
+        Some((waited, self.waiting.swap_remove(at).answer))
     }
 }
 
@@ -167,11 +187,12 @@ impl AckWatch {
             return;
         }
         let (answers, any) = st.ripe();
+        let sleepers = st.sleepers;
         drop(st);
         for answer in answers {
             answer();
         }
-        if any {
+        if any && sleepers > 0 {
             self.changed.notify_all();
         }
     }
@@ -218,7 +239,8 @@ impl AckWatch {
 
     /// Registers a sync for the ops of the first `events` events on the connection there is
     /// now, without waiting: its `answer` is given as soon as they are acknowledged. Without a
-    /// connection, the answer back. The ticket must be waited for ([`AckWatch::wait_ticket`]).
+    /// connection, the answer back. The ticket must be waited for ([`AckWatch::wait_ticket`],
+    /// [`AckWatch::try_ticket`]).
     pub fn register(&self, events: u64, answer: Option<Answer>) -> Result<Ticket, Option<Answer>> {
         let mut st = self.lock();
         let gen = st.gen;
@@ -232,7 +254,6 @@ impl AckWatch {
             gen,
             events,
             seq: None,
-            acked: false,
             answer,
         });
         // already acknowledged (or there is nobody else to tell it)
@@ -244,29 +265,36 @@ impl AckWatch {
     /// or `deadline`; its answer back unless it was given.
     pub fn wait_ticket(&self, ticket: Ticket, deadline: Instant) -> (Waited, Option<Answer>) {
         let mut st = self.lock();
-        let outcome = loop {
+        loop {
             // (every change that can ripen a sync, `register`, `flushed` and `acked`, has
             // released it already)
-            let me = st.waiting.iter().find(|w| w.id == ticket.id);
-            if me.expect("registered").acked {
-                break Waited::Acked;
+            if let Some(outcome) = st.outcome(&ticket, deadline) {
+                return outcome;
             }
-            if st.gen != ticket.gen {
-                break Waited::Lost;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                break Waited::TimedOut;
-            }
+            st.sleepers += 1;
             st = self
                 .changed
-                .wait_timeout(st, deadline - now)
+                .wait_timeout(st, deadline.saturating_duration_since(Instant::now()))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
-        };
-        let at = st.waiting.iter().position(|w| w.id == ticket.id);
-        let answer = st.waiting.swap_remove(at.expect("registered")).answer;
-        (outcome, answer)
+            st.sleepers -= 1;
+        }
+    }
+
+    /// Syncs registered and not yet answered or taken out.
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
+        self.lock().waiting.len()
+    }
+
+    /// [`AckWatch::wait_ticket`] without waiting: what became of the sync by now, or (it
+    /// still waits, and `deadline` has not passed) the ticket back.
+    pub fn try_ticket(
+        &self,
+        ticket: Ticket,
+        deadline: Instant,
+    ) -> Result<(Waited, Option<Answer>), Ticket> {
+        self.lock().outcome(&ticket, deadline).ok_or(ticket)
     }
 }
 
@@ -432,5 +460,32 @@ mod tests {
         for g in [given, given2, given3] {
             assert!(g.try_recv().is_err(), "an answer was given without its ack");
         }
+    }
+
+    #[test]
+    fn issue12_an_acknowledged_sync_leaves_the_watch_as_it_is_answered() {
+        let w = AckWatch::default();
+        w.connected(1);
+        w.count_event();
+        let (a, given) = answer();
+        let ticket = w.register(1, a).ok().unwrap();
+        // still waiting, deadline ahead: the ticket back, nothing given
+        let ticket = w.try_ticket(ticket, soon()).err().unwrap();
+        assert_eq!(w.waiting(), 1);
+        w.flushed(1, 1, 1);
+        w.acked(1, 1);
+        assert!(given.try_recv().is_ok(), "not answered by the ack");
+        // taken out by the ack itself: nobody needs to wake for it
+        assert_eq!(w.waiting(), 0);
+        let (waited, left) = w.try_ticket(ticket, soon()).ok().unwrap();
+        assert_eq!(waited, Waited::Acked);
+        assert!(left.is_none());
+        // one whose deadline passed comes out with its answer
+        let (a, _given) = answer();
+        let ticket = w.register(2, a).ok().unwrap();
+        let (waited, left) = w.try_ticket(ticket, Instant::now()).ok().unwrap();
+        assert_eq!(waited, Waited::TimedOut);
+        assert!(left.is_some());
+        assert_eq!(w.waiting(), 0);
     }
 }

@@ -105,12 +105,12 @@ impl Scanner {
     /// the events that did it follow), whatever is at `rel` now is sent in full instead.
     fn wrote(&mut self, rel: &str, file: &fs::File, offset: u64, len: u64) {
         use std::os::unix::fs::MetadataExt;
-        let same = match (fs::symlink_metadata(self.root.join(rel)), file.metadata()) {
-            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
-            _ => false,
+        let meta = match (fs::symlink_metadata(self.root.join(rel)), file.metadata()) {
+            (Ok(a), Ok(b)) if a.ino() == b.ino() && a.dev() == b.dev() => Some(b),
+            _ => None,
         };
-        if same {
-            self.scan_range(rel, file, offset, len);
+        if let Some(meta) = meta {
+            self.scan_range(rel, file, &meta, offset, len);
         } else {
             self.open_files.forget(rel);
             self.scan_file(rel, true);

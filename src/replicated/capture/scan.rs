@@ -339,10 +339,17 @@ impl Scanner {
     }
 
     /// Sends what changed in the pages of `rel` that `len` bytes at `offset` touch (the FUSE
-    /// capture's write, allocation or punched hole), read through `file`, after modelling its
-    /// length, mode, owner and allocation as [`Scanner::scan_file`] does.
-    pub(super) fn scan_range(&mut self, rel: &str, file: &File, offset: u64, len: u64) {
-        let Ok(meta) = file.metadata() else { return };
+    /// capture's write, allocation or punched hole), read through `file` (whose metadata is
+    /// `meta`), after modelling its length, mode, owner and allocation as
+    /// [`Scanner::scan_file`] does.
+    pub(super) fn scan_range(
+        &mut self,
+        rel: &str,
+        file: &File,
+        meta: &fs::Metadata,
+        offset: u64,
+        len: u64,
+    ) {
         if self.table.dirs.contains_key(rel) || self.table.links.contains_key(rel) {
             self.remove(rel); // a directory or symlink became a file
         }
@@ -356,7 +363,7 @@ impl Scanner {
             tracing::warn!(file = rel, "too large to scan on this platform");
             return;
         };
-        let (attrs, allocated) = (Attrs::of(&meta), fully_allocated(&meta));
+        let (attrs, allocated) = (Attrs::of(meta), fully_allocated(meta));
         // a file that lost blocks is regrown sparse by model_set_file: all of it is resent
         let regrown =
             !allocated && meta.len() > 0 && self.table.files.get(rel).is_some_and(|e| e.allocated);

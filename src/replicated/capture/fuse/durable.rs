@@ -6,11 +6,15 @@
 //! [`crate::replicated::ack_watch`]: the reply goes out as soon as the scanner has flushed the
 //! events of the calls before it and the cold side has acknowledged the batches that carried
 //! them, given by whichever thread learns it first (usually the connection's reader as it
-//! reads the ack). The FUSE thread goes on serving the kernel; a settling thread
-//! ([`SETTLE_THREADS`]) waits out the sync's deadline and does what the ack watch cannot.
-//! Without a connection, or when it changes meanwhile, it queues [`FsEvent::Sync`] behind those
-//! events instead: the scanner flushes its batch and hands the reply to the network task, which
-//! answers when the ack of the last batch sent arrives. With the cold side gone or slow for
+//! reads the ack). The FUSE thread goes on serving the kernel and parks the sync's ticket; no
+//! thread wakes for a sync answered in time. A watcher looks at the parked tickets every
+//! twentieth of `peer_timeout_ms` ([`watch_period`]) and hands a sync whose deadline passed or
+//! whose connection ended to a settling thread ([`SETTLE_THREADS`]), which does what the ack
+//! watch cannot. A sync that began degraded goes to a settling thread at once: its ack ends the
+//! degradation, and the thread wakes for it. Without a connection, or when it changes
+//! meanwhile, the settling thread queues [`FsEvent::Sync`] behind those events instead: the
+//! scanner flushes its batch and hands the reply to the network task, which answers when the
+//! ack of the last batch sent arrives. With the cold side gone or slow for
 //! `peer_timeout_ms`, `on_peer_loss = "degrade"` goes on as async (logged once, and
 //! [`SenderStats::degraded_since_unix_ms`] set for `status`) until the stream is connected and
 //! the resync after it done, when the next sync that is acknowledged in time makes syncs
@@ -18,7 +22,7 @@
 //! lease row says the cold copy is behind ([`crate::replicated::witness`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, RecvTimeoutError, SendError, Sender};
@@ -61,6 +65,17 @@ pub(crate) fn mark_degraded(stats: &SenderStats) {
 const SETTLE_THREADS: usize = 4;
 /// Syncs handed over and not yet taken up; beyond, the FUSE thread waits for room.
 const SETTLE_QUEUE: usize = 256;
+/// Syncs parked with the watcher; beyond, a sync goes to the settling threads at once.
+const PARKED_MAX: usize = 256;
+/// The watcher's period: bounds of a twentieth of `peer_timeout_ms`, so that a sync's
+/// deadline passes at most 5% late, and the watcher does not spin on a short timeout.
+const WATCH_PERIOD_MIN: Duration = Duration::from_millis(1);
+const WATCH_PERIOD_MAX: Duration = Duration::from_millis(20);
+
+/// How often the watcher looks at the parked syncs, for a `peer_timeout`.
+fn watch_period(peer_timeout: Duration) -> Duration {
+    (peer_timeout / 20).clamp(WATCH_PERIOD_MIN, WATCH_PERIOD_MAX)
+}
 
 /// Durable acks of one mount: the settings and the sender's counters, shared with the
 /// settling threads, and the queue to them.
@@ -79,18 +94,39 @@ struct Shared {
     /// Set once the mount is gone: a sync still waiting has nobody to answer, and its
     /// settling thread stops waiting (`block` would wait forever).
     stopped: AtomicBool,
+    /// Syncs registered with the ack watch, oldest first, for the watcher to look at.
+    parked: Mutex<Vec<DurableSync>>,
+}
+
+/// A durable sync whose local part is done.
+#[derive(Debug)]
+struct DurableSync<T = Ticket> {
+    info: SyncInfo,
+    /// Parked: its ticket. Handed to a settling thread: a ticket to wait on, or what the
+    /// ack watch already said.
+    stage: T,
+}
+
+/// What a durable sync was when its local part was done.
+#[derive(Debug, Clone, Copy)]
+struct SyncInfo {
+    /// Events counted then.
+    events: u64,
+    began: Instant,
+    /// Whether syncs were degraded then.
+    degraded: bool,
+}
+
+/// What a settling thread is given of a sync.
+enum Stage {
+    /// Registered with the ack watch: wait on it.
+    Waiting(Ticket),
+    /// The ack watch's outcome (`Lost` without a connection), and the answer unless given.
+    Found(Waited, Option<Answer>),
 }
 
 /// A sync handed to a settling thread.
-struct Pending {
-    /// Events counted when its local sync was done.
-    events: u64,
-    began: Instant,
-    /// Whether syncs were degraded when it began.
-    degraded: bool,
-    /// Registered with the ack watch, or (no connection) its answer.
-    ticket: Result<Ticket, Option<Answer>>,
-}
+type Pending = DurableSync<Stage>;
 
 impl Durable {
     /// Durable acks with `cfg`, counted in `stats`; the long way through `events`. Starts the
@@ -105,6 +141,7 @@ impl Durable {
             stats,
             events,
             stopped: AtomicBool::new(false),
+            parked: Mutex::new(Vec::new()),
         });
         let (settle, jobs) = bounded::<Pending>(SETTLE_QUEUE);
         for i in 0..SETTLE_THREADS {
@@ -118,6 +155,10 @@ impl Durable {
                     }
                 })?;
         }
+        let watcher = (shared.clone(), settle.clone());
+        std::thread::Builder::new()
+            .name("durable-watch".into())
+            .spawn(move || watcher.0.watch(&watcher.1))?;
         Ok(Durable { shared, settle })
     }
 
@@ -148,13 +189,39 @@ impl Durable {
         }
         // every call that returned before this sync began has queued its event by now
         let events = stats.acks.queued();
-        let ticket = stats.acks.register(events, Some(answer));
-        let p = Pending {
+        let info = SyncInfo {
             events,
             began,
             degraded,
-            ticket,
         };
+        match stats.acks.register(events, Some(answer)) {
+            // one that began degraded ends the degradation on its ack: a settling thread
+            // waits for it, and wakes at once
+            Ok(ticket) if degraded => self.hand_over(DurableSync {
+                info,
+                stage: Stage::Waiting(ticket),
+            }),
+            Ok(ticket) => {
+                if let Err(ticket) = self.shared.park(DurableSync {
+                    info,
+                    stage: ticket,
+                }) {
+                    self.hand_over(DurableSync {
+                        info,
+                        stage: Stage::Waiting(ticket),
+                    });
+                }
+            }
+            // no connection: the long way
+            Err(answer) => self.hand_over(DurableSync {
+                info,
+                stage: Stage::Found(Waited::Lost, answer),
+            }),
+        }
+    }
+
+    /// Gives `p` to a settling thread (waiting for room), or settles it here if none is left.
+    fn hand_over(&self, p: Pending) {
         if let Err(SendError(p)) = self.settle.send(p) {
             // no settling thread left (they only end with this): wait here
             self.shared.settle(p);
@@ -169,13 +236,86 @@ impl Drop for Durable {
 }
 
 impl Shared {
+    fn parked(&self) -> std::sync::MutexGuard<'_, Vec<DurableSync>> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Parks `sync` for the watcher; its ticket back if [`PARKED_MAX`] are parked already.
+    fn park(&self, sync: DurableSync) -> Result<(), Ticket> {
+        let mut parked = self.parked();
+        if parked.len() >= PARKED_MAX {
+            return Err(sync.stage);
+        }
+        parked.push(sync);
+        Ok(())
+    }
+
+    /// The watcher: every [`watch_period`], hands each parked sync that the cold side did
+    /// not acknowledge in time, or whose connection ended, to a settling thread; once the
+    /// mount is gone, drops the replies still parked (the kernel has nobody to give them to).
+    fn watch(&self, settle: &Sender<Pending>) {
+        let period = watch_period(self.cfg.peer_timeout);
+        while !self.stopped.load(Ordering::Acquire) {
+            std::thread::sleep(period);
+            let parked = std::mem::take(&mut *self.parked());
+            let mut waiting = Vec::new();
+            for DurableSync { info, stage } in parked {
+                match self
+                    .stats
+                    .acks
+                    .try_ticket(stage, info.began + self.cfg.peer_timeout)
+                {
+                    Err(ticket) => waiting.push(DurableSync {
+                        info,
+                        stage: ticket,
+                    }),
+                    Ok((Waited::Acked, answer)) => {
+                        if let Some(answer) = answer {
+                            answer();
+                        }
+                        self.acked(info.degraded);
+                    }
+                    Ok((waited, answer)) => {
+                        let p = DurableSync {
+                            info,
+                            stage: Stage::Found(waited, answer),
+                        };
+                        if let Err(SendError(p)) = settle.send(p) {
+                            self.settle(p);
+                        }
+                    }
+                }
+            }
+            // syncs parked meanwhile are younger: after these
+            let mut parked = self.parked();
+            waiting.append(&mut parked);
+            *parked = waiting;
+        }
+        for sync in std::mem::take(&mut *self.parked()) {
+            // taken out of the watch, the reply is dropped: the kernel tells the caller EIO
+            let _ = self.stats.acks.try_ticket(sync.stage, Instant::now());
+        }
+    }
+
+    /// A sync was acknowledged in time: nothing blocks, and a sync that began degraded ends
+    /// the degradation.
+    fn acked(&self, degraded: bool) {
+        self.stats.blocked_since_unix_ms.store(0, Ordering::Release);
+        if degraded {
+            self.stats
+                .degraded_since_unix_ms
+                .store(0, Ordering::Release);
+            tracing::warn!("the cold side is back and has caught up: syncs are durable again");
+        }
+    }
+
     /// Waits a sync out (see [`Durable::answer`]) and answers it if nobody has.
     fn settle(&self, p: Pending) {
         let stats = &self.stats;
-        let mut deadline = p.began + self.cfg.peer_timeout;
-        let (mut waited, mut answer) = match p.ticket {
-            Ok(t) => stats.acks.wait_ticket(t, deadline),
-            Err(a) => (Waited::Lost, a),
+        let mut deadline = p.info.began + self.cfg.peer_timeout;
+        let (mut waited, mut answer) = match p.stage {
+            Stage::Waiting(t) => stats.acks.wait_ticket(t, deadline),
+            Stage::Found(waited, answer) => (waited, answer),
         };
         loop {
             if waited != Waited::Acked && self.stopped.load(Ordering::Acquire) {
@@ -197,13 +337,7 @@ impl Shared {
             };
             match outcome {
                 Ok(()) => {
-                    stats.blocked_since_unix_ms.store(0, Ordering::Release);
-                    if p.degraded {
-                        stats.degraded_since_unix_ms.store(0, Ordering::Release);
-                        tracing::warn!(
-                            "the cold side is back and has caught up: syncs are durable again"
-                        );
-                    }
+                    self.acked(p.info.degraded);
                     break;
                 }
                 Err(RecvTimeoutError::Disconnected) if Instant::now() < deadline => {
@@ -243,7 +377,7 @@ impl Shared {
                     },
                 },
             }
-            waited = stats.acks.wait(p.events, deadline, &mut answer);
+            waited = stats.acks.wait(p.info.events, deadline, &mut answer);
         }
         if let Some(answer) = answer {
             answer();
@@ -287,5 +421,73 @@ mod tests {
             given.try_recv(),
             Err(crossbeam_channel::TryRecvError::Disconnected)
         ));
+    }
+
+    fn durable(peer_timeout_ms: u64, stats: &Arc<SenderStats>) -> Durable {
+        let cfg = DurableConfig {
+            peer_timeout: Duration::from_millis(peer_timeout_ms),
+            block: false,
+            witness: None,
+            metrics: crate::daemon::metrics::Metrics::new(),
+        };
+        let (events, _scanner) = bounded(16);
+        Durable::start(cfg, stats.clone(), events).unwrap()
+    }
+
+    /// Polls `f` for up to 5 s.
+    fn eventually(f: impl Fn() -> bool) -> bool {
+        let until = Instant::now() + Duration::from_secs(5);
+        while !f() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        f()
+    }
+
+    #[test]
+    fn issue12_a_sync_acknowledged_in_time_is_answered_by_the_ack_and_leaves_nothing_parked() {
+        let stats = Arc::new(SenderStats::default());
+        stats.acks.connected(1);
+        let durable = durable(40, &stats);
+        stats.acks.count_event();
+        let (tx, given) = bounded(1);
+        durable.answer(Box::new(move || tx.send(()).unwrap()));
+        assert!(given.try_recv().is_err(), "answered before the ack");
+        stats.acks.flushed(1, 1, 1);
+        stats.acks.acked(1, 1);
+        // given by the ack's own call, before any other thread ran
+        assert!(given.try_recv().is_ok(), "not answered by the ack");
+        assert!(eventually(|| durable.shared.parked().is_empty()));
+        assert_eq!(stats.acks.waiting(), 0);
+        // well past its deadline: not degraded, not answered twice
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(stats.degraded_since_unix_ms.load(Ordering::Acquire), 0);
+        assert!(given.try_recv().is_err());
+    }
+
+    #[test]
+    fn issue12_a_parked_sync_the_cold_side_does_not_acknowledge_degrades_after_its_timeout() {
+        let stats = Arc::new(SenderStats::default());
+        stats.acks.connected(1);
+        let durable = durable(60, &stats);
+        stats.acks.count_event();
+        let (tx, given) = bounded(1);
+        let began = Instant::now();
+        durable.answer(Box::new(move || tx.send(()).unwrap()));
+        given
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a sync never acknowledged was not answered after its timeout");
+        let waited = began.elapsed();
+        assert!(
+            waited >= Duration::from_millis(60),
+            "answered after {waited:?}"
+        );
+        // a twentieth late at most, with room for a busy machine
+        assert!(
+            waited < Duration::from_millis(1000),
+            "answered after {waited:?}"
+        );
+        assert_ne!(stats.degraded_since_unix_ms.load(Ordering::Acquire), 0);
+        assert_eq!(stats.acks.waiting(), 0);
+        assert!(durable.shared.parked().is_empty());
     }
 }
