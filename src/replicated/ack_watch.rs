@@ -20,9 +20,10 @@
 //! whoever makes the fact true gives it (the reader, as it reads the ack; the scanner, when the
 //! ack came before its flush was published), and takes the sync out of the watch as it does, so
 //! nobody else wakes for it; whoever holds the [`Ticket`] looks now and then whether the
-//! deadline passed ([`AckWatch::try_ticket`]) or sleeps until it ([`AckWatch::wait_ticket`]). A connection that ends or changes meanwhile sends the sync the
-//! long way ([`Waited::Lost`]), which knows how to wait for the next one; acks of a later
-//! connection never answer it.
+//! deadline passed ([`AckWatch::try_ticket`]) or sleeps until it ([`AckWatch::wait_ticket`]).
+//! A connection that ends or changes meanwhile sends the sync the long way
+//! ([`Waited::Lost`]), which knows how to wait for the next one; acks of a later connection
+//! never answer it.
 //!
 //! [`FsEvent::Sync`]: crate::replicated::capture::watch::FsEvent::Sync
 

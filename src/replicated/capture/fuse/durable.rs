@@ -443,14 +443,23 @@ mod tests {
         f()
     }
 
-    #[test]
-    fn issue12_a_sync_acknowledged_in_time_is_answered_by_the_ack_and_leaves_nothing_parked() {
+    /// A connected sender with durable acks after `peer_timeout_ms`, one event queued, and a
+    /// sync after it: whether its answer was given comes on the channel.
+    fn one_sync(
+        peer_timeout_ms: u64,
+    ) -> (Arc<SenderStats>, Durable, crossbeam_channel::Receiver<()>) {
         let stats = Arc::new(SenderStats::default());
         stats.acks.connected(1);
-        let durable = durable(40, &stats);
+        let durable = durable(peer_timeout_ms, &stats);
         stats.acks.count_event();
         let (tx, given) = bounded(1);
         durable.answer(Box::new(move || tx.send(()).unwrap()));
+        (stats, durable, given)
+    }
+
+    #[test]
+    fn issue12_a_sync_acknowledged_in_time_is_answered_by_the_ack_and_leaves_nothing_parked() {
+        let (stats, durable, given) = one_sync(40);
         assert!(given.try_recv().is_err(), "answered before the ack");
         stats.acks.flushed(1, 1, 1);
         stats.acks.acked(1, 1);
@@ -466,13 +475,8 @@ mod tests {
 
     #[test]
     fn issue12_a_parked_sync_the_cold_side_does_not_acknowledge_degrades_after_its_timeout() {
-        let stats = Arc::new(SenderStats::default());
-        stats.acks.connected(1);
-        let durable = durable(60, &stats);
-        stats.acks.count_event();
-        let (tx, given) = bounded(1);
         let began = Instant::now();
-        durable.answer(Box::new(move || tx.send(()).unwrap()));
+        let (stats, durable, given) = one_sync(60);
         given
             .recv_timeout(Duration::from_secs(5))
             .expect("a sync never acknowledged was not answered after its timeout");
