@@ -194,38 +194,22 @@ impl Durable {
             began,
             degraded,
         };
-        match stats.acks.register(events, Some(answer)) {
+        let stage = match stats.acks.register(events, Some(answer)) {
             // one that began degraded ends the degradation on its ack: a settling thread
             // waits for it, and wakes at once
-            Ok(ticket) if degraded => self.hand_over(DurableSync {
+            Ok(ticket) if degraded => Stage::Waiting(ticket),
+            Ok(ticket) => match self.shared.park(DurableSync {
                 info,
-                stage: Stage::Waiting(ticket),
-            }),
-            Ok(ticket) => {
-                if let Err(ticket) = self.shared.park(DurableSync {
-                    info,
-                    stage: ticket,
-                }) {
-                    self.hand_over(DurableSync {
-                        info,
-                        stage: Stage::Waiting(ticket),
-                    });
-                }
-            }
+                stage: ticket,
+            }) {
+                Ok(()) => return,
+                Err(ticket) => Stage::Waiting(ticket),
+            },
             // no connection: the long way
-            Err(answer) => self.hand_over(DurableSync {
-                info,
-                stage: Stage::Found(Waited::Lost, answer),
-            }),
-        }
-    }
-
-    /// Gives `p` to a settling thread (waiting for room), or settles it here if none is left.
-    fn hand_over(&self, p: Pending) {
-        if let Err(SendError(p)) = self.settle.send(p) {
-            // no settling thread left (they only end with this): wait here
-            self.shared.settle(p);
-        }
+            Err(answer) => Stage::Found(Waited::Lost, answer),
+        };
+        self.shared
+            .hand_over(&self.settle, DurableSync { info, stage });
     }
 }
 
@@ -238,6 +222,14 @@ impl Drop for Durable {
 impl Shared {
     fn parked(&self) -> std::sync::MutexGuard<'_, Vec<DurableSync>> {
         self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives `p` to a settling thread through `settle` (waiting for room), or settles it here
+    /// if none is left (they only end with the mount).
+    fn hand_over(&self, settle: &Sender<Pending>, p: Pending) {
+        if let Err(SendError(p)) = settle.send(p) {
+            self.settle(p);
+        }
     }
 
     /// Parks `sync` for the watcher; its ticket back if [`PARKED_MAX`] are parked already.
@@ -276,13 +268,8 @@ impl Shared {
                         self.acked(info.degraded);
                     }
                     Ok((waited, answer)) => {
-                        let p = DurableSync {
-                            info,
-                            stage: Stage::Found(waited, answer),
-                        };
-                        if let Err(SendError(p)) = settle.send(p) {
-                            self.settle(p);
-                        }
+                        let stage = Stage::Found(waited, answer);
+                        self.hand_over(settle, DurableSync { info, stage });
                     }
                 }
             }
