@@ -6,7 +6,6 @@
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use crate::fuse::{cold_has, fuse_pair_started, record, RECORD_BYTES};
@@ -15,13 +14,6 @@ use crate::util::{artemis_sync, mounts_at, require_root, toml_path, write_script
 
 /// How long a status may take to show a heartbeat's news (one is sent every second).
 const HEARTBEAT_NEWS: Duration = Duration::from_secs(5);
-
-/// Sends `sig` to an agent the pair started.
-fn signal(child: Option<&Child>, sig: libc::c_int) {
-    let pid = libc::pid_t::try_from(child.expect("the agent runs").id()).unwrap();
-    // SAFETY: kill has no memory-safety preconditions.
-    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
-}
 
 /// Writes record `i` of writer `w` at its place in `f` and fdatasyncs it; how long the sync took.
 fn write_sync(f: &fs::File, w: u8, i: usize) -> Duration {
@@ -89,9 +81,9 @@ fn issue12_promote_after_the_hot_degraded_says_the_copy_may_lack_data() {
     write_sync(&f, 7, 0);
     wait_hot_sync(&p, "in sync (durable)");
     // the cold agent frozen: the next sync degrades after the timeout
-    signal(p.cold.child.as_ref(), libc::SIGSTOP);
+    p.signal("cold", libc::SIGSTOP);
     let waited = write_sync(&f, 7, 1);
-    signal(p.cold.child.as_ref(), libc::SIGCONT);
+    p.signal("cold", libc::SIGCONT);
     assert!(waited >= Duration::from_millis(450), "{waited:?}");
     assert!(
         p.status("hot")["degraded"]
@@ -121,7 +113,7 @@ fn issue12_block_a_durable_sync_waits_for_a_stopped_cold_agent_and_returns_when_
         fuse_pair_started("ack = \"durable\"\npeer_timeout_ms = 500\non_peer_loss = \"block\"");
     let f = fs::File::create(mnt.join("j")).unwrap();
     write_sync(&f, 8, 0);
-    signal(p.cold.child.as_ref(), libc::SIGSTOP);
+    p.signal("cold", libc::SIGSTOP);
     let stopped = Instant::now();
     let writer = std::thread::spawn(move || write_sync(&f, 8, 1));
     // three timeouts: a degrading sync would have returned long since
@@ -139,7 +131,7 @@ fn issue12_block_a_durable_sync_waits_for_a_stopped_cold_agent_and_returns_when_
     );
     assert!(hot.get("degraded").is_none(), "{hot}");
     assert!(!cold_has(&p, "j", 8, 1), "the cold agent is stopped");
-    signal(p.cold.child.as_ref(), libc::SIGCONT);
+    p.signal("cold", libc::SIGCONT);
     assert!(
         wait_until(Duration::from_secs(10), || writer.is_finished()),
         "the sync did not return once the cold side was back\n{}",

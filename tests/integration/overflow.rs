@@ -1,6 +1,6 @@
 //! Issue 11, item 2: an inotify overflow leads to one rescan, not a storm. Real agents (PSK)
 //! on tmpfs; a burst of file creations (three times the kernel's `max_queued_events`) while
-//! the hot agent runs overflows its inotify queue for real; the hot agent's log (tracing to
+//! the hot agent is paused overflows its inotify queue for real; the hot agent's log (tracing to
 //! stderr) says how many overflows it read and how many rescans it started for them.
 
 use std::fs;
@@ -15,6 +15,9 @@ use crate::util::{artemis_sync, Fixture};
 const MAX_RESCANS: usize = 3;
 /// Files a burst creates, at most (a bound whatever the sysctl says).
 const MAX_BURST_FILES: usize = 200_000;
+/// How long the hot agent stays paused, at most once the queue must have overflowed (the cold
+/// side's idle timeout is 5 s).
+const PAUSE_AT_MOST: Duration = Duration::from_secs(2);
 /// Bytes written to each file of the burst.
 const BURST_FILE_BYTES: usize = 100;
 
@@ -25,14 +28,24 @@ fn max_queued_events() -> usize {
         .unwrap_or(16_384)
 }
 
-/// Creates `n` files in `dir`, as fast as possible, then appends to every tenth, renames every
-/// hundredth and removes every thousandth: events of every kind behind a rescan's walk.
-fn burst(dir: &Path, n: usize) {
+/// Creates files `from..n` in `dir`, as fast as possible, and stops early (returning where
+/// it stopped) once `at_least` files are made and `limit` has passed.
+fn create(dir: &Path, from: usize, n: usize, at_least: usize, limit: Duration) -> usize {
     fs::create_dir_all(dir).unwrap();
     let body = vec![b'x'; BURST_FILE_BYTES];
-    for i in 0..n {
+    let t = Instant::now();
+    for i in from..n {
+        if i >= at_least && t.elapsed() > limit {
+            return i;
+        }
         fs::write(dir.join(format!("{i:07}.pag")), &body).unwrap();
     }
+    n
+}
+
+/// Appends to every tenth of the `n` files `create` made, renames every hundredth and removes
+/// every thousandth: events of every kind behind a rescan's walk.
+fn churn(dir: &Path, n: usize) {
     for i in (0..n).step_by(10) {
         let mut f = fs::OpenOptions::new()
             .append(true)
@@ -80,8 +93,8 @@ fn rescans_and_overflows(log: &str) -> (usize, u64) {
     (lines.len(), overflows)
 }
 
-/// Issue 11 item 2: three times `max_queued_events` file creations in a burst overflow the
-/// hot agent's inotify queue; the agent starts at most [`MAX_RESCANS`] rescans for them (the
+/// Issue 11 item 2: three times `max_queued_events` file creations in a burst, made while the
+/// hot agent is paused (SIGSTOP), overflow its inotify queue; the agent starts at most [`MAX_RESCANS`] rescans for them (the
 /// tree had one per overflow before), and the copy converges (`verify` says identical) with
 /// no periodic rescan to help: events folded into a rescan are not lost.
 #[test]
@@ -100,10 +113,20 @@ fn issue11_an_inotify_overflow_leads_to_one_rescan_not_a_storm() {
         p.logs()
     );
     let n = (max_queued_events() * 3).min(MAX_BURST_FILES);
+    let dir = p.hot.data.join("paging/burst");
     let t = Instant::now();
-    burst(&p.hot.data.join("paging/burst"), n);
+    // The agent is paused while the files are made, so that its queue overflows whatever the
+    // host's speed (a busy host once read them as fast as they came): each file is at least
+    // two events, so `max_queued_events` files overflow it. The pause ends well before the
+    // cold side's idle timeout; the rest of the files and the churn come after it, behind
+    // the rescan's walk.
+    p.signal("hot", libc::SIGSTOP);
+    let made = create(&dir, 0, n, max_queued_events(), PAUSE_AT_MOST);
+    p.signal("hot", libc::SIGCONT);
+    create(&dir, made, n, n, Duration::MAX);
+    churn(&dir, n);
     println!(
-        "overflow: {n} files created, then appended, renamed, removed in {:?}",
+        "overflow: {n} files created (the agent paused), then appended, renamed, removed in {:?}",
         t.elapsed()
     );
     let took = p.assert_converges(Duration::from_secs(300));

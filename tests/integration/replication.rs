@@ -270,6 +270,19 @@ impl Pair {
         }
     }
 
+    /// Sends `sig` (SIGSTOP, SIGCONT) to side `name`'s running agent.
+    pub(crate) fn signal(&self, name: &str, sig: libc::c_int) {
+        let child = if name == "hot" {
+            &self.hot.child
+        } else {
+            &self.cold.child
+        };
+        let pid = child.as_ref().expect("the agent runs").id();
+        let pid = libc::pid_t::try_from(pid).expect("a child's pid came from a pid_t");
+        // SAFETY: kill has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "signal {sig} to {name}");
+    }
+
     /// The config file of side `name`.
     pub(crate) fn config_of(&self, name: &str) -> &Path {
         if name == "hot" {
