@@ -315,7 +315,7 @@ impl Scanner {
             return;
         };
         let (attrs, allocated) = (Attrs::of(&meta), fully_allocated(&meta));
-        let grew = self.model_set_file(rel, meta.len(), attrs, allocated, pages);
+        let (grew, allocate) = self.model_set_file(rel, meta.len(), attrs, allocated, pages);
         let cursor = self.cursors.get(rel).copied().unwrap_or(0);
         let reach = if grew { pages } else { 0 };
         let mut pass = Pass::new(full, cursor, pages, reach);
@@ -329,12 +329,14 @@ impl Scanner {
             // zeros written where the hot file may have a hole would give the cold side
             // blocks the hot file lacks: regrown sparse, every page that is not zeros resent
             self.regrow_sparse(rel, attrs.mode);
-            self.model_set_file(rel, meta.len(), attrs, allocated, pages);
+            // not allocated: no `Allocate` comes back
+            let _ = self.model_set_file(rel, meta.len(), attrs, allocated, pages);
             let hint = pass.hint.take();
             pass = Pass::new(true, 0, pages, pages);
             pass.hint = hint;
             self.compare_pass(rel, &file, &mut pass);
         }
+        self.push_allocate(allocate);
         self.finish_pass(rel, file, &meta, &pass);
     }
 
@@ -367,7 +369,7 @@ impl Scanner {
         // a file that lost blocks is regrown sparse by model_set_file: all of it is resent
         let regrown =
             !allocated && meta.len() > 0 && self.table.files.get(rel).is_some_and(|e| e.allocated);
-        self.model_set_file(rel, meta.len(), attrs, allocated, pages);
+        let (_, allocate) = self.model_set_file(rel, meta.len(), attrs, allocated, pages);
         let mut pass = Pass::new(true, 0, end.min(pages), 0);
         if regrown {
             pass = Pass::new(true, 0, pages, pages);
@@ -378,10 +380,12 @@ impl Scanner {
         if pass.zeroed && !allocated {
             // as in scan_file: zeros must not allocate blocks the hot file may lack
             self.regrow_sparse(rel, attrs.mode);
-            self.model_set_file(rel, meta.len(), attrs, allocated, pages);
+            // not allocated: no `Allocate` comes back
+            let _ = self.model_set_file(rel, meta.len(), attrs, allocated, pages);
             pass = Pass::new(true, 0, pages, pages);
             self.compare_pass(rel, file, &mut pass);
         }
+        self.push_allocate(allocate);
         if let Some(c) = pass.last_changed {
             self.cursors.insert(rel.to_owned(), c);
         }
@@ -434,7 +438,9 @@ impl Scanner {
 
     /// When the file's length or mode differs from the table's: queues a `SetFile`, and
     /// models in the table what the cold side does with it (truncate or zero-extend); then
-    /// queues what its owner and allocation need. Whether the file grew.
+    /// queues what its owner needs. Whether the file grew, and the `Allocate` its allocation
+    /// needs, for the caller to queue after the pages it sends ([`Scanner::push_allocate`]).
+    #[must_use = "the allocation is the caller's to queue"]
     fn model_set_file(
         &mut self,
         rel: &str,
@@ -442,14 +448,14 @@ impl Scanner {
         attrs: Attrs,
         allocated: bool,
         pages: usize,
-    ) -> bool {
+    ) -> (bool, Option<Op>) {
         let ps = self.page_size as u64;
         let zero_hash = self.zero_hash;
         let known = self.table.files.contains_key(rel);
         let entry = self.table.files.entry(rel.to_owned()).or_default();
         let (mut old_len, old_attrs, old_allocated) = (entry.len, entry.attrs, entry.allocated);
         if known && old_len == len && old_attrs == attrs && old_allocated == allocated {
-            return false;
+            return (false, None);
         }
         if known && old_allocated && !allocated && len > 0 {
             // the cold side keeps blocks the hot file no longer has (it shrank and grew again
@@ -493,16 +499,26 @@ impl Scanner {
             });
         }
         let grew = known && len > old_len;
-        if allocated && (!old_allocated || !known || grew) {
-            // allocate what the cold side lacks: the part gained, or all of it
+        // allocate what the cold side lacks: the part gained, or all of it
+        let allocate = (allocated && (!old_allocated || !known || grew)).then(|| {
             let offset = if known && old_allocated { old_len } else { 0 };
-            self.push(Op::Allocate {
+            Op::Allocate {
                 path: rel.to_owned(),
                 offset,
                 len: len - offset,
-            });
+            }
+        });
+        (len > old_len, allocate)
+    }
+
+    /// Queues a file's `Allocate` after the pages of it just queued: the cold side then
+    /// allocates only what those writes left unwritten. Before them, tmpfs zeroed every page
+    /// (`clear_page_erms` was two thirds of the cold apply thread's time in an initial sync)
+    /// only for the writes to overwrite it; the file's blocks end the same either way.
+    fn push_allocate(&mut self, allocate: Option<Op>) {
+        if let Some(op) = allocate {
+            self.push(op);
         }
-        len > old_len
     }
 
     /// Reads the pass's pages, growing reads as the window goes on, and compares them with

@@ -37,6 +37,8 @@ struct Rig {
     applier: Applier,
     seq: u64,
     sent: usize,
+    /// Every op applied, in order: its kind and path.
+    applied: Vec<(&'static str, String)>,
 }
 
 impl Rig {
@@ -71,6 +73,7 @@ impl Rig {
             applier,
             seq: 0,
             sent: 0,
+            applied: Vec::new(),
         };
         rig.pump();
         rig
@@ -82,6 +85,12 @@ impl Rig {
             if let Outgoing::Batch { ops, .. } = out {
                 self.seq += 1;
                 self.sent += ops.iter().map(Op::data_len).sum::<usize>();
+                self.applied.extend(ops.iter().map(|op| match op {
+                    Op::Write { path, .. } => ("write", path.clone()),
+                    Op::Allocate { path, .. } => ("allocate", path.clone()),
+                    Op::SetFile { path, .. } => ("set_file", path.clone()),
+                    other => ("other", format!("{other:?}")),
+                }));
                 match self.applier.batch(self.seq, ops) {
                     Applied::Done { .. } => {}
                     other => panic!("batch {} not applied: {other:?}", self.seq),
@@ -121,6 +130,44 @@ impl Rig {
         let b = crate::replicated::pages::index_tree(&self.cold, 512).unwrap();
         a == b
     }
+}
+
+/// A new file that is fully allocated: its `Allocate` follows its pages, so the cold side
+/// allocates only what the writes left (tmpfs zeroed every page first, only for the writes to
+/// overwrite it); the cold file ends fully allocated all the same. Found in an initial sync's
+/// profile: two thirds of the cold apply thread's time was `clear_page_erms`.
+#[test]
+fn issue15_a_new_allocated_file_is_allocated_after_its_pages() {
+    let mut r = Rig::new();
+    let mut data: Vec<u8> = (1..=251u8).cycle().take(64 * 512).collect();
+    // a hole's worth of zeros in the middle: not sent, allocated by the `Allocate`
+    data[10 * 512..12 * 512].fill(0);
+    fs::write(r.hot.join("j.amq"), &data).unwrap();
+    r.modified("j.amq");
+    assert!(r.same());
+    let of_file: Vec<&str> = r
+        .applied
+        .iter()
+        .filter(|(_, p)| p == "j.amq")
+        .map(|(k, _)| *k)
+        .collect();
+    let last_write = of_file
+        .iter()
+        .rposition(|k| *k == "write")
+        .expect("pages sent");
+    let allocate = of_file
+        .iter()
+        .position(|k| *k == "allocate")
+        .expect("allocated");
+    assert!(
+        allocate > last_write,
+        "the allocation follows the pages: {of_file:?}"
+    );
+    let cold = fs::metadata(r.cold.join("j.amq")).unwrap();
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&cold) * 512 >= cold.len(),
+        "the cold file is fully allocated"
+    );
 }
 
 #[test]
