@@ -170,6 +170,58 @@ fn issue15_a_new_allocated_file_is_allocated_after_its_pages() {
     );
 }
 
+/// The FUSE capture's length change (`setattr` with a size): a `Wrote` of no bytes at the
+/// shorter of the old and new lengths. A new journal file grown to its size (as Artemis makes
+/// them) sends its length and none of the zeros it gained; a file cut into a page sends the
+/// length and the page it now ends in. The cold copy is exact after each, and nothing is left
+/// to rehash later (a `Changed` compared the whole file, or left it dirty).
+#[test]
+fn issue12_a_length_change_through_the_mount_reads_only_the_partial_page() {
+    const REL: &str = "j.amq.tmp";
+    let mut r = Rig::build(true);
+    let file = std::sync::Arc::new(
+        fs::OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(r.hot.join(REL))
+            .unwrap(),
+    );
+    r.fs(FsEvent::Changed(REL.into()));
+    let resize = |r: &mut Rig, new_len: u64| {
+        let old = file.metadata().unwrap().len();
+        file.set_len(new_len).unwrap();
+        let sent = r.sent;
+        r.fs(FsEvent::Wrote {
+            path: REL.into(),
+            file: file.clone(),
+            offset: old.min(new_len),
+            len: 0,
+        });
+        assert!(r.same(), "after set_len({new_len})");
+        r.sent - sent
+    };
+    assert_eq!(
+        resize(&mut r, 10_000 * 512),
+        0,
+        "a new file's zeros are not sent"
+    );
+    file.write_all_at(&[7u8; 1300], 0).unwrap();
+    r.fs(FsEvent::Wrote {
+        path: REL.into(),
+        file: file.clone(),
+        offset: 0,
+        len: 1300,
+    });
+    assert!(r.same());
+    let sent = resize(&mut r, 1100);
+    assert!(
+        sent <= 512,
+        "{sent} bytes for a file cut into its third page"
+    );
+    assert!(r.scanner.dirty.is_empty(), "nothing to rehash later");
+}
+
 #[test]
 fn appends_are_found_by_events_alone_without_rehashing_the_file() {
     let mut r = Rig::new();

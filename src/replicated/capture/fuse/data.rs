@@ -4,6 +4,7 @@
 //! fills mid-write queues the part written, or nothing and the caller gets `ENOSPC`).
 
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use fuser::{Errno, FileHandle, INodeNo, Request, TimeOrNow};
 
@@ -122,7 +123,13 @@ impl Passthrough {
     }
 
     /// `setattr`: length (through the caller's handle when it has one), owner, mode, times,
-    /// in that order (a chown may clear set-id bits the mode then sets).
+    /// in that order (a chown may clear set-id bits the mode then sets). A new length that
+    /// took, with nothing else failing, is queued as a `Wrote` of no bytes at the shorter of the
+    /// old and new lengths: the scanner models the length, owner and mode, and compares only
+    /// the page the change left partial. Bytes a longer length adds are zeros on both sides
+    /// (the cold side's `SetFile` extends the same way), so nothing reads them; a `Changed`
+    /// made the scanner read and compare the whole file from its start (10 MiB for each of
+    /// Artemis' new journal files). Anything else is queued as a `Changed`.
     pub(super) fn set_attrs(
         &self,
         _req: &Request,
@@ -133,12 +140,17 @@ impl Passthrough {
         let _order = self.order.read().expect("order lock");
         let rel = self.rel(ino)?;
         let abs = self.abs(&rel);
+        // the file whose length changed, and the shorter of its old and new lengths
+        let mut resized = None;
         let result = (|| -> Res<()> {
             if let Some(size) = c.size {
-                match fh.map(|fh| self.file(fh)).transpose()? {
-                    Some(f) => f.set_len(size)?,
-                    None => open_backing(&abs, libc::O_WRONLY, None)?.set_len(size)?,
-                }
+                let file = match fh.map(|fh| self.file(fh)).transpose()? {
+                    Some(f) => f,
+                    None => Arc::new(open_backing(&abs, libc::O_WRONLY, None)?),
+                };
+                let old = file.metadata()?.len();
+                file.set_len(size)?;
+                resized = Some((file, old.min(size)));
             }
             if c.uid.is_some() || c.gid.is_some() {
                 sys::lchown(&abs, c.uid, c.gid)?;
@@ -153,8 +165,16 @@ impl Passthrough {
             }
             Ok(())
         })();
-        // a part may have been applied before a failure: the scanner looks and sends what is
-        self.send(FsEvent::Changed(rel));
+        match (&result, resized) {
+            (Ok(()), Some((file, edge))) => self.send(FsEvent::Wrote {
+                path: rel,
+                file,
+                offset: edge,
+                len: 0,
+            }),
+            // a part may have been applied before a failure: the scanner looks and sends what is
+            _ => self.send(FsEvent::Changed(rel)),
+        }
         result
     }
 }
