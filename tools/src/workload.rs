@@ -319,6 +319,11 @@ fn probe(cold: &Path, rx: Receiver<Sample>, out: Sender<Option<(Duration, Durati
             }
         }
         let now = Instant::now();
+        // files not there yet in this sweep: one `open` each, not one per sample waiting on
+        // it (under a backlog, hundreds of samples wait on files the cold side has yet to
+        // make, and their failed opens took 41% of the machine in `append_max`'s unthrottled
+        // step)
+        let mut missing: HashSet<String> = HashSet::new();
         pending.retain(|s| {
             let path = cold.join(&s.rel);
             let stale = files.get(&s.rel).is_none_or(|(_, ino, checked)| {
@@ -330,12 +335,15 @@ fn probe(cold: &Path, rx: Receiver<Sample>, out: Sender<Option<(Duration, Durati
             });
             if stale {
                 files.remove(&s.rel);
-                if let Ok(f) = File::open(&path) {
-                    if let Ok(m) = f.metadata() {
-                        files.insert(
-                            s.rel.clone(),
-                            (f, std::os::unix::fs::MetadataExt::ino(&m), Instant::now()),
-                        );
+                if !missing.contains(&s.rel) {
+                    match File::open(&path).and_then(|f| Ok((f.metadata()?, f))) {
+                        Ok((m, f)) => {
+                            let ino = std::os::unix::fs::MetadataExt::ino(&m);
+                            files.insert(s.rel.clone(), (f, ino, Instant::now()));
+                        }
+                        Err(_) => {
+                            missing.insert(s.rel.clone());
+                        }
                     }
                 }
             } else if let Some(e) = files.get_mut(&s.rel) {
