@@ -152,6 +152,17 @@ impl AckWatch {
         self.queued.fetch_add(1, Ordering::SeqCst);
     }
 
+    /// An event its maker hands the scanner at once instead of queuing it
+    /// ([`crate::replicated::capture::InlineScan`]): counted only if `handled`, the number of
+    /// events the scanner has handled (read under its lock), is every event counted so far,
+    /// so it takes the next place in order with nothing queued ahead of it. `false` when
+    /// another was counted first: queue it then, counted as usual.
+    pub fn count_handled_now(&self, handled: u64) -> bool {
+        self.queued
+            .compare_exchange(handled, handled + 1, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
     /// Events counted so far.
     pub fn queued(&self) -> u64 {
         self.queued.load(Ordering::SeqCst)

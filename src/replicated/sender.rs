@@ -132,35 +132,39 @@ pub fn start(cfg: SenderConfig, rt: &tokio::runtime::Handle) -> Result<SenderHan
     // async acks on the write path: nothing waits on a send, so small writes may gather
     let coalesce = durable.is_none();
     let (fs_tx, fs_rx) = crossbeam_channel::bounded(EVENT_QUEUE);
-    let nudge = fs_tx.clone();
-    let (watches, fuse) = match fuse_mount {
-        None => (
-            Some(Watches::start(
-                scan_cfg.root.clone(),
-                NotifyBackend::new(fs_tx),
-            )),
-            None,
-        ),
-        Some(mp) => {
-            let durable = durable.map(|d| (d, stats.clone()));
-            (
-                None,
-                Some(fuse::mount(&scan_cfg.root, &mp, fs_tx, durable)?),
-            )
-        }
-    };
     let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(SCAN_CONTROL_QUEUE);
-    let ctl_tx = ScanControl::new(ctl_tx, nudge);
+    let ctl_tx = ScanControl::new(ctl_tx, fs_tx.clone());
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>(BATCH_QUEUE);
     let (ev_tx, ev_rx) = crossbeam_channel::bounded(SENDER_EVENT_QUEUE);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut scanner = Scanner::new(&scan_cfg, out_tx);
-    scanner = match watches {
-        Some(w) => scanner.with_watches(w),
-        // the write path's events are the changes themselves: never folded into a walk
-        None => scanner.with_exact_events(coalesce),
+    let scanner = Scanner::new(&scan_cfg, out_tx);
+    let (scanner, fuse) = match fuse_mount {
+        None => {
+            let watches = Watches::start(scan_cfg.root.clone(), NotifyBackend::new(fs_tx));
+            let thread = scanner
+                .with_watches(watches)
+                .spawn(stats.clone(), fs_rx, ctl_rx);
+            (thread, None)
+        }
+        Some(mp) => {
+            // the write path's events are the changes themselves: never folded into a walk
+            let (thread, inline) = scanner.with_exact_events(coalesce).spawn_sharing(
+                stats.clone(),
+                fs_rx,
+                ctl_rx,
+                Some(fs_tx.clone()),
+            );
+            let durable = durable.map(|d| (d, stats.clone()));
+            match fuse::mount(&scan_cfg.root, &mp, fs_tx, durable, inline) {
+                Ok(f) => (thread, Some(f)),
+                Err(e) => {
+                    let _ = ctl_tx.send(ScanMsg::Stop);
+                    let _ = thread.join();
+                    return Err(e.into());
+                }
+            }
+        }
     };
-    let scanner = scanner.spawn(stats.clone(), fs_rx, ctl_rx);
     let link = ScannerLink {
         out: out_rx,
         ctl: ctl_tx.clone(),

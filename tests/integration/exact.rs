@@ -131,14 +131,22 @@ enum Via {
     Watch,
     /// The FUSE mount (no rescans within a test); the node writes through it.
     Fuse,
+    /// The same with durable acks: small writes are handled on the FUSE threads when the
+    /// scanner is free.
+    FuseDurable,
 }
 
 /// A pair capturing `via`, with the guard of the FUSE mount point.
 fn pair(via: Via) -> (Pair, Option<MountGuard>) {
     match via {
         Via::Watch => (Pair::new("psk", None), None),
-        Via::Fuse => {
-            let p = crate::fuse::fuse_pair(Fixture::new(), "");
+        Via::Fuse | Via::FuseDurable => {
+            let more = if via == Via::FuseDurable {
+                "ack = \"durable\""
+            } else {
+                ""
+            };
+            let p = crate::fuse::fuse_pair(Fixture::new(), more);
             let guard = MountGuard::new(&p.fx.path("hot/mnt"));
             (p, Some(guard))
         }
@@ -149,7 +157,7 @@ fn pair(via: Via) -> (Pair, Option<MountGuard>) {
 fn node_dir(p: &Pair, via: Via) -> PathBuf {
     match via {
         Via::Watch => p.hot.data.clone(),
-        Via::Fuse => crate::fuse::mount_point(p),
+        Via::Fuse | Via::FuseDurable => crate::fuse::mount_point(p),
     }
 }
 
@@ -478,6 +486,19 @@ fn issue12_renames_and_every_change_converge_in_any_order_through_the_fuse_mount
         return;
     }
     every_change_converges(Via::Fuse);
+}
+
+/// And with durable acks, where a FUSE thread handles a small write's event itself whenever
+/// nothing is queued ahead of it, between namespace calls the scanner thread handles.
+#[test]
+fn issue12_every_change_converges_through_the_fuse_mount_with_durable_acks() {
+    if !require_root(
+        "renames converge (FUSE, durable)",
+        "chown to 4321:4322, FUSE mounts",
+    ) {
+        return;
+    }
+    every_change_converges(Via::FuseDurable);
 }
 
 fn every_change_converges(via: Via) {

@@ -37,7 +37,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendError, Sender, TryRecvError};
@@ -139,6 +139,72 @@ impl Drop for ControlInner {
     fn drop(&mut self) {
         drop(self.ctl.take());
         self.nudge_scanner();
+    }
+}
+
+/// A write's event of at most this many bytes may be handled on the FUSE thread that made it
+/// ([`InlineScan`]): hashing 64 KiB takes some 40 us here. A larger write is queued, so the
+/// scanner hashes it while the writer goes on.
+pub const INLINE_WRITE_BYTES: u64 = 64 * 1024;
+
+/// The scanner as the FUSE threads see it with durable acks: a small write's event handled at
+/// once on the FUSE thread that made it, when the scanner thread has nothing in hand and no
+/// event is queued ahead of it. The scanner thread's wake-up was one of the hops on a durable
+/// sync's path (FUSE thread, scanner, network task, cold side, back): on this project's VMs,
+/// where each costs tens of microseconds, the largest part of the sync's wait that was ours.
+///
+/// Order holds: the event takes the number after the last one the scanner handled, and only
+/// when no other event has been counted (so none is queued or in the scanner's hands, see
+/// [`crate::replicated::ack_watch::AckWatch::count_handled_now`]); the scanner's lock is held
+/// from that check to the flush, and the passthrough's ordering lock (shared, as for every
+/// data call) keeps namespace changes out meanwhile. Handling it now is what the scanner
+/// thread would have done had it been awake; otherwise the event is queued as always.
+///
+/// The scanner thread owns the scanner; this holds it weakly, so the scanner (and its channel
+/// to the network task) still ends with its thread.
+#[derive(Clone)]
+pub struct InlineScan {
+    scanner: Weak<Mutex<Scanner>>,
+    nudge: Sender<FsEvent>,
+}
+
+impl std::fmt::Debug for InlineScan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InlineScan").finish_non_exhaustive()
+    }
+}
+
+impl InlineScan {
+    /// Handles `ev` now, counted and flushed, when it is a write of at most
+    /// [`INLINE_WRITE_BYTES`] and the scanner is free (see the type's doc); gives it back to be
+    /// queued otherwise. Never waits for the scanner thread.
+    pub fn try_handle(&self, ev: FsEvent) -> Result<(), FsEvent> {
+        if !matches!(&ev, FsEvent::Wrote { len, .. } if *len <= INLINE_WRITE_BYTES) {
+            return Err(ev);
+        }
+        let Some(scanner) = self.scanner.upgrade() else {
+            return Err(ev);
+        };
+        let Ok(mut s) = scanner.try_lock() else {
+            return Err(ev);
+        };
+        let Some(stats) = s.stats.clone() else {
+            return Err(ev);
+        };
+        if !s.idle_for_inline() || !stats.acks.count_handled_now(s.handled) {
+            return Err(ev);
+        }
+        let wake = s.next_wake();
+        s.fs_event(ev);
+        s.flush();
+        s.publish_flushed();
+        let sooner = s.next_wake() < wake;
+        drop(s);
+        if sooner {
+            // the scanner thread waits until its old deadline: wake it to take the new one
+            let _ = self.nudge.try_send(FsEvent::Nudge);
+        }
+        Ok(())
     }
 }
 
@@ -330,38 +396,66 @@ impl Scanner {
 
     /// Starts the scanner thread: it reads `fs_rx` and `ctl_rx` until told to stop.
     pub(crate) fn spawn(
-        mut self,
+        self,
         stats: Arc<SenderStats>,
         fs_rx: Receiver<FsEvent>,
         ctl_rx: Receiver<ScanMsg>,
     ) -> std::thread::JoinHandle<()> {
+        self.spawn_sharing(stats, fs_rx, ctl_rx, None).0
+    }
+
+    /// As [`Scanner::spawn`]; with durable acks on the write path and `nudge` (a sender on the
+    /// event channel), also the handle through which the FUSE threads handle a small write's
+    /// event themselves while the scanner has nothing in hand ([`InlineScan`]).
+    pub(crate) fn spawn_sharing(
+        mut self,
+        stats: Arc<SenderStats>,
+        fs_rx: Receiver<FsEvent>,
+        ctl_rx: Receiver<ScanMsg>,
+        nudge: Option<Sender<FsEvent>>,
+    ) -> (std::thread::JoinHandle<()>, Option<InlineScan>) {
         self.stats = Some(stats);
         self.fs_rx = Some(fs_rx.clone());
         self.ctl_rx = Some(ctl_rx.clone());
-        std::thread::Builder::new()
+        let inline_ok = self.exact_events && !self.coalesce;
+        let shared = Arc::new(Mutex::new(self));
+        let inline = nudge.filter(|_| inline_ok).map(|nudge| InlineScan {
+            scanner: Arc::downgrade(&shared),
+            nudge,
+        });
+        let thread = std::thread::Builder::new()
             .name("scanner".into())
-            .spawn(move || self.run(fs_rx, ctl_rx))
-            .expect("spawn the scanner thread")
+            .spawn(move || Scanner::run(&shared, &fs_rx, &ctl_rx))
+            .expect("spawn the scanner thread");
+        (thread, inline)
     }
 
     /// The loop waits on the event channel alone and reads requests after each wake-up (a
-    /// request comes with a [`FsEvent::Nudge`]): see [`ScanControl`].
-    fn run(&mut self, fs_rx: Receiver<FsEvent>, ctl_rx: Receiver<ScanMsg>) {
+    /// request comes with a [`FsEvent::Nudge`]): see [`ScanControl`]. It holds the scanner
+    /// while it works, not while it waits (see [`InlineScan`]).
+    fn run(shared: &Mutex<Scanner>, fs_rx: &Receiver<FsEvent>, ctl_rx: &Receiver<ScanMsg>) {
+        // (a panic while handling an event, here or on a FUSE thread, poisons the scanner: the
+        // thread ends, as a panic here always ended it)
+        let Ok(first) = shared.lock() else { return };
+        let mut wait = first.next_wake();
+        drop(first);
         loop {
-            let wait = self.next_wake().saturating_duration_since(Instant::now());
-            match fs_rx.recv_timeout(wait) {
+            let got = fs_rx.recv_timeout(wait.saturating_duration_since(Instant::now()));
+            let Ok(mut s) = shared.lock() else { return };
+            match got {
                 Ok(FsEvent::Nudge) | Err(RecvTimeoutError::Timeout) => {}
                 Ok(ev) => {
                     // writes following the last send this closely are a steady stream
-                    let dense = self.coalesce && self.last_send.elapsed() < COALESCE_WINDOW;
-                    self.fs_event(ev);
+                    let dense = s.coalesce && s.last_send.elapsed() < COALESCE_WINDOW;
+                    s.fs_event(ev);
                     // take whatever else is already queued, then send once
-                    self.drain_events(&fs_rx);
-                    if dense && !self.ops.is_empty() {
+                    s.drain_events(fs_rx);
+                    if dense && !s.ops.is_empty() {
                         // let the next writes join this send, one window after the last
-                        let due = self.last_send + COALESCE_WINDOW;
+                        // (never with inline handling, so holding the scanner is harmless)
+                        let due = s.last_send + COALESCE_WINDOW;
                         std::thread::sleep(due.saturating_duration_since(Instant::now()));
-                        self.drain_events(&fs_rx);
+                        s.drain_events(fs_rx);
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -369,16 +463,28 @@ impl Scanner {
             loop {
                 match ctl_rx.try_recv() {
                     Ok(ScanMsg::Stop) | Err(TryRecvError::Disconnected) => return,
-                    Ok(msg) => self.control(msg),
+                    Ok(msg) => s.control(msg),
                     Err(TryRecvError::Empty) => break,
                 }
             }
-            self.expire_renames();
-            self.rescan_if_due();
-            self.timers();
-            self.flush();
-            self.publish_flushed();
+            s.expire_renames();
+            s.rescan_if_due();
+            s.timers();
+            s.flush();
+            s.publish_flushed();
+            wait = s.next_wake();
         }
+    }
+
+    /// Whether a write's event may be handled on a FUSE thread now: write-path events with
+    /// durable acks, connected and compared, nothing unsent.
+    fn idle_for_inline(&self) -> bool {
+        self.exact_events
+            && !self.coalesce
+            && self.connected
+            && self.compared
+            && self.walk.is_none()
+            && self.ops.is_empty()
     }
 
     /// With durable acks (write-path events, not coalesced): tells the syncs waiting how many

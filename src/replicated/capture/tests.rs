@@ -1244,3 +1244,139 @@ fn issue12_a_request_wakes_the_scanner_waiting_on_its_event_channel_alone() {
     drop(other);
     assert!(ends_within(&scanner, Duration::from_secs(5)));
 }
+
+/// Applies every batch waiting in `rx` to `applier` (numbering them from `seq`); how many.
+fn apply_waiting(rx: &mut mpsc::Receiver<Outgoing>, applier: &mut Applier, seq: &mut u64) -> u64 {
+    let mut n = 0;
+    while let Ok(out) = rx.try_recv() {
+        if let Outgoing::Batch { ops, .. } = out {
+            *seq += 1;
+            n += 1;
+            match applier.batch(*seq, ops) {
+                Applied::Done { .. } => {}
+                other => panic!("batch {seq} not applied: {other:?}"),
+            }
+        }
+    }
+    n
+}
+
+#[test]
+fn issue12_a_small_durable_write_is_handled_on_its_own_thread_only_in_its_place() {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use std::time::Instant;
+    let tmp = tempfile::tempdir().unwrap();
+    let (hot, cold) = (tmp.path().join("hot"), tmp.path().join("cold"));
+    fs::create_dir_all(&hot).unwrap();
+    fs::create_dir_all(&cold).unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let (fs_tx, fs_rx) = crossbeam_channel::bounded(64);
+    let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(4);
+    let stats = Arc::new(crate::replicated::stats::SenderStats::default());
+    // durable acks: no coalescing
+    let (scanner, inline) = Scanner::new(&test_config(&hot), tx)
+        .with_exact_events(false)
+        .spawn_sharing(stats.clone(), fs_rx, ctl_rx, Some(fs_tx.clone()));
+    let inline = inline.expect("durable acks on the write path share the scanner");
+    let ctl = super::ScanControl::new(ctl_tx, fs_tx.clone());
+    let file = Arc::new(new_shared_file(&hot.join("journal")));
+    let wrote = |offset: u64, len: usize, byte: u8| {
+        file.write_all_at(&vec![byte; len], offset).unwrap();
+        FsEvent::Wrote {
+            path: "journal".into(),
+            file: file.clone(),
+            offset,
+            len: len as u64,
+        }
+    };
+    // before the comparison with the cold side's index, the scanner thread has it in hand
+    assert!(inline.try_handle(wrote(0, 700, 1)).is_err());
+    ctl.send(ScanMsg::Resync {
+        gen: 1,
+        index: TreeIndex::default(),
+    })
+    .unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while !stats.initial_done.load(Ordering::Acquire) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(stats.initial_done.load(Ordering::Acquire), "no comparison");
+    let mut applier = Applier::new(&cold, 512);
+    let mut seq = 0;
+    // (the comparison's batches are all out before it counts as done)
+    assert!(apply_waiting(&mut rx, &mut applier, &mut seq) >= 1);
+
+    // now a small write is handled at once, here: its batch is out as the call returns
+    assert!(inline.try_handle(wrote(700, 300, 2)).is_ok());
+    assert_eq!(apply_waiting(&mut rx, &mut applier, &mut seq), 1);
+    assert_eq!(stats.acks.queued(), 1, "counted as the next event");
+
+    // an event counted ahead of it (a FUSE thread about to queue one) keeps its place
+    stats.acks.count_event();
+    assert!(inline.try_handle(wrote(1000, 512, 3)).is_err());
+    assert_eq!(rx.try_recv().ok().map(|_| ()), None, "nothing went ahead");
+    // (that FUSE thread queues it now; the scanner thread handles it)
+    fs_tx.send(wrote(1000, 512, 3)).unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut got = 0;
+    while got == 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(2));
+        got = apply_waiting(&mut rx, &mut applier, &mut seq);
+    }
+    assert_eq!(got, 1, "the queued event's batch");
+
+    // a large write is queued for the scanner thread, which hashes it while the writer goes on
+    let big = usize::try_from(super::INLINE_WRITE_BYTES).unwrap() + 1;
+    assert!(inline.try_handle(wrote(2000, big, 4)).is_err());
+    // with nothing ahead again, the next small one is handled here
+    assert!(inline.try_handle(wrote(100, 10, 5)).is_ok());
+    assert_eq!(apply_waiting(&mut rx, &mut applier, &mut seq), 1);
+    assert_eq!(stats.acks.queued(), 3);
+    // (the big write's bytes were never reported: the scanner sends what it reads, so the
+    // small write's page scan carried none of them; the file's end differs)
+    assert_ne!(
+        crate::replicated::pages::index_tree(&hot, 512).unwrap(),
+        crate::replicated::pages::index_tree(&cold, 512).unwrap()
+    );
+    stats.acks.count_event();
+    fs_tx
+        .send(FsEvent::Wrote {
+            path: "journal".into(),
+            file: file.clone(),
+            offset: 2000,
+            len: big as u64,
+        })
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while crate::replicated::pages::index_tree(&hot, 512).unwrap()
+        != crate::replicated::pages::index_tree(&cold, 512).unwrap()
+        && Instant::now() < until
+    {
+        std::thread::sleep(Duration::from_millis(2));
+        apply_waiting(&mut rx, &mut applier, &mut seq);
+    }
+    assert_eq!(
+        crate::replicated::pages::index_tree(&hot, 512).unwrap(),
+        crate::replicated::pages::index_tree(&cold, 512).unwrap()
+    );
+    drop(ctl);
+    scanner.join().unwrap();
+}
+
+#[test]
+fn issue12_async_acks_never_handle_events_on_the_fuse_threads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tx, _rx) = mpsc::channel(4);
+    let (fs_tx, fs_rx) = crossbeam_channel::bounded(4);
+    let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(4);
+    let stats = std::sync::Arc::new(crate::replicated::stats::SenderStats::default());
+    // coalescing (async acks) gathers writes on the scanner thread: nothing to share
+    let (scanner, inline) = Scanner::new(&test_config(tmp.path()), tx)
+        .with_exact_events(true)
+        .spawn_sharing(stats, fs_rx, ctl_rx, Some(fs_tx.clone()));
+    assert!(inline.is_none());
+    ctl_tx.send(ScanMsg::Stop).unwrap();
+    fs_tx.send(FsEvent::Nudge).unwrap();
+    scanner.join().unwrap();
+}

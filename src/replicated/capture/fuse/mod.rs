@@ -25,6 +25,7 @@ use crossbeam_channel::Sender;
 use fuser::{MountOption, SessionACL};
 
 use crate::replicated::capture::watch::FsEvent;
+use crate::replicated::capture::InlineScan;
 use crate::replicated::stats::SenderStats;
 
 pub(crate) use durable::mark_degraded;
@@ -90,13 +91,14 @@ pub struct FuseCapture {
 }
 
 /// Serves `data_dir` (canonical) at `mount_point`; events go to `events`; with `durable`,
-/// syncs wait for the cold side's ack (counted in `stats`). A stale mount there is detached
-/// first.
+/// syncs wait for the cold side's ack (counted in `stats`), and small writes' events are
+/// handled through `inline` when the scanner is free. A stale mount there is detached first.
 pub fn mount(
     data_dir: &Path,
     mount_point: &Path,
     events: Sender<FsEvent>,
     durable: Option<(DurableConfig, Arc<SenderStats>)>,
+    inline: Option<InlineScan>,
 ) -> Result<FuseCapture, FuseError> {
     detach_stale(mount_point)?;
     let at = |source| FuseError::MountPoint {
@@ -113,7 +115,8 @@ pub fn mount(
         .map(|(cfg, stats)| durable::Durable::start(cfg, stats, events.clone()))
         .transpose()
         .map_err(failed)?;
-    let fs = passthrough::Passthrough::new(data_dir.to_owned(), events, durable).map_err(failed)?;
+    let fs = passthrough::Passthrough::new(data_dir.to_owned(), events, durable, inline)
+        .map_err(failed)?;
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         MountOption::FSName(FS_NAME.into()),

@@ -30,6 +30,7 @@ use crate::replicated::capture::fuse::durable::Durable;
 use crate::replicated::capture::fuse::inodes::{child, Inodes};
 use crate::replicated::capture::fuse::sys;
 use crate::replicated::capture::watch::FsEvent;
+use crate::replicated::capture::InlineScan;
 
 /// How long the kernel may cache an entry or attributes: only this daemon changes the tree.
 const TTL: Duration = Duration::from_secs(1);
@@ -47,6 +48,8 @@ pub(super) struct Passthrough {
     events: Sender<FsEvent>,
     /// Durable acks, when `ack = "durable"`.
     pub(super) durable: Option<Durable>,
+    /// The scanner, for small writes' events with durable acks.
+    inline: Option<InlineScan>,
 }
 
 /// A result with the errno the caller gets.
@@ -58,11 +61,12 @@ pub(super) fn utf8(name: &OsStr) -> Res<&str> {
 }
 
 impl Passthrough {
-    /// Serves `root` (canonical); events go to `events`.
+    /// Serves `root` (canonical); events go to `events`, or (durable acks) through `inline`.
     pub(super) fn new(
         root: PathBuf,
         events: Sender<FsEvent>,
         durable: Option<Durable>,
+        inline: Option<InlineScan>,
     ) -> std::io::Result<Passthrough> {
         let backing = fs::metadata(&root)?.ino();
         Ok(Passthrough {
@@ -72,6 +76,8 @@ impl Passthrough {
             next_fh: AtomicU64::new(1),
             order: RwLock::new(()),
             events,
+            // (only with durable acks: each handled event must be counted for them)
+            inline: inline.filter(|_| durable.is_some()),
             durable,
         })
     }
@@ -103,8 +109,17 @@ impl Passthrough {
         Ok(sys::attr(ino, &m))
     }
 
-    /// Queues an event for the scanner (blocks while its queue is full: back-pressure).
+    /// Queues an event for the scanner (blocks while its queue is full: back-pressure), or,
+    /// with durable acks, has a small write's handled now when the scanner is free
+    /// ([`InlineScan`]).
     pub(super) fn send(&self, ev: FsEvent) {
+        let ev = match &self.inline {
+            Some(inline) => match inline.try_handle(ev) {
+                Ok(()) => return,
+                Err(ev) => ev,
+            },
+            None => ev,
+        };
         if let Some(d) = &self.durable {
             // counted before it is queued (see `ack_watch`)
             d.stats().acks.count_event();
