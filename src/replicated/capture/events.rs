@@ -104,16 +104,20 @@ impl Scanner {
     /// are compared and sent. If `rel` names another file by now (renamed or replaced since;
     /// the events that did it follow), whatever is at `rel` now is sent in full instead.
     fn wrote(&mut self, rel: &str, file: &fs::File, offset: u64, len: u64) {
-        use std::os::unix::fs::MetadataExt;
-        let meta = match (fs::symlink_metadata(self.root.join(rel)), file.metadata()) {
-            (Ok(a), Ok(b)) if a.ino() == b.ino() && a.dev() == b.dev() => Some(b),
-            _ => None,
-        };
-        if let Some(meta) = meta {
+        if let Some(meta) = self.still_names(rel, file) {
             self.scan_range(rel, file, &meta, offset, len);
         } else {
             self.open_files.forget(rel);
             self.scan_file(rel, true);
+        }
+    }
+
+    /// The metadata of the file open as `file`, if `rel` still names it.
+    pub(super) fn still_names(&self, rel: &str, file: &fs::File) -> Option<fs::Metadata> {
+        use std::os::unix::fs::MetadataExt;
+        match (fs::symlink_metadata(self.root.join(rel)), file.metadata()) {
+            (Ok(a), Ok(b)) if a.ino() == b.ino() && a.dev() == b.dev() => Some(b),
+            _ => None,
         }
     }
 

@@ -176,10 +176,18 @@ impl std::fmt::Debug for InlineScan {
 
 impl InlineScan {
     /// Handles `ev` now, counted and flushed, when it is a write of at most
-    /// [`INLINE_WRITE_BYTES`] and the scanner is free (see the type's doc); gives it back to be
-    /// queued otherwise. Never waits for the scanner thread.
+    /// [`INLINE_WRITE_BYTES`], the scanner is free (see the type's doc) and the network task's
+    /// channel has room for its batch; gives it back to be queued otherwise (with the channel
+    /// full, the event queue then gives the node its usual slack before writes block). Never
+    /// waits for the scanner thread or the network task.
     pub fn try_handle(&self, ev: FsEvent) -> Result<(), FsEvent> {
-        if !matches!(&ev, FsEvent::Wrote { len, .. } if *len <= INLINE_WRITE_BYTES) {
+        let FsEvent::Wrote {
+            path, file, len, ..
+        } = &ev
+        else {
+            return Err(ev);
+        };
+        if *len > INLINE_WRITE_BYTES {
             return Err(ev);
         }
         let Some(scanner) = self.scanner.upgrade() else {
@@ -191,7 +199,14 @@ impl InlineScan {
         let Some(stats) = s.stats.clone() else {
             return Err(ev);
         };
-        if !s.idle_for_inline() || !stats.acks.count_handled_now(s.handled) {
+        // Only the write's own pages, in one batch, with room for it: the FUSE thread never
+        // blocks, nor hashes a whole file, while it holds the scanner. (A path that names
+        // another file by now was changed behind the mount; the scanner thread rehashes it.)
+        let handled_now = s.idle_for_inline()
+            && s.out.capacity() > 0
+            && s.still_names(path, file).is_some()
+            && stats.acks.count_handled_now(s.handled);
+        if !handled_now {
             return Err(ev);
         }
         let wake = s.next_wake();

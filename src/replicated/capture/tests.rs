@@ -1360,6 +1360,62 @@ fn issue12_a_small_durable_write_is_handled_on_its_own_thread_only_in_its_place(
         crate::replicated::pages::index_tree(&hot, 512).unwrap(),
         crate::replicated::pages::index_tree(&cold, 512).unwrap()
     );
+
+    // with the network task's channel full (nobody reads it here), a write is given back to
+    // be queued: the FUSE thread never blocks while it holds the scanner
+    let (done_tx, done) = crossbeam_channel::bounded(1);
+    let (filler, shared_file) = (inline.clone(), file.clone());
+    std::thread::spawn(move || {
+        let mut handled = 0;
+        loop {
+            let byte = u8::try_from(handled % 200).unwrap() + 10;
+            shared_file.write_all_at(&[byte; 10], 100).unwrap();
+            let ev = FsEvent::Wrote {
+                path: "journal".into(),
+                file: shared_file.clone(),
+                offset: 100,
+                len: 10,
+            };
+            match filler.try_handle(ev) {
+                Ok(()) => handled += 1,
+                Err(ev) => break done_tx.send((handled, ev)).unwrap(),
+            }
+            if handled > 64 {
+                panic!("more batches than the channel holds");
+            }
+        }
+    });
+    let (handled, given_back) = done
+        .recv_timeout(Duration::from_secs(10))
+        .expect("try_handle blocked on the full channel");
+    assert_eq!(handled, 64, "the channel holds 64 batches");
+    // queued as the passthrough does; the scanner thread sends it once there is room
+    stats.acks.count_event();
+    fs_tx.send(given_back).unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while crate::replicated::pages::index_tree(&hot, 512).unwrap()
+        != crate::replicated::pages::index_tree(&cold, 512).unwrap()
+        && Instant::now() < until
+    {
+        apply_waiting(&mut rx, &mut applier, &mut seq);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(
+        crate::replicated::pages::index_tree(&hot, 512).unwrap(),
+        crate::replicated::pages::index_tree(&cold, 512).unwrap()
+    );
+    // a path that names another file by now (changed behind the mount) is left to the
+    // scanner thread, which hashes whatever is there in full
+    apply_waiting(&mut rx, &mut applier, &mut seq);
+    fs::rename(hot.join("journal"), hot.join("moved")).unwrap();
+    fs::write(hot.join("journal"), b"another file").unwrap();
+    let stale = FsEvent::Wrote {
+        path: "journal".into(),
+        file: file.clone(),
+        offset: 0,
+        len: 10,
+    };
+    assert!(inline.try_handle(stale).is_err());
     drop(ctl);
     scanner.join().unwrap();
 }
