@@ -112,6 +112,22 @@ impl Scanner {
         }
     }
 
+    /// A write's event handled on the FUSE thread that made it ([`super::InlineScan`]), whose
+    /// path was just found to name the written file (`meta`): what [`Scanner::fs_event`] does
+    /// for it while connected, where no pre-hash or record is kept once the comparison is done.
+    pub(super) fn wrote_now(
+        &mut self,
+        rel: &str,
+        file: &fs::File,
+        meta: &fs::Metadata,
+        offset: u64,
+        len: u64,
+    ) {
+        debug_assert!(self.connected && self.prehash.is_empty() && self.record.is_empty());
+        self.handled += 1;
+        self.scan_range(rel, file, meta, offset, len);
+    }
+
     /// The metadata of the file open as `file`, if `rel` still names it.
     pub(super) fn still_names(&self, rel: &str, file: &fs::File) -> Option<fs::Metadata> {
         use std::os::unix::fs::MetadataExt;

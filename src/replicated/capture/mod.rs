@@ -182,7 +182,10 @@ impl InlineScan {
     /// waits for the scanner thread or the network task.
     pub fn try_handle(&self, ev: FsEvent) -> Result<(), FsEvent> {
         let FsEvent::Wrote {
-            path, file, len, ..
+            path,
+            file,
+            offset,
+            len,
         } = &ev
         else {
             return Err(ev);
@@ -196,21 +199,25 @@ impl InlineScan {
         let Ok(mut s) = scanner.try_lock() else {
             return Err(ev);
         };
-        let Some(stats) = s.stats.clone() else {
-            return Err(ev);
-        };
         // Only the write's own pages, in one batch, with room for it: the FUSE thread never
         // blocks, nor hashes a whole file, while it holds the scanner. (A path that names
         // another file by now was changed behind the mount; the scanner thread rehashes it.)
-        let handled_now = s.idle_for_inline()
-            && s.out.capacity() > 0
-            && s.still_names(path, file).is_some()
-            && stats.acks.count_handled_now(s.handled);
-        if !handled_now {
+        if !s.idle_for_inline() || s.out.capacity() == 0 {
+            return Err(ev);
+        }
+        let Some(meta) = s.still_names(path, file) else {
+            return Err(ev);
+        };
+        let handled = s.handled;
+        if !s
+            .stats
+            .as_ref()
+            .is_some_and(|st| st.acks.count_handled_now(handled))
+        {
             return Err(ev);
         }
         let wake = s.next_wake();
-        s.fs_event(ev);
+        s.wrote_now(path, file, &meta, *offset, *len);
         s.flush();
         s.publish_flushed();
         let sooner = s.next_wake() < wake;

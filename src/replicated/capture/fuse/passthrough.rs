@@ -76,8 +76,7 @@ impl Passthrough {
             next_fh: AtomicU64::new(1),
             order: RwLock::new(()),
             events,
-            // (only with durable acks: each handled event must be counted for them)
-            inline: inline.filter(|_| durable.is_some()),
+            inline,
             durable,
         })
     }
