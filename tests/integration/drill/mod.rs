@@ -266,7 +266,8 @@ impl Drill {
     }
 
     /// The hot's view: connected, durable (not degraded), the cold side has everything seen
-    /// so far; the cold's: connected, and the lease row says its copy is in sync.
+    /// so far; the cold's: connected, and the lease row, under the hot's epoch, says its copy
+    /// is in sync.
     pub(crate) fn in_sync(&self, hot: &str, cold: &str) -> bool {
         let h = self.d.p.status(hot);
         h.get("degraded").is_none() && self.drained(hot, cold)
@@ -282,6 +283,10 @@ impl Drill {
             && h["lag_ms"] == 0
             && c["connected"] == true
             && c["lease"]["cold_lag_ms"] == 0
+            // the row as the current hot wrote it: one the cold read before a takeover still
+            // carries the previous holder's report (issue 16: a kill -9 right after a
+            // hand-over found the new hot's row not yet saying "in sync")
+            && c["lease"]["epoch"] == h["epoch"]
     }
 
     /// With the node (and its children) stopped, the stream drains and both copies hold the
