@@ -605,16 +605,7 @@ fn batches_for_steady_writes(coalesce: bool, writes: u64, gap: Duration) -> (u64
     drop(fs_tx);
     scanner.join().unwrap();
     let mut applier = Applier::new(&cold, 512);
-    let mut batches = 0;
-    while let Ok(out) = rx.try_recv() {
-        if let Outgoing::Batch { ops, .. } = out {
-            batches += 1;
-            match applier.batch(batches, ops) {
-                Applied::Done { .. } => {}
-                other => panic!("batch {batches} not applied: {other:?}"),
-            }
-        }
-    }
+    let batches = apply_waiting(&mut rx, &mut applier, &mut 0);
     assert_eq!(
         crate::replicated::pages::index_tree(&hot, 512).unwrap(),
         crate::replicated::pages::index_tree(&cold, 512).unwrap()
