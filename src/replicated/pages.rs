@@ -20,6 +20,8 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use bytes::Bytes;
+
 mod entry;
 mod walk;
 
@@ -316,6 +318,80 @@ impl ReadBuf {
     }
 }
 
+impl AsRef<[u8]> for ReadBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+/// Read buffers whose bytes are passed on as they are ([`BufPool::share`]): the hot side's
+/// page reads that become a batch's data, the cold side's frames whose writes are applied
+/// from them. Each comes back once the last share of it is dropped (its frame acknowledged,
+/// or its writes applied), to be read into again; the pool keeps a few, none larger than it
+/// was made for. Memory used again is memory that does not fault in anew: on this project's
+/// VMs a page the host has taken back costs microseconds at its first touch.
+#[derive(Debug, Clone)]
+pub struct BufPool {
+    back: crossbeam_channel::Sender<ReadBuf>,
+    free: crossbeam_channel::Receiver<ReadBuf>,
+    keep_bytes: usize,
+}
+
+impl BufPool {
+    /// A pool that keeps at most `keep` unused buffers of at most `keep_bytes` bytes each.
+    pub fn new(keep: usize, keep_bytes: usize) -> BufPool {
+        let (back, free) = crossbeam_channel::bounded(keep);
+        BufPool {
+            back,
+            free,
+            keep_bytes,
+        }
+    }
+
+    /// A buffer from the pool, or a new one, `len` bytes long.
+    pub fn take(&self, len: usize) -> ReadBuf {
+        let mut buf = self.free.try_recv().unwrap_or_default();
+        buf.set_len(len);
+        buf
+    }
+
+    /// Buffers kept, unused.
+    #[cfg(test)]
+    pub(crate) fn kept(&self) -> usize {
+        self.free.len()
+    }
+
+    /// The first `n` bytes of `buf`, shared: `buf` comes back to the pool (if it has room,
+    /// and `buf` is not larger than the pool keeps) when the last share is dropped.
+    pub fn share(&self, buf: ReadBuf, n: usize) -> Bytes {
+        let n = n.min(buf.len());
+        let back = (buf.raw.len() <= self.keep_bytes + READ_ALIGN_BYTES).then(|| self.back.clone());
+        Bytes::from_owner(Pooled { buf, back }).slice(..n)
+    }
+}
+
+/// A pooled buffer while its bytes are shared.
+struct Pooled {
+    buf: ReadBuf,
+    /// The pool it goes back to, if any.
+    back: Option<crossbeam_channel::Sender<ReadBuf>>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        // (a full pool lets it go)
+        if let Some(back) = &self.back {
+            let _ = back.try_send(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
 /// How many bytes past `p` the next page boundary is (0 if `p` is on one): where a buffer
 /// the kernel copies into should begin (see [`ReadBuf`]).
 pub fn to_page_boundary(p: *const u8) -> usize {
@@ -517,6 +593,35 @@ pub fn set_owner(path: &Path, uid: u32, gid: u32) -> Result<(), PagesError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A shared buffer comes back to the pool when its last share is dropped, and is handed
+    /// out again (the same memory, page-aligned, its length set); the pool keeps no more than
+    /// it was made to, and no buffer larger than its bound.
+    #[test]
+    fn issue15_a_pooled_buffer_comes_back_when_its_last_share_is_dropped() {
+        let pool = BufPool::new(2, 8192);
+        let mut buf = pool.take(8192);
+        buf[..3].copy_from_slice(b"abc");
+        let at = buf.as_ptr();
+        let shared = pool.share(buf, 3);
+        let part = shared.slice(1..);
+        assert_eq!(&shared[..], b"abc");
+        drop(shared);
+        assert_eq!(pool.kept(), 0, "a share still holds it");
+        drop(part);
+        assert_eq!(pool.kept(), 1);
+        let again = pool.take(4096);
+        assert_eq!((again.as_ptr(), again.len()), (at, 4096));
+        assert_eq!(to_page_boundary(again.as_ptr()), 0);
+        // larger than the pool keeps: let go
+        drop(pool.share(pool.take(1 << 20), 10));
+        assert_eq!(pool.kept(), 0);
+        // a full pool lets the rest go
+        let three: Vec<Bytes> = (0..3).map(|_| pool.share(pool.take(100), 100)).collect();
+        drop(three);
+        assert_eq!(pool.kept(), 2);
+        drop(again);
+    }
 
     /// Issue 12: the shortcut for pages of zeros gives blake3's hash whatever the length,
     /// and a single byte that is not zero, wherever it is (in the first bytes, in a block, at

@@ -46,7 +46,7 @@ use tokio::sync::mpsc;
 use crate::daemon::protocol::VERIFY_TIMEOUT;
 use crate::replicated::ops::{DigestPart, Op, Outgoing, ScanMsg, VerifyReport};
 use crate::replicated::pages::{
-    page_hash, DigestCompare, FileCache, PageHash, ReadBuf, TreeIndex, READ_PAGES,
+    page_hash, BufPool, DigestCompare, FileCache, PageHash, ReadBuf, TreeIndex, READ_PAGES,
 };
 use crate::replicated::stats::SenderStats;
 
@@ -74,6 +74,10 @@ use watch::{FsEvent, Limit, Watches};
 /// Encoded bytes (page data, checksums, paths) per batch before it is sent: an eighth of the
 /// frame limit, so a batch always fits one frame.
 pub const BATCH_DATA_BYTES: usize = 1 << 20;
+
+/// Read buffers the scanner keeps once the pages sent from them are acknowledged (a read's
+/// worth each, [`READ_PAGES`] pages): enough to go on reading while the window drains.
+const SHARED_READS_KEPT: usize = 4;
 /// How long a lone "moved from" event waits for its "moved to" before it counts as a delete.
 pub const RENAME_PAIR_WAIT: Duration = Duration::from_millis(50);
 /// How often the scanner looks for expired "moved from" events while some are waiting.
@@ -289,6 +293,8 @@ pub(crate) struct Scanner {
     next_deep: Instant,
     verify_id: u64,
     buf: ReadBuf,
+    /// Where `buf` is replaced from when a read's pages are sent from it (`scan.rs`).
+    pool: BufPool,
     /// Whether the comparison after a connection runs: its progress goes to the tracker
     /// (`SenderStats::sync`).
     tracking: bool,
@@ -373,6 +379,7 @@ impl Scanner {
             next_deep: now + cfg.deep_rescan,
             verify_id: 0,
             buf: ReadBuf::with_len(cfg.page_size * READ_PAGES),
+            pool: BufPool::new(SHARED_READS_KEPT, cfg.page_size * READ_PAGES),
             tracking: false,
             dirty: BTreeSet::new(),
             next_dirty: now + cfg.rescan / 2,

@@ -29,6 +29,10 @@ const WINDOW_CLEAN_PAGES: usize = 2;
 /// Pages past its start after which a window that found no change gives up (the file goes
 /// to the dirty set).
 const WINDOW_GIVE_UP_PAGES: usize = 4;
+/// A read of at least this many pages whose changed pages fill half of it is sent from its own
+/// buffer rather than copied (see [`Scanner::compare_read`]); an append window's first reads
+/// are shorter.
+const SHARE_READ_PAGES: usize = 64;
 
 /// Contiguous changed pages, queued as one `Write` once the run ends.
 struct PageRun {
@@ -586,18 +590,27 @@ impl Scanner {
     /// Compares the `n` bytes just read into the buffer (from page `pass.page`) with the
     /// table, page by page: a changed page joins the current run and updates the table; an
     /// unchanged one ends the run. `false` if the file left the table meanwhile.
+    ///
+    /// A run that fills at least half of a large read ([`SHARE_READ_PAGES`]) is not copied:
+    /// its `Write` shares the read buffer itself, and the scanner reads on into another from
+    /// its pool. An initial sync or a large resync is such runs, so each page is read once
+    /// into memory that is used again, rather than copied a second time into new memory
+    /// (the copy and the new memory's page faults were a sixth of the hot side's CPU there).
     fn compare_read(&mut self, rel: &str, n: usize, pass: &mut Pass) -> bool {
         let Some(entry) = self.table.files.get_mut(rel) else {
             return false;
         };
         let table = &mut entry.pages;
-        // whether a run of changed pages began here
-        let mut found = false;
-        for (i, chunk) in self.buf[..n].chunks(self.page_size).enumerate() {
+        let ps = self.page_size;
+        // the runs of changed pages in this read: first page (of the read), their hashes
+        let mut runs: Vec<(usize, Vec<[u8; 32]>)> = Vec::new();
+        let mut looked = 0;
+        for (i, chunk) in self.buf[..n].chunks(ps).enumerate() {
             let idx = pass.page + i;
             if idx >= table.len() || pass.clean_run >= pass.stop_after_clean {
                 break;
             }
+            looked = i + 1;
             pass.compared_to = idx + 1;
             let full_hash = page_digest(chunk);
             let mut short = [0u8; 16];
@@ -608,30 +621,83 @@ impl Scanner {
                 if pass.full || (idx > pass.cursor && idx >= pass.reach) {
                     pass.clean_run += 1;
                 }
-                if let Some(run) = pass.run.take() {
-                    self.data += run.data.len();
-                    self.ops.push(run.into_write(rel));
-                }
                 continue;
             }
             pass.clean_run = 0;
             pass.zeroed |= chunk.iter().all(|&b| b == 0);
             table[idx] = short;
             pass.last_changed = Some(idx);
-            let offset = idx as u64 * self.page_size as u64;
-            // sized for the rest of this read: a run of many pages does not regrow page by page
-            let rest = n - i * self.page_size;
-            found |= pass.run.is_none();
-            let run = pass.run.get_or_insert_with(|| PageRun {
-                offset,
-                data: Vec::with_capacity(rest),
-                hashes: Vec::with_capacity(rest.div_ceil(self.page_size)),
-            });
-            run.data.extend_from_slice(chunk);
-            run.hashes.push(*full_hash.as_bytes());
+            match runs.last_mut() {
+                Some((first, hashes)) if *first + hashes.len() == i => {
+                    hashes.push(*full_hash.as_bytes());
+                }
+                _ => runs.push((i, vec![*full_hash.as_bytes()])),
+            }
         }
-        if found {
+        if looked == 0 {
+            return true;
+        }
+        // the pass's open run goes on only into a changed first page
+        let continued = runs.first().is_some_and(|(first, _)| *first == 0) && pass.run.is_some();
+        if !continued {
+            if let Some(run) = pass.run.take() {
+                self.data += run.data.len();
+                self.ops.push(run.into_write(rel));
+            }
+        }
+        if (continued && runs.len() > 1) || (!continued && !runs.is_empty()) {
             self.change_found();
+        }
+        let shared = (n >= SHARE_READ_PAGES * ps
+            && runs.iter().any(|(_, h)| 2 * h.len() * ps >= n))
+        .then(|| {
+            let buf = std::mem::replace(&mut self.buf, self.pool.take(self.page_size * READ_PAGES));
+            self.pool.share(buf, n)
+        });
+        for (first, hashes) in runs {
+            let offset = (pass.page + first) as u64 * ps as u64;
+            let bytes = first * ps..((first + hashes.len()) * ps).min(n);
+            // an open run (it reaches the last page looked at) may go on into the next read
+            let open = first + hashes.len() == looked;
+            if let Some(data) = shared.as_ref().filter(|_| 2 * bytes.len() >= n) {
+                if let Some(run) = pass.run.take() {
+                    self.data += run.data.len();
+                    self.ops.push(run.into_write(rel));
+                }
+                self.data += bytes.len();
+                self.ops.push(Op::Write {
+                    path: rel.to_owned(),
+                    offset,
+                    data: data.slice(bytes),
+                    hashes,
+                });
+                continue;
+            }
+            let src = shared.as_deref().unwrap_or(&self.buf[..n]);
+            let run = match pass.run.take() {
+                Some(mut run) if first == 0 => {
+                    run.data.extend_from_slice(&src[bytes]);
+                    run.hashes.extend(hashes);
+                    run
+                }
+                _ => PageRun {
+                    offset,
+                    // sized for the rest of this read: a run of many pages does not regrow
+                    // page by page
+                    data: {
+                        let mut d = Vec::with_capacity(n - bytes.start);
+                        d.extend_from_slice(&src[bytes]);
+                        d
+                    },
+                    hashes,
+                },
+            };
+            if open {
+                pass.run = Some(run);
+            } else {
+                self.data += run.data.len();
+                self.ops.push(run.into_write(rel));
+            }
         }
         true
     }

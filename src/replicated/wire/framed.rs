@@ -8,11 +8,11 @@
 
 use std::io;
 
-use bytes::{BufMut, Bytes};
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::replicated::pages::to_page_boundary;
+use crate::replicated::pages::BufPool;
 use crate::replicated::wire::codec;
 use crate::replicated::wire::mac::{mac_eq, FrameMac};
 use crate::replicated::wire::{
@@ -25,8 +25,12 @@ const LEN_BYTES: usize = 4;
 /// Frames read into a buffer of their own, which the writes they carry then share (rather
 /// than copy out of the reader's reused buffer): those longer than this.
 const OWN_BUFFER_FRAME_BYTES: usize = 64 << 10;
-/// Room such a buffer keeps to begin its body on a page boundary.
-const ALIGN_SLACK_BYTES: usize = 4096;
+/// Frame buffers kept for the next frames once their writes are applied.
+const FRAME_BUFFERS_KEPT: usize = 4;
+/// The largest frame buffer kept: twice a batch's bound on its page data (an eighth of the
+/// frame limit, which a batch passes by at most one read's worth), with room for its paths and
+/// checksums. A longer frame's buffer is let go.
+const KEPT_FRAME_BUFFER_BYTES: usize = MAX_FRAME_BYTES / 4 + (64 << 10);
 
 /// A frame's body, encoded to be sent (and sent again) with
 /// [`FrameWriter::send_encoded`]: what a window of unacknowledged frames holds, as small
@@ -151,6 +155,8 @@ pub struct FrameReader<R> {
     inner: R,
     buf: Vec<u8>,
     mac: Option<FrameMac>,
+    /// Where a long frame's buffer comes from, and goes back to once its writes are gone.
+    pub(super) pool: BufPool,
     /// The largest body accepted: handshake-sized until [`FrameReader::authenticated`].
     limit: usize,
     /// Bytes read, for statistics.
@@ -165,6 +171,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             inner,
             buf: Vec::new(),
             mac: None,
+            pool: BufPool::new(FRAME_BUFFERS_KEPT, KEPT_FRAME_BUFFER_BYTES),
             limit: MAX_HANDSHAKE_FRAME_BYTES,
             bytes: 0,
         }
@@ -199,16 +206,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             });
         }
         let total = len + if self.mac.is_some() { MAC_BYTES } else { 0 };
-        // a long frame (page data) gets a buffer of its own, which its writes then share
+        // a long frame (page data) gets a buffer of its own, which its writes then share;
+        // page-aligned, as the kernel copies fastest (see `ReadBuf`), and from the pool: it
+        // comes back once they are applied
         if len > OWN_BUFFER_FRAME_BYTES {
-            // page-aligned within its block, as the kernel copies fastest (see `ReadBuf`),
-            // and read into its spare capacity: nothing is zeroed first
-            let mut block: Vec<u8> = Vec::with_capacity(total + ALIGN_SLACK_BYTES);
-            let at = to_page_boundary(block.as_ptr());
-            block.resize(at, 0);
-            let read = read_appending(&mut self.inner, &mut block, total).await;
-            self.check(read, &mut block[at..], len)?;
-            return Frame::decode_shared(&Bytes::from(block).slice(at..at + len));
+            let mut block = self.pool.take(total);
+            let read = self.inner.read_exact(&mut block).await;
+            self.check(read, &mut block, len)?;
+            return Frame::decode_shared(&self.pool.share(block, len));
         }
         let mut buf = std::mem::take(&mut self.buf);
         buf.resize(total, 0);
@@ -244,22 +249,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         Ok(())
     }
-}
-
-/// Appends exactly `n` bytes from `r` to `block`, within its capacity if it has room.
-async fn read_appending<R: AsyncRead + Unpin>(
-    r: &mut R,
-    block: &mut Vec<u8>,
-    n: usize,
-) -> io::Result<usize> {
-    let end = block.len() + n;
-    while block.len() < end {
-        let want = end - block.len();
-        if r.read_buf(&mut (&mut *block).limit(want)).await? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-    }
-    Ok(n)
 }
 
 /// A [`FrameReader`] running in its own task, its frames (and errors) queued in `frames`:

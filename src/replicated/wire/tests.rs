@@ -459,3 +459,61 @@ proptest! {
         round_trip(&f);
     }
 }
+
+/// A long frame is read into a buffer from the reader's pool, and its writes share it; once
+/// they are dropped (applied) the next long frame is read into the same memory, not into new
+/// memory that faults in page by page. A buffer still shared is not read into again.
+#[tokio::test]
+async fn issue15_a_long_frames_buffer_is_used_again_once_its_writes_are_dropped() {
+    let session = [4u8; 32];
+    let batch = |byte: u8| Frame::Batch {
+        seq: u64::from(byte),
+        ops: vec![Op::Write {
+            path: "journal/a".into(),
+            offset: 0,
+            hashes: vec![*blake3::hash(&[byte; 4096]).as_bytes(); 32],
+            data: vec![byte; 32 * 4096].into(),
+        }],
+    };
+    let mut wire = Vec::new();
+    let mut w = FrameWriter::new(&mut wire);
+    w.set_mac(FrameMac::new(session, 0));
+    for byte in 1..=3 {
+        w.send(&batch(byte)).await.unwrap();
+    }
+    let mut r = FrameReader::new(&wire[..]);
+    r.authenticated();
+    r.set_mac(FrameMac::new(session, 0));
+    let data_of = |f: &Frame| match f {
+        Frame::Batch { ops, .. } => match &ops[0] {
+            Op::Write { data, .. } => data.clone(),
+            other => panic!("not a write: {other:?}"),
+        },
+        other => panic!("not a batch: {other:?}"),
+    };
+    let first = r.recv().await.unwrap();
+    assert_eq!(first, batch(1));
+    let at = data_of(&first).as_ptr();
+    let second = r.recv().await.unwrap();
+    assert_eq!(second, batch(2));
+    assert_ne!(
+        data_of(&second).as_ptr(),
+        at,
+        "the first frame's writes still hold it"
+    );
+    assert_eq!(r.pool.kept(), 0);
+    drop(first);
+    assert_eq!(
+        r.pool.kept(),
+        1,
+        "back in the pool once its writes are dropped"
+    );
+    let third = r.recv().await.unwrap();
+    assert_eq!(third, batch(3));
+    assert_eq!(
+        data_of(&third).as_ptr(),
+        at,
+        "read into the first frame's buffer again"
+    );
+    assert_eq!(r.pool.kept(), 0);
+}
