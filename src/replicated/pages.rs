@@ -324,6 +324,9 @@ impl AsRef<[u8]> for ReadBuf {
     }
 }
 
+/// The size a pooled buffer is rounded up to.
+const POOL_GRAIN_BYTES: usize = 64 << 10;
+
 /// Read buffers whose bytes are passed on as they are ([`BufPool::share`]): the hot side's
 /// page reads that become a batch's data, the cold side's frames whose writes are applied
 /// from them. Each comes back once the last share of it is dropped (its frame acknowledged,
@@ -348,10 +351,17 @@ impl BufPool {
         }
     }
 
-    /// A buffer from the pool, or a new one, `len` bytes long.
+    /// A buffer from the pool, or a new one, `len` bytes long (what it held is not kept). A
+    /// new one has room for the next [`POOL_GRAIN_BYTES`] multiple, so that frames a little
+    /// longer or shorter than the last fit the buffers the pool keeps.
     pub fn take(&self, len: usize) -> ReadBuf {
         let mut buf = self.free.try_recv().unwrap_or_default();
-        buf.set_len(len);
+        if buf.raw.len() < len + READ_ALIGN_BYTES {
+            // zeroed by the kernel as it maps it in, not by a pass of ours
+            buf.raw = vec![0; len.next_multiple_of(POOL_GRAIN_BYTES) + READ_ALIGN_BYTES];
+            buf.at = to_page_boundary(buf.raw.as_ptr());
+        }
+        buf.len = len;
         buf
     }
 
@@ -365,7 +375,8 @@ impl BufPool {
     /// and `buf` is not larger than the pool keeps) when the last share is dropped.
     pub fn share(&self, buf: ReadBuf, n: usize) -> Bytes {
         let n = n.min(buf.len());
-        let back = (buf.raw.len() <= self.keep_bytes + READ_ALIGN_BYTES).then(|| self.back.clone());
+        let largest = self.keep_bytes.next_multiple_of(POOL_GRAIN_BYTES) + READ_ALIGN_BYTES;
+        let back = (buf.raw.len() <= largest).then(|| self.back.clone());
         Bytes::from_owner(Pooled { buf, back }).slice(..n)
     }
 }
