@@ -365,6 +365,34 @@ impl BufPool {
         buf
     }
 
+    /// A block from the pool, or a new one: empty, with room for `room` bytes after a page
+    /// boundary, to be read into through its spare capacity (nothing is zeroed first: a new
+    /// block's pages are touched only by the read that fills them).
+    pub fn take_block(&self, room: usize) -> Vec<u8> {
+        match self.free.try_recv() {
+            Ok(b) if b.raw.capacity() >= room + READ_ALIGN_BYTES => {
+                let mut block = b.raw;
+                block.clear();
+                block
+            }
+            _ => Vec::with_capacity(room.next_multiple_of(POOL_GRAIN_BYTES) + READ_ALIGN_BYTES),
+        }
+    }
+
+    /// `block[range]`, shared: `block` comes back to the pool as [`BufPool::share`] says.
+    pub fn share_block(&self, block: Vec<u8>, range: std::ops::Range<usize>) -> Bytes {
+        let len = block.len();
+        self.share(
+            ReadBuf {
+                raw: block,
+                at: 0,
+                len,
+            },
+            len,
+        )
+        .slice(range)
+    }
+
     /// Buffers kept, unused.
     #[cfg(test)]
     pub(crate) fn kept(&self) -> usize {
@@ -376,7 +404,7 @@ impl BufPool {
     pub fn share(&self, buf: ReadBuf, n: usize) -> Bytes {
         let n = n.min(buf.len());
         let largest = self.keep_bytes.next_multiple_of(POOL_GRAIN_BYTES) + READ_ALIGN_BYTES;
-        let back = (buf.raw.len() <= largest).then(|| self.back.clone());
+        let back = (buf.raw.capacity() <= largest).then(|| self.back.clone());
         Bytes::from_owner(Pooled { buf, back }).slice(..n)
     }
 }

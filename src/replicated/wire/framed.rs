@@ -8,11 +8,11 @@
 
 use std::io;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::replicated::pages::BufPool;
+use crate::replicated::pages::{to_page_boundary, BufPool};
 use crate::replicated::wire::codec;
 use crate::replicated::wire::mac::{mac_eq, FrameMac};
 use crate::replicated::wire::{
@@ -207,13 +207,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         let total = len + if self.mac.is_some() { MAC_BYTES } else { 0 };
         // a long frame (page data) gets a buffer of its own, which its writes then share;
-        // page-aligned, as the kernel copies fastest (see `ReadBuf`), and from the pool: it
-        // comes back once they are applied
+        // page-aligned within its block, as the kernel copies fastest (see `ReadBuf`), read
+        // into its spare capacity (nothing is zeroed first), and from the pool: it comes back
+        // once the writes are applied
         if len > OWN_BUFFER_FRAME_BYTES {
-            let mut block = self.pool.take(total);
-            let read = self.inner.read_exact(&mut block).await;
-            self.check(read, &mut block, len)?;
-            return Frame::decode_shared(&self.pool.share(block, len));
+            let mut block = self.pool.take_block(total);
+            let at = to_page_boundary(block.as_ptr());
+            block.resize(at, 0);
+            let read = read_appending(&mut self.inner, &mut block, total).await;
+            self.check(read, &mut block[at..], len)?;
+            return Frame::decode_shared(&self.pool.share_block(block, at..at + len));
         }
         let mut buf = std::mem::take(&mut self.buf);
         buf.resize(total, 0);
@@ -249,6 +252,22 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         Ok(())
     }
+}
+
+/// Appends exactly `n` bytes from `r` to `block`, within its capacity if it has room.
+async fn read_appending<R: AsyncRead + Unpin>(
+    r: &mut R,
+    block: &mut Vec<u8>,
+    n: usize,
+) -> io::Result<usize> {
+    let end = block.len() + n;
+    while block.len() < end {
+        let want = end - block.len();
+        if r.read_buf(&mut (&mut *block).limit(want)).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(n)
 }
 
 /// A [`FrameReader`] running in its own task, its frames (and errors) queued in `frames`:
