@@ -651,7 +651,7 @@ impl Scanner {
         let shared = (n >= SHARE_READ_PAGES * ps
             && runs.iter().any(|(_, h)| 2 * h.len() * ps >= n))
         .then(|| {
-            let buf = std::mem::replace(&mut self.buf, self.pool.take(self.page_size * READ_PAGES));
+            let buf = std::mem::replace(&mut self.buf, self.pool.take(ps * READ_PAGES));
             self.pool.share(buf, n)
         });
         for (first, hashes) in runs {
@@ -680,17 +680,22 @@ impl Scanner {
                     run.hashes.extend(hashes);
                     run
                 }
-                _ => PageRun {
-                    offset,
+                before => {
+                    // (the open run was queued above unless this run goes on from it)
+                    if let Some(run) = before {
+                        self.data += run.data.len();
+                        self.ops.push(run.into_write(rel));
+                    }
                     // sized for the rest of this read: a run of many pages does not regrow
                     // page by page
-                    data: {
-                        let mut d = Vec::with_capacity(n - bytes.start);
-                        d.extend_from_slice(&src[bytes]);
-                        d
-                    },
-                    hashes,
-                },
+                    let mut data = Vec::with_capacity(n - bytes.start);
+                    data.extend_from_slice(&src[bytes]);
+                    PageRun {
+                        offset,
+                        data,
+                        hashes,
+                    }
+                }
             };
             if open {
                 pass.run = Some(run);
