@@ -357,7 +357,7 @@ impl BufPool {
     pub fn take(&self, len: usize) -> ReadBuf {
         let mut buf = self.free.try_recv().unwrap_or_default();
         if buf.raw.len() < len + READ_ALIGN_BYTES {
-            // zeroed by the kernel as it maps it in, not by a pass of ours
+            // (zeros asked of the allocator: memory it maps in anew needs no pass of ours)
             buf.raw = vec![0; len.next_multiple_of(POOL_GRAIN_BYTES) + READ_ALIGN_BYTES];
             buf.at = to_page_boundary(buf.raw.as_ptr());
         }

@@ -648,18 +648,21 @@ impl Scanner {
         if (continued && runs.len() > 1) || (!continued && !runs.is_empty()) {
             self.change_found();
         }
+        // a run's bytes in the read (a last page may be short)
+        let span = |first: usize, pages: usize| first * ps..((first + pages) * ps).min(n);
+        let shares = |bytes: &std::ops::Range<usize>| 2 * bytes.len() >= n;
         let shared = (n >= SHARE_READ_PAGES * ps
-            && runs.iter().any(|(_, h)| 2 * h.len() * ps >= n))
+            && runs.iter().any(|(first, h)| shares(&span(*first, h.len()))))
         .then(|| {
             let buf = std::mem::replace(&mut self.buf, self.pool.take(ps * READ_PAGES));
             self.pool.share(buf, n)
         });
         for (first, hashes) in runs {
             let offset = (pass.page + first) as u64 * ps as u64;
-            let bytes = first * ps..((first + hashes.len()) * ps).min(n);
+            let bytes = span(first, hashes.len());
             // an open run (it reaches the last page looked at) may go on into the next read
             let open = first + hashes.len() == looked;
-            if let Some(data) = shared.as_ref().filter(|_| 2 * bytes.len() >= n) {
+            if let Some(data) = shared.as_ref().filter(|_| shares(&bytes)) {
                 if let Some(run) = pass.run.take() {
                     self.data += run.data.len();
                     self.ops.push(run.into_write(rel));
