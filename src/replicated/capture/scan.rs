@@ -641,8 +641,7 @@ impl Scanner {
         let continued = runs.first().is_some_and(|(first, _)| *first == 0) && pass.run.is_some();
         if !continued {
             if let Some(run) = pass.run.take() {
-                self.data += run.data.len();
-                self.ops.push(run.into_write(rel));
+                self.queue_in_read(run.into_write(rel));
             }
         }
         if (continued && runs.len() > 1) || (!continued && !runs.is_empty()) {
@@ -664,11 +663,9 @@ impl Scanner {
             let open = first + hashes.len() == looked;
             if let Some(data) = shared.as_ref().filter(|_| shares(&bytes)) {
                 if let Some(run) = pass.run.take() {
-                    self.data += run.data.len();
-                    self.ops.push(run.into_write(rel));
+                    self.queue_in_read(run.into_write(rel));
                 }
-                self.data += bytes.len();
-                self.ops.push(Op::Write {
+                self.queue_in_read(Op::Write {
                     path: rel.to_owned(),
                     offset,
                     data: data.slice(bytes),
@@ -677,37 +674,43 @@ impl Scanner {
                 continue;
             }
             let src = shared.as_deref().unwrap_or(&self.buf[..n]);
-            let run = match pass.run.take() {
+            // (the open run was queued above unless this run goes on from it)
+            let (run, before) = match pass.run.take() {
                 Some(mut run) if first == 0 => {
                     run.data.extend_from_slice(&src[bytes]);
                     run.hashes.extend(hashes);
-                    run
+                    (run, None)
                 }
                 before => {
-                    // (the open run was queued above unless this run goes on from it)
-                    if let Some(run) = before {
-                        self.data += run.data.len();
-                        self.ops.push(run.into_write(rel));
-                    }
                     // sized for the rest of this read: a run of many pages does not regrow
                     // page by page
                     let mut data = Vec::with_capacity(n - bytes.start);
                     data.extend_from_slice(&src[bytes]);
-                    PageRun {
+                    let run = PageRun {
                         offset,
                         data,
                         hashes,
-                    }
+                    };
+                    (run, before)
                 }
             };
+            if let Some(before) = before {
+                self.queue_in_read(before.into_write(rel));
+            }
             if open {
                 pass.run = Some(run);
             } else {
-                self.data += run.data.len();
-                self.ops.push(run.into_write(rel));
+                self.queue_in_read(run.into_write(rel));
             }
         }
         true
+    }
+
+    /// Queues a `Write` found in the middle of a read: counted in the batch's bytes, not yet
+    /// flushed (the pass flushes between reads).
+    fn queue_in_read(&mut self, op: Op) {
+        self.data += op.data_len();
+        self.ops.push(op);
     }
 
     fn queue_run(&mut self, rel: &str, run: Option<PageRun>) {
