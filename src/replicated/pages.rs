@@ -1,6 +1,7 @@
-//! Pages and trees: the per-page blake3 table that tells what changed ([`hash_pages`]), the
-//! tree index the cold side reports on connect (every directory, file and symlink with its
-//! mode, owner and group, a file's allocation, a link's target), the whole-tree digest
+//! Pages and trees: the per-page blake3 table that tells what changed ([`hash_pages`], the
+//! pages hashed side by side by [`page_digests`], `many.rs`), the tree index the cold side
+//! reports on connect (every directory, file and symlink with its mode, owner and group, a
+//! file's allocation, a link's target), the whole-tree digest
 //! `verify` compares (`entry.rs`), the confinement of paths received from the network to the
 //! data directory, and the cache of open files (`FileCache`) the scanner and the apply thread
 //! keep.
@@ -23,6 +24,7 @@ use std::path::{Component, Path, PathBuf};
 use bytes::Bytes;
 
 mod entry;
+mod many;
 mod walk;
 
 pub use entry::{compare_entries, Comparison, DigestCompare, Entry, EntryKind};
@@ -72,7 +74,11 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Pag
 
 /// The truncated blake3 of one page.
 pub fn page_hash(data: &[u8]) -> PageHash {
-    let full = page_digest(data);
+    truncated(&page_digest(data))
+}
+
+/// A page's table entry from its full digest.
+pub fn truncated(full: &blake3::Hash) -> PageHash {
     let mut out = [0u8; 16];
     out.copy_from_slice(&full.as_bytes()[..16]);
     out
@@ -98,6 +104,19 @@ pub fn page_digest(data: &[u8]) -> blake3::Hash {
         }
     })
 }
+
+/// Appends to `out` the blake3 of each `page_size` page of `data` (the last may be
+/// shorter), each as [`page_digest`] gives it, with the pages hashed side by side
+/// (`many.rs`): several times faster than one by one.
+pub fn page_digests(data: &[u8], page_size: usize, out: &mut Vec<blake3::Hash>) {
+    many::page_digests(data, page_size, out, &mut |page| {
+        is_zeros(page).then(|| page_digest(page))
+    });
+}
+
+/// Pages [`page_digests`] hashes side by side: a caller that may stop early hashes this
+/// many at a time.
+pub use many::BATCH_PAGES;
 
 /// Whether `data` is all zeros.
 fn is_zeros(data: &[u8]) -> bool {
@@ -263,12 +282,13 @@ pub fn hash_pages(path: &Path, page_size: usize) -> Result<FileState, PagesError
         pages: Vec::with_capacity(pages),
     };
     let mut buf = ReadBuf::with_len(page_size * READ_PAGES);
+    let mut digests = Vec::with_capacity(READ_PAGES);
     let mut off = 0u64;
     loop {
         let n = read_full_at(&file, &mut buf, off).map_err(io_err("cannot read", path))?;
-        for page in buf[..n].chunks(page_size) {
-            state.pages.push(page_hash(page));
-        }
+        digests.clear();
+        page_digests(&buf[..n], page_size, &mut digests);
+        state.pages.extend(digests.iter().map(truncated));
         off += n as u64;
         if n < buf.len() {
             break;

@@ -16,8 +16,8 @@ use std::time::SystemTime;
 use crate::replicated::capture::{Scanner, Seen, BATCH_DATA_BYTES, RACY_WINDOW};
 use crate::replicated::ops::Op;
 use crate::replicated::pages::{
-    fully_allocated, link_target, open_nofollow, page_digest, page_hash, read_full_at, Attrs,
-    LinkState, PageHash, READ_PAGES,
+    fully_allocated, link_target, open_nofollow, page_digests, page_hash, read_full_at, truncated,
+    Attrs, LinkState, PageHash, BATCH_PAGES, READ_PAGES,
 };
 
 /// Marks a table entry that must be re-sent whatever the content.
@@ -605,33 +605,38 @@ impl Scanner {
         // the runs of changed pages in this read: first page (of the read), their hashes
         let mut runs: Vec<(usize, Vec<[u8; 32]>)> = Vec::new();
         let mut looked = 0;
-        for (i, chunk) in self.buf[..n].chunks(ps).enumerate() {
-            let idx = pass.page + i;
-            if idx >= table.len() || pass.clean_run >= pass.stop_after_clean {
-                break;
-            }
-            looked = i + 1;
-            pass.compared_to = idx + 1;
-            let full_hash = page_digest(chunk);
-            let mut short = [0u8; 16];
-            short.copy_from_slice(&full_hash.as_bytes()[..16]);
-            if table[idx] == short {
-                // clean pages end the window only once past the cursor: the next append
-                // lands after it
-                if pass.full || (idx > pass.cursor && idx >= pass.reach) {
-                    pass.clean_run += 1;
+        // hashed side by side, a batch at a time: a window pass may stop after a few pages
+        let mut digests = Vec::with_capacity(BATCH_PAGES);
+        'pages: for (g, group) in self.buf[..n].chunks(ps * BATCH_PAGES).enumerate() {
+            digests.clear();
+            page_digests(group, ps, &mut digests);
+            for (k, (chunk, full_hash)) in group.chunks(ps).zip(&digests).enumerate() {
+                let i = g * BATCH_PAGES + k;
+                let idx = pass.page + i;
+                if idx >= table.len() || pass.clean_run >= pass.stop_after_clean {
+                    break 'pages;
                 }
-                continue;
-            }
-            pass.clean_run = 0;
-            pass.zeroed |= chunk.iter().all(|&b| b == 0);
-            table[idx] = short;
-            pass.last_changed = Some(idx);
-            match runs.last_mut() {
-                Some((first, hashes)) if *first + hashes.len() == i => {
-                    hashes.push(*full_hash.as_bytes());
+                looked = i + 1;
+                pass.compared_to = idx + 1;
+                let short = truncated(full_hash);
+                if table[idx] == short {
+                    // clean pages end the window only once past the cursor: the next append
+                    // lands after it
+                    if pass.full || (idx > pass.cursor && idx >= pass.reach) {
+                        pass.clean_run += 1;
+                    }
+                    continue;
                 }
-                _ => runs.push((i, vec![*full_hash.as_bytes()])),
+                pass.clean_run = 0;
+                pass.zeroed |= chunk.iter().all(|&b| b == 0);
+                table[idx] = short;
+                pass.last_changed = Some(idx);
+                match runs.last_mut() {
+                    Some((first, hashes)) if *first + hashes.len() == i => {
+                        hashes.push(*full_hash.as_bytes());
+                    }
+                    _ => runs.push((i, vec![*full_hash.as_bytes()])),
+                }
             }
         }
         if looked == 0 {

@@ -196,6 +196,7 @@ pub fn hash_pages_chunked<E: From<PagesError>>(
         }
         Ok(())
     };
+    let mut digests = Vec::with_capacity(READ_PAGES);
     while page < total {
         let want = usize::try_from(len - off).map_or(buf.len(), |left| left.min(buf.len()));
         let n = read_full_at(file, &mut buf[..want], off).map_err(io_err("cannot read", path))?;
@@ -206,8 +207,10 @@ pub fn hash_pages_chunked<E: From<PagesError>>(
             }
             break;
         }
-        for p in buf[..n].chunks(page_size) {
-            push(super::page_hash(p), &mut page)?;
+        digests.clear();
+        super::page_digests(&buf[..n], page_size, &mut digests);
+        for d in &digests {
+            push(super::truncated(d), &mut page)?;
         }
         off += n as u64;
     }
