@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use notify::event::{CreateKind, EventKind, ModifyKind, RemoveKind, RenameMode};
 
-use crate::replicated::capture::scan::{keys_below, INVALID};
+use crate::replicated::capture::scan::keys_below;
 use crate::replicated::capture::watch::FsEvent;
 use crate::replicated::capture::{Scanner, RENAME_PAIR_WAIT};
 use crate::replicated::ops::{Op, Outgoing};
@@ -221,10 +221,12 @@ impl Scanner {
         }
         if self.flushes != flushes {
             // part of the scan went out under `to` before the rename (to the file the rename
-            // replaces): the cold side has `from` as it was; resend all of it
+            // replaces): after the rename the cold side has `from` as the table had it, so
+            // that is the model, and the file is hashed in full again (not from its cursor),
+            // by the next rescan too: that scan's metadata vouches for nothing it sent
             if let Some(entry) = self.table.files.get_mut(to) {
                 *entry = state;
-                entry.pages.fill(INVALID);
+                self.seen.remove(to);
                 self.dirty.insert(to.to_owned());
             }
         } else {

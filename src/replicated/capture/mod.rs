@@ -24,8 +24,9 @@
 //!   there while rewriting the window's first page with the bytes it had; dirty files are
 //!   hashed in full every half `rescan_interval_ms` (so the window gives the latency, the
 //!   dirty pass the certainty);
-//! - every `rescan_interval_ms`, files whose size, mtime, ctime (a chmod or chown), inode or
-//!   allocation changed are hashed in full (random in-place writes, anything events missed),
+//! - every `rescan_interval_ms`, dirty files and files whose size, mtime, ctime (a chmod or
+//!   chown), inode or allocation changed are hashed in full (random in-place writes, anything
+//!   events missed),
 //!   and directories and symlinks whose attributes or target differ from the table are sent;
 //! - owners, modes and allocation travel with the entry (`SetAttrs`, `Allocate`); a symlink
 //!   is sent as its target text (`Symlink`) and never followed;
@@ -564,7 +565,6 @@ impl Scanner {
             // (on the write path every change is an event: only the deep rescan runs, a safety
             // net for writes that bypass the mount)
             self.next_rescan = now + self.rescan;
-            self.dirty.clear();
             self.full_scan(false);
         }
         if now >= self.next_dirty {

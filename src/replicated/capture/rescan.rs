@@ -111,7 +111,11 @@ impl Scanner {
             // scan_link compares target and owner with the table
             self.scan_link(child, &meta);
         } else if meta.is_file() {
+            // a dirty file is hashed whatever its metadata says: its window left pages
+            // unexplained, and the walk stands for the dirty pass
+            let dirty = self.dirty.remove(child);
             let unchanged = !deep
+                && !dirty
                 && self.seen.get(child) == Some(&Seen::of(&meta))
                 && self.table.files.contains_key(child);
             if !unchanged {

@@ -121,6 +121,13 @@ impl Rig {
         self.pump();
     }
 
+    /// What the scanner's loop does every `rescan_interval_ms` (the walk of files whose
+    /// metadata changed, and of dirty files).
+    fn rescan(&mut self) {
+        self.scanner.full_scan(false);
+        self.pump();
+    }
+
     fn modified(&mut self, p: &str) {
         self.event(EventKind::Modify(ModifyKind::Data(DataChange::Any)), &[p]);
     }
@@ -287,6 +294,49 @@ fn a_rename_carries_the_data_first_and_moves_the_rest() {
     );
     assert!(r.same());
     assert_eq!(r.sent - sent, 512, "one page of data, then the rename");
+}
+
+/// A rename whose scan of the new name outgrew a batch: part of it went out under the new
+/// name, to the file the rename then replaced on the cold side. The file is modelled as the
+/// rename leaves it there and hashed in full again, and the next rescan does so even though
+/// its metadata has not changed since that scan. Found in the integration test
+/// `issue4_initial_sync_then_streaming_appends_rotation_and_page_files` (3 runs in 10 on a
+/// faster VM): the window pass after the rename resent the file from its cursor on, the
+/// rescan cleared the dirty set and skipped the file as seen, and the cold copy lacked every
+/// page before the cursor until the deep rescan.
+#[test]
+fn issue8_a_rename_whose_scan_flushed_part_way_is_hashed_in_full_by_the_next_rescan() {
+    const PAGES: usize = 8192;
+    const RECORDS: usize = 3000; // 1.5 MB of 512-byte pages: more than a batch
+    let mut r = Rig::new();
+    fs::create_dir_all(r.hot.join("journal")).unwrap();
+    fs::write(r.hot.join("journal/a.tmp"), vec![0u8; PAGES * 512]).unwrap();
+    r.event(EventKind::Create(CreateKind::File), &["journal/a.tmp"]);
+    fs::rename(r.hot.join("journal/a.tmp"), r.hot.join("journal/a")).unwrap();
+    let f = open_hot(&r, "journal/a");
+    for i in 0..RECORDS {
+        let byte = u8::try_from(i % 251).unwrap() + 1;
+        f.write_all_at(&[byte; 512], (i * 512) as u64).unwrap();
+    }
+    // the rename's scan then records the file as seen
+    settle();
+    let sent = r.sent;
+    r.event(
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
+        &["journal/a.tmp", "journal/a"],
+    );
+    r.modified("journal/a");
+    r.rescan();
+    assert!(
+        r.same(),
+        "the cold copy lacks what the rename's scan sent under its new name"
+    );
+    assert!(
+        r.sent - sent <= 2 * RECORDS * 512 + (64 << 10),
+        "{} bytes sent for {} written: the whole file was resent",
+        r.sent - sent,
+        RECORDS * 512
+    );
 }
 
 /// Opens (creating) `rel` on the hot side for writing.
