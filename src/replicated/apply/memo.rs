@@ -30,7 +30,9 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use crate::replicated::capture::RACY_WINDOW;
-use crate::replicated::pages::{page_hash, read_full_at, PageHash, ReadBuf, Stamp, READ_PAGES};
+use crate::replicated::pages::{
+    page_digests, page_hash, read_full_at, truncated, PageHash, ReadBuf, Stamp, READ_PAGES,
+};
 
 /// Pages the memo holds at most: 17 bytes each, so about 68 MiB, a 16 GiB tree of 4 KiB
 /// pages. Files beyond it are hashed in full at each index, as without a memo.
@@ -242,6 +244,7 @@ impl PageMemo {
         let ps = self.page_size;
         buf.set_len(ps * READ_PAGES);
         let mut out = Vec::with_capacity(total);
+        let mut digests = Vec::with_capacity(READ_PAGES);
         let mut read = 0;
         let mut p = 0;
         while p < total {
@@ -259,9 +262,10 @@ impl PageMemo {
             let off = p as u64 * self.ps();
             let want = usize::try_from((len - off).min((run * ps) as u64)).unwrap_or(run * ps);
             let n = read_full_at(file, &mut buf[..want], off)?;
-            let chunks: Vec<PageHash> = buf[..n].chunks(ps).map(page_hash).collect();
-            read += chunks.len();
-            out.extend(chunks);
+            digests.clear();
+            page_digests(&buf[..n], ps, &mut digests);
+            read += digests.len();
+            out.extend(digests.iter().map(truncated));
             if n < want {
                 // the file shrank meanwhile (its stamp moved: not learned): the pages it no
                 // longer has match nothing, vouched for or not
