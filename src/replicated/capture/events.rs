@@ -151,8 +151,12 @@ impl Scanner {
     }
 
     /// A rename inside the tree: moves the table's entries and sends the rename, after the
-    /// data the file had under its old name.
+    /// data the file had under its old name. On the write path `to` is also noted for
+    /// [`Scanner::reconcile_renamed`].
     pub(super) fn rename(&mut self, from: &str, to: &str) {
+        if self.exact_events {
+            self.renamed.insert(to.to_owned());
+        }
         if !self.beneath(to) {
             // `to` is below a directory that is gone or moved since (the watcher names a
             // moved directory's entries by its old name until it hears of the move): the
@@ -171,7 +175,10 @@ impl Scanner {
         } else if self.table.dirs.contains_key(from) && is_dir {
             self.rename_dir(from, to);
         } else if let Some(link) = self.table.links.get(from).cloned() {
-            // moved as it is; check_path then sends what differs (a retarget)
+            // moved as it is; check_path then sends what differs (a retarget), but not on the
+            // write path: there every later change is an event of its own, and what is at
+            // `to` by now may be what a later rename put there (a swap), which this one would
+            // model here and the later one move on as if it were the link
             self.clear_target(to, false);
             self.forget_target(to);
             self.table.links.remove(from);
@@ -180,7 +187,9 @@ impl Scanner {
                 from: from.to_owned(),
                 to: to.to_owned(),
             });
-            self.check_path(to);
+            if !self.exact_events {
+                self.check_path(to);
+            }
         } else {
             self.check_path(from);
             self.check_path(to);
@@ -248,6 +257,74 @@ impl Scanner {
         self.send_rename(from, to, cursor);
     }
 
+    /// On the write path, once the events queued are handled: brings every path a rename put
+    /// an entry at (and everything below it) in line with the disk. An event is handled after
+    /// its call, and reading the disk for it (a create's `check_path`) may find what later
+    /// calls left there: a file swapped in through a temporary name, whose later renames then
+    /// move that reading on as if it were the entry they move. Nothing is queued now, so the
+    /// disk is where the events left it, but for a call in flight, whose own event follows
+    /// and finds the table as the disk has it. Files are compared in full.
+    pub(super) fn reconcile_renamed(&mut self) {
+        if self.renamed.is_empty() || !self.connected {
+            return;
+        }
+        for rel in std::mem::take(&mut self.renamed) {
+            self.reconcile(&rel);
+            self.flush_if_full();
+        }
+    }
+
+    /// `rel` and everything below it as the disk has them now.
+    fn reconcile(&mut self, rel: &str) {
+        if !self.beneath(rel) {
+            return self.remove(rel);
+        }
+        match fs::symlink_metadata(self.root.join(rel)) {
+            Ok(m) if m.is_file() => {
+                self.open_files.forget(rel);
+                self.scan_file(rel, true);
+            }
+            Ok(m) if m.is_dir() => {
+                self.scan_dir_attrs(rel, &m);
+                let Some(names) = super::scan::sorted_names(&self.root.join(rel)) else {
+                    return;
+                };
+                // what the table has below `rel` and the disk does not
+                let prefix = format!("{rel}/");
+                let listed = |k: &str| {
+                    let name = k[prefix.len()..].split('/').next().unwrap_or_default();
+                    names.binary_search_by(|n| n.as_str().cmp(name)).is_ok()
+                };
+                let gone: Vec<String> = keys_below(&self.table.files, &prefix)
+                    .chain(keys_below(&self.table.dirs, &prefix))
+                    .chain(keys_below(&self.table.links, &prefix))
+                    .filter(|k| !listed(k))
+                    .cloned()
+                    .collect();
+                for g in gone {
+                    // (not again below a directory found gone just before)
+                    let known = self.table.files.contains_key(&g)
+                        || self.table.dirs.contains_key(&g)
+                        || self.table.links.contains_key(&g);
+                    if known {
+                        self.check_path(&g);
+                    }
+                }
+                for name in names {
+                    self.reconcile(&format!("{rel}/{name}"));
+                }
+            }
+            Ok(_) => self.check_path(rel),
+            Err(_) => self.remove(rel),
+        }
+    }
+
+    /// A directory's own entry (its attributes), replacing a file or symlink the table has.
+    fn scan_dir_attrs(&mut self, rel: &str, meta: &fs::Metadata) {
+        self.ensure_parents(rel);
+        self.model_dir(rel, crate::replicated::pages::Attrs::of(meta));
+    }
+
     /// The file's rename, its changes under `from` already queued: its append cursor moves
     /// with it.
     fn send_rename(&mut self, from: &str, to: &str, cursor: Option<usize>) {
@@ -292,7 +369,9 @@ impl Scanner {
     }
 
     /// Moves every table entry below `from` (files, directories and symlinks) to `to`, sends
-    /// the rename, then scans `to` for whatever changed inside it.
+    /// the rename, then scans `to` for whatever changed inside it (not on the write path,
+    /// where every change inside it before the rename was an event handled before this one,
+    /// and every change after it is an event still to come: a scan would read ahead of them).
     fn rename_dir(&mut self, from: &str, to: &str) {
         self.clear_target(to, true);
         let pf = format!("{from}/");
@@ -312,7 +391,9 @@ impl Scanner {
             from: from.to_owned(),
             to: to.to_owned(),
         });
-        self.scan_dir(to);
+        if !self.exact_events {
+            self.scan_dir(to);
+        }
     }
 }
 

@@ -304,6 +304,9 @@ pub(crate) struct Scanner {
     /// next rescan.
     dirty: BTreeSet<String>,
     next_dirty: Instant,
+    /// On the write path, where renames put entries: brought in line with the disk once the
+    /// events queued are handled ([`Scanner::reconcile_renamed`]).
+    renamed: BTreeSet<String>,
     /// Files kept open for window scans; dropped on any create, rename or remove event for
     /// the path.
     open_files: FileCache,
@@ -383,6 +386,7 @@ impl Scanner {
             pool: BufPool::new(SHARED_READS_KEPT, cfg.page_size * READ_PAGES),
             tracking: false,
             dirty: BTreeSet::new(),
+            renamed: BTreeSet::new(),
             next_dirty: now + cfg.rescan / 2,
             open_files: FileCache::default(),
             fs_rx: None,
@@ -487,6 +491,9 @@ impl Scanner {
                         std::thread::sleep(due.saturating_duration_since(Instant::now()));
                         s.drain_events(fs_rx);
                     }
+                    // nothing queued now: the disk is where the events handled left it (but for
+                    // a call in flight, whose event follows)
+                    s.reconcile_renamed();
                 }
                 Err(RecvTimeoutError::Disconnected) => return,
             }
@@ -515,6 +522,7 @@ impl Scanner {
             && self.compared
             && self.walk.is_none()
             && self.ops.is_empty()
+            && self.renamed.is_empty()
     }
 
     /// With durable acks (write-path events, not coalesced): tells the syncs waiting how many
@@ -622,6 +630,8 @@ impl Scanner {
         self.table = index;
         self.seen.clear();
         self.cursors.clear();
+        // (the comparison below reads everything)
+        self.renamed.clear();
         self.ops.clear();
         self.data = 0;
         if let Some(st) = &self.stats {
