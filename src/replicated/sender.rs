@@ -148,14 +148,12 @@ pub fn start(cfg: SenderConfig, rt: &tokio::runtime::Handle) -> Result<SenderHan
         }
         Some(mp) => {
             // the write path's events are the changes themselves: never folded into a walk
-            let (thread, inline) = scanner.with_exact_events(coalesce).spawn_sharing(
-                stats.clone(),
-                fs_rx,
-                ctl_rx,
-                Some(fs_tx.clone()),
-            );
+            let scanner = scanner.with_exact_events(coalesce);
+            let namespace = scanner.namespace_lock().unwrap_or_default();
+            let (thread, inline) =
+                scanner.spawn_sharing(stats.clone(), fs_rx, ctl_rx, Some(fs_tx.clone()));
             let durable = durable.map(|d| (d, stats.clone()));
-            match fuse::mount(&scan_cfg.root, &mp, fs_tx, durable, inline) {
+            match fuse::mount(&scan_cfg.root, &mp, fs_tx, durable, (inline, namespace)) {
                 Ok(f) => (thread, Some(f)),
                 Err(e) => {
                     let _ = ctl_tx.send(ScanMsg::Stop);

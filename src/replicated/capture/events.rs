@@ -108,8 +108,26 @@ impl Scanner {
             self.scan_range(rel, file, &meta, offset, len);
         } else {
             self.open_files.forget(rel);
+            if self.exact_events {
+                self.read_ahead.insert(rel.to_owned());
+            }
             self.scan_file(rel, true);
         }
+    }
+
+    /// Whether `rel` or anything below it was read from the disk for an event since the
+    /// queue was last empty.
+    fn read_ahead_at(&self, rel: &str) -> bool {
+        let below = format!("{rel}/");
+        self.read_ahead.contains(rel)
+            || self
+                .read_ahead
+                .range::<str, _>((
+                    std::ops::Bound::Included(below.as_str()),
+                    std::ops::Bound::Unbounded,
+                ))
+                .next()
+                .is_some_and(|k| k.starts_with(&below))
     }
 
     /// A write's event handled on the FUSE thread that made it ([`super::InlineScan`]), whose
@@ -154,8 +172,10 @@ impl Scanner {
     /// data the file had under its old name. On the write path `to` is also noted for
     /// [`Scanner::reconcile_renamed`].
     pub(super) fn rename(&mut self, from: &str, to: &str) {
-        if self.exact_events {
+        if self.exact_events && self.read_ahead_at(from) {
+            // what the table has at `from` may have been read ahead of this rename
             self.renamed.insert(to.to_owned());
+            self.read_ahead.insert(to.to_owned());
         }
         if !self.beneath(to) {
             // `to` is below a directory that is gone or moved since (the watcher names a
@@ -257,34 +277,64 @@ impl Scanner {
         self.send_rename(from, to, cursor);
     }
 
-    /// On the write path, once the events queued are handled: brings every path a rename put
-    /// an entry at (and everything below it) in line with the disk. An event is handled after
-    /// its call, and reading the disk for it (a create's `check_path`) may find what later
-    /// calls left there: a file swapped in through a temporary name, whose later renames then
-    /// move that reading on as if it were the entry they move. Nothing is queued now, so the
-    /// disk is where the events left it, but for a call in flight, whose own event follows
-    /// and finds the table as the disk has it. Files are compared in full.
+    /// On the write path, once the events queued are handled: brings every path where a
+    /// rename put an entry read from the disk since the queue was last empty (and everything
+    /// below it) in line with the disk. An event is handled after its call, and reading the
+    /// disk for it (a create's `check_path`) may find what later calls left there: a file
+    /// swapped in through a temporary name, whose later renames then move that reading on as
+    /// if it were the entry they move. Nothing is queued now, so the disk is where the events
+    /// left it, but for a call in flight, whose own event follows and finds the table as the
+    /// disk has it. Files are compared in full. A rename of what only events built (a journal
+    /// file created, filled and renamed in separate rounds) reads nothing.
+    /// Only when no call that changes the tree is in flight (the FUSE capture's namespace
+    /// lock is free) and no event is queued: a reading marked before that point may be ahead
+    /// of a call whose event is still to come, and stays marked until then.
     pub(super) fn reconcile_renamed(&mut self) {
-        if self.renamed.is_empty() || !self.connected {
+        if !self.connected || (self.renamed.is_empty() && self.read_ahead.is_empty()) {
+            return;
+        }
+        let lock = self.namespace.clone();
+        // (a call in flight: its event follows, and the loop comes back soon)
+        let _quiet = match lock.as_deref().map(std::sync::RwLock::try_read) {
+            None => None,
+            Some(Ok(g)) => Some(g),
+            Some(Err(std::sync::TryLockError::Poisoned(g))) => Some(g.into_inner()),
+            Some(Err(std::sync::TryLockError::WouldBlock)) => return,
+        };
+        if self.fs_rx.as_ref().is_some_and(|rx| !rx.is_empty()) {
             return;
         }
         for rel in std::mem::take(&mut self.renamed) {
             self.reconcile(&rel);
             self.flush_if_full();
         }
+        self.read_ahead.clear();
     }
 
     /// `rel` and everything below it as the disk has them now.
     fn reconcile(&mut self, rel: &str) {
-        if !self.beneath(rel) {
-            return self.remove(rel);
-        }
-        match fs::symlink_metadata(self.root.join(rel)) {
-            Ok(m) if m.is_file() => {
+        let known = |s: &Self, k: &str| {
+            s.table.files.contains_key(k)
+                || s.table.dirs.contains_key(k)
+                || s.table.links.contains_key(k)
+        };
+        let on_disk = self
+            .beneath(rel)
+            .then(|| fs::symlink_metadata(self.root.join(rel)).ok())
+            .flatten();
+        let Some(m) = on_disk else {
+            // (gone since, by a later rename whose event found it: nothing to remove twice)
+            if known(self, rel) {
+                self.remove(rel);
+            }
+            return;
+        };
+        match m {
+            m if m.is_file() => {
                 self.open_files.forget(rel);
                 self.scan_file(rel, true);
             }
-            Ok(m) if m.is_dir() => {
+            m if m.is_dir() => {
                 self.scan_dir_attrs(rel, &m);
                 let Some(names) = super::scan::sorted_names(&self.root.join(rel)) else {
                     return;
@@ -303,10 +353,7 @@ impl Scanner {
                     .collect();
                 for g in gone {
                     // (not again below a directory found gone just before)
-                    let known = self.table.files.contains_key(&g)
-                        || self.table.dirs.contains_key(&g)
-                        || self.table.links.contains_key(&g);
-                    if known {
+                    if known(self, &g) {
                         self.check_path(&g);
                     }
                 }
@@ -314,8 +361,7 @@ impl Scanner {
                     self.reconcile(&format!("{rel}/{name}"));
                 }
             }
-            Ok(_) => self.check_path(rel),
-            Err(_) => self.remove(rel),
+            _ => self.check_path(rel),
         }
     }
 

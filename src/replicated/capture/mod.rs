@@ -38,7 +38,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendError, Sender, TryRecvError};
@@ -307,6 +307,12 @@ pub(crate) struct Scanner {
     /// On the write path, where renames put entries: brought in line with the disk once the
     /// events queued are handled ([`Scanner::reconcile_renamed`]).
     renamed: BTreeSet<String>,
+    /// On the write path, the paths read from the disk for an event since the queue was last
+    /// empty: what a rename of one of them moves may be what later calls left there.
+    read_ahead: BTreeSet<String>,
+    /// On the write path, the FUSE capture's namespace lock (held by every call that changes
+    /// the tree, with its event sent): held for reading, nothing is in flight.
+    namespace: Option<Arc<RwLock<()>>>,
     /// Files kept open for window scans; dropped on any create, rename or remove event for
     /// the path.
     open_files: FileCache,
@@ -387,6 +393,8 @@ impl Scanner {
             tracking: false,
             dirty: BTreeSet::new(),
             renamed: BTreeSet::new(),
+            read_ahead: BTreeSet::new(),
+            namespace: None,
             next_dirty: now + cfg.rescan / 2,
             open_files: FileCache::default(),
             fs_rx: None,
@@ -425,7 +433,14 @@ impl Scanner {
     pub(crate) fn with_exact_events(mut self, coalesce: bool) -> Self {
         self.exact_events = true;
         self.coalesce = coalesce;
+        self.namespace = Some(Arc::new(RwLock::new(())));
         self
+    }
+
+    /// The lock the FUSE capture holds for writing around each call that changes the tree
+    /// and its event (write-path events only).
+    pub(crate) fn namespace_lock(&self) -> Option<Arc<RwLock<()>>> {
+        self.namespace.clone()
     }
 
     /// Starts the scanner thread: it reads `fs_rx` and `ctl_rx` until told to stop.
@@ -549,7 +564,10 @@ impl Scanner {
     /// When the loop must wake up without an event: the next rescan (deep only, on the write
     /// path), the next pass over dirty files, or soon while a "moved from" waits for its pair.
     fn next_wake(&self) -> Instant {
-        let mut wake = if !self.pending_from.is_empty() {
+        let mut wake = if !self.pending_from.is_empty()
+            || !self.renamed.is_empty()
+            || !self.read_ahead.is_empty()
+        {
             Instant::now() + RENAME_POLL
         } else if self.exact_events {
             self.next_deep
@@ -632,6 +650,7 @@ impl Scanner {
         self.cursors.clear();
         // (the comparison below reads everything)
         self.renamed.clear();
+        self.read_ahead.clear();
         self.ops.clear();
         self.data = 0;
         if let Some(st) = &self.stats {

@@ -122,6 +122,9 @@ impl Pass {
 impl Scanner {
     /// Brings the table (and the cold side) in line with whatever is at `rel` now.
     pub(super) fn check_path(&mut self, rel: &str) {
+        if self.exact_events {
+            self.read_ahead.insert(rel.to_owned());
+        }
         if !self.beneath(rel) {
             return self.remove(rel);
         }

@@ -92,13 +92,14 @@ pub struct FuseCapture {
 
 /// Serves `data_dir` (canonical) at `mount_point`; events go to `events`; with `durable`,
 /// syncs wait for the cold side's ack (counted in `stats`), and small writes' events are
-/// handled through `inline` when the scanner is free. A stale mount there is detached first.
+/// handled through `inline` when the scanner is free; `namespace` is the scanner's lock that
+/// each call changing the tree holds with its event. A stale mount there is detached first.
 pub fn mount(
     data_dir: &Path,
     mount_point: &Path,
     events: Sender<FsEvent>,
     durable: Option<(DurableConfig, Arc<SenderStats>)>,
-    inline: Option<InlineScan>,
+    (inline, namespace): (Option<InlineScan>, Arc<std::sync::RwLock<()>>),
 ) -> Result<FuseCapture, FuseError> {
     detach_stale(mount_point)?;
     let at = |source| FuseError::MountPoint {
@@ -116,7 +117,8 @@ pub fn mount(
         .transpose()
         .map_err(failed)?;
     let fs = passthrough::Passthrough::new(data_dir.to_owned(), events, durable, inline)
-        .map_err(failed)?;
+        .map_err(failed)?
+        .with_namespace_lock(namespace);
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         MountOption::FSName(FS_NAME.into()),

@@ -44,7 +44,9 @@ pub(super) struct Passthrough {
     pub(super) inodes: Mutex<Inodes>,
     pub(super) files: Mutex<HashMap<u64, Arc<File>>>,
     next_fh: AtomicU64,
-    pub(super) order: RwLock<()>,
+    /// Held for writing by each call that changes the tree, until its event is sent; the
+    /// scanner holds it for reading to know that none is in flight (shared with it).
+    pub(super) order: Arc<RwLock<()>>,
     events: Sender<FsEvent>,
     /// Durable acks, when `ack = "durable"`.
     pub(super) durable: Option<Durable>,
@@ -74,11 +76,17 @@ impl Passthrough {
             inodes: Mutex::new(Inodes::new(backing)),
             files: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            order: RwLock::new(()),
+            order: Arc::new(RwLock::new(())),
             events,
             inline,
             durable,
         })
+    }
+
+    /// Shares `order` with the scanner ([`crate::replicated::capture::Scanner::namespace_lock`]).
+    pub(super) fn with_namespace_lock(mut self, order: Arc<RwLock<()>>) -> Self {
+        self.order = order;
+        self
     }
 
     /// The backing path of `rel`.
