@@ -277,20 +277,24 @@ impl Scanner {
         self.send_rename(from, to, cursor);
     }
 
-    /// On the write path, once the events queued are handled: brings every path where a
-    /// rename put an entry read from the disk since the queue was last empty (and everything
-    /// below it) in line with the disk. An event is handled after its call, and reading the
+    /// On the write path, at a quiet point: brings every path where a rename put an entry
+    /// read from the disk since the last quiet point (and everything below it) in line with
+    /// the disk, files compared in full. An event is handled after its call, and reading the
     /// disk for it (a create's `check_path`) may find what later calls left there: a file
     /// swapped in through a temporary name, whose later renames then move that reading on as
-    /// if it were the entry they move. Nothing is queued now, so the disk is where the events
-    /// left it, but for a call in flight, whose own event follows and finds the table as the
-    /// disk has it. Files are compared in full. A rename of what only events built (a journal
-    /// file created, filled and renamed in separate rounds) reads nothing.
-    /// Only when no call that changes the tree is in flight (the FUSE capture's namespace
-    /// lock is free) and no event is queued: a reading marked before that point may be ahead
-    /// of a call whose event is still to come, and stays marked until then.
+    /// if it were the entry they move. A rename of what only events built reads nothing.
+    ///
+    /// A quiet point: no event queued, and no call that changes the tree in flight (the FUSE
+    /// capture's namespace lock free), so the disk is where the events handled left it. Not
+    /// quiet: the marks stay, and the loop comes back within [`super::RENAME_POLL`].
     pub(super) fn reconcile_renamed(&mut self) {
-        if !self.connected || (self.renamed.is_empty() && self.read_ahead.is_empty()) {
+        if !self.connected {
+            // (the next connection's comparison reads everything)
+            self.renamed.clear();
+            self.read_ahead.clear();
+            return;
+        }
+        if self.renamed.is_empty() && self.read_ahead.is_empty() {
             return;
         }
         let lock = self.namespace.clone();

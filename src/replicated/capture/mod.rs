@@ -506,12 +506,11 @@ impl Scanner {
                         std::thread::sleep(due.saturating_duration_since(Instant::now()));
                         s.drain_events(fs_rx);
                     }
-                    // nothing queued now: the disk is where the events handled left it (but for
-                    // a call in flight, whose event follows)
-                    s.reconcile_renamed();
                 }
                 Err(RecvTimeoutError::Disconnected) => return,
             }
+            // (after the events, or on the wake-up a reading still marked asked for)
+            s.reconcile_renamed();
             loop {
                 match ctl_rx.try_recv() {
                     Ok(ScanMsg::Stop) | Err(TryRecvError::Disconnected) => return,

@@ -431,6 +431,33 @@ fn issue12_a_create_read_after_a_swap_is_set_right_once_the_queue_is_empty() {
     assert!(r.scanner.renamed.is_empty());
 }
 
+/// A reading marked on the write path asks the loop to come back within `RENAME_POLL`; once
+/// reconciled, or once the connection is gone (the next one compares everything), the marks
+/// go and the loop sleeps until its next timer.
+#[test]
+fn issue12_marks_of_readings_ahead_do_not_keep_the_scanner_polling() {
+    let soon = || std::time::Instant::now() + Duration::from_millis(100);
+    let mut r = Rig::build(true);
+    fs::write(r.hot.join("f"), b"x").unwrap();
+    r.fs(FsEvent::Changed("f".into()));
+    assert!(
+        r.scanner.next_wake() < soon(),
+        "a marked reading is reconciled soon"
+    );
+    r.scanner.reconcile_renamed();
+    assert!(
+        r.scanner.next_wake() > soon(),
+        "reconciled: nothing to poll for"
+    );
+    r.fs(FsEvent::Changed("f".into()));
+    r.scanner.control(ScanMsg::Disconnected);
+    r.scanner.reconcile_renamed();
+    assert!(
+        r.scanner.next_wake() > soon(),
+        "disconnected: nothing to poll for"
+    );
+}
+
 /// Opens (creating) `rel` on the hot side for writing.
 fn open_hot(r: &Rig, rel: &str) -> fs::File {
     fs::OpenOptions::new()
