@@ -43,6 +43,7 @@ impl Scanner {
                 offset,
                 len,
             } => return self.wrote(&path, &file, offset, len),
+            FsEvent::Resized { path, file, edge } => return self.resized(&path, &file, edge),
             FsEvent::Changed(path) => {
                 self.open_files.forget(&path);
                 return self.check_path(&path);
@@ -100,19 +101,36 @@ impl Scanner {
         }
     }
 
-    /// The FUSE capture wrote `len` bytes at `offset` of `rel` through `file`: those pages
-    /// are compared and sent. If `rel` names another file by now (renamed or replaced since;
-    /// the events that did it follow), whatever is at `rel` now is sent in full instead.
+    /// The FUSE capture wrote `len` bytes at `offset` of `rel` through `file`: those pages,
+    /// read through `file`, are compared and sent. The capture queues each event under its
+    /// namespace lock, in call order, so at this point of the stream `rel` names that file,
+    /// whatever the path names on the disk by now (the renames since have their events still
+    /// to come): the path is never read, so nothing another file holds is read for this one.
+    /// What the file holds by now that later calls wrote is theirs to send; their events find
+    /// it sent. A file the table lacks (an entry a reading ahead lost) is compared in full.
     fn wrote(&mut self, rel: &str, file: &fs::File, offset: u64, len: u64) {
-        if let Some(meta) = self.still_names(rel, file) {
+        let Ok(meta) = file.metadata() else { return };
+        if self.table.files.contains_key(rel) {
             self.scan_range(rel, file, &meta, offset, len);
         } else {
-            self.open_files.forget(rel);
-            if self.exact_events {
-                self.read_ahead.insert(rel.to_owned());
-            }
-            self.scan_file(rel, true);
+            self.scan_range(rel, file, &meta, 0, meta.len());
         }
+    }
+
+    /// The FUSE capture set the length of `rel` through `file`, from or to `edge`, or created
+    /// it (`edge` 0): the cold side's file is cut at `edge` first, since what the file had
+    /// past it is gone (a later call may have grown the file again, to the same length), then
+    /// the rest is a write of no bytes at `edge` ([`Scanner::wrote`]). A new file is empty at
+    /// this point of the stream: it is modelled as zeros to its length now, and nothing is
+    /// read (whatever it holds by now, later calls wrote, and their events send it).
+    fn resized(&mut self, rel: &str, file: &fs::File, edge: u64) {
+        self.cut_at(rel, edge);
+        if edge > 0 && !self.table.files.contains_key(rel) {
+            // (a file the table lost: compared in full)
+            return self.wrote(rel, file, edge, 0);
+        }
+        let Ok(meta) = file.metadata() else { return };
+        self.scan_range(rel, file, &meta, edge, 0);
     }
 
     /// Whether `rel` or anything below it was read from the disk for an event since the
@@ -146,15 +164,6 @@ impl Scanner {
         self.scan_range(rel, file, meta, offset, len);
     }
 
-    /// The metadata of the file open as `file`, if `rel` still names it.
-    pub(super) fn still_names(&self, rel: &str, file: &fs::File) -> Option<fs::Metadata> {
-        use std::os::unix::fs::MetadataExt;
-        match (fs::symlink_metadata(self.root.join(rel)), file.metadata()) {
-            (Ok(a), Ok(b)) if a.ino() == b.ino() && a.dev() == b.dev() => Some(b),
-            _ => None,
-        }
-    }
-
     /// "Moved from" events whose pair did not come in time: moved out of the tree, so gone.
     pub(super) fn expire_renames(&mut self) {
         let now = Instant::now();
@@ -169,13 +178,11 @@ impl Scanner {
     }
 
     /// A rename inside the tree: moves the table's entries and sends the rename, after the
-    /// data the file had under its old name. On the write path `to` is also noted for
-    /// [`Scanner::reconcile_renamed`].
+    /// data the file had under its old name (the watch capture's events; the write path's
+    /// are [`Scanner::rename_exact`]'s).
     pub(super) fn rename(&mut self, from: &str, to: &str) {
-        if self.exact_events && self.read_ahead_at(from) {
-            // what the table has at `from` may have been read ahead of this rename
-            self.renamed.insert(to.to_owned());
-            self.read_ahead.insert(to.to_owned());
+        if self.exact_events {
+            return self.rename_exact(from, to);
         }
         if !self.beneath(to) {
             // `to` is below a directory that is gone or moved since (the watcher names a
@@ -195,10 +202,7 @@ impl Scanner {
         } else if self.table.dirs.contains_key(from) && is_dir {
             self.rename_dir(from, to);
         } else if let Some(link) = self.table.links.get(from).cloned() {
-            // moved as it is; check_path then sends what differs (a retarget), but not on the
-            // write path: there every later change is an event of its own, and what is at
-            // `to` by now may be what a later rename put there (a swap), which this one would
-            // model here and the later one move on as if it were the link
+            // moved as it is; check_path then sends what differs (a retarget)
             self.clear_target(to, false);
             self.forget_target(to);
             self.table.links.remove(from);
@@ -207,13 +211,49 @@ impl Scanner {
                 from: from.to_owned(),
                 to: to.to_owned(),
             });
-            if !self.exact_events {
-                self.check_path(to);
-            }
+            self.check_path(to);
         } else {
             self.check_path(from);
             self.check_path(to);
         }
+    }
+
+    /// A rename on the write path, decided by the table alone: the call succeeded, so at
+    /// this point of the stream `from` was what the table has there and `to`'s parents were
+    /// directories, whatever the disk holds by now (reading it for the kind of entry at `to`
+    /// found what later calls put there: a directory renamed on and another made in its
+    /// place was taken for a replacement, and the cold side kept the old one's entries).
+    /// Where the table's entry was read from the disk ahead of this rename, or is missing
+    /// (lost to such a reading), `to` is noted for [`Scanner::reconcile_renamed`].
+    fn rename_exact(&mut self, from: &str, to: &str) {
+        if self.read_ahead_at(from) || !self.known(from) {
+            self.renamed.insert(to.to_owned());
+            self.read_ahead.insert(to.to_owned());
+        }
+        if let Some(state) = self.table.files.get(from).cloned() {
+            self.ensure_parents(to);
+            self.rename_file(from, to, state);
+        } else if self.table.dirs.contains_key(from) {
+            self.ensure_parents(to);
+            self.rename_dir(from, to);
+        } else if let Some(link) = self.table.links.remove(from) {
+            // moved as it is: every later change to it is an event of its own
+            self.ensure_parents(to);
+            self.clear_target(to, false);
+            self.forget_target(to);
+            self.table.links.insert(to.to_owned(), link);
+            self.push(Op::Rename {
+                from: from.to_owned(),
+                to: to.to_owned(),
+            });
+        }
+    }
+
+    /// Whether the table has an entry (file, directory or symlink) at `rel`.
+    fn known(&self, rel: &str) -> bool {
+        self.table.files.contains_key(rel)
+            || self.table.dirs.contains_key(rel)
+            || self.table.links.contains_key(rel)
     }
 
     /// Sends the file's changes under its old name first (read from its new name), then the
@@ -317,18 +357,13 @@ impl Scanner {
 
     /// `rel` and everything below it as the disk has them now.
     fn reconcile(&mut self, rel: &str) {
-        let known = |s: &Self, k: &str| {
-            s.table.files.contains_key(k)
-                || s.table.dirs.contains_key(k)
-                || s.table.links.contains_key(k)
-        };
         let on_disk = self
             .beneath(rel)
             .then(|| fs::symlink_metadata(self.root.join(rel)).ok())
             .flatten();
         let Some(m) = on_disk else {
             // (gone since, by a later rename whose event found it: nothing to remove twice)
-            if known(self, rel) {
+            if self.known(rel) {
                 self.remove(rel);
             }
             return;
@@ -357,7 +392,7 @@ impl Scanner {
                     .collect();
                 for g in gone {
                     // (not again below a directory found gone just before)
-                    if known(self, &g) {
+                    if self.known(&g) {
                         self.check_path(&g);
                     }
                 }

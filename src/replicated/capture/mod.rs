@@ -205,12 +205,13 @@ impl InlineScan {
             return Err(ev);
         };
         // Only the write's own pages, in one batch, with room for it: the FUSE thread never
-        // blocks, nor hashes a whole file, while it holds the scanner. (A path that names
-        // another file by now was changed behind the mount; the scanner thread rehashes it.)
-        if !s.idle_for_inline() || s.out.capacity() == 0 {
+        // blocks, nor hashes a whole file, while it holds the scanner. (A file the table
+        // lacks is compared in full: the scanner thread's work.) The call holds the
+        // ordering lock, so `path` names `file`: the path is not looked at.
+        if !s.idle_for_inline() || s.out.capacity() == 0 || !s.table.files.contains_key(path) {
             return Err(ev);
         }
-        let Some(meta) = s.still_names(path, file) else {
+        let Ok(meta) = file.metadata() else {
             return Err(ev);
         };
         let handled = s.handled;

@@ -209,7 +209,9 @@ impl Scanner {
     /// Drops the pre-hashes an event may have made stale.
     pub(super) fn prehash_forget(&mut self, ev: &FsEvent) {
         match ev {
-            FsEvent::Wrote { path, .. } | FsEvent::Changed(path) => self.prehash.forget(path),
+            FsEvent::Wrote { path, .. }
+            | FsEvent::Resized { path, .. }
+            | FsEvent::Changed(path) => self.prehash.forget(path),
             FsEvent::Renamed { .. } | FsEvent::Event(_) | FsEvent::Rescan(_) => {
                 self.prehash.clear();
             }

@@ -190,7 +190,8 @@ impl Scanner {
                 let ps = self.page_size as u64;
                 self.record.wrote(path, meta, *offset, *len, ps);
             }
-            FsEvent::Changed(path) => self.record.forget(path),
+            // (its length is not what the record's writes make it)
+            FsEvent::Changed(path) | FsEvent::Resized { path, .. } => self.record.forget(path),
             FsEvent::Renamed { .. } | FsEvent::Event(_) | FsEvent::Rescan(_) => {
                 self.record.clear();
             }

@@ -398,6 +398,40 @@ impl Scanner {
         }
     }
 
+    /// The file at `rel` ends at `edge` at this point of the stream (the FUSE capture's
+    /// length change, [`FsEvent::Resized`]): the table's entry, and the cold side's file, are
+    /// cut there when longer. The page the cut leaves partial is unknown until compared.
+    ///
+    /// [`FsEvent::Resized`]: crate::replicated::capture::watch::FsEvent::Resized
+    pub(super) fn cut_at(&mut self, rel: &str, edge: u64) {
+        let ps = self.page_size as u64;
+        let Some(entry) = self.table.files.get_mut(rel) else {
+            return;
+        };
+        let Ok(pages) = usize::try_from(edge.div_ceil(ps)) else {
+            return;
+        };
+        if entry.len <= edge {
+            return;
+        }
+        entry.pages.truncate(pages);
+        if !edge.is_multiple_of(ps) {
+            if let Some(last) = entry.pages.last_mut() {
+                *last = INVALID;
+            }
+        }
+        entry.len = edge;
+        let mode = entry.attrs.mode;
+        if let Some(c) = self.cursors.get_mut(rel) {
+            *c = (*c).min(pages);
+        }
+        self.push(Op::SetFile {
+            path: rel.to_owned(),
+            len: edge,
+            mode,
+        });
+    }
+
     /// Empties the file on the cold side (it regrows sparse with the next `SetFile`), and
     /// models it empty: what the cold side had allocated is gone.
     fn regrow_sparse(&mut self, rel: &str, mode: u32) {

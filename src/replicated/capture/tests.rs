@@ -188,8 +188,8 @@ fn issue15_a_new_allocated_file_is_allocated_after_its_pages() {
     );
 }
 
-/// The FUSE capture's length change (`setattr` with a size): a `Wrote` of no bytes at the
-/// shorter of the old and new lengths. A new journal file grown to its size (as Artemis makes
+/// The FUSE capture's length change (`setattr` with a size): a `Resized` at the shorter of
+/// the old and new lengths. A new journal file grown to its size (as Artemis makes
 /// them) sends its length and none of the zeros it gained; a file cut into a page sends the
 /// length and the page it now ends in. The cold copy is exact after each, and nothing is left
 /// to rehash later (a `Changed` compared the whole file, or left it dirty).
@@ -205,16 +205,19 @@ fn issue12_a_length_change_through_the_mount_reads_only_the_partial_page() {
             .open(r.hot.join(REL))
             .unwrap(),
     );
-    r.fs(FsEvent::Changed(REL.into()));
+    r.fs(FsEvent::Resized {
+        path: REL.into(),
+        file: file.clone(),
+        edge: 0,
+    });
     let resize = |r: &mut Rig, new_len: u64| {
         let old = file.metadata().unwrap().len();
         file.set_len(new_len).unwrap();
         let sent = r.sent;
-        r.fs(FsEvent::Wrote {
+        r.fs(FsEvent::Resized {
             path: REL.into(),
             file: file.clone(),
-            offset: old.min(new_len),
-            len: 0,
+            edge: old.min(new_len),
         });
         assert!(r.same(), "after set_len({new_len})");
         r.sent - sent
@@ -238,6 +241,99 @@ fn issue12_a_length_change_through_the_mount_reads_only_the_partial_page() {
         "{sent} bytes for a file cut into its third page"
     );
     assert!(r.scanner.dirty.is_empty(), "nothing to rehash later");
+}
+
+/// A file cut short and grown again (to the same length, as `ftruncate(0)` then a write at
+/// its old end does) before the scanner hears of either call: what the cut dropped is zeros
+/// on the hot side, and must be on the cold side too, though no write touched it and the
+/// file's length ends as it was.
+#[test]
+fn issue12_a_cut_that_a_later_write_regrows_before_its_event_is_handled_zeroes_the_cold_copy() {
+    const REL: &str = "j.amq";
+    const LEN: u64 = 16 * 512;
+    let mut r = Rig::build(true);
+    let file = std::sync::Arc::new(new_shared_file(&r.hot.join(REL)));
+    r.fs(FsEvent::Resized {
+        path: REL.into(),
+        file: file.clone(),
+        edge: 0,
+    });
+    // its first half written, the rest a hole (not fully allocated: a file that lost blocks
+    // is resent whole anyway, which would hide the miss)
+    file.set_len(LEN).unwrap();
+    r.fs(FsEvent::Resized {
+        path: REL.into(),
+        file: file.clone(),
+        edge: 0,
+    });
+    file.write_all_at(&[9u8; 8 * 512], 0).unwrap();
+    r.fs(FsEvent::Wrote {
+        path: REL.into(),
+        file: file.clone(),
+        offset: 0,
+        len: LEN / 2,
+    });
+    assert!(r.same());
+    // both calls made before either event is handled
+    file.set_len(0).unwrap();
+    file.write_all_at(&[5u8; 512], LEN - 512).unwrap();
+    r.fs(FsEvent::Resized {
+        path: REL.into(),
+        file: file.clone(),
+        edge: 0,
+    });
+    r.fs(FsEvent::Wrote {
+        path: REL.into(),
+        file: file.clone(),
+        offset: LEN - 512,
+        len: 512,
+    });
+    assert!(
+        r.same(),
+        "the pages the cut dropped are zeros on the cold side"
+    );
+    assert_eq!(r.sent, 9 * 512, "the write's page sent, not the file");
+}
+
+/// Events read through the writer's handle, never the path: a file created, written and
+/// renamed away, with another file put at its name, all before the scanner hears of the
+/// create, is sent as itself under its first name, then renamed; the other file comes
+/// with its own events. Reading the path read the other file for the create, and the
+/// rename then carried that reading to the first file's new name until a quiet point.
+#[test]
+fn issue12_a_create_and_a_write_are_read_through_their_handle_not_their_path() {
+    let mut r = Rig::build(true);
+    let first = std::sync::Arc::new(new_shared_file(&r.hot.join("a.tmp")));
+    first.write_all_at(&[1u8; 3000], 0).unwrap();
+    fs::rename(r.hot.join("a.tmp"), r.hot.join("a")).unwrap();
+    let second = std::sync::Arc::new(new_shared_file(&r.hot.join("a.tmp")));
+    second.write_all_at(&[2u8; 700], 0).unwrap();
+    let resized = |path: &str, file: &std::sync::Arc<fs::File>| FsEvent::Resized {
+        path: path.into(),
+        file: file.clone(),
+        edge: 0,
+    };
+    let wrote = |file: &std::sync::Arc<fs::File>, len| FsEvent::Wrote {
+        path: "a.tmp".into(),
+        file: file.clone(),
+        offset: 0,
+        len,
+    };
+    r.scanner.fs_event(resized("a.tmp", &first));
+    r.scanner.fs_event(wrote(&first, 3000));
+    r.scanner.fs_event(FsEvent::Renamed {
+        from: "a.tmp".into(),
+        to: "a".into(),
+    });
+    assert!(
+        r.scanner.renamed.is_empty() && r.scanner.read_ahead.is_empty(),
+        "nothing was read through a path: nothing to set right later"
+    );
+    r.scanner.fs_event(resized("a.tmp", &second));
+    r.scanner.fs_event(wrote(&second, 700));
+    r.pump();
+    assert!(r.same());
+    assert_eq!(r.sent, 3000 + 700, "each file's bytes sent once");
 }
 
 #[test]
@@ -429,6 +525,43 @@ fn issue12_a_create_read_after_a_swap_is_set_right_once_the_queue_is_empty() {
         "the created file's content is not where the hot side has it"
     );
     assert!(r.scanner.renamed.is_empty());
+}
+
+/// Found by the exact-copy property test through the FUSE mount: a directory renamed twice
+/// (onto an empty directory made ahead of it) and another made at its first name, all
+/// before the first rename's event is read. That rename looked at the disk for the kind of
+/// entry at its target, found none (renamed on since), took the table's directory for
+/// stale, and read the new, empty one at its old name instead: the cold side kept the old
+/// directory's entries there.
+#[test]
+fn issue12_a_directory_renamed_on_before_its_event_is_read_is_moved_by_the_table() {
+    let mut r = Rig::build(true);
+    for dir in ["d", "e"] {
+        fs::create_dir(r.hot.join(dir)).unwrap();
+    }
+    std::os::unix::fs::symlink("..", r.hot.join("d/b")).unwrap();
+    r.fs_all(vec![
+        FsEvent::Changed("d".into()),
+        FsEvent::Changed("d/b".into()),
+        FsEvent::Changed("e".into()),
+    ]);
+    assert!(r.same());
+    fs::create_dir(r.hot.join("e/a")).unwrap();
+    fs::rename(r.hot.join("d"), r.hot.join("c")).unwrap();
+    fs::rename(r.hot.join("c"), r.hot.join("e/a")).unwrap();
+    fs::create_dir(r.hot.join("d")).unwrap();
+    let renamed = |from: &str, to: &str| FsEvent::Renamed {
+        from: from.into(),
+        to: to.into(),
+    };
+    r.fs_all(vec![
+        FsEvent::Changed("e/a".into()),
+        renamed("d", "c"),
+        renamed("c", "e/a"),
+        FsEvent::Changed("d".into()),
+    ]);
+    assert!(r.same(), "the cold side kept entries the hot one moved");
+    assert!(!r.cold.join("d/b").exists());
 }
 
 /// A reading marked on the write path asks the loop to come back within `RENAME_POLL`; once
@@ -1564,18 +1697,17 @@ fn issue12_a_small_durable_write_is_handled_on_its_own_thread_only_in_its_place(
         crate::replicated::pages::index_tree(&hot, 512).unwrap(),
         crate::replicated::pages::index_tree(&cold, 512).unwrap()
     );
-    // a path that names another file by now (changed behind the mount) is left to the
-    // scanner thread, which hashes whatever is there in full
+    // a file the table lacks is left to the scanner thread, which compares it in full
     apply_waiting(&mut rx, &mut applier, &mut seq);
-    fs::rename(hot.join("journal"), hot.join("moved")).unwrap();
-    fs::write(hot.join("journal"), b"another file").unwrap();
-    let stale = FsEvent::Wrote {
-        path: "journal".into(),
-        file: file.clone(),
+    let other = Arc::new(new_shared_file(&hot.join("other")));
+    other.write_all_at(&[7; 10], 0).unwrap();
+    let unknown = FsEvent::Wrote {
+        path: "other".into(),
+        file: other.clone(),
         offset: 0,
         len: 10,
     };
-    assert!(inline.try_handle(stale).is_err());
+    assert!(inline.try_handle(unknown).is_err());
     drop(ctl);
     scanner.join().unwrap();
 }

@@ -44,8 +44,17 @@ pub enum FsEvent {
         offset: u64,
         len: u64,
     },
+    /// From the FUSE capture: the length of the file at `path` (relative) was set through
+    /// `file`, from or to `edge` (the shorter of the old and new lengths), or the file was
+    /// created (`edge` 0). At that point of the stream the file ends at `edge`, with zeros
+    /// after it up to its new length, whatever it holds by the time the event is handled.
+    Resized {
+        path: String,
+        file: Arc<File>,
+        edge: u64,
+    },
     /// From the FUSE capture: the entry at `path` (relative) was created or removed, or its
-    /// attributes (length, mode, owner, times) changed.
+    /// attributes (mode, owner, times) changed.
     Changed(String),
     /// From the FUSE capture: `from` was renamed to `to` (relative paths).
     Renamed { from: String, to: String },

@@ -124,12 +124,12 @@ impl Passthrough {
 
     /// `setattr`: length (through the caller's handle when it has one), owner, mode, times,
     /// in that order (a chown may clear set-id bits the mode then sets). A new length that
-    /// took, with nothing else failing, is queued as a `Wrote` of no bytes at the shorter of the
-    /// old and new lengths: the scanner models the length, owner and mode, and compares only
-    /// the page the change left partial. Bytes a longer length adds are zeros on both sides
-    /// (the cold side's `SetFile` extends the same way), so nothing reads them; a `Changed`
-    /// made the scanner read and compare the whole file from its start (10 MiB for each of
-    /// Artemis' new journal files). Anything else is queued as a `Changed`.
+    /// took, with nothing else failing, is queued as a `Resized` at the shorter of the old and
+    /// new lengths: the scanner cuts the file there, models the length, owner and mode, and
+    /// compares only the page the change left partial. Bytes a longer length adds are zeros
+    /// on both sides (the cold side's `SetFile` extends the same way), so nothing reads them;
+    /// a `Changed` made the scanner read and compare the whole file from its start (10 MiB
+    /// for each of Artemis' new journal files). Anything else is queued as a `Changed`.
     pub(super) fn set_attrs(
         &self,
         _req: &Request,
@@ -166,11 +166,10 @@ impl Passthrough {
             Ok(())
         })();
         match (&result, resized) {
-            (Ok(()), Some((file, edge))) => self.send(FsEvent::Wrote {
+            (Ok(()), Some((file, edge))) => self.send(FsEvent::Resized {
                 path: rel,
                 file,
-                offset: edge,
-                len: 0,
+                edge,
             }),
             // a part may have been applied before a failure: the scanner looks and sends what is
             _ => self.send(FsEvent::Changed(rel)),

@@ -8,6 +8,7 @@ use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::sync::Arc;
 
 use fuser::{Errno, FileAttr, INodeNo, RenameFlags, Request};
 
@@ -56,8 +57,16 @@ impl Passthrough {
     }
 
     /// After a new entry at `rel`: its owner and exact mode (`None` for a symlink, which has
-    /// none), then its event and attributes. A failure removes what was made.
-    fn finish_new(&self, req: &Request, rel: &str, mode: Option<u32>) -> Res<FileAttr> {
+    /// none), then its event and attributes. A failure removes what was made. A file made
+    /// open (`file`) is queued as resized from nothing, so the scanner reads it through that
+    /// handle, never through a path a later rename may have given another file.
+    fn finish_new(
+        &self,
+        req: &Request,
+        rel: &str,
+        mode: Option<u32>,
+        file: Option<&Arc<File>>,
+    ) -> Res<FileAttr> {
         let abs = self.abs(rel);
         let parent = abs.parent().unwrap_or(&abs).to_owned();
         let result = (|| {
@@ -70,7 +79,14 @@ impl Passthrough {
         })();
         match result {
             Ok(a) => {
-                self.send(FsEvent::Changed(rel.to_owned()));
+                self.send(match file {
+                    Some(file) => FsEvent::Resized {
+                        path: rel.to_owned(),
+                        file: file.clone(),
+                        edge: 0,
+                    },
+                    None => FsEvent::Changed(rel.to_owned()),
+                });
                 Ok(a)
             }
             Err(e) => {
@@ -95,7 +111,7 @@ impl Passthrough {
         let _order = self.order.write().expect("order lock");
         let rel = self.child_of(parent, name)?;
         sys::mknod(&self.abs(&rel), mode, rdev)?;
-        self.finish_new(req, &rel, Some(mode))
+        self.finish_new(req, &rel, Some(mode), None)
     }
 
     pub(super) fn make_dir(
@@ -108,7 +124,7 @@ impl Passthrough {
         let _order = self.order.write().expect("order lock");
         let rel = self.child_of(parent, name)?;
         fs::create_dir(self.abs(&rel))?;
-        self.finish_new(req, &rel, Some(mode))
+        self.finish_new(req, &rel, Some(mode), None)
     }
 
     pub(super) fn make_symlink(
@@ -121,7 +137,7 @@ impl Passthrough {
         let _order = self.order.write().expect("order lock");
         let rel = self.child_of(parent, name)?;
         std::os::unix::fs::symlink(target, self.abs(&rel))?;
-        self.finish_new(req, &rel, None)
+        self.finish_new(req, &rel, None, None)
     }
 
     /// `create`: a new file, opened; or, without `O_EXCL`, the existing one opened as it is.
@@ -137,19 +153,23 @@ impl Passthrough {
         let rel = self.child_of(parent, name)?;
         let abs = self.abs(&rel);
         let file = match open_backing(&abs, flags, Some(mode)) {
-            Ok(f) => f,
+            Ok(f) => Arc::new(f),
             Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {
-                let f = open_backing(&abs, flags, None)?;
+                let f = Arc::new(open_backing(&abs, flags, None)?);
                 if flags & libc::O_TRUNC != 0 && f.metadata()?.len() > 0 {
                     f.set_len(0)?;
-                    self.send(FsEvent::Changed(rel.clone()));
+                    self.send(FsEvent::Resized {
+                        path: rel.clone(),
+                        file: f.clone(),
+                        edge: 0,
+                    });
                 }
                 let attr = self.entry(&rel)?;
                 return Ok((attr, self.keep(f)));
             }
             Err(e) => return Err(e),
         };
-        let attr = self.finish_new(req, &rel, Some(mode))?;
+        let attr = self.finish_new(req, &rel, Some(mode), Some(&file))?;
         Ok((attr, self.keep(file)))
     }
 

@@ -136,12 +136,12 @@ impl Passthrough {
     }
 
     /// Keeps an open backing file; its handle for the kernel.
-    pub(super) fn keep(&self, file: File) -> u64 {
+    pub(super) fn keep(&self, file: impl Into<Arc<File>>) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.files
             .lock()
             .expect("file table")
-            .insert(fh, Arc::new(file));
+            .insert(fh, file.into());
         fh
     }
 
