@@ -509,23 +509,34 @@ fn every_change_converges(via: Via) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(24);
+    // Each sequence starts from the tree the ones before it left: a failing sequence is
+    // shown with that tree, and never shrunk (its shrunk forms would start from the tree
+    // the failure left, which is no longer the hot one).
     let mut runner = TestRunner::new(Config {
         cases,
-        max_shrink_iters: 16,
+        max_shrink_iters: 0,
         failure_persistence: None,
         ..Config::default()
     });
     let root = node_dir(&p, via);
     let started_at = Instant::now();
+    let first_failure = std::cell::RefCell::new(None::<String>);
     let result = runner.run(&prop::collection::vec(step(), 1..14), |steps| {
+        let before = tree(&p.hot.data);
         for s in &steps {
             apply_step(&root, s);
         }
-        converge(&p, Duration::from_secs(15)).map_err(TestCaseError::fail)?;
+        converge(&p, Duration::from_secs(15)).map_err(|e| {
+            first_failure.borrow_mut().get_or_insert_with(|| {
+                format!("{e}\nthe sequence: {steps:?}\nthe hot tree before it: {before:#?}")
+            });
+            TestCaseError::fail(e)
+        })?;
         Ok(())
     });
     if let Err(e) = result {
-        panic!("{e}\n{}", p.logs());
+        let first = first_failure.borrow_mut().take().unwrap_or_default();
+        panic!("{e}\n{first}\n{}", p.logs());
     }
     eprintln!(
         "{cases} random sequences ({via:?}) converged in {:?}",
