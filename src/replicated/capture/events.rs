@@ -121,16 +121,29 @@ impl Scanner {
     /// it (`edge` 0): the cold side's file is cut at `edge` first, since what the file had
     /// past it is gone (a later call may have grown the file again, to the same length), then
     /// the rest is a write of no bytes at `edge` ([`Scanner::wrote`]). A new file is empty at
-    /// this point of the stream: it is modelled as zeros to its length now, and nothing is
-    /// read (whatever it holds by now, later calls wrote, and their events send it).
+    /// this point of the stream, and modelled so: nothing is read, and neither its length nor
+    /// its blocks by now are sent (later calls gave it those, and their events send them; a
+    /// file already filled when its create was read had the cold side allocate its blocks,
+    /// free them at the length change's cut, and allocate them again for the writes).
     fn resized(&mut self, rel: &str, file: &fs::File, edge: u64) {
         self.cut_at(rel, edge);
-        if edge > 0 && !self.table.files.contains_key(rel) {
-            // (a file the table lost: compared in full)
-            return self.wrote(rel, file, edge, 0);
-        }
         let Ok(meta) = file.metadata() else { return };
-        self.scan_range(rel, file, &meta, edge, 0);
+        if let Some(entry) = self.table.files.get_mut(rel) {
+            // Blocks as the cold side has them after the change: what a longer length adds is
+            // a hole there as here. Blocks later writes gave the file since are their events'
+            // to model, after their pages (an `Allocate` modelled here came before them, and
+            // the cold side zeroed blocks the writes then overwrote).
+            if meta.len() > entry.len {
+                entry.allocated = false;
+            }
+            let allocated = entry.allocated;
+            self.scan_range_as(rel, file, &meta, (edge, 0), allocated);
+        } else if edge == 0 {
+            self.model_new_file(rel, crate::replicated::pages::Attrs::of(&meta));
+        } else {
+            // (a file the table lost: compared in full)
+            self.scan_range(rel, file, &meta, 0, meta.len());
+        }
     }
 
     /// Whether `rel` or anything below it was read from the disk for an event since the

@@ -359,6 +359,20 @@ impl Scanner {
         offset: u64,
         len: u64,
     ) {
+        self.scan_range_as(rel, file, meta, (offset, len), fully_allocated(meta));
+    }
+
+    /// [`Scanner::scan_range`] of the `(offset, len)` range, with the file's allocation taken
+    /// as `allocated` instead of from `meta` (a length change models the blocks the cold side
+    /// has after it, not the ones later writes gave the file since).
+    pub(super) fn scan_range_as(
+        &mut self,
+        rel: &str,
+        file: &File,
+        meta: &fs::Metadata,
+        (offset, len): (u64, u64),
+        allocated: bool,
+    ) {
         if self.table.dirs.contains_key(rel) || self.table.links.contains_key(rel) {
             self.remove(rel); // a directory or symlink became a file
         }
@@ -372,7 +386,7 @@ impl Scanner {
             tracing::warn!(file = rel, "too large to scan on this platform");
             return;
         };
-        let (attrs, allocated) = (Attrs::of(meta), fully_allocated(meta));
+        let attrs = Attrs::of(meta);
         // a file that lost blocks is regrown sparse by model_set_file: all of it is resent
         let regrown =
             !allocated && meta.len() > 0 && self.table.files.get(rel).is_some_and(|e| e.allocated);
@@ -396,6 +410,17 @@ impl Scanner {
         if let Some(c) = pass.last_changed {
             self.cursors.insert(rel.to_owned(), c);
         }
+    }
+
+    /// An empty file at `rel` with `attrs` (a create on the write path), replacing a
+    /// directory or symlink the table has there.
+    pub(super) fn model_new_file(&mut self, rel: &str, attrs: Attrs) {
+        if self.table.dirs.contains_key(rel) || self.table.links.contains_key(rel) {
+            self.remove(rel);
+        }
+        self.ensure_parents(rel);
+        let (_, allocate) = self.model_set_file(rel, 0, attrs, false, 0);
+        debug_assert!(allocate.is_none(), "an empty file has no blocks");
     }
 
     /// The file at `rel` ends at `edge` at this point of the stream (the FUSE capture's

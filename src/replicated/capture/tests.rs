@@ -295,6 +295,52 @@ fn issue12_a_cut_that_a_later_write_regrows_before_its_event_is_handled_zeroes_t
     assert_eq!(r.sent, 9 * 512, "the write's page sent, not the file");
 }
 
+/// A create read after the file was grown and filled (`append_max`'s rotations, when the
+/// scanner is a few writes behind): the new file is modelled empty, as it was at the create,
+/// so the cold side neither allocates its blocks for the length change's cut to free them
+/// (seen as `shmem_fallocate` and `shmem_setattr` in the cold agent's profile) nor cuts it;
+/// and the length change models the hole it made, so the blocks are allocated after the
+/// pages, not zeroed for the writes to overwrite.
+#[test]
+fn issue12_a_create_read_after_the_file_was_filled_sends_no_length_it_takes_back() {
+    const LEN: u64 = 16 * 512;
+    let mut r = Rig::build(true);
+    let file = std::sync::Arc::new(new_shared_file(&r.hot.join("j.tmp")));
+    file.set_len(LEN).unwrap();
+    file.write_all_at(&[4u8; 16 * 512], 0).unwrap();
+    r.fs_all(vec![
+        FsEvent::Resized {
+            path: "j.tmp".into(),
+            file: file.clone(),
+            edge: 0,
+        },
+        FsEvent::Resized {
+            path: "j.tmp".into(),
+            file: file.clone(),
+            edge: 0,
+        },
+        FsEvent::Wrote {
+            path: "j.tmp".into(),
+            file: file.clone(),
+            offset: 0,
+            len: LEN,
+        },
+    ]);
+    assert!(r.same());
+    let kinds: Vec<&str> = r.applied.iter().map(|(k, _)| *k).collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "set_file").count(),
+        2,
+        "created empty, then grown once: {kinds:?}"
+    );
+    // and its blocks are allocated after its pages are written, not zeroed before
+    assert_eq!(
+        kinds.iter().filter(|k| **k != "other").collect::<Vec<_>>(),
+        [&"set_file", &"set_file", &"write", &"allocate"]
+    );
+    assert_eq!(r.sent, usize::try_from(LEN).unwrap());
+}
+
 /// Events read through the writer's handle, never the path: a file created, written and
 /// renamed away, with another file put at its name, all before the scanner hears of the
 /// create, is sent as itself under its first name, then renamed; the other file comes
