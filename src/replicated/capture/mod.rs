@@ -282,6 +282,9 @@ pub(crate) struct Scanner {
     gen: u64,
     connected: bool,
     ops: Vec<Op>,
+    /// Write-path events: the `Allocate`s modelled this round, queued after the round's
+    /// other writes (see [`Scanner::push`]).
+    allocations: Vec<Op>,
     data: usize,
     /// Batches flushed so far (a rename tells by it whether its scan went out in part).
     flushes: u64,
@@ -380,6 +383,7 @@ impl Scanner {
             gen: 0,
             connected: false,
             ops: Vec::new(),
+            allocations: Vec::new(),
             data: 0,
             flushes: 0,
             last_send: Instant::now(),
@@ -537,6 +541,7 @@ impl Scanner {
             && self.compared
             && self.walk.is_none()
             && self.ops.is_empty()
+            && self.allocations.is_empty()
             && self.renamed.is_empty()
     }
 
@@ -617,6 +622,7 @@ impl Scanner {
                 self.connected = false;
                 self.tracking = false;
                 self.ops.clear();
+                self.allocations.clear();
                 self.data = 0;
             }
             ScanMsg::Verify(reply) => self.verify(reply),
@@ -652,6 +658,7 @@ impl Scanner {
         self.renamed.clear();
         self.read_ahead.clear();
         self.ops.clear();
+        self.allocations.clear();
         self.data = 0;
         if let Some(st) = &self.stats {
             st.emitted.store(0, Ordering::Release);
@@ -738,7 +745,31 @@ impl Scanner {
     /// Adds an op to the batch; a batch that reaches [`BATCH_DATA_BYTES`] of encoded ops
     /// (page data, or metadata alone: 200,000 files to create) is sent at once, so no batch
     /// comes near the frame limit whatever the number of files.
+    ///
+    /// On the write path a file's `Allocate` waits for the end of the round of events (the
+    /// next [`Scanner::flush`]), with only writes let past it: the events of a file filled
+    /// before the scanner read them each find it allocated, and the cold side, given the
+    /// allocation after the first write, zeroed the blocks the others then overwrote. Any
+    /// other op (a length, a rename, a removal) goes after it, as it was modelled.
     fn push(&mut self, op: Op) {
+        if self.exact_events {
+            match op {
+                Op::Allocate { .. } => return self.allocations.push(op),
+                Op::Write { .. } => {}
+                _ => self.push_allocations(),
+            }
+        }
+        self.push_now(op);
+    }
+
+    /// Queues the allocations held back (see [`Scanner::push`]).
+    fn push_allocations(&mut self) {
+        for op in std::mem::take(&mut self.allocations) {
+            self.push_now(op);
+        }
+    }
+
+    fn push_now(&mut self, op: Op) {
         if self.ops.is_empty() {
             self.change_found();
         }
@@ -747,8 +778,14 @@ impl Scanner {
         self.flush_if_full();
     }
 
-    /// Sends the ops so far as one batch.
+    /// Sends the ops so far as one batch, the allocations held back last.
     fn flush(&mut self) {
+        self.push_allocations();
+        self.send_batch();
+    }
+
+    /// Sends the ops so far as one batch.
+    fn send_batch(&mut self) {
         if self.ops.is_empty() || !self.connected {
             return;
         }
@@ -774,7 +811,7 @@ impl Scanner {
     /// Sends the ops so far once they make a batch's worth of bytes.
     fn flush_if_full(&mut self) {
         if self.data >= BATCH_DATA_BYTES {
-            self.flush();
+            self.send_batch();
         }
     }
 }

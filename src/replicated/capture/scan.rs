@@ -636,7 +636,7 @@ impl Scanner {
             }
             if self.data + pass.run_bytes() >= BATCH_DATA_BYTES {
                 self.queue_run(rel, pass.run.take());
-                self.flush();
+                self.send_batch();
             }
             if !pass.full
                 && pass.last_changed.is_none()
