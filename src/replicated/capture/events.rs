@@ -48,6 +48,26 @@ impl Scanner {
                 self.open_files.forget(&path);
                 return self.check_path(&path);
             }
+            // what the call did, exactly: the disk is not read (by now it may hold what later
+            // calls made there)
+            FsEvent::Removed(path) => {
+                self.open_files.forget(&path);
+                return self.remove(&path);
+            }
+            FsEvent::MadeDir { path, attrs } => {
+                self.open_files.forget(&path);
+                self.ensure_parents(&path);
+                return self.model_dir(&path, attrs);
+            }
+            FsEvent::Linked {
+                path,
+                target,
+                attrs,
+            } => {
+                self.open_files.forget(&path);
+                return self.model_link(&path, target, attrs);
+            }
+            FsEvent::AttrsSet { path, attrs } => return self.model_attrs(&path, attrs),
             FsEvent::Sync(reply) => {
                 // everything before it goes out now; the network task answers on its ack
                 self.flush();

@@ -211,7 +211,11 @@ impl Scanner {
         match ev {
             FsEvent::Wrote { path, .. }
             | FsEvent::Resized { path, .. }
-            | FsEvent::Changed(path) => self.prehash.forget(path),
+            | FsEvent::Changed(path)
+            | FsEvent::Removed(path)
+            | FsEvent::MadeDir { path, .. }
+            | FsEvent::Linked { path, .. }
+            | FsEvent::AttrsSet { path, .. } => self.prehash.forget(path),
             FsEvent::Renamed { .. } | FsEvent::Event(_) | FsEvent::Rescan(_) => {
                 self.prehash.clear();
             }

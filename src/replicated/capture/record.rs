@@ -191,7 +191,12 @@ impl Scanner {
                 self.record.wrote(path, meta, *offset, *len, ps);
             }
             // (its length is not what the record's writes make it)
-            FsEvent::Changed(path) | FsEvent::Resized { path, .. } => self.record.forget(path),
+            FsEvent::Changed(path)
+            | FsEvent::Removed(path)
+            | FsEvent::MadeDir { path, .. }
+            | FsEvent::Linked { path, .. }
+            | FsEvent::AttrsSet { path, .. }
+            | FsEvent::Resized { path, .. } => self.record.forget(path),
             FsEvent::Renamed { .. } | FsEvent::Event(_) | FsEvent::Rescan(_) => {
                 self.record.clear();
             }

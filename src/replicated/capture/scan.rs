@@ -145,11 +145,16 @@ impl Scanner {
             Ok(None) => return,
             Err(_) => return self.remove(rel),
         };
+        self.model_link(rel, target, Attrs::of(meta));
+    }
+
+    /// Queues what makes the table's `rel` a symlink to `target` owned as `attrs`, replacing
+    /// whatever the table had there.
+    pub(super) fn model_link(&mut self, rel: &str, target: String, attrs: Attrs) {
         if self.table.files.contains_key(rel) || self.table.dirs.contains_key(rel) {
             self.remove(rel); // a file or directory became a symlink
         }
         self.ensure_parents(rel);
-        let attrs = Attrs::of(meta);
         let known = self.table.links.get(rel).cloned();
         if known.as_ref().is_none_or(|k| k.target != target) {
             self.push(Op::Symlink {
@@ -170,6 +175,27 @@ impl Scanner {
         self.table
             .links
             .insert(rel.to_owned(), LinkState { target, attrs });
+    }
+
+    /// The write path set the mode or owner of `rel`, which then had `attrs`: the table's
+    /// entry takes them, and the cold side's, if they differ. An entry the table lacks (lost
+    /// to a reading ahead) is read as it is now.
+    pub(super) fn model_attrs(&mut self, rel: &str, attrs: Attrs) {
+        let changed = if let Some(entry) = self.table.files.get_mut(rel) {
+            std::mem::replace(&mut entry.attrs, attrs) != attrs
+        } else if let Some(link) = self.table.links.get_mut(rel) {
+            std::mem::replace(&mut link.attrs, attrs) != attrs
+        } else if self.table.dirs.contains_key(rel) {
+            return self.model_dir(rel, attrs);
+        } else {
+            return self.check_path(rel);
+        };
+        if changed {
+            self.push(Op::SetAttrs {
+                path: rel.to_owned(),
+                attrs,
+            });
+        }
     }
 
     /// Removes `rel` and everything below it from the table and queues the removal.

@@ -22,6 +22,8 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 
+use crate::replicated::pages::Attrs;
+
 /// Events buffered between notify's thread and the scanner.
 pub const EVENT_QUEUE: usize = 8192;
 /// Rebuild requests waiting for the watch thread (the scanner waits for each answer).
@@ -53,9 +55,25 @@ pub enum FsEvent {
         file: Arc<File>,
         edge: u64,
     },
-    /// From the FUSE capture: the entry at `path` (relative) was created or removed, or its
-    /// attributes (mode, owner, times) changed.
+    /// From the FUSE capture: something at `path` (relative) changed that the call cannot
+    /// describe exactly (a node made by `mknod`, a change of attributes that failed part way):
+    /// the scanner reads what the path holds when it handles the event.
     Changed(String),
+    /// From the FUSE capture: the entry at `path` (relative), and everything below it, was
+    /// removed (`unlink`, `rmdir`).
+    Removed(String),
+    /// From the FUSE capture: the directory `path` (relative) was made, empty, with `attrs`.
+    MadeDir { path: String, attrs: Attrs },
+    /// From the FUSE capture: the symlink `path` (relative) was made, to `target`, owned as
+    /// `attrs` says.
+    Linked {
+        path: String,
+        target: String,
+        attrs: Attrs,
+    },
+    /// From the FUSE capture: the mode or owner of the entry at `path` (relative) was set
+    /// (`chmod`, `chown`, `utimens`), and it then had `attrs`.
+    AttrsSet { path: String, attrs: Attrs },
     /// From the FUSE capture: `from` was renamed to `to` (relative paths).
     Renamed { from: String, to: String },
     /// From the FUSE capture, durable acks: answer once the cold side has acknowledged every

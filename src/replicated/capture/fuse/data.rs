@@ -3,6 +3,7 @@
 //! only the bytes the backing file took are reported to the caller and queued (a disk that
 //! fills mid-write queues the part written, or nothing and the caller gets `ENOSPC`).
 
+use std::fs;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use crate::replicated::capture::fuse::names::open_backing;
 use crate::replicated::capture::fuse::passthrough::{Passthrough, Res};
 use crate::replicated::capture::fuse::sys;
 use crate::replicated::capture::watch::FsEvent;
+use crate::replicated::pages::Attrs;
 
 /// What a `setattr` asks for.
 #[derive(Debug)]
@@ -129,7 +131,11 @@ impl Passthrough {
     /// compares only the page the change left partial. Bytes a longer length adds are zeros
     /// on both sides (the cold side's `SetFile` extends the same way), so nothing reads them;
     /// a `Changed` made the scanner read and compare the whole file from its start (10 MiB
-    /// for each of Artemis' new journal files). Anything else is queued as a `Changed`.
+    /// for each of Artemis' new journal files). A change of mode, owner or times alone holds
+    /// the ordering lock exclusively, so that its `lstat` after the change is the entry's state
+    /// at this point of the stream, and is queued as an `AttrsSet` with it (two changes under
+    /// the shared lock could queue their readings in the other order). Anything else (a
+    /// failure part way) is queued as a `Changed`: the scanner reads what the path holds.
     pub(super) fn set_attrs(
         &self,
         _req: &Request,
@@ -137,7 +143,9 @@ impl Passthrough {
         fh: Option<FileHandle>,
         c: &AttrChange,
     ) -> Res<()> {
-        let _order = self.order.read().expect("order lock");
+        let attrs_only = c.size.is_none();
+        let _shared = (!attrs_only).then(|| self.order.read().expect("order lock"));
+        let _exclusive = attrs_only.then(|| self.order.write().expect("order lock"));
         let rel = self.rel(ino)?;
         let abs = self.abs(&rel);
         // the file whose length changed, and the shorter of its old and new lengths
@@ -157,8 +165,8 @@ impl Passthrough {
             }
             if let Some(mode) = c.mode {
                 use std::os::unix::fs::PermissionsExt;
-                let perms = std::fs::Permissions::from_mode(mode & sys::MODE_BITS);
-                std::fs::set_permissions(&abs, perms)?;
+                let perms = fs::Permissions::from_mode(mode & sys::MODE_BITS);
+                fs::set_permissions(&abs, perms)?;
             }
             if c.atime.is_some() || c.mtime.is_some() {
                 sys::set_times(&abs, c.atime, c.mtime)?;
@@ -171,6 +179,13 @@ impl Passthrough {
                 file,
                 edge,
             }),
+            (Ok(()), None) => match fs::symlink_metadata(&abs) {
+                Ok(m) => self.send(FsEvent::AttrsSet {
+                    path: rel,
+                    attrs: Attrs::of(&m),
+                }),
+                Err(_) => self.send(FsEvent::Changed(rel)),
+            },
             // a part may have been applied before a failure: the scanner looks and sends what is
             _ => self.send(FsEvent::Changed(rel)),
         }

@@ -15,6 +15,7 @@ use fuser::{Errno, FileAttr, INodeNo, RenameFlags, Request};
 use crate::replicated::capture::fuse::passthrough::{Passthrough, Res};
 use crate::replicated::capture::fuse::sys::{self, MODE_BITS};
 use crate::replicated::capture::watch::FsEvent;
+use crate::replicated::pages::Attrs;
 
 /// Open flags the backing file never gets: the kernel has dealt with them (`O_CREAT`,
 /// `O_EXCL`, `O_TRUNC`, `O_NOCTTY`), offsets come with each write (`O_APPEND`), and the
@@ -44,6 +45,18 @@ pub(super) fn open_backing(path: &Path, flags: i32, create: Option<u32>) -> Res<
     Ok(o.open(path)?)
 }
 
+/// What a namespace call made, for its event ([`Passthrough::finish_new`]).
+enum Made<'a> {
+    /// A regular file, open through this handle (`create`).
+    File(&'a Arc<File>),
+    /// A regular file made by `mknod`, not open.
+    Node,
+    /// A directory.
+    Dir,
+    /// A symlink to this target.
+    Link(&'a Path),
+}
+
 impl Passthrough {
     /// Who owns what `req` creates in the backing directory `dir`.
     fn owner(&self, req: &Request, dir: &Path) -> Res<(u32, u32)> {
@@ -57,15 +70,17 @@ impl Passthrough {
     }
 
     /// After a new entry at `rel`: its owner and exact mode (`None` for a symlink, which has
-    /// none), then its event and attributes. A failure removes what was made. A file made
-    /// open (`file`) is queued as resized from nothing, so the scanner reads it through that
-    /// handle, never through a path a later rename may have given another file.
+    /// none), then its event and attributes. A failure removes what was made. The event says
+    /// what was made, as the call left it (the scanner handles it later, when the path may
+    /// name what later calls made there): a file made open (`file`) is queued as resized from
+    /// nothing, read through that handle; a directory with its attributes; a symlink with its
+    /// target and owner.
     fn finish_new(
         &self,
         req: &Request,
         rel: &str,
         mode: Option<u32>,
-        file: Option<&Arc<File>>,
+        made: Made<'_>,
     ) -> Res<FileAttr> {
         let abs = self.abs(rel);
         let parent = abs.parent().unwrap_or(&abs).to_owned();
@@ -75,17 +90,29 @@ impl Passthrough {
             if let Some(mode) = mode {
                 fs::set_permissions(&abs, fs::Permissions::from_mode(mode & MODE_BITS))?;
             }
-            self.entry(rel)
+            self.entry_with_meta(rel)
         })();
         match result {
-            Ok(a) => {
-                self.send(match file {
-                    Some(file) => FsEvent::Resized {
-                        path: rel.to_owned(),
+            Ok((a, meta)) => {
+                let path = rel.to_owned();
+                let attrs = Attrs::of(&meta);
+                self.send(match made {
+                    Made::File(file) => FsEvent::Resized {
+                        path,
                         file: file.clone(),
                         edge: 0,
                     },
-                    None => FsEvent::Changed(rel.to_owned()),
+                    Made::Dir => FsEvent::MadeDir { path, attrs },
+                    Made::Link(target) => match target.to_str() {
+                        Some(t) => FsEvent::Linked {
+                            path,
+                            target: t.to_owned(),
+                            attrs,
+                        },
+                        // a target the op stream cannot carry: the scanner's reading skips it
+                        None => FsEvent::Changed(path),
+                    },
+                    Made::Node => FsEvent::Changed(path),
                 });
                 Ok(a)
             }
@@ -111,7 +138,7 @@ impl Passthrough {
         let _order = self.order.write().expect("order lock");
         let rel = self.child_of(parent, name)?;
         sys::mknod(&self.abs(&rel), mode, rdev)?;
-        self.finish_new(req, &rel, Some(mode), None)
+        self.finish_new(req, &rel, Some(mode), Made::Node)
     }
 
     pub(super) fn make_dir(
@@ -124,7 +151,7 @@ impl Passthrough {
         let _order = self.order.write().expect("order lock");
         let rel = self.child_of(parent, name)?;
         fs::create_dir(self.abs(&rel))?;
-        self.finish_new(req, &rel, Some(mode), None)
+        self.finish_new(req, &rel, Some(mode), Made::Dir)
     }
 
     pub(super) fn make_symlink(
@@ -137,7 +164,7 @@ impl Passthrough {
         let _order = self.order.write().expect("order lock");
         let rel = self.child_of(parent, name)?;
         std::os::unix::fs::symlink(target, self.abs(&rel))?;
-        self.finish_new(req, &rel, None, None)
+        self.finish_new(req, &rel, None, Made::Link(target))
     }
 
     /// `create`: a new file, opened; or, without `O_EXCL`, the existing one opened as it is.
@@ -169,7 +196,7 @@ impl Passthrough {
             }
             Err(e) => return Err(e),
         };
-        let attr = self.finish_new(req, &rel, Some(mode), Some(&file))?;
+        let attr = self.finish_new(req, &rel, Some(mode), Made::File(&file))?;
         Ok((attr, self.keep(file)))
     }
 
@@ -184,7 +211,7 @@ impl Passthrough {
             fs::remove_file(abs)?;
         }
         self.inodes.lock().expect("inode table").unlinked(&rel);
-        self.send(FsEvent::Changed(rel));
+        self.send(FsEvent::Removed(rel));
         Ok(())
     }
 

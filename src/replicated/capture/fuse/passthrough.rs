@@ -111,9 +111,14 @@ impl Passthrough {
 
     /// Looks `rel` up on the backing tree: its node (one more lookup) and attributes.
     pub(super) fn entry(&self, rel: &str) -> Res<FileAttr> {
+        Ok(self.entry_with_meta(rel)?.0)
+    }
+
+    /// [`Passthrough::entry`], and the `lstat` it was made from.
+    pub(super) fn entry_with_meta(&self, rel: &str) -> Res<(FileAttr, fs::Metadata)> {
         let m = fs::symlink_metadata(self.abs(rel))?;
         let ino = self.inodes.lock().expect("inode table").learn(rel, m.ino());
-        Ok(sys::attr(ino, &m))
+        Ok((sys::attr(ino, &m), m))
     }
 
     /// Queues an event for the scanner (blocks while its queue is full: back-pressure), or,
