@@ -493,14 +493,32 @@ impl Scanner {
         let Ok(first) = shared.lock() else { return };
         let mut wait = first.next_wake();
         drop(first);
+        // (with async acks, while the stream is steady: when to look for the next writes)
+        let mut poll_at: Option<Instant> = None;
         loop {
-            let got = fs_rx.recv_timeout(wait.saturating_duration_since(Instant::now()));
+            let got = match poll_at {
+                None => fs_rx.recv_timeout(wait.saturating_duration_since(Instant::now())),
+                Some(at) => {
+                    // Sleep out the window instead of waking for the first write in it: the
+                    // writes that came meanwhile go in one send, and at 2000 writes a second
+                    // the scanner wakes once per window instead of once per write, and
+                    // never spins or yields in the channel's wait.
+                    let at = at.min(wait);
+                    std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                    fs_rx.try_recv().map_err(|e| match e {
+                        TryRecvError::Empty => RecvTimeoutError::Timeout,
+                        TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+                    })
+                }
+            };
             let Ok(mut s) = shared.lock() else { return };
+            let handled = s.handled;
             match got {
                 Ok(FsEvent::Nudge) | Err(RecvTimeoutError::Timeout) => {}
                 Ok(ev) => {
                     // writes following the last send this closely are a steady stream
-                    let dense = s.coalesce && s.last_send.elapsed() < COALESCE_WINDOW;
+                    let dense =
+                        poll_at.is_none() && s.coalesce && s.last_send.elapsed() < COALESCE_WINDOW;
                     s.fs_event(ev);
                     // take whatever else is already queued, then send once
                     s.drain_events(fs_rx);
@@ -529,6 +547,10 @@ impl Scanner {
             s.flush();
             s.publish_flushed();
             wait = s.next_wake();
+            // several writes in this round: a steady stream, so wait out the next window
+            // before looking again; a round of one or none goes back to waiting on the channel
+            poll_at = (s.coalesce && s.handled.saturating_sub(handled) >= 2)
+                .then(|| s.last_send + COALESCE_WINDOW);
         }
     }
 
