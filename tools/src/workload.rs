@@ -305,6 +305,7 @@ fn probe(cold: &Path, rx: Receiver<Sample>, out: Sender<Option<(Duration, Durati
     let mut files: HashMap<String, (File, u64, Instant)> = HashMap::new();
     let mut buf = [0u8; 16];
     let mut open = true;
+    let mut lag_log = LagLog::from_env();
     // the file of the newest sample: the one being written
     let mut last: Option<String> = None;
     while open || !pending.is_empty() {
@@ -357,6 +358,14 @@ fn probe(cold: &Path, rx: Receiver<Sample>, out: Sender<Option<(Duration, Durati
             if arrived {
                 // stamped when seen, not when the sweep began: never earlier than the arrival
                 let t = Instant::now();
+                if let Some(log) = lag_log.as_mut() {
+                    log.rows.push((
+                        s.done,
+                        t.saturating_duration_since(s.done),
+                        s.rel.clone(),
+                        s.offset,
+                    ));
+                }
                 let _ = out.try_send(Some((
                     t.saturating_duration_since(s.done),
                     t.saturating_duration_since(s.started),
@@ -390,6 +399,48 @@ fn probe(cold: &Path, rx: Receiver<Sample>, out: Sender<Option<(Duration, Durati
             }
         } else {
             std::thread::sleep(PROBE_SWEEP);
+        }
+    }
+    if let Some(log) = lag_log {
+        log.write();
+    }
+}
+
+/// Every sample's lag, when `ARTEMIS_SYNC_BENCH_LAG_LOG` names a file: written at the end of
+/// each probed run to that name with `.N` added (N counts the probed runs of the process),
+/// one line per sample: when its sync returned (ms after the first sample's), its lag (ms),
+/// its file and offset. For finding when a run's tail happens (file rotations, the host).
+struct LagLog {
+    path: std::ffi::OsString,
+    rows: Vec<(Instant, Duration, String, u64)>,
+}
+
+impl LagLog {
+    fn from_env() -> Option<LagLog> {
+        std::env::var_os("ARTEMIS_SYNC_BENCH_LAG_LOG").map(|path| LagLog {
+            path,
+            rows: Vec::new(),
+        })
+    }
+
+    fn write(self) {
+        use std::fmt::Write as _;
+        static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let first = self.rows.iter().map(|r| r.0).min();
+        let mut text = String::new();
+        for (done, lag, rel, offset) in &self.rows {
+            let at = first.map_or(Duration::ZERO, |f| done.saturating_duration_since(f));
+            let (at_ms, lag_ms) = (at.as_secs_f64() * 1e3, lag.as_secs_f64() * 1e3);
+            let _ = writeln!(text, "{at_ms:.3} {lag_ms:.3} {rel} {offset}");
+        }
+        let mut path = self.path;
+        let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        path.push(format!(".{n}"));
+        if let Err(e) = fs::write(&path, text) {
+            eprintln!(
+                "ARTEMIS_SYNC_BENCH_LAG_LOG: cannot write {}: {e}",
+                Path::new(&path).display()
+            );
         }
     }
 }

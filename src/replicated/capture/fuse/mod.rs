@@ -6,8 +6,8 @@
 //! `MadeDir`, `Linked`, `Removed`, `AttrsSet`, `Renamed`) to the scanner in call order,
 //! through the same bounded channel the watch capture uses. The scanner turns them into the
 //! same ops as the watch capture's events without reading the paths they name, and nothing
-//! is missed between rescans: native AIO on `O_DIRECT` files and write-back from a shared mmap reach the
-//! daemon as `write` calls like any other.
+//! is missed between rescans: native AIO on `O_DIRECT` files and write-back from a shared
+//! mmap reach the daemon as `write` calls like any other.
 //!
 //! Lifecycle: [`mount`] when the host turns hot, [`FuseCapture::stop`] when it stops being
 //! hot (after the node is stopped). A mount left by an agent that was killed answers every
