@@ -19,6 +19,7 @@
 mod baselines;
 mod durable;
 mod fuse_workloads;
+mod host;
 mod pair;
 mod report;
 mod workloads;
@@ -194,7 +195,8 @@ pub fn run(s: &Settings, mut progress: impl FnMut(&str)) -> Result<(Results, Cur
     let mut curves = Curves::default();
     for w in &s.workloads {
         progress(w);
-        let v = match w.as_str() {
+        let before = host::CpuTimes::now();
+        let mut v = match w.as_str() {
             "initial_sync" => initial_sync(s, w, s.auth, &mut rss)?,
             "initial_sync_tls" => initial_sync(s, w, AuthMode::Tls, &mut rss)?,
             "resync" => resync(s, &mut rss)?,
@@ -213,6 +215,9 @@ pub fn run(s: &Settings, mut progress: impl FnMut(&str)) -> Result<(Results, Cur
                 })
             }
         };
+        if let (Some(b), Some(a), Value::Object(m)) = (before, host::CpuTimes::now(), &mut v) {
+            m.insert("host".into(), a.since(&b));
+        }
         out.insert(w.clone(), v);
     }
     let tree = (s.files * (s.file_mib << 20)) as f64;

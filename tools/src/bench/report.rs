@@ -349,6 +349,21 @@ pub fn table(v: &Value) -> String {
         format!("cold {} MiB", fig(&v["cold_rss_mb"])),
         (format!("<= {rss} each"), met),
     );
+    // the host's share of the run: the worst workload first, then each
+    let steal: Vec<(&str, f64)> = WORKLOADS
+        .iter()
+        .filter_map(|w| Some((*w, v[w]["host"]["steal_pct"].as_f64()?)))
+        .collect();
+    if let Some(worst) = steal.iter().map(|(_, s)| *s).reduce(f64::max) {
+        let each: Vec<String> = steal.iter().map(|(w, s)| format!("{w} {s}")).collect();
+        line(
+            "host",
+            "steal_pct (max)",
+            worst.to_string(),
+            format!("vCPU time the hypervisor took: {}", each.join(", ")),
+            no_target(v),
+        );
+    }
     t
 }
 

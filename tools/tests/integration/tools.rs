@@ -84,6 +84,16 @@ fn issue12_quick_benchmark_prints_every_key() {
             }
         }
     }
+    // each workload says what the host took meanwhile (its figures are read beside it)
+    for (w, _, _) in KEYS {
+        for f in ["steal_pct", "busy_pct"] {
+            let x = v[w]["host"][f].as_f64();
+            assert!(
+                x.is_some_and(|x| (0.0..=100.0).contains(&x)),
+                "{w}.host.{f}: {v:#}"
+            );
+        }
+    }
     if !fuse {
         skip(
             "issue12_quick_benchmark_prints_every_key: FUSE figures",
