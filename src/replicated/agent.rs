@@ -278,7 +278,7 @@ impl Replica {
         let state = initial_state(&repl)?;
         let auth = auth_from(&repl)?;
         // one worker: a pair has one connection, and with two each wake of a task also woke the
-        // idle worker to look for work (README "Performance", run 12); the blocking waits on
+        // idle worker to look for work (docs/performance-log.md, run 12); the blocking waits on
         // it (`block_in_place`) hand the worker's tasks to another thread meanwhile
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)

@@ -43,7 +43,7 @@ mod sys;
 /// filesystem and the scanner's queue (a durable sync is handed to a settling thread), and the
 /// kernel hands requests to its waiting readers first come first served, so with more threads
 /// each request woke one that had gone cold (the FUSE round trip was 64-68 µs with four threads,
-/// 45-49 µs with one: README "Performance", run 12).
+/// 45-49 µs with one: docs/performance-log.md, run 12).
 pub const FUSE_THREADS: usize = 1;
 /// The mount's source and subtype (`fuse.artemis-sync` in the mount table).
 pub const FS_NAME: &str = "artemis-sync";
