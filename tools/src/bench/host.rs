@@ -51,7 +51,7 @@ impl CpuTimes {
         if total == 0 {
             return Value::Null;
         }
-        let pct = |x: u64| (x as f64 * 1000.0 / total as f64).round() / 10.0;
+        let pct = |x: u64| super::round(x as f64 * 100.0 / total as f64, 1);
         json!({"steal_pct": pct(steal), "busy_pct": pct(busy)})
     }
 }
