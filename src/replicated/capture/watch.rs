@@ -56,7 +56,7 @@ pub enum FsEvent {
         edge: u64,
     },
     /// From the FUSE capture: something at `path` (relative) changed that the call cannot
-    /// describe exactly (a node made by `mknod`, a change of attributes that failed part way):
+    /// describe exactly (a symlink target the op stream cannot carry, a change of attributes that failed part way):
     /// the scanner reads what the path holds when it handles the event.
     Changed(String),
     /// From the FUSE capture: the entry at `path` (relative), and everything below it, was

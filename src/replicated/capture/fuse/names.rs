@@ -47,10 +47,8 @@ pub(super) fn open_backing(path: &Path, flags: i32, create: Option<u32>) -> Res<
 
 /// What a namespace call made, for its event ([`Passthrough::finish_new`]).
 enum Made<'a> {
-    /// A regular file, open through this handle (`create`).
+    /// A regular file, open through this handle (`create`, `mknod`).
     File(&'a Arc<File>),
-    /// A regular file made by `mknod`, not open.
-    Node,
     /// A directory.
     Dir,
     /// A symlink to this target.
@@ -112,7 +110,6 @@ impl Passthrough {
                         // a target the op stream cannot carry: the scanner's reading skips it
                         None => FsEvent::Changed(path),
                     },
-                    Made::Node => FsEvent::Changed(path),
                 });
                 Ok(a)
             }
@@ -123,22 +120,23 @@ impl Passthrough {
         }
     }
 
-    /// `mknod`: regular files only (the op stream has no devices, pipes or sockets).
+    /// `mknod`: regular files only (the op stream has no devices, pipes or sockets). The node
+    /// is made as `create` makes a file, and its event carries the open handle: the scanner
+    /// reads the new, empty file through it, not whatever later calls put at its path.
     pub(super) fn make_node(
         &self,
         req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        rdev: u32,
     ) -> Res<FileAttr> {
         if mode & libc::S_IFMT != libc::S_IFREG {
             return Err(Errno::EPERM);
         }
         let _order = self.order.write().expect("order lock");
         let rel = self.child_of(parent, name)?;
-        sys::mknod(&self.abs(&rel), mode, rdev)?;
-        self.finish_new(req, &rel, Some(mode), Made::Node)
+        let file = Arc::new(open_backing(&self.abs(&rel), libc::O_RDONLY, Some(mode))?);
+        self.finish_new(req, &rel, Some(mode), Made::File(&file))
     }
 
     pub(super) fn make_dir(

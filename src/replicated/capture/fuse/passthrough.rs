@@ -284,10 +284,10 @@ impl Filesystem for Passthrough {
         name: &OsStr,
         mode: u32,
         _umask: u32,
-        rdev: u32,
+        _rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.make_node(req, parent, name, mode, rdev);
+        let r = self.make_node(req, parent, name, mode);
         answer!(r, reply, |a| reply.entry(&TTL, &a, Generation(0)));
     }
 

@@ -1,5 +1,5 @@
 //! The system calls the passthrough makes that `std` lacks (owners without following links,
-//! times, `fallocate`, `statvfs`, `mknod`, `renameat2`), and the backing `stat` as FUSE
+//! times, `fallocate`, `statvfs`, `renameat2`), and the backing `stat` as FUSE
 //! attributes. Every error is the real errno.
 
 use std::ffi::CString;
@@ -127,13 +127,6 @@ pub(super) fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Re
     let len = i64::try_from(len).map_err(|_| einval())?;
     // SAFETY: the descriptor is open for the duration of the call; no memory is passed.
     check(unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) })
-}
-
-/// `mknod(2)`.
-pub(super) fn mknod(path: &Path, mode: u32, rdev: u32) -> io::Result<()> {
-    let p = cstr(path)?;
-    // SAFETY: `p` is a valid NUL-terminated string for the duration of the call.
-    check(unsafe { libc::mknod(p.as_ptr(), mode, libc::dev_t::from(rdev)) })
 }
 
 /// `renameat2(2)` with `flags` (`RENAME_NOREPLACE`).
