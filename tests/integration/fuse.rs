@@ -1,8 +1,9 @@
 //! The FUSE capture (issue 12), with real agents as root: the hot agent serves its data
 //! directory at a mount point, and the tests write through that mount with the system-call
 //! patterns of Artemis' three journal types (NIO: `pwrite` + `fdatasync`; ASYNCIO: kernel AIO
-//! `io_submit` on an `O_DIRECT` file; MAPPED: stores into a shared mmap + `msync`). The
-//! rescan periods are ten minutes, so what reaches the cold side came from the calls.
+//! `io_submit` on an `O_DIRECT` file; MAPPED: stores into a shared mmap + `msync`), and, for
+//! durable acks, `O_DSYNC` writes with no sync call. The rescan periods are ten minutes, so
+//! what reaches the cold side came from the calls.
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -95,6 +96,25 @@ fn nio_writer(path: &Path, after: AfterSync) {
         let at = u64::try_from(i * RECORD_BYTES).unwrap();
         std::os::unix::fs::FileExt::write_all_at(&f, &r, at).unwrap();
         f.sync_data().unwrap();
+        after(i);
+    }
+}
+
+/// `O_DSYNC`: each record a `pwrite` that returns once it is synced; no sync call (Artemis'
+/// NIO journal with `journal-datasync` and a synced open, or any writer that opens so).
+fn dsync_writer(path: &Path, after: AfterSync) {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_DSYNC)
+        .open(path)
+        .unwrap();
+    for i in 0..RECORDS {
+        let r = record(4, i);
+        let at = u64::try_from(i * RECORD_BYTES).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &r, at).unwrap();
         after(i);
     }
 }
@@ -434,7 +454,7 @@ fn issue12_durable_every_record_is_on_the_cold_disk_when_its_sync_returns() {
     fs::create_dir(mnt.join("journal")).unwrap();
     let mut missing = Vec::new();
     let started = std::time::Instant::now();
-    for (w, name) in [(1u8, "nio"), (2, "aio"), (3, "mmap")] {
+    for (w, name) in [(1u8, "nio"), (2, "aio"), (3, "mmap"), (4, "dsync")] {
         let rel = format!("journal/{name}.amq");
         let mut check = |i: usize| {
             if !cold_has(&p, &rel, w, i) {
@@ -444,11 +464,12 @@ fn issue12_durable_every_record_is_on_the_cold_disk_when_its_sync_returns() {
         match w {
             1 => nio_writer(&mnt.join(&rel), &mut check),
             2 => aio_writer(&mnt.join(&rel), &mut check),
-            _ => mmap_writer(&mnt.join(&rel), &mut check),
+            3 => mmap_writer(&mnt.join(&rel), &mut check),
+            _ => dsync_writer(&mnt.join(&rel), &mut check),
         }
     }
-    let per_sync = started.elapsed() / u32::try_from(3 * RECORDS).unwrap();
-    eprintln!("durable: 3 x {RECORDS} records, {per_sync:?} per record and sync");
+    let per_sync = started.elapsed() / u32::try_from(4 * RECORDS).unwrap();
+    eprintln!("durable: 4 x {RECORDS} records, {per_sync:?} per record and sync");
     assert!(
         missing.is_empty(),
         "not on the cold disk when the sync returned: {missing:?}"
