@@ -344,6 +344,11 @@ enum Step {
     Create(usize, usize),
     Write(usize, u64, usize, u8),
     Truncate(usize, u64),
+    /// `fallocate` of a range: blocks allocated (the length grows to cover it), or a hole
+    /// punched (the length kept).
+    Fallocate(usize, u64, u64, bool),
+    /// `mknod(2)` of an empty regular file.
+    Mknod(usize),
     Mkdir(usize),
     Rename(usize, usize),
     Chain(usize, usize, usize),
@@ -362,6 +367,9 @@ fn step() -> impl Strategy<Value = Step> {
         (n(), 0..20_000u64, 1..9000usize, any::<u8>())
             .prop_map(|(p, o, l, b)| Step::Write(p, o, l, b)),
         (n(), 0..20_000u64).prop_map(|(p, l)| Step::Truncate(p, l)),
+        (n(), 0..20_000u64, 1..20_000u64, any::<bool>())
+            .prop_map(|(p, o, l, punch)| Step::Fallocate(p, o, l, punch)),
+        n().prop_map(Step::Mknod),
         n().prop_map(Step::Mkdir),
         (n(), n()).prop_map(|(a, b)| Step::Rename(a, b)),
         (n(), n(), n()).prop_map(|(a, b, c)| Step::Chain(a, b, c)),
@@ -423,6 +431,29 @@ fn apply_step(root: &Path, step: &Step) {
                 let _ = f.set_len(len);
             }
         }
+        Step::Fallocate(p, off, len, punch) => {
+            if let Ok(f) = fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(at(p))
+            {
+                let mode = if punch {
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                } else {
+                    0
+                };
+                let (off, len) = (i64::try_from(off).unwrap(), i64::try_from(len).unwrap());
+                // SAFETY: fallocate on an open descriptor; nothing is borrowed.
+                let _ = unsafe { libc::fallocate(f.as_raw_fd(), mode, off, len) };
+            }
+        }
+        Step::Mknod(p) => {
+            let p = at(p);
+            parent(&p);
+            let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+            // SAFETY: `c` is a NUL-terminated path for the duration of the call.
+            let _ = unsafe { libc::mknod(c.as_ptr(), libc::S_IFREG | 0o640, 0) };
+        }
         Step::Mkdir(p) => {
             let p = at(p);
             if fs::symlink_metadata(&p).is_ok_and(|m| !m.is_dir()) {
@@ -468,7 +499,9 @@ fn apply_step(root: &Path, step: &Step) {
     }
 }
 
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
 
 #[test]
 fn issue11_renames_and_every_change_converge_in_any_order() {
