@@ -2093,3 +2093,36 @@ fn issue12_a_node_made_by_mknod_reaches_the_cold_side_as_the_call_left_it() {
     }
     assert!(r.same());
 }
+
+/// The mount reads ahead in requests of [`super::fuse::READ_AHEAD_KB`], not the kernel's
+/// 128 KiB (it lowers the read-ahead to the filesystem's when the mount's first answer comes:
+/// the setting is made after that answer), and what it reads is the backing file's bytes.
+#[test]
+fn issue12_the_mount_reads_ahead_in_large_requests() {
+    if !crate::sys::is_root() || !std::path::Path::new("/dev/fuse").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root with /dev/fuse"
+        );
+        eprintln!("skipped: a FUSE mount needs root and /dev/fuse");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let hot = tmp.path().canonicalize().unwrap().join("hot");
+    fs::create_dir(&hot).unwrap();
+    let mut data = vec![0u8; 3 << 20];
+    data.iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = u8::try_from(i % 251).unwrap());
+    fs::write(hot.join("j"), &data).unwrap();
+    let mnt = tmp.path().join("mnt");
+    let (tx, _rx) = crossbeam_channel::bounded(64);
+    let namespace = std::sync::Arc::new(std::sync::RwLock::new(()));
+    let capture = super::fuse::mount(&hot, &mnt, tx, None, (None, namespace)).unwrap();
+    assert_eq!(
+        super::fuse::read_ahead_kb(&mnt).unwrap(),
+        super::fuse::READ_AHEAD_KB
+    );
+    assert!(fs::read(mnt.join("j")).unwrap() == data);
+    capture.stop();
+}

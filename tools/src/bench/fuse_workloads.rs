@@ -1,6 +1,7 @@
 //! The workloads on the write path (issue 12), through the hot agent's FUSE mount: append lag
-//! at a steady rate with async acks, sustained 1 MiB appends, random in-place writes; and the
-//! same append workload with the watch capture writing `data_dir`, kept as a baseline line.
+//! at a steady rate with async acks, sustained 1 MiB appends, random in-place writes; the
+//! same append workload with the watch capture writing `data_dir`, kept as a baseline line;
+//! and the journal read back through the mount, as a node starting after a failover reads it.
 //! Without root or /dev/fuse the FUSE workloads report their figures as null with the reason.
 
 use super::*;
@@ -334,4 +335,103 @@ pub(super) fn random_writes(s: &Settings, rss: &mut (f64, f64)) -> Result<Value,
         "hot_rss_mb": hot_rss,
         "capture": "fuse",
     }))
+}
+
+/// `journal_load`: bytes per read, as Artemis reads a journal file it loads (whole files of
+/// 10 MiB by default, through a buffer).
+const JOURNAL_LOAD_READ_BYTES: usize = 1 << 20;
+
+/// Reads every file of the tree under `dir` to its end, [`JOURNAL_LOAD_READ_BYTES`] at a
+/// time, opened with `flags` (`O_DIRECT`: into a page-aligned buffer); the MB/s.
+fn read_tree(dir: &Path, files: usize, flags: i32) -> Result<f64, BenchError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut backing = vec![0u8; JOURNAL_LOAD_READ_BYTES + 4096];
+    let skip = backing.as_ptr().align_offset(4096);
+    let buf = &mut backing[skip..skip + JOURNAL_LOAD_READ_BYTES];
+    let t0 = Instant::now();
+    let mut bytes = 0u64;
+    for i in 0..files {
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(flags)
+            .open(dir.join(format!("journal/activemq-data-{i}.amq")))
+            .map_err(err("journal load: open"))?;
+        let mut at = 0u64;
+        loop {
+            let n = f.read_at(buf, at).map_err(err("journal load: read"))?;
+            if n == 0 {
+                break;
+            }
+            at += n as u64;
+        }
+        bytes += at;
+    }
+    Ok(bytes as f64 / 1e6 / t0.elapsed().as_secs_f64())
+}
+
+/// The median of `v` (not empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `journal_load`: the tree of `initial_sync` read whole through the hot side's mount, as a
+/// node starting after a failover loads its journal: buffered (Artemis' NIO journal; its
+/// MAPPED journal faults pages in through the same read-ahead) and with `O_DIRECT` (its
+/// ASYNCIO journal), against the same buffered read of `data_dir` itself. Each open through
+/// the mount reads through the agent again (the kernel drops the file's cached pages on
+/// open). `s.rounds` rounds, medians; memory is touched before each round (see
+/// [`warm_memory`]).
+pub(super) fn journal_load(s: &Settings, rss: &mut (f64, f64)) -> Result<Value, BenchError> {
+    let figures = [
+        "mb_per_s",
+        "direct_mb_per_s",
+        "data_dir_mb_per_s",
+        "ratio_vs_data_dir",
+    ];
+    if let Some(why) = fuse_unavailable() {
+        return Ok(unavailable(&figures, &why));
+    }
+    let mut p = Pair::new(s, "journal_load", Capture::FuseAsync)?;
+    let bytes = make_tree(&p.hot_data, s.files, s.file_mib)?;
+    p.start_cold()?;
+    p.start_hot()?;
+    p.wait_synced(START_LIMIT)?;
+    let read_ahead_kb = mount_read_ahead_kb(&p.write_dir);
+    let (mut mount, mut direct, mut local) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..s.rounds.max(1) {
+        warm_memory(&p.root, bytes)?;
+        mount.push(read_tree(&p.write_dir, s.files, 0)?);
+        direct.push(read_tree(&p.write_dir, s.files, libc::O_DIRECT)?);
+        local.push(read_tree(&p.hot_data, s.files, 0)?);
+    }
+    let ratios: Vec<f64> = mount.iter().zip(&local).map(|(m, l)| m / l).collect();
+    let hot_rss = finish(p, rss);
+    Ok(json!({
+        "bytes": bytes,
+        "rounds": mount.len(),
+        "mb_per_s": round(median(mount), 1),
+        "direct_mb_per_s": round(median(direct), 1),
+        "data_dir_mb_per_s": round(median(local), 1),
+        "ratio_vs_data_dir": round(median(ratios), 2),
+        "read_ahead_kb": read_ahead_kb,
+        "hot_rss_mb": hot_rss,
+    }))
+}
+
+/// The read-ahead of the mount at `mnt` in KiB, from its backing device; null if unknown.
+fn mount_read_ahead_kb(mnt: &Path) -> Value {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dev) = fs::metadata(mnt).map(|m| m.dev()) else {
+        return Value::Null;
+    };
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .map_or(Value::Null, |kb| json!(kb))
 }

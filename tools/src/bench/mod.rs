@@ -1,20 +1,20 @@
 //! `artemis-sync-bench`: throughput and lag of replicated mode, each figure next to a baseline
-//! measured in the same run (a plain TCP copy, `cp -a`, an rsync daemon, lsyncd, the same loop on a local
-//! directory, a loopback round trip, the watch capture), so that noise on a shared machine moves
-//! both.
+//! measured in the same run (a plain TCP copy, `cp -a`, an rsync daemon, lsyncd, the same loop
+//! on a local directory, a loopback round trip, the watch capture, a read of `data_dir`
+//! itself), so that noise on a shared machine moves both.
 //!
 //! Every workload starts a fresh pair of real `artemis-sync agent` processes (the binary beside
 //! this one) on 127.0.0.1, in directories under `--dir` (default: a new directory in /dev/shm),
 //! and removes them afterwards. The write-path workloads write through the hot agent's FUSE
 //! mount (issue 12); without root or /dev/fuse they, like baselines whose tool is missing, are
 //! reported as null with the reason.
-
 //!
 //! The pieces: `pair` starts and measures the two agents, `baselines` runs the same-run
-//! baselines (a plain TCP copy, `cp -a`, an rsync daemon, lsyncd), `workloads` the scanner's workloads
-//! (initial sync, resync), `fuse_workloads` the write-path ones (append lag, sustained appends,
-//! random writes through the mount, and the watch capture's baseline line), `durable` the
-//! durable-ack fsync latency, and `report` prints the table and draws the SVG.
+//! baselines (a plain TCP copy, `cp -a`, an rsync daemon, lsyncd), `workloads` the scanner's
+//! workloads (initial sync, resync), `fuse_workloads` the write-path ones (append lag,
+//! sustained appends, random writes through the mount, the watch capture's baseline line, and
+//! the journal read back through the mount), `durable` the durable-ack fsync latency, and
+//! `report` prints the table and draws the SVG.
 
 mod baselines;
 mod durable;
@@ -72,7 +72,7 @@ pub enum AuthMode {
 }
 
 /// The workloads.
-pub const WORKLOADS: [&str; 8] = [
+pub const WORKLOADS: [&str; 9] = [
     "initial_sync",
     "initial_sync_tls",
     "resync",
@@ -81,6 +81,7 @@ pub const WORKLOADS: [&str; 8] = [
     "append_max",
     "random_writes",
     "capture_watch",
+    "journal_load",
 ];
 
 /// What to run.
@@ -92,7 +93,7 @@ pub struct Settings {
     pub auth: AuthMode,
     /// The workloads to run.
     pub workloads: Vec<String>,
-    /// `initial_sync`/`resync` tree: files.
+    /// `initial_sync`/`resync`/`journal_load` tree: files.
     pub files: usize,
     /// `initial_sync`/`resync` tree: MiB per file.
     pub file_mib: usize,
@@ -104,7 +105,8 @@ pub struct Settings {
     pub random_mib: usize,
     /// `random_writes` writes per second.
     pub random_rate: u32,
-    /// `initial_sync`: rounds of ours and every baseline in turn; figures are medians.
+    /// `initial_sync`, `journal_load`: rounds of ours and every baseline in turn; figures are
+    /// medians.
     pub rounds: u32,
     /// The agent binary.
     pub agent_bin: PathBuf,
@@ -205,6 +207,7 @@ pub fn run(s: &Settings, mut progress: impl FnMut(&str)) -> Result<(Results, Cur
             "append_max" => append_max(s, &mut rss, &mut curves)?,
             "random_writes" => random_writes(s, &mut rss)?,
             "capture_watch" => capture_watch(s, &mut rss)?,
+            "journal_load" => journal_load(s, &mut rss)?,
             other => {
                 return Err(BenchError::Step {
                     step: "workloads".into(),

@@ -301,6 +301,29 @@ const ROWS: &[Row] = &[
         no_target,
     ),
     ("capture_watch", "hot_cpu_pct", none, no_target),
+    (
+        "journal_load",
+        "mb_per_s",
+        |v| {
+            let reason = why_null(v, "journal_load");
+            if !reason.is_empty() {
+                return reason;
+            }
+            format!(
+                "data_dir {} MB/s (read-ahead {} KiB)",
+                fig(&v["journal_load"]["data_dir_mb_per_s"]),
+                fig(&v["journal_load"]["read_ahead_kb"])
+            )
+        },
+        no_target,
+    ),
+    (
+        "journal_load",
+        "direct_mb_per_s",
+        |_| "O_DIRECT through the mount".into(),
+        no_target,
+    ),
+    ("journal_load", "ratio_vs_data_dir", none, no_target),
 ];
 
 /// "met", "MISSED" or nothing.

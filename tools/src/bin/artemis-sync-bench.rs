@@ -28,10 +28,10 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "initial_sync,initial_sync_tls,resync,durable_fsync,append_lag,append_max,random_writes,capture_watch"
+        default_value = "initial_sync,initial_sync_tls,resync,durable_fsync,append_lag,append_max,random_writes,capture_watch,journal_load"
     )]
     workloads: Vec<String>,
-    /// Files in the initial_sync/resync tree
+    /// Files in the initial_sync/resync/journal_load tree
     #[arg(long, default_value_t = 100)]
     files: usize,
     /// MiB per file in that tree
@@ -49,7 +49,7 @@ struct Args {
     /// random_writes: writes per second
     #[arg(long, default_value_t = 500)]
     random_rate: u32,
-    /// initial_sync, initial_sync_tls: rounds of ours and every baseline, in turn;
+    /// initial_sync, initial_sync_tls, journal_load: rounds of ours and every baseline, in turn;
     /// the figures are the medians (default 3, 1 with --quick)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=99))]
     rounds: Option<u32>,

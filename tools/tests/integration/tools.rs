@@ -57,6 +57,16 @@ const KEYS: &[(&str, &[&str], bool)] = &[
         &["append_lag_p99_ms", "hot_cpu_pct"],
         false,
     ),
+    (
+        "journal_load",
+        &[
+            "mb_per_s",
+            "direct_mb_per_s",
+            "data_dir_mb_per_s",
+            "ratio_vs_data_dir",
+        ],
+        true,
+    ),
 ];
 
 /// Whether this machine can serve a FUSE mount (as the benchmark decides it).
@@ -142,6 +152,12 @@ fn issue12_quick_benchmark_prints_every_key() {
         // durable: the cold copy held every byte when the last sync returned
         assert_eq!(v["durable_fsync"]["on_cold_when_synced"], true, "{v:#}");
         assert_eq!(v["durable_fsync"]["degraded"], false, "{v:#}");
+        // the agent's mount reads ahead as far as it asked
+        assert_eq!(
+            v["journal_load"]["read_ahead_kb"],
+            artemis_sync::replicated::capture::fuse::READ_AHEAD_KB,
+            "{v:#}"
+        );
     }
 }
 
