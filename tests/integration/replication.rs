@@ -270,7 +270,10 @@ impl Pair {
         }
     }
 
-    /// Sends `sig` (SIGSTOP, SIGCONT) to side `name`'s running agent.
+    /// Sends `sig` (SIGSTOP, SIGCONT) to side `name`'s running agent; after SIGSTOP, returns
+    /// once every thread of it has stopped. (The kernel wakes one thread for the signal, and
+    /// that thread stops the others when it runs: on a busy host the others went on for a
+    /// while, long enough to apply a batch the test sent after the signal.)
     pub(crate) fn signal(&self, name: &str, sig: libc::c_int) {
         let child = if name == "hot" {
             &self.hot.child
@@ -281,6 +284,12 @@ impl Pair {
         let pid = libc::pid_t::try_from(pid).expect("a child's pid came from a pid_t");
         // SAFETY: kill has no memory-safety preconditions.
         assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "signal {sig} to {name}");
+        if sig == libc::SIGSTOP {
+            assert!(
+                wait_until(Duration::from_secs(10), || all_threads_stopped(pid)),
+                "{name}'s threads did not all stop"
+            );
+        }
     }
 
     /// The config file of side `name`.
@@ -1016,4 +1025,19 @@ fn issue15_a_cold_restart_indexes_from_its_page_memo_and_reads_only_what_changed
     artemis_sync(&p.hot.config, ["verify"])
         .code(0)
         .stdout_has(&["identical"]);
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc/<pid>/task/*/stat`).
+fn all_threads_stopped(pid: libc::pid_t) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+            // the state follows the command name, which is in parentheses
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                == Some("T")
+        })
+    })
 }
