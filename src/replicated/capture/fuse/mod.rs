@@ -1,7 +1,7 @@
 //! The FUSE capture (`capture = "fuse"`): on the hot host the agent serves `data_dir` at
 //! `[replication] mount_point` as a passthrough filesystem, and `${BASE_DIR}/artemis` links
 //! to the mount. Every call the node makes is applied to `data_dir` (`passthrough.rs`, `names.rs`,
-//! `data.rs`; nodes and paths in `inodes.rs`, system calls in `sys.rs`), and each mutation
+//! `data.rs`; listings in `dirs.rs`, nodes and paths in `inodes.rs`, system calls in `sys.rs`), and each mutation
 //! queues an [`FsEvent`] that says what it did (`Wrote` with the exact range, `Resized`,
 //! `MadeDir`, `Linked`, `Removed`, `AttrsSet`, `Renamed`) to the scanner in call order,
 //! through the same bounded channel the watch capture uses. The scanner turns them into the
@@ -33,6 +33,7 @@ pub(crate) use durable::mark_degraded;
 pub use durable::DurableConfig;
 
 mod data;
+mod dirs;
 mod durable;
 mod inodes;
 mod names;

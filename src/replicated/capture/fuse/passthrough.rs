@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{self, File};
-use std::os::unix::fs::{DirEntryExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -20,12 +20,13 @@ use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::Sender;
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 
+use crate::replicated::capture::fuse::dirs::DirStream;
 use crate::replicated::capture::fuse::durable::Durable;
 use crate::replicated::capture::fuse::inodes::{child, Inodes};
 use crate::replicated::capture::fuse::sys;
@@ -43,7 +44,10 @@ pub(super) struct Passthrough {
     root: PathBuf,
     pub(super) inodes: Mutex<Inodes>,
     pub(super) files: Mutex<HashMap<u64, Arc<File>>>,
-    next_fh: AtomicU64,
+    /// Open directory handles and where each is in its listing.
+    pub(super) dirs: Mutex<HashMap<u64, DirStream>>,
+    /// The next handle, of a file or a directory.
+    pub(super) next_fh: AtomicU64,
     /// Held for writing by each call that changes the tree, until its event is sent; the
     /// scanner holds it for reading to know that none is in flight (shared with it).
     pub(super) order: Arc<RwLock<()>>,
@@ -75,6 +79,7 @@ impl Passthrough {
             root,
             inodes: Mutex::new(Inodes::new(backing)),
             files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             order: Arc::new(RwLock::new(())),
             events,
@@ -164,37 +169,6 @@ impl Passthrough {
             ino.0,
             &fs::symlink_metadata(self.abs(&self.rel(ino)?))?,
         ))
-    }
-
-    fn readdir_of(&self, ino: INodeNo, offset: u64, reply: &mut ReplyDirectory) -> Res<()> {
-        let rel = self.rel(ino)?;
-        let dir = self.abs(&rel);
-        let mut entries = vec![
-            (ino.0, FileType::Directory, ".".into()),
-            (ino.0, FileType::Directory, "..".into()),
-        ];
-        for e in fs::read_dir(&dir)? {
-            let e = e?;
-            let ft = e.file_type()?;
-            let kind = match () {
-                () if ft.is_dir() => FileType::Directory,
-                () if ft.is_symlink() => FileType::Symlink,
-                () => FileType::RegularFile,
-            };
-            // the node id the kernel knows for it, else the backing inode (never looked up)
-            let known = e.file_name().to_str().and_then(|n| {
-                let t = self.inodes.lock().expect("inode table");
-                t.ino_of(&child(&rel, n))
-            });
-            entries.push((known.unwrap_or(e.ino()), kind, e.file_name()));
-        }
-        let skip = usize::try_from(offset).unwrap_or(usize::MAX);
-        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(skip) {
-            if reply.add(INodeNo(ino), i as u64 + 1, kind, name) {
-                break;
-            }
-        }
-        Ok(())
     }
 
     fn statfs_of(&self) -> Res<libc::statvfs> {
@@ -427,19 +401,32 @@ impl Filesystem for Passthrough {
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        reply.opened(FileHandle(0), FopenFlags::empty());
+        reply.opened(FileHandle(self.open_dir()), FopenFlags::empty());
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.release_dir(fh);
+        reply.ok();
     }
 
     fn readdir(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        answer!(self.readdir_of(ino, offset, &mut reply), reply, |_v| reply
-            .ok());
+        answer!(self.read_dir(ino, fh, offset, &mut reply), reply, |_v| {
+            reply.ok()
+        });
     }
 
     fn fsyncdir(
