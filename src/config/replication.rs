@@ -44,7 +44,8 @@ pub enum Capture {
     Fuse,
 }
 
-/// When a sync (fsync, fdatasync, msync, an `O_DSYNC` write) through the FUSE mount returns.
+/// When a sync (fsync of a file or a directory, fdatasync, msync, an `O_DSYNC` write) through
+/// the FUSE mount returns.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Ack {

@@ -104,6 +104,48 @@ fn issue12_promote_after_the_hot_degraded_says_the_copy_may_lack_data() {
     );
 }
 
+/// A directory's fsync is a sync like a file's: with durable acks it returns once the cold
+/// side has the names made and moved before it (a rename then an fsync of its directory, the
+/// usual way to make a rename durable). With the cold agent stopped and `block`, it waits.
+#[test]
+fn issue12_durable_a_directory_fsync_waits_for_the_cold_side_as_a_file_fsync_does() {
+    if !require_root("issue12_fsyncdir", "FUSE mounts") {
+        return;
+    }
+    let (p, _guard, mnt) =
+        fuse_pair_started("ack = \"durable\"\npeer_timeout_ms = 500\non_peer_loss = \"block\"");
+    fs::create_dir(mnt.join("d")).unwrap();
+    fs::File::open(mnt.join("d")).unwrap().sync_all().unwrap();
+    assert!(
+        p.cold.data.join("d").is_dir(),
+        "the fsync of d returned before the cold side had d"
+    );
+    p.signal("cold", libc::SIGSTOP);
+    fs::write(mnt.join("d/a.tmp"), b"renamed, then its directory synced").unwrap();
+    fs::rename(mnt.join("d/a.tmp"), mnt.join("d/a")).unwrap();
+    let dir = mnt.join("d");
+    let syncer = std::thread::spawn(move || fs::File::open(dir).unwrap().sync_all());
+    // three timeouts: a sync that did not wait would have returned long since
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !syncer.is_finished(),
+        "the directory's fsync returned without the cold side"
+    );
+    p.signal("cold", libc::SIGCONT);
+    assert!(
+        wait_until(Duration::from_secs(10), || syncer.is_finished()),
+        "the directory's fsync did not return once the cold side was back\n{}",
+        p.logs()
+    );
+    syncer.join().unwrap().unwrap();
+    // returned: the cold side has the rename
+    assert_eq!(
+        fs::read(p.cold.data.join("d/a")).unwrap(),
+        b"renamed, then its directory synced"
+    );
+    assert!(!p.cold.data.join("d/a.tmp").exists());
+}
+
 #[test]
 fn issue12_block_a_durable_sync_waits_for_a_stopped_cold_agent_and_returns_when_it_is_back() {
     if !require_root("issue12_block", "FUSE mounts") {

@@ -440,7 +440,12 @@ impl Filesystem for Passthrough {
         let r = self
             .rel(ino)
             .and_then(|rel| Ok(File::open(self.abs(&rel))?.sync_all()?));
-        answer!(r, reply, |_v| reply.ok());
+        // durable: as a file's, waits for the cold side (the names made, moved or removed
+        // before it are fsynced there too, in their directories)
+        answer!(r, reply, |_v| match &self.durable {
+            None => reply.ok(),
+            Some(d) => d.answer(Box::new(move || reply.ok())),
+        });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
