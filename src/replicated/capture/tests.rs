@@ -2199,3 +2199,40 @@ fn issue12_a_listing_through_the_mount_gives_every_untouched_name_once() {
         missing.first()
     );
 }
+
+/// Issue 12: a symlink whose target is not UTF-8 is refused at the call (`EINVAL`, as such a
+/// name is), not made on the hot side alone: the op stream cannot carry its target, and the
+/// copies would differ without an error anywhere.
+#[test]
+fn issue12_a_symlink_the_op_stream_cannot_carry_is_refused_through_the_mount() {
+    use std::os::unix::ffi::OsStrExt;
+    if !crate::sys::is_root() || !std::path::Path::new("/dev/fuse").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root with /dev/fuse"
+        );
+        eprintln!("skipped: a FUSE mount needs root and /dev/fuse");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let hot = tmp.path().canonicalize().unwrap().join("hot");
+    fs::create_dir(&hot).unwrap();
+    let mnt = tmp.path().join("mnt");
+    let (tx, rx) = crossbeam_channel::bounded(64);
+    let namespace = std::sync::Arc::new(std::sync::RwLock::new(()));
+    let capture = super::fuse::mount(&hot, &mnt, tx, None, (None, namespace)).unwrap();
+    let target = std::ffi::OsStr::from_bytes(b"journal-\xff");
+    let err = std::os::unix::fs::symlink(target, mnt.join("l")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
+    std::os::unix::fs::symlink("journal", mnt.join("m")).unwrap();
+    capture.stop();
+    assert!(
+        fs::symlink_metadata(hot.join("l")).is_err(),
+        "made on the hot side"
+    );
+    let events: Vec<FsEvent> = rx.try_iter().collect();
+    assert!(
+        matches!(&events[..], [FsEvent::Linked { path, target, .. }] if path == "m" && target == "journal"),
+        "{events:?}"
+    );
+}

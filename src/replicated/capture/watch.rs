@@ -56,8 +56,8 @@ pub enum FsEvent {
         edge: u64,
     },
     /// From the FUSE capture: something at `path` (relative) changed that the call cannot
-    /// describe exactly (a symlink target the op stream cannot carry, a change of attributes that failed part way):
-    /// the scanner reads what the path holds when it handles the event.
+    /// describe exactly (a change of attributes that failed part way, or whose path was gone
+    /// when it looked): the scanner reads what the path holds when it handles the event.
     Changed(String),
     /// From the FUSE capture: the entry at `path` (relative), and everything below it, was
     /// removed (`unlink`, `rmdir`).

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use fuser::{Errno, FileAttr, INodeNo, RenameFlags, Request};
 
-use crate::replicated::capture::fuse::passthrough::{Passthrough, Res};
+use crate::replicated::capture::fuse::passthrough::{utf8, Passthrough, Res};
 use crate::replicated::capture::fuse::sys::{self, MODE_BITS};
 use crate::replicated::capture::watch::FsEvent;
 use crate::replicated::pages::Attrs;
@@ -52,7 +52,7 @@ enum Made<'a> {
     /// A directory.
     Dir,
     /// A symlink to this target.
-    Link(&'a Path),
+    Link(&'a str),
 }
 
 impl Passthrough {
@@ -101,14 +101,10 @@ impl Passthrough {
                         edge: 0,
                     },
                     Made::Dir => FsEvent::MadeDir { path, attrs },
-                    Made::Link(target) => match target.to_str() {
-                        Some(t) => FsEvent::Linked {
-                            path,
-                            target: t.to_owned(),
-                            attrs,
-                        },
-                        // a target the op stream cannot carry: the scanner's reading skips it
-                        None => FsEvent::Changed(path),
+                    Made::Link(target) => FsEvent::Linked {
+                        path,
+                        target: target.to_owned(),
+                        attrs,
                     },
                 });
                 Ok(a)
@@ -159,6 +155,8 @@ impl Passthrough {
         name: &OsStr,
         target: &Path,
     ) -> Res<FileAttr> {
+        // a target the op stream cannot carry is refused, as such a name is
+        let target = utf8(target.as_os_str())?;
         let _order = self.order.write().expect("order lock");
         let rel = self.child_of(parent, name)?;
         std::os::unix::fs::symlink(target, self.abs(&rel))?;
