@@ -2035,6 +2035,30 @@ proptest! {
     }
 }
 
+/// Serves `hot` (canonical) at `mnt` as the FUSE capture does, without a scanner: the events
+/// the calls queue are the receiver's. `None` (the test skips, saying so) without root or
+/// /dev/fuse, which CI has.
+fn fuse_mount(
+    hot: &std::path::Path,
+    mnt: &std::path::Path,
+) -> Option<(
+    super::fuse::FuseCapture,
+    crossbeam_channel::Receiver<FsEvent>,
+)> {
+    if !crate::sys::is_root() || !std::path::Path::new("/dev/fuse").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root with /dev/fuse"
+        );
+        eprintln!("skipped: a FUSE mount needs root and /dev/fuse");
+        return None;
+    }
+    let (tx, rx) = crossbeam_channel::bounded(4096);
+    let namespace = std::sync::Arc::new(std::sync::RwLock::new(()));
+    let capture = super::fuse::mount(hot, mnt, tx, None, (None, namespace)).unwrap();
+    Some((capture, rx))
+}
+
 /// Issue 12: `mknod(2)` of a regular file through the mount queues the new node with its open
 /// handle, as `create` does. Its event once named only the path, and a scanner running behind
 /// the calls read whatever was there by then: here a directory, so the cold side had a
@@ -2044,20 +2068,12 @@ proptest! {
 fn issue12_a_node_made_by_mknod_reaches_the_cold_side_as_the_call_left_it() {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::OpenOptionsExt;
-    if !crate::sys::is_root() || !std::path::Path::new("/dev/fuse").exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root with /dev/fuse"
-        );
-        eprintln!("skipped: a FUSE mount needs root and /dev/fuse");
-        return;
-    }
     let mut r = Rig::build(true);
     let mnt = r._tmp.path().join("mnt");
-    let (tx, rx) = crossbeam_channel::bounded(64);
-    let namespace = std::sync::Arc::new(std::sync::RwLock::new(()));
     let hot = r.hot.canonicalize().unwrap();
-    let capture = super::fuse::mount(&hot, &mnt, tx, None, (None, namespace)).unwrap();
+    let Some((capture, rx)) = fuse_mount(&hot, &mnt) else {
+        return;
+    };
     let mut steps = Vec::new();
     let mut step = |what: &'static str| {
         let events: Vec<FsEvent> = rx.try_iter().collect();
@@ -2099,14 +2115,6 @@ fn issue12_a_node_made_by_mknod_reaches_the_cold_side_as_the_call_left_it() {
 /// the setting is made after that answer), and what it reads is the backing file's bytes.
 #[test]
 fn issue12_the_mount_reads_ahead_in_large_requests() {
-    if !crate::sys::is_root() || !std::path::Path::new("/dev/fuse").exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root with /dev/fuse"
-        );
-        eprintln!("skipped: a FUSE mount needs root and /dev/fuse");
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let hot = tmp.path().canonicalize().unwrap().join("hot");
     fs::create_dir(&hot).unwrap();
@@ -2116,9 +2124,9 @@ fn issue12_the_mount_reads_ahead_in_large_requests() {
         .for_each(|(i, b)| *b = u8::try_from(i % 251).unwrap());
     fs::write(hot.join("j"), &data).unwrap();
     let mnt = tmp.path().join("mnt");
-    let (tx, _rx) = crossbeam_channel::bounded(64);
-    let namespace = std::sync::Arc::new(std::sync::RwLock::new(()));
-    let capture = super::fuse::mount(&hot, &mnt, tx, None, (None, namespace)).unwrap();
+    let Some((capture, _rx)) = fuse_mount(&hot, &mnt) else {
+        return;
+    };
     assert_eq!(
         super::fuse::read_ahead_kb(&mnt).unwrap(),
         super::fuse::READ_AHEAD_KB
@@ -2136,14 +2144,6 @@ fn issue12_the_mount_reads_ahead_in_large_requests() {
 #[test]
 fn issue12_a_listing_through_the_mount_gives_every_untouched_name_once() {
     use std::collections::BTreeMap;
-    if !crate::sys::is_root() || !std::path::Path::new("/dev/fuse").exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root with /dev/fuse"
-        );
-        eprintln!("skipped: a FUSE mount needs root and /dev/fuse");
-        return;
-    }
     const NAMES: usize = 3000;
     const REMOVED: usize = 300;
     let tmp = tempfile::tempdir().unwrap();
@@ -2153,9 +2153,9 @@ fn issue12_a_listing_through_the_mount_gives_every_untouched_name_once() {
         fs::File::create(hot.join(format!("d/{i:05}.page"))).unwrap();
     }
     let mnt = tmp.path().join("mnt");
-    let (tx, rx) = crossbeam_channel::bounded(4096);
-    let namespace = std::sync::Arc::new(std::sync::RwLock::new(()));
-    let capture = super::fuse::mount(&hot, &mnt, tx, None, (None, namespace)).unwrap();
+    let Some((capture, rx)) = fuse_mount(&hot, &mnt) else {
+        return;
+    };
     let listed = |d: &std::path::Path| -> Vec<String> {
         fs::read_dir(d)
             .unwrap()
@@ -2206,21 +2206,13 @@ fn issue12_a_listing_through_the_mount_gives_every_untouched_name_once() {
 #[test]
 fn issue12_a_symlink_the_op_stream_cannot_carry_is_refused_through_the_mount() {
     use std::os::unix::ffi::OsStrExt;
-    if !crate::sys::is_root() || !std::path::Path::new("/dev/fuse").exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root with /dev/fuse"
-        );
-        eprintln!("skipped: a FUSE mount needs root and /dev/fuse");
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let hot = tmp.path().canonicalize().unwrap().join("hot");
     fs::create_dir(&hot).unwrap();
     let mnt = tmp.path().join("mnt");
-    let (tx, rx) = crossbeam_channel::bounded(64);
-    let namespace = std::sync::Arc::new(std::sync::RwLock::new(()));
-    let capture = super::fuse::mount(&hot, &mnt, tx, None, (None, namespace)).unwrap();
+    let Some((capture, rx)) = fuse_mount(&hot, &mnt) else {
+        return;
+    };
     let target = std::ffi::OsStr::from_bytes(b"journal-\xff");
     let err = std::os::unix::fs::symlink(target, mnt.join("l")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
