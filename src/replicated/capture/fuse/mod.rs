@@ -1,13 +1,13 @@
 //! The FUSE capture (`capture = "fuse"`): on the hot host the agent serves `data_dir` at
 //! `[replication] mount_point` as a passthrough filesystem, and `${BASE_DIR}/artemis` links
-//! to the mount. Every call the node makes is applied to `data_dir` (`passthrough.rs`, `names.rs`,
-//! `data.rs`; listings in `dirs.rs`, nodes and paths in `inodes.rs`, system calls in `sys.rs`), and each mutation
-//! queues an [`FsEvent`] that says what it did (`Wrote` with the exact range, `Resized`,
-//! `MadeDir`, `Linked`, `Removed`, `AttrsSet`, `Renamed`) to the scanner in call order,
-//! through the same bounded channel the watch capture uses. The scanner turns them into the
-//! same ops as the watch capture's events without reading the paths they name, and nothing
-//! is missed between rescans: native AIO on `O_DIRECT` files and write-back from a shared
-//! mmap reach the daemon as `write` calls like any other.
+//! to the mount. Every call the node makes is applied to `data_dir` (`passthrough.rs`,
+//! `names.rs`, `data.rs`; listings in `dirs.rs`, nodes and paths in `inodes.rs`, system calls
+//! in `sys.rs`), and each mutation queues an [`FsEvent`] that says what it did (`Wrote` with
+//! the exact range, `Resized`, `MadeDir`, `Linked`, `Removed`, `AttrsSet`, `Renamed`) to the
+//! scanner in call order, through the same bounded channel the watch capture uses. The
+//! scanner turns them into the same ops as the watch capture's events without reading the
+//! paths they name, and nothing is missed between rescans: native AIO on `O_DIRECT` files and
+//! write-back from a shared mmap reach the daemon as `write` calls like any other.
 //!
 //! Lifecycle: [`mount`] when the host turns hot, [`FuseCapture::stop`] when it stops being
 //! hot (after the node is stopped). A mount left by an agent that was killed answers every
