@@ -342,8 +342,9 @@ pub(super) fn random_writes(s: &Settings, rss: &mut (f64, f64)) -> Result<Value,
 const JOURNAL_LOAD_READ_BYTES: usize = 1 << 20;
 
 /// Reads every file of the tree under `dir` to its end, [`JOURNAL_LOAD_READ_BYTES`] at a
-/// time, opened with `flags` (`O_DIRECT`: into a page-aligned buffer); the MB/s.
-fn read_tree(dir: &Path, files: usize, flags: i32) -> Result<f64, BenchError> {
+/// time, opened with `flags` (`O_DIRECT`: into a page-aligned buffer); the MB/s, or an error
+/// if the files did not hold the tree's `expected` bytes.
+fn read_tree(dir: &Path, files: usize, flags: i32, expected: u64) -> Result<f64, BenchError> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut backing = vec![0u8; JOURNAL_LOAD_READ_BYTES + 4096];
     let skip = backing.as_ptr().align_offset(4096);
@@ -366,7 +367,14 @@ fn read_tree(dir: &Path, files: usize, flags: i32) -> Result<f64, BenchError> {
         }
         bytes += at;
     }
-    Ok(bytes as f64 / 1e6 / t0.elapsed().as_secs_f64())
+    let took = t0.elapsed();
+    if bytes != expected {
+        return Err(BenchError::Step {
+            step: "journal load".into(),
+            message: format!("read {bytes} bytes of {expected} from {}", dir.display()),
+        });
+    }
+    Ok(bytes as f64 / 1e6 / took.as_secs_f64())
 }
 
 /// The median of `v` (not empty).
@@ -397,13 +405,13 @@ pub(super) fn journal_load(s: &Settings, rss: &mut (f64, f64)) -> Result<Value, 
     p.start_cold()?;
     p.start_hot()?;
     p.wait_synced(START_LIMIT)?;
-    let read_ahead_kb = mount_read_ahead_kb(&p.write_dir);
+    let read_ahead_kb = artemis_sync::replicated::capture::fuse::read_ahead_kb(&p.write_dir).ok();
     let (mut mount, mut direct, mut local) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..s.rounds.max(1) {
         warm_memory(&p.root, bytes)?;
-        mount.push(read_tree(&p.write_dir, s.files, 0)?);
-        direct.push(read_tree(&p.write_dir, s.files, libc::O_DIRECT)?);
-        local.push(read_tree(&p.hot_data, s.files, 0)?);
+        mount.push(read_tree(&p.write_dir, s.files, 0, bytes)?);
+        direct.push(read_tree(&p.write_dir, s.files, libc::O_DIRECT, bytes)?);
+        local.push(read_tree(&p.hot_data, s.files, 0, bytes)?);
     }
     let ratios: Vec<f64> = mount.iter().zip(&local).map(|(m, l)| m / l).collect();
     let hot_rss = finish(p, rss);
@@ -417,21 +425,4 @@ pub(super) fn journal_load(s: &Settings, rss: &mut (f64, f64)) -> Result<Value, 
         "read_ahead_kb": read_ahead_kb,
         "hot_rss_mb": hot_rss,
     }))
-}
-
-/// The read-ahead of the mount at `mnt` in KiB, from its backing device; null if unknown.
-fn mount_read_ahead_kb(mnt: &Path) -> Value {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(dev) = fs::metadata(mnt).map(|m| m.dev()) else {
-        return Value::Null;
-    };
-    let path = format!(
-        "/sys/class/bdi/{}:{}/read_ahead_kb",
-        libc::major(dev),
-        libc::minor(dev)
-    );
-    fs::read_to_string(path)
-        .ok()
-        .and_then(|t| t.trim().parse::<u64>().ok())
-        .map_or(Value::Null, |kb| json!(kb))
 }

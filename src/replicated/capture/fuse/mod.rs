@@ -183,9 +183,8 @@ fn set_read_ahead(mount_point: &Path, kb: u32) {
     }
 }
 
-/// The read-ahead of the FUSE mount at `mount_point`, in KiB.
-#[cfg(test)]
-pub(crate) fn read_ahead_kb(mount_point: &Path) -> io::Result<u32> {
+/// The read-ahead of the FUSE mount at `mount_point`, in KiB (the benchmark reports it).
+pub fn read_ahead_kb(mount_point: &Path) -> io::Result<u32> {
     fs::read_to_string(read_ahead_file(mount_point)?)?
         .trim()
         .parse()
