@@ -377,12 +377,6 @@ fn read_tree(dir: &Path, files: usize, flags: i32, expected: u64) -> Result<f64,
     Ok(bytes as f64 / 1e6 / took.as_secs_f64())
 }
 
-/// The median of `v` (not empty).
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// `journal_load`: the tree of `initial_sync` read whole through the hot side's mount, as a
 /// node starting after a failover loads its journal: buffered (Artemis' NIO journal; its
 /// MAPPED journal faults pages in through the same read-ahead) and with `O_DIRECT` (its
@@ -418,10 +412,10 @@ pub(super) fn journal_load(s: &Settings, rss: &mut (f64, f64)) -> Result<Value, 
     Ok(json!({
         "bytes": bytes,
         "rounds": mount.len(),
-        "mb_per_s": round(median(mount), 1),
-        "direct_mb_per_s": round(median(direct), 1),
-        "data_dir_mb_per_s": round(median(local), 1),
-        "ratio_vs_data_dir": round(median(ratios), 2),
+        "mb_per_s": median(mount).map(|m| round(m, 1)),
+        "direct_mb_per_s": median(direct).map(|m| round(m, 1)),
+        "data_dir_mb_per_s": median(local).map(|m| round(m, 1)),
+        "ratio_vs_data_dir": median(ratios).map(|m| round(m, 2)),
         "read_ahead_kb": read_ahead_kb,
         "hot_rss_mb": hot_rss,
     }))

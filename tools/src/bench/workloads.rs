@@ -29,12 +29,9 @@ pub(super) fn initial_sync(
     }
     let _ = fs::remove_dir_all(&stash);
     let med = |key: &str| -> Value {
-        let mut v: Vec<f64> = runs.iter().filter_map(|r| r[key].as_f64()).collect();
-        if v.is_empty() {
-            return Value::Null;
-        }
-        v.sort_by(f64::total_cmp);
-        json!(v[v.len() / 2])
+        json!(median(
+            runs.iter().filter_map(|r| r[key].as_f64()).collect()
+        ))
     };
     let ours_s = med("seconds");
     let rsync_reason = runs

@@ -71,29 +71,38 @@ impl Passthrough {
         reply: &mut ReplyDirectory,
     ) -> Res<()> {
         let rel = self.rel(ino)?;
-        // taken out while it is read: the table is not held across the backing reads
+        // taken out while it is read (the table is not held across the backing reads), and
+        // put back whatever happens
         let taken = self.dirs.lock().expect("directory table").remove(&fh.0);
         let mut stream = match taken {
             Some(s) if s.entries.is_some() && s.next == offset => s,
             Some(_) => DirStream::default(),
             None => return Err(Errno::EBADF),
         };
-        if stream.entries.is_none() {
-            let mut entries = fs::read_dir(self.abs(&rel))?;
-            for _ in 2..offset {
-                if next_entry(&mut entries)?.is_none() {
-                    break;
-                }
-            }
-            stream.entries = Some(entries);
-            stream.next = offset;
-        }
-        let filled = self.fill(ino, &rel, &mut stream, reply);
+        let filled = self
+            .start_at(&rel, &mut stream, offset)
+            .and_then(|()| self.fill(ino, &rel, &mut stream, reply));
         self.dirs
             .lock()
             .expect("directory table")
             .insert(fh.0, stream);
         filled
+    }
+
+    /// Opens `stream` at `offset` of the listing of `rel` unless it is open there already.
+    fn start_at(&self, rel: &str, stream: &mut DirStream, offset: u64) -> Res<()> {
+        if stream.entries.is_some() {
+            return Ok(());
+        }
+        let mut entries = fs::read_dir(self.abs(rel))?;
+        for _ in 2..offset {
+            if next_entry(&mut entries)?.is_none() {
+                break;
+            }
+        }
+        stream.entries = Some(entries);
+        stream.next = offset;
+        Ok(())
     }
 
     /// Adds `stream`'s entries to `reply` until it is full or the listing ends.

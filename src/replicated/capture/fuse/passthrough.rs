@@ -171,6 +171,15 @@ impl Passthrough {
         ))
     }
 
+    /// Answers a sync (of a file or a directory) whose local part is done: at once, or with
+    /// durable acks once the cold side has acknowledged (given by whoever sees it first).
+    fn synced(&self, reply: ReplyEmpty) {
+        match &self.durable {
+            None => reply.ok(),
+            Some(d) => d.answer(Box::new(move || reply.ok())),
+        }
+    }
+
     fn statfs_of(&self) -> Res<libc::statvfs> {
         Ok(sys::statvfs(&self.root)?)
     }
@@ -393,11 +402,7 @@ impl Filesystem for Passthrough {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // durable: the reply waits for the cold side's ack (given by whoever sees it first)
-        answer!(self.sync(fh, datasync), reply, |_v| match &self.durable {
-            None => reply.ok(),
-            Some(d) => d.answer(Box::new(move || reply.ok())),
-        });
+        answer!(self.sync(fh, datasync), reply, |_v| self.synced(reply));
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -440,12 +445,8 @@ impl Filesystem for Passthrough {
         let r = self
             .rel(ino)
             .and_then(|rel| Ok(File::open(self.abs(&rel))?.sync_all()?));
-        // durable: as a file's, waits for the cold side (the names made, moved or removed
-        // before it are fsynced there too, in their directories)
-        answer!(r, reply, |_v| match &self.durable {
-            None => reply.ok(),
-            Some(d) => d.answer(Box::new(move || reply.ok())),
-        });
+        // as a file's: the names made, moved or removed before it are synced on the cold side
+        answer!(r, reply, |_v| self.synced(reply));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
