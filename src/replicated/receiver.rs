@@ -180,6 +180,8 @@ pub enum ReceiveError {
     Index(#[source] PagesError),
     /// batch {seq} could not be applied: the hot side resyncs from our index
     Resync { seq: u64 },
+    /// frames kept failing their authentication code while batch {seq} was asked for again: the hot side resyncs from our index
+    BadMacAgain { seq: u64 },
     /// the apply thread is gone
     ApplyGone,
     /// no frame for {0:?}: the hot side is gone

@@ -545,6 +545,8 @@ enum Flip {
     /// In the header of the first batch frame (its sequence number), the stream's frames
     /// read as they pass (`len | body | 16-byte MAC` after the PSK handshake's two frames).
     BatchHeader,
+    /// As [`Flip::BatchHeader`], and again in the next frame of the same batch: its resend.
+    BatchAndItsResend,
 }
 
 /// Bytes of the PSK handshake frames the hot side sends before its frames carry a MAC
@@ -555,9 +557,16 @@ const PSK_HANDSHAKE_BYTES: usize = (4 + 1 + 2 + 32) + (4 + 1 + 32);
 const BATCH_TYPE: u8 = 10;
 const BATCH_SEQ_AT: usize = 1 + 4;
 
-/// Flips `flip` in `buf`, the bytes from `seen` on of the stream, if it falls there;
-/// `frame_at` is where the next whole frame starts (for [`Flip::BatchHeader`]).
-fn flip_in(flip: Flip, buf: &mut [u8], seen: usize, frame_at: &mut usize) -> bool {
+/// Flips `flip` in `buf`, the bytes from `seen` on of the stream, if it falls there; true
+/// once every flip is made. `frame_at` is where the next whole frame starts, `first` the
+/// sequence number of the batch flipped first (for the batch flips).
+fn flip_in(
+    flip: Flip,
+    buf: &mut [u8],
+    seen: usize,
+    frame_at: &mut usize,
+    first: &mut Option<u64>,
+) -> bool {
     match flip {
         Flip::At(at) => {
             let hit = (seen..seen + buf.len()).contains(&at);
@@ -566,16 +575,26 @@ fn flip_in(flip: Flip, buf: &mut [u8], seen: usize, frame_at: &mut usize) -> boo
             }
             hit
         }
-        Flip::BatchHeader => {
+        Flip::BatchHeader | Flip::BatchAndItsResend => {
             // the caller hands over whole frames from `frame_at` on
             while *frame_at + 4 <= seen + buf.len() {
                 let i = *frame_at - seen;
                 let len = u32::from_le_bytes(buf[i..i + 4].try_into().unwrap()) as usize;
-                if buf[i + 4] == BATCH_TYPE {
-                    buf[i + 4 + BATCH_SEQ_AT] ^= 0x10;
-                    return true;
-                }
                 *frame_at += 4 + len + 16;
+                if buf[i + 4] != BATCH_TYPE {
+                    continue;
+                }
+                let at = i + 4 + BATCH_SEQ_AT;
+                let seq = u64::from_le_bytes(buf[at..at + 8].try_into().unwrap());
+                match (flip, *first) {
+                    (Flip::BatchAndItsResend, None) => *first = Some(seq),
+                    (Flip::BatchAndItsResend, Some(s)) if s != seq => continue,
+                    _ => {
+                        buf[at] ^= 0x10;
+                        return true;
+                    }
+                }
+                buf[at] ^= 0x10;
             }
             false
         }
@@ -601,6 +620,7 @@ fn flipping_proxy(listener: TcpListener, target: u16, flip: Flip) -> Arc<AtomicB
                 // bytes read but not forwarded: whole frames go on, for BatchHeader
                 let mut held: Vec<u8> = Vec::new();
                 let (mut seen, mut frame_at) = (0usize, PSK_HANDSHAKE_BYTES);
+                let mut first = None;
                 while let Ok(n) = client.read(&mut buf) {
                     if n == 0 {
                         break;
@@ -612,7 +632,7 @@ fn flipping_proxy(listener: TcpListener, target: u16, flip: Flip) -> Arc<AtomicB
                         whole_frames(flip, &held, seen, frame_at)
                     };
                     if !f3.load(Ordering::SeqCst)
-                        && flip_in(flip, &mut held[..ready], seen, &mut frame_at)
+                        && flip_in(flip, &mut held[..ready], seen, &mut frame_at, &mut first)
                     {
                         f3.store(true, Ordering::SeqCst);
                     }
@@ -687,6 +707,18 @@ fn issue4_a_byte_flipped_in_transit_fails_the_mac_and_is_resent() {
         "psk",
         Flip::BatchHeader,
         "failed its authentication code",
+    );
+}
+
+/// A batch damaged again when it is resent: the cold side, whose request for it is out,
+/// ends the stream (it once waited for an answer that could not come, skipping every later
+/// batch unanswered while heartbeats kept the stream open), and the hot side resyncs.
+#[test]
+fn issue4_a_batch_damaged_again_when_resent_ends_the_stream_and_converges() {
+    corrupted_frame_is_rejected_and_resent(
+        "psk",
+        Flip::BatchAndItsResend,
+        "was asked for again; ending the stream",
     );
 }
 

@@ -202,6 +202,14 @@ impl Inbound<'_> {
             Err(ProtoError::BadMac { seq }) => {
                 stats.mac_failures.fetch_add(1, Ordering::Relaxed);
                 let next = stats.applied_seq.load(Ordering::Relaxed) + 1;
+                if self.rejecting {
+                    // a Nack is out and unanswered by an applied batch: the resent batch may be
+                    // the frame that failed, and the batches after it are skipped unanswered
+                    // until it applies. Asking again cannot be told apart from the first
+                    // request; a new connection, whose index the hot side resyncs from, can
+                    tracing::error!(frame = seq, "another frame failed its authentication code while batch {next} was asked for again; ending the stream");
+                    return Err(ReceiveError::BadMacAgain { seq: next });
+                }
                 tracing::error!(frame = seq, "a frame failed its authentication code and was dropped; asking for batch {next} again");
                 let reason = "a frame failed its authentication code".into();
                 self.nack(next, reason).await?;
