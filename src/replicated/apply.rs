@@ -316,14 +316,30 @@ impl Applier {
         self
     }
 
-    /// Reads the memo a clean stop left; one that is missing costs nothing, one that cannot
-    /// be used is said and ignored (the index hashes what it would have vouched for).
+    /// Reads the memo a clean stop left, and removes it (durably) before anything is applied:
+    /// a memo vouches only for the start right after the stop that wrote it. After a crash a
+    /// page's new data may be on the disk while the file's new ctime is not (`fdatasync`
+    /// leaves timestamps to the file system's journal), and an older memo whose stamp the
+    /// old ctime matches would vouch for the page as it was. One that is missing costs
+    /// nothing; one that cannot be used, or removed, is said and not used (the index hashes
+    /// what it would have vouched for).
     fn load_memo(&mut self) {
-        let Some(path) = &self.memo_file else { return };
+        let Some(path) = self.memo_file.clone() else {
+            return;
+        };
         if !path.exists() {
             return;
         }
-        match self.memo.load(path) {
+        let loaded = self.memo.load(&path);
+        if let Err(e) = remove_durably(&path) {
+            self.memo = PageMemo::new(self.page_size).with_min_pages(self.memo.min_pages);
+            tracing::warn!(
+                file = %path.display(),
+                "cannot remove the page memo after reading it, so it is not used (the next index hashes every file): {e}"
+            );
+            return;
+        }
+        match loaded {
             Ok(()) => {
                 let (files, pages) = self.memo.size();
                 tracing::info!(file = %path.display(), files, pages, "read the page memo the last clean stop left");
@@ -844,6 +860,13 @@ impl Applier {
 }
 
 /// `a/b/c`, `a/b`, `a`.
+/// Removes `path` and fsyncs its directory: gone for good, whatever happens next.
+fn remove_durably(path: &Path) -> io::Result<()> {
+    fs::remove_file(path)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
+}
+
 fn ancestors_or_self(rel: &str) -> impl Iterator<Item = &str> {
     std::iter::successors(Some(rel), |p| p.rfind('/').map(|i| &p[..i]))
 }

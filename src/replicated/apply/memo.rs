@@ -18,8 +18,11 @@
 //! drops the entry.
 //!
 //! Across restarts: a clean stop writes the memo to `<state_file>.pages` (checksummed,
-//! written aside and renamed into place), and the next start reads it; the same stamp rule
-//! decides what of it counts, so an old or foreign file costs hashing, never a wrong index.
+//! written aside and renamed into place), and the next start reads it and removes it before
+//! applying anything, so a crash later leaves no memo (after a crash a page's data may be on
+//! the disk while its file's new ctime is not, and an older stamp would match again); the
+//! same stamp rule decides what of it counts, so an old or foreign file costs hashing,
+//! never a wrong index.
 //! Memory: 17 bytes a page, at most [`MEMO_MAX_PAGES`] pages (the rest is hashed each time),
 //! for files of at least [`MEMO_MIN_PAGES`] pages: a tree of many small files costs no memory
 //! per file (they are read at each index, as without a memo).
@@ -90,6 +93,12 @@ impl PageMemo {
         }
     }
 
+    /// The same memo keeping files of at least `n` pages.
+    pub(crate) fn with_min_pages(mut self, n: usize) -> Self {
+        self.min_pages = n;
+        self
+    }
+
     /// Files and pages held.
     pub(crate) fn size(&self) -> (usize, usize) {
         (self.files.len(), self.pages)
@@ -128,21 +137,33 @@ impl PageMemo {
             self.remove_one(&rel);
             return false;
         }
-        let old = self.files.get(&rel).map_or(0, |o| o.pages.len());
-        if self.pages - old + n > MEMO_MAX_PAGES {
-            if !self.full_said {
-                self.full_said = true;
-                tracing::info!(
-                    pages = MEMO_MAX_PAGES,
-                    "the page memo is full: the files beyond it are hashed in full at each index"
-                );
-            }
-            self.remove_one(&rel);
+        if !self.room_for(&rel, n) {
             return false;
         }
+        let old = self.files.get(&rel).map_or(0, |o| o.pages.len());
         self.pages = self.pages - old + n;
         self.files.insert(rel, m);
         true
+    }
+
+    /// Whether `rel` may have `n` pages within [`MEMO_MAX_PAGES`] (its own pages counted as
+    /// freed); if not, its entry is dropped (it is hashed in full at each index). Asked before
+    /// a file's pages are made, never after: a length is the peer's word, and a sparse file
+    /// of terabytes is a valid one whose slots would not fit in memory.
+    fn room_for(&mut self, rel: &str, n: usize) -> bool {
+        let old = self.files.get(rel).map_or(0, |o| o.pages.len());
+        if (self.pages - old).saturating_add(n) <= MEMO_MAX_PAGES {
+            return true;
+        }
+        if !self.full_said {
+            self.full_said = true;
+            tracing::info!(
+                pages = MEMO_MAX_PAGES,
+                "the page memo is full: the files beyond it are hashed in full at each index"
+            );
+        }
+        self.remove_one(rel);
+        false
     }
 
     fn remove_one(&mut self, rel: &str) -> Option<Memo> {
@@ -293,6 +314,9 @@ impl PageMemo {
         self.changing(rel);
         if created {
             let n = self.pages_of(len);
+            if !self.room_for(rel, n) {
+                return;
+            }
             let mut pages = vec![Some(self.zero_page); n];
             self.zero_tail(&mut pages, len);
             self.insert(
@@ -323,6 +347,9 @@ impl PageMemo {
         let zero = self.zero_page;
         let tail_zero = (!new.is_multiple_of(ps)).then(|| self.zeros(new % ps));
         let old_last = self.files.get(rel).map(|m| self.page_at(m.len));
+        if !self.files.contains_key(rel) || !self.room_for(rel, n) {
+            return;
+        }
         let Some(m) = self.files.get_mut(rel) else {
             return;
         };
@@ -350,9 +377,6 @@ impl PageMemo {
         }
         m.len = new;
         self.pages = self.pages - old_n + n;
-        if self.pages > MEMO_MAX_PAGES {
-            self.remove_one(rel);
-        }
     }
 
     /// `data_len` bytes of verified pages (`hashes`, full blake3) were written at `offset`.

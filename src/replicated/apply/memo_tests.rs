@@ -196,6 +196,58 @@ fn issue15_a_memo_saved_by_a_clean_stop_spares_the_next_index_every_read() {
     assert_eq!(read, 0, "every page vouched for");
 }
 
+/// A memo vouches for the start right after the clean stop that wrote it, never for a start
+/// after a crash that followed: it is gone from the disk once read, so a crash before the
+/// next clean stop leaves no memo (a page written after it may be on the disk while the
+/// file's new ctime is not, and the old stamp would match again).
+#[test]
+fn issue15_a_memo_is_removed_once_read_so_a_start_after_a_crash_reads_everything() {
+    let (_dir, root, memo) = saved_tree();
+    let mut b = memo_applier(&root, Some(memo.clone()));
+    b.load_memo();
+    assert_eq!(b.memo.size(), (3, 33), "read");
+    assert!(!memo.exists(), "removed once read");
+    // b is killed: no clean stop, no save. The next start has nothing to vouch with
+    drop(b);
+    let mut c = memo_applier(&root, Some(memo));
+    c.load_memo();
+    assert_eq!(c.memo.size(), (0, 0));
+    let (index, read) = c.index_for_test();
+    assert_eq!(index, index_tree(&root, PS).unwrap());
+    assert_eq!(read, 33, "every page read");
+}
+
+/// A memo that cannot be removed once read is not used: it would still be there after a
+/// crash.
+#[test]
+fn issue15_a_memo_that_cannot_be_removed_is_not_used() {
+    if !crate::sys::is_root() {
+        // (chattr +i needs CAP_LINUX_IMMUTABLE; CI runs as root)
+        assert!(std::env::var_os("CI").is_none(), "CI runs this as root");
+        return;
+    }
+    let (_dir, root, memo) = saved_tree();
+    let dir = memo.parent().unwrap().to_owned();
+    let chattr = |flag: &str| {
+        std::process::Command::new("chattr")
+            .arg(flag)
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    // an immutable directory: nothing in it can be removed, even by root
+    assert!(chattr("+i"), "chattr +i {}", dir.display());
+    let mut b = memo_applier(&root, Some(memo.clone()));
+    b.load_memo();
+    let kept = memo.exists();
+    assert!(chattr("-i"), "chattr -i {}", dir.display());
+    assert!(kept, "the directory was not immutable");
+    assert_eq!(b.memo.size(), (0, 0), "not used");
+    let (index, read) = b.index_for_test();
+    assert_eq!(index, index_tree(&root, PS).unwrap());
+    assert_eq!(read, 33, "every page read");
+}
+
 #[test]
 fn issue15_a_file_changed_behind_the_memo_is_read_again() {
     let (_dir, root, memo) = saved_tree();

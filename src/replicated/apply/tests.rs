@@ -512,3 +512,50 @@ fn a_failed_batch_leaves_its_files_and_entries_unsynced_until_the_next_index() {
     }
     assert_eq!(files, vec![("j/a".to_owned(), 1)]);
 }
+
+/// A file's length is the peer's word, and a sparse file of terabytes a valid one (ext4 takes
+/// 16 TiB): the page memo asks its budget before it makes a slot per page. 8 TiB was 2^31
+/// slots, 36 GiB asked of the allocator, and the cold agent aborted.
+#[test]
+fn issue15_a_huge_sparse_file_gets_no_memo_slot_per_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = applier(dir.path());
+    let ops = vec![Op::SetFile {
+        path: "big".into(),
+        len: 8 << 40,
+        mode: 0o644,
+    }];
+    let got = a.batch(1, ops);
+    assert!(matches!(got, Applied::Done { seq: 1, .. }), "{got:?}");
+    assert_eq!(fs::metadata(dir.path().join("big")).unwrap().len(), 8 << 40);
+    assert_eq!(
+        a.memo.size(),
+        (0, 0),
+        "a file beyond the budget is not kept"
+    );
+}
+
+/// The same through a write far past the end of a file the memo keeps: the entry is dropped
+/// before its slots would grow to the new end.
+#[test]
+fn issue15_a_write_far_past_the_end_gets_no_memo_slot_per_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = applier(dir.path());
+    let ops = vec![Op::SetFile {
+        path: "f".into(),
+        len: 64 * 4096,
+        mode: 0o644,
+    }];
+    assert!(matches!(a.batch(1, ops), Applied::Done { seq: 1, .. }));
+    assert_eq!(a.memo.size(), (1, 64), "a file within the budget is kept");
+    let got = a.batch(2, vec![write("f", 8 << 40, vec![1; 4096])]);
+    assert!(matches!(got, Applied::Done { seq: 2, .. }), "{got:?}");
+    assert_eq!(a.memo.size(), (0, 0), "dropped, not grown");
+    // what the memo no longer keeps is read from the disk at the next index, as without it
+    use std::io::{Read, Seek};
+    let mut f = File::open(dir.path().join("f")).unwrap();
+    let mut page = vec![0u8; 4096];
+    f.seek(io::SeekFrom::Start(8 << 40)).unwrap();
+    f.read_exact(&mut page).unwrap();
+    assert_eq!(page, vec![1; 4096]);
+}
