@@ -166,11 +166,12 @@ impl Scanner {
         }
     }
 
-    /// Whether `rel` or anything below it was read from the disk for an event since the
-    /// queue was last empty.
+    /// Whether `rel` or anything below it was read from the disk for an event, or by a walk,
+    /// since the queue was last empty.
     fn read_ahead_at(&self, rel: &str) -> bool {
         let below = format!("{rel}/");
-        self.read_ahead.contains(rel)
+        self.walked
+            || self.read_ahead.contains(rel)
             || self
                 .read_ahead
                 .range::<str, _>((
@@ -365,9 +366,10 @@ impl Scanner {
             // (the next connection's comparison reads everything)
             self.renamed.clear();
             self.read_ahead.clear();
+            self.walked = false;
             return;
         }
-        if self.renamed.is_empty() && self.read_ahead.is_empty() {
+        if self.renamed.is_empty() && self.read_ahead.is_empty() && !self.walked {
             return;
         }
         let lock = self.namespace.clone();
@@ -386,6 +388,7 @@ impl Scanner {
             self.flush_if_full();
         }
         self.read_ahead.clear();
+        self.walked = false;
     }
 
     /// `rel` and everything below it as the disk has them now.

@@ -314,6 +314,11 @@ pub(crate) struct Scanner {
     /// On the write path, the paths read from the disk for an event since the queue was last
     /// empty: what a rename of one of them moves may be what later calls left there.
     read_ahead: BTreeSet<String>,
+    /// On the write path, a walk (the comparison after a connection, the deep rescan, `verify`,
+    /// `drain`) read the disk since the queue was last empty: its events wait behind the walk,
+    /// which may have read what they made, so until then every rename is as one of a path in
+    /// [`Scanner::read_ahead`].
+    walked: bool,
     /// On the write path, the FUSE capture's namespace lock (held by every call that changes
     /// the tree, with its event sent): held for reading, nothing is in flight.
     namespace: Option<Arc<RwLock<()>>>,
@@ -399,6 +404,7 @@ impl Scanner {
             dirty: BTreeSet::new(),
             renamed: BTreeSet::new(),
             read_ahead: BTreeSet::new(),
+            walked: false,
             namespace: None,
             next_dirty: now + cfg.rescan / 2,
             open_files: FileCache::default(),
@@ -594,6 +600,7 @@ impl Scanner {
         let mut wake = if !self.pending_from.is_empty()
             || !self.renamed.is_empty()
             || !self.read_ahead.is_empty()
+            || self.walked
         {
             Instant::now() + RENAME_POLL
         } else if self.exact_events {
@@ -629,6 +636,10 @@ impl Scanner {
     /// Hashes in full the files whose events the append window could not explain.
     fn rehash_dirty(&mut self) {
         for rel in std::mem::take(&mut self.dirty) {
+            if self.exact_events {
+                // (read now: ahead of the events queued, as `check_path` reads)
+                self.read_ahead.insert(rel.clone());
+            }
             self.scan_file(&rel, true);
             self.flush_if_full();
         }
@@ -676,9 +687,10 @@ impl Scanner {
         self.table = index;
         self.seen.clear();
         self.cursors.clear();
-        // (the comparison below reads everything)
+        // (the comparison below reads everything, and marks that it did)
         self.renamed.clear();
         self.read_ahead.clear();
+        self.walked = false;
         self.ops.clear();
         self.allocations.clear();
         self.data = 0;

@@ -30,6 +30,10 @@ impl Scanner {
         self.walk = Some(WalkPos::start());
         self.walk(deep);
         self.finish_walk();
+        // on the write path the events during the walk were not folded into it: they wait,
+        // and the walk may have read what they made (a file renamed on and another made in
+        // its place): their renames are reconciled at the next quiet point
+        self.walked |= self.exact_events;
     }
 
     /// Scans every directory whose attributes the table does not have, every symlink, and

@@ -64,6 +64,8 @@ impl Rig {
             gen: 1,
             index: TreeIndex::default(),
         });
+        // the loop's next round, with nothing queued: a quiet point after the comparison
+        scanner.reconcile_renamed();
         let mut rig = Rig {
             _tmp: tmp,
             hot,
@@ -136,6 +138,7 @@ impl Rig {
     /// metadata changed, and of dirty files).
     fn rescan(&mut self) {
         self.scanner.full_scan(false);
+        self.scanner.reconcile_renamed();
         self.pump();
     }
 
@@ -2227,4 +2230,138 @@ fn issue12_a_symlink_the_op_stream_cannot_carry_is_refused_through_the_mount() {
         matches!(&events[..], [FsEvent::Linked { path, target, .. }] if path == "m" && target == "journal"),
         "{events:?}"
     );
+}
+
+/// On the write path a walk (the deep rescan, every `deep_rescan_interval_ms`; the comparison
+/// after each connection; `verify`; `drain`) reads the disk ahead of the events queued behind
+/// it. A file renamed on during the walk and another made at its old name: the walk read the
+/// new one there, and the rename's event, handled after the walk, moved that reading onto the
+/// new name. The cold side kept the wrong file there until the next deep rescan.
+#[test]
+fn issue12_a_rename_during_a_walk_does_not_move_what_the_walk_read_ahead() {
+    use std::sync::{Arc, Mutex};
+    let mut r = Rig::build(true);
+    fs::write(r.hot.join("a"), vec![1u8; 5 * 512]).unwrap();
+    r.fs_all(vec![FsEvent::Changed("a".into())]);
+    assert!(r.same());
+    // during the walk (before it lists the root), the node renames `a` to `b` and creates a
+    // new `a`: their events are queued behind the walk
+    let queued: Arc<Mutex<Vec<FsEvent>>> = Arc::default();
+    let (hot, q) = (r.hot.clone(), queued.clone());
+    let mut done = false;
+    r.scanner.fold_hook = Some(Box::new(move || {
+        if std::mem::replace(&mut done, true) {
+            return;
+        }
+        let mut q = q.lock().unwrap();
+        fs::rename(hot.join("a"), hot.join("b")).unwrap();
+        q.push(FsEvent::Renamed {
+            from: "a".into(),
+            to: "b".into(),
+        });
+        let f = Arc::new(
+            fs::OpenOptions::new()
+                .create_new(true)
+                .read(true)
+                .write(true)
+                .open(hot.join("a"))
+                .unwrap(),
+        );
+        q.push(FsEvent::Resized {
+            path: "a".into(),
+            file: f.clone(),
+            edge: 0,
+        });
+        f.write_all_at(&vec![2u8; 3 * 512], 0).unwrap();
+        q.push(FsEvent::Wrote {
+            path: "a".into(),
+            file: f,
+            offset: 0,
+            len: 3 * 512,
+        });
+    }));
+    // the deep rescan, as `timers()` runs it
+    r.scanner.full_scan(true);
+    r.pump();
+    r.scanner.fold_hook = None;
+    let events = std::mem::take(&mut *queued.lock().unwrap());
+    assert_eq!(events.len(), 3);
+    // then the events queued meanwhile, and a quiet point
+    r.fs_all(events);
+    assert_eq!(fs::read(r.hot.join("b")).unwrap(), vec![1u8; 5 * 512]);
+    let summary = |p: PathBuf| {
+        let b = fs::read(p).unwrap();
+        (b.len(), b.first().copied())
+    };
+    assert_eq!(
+        summary(r.cold.join("b")),
+        summary(r.hot.join("b")),
+        "(len, first byte) of `b`: the cold `b` is the new `a`, not the file renamed there"
+    );
+    assert!(r.same());
+}
+
+/// The directory form: `d` renamed to `e` and a new `d` made (with a file) while the walk
+/// runs. The cold `e` lost `e/old` and gained the new `d`'s file.
+#[test]
+fn issue12_a_directory_renamed_and_made_again_during_a_walk_converges() {
+    use std::sync::{Arc, Mutex};
+    let mut r = Rig::build(true);
+    fs::create_dir(r.hot.join("d")).unwrap();
+    fs::write(r.hot.join("d/old"), vec![1u8; 700]).unwrap();
+    r.fs_all(vec![FsEvent::Changed("d".into())]);
+    assert!(r.same());
+    let queued: Arc<Mutex<Vec<FsEvent>>> = Arc::default();
+    let (hot, q) = (r.hot.clone(), queued.clone());
+    let mut done = false;
+    r.scanner.fold_hook = Some(Box::new(move || {
+        if std::mem::replace(&mut done, true) {
+            return;
+        }
+        let mut q = q.lock().unwrap();
+        fs::rename(hot.join("d"), hot.join("e")).unwrap();
+        q.push(FsEvent::Renamed {
+            from: "d".into(),
+            to: "e".into(),
+        });
+        fs::create_dir(hot.join("d")).unwrap();
+        let m = fs::symlink_metadata(hot.join("d")).unwrap();
+        q.push(FsEvent::MadeDir {
+            path: "d".into(),
+            attrs: crate::replicated::pages::Attrs::of(&m),
+        });
+        let f = Arc::new(
+            fs::OpenOptions::new()
+                .create_new(true)
+                .read(true)
+                .write(true)
+                .open(hot.join("d/new"))
+                .unwrap(),
+        );
+        q.push(FsEvent::Resized {
+            path: "d/new".into(),
+            file: f,
+            edge: 0,
+        });
+    }));
+    r.scanner.full_scan(true);
+    r.pump();
+    r.scanner.fold_hook = None;
+    let events = std::mem::take(&mut *queued.lock().unwrap());
+    r.fs_all(events);
+    r.rehash_dirty();
+    let ls = |p: PathBuf| {
+        let mut v: Vec<String> = fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        ls(r.cold.join("e")),
+        ls(r.hot.join("e")),
+        "listing of e: cold vs hot"
+    );
+    assert!(r.same());
 }
