@@ -506,6 +506,20 @@ impl Scanner {
         move_keys(&mut self.table.files, &pf, None, moved);
         move_keys(&mut self.table.dirs, &pf, Some(from), moved);
         move_keys(&mut self.table.links, &pf, None, moved);
+        // a dirty file keeps its mark: the dirty pass reads it under its new name
+        let dirty: Vec<String> = self
+            .dirty
+            .range::<str, _>((
+                std::ops::Bound::Included(pf.as_str()),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|k| k.starts_with(&pf))
+            .cloned()
+            .collect();
+        for k in dirty {
+            self.dirty.remove(&k);
+            self.dirty.insert(moved(&k));
+        }
         self.seen.clear();
         self.cursors.clear();
         self.push(Op::Rename {

@@ -2365,3 +2365,32 @@ fn issue12_a_directory_renamed_and_made_again_during_a_walk_converges() {
     );
     assert!(r.same());
 }
+
+/// A file left dirty (pages its scan could not read, say) keeps the mark when its directory
+/// is renamed: the dirty pass reads it under its new name. The mark stayed on the old name,
+/// whose pass found nothing there, and the moved file's unread pages waited for the deep
+/// rescan.
+#[test]
+fn issue12_a_dirty_file_is_rehashed_under_its_directory_s_new_name() {
+    let mut r = Rig::build(true);
+    fs::create_dir(r.hot.join("d")).unwrap();
+    fs::write(r.hot.join("d/f"), vec![1u8; 4 * 512]).unwrap();
+    r.fs_all(vec![FsEvent::Changed("d".into())]);
+    assert!(r.same());
+    // pages changed that the scanner could not read then: the file is dirty
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(r.hot.join("d/f"))
+        .unwrap();
+    f.write_all_at(&[9u8; 512], 512).unwrap();
+    r.scanner.dirty.insert("d/f".into());
+    fs::rename(r.hot.join("d"), r.hot.join("e")).unwrap();
+    r.fs_all(vec![FsEvent::Renamed {
+        from: "d".into(),
+        to: "e".into(),
+    }]);
+    r.rehash_dirty();
+    let second_page = |p: PathBuf| fs::read(p).unwrap()[512..1024].to_vec();
+    assert_eq!(second_page(r.cold.join("e/f")), vec![9u8; 512]);
+    assert!(r.same());
+}
