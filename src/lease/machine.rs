@@ -72,6 +72,10 @@ pub struct LeaseMachine {
     lease: Option<Lease>,
     /// The lease a Renew in flight will write.
     renewing: Option<Lease>,
+    /// When the first attempt at writing `renewing` was sent: a retry that succeeds counts
+    /// from it, since the first may have landed with its answer lost (a contender's wait
+    /// began when it saw that write, and a retry of it changes nothing the contender sees).
+    renew_first: Option<Instant>,
     /// Starting by renewing a lease we held before a restart (not by a takeover).
     resuming: bool,
     /// An epoch we held before a restart and may resume if the lease still names us under it.
@@ -134,6 +138,7 @@ impl LeaseMachine {
             epoch_seen: 0,
             lease: None,
             renewing: None,
+            renew_first: None,
             resuming: false,
             resume: None,
             last_good: now,
@@ -272,7 +277,9 @@ impl LeaseMachine {
                 let current = self.lease.clone().expect("hot means a lease");
                 let next = current.renewed();
                 self.renewing = Some(next.clone());
-                self.send(Job::Renew { current, next });
+                if self.send(Job::Renew { current, next }) && self.renew_first.is_none() {
+                    self.renew_first = self.outstanding.map(|(_, sent)| sent);
+                }
             }
             LeaseRole::Cold | LeaseRole::Fenced if now >= self.next_poll => {
                 if self.holdoff_until.is_some_and(|t| now >= t) {
@@ -479,6 +486,7 @@ impl LeaseMachine {
         let epoch = self.lease.as_ref().expect("starting means a lease").epoch;
         self.epoch_seen = self.epoch_seen.max(epoch);
         self.last_good = sent;
+        self.renew_first = None;
         self.next_renew = sent + self.t.update;
         self.role = LeaseRole::Hot;
         tracing::info!(holder = %self.holder, epoch, "took over: hot");
@@ -524,7 +532,7 @@ impl LeaseMachine {
         match result {
             Ok(()) => {
                 self.lease = self.renewing.take();
-                self.last_good = sent;
+                self.last_good = self.renew_first.take().unwrap_or(sent).min(sent);
                 self.next_renew = sent + self.t.update;
                 self.events.push(Event::Healthy);
             }
@@ -557,6 +565,7 @@ impl LeaseMachine {
         self.role = LeaseRole::Fenced;
         self.lease = None;
         self.renewing = None;
+        self.renew_first = None;
         self.resuming = false;
         self.holdoff_until = Some(Instant::now() + self.t.wait);
         self.want_unlock = true;
@@ -614,6 +623,7 @@ impl LeaseMachine {
         }
         self.role = LeaseRole::Cold;
         self.renewing = None;
+        self.renew_first = None;
         self.resuming = false;
         self.lock_held = false;
         self.want_unlock = false;

@@ -233,3 +233,136 @@ fn issue16_a_release_while_a_renewal_is_in_flight_releases_the_renewed_row() {
         "{row:?}"
     );
 }
+
+/// A holder's store whose first renewal lands but reports an error (its answer was lost); the
+/// retries fail without writing until `ok_after`, when one finds the row already at `next`,
+/// rewrites it (no visible change) and succeeds; after that the store is gone.
+struct LostAnswer {
+    mem: Mem,
+    calls: u32,
+    ok_after: Instant,
+    done: bool,
+}
+
+impl LeaseStore for LostAnswer {
+    fn has_lock(&self) -> bool {
+        false
+    }
+    fn observe(&mut self, t: bool) -> (Result<bool, String>, Obs) {
+        self.mem.observe(t)
+    }
+    fn take_over(&mut self, e: &Obs, l: &Lease, s: Duration) -> Result<(), (bool, String)> {
+        self.mem.take_over(e, l, s)
+    }
+    fn renew(&mut self, current: &Lease, next: &Lease) -> Result<(), RenewFail> {
+        self.calls += 1;
+        if self.done {
+            return Err(RenewFail::Io("store unreachable".into()));
+        }
+        if self.calls == 1 {
+            self.mem.renew(current, next).unwrap();
+            return Err(RenewFail::Io("answer lost".into()));
+        }
+        if Instant::now() < self.ok_after {
+            return Err(RenewFail::Io("store unreachable".into()));
+        }
+        // a retry of the renewal already written: the row is `next`, rewritten as it is
+        let mut cur = self.mem.0.lock().unwrap();
+        assert_eq!(cur.as_ref(), Some(next));
+        *cur = Some(next.clone());
+        self.done = true;
+        Ok(())
+    }
+    fn release(&mut self, c: &Lease) -> Result<(), String> {
+        self.mem.release(c)
+    }
+    fn unlock(&mut self) {}
+}
+
+/// A renewal whose answer was lost is retried, and the retry that succeeds changes nothing a
+/// contender sees: the fence counts from the first attempt, whose write started the
+/// contender's wait. Counting from the retry put the fence after the contender's takeover.
+#[test]
+fn issue3_a_renewal_retried_after_its_answer_was_lost_counts_from_the_first_attempt() {
+    let mem = Mem::default();
+    *mem.0.lock().unwrap() = Some(Lease::new("me", 1, 20, 150));
+    // the holder resumes its lease (a renewal), then renews under the lost-answer store
+    let store = LostAnswer {
+        mem: mem.clone(),
+        calls: 0,
+        ok_after: Instant::now() + Duration::from_secs(3600),
+        done: false,
+    };
+    let shared = Arc::new(Mutex::new(store));
+    struct Handle(Arc<Mutex<LostAnswer>>);
+    impl LeaseStore for Handle {
+        fn has_lock(&self) -> bool {
+            false
+        }
+        fn observe(&mut self, t: bool) -> (Result<bool, String>, Obs) {
+            self.0.lock().unwrap().observe(t)
+        }
+        fn take_over(&mut self, e: &Obs, l: &Lease, s: Duration) -> Result<(), (bool, String)> {
+            self.0.lock().unwrap().take_over(e, l, s)
+        }
+        fn renew(&mut self, c: &Lease, n: &Lease) -> Result<(), RenewFail> {
+            self.0.lock().unwrap().renew(c, n)
+        }
+        fn release(&mut self, c: &Lease) -> Result<(), String> {
+            self.0.lock().unwrap().release(c)
+        }
+        fn unlock(&mut self) {}
+    }
+    let ch = worker::start(
+        Box::new(Handle(shared.clone())),
+        None,
+        crate::daemon::metrics::Metrics::new(),
+    )
+    .unwrap();
+    // the holder: it takes the (stale) lease the ordinary way first
+    *mem.0.lock().unwrap() = None;
+    let mut h = LeaseMachine::new("me".into(), T, ch, false, None);
+    let ev = run(&mut h, Duration::from_secs(2), |e| acquired(e).is_some());
+    assert_eq!(acquired(&ev), Some(1), "{ev:?}");
+    // the contender starts watching now
+    let mut c = machine(&mem, "other", None);
+    {
+        // the first renewal (due in `update`) lands with a lost answer; the retries fail
+        // for 90 ms, then one succeeds without changing the row
+        let mut s = shared.lock().unwrap();
+        s.ok_after = Instant::now() + T.update + Duration::from_millis(90);
+    }
+    let (hr, cr) = (h.replies(), c.replies());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let (mut fenced_at, mut taken_at) = (None, None);
+    while Instant::now() < deadline && (fenced_at.is_none() || taken_at.is_none()) {
+        let next = h.next_deadline().min(c.next_deadline());
+        let left = next
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(2));
+        crossbeam_channel::select! {
+            recv(hr) -> m => if let Ok((s, d)) = m { h.handle_reply(s, d) },
+            recv(cr) -> m => if let Ok((s, d)) = m { c.handle_reply(s, d) },
+            default(left) => {}
+        }
+        h.tick();
+        c.tick();
+        for e in h.take_events() {
+            if matches!(e, Event::Fence { .. }) && fenced_at.is_none() {
+                fenced_at = Some(Instant::now());
+            }
+        }
+        if acquired(&c.take_events()).is_some() && taken_at.is_none() {
+            taken_at = Some(Instant::now());
+        }
+    }
+    let taken = taken_at.expect("the contender took over");
+    // the holder's node is down at the latest stop_timeout after its fence
+    let down = fenced_at.map(|f| f + T.stop_timeout);
+    assert!(
+        down.is_some_and(|d| d <= taken),
+        "the contender took over {:?} before the holder's node was down (fenced {:?} after the takeover)",
+        down.map(|d| d.saturating_duration_since(taken)),
+        fenced_at.map(|f| f.saturating_duration_since(taken)),
+    );
+}
