@@ -225,21 +225,35 @@ impl Node {
     }
 
     /// Stops the node: SIGTERM then SIGCONT to its process group (so that a stopped node dies
-    /// gracefully too), SIGKILL after `timeout`; for a unit,
-    /// `systemctl stop` (the unit's `TimeoutStopSec` applies; ours is `timeout` plus 5 s).
+    /// gracefully too), SIGKILL after `timeout`; for a unit, `systemctl stop`, and after
+    /// `timeout` (the unit's own `TimeoutStopSec`, 90 s by default, may be longer: its stop
+    /// goes on after our `systemctl` is gone) `systemctl kill --signal=SIGKILL`, then until
+    /// `systemctl is-active` says it is down, as long as a process node's SIGKILL is waited for.
     pub fn stop(self, timeout: Duration) -> Stopped {
         if let Some(unit) = &self.unit {
             if let Some(d) = &self.unit_done {
                 d.store(true, std::sync::atomic::Ordering::Release);
             }
-            return match run_systemctl(&["stop", unit], timeout + Duration::from_secs(5)) {
-                Ok(true) => Stopped::Terminated(ExitStatus::from_raw(0)),
-                Ok(false) | Err(_) => Stopped::Stuck,
-            };
+            if let Ok(true) = run_systemctl(&["stop", unit], timeout) {
+                if !unit_active(unit) {
+                    return Stopped::Terminated(ExitStatus::from_raw(0));
+                }
+            }
+            let _ = run_systemctl(&["kill", "--signal=SIGKILL", unit], KILL_WAIT);
+            let deadline = std::time::Instant::now() + KILL_WAIT;
+            while std::time::Instant::now() < deadline {
+                if !unit_active(unit) {
+                    return Stopped::Killed;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            return Stopped::Stuck;
         }
         if let Ok(status) = self.exited.try_recv() {
-            signal_group(self.pid, libc::SIGKILL); // leftovers of the group, if any
-            return Stopped::AlreadyExited(status);
+            return match kill_leftovers(self.pid) {
+                true => Stopped::AlreadyExited(status),
+                false => Stopped::Stuck,
+            };
         }
         signal_group(self.pid, libc::SIGTERM);
         // a stopped (SIGSTOPped, hung in a debugger) node only sees the SIGTERM once continued
@@ -254,6 +268,70 @@ impl Node {
             Err(_) => Stopped::Stuck,
         }
     }
+
+    /// The node exited by itself: what is left of its process group (a JVM a wrapper started
+    /// without `exec`) is killed too, and waited for; false if some of it outlived SIGKILL.
+    /// (A unit's processes are systemd's: its cgroup goes with it.)
+    pub fn exited_kill_leftovers(self) -> bool {
+        self.unit.is_some() || kill_leftovers(self.pid)
+    }
+}
+
+/// Whether `systemctl is-active` says the unit is active (or cannot say).
+fn unit_active(unit: &str) -> bool {
+    !matches!(
+        run_systemctl(&["is-active", "--quiet", unit], Duration::from_secs(10)),
+        Ok(false)
+    )
+}
+
+/// SIGKILLs what is left of the process group `pgid` whose leader has exited, and waits up
+/// to [`KILL_WAIT`] until none of it is left (zombies reaped by their new parent included);
+/// false if some of it is still there.
+fn kill_leftovers(pgid: u32) -> bool {
+    signal_group(pgid, libc::SIGKILL);
+    let deadline = std::time::Instant::now() + KILL_WAIT;
+    loop {
+        if !group_exists(pgid) {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether a live process of group `pgid` is still there: one in `/proc` whose group it is
+/// and that is not a zombie (a killed member is one until its new parent reaps it, which
+/// may take a while; it runs nothing meanwhile).
+fn group_exists(pgid: u32) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|e| {
+        let is_pid = e
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
+        is_pid
+            && std::fs::read_to_string(e.path().join("stat"))
+                .is_ok_and(|stat| live_member(&stat, pgid))
+    })
+}
+
+/// Whether a `/proc/<pid>/stat` line is of a live (not zombie) process of group `pgid`.
+fn live_member(stat: &str, pgid: u32) -> bool {
+    // `pid (comm) state ppid pgrp ...`: comm may hold spaces and parentheses
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let mut fields = rest.split_whitespace();
+    let (Some(state), Some(_ppid), Some(pgrp)) = (fields.next(), fields.next(), fields.next())
+    else {
+        return false;
+    };
+    pgrp.parse::<u32>() == Ok(pgid) && !matches!(state, "Z" | "X")
 }
 
 fn signal_group(pgid: u32, signal: libc::c_int) {
@@ -315,6 +393,16 @@ pub fn run_hook(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_zombie_or_another_group_is_no_live_member() {
+        let stat = |state: &str, pgrp: u32| format!("42 (a (b) c) {state} 1 {pgrp} 42 0 -1");
+        assert!(live_member(&stat("S", 7), 7));
+        assert!(live_member(&stat("R", 7), 7));
+        assert!(!live_member(&stat("Z", 7), 7));
+        assert!(!live_member(&stat("S", 8), 7));
+        assert!(!live_member("garbage", 7));
+    }
+
     use super::*;
     use std::time::Instant;
 

@@ -237,7 +237,15 @@ impl Supervisor {
     pub fn node_exited(&mut self, status: ExitStatus) -> Option<String> {
         let pid = self.node_pid();
         self.probe_thread = None;
-        self.node = None;
+        if let Some(node) = self.node.take() {
+            // (before a restart here or a release to the other VM: nothing of it may run on)
+            if !node.exited_kill_leftovers() {
+                tracing::error!(
+                    pid,
+                    "processes of the node's group did not die even after SIGKILL"
+                );
+            }
+        }
         let what = format!("the node {}", node::describe(status));
         self.note_error(what.clone());
         let decision = self.health.exited(&what, Instant::now());

@@ -968,3 +968,116 @@ fn issue10_hooks_run_on_acquire_and_on_release_with_epoch_and_holder() {
         p.stderr_of()
     );
 }
+
+/// A systemd unit whose stop outlasts `stop_timeout_ms` (systemd's own `TimeoutStopSec` is
+/// 90 s by default, and its stop goes on after our `systemctl` is gone): the agent kills the
+/// unit (`systemctl kill --signal=SIGKILL`) and waits until it is down before the lease is
+/// given up. It gave the lease up with the unit still stopping, and the other VM started its
+/// node beside it.
+#[test]
+fn issue3_a_unit_still_stopping_is_killed_before_the_lease_is_released() {
+    let mut p = Pair::new();
+    let active = p.fx.path("corda.active");
+    let fake = write_script(
+        &p.fx.path("systemctl"),
+        &format!(
+            "case \"$1\" in\n  start) touch {active} ;;\n  stop) (sleep 15; rm -f {active}) & sleep 15 ;;\n  kill) rm -f {active} ;;\n  is-active) [ -e {active} ] ;;\nesac",
+            active = active.display()
+        ),
+    );
+    p.env.push(("ARTEMIS_SYNC_SYSTEMCTL".into(), fake));
+    let cfg = p.config("a");
+    let text = fs::read_to_string(&cfg)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            if l.starts_with("command = ") {
+                "systemd_unit = \"corda.service\"".to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    fs::write(&cfg, text).unwrap();
+    p.start("a");
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
+    assert!(active.exists());
+    p.start("b");
+    assert!(wait_until(Duration::from_secs(5), || p.role("b") == "cold"));
+    let cfg_a = p.config("a");
+    let release = thread::spawn(move || artemis_sync(&cfg_a, ["release"]));
+    let started = Instant::now();
+    let b_hot = wait_until(Duration::from_secs(12), || p.role("b") == "hot");
+    let a_unit_active = active.exists();
+    eprintln!(
+        "b hot: {b_hot} after {:?}; a's unit still active then: {a_unit_active}",
+        started.elapsed()
+    );
+    let _ = release.join();
+    assert!(
+        !(b_hot && a_unit_active),
+        "b took over while a's node (unit) was still active:\n{}",
+        p.stderr_of()
+    );
+}
+
+/// A node whose first process exits by itself (a wrapper that started the JVM without `exec`,
+/// killed by the OOM killer): the rest of its process group is killed before the watchdog
+/// restarts it or gives the lease up. It ran on, and the other VM started its node beside it.
+#[test]
+fn issue14_the_leftovers_of_a_node_that_exited_are_killed_before_the_lease_is_given_up() {
+    let fx_pid =
+        std::env::temp_dir().join(format!("artemis-sync-grandchild-{}", std::process::id()));
+    let _ = fs::remove_file(&fx_pid);
+    let pidfile = fx_pid.clone();
+    let mut p = Pair::with_node(
+        UPDATE_MS,
+        WAIT_MS,
+        move |fx, name| {
+            if name == "a" {
+                let script = write_script(
+                    &fx.path("wrapper.sh"),
+                    &format!("sleep 300 &\necho $! > {}\nwait", pidfile.display()),
+                );
+                format!(
+                    "command = [{}]\nmax_local_restarts = 0\n",
+                    toml_path(&script)
+                )
+            } else {
+                String::new()
+            }
+        },
+        |_, _| String::new(),
+    );
+    p.start("a");
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
+    p.start("b");
+    assert!(wait_until(Duration::from_secs(5), || p.role("b") == "cold"));
+    assert!(wait_until(Duration::from_secs(5), || fs::read_to_string(
+        &fx_pid
+    )
+    .is_ok_and(|s| !s.trim().is_empty())));
+    let grandchild: u32 = fs::read_to_string(&fx_pid).unwrap().trim().parse().unwrap();
+    let wrapper = u32::try_from(p.status("a")["node_pid"].as_u64().expect("node pid")).unwrap();
+    // the wrapper dies (OOM killer, a bug in it); the JVM it started runs on
+    kill(pid_t(wrapper), libc::SIGKILL);
+    let b_hot = wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("b") == "hot");
+    let survivor = alive(grandchild);
+    kill(pid_t(grandchild), libc::SIGKILL);
+    let _ = fs::remove_file(&fx_pid);
+    assert!(b_hot, "{}", p.stderr_of());
+    assert!(
+        !survivor,
+        "b is hot while a process of a's node (pid {grandchild}) still runs:\n{}",
+        p.stderr_of()
+    );
+}
