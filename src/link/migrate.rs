@@ -1,13 +1,15 @@
 //! `link --migrate`: the files of a real `artemis/` directory copied into the share, each
 //! through a temporary name, fsynced, read back and compared by blake3; a same-named file of
-//! other content in the share stops everything before the first write; the source is checked
+//! other content in the share, or anything but a real directory where the source has a
+//! directory, stops everything before the first write (symlinks in the share are never
+//! followed); the source is checked
 //! unchanged, and only then moved aside and replaced by the link. Run again after an
 //! interruption, it skips what is already in the share with identical content.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -107,8 +109,8 @@ fn check_space(entries: &[(PathBuf, Kind)], dst_root: &Path) -> Result<u64, Link
         .iter()
         .filter_map(|(rel, k)| match k {
             Kind::File { len, .. } => {
-                let present =
-                    fs::metadata(dst_root.join(rel)).is_ok_and(|m| m.is_file() && m.len() == *len);
+                let present = fs::symlink_metadata(dst_root.join(rel))
+                    .is_ok_and(|m| m.is_file() && m.len() == *len);
                 (!present).then_some(*len)
             }
             _ => None,
@@ -127,8 +129,10 @@ fn check_space(entries: &[(PathBuf, Kind)], dst_root: &Path) -> Result<u64, Link
 }
 
 /// The files and links already in the share with the same content. A file of the same name
-/// with other content in the share (the other VM's journal?) stops the migration before
-/// anything is written.
+/// with other content in the share (the other VM's journal?), or anything but a real
+/// directory where the source has a directory (a symlink would lead the copy out of the
+/// share), stops the migration before anything is written. Symlinks in the share are never
+/// followed.
 fn already_present(
     entries: &[(PathBuf, Kind)],
     src_root: &Path,
@@ -138,7 +142,12 @@ fn already_present(
     for (rel, kind) in entries {
         let (src, dst) = (src_root.join(rel), dst_root.join(rel));
         let same = match kind {
-            Kind::Dir { .. } => continue,
+            Kind::Dir { .. } => match fs::symlink_metadata(&dst) {
+                Ok(m) if m.is_dir() => continue,
+                Ok(_) => false,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("cannot inspect", &dst)(e)),
+            },
             Kind::Symlink(target) => match fs::read_link(&dst) {
                 Ok(existing) => existing == *target,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -183,7 +192,9 @@ fn copy_entries(
             Kind::Dir { mode } => {
                 match fs::create_dir(&dst) {
                     Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dst.is_dir() => {}
+                    Err(e)
+                        if e.kind() == io::ErrorKind::AlreadyExists
+                            && fs::symlink_metadata(&dst).is_ok_and(|m| m.is_dir()) => {}
                     Err(e) => return Err(io_err("cannot create directory", &dst)(e)),
                 }
                 fs::set_permissions(&dst, fs::Permissions::from_mode(*mode))
@@ -252,6 +263,7 @@ fn copy_verified(src: &Path, dst: &Path, mode: u32) -> Result<(), LinkError> {
         .write(true)
         .create(true)
         .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)
         .map_err(io_err("cannot create", &tmp))?;
     let mut hasher = blake3::Hasher::new();

@@ -256,3 +256,46 @@ fn utc_stamp_formats_known_instants() {
         "20000229T000000Z"
     );
 }
+
+/// Regression (issue 2, found by a review of shared mode): a symlink in the share where the
+/// source has a directory was followed, and the files landed wherever it pointed (here outside
+/// the share) while the migration reported success. It is a conflict, found before anything is
+/// written.
+#[test]
+fn issue2_a_symlink_in_the_share_where_the_source_has_a_directory_is_a_conflict() {
+    let f = fixture();
+    let files = write_journal(&f.link);
+    let outside = f.base.parent().unwrap().join("outside");
+    fs::create_dir(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, f.share.join("journal")).unwrap();
+    let r = link(
+        &f.link,
+        &f.share,
+        LinkOptions {
+            migrate: true,
+            force: false,
+        },
+    );
+    match &r {
+        Err(LinkError::Conflict { original, dest }) => {
+            assert_eq!(original, &f.link.join("journal"));
+            assert_eq!(dest, &f.share.join("journal"));
+        }
+        other => panic!("expected a conflict on the share's symlink, got {other:?}"),
+    }
+    assert_eq!(
+        fs::read_dir(&outside).unwrap().count(),
+        0,
+        "something was written through the share's symlink, outside the share"
+    );
+    // nothing was written to the share, the source is intact and still a directory
+    let share: Vec<_> = fs::read_dir(&f.share)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(share, vec![std::ffi::OsString::from("journal")]);
+    assert!(fs::symlink_metadata(&f.link).unwrap().is_dir());
+    for (rel, data) in &files {
+        assert_eq!(&fs::read(f.link.join(rel)).unwrap(), data);
+    }
+}
