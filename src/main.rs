@@ -69,6 +69,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             | LinkError::PointsElsewhere { .. }
             | LinkError::NotALinkOrDirectory(_)
             | LinkError::Unsupported(_)
+            | LinkError::ReservedName(_)
             | LinkError::InsufficientSpace { .. }
             | LinkError::Conflict { .. }
             | LinkError::SourceChanged(_),

@@ -1,5 +1,5 @@
 //! `link --migrate`: the files of a real `artemis/` directory copied into the share, each
-//! through a temporary name, fsynced, read back and compared by blake3; a same-named file of
+//! through a temporary name (a source entry named like one is refused), fsynced, read back and compared by blake3; a same-named file of
 //! other content in the share, or anything but a real directory where the source has a
 //! directory, stops everything before the first write (symlinks in the share are never
 //! followed); the source is checked
@@ -87,6 +87,7 @@ fn walk(root: &Path) -> Result<Vec<(PathBuf, Kind)>, LinkError> {
 /// puts the link in its place.
 pub(super) fn migrate(src_root: &Path, dst_root: &Path) -> Result<MigrationReport, LinkError> {
     let entries = walk(src_root)?;
+    check_names(&entries, src_root)?;
     let needed = check_space(&entries, dst_root)?;
     let present = already_present(&entries, src_root, dst_root)?;
     let files = entries
@@ -100,6 +101,20 @@ pub(super) fn migrate(src_root: &Path, dst_root: &Path) -> Result<MigrationRepor
     create_link(src_root, dst_root)?;
     report.aside = aside;
     Ok(report)
+}
+
+/// Refuses a source entry named like a temporary (`.X.artemis-sync-tmp`): the copy of `X`
+/// would write its temporary over it in the share, then rename it away.
+fn check_names(entries: &[(PathBuf, Kind)], src_root: &Path) -> Result<(), LinkError> {
+    for (rel, _) in entries {
+        if rel.file_name().is_some_and(|n| {
+            n.as_encoded_bytes()
+                .ends_with(MIGRATE_TMP_SUFFIX.as_bytes())
+        }) {
+            return Err(LinkError::ReservedName(src_root.join(rel)));
+        }
+    }
+    Ok(())
 }
 
 /// The bytes still to copy (an earlier run may have copied part of them), if the share has

@@ -41,6 +41,8 @@ pub enum LinkError {
     NotALinkOrDirectory(PathBuf),
     /// {0:?} is a socket, device or pipe; a journal directory holds none, so nothing was migrated
     Unsupported(PathBuf),
+    /// {0:?} ends in `.artemis-sync-tmp`, the suffix of the migration's temporary files, and a copy's temporary could overwrite it; rename or remove it: nothing was migrated
+    ReservedName(PathBuf),
     /// not enough space on the share {share:?}: the migration needs {needed} bytes, {available} are free; nothing was changed
     InsufficientSpace {
         share: PathBuf,

@@ -299,3 +299,41 @@ fn issue2_a_symlink_in_the_share_where_the_source_has_a_directory_is_a_conflict(
         assert_eq!(&fs::read(f.link.join(rel)).unwrap(), data);
     }
 }
+
+/// Regression (issue 2, found by a review of shared mode): a source file named like another
+/// file's temporary (`.X.artemis-sync-tmp`) was copied, then overwritten in the share by X's
+/// temporary and renamed away: the share lost it. Such a name is refused before anything is
+/// written.
+#[test]
+fn issue2_a_source_file_named_like_a_temporary_is_refused_before_any_write() {
+    let f = fixture();
+    fs::create_dir_all(&f.link).unwrap();
+    fs::write(f.link.join(".a.artemis-sync-tmp"), b"precious").unwrap();
+    fs::write(f.link.join("a"), b"other").unwrap();
+    let r = link(
+        &f.link,
+        &f.share,
+        LinkOptions {
+            migrate: true,
+            force: false,
+        },
+    );
+    match &r {
+        Err(e @ LinkError::ReservedName(path)) => {
+            assert_eq!(path, &f.link.join(".a.artemis-sync-tmp"));
+            assert!(e.to_string().contains(".a.artemis-sync-tmp"), "{e}");
+        }
+        other => panic!("expected the temporary-like name to be refused, got {other:?}"),
+    }
+    assert_eq!(
+        fs::read_dir(&f.share).unwrap().count(),
+        0,
+        "the share was written to"
+    );
+    assert!(fs::symlink_metadata(&f.link).unwrap().is_dir());
+    assert_eq!(
+        fs::read(f.link.join(".a.artemis-sync-tmp")).unwrap(),
+        b"precious"
+    );
+    assert_eq!(fs::read(f.link.join("a")).unwrap(), b"other");
+}
