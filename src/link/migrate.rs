@@ -1,10 +1,11 @@
 //! `link --migrate`: the files of a real `artemis/` directory copied into the share, each
-//! through a temporary name (a source entry named like one is refused), fsynced, read back and compared by blake3; a same-named file of
-//! other content in the share, or anything but a real directory where the source has a
-//! directory, stops everything before the first write (symlinks in the share are never
-//! followed); the source is checked
-//! unchanged, and only then moved aside and replaced by the link. Run again after an
-//! interruption, it skips what is already in the share with identical content.
+//! through a temporary name (a source entry named like one is refused) given the source's
+//! owner and mode, fsynced, read back and compared by blake3; directories and symlinks keep
+//! their owners too. A same-named file of other content in the share, or anything but a real
+//! directory where the source has a directory, stops everything before the first write
+//! (symlinks in the share are never followed); the source is checked unchanged, and only then
+//! moved aside and replaced by the link. Run again after an interruption, it skips what is
+//! already in the share with identical content.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -31,17 +32,25 @@ pub struct MigrationReport {
     pub aside: PathBuf,
 }
 
+/// An entry's owner, `(uid, gid)`, given to its copy in the share.
+type Owner = (u32, u32);
+
 #[derive(Debug)]
 enum Kind {
     Dir {
         mode: u32,
+        owner: Owner,
     },
     File {
         len: u64,
         mode: u32,
         mtime: (i64, i64),
+        owner: Owner,
     },
-    Symlink(PathBuf),
+    Symlink {
+        target: PathBuf,
+        owner: Owner,
+    },
 }
 
 /// Every entry below `root`, parents before children, in a stable order.
@@ -61,18 +70,24 @@ fn walk(root: &Path) -> Result<Vec<(PathBuf, Kind)>, LinkError> {
             let path = root.join(&rel);
             let meta = fs::symlink_metadata(&path).map_err(io_err("cannot inspect", &path))?;
             let ft = meta.file_type();
+            let owner = (meta.uid(), meta.gid());
             let kind = if ft.is_symlink() {
-                Kind::Symlink(fs::read_link(&path).map_err(io_err("cannot read link", &path))?)
+                Kind::Symlink {
+                    target: fs::read_link(&path).map_err(io_err("cannot read link", &path))?,
+                    owner,
+                }
             } else if ft.is_dir() {
                 stack.push(rel.clone());
                 Kind::Dir {
                     mode: meta.mode() & 0o7777,
+                    owner,
                 }
             } else if ft.is_file() {
                 Kind::File {
                     len: meta.len(),
                     mode: meta.mode() & 0o7777,
                     mtime: (meta.mtime(), meta.mtime_nsec()),
+                    owner,
                 }
             } else {
                 return Err(LinkError::Unsupported(path));
@@ -163,7 +178,7 @@ fn already_present(
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(io_err("cannot inspect", &dst)(e)),
             },
-            Kind::Symlink(target) => match fs::read_link(&dst) {
+            Kind::Symlink { target, .. } => match fs::read_link(&dst) {
                 Ok(existing) => existing == *target,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(_) => false,
@@ -185,7 +200,8 @@ fn already_present(
     Ok(present)
 }
 
-/// Creates the directories, copies (verified) what is not `present`, checks every source file
+/// Creates the directories, copies (verified) what is not `present`, gives every entry it
+/// creates the owner of its source, checks every source file
 /// unchanged after its copy, and fsyncs every directory written to.
 fn copy_entries(
     entries: &[(PathBuf, Kind)],
@@ -204,7 +220,7 @@ fn copy_entries(
         let src = src_root.join(rel);
         let dst = dst_root.join(rel);
         match kind {
-            Kind::Dir { mode } => {
+            Kind::Dir { mode, owner } => {
                 match fs::create_dir(&dst) {
                     Ok(()) => {}
                     Err(e)
@@ -212,21 +228,31 @@ fn copy_entries(
                             && fs::symlink_metadata(&dst).is_ok_and(|m| m.is_dir()) => {}
                     Err(e) => return Err(io_err("cannot create directory", &dst)(e)),
                 }
+                // the owner first: a chown clears the set-id bits of the mode
+                std::os::unix::fs::lchown(&dst, Some(owner.0), Some(owner.1))
+                    .map_err(io_err("cannot set owner of", &dst))?;
                 fs::set_permissions(&dst, fs::Permissions::from_mode(*mode))
                     .map_err(io_err("cannot set mode of", &dst))?;
                 dirs.push(dst);
             }
-            Kind::Symlink(_) if present.contains(rel) => report.already_present += 1,
-            Kind::Symlink(target) => {
+            Kind::Symlink { .. } if present.contains(rel) => report.already_present += 1,
+            Kind::Symlink { target, owner } => {
                 std::os::unix::fs::symlink(target, &dst)
                     .map_err(io_err("cannot create link", &dst))?;
+                std::os::unix::fs::lchown(&dst, Some(owner.0), Some(owner.1))
+                    .map_err(io_err("cannot set owner of", &dst))?;
                 report.copied += 1;
             }
-            Kind::File { len, mode, mtime } => {
+            Kind::File {
+                len,
+                mode,
+                mtime,
+                owner,
+            } => {
                 if present.contains(rel) {
                     report.already_present += 1;
                 } else {
-                    copy_verified(&src, &dst, *mode)?;
+                    copy_verified(&src, &dst, *mode, *owner)?;
                     report.copied += 1;
                 }
                 report.bytes += len;
@@ -265,9 +291,9 @@ fn move_aside(src_root: &Path) -> Result<PathBuf, LinkError> {
     Ok(aside)
 }
 
-/// Copies `src` to `dst` through a temporary file, hashing what was read, then reads the copy
-/// back and compares. `dst` exists only once it is complete and verified.
-fn copy_verified(src: &Path, dst: &Path, mode: u32) -> Result<(), LinkError> {
+/// Copies `src` to `dst` through a temporary file given `mode` and `owner`, hashing what was
+/// read, then reads the copy back and compares. `dst` exists only once it is complete and verified.
+fn copy_verified(src: &Path, dst: &Path, mode: u32, owner: Owner) -> Result<(), LinkError> {
     let name = dst
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -296,6 +322,9 @@ fn copy_verified(src: &Path, dst: &Path, mode: u32) -> Result<(), LinkError> {
             .map_err(io_err("cannot write", &tmp))?;
     }
     let meta = input.metadata().map_err(io_err("cannot inspect", src))?;
+    // the owner before the mode: a chown clears the set-id bits
+    std::os::unix::fs::fchown(&output, Some(owner.0), Some(owner.1))
+        .map_err(io_err("cannot set owner of", &tmp))?;
     output
         .set_permissions(fs::Permissions::from_mode(mode))
         .map_err(io_err("cannot set mode of", &tmp))?;

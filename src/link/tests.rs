@@ -337,3 +337,50 @@ fn issue2_a_source_file_named_like_a_temporary_is_refused_before_any_write() {
     );
     assert_eq!(fs::read(f.link.join("a")).unwrap(), b"other");
 }
+
+/// Regression (issue 2, found by a review of shared mode): owners were not carried over, the
+/// share got root-owned files, directories and links, which the node (running as its own
+/// user, README's `setpriv --reuid=corda`) cannot write.
+#[test]
+fn issue2_migration_keeps_the_owners_of_files_directories_and_links() {
+    let f = fixture();
+    let files = write_journal(&f.link);
+    std::os::unix::fs::symlink("journal", f.link.join("current")).unwrap();
+    // the node's user owns its journal
+    let mut owned = vec![PathBuf::from("current")];
+    for (rel, _) in &files {
+        owned.push(rel.clone());
+        let mut d = rel.parent().unwrap().to_owned();
+        while !d.as_os_str().is_empty() {
+            owned.push(d.clone());
+            d = d.parent().unwrap().to_owned();
+        }
+    }
+    for rel in &owned {
+        std::os::unix::fs::lchown(f.link.join(rel), Some(1000), Some(1000)).unwrap();
+    }
+    link(
+        &f.link,
+        &f.share,
+        LinkOptions {
+            migrate: true,
+            force: false,
+        },
+    )
+    .unwrap();
+    let mut wrong = Vec::new();
+    for rel in &owned {
+        let p = f.share.join(rel);
+        let m = fs::symlink_metadata(&p).unwrap();
+        if m.uid() != 1000 || m.gid() != 1000 {
+            wrong.push(format!("{} is {}:{}", p.display(), m.uid(), m.gid()));
+        }
+    }
+    assert!(fs::symlink_metadata(f.share.join("current"))
+        .unwrap()
+        .is_symlink());
+    assert!(
+        wrong.is_empty(),
+        "owners not kept (source was 1000:1000): {wrong:#?}"
+    );
+}
