@@ -3,11 +3,13 @@
 //! owner and mode, fsynced, read back and compared by blake3; directories and symlinks keep
 //! their owners too. A same-named file of other content in the share, or anything but a real
 //! directory where the source has a directory, stops everything before the first write
-//! (symlinks in the share are never followed); the source is checked unchanged, and only then
-//! moved aside and replaced by the link. Run again after an interruption, it skips what is
-//! already in the share with identical content.
+//! (symlinks in the share are never followed). Each source file is checked unchanged after its
+//! copy, and the whole source listed again and compared with its first listing (an entry the
+//! node created meanwhile would be left behind): only then is it moved aside and replaced by
+//! the link. Run again after an interruption, it skips what is already in the share with
+//! identical content.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -35,10 +37,11 @@ pub struct MigrationReport {
 /// An entry's owner, `(uid, gid)`, given to its copy in the share.
 type Owner = (u32, u32);
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 enum Kind {
     Dir {
         mode: u32,
+        mtime: (i64, i64),
         owner: Owner,
     },
     File {
@@ -80,6 +83,7 @@ fn walk(root: &Path) -> Result<Vec<(PathBuf, Kind)>, LinkError> {
                 stack.push(rel.clone());
                 Kind::Dir {
                     mode: meta.mode() & 0o7777,
+                    mtime: (meta.mtime(), meta.mtime_nsec()),
                     owner,
                 }
             } else if ft.is_file() {
@@ -111,7 +115,10 @@ pub(super) fn migrate(src_root: &Path, dst_root: &Path) -> Result<MigrationRepor
         .count();
     tracing::info!(from = %src_root.display(), to = %dst_root.display(), files, bytes = needed, "migrating into the share");
     let mut report = copy_entries(&entries, src_root, dst_root, &present)?;
-    // Every file is in the share and verified: only now does the source move, and only aside.
+    // Every file is in the share and verified, and the source is listed again: a file the node
+    // created meanwhile would otherwise go aside with the old directory, missing in the share.
+    check_unchanged(&entries, &walk(src_root)?, src_root)?;
+    // Only now does the source move, and only aside.
     let aside = move_aside(src_root)?;
     create_link(src_root, dst_root)?;
     report.aside = aside;
@@ -220,7 +227,7 @@ fn copy_entries(
         let src = src_root.join(rel);
         let dst = dst_root.join(rel);
         match kind {
-            Kind::Dir { mode, owner } => {
+            Kind::Dir { mode, owner, .. } => {
                 match fs::create_dir(&dst) {
                     Ok(()) => {}
                     Err(e)
@@ -267,6 +274,38 @@ fn copy_entries(
         sync_dir(dir)?;
     }
     Ok(report)
+}
+
+/// Compares the source's listing after the copy with the one it started from: an entry added,
+/// removed or changed (kind, length, mtime, mode, owner, link target; directories too) is
+/// [`LinkError::SourceChanged`] naming it. A file added or removed also changes its
+/// directory's mtime: the entry is named rather than its directory.
+fn check_unchanged(
+    before: &[(PathBuf, Kind)],
+    after: &[(PathBuf, Kind)],
+    src_root: &Path,
+) -> Result<(), LinkError> {
+    fn index(entries: &[(PathBuf, Kind)]) -> BTreeMap<&Path, &Kind> {
+        entries.iter().map(|(rel, k)| (rel.as_path(), k)).collect()
+    }
+    let (before, after) = (index(before), index(after));
+    let mut changed: Vec<&Path> = before
+        .keys()
+        .chain(after.keys())
+        .copied()
+        .filter(|rel| before.get(rel) != after.get(rel))
+        .collect();
+    changed.sort();
+    changed.dedup();
+    let is_dir = |k: Option<&&Kind>| matches!(k, Some(Kind::Dir { .. }));
+    let named = changed
+        .iter()
+        .find(|rel| !(is_dir(before.get(*rel)) && is_dir(after.get(*rel))))
+        .or(changed.first());
+    match named {
+        Some(rel) => Err(LinkError::SourceChanged(src_root.join(rel))),
+        None => Ok(()),
+    }
 }
 
 /// Renames `src_root` to `<name>.pre-artemis-sync.<UTC stamp>` (with `.N` if that exists) and

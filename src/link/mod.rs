@@ -58,7 +58,7 @@ pub enum LinkError {
         wrote: String,
         read: String,
     },
-    /// {0:?} changed while it was being migrated (is the node running?); stop the node and run again: the source is intact
+    /// {0:?} changed, appeared or vanished while it was being migrated (is the node running?); stop the node and run again: the source is intact
     SourceChanged(PathBuf),
     /// {op} {path:?}: {source}
     Io {

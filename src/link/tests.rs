@@ -384,3 +384,62 @@ fn issue2_migration_keeps_the_owners_of_files_directories_and_links() {
         "owners not kept (source was 1000:1000): {wrong:#?}"
     );
 }
+
+/// Regression (issue 2, found by a review of shared mode): a file the node created in the
+/// source after the walk (Artemis opening its next journal file, a new page file) was neither
+/// copied nor noticed: the migration succeeded, the source moved aside, and the share lacked
+/// the file. The source is listed again after the copy; the new file is refused, naming it,
+/// and the source stays in place.
+#[test]
+fn issue2_a_file_created_in_the_source_during_migration_is_refused() {
+    let f = fixture();
+    fs::create_dir_all(f.link.join("journal")).unwrap();
+    // a big file so the copy takes a while
+    let big = vec![0x5au8; 256 << 20];
+    fs::write(f.link.join("journal/activemq-data-1.amq"), &big).unwrap();
+    drop(big);
+    let src = f.link.clone();
+    let tmp = f
+        .share
+        .join("journal/.activemq-data-1.amq.artemis-sync-tmp");
+    let writer = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !tmp.exists() {
+            assert!(std::time::Instant::now() < deadline, "copy never started");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        // the node creates its next journal file while the copy runs
+        fs::write(src.join("journal/activemq-data-2.amq"), b"new records").unwrap();
+    });
+    let outcome = link(
+        &f.link,
+        &f.share,
+        LinkOptions {
+            migrate: true,
+            force: false,
+        },
+    );
+    writer.join().unwrap();
+    let new = f.link.join("journal/activemq-data-2.amq");
+    match &outcome {
+        Err(e @ LinkError::SourceChanged(path)) => {
+            assert_eq!(path, &new);
+            assert!(e.to_string().contains("activemq-data-2.amq"), "{e}");
+        }
+        other => panic!(
+            "expected the file created during the migration to be refused, got {other:?} \
+             (share has it: {})",
+            f.share.join("journal/activemq-data-2.amq").exists()
+        ),
+    }
+    // the source is intact, in place, with the new file; nothing was moved aside
+    assert!(fs::symlink_metadata(&f.link).unwrap().is_dir());
+    assert_eq!(fs::read(&new).unwrap(), b"new records");
+    assert_eq!(
+        fs::metadata(f.link.join("journal/activemq-data-1.amq"))
+            .unwrap()
+            .len(),
+        256 << 20
+    );
+    assert_eq!(fs::read_dir(&f.base).unwrap().count(), 1);
+}
