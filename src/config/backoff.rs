@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use crate::config::{DEFAULT_MOUNT_ATTEMPTS, DEFAULT_MOUNT_RETRY_MAX_MS};
 
+/// How long each attempt's reachability probe waits for the server's port (while the network
+/// is not up, every attempt may wait this long besides its pause).
+pub const MOUNT_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The pause before the second attempt, in milliseconds.
 pub const RETRY_INITIAL_MS: u64 = 1_000;
 /// Each pause is this many times the one before (as amazon-efs-utils does).

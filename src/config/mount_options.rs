@@ -177,12 +177,20 @@ pub fn lock_hazard(fs_type: &str, opts: &MountOptions) -> Option<LockHazard> {
             });
         }
     }
-    if cifs && opts.contains("nobrl") {
+    // (cifs before Linux 5.11, RHEL 8's 4.18 among them, reads `nolock` as `nobrl`)
+    if let Some(option) = ["nobrl", "nolock"]
+        .into_iter()
+        .find(|o| cifs && opts.contains(o))
+    {
         return Some(LockHazard {
-            option: "nobrl".into(),
+            option: option.into(),
             effect:
                 "SMB byte-range locks are not sent to the server, so both VMs can hold the lock",
-            fix: "remove `nobrl` from the mount options and remount",
+            fix: if option == "nobrl" {
+                "remove `nobrl` from the mount options and remount"
+            } else {
+                "remove `nolock` (older kernels read it as `nobrl` for SMB) and remount"
+            },
         });
     }
     None
@@ -256,8 +264,9 @@ mod tests {
         );
         assert!(lock_hazard("nfs4", &p("local_lock=none")).is_none());
         assert_eq!(lock_hazard("cifs", &p("nobrl")).unwrap().option, "nobrl");
-        // nolock means nothing to cifs, nobrl nothing to nfs
-        assert!(lock_hazard("cifs", &p("nolock")).is_none());
+        // cifs before Linux 5.11 reads nolock as nobrl; nobrl means nothing to nfs
+        assert_eq!(lock_hazard("cifs", &p("nolock")).unwrap().option, "nolock");
+        assert_eq!(lock_hazard("smb3", &p("nolock")).unwrap().option, "nolock");
         assert!(lock_hazard("nfs4", &p("nobrl")).is_none());
         assert!(lock_hazard("ext4", &p("nolock")).is_none());
     }

@@ -358,3 +358,38 @@ fn issue12_fuse_capture_needs_a_mount_point_apart_from_data_dir() {
         .to_string();
     assert!(err.contains("`replication.peer_timeout_ms`"), "{err}");
 }
+
+/// `username=acct%KEY` is a password to mount.cifs; the config accepted it and the fstab line
+/// (world-readable /etc/fstab) carried it.
+#[test]
+fn issue2_a_password_in_the_user_name_is_refused_naming_the_key() {
+    let text = r#"
+[node]
+base_dir = "/opt/corda"
+[storage]
+backend = "cifs"
+source = "//srv/share"
+options = "username=acct%S3cretKey"
+"#;
+    let err = load(text).unwrap_err().to_string();
+    assert!(
+        err.contains("storage.options") && err.contains("`username=`"),
+        "{err}"
+    );
+}
+
+/// The check that the retries fit in `mount_timeout_s` counted only the pauses: each attempt
+/// also waits up to MOUNT_PROBE_TIMEOUT (3 s) for the server's port while the network is not
+/// up, so a config it accepted could have systemd kill the helper while it still retried.
+#[test]
+fn issue2_the_mount_timeout_counts_the_reachability_probes() {
+    // 8 attempts: 38.6 s of pauses at most, and 24 s of probes
+    let err = load(&EFS.replace("[storage]", "[storage]\nmount_timeout_s = 40"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("storage.mount_timeout_s") && err.contains("reachability probes"),
+        "{err}"
+    );
+    assert!(load(&EFS.replace("[storage]", "[storage]\nmount_timeout_s = 63")).is_ok());
+}

@@ -7,7 +7,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use crate::config::backoff::Backoff;
+use crate::config::backoff::{Backoff, MOUNT_PROBE_TIMEOUT};
 use crate::config::mount_options::{self, MountOptions};
 use crate::config::{fence_margin_ms, Backend, Config, ConfigError, Mode};
 
@@ -160,8 +160,9 @@ impl Config {
             .map_err(|r| invalid("storage.credentials_file", r))
     }
 
-    /// `storage.mount_attempts` at least one, and all their pauses shorter than
-    /// `storage.mount_timeout_s`, so that systemd does not kill a mount still retrying.
+    /// `storage.mount_attempts` at least one, and all their pauses and reachability probes
+    /// shorter than `storage.mount_timeout_s`, so that systemd does not kill a mount still
+    /// retrying.
     fn validate_mount_retries(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid = invalid_in(path);
         let s = &self.storage;
@@ -171,14 +172,24 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
-        let budget_ms = Backoff::new(s.mount_attempts, s.mount_retry_max_ms).total_ms();
+        let pauses_ms = Backoff::new(s.mount_attempts, s.mount_retry_max_ms).total_ms();
+        let probe_ms = u64::try_from(MOUNT_PROBE_TIMEOUT.as_millis()).unwrap_or(u64::MAX);
+        let probes_ms = u64::from(s.mount_attempts).saturating_mul(probe_ms);
+        let budget_ms = pauses_ms.saturating_add(probes_ms);
         if budget_ms >= s.mount_timeout_s.saturating_mul(1000) {
             return Err(invalid(
                 "storage.mount_timeout_s",
                 format!(
-                    "= {} is shorter than the {} ms of pauses that {} attempts with \
-                     mount_retry_max_ms = {} need; raise it or lower the attempts",
-                    s.mount_timeout_s, budget_ms, s.mount_attempts, s.mount_retry_max_ms
+                    "= {} is shorter than the {} ms that {} attempts with \
+                     mount_retry_max_ms = {} may need ({} ms of pauses and {} ms of \
+                     reachability probes while the network is down); raise it or lower the \
+                     attempts",
+                    s.mount_timeout_s,
+                    budget_ms,
+                    s.mount_attempts,
+                    s.mount_retry_max_ms,
+                    pauses_ms,
+                    probes_ms
                 ),
             ));
         }
@@ -271,6 +282,19 @@ pub fn check_user_options(backend: Backend, opts: &MountOptions) -> Result<(), S
             return Err(format!(
                 "`{secret}=` would show the password to every user through ps and \
                  /proc/*/cmdline; put it in a credentials file (`credentials_file`)"
+            ));
+        }
+    }
+    // mount.cifs reads what follows a `%` in the user name as its password
+    let smb = backend
+        .fs_type()
+        .is_some_and(|t| t == "cifs" || t == "smb3");
+    for user in ["username", "user"] {
+        if smb && opts.value(user).is_some_and(|v| v.contains('%')) {
+            return Err(format!(
+                "`{user}=` with a `%`: mount.cifs reads what follows it as the password, which \
+                 would show to every user through ps and /proc/*/cmdline; put it in a \
+                 credentials file (`credentials_file`)"
             ));
         }
     }

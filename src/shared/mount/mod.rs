@@ -32,8 +32,9 @@ pub const EXIT_USAGE: u8 = 1;
 pub const EXIT_MOUNT_FAILURE: u8 = 32;
 /// The fstab type that makes mount(8) run `/sbin/mount.artemis-sync`.
 pub const FSTAB_TYPE: &str = "artemis-sync";
-/// How long the reachability probe waits for the server's port.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the reachability probe waits for the server's port (the config's validation
+/// counts it in the retries' budget).
+pub const PROBE_TIMEOUT: Duration = crate::config::backoff::MOUNT_PROBE_TIMEOUT;
 
 /// Options for mount(8) and systemd, never for the kernel; the helper drops them (and `x-*`).
 const USERSPACE_KEYS: &[&str] = &[

@@ -312,3 +312,50 @@ mount_attempts = 5
     assert_eq!(req.backoff.attempts, 5);
     assert_eq!(req.options.to_string(), "timeo=300");
 }
+
+/// mount.cifs reads `username=user%password` (and `user=dom/user%password`) as a password
+/// (mount.cifs(8), parse_username in cifs-utils): the check for `password=` missed it, so the
+/// key went on the mount program's command line (ps, /proc/*/cmdline) and in -v / -f output.
+#[test]
+fn issue2_a_password_inside_username_is_refused() {
+    let req = MountRequest::from_helper_args(
+        "//srv/share",
+        Path::new("/m"),
+        "backend=cifs,username=acct%S3cretKey",
+    )
+    .unwrap();
+    let p = plan(&req);
+    assert!(
+        p.is_err(),
+        "the password reaches argv: {}",
+        args(&p.unwrap())
+    );
+}
+
+/// Before Linux 5.11 the cifs client reads `nolock` as `nobrl` (connect.c: `{ Opt_nobrl,
+/// "nolock" }`; RHEL 8's 4.18, Ubuntu 20.04's 5.4): byte-range locks stay on the VM. The
+/// helper refused `nobrl` on azure-smb but mounted `nolock`.
+#[test]
+fn issue3_cifs_nolock_is_refused_like_nobrl() {
+    let cred = tempfile::NamedTempFile::new().unwrap();
+    std::fs::set_permissions(
+        cred.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let req = MountRequest::from_helper_args(
+        "//acct.file.core.windows.net/corda",
+        Path::new("/m"),
+        &format!(
+            "backend=azure-smb,credentials={},nolock",
+            cred.path().display()
+        ),
+    )
+    .unwrap();
+    let p = plan(&req);
+    assert!(
+        p.is_err(),
+        "cifs mount with nolock (= nobrl on kernels < 5.11) accepted: {}",
+        args(&p.unwrap())
+    );
+}
