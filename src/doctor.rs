@@ -130,7 +130,11 @@ pub fn run(loaded: Result<&Config, &ConfigError>, path: &Path, sys: &dyn Sys) ->
     let mounted = mount.status != Status::Fail;
     checks.push(mount);
     checks.push(match holder {
-        Some(entry) => locks_check(config, &entry),
+        // the agent judges `[lock] dir`'s mount (which need not be the share's): so does this
+        Some(share) => match lock_dir_mount(config, sys) {
+            Some(entry) => locks_check(config, &entry),
+            None => locks_check(config, &share),
+        },
         None => check("locks", Status::Skip, "the share is not mounted", None),
     });
     checks.push(link_check(config));
@@ -313,6 +317,18 @@ fn mount_check(config: &Config, table: &[MountEntry], dir: &Path) -> (Check, Opt
 
 /// The `locks` check: whether locks on the filesystem of `entry` reach the other VM
 /// ([`lock_safety::judge`], the judgement the agent acts on).
+/// The mount that holds `[lock] dir` (or, before the agent has made it, its nearest existing
+/// parent, where it will be made), as the agent's own check finds it.
+fn lock_dir_mount(config: &Config, sys: &dyn Sys) -> Option<MountEntry> {
+    let table = mountinfo::parse(&sys.mountinfo().ok()?).ok()?;
+    let dir = config
+        .lock
+        .dir
+        .ancestors()
+        .find_map(|d| d.canonicalize().ok())?;
+    mountinfo::containing(&table, &dir).cloned()
+}
+
 fn locks_check(config: &Config, entry: &MountEntry) -> Check {
     match lock_safety::judge(entry, config.lock.allow_local_locks) {
         LockVerdict::Safe { detail } => check("locks", Status::Ok, detail, None),
@@ -580,5 +596,41 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("/etc/x.toml"));
+    }
+
+    /// `[lock] dir` apart from the share (on a local filesystem): the agent refuses it, and
+    /// doctor, which judged the share's mount, said `ok locks`.
+    #[test]
+    fn issue3_doctor_judges_the_lock_dir_s_mount_as_the_agent_does() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let share = root.join("share");
+        let base = root.join("corda");
+        let locks = root.join("locks");
+        for d in [&share, &base, &locks] {
+            fs::create_dir_all(d).unwrap();
+        }
+        std::os::unix::fs::symlink(&share, base.join("artemis")).unwrap();
+        let config = Config::from_toml(Path::new("agent.toml"), &format!(
+            "[node]\nbase_dir = {base:?}\n[storage]\nbackend = \"efs\"\nsource = \"fs-1.efs.eu-west-1.amazonaws.com:/\"\nmount_point = {share:?}\n[lock]\ndir = {locks:?}\n"
+        )).unwrap();
+        let table = nfs_table(
+            &share,
+            "nfs4",
+            "fs-1.efs.eu-west-1.amazonaws.com:/",
+            "rw,vers=4.1,hard,local_lock=none",
+        );
+        // what the agent's check_lock_dir decides, on the same table
+        let parsed = mountinfo::parse(&table).unwrap();
+        let agent = lock_safety::judge(mountinfo::containing(&parsed, &locks).unwrap(), false);
+        assert!(matches!(agent, LockVerdict::Unsafe { .. }), "{agent:?}");
+        let r = run(Ok(&config), Path::new("agent.toml"), &Table(table));
+        let c = r.checks.iter().find(|c| c.name == "locks").unwrap();
+        assert_eq!(
+            c.status,
+            Status::Fail,
+            "the agent refuses lock dir {locks:?} (local ext4) but doctor says: {}",
+            r.to_text()
+        );
     }
 }
