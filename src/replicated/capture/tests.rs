@@ -142,6 +142,30 @@ impl Rig {
         self.pump();
     }
 
+    /// A deep walk, as `timers()` runs it, with `during` run at its first look at the event
+    /// channel (before it lists the root): what `during` changes on the hot side is read by
+    /// the walk, and the events it returns (as the FUSE capture would queue them) are handed
+    /// back, to be handled after the walk.
+    fn walk_while(
+        &mut self,
+        during: impl FnOnce(&std::path::Path) -> Vec<FsEvent> + Send + 'static,
+    ) -> Vec<FsEvent> {
+        use std::sync::{Arc, Mutex};
+        let queued: Arc<Mutex<Vec<FsEvent>>> = Arc::default();
+        let (hot, q) = (self.hot.clone(), queued.clone());
+        let mut during = Some(during);
+        self.scanner.fold_hook = Some(Box::new(move || {
+            if let Some(f) = during.take() {
+                *q.lock().unwrap() = f(&hot);
+            }
+        }));
+        self.scanner.full_scan(true);
+        self.pump();
+        self.scanner.fold_hook = None;
+        let events = std::mem::take(&mut *queued.lock().unwrap());
+        events
+    }
+
     fn modified(&mut self, p: &str) {
         self.event(EventKind::Modify(ModifyKind::Data(DataChange::Any)), &[p]);
     }
@@ -2239,52 +2263,33 @@ fn issue12_a_symlink_the_op_stream_cannot_carry_is_refused_through_the_mount() {
 /// new name. The cold side kept the wrong file there until the next deep rescan.
 #[test]
 fn issue12_a_rename_during_a_walk_does_not_move_what_the_walk_read_ahead() {
-    use std::sync::{Arc, Mutex};
     let mut r = Rig::build(true);
     fs::write(r.hot.join("a"), vec![1u8; 5 * 512]).unwrap();
     r.fs_all(vec![FsEvent::Changed("a".into())]);
     assert!(r.same());
-    // during the walk (before it lists the root), the node renames `a` to `b` and creates a
-    // new `a`: their events are queued behind the walk
-    let queued: Arc<Mutex<Vec<FsEvent>>> = Arc::default();
-    let (hot, q) = (r.hot.clone(), queued.clone());
-    let mut done = false;
-    r.scanner.fold_hook = Some(Box::new(move || {
-        if std::mem::replace(&mut done, true) {
-            return;
-        }
-        let mut q = q.lock().unwrap();
+    // during the walk, the node renames `a` to `b` and creates a new `a`
+    let events = r.walk_while(|hot| {
         fs::rename(hot.join("a"), hot.join("b")).unwrap();
-        q.push(FsEvent::Renamed {
-            from: "a".into(),
-            to: "b".into(),
-        });
-        let f = Arc::new(
-            fs::OpenOptions::new()
-                .create_new(true)
-                .read(true)
-                .write(true)
-                .open(hot.join("a"))
-                .unwrap(),
-        );
-        q.push(FsEvent::Resized {
-            path: "a".into(),
-            file: f.clone(),
-            edge: 0,
-        });
-        f.write_all_at(&vec![2u8; 3 * 512], 0).unwrap();
-        q.push(FsEvent::Wrote {
-            path: "a".into(),
-            file: f,
-            offset: 0,
-            len: 3 * 512,
-        });
-    }));
-    // the deep rescan, as `timers()` runs it
-    r.scanner.full_scan(true);
-    r.pump();
-    r.scanner.fold_hook = None;
-    let events = std::mem::take(&mut *queued.lock().unwrap());
+        let f = std::sync::Arc::new(new_shared_file(&hot.join("a")));
+        f.write_all_at(&[2u8; 3 * 512], 0).unwrap();
+        vec![
+            FsEvent::Renamed {
+                from: "a".into(),
+                to: "b".into(),
+            },
+            FsEvent::Resized {
+                path: "a".into(),
+                file: f.clone(),
+                edge: 0,
+            },
+            FsEvent::Wrote {
+                path: "a".into(),
+                file: f,
+                offset: 0,
+                len: 3 * 512,
+            },
+        ]
+    });
     assert_eq!(events.len(), 3);
     // then the events queued meanwhile, and a quiet point
     r.fs_all(events);
@@ -2305,49 +2310,32 @@ fn issue12_a_rename_during_a_walk_does_not_move_what_the_walk_read_ahead() {
 /// runs. The cold `e` lost `e/old` and gained the new `d`'s file.
 #[test]
 fn issue12_a_directory_renamed_and_made_again_during_a_walk_converges() {
-    use std::sync::{Arc, Mutex};
     let mut r = Rig::build(true);
     fs::create_dir(r.hot.join("d")).unwrap();
     fs::write(r.hot.join("d/old"), vec![1u8; 700]).unwrap();
     r.fs_all(vec![FsEvent::Changed("d".into())]);
     assert!(r.same());
-    let queued: Arc<Mutex<Vec<FsEvent>>> = Arc::default();
-    let (hot, q) = (r.hot.clone(), queued.clone());
-    let mut done = false;
-    r.scanner.fold_hook = Some(Box::new(move || {
-        if std::mem::replace(&mut done, true) {
-            return;
-        }
-        let mut q = q.lock().unwrap();
+    let events = r.walk_while(|hot| {
         fs::rename(hot.join("d"), hot.join("e")).unwrap();
-        q.push(FsEvent::Renamed {
-            from: "d".into(),
-            to: "e".into(),
-        });
         fs::create_dir(hot.join("d")).unwrap();
         let m = fs::symlink_metadata(hot.join("d")).unwrap();
-        q.push(FsEvent::MadeDir {
-            path: "d".into(),
-            attrs: crate::replicated::pages::Attrs::of(&m),
-        });
-        let f = Arc::new(
-            fs::OpenOptions::new()
-                .create_new(true)
-                .read(true)
-                .write(true)
-                .open(hot.join("d/new"))
-                .unwrap(),
-        );
-        q.push(FsEvent::Resized {
-            path: "d/new".into(),
-            file: f,
-            edge: 0,
-        });
-    }));
-    r.scanner.full_scan(true);
-    r.pump();
-    r.scanner.fold_hook = None;
-    let events = std::mem::take(&mut *queued.lock().unwrap());
+        let f = std::sync::Arc::new(new_shared_file(&hot.join("d/new")));
+        vec![
+            FsEvent::Renamed {
+                from: "d".into(),
+                to: "e".into(),
+            },
+            FsEvent::MadeDir {
+                path: "d".into(),
+                attrs: crate::replicated::pages::Attrs::of(&m),
+            },
+            FsEvent::Resized {
+                path: "d/new".into(),
+                file: f,
+                edge: 0,
+            },
+        ]
+    });
     r.fs_all(events);
     r.rehash_dirty();
     let ls = |p: PathBuf| {
