@@ -131,10 +131,13 @@ pub fn run(loaded: Result<&Config, &ConfigError>, path: &Path, sys: &dyn Sys) ->
     checks.push(mount);
     checks.push(match holder {
         // the agent judges `[lock] dir`'s mount (which need not be the share's): so does this
-        Some(share) => match lock_dir_mount(config, sys) {
-            Some(entry) => locks_check(config, &entry),
-            None => locks_check(config, &share),
-        },
+        Some(share) => {
+            let table = sys.mountinfo().ok().and_then(|t| mountinfo::parse(&t).ok());
+            let lock_dir = table
+                .as_deref()
+                .and_then(|t| lock_safety::lock_dir_mount(t, &config.lock.dir));
+            locks_check(config, lock_dir.unwrap_or(&share))
+        }
         None => check("locks", Status::Skip, "the share is not mounted", None),
     });
     checks.push(link_check(config));
@@ -317,18 +320,6 @@ fn mount_check(config: &Config, table: &[MountEntry], dir: &Path) -> (Check, Opt
 
 /// The `locks` check: whether locks on the filesystem of `entry` reach the other VM
 /// ([`lock_safety::judge`], the judgement the agent acts on).
-/// The mount that holds `[lock] dir` (or, before the agent has made it, its nearest existing
-/// parent, where it will be made), as the agent's own check finds it.
-fn lock_dir_mount(config: &Config, sys: &dyn Sys) -> Option<MountEntry> {
-    let table = mountinfo::parse(&sys.mountinfo().ok()?).ok()?;
-    let dir = config
-        .lock
-        .dir
-        .ancestors()
-        .find_map(|d| d.canonicalize().ok())?;
-    mountinfo::containing(&table, &dir).cloned()
-}
-
 fn locks_check(config: &Config, entry: &MountEntry) -> Check {
     match lock_safety::judge(entry, config.lock.allow_local_locks) {
         LockVerdict::Safe { detail } => check("locks", Status::Ok, detail, None),

@@ -3,7 +3,7 @@
 //! processes of this host. The agent refuses to run on such a lock directory
 //! ([`check_lock_dir`]); `doctor` reports the same judgement ([`judge`]) as its `locks` check.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::config::mount_options::lock_hazard;
 use crate::config::Config;
@@ -91,6 +91,13 @@ pub fn judge(entry: &MountEntry, allow_local_locks: bool) -> LockVerdict {
     }
 }
 
+/// The mount that holds the lock directory `dir` (before it is made, its nearest existing
+/// parent, where it will be made): what the agent and `doctor` judge.
+pub fn lock_dir_mount<'a>(table: &'a [MountEntry], dir: &Path) -> Option<&'a MountEntry> {
+    let canonical = dir.ancestors().find_map(|d| d.canonicalize().ok())?;
+    mountinfo::containing(table, &canonical)
+}
+
 /// Refuses a lock directory on a mount whose locks stay on this host (creating the directory
 /// if needed); a doubtful one is logged as a warning.
 pub fn check_lock_dir(config: &Config) -> Result<(), LockSafetyError> {
@@ -100,14 +107,13 @@ pub fn check_lock_dir(config: &Config) -> Result<(), LockSafetyError> {
         source,
     };
     std::fs::create_dir_all(dir).map_err(lock_dir)?;
-    let canonical = dir.canonicalize().map_err(lock_dir)?;
     let text = std::fs::read_to_string(crate::sys::MOUNTINFO_PATH)
         .map_err(|e| LockSafetyError::MountTable(e.to_string()))?;
     let table = mountinfo::parse(&text).map_err(|e| LockSafetyError::MountTable(e.to_string()))?;
-    let Some(entry) = mountinfo::containing(&table, &canonical) else {
+    let Some(entry) = lock_dir_mount(&table, dir) else {
         return Err(LockSafetyError::MountTable(format!(
             "no mount holds {}",
-            canonical.display()
+            dir.display()
         )));
     };
     match judge(entry, config.lock.allow_local_locks) {
