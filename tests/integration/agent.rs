@@ -33,6 +33,19 @@ fn config_path(fx: &Fixture, name: &str) -> PathBuf {
 }
 
 impl Pair {
+    /// Starts `a` and waits until it is hot, then `b` until it is cold.
+    fn start_a_hot_then_b_cold(&mut self) {
+        self.start("a");
+        assert!(
+            wait_until(Duration::from_millis(WAIT_MS * 3), || self.role("a")
+                == "hot"),
+            "{}",
+            self.stderr_of()
+        );
+        self.start("b");
+        assert!(wait_until(Duration::from_secs(5), || self.role("b") == "cold"));
+    }
+
     fn new() -> Pair {
         Pair::with(UPDATE_MS, WAIT_MS, |_, _| String::new())
     }
@@ -574,14 +587,7 @@ fn issue3_an_unreadable_truncated_or_garbage_lease_is_never_a_reason_to_take_ove
 #[test]
 fn issue3_release_hands_over_in_well_under_wait_interval() {
     let mut p = Pair::new();
-    p.start("a");
-    assert!(
-        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
-        "{}",
-        p.stderr_of()
-    );
-    p.start("b");
-    assert!(wait_until(Duration::from_secs(5), || p.role("b") == "cold"));
+    p.start_a_hot_then_b_cold();
     let started = Instant::now();
     let out = artemis_sync(&p.config("a"), ["release"]);
     out.code(0).stdout_has(&["released epoch 1"]);
@@ -817,14 +823,7 @@ fn issue3_a_node_that_dies_gives_the_lease_to_the_other_vm() {
         |_, _| "max_local_restarts = 0\n".into(),
         |_, _| String::new(),
     );
-    p.start("a");
-    assert!(
-        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
-        "{}",
-        p.stderr_of()
-    );
-    p.start("b");
-    assert!(wait_until(Duration::from_secs(5), || p.role("b") == "cold"));
+    p.start_a_hot_then_b_cold();
     let node = libc::pid_t::try_from(p.status("a")["node_pid"].as_u64().unwrap()).expect("a pid");
     let crashed = Instant::now();
     kill(node, libc::SIGKILL);
@@ -940,14 +939,7 @@ fn issue10_hooks_run_on_acquire_and_on_release_with_epoch_and_holder() {
         );
         fs::write(&path, text).unwrap();
     }
-    p.start("a");
-    assert!(
-        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
-        "{}",
-        p.stderr_of()
-    );
-    p.start("b");
-    assert!(wait_until(Duration::from_secs(5), || p.role("b") == "cold"));
+    p.start_a_hot_then_b_cold();
     artemis_sync(&p.config("a"), ["release"]).code(0);
     assert!(
         wait_until(Duration::from_millis(WAIT_MS), || p.role("b") == "hot"),
@@ -1054,14 +1046,7 @@ fn issue14_the_leftovers_of_a_node_that_exited_are_killed_before_the_lease_is_gi
         },
         |_, _| String::new(),
     );
-    p.start("a");
-    assert!(
-        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
-        "{}",
-        p.stderr_of()
-    );
-    p.start("b");
-    assert!(wait_until(Duration::from_secs(5), || p.role("b") == "cold"));
+    p.start_a_hot_then_b_cold();
     assert!(wait_until(Duration::from_secs(5), || fs::read_to_string(
         &fx_pid
     )
