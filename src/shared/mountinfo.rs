@@ -20,6 +20,10 @@ pub enum MountinfoError {
 /// One line of mountinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
+    /// The mount's id.
+    pub id: u32,
+    /// The id of the mount it is mounted on (the one it covers, when stacked).
+    pub parent: u32,
     /// Path inside the source filesystem that is mounted here (`/` unless a bind of a subtree).
     pub root: PathBuf,
     /// Where it is mounted.
@@ -84,7 +88,11 @@ fn parse_line(line: &str) -> Result<MountEntry, &'static str> {
     let fs_type = right.next().ok_or("no filesystem type")?;
     let source = right.next().ok_or("no mount source")?;
     let super_options = right.next().unwrap_or("");
+    let id = left[0].parse().map_err(|_| "mount id is not a number")?;
+    let parent = left[1].parse().map_err(|_| "parent id is not a number")?;
     Ok(MountEntry {
+        id,
+        parent,
         root: PathBuf::from(unescape(left[3])),
         mount_point: PathBuf::from(unescape(left[4])),
         mount_options: left[5].to_owned(),
@@ -128,9 +136,43 @@ pub fn mounted_at<'a>(entries: &'a [MountEntry], dir: &Path) -> Option<&'a Mount
     entries.iter().rev().find(|e| e.mount_point == dir)
 }
 
-/// The mount that holds `path` (an absolute, symlink-free path): the deepest mount point that
-/// is a prefix of it, and the topmost of those.
+/// The mount that holds `path` (an absolute, symlink-free path): the one a lookup of the
+/// path reaches, following the mount tree from the root as the kernel does, so a mount that a
+/// later mount on one of its parents hides is passed over. When the table has no root to
+/// start from (a chroot can show mounts whose parents it cannot see), the deepest mount point
+/// that is a prefix of the path, and the topmost of those.
 pub fn containing<'a>(entries: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
+    reached(entries, path).or_else(|| deepest_prefix(entries, path))
+}
+
+/// The mount a path lookup reaches: from the root mount, at each prefix of `path` the mount
+/// whose parent is the one reached so far, and on that, whatever is stacked on it.
+fn reached<'a>(entries: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
+    let root = Path::new("/");
+    let mut here = entries
+        .iter()
+        .find(|e| e.mount_point == root && !entries.iter().any(|p| p.id == e.parent))?;
+    let mut prefix = PathBuf::new();
+    // Each step moves to another entry; more steps than entries means the table has a cycle.
+    let mut steps = 0;
+    for component in path.components() {
+        prefix.push(component);
+        while let Some(on) = entries
+            .iter()
+            .rev()
+            .find(|e| e.parent == here.id && e.id != here.id && e.mount_point == prefix)
+        {
+            steps += 1;
+            if steps > entries.len() {
+                return None;
+            }
+            here = on;
+        }
+    }
+    Some(here)
+}
+
+fn deepest_prefix<'a>(entries: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
     let depth = |p: &Path| {
         p.components()
             .filter(|c| matches!(c, Component::Normal(_)))
@@ -224,6 +266,61 @@ mod tests {
         );
         assert!(mounted_at(&t, Path::new("/var/lib/my share")).is_some());
         assert!(mounted_at(&t, Path::new("/var")).is_none());
+    }
+
+    #[test]
+    fn a_mount_hidden_by_a_later_mount_on_its_parent_is_passed_over() {
+        // The share was mounted on /mnt/share, then a tmpfs on /mnt hid it: a path under
+        // /mnt/share is on the tmpfs now, whatever the deeper entry says.
+        let table = "20 1 8:1 / / rw - ext4 /dev/vda1 rw\n\
+                     30 20 0:50 / /mnt/share rw - nfs4 srv:/export rw,local_lock=none\n\
+                     31 20 0:51 / /mnt rw - tmpfs tmpfs rw\n";
+        let t = parse(table).unwrap();
+        let e = containing(&t, Path::new("/mnt/share/locks")).unwrap();
+        assert_eq!(e.fs_type, "tmpfs", "{e:?}");
+        // a cycle in a malformed table ends the walk; the prefix rule answers
+        let cyclic = "1 9 8:1 / / rw - ext4 /dev/vda1 rw\n\
+                      5 6 0:50 / /a rw - tmpfs t rw\n\
+                      6 5 0:51 / /a rw - tmpfs t rw\n";
+        assert!(containing(&parse(cyclic).unwrap(), Path::new("/a/b")).is_some());
+    }
+
+    #[test]
+    fn the_mount_a_lookup_reaches_is_found_in_the_live_table() {
+        if !crate::sys::is_root() {
+            assert!(std::env::var_os("CI").is_none(), "CI runs this as root");
+            eprintln!("skipped: the_mount_a_lookup_reaches_is_found_in_the_live_table: not root");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let outer = tmp.path().canonicalize().unwrap().join("mnt");
+        let share = outer.join("share");
+        std::fs::create_dir_all(&share).unwrap();
+        let mount = |dir: &Path, size: &str| {
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", size, "tmpfs"])
+                .arg(dir)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "mount tmpfs on {dir:?}");
+        };
+        let umount = |dir: &Path| {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(dir)
+                .status();
+        };
+        mount(&share, "size=1m");
+        mount(&outer, "size=2m");
+        std::fs::create_dir_all(&share).unwrap();
+        let text = std::fs::read_to_string(crate::sys::MOUNTINFO_PATH).unwrap();
+        let found = containing(&parse(&text).unwrap(), &share).cloned();
+        umount(&outer);
+        umount(&share);
+        let found = found.unwrap();
+        assert_eq!(found.mount_point, outer, "{found:?}");
+        assert!(found.super_options.contains("size=2048k"), "{found:?}");
     }
 
     #[test]
