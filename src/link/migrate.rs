@@ -331,7 +331,9 @@ fn move_aside(src_root: &Path) -> Result<PathBuf, LinkError> {
 }
 
 /// Copies `src` to `dst` through a temporary file given `mode` and `owner`, hashing what was
-/// read, then reads the copy back and compares. `dst` exists only once it is complete and verified.
+/// read, then reads the copy back and compares. `dst` exists only once it is complete and
+/// verified; a copy that fails removes its temporary, so a failed migration leaves nothing
+/// half-written in the share.
 fn copy_verified(src: &Path, dst: &Path, mode: u32, owner: Owner) -> Result<(), LinkError> {
     let name = dst
         .file_name()
@@ -339,13 +341,34 @@ fn copy_verified(src: &Path, dst: &Path, mode: u32, owner: Owner) -> Result<(), 
         .unwrap_or_default();
     let tmp = dst.with_file_name(format!(".{name}{MIGRATE_TMP_SUFFIX}"));
     let mut input = File::open(src).map_err(io_err("cannot open", src))?;
-    let mut output = OpenOptions::new()
+    let output = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)
         .map_err(io_err("cannot create", &tmp))?;
+    let copied = copy_to_temporary(&mut input, output, src, &tmp, mode, owner)
+        .and_then(|wrote| verify_copy(&tmp, wrote, src, dst));
+    if let Err(e) = copied {
+        if let Err(rm) = fs::remove_file(&tmp) {
+            tracing::warn!(file = %tmp.display(), error = %rm, "cannot remove the failed copy's temporary");
+        }
+        return Err(e);
+    }
+    fs::rename(&tmp, dst).map_err(io_err("cannot rename into place", dst))
+}
+
+/// Writes `input` into the temporary `output`, gives it the source's owner, mode and mtime,
+/// fsyncs it, and returns the blake3 of what was read.
+fn copy_to_temporary(
+    input: &mut File,
+    mut output: File,
+    src: &Path,
+    tmp: &Path,
+    mode: u32,
+    owner: Owner,
+) -> Result<blake3::Hash, LinkError> {
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; COPY_CHUNK_BYTES];
     loop {
@@ -358,27 +381,29 @@ fn copy_verified(src: &Path, dst: &Path, mode: u32, owner: Owner) -> Result<(), 
         hasher.update(&buf[..n]);
         output
             .write_all(&buf[..n])
-            .map_err(io_err("cannot write", &tmp))?;
+            .map_err(io_err("cannot write", tmp))?;
     }
     let meta = input.metadata().map_err(io_err("cannot inspect", src))?;
     // the owner before the mode: a chown clears the set-id bits
     std::os::unix::fs::fchown(&output, Some(owner.0), Some(owner.1))
-        .map_err(io_err("cannot set owner of", &tmp))?;
+        .map_err(io_err("cannot set owner of", tmp))?;
     output
         .set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(io_err("cannot set mode of", &tmp))?;
+        .map_err(io_err("cannot set mode of", tmp))?;
     output
         .set_modified(
             meta.modified()
                 .map_err(io_err("cannot read mtime of", src))?,
         )
-        .map_err(io_err("cannot set mtime of", &tmp))?;
-    output.sync_all().map_err(io_err("cannot fsync", &tmp))?;
-    drop(output);
-    let wrote = hasher.finalize();
-    let read = file_digest(&tmp)?;
+        .map_err(io_err("cannot set mtime of", tmp))?;
+    output.sync_all().map_err(io_err("cannot fsync", tmp))?;
+    Ok(hasher.finalize())
+}
+
+/// Reads the temporary back and compares it with what was written.
+fn verify_copy(tmp: &Path, wrote: blake3::Hash, src: &Path, dst: &Path) -> Result<(), LinkError> {
+    let read = file_digest(tmp)?;
     if read != wrote {
-        let _ = fs::remove_file(&tmp);
         return Err(LinkError::VerifyMismatch {
             original: src.to_owned(),
             dest: dst.to_owned(),
@@ -386,5 +411,5 @@ fn copy_verified(src: &Path, dst: &Path, mode: u32, owner: Owner) -> Result<(), 
             read: read.to_hex().to_string(),
         });
     }
-    fs::rename(&tmp, dst).map_err(io_err("cannot rename into place", dst))
+    Ok(())
 }

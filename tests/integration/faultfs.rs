@@ -302,6 +302,36 @@ impl Fs {
         Ok(())
     }
 
+    /// Sets the access and modification times asked for (a symlink's are left alone).
+    fn set_times(
+        &self,
+        ino: INodeNo,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+    ) -> Res<()> {
+        if atime.is_none() && mtime.is_none() {
+            return Ok(());
+        }
+        let path = self.abs(&self.rel(ino)?);
+        if fs::symlink_metadata(&path).map_err(errno)?.is_symlink() {
+            return Ok(());
+        }
+        let at = |t: TimeOrNow| match t {
+            TimeOrNow::SpecificTime(t) => t,
+            TimeOrNow::Now => std::time::SystemTime::now(),
+        };
+        let mut times = fs::FileTimes::new();
+        if let Some(t) = atime {
+            times = times.set_accessed(at(t));
+        }
+        if let Some(t) = mtime {
+            times = times.set_modified(at(t));
+        }
+        File::open(&path)
+            .and_then(|f| f.set_times(times))
+            .map_err(errno)
+    }
+
     fn list(&self, ino: INodeNo) -> Res<Vec<(u64, FileType, std::ffi::OsString)>> {
         let rel = self.rel(ino)?;
         let mut out = vec![
@@ -346,8 +376,8 @@ impl Filesystem for Fs {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
         _ctime: Option<std::time::SystemTime>,
         _fh: Option<FileHandle>,
         _crtime: Option<std::time::SystemTime>,
@@ -359,6 +389,7 @@ impl Filesystem for Fs {
         let changes = mode.is_some() || uid.is_some() || gid.is_some() || size.is_some();
         let r = (if changes { self.fault() } else { Ok(()) })
             .and_then(|()| self.set_attrs(ino, mode, [uid, gid], size))
+            .and_then(|()| self.set_times(ino, atime, mtime))
             .and_then(|()| self.node(self.rel(ino)?));
         answer!(r, reply, |a| reply.attr(&TTL, &a));
     }

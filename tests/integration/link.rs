@@ -202,6 +202,39 @@ fn issue2_link_migrate_moves_every_file_verified_and_keeps_the_old_directory() {
     }
 }
 
+/// A copy that fails part way (the share's fsync answers `EIO`) leaves no hidden temporary in
+/// the share, and the source where it was; a run after the share recovers completes.
+#[test]
+fn issue2_link_migrate_a_failed_copy_leaves_no_temporary_in_the_share() {
+    if !require_root(
+        "issue2_link_migrate_a_failed_copy_leaves_no_temporary_in_the_share",
+        "a FUSE mount",
+    ) {
+        return;
+    }
+    let s = setup();
+    let backing = s.fx.path("backing");
+    let faultfs = crate::faultfs::FaultFs::mount(&backing, &s.share);
+    write_journal(&s.link);
+    let before = snapshot(&s.link);
+    faultfs.set_fsync_failing(true);
+    s.link(&["--migrate"])
+        .failed()
+        .stderr_has(&["cannot fsync", ".artemis-sync-tmp"]);
+    assert!(faultfs.failed_calls() > 0, "no fsync failed");
+    let temporaries: Vec<_> = snapshot(&backing)
+        .into_keys()
+        .filter(|p| p.to_string_lossy().contains("artemis-sync-tmp"))
+        .collect();
+    assert!(temporaries.is_empty(), "left in the share: {temporaries:?}");
+    assert!(s.link.is_dir() && !s.link.is_symlink());
+    assert_eq!(snapshot(&s.link), before, "the source changed");
+    assert!(s.asides().is_empty());
+    faultfs.set_fsync_failing(false);
+    s.link(&["--migrate"]).code(0).stdout_has(&["migrated"]);
+    assert_eq!(snapshot(&s.link), before);
+}
+
 #[test]
 fn issue2_link_pointing_elsewhere_needs_force() {
     let s = setup();
