@@ -24,6 +24,7 @@ use crate::replicated::capture::ScanControl;
 use crate::replicated::channel::{self, Auth};
 use crate::replicated::ops::{DigestPart, Op, Outgoing, ScanMsg, SenderEvent};
 use crate::replicated::pages::{IndexPart, TreeIndex};
+use crate::replicated::receiver::ADMIT_TIMEOUT;
 use crate::replicated::stats::SenderStats;
 use crate::replicated::wire::framed::{encode_body, Encoded, ReadTask};
 use crate::replicated::wire::{Frame, FrameReader, FrameWriter, HotState, ProtoError};
@@ -83,6 +84,8 @@ pub enum SendError {
         epoch: u64,
         reason: String,
     },
+    /// peer {peer} did not answer our introduction within {limit:?}
+    NoWelcome { peer: SocketAddr, limit: Duration },
     /// page size {0} does not fit the protocol's 32 bits
     PageSize(usize),
 }
@@ -283,7 +286,13 @@ async fn introduce(
         .await
         .map_err(proto)?;
     writer.flush().await.map_err(proto)?;
-    match reader.recv().await.map_err(proto)? {
+    // the cold side answers at once, or gives up on us itself by then: a peer stopped (or
+    // gone) after the handshake must not keep us waiting for ever
+    let limit = ADMIT_TIMEOUT;
+    let answer = tokio::time::timeout(limit, reader.recv())
+        .await
+        .map_err(|_| SendError::NoWelcome { peer, limit })?;
+    match answer.map_err(proto)? {
         Frame::Welcome { epoch } => {
             // the peer is cold and knows no newer epoch: a hot that waits may start its node
             let _ = events.try_send(SenderEvent::Welcomed { epoch });

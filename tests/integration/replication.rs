@@ -1073,3 +1073,51 @@ fn all_threads_stopped(pid: libc::pid_t) -> bool {
         })
     })
 }
+
+/// A "cold side" on `listener` that completes the PSK handshake with the next connection and
+/// reads its introduction; returns the connection, kept open.
+async fn fake_cold_admits(listener: &tokio::net::TcpListener, limit: Duration) -> Option<RawConn> {
+    let (s, _) = tokio::time::timeout(limit, listener.accept())
+        .await
+        .ok()?
+        .unwrap();
+    let (r, w) = s.into_split();
+    let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
+    let psk = Psk::from_hex(PSK_HEX).unwrap();
+    channel::accept(&Auth::Psk(psk), &mut r, &mut w)
+        .await
+        .unwrap();
+    let intro = r.recv().await.unwrap();
+    assert!(matches!(intro, Frame::Intro { hot: true, .. }), "{intro:?}");
+    Some((r, w))
+}
+
+/// Regression: the hot side waited for the cold side's answer to its introduction with no
+/// time limit. A cold agent stopped (or its VM gone) right after the handshake left the hot
+/// side waiting for ever: no reconnection, and the stream never came back. It now gives up
+/// after the cold side's own admission limit and connects again.
+#[test]
+fn a_hot_side_whose_introduction_is_never_answered_connects_again() {
+    let fake = crate::listen::loopback_listener();
+    let mut p = Pair::new("psk", Some(port_of(&fake)));
+    p.start("hot");
+    let rt = rt();
+    rt.block_on(async {
+        fake.set_nonblocking(true).unwrap();
+        let fake = tokio::net::TcpListener::from_std(fake).unwrap();
+        let silent = fake_cold_admits(&fake, Duration::from_secs(10)).await;
+        assert!(
+            silent.is_some(),
+            "the hot side never connected\n{}",
+            p.logs()
+        );
+        // no welcome, no refusal, the connection kept open: a stopped cold agent
+        let again = fake_cold_admits(&fake, Duration::from_secs(15)).await;
+        assert!(
+            again.is_some(),
+            "the hot side still waits for an answer to its introduction\n{}",
+            p.logs()
+        );
+        drop(silent);
+    });
+}
