@@ -1121,3 +1121,80 @@ fn a_hot_side_whose_introduction_is_never_answered_connects_again() {
         drop(silent);
     });
 }
+
+/// Regression: the hot side reads the cold side's index with no time limit, as it must (an
+/// index of a large tree, or one held back while the cold disk fails, is long and silent), and
+/// sends nothing meanwhile. A cold host that vanished then (powered off, rebooted, cut off)
+/// was never noticed: no data of ours was in flight for TCP to time out, and a rebooted host
+/// had nothing to answer with a reset, so the hot side waited for ever and the stream never
+/// came back. The connection now has TCP keepalives: a peer host that stops answering them is
+/// given up within seconds, and the hot side connects again.
+#[test]
+fn a_cold_host_lost_while_the_hot_side_waits_for_its_index_is_given_up() {
+    let test = "a_cold_host_lost_while_the_hot_side_waits_for_its_index_is_given_up";
+    if !crate::util::require_root(test, "network namespaces and nftables") {
+        return;
+    }
+    use crate::drill::netns::{listener_in, run_in, Topology};
+    let topo = Topology::new();
+    let (a_ns, b_ns) = (topo.a.path(), topo.b.path());
+    let hot_listener = listener_in(&a_ns, topo.a.repl_addr());
+    let fake = listener_in(&b_ns, topo.b.repl_addr());
+    // the pair's cold side is never started: the test plays it on `fake`
+    let unused = listener_in(
+        &b_ns,
+        std::net::SocketAddr::from((topo.b.link_ip, topo.b.repl_addr().port() + 1)),
+    );
+    let peers = [
+        topo.b.repl_addr().to_string(),
+        topo.a.repl_addr().to_string(),
+    ];
+    let mut p = Pair::on(
+        "psk",
+        Fixture::new(),
+        &format!("capture = \"watch\"\n{REPLICATION_EXTRA}"),
+        [hot_listener, unused],
+        peers,
+    );
+    p.hot.netns = Some(a_ns);
+    p.start("hot");
+    let rt = rt();
+    let conn = rt.block_on(async {
+        fake.set_nonblocking(true).unwrap();
+        let fake = tokio::net::TcpListener::from_std(fake).unwrap();
+        let (r, mut w) = fake_cold_admits(&fake, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("the hot side never connected\n{}", p.logs()));
+        w.send(&Frame::Welcome { epoch: 1 }).await.unwrap();
+        w.flush().await.unwrap();
+        (r, w)
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || p
+            .logs()
+            .contains("the peer confirmed that no newer epoch exists")),
+        "{}",
+        p.logs()
+    );
+    // the cold host is gone: nothing in or out of its end of the link
+    run_in(
+        &b_ns,
+        "nft",
+        &["-f", "-"],
+        &format!(
+            "table inet artemis_gone {{\n\
+               chain input {{ type filter hook input priority 0; policy accept; iifname {dev} drop; }}\n\
+               chain output {{ type filter hook output priority 0; policy accept; oifname {dev} drop; }}\n\
+             }}\n",
+            dev = topo.b.link_dev
+        ),
+    );
+    assert!(
+        wait_until(Duration::from_secs(40), || p
+            .logs()
+            .contains("reconnecting in")),
+        "the hot side still waits for the index of a cold host that is gone\n{}",
+        p.logs()
+    );
+    drop(conn);
+}
