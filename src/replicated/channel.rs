@@ -128,20 +128,39 @@ pub enum Auth {
 /// Sets `SO_KEEPALIVE` and its timing ([`KEEPALIVE_IDLE_SECS`], [`KEEPALIVE_INTERVAL_SECS`],
 /// [`KEEPALIVE_PROBES`]) on `tcp`.
 fn keep_alive(tcp: &TcpStream) -> std::io::Result<()> {
+    set_options(
+        tcp,
+        &[
+            (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_SECS),
+            (
+                libc::IPPROTO_TCP,
+                libc::TCP_KEEPINTVL,
+                KEEPALIVE_INTERVAL_SECS,
+            ),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES),
+        ],
+    )
+}
+
+/// Sets `TCP_USER_TIMEOUT` on `tcp` (tcp(7)): data the peer leaves unacknowledged, or that
+/// its shut receive window leaves unsent, for `limit` ends the connection, so a write to a
+/// peer that stopped reading (a frozen agent, a paused VM) does not wait for ever.
+pub(crate) fn set_user_timeout(tcp: &TcpStream, limit: Duration) -> std::io::Result<()> {
+    let ms = libc::c_int::try_from(limit.as_millis()).unwrap_or(libc::c_int::MAX);
+    set_options(tcp, &[(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms)])
+}
+
+/// Sets each `(level, name, value)` socket option of C int value on `tcp`.
+fn set_options(
+    tcp: &TcpStream,
+    options: &[(libc::c_int, libc::c_int, libc::c_int)],
+) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let fd = tcp.as_raw_fd();
     let len = libc::socklen_t::try_from(size_of::<libc::c_int>())
         .expect("the size of a C int fits a socklen_t");
-    for (level, name, value) in [
-        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_SECS),
-        (
-            libc::IPPROTO_TCP,
-            libc::TCP_KEEPINTVL,
-            KEEPALIVE_INTERVAL_SECS,
-        ),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES),
-    ] {
+    for &(level, name, value) in options {
         // SAFETY: `fd` is open while `tcp` is borrowed; the option's value is a c_int that
         // lives through the call, and its size is passed with it.
         let rc =

@@ -37,6 +37,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const RECONNECT_FIRST: Duration = Duration::from_millis(50);
 /// Reconnect pauses grow to this.
 pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// With async acks, how long the cold side may leave a batch unacknowledged while the window
+/// is full (or keep its receive window shut) before the connection is given up. Durable acks
+/// use `peer_timeout_ms` instead.
+pub(crate) const ASYNC_STALL_LIMIT: Duration = Duration::from_secs(10);
+/// The stall check runs every quarter of the limit, but not more often than this.
+const STALL_CHECK_MIN: Duration = Duration::from_millis(10);
 /// The connection's write buffer (batches are up to a megabyte of pages).
 const SEND_BUFFER_BYTES: usize = 1 << 20;
 /// Frames from the cold side waiting for the network task: acknowledgements, and the parts
@@ -63,6 +69,19 @@ pub(crate) struct StreamConfig {
     pub(crate) durable: Option<DurableConfig>,
 }
 
+impl StreamConfig {
+    /// How long a stalled cold side (a frozen agent or VM, whose kernel keeps the connection
+    /// open but reads and acknowledges nothing) is waited for before the connection is given
+    /// up: `peer_timeout_ms` with durable acks, [`ASYNC_STALL_LIMIT`] otherwise. Given up, the
+    /// node's writes go on (they would block once the window and the queues behind it fill)
+    /// and the next connection resyncs. With `on_peer_loss = "block"` syncs still wait.
+    pub(crate) fn stall_limit(&self) -> Duration {
+        self.durable
+            .as_ref()
+            .map_or(ASYNC_STALL_LIMIT, |d| d.peer_timeout)
+    }
+}
+
 /// Errors of one connection of the sender, naming the peer.
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
 pub enum SendError {
@@ -86,6 +105,8 @@ pub enum SendError {
     },
     /// peer {peer} did not answer our introduction within {limit:?}
     NoWelcome { peer: SocketAddr, limit: Duration },
+    /// peer {peer} acknowledged nothing for {limit:?} with the window full: given up (it will be resynced)
+    Stalled { peer: SocketAddr, limit: Duration },
     /// page size {0} does not fit the protocol's 32 bits
     PageSize(usize),
 }
@@ -226,6 +247,9 @@ async fn stream_once(
         last_nack,
     };
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let stall_limit = cfg.stall_limit();
+    let mut stall_check = tokio::time::interval((stall_limit / 4).max(STALL_CHECK_MIN));
+    stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             out = scanner.out.recv(), if outbound.window_bytes < outbound.window_limit => match out {
@@ -238,6 +262,7 @@ async fn stream_once(
                 outbound.on_frame(frame).await?;
             }
             _ = heartbeat.tick() => outbound.heartbeat().await?,
+            _ = stall_check.tick() => outbound.check_stall(stall_limit)?,
             _ = stop.changed() => return Ok(()),
         }
     }
@@ -254,6 +279,9 @@ async fn connect(cfg: &StreamConfig) -> Result<(Reader, Writer), SendError> {
             source: io::Error::new(io::ErrorKind::TimedOut, "timed out"),
         })?
         .map_err(|source| SendError::Connect { peer, source })?;
+    if let Err(e) = channel::set_user_timeout(&stream, cfg.stall_limit()) {
+        tracing::warn!(%peer, "cannot set TCP_USER_TIMEOUT on the replication connection (a stalled cold side may hold the writes up): {e}");
+    }
     let (r, w) = channel::wrap_connect(&cfg.auth, stream)
         .await
         .map_err(proto)?;
@@ -473,6 +501,18 @@ impl Outbound<'_> {
             .push_back((seq, body, tokio::time::Instant::now()));
         self.publish_window();
         Ok(())
+    }
+
+    /// A full window whose oldest batch has waited `limit` for its ack: the cold side stalled.
+    fn check_stall(&self, limit: Duration) -> Result<(), SendError> {
+        let full = self.window_bytes >= self.window_limit;
+        match self.window.front() {
+            Some((_, _, sent)) if full && sent.elapsed() >= limit => Err(SendError::Stalled {
+                peer: self.peer,
+                limit,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The window's size and its oldest batch's send time, for `status` and the metrics.

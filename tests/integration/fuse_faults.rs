@@ -282,3 +282,76 @@ fn issue12_a_killed_hot_agent_takes_its_node_writing_through_the_mount_with_it()
     p.stop("hot");
     assert!(dead(second), "a clean stop stops the node");
 }
+
+/// Writes `count` pieces of `size` bytes to a file through the mount with the cold agent
+/// frozen (its kernel keeps the connection open: nothing is read or acknowledged), each
+/// followed by an fdatasync when `sync`; the writes must all return within `limit`, and the
+/// copy converge once the cold agent is thawed.
+fn writes_go_on_past_a_frozen_cold_agent(
+    more: &str,
+    (size, count, sync): (usize, u64, bool),
+    limit: Duration,
+) {
+    let (p, _guard, mnt) = fuse_pair_started(more);
+    let f = fs::File::create(mnt.join("j")).unwrap();
+    write_sync(&f, 9, 0);
+    p.signal("cold", libc::SIGSTOP);
+    let began = Instant::now();
+    let writer = std::thread::spawn(move || {
+        let chunk: Vec<u8> = (0..size).map(|i| u8::try_from(i % 253).unwrap()).collect();
+        let size = u64::try_from(size).unwrap();
+        for i in 1..=count {
+            f.write_all_at(&chunk, i * size).unwrap();
+            if sync {
+                f.sync_data().unwrap();
+            }
+        }
+    });
+    let done = wait_until(limit, || writer.is_finished());
+    let took = began.elapsed();
+    p.signal("cold", libc::SIGCONT);
+    assert!(
+        done,
+        "{count} writes of {size} bytes did not return within {limit:?} with the cold agent frozen\n{}",
+        p.logs()
+    );
+    writer.join().unwrap();
+    eprintln!("{count} writes of {size} bytes past a frozen cold agent in {took:?}");
+    // by the window's check, or by the kernel (TCP_USER_TIMEOUT) when the socket filled first
+    let logs = p.logs();
+    assert!(
+        logs.contains("acknowledged nothing for") || logs.contains("Connection timed out"),
+        "the connection was not given up\n{logs}"
+    );
+    p.assert_converges(Duration::from_secs(60));
+}
+
+/// A cold agent that stops answering must not stop the node's writes once the window is
+/// full: with durable acks and `degrade`, the hot side gives the connection up after
+/// `peer_timeout_ms` and syncs return at once; the copy converges when the cold side is back.
+#[test]
+fn issue12_degrade_a_frozen_cold_agent_does_not_hold_the_writes_up() {
+    if !require_root("issue12_frozen_degrade", "FUSE mounts") {
+        return;
+    }
+    // each sync would wait out the timeout: 96 of them 48 s
+    writes_go_on_past_a_frozen_cold_agent(
+        "ack = \"durable\"\npeer_timeout_ms = 500\nwindow_mb = 1",
+        (1 << 20, 96, true),
+        Duration::from_secs(15),
+    );
+}
+
+/// The same with async acks: the writes fill the window, then the scanner's queue behind it
+/// (8192 events), and would then wait; past the stall limit (10 s) the connection is given up.
+#[test]
+fn issue12_async_a_frozen_cold_agent_does_not_hold_the_writes_up() {
+    if !require_root("issue12_frozen_async", "FUSE mounts") {
+        return;
+    }
+    writes_go_on_past_a_frozen_cold_agent(
+        "ack = \"async\"\nwindow_mb = 1",
+        (4096, 20_000, false),
+        Duration::from_secs(25),
+    );
+}
