@@ -126,20 +126,24 @@ pub fn run(loaded: Result<&Config, &ConfigError>, path: &Path, sys: &dyn Sys) ->
         format!("{} is valid", path.display()),
         None,
     )];
-    let (mount, holder) = mount_check_of(config, sys);
-    let mounted = mount.status != Status::Fail;
-    checks.push(mount);
-    checks.push(match holder {
-        // the agent judges `[lock] dir`'s mount (which need not be the share's): so does this
-        Some(share) => {
-            let table = sys.mountinfo().ok().and_then(|t| mountinfo::parse(&t).ok());
-            let lock_dir = table
-                .as_deref()
-                .and_then(|t| lock_safety::lock_dir_mount(t, &config.lock.dir));
-            locks_check(config, lock_dir.unwrap_or(&share))
-        }
-        None => check("locks", Status::Skip, "the share is not mounted", None),
-    });
+    // replicated mode mounts no share and locks nothing on one: its journal is data_dir
+    let mut mounted = true;
+    if config.replication.is_none() {
+        let (mount, holder) = mount_check_of(config, sys);
+        mounted = mount.status != Status::Fail;
+        checks.push(mount);
+        checks.push(match holder {
+            // the agent judges `[lock] dir`'s mount (which need not be the share's): so does this
+            Some(share) => {
+                let table = sys.mountinfo().ok().and_then(|t| mountinfo::parse(&t).ok());
+                let lock_dir = table
+                    .as_deref()
+                    .and_then(|t| lock_safety::lock_dir_mount(t, &config.lock.dir));
+                locks_check(config, lock_dir.unwrap_or(&share))
+            }
+            None => check("locks", Status::Skip, "the share is not mounted", None),
+        });
+    }
     checks.push(link_check(config));
     if let Some(r) = config
         .replication
@@ -148,9 +152,17 @@ pub fn run(loaded: Result<&Config, &ConfigError>, path: &Path, sys: &dyn Sys) ->
     {
         checks.push(fuse_check(Path::new(FUSE_DEVICE), &r.mount_point));
     }
-    let dir = &config.storage.mount_point;
+    let dir = match &config.replication {
+        Some(r) => &r.data_dir,
+        None => &config.storage.mount_point,
+    };
     if mounted {
-        checks.push(writable_check(dir));
+        let fix = if config.replication.is_some() {
+            "create data_dir, owned by the node's user, on a local disk that is mounted read-write"
+        } else {
+            "check that the share is exported read-write and that root may write to it (NFS root squash, SMB file_mode)"
+        };
+        checks.push(writable_check(dir, fix));
         checks.push(free_check(dir));
     } else {
         for name in ["writable", "free_space"] {
@@ -230,14 +242,15 @@ fn mount_check_of(config: &Config, sys: &dyn Sys) -> (Check, Option<MountEntry>)
     }
 }
 
-/// Whether `${BASE_DIR}/artemis` links to the mount point.
+/// Whether `${BASE_DIR}/artemis` links to the mount point (replicated mode: to what the hot
+/// agent links it to, [`Config::link_target`]).
 fn link_check(config: &Config) -> Check {
     let link = config.artemis_link();
-    let share = &config.storage.mount_point;
+    let share = &config.link_target();
     match inspect(&link, share) {
         Ok(LinkState::Correct) => check("link", Status::Ok, format!("{} -> {}", link.display(), share.display()), None),
         Ok(LinkState::Missing) => check("link", Status::Fail, format!("{} does not exist", link.display()), Some("run `artemis-sync link`".into())),
-        Ok(LinkState::Elsewhere(t)) => check("link", Status::Fail, format!("{} points to {}, not the share", link.display(), t.display()), Some("run `artemis-sync link --force`".into())),
+        Ok(LinkState::Elsewhere(t)) => check("link", Status::Fail, format!("{} points to {}, not the link target {}", link.display(), t.display(), share.display()), Some("run `artemis-sync link --force`".into())),
         Ok(LinkState::Directory(n)) => check("link", Status::Fail, format!("{} is a real directory with {n} entries", link.display()),
             Some("run `artemis-sync link --migrate` (copies into the share, verifies, keeps the old directory aside)".into())),
         Ok(LinkState::Other) => check("link", Status::Fail, format!("{} is neither a link nor a directory", link.display()), Some("move it away, then run `artemis-sync link`".into())),
@@ -328,7 +341,7 @@ fn locks_check(config: &Config, entry: &MountEntry) -> Check {
     }
 }
 
-fn writable_check(dir: &Path) -> Check {
+fn writable_check(dir: &Path, fix: &str) -> Check {
     let probe = dir.join(format!(".artemis-sync-doctor.{}", std::process::id()));
     let result = (|| {
         let mut f = OpenOptions::new()
@@ -352,8 +365,12 @@ fn writable_check(dir: &Path) -> Check {
         ),
         Err(e) => {
             let _ = fs::remove_file(&probe);
-            check("writable", Status::Fail, format!("cannot write in {}: {e}", dir.display()),
-                Some("check that the share is exported read-write and that root may write to it (NFS root squash, SMB file_mode)".into()))
+            check(
+                "writable",
+                Status::Fail,
+                format!("cannot write in {}: {e}", dir.display()),
+                Some(fix.into()),
+            )
         }
     }
 }
@@ -587,6 +604,60 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("/etc/x.toml"));
+    }
+
+    /// Replicated mode mounts no share: a hot VM set up as the agent sets it up (watch capture,
+    /// `${BASE_DIR}/artemis` a link to `data_dir`) was judged against `[storage] mount_point`,
+    /// a share it does not have: `FAIL link ... points to <data_dir>, not the share` with the
+    /// fix `artemis-sync link --force`, which would have pointed the link at that empty
+    /// directory; and the unused share directory's local filesystem failed the locks check.
+    #[test]
+    fn replicated_mode_judges_its_own_link_and_data_dir_not_a_share() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let (data, base) = (root.join("data"), root.join("corda"));
+        for d in [&data, &base] {
+            fs::create_dir_all(d).unwrap();
+        }
+        std::os::unix::fs::symlink(&data, base.join("artemis")).unwrap();
+        let config = Config::from_toml(Path::new("agent.toml"), &format!(
+            "[node]\nbase_dir = {base:?}\n[storage]\nmode = \"replicated\"\n[replication]\nrole = \"hot\"\n\
+             data_dir = {data:?}\nlisten = \"127.0.0.1:7410\"\npeer = \"127.0.0.1:7411\"\n\
+             insecure_loopback = true\ncapture = \"watch\"\nstate_file = {:?}\n",
+            root.join("state.json")
+        )).unwrap();
+        let sys = Table("1 0 8:1 / / rw - ext4 /dev/vda1 rw\n".into());
+        let r = run(Ok(&config), Path::new("agent.toml"), &sys);
+        assert!(r.ok, "{}", r.to_text());
+        let link = r.checks.iter().find(|c| c.name == "link").unwrap();
+        assert_eq!(link.status, Status::Ok, "{}", r.to_text());
+        for name in ["writable", "free_space"] {
+            let c = r.checks.iter().find(|c| c.name == name).unwrap();
+            assert!(
+                c.detail.contains(&*data.to_string_lossy()),
+                "{}",
+                r.to_text()
+            );
+        }
+        // a link elsewhere names the fix that links to data_dir
+        fs::remove_file(base.join("artemis")).unwrap();
+        std::os::unix::fs::symlink(&root, base.join("artemis")).unwrap();
+        let r = run(Ok(&config), Path::new("agent.toml"), &sys);
+        let link = r.checks.iter().find(|c| c.name == "link").unwrap();
+        assert_eq!(link.status, Status::Fail, "{}", r.to_text());
+        assert!(
+            link.detail.contains("not the link target"),
+            "{}",
+            r.to_text()
+        );
+        // and that fix links to data_dir, after which doctor is content
+        let fix = crate::link::LinkOptions {
+            migrate: false,
+            force: true,
+        };
+        crate::cli::commands::link(&config, fix).unwrap();
+        assert_eq!(fs::read_link(base.join("artemis")).unwrap(), data);
+        assert!(run(Ok(&config), Path::new("agent.toml"), &sys).ok);
     }
 
     /// `[lock] dir` apart from the share (on a local filesystem): the agent refuses it, and

@@ -143,10 +143,11 @@ impl fmt::Display for LinkReport {
     }
 }
 
-/// `link`: makes `${BASE_DIR}/artemis` link to the mount point.
+/// `link`: makes `${BASE_DIR}/artemis` link to the mount point (replicated mode: to the FUSE
+/// mount or `data_dir`, as the hot agent does).
 pub fn link(config: &Config, options: LinkOptions) -> Result<LinkReport, LinkError> {
     let path = config.artemis_link();
-    let target = config.storage.mount_point.clone();
+    let target = config.link_target();
     let outcome = link::link(&path, &target, options)?;
     Ok(LinkReport {
         path,

@@ -291,6 +291,17 @@ impl Config {
         self.node.base_dir.join("artemis")
     }
 
+    /// What `base_dir/artemis` links to: the share's mount point in shared mode; in
+    /// replicated mode the FUSE mount (`capture = "fuse"`) or `data_dir` (`"watch"`), as the
+    /// hot agent links it.
+    pub fn link_target(&self) -> PathBuf {
+        match &self.replication {
+            Some(r) if r.capture == Capture::Fuse => r.mount_point.clone(),
+            Some(r) => r.data_dir.clone(),
+            None => self.storage.mount_point.clone(),
+        }
+    }
+
     /// Who this agent is in the lease: `machine_name:base_dir`.
     pub fn holder_id(&self) -> String {
         format!(
