@@ -393,3 +393,30 @@ fn issue2_the_mount_timeout_counts_the_reachability_probes() {
     );
     assert!(load(&EFS.replace("[storage]", "[storage]\nmount_timeout_s = 63")).is_ok());
 }
+
+/// A credentials file whose path holds a `,` or `=` loaded, but its path travels as the value
+/// of a mount option (`credentials=` in the fstab line and on mount's command line), where a
+/// `,` ends the value and a `=` makes the helper refuse the option string: the mount failed at
+/// boot (`mount.cifs` read `credentials=/etc/artemis-sync/a`) instead of here.
+#[test]
+fn credentials_file_path_that_mount_options_cannot_carry_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cifs = EFS
+        .replace("\"efs\"", "\"cifs\"")
+        .replace("fs-0123abcd.efs.eu-west-1.amazonaws.com:/", "//srv/share");
+    for name in ["a,b.cred", "a=b.cred"] {
+        let cred = dir.path().join(name);
+        std::fs::write(&cred, "username=acct\npassword=secret\n").unwrap();
+        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let err = load(&format!("{cifs}credentials_file = {cred:?}\n"))
+            .map(|c| crate::shared::mount::fstab_line(&c).unwrap())
+            .unwrap_err()
+            .to_string();
+        let bad = if name.contains(',') { "`,`" } else { "`=`" };
+        assert!(
+            err.contains("`storage.credentials_file`") && err.contains(bad),
+            "{name}: {err}"
+        );
+    }
+}

@@ -156,6 +156,18 @@ impl Config {
                 format!("is only used by the SMB backends, not \"{}\"", s.backend()),
             ));
         }
+        // the path is the value of the mount option `credentials=`, in the fstab line and on
+        // mount's command line: a `,` would end it, a `=` the helper refuses
+        let text = s.credentials_file.to_string_lossy();
+        if let Some(c) = text.chars().find(|c| matches!(c, ',' | '=')) {
+            return Err(invalid(
+                "storage.credentials_file",
+                format!(
+                    "= {text:?} holds `{c}`, which a mount option's value (`credentials=`) \
+                     cannot carry; move the file to a path without `,` or `=`"
+                ),
+            ));
+        }
         check_credentials_file(&s.credentials_file)
             .map_err(|r| invalid("storage.credentials_file", r))
     }
