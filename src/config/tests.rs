@@ -420,3 +420,20 @@ fn credentials_file_path_that_mount_options_cannot_carry_is_refused() {
         );
     }
 }
+
+/// mount.cifs takes `cred=` as `credentials=`: `[storage] options` could name a credentials
+/// file that `credentials_file`'s checks (root-owned, mode 0600) never saw, and the helper
+/// refused it only at boot.
+#[test]
+fn cred_option_is_reserved_like_credentials() {
+    let cifs = EFS
+        .replace("\"efs\"", "\"cifs\"")
+        .replace("fs-0123abcd.efs.eu-west-1.amazonaws.com:/", "//srv/share");
+    let err = load(&format!("{cifs}options = \"cred=/tmp/anyone-can-read\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`storage.options` may not set `cred`"),
+        "{err}"
+    );
+}

@@ -128,7 +128,7 @@ impl Config {
         {
             return Err(invalid(
                 "storage.options",
-                format!("may not set `{key}`: artemis-sync writes it itself from the config (backend, mount_attempts, mount_retry_max_ms, mount_timeout_s)"),
+                format!("may not set `{key}`: artemis-sync writes it itself from the config (backend, mount_attempts, mount_retry_max_ms, mount_timeout_s, credentials_file)"),
             ));
         }
         check_user_options(s.backend(), &opts).map_err(|r| invalid("storage.options", r))
@@ -284,6 +284,8 @@ const RESERVED_OPTIONS: &[&str] = &[
     "_netdev",
     "nofail",
     "credentials",
+    // mount.cifs' other name for `credentials`
+    "cred",
 ];
 
 /// Options an operator may not set, whatever the backend: ones that break locking or would put a
