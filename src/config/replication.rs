@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::validate::{absolute, check_private_file, invalid_in};
+use crate::config::validate::{absolute, check_private_file, invalid_in, not_inside_link};
 use crate::config::{
     Config, ConfigError, DEFAULT_DEEP_RESCAN_INTERVAL_MS, DEFAULT_FUSE_MOUNT_POINT,
     DEFAULT_PAGE_SIZE, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_RESCAN_INTERVAL_MS, DEFAULT_STATE_FILE,
@@ -188,6 +188,8 @@ impl Config {
                 "must not be base_dir/artemis itself: that path becomes the link to it".into(),
             ));
         }
+        not_inside_link(&r.data_dir, &self.artemis_link())
+            .map_err(|e| invalid("replication.data_dir", e))?;
         let addr = |key: &'static str, v: &str| {
             v.parse::<SocketAddr>()
                 .map_err(|e| invalid(key, format!("= {v:?} is not an address:port ({e})")))
@@ -269,7 +271,7 @@ impl Config {
                             .into(),
                     ));
                 }
-                Ok(())
+                not_inside_link(mp, &self.artemis_link()).map_err(|e| invalid(key, e))
             }
         }
     }

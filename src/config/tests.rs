@@ -437,3 +437,39 @@ fn cred_option_is_reserved_like_credentials() {
         "{err}"
     );
 }
+
+/// A mount point (or replicated `data_dir`, FUSE `mount_point`) inside `base_dir/artemis`
+/// loaded, though that directory is what becomes the link: `link` found it not empty, and
+/// `link --migrate` copied the share into itself and failed.
+#[test]
+fn paths_inside_the_link_are_refused() {
+    let err = load(&format!(
+        "{EFS}mount_point = \"/opt/corda/artemis/share\"\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("`storage.mount_point`") && err.contains("inside base_dir/artemis"),
+        "{err}"
+    );
+    let base = "[node]\nbase_dir = \"/opt/corda\"\n[storage]\nmode = \"replicated\"\n[replication]\nrole = \"hot\"\n\
+                listen = \"127.0.0.1:7410\"\npeer = \"127.0.0.2:7410\"\ninsecure_loopback = true\n";
+    let err = load(&format!(
+        "{base}data_dir = \"/opt/corda/artemis/data\"\ncapture = \"watch\"\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("`replication.data_dir`") && err.contains("inside base_dir/artemis"),
+        "{err}"
+    );
+    let err = load(&format!(
+        "{base}data_dir = \"/var/lib/artemis-sync/artemis\"\nmount_point = \"/opt/corda/artemis/j\"\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("`replication.mount_point`") && err.contains("inside base_dir/artemis"),
+        "{err}"
+    );
+}

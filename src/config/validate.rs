@@ -60,7 +60,8 @@ impl Config {
                     .into(),
             ));
         }
-        Ok(())
+        not_inside_link(&s.mount_point, &self.artemis_link())
+            .map_err(|r| invalid("storage.mount_point", r))
     }
 
     /// `storage.mode`, `storage.backend` and `[replication]` agree: shared mode has a backend
@@ -261,6 +262,20 @@ impl Config {
                 return Err(invalid(key, "names an empty program".into()));
             }
         }
+        Ok(())
+    }
+}
+
+/// `p` does not lie below `link` (`base_dir/artemis`): that directory becomes the link to `p`,
+/// and `link` would find it holding `p`, or a migration would copy `p` into itself.
+pub(super) fn not_inside_link(p: &Path, link: &Path) -> Result<(), String> {
+    if p != link && p.starts_with(link) {
+        Err(format!(
+            "= {p:?} is inside base_dir/artemis ({}), which becomes the link to it: choose a \
+             path outside it",
+            link.display()
+        ))
+    } else {
         Ok(())
     }
 }
