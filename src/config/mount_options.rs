@@ -87,9 +87,9 @@ impl MountOptions {
         last
     }
 
-    /// Keeps only the options for which `keep(name)` holds.
-    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
-        self.items.retain(|(k, _)| keep(k));
+    /// Keeps only the options for which `keep(name, value)` holds.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str, Option<&str>) -> bool) {
+        self.items.retain(|(k, v)| keep(k, v.as_deref()));
     }
 
     /// Appends one option after the others.

@@ -176,7 +176,12 @@ impl MountRequest {
         if let Some(v) = options.take("mount_retry_max_ms") {
             backoff.max_ms = parse_number("mount_retry_max_ms", v)?;
         }
-        options.retain(|k| !USERSPACE_KEYS.contains(&k) && !k.starts_with("x-"));
+        // `user=NAME` is mount.cifs' user name (`username=`); only the flag `user` is mount(8)'s
+        let smb = backend.is_smb();
+        options.retain(|k, v| {
+            (smb && k == "user" && v.is_some())
+                || (!USERSPACE_KEYS.contains(&k) && !k.starts_with("x-"))
+        });
         Ok(MountRequest {
             backend,
             spec: spec.to_owned(),

@@ -359,3 +359,34 @@ fn issue3_cifs_nolock_is_refused_like_nobrl() {
         args(&p.unwrap())
     );
 }
+
+/// `user=` is mount.cifs' short name for `username=` (the config's check for a password in a
+/// user name covers both), but the helper dropped every `user` option as mount(8)'s userspace
+/// flag: `options = "user=acct"` mounted as acct by `artemis-sync mount` and without a user
+/// name from the fstab line at boot.
+#[test]
+fn cifs_user_name_from_the_fstab_line_reaches_the_mount() {
+    let text = r#"
+[node]
+base_dir = "/opt/corda"
+[storage]
+backend = "cifs"
+source = "//srv/share"
+options = "user=acct,uid=1000"
+"#;
+    let config = Config::from_toml(Path::new("t.toml"), text).unwrap();
+    let line = fstab_line(&config).unwrap();
+    let field: Vec<&str> = line.split(' ').collect();
+    let boot = MountRequest::from_helper_args(field[0], Path::new(field[1]), field[3]).unwrap();
+    let by_hand = MountRequest::from_config(&config);
+    assert_eq!(args(&plan(&boot).unwrap()), args(&plan(&by_hand).unwrap()));
+    assert!(args(&plan(&boot).unwrap()).contains("user=acct"));
+    // mount(8)'s own `user` flag is still not passed on
+    let req = MountRequest::from_helper_args(
+        "//srv/share",
+        Path::new("/m"),
+        "backend=cifs,user,users,uid=1",
+    )
+    .unwrap();
+    assert_eq!(req.options.to_string(), "uid=1");
+}
