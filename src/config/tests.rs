@@ -473,3 +473,19 @@ fn paths_inside_the_link_are_refused() {
         "{err}"
     );
 }
+
+/// `[node] command` and `systemd_unit` both set loaded, and the agent silently ran the unit
+/// only: the command the operator wrote never ran.
+#[test]
+fn command_and_systemd_unit_together_are_refused() {
+    let err = load(&EFS.replace(
+        "[storage]",
+        "command = [\"/opt/corda/bin/run-node\"]\nsystemd_unit = \"corda.service\"\n[storage]",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("`node.systemd_unit`") && err.contains("not both"),
+        "{err}"
+    );
+}

@@ -262,6 +262,16 @@ impl Config {
                 return Err(invalid(key, "names an empty program".into()));
             }
         }
+        if !self.node.systemd_unit.is_empty() && !self.node.command.is_empty() {
+            return Err(invalid(
+                "node.systemd_unit",
+                format!(
+                    "= {:?} and `node.command` both say how to run the node: set one, not both \
+                     (the agent would start the unit and never the command)",
+                    self.node.systemd_unit
+                ),
+            ));
+        }
         Ok(())
     }
 }
