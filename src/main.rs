@@ -72,7 +72,8 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             | LinkError::ReservedName(_)
             | LinkError::InsufficientSpace { .. }
             | LinkError::Conflict { .. }
-            | LinkError::SourceChanged(_),
+            | LinkError::SourceChanged(_)
+            | LinkError::ShareNotMounted { .. },
         ) => EXIT_REFUSED,
         _ => EXIT_FAILURE,
     }

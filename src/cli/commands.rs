@@ -148,12 +148,44 @@ impl fmt::Display for LinkReport {
 pub fn link(config: &Config, options: LinkOptions) -> Result<LinkReport, LinkError> {
     let path = config.artemis_link();
     let target = config.link_target();
+    if options.migrate {
+        check_share_mounted(config, &path, &target)?;
+    }
     let outcome = link::link(&path, &target, options)?;
     Ok(LinkReport {
         path,
         target,
         outcome,
     })
+}
+
+/// Before `--migrate` copies a journal directory into a share that a backend mounts (shared
+/// mode, not `premounted`): the share must be mounted there from its source, or the copy
+/// lands in the local directory beneath the mount point, hidden once the share is mounted.
+fn check_share_mounted(config: &Config, link: &Path, target: &Path) -> Result<(), LinkError> {
+    let s = &config.storage;
+    if config.replication.is_some() || s.backend() == Backend::Premounted {
+        return Ok(());
+    }
+    if !matches!(link::inspect(link, target)?, link::LinkState::Directory(n) if n > 0) {
+        return Ok(());
+    }
+    // a missing mount point is link's own TargetMissing
+    let Ok(dir) = target.canonicalize() else {
+        return Ok(());
+    };
+    let not_mounted = |reason: String| LinkError::ShareNotMounted {
+        share: target.to_owned(),
+        reason,
+    };
+    match mount::is_mounted(&RealSys::from_env(), s.backend(), &s.source, &dir) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(not_mounted(format!(
+            "nothing is mounted on {}",
+            dir.display()
+        ))),
+        Err(e) => Err(not_mounted(e.to_string())),
+    }
 }
 
 /// Errors that stop `artemis-sync agent`.

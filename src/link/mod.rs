@@ -29,6 +29,8 @@ pub enum LinkError {
     BaseDirMissing(PathBuf),
     /// the share {0:?} is not a directory that exists: mount it first (`artemis-sync mount`)
     TargetMissing(PathBuf),
+    /// the share {share:?} is not mounted ({reason}): mount it first (`artemis-sync mount`); a journal migrated into the directory beneath the mount point would be hidden once the share is mounted. Nothing was changed
+    ShareNotMounted { share: PathBuf, reason: String },
     /// {path:?} is a real directory holding {entries} entries; refusing to replace it with a link. Run `artemis-sync link --migrate` to move its files into the share (verified, old directory kept aside)
     NotEmpty { path: PathBuf, entries: usize },
     /// {path:?} is a link to {current:?}, not to the share {wanted:?}; run with --force to replace it

@@ -477,3 +477,34 @@ fn issue2_interrupted_migration_leaves_the_source_intact_and_completes_on_rerun(
     }
     unreachable!("both attempts returned or failed");
 }
+
+/// `link --migrate` with an fstab backend whose share is not mounted (the mount failed at boot
+/// under `nofail`, or was never made) copied the journal into the empty local directory
+/// under the mount point and linked to it: once the share was mounted over that directory,
+/// the node found an empty share and the journal was hidden beneath it. It must refuse, and
+/// change nothing, until the share is mounted.
+#[test]
+fn link_migrate_refuses_a_share_that_is_not_mounted() {
+    let s = setup();
+    let export = s.fx.mkdir("export");
+    let config = s.fx.write(
+        "bind.toml",
+        format!(
+            "[node]\nbase_dir = {}\n\n[storage]\nbackend = \"bind\"\nsource = {}\nmount_point = {}\n",
+            toml_path(&s.base),
+            toml_path(&export),
+            toml_path(&s.share)
+        ),
+    );
+    write_journal(&s.link);
+    let before = snapshot(&s.link);
+    artemis_sync(&config, ["link", "--migrate"])
+        .code(5)
+        .stderr_has(&["not mounted", "artemis-sync mount"]);
+    assert_eq!(snapshot(&s.link), before, "the journal directory changed");
+    assert!(
+        names(&s.share).is_empty(),
+        "copied into the unmounted mount point"
+    );
+    assert!(s.asides().is_empty());
+}
