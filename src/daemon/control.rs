@@ -1,14 +1,17 @@
 //! The agent's control socket: a Unix stream socket (default `/run/artemis-sync/agent.sock`,
 //! mode 0600) where the running agent answers one request per connection, one line each way,
 //! in the versioned JSON of [`super::protocol`]. A line longer than [`MAX_LINE_BYTES`] is cut
-//! there (and then fails to decode); a socket left by a dead agent is replaced, one a live
-//! agent answers on is not.
+//! there (and then fails to decode); each connection has a thread of its own, so a client that
+//! sends nothing (or trickles) holds up no other; a socket left by a dead agent is replaced,
+//! one a live agent answers on is not.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Sender};
 
@@ -16,7 +19,9 @@ use super::protocol::{self, ProtocolError, Reply, Request};
 
 /// The longest request or reply line accepted.
 pub const MAX_LINE_BYTES: u64 = 64 * 1024;
-/// How long the agent waits for a client to send its request line.
+/// Connections served at once; one more is refused at once.
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long the agent waits for a client to send its whole request line.
 pub const REQUEST_READ_TIMEOUT: Duration = protocol::STATUS_TIMEOUT;
 
 /// Errors of the control socket, naming it.
@@ -83,22 +88,91 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
-/// Serves connections until the process ends: each request that decodes goes to `requests`,
-/// and the answer (or a timeout after `reply_timeout`) back to the client; one that does not
-/// decode is answered with the error at once.
+/// Serves connections until the process ends, each on a thread of its own (at most
+/// [`MAX_CONNECTIONS`] at once; one more is answered with an error at once), so that a client
+/// that sends nothing, or a request the agent takes long over (a `verify`), holds up no other:
+/// each request that decodes goes to `requests`, and the answer (or a timeout after
+/// `reply_timeout`) back to the client; one that does not decode, or does not arrive whole
+/// within [`REQUEST_READ_TIMEOUT`], is answered with the error at once.
 pub fn serve(listener: UnixListener, requests: Sender<Incoming>, reply_timeout: Duration) {
+    let open = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
-        let Ok(mut conn) = conn else { continue };
-        let _ = conn.set_read_timeout(Some(REQUEST_READ_TIMEOUT));
-        let Ok(line) = read_line(&conn) else { continue };
-        let answer = match protocol::decode_request(&line) {
-            Err(e) => Err(e.to_string()),
-            Ok(request) => forward(&requests, request, reply_timeout),
-        };
-        let mut text = protocol::encode_answer(&answer);
-        text.push('\n');
-        let _ = conn.write_all(text.as_bytes());
+        let Ok(conn) = conn else { continue };
+        if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+            open.fetch_sub(1, Ordering::AcqRel);
+            let busy = format!(
+                "the agent already serves {MAX_CONNECTIONS} control connections; try again"
+            );
+            answer(&conn, &Err(busy));
+            continue;
+        }
+        let (requests, done) = (requests.clone(), open.clone());
+        let spawned = std::thread::Builder::new()
+            .name("control-conn".into())
+            .spawn(move || {
+                serve_one(&conn, &requests, reply_timeout);
+                done.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            open.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!("control socket: cannot start a thread for a connection: {e}");
+        }
     }
+}
+
+/// Reads one request from `conn`, has the agent answer it, and writes the answer.
+fn serve_one(conn: &UnixStream, requests: &Sender<Incoming>, reply_timeout: Duration) {
+    let answer_ = match read_request(conn, Instant::now() + REQUEST_READ_TIMEOUT) {
+        Err(e) => Err(e),
+        Ok(line) => match protocol::decode_request(&line) {
+            Err(e) => Err(e.to_string()),
+            Ok(request) => forward(requests, request, reply_timeout),
+        },
+    };
+    answer(conn, &answer_);
+}
+
+/// Writes `answer` to the client as one line (a client gone meanwhile is no error).
+fn answer(mut conn: &UnixStream, answer: &Result<Reply, String>) {
+    let mut text = protocol::encode_answer(answer);
+    text.push('\n');
+    let _ = conn.set_write_timeout(Some(REQUEST_READ_TIMEOUT));
+    let _ = conn.write_all(text.as_bytes());
+}
+
+/// The request line of at most [`MAX_LINE_BYTES`] (cut there), without its line end, read by
+/// `deadline` however slowly it comes; bytes that are not UTF-8 are replaced (and then fail to
+/// decode).
+fn read_request(mut conn: &UnixStream, deadline: Instant) -> Result<String, String> {
+    let mut line = Vec::new();
+    let mut buf = [0u8; 4096];
+    let limit = usize::try_from(MAX_LINE_BYTES).unwrap_or(usize::MAX);
+    while line.len() < limit && !line.contains(&b'\n') {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || conn.set_read_timeout(Some(left)).is_err() {
+            return Err(incomplete(&line));
+        }
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => line.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Err(incomplete(&line)),
+        }
+    }
+    let end = line
+        .iter()
+        .position(|&b| b == b'\n')
+        .unwrap_or(line.len())
+        .min(limit);
+    Ok(String::from_utf8_lossy(&line[..end]).trim_end().to_owned())
+}
+
+fn incomplete(line: &[u8]) -> String {
+    format!(
+        "no complete request line within {} s (got {} bytes)",
+        REQUEST_READ_TIMEOUT.as_secs(),
+        line.len()
+    )
 }
 
 /// Whether a request is a `verify`, whose answer may take the agent longer than the others'.
@@ -231,6 +305,78 @@ mod tests {
         assert!(ask(r#"{"v":1,"request":"dance"}"#).contains("unknown request \"dance\""));
         assert!(ask(r#"{"v":9,"request":"status"}"#).contains("version 9 is not supported"));
         assert!(ask("status").contains("not a control protocol message"));
+    }
+
+    /// An agent that answers `status` at once and holds a `verify` until a `status` was
+    /// answered (as the replicated agent's main thread does while it waits on a verify).
+    fn agent_busy_with_verify(rx: crossbeam_channel::Receiver<Incoming>) {
+        let mut held = None;
+        for r in rx.iter() {
+            match r.request {
+                Request::Verify => held = Some(r.reply),
+                Request::Status => {
+                    let _ = r.reply.send(Err("status answered".into()));
+                    if let Some(v) = held.take() {
+                        let _ = v.send(Ok(Reply::Verified(verified())));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn status_is_answered_while_a_verify_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = bind(&path).unwrap();
+        let (tx, rx) = bounded::<Incoming>(1);
+        std::thread::spawn(move || serve(listener, tx, Duration::from_secs(30)));
+        std::thread::spawn(move || agent_busy_with_verify(rx));
+        let p = path.clone();
+        let verify = std::thread::spawn(move || request(&p, &Request::Verify, STATUS_TIMEOUT));
+        std::thread::sleep(Duration::from_millis(200)); // the verify is with the agent
+        let err = request(&path, &Request::Status, Duration::from_secs(2))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("status answered"), "{err}");
+        assert_eq!(verify.join().unwrap().unwrap(), Reply::Verified(verified()));
+    }
+
+    #[test]
+    fn a_client_that_sends_nothing_or_garbage_holds_up_nobody() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = bind(&path).unwrap();
+        let (tx, rx) = bounded::<Incoming>(1);
+        std::thread::spawn(move || serve(listener, tx, Duration::from_secs(30)));
+        std::thread::spawn(move || agent_busy_with_verify(rx));
+        // connects and sends nothing; another sends a byte now and then, never a line end
+        let _silent = UnixStream::connect(&path).unwrap();
+        let mut trickle = UnixStream::connect(&path).unwrap();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            for _ in 0..20 {
+                if trickle.write_all(b" ").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let started = Instant::now();
+        let err = request(&p, &Request::Status, Duration::from_secs(2))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("status answered"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // a line that is not UTF-8 is answered with the error, not dropped
+        let mut conn = UnixStream::connect(&path).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        conn.write_all(b"\xff\xfe{\n").unwrap();
+        let answer = read_line(&conn).unwrap();
+        let err = protocol::decode_answer(&answer).unwrap().unwrap_err();
+        assert!(err.contains("not a control protocol message"), "{err}");
     }
 
     #[test]
