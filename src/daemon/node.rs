@@ -158,13 +158,27 @@ impl Node {
 
     /// Starts the systemd unit `unit` (`systemctl start`), and watches it with
     /// `systemctl is-active` every [`UNIT_POLL`]: once it is no longer active, [`Node::exited`]
-    /// reports it. The unit's own `TimeoutStartSec` bounds the start, and `timeout` ours.
-    pub fn start_unit(unit: &str, timeout: Duration) -> Result<Node, NodeError> {
-        if !run_systemctl(&["start", unit], timeout)? {
-            return Err(NodeError::Hook {
+    /// reports it. The unit's own `TimeoutStartSec` bounds the start, and `timeout` ours. A
+    /// start that fails or overruns is stopped as [`Node::stop`] stops a unit (`stop_timeout`
+    /// before SIGKILL): systemd's start job goes on after our `systemctl` is killed, and would
+    /// run the node after the mode gave the lease up.
+    pub fn start_unit(
+        unit: &str,
+        timeout: Duration,
+        stop_timeout: Duration,
+    ) -> Result<Node, NodeError> {
+        let started = run_systemctl(&["start", unit], timeout).and_then(|ok| {
+            ok.then_some(()).ok_or_else(|| NodeError::Hook {
                 program: format!("systemctl start {unit}"),
                 outcome: "failed (see `systemctl status` and the journal of the unit)".into(),
-            });
+            })
+        });
+        if let Err(e) = started {
+            if !matches!(e, NodeError::Spawn { .. }) {
+                let how = stop_unit(unit, stop_timeout);
+                tracing::warn!(unit, ?how, "stopped the unit after its start failed: {e}");
+            }
+            return Err(e);
         }
         let (tx, exited) = bounded(1);
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -205,6 +219,7 @@ impl Node {
             Node::start_unit(
                 &node.systemd_unit,
                 Duration::from_millis(node.stop_timeout_ms.max(1000) * 3),
+                Duration::from_millis(node.stop_timeout_ms),
             )
             .map(Some)
         } else if !node.command.is_empty() {
@@ -234,20 +249,7 @@ impl Node {
             if let Some(d) = &self.unit_done {
                 d.store(true, std::sync::atomic::Ordering::Release);
             }
-            if let Ok(true) = run_systemctl(&["stop", unit], timeout) {
-                if !unit_active(unit) {
-                    return Stopped::Terminated(ExitStatus::from_raw(0));
-                }
-            }
-            let _ = run_systemctl(&["kill", "--signal=SIGKILL", unit], KILL_WAIT);
-            let deadline = std::time::Instant::now() + KILL_WAIT;
-            while std::time::Instant::now() < deadline {
-                if !unit_active(unit) {
-                    return Stopped::Killed;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            return Stopped::Stuck;
+            return stop_unit(unit, timeout);
         }
         if let Ok(status) = self.exited.try_recv() {
             return match kill_leftovers(self.pid) {
@@ -275,6 +277,25 @@ impl Node {
     pub fn exited_kill_leftovers(self) -> bool {
         self.unit.is_some() || kill_leftovers(self.pid)
     }
+}
+
+/// `systemctl stop unit`, and after `timeout` `systemctl kill --signal=SIGKILL`, then until
+/// `systemctl is-active` says it is down (at most [`KILL_WAIT`]).
+fn stop_unit(unit: &str, timeout: Duration) -> Stopped {
+    if let Ok(true) = run_systemctl(&["stop", unit], timeout) {
+        if !unit_active(unit) {
+            return Stopped::Terminated(ExitStatus::from_raw(0));
+        }
+    }
+    let _ = run_systemctl(&["kill", "--signal=SIGKILL", unit], KILL_WAIT);
+    let deadline = std::time::Instant::now() + KILL_WAIT;
+    while std::time::Instant::now() < deadline {
+        if !unit_active(unit) {
+            return Stopped::Killed;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Stopped::Stuck
 }
 
 /// Whether `systemctl is-active` says the unit is active (or cannot say).

@@ -1066,3 +1066,65 @@ fn issue14_the_leftovers_of_a_node_that_exited_are_killed_before_the_lease_is_gi
         p.stderr_of()
     );
 }
+
+/// Makes agent `name` run its node as `corda.service` through the fake `systemctl` `script`
+/// (no local restarts: the first failure gives the lease up).
+fn with_fake_unit(p: &mut Pair, name: &str, script: &str) {
+    let fake = write_script(&p.fx.path("systemctl"), script);
+    p.env.push(("ARTEMIS_SYNC_SYSTEMCTL".into(), fake));
+    let cfg = p.config(name);
+    let text = fs::read_to_string(&cfg)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            if l.starts_with("command = ") {
+                "systemd_unit = \"corda.service\"\nmax_local_restarts = 0".to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    fs::write(&cfg, text).unwrap();
+}
+
+/// A unit whose `systemctl start` outlasts the agent's limit: systemd's start job goes on
+/// after our `systemctl` is killed, and the unit turns active a second later. The agent gave
+/// the lease up without cancelling the job, and the unit ran beside the other VM's node.
+#[test]
+fn a_unit_whose_start_times_out_is_stopped_before_the_lease_is_given_up() {
+    let mut p = Pair::new();
+    let (pending, active) = (p.fx.path("corda.pending"), p.fx.path("corda.active"));
+    with_fake_unit(
+        &mut p,
+        "a",
+        &format!(
+            "case \"$1\" in\n  start) touch {pending}; (sleep 4; [ -e {pending} ] && touch {active}) & sleep 30 ;;\n  stop|kill) rm -f {pending} {active} ;;\n  is-active) [ -e {active} ] ;;\nesac",
+            pending = pending.display(),
+            active = active.display()
+        ),
+    );
+    p.start("a");
+    assert!(wait_until(Duration::from_secs(5), || pending.exists()));
+    p.start("b");
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 4), || p.role("b") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
+    // the start job's moment to turn the unit active comes and goes
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline {
+        assert!(
+            !active.exists(),
+            "a's unit is active while b is hot:\n{}",
+            p.stderr_of()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        p.stderr_of().contains("did not finish"),
+        "{}",
+        p.stderr_of()
+    );
+}
