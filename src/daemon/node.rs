@@ -273,9 +273,14 @@ impl Node {
 
     /// The node exited by itself: what is left of its process group (a JVM a wrapper started
     /// without `exec`) is killed too, and waited for; false if some of it outlived SIGKILL.
-    /// (A unit's processes are systemd's: its cgroup goes with it.)
-    pub fn exited_kill_leftovers(self) -> bool {
-        self.unit.is_some() || kill_leftovers(self.pid)
+    /// A unit no longer active may still be deactivating (the rest of its cgroup stopping, for
+    /// up to its `TimeoutStopSec`) or about to be restarted by systemd (`Restart=`): it is
+    /// stopped as [`Node::stop`] stops it, SIGKILL after `timeout`.
+    pub fn exited_kill_leftovers(self, timeout: Duration) -> bool {
+        match &self.unit {
+            Some(unit) => !matches!(stop_unit(unit, timeout), Stopped::Stuck),
+            None => kill_leftovers(self.pid),
+        }
     }
 }
 

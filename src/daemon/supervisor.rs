@@ -239,7 +239,8 @@ impl Supervisor {
         self.probe_thread = None;
         if let Some(node) = self.node.take() {
             // (before a restart here or a release to the other VM: nothing of it may run on)
-            if !node.exited_kill_leftovers() {
+            let stop = Duration::from_millis(self.node_config.stop_timeout_ms);
+            if !node.exited_kill_leftovers(stop) {
                 tracing::error!(
                     pid,
                     "processes of the node's group did not die even after SIGKILL"

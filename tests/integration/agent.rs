@@ -1128,3 +1128,36 @@ fn a_unit_whose_start_times_out_is_stopped_before_the_lease_is_given_up() {
         p.stderr_of()
     );
 }
+
+/// A unit whose main process exited while the rest of its cgroup still runs (`deactivating`:
+/// systemd's SIGTERM to the leftovers, up to `TimeoutStopSec`): `is-active` already says not
+/// active. The agent gave the lease up at once, and the other VM's node ran beside the
+/// leftovers; now it stops the unit first.
+#[test]
+fn a_unit_that_stopped_by_itself_is_stopped_before_the_lease_is_given_up() {
+    let mut p = Pair::new();
+    let (leftover, active) = (p.fx.path("corda.leftover"), p.fx.path("corda.active"));
+    with_fake_unit(
+        &mut p,
+        "a",
+        &format!(
+            "case \"$1\" in\n  start) touch {active} ;;\n  stop|kill) rm -f {active} {leftover} ;;\n  is-active) [ -e {active} ] ;;\nesac",
+            leftover = leftover.display(),
+            active = active.display()
+        ),
+    );
+    p.start_a_hot_then_b_cold();
+    // the main process exits; the leftovers run on while the unit is deactivating
+    fs::write(&leftover, "").unwrap();
+    fs::remove_file(&active).unwrap();
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 4), || p.role("b") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
+    assert!(
+        !leftover.exists(),
+        "b is hot while a's unit was never stopped:\n{}",
+        p.stderr_of()
+    );
+}
