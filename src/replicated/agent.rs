@@ -114,6 +114,10 @@ struct Replica {
     /// Control requests (the socket's and the metrics endpoint's), so that waits on a long
     /// request can still answer `status`.
     requests: Receiver<Incoming>,
+    /// The shutdown signal, so that waits on a long request end on it too.
+    shutdown: Receiver<ShutdownReason>,
+    /// A shutdown signal that arrived during such a wait, for the main loop to carry out.
+    stopping: Option<ShutdownReason>,
 }
 
 /// How the replication peers authenticate, from the config (files named in errors).
@@ -155,6 +159,7 @@ pub fn run(
             .map_err(|e| ReplicaError::Start(format!("control thread: {e}")))?;
     me.endpoint = endpoint;
     me.requests = requests.clone();
+    me.shutdown = shutdown.clone();
     let state = me.gate.get();
     tracing::info!(role = ?state.role, epoch = state.epoch, listen = %me.listen, peer = %me.repl.peer,
         lease = me.lease.is_some(), "replication agent started");
@@ -164,6 +169,11 @@ pub fn run(
     }
     let lease_replies = me.lease.as_ref().map_or(never(), LeaseMachine::replies);
     loop {
+        if let Some(reason) = me.stopping.take() {
+            tracing::info!(%reason, "stopping (the signal came during a long request)");
+            me.shutdown();
+            return Ok(reason);
+        }
         me.announce();
         let sender_events = me.sender.as_ref().map_or(never(), |s| s.events.clone());
         let node_exit = me.sup.node_exit();
@@ -327,6 +337,8 @@ impl Replica {
             metrics,
             endpoint: EndpointState::default(),
             requests: never(),
+            shutdown: never(),
+            stopping: None,
         })
     }
 

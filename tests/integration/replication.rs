@@ -18,7 +18,7 @@ use artemis_sync::replicated::channel::{self, Auth};
 use artemis_sync::replicated::ops::Op;
 use artemis_sync::replicated::wire::{Frame, FrameReader, FrameWriter, Psk};
 
-use crate::util::{artemis_sync, main_cmd, spawn, toml_path, wait_bounded, Fixture};
+use crate::util::{artemis_sync, main_cmd, spawn, toml_path, wait_bounded, write_script, Fixture};
 
 pub(crate) const PSK_HEX: &str = "5ec2e7c0ffee5ec2e7c0ffee5ec2e7c0ffee5ec2e7c0ffee5ec2e7c0ffee0001";
 
@@ -1197,4 +1197,61 @@ fn a_cold_host_lost_while_the_hot_side_waits_for_its_index_is_given_up() {
         p.logs()
     );
     drop(conn);
+}
+
+/// SIGTERM (`systemctl stop`) while the hot agent waits on a `verify` whose cold side does
+/// not answer (a paused VM): the agent stops its node at once. It read no signal until the
+/// verify gave up (5 minutes), so its node ran on until systemd's TimeoutStopSec killed
+/// everything.
+#[test]
+fn sigterm_during_a_verify_stops_the_node_at_once() {
+    let mut p = Pair::new("psk", None);
+    let pidfile = p.fx.path("node.pid");
+    let node = write_script(
+        &p.fx.path("node.sh"),
+        &format!(
+            "echo $$ > {}\nwhile :; do sleep 0.05; done",
+            pidfile.display()
+        ),
+    );
+    let text = fs::read_to_string(&p.hot.config).unwrap().replacen(
+        "[node]\n",
+        &format!(
+            "[node]\ncommand = [{}]\nstop_timeout_ms = 500\n",
+            toml_path(&node)
+        ),
+        1,
+    );
+    fs::write(&p.hot.config, text).unwrap();
+    seed_tree(&p.hot.data, 1);
+    p.start("cold");
+    p.start("hot");
+    p.assert_converges(Duration::from_secs(30));
+    assert!(wait_until(Duration::from_secs(10), || fs::read_to_string(
+        &pidfile
+    )
+    .is_ok_and(|s| !s.trim().is_empty())));
+    let pid: libc::pid_t = fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    p.signal("cold", libc::SIGSTOP);
+    let config = p.hot.config.clone();
+    thread::spawn(move || artemis_sync(&config, ["verify"]));
+    thread::sleep(Duration::from_secs(1)); // the verify waits for the cold side's digest
+    let hot = p.hot.child.as_ref().unwrap().id();
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(libc::pid_t::try_from(hot).unwrap(), libc::SIGTERM) };
+    // SAFETY: signal 0 only checks for existence.
+    let node_gone = wait_until(
+        Duration::from_secs(5),
+        || unsafe { libc::kill(pid, 0) } != 0,
+    );
+    p.signal("cold", libc::SIGCONT);
+    assert!(
+        node_gone,
+        "the node still runs 5 s after SIGTERM:\n{}",
+        p.logs()
+    );
 }

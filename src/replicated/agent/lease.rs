@@ -21,6 +21,9 @@ use crate::lease::{worker, Lease, LeaseState, Obs};
 use crate::replicated::stats::SenderStats;
 use crate::replicated::witness::{Inbox, WitnessConfig};
 
+/// The answer to a request cut short by the agent's shutdown.
+const STOPPING: &str = "the agent is stopping";
+
 /// The lease machine of a config with the database lease, else `None`.
 pub(super) fn machine(
     config: &Config,
@@ -193,15 +196,17 @@ impl Replica {
         match self.run_lease_until(rx, Instant::now() + limit, |_| false) {
             Some(Ok(v)) => Ok(v),
             Some(Err(_)) => Err("the request was dropped (the stream stopped)".into()),
+            None if self.stopping.is_some() => Err(STOPPING.into()),
             None => Err("no answer in time".into()),
         }
     }
 
     /// Waits for `rx` at most `limit` without a lease, answering `status` meanwhile and
-    /// pinging the watchdog.
+    /// pinging the watchdog; a shutdown signal ends the wait (the main loop then stops).
     fn wait_answering_status<T>(&mut self, rx: &Receiver<T>, limit: Duration) -> Result<T, String> {
         let deadline = Instant::now() + limit;
         let requests = self.requests.clone();
+        let shutdown = self.shutdown.clone();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -210,6 +215,10 @@ impl Replica {
             select! {
                 recv(rx) -> v => return v.map_err(|_| "no answer in time".into()),
                 recv(requests) -> req => if let Ok(req) = req { self.answer_while_busy(req) },
+                recv(shutdown) -> reason => {
+                    self.stopping = Some(reason.unwrap_or(ShutdownReason::Signal(libc::SIGTERM)));
+                    return Err(STOPPING.into());
+                }
                 default(self.sup.wait_limit(left.min(IDLE_WAKEUP))) => {}
             }
             self.sup.ping_watchdog();
@@ -227,7 +236,8 @@ impl Replica {
     ) -> Option<Result<T, crossbeam_channel::RecvError>> {
         let replies = self.lease.as_ref().map_or(never(), LeaseMachine::replies);
         let requests = self.requests.clone();
-        while Instant::now() < deadline && !done(self) {
+        let shutdown = self.shutdown.clone();
+        while Instant::now() < deadline && !done(self) && self.stopping.is_none() {
             let next = self.lease.as_ref().map_or(IDLE_WAKEUP, |m| {
                 m.next_deadline()
                     .saturating_duration_since(Instant::now())
@@ -236,6 +246,9 @@ impl Replica {
             select! {
                 recv(rx) -> v => return Some(v),
                 recv(requests) -> req => if let Ok(req) = req { self.answer_while_busy(req) },
+                recv(shutdown) -> reason => {
+                    self.stopping = Some(reason.unwrap_or(ShutdownReason::Signal(libc::SIGTERM)));
+                },
                 recv(replies) -> msg => if let (Ok((seq, reply)), Some(m)) = (msg, self.lease.as_mut()) {
                     m.handle_reply(seq, reply);
                 },
