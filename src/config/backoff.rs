@@ -47,11 +47,19 @@ impl Backoff {
         Duration::from_millis(ms_from_f64(base * (1.0 + RETRY_JITTER * unit)))
     }
 
-    /// The longest the pauses can add up to, jitter included.
+    /// The longest the pauses can add up to, jitter included (saturating). Once the pauses
+    /// reach `max_ms` the rest are counted at once, so a huge `attempts` costs no time here.
     pub fn total_ms(&self) -> u64 {
-        (1..self.attempts)
-            .map(|n| ms_from_f64(self.base_delay_ms(n) as f64 * (1.0 + RETRY_JITTER)))
-            .sum()
+        let with_jitter = |n| ms_from_f64(self.base_delay_ms(n) as f64 * (1.0 + RETRY_JITTER));
+        let mut total = 0u64;
+        for n in 1..self.attempts {
+            if self.base_delay_ms(n) >= self.max_ms {
+                let rest = u64::from(self.attempts - n);
+                return total.saturating_add(rest.saturating_mul(with_jitter(n)));
+            }
+            total = total.saturating_add(with_jitter(n));
+        }
+        total
     }
 }
 

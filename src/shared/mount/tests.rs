@@ -278,6 +278,27 @@ fn backoff_is_bounded() {
     assert_eq!(b.base_delay_ms(20), 20_000);
     assert!(b.total_ms() < crate::config::DEFAULT_MOUNT_TIMEOUT_S * 1000);
     assert_eq!(Backoff::new(1, 20_000).total_ms(), 0);
+    // the same sum as pause by pause, however the cap falls
+    for (attempts, max) in [
+        (2, 20_000),
+        (8, 20_000),
+        (30, 5_000),
+        (5, 500),
+        (12, 1_000_000),
+    ] {
+        let b = Backoff::new(attempts, max);
+        let one_by_one: u64 = (1..attempts).map(|n| b.base_delay_ms(n) * 12 / 10).sum();
+        assert!(
+            b.total_ms().abs_diff(one_by_one) <= u64::from(attempts),
+            "{b:?}"
+        );
+    }
+    // a huge number of attempts is summed at once (it took seconds) and saturates
+    let started = std::time::Instant::now();
+    assert_eq!(Backoff::new(u32::MAX, u64::MAX).total_ms(), u64::MAX);
+    let huge = Backoff::new(u32::MAX, 20_000).total_ms();
+    assert!(huge > 20_000 * u64::from(u32::MAX), "{huge}");
+    assert!(started.elapsed() < Duration::from_millis(100));
     let mut j = Jitter::seeded();
     assert!((0..1000)
         .map(|_| j.next_unit())
