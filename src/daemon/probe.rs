@@ -72,8 +72,29 @@ fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, String> {
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve: {e}"))?
         .collect();
-    let first = addrs.first().ok_or("resolves to no address")?;
-    TcpStream::connect_timeout(first, timeout).map_err(|e| format!("connect: {e}"))
+    connect_any(&addrs, timeout)
+}
+
+/// Connects to the first of `addrs` that accepts, in their order, all within `timeout`: a
+/// name such as `localhost` may resolve to `::1` first while the node listens on IPv4 only.
+fn connect_any(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, String> {
+    let deadline = Instant::now() + timeout;
+    let mut failures = Vec::new();
+    for addr in addrs {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            failures.push(format!("{addr}: not tried within the timeout"));
+            break;
+        }
+        match TcpStream::connect_timeout(addr, left) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => failures.push(format!("{addr}: {e}")),
+        }
+    }
+    if failures.is_empty() {
+        return Err("resolves to no address".into());
+    }
+    Err(format!("connect: {}", failures.join("; ")))
 }
 
 /// `GET path` on `url`: a 2xx status line within `timeout`, or why not.

@@ -121,3 +121,26 @@ fn issue14_the_probe_thread_sends_rounds_until_dropped() {
         }
     }
 }
+
+/// A name may resolve to several addresses (`localhost`: `::1` and `127.0.0.1`) while the node
+/// listens on one of them: the probe tries each in turn, not only the first, and a failure
+/// names every address tried.
+#[test]
+fn issue14_a_tcp_probe_tries_every_address_a_name_resolves_to() {
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let live = TcpListener::bind("127.0.0.1:0").unwrap();
+    let open = live.local_addr().unwrap();
+    connect_any(&[closed, open], Duration::from_secs(2)).unwrap();
+    let err = connect_any(&[closed, closed], Duration::from_secs(2)).unwrap_err();
+    assert!(
+        err.contains(&closed.to_string()) && err.contains("refused"),
+        "{err}"
+    );
+    assert_eq!(
+        connect_any(&[], Duration::from_secs(1)).unwrap_err(),
+        "resolves to no address"
+    );
+}
