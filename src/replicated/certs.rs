@@ -162,4 +162,20 @@ mod tests {
             Err(CertsError::BadHost(_))
         ));
     }
+
+    /// A key that is not the certificate's (vm1's certificate, vm2's key: a copy slip) is
+    /// refused naming both files, not as a bare "TLS configuration" error.
+    #[test]
+    fn a_key_that_does_not_match_its_certificate_is_refused_naming_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = init(dir.path(), &["vm1".into(), "vm2".into()]).unwrap();
+        let (cert, key) = (&w.hosts[0].1, &w.hosts[1].2);
+        let err = crate::replicated::channel::TlsPair::load(cert, key, &w.ca_cert)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&cert.display().to_string()) && err.contains(&key.display().to_string()),
+            "{err}"
+        );
+    }
 }

@@ -55,6 +55,12 @@ pub enum TlsError {
     File { path: PathBuf, reason: String },
     /// TLS configuration: {0}
     Config(String),
+    /// TLS certificate {cert:?} and key {key:?} do not go together: {reason}
+    Pair {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
 }
 
 /// Mutual-TLS configurations for both directions.
@@ -91,12 +97,17 @@ impl TlsPair {
         let roots = Arc::new(roots);
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let cfg = |e: rustls::Error| TlsError::Config(e.to_string());
+        let pair = |e: rustls::Error| TlsError::Pair {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            reason: e.to_string(),
+        };
         let client = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(cfg)?
             .with_root_certificates(roots.clone())
             .with_client_auth_cert(certs.clone(), key_der.clone_key())
-            .map_err(cfg)?;
+            .map_err(pair)?;
         let verifier =
             rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
                 .build()
@@ -106,7 +117,7 @@ impl TlsPair {
             .map_err(cfg)?
             .with_client_cert_verifier(verifier)
             .with_single_cert(certs, key_der)
-            .map_err(cfg)?;
+            .map_err(pair)?;
         Ok(TlsPair {
             client: Arc::new(client),
             server: Arc::new(server),
