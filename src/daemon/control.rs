@@ -325,14 +325,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn status_is_answered_while_a_verify_waits() {
+    /// A control socket in a temporary directory (kept while the first value lives), served
+    /// for [`agent_busy_with_verify`].
+    fn serving_an_agent_busy_with_verify() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
         let listener = bind(&path).unwrap();
         let (tx, rx) = bounded::<Incoming>(1);
         std::thread::spawn(move || serve(listener, tx, Duration::from_secs(30)));
         std::thread::spawn(move || agent_busy_with_verify(rx));
+        (dir, path)
+    }
+
+    #[test]
+    fn status_is_answered_while_a_verify_waits() {
+        let (_dir, path) = serving_an_agent_busy_with_verify();
         let p = path.clone();
         let verify = std::thread::spawn(move || request(&p, &Request::Verify, STATUS_TIMEOUT));
         std::thread::sleep(Duration::from_millis(200)); // the verify is with the agent
@@ -345,12 +352,7 @@ mod tests {
 
     #[test]
     fn a_client_that_sends_nothing_or_garbage_holds_up_nobody() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.sock");
-        let listener = bind(&path).unwrap();
-        let (tx, rx) = bounded::<Incoming>(1);
-        std::thread::spawn(move || serve(listener, tx, Duration::from_secs(30)));
-        std::thread::spawn(move || agent_busy_with_verify(rx));
+        let (_dir, path) = serving_an_agent_busy_with_verify();
         // connects and sends nothing; another sends a byte now and then, never a line end
         let _silent = UnixStream::connect(&path).unwrap();
         let mut trickle = UnixStream::connect(&path).unwrap();
