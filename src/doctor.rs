@@ -249,6 +249,10 @@ fn link_check(config: &Config) -> Check {
     let share = &config.link_target();
     match inspect(&link, share) {
         Ok(LinkState::Correct) => check("link", Status::Ok, format!("{} -> {}", link.display(), share.display()), None),
+        // the replicated agent makes the link when its VM turns hot: a cold VM may have none
+        Ok(LinkState::Missing) if config.replication.is_some() => check("link", Status::Warn,
+            format!("{} does not exist: the agent links it to {} when this VM turns hot", link.display(), share.display()),
+            Some("nothing on a cold VM; on the hot VM, see the agent's log (`journalctl -u artemis-sync`)".into())),
         Ok(LinkState::Missing) => check("link", Status::Fail, format!("{} does not exist", link.display()), Some("run `artemis-sync link`".into())),
         Ok(LinkState::Elsewhere(t)) => check("link", Status::Fail, format!("{} points to {}, not the link target {}", link.display(), t.display(), share.display()), Some("run `artemis-sync link --force`".into())),
         Ok(LinkState::Directory(n)) => check("link", Status::Fail, format!("{} is a real directory with {n} entries", link.display()),
@@ -658,6 +662,17 @@ mod tests {
         crate::cli::commands::link(&config, fix).unwrap();
         assert_eq!(fs::read_link(base.join("artemis")).unwrap(), data);
         assert!(run(Ok(&config), Path::new("agent.toml"), &sys).ok);
+        // a cold VM has no link until it turns hot: a warning, not a failure
+        fs::remove_file(base.join("artemis")).unwrap();
+        let r = run(Ok(&config), Path::new("agent.toml"), &sys);
+        let link = r.checks.iter().find(|c| c.name == "link").unwrap();
+        assert_eq!(link.status, Status::Warn, "{}", r.to_text());
+        assert!(
+            link.detail.contains("when this VM turns hot"),
+            "{}",
+            r.to_text()
+        );
+        assert!(r.ok, "{}", r.to_text());
     }
 
     /// `[lock] dir` apart from the share (on a local filesystem): the agent refuses it, and
