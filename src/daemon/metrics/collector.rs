@@ -337,13 +337,13 @@ fn totals(out: &mut Out<'_>, r: &ReplicatedStatus) -> Fmt {
     };
     out.counter(
         "replication_data",
-        &format!("Bytes of pages ({side}) since the agent started"),
+        &format!("Bytes of pages ({side}) in the current role"),
         Some(Unit::Bytes),
         r.data_bytes,
     )?;
     out.counter(
         "replication_batches",
-        &format!("Batches ({side}) since the agent started"),
+        &format!("Batches ({side}) in the current role"),
         None,
         r.batches,
     )?;
