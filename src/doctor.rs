@@ -610,6 +610,14 @@ mod tests {
             .contains("/etc/x.toml"));
     }
 
+    /// The report's link check has `status` and a detail holding `says`.
+    #[track_caller]
+    fn assert_link(r: &Report, status: Status, says: &str) {
+        let link = r.checks.iter().find(|c| c.name == "link").unwrap();
+        assert_eq!(link.status, status, "{}", r.to_text());
+        assert!(link.detail.contains(says), "{}", r.to_text());
+    }
+
     /// Replicated mode mounts no share: a hot VM set up as the agent sets it up (watch capture,
     /// `${BASE_DIR}/artemis` a link to `data_dir`) was judged against `[storage] mount_point`,
     /// a share it does not have: `FAIL link ... points to <data_dir>, not the share` with the
@@ -647,13 +655,7 @@ mod tests {
         fs::remove_file(base.join("artemis")).unwrap();
         std::os::unix::fs::symlink(&root, base.join("artemis")).unwrap();
         let r = run(Ok(&config), Path::new("agent.toml"), &sys);
-        let link = r.checks.iter().find(|c| c.name == "link").unwrap();
-        assert_eq!(link.status, Status::Fail, "{}", r.to_text());
-        assert!(
-            link.detail.contains("not the link target"),
-            "{}",
-            r.to_text()
-        );
+        assert_link(&r, Status::Fail, "not the link target");
         // and that fix links to data_dir, after which doctor is content
         let fix = crate::link::LinkOptions {
             migrate: false,
@@ -665,13 +667,7 @@ mod tests {
         // a cold VM has no link until it turns hot: a warning, not a failure
         fs::remove_file(base.join("artemis")).unwrap();
         let r = run(Ok(&config), Path::new("agent.toml"), &sys);
-        let link = r.checks.iter().find(|c| c.name == "link").unwrap();
-        assert_eq!(link.status, Status::Warn, "{}", r.to_text());
-        assert!(
-            link.detail.contains("when this VM turns hot"),
-            "{}",
-            r.to_text()
-        );
+        assert_link(&r, Status::Warn, "when this VM turns hot");
         assert!(r.ok, "{}", r.to_text());
     }
 

@@ -970,28 +970,15 @@ fn issue10_hooks_run_on_acquire_and_on_release_with_epoch_and_holder() {
 fn issue3_a_unit_still_stopping_is_killed_before_the_lease_is_released() {
     let mut p = Pair::new();
     let active = p.fx.path("corda.active");
-    let fake = write_script(
-        &p.fx.path("systemctl"),
+    with_fake_unit(
+        &mut p,
+        "a",
         &format!(
             "case \"$1\" in\n  start) touch {active} ;;\n  stop) (sleep 15; rm -f {active}) & sleep 15 ;;\n  kill) rm -f {active} ;;\n  is-active) [ -e {active} ] ;;\nesac",
             active = active.display()
         ),
+        "",
     );
-    p.env.push(("ARTEMIS_SYNC_SYSTEMCTL".into(), fake));
-    let cfg = p.config("a");
-    let text = fs::read_to_string(&cfg)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            if l.starts_with("command = ") {
-                "systemd_unit = \"corda.service\"".to_owned()
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    fs::write(&cfg, text).unwrap();
     p.start("a");
     assert!(
         wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
@@ -1067,9 +1054,9 @@ fn issue14_the_leftovers_of_a_node_that_exited_are_killed_before_the_lease_is_gi
     );
 }
 
-/// Makes agent `name` run its node as `corda.service` through the fake `systemctl` `script`
-/// (no local restarts: the first failure gives the lease up).
-fn with_fake_unit(p: &mut Pair, name: &str, script: &str) {
+/// Makes agent `name` run its node as `corda.service` through the fake `systemctl` `script`,
+/// with the `[node]` lines `more` after it.
+fn with_fake_unit(p: &mut Pair, name: &str, script: &str, more: &str) {
     let fake = write_script(&p.fx.path("systemctl"), script);
     p.env.push(("ARTEMIS_SYNC_SYSTEMCTL".into(), fake));
     let cfg = p.config(name);
@@ -1078,7 +1065,7 @@ fn with_fake_unit(p: &mut Pair, name: &str, script: &str) {
         .lines()
         .map(|l| {
             if l.starts_with("command = ") {
-                "systemd_unit = \"corda.service\"\nmax_local_restarts = 0".to_owned()
+                format!("systemd_unit = \"corda.service\"\n{more}")
             } else {
                 l.to_owned()
             }
@@ -1103,6 +1090,8 @@ fn a_unit_whose_start_times_out_is_stopped_before_the_lease_is_given_up() {
             pending = pending.display(),
             active = active.display()
         ),
+        // no local restarts: the first failure gives the lease up
+        "max_local_restarts = 0",
     );
     p.start("a");
     assert!(wait_until(Duration::from_secs(5), || pending.exists()));
@@ -1145,6 +1134,8 @@ fn a_unit_that_stopped_by_itself_is_stopped_before_the_lease_is_given_up() {
             leftover = leftover.display(),
             active = active.display()
         ),
+        // no local restarts: the first failure gives the lease up
+        "max_local_restarts = 0",
     );
     p.start_a_hot_then_b_cold();
     // the main process exits; the leftovers run on while the unit is deactivating
