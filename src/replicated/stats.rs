@@ -22,7 +22,8 @@ pub struct SenderStats {
     pub batches: AtomicU64,
     /// Highest batch acknowledged on the current connection.
     pub acked_seq: AtomicU64,
-    /// Highest batch sent on the current connection.
+    /// Highest batch sent on the current connection (stored as its write begins, so no ack a
+    /// cold side may send is above it).
     pub sent_seq: AtomicU64,
     /// Batches rejected by the cold side and resent.
     pub nacks: AtomicU64,

@@ -225,8 +225,13 @@ async fn stream_once(
     // durable syncs hear of each ack from the reader itself, not through this task
     let watch = Arc::clone(stats);
     let on_frame = move |frame: &Result<Frame, ProtoError>, _bytes| {
-        if let Ok(Frame::Ack { seq }) = frame {
-            watch.acks.acked(gen, *seq);
+        // an ack of a batch never sent (a broken cold side) answers no sync: the network
+        // task ends the connection when it reads it
+        match frame {
+            Ok(Frame::Ack { seq }) if *seq <= watch.sent_seq.load(Ordering::Acquire) => {
+                watch.acks.acked(gen, *seq);
+            }
+            _ => {}
         }
     };
     let mut answers = ReadTask::spawn(reader, ANSWER_QUEUE, on_frame, |_| true);
@@ -321,11 +326,26 @@ async fn introduce(
         .await
         .map_err(|_| SendError::NoWelcome { peer, limit })?;
     match answer.map_err(proto)? {
-        Frame::Welcome { epoch } => {
+        // a cold side that admits us records our epoch and answers with it
+        Frame::Welcome { epoch } if epoch == cfg.epoch => {
             // the peer is cold and knows no newer epoch: a hot that waits may start its node
             let _ = events.try_send(SenderEvent::Welcomed { epoch });
             Ok(())
         }
+        // it knows a newer one after all: as a refusal (the agent steps down), never as a
+        // confirmation that lets a waiting hot start its node
+        Frame::Welcome { epoch } if epoch > cfg.epoch => {
+            let reason = format!(
+                "it welcomed us at epoch {epoch}, newer than ours ({})",
+                cfg.epoch
+            );
+            Err(rejected(peer, epoch, reason, events))
+        }
+        // it did not record ours: nothing it acknowledges could be trusted to be under it
+        Frame::Welcome { epoch } => Err(proto(ProtoError::Unexpected(format!(
+            "a welcome at epoch {epoch}, older than ours ({}): the cold side did not record our epoch",
+            cfg.epoch
+        )))),
         Frame::Reject { epoch, reason } => Err(rejected(peer, epoch, reason, events)),
         other => Err(proto(ProtoError::Unexpected(format!(
             "{other:?} instead of Welcome"
@@ -333,14 +353,17 @@ async fn introduce(
     }
 }
 
-/// The cold side refused us: tells the agent, and ends the connection.
+/// The cold side refused us: tells the agent, and ends the connection. Never waits on the
+/// agent (a network task blocked here while the agent stops the sender would hold both): with
+/// its queue full the agent has events still to read, and the next connection is refused
+/// again.
 fn rejected(
     peer: SocketAddr,
     epoch: u64,
     reason: String,
     events: &Sender<SenderEvent>,
 ) -> SendError {
-    let _ = events.send(SenderEvent::Rejected {
+    let _ = events.try_send(SenderEvent::Rejected {
         epoch,
         reason: reason.clone(),
     });
@@ -483,6 +506,8 @@ impl Outbound<'_> {
         let data: usize = ops.iter().map(Op::data_len).sum();
         let body = encode_body(&Frame::Batch { seq, ops }).map_err(|e| self.proto(e))?;
         let before = self.writer.bytes;
+        // before the write: the reader passes on only acks of batches handed to the socket
+        self.stats.sent_seq.store(seq, Ordering::Release);
         self.writer
             .send_encoded(&body)
             .await
@@ -494,7 +519,6 @@ impl Outbound<'_> {
         stats.data_bytes.fetch_add(data as u64, Ordering::Relaxed);
         stats.sync.sent(data as u64);
         stats.batches.fetch_add(1, Ordering::Relaxed);
-        stats.sent_seq.store(seq, Ordering::Relaxed);
         // the window holds frames: count what they take, metadata included, not page data only
         self.window_bytes += body.len();
         self.window
@@ -580,6 +604,12 @@ impl Outbound<'_> {
     /// Batch `seq` and all before it are durable: out of the window; waiting drains are
     /// answered once the window is empty.
     async fn on_ack(&mut self, seq: u64) -> Result<(), SendError> {
+        if seq >= self.next_seq {
+            return Err(self.proto(ProtoError::Unexpected(format!(
+                "an acknowledgement of batch {seq}, which was never sent (the last sent is {})",
+                self.next_seq - 1
+            ))));
+        }
         while self.window.front().is_some_and(|(s, _, _)| *s <= seq) {
             let (_, body, _) = self.window.pop_front().expect("front");
             self.window_bytes -= body.len();

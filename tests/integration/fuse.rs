@@ -30,7 +30,12 @@ const FUSE_EXTRA: &str = "rescan_interval_ms = 600000\ndeep_rescan_interval_ms =
 
 /// A pair in FUSE mode; each side's mount point is `<side>/mnt`; `more` ends `[replication]`.
 pub(crate) fn fuse_pair(fx: Fixture, more: &str) -> Pair {
-    let p = Pair::new_in("psk", None, fx, &format!("{FUSE_EXTRA}\n{more}"));
+    fuse_pair_to(fx, None, more)
+}
+
+/// [`fuse_pair`] whose hot side connects to `hot_peer` (a port of 127.0.0.1) if given.
+pub(crate) fn fuse_pair_to(fx: Fixture, hot_peer: Option<u16>, more: &str) -> Pair {
+    let p = Pair::new_in("psk", hot_peer, fx, &format!("{FUSE_EXTRA}\n{more}"));
     for (name, cfg) in [("hot", &p.hot.config), ("cold", &p.cold.config)] {
         let text = fs::read_to_string(cfg).unwrap();
         let mnt = toml_path(&p.fx.path(&format!("{name}/mnt")));

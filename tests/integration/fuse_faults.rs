@@ -8,9 +8,14 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::fuse::{cold_has, fuse_pair_started, record, RECORD_BYTES};
-use crate::replication::{wait_until, Pair};
-use crate::util::{artemis_sync, mounts_at, require_root, toml_path, write_script, MountGuard};
+use artemis_sync::replicated::ops::Op;
+use artemis_sync::replicated::wire::Frame;
+
+use crate::fuse::{cold_has, fuse_pair_started, fuse_pair_to, mount_point, record, RECORD_BYTES};
+use crate::replication::{fake_cold_admits, port_of, rt, wait_until, Pair};
+use crate::util::{
+    artemis_sync, mounts_at, require_root, toml_path, write_script, Fixture, MountGuard,
+};
 
 /// How long a status may take to show a heartbeat's news (one is sent every second).
 const HEARTBEAT_NEWS: Duration = Duration::from_secs(5);
@@ -225,7 +230,7 @@ fn issue12_a_killed_hot_agent_takes_its_node_writing_through_the_mount_with_it()
     if !require_root("issue12_node_dies", "FUSE mounts") {
         return;
     }
-    let fx = crate::util::Fixture::new();
+    let fx = Fixture::new();
     let pidfile = fx.path("node.pid");
     let base_link = fx.path("hot/base/artemis");
     let script = write_script(
@@ -242,7 +247,7 @@ fn issue12_a_killed_hot_agent_takes_its_node_writing_through_the_mount_with_it()
     fs::write(&p.hot.config, text.replacen("[node]\n", &node, 1)).unwrap();
     let _guard = MountGuard::new(&p.fx.path("hot/mnt"));
     crate::fuse::start_synced(&mut p);
-    let mnt = crate::fuse::mount_point(&p);
+    let mnt = mount_point(&p);
     let first = node_pid(&pidfile, None);
     let on_cold = |p: &Pair| fs::metadata(p.cold.data.join("node.log")).map_or(0, |m| m.len());
     assert!(
@@ -354,4 +359,80 @@ fn issue12_async_a_frozen_cold_agent_does_not_hold_the_writes_up() {
         (4096, 20_000, false),
         Duration::from_secs(25),
     );
+}
+
+/// Regression: the connection's reader handed every ack it read to the durable syncs' watch,
+/// an ack of a batch never sent too. A broken cold side that acknowledged ahead of what it
+/// was sent made every sync waiting on that connection, and every one after it, return at
+/// once: durable in name, with nothing on the cold disk. Such an ack now answers no sync,
+/// and ends the connection.
+#[test]
+fn issue12_an_ack_of_a_batch_never_sent_answers_no_durable_sync() {
+    if !require_root("issue12_bogus_ack", "FUSE mounts") {
+        return;
+    }
+    let fake = crate::listen::loopback_listener();
+    let mut p = fuse_pair_to(
+        Fixture::new(),
+        Some(port_of(&fake)),
+        "ack = \"durable\"\npeer_timeout_ms = 2000\non_peer_loss = \"degrade\"",
+    );
+    let _guard = MountGuard::new(&mount_point(&p));
+    p.start("hot");
+    let rt = rt();
+    rt.block_on(async {
+        fake.set_nonblocking(true).unwrap();
+        let fake = tokio::net::TcpListener::from_std(fake).unwrap();
+        let (mut r, mut w) = fake_cold_admits(&fake, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("the hot side never connected\n{}", p.logs()));
+        w.send(&Frame::Welcome { epoch: 1 }).await.unwrap();
+        w.send(&Frame::IndexEnd).await.unwrap();
+        w.flush().await.unwrap();
+        let mnt = mount_point(&p);
+        let writer = std::thread::spawn(move || {
+            let f = fs::File::create(mnt.join("r")).unwrap();
+            write_sync(&f, 1, 0)
+        });
+        // the record's batch arrives; the fake acknowledges far past it, fsyncing nothing
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut sent = 0;
+        while !writer.is_finished() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let frame = tokio::time::timeout(left, r.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no batch with the record came\n{}", p.logs()))
+                .unwrap();
+            if let Frame::Batch { seq, ops } = frame {
+                sent = seq;
+                if ops
+                    .iter()
+                    .any(|op| matches!(op, Op::Write { path, .. } if path == "r"))
+                {
+                    break;
+                }
+            }
+        }
+        assert!(
+            sent > 0,
+            "the sync returned before its batch was sent\n{}",
+            p.logs()
+        );
+        w.send(&Frame::Ack { seq: sent + 1000 }).await.unwrap();
+        w.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert!(
+            !writer.is_finished(),
+            "a durable sync returned on an ack of a batch never sent\n{}",
+            p.logs()
+        );
+        assert!(
+            wait_until(Duration::from_secs(15), || writer.is_finished()),
+            "the sync did not degrade and return\n{}",
+            p.logs()
+        );
+        writer.join().unwrap();
+    });
+    let logs = p.logs();
+    assert!(logs.contains("which was never sent"), "{logs}");
 }

@@ -1076,7 +1076,10 @@ fn all_threads_stopped(pid: libc::pid_t) -> bool {
 
 /// A "cold side" on `listener` that completes the PSK handshake with the next connection and
 /// reads its introduction; returns the connection, kept open.
-async fn fake_cold_admits(listener: &tokio::net::TcpListener, limit: Duration) -> Option<RawConn> {
+pub(crate) async fn fake_cold_admits(
+    listener: &tokio::net::TcpListener,
+    limit: Duration,
+) -> Option<RawConn> {
     let (s, _) = tokio::time::timeout(limit, listener.accept())
         .await
         .ok()?
@@ -1199,6 +1202,62 @@ fn a_cold_host_lost_while_the_hot_side_waits_for_its_index_is_given_up() {
     drop(conn);
 }
 
+/// Regression: the hot side took any welcome as the cold side's word that no newer epoch
+/// exists, whatever epoch it carried, and a hot waiting for that word started its node. A
+/// welcome at a newer epoch than ours is now a refusal (the agent steps down), and one at an
+/// older epoch (the cold side did not record ours) ends the connection.
+#[test]
+fn a_welcome_at_another_epoch_is_no_confirmation() {
+    let fake = crate::listen::loopback_listener();
+    let mut p = Pair::new("psk", Some(port_of(&fake)));
+    fs::write(
+        p.fx.path("hot/state.json"),
+        "{\"epoch\": 3, \"role\": \"hot\"}",
+    )
+    .unwrap();
+    p.start("hot");
+    let rt = rt();
+    rt.block_on(async {
+        fake.set_nonblocking(true).unwrap();
+        let fake = tokio::net::TcpListener::from_std(fake).unwrap();
+        let limit = Duration::from_secs(10);
+        let never = || panic!("the hot side never connected\n{}", p.logs());
+        let (_r, mut w) = fake_cold_admits(&fake, limit).await.unwrap_or_else(never);
+        w.send(&Frame::Welcome { epoch: 2 }).await.unwrap();
+        w.flush().await.unwrap();
+        let (_r, mut w) = fake_cold_admits(&fake, limit).await.unwrap_or_else(|| {
+            panic!(
+                "no new connection after an old epoch's welcome\n{}",
+                p.logs()
+            )
+        });
+        assert!(
+            p.logs().contains("did not record our epoch"),
+            "{}",
+            p.logs()
+        );
+        w.send(&Frame::Welcome { epoch: 7 }).await.unwrap();
+        w.flush().await.unwrap();
+        assert!(
+            wait_until(Duration::from_secs(10), || p.status("hot")["role"]
+                == "cold"),
+            "the hot side welcomed at a newer epoch did not step down\n{}",
+            p.logs()
+        );
+    });
+    let logs = p.logs();
+    assert!(!logs.contains("the peer confirmed"), "{logs}");
+    assert!(
+        logs.contains("it welcomed us at epoch 7, newer than ours (3)"),
+        "{logs}"
+    );
+    assert_eq!(p.status("hot")["epoch"], 7);
+}
+
+/// SIGTERM (`systemctl stop`) while the hot agent waits on a `verify` whose cold side does
+/// not answer (a paused VM): the agent stops its node at once. It read no signal until the
+/// verify gave up (5 minutes), so its node ran on until systemd's TimeoutStopSec killed
+/// everything.
 /// SIGTERM (`systemctl stop`) while the hot agent waits on a `verify` whose cold side does
 /// not answer (a paused VM): the agent stops its node at once. It read no signal until the
 /// verify gave up (5 minutes), so its node ran on until systemd's TimeoutStopSec killed
