@@ -97,6 +97,11 @@ pub const COALESCE_WINDOW: Duration = Duration::from_millis(1);
 /// Bytes an op adds to a batch frame beyond its paths and data: type, lengths, offsets,
 /// modes, with room for a few more fields.
 const OP_OVERHEAD_BYTES: usize = 64;
+// a batch is sent once its ops' bound reaches BATCH_DATA_BYTES: no batch has more ops than
+// the cold side accepts
+// (the op that reaches it included)
+const _: () =
+    assert!(BATCH_DATA_BYTES / OP_OVERHEAD_BYTES < crate::replicated::wire::MAX_BATCH_OPS);
 
 /// Requests to the scanner thread ([`ScanMsg`]). Each is followed by a [`FsEvent::Nudge`] on
 /// the event channel, the one channel the scanner waits on. (Waiting on both with `select!`

@@ -51,6 +51,11 @@ pub const INDEX_CHUNK_PAGES: usize = 128 << 10;
 /// flight between the cold side's walk and the hot side's comparison (queues, buffers) stay a
 /// few MiB decoded (a reader accepts any digest frame under the frame limit).
 pub const DIGEST_CHUNK_BYTES: usize = 256 << 10;
+/// The most ops one batch carries. The scanner sends a batch once its ops' bound reaches
+/// 1 MiB, counting at least 64 B per op, so its batches hold at most 16,385; an op takes as
+/// few as 5 B on the wire but about 100 B decoded, so without this limit one 8 MiB frame of
+/// short removals would decode into some 160 MiB.
+pub const MAX_BATCH_OPS: usize = 64 << 10;
 /// The longest path accepted.
 pub const MAX_PATH_BYTES: usize = 4096;
 /// Bytes of MAC after each frame in PSK mode.

@@ -187,6 +187,36 @@ fn hostile_counts_and_lengths_are_refused_before_allocation() {
     assert!(
         matches!(Frame::decode(&body), Err(ProtoError::Malformed(m)) if m.contains("cannot fit"))
     );
+    // a batch of more (short) ops than a batch may hold: 6 B each on the wire, it fits the
+    // frame, but decoded it would take some 20 times that; the most allowed round-trips
+    let removals = |n: usize| {
+        let mut header = 1u64.to_le_bytes().to_vec();
+        header.extend_from_slice(&u32::try_from(n).unwrap().to_le_bytes());
+        for _ in 0..n {
+            header.extend_from_slice(&[5, 1, 0, 0, 0, b'a']);
+        }
+        let mut body = vec![10];
+        body.extend_from_slice(&u32::try_from(header.len()).unwrap().to_le_bytes());
+        body.extend_from_slice(&header);
+        body
+    };
+    let over = removals(MAX_BATCH_OPS + 1);
+    assert!(over.len() < MAX_FRAME_BYTES);
+    assert!(
+        matches!(Frame::decode(&over), Err(ProtoError::Malformed(m)) if m.contains("the limit is")),
+    );
+    let most = Frame::decode(&removals(MAX_BATCH_OPS)).unwrap();
+    let Frame::Batch { ops, .. } = &most else {
+        panic!("{most:?}")
+    };
+    assert_eq!(ops.len(), MAX_BATCH_OPS);
+    let mut out = Vec::new();
+    most.encode(&mut out).unwrap();
+    let Frame::Batch { mut ops, .. } = most else {
+        unreachable!()
+    };
+    ops.push(Op::Remove { path: "a".into() });
+    assert!(Frame::Batch { seq: 1, ops }.encode(&mut out).is_err());
     // a batch header longer than the body, a write whose data the tail lacks, a tail with
     // bytes no write takes
     let write = Frame::Batch {

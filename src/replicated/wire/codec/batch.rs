@@ -8,7 +8,7 @@
 //! the page data would only repeat that check (ARCHITECTURE.md, "Authenticated framing").
 
 use crate::replicated::ops::Op;
-use crate::replicated::wire::{Frame, ProtoError};
+use crate::replicated::wire::{Frame, ProtoError, MAX_BATCH_OPS};
 
 use super::{Dec, Enc};
 
@@ -51,6 +51,12 @@ pub(super) fn encode_header(seq: u64, ops: &[Op], e: &mut Enc<'_>) -> Result<(),
     let at = e.0.len();
     e.u32(0);
     e.u64(seq);
+    if ops.len() > MAX_BATCH_OPS {
+        return Err(ProtoError::Malformed(format!(
+            "a batch of {} ops (the limit is {MAX_BATCH_OPS})",
+            ops.len()
+        )));
+    }
     e.count(ops.len())?;
     for op in ops {
         encode_op(op, e)?;
@@ -72,6 +78,11 @@ pub(super) fn decode(d: &mut Dec<'_>) -> Result<Frame, ProtoError> {
     };
     let seq = h.u64("seq")?;
     let n = h.count("ops", OP_MIN_BYTES)?;
+    if n > MAX_BATCH_OPS {
+        return Err(ProtoError::Malformed(format!(
+            "batch {seq}: {n} ops (the limit is {MAX_BATCH_OPS})"
+        )));
+    }
     let ops = h.items(n, |h| decode_op(h, d))?;
     h.end()?;
     Ok(Frame::Batch { seq, ops })
