@@ -118,6 +118,9 @@ struct Replica {
     shutdown: Receiver<ShutdownReason>,
     /// A shutdown signal that arrived during such a wait, for the main loop to carry out.
     stopping: Option<ShutdownReason>,
+    /// The node exited (or turned sick) during such a wait, which ended it: the watchdog's
+    /// decision, when it gave up, for the main loop to carry out (restarts it makes itself).
+    node_changed: Option<Option<String>>,
 }
 
 /// How the replication peers authenticate, from the config (files named in errors).
@@ -173,6 +176,9 @@ pub fn run(
             tracing::info!(%reason, "stopping (the signal came during a long request)");
             me.shutdown();
             return Ok(reason);
+        }
+        if let Some(Some(why)) = me.node_changed.take() {
+            me.give_up(&why);
         }
         me.announce();
         let sender_events = me.sender.as_ref().map_or(never(), |s| s.events.clone());
@@ -339,6 +345,7 @@ impl Replica {
             requests: never(),
             shutdown: never(),
             stopping: None,
+            node_changed: None,
         })
     }
 

@@ -1258,13 +1258,13 @@ fn a_welcome_at_another_epoch_is_no_confirmation() {
 /// not answer (a paused VM): the agent stops its node at once. It read no signal until the
 /// verify gave up (5 minutes), so its node ran on until systemd's TimeoutStopSec killed
 /// everything.
-/// SIGTERM (`systemctl stop`) while the hot agent waits on a `verify` whose cold side does
-/// not answer (a paused VM): the agent stops its node at once. It read no signal until the
-/// verify gave up (5 minutes), so its node ran on until systemd's TimeoutStopSec killed
-/// everything.
-#[test]
-fn sigterm_during_a_verify_stops_the_node_at_once() {
-    let mut p = Pair::new("psk", None);
+/// A pair whose hot side runs a node (a script writing its pid to `node.pid`, stopped within
+/// 500 ms), synced; then the cold agent stopped (a paused VM) and a `verify` started on the hot
+/// side, which waits for the cold side's digest. Returns the node's pid and the verify.
+fn a_verify_held_up(
+    p: &mut Pair,
+    node_more: &str,
+) -> (libc::pid_t, thread::JoinHandle<crate::util::Output>) {
     let pidfile = p.fx.path("node.pid");
     let node = write_script(
         &p.fx.path("node.sh"),
@@ -1276,7 +1276,7 @@ fn sigterm_during_a_verify_stops_the_node_at_once() {
     let text = fs::read_to_string(&p.hot.config).unwrap().replacen(
         "[node]\n",
         &format!(
-            "[node]\ncommand = [{}]\nstop_timeout_ms = 500\n",
+            "[node]\ncommand = [{}]\nstop_timeout_ms = 500\n{node_more}",
             toml_path(&node)
         ),
         1,
@@ -1286,19 +1286,35 @@ fn sigterm_during_a_verify_stops_the_node_at_once() {
     p.start("cold");
     p.start("hot");
     p.assert_converges(Duration::from_secs(30));
-    assert!(wait_until(Duration::from_secs(10), || fs::read_to_string(
-        &pidfile
-    )
-    .is_ok_and(|s| !s.trim().is_empty())));
-    let pid: libc::pid_t = fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = node_pid_in(&pidfile, None);
     p.signal("cold", libc::SIGSTOP);
     let config = p.hot.config.clone();
-    thread::spawn(move || artemis_sync(&config, ["verify"]));
+    let verify = thread::spawn(move || artemis_sync(&config, ["verify"]));
     thread::sleep(Duration::from_secs(1)); // the verify waits for the cold side's digest
+    (pid, verify)
+}
+
+/// The pid in `pidfile` once it holds one other than `not` (within 10 s).
+#[track_caller]
+fn node_pid_in(pidfile: &Path, not: Option<libc::pid_t>) -> libc::pid_t {
+    let read = || {
+        fs::read_to_string(pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<libc::pid_t>().ok())
+            .filter(|pid| Some(*pid) != not)
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || read().is_some()),
+        "no node (other than {not:?}) wrote {}",
+        pidfile.display()
+    );
+    read().unwrap()
+}
+
+#[test]
+fn sigterm_during_a_verify_stops_the_node_at_once() {
+    let mut p = Pair::new("psk", None);
+    let (pid, _verify) = a_verify_held_up(&mut p, "");
     let hot = p.hot.child.as_ref().unwrap().id();
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(libc::pid_t::try_from(hot).unwrap(), libc::SIGTERM) };
@@ -1311,6 +1327,37 @@ fn sigterm_during_a_verify_stops_the_node_at_once() {
     assert!(
         node_gone,
         "the node still runs 5 s after SIGTERM:\n{}",
+        p.logs()
+    );
+}
+
+/// Regression: while the hot agent waited on a `verify` (up to 5 minutes with a paused cold
+/// VM), it did not watch its node: a node that died then was noticed, and restarted (or the
+/// lease handed over), only when the verify ended. Its exit now ends the verify, saying why,
+/// and the node is restarted after its back-off.
+#[test]
+fn a_node_that_dies_during_a_verify_is_restarted_at_once() {
+    let mut p = Pair::new("psk", None);
+    let (pid, verify) = a_verify_held_up(&mut p, "restart_backoff_ms = 200\n");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let ended = wait_until(Duration::from_secs(5), || verify.is_finished());
+    let restarted = ended
+        && wait_until(Duration::from_secs(5), || {
+            fs::read_to_string(p.fx.path("node.pid"))
+                .is_ok_and(|s| s.trim().parse::<libc::pid_t>().is_ok_and(|new| new != pid))
+        });
+    p.signal("cold", libc::SIGCONT);
+    assert!(
+        ended,
+        "the verify still waits 5 s after the node died\n{}",
+        p.logs()
+    );
+    let out = verify.join().unwrap();
+    assert!(out.to_string().contains("the node exited"), "{out}");
+    assert!(
+        restarted,
+        "no new node within 5 s of the verify's end\n{}",
         p.logs()
     );
 }

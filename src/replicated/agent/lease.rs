@@ -23,6 +23,9 @@ use crate::replicated::witness::{Inbox, WitnessConfig};
 
 /// The answer to a request cut short by the agent's shutdown.
 const STOPPING: &str = "the agent is stopping";
+/// A long request's answer when the node's exit (or the watchdog's verdict) ended it.
+const NODE_CHANGED: &str =
+    "the node exited or failed its probes meanwhile: the agent deals with that first; try again";
 
 /// The lease machine of a config with the database lease, else `None`.
 pub(super) fn machine(
@@ -197,6 +200,7 @@ impl Replica {
             Some(Ok(v)) => Ok(v),
             Some(Err(_)) => Err("the request was dropped (the stream stopped)".into()),
             None if self.stopping.is_some() => Err(STOPPING.into()),
+            None if self.node_changed.is_some() => Err(NODE_CHANGED.into()),
             None => Err("no answer in time".into()),
         }
     }
@@ -207,6 +211,7 @@ impl Replica {
         let deadline = Instant::now() + limit;
         let requests = self.requests.clone();
         let shutdown = self.shutdown.clone();
+        let (node_exit, rounds) = (self.sup.node_exit(), self.sup.probe_rounds());
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -219,6 +224,14 @@ impl Replica {
                     self.stopping = Some(reason.unwrap_or(ShutdownReason::Signal(libc::SIGTERM)));
                     return Err(STOPPING.into());
                 }
+                recv(node_exit) -> status => if let Ok(status) = status {
+                    self.node_changed = Some(self.sup.node_exited(status));
+                    return Err(NODE_CHANGED.into());
+                },
+                recv(rounds) -> round => if let Some(why) = round.ok().and_then(|r| self.sup.probed(r)) {
+                    self.node_changed = Some(Some(why));
+                    return Err(NODE_CHANGED.into());
+                },
                 default(self.sup.wait_limit(left.min(IDLE_WAKEUP))) => {}
             }
             self.sup.ping_watchdog();
@@ -237,7 +250,12 @@ impl Replica {
         let replies = self.lease.as_ref().map_or(never(), LeaseMachine::replies);
         let requests = self.requests.clone();
         let shutdown = self.shutdown.clone();
-        while Instant::now() < deadline && !done(self) && self.stopping.is_none() {
+        let (node_exit, rounds) = (self.sup.node_exit(), self.sup.probe_rounds());
+        while Instant::now() < deadline
+            && !done(self)
+            && self.stopping.is_none()
+            && self.node_changed.is_none()
+        {
             let next = self.lease.as_ref().map_or(IDLE_WAKEUP, |m| {
                 m.next_deadline()
                     .saturating_duration_since(Instant::now())
@@ -251,6 +269,12 @@ impl Replica {
                 },
                 recv(replies) -> msg => if let (Ok((seq, reply)), Some(m)) = (msg, self.lease.as_mut()) {
                     m.handle_reply(seq, reply);
+                },
+                recv(node_exit) -> status => if let Ok(status) = status {
+                    self.node_changed = Some(self.sup.node_exited(status));
+                },
+                recv(rounds) -> round => if let Some(why) = round.ok().and_then(|r| self.sup.probed(r)) {
+                    self.node_changed = Some(Some(why));
                 },
                 default(next) => {}
             }
