@@ -14,6 +14,9 @@ pub enum OptionsError {
     EqualsInValue { item: String },
     /// mount option `{item}`: an option name may not be empty or contain white space
     BadName { item: String },
+    /// mount options `{text}`: a `"` is not closed (a quoted value, such as an SELinux
+    /// `context="..."` holding commas, ends with a second `"`)
+    UnclosedQuote { text: String },
 }
 
 /// An ordered list of mount options; `None` values are plain flags (`hard`), `Some` are `key=value`.
@@ -29,10 +32,16 @@ const SYNONYMS: &[&[&str]] = &[&["vers", "nfsvers"]];
 const OPPOSITES: &[(&str, &str)] = &[("hard", "soft"), ("ro", "rw"), ("lock", "nolock")];
 
 impl MountOptions {
-    /// Parses `a,b=c,,d`. Empty items are skipped; a value holding `=` is refused.
+    /// Parses `a,b=c,,d`. Empty items are skipped; a value holding `=` is refused; a comma
+    /// between double quotes is part of its item, as libmount reads it
+    /// (`context="system_u:object_r:nfs_t:s0:c1,c2"` is one option).
     pub fn parse(text: &str) -> Result<Self, OptionsError> {
         let mut items = Vec::new();
-        for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        for item in split_items(text)?
+            .into_iter()
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+        {
             let (key, value) = match item.split_once('=') {
                 Some((k, v)) => {
                     if v.contains('=') {
@@ -145,6 +154,29 @@ impl fmt::Display for MountOptions {
     }
 }
 
+/// `text` cut at each comma outside double quotes.
+fn split_items(text: &str) -> Result<Vec<&str>, OptionsError> {
+    let mut items = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    for (i, c) in text.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                items.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if quoted {
+        return Err(OptionsError::UnclosedQuote {
+            text: text.to_owned(),
+        });
+    }
+    items.push(&text[start..]);
+    Ok(items)
+}
+
 /// Why a set of options makes file locks host-local, and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockHazard {
@@ -211,6 +243,24 @@ mod tests {
         assert!(o.contains("hard"));
         assert_eq!(o.value("timeo"), Some("600"));
         assert_eq!(o.to_string(), "hard,timeo=600,noresvport");
+    }
+
+    /// Regression: an SELinux context holding a comma was cut in two at it, and the share
+    /// mounted with a broken context and an unknown option `c2"`.
+    #[test]
+    fn a_quoted_value_keeps_its_commas() {
+        let text = r#"hard,context="system_u:object_r:nfs_t:s0:c1,c2",timeo=600"#;
+        let o = p(text);
+        assert_eq!(
+            o.value("context"),
+            Some(r#""system_u:object_r:nfs_t:s0:c1,c2""#)
+        );
+        assert!(o.contains("timeo") && !o.contains(r#"c2""#));
+        assert_eq!(o.to_string(), text);
+        let msg = MountOptions::parse(r#"hard,context="a,b"#)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("is not closed"), "{msg}");
     }
 
     #[test]
