@@ -73,6 +73,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             | LinkError::InsufficientSpace { .. }
             | LinkError::Conflict { .. }
             | LinkError::SourceChanged(_)
+            | LinkError::OwnerRefused { .. }
             | LinkError::ShareNotMounted { .. },
         ) => EXIT_REFUSED,
         _ => EXIT_FAILURE,

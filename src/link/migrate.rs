@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use crate::link::{
-    create_link, file_digest, io_err, sync_dir, utc_stamp, LinkError, ASIDE_INFIX,
+    chown_err, create_link, file_digest, io_err, sync_dir, utc_stamp, LinkError, ASIDE_INFIX,
     COPY_CHUNK_BYTES, MIGRATE_TMP_SUFFIX,
 };
 
@@ -237,7 +237,7 @@ fn copy_entries(
                 }
                 // the owner first: a chown clears the set-id bits of the mode
                 std::os::unix::fs::lchown(&dst, Some(owner.0), Some(owner.1))
-                    .map_err(io_err("cannot set owner of", &dst))?;
+                    .map_err(chown_err(&dst, *owner))?;
                 fs::set_permissions(&dst, fs::Permissions::from_mode(*mode))
                     .map_err(io_err("cannot set mode of", &dst))?;
                 dirs.push(dst);
@@ -247,7 +247,7 @@ fn copy_entries(
                 std::os::unix::fs::symlink(target, &dst)
                     .map_err(io_err("cannot create link", &dst))?;
                 std::os::unix::fs::lchown(&dst, Some(owner.0), Some(owner.1))
-                    .map_err(io_err("cannot set owner of", &dst))?;
+                    .map_err(chown_err(&dst, *owner))?;
                 report.copied += 1;
             }
             Kind::File {
@@ -386,7 +386,7 @@ fn copy_to_temporary(
     let meta = input.metadata().map_err(io_err("cannot inspect", src))?;
     // the owner before the mode: a chown clears the set-id bits
     std::os::unix::fs::fchown(&output, Some(owner.0), Some(owner.1))
-        .map_err(io_err("cannot set owner of", tmp))?;
+        .map_err(chown_err(tmp, owner))?;
     output
         .set_permissions(fs::Permissions::from_mode(mode))
         .map_err(io_err("cannot set mode of", tmp))?;

@@ -62,6 +62,8 @@ pub enum LinkError {
     },
     /// {0:?} changed, appeared or vanished while it was being migrated (is the node running?); stop the node and run again: the source is intact
     SourceChanged(PathBuf),
+    /// the share refuses to give {path:?} its owner {uid}:{gid} (EPERM): it maps root to nobody (`root_squash`, the default of most NFS exports and of Azure Files over NFS), so a migration run as root cannot keep the journal's owners. Export the share with `no_root_squash` (Azure: root squash "No Root Squash"), or move the journal as its owner by hand; the source is intact
+    OwnerRefused { path: PathBuf, uid: u32, gid: u32 },
     /// {op} {path:?}: {source}
     Io {
         op: &'static str,
@@ -76,6 +78,18 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Lin
         op,
         path: path.to_owned(),
         source,
+    }
+}
+
+/// A chown in the share failed: refused by a root-squashing share, or another error.
+fn chown_err(path: &Path, (uid, gid): (u32, u32)) -> impl FnOnce(io::Error) -> LinkError + '_ {
+    move |source| match source.raw_os_error() {
+        Some(libc::EPERM) => LinkError::OwnerRefused {
+            path: path.to_owned(),
+            uid,
+            gid,
+        },
+        _ => io_err("cannot set owner of", path)(source),
     }
 }
 

@@ -42,6 +42,8 @@ struct Shared {
     losing: AtomicBool,
     /// Every fsync (of a file or a directory) fails; what was written stays written.
     fsync_failing: AtomicBool,
+    /// Every change of owner fails with `EPERM`, as on an NFS share that maps root to nobody.
+    squashing_root: AtomicBool,
     /// Path below `backing` -> its content at its last good fsync (taken at the first write
     /// while `losing`).
     durable: Mutex<HashMap<PathBuf, Vec<u8>>>,
@@ -70,6 +72,7 @@ impl FaultFs {
             failed: AtomicU64::new(0),
             losing: AtomicBool::new(false),
             fsync_failing: AtomicBool::new(false),
+            squashing_root: AtomicBool::new(false),
             durable: Mutex::new(HashMap::new()),
             nodes: Mutex::new((
                 HashMap::from([(1, PathBuf::new())]),
@@ -116,6 +119,11 @@ impl FaultFs {
     /// again (`false`).
     pub(crate) fn set_fsync_failing(&self, on: bool) {
         self.shared.fsync_failing.store(on, Ordering::SeqCst);
+    }
+
+    /// From now on, every change of owner fails with `EPERM` (`root_squash`), or works again.
+    pub(crate) fn set_squashing_root(&self, on: bool) {
+        self.shared.squashing_root.store(on, Ordering::SeqCst);
     }
 
     /// Calls answered `EIO` so far.
@@ -289,6 +297,9 @@ impl Fs {
             fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777)).map_err(errno)?;
         }
         if owner.iter().any(Option::is_some) {
+            if self.0.squashing_root.load(Ordering::SeqCst) {
+                return Err(Errno::EPERM);
+            }
             std::os::unix::fs::lchown(&path, owner[0], owner[1]).map_err(errno)?;
         }
         if let Some(len) = size {

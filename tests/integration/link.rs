@@ -202,37 +202,71 @@ fn issue2_link_migrate_moves_every_file_verified_and_keeps_the_old_directory() {
     }
 }
 
-/// A copy that fails part way (the share's fsync answers `EIO`) leaves no hidden temporary in
-/// the share, and the source where it was; a run after the share recovers completes.
-#[test]
-fn issue2_link_migrate_a_failed_copy_leaves_no_temporary_in_the_share() {
-    if !require_root(
-        "issue2_link_migrate_a_failed_copy_leaves_no_temporary_in_the_share",
-        "a FUSE mount",
-    ) {
-        return;
+/// A journal in `${BASE_DIR}/artemis` and the share served from `backing` by the FUSE fault
+/// layer: the set-up, `backing`, the layer and the journal's snapshot; `None` when not root.
+fn journal_over_faultfs(test: &str) -> Option<(Setup, PathBuf, crate::faultfs::FaultFs, Tree)> {
+    if !require_root(test, "a FUSE mount") {
+        return None;
     }
     let s = setup();
     let backing = s.fx.path("backing");
     let faultfs = crate::faultfs::FaultFs::mount(&backing, &s.share);
     write_journal(&s.link);
     let before = snapshot(&s.link);
-    faultfs.set_fsync_failing(true);
-    s.link(&["--migrate"])
-        .failed()
-        .stderr_has(&["cannot fsync", ".artemis-sync-tmp"]);
-    assert!(faultfs.failed_calls() > 0, "no fsync failed");
-    let temporaries: Vec<_> = snapshot(&backing)
+    Some((s, backing, faultfs, before))
+}
+
+/// After a failed migration: the journal a directory as it was, nothing set aside, and no
+/// temporary left in the share.
+#[track_caller]
+fn assert_nothing_migrated(s: &Setup, backing: &Path, before: &Tree) {
+    let temporaries: Vec<_> = snapshot(backing)
         .into_keys()
         .filter(|p| p.to_string_lossy().contains("artemis-sync-tmp"))
         .collect();
     assert!(temporaries.is_empty(), "left in the share: {temporaries:?}");
     assert!(s.link.is_dir() && !s.link.is_symlink());
-    assert_eq!(snapshot(&s.link), before, "the source changed");
+    assert_eq!(&snapshot(&s.link), before, "the source changed");
     assert!(s.asides().is_empty());
+}
+
+/// A copy that fails part way (the share's fsync answers `EIO`) leaves no hidden temporary in
+/// the share, and the source where it was; a run after the share recovers completes.
+#[test]
+fn issue2_link_migrate_a_failed_copy_leaves_no_temporary_in_the_share() {
+    let Some((s, backing, faultfs, before)) =
+        journal_over_faultfs("issue2_link_migrate_a_failed_copy_leaves_no_temporary_in_the_share")
+    else {
+        return;
+    };
+    faultfs.set_fsync_failing(true);
+    s.link(&["--migrate"])
+        .failed()
+        .stderr_has(&["cannot fsync", ".artemis-sync-tmp"]);
+    assert!(faultfs.failed_calls() > 0, "no fsync failed");
+    assert_nothing_migrated(&s, &backing, &before);
     faultfs.set_fsync_failing(false);
     s.link(&["--migrate"]).code(0).stdout_has(&["migrated"]);
     assert_eq!(snapshot(&s.link), before);
+}
+
+/// A share that maps root to nobody (`root_squash`) refuses the owners a migration run as
+/// root gives: the error says so and how to fix the export, instead of "Operation not
+/// permitted" on a hidden temporary, and nothing is changed.
+#[test]
+fn issue2_link_migrate_onto_a_root_squashing_share_says_so() {
+    let Some((s, backing, faultfs, before)) =
+        journal_over_faultfs("issue2_link_migrate_onto_a_root_squashing_share_says_so")
+    else {
+        return;
+    };
+    faultfs.set_squashing_root(true);
+    s.link(&["--migrate"]).code(5).stderr_has(&[
+        "root_squash",
+        "no_root_squash",
+        "the source is intact",
+    ]);
+    assert_nothing_migrated(&s, &backing, &before);
 }
 
 #[test]
