@@ -139,20 +139,34 @@ pub fn lease_record(data: &[u8]) {
 
 /// The replication state file (a damaged disk, a hand edit): loaded or refused with the path
 /// named; what loads saves back to a file that loads the same. The file lives in a temporary
-/// directory of this process and thread.
+/// directory of this process and thread, removed before returning.
 pub fn state_file(data: &[u8]) {
-    let dir = std::env::temp_dir().join(format!(
-        "artemis-sync-fuzz-state-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
+    let dir = state_dir();
     let path = dir.join("state.json");
     std::fs::create_dir_all(&dir).expect("a temp dir");
     std::fs::write(&path, data).expect("write the input");
-    if let Ok(Some(state)) = load_state(&path) {
-        save_state(&path, &state).expect("save");
-        assert_eq!(load_state(&path).expect("load again"), Some(state));
+    let loaded = load_state(&path);
+    let again = match &loaded {
+        Ok(Some(state)) => {
+            save_state(&path, state).expect("save");
+            Some(load_state(&path).expect("load again"))
+        }
+        _ => None,
+    };
+    // (before the check: a failing input leaves no directory behind either)
+    std::fs::remove_dir_all(&dir).expect("remove the temp dir");
+    if let (Ok(Some(state)), Some(again)) = (loaded, again) {
+        assert_eq!(again, Some(state));
     }
+}
+
+/// The temporary directory [`state_file`] uses on this thread.
+fn state_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "artemis-sync-fuzz-state-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ))
 }
 
 /// Lines on the control socket (any local client) and the agent's answers (as the CLI reads
@@ -170,4 +184,18 @@ fn current_thread() -> tokio::runtime::Runtime {
         .enable_time()
         .build()
         .expect("a runtime")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: every run of the checks left a directory in the temp dir.
+    #[test]
+    fn the_state_file_check_leaves_no_directory_behind() {
+        for input in [&br#"{"epoch": 2, "role": "cold"}"#[..], b"not json", b""] {
+            state_file(input);
+            assert!(!state_dir().exists(), "after {input:?}");
+        }
+    }
 }
