@@ -60,11 +60,24 @@ fn systemctl() -> std::ffi::OsString {
 
 /// Runs systemctl with `args`, bounded by `timeout`; `Ok(true)` when it exited 0.
 fn run_systemctl(args: &[&str], timeout: Duration) -> Result<bool, NodeError> {
+    run_systemctl_with(args, timeout, Stdio::null()).map(|(ok, _)| ok)
+}
+
+/// As [`run_systemctl`], with what it printed (its first line, trimmed).
+fn run_systemctl_output(args: &[&str], timeout: Duration) -> Result<(bool, String), NodeError> {
+    run_systemctl_with(args, timeout, Stdio::piped())
+}
+
+fn run_systemctl_with(
+    args: &[&str],
+    timeout: Duration,
+    stdout: Stdio,
+) -> Result<(bool, String), NodeError> {
     let program = systemctl();
     let mut child = Command::new(&program)
         .args(args)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .spawn()
         .map_err(|source| NodeError::Spawn {
             program: program.to_string_lossy().into_owned(),
@@ -73,7 +86,13 @@ fn run_systemctl(args: &[&str], timeout: Duration) -> Result<bool, NodeError> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            return Ok(status.success());
+            // (a line or two: what systemctl prints fits the pipe while it runs)
+            let mut out = String::new();
+            if let Some(mut pipe) = child.stdout.take() {
+                let _ = io::Read::read_to_string(&mut pipe, &mut out);
+            }
+            let first = out.lines().next().unwrap_or("").trim().to_owned();
+            return Ok((status.success(), first));
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
@@ -288,14 +307,14 @@ impl Node {
 /// `systemctl is-active` says it is down (at most [`KILL_WAIT`]).
 fn stop_unit(unit: &str, timeout: Duration) -> Stopped {
     if let Ok(true) = run_systemctl(&["stop", unit], timeout) {
-        if !unit_active(unit) {
+        if unit_down(unit) {
             return Stopped::Terminated(ExitStatus::from_raw(0));
         }
     }
     let _ = run_systemctl(&["kill", "--signal=SIGKILL", unit], KILL_WAIT);
     let deadline = std::time::Instant::now() + KILL_WAIT;
     while std::time::Instant::now() < deadline {
-        if !unit_active(unit) {
+        if unit_down(unit) {
             return Stopped::Killed;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -303,12 +322,18 @@ fn stop_unit(unit: &str, timeout: Duration) -> Stopped {
     Stopped::Stuck
 }
 
-/// Whether `systemctl is-active` says the unit is active (or cannot say).
-fn unit_active(unit: &str) -> bool {
-    !matches!(
-        run_systemctl(&["is-active", "--quiet", unit], Duration::from_secs(10)),
-        Ok(false)
-    )
+/// The states `systemctl is-active` prints for a unit none of whose processes runs. It exits
+/// non-zero for others too: `deactivating` (its stop still going on), `activating` (a start,
+/// a `Restart=`, on the way).
+const UNIT_STATES_DOWN: &[&str] = &["inactive", "failed"];
+
+/// Whether `systemctl is-active` says the unit is down ([`UNIT_STATES_DOWN`]). Unsure
+/// (systemctl failed, or printed no state: no connection to systemd) counts as up.
+fn unit_down(unit: &str) -> bool {
+    match run_systemctl_output(&["is-active", unit], Duration::from_secs(10)) {
+        Ok((false, state)) => UNIT_STATES_DOWN.contains(&state.as_str()),
+        _ => false,
+    }
 }
 
 /// SIGKILLs what is left of the process group `pgid` whose leader has exited, and waits up

@@ -852,7 +852,7 @@ fn issue6_a_systemd_unit_node_is_started_watched_and_stopped_through_systemctl()
     let fake = write_script(
         &p.fx.path("systemctl"),
         &format!(
-            "echo \"$*\" >> {calls}\ncase \"$1\" in\n  start) touch {active} ;;\n  stop) rm -f {active} ;;\n  is-active) [ -e {active} ] ;;\nesac",
+            "echo \"$*\" >> {calls}\ncase \"$1\" in\n  start) touch {active} ;;\n  stop) rm -f {active} ;;\n  is-active) if [ -e {active} ]; then echo active; else echo inactive; exit 3; fi ;;\nesac",
             calls = calls.display(),
             active = active.display()
         ),
@@ -974,7 +974,7 @@ fn issue3_a_unit_still_stopping_is_killed_before_the_lease_is_released() {
         &mut p,
         "a",
         &format!(
-            "case \"$1\" in\n  start) touch {active} ;;\n  stop) (sleep 15; rm -f {active}) & sleep 15 ;;\n  kill) rm -f {active} ;;\n  is-active) [ -e {active} ] ;;\nesac",
+            "case \"$1\" in\n  start) touch {active} ;;\n  stop) (sleep 15; rm -f {active}) & sleep 15 ;;\n  kill) rm -f {active} ;;\n  is-active) if [ -e {active} ]; then echo active; else echo inactive; exit 3; fi ;;\nesac",
             active = active.display()
         ),
         "",
@@ -1001,6 +1001,38 @@ fn issue3_a_unit_still_stopping_is_killed_before_the_lease_is_released() {
     assert!(
         !(b_hot && a_unit_active),
         "b took over while a's node (unit) was still active:\n{}",
+        p.stderr_of()
+    );
+}
+
+/// A unit still `deactivating` after its SIGKILL (processes stuck in the kernel, or a slow
+/// `ExecStopPost=`): `systemctl is-active` exits non-zero for it as for a stopped unit, and
+/// the agent took that for down and gave the lease up while the unit's processes ran. It now
+/// reads the state `is-active` prints and waits (up to 5 s) for the unit to be down.
+#[test]
+fn issue3_a_unit_still_deactivating_is_not_taken_for_stopped() {
+    let mut p = Pair::new();
+    let state = p.fx.path("corda.state");
+    with_fake_unit(
+        &mut p,
+        "a",
+        &format!(
+            "case \"$1\" in\n  start) echo active > {state} ;;\n  stop) echo deactivating > {state}; (sleep 3; echo inactive > {state}) & sleep 15 ;;\n  kill) ;;\n  is-active) s=$(cat {state}); echo \"$s\"; [ \"$s\" = active ] ;;\nesac",
+            state = state.display()
+        ),
+        "",
+    );
+    p.start_a_hot_then_b_cold();
+    let cfg_a = p.config("a");
+    let release = thread::spawn(move || artemis_sync(&cfg_a, ["release"]));
+    let b_hot = wait_until(Duration::from_secs(12), || p.role("b") == "hot");
+    let a_state = fs::read_to_string(&state).unwrap();
+    let _ = release.join();
+    assert!(b_hot, "{}", p.stderr_of());
+    assert_eq!(
+        a_state.trim(),
+        "inactive",
+        "b took over while a's unit was still deactivating:\n{}",
         p.stderr_of()
     );
 }
@@ -1086,7 +1118,7 @@ fn a_unit_whose_start_times_out_is_stopped_before_the_lease_is_given_up() {
         &mut p,
         "a",
         &format!(
-            "case \"$1\" in\n  start) touch {pending}; (sleep 4; [ -e {pending} ] && touch {active}) & sleep 30 ;;\n  stop|kill) rm -f {pending} {active} ;;\n  is-active) [ -e {active} ] ;;\nesac",
+            "case \"$1\" in\n  start) touch {pending}; (sleep 4; [ -e {pending} ] && touch {active}) & sleep 30 ;;\n  stop|kill) rm -f {pending} {active} ;;\n  is-active) if [ -e {active} ]; then echo active; else echo inactive; exit 3; fi ;;\nesac",
             pending = pending.display(),
             active = active.display()
         ),
@@ -1130,7 +1162,7 @@ fn a_unit_that_stopped_by_itself_is_stopped_before_the_lease_is_given_up() {
         &mut p,
         "a",
         &format!(
-            "case \"$1\" in\n  start) touch {active} ;;\n  stop|kill) rm -f {active} {leftover} ;;\n  is-active) [ -e {active} ] ;;\nesac",
+            "case \"$1\" in\n  start) touch {active} ;;\n  stop|kill) rm -f {active} {leftover} ;;\n  is-active) if [ -e {active} ]; then echo active; else echo inactive; exit 3; fi ;;\nesac",
             leftover = leftover.display(),
             active = active.display()
         ),
