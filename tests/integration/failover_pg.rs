@@ -685,3 +685,47 @@ fn issue13_replicated_async_acks_fail_over_within_max_failover_lag() {
         synced.len()
     );
 }
+
+/// CPU time (user + system) of `pid` in clock ticks, from /proc/pid/stat.
+fn cpu_ticks(pid: libc::pid_t) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // fields 14 and 15 (utime, stime): indices 11 and 12 after the state field
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Regression: the lease fences the node while the agent waits on a `verify`
+/// (`run_lease_until`): the wait's node-exit receiver, taken once before the loop, belonged to
+/// the node just stopped, whose channel was then disconnected; `select!` found it ready at
+/// every turn and the agent spun on a core until the verify gave up (5 minutes).
+#[test]
+fn a_fence_during_a_verify_does_not_spin_the_agent() {
+    let Some(mut d) = Duo::direct("a_fence_during_a_verify_does_not_spin_the_agent") else {
+        return;
+    };
+    let node = d.hot_then_cold();
+    d.p.signal("cold", libc::SIGSTOP);
+    let config = d.p.hot.config.clone();
+    let _verify = std::thread::spawn(move || artemis_sync(&config, ["verify"]));
+    std::thread::sleep(Duration::from_secs(1)); // the verify waits for the cold side's digest
+    d.pg.stop();
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 2), || !alive(node)),
+        "the hot cut from the database still runs its node\n{}",
+        d.p.logs()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let hot = d.agent_pid("hot");
+    let before = cpu_ticks(hot);
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_ticks(hot) - before;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap();
+    d.p.signal("cold", libc::SIGCONT);
+    assert!(
+        used * 1000 / hz < 1000,
+        "the hot agent used {} ms of CPU in 3 s after its node was fenced during a verify",
+        used * 1000 / hz
+    );
+}

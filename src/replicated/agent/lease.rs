@@ -250,12 +250,15 @@ impl Replica {
         let replies = self.lease.as_ref().map_or(never(), LeaseMachine::replies);
         let requests = self.requests.clone();
         let shutdown = self.shutdown.clone();
-        let (node_exit, rounds) = (self.sup.node_exit(), self.sup.probe_rounds());
         while Instant::now() < deadline
             && !done(self)
             && self.stopping.is_none()
             && self.node_changed.is_none()
         {
+            // taken at each turn: the lease's tick may have stopped the node (a fence, a step
+            // down) or started one, and a stopped node's channel is disconnected (ready for
+            // ever)
+            let (node_exit, rounds) = (self.sup.node_exit(), self.sup.probe_rounds());
             let next = self.lease.as_ref().map_or(IDLE_WAKEUP, |m| {
                 m.next_deadline()
                     .saturating_duration_since(Instant::now())
