@@ -224,14 +224,20 @@ async fn stream_once(
     let _ = scanner.ctl.send(ScanMsg::Resync { gen, index });
     // durable syncs hear of each ack from the reader itself, not through this task
     let watch = Arc::clone(stats);
-    let on_frame = move |frame: &Result<Frame, ProtoError>, _bytes| {
-        // an ack of a batch never sent (a broken cold side) answers no sync: the network
-        // task ends the connection when it reads it
-        match frame {
-            Ok(Frame::Ack { seq }) if *seq <= watch.sent_seq.load(Ordering::Acquire) => {
-                watch.acks.acked(gen, *seq);
+    let on_frame = move |frame: &mut Result<Frame, ProtoError>, _bytes| {
+        // an ack of a batch never sent (a broken cold side) answers no sync, and is replaced
+        // by the error that ends the connection: judged here once, against what was sent
+        // when it was read (the network task may send that batch before it reads the ack)
+        if let Ok(Frame::Ack { seq }) = frame {
+            let seq = *seq;
+            let sent = watch.sent_seq.load(Ordering::Acquire);
+            if seq <= sent {
+                watch.acks.acked(gen, seq);
+            } else {
+                *frame = Err(ProtoError::Unexpected(format!(
+                    "an acknowledgement of batch {seq}, which was never sent (the last sent is {sent})"
+                )));
             }
-            _ => {}
         }
     };
     let mut answers = ReadTask::spawn(reader, ANSWER_QUEUE, on_frame, |_| true);

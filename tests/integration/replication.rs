@@ -1361,3 +1361,94 @@ fn a_node_that_dies_during_a_verify_is_restarted_at_once() {
         p.logs()
     );
 }
+
+/// Regression: the reader and the network task judged an ack against different counters at
+/// different times. An ack of batch k+1 read while batch k's write is still under way (the
+/// socket full) is dropped by the reader (it answers no durable sync: k+1 > sent_seq), but
+/// if the network task sends batch k+1 before it takes the ack from the queue, `on_ack`
+/// finds k+1 < next_seq and accepts it: the window is emptied, `acked_seq` moves, waiting
+/// `Synced` syncs and drains are answered, on an ack of a batch the cold side never had.
+#[test]
+fn issue12_an_ack_read_ahead_of_its_batch_is_never_accepted() {
+    let fake = crate::listen::loopback_listener();
+    let mut p = Pair::new_in(
+        "psk",
+        Some(port_of(&fake)),
+        Fixture::new(),
+        &format!("{REPLICATION_EXTRA}\nwindow_mb = 512"),
+    );
+    // 64 batches of page data for the resync against an empty index
+    let mut big = vec![0u8; 64 << 20];
+    for (i, b) in big.iter_mut().enumerate() {
+        *b = u8::try_from((i * 7 + i / 4096) % 256).unwrap();
+    }
+    fs::create_dir_all(&p.hot.data).unwrap();
+    fs::write(p.hot.data.join("big"), &big).unwrap();
+    p.start("hot");
+    let batches = |p: &Pair| p.status("hot")["batches"].as_u64().unwrap_or(0);
+    let rt = rt();
+    let mut accepted = None;
+    for attempt in 0..10 {
+        let outcome = rt.block_on(async {
+            fake.set_nonblocking(true).unwrap();
+            let listener = tokio::net::TcpListener::from_std(fake.try_clone().unwrap()).unwrap();
+            let (mut r, mut w) = fake_cold_admits(&listener, Duration::from_secs(20))
+                .await
+                .unwrap_or_else(|| panic!("no connection\n{}", p.logs()));
+            let b0 = batches(&p);
+            w.send(&Frame::Welcome { epoch: 1 }).await.unwrap();
+            w.send(&Frame::IndexEnd).await.unwrap();
+            w.flush().await.unwrap();
+            // read nothing until the network task is stuck writing a batch
+            let mut last = u64::MAX;
+            let mut stable = 0;
+            for _ in 0..50 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                let b = batches(&p);
+                if b == last && b > b0 {
+                    stable += 1;
+                    if stable == 3 {
+                        break;
+                    }
+                } else {
+                    stable = 0;
+                }
+                last = b;
+            }
+            // batches(p) - b0 written in full; batch k is being written (sent_seq = k)
+            let k = last - b0 + 1;
+            w.send(&Frame::Ack { seq: k + 1 }).await.unwrap();
+            w.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            // now drain, and see whether the connection survives the bogus ack
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+            let mut max_seq = 0;
+            loop {
+                match tokio::time::timeout_at(deadline, r.recv()).await {
+                    Err(_) => return Some((k, max_seq)), // still open: the ack was taken
+                    Ok(Ok(Frame::Batch { seq, .. })) => max_seq = max_seq.max(seq),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) => return None, // closed: refused as it should be
+                }
+            }
+        });
+        eprintln!("attempt {attempt}: {outcome:?}");
+        if let Some(o) = outcome {
+            accepted = Some(o);
+            break;
+        }
+    }
+    let logs = p.logs();
+    assert!(
+        accepted.is_none(),
+        "the hot side accepted an ack of batch {} sent while it was still writing batch {} \
+         (it then sent up to batch {})\n{}",
+        accepted.unwrap().0 + 1,
+        accepted.unwrap().0,
+        accepted.unwrap().1,
+        logs.lines()
+            .filter(|l| l.contains("never sent") || l.contains("replication connection"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

@@ -282,12 +282,13 @@ pub(crate) struct ReadTask {
 
 impl ReadTask {
     /// Starts reading: `queue` frames may wait; `seen` hears of each frame (or error) as it
-    /// is read, before it is queued, with the reader's byte count; `ends_stream` says which
-    /// errors stop the task (the others are queued and reading goes on).
+    /// is read, before it is queued, with the reader's byte count, and may turn it into an
+    /// error (what it refuses, the consumer refuses too); `ends_stream` says which errors
+    /// stop the task (the others are queued and reading goes on).
     pub(crate) fn spawn<R>(
         mut reader: FrameReader<R>,
         queue: usize,
-        mut seen: impl FnMut(&Result<Frame, ProtoError>, u64) + Send + 'static,
+        mut seen: impl FnMut(&mut Result<Frame, ProtoError>, u64) + Send + 'static,
         ends_stream: fn(&ProtoError) -> bool,
     ) -> ReadTask
     where
@@ -296,8 +297,8 @@ impl ReadTask {
         let (tx, frames) = mpsc::channel(queue);
         let task = tokio::spawn(async move {
             loop {
-                let f = reader.recv().await;
-                seen(&f, reader.bytes);
+                let mut f = reader.recv().await;
+                seen(&mut f, reader.bytes);
                 let end = matches!(&f, Err(e) if ends_stream(e));
                 if tx.send(f).await.is_err() || end {
                     return;
