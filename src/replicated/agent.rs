@@ -177,8 +177,11 @@ pub fn run(
             me.shutdown();
             return Ok(reason);
         }
+        // (unless the lease's ticks during the wait turned this host cold already)
         if let Some(Some(why)) = me.node_changed.take() {
-            me.give_up(&why);
+            if me.gate.get().role == ReplRole::Hot {
+                me.give_up(&why);
+            }
         }
         me.announce();
         let sender_events = me.sender.as_ref().map_or(never(), |s| s.events.clone());

@@ -1341,7 +1341,41 @@ fn a_node_that_dies_during_a_verify_is_restarted_at_once() {
     let (pid, verify) = a_verify_held_up(&mut p, "restart_backoff_ms = 200\n");
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_the_verify_ends_and_the_node_comes_back(&p, (pid, verify), || {}, "the node exited");
+}
+
+/// As [`a_node_that_dies_during_a_verify_is_restarted_at_once`], for a node the watchdog
+/// stops because its probes fail: the wait went on with the stopped node's (disconnected)
+/// exit channel, spinning on a core, and the node stayed down until the verify ended.
+#[test]
+fn a_node_whose_probes_fail_during_a_verify_is_restarted_at_once() {
+    let mut p = Pair::new("psk", None);
+    let sick = p.fx.path("sick");
+    let held = a_verify_held_up(
+        &mut p,
+        &format!(
+            "probe_command = [\"/bin/sh\", \"-c\", \"! test -e {}\"]\n\
+             probe_interval_ms = 200\nprobe_timeout_ms = 150\nprobe_failures = 2\n\
+             probe_grace_ms = 0\nrestart_backoff_ms = 200\n",
+            sick.display()
+        ),
+    );
+    fs::write(&sick, "").unwrap();
+    let healed = || fs::remove_file(&sick).unwrap();
+    assert_the_verify_ends_and_the_node_comes_back(&p, held, healed, "failed its probes");
+}
+
+/// After the node of [`a_verify_held_up`] failed: the verify ends within 5 s saying `says`,
+/// and once `healed` ran, a new node writes its pid within 5 s more.
+#[track_caller]
+fn assert_the_verify_ends_and_the_node_comes_back(
+    p: &Pair,
+    (pid, verify): (libc::pid_t, thread::JoinHandle<crate::util::Output>),
+    healed: impl FnOnce(),
+    says: &str,
+) {
     let ended = wait_until(Duration::from_secs(5), || verify.is_finished());
+    healed();
     let restarted = ended
         && wait_until(Duration::from_secs(5), || {
             fs::read_to_string(p.fx.path("node.pid"))
@@ -1350,11 +1384,11 @@ fn a_node_that_dies_during_a_verify_is_restarted_at_once() {
     p.signal("cold", libc::SIGCONT);
     assert!(
         ended,
-        "the verify still waits 5 s after the node died\n{}",
+        "the verify still waits 5 s after the node failed\n{}",
         p.logs()
     );
     let out = verify.join().unwrap();
-    assert!(out.to_string().contains("the node exited"), "{out}");
+    assert!(out.to_string().contains(says), "{out}");
     assert!(
         restarted,
         "no new node within 5 s of the verify's end\n{}",

@@ -14,6 +14,7 @@
 use std::time::Instant;
 
 use super::*;
+use crate::daemon::probe::Round;
 use crate::daemon::protocol::{LeaseRole, ReplicatedLease, PROMOTE_TIMEOUT};
 use crate::lease::machine::{Eligible, Event};
 use crate::lease::pg::PgStore;
@@ -211,12 +212,13 @@ impl Replica {
         let deadline = Instant::now() + limit;
         let requests = self.requests.clone();
         let shutdown = self.shutdown.clone();
-        let (node_exit, rounds) = (self.sup.node_exit(), self.sup.probe_rounds());
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err("no answer in time".into());
             }
+            // taken at each turn, as in `run_lease_until`
+            let (node_exit, rounds) = (self.sup.node_exit(), self.sup.probe_rounds());
             select! {
                 recv(rx) -> v => return v.map_err(|_| "no answer in time".into()),
                 recv(requests) -> req => if let Ok(req) = req { self.answer_while_busy(req) },
@@ -228,14 +230,27 @@ impl Replica {
                     self.node_changed = Some(self.sup.node_exited(status));
                     return Err(NODE_CHANGED.into());
                 },
-                recv(rounds) -> round => if let Some(why) = round.ok().and_then(|r| self.sup.probed(r)) {
-                    self.node_changed = Some(Some(why));
-                    return Err(NODE_CHANGED.into());
+                recv(rounds) -> round => if let Ok(round) = round {
+                    if self.probed_while_busy(round) {
+                        return Err(NODE_CHANGED.into());
+                    }
                 },
                 default(self.sup.wait_limit(left.min(IDLE_WAKEUP))) => {}
             }
             self.sup.ping_watchdog();
         }
+    }
+
+    /// A probe round during a long request's wait: true, with `node_changed` set, when the
+    /// watchdog stopped the node (to restart it, which the main loop does after its back-off)
+    /// or gave up on it.
+    fn probed_while_busy(&mut self, round: Round) -> bool {
+        let why = self.sup.probed(round);
+        if why.is_none() && self.sup.node_pid().is_some() {
+            return false;
+        }
+        self.node_changed = Some(why);
+        true
     }
 
     /// Runs the lease (its worker's replies, its ticks and what they decide, the watchdog)
@@ -276,8 +291,8 @@ impl Replica {
                 recv(node_exit) -> status => if let Ok(status) = status {
                     self.node_changed = Some(self.sup.node_exited(status));
                 },
-                recv(rounds) -> round => if let Some(why) = round.ok().and_then(|r| self.sup.probed(r)) {
-                    self.node_changed = Some(Some(why));
+                recv(rounds) -> round => if let Ok(round) = round {
+                    self.probed_while_busy(round);
                 },
                 default(next) => {}
             }
