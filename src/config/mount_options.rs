@@ -36,8 +36,13 @@ impl MountOptions {
     /// between double quotes is part of its item, as libmount reads it
     /// (`context="system_u:object_r:nfs_t:s0:c1,c2"` is one option).
     pub fn parse(text: &str) -> Result<Self, OptionsError> {
+        if text.chars().filter(|c| *c == '"').count() % 2 == 1 {
+            return Err(OptionsError::UnclosedQuote {
+                text: text.to_owned(),
+            });
+        }
         let mut items = Vec::new();
-        for item in split_items(text)?
+        for item in split_items(text)
             .into_iter()
             .map(str::trim)
             .filter(|i| !i.is_empty())
@@ -66,6 +71,11 @@ impl MountOptions {
     /// True when no option is set.
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
+    }
+
+    /// The option names, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.items.iter().map(|(k, _)| k.as_str())
     }
 
     /// Whether `key` is present, as a flag or with a value.
@@ -154,8 +164,8 @@ impl fmt::Display for MountOptions {
     }
 }
 
-/// `text` cut at each comma outside double quotes.
-fn split_items(text: &str) -> Result<Vec<&str>, OptionsError> {
+/// `text` cut at each comma outside double quotes (an unclosed quote runs to the end).
+pub(crate) fn split_items(text: &str) -> Vec<&str> {
     let mut items = Vec::new();
     let (mut start, mut quoted) = (0, false);
     for (i, c) in text.char_indices() {
@@ -168,13 +178,8 @@ fn split_items(text: &str) -> Result<Vec<&str>, OptionsError> {
             _ => {}
         }
     }
-    if quoted {
-        return Err(OptionsError::UnclosedQuote {
-            text: text.to_owned(),
-        });
-    }
     items.push(&text[start..]);
-    Ok(items)
+    items
 }
 
 /// Why a set of options makes file locks host-local, and what to do about it.
@@ -261,6 +266,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("is not closed"), "{msg}");
+        // the parts of an unclosed quote are cut as mountinfo's lenient reading needs
+        assert_eq!(split_items(r#"a,b="c,d"#), ["a", r#"b="c,d"#]);
     }
 
     #[test]

@@ -131,6 +131,14 @@ fn options_may_not_override_what_the_config_writes() {
     }
 }
 
+/// A quoted value holding `,x-` is one option (an SELinux context), not an `x-*` one: the
+/// check looked for `x-` after every comma of the printed options.
+#[test]
+fn a_quoted_value_holding_x_dash_is_not_an_x_option() {
+    let quoted = r#"context=\"system_u:object_r:nfs_t:s0:c1,x-c2\""#;
+    load(&format!("{EFS}options = \"{quoted}\"\n")).unwrap();
+}
+
 #[test]
 fn azure_smb_needs_a_private_root_owned_credentials_file() {
     use std::os::unix::fs::PermissionsExt;

@@ -120,12 +120,7 @@ impl Config {
             .iter()
             .find(|k| opts.contains(k))
             .copied()
-            .or_else(|| {
-                opts.to_string()
-                    .split(',')
-                    .find(|o| o.starts_with("x-"))
-                    .map(|_| "x-*")
-            })
+            .or_else(|| opts.keys().find(|k| k.starts_with("x-")).map(|_| "x-*"))
         {
             return Err(invalid(
                 "storage.options",

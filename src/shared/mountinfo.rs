@@ -4,7 +4,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use crate::config::mount_options::MountOptions;
+use crate::config::mount_options::{split_items, MountOptions};
 
 /// Errors reading the mount table.
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
@@ -44,10 +44,9 @@ impl MountEntry {
         // The kernel's own option strings can hold values with `=` (cifs `prefixpath=`); those
         // never decide lock safety, so skip what does not parse instead of failing.
         let mut all = MountOptions::default();
-        for part in self
-            .mount_options
-            .split(',')
-            .chain(self.super_options.split(','))
+        for part in split_items(&self.mount_options)
+            .into_iter()
+            .chain(split_items(&self.super_options))
         {
             if let Ok(one) = MountOptions::parse(part) {
                 all = all.overridden_by(&one);
@@ -228,6 +227,17 @@ mod tests {
         let smb = parse(AZURE_SMB).unwrap().remove(0);
         assert_eq!(smb.source, "//acct.file.core.windows.net/corda");
         assert!(smb.all_options().contains("mfsymlinks"));
+        // an SELinux context with a comma, quoted as the kernel shows it, is one option
+        let labelled = EFS.replace(
+            "rw,relatime shared",
+            r#"rw,context="system_u:object_r:nfs_t:s0:c1,c2",relatime shared"#,
+        );
+        let o = parse(&labelled).unwrap().remove(0).all_options();
+        assert_eq!(
+            o.value("context"),
+            Some(r#""system_u:object_r:nfs_t:s0:c1,c2""#)
+        );
+        assert!(o.contains("relatime") && !o.keys().any(|k| k.starts_with("c2")));
     }
 
     #[test]
