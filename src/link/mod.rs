@@ -81,10 +81,11 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Lin
     }
 }
 
-/// A chown in the share failed: refused by a root-squashing share, or another error.
+/// A chown in the share failed: refused to root by a root-squashing share, or another error.
 fn chown_err(path: &Path, (uid, gid): (u32, u32)) -> impl FnOnce(io::Error) -> LinkError + '_ {
     move |source| match source.raw_os_error() {
-        Some(libc::EPERM) => LinkError::OwnerRefused {
+        // (as another user, EPERM is the kernel's own rule, not the share's)
+        Some(libc::EPERM) if crate::sys::is_root() => LinkError::OwnerRefused {
             path: path.to_owned(),
             uid,
             gid,
