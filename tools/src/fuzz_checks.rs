@@ -141,22 +141,20 @@ pub fn lease_record(data: &[u8]) {
 /// named; what loads saves back to a file that loads the same. The file lives in a temporary
 /// directory of this process and thread, removed before returning.
 pub fn state_file(data: &[u8]) {
-    let dir = state_dir();
-    let path = dir.join("state.json");
-    std::fs::create_dir_all(&dir).expect("a temp dir");
-    std::fs::write(&path, data).expect("write the input");
-    let loaded = load_state(&path);
-    let again = match &loaded {
-        Ok(Some(state)) => {
-            save_state(&path, state).expect("save");
-            Some(load_state(&path).expect("load again"))
+    /// Removes the directory when the check ends, a failing one (a panic) too.
+    struct Removed(std::path::PathBuf);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
         }
-        _ => None,
-    };
-    // (before the check: a failing input leaves no directory behind either)
-    std::fs::remove_dir_all(&dir).expect("remove the temp dir");
-    if let (Ok(Some(state)), Some(again)) = (loaded, again) {
-        assert_eq!(again, Some(state));
+    }
+    let dir = Removed(state_dir());
+    let path = dir.0.join("state.json");
+    std::fs::create_dir_all(&dir.0).expect("a temp dir");
+    std::fs::write(&path, data).expect("write the input");
+    if let Ok(Some(state)) = load_state(&path) {
+        save_state(&path, &state).expect("save");
+        assert_eq!(load_state(&path).expect("load again"), Some(state));
     }
 }
 
