@@ -74,6 +74,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             | LinkError::Conflict { .. }
             | LinkError::SourceChanged(_)
             | LinkError::OwnerRefused { .. }
+            | LinkError::BrokerRunning { .. }
             | LinkError::ShareNotMounted { .. },
         ) => EXIT_REFUSED,
         _ => EXIT_FAILURE,

@@ -105,6 +105,7 @@ fn walk(root: &Path) -> Result<Vec<(PathBuf, Kind)>, LinkError> {
 /// Migrates the directory `src_root` into `dst_root` (the share), then moves it aside and
 /// puts the link in its place.
 pub(super) fn migrate(src_root: &Path, dst_root: &Path) -> Result<MigrationReport, LinkError> {
+    check_broker_stopped(src_root)?;
     let entries = walk(src_root)?;
     check_names(&entries, src_root)?;
     let needed = check_space(&entries, dst_root)?;
@@ -118,11 +119,55 @@ pub(super) fn migrate(src_root: &Path, dst_root: &Path) -> Result<MigrationRepor
     // Every file is in the share and verified, and the source is listed again: a file the node
     // created meanwhile would otherwise go aside with the old directory, missing in the share.
     check_unchanged(&entries, &walk(src_root)?, src_root)?;
+    check_broker_stopped(src_root)?;
     // Only now does the source move, and only aside.
     let aside = move_aside(src_root)?;
     create_link(src_root, dst_root)?;
     report.aside = aside;
     Ok(report)
+}
+
+/// The file ActiveMQ Artemis locks (fcntl) in its data directory for as long as it runs.
+const BROKER_LOCK: &str = "server.lock";
+
+/// Refuses to migrate a journal whose broker runs: a process holds a lock on its
+/// `server.lock`. (The listing before the move catches most of what a running node writes;
+/// this catches the node itself, and a write between that listing and the move.)
+fn check_broker_stopped(src_root: &Path) -> Result<(), LinkError> {
+    let path = src_root.join(BROKER_LOCK);
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("cannot open", &path)(e)),
+    };
+    let short = |v: libc::c_int| libc::c_short::try_from(v).expect("lock constants are small");
+    // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = short(libc::F_WRLCK);
+    lock.l_whence = short(libc::SEEK_SET);
+    // SAFETY: F_GETLK reads and fills the `flock` we own; the descriptor is open for the call.
+    let rc = unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::F_GETLK,
+            &mut lock,
+        )
+    };
+    if rc != 0 {
+        return Err(io_err("cannot test the lock of", &path)(
+            io::Error::last_os_error(),
+        ));
+    }
+    if lock.l_type == short(libc::F_UNLCK) {
+        return Ok(());
+    }
+    // an open file description lock has no process (-1)
+    let holder = if lock.l_pid > 0 {
+        format!("process {}", lock.l_pid)
+    } else {
+        "a process".to_owned()
+    };
+    Err(LinkError::BrokerRunning { path, holder })
 }
 
 /// Refuses a source entry named like a temporary (`.X.artemis-sync-tmp`): the copy of `X`

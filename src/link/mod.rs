@@ -62,6 +62,8 @@ pub enum LinkError {
     },
     /// {0:?} changed, appeared or vanished while it was being migrated (is the node running?); stop the node and run again: the source is intact
     SourceChanged(PathBuf),
+    /// the broker is running: {holder} holds a lock on {path:?} (ActiveMQ Artemis locks it while it runs); stop the node first, then run again: nothing was changed
+    BrokerRunning { path: PathBuf, holder: String },
     /// the share refuses to give {path:?} its owner {uid}:{gid} (EPERM): it maps root to nobody (`root_squash`, the default of most NFS exports and of Azure Files over NFS), so a migration run as root cannot keep the journal's owners. Export the share with `no_root_squash` (Azure: root squash "No Root Squash"), or move the journal as its owner by hand; the source is intact
     OwnerRefused { path: PathBuf, uid: u32, gid: u32 },
     /// {op} {path:?}: {source}

@@ -202,6 +202,44 @@ fn issue2_link_migrate_moves_every_file_verified_and_keeps_the_old_directory() {
     }
 }
 
+/// A journal whose broker runs (a process holds the fcntl lock ActiveMQ Artemis keeps on
+/// `server.lock`) is not migrated: the node writing on would leave the copy behind, or have
+/// its newest files moved aside. The error names the lock and its holder, and nothing
+/// changes; once the lock is gone the migration runs.
+#[test]
+fn issue2_link_migrate_refuses_while_the_broker_holds_its_lock() {
+    use std::os::fd::AsRawFd;
+    let s = setup();
+    write_journal(&s.link);
+    let before = snapshot(&s.link);
+    let lock_file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(s.link.join("server.lock"))
+        .unwrap();
+    // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::c_short::try_from(libc::F_WRLCK).unwrap();
+    lock.l_whence = libc::c_short::try_from(libc::SEEK_SET).unwrap();
+    lock.l_start = 1; // a byte range, as Artemis locks it
+    lock.l_len = 1;
+    // SAFETY: F_SETLK reads the `flock` we own; the descriptor is open for the call.
+    let rc = unsafe { libc::fcntl(lock_file.as_raw_fd(), libc::F_SETLK, &lock) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    s.link(&["--migrate"]).code(5).stderr_has(&[
+        "the broker is running",
+        &format!("process {}", std::process::id()),
+        &s.link.join("server.lock").display().to_string(),
+    ]);
+    assert!(s.link.is_dir() && !s.link.is_symlink());
+    assert_eq!(snapshot(&s.link), before, "the source changed");
+    assert!(s.asides().is_empty());
+    assert!(names(&s.share).is_empty(), "{:?}", names(&s.share));
+    drop(lock_file); // the broker stopped
+    s.link(&["--migrate"]).code(0).stdout_has(&["migrated"]);
+    assert_eq!(snapshot(&s.link), before);
+}
+
 /// A journal in `${BASE_DIR}/artemis` and the share served from `backing` by the FUSE fault
 /// layer: the set-up, `backing`, the layer and the journal's snapshot; `None` when not root.
 fn journal_over_faultfs(test: &str) -> Option<(Setup, PathBuf, crate::faultfs::FaultFs, Tree)> {
