@@ -51,6 +51,16 @@ cargo run --quiet --release --example gen-man -- "$gen" >/dev/null
 gzip -9n "$gen"/man/*.8
 ls "$gen"/man "$gen"/completions | sed 's/^/   /'
 
+# The packaged binaries, without the line tables the release profile keeps for profiles and
+# backtraces on a build machine: a fifth of the size (a 60 MB agent), and a package
+# compressed in seconds instead of minutes. Symbols stay, so a backtrace names functions.
+command -v objcopy >/dev/null || { echo "build.sh: objcopy (Debian: binutils) is needed" >&2; exit 1; }
+echo "== the binaries without debug sections into $gen/bin"
+mkdir -p "$gen/bin"
+for b in artemis-sync artemis-sync-bench artemis-sync-demo mount-artemis-sync; do
+    objcopy --strip-debug "target/release/$b" "$gen/bin/$b"
+done
+
 deb_args=(--no-build --deb-revision "$release")
 rpm_args=(--set-metadata "release = \"$release\"")
 if [[ -n $out ]]; then
