@@ -20,6 +20,7 @@ use crate::link::{
     chown_err, create_link, file_digest, io_err, sync_dir, utc_stamp, LinkError, ASIDE_INFIX,
     COPY_CHUNK_BYTES, MIGRATE_TMP_SUFFIX,
 };
+use crate::shared::lock::{short_constant, whole_file_write_lock};
 
 /// The result of a migration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,11 +141,8 @@ fn check_broker_stopped(src_root: &Path) -> Result<(), LinkError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io_err("cannot open", &path)(e)),
     };
-    let short = |v: libc::c_int| libc::c_short::try_from(v).expect("lock constants are small");
-    // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
-    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = short(libc::F_WRLCK);
-    lock.l_whence = short(libc::SEEK_SET);
+    // F_GETLK asks whether this lock could be taken, and if not, who holds one in its way
+    let mut lock = whole_file_write_lock();
     // SAFETY: F_GETLK reads and fills the `flock` we own; the descriptor is open for the call.
     let rc = unsafe {
         libc::fcntl(
@@ -158,7 +156,7 @@ fn check_broker_stopped(src_root: &Path) -> Result<(), LinkError> {
             io::Error::last_os_error(),
         ));
     }
-    if lock.l_type == short(libc::F_UNLCK) {
+    if lock.l_type == short_constant(libc::F_UNLCK) {
         return Ok(());
     }
     // an open file description lock has no process (-1)

@@ -59,13 +59,7 @@ impl LockFile {
                 path: path.to_owned(),
                 source,
             })?;
-        // SAFETY: flock is plain old data; all-zero bytes are a valid value of it.
-        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = short_constant(libc::F_WRLCK);
-        fl.l_whence = short_constant(libc::SEEK_SET);
-        fl.l_start = 0;
-        fl.l_len = 0; // to the end of the file, however long it grows
-        fl.l_pid = 0; // required to be 0 for OFD locks
+        let fl = whole_file_write_lock(); // its l_pid is 0, as OFD locks require
 
         // SAFETY: the descriptor is open for the duration of the call and `fl` is a valid,
         // initialised flock that outlives it.
@@ -105,10 +99,20 @@ impl LockFile {
     }
 }
 
+/// An `fcntl(2)` write-lock record over the whole file: from offset 0 to its end, however
+/// long it grows (length 0), with no pid.
+pub(crate) fn whole_file_write_lock() -> libc::flock {
+    // SAFETY: flock is plain old data; all-zero bytes are a valid value of it.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = short_constant(libc::F_WRLCK);
+    fl.l_whence = short_constant(libc::SEEK_SET);
+    fl
+}
+
 /// An `fcntl(2)` lock type or `whence` constant (libc declares them `int`) as the `short` the
 /// `flock` record stores: they are 0 to 2, so nothing is lost.
 #[allow(clippy::cast_possible_truncation)]
-fn short_constant(value: libc::c_int) -> libc::c_short {
+pub(crate) fn short_constant(value: libc::c_int) -> libc::c_short {
     value as libc::c_short
 }
 
