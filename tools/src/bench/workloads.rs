@@ -71,11 +71,11 @@ fn initial_sync_round(
     let gib = bytes as f64 / f64::from(1u32 << 30);
     warm_memory(&s.dir, bytes)?;
     p.start_cold()?;
-    let start = Instant::now();
+    let start = SystemTime::now();
     let (h0, c0) = p.cpu();
     p.start_hot()?;
-    p.wait_synced(Duration::from_secs(600))?;
-    let ours = start.elapsed();
+    let end = p.wait_synced(Duration::from_secs(600))?;
+    let ours = end.duration_since(start).unwrap_or_default();
     let (h1, c1) = p.cpu();
     let identical = p.verify();
     p.stop_agents();
@@ -208,11 +208,12 @@ pub(super) fn resync(s: &Settings, rss: &mut (f64, f64)) -> Result<Value, BenchE
     // timed from the connection: the hot side's pause between attempts to reach the stopped
     // cold side (doubling up to 2 s) is not the resync's work
     let start = p.wait_connected(Duration::from_secs(60))?;
+    let start_wall = SystemTime::now();
     let reconnect_wait = start.duration_since(started);
     // wait for the new connection's comparison to finish
     std::thread::sleep(Duration::from_millis(20));
-    p.wait_synced(Duration::from_secs(600))?;
-    let ours = start.elapsed();
+    let end = p.wait_synced(Duration::from_secs(600))?;
+    let ours = end.duration_since(start_wall).unwrap_or_default();
     let identical = p.verify();
     let hot_after = p.hot_status()["wire_bytes"].as_u64().unwrap_or(0);
     let cold_out = p.cold_status()["wire_out_bytes"].as_u64().unwrap_or(0);
