@@ -148,9 +148,10 @@ pub enum CertsAction {
 
 pub const MOUNT_HELPER_EXIT_CODES: &str = "\
 Exit codes (as mount(8)):
-  0   mounted, or already mounted from the same source
+  0   mounted, already mounted from the same source, or remounted
   1   usage: bad arguments or options, unknown backend, lock-breaking or secret option
-  32  mount failure: mount point missing, mounted from elsewhere, server unreachable, mount failed
+  32  mount failure: mount point missing, mounted from elsewhere, remount of what is not
+      mounted, server unreachable, mount failed
 
 Environment:
   ARTEMIS_SYNC_MOUNT_PROGRAM  the mount program to run (default: mount, from PATH)
@@ -168,7 +169,8 @@ pub struct MountHelperArgs {
     pub dir: PathBuf,
     /// Mount options: `backend=efs|azure-smb|azure-nfs|nfs|cifs|bind` plus ordinary mount
     /// options, which override the backend's defaults; `mount_attempts=N` and
-    /// `mount_retry_max_ms=MS` bound the retries
+    /// `mount_retry_max_ms=MS` bound the retries; `remount` changes the options of the share
+    /// mounted on DIR (once, no retries), and fails if it is not mounted there
     #[arg(short = 'o', value_name = "OPTS")]
     pub options: Option<String>,
     /// Sloppy: tolerate unknown options (passed on to mount)

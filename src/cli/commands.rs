@@ -96,6 +96,7 @@ pub fn mount(
                 "mounted {source} on {} (attempt {attempts})",
                 dir.display()
             )),
+            MountOutcome::Remounted => Some(format!("remounted {source} on {}", dir.display())),
             MountOutcome::Faked { .. } => None,
         };
     }

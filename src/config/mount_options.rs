@@ -111,6 +111,11 @@ impl MountOptions {
         self.items.retain(|(k, v)| keep(k, v.as_deref()));
     }
 
+    /// Appends every option of `more` after these.
+    pub fn extend(&mut self, more: MountOptions) {
+        self.items.extend(more.items);
+    }
+
     /// Appends one option after the others.
     pub fn push(&mut self, key: &str, value: Option<&str>) {
         self.items.push((key.to_owned(), value.map(str::to_owned)));

@@ -211,3 +211,51 @@ fn issue2_migration_onto_a_full_share_is_refused_and_changes_nothing() {
         "an aside directory or temporary was left"
     );
 }
+
+/// The per-mount options (`rw`/`ro`...) of the one mount on `dir`.
+fn mount_flags(dir: &std::path::Path) -> String {
+    let mounts = mounts_at(dir);
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    mounts[0].split(' ').nth(5).unwrap().to_owned()
+}
+
+/// `mount -o remount,ro` of an fstab entry of type artemis-sync reaches the helper as
+/// `-o ro,remount,backend=...` (what util-linux's mount passes on). It changes the share
+/// mounted there, stacking nothing; it once reported success and changed nothing. A remount
+/// where nothing is mounted is refused, mounting nothing.
+#[test]
+fn helper_remount_changes_the_mounted_share_and_stacks_nothing() {
+    if !require_root(
+        "helper_remount_changes_the_mounted_share_and_stacks_nothing",
+        "bind mounts need root",
+    ) {
+        return;
+    }
+    let fx = Fixture::new();
+    let src = fx.mkdir("src");
+    let mnt = fx.mkdir("mnt");
+    fx.write("src/journal/activemq-data-1.amq", b"journal");
+    let _guard = MountGuard::new(&mnt);
+    let (s, m) = (src.to_str().unwrap(), mnt.to_str().unwrap());
+
+    // nothing mounted yet: a remount is refused, and mounts nothing
+    run(helper_cmd().args([s, m, "-o", "ro,remount,backend=bind,nofail"]))
+        .code(32)
+        .stderr_has(&["cannot remount", m, s, "not mounted there"]);
+    assert!(mounts_at(&mnt).is_empty(), "{:?}", mounts_at(&mnt));
+
+    run(helper_cmd().args([s, m, "-o", "rw,backend=bind,nofail"])).code(0);
+    assert!(mount_flags(&mnt).starts_with("rw"), "{}", mount_flags(&mnt));
+
+    run(helper_cmd().args([s, m, "-v", "-o", "ro,remount,backend=bind,nofail"]))
+        .code(0)
+        .stdout_has(&["attempt 1/1", "remount,ro"]);
+    assert!(mount_flags(&mnt).starts_with("ro"), "{}", mount_flags(&mnt));
+    let err = fs::write(mnt.join("journal/new"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+
+    run(helper_cmd().args([s, m, "-o", "rw,remount,backend=bind,nofail"])).code(0);
+    assert!(mount_flags(&mnt).starts_with("rw"), "{}", mount_flags(&mnt));
+    fs::write(mnt.join("journal/new"), b"x").unwrap();
+    assert_eq!(fs::read(src.join("journal/new")).unwrap(), b"x");
+}

@@ -1,7 +1,9 @@
 //! Mounting the share: turns a backend, a source and user options into the real mount command
 //! (nfs4, cifs or a bind mount, with the backend's recommended options), waits with bounded
 //! exponential backoff and jitter while the server or its DNS name is not reachable yet, and
-//! treats "already mounted from the same source" as success. Both `mount.artemis-sync` (what
+//! treats "already mounted from the same source" as success; `-o remount` (what mount(8)
+//! passes on for `mount -o remount,...` of an fstab entry) changes the options of the share
+//! mounted there, once, and is an error when it is not mounted. Both `mount.artemis-sync` (what
 //! mount(8) runs at boot) and `artemis-sync mount` go through [`mount`]; `artemis-sync fstab`
 //! writes the line that leads mount(8) here.
 //!
@@ -81,6 +83,8 @@ pub enum MountError {
     },
     /// mount point {dir:?} is not a directory
     NotADirectory { dir: PathBuf },
+    /// cannot remount {dir:?}: {spec} is not mounted there (mount it first, without `remount`)
+    NotMounted { spec: String, dir: PathBuf },
     /// {dir:?} is already mounted from `{current}`, not from `{spec}`: unmount it first
     MountedElsewhere {
         dir: PathBuf,
@@ -148,6 +152,8 @@ pub struct MountRequest {
     pub sloppy: bool,
     /// `-n`: do not write to the mount table (passed on).
     pub no_mtab: bool,
+    /// `-o remount`: change the options of the share already mounted on `dir`.
+    pub remount: bool,
 }
 
 impl MountRequest {
@@ -162,6 +168,7 @@ impl MountRequest {
                 Backend::from_name(&name).ok_or(MountError::UnknownBackend(name))?
             }
         };
+        let remount = options.take("remount").is_some();
         let mut backoff = Backoff::default();
         if let Some(v) = options.take("mount_attempts") {
             backoff.attempts = parse_number("mount_attempts", v)?;
@@ -192,6 +199,7 @@ impl MountRequest {
             verbose: false,
             sloppy: false,
             no_mtab: false,
+            remount,
         })
     }
 
@@ -212,6 +220,7 @@ impl MountRequest {
             verbose: false,
             sloppy: false,
             no_mtab: false,
+            remount: false,
         }
     }
 }

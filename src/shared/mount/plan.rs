@@ -38,14 +38,22 @@ pub fn plan(req: &MountRequest) -> Result<MountPlan, MountError> {
         }
         None => args.push("--bind".into()),
     }
+    let options = if req.remount {
+        let mut remount = MountOptions::parse("remount").expect("a flag parses");
+        remount.extend(options);
+        remount
+    } else {
+        options
+    };
     if !options.is_empty() {
         args.extend(["-o".into(), options.to_string().into()]);
     }
     args.push(req.spec.clone().into());
     args.push(req.dir.clone().into());
     let host = nfs_host(&req.spec).or(smb_host(&req.spec));
+    // (a remount changes a mount the server already serves: nothing to wait for)
     let probe = match (host, backend.server_port()) {
-        (Some(h), Some(port)) => Some((h.to_owned(), port)),
+        (Some(h), Some(port)) if !req.remount => Some((h.to_owned(), port)),
         _ => None,
     };
     Ok(MountPlan { args, probe })

@@ -1,6 +1,8 @@
 //! Performing a planned mount: idempotent (the same source already mounted there is success,
 //! another source is an error), retried with bounded backoff and jitter while the server is
-//! unreachable or the mount program fails, and `-f`/`-v` output.
+//! unreachable or the mount program fails, and `-f`/`-v` output. A remount runs the mount
+//! program once, on the share mounted there, and never reports a share it did not change as
+//! changed.
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -19,6 +21,8 @@ pub enum MountOutcome {
     Mounted { attempts: u32 },
     /// The same source was already mounted there; nothing was done.
     AlreadyMounted,
+    /// `-o remount`: the options of the share mounted there were changed.
+    Remounted,
     /// `-f`: this command would have run.
     Faked { command: String },
 }
@@ -37,6 +41,9 @@ pub fn mount(
         return Ok(MountOutcome::Faked { command });
     }
     let dir = check_dir(&req.dir)?;
+    if req.remount {
+        return remount(sys, req, &plan, &dir, out);
+    }
     if is_mounted(sys, req.backend, &req.spec, &dir)? {
         if req.verbose {
             let _ = writeln!(
@@ -80,6 +87,38 @@ pub fn mount(
     })
 }
 
+/// `-o remount` of `req`, at `dir` (canonical): the mount program once, on the same source
+/// mounted there. Nothing mounted there is an error, not a new mount: mount(8) asked to change
+/// a mount, and mounting instead would leave the operator believing the options changed. No
+/// retries: the server already serves the mount, and a refused option does not become
+/// acceptable by asking again.
+fn remount(
+    sys: &dyn Sys,
+    req: &MountRequest,
+    plan: &MountPlan,
+    dir: &Path,
+    out: &mut dyn Write,
+) -> Result<MountOutcome, MountError> {
+    if !is_mounted(sys, req.backend, &req.spec, dir)? {
+        return Err(MountError::NotMounted {
+            spec: req.spec.clone(),
+            dir: req.dir.clone(),
+        });
+    }
+    match try_once(sys, req, plan, 1, out)? {
+        Attempt::Mounted => {
+            tracing::info!(spec = %req.spec, dir = %dir.display(), "remounted");
+            Ok(MountOutcome::Remounted)
+        }
+        Attempt::Unreachable(reason) | Attempt::Failed(reason) => Err(MountError::Failed {
+            spec: req.spec.clone(),
+            dir: req.dir.clone(),
+            attempts: 1,
+            reason,
+        }),
+    }
+}
+
 /// How one attempt ended, short of an error that stops the retries.
 #[derive(Debug)]
 enum Attempt {
@@ -110,7 +149,7 @@ fn try_once(
         let _ = writeln!(
             out,
             "mount.artemis-sync: attempt {attempt}/{}: {}",
-            req.backoff.attempts,
+            if req.remount { 1 } else { req.backoff.attempts },
             command_line(sys, plan)
         );
     }

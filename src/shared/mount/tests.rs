@@ -411,3 +411,84 @@ options = "user=acct,uid=1000"
     .unwrap();
     assert_eq!(req.options.to_string(), "uid=1");
 }
+
+/// `mount -o remount,ro` of an fstab entry reaches the helper as `-o ro,remount,backend=...`:
+/// the share mounted there gets its options changed, by one run of the mount program with
+/// `remount` first (no probe, no retry); it was once reported done with nothing changed.
+#[test]
+fn remount_changes_the_mounted_share_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().canonicalize().unwrap();
+    let mounted = format!("1 0 0:5 / {} rw - nfs4 {EFS_SPEC} rw\n", d.display());
+    let sys = FakeSys {
+        mounts: RefCell::new(vec![0]),
+        mountinfo: RefCell::new(mounted.clone()),
+        mountinfo_after: mounted,
+        ..Default::default()
+    };
+    let req =
+        MountRequest::from_helper_args(EFS_SPEC, &d, "ro,remount,backend=efs,_netdev").unwrap();
+    assert!(req.remount);
+    let out = mount(&sys, &req, &mut Vec::new()).unwrap();
+    assert_eq!(out, MountOutcome::Remounted);
+    let calls = sys.calls.borrow();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(
+        calls[0].starts_with("mount -t nfs4 -o remount,nfsvers=4.1,") && calls[0].contains(",ro "),
+        "{calls:?}"
+    );
+    assert!(
+        calls[0].ends_with(&format!("{EFS_SPEC} {}", d.display())),
+        "{calls:?}"
+    );
+}
+
+/// A remount where the share is not mounted is an error naming both, and mounts nothing.
+#[test]
+fn remount_of_what_is_not_mounted_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = FakeSys::default();
+    let req = efs_request(dir.path(), "remount,ro");
+    let err = mount(&sys, &req, &mut Vec::new()).unwrap_err();
+    assert_eq!(err.exit_code(), EXIT_MOUNT_FAILURE);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("cannot remount")
+            && msg.contains(EFS_SPEC)
+            && msg.contains("not mounted there"),
+        "{msg}"
+    );
+    assert!(sys.calls.borrow().is_empty(), "{:?}", sys.calls.borrow());
+}
+
+/// Another source mounted there is refused as for a mount; a mount program that fails the
+/// remount fails it after one attempt, with no pause.
+#[test]
+fn remount_of_another_source_or_a_failing_one_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().canonicalize().unwrap();
+    let sys = FakeSys {
+        mountinfo: RefCell::new(format!("1 0 0:5 / {} rw - nfs4 other:/x rw\n", d.display())),
+        ..Default::default()
+    };
+    let err = mount(&sys, &efs_request(&d, "remount"), &mut Vec::new()).unwrap_err();
+    assert!(
+        err.to_string().contains("already mounted from `other:/x`"),
+        "{err}"
+    );
+    assert!(sys.calls.borrow().is_empty());
+
+    let sys = FakeSys {
+        mounts: RefCell::new(vec![32, 0]),
+        mountinfo: RefCell::new(format!(
+            "1 0 0:5 / {} rw - nfs4 {EFS_SPEC} rw\n",
+            d.display()
+        )),
+        ..Default::default()
+    };
+    let err = mount(&sys, &efs_request(&d, "remount,ro"), &mut Vec::new()).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("after 1 attempt(s)"), "{msg}");
+    assert_eq!(sys.calls.borrow().len(), 1);
+    assert!(sys.slept.borrow().is_empty());
+}
