@@ -25,7 +25,10 @@
 //! is handled on the scanner's thread, so it is read after `resync()` returns, and the
 //! comparison, once started, always compares every file (dropped batches do not matter:
 //! the record is of the hot tree, and the next comparison is against the cold side's fresh
-//! index). A file whose pass failed to read it is dirty, and dirty files are not recorded.
+//! index). A file whose pass failed to read it is dirty, and dirty files are not recorded;
+//! nor is a path a rename put an entry at that is not yet reconciled (the entry may be a
+//! reading of what later calls left on the disk: another file's pages, under this one's
+//! metadata).
 //! The watch capture never keeps a record: a store through an `mmap` of `data_dir` raises no
 //! event and moves no timestamp until written back.
 //!
@@ -145,6 +148,9 @@ impl Scanner {
             if self.dirty.contains(rel) {
                 continue; // its last window did not see every page
             }
+            if self.unreconciled(rel) {
+                continue; // a rename moved a reading ahead there: maybe another file's pages
+            }
             if let Some(r) = self.recorded(rel, state) {
                 record.insert(rel.clone(), r);
             }
@@ -157,6 +163,16 @@ impl Scanner {
             "kept a record of the hot tree's pages for the next pre-hash"
         );
         self.record = record;
+    }
+
+    /// Whether a rename put `rel` (or a directory above it) where the table's entry may be a
+    /// reading of what later calls left on the disk, not yet brought in line with it
+    /// ([`Scanner::reconcile_renamed`], which a disconnection makes drop the marks).
+    fn unreconciled(&self, rel: &str) -> bool {
+        self.renamed.contains(rel)
+            || rel
+                .match_indices('/')
+                .any(|(i, _)| self.renamed.contains(&rel[..i]))
     }
 
     /// The record of `rel` from its table entry, if the file is still the length the table

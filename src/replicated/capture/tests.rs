@@ -2382,3 +2382,51 @@ fn issue12_a_dirty_file_is_rehashed_under_its_directory_s_new_name() {
     assert_eq!(second_page(r.cold.join("e/f")), vec![9u8; 512]);
     assert!(r.same());
 }
+
+/// Review: a swap through a temporary name whose create was read ahead leaves the table's
+/// entries wrong until the next quiet point (`reconcile_renamed`). A disconnection handled
+/// before that point (events still queued, or a call in flight) must not take those entries
+/// into the record: the record would vouch for the old file's pages under the new file's
+/// metadata, the pre-hash would take them, and the comparison would prove the stale cold
+/// copy equal without reading the hot one.
+#[test]
+fn review1_record_takes_no_entry_a_rename_left_to_reconcile() {
+    let mut r = PrehashRig::new(true);
+    fs::create_dir(r.hot.join("e")).unwrap();
+    fs::create_dir(r.cold.join("e")).unwrap();
+    r.add_file("b", 3823);
+    assert!(r.resync().is_empty());
+    // e/a created (as long as b), then swapped with b, all before the create's event is read
+    fs::write(r.hot.join("e/a"), vec![7u8; 3823]).unwrap();
+    let mut events = vec![FsEvent::Changed("e/a".into())];
+    for (from, to) in [("e/a", "swap.tmp"), ("b", "e/a"), ("swap.tmp", "b")] {
+        fs::rename(r.hot.join(from), r.hot.join(to)).unwrap();
+        events.push(FsEvent::Renamed {
+            from: from.into(),
+            to: to.into(),
+        });
+    }
+    for ev in events {
+        r.scanner.fs_event(ev);
+    }
+    assert!(!r.scanner.renamed.is_empty(), "nothing left to reconcile");
+    // the cold side applies what was sent before the connection drops
+    r.scanner.flush();
+    let mut applier = Applier::new(&r.cold, 512);
+    let mut seq = 0;
+    while let Ok(out) = r.rx.try_recv() {
+        if let Outgoing::Batch { ops, .. } = out {
+            seq += 1;
+            assert!(matches!(applier.batch(seq, ops), Applied::Done { .. }));
+        }
+    }
+    // not a quiet point: the connection's drop is read before the reconciliation
+    r.scanner.control(ScanMsg::Disconnected);
+    r.scanner.reconcile_renamed();
+    assert!(r.scanner.record.contains("f"), "no record kept");
+    assert!(!r.scanner.record.contains("b"), "b's entry is a's pages");
+    settle();
+    r.scanner.prehash();
+    // (asserts the hot and cold trees are equal after the comparison)
+    r.resync();
+}
