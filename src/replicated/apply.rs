@@ -300,7 +300,7 @@ impl Applier {
             taken: None,
             unsynced: HashSet::new(),
             unsynced_inodes: HashSet::new(),
-            memo: PageMemo::new(page_size),
+            memo: PageMemo::new(page_size).at(root),
             memo_file: None,
             #[cfg(test)]
             log: Vec::new(),
@@ -332,7 +332,9 @@ impl Applier {
         }
         let loaded = self.memo.load(&path);
         if let Err(e) = remove_durably(&path) {
-            self.memo = PageMemo::new(self.page_size).with_min_pages(self.memo.min_pages);
+            self.memo = PageMemo::new(self.page_size)
+                .at(&self.root)
+                .with_min_pages(self.memo.min_pages);
             tracing::warn!(
                 file = %path.display(),
                 "cannot remove the page memo after reading it, so it is not used (the next index hashes every file): {e}"

@@ -15,7 +15,8 @@
 //! else in the same clock tick as the applier's last change to that file is the one
 //! change a stamp cannot see (`verify` and the hot side's deep rescan still do). A batch that
 //! fails drops the entries of everything it touched; any length the stamp disagrees with
-//! drops the entry.
+//! drops the entry; so does a batch's first change to a file whose stamp moved since (the
+//! stamp the batch ends with would otherwise vouch for pages changed behind the memo).
 //!
 //! Across restarts: a clean stop writes the memo to `<state_file>.pages` (checksummed,
 //! written aside and renamed into place), and the next start reads it and removes it before
@@ -64,6 +65,8 @@ struct Memo {
 /// See the module doc.
 #[derive(Debug)]
 pub(crate) struct PageMemo {
+    /// The data directory (a memo without one vouches for nothing a batch changes).
+    root: PathBuf,
     page_size: usize,
     files: BTreeMap<String, Memo>,
     pages: usize,
@@ -82,6 +85,7 @@ pub(crate) struct PageMemo {
 impl PageMemo {
     pub(crate) fn new(page_size: usize) -> Self {
         PageMemo {
+            root: PathBuf::new(),
             page_size,
             files: BTreeMap::new(),
             pages: 0,
@@ -91,6 +95,12 @@ impl PageMemo {
             previous: BTreeMap::new(),
             min_pages: MEMO_MIN_PAGES,
         }
+    }
+
+    /// The same memo, of the data directory `root`.
+    pub(crate) fn at(mut self, root: &Path) -> Self {
+        root.clone_into(&mut self.root);
+        self
     }
 
     /// The same memo keeping files of at least `n` pages.
@@ -304,9 +314,26 @@ impl PageMemo {
 
     // ---- the apply thread's changes ----
 
-    /// The batch is about to change `rel` (its entry is dropped if the batch fails).
+    /// The batch is about to change `rel` (its entry is dropped if the batch fails). The first
+    /// time in a batch, an entry whose stamp is no longer the file's goes: the file changed
+    /// behind the memo, and the stamp this batch ends with would vouch for the pages it keeps.
     pub(crate) fn changing(&mut self, rel: &str) {
-        self.changed.insert(rel.to_owned());
+        if self.changed.insert(rel.to_owned()) {
+            self.drop_if_stale(rel, rel);
+        }
+    }
+
+    /// Drops the entry at `rel` unless its stamp is that of the file at `path` now.
+    fn drop_if_stale(&mut self, rel: &str, path: &str) {
+        let Some(stamp) = self.files.get(rel).and_then(|m| m.stamp) else {
+            return;
+        };
+        let now = fs::symlink_metadata(self.root.join(path))
+            .ok()
+            .map(|m| Stamp::of(&m));
+        if now != Some(stamp) {
+            self.remove_one(rel);
+        }
     }
 
     /// `rel` was made a regular file of `len` bytes (`created`: a new one, so all zeros).
@@ -422,6 +449,13 @@ impl PageMemo {
     /// `from` (and what is below it) is now `to`; whatever was at `to` is gone.
     pub(crate) fn rename(&mut self, from: &str, to: &str) {
         self.remove(to);
+        // (an entry below `from` this batch has not touched is checked under its new name:
+        // the same file, and a rename of a directory above it moves none of its times)
+        for k in self.below(from) {
+            if !self.changed.contains(&k) {
+                self.drop_if_stale(&k, &format!("{to}{}", &k[from.len()..]));
+            }
+        }
         let mut moved: Vec<(String, Memo)> = Vec::new();
         if let Some(m) = self.remove_one(from) {
             moved.push((to.to_owned(), m));
@@ -432,7 +466,7 @@ impl PageMemo {
             }
         }
         for (k, m) in moved {
-            self.changing(&k);
+            self.changed.insert(k.clone());
             self.insert(k, m);
         }
     }

@@ -403,3 +403,60 @@ fn issue15_a_file_changed_while_indexed_is_read_again_in_full() {
         &index_tree(dir.path(), PS).unwrap().files["j/2"].pages[..]
     );
 }
+
+/// Review: a file changed behind the memo (its stamp moved) and then changed by a batch. The
+/// batch's stamp must not make the memo vouch again for the pages it kept from before the
+/// change it did not see.
+#[test]
+fn review2_a_file_changed_behind_the_memo_then_by_a_batch_is_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = memo_applier(dir.path(), None);
+    synced_tree(&mut a);
+    // well after the batch: the write below moves the file's stamp
+    std::thread::sleep(crate::replicated::capture::RACY_WINDOW * 2);
+    let f = OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("j/2"))
+        .unwrap();
+    f.write_all_at(&[9; PS], 3 * PS as u64).unwrap();
+    drop(f);
+    // then a batch writes another page of it
+    let outcome = a.batch(2, vec![write("j/2", 0, vec![5; PS])]);
+    assert!(matches!(outcome, Applied::Done { .. }), "{outcome:?}");
+    a.memo
+        .check(dir.path())
+        .expect("the memo vouches only for what is on disk");
+    let (index, _) = a.index_for_test();
+    assert_eq!(
+        index,
+        index_tree(dir.path(), PS).unwrap(),
+        "the page written behind the memo is indexed"
+    );
+}
+
+/// Review: as above, with the file moved by a batch's rename of its directory.
+#[test]
+fn review2_a_file_changed_behind_the_memo_then_moved_by_a_batch_is_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = memo_applier(dir.path(), None);
+    synced_tree(&mut a);
+    std::thread::sleep(crate::replicated::capture::RACY_WINDOW * 2);
+    let f = OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("j/2"))
+        .unwrap();
+    f.write_all_at(&[9; PS], 3 * PS as u64).unwrap();
+    drop(f);
+    let ops = vec![Op::Rename {
+        from: "j".into(),
+        to: "k".into(),
+    }];
+    let outcome = a.batch(2, ops);
+    assert!(matches!(outcome, Applied::Done { .. }), "{outcome:?}");
+    a.memo
+        .check(dir.path())
+        .expect("the memo vouches only for what is on disk");
+    let (index, read) = a.index_for_test();
+    assert_eq!(index, index_tree(dir.path(), PS).unwrap());
+    assert_eq!(read, 11, "k/2 is read again, and only k/2");
+}
