@@ -404,11 +404,11 @@ fn issue15_a_file_changed_while_indexed_is_read_again_in_full() {
     );
 }
 
-/// Review: a file changed behind the memo (its stamp moved) and then changed by a batch. The
-/// batch's stamp must not make the memo vouch again for the pages it kept from before the
-/// change it did not see.
+/// Issue 15, found in review: a file changed behind the memo (its stamp moved) and then
+/// changed by a batch. The batch's stamp must not make the memo vouch again for the pages it
+/// kept from before the change it did not see.
 #[test]
-fn review2_a_file_changed_behind_the_memo_then_by_a_batch_is_read_again() {
+fn issue15_a_file_changed_behind_the_memo_then_by_a_batch_is_read_again() {
     let dir = tempfile::tempdir().unwrap();
     let mut a = memo_applier(dir.path(), None);
     synced_tree(&mut a);
@@ -434,9 +434,10 @@ fn review2_a_file_changed_behind_the_memo_then_by_a_batch_is_read_again() {
     );
 }
 
-/// Review: as above, with the file moved by a batch's rename of its directory.
+/// Issue 15, found in review: as above, with the file moved by a batch's rename of its
+/// directory.
 #[test]
-fn review2_a_file_changed_behind_the_memo_then_moved_by_a_batch_is_read_again() {
+fn issue15_a_file_changed_behind_the_memo_then_moved_by_a_batch_is_read_again() {
     let dir = tempfile::tempdir().unwrap();
     let mut a = memo_applier(dir.path(), None);
     synced_tree(&mut a);

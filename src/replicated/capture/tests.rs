@@ -2383,14 +2383,14 @@ fn issue12_a_dirty_file_is_rehashed_under_its_directory_s_new_name() {
     assert!(r.same());
 }
 
-/// Review: a swap through a temporary name whose create was read ahead leaves the table's
-/// entries wrong until the next quiet point (`reconcile_renamed`). A disconnection handled
-/// before that point (events still queued, or a call in flight) must not take those entries
-/// into the record: the record would vouch for the old file's pages under the new file's
-/// metadata, the pre-hash would take them, and the comparison would prove the stale cold
-/// copy equal without reading the hot one.
+/// Issue 15, found in review: a swap through a temporary name whose create was read ahead
+/// leaves the table's entries wrong until the next quiet point (`reconcile_renamed`). A
+/// disconnection handled before that point (events still queued, or a call in flight) must
+/// not take those entries into the record: the record would vouch for the old file's pages
+/// under the new file's metadata, the pre-hash would take them, and the comparison would prove
+/// the stale cold copy equal without reading the hot one.
 #[test]
-fn review1_record_takes_no_entry_a_rename_left_to_reconcile() {
+fn issue15_the_record_takes_no_entry_a_rename_left_to_reconcile() {
     let mut r = PrehashRig::new(true);
     fs::create_dir(r.hot.join("e")).unwrap();
     fs::create_dir(r.cold.join("e")).unwrap();
