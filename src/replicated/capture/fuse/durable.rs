@@ -96,6 +96,10 @@ struct Shared {
     stopped: AtomicBool,
     /// Syncs registered with the ack watch, oldest first, for the watcher to look at.
     parked: Mutex<Vec<DurableSync>>,
+    /// The most events counted before a sync that returned without the cold side (degraded):
+    /// a degradation ends only on the ack of a sync whose calls include them all. Held while a
+    /// sync returns without the cold side and while a degradation ends.
+    unconfirmed: Mutex<u64>,
 }
 
 /// A durable sync whose local part is done.
@@ -142,6 +146,7 @@ impl Durable {
             events,
             stopped: AtomicBool::new(false),
             parked: Mutex::new(Vec::new()),
+            unconfirmed: Mutex::new(0),
         });
         let (settle, jobs) = bounded::<Pending>(SETTLE_QUEUE);
         for i in 0..SETTLE_THREADS {
@@ -181,11 +186,20 @@ impl Durable {
                 .observe(began.elapsed().as_secs_f64());
         });
         let stats = &self.shared.stats;
-        let degraded = stats.degraded_since_unix_ms.load(Ordering::Acquire) != 0;
+        let mut degraded = stats.degraded_since_unix_ms.load(Ordering::Acquire) != 0;
         let resynced =
             stats.connected.load(Ordering::Acquire) && stats.initial_done.load(Ordering::Acquire);
         if degraded && !resynced {
-            return answer();
+            // (under the lock: no degradation ends between this look and the answer)
+            let mut unconfirmed = self.shared.unconfirmed();
+            degraded = stats.degraded_since_unix_ms.load(Ordering::Acquire) != 0;
+            if degraded {
+                // the calls before it are on no cold disk yet: only the ack of a sync after
+                // them all ends the degradation
+                *unconfirmed = (*unconfirmed).max(stats.acks.queued());
+                drop(unconfirmed);
+                return answer();
+            }
         }
         // every call that returned before this sync began has queued its event by now
         let events = stats.acks.queued();
@@ -222,6 +236,21 @@ impl Drop for Durable {
 impl Shared {
     fn parked(&self) -> std::sync::MutexGuard<'_, Vec<DurableSync>> {
         self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn unconfirmed(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.unconfirmed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A sync of the first `events` events returns without the cold side: degraded (marked
+    /// here unless `marked` by the witness) until a sync after them is acknowledged.
+    fn unacknowledged(&self, events: u64, marked: bool) {
+        let mut unconfirmed = self.unconfirmed();
+        *unconfirmed = (*unconfirmed).max(events);
+        // (a degradation that ended since the witness marked it begins again)
+        if !marked || self.stats.degraded_since_unix_ms.load(Ordering::Acquire) == 0 {
+            mark_degraded(&self.stats);
+        }
     }
 
     /// Gives `p` to a settling thread through `settle` (waiting for room), or settles it here
@@ -265,7 +294,7 @@ impl Shared {
                         if let Some(answer) = answer {
                             answer();
                         }
-                        self.acked(info.degraded);
+                        self.acked(&info);
                     }
                     Ok((waited, answer)) => {
                         let stage = Stage::Found(waited, answer);
@@ -285,14 +314,18 @@ impl Shared {
     }
 
     /// A sync was acknowledged in time: nothing blocks, and a sync that began degraded ends
-    /// the degradation.
-    fn acked(&self, degraded: bool) {
+    /// the degradation, unless a sync that returned without the cold side had calls after
+    /// its own (it may have begun waiting before a reconnection, and those calls' ops may
+    /// still be on their way).
+    fn acked(&self, info: &SyncInfo) {
         self.stats.blocked_since_unix_ms.store(0, Ordering::Release);
-        if degraded {
-            self.stats
-                .degraded_since_unix_ms
-                .store(0, Ordering::Release);
-            tracing::warn!("the cold side is back and has caught up: syncs are durable again");
+        if info.degraded {
+            let unconfirmed = self.unconfirmed();
+            if info.events >= *unconfirmed
+                && self.stats.degraded_since_unix_ms.swap(0, Ordering::AcqRel) != 0
+            {
+                tracing::warn!("the cold side is back and has caught up: syncs are durable again");
+            }
         }
     }
 
@@ -324,7 +357,7 @@ impl Shared {
             };
             match outcome {
                 Ok(()) => {
-                    self.acked(p.info.degraded);
+                    self.acked(&p.info);
                     break;
                 }
                 Err(RecvTimeoutError::Disconnected) if Instant::now() < deadline => {
@@ -349,12 +382,15 @@ impl Shared {
                 }
                 Err(_) => match &self.cfg.witness {
                     None => {
-                        mark_degraded(stats);
+                        self.unacknowledged(p.info.events, false);
                         break;
                     }
                     // the database hears first that the cold copy is behind
                     Some(w) => match w.outdate() {
-                        Ok(()) => break,
+                        Ok(()) => {
+                            self.unacknowledged(p.info.events, true);
+                            break;
+                        }
                         Err(e) => {
                             tracing::error!(
                                 "a durable sync keeps waiting for the cold side: it may not return without it before the lease database records that the cold copy is behind ({e})"
@@ -458,6 +494,66 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(stats.degraded_since_unix_ms.load(Ordering::Acquire), 0);
         assert!(given.try_recv().is_err());
+    }
+
+    #[test]
+    fn acks_a_sync_that_waited_across_a_reconnection_does_not_end_a_degradation_it_does_not_cover()
+    {
+        // degraded, on connection 1, resynced
+        let stats = Arc::new(SenderStats::default());
+        stats.acks.connected(1);
+        stats.connected.store(true, Ordering::Release);
+        stats.initial_done.store(true, Ordering::Release);
+        stats.degraded_since_unix_ms.store(1, Ordering::Release);
+        let durable = durable(5_000, &stats);
+        // S: a write, then a sync that began degraded (its ack would end the degradation)
+        stats.acks.count_event();
+        let (tx, given_s) = bounded(1);
+        durable.answer(Box::new(move || tx.send(()).unwrap()));
+        assert!(given_s.try_recv().is_err());
+        // connection 1 ends: S takes the long way, finds no connection, and waits again
+        stats.connected.store(false, Ordering::Release);
+        stats.acks.disconnected(1);
+        std::thread::sleep(Duration::from_millis(60));
+        // connection 2: its comparison runs
+        stats.acks.connected(2);
+        stats.initial_done.store(false, Ordering::Release);
+        stats.connected.store(true, Ordering::Release);
+        // S2: a write behind the comparison's walk, and its sync, answered without the cold
+        // side (degraded, not resynced)
+        stats.acks.count_event();
+        let (tx, given_s2) = bounded(1);
+        durable.answer(Box::new(move || tx.send(()).unwrap()));
+        assert!(given_s2.try_recv().is_ok(), "a degraded sync waited");
+        let s2_events = stats.acks.queued();
+        // the comparison is done; its flush has handled the events before S2's write only
+        // (that write's event is still queued), and its batch is acknowledged
+        std::thread::sleep(Duration::from_millis(60));
+        stats.initial_done.store(true, Ordering::Release);
+        stats.acks.flushed(2, s2_events - 1, 1);
+        stats.acks.acked(2, 1);
+        assert!(
+            given_s.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "S was not answered by its ack"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        // S2's write is on no cold disk, and S2 returned: still degraded (not RPO 0)
+        assert_ne!(
+            stats.degraded_since_unix_ms.load(Ordering::Acquire),
+            0,
+            "the degradation ended while a sync answered without the cold side is not acknowledged"
+        );
+        // the next sync, after S2's write, ends it once acknowledged
+        let (tx, given_s3) = bounded(1);
+        durable.answer(Box::new(move || tx.send(()).unwrap()));
+        stats.acks.flushed(2, stats.acks.queued(), 2);
+        stats.acks.acked(2, 2);
+        assert!(given_s3.recv_timeout(Duration::from_secs(5)).is_ok());
+        assert!(eventually(|| stats
+            .degraded_since_unix_ms
+            .load(Ordering::Acquire)
+            == 0));
+        drop(durable);
     }
 
     #[test]
