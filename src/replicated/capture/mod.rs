@@ -376,6 +376,9 @@ pub(crate) struct Scanner {
     /// Runs at each look at the event channel during a walk (tests make changes there).
     #[cfg(test)]
     fold_hook: Option<Box<dyn FnMut() + Send>>,
+    /// Runs before each read of a file's pages (tests make changes there).
+    #[cfg(test)]
+    read_hook: Option<Box<dyn FnMut() + Send>>,
 }
 
 impl Scanner {
@@ -434,6 +437,8 @@ impl Scanner {
             walk: None,
             #[cfg(test)]
             fold_hook: None,
+            #[cfg(test)]
+            read_hook: None,
         }
     }
 

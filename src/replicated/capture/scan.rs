@@ -637,8 +637,18 @@ impl Scanner {
                 }
                 want = agreeing(table, hint, pass.page, pass.page + want, false);
             }
-            let want = want * self.page_size;
+            // never past the length the table models (the cold side's, once the `SetFile`
+            // queued is applied): a file grown since its length was read would have its last
+            // page read, and written on the cold side, as far as it reaches now, and a cut
+            // back to the modelled length before its event is read sends no `SetFile`
+            let len = self.table.files.get(rel).map_or(0, |e| e.len);
+            let want = (want * self.page_size)
+                .min(usize::try_from(len.saturating_sub(off)).unwrap_or(usize::MAX));
             pass.chunk_pages = (pass.chunk_pages * 2).min(READ_PAGES);
+            #[cfg(test)]
+            if let Some(hook) = &mut self.read_hook {
+                hook();
+            }
             let n = match read_full_at(file, &mut self.buf[..want], off) {
                 Ok(0) => break,
                 Ok(n) => n,

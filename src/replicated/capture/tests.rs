@@ -2430,3 +2430,67 @@ fn issue15_the_record_takes_no_entry_a_rename_left_to_reconcile() {
     // (asserts the hot and cold trees are equal after the comparison)
     r.resync();
 }
+
+/// Found in review: a file grown between the scanner's look at its length and its read of
+/// the last page (a later call's append, through the mount or not) had that page read, and
+/// sent, as far as the file then reached: the cold file grew past the length the table
+/// models. Cut back to that length before the scanner heard of the append, the hot file ends
+/// as the table says, so no `SetFile` ever cut the cold one: longer than the hot file for
+/// good (stream in sync, deep rescans finding nothing; only `verify` or a reconnection).
+#[test]
+fn a_page_read_while_the_file_grows_past_its_modelled_length_is_not_sent_past_it() {
+    const REL: &str = "j.amq";
+    let mut r = Rig::build(true);
+    let file = std::sync::Arc::new(new_shared_file(&r.hot.join(REL)));
+    r.fs(FsEvent::Resized {
+        path: REL.into(),
+        file: file.clone(),
+        edge: 0,
+    });
+    file.write_all_at(&[7u8; 700], 0).unwrap();
+    r.fs(FsEvent::Wrote {
+        path: REL.into(),
+        file: file.clone(),
+        offset: 0,
+        len: 700,
+    });
+    assert!(r.same());
+    // a write into the partial last page; another call appends while the scanner, having
+    // read the length (700), is about to read that page
+    file.write_all_at(&[9u8; 10], 600).unwrap();
+    let appender = file.clone();
+    let mut append = Some(move || appender.write_all_at(&[8u8; 100], 700).unwrap());
+    r.scanner.read_hook = Some(Box::new(move || {
+        if let Some(f) = append.take() {
+            f();
+        }
+    }));
+    r.fs(FsEvent::Wrote {
+        path: REL.into(),
+        file: file.clone(),
+        offset: 600,
+        len: 10,
+    });
+    r.scanner.read_hook = None;
+    // then cut back to 700, both calls made before either event is handled
+    file.set_len(700).unwrap();
+    r.fs_all(vec![
+        FsEvent::Wrote {
+            path: REL.into(),
+            file: file.clone(),
+            offset: 700,
+            len: 100,
+        },
+        FsEvent::Resized {
+            path: REL.into(),
+            file: file.clone(),
+            edge: 700,
+        },
+    ]);
+    assert_eq!(
+        fs::metadata(r.cold.join(REL)).unwrap().len(),
+        700,
+        "cold length"
+    );
+    assert!(r.same());
+}
