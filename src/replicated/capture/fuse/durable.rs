@@ -17,8 +17,9 @@
 //! ack of the last batch sent arrives. With the cold side gone or slow for
 //! `peer_timeout_ms`, `on_peer_loss = "degrade"` goes on as async (logged once, and
 //! [`SenderStats::degraded_since_unix_ms`] set for `status`) until the stream is connected and
-//! the resync after it done, when the next sync that is acknowledged in time makes syncs
-//! durable again; `"block"` keeps waiting. With the database lease, degrading waits until the
+//! the resync after it done, when the next sync that is acknowledged in time, and whose calls
+//! include every call before a sync that returned without the cold side, makes syncs durable
+//! again; `"block"` keeps waiting. With the database lease, degrading waits until the
 //! lease row says the cold copy is behind ([`crate::replicated::witness`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
