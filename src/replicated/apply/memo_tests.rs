@@ -404,22 +404,27 @@ fn issue15_a_file_changed_while_indexed_is_read_again_in_full() {
     );
 }
 
+/// An applier of the synced tree in `dir` whose page 3 of `j/2` another process then
+/// rewrote, well after the batch (so the write moves the file's stamp).
+fn changed_behind_the_memo(dir: &Path) -> Applier {
+    let mut a = memo_applier(dir, None);
+    synced_tree(&mut a);
+    std::thread::sleep(crate::replicated::capture::RACY_WINDOW * 2);
+    let f = OpenOptions::new()
+        .write(true)
+        .open(dir.join("j/2"))
+        .unwrap();
+    f.write_all_at(&[9; PS], 3 * PS as u64).unwrap();
+    a
+}
+
 /// Issue 15, found in review: a file changed behind the memo (its stamp moved) and then
 /// changed by a batch. The batch's stamp must not make the memo vouch again for the pages it
 /// kept from before the change it did not see.
 #[test]
 fn issue15_a_file_changed_behind_the_memo_then_by_a_batch_is_read_again() {
     let dir = tempfile::tempdir().unwrap();
-    let mut a = memo_applier(dir.path(), None);
-    synced_tree(&mut a);
-    // well after the batch: the write below moves the file's stamp
-    std::thread::sleep(crate::replicated::capture::RACY_WINDOW * 2);
-    let f = OpenOptions::new()
-        .write(true)
-        .open(dir.path().join("j/2"))
-        .unwrap();
-    f.write_all_at(&[9; PS], 3 * PS as u64).unwrap();
-    drop(f);
+    let mut a = changed_behind_the_memo(dir.path());
     // then a batch writes another page of it
     let outcome = a.batch(2, vec![write("j/2", 0, vec![5; PS])]);
     assert!(matches!(outcome, Applied::Done { .. }), "{outcome:?}");
@@ -439,15 +444,7 @@ fn issue15_a_file_changed_behind_the_memo_then_by_a_batch_is_read_again() {
 #[test]
 fn issue15_a_file_changed_behind_the_memo_then_moved_by_a_batch_is_read_again() {
     let dir = tempfile::tempdir().unwrap();
-    let mut a = memo_applier(dir.path(), None);
-    synced_tree(&mut a);
-    std::thread::sleep(crate::replicated::capture::RACY_WINDOW * 2);
-    let f = OpenOptions::new()
-        .write(true)
-        .open(dir.path().join("j/2"))
-        .unwrap();
-    f.write_all_at(&[9; PS], 3 * PS as u64).unwrap();
-    drop(f);
+    let mut a = changed_behind_the_memo(dir.path());
     let ops = vec![Op::Rename {
         from: "j".into(),
         to: "k".into(),

@@ -2431,14 +2431,14 @@ fn issue15_the_record_takes_no_entry_a_rename_left_to_reconcile() {
     r.resync();
 }
 
-/// Found in review: a file grown between the scanner's look at its length and its read of
+/// Issue 8, found in review: a file grown between the scanner's look at its length and its read of
 /// the last page (a later call's append, through the mount or not) had that page read, and
 /// sent, as far as the file then reached: the cold file grew past the length the table
 /// models. Cut back to that length before the scanner heard of the append, the hot file ends
 /// as the table says, so no `SetFile` ever cut the cold one: longer than the hot file for
 /// good (stream in sync, deep rescans finding nothing; only `verify` or a reconnection).
 #[test]
-fn a_page_read_while_the_file_grows_past_its_modelled_length_is_not_sent_past_it() {
+fn issue8_a_page_read_while_the_file_grows_past_its_modelled_length_is_not_sent_past_it() {
     const REL: &str = "j.amq";
     let mut r = Rig::build(true);
     let file = std::sync::Arc::new(new_shared_file(&r.hot.join(REL)));

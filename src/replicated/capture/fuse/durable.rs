@@ -498,8 +498,8 @@ mod tests {
     }
 
     #[test]
-    fn acks_a_sync_that_waited_across_a_reconnection_does_not_end_a_degradation_it_does_not_cover()
-    {
+    fn issue12_a_sync_that_waited_across_a_reconnection_does_not_end_a_degradation_it_does_not_cover(
+    ) {
         // degraded, on connection 1, resynced
         let stats = Arc::new(SenderStats::default());
         stats.acks.connected(1);
