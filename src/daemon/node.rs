@@ -34,6 +34,8 @@ pub enum NodeError {
     },
     /// hook `{program}` {outcome}
     Hook { program: String, outcome: String },
+    /// the node was not started: the lease's fence deadline passed before it could be (during the takeover's set-up or the on_acquire hook)
+    Late,
 }
 
 /// The environment variable that replaces `systemctl` (for tests).

@@ -151,12 +151,22 @@ impl Supervisor {
     /// The mode acquired the right to run the node at `epoch`: runs `on_acquire`, then starts
     /// the node if one is configured and it does not run yet.
     pub fn acquire(&mut self, epoch: u64) -> Result<(), NodeError> {
+        self.acquire_until(epoch, None)
+    }
+
+    /// As [`Supervisor::acquire`], with the right to run the node ending at `until` (the
+    /// lease's fence deadline): a node is not started once it has passed, however long the
+    /// hook took.
+    pub fn acquire_until(&mut self, epoch: u64, until: Option<Instant>) -> Result<(), NodeError> {
         if self.node.is_some() {
             return Ok(());
         }
         let env = self.env(epoch);
         if !self.hooks.on_acquire.is_empty() {
             node::run_hook(&self.hooks.on_acquire, &env, self.hook_timeout)?;
+        }
+        if until.is_some_and(|u| Instant::now() >= u) {
+            return Err(NodeError::Late);
         }
         self.health.stopped(); // a restart pending from an earlier epoch is void
         self.start_node(epoch, false)

@@ -222,6 +222,15 @@ impl LeaseMachine {
         self.role == LeaseRole::Hot && Instant::now() < self.fence_at()
     }
 
+    /// Until when a node may run: the fence deadline while hot, already passed otherwise.
+    pub fn may_run_until(&self) -> Instant {
+        if self.role == LeaseRole::Hot {
+            self.fence_at()
+        } else {
+            Instant::now()
+        }
+    }
+
     fn fence_at(&self) -> Instant {
         self.last_good + self.t.wait - self.t.stop_timeout - self.t.margin
     }

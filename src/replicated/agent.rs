@@ -444,7 +444,8 @@ impl Replica {
                 .note_error("the node did not start: the lease was not renewed in time");
             return;
         }
-        if let Err(e) = self.sup.acquire(epoch) {
+        let until = self.lease.as_ref().map(LeaseMachine::may_run_until);
+        if let Err(e) = self.sup.acquire_until(epoch, until) {
             self.sup.note_error(e.to_string());
         }
     }

@@ -177,7 +177,8 @@ impl Agent {
         for event in self.machine.take_events() {
             match event {
                 Event::Acquired(epoch) => {
-                    if let Err(e) = self.sup.acquire(epoch) {
+                    let until = self.machine.may_run_until();
+                    if let Err(e) = self.sup.acquire_until(epoch, Some(until)) {
                         tracing::error!(epoch, "{e}; giving the lease up");
                         self.sup.note_error(e.to_string());
                         self.release("the node could not start");
@@ -293,5 +294,108 @@ pub fn observed(state: LeaseState) -> ObservedLeaseState {
     match state {
         LeaseState::Held => ObservedLeaseState::Held,
         LeaseState::Released => ObservedLeaseState::Released,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::supervisor::Hooks;
+    use crate::lease::{Lease, LeaseState, RenewFail};
+    use std::sync::Mutex;
+
+    /// A lease in memory whose takeover answers late (a slow database, or a share's mount
+    /// after the takeover).
+    #[derive(Clone)]
+    struct Slow(Arc<Mutex<Option<Lease>>>, Duration);
+
+    impl LeaseStore for Slow {
+        fn has_lock(&self) -> bool {
+            false
+        }
+        fn observe(&mut self, _: bool) -> (Result<bool, String>, Obs) {
+            let obs = self
+                .0
+                .lock()
+                .unwrap()
+                .clone()
+                .map_or(Obs::Missing, Obs::Lease);
+            (Ok(true), obs)
+        }
+        fn take_over(&mut self, _: &Obs, lease: &Lease, _: Duration) -> Result<(), (bool, String)> {
+            *self.0.lock().unwrap() = Some(lease.clone());
+            std::thread::sleep(self.1);
+            Ok(())
+        }
+        fn renew(&mut self, current: &Lease, next: &Lease) -> Result<(), RenewFail> {
+            let mut cur = self.0.lock().unwrap();
+            if cur.as_ref() != Some(current) {
+                return Err(RenewFail::Lost("changed".into()));
+            }
+            *cur = Some(next.clone());
+            Ok(())
+        }
+        fn release(&mut self, _: &Lease) -> Result<(), String> {
+            Ok(())
+        }
+        fn unlock(&mut self) {}
+    }
+
+    #[test]
+    fn issue10_a_node_never_starts_after_the_fence_deadline_an_acquire_hook_ran_into() {
+        // fence deadline: takeover + 600 - 100 - 60 = 440 ms; the takeover's answer comes at
+        // 200 ms, and the on_acquire hook (within one renewal period, 300 ms) ends at ~480 ms
+        let t = Timing {
+            update: Duration::from_millis(300),
+            wait: Duration::from_millis(600),
+            stop_timeout: Duration::from_millis(100),
+            margin: Duration::from_millis(60),
+        };
+        let released = Lease {
+            state: LeaseState::Released,
+            ..Lease::new("other", 3, 300, 600)
+        };
+        let store = Slow(
+            Arc::new(Mutex::new(Some(released))),
+            Duration::from_millis(200),
+        );
+        let metrics = Metrics::new();
+        let channels = worker::start(Box::new(store), None, metrics.clone()).unwrap();
+        let node: crate::config::NodeConfig = toml::from_str(
+            "base_dir = \"/tmp\"\ncommand = [\"sleep\", \"30\"]\nstop_timeout_ms = 100\n",
+        )
+        .unwrap();
+        let sh = |s: &str| vec!["/bin/sh".to_string(), "-c".into(), s.into()];
+        let mut agent = Agent {
+            holder: "me".into(),
+            wait: t.wait,
+            machine: LeaseMachine::new("me".into(), t, channels, false, None),
+            sup: Supervisor::new(&node, "me".into(), t.update).with_hooks(Hooks {
+                on_acquire: sh("sleep 0.28"),
+                on_release: Vec::new(),
+            }),
+            metrics,
+            endpoint: EndpointState::default(),
+        };
+        let replies = agent.machine.replies();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut acquired = false;
+        while Instant::now() < deadline && !acquired {
+            agent.machine.tick();
+            agent.act();
+            if let Ok((seq, done)) = replies.recv_timeout(Duration::from_millis(5)) {
+                agent.machine.handle_reply(seq, done);
+            }
+            // the machine turns hot in handle_reply, and act() carries out its Acquired
+            acquired = agent.machine.role() == LeaseRole::Hot;
+            agent.act();
+        }
+        assert!(acquired, "the takeover did not happen");
+        let running = agent.sup.node_pid().is_some();
+        agent.sup.release(None);
+        assert!(
+            !running || agent.machine.may_run_node(),
+            "the node was started after the lease's fence deadline"
+        );
     }
 }
