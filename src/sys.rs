@@ -110,6 +110,14 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Milliseconds on the monotonic clock since this process first asked: for an age that a
+/// step of the wall clock must not change.
+pub fn monotonic_ms() -> u64 {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(std::time::Instant::now);
+    u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 /// The width in columns of the terminal on `fd`; `None` if it is not a terminal.
 pub fn terminal_columns(fd: std::os::fd::BorrowedFd<'_>) -> Option<usize> {
     use std::os::fd::AsRawFd;

@@ -36,6 +36,8 @@ pub struct SenderStats {
     pub oldest_unacked_unix_ms: AtomicU64,
     /// When the last acknowledgement arrived (ms since the Unix epoch), 0 if none.
     pub last_ack_unix_ms: AtomicU64,
+    /// The same on [`crate::sys::monotonic_ms`]'s clock, for the lag the witness reports.
+    pub last_ack_mono_ms: AtomicU64,
     /// Batches the scanner emitted for the current connection.
     pub emitted: AtomicU64,
     /// Whether the full comparison after the current connection's index is done.

@@ -624,6 +624,9 @@ impl Outbound<'_> {
         self.stats.acked_seq.store(seq, Ordering::Relaxed);
         self.stats.sync.acked(seq);
         self.stats
+            .last_ack_mono_ms
+            .store(crate::sys::monotonic_ms(), Ordering::Relaxed);
+        self.stats
             .last_ack_unix_ms
             .store(crate::sys::now_unix_ms(), Ordering::Relaxed);
         let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.syncs)

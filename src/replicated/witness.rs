@@ -168,8 +168,10 @@ fn estimate(s: &SenderStats, durable: bool) -> Option<u64> {
     if s.synced() {
         return Some(0);
     }
-    let last_ack = s.last_ack_unix_ms.load(Ordering::Acquire);
-    (last_ack != 0).then(|| crate::sys::now_unix_ms().saturating_sub(last_ack))
+    // (by the monotonic clock: a wall clock stepped back would make the lag look smaller)
+    let last_ack = s.last_ack_mono_ms.load(Ordering::Acquire);
+    (s.last_ack_unix_ms.load(Ordering::Acquire) != 0)
+        .then(|| crate::sys::monotonic_ms().saturating_sub(last_ack))
 }
 
 /// The thread's state.
@@ -269,7 +271,21 @@ mod tests {
         s.acked_seq.store(acked, Ordering::Release);
         s.last_ack_unix_ms
             .store(crate::sys::now_unix_ms(), Ordering::Release);
+        s.last_ack_mono_ms
+            .store(crate::sys::monotonic_ms(), Ordering::Release);
         s
+    }
+
+    #[test]
+    fn issue10_a_wall_clock_stepped_back_does_not_shrink_the_async_lag() {
+        // batches after the resync wait for an ack that does not come (the cold disk hangs),
+        // and the wall clock steps back an hour after the last ack (NTP, a VM migration):
+        // the report must still grow with the time since that ack, not say "in sync"
+        let s = sender(5, 6, 8);
+        s.last_ack_unix_ms.fetch_add(3_600_000, Ordering::AcqRel);
+        std::thread::sleep(Duration::from_millis(50));
+        let lag = estimate(&s, false);
+        assert!(lag.is_some_and(|l| l >= 50), "{lag:?}");
     }
 
     #[test]
