@@ -231,15 +231,19 @@ impl Node {
         })
     }
 
-    /// Starts the configured node: `[node] systemd_unit` or `[node] command`, if either is set.
+    /// Starts the configured node: `[node] systemd_unit` or `[node] command`, if either is set;
+    /// a unit's start may take `limit` at most (the time left before the lease's fence
+    /// deadline: its processes run while `systemctl start` waits).
     pub fn start(
         node: &crate::config::NodeConfig,
         env: &[(&str, String)],
+        limit: Option<Duration>,
     ) -> Result<Option<Node>, NodeError> {
         if !node.systemd_unit.is_empty() {
+            let timeout = Duration::from_millis(node.stop_timeout_ms.max(1000) * 3);
             Node::start_unit(
                 &node.systemd_unit,
-                Duration::from_millis(node.stop_timeout_ms.max(1000) * 3),
+                limit.map_or(timeout, |l| l.min(timeout)),
                 Duration::from_millis(node.stop_timeout_ms),
             )
             .map(Some)

@@ -169,13 +169,20 @@ impl Supervisor {
             return Err(NodeError::Late);
         }
         self.health.stopped(); // a restart pending from an earlier epoch is void
-        self.start_node(epoch, false)
+        self.start_node(epoch, false, until)
     }
 
-    /// Starts the node (no hook) and, if probes are configured, its probe thread.
-    fn start_node(&mut self, epoch: u64, restart: bool) -> Result<(), NodeError> {
+    /// Starts the node (no hook) and, if probes are configured, its probe thread; a unit's
+    /// start that has not finished by `until` is stopped.
+    fn start_node(
+        &mut self,
+        epoch: u64,
+        restart: bool,
+        until: Option<Instant>,
+    ) -> Result<(), NodeError> {
         let env = self.env(epoch);
-        let Some(node) = Node::start(&self.node_config, &env)? else {
+        let limit = until.map(|u| u.saturating_duration_since(Instant::now()));
+        let Some(node) = Node::start(&self.node_config, &env, limit)? else {
             return Ok(());
         };
         self.epoch = epoch;
@@ -340,7 +347,7 @@ impl Supervisor {
             restarts_total,
             "restarting the node after the back-off"
         );
-        if let Err(e) = self.start_node(epoch, true) {
+        if let Err(e) = self.start_node(epoch, true, None) {
             let what = format!("the node could not restart: {e}");
             self.note_error(what.clone());
             self.health.started(Instant::now(), true);

@@ -1088,7 +1088,7 @@ fn issue14_the_leftovers_of_a_node_that_exited_are_killed_before_the_lease_is_gi
 
 /// Makes agent `name` run its node as `corda.service` through the fake `systemctl` `script`,
 /// with the `[node]` lines `more` after it.
-fn with_fake_unit(p: &mut Pair, name: &str, script: &str, more: &str) {
+pub(crate) fn with_fake_unit(p: &mut Pair, name: &str, script: &str, more: &str) {
     let fake = write_script(&p.fx.path("systemctl"), script);
     p.env.push(("ARTEMIS_SYNC_SYSTEMCTL".into(), fake));
     let cfg = p.config(name);

@@ -8,7 +8,7 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::agent::{alive, assert_one_at_a_time, kill, pid_t, wait_until, Pair};
+use crate::agent::{alive, assert_one_at_a_time, kill, pid_t, wait_until, with_fake_unit, Pair};
 use crate::pg::{CutProxy, PgCluster, PG_PASSWORD};
 use crate::util::{artemis_sync, toml_path};
 
@@ -592,4 +592,62 @@ fn issue13_each_lease_statement_is_conditional_and_judged_by_the_database_clock(
     };
     assert_eq!((l.state, l.epoch, l.renewals), (LeaseState::Released, 4, 2));
     assert!(a.take_over(&seen, &lease("a", 5, 0), settle).is_ok());
+}
+
+/// A unit whose `systemctl start` blocks while its processes already run (`Type=notify`, a
+/// JVM slow to say it is ready) for less than the agent's limit on a start (3 x
+/// `stop_timeout_ms`) but past the lease's fence deadline: the main thread, blocked in it,
+/// neither renewed nor fenced, and the other VM took the lease over while the unit ran.
+#[test]
+fn issue10_a_unit_slow_to_start_is_stopped_by_the_fence_deadline() {
+    let Some(pg) = PgCluster::start("issue10_slow_unit") else {
+        return;
+    };
+    let port = pg.port;
+    // fence deadline: takeover + 2500 - 1200 - 250 = 1050 ms; the start's limit is 3600 ms
+    let mut p = Pair::with(500, 2500, |fx, name| {
+        let dsn = fx.path(&format!("{name}.dsn"));
+        PgCluster::write_dsn_on(&dsn, port);
+        format!(
+            "\n[lease]\nbackend = \"postgres\"\ndsn_file = {}\npair = \"corda-test\"\n",
+            toml_path(&dsn)
+        )
+    });
+    artemis_sync(&p.config("a"), ["lease", "init"]).code(0);
+    let active = p.fx.path("corda.active");
+    with_fake_unit(
+        &mut p,
+        "a",
+        &format!(
+            "case \"$1\" in\n  start) touch {active}; sleep 3.4 ;;\n  stop|kill) rm -f {active} ;;\n  is-active) if [ -e {active} ]; then echo active; else echo inactive; exit 3; fi ;;\nesac",
+            active = active.display()
+        ),
+        "max_local_restarts = 0",
+    );
+    let cfg = p.config("a");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            &format!("stop_timeout_ms = {STOP_MS}"),
+            "stop_timeout_ms = 1200",
+        ),
+    )
+    .unwrap();
+    p.start("a");
+    assert!(
+        wait_until(Duration::from_secs(10), || active.exists()),
+        "{}",
+        p.stderr_of()
+    );
+    // b sees a's row from now on: it may take it over 2500 ms after, a's start still blocking
+    p.start("b");
+    let b_hot = wait_until(Duration::from_secs(8), || p.role("b") == "hot");
+    let a_unit_active = active.exists();
+    assert!(b_hot, "{}", p.stderr_of());
+    assert!(
+        !a_unit_active,
+        "b took over while a's unit, still starting, ran:\n{}",
+        p.stderr_of()
+    );
 }
