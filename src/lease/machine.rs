@@ -240,6 +240,9 @@ impl LeaseMachine {
         match self.role {
             LeaseRole::Hot if self.outstanding.is_none() => self.next_renew.min(self.fence_at()),
             LeaseRole::Hot | LeaseRole::Starting => self.fence_at(),
+            // the worker holds a job: its reply wakes the owner, which looks again a poll
+            // later at the latest (a store slow to answer is waited for, not polled at once)
+            _ if self.outstanding.is_some() => self.next_poll.max(Instant::now() + self.poll),
             _ => self.next_poll,
         }
     }
@@ -304,6 +307,10 @@ impl LeaseMachine {
                         && self.stay_out.is_none()
                         && !self.lock_held,
                 }) {
+                    self.next_poll = now + self.poll;
+                } else if self.outstanding.is_none() {
+                    // the worker's queue is full: a job a release gave up waiting for still
+                    // runs (a hung store) with the release's behind it; try again a poll later
                     self.next_poll = now + self.poll;
                 }
             }

@@ -366,3 +366,111 @@ fn issue3_a_renewal_retried_after_its_answer_was_lost_counts_from_the_first_atte
         fenced_at.map(|f| f.saturating_duration_since(taken)),
     );
 }
+
+/// [`Mem`], each of whose calls takes the delay `.1` holds to answer (a database slow to
+/// answer, an NFS server that hangs the lock file's calls).
+#[derive(Clone)]
+struct Slow(Mem, Arc<Mutex<Duration>>);
+
+impl Slow {
+    fn new(mem: &Mem, delay: Duration) -> Slow {
+        Slow(mem.clone(), Arc::new(Mutex::new(delay)))
+    }
+    fn wait(&self) {
+        let delay = *self.1.lock().unwrap();
+        std::thread::sleep(delay);
+    }
+}
+
+impl LeaseStore for Slow {
+    fn has_lock(&self) -> bool {
+        false
+    }
+    fn observe(&mut self, try_lock: bool) -> (Result<bool, String>, Obs) {
+        self.wait();
+        self.0.observe(try_lock)
+    }
+    fn take_over(
+        &mut self,
+        expect: &Obs,
+        lease: &Lease,
+        d: Duration,
+    ) -> Result<(), (bool, String)> {
+        self.wait();
+        self.0.take_over(expect, lease, d)
+    }
+    fn renew(&mut self, current: &Lease, next: &Lease) -> Result<(), RenewFail> {
+        self.wait();
+        self.0.renew(current, next)
+    }
+    fn release(&mut self, current: &Lease) -> Result<(), String> {
+        self.wait();
+        self.0.release(current)
+    }
+    fn unlock(&mut self) {}
+}
+
+fn slow_machine(store: &Slow) -> LeaseMachine {
+    let ch = worker::start(
+        Box::new(store.clone()),
+        None,
+        crate::daemon::metrics::Metrics::new(),
+    )
+    .unwrap();
+    LeaseMachine::new("me".into(), T, ch, false, None)
+}
+
+/// Turns of an owner's loop (wait for a reply until the machine's next deadline, then tick)
+/// in `limit`.
+fn turns(m: &mut LeaseMachine, limit: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
+    let replies = m.replies();
+    let mut turns = 0;
+    while Instant::now() < deadline {
+        let left = m
+            .next_deadline()
+            .min(deadline)
+            .saturating_duration_since(Instant::now());
+        if let Ok((seq, done)) = replies.recv_timeout(left) {
+            m.handle_reply(seq, done);
+        }
+        m.tick();
+        let _ = m.take_events();
+        turns += 1;
+    }
+    turns
+}
+
+#[test]
+fn issue10_a_slow_lease_store_is_waited_for_not_polled_in_a_busy_loop() {
+    // an observation outlasting the poll interval: the loop once found its next deadline
+    // passed while the worker still held the job, and turned without waiting until the reply
+    let mem = Mem::default();
+    *mem.0.lock().unwrap() = Some(Lease::new("other", 3, 20, 150));
+    let mut m = slow_machine(&Slow::new(&mem, Duration::from_millis(200)));
+    let n = turns(&mut m, Duration::from_millis(600));
+    assert!(n < 100, "{n} turns of the loop in 600 ms");
+}
+
+#[test]
+fn issue10_a_release_the_store_did_not_answer_leaves_no_busy_loop_behind() {
+    // the release waits at most wait_interval_ms for a hung store; its job then still sits
+    // in the worker's queue behind the renewal in hand, so the next observation cannot be
+    // sent: the loop must wait, not try again at once for as long as the store hangs
+    let mem = Mem::default();
+    let store = Slow::new(&mem, Duration::ZERO);
+    let mut m = slow_machine(&store);
+    let ev = run(&mut m, Duration::from_secs(2), |e| acquired(e).is_some());
+    assert!(acquired(&ev).is_some(), "{ev:?}");
+    *store.1.lock().unwrap() = Duration::from_millis(700);
+    let began = Instant::now();
+    while m.outstanding.is_none() && began.elapsed() < Duration::from_secs(1) {
+        m.tick();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(m.outstanding.is_some(), "a renewal in hand");
+    m.release("test");
+    assert_eq!(m.role(), LeaseRole::Cold);
+    let n = turns(&mut m, Duration::from_millis(500));
+    assert!(n < 100, "{n} turns of the loop in 500 ms");
+}
