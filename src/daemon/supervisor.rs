@@ -327,8 +327,10 @@ impl Supervisor {
     }
 
     /// Restarts the node if the watchdog's back-off has passed and the mode says it `may_run`
-    /// the node (holds the lease, is hot); a restart due while it may not is dropped.
-    pub fn health_turn(&mut self, may_run: bool) -> Option<String> {
+    /// the node (holds the lease, is hot), until `until` at the latest (the lease's fence
+    /// deadline: a unit's start not finished by then is stopped); a restart due while it may
+    /// not is dropped.
+    pub fn health_turn(&mut self, may_run: bool, until: Option<Instant>) -> Option<String> {
         if !self.health.restart_due(Instant::now()) {
             return None;
         }
@@ -347,7 +349,7 @@ impl Supervisor {
             restarts_total,
             "restarting the node after the back-off"
         );
-        if let Err(e) = self.start_node(epoch, true, None) {
+        if let Err(e) = self.start_node(epoch, true, until) {
             let what = format!("the node could not restart: {e}");
             self.note_error(what.clone());
             self.health.started(Instant::now(), true);
@@ -539,10 +541,10 @@ mod tests {
         assert_eq!(s.node_exited(status), None, "a restart, not a give-up");
         assert_eq!(s.node_health().state, HealthState::Restarting);
         assert!(s.wait_limit(Duration::from_secs(10)) <= Duration::from_millis(50));
-        assert_eq!(s.health_turn(true), None);
+        assert_eq!(s.health_turn(true, None), None);
         assert_eq!(s.node_pid(), None, "restarted before the back-off");
         std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(s.health_turn(true), None);
+        assert_eq!(s.health_turn(true, None), None);
         let second = s.node_pid().expect("restarted");
         assert_ne!(first, second);
         assert_eq!(s.node_health().restarts_total, 1);
@@ -552,7 +554,7 @@ mod tests {
         assert_eq!(s.node_exited(status), None);
         assert!(s.node_health().next_restart_in_ms.unwrap() > 50);
         std::thread::sleep(Duration::from_millis(110));
-        assert_eq!(s.health_turn(false), None);
+        assert_eq!(s.health_turn(false, None), None);
         assert_eq!(s.node_pid(), None);
         assert_eq!(s.node_health().state, HealthState::None);
     }

@@ -505,7 +505,8 @@ impl Replica {
         let may_run = self.gate.get().role == ReplRole::Hot
             && self.waiting_for.is_none()
             && self.lease.as_ref().is_none_or(LeaseMachine::may_run_node);
-        if let Some(why) = self.sup.health_turn(may_run) {
+        let until = self.lease.as_ref().map(LeaseMachine::may_run_until);
+        if let Some(why) = self.sup.health_turn(may_run, until) {
             self.give_up(&why);
         }
     }

@@ -222,7 +222,8 @@ impl Agent {
     /// and whether this VM stays out of the contention.
     fn health_turn(&mut self) {
         let may_run = self.machine.may_run_node();
-        if let Some(why) = self.sup.health_turn(may_run) {
+        let until = self.machine.may_run_until();
+        if let Some(why) = self.sup.health_turn(may_run, Some(until)) {
             self.give_up(&why);
         }
         self.machine.stay_out(self.sup.staying_out());

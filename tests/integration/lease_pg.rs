@@ -651,3 +651,79 @@ fn issue10_a_unit_slow_to_start_is_stopped_by_the_fence_deadline() {
         p.stderr_of()
     );
 }
+
+/// As above, for the watchdog's local restart of a unit that stopped: that start blocked the
+/// main thread as long, unbounded by the fence deadline.
+#[test]
+fn issue10_a_unit_slow_to_restart_is_stopped_by_the_fence_deadline() {
+    let Some(pg) = PgCluster::start("issue10_slow_restart") else {
+        return;
+    };
+    let port = pg.port;
+    let mut p = Pair::with(500, 2500, |fx, name| {
+        let dsn = fx.path(&format!("{name}.dsn"));
+        PgCluster::write_dsn_on(&dsn, port);
+        format!(
+            "\n[lease]\nbackend = \"postgres\"\ndsn_file = {}\npair = \"corda-test\"\n",
+            toml_path(&dsn)
+        )
+    });
+    artemis_sync(&p.config("a"), ["lease", "init"]).code(0);
+    let (active, started) = (p.fx.path("corda.active"), p.fx.path("corda.started"));
+    // the first start is quick and the unit stops a second later; the restart hangs 3.4 s
+    with_fake_unit(
+        &mut p,
+        "a",
+        &format!(
+            "case \"$1\" in\n  start) if [ -e {started} ]; then touch {active}; sleep 3.4; \
+             else touch {started} {active}; (sleep 1; rm -f {active}) >/dev/null 2>&1 & fi ;;\n  \
+             stop|kill) rm -f {active} ;;\n  is-active) if [ -e {active} ]; then echo active; \
+             else echo inactive; exit 3; fi ;;\nesac",
+            active = active.display(),
+            started = started.display()
+        ),
+        "max_local_restarts = 1\nrestart_backoff_ms = 100",
+    );
+    let cfg = p.config("a");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            &format!("stop_timeout_ms = {STOP_MS}"),
+            "stop_timeout_ms = 1200",
+        ),
+    )
+    .unwrap();
+    p.start("a");
+    assert!(
+        wait_until(Duration::from_secs(10), || started.exists()),
+        "{}",
+        p.stderr_of()
+    );
+    p.start("b");
+    // the restart begins once a sees its unit stopped (within a second of the stop)
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            p.stderr_of()
+                .contains("restarting the node after the back-off")
+        }),
+        "{}",
+        p.stderr_of()
+    );
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < deadline && p.role("b") != "hot" {
+        assert!(
+            !(active.exists() && p.role("b") == "hot"),
+            "b took over while a's unit, restarting, ran:\n{}",
+            p.stderr_of()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let a_unit_active = active.exists();
+    assert_eq!(p.role("b"), "hot", "{}", p.stderr_of());
+    assert!(
+        !a_unit_active,
+        "b took over while a's unit, restarting, ran:\n{}",
+        p.stderr_of()
+    );
+}
