@@ -695,11 +695,13 @@ impl Applier {
                 None => break,
             }
         }
-        fs::create_dir_all(dir).map_err(io_err("cannot create directory", dir))?;
+        // noted first: a failure part way leaves the directories it made, which a failed
+        // batch must not leave unsynced
         for d in missing {
             touched.entries(&self.parent_of(&d));
             touched.entries(&d);
         }
+        fs::create_dir_all(dir).map_err(io_err("cannot create directory", dir))?;
         Ok(())
     }
 
@@ -750,14 +752,15 @@ impl Applier {
             fs::remove_file(&full).map_err(io_err("cannot remove", &full))?;
         }
         let created = existing.is_none_or(|m| !m.is_file());
+        if created {
+            // noted first: a failure after the open made the entry leaves it there
+            touched.entries(&self.parent_of(&full));
+        }
         let f = self.open(&path, true)?;
         f.set_len(len)
             .map_err(io_err("cannot set length of", &full))?;
         self.memo.set_file(&path, len, created);
         touched.data(&path, &full);
-        if created {
-            touched.entries(&self.parent_of(&full));
-        }
         self.chmod(&full, mode, touched)
     }
 

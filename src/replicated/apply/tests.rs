@@ -559,3 +559,51 @@ fn issue15_a_write_far_past_the_end_gets_no_memo_slot_per_page() {
     f.read_exact(&mut page).unwrap();
     assert_eq!(page, vec![1; 4096]);
 }
+
+/// Issue 8 review: a `SetFile` that created its file and then failed (here its length, which
+/// no file can have; on a sick disk an `EIO`) left the new entry out of what the next index
+/// fsyncs. The index then reports the file, the hot side's next `SetFile` finds it there (not
+/// created, so no entry noted), and the name was never made durable under batches acked since.
+#[test]
+fn issue8_a_file_a_failed_batch_created_has_its_entry_synced_before_the_next_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = applier(dir.path());
+    let ops = vec![Op::SetFile {
+        path: "new".into(),
+        len: u64::MAX,
+        mode: 0o644,
+    }];
+    assert!(matches!(a.batch(1, ops), Applied::Failed { seq: 1, .. }));
+    assert!(
+        fs::symlink_metadata(dir.path().join("new")).is_ok(),
+        "the open created it"
+    );
+    assert!(
+        a.unsynced_inodes.contains(dir.path()),
+        "the entry the failed batch made: {:?}",
+        a.unsynced_inodes
+    );
+}
+
+/// Issue 8 review: a `Mkdir` whose `create_dir_all` made some of the missing directories and
+/// then failed (a full disk, or here a name too long) left those entries out of what the
+/// next index fsyncs; later batches find the directories there and never note them again.
+#[test]
+fn issue8_directories_a_failed_mkdir_made_on_the_way_are_synced_before_the_next_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = applier(dir.path());
+    let ops = vec![Op::Mkdir {
+        path: format!("a/b/{}", "x".repeat(300)),
+        mode: 0o755,
+    }];
+    assert!(matches!(a.batch(1, ops), Applied::Failed { seq: 1, .. }));
+    assert!(dir.path().join("a/b").is_dir(), "made on the way");
+    for d in [dir.path().to_owned(), dir.path().join("a")] {
+        assert!(
+            a.unsynced_inodes.contains(&d),
+            "{} lost the entry the failed batch made in it: {:?}",
+            d.display(),
+            a.unsynced_inodes
+        );
+    }
+}
