@@ -222,6 +222,8 @@ enum Durability {
     SyncedData(PathBuf),
     /// `fsync` of a file or directory (data and metadata).
     SyncedAll(PathBuf),
+    /// `syncfs` of the file system holding a directory (everything on it).
+    SyncedFs(PathBuf),
 }
 
 impl Touched {
@@ -266,6 +268,9 @@ pub(crate) struct Applier {
     unsynced: HashSet<String>,
     /// Inodes whose metadata or directory entries a failed batch changed and did not fsync.
     unsynced_inodes: HashSet<PathBuf>,
+    /// The data directory's file system was synced since this start: what an agent killed in
+    /// the middle of a batch left in the page cache is on the disk before an index reads it.
+    synced_at_start: bool,
     /// What the apply thread knows of its files' pages, so an index reads only the rest.
     memo: PageMemo,
     /// Where the memo is kept across restarts (`Job::Save` writes it, the start reads it).
@@ -300,6 +305,7 @@ impl Applier {
             taken: None,
             unsynced: HashSet::new(),
             unsynced_inodes: HashSet::new(),
+            synced_at_start: false,
             memo: PageMemo::new(page_size).at(root),
             memo_file: None,
             #[cfg(test)]
@@ -862,6 +868,20 @@ impl Applier {
             None => Ok(None),
         }
     }
+}
+
+/// Makes everything on the file system holding `dir` durable (`syncfs`, which also reports a
+/// write-back error of any file on it since Linux 5.8).
+fn sync_fs(dir: &Path) -> Result<(), PagesError> {
+    let f = File::open(dir).map_err(io_err("cannot open", dir))?;
+    // SAFETY: syncfs only reads its argument; the descriptor is open for this call.
+    let rc = unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) };
+    if rc != 0 {
+        return Err(io_err("cannot sync the file system of", dir)(
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
 }
 
 /// `a/b/c`, `a/b`, `a`.

@@ -7,7 +7,7 @@
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::replicated::apply::Applier;
+use crate::replicated::apply::{sync_fs, Applier};
 use crate::replicated::ops::DigestPart;
 use crate::replicated::pages::{
     digest_parts, file_index_parts, file_parts_from, other_index_part, walk_sorted, Entry,
@@ -49,6 +49,19 @@ impl Applier {
     ) {
         self.expected = 1;
         self.files.clear();
+        if !self.synced_at_start {
+            // an agent killed in the middle of a batch left its changes in the page cache,
+            // unsynced and unnoted: the index would vouch for them, and the hot side would
+            // never send them again
+            if let Err(e) = sync_fs(&self.root) {
+                let _ = done.send(Err(e));
+                return;
+            }
+            self.synced_at_start = true;
+            #[cfg(test)]
+            self.log
+                .push(super::Durability::SyncedFs(self.root.clone()));
+        }
         if let Err(e) = self.sync_unsynced() {
             let _ = done.send(Err(e));
             return;

@@ -453,7 +453,7 @@ fn issue16_a_failed_write_to_what_is_now_a_symlink_does_not_block_every_later_in
 }
 
 /// Runs an index on this thread: its outcome and the parts it streamed.
-fn index_now(a: &mut Applier) -> (Result<(), PagesError>, Vec<IndexPart>) {
+pub(super) fn index_now(a: &mut Applier) -> (Result<(), PagesError>, Vec<IndexPart>) {
     let (parts_tx, mut parts) = mpsc::channel(1024);
     let (done_tx, mut done) = oneshot::channel();
     let (digests, _digests_rx) = mpsc::channel(4);
