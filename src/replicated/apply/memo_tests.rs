@@ -51,9 +51,14 @@ enum Change {
     Chmod {
         path: usize,
     },
+    Mkdir {
+        path: usize,
+    },
 }
 
-const PATHS: [&str; 4] = ["a", "b", "d/a", "d/b"];
+/// Files and directories the changes name: `d` exists from the start (so changes below it
+/// apply), `e` only once made or renamed to; a rename of either moves what is below it.
+const PATHS: [&str; 7] = ["a", "b", "d", "d/a", "d/b", "e", "e/a"];
 
 fn change() -> impl Strategy<Value = Change> {
     let path = 0..PATHS.len();
@@ -71,7 +76,8 @@ fn change() -> impl Strategy<Value = Change> {
             .prop_map(|(path, offset, len)| Change::Allocate { path, offset, len }),
         (path.clone(), path.clone()).prop_map(|(from, to)| Change::Rename { from, to }),
         path.clone().prop_map(|path| Change::Remove { path }),
-        path.prop_map(|path| Change::Chmod { path }),
+        path.clone().prop_map(|path| Change::Chmod { path }),
+        path.prop_map(|path| Change::Mkdir { path }),
     ]
 }
 
@@ -113,13 +119,17 @@ fn op(c: &Change) -> Op {
                 gid: 0,
             },
         },
+        Change::Mkdir { path } => Op::Mkdir {
+            path: PATHS[*path].into(),
+            mode: 0o750,
+        },
     }
 }
 
 /// Applies each batch in turn (one that fails, as a write below a file does, is left
 /// behind as the hot side would resend it after a resync).
 fn apply_all(a: &mut Applier, batches: &[Vec<Change>]) {
-    let mut seq = 1;
+    let mut seq = a.expected;
     for b in batches {
         let ops = b.iter().map(op).collect();
         if matches!(a.batch(seq, ops), Applied::Done { .. }) {
@@ -145,6 +155,9 @@ proptest! {
     ) {
         let dir = tempfile::tempdir().unwrap();
         let mut a = memo_applier(dir.path(), None);
+        let d = vec![Op::Mkdir { path: "d".into(), mode: 0o750 }];
+        let made = matches!(a.batch(1, d), Applied::Done { .. });
+        prop_assert!(made, "d made");
         apply_all(&mut a, &batches);
         let (index, _) = a.index_for_test();
         prop_assert_eq!(&index, &index_tree(dir.path(), PS).unwrap());
