@@ -63,6 +63,7 @@ fn eligible(config: &Config, gate: Arc<EpochGate>) -> Eligible {
         .replication
         .as_ref()
         .is_some_and(|r| r.ack == Ack::Durable);
+    let me = config.holder_id();
     Box::new(move |lease: Option<&Lease>| {
         let st = gate.get();
         let Some(l) = lease else {
@@ -72,6 +73,15 @@ fn eligible(config: &Config, gate: Arc<EpochGate>) -> Eligible {
                 Err("there is no lease row yet: the VM that starts hot takes it first".into())
             };
         };
+        if st.epoch >= 1 && l.epoch == st.epoch + 1 && l.holder == me {
+            // A row naming this VM one epoch past its state is its own takeover whose answer
+            // was lost (or that an agent stopped before writing its state): the statement
+            // could only commit with the report this copy was found eligible under, and no
+            // hot has streamed under that epoch since; it ran no node under it (the state is
+            // written first). Refusing would leave the pair with no node until `promote
+            // --force`: neither copy followed that epoch.
+            return Ok(());
+        }
         if st.epoch < l.epoch {
             return Err(format!(
                 "this copy never received the stream of epoch {} (it is at epoch {}): it lacks that hot's writes",
@@ -484,7 +494,7 @@ mod tests {
             tx,
         ));
         let text = format!(
-            "[node]\nbase_dir = \"/opt/corda\"\n[storage]\nmode = \"replicated\"\n\
+            "[node]\nbase_dir = \"/opt/corda\"\n[lock]\nmachine_name = \"h\"\n[storage]\nmode = \"replicated\"\n\
              [replication]\nrole = \"cold\"\ndata_dir = \"/d\"\nlisten = \"127.0.0.1:1\"\n\
              peer = \"127.0.0.1:2\"\ninsecure_loopback = true\ncapture = \"fuse\"\nack = \"{ack}\"\n"
         );
@@ -521,6 +531,28 @@ mod tests {
         assert!(lagging(Some(&row(4, Some(200)))).is_ok());
         let e = lagging(Some(&row(4, Some(201)))).unwrap_err();
         assert!(e.contains("max_failover_lag_ms = 200"), "{e}");
+    }
+
+    #[test]
+    fn issue10_a_takeover_of_ours_whose_answer_was_lost_leaves_this_copy_eligible() {
+        let (mut cold, _d) = rule(ReplRole::Cold, 4, "durable", 0);
+        let me = |epoch: u64, state: LeaseState| Lease {
+            holder: "h:/opt/corda".into(),
+            state,
+            cold_lag_ms: None,
+            ..Lease::new("other", epoch, 500, 3000)
+        };
+        // our takeover to epoch 5 committed, its answer lost (then released, or not): the
+        // row's report was cleared by it, and neither VM followed epoch 5
+        assert!(cold(Some(&me(5, LeaseState::Held))).is_ok());
+        assert!(cold(Some(&me(5, LeaseState::Released))).is_ok());
+        // not ours, or further than one takeover past this copy's epoch
+        let e = cold(Some(&row(5, None))).unwrap_err();
+        assert!(e.contains("never received the stream of epoch 5"), "{e}");
+        assert!(cold(Some(&me(6, LeaseState::Held))).is_err());
+        // a copy that never followed any epoch (a VM set up again) is not vouched for
+        let (mut fresh, _d) = rule(ReplRole::Cold, 0, "durable", 0);
+        assert!(fresh(Some(&me(1, LeaseState::Released))).is_err());
     }
 
     #[test]
