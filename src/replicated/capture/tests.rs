@@ -2227,6 +2227,64 @@ fn issue12_a_listing_through_the_mount_gives_every_untouched_name_once() {
     );
 }
 
+/// Issue 9: a file unlinked, or replaced by a rename, while it is open stays usable through
+/// its descriptor, as on any local filesystem: `fstat`, `ftruncate`, `fchmod`, `fchown` and
+/// `futimens` on it failed with `ENOENT` (its node has no path any more, and the attributes
+/// were only ever read and set by path). What is done to it is outside the tree: the cold
+/// copy is the hot tree all the same.
+#[test]
+fn issue9_an_open_file_unlinked_or_replaced_keeps_working_through_its_descriptor() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut r = Rig::build(true);
+    let mnt = r._tmp.path().join("mnt");
+    let hot = r.hot.canonicalize().unwrap();
+    let Some((capture, rx)) = fuse_mount(&hot, &mnt) else {
+        return;
+    };
+    let open = |name: &str| {
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(mnt.join(name))
+            .unwrap();
+        f.write_all_at(&[7u8; 3000], 0).unwrap();
+        f
+    };
+    let unlinked = open("a");
+    fs::remove_file(mnt.join("a")).unwrap();
+    let replaced = open("b");
+    fs::write(mnt.join("c"), b"the new b").unwrap();
+    fs::rename(mnt.join("c"), mnt.join("b")).unwrap();
+    for (what, f) in [("unlinked", &unlinked), ("replaced", &replaced)] {
+        let m = f
+            .metadata()
+            .unwrap_or_else(|e| panic!("fstat of the {what} file: {e}"));
+        assert_eq!((m.len(), m.nlink()), (3000, 0), "{what}");
+        f.set_len(1000)
+            .unwrap_or_else(|e| panic!("ftruncate of the {what} file: {e}"));
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .unwrap_or_else(|e| panic!("fchmod of the {what} file: {e}"));
+        std::os::unix::fs::fchown(f, Some(4321), Some(4322))
+            .unwrap_or_else(|e| panic!("fchown of the {what} file: {e}"));
+        f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_000_000))
+            .unwrap_or_else(|e| panic!("futimens of the {what} file: {e}"));
+        let m = f.metadata().unwrap();
+        assert_eq!(
+            (m.len(), m.mode() & 0o7777, m.uid(), m.gid(), m.mtime()),
+            (1000, 0o600, 4321, 4322, 1_000_000),
+            "{what}"
+        );
+        f.write_all_at(b"still written", 0).unwrap();
+    }
+    drop((unlinked, replaced));
+    capture.stop();
+    assert_eq!(fs::read(hot.join("b")).unwrap(), b"the new b");
+    r.fs_all(rx.try_iter().collect());
+    assert!(r.same());
+}
+
 /// Issue 12: a symlink whose target is not UTF-8 is refused at the call (`EINVAL`, as such a
 /// name is), not made on the hot side alone: the op stream cannot carry its target, and the
 /// copies would differ without an error anywhere.

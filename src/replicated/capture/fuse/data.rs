@@ -146,7 +146,11 @@ impl Passthrough {
         let attrs_only = c.size.is_none();
         let _shared = (!attrs_only).then(|| self.order.read().expect("order lock"));
         let _exclusive = attrs_only.then(|| self.order.write().expect("order lock"));
-        let rel = self.rel(ino)?;
+        let rel = match self.rel(ino) {
+            Ok(rel) => rel,
+            // unlinked or replaced while open: changed through a handle, outside the tree
+            Err(e) => return set_attrs_of(&*self.handle_of(ino, fh).ok_or(e)?, c),
+        };
         let abs = self.abs(&rel);
         // the file whose length changed, and the shorter of its old and new lengths
         let mut resized = None;
@@ -191,4 +195,24 @@ impl Passthrough {
         }
         result
     }
+}
+
+/// `setattr` of a file that has no path any more, through an open handle of it (`ftruncate`,
+/// `fchmod`, `fchown`, `futimens` on a descriptor of a file unlinked or replaced since): in
+/// the order [`Passthrough::set_attrs`] uses, with nothing queued (it is no longer in the tree).
+fn set_attrs_of(file: &fs::File, c: &AttrChange) -> Res<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(size) = c.size {
+        file.set_len(size)?;
+    }
+    if c.uid.is_some() || c.gid.is_some() {
+        std::os::unix::fs::fchown(file, c.uid, c.gid)?;
+    }
+    if let Some(mode) = c.mode {
+        file.set_permissions(fs::Permissions::from_mode(mode & sys::MODE_BITS))?;
+    }
+    if c.atime.is_some() || c.mtime.is_some() {
+        sys::set_file_times(file, c.atime, c.mtime)?;
+    }
+    Ok(())
 }

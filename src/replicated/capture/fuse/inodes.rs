@@ -64,6 +64,11 @@ impl Inodes {
         self.nodes.get(&ino)?.path.as_deref()
     }
 
+    /// The backing inode number of node `ino`, with a path or not.
+    pub(super) fn backing(&self, ino: u64) -> Option<u64> {
+        Some(self.nodes.get(&ino)?.backing)
+    }
+
     /// The node at `rel`, if the kernel knows one.
     pub(super) fn ino_of(&self, rel: &str) -> Option<u64> {
         self.by_path.get(rel).copied()

@@ -161,14 +161,36 @@ impl Passthrough {
         files.get(&fh.0).cloned().ok_or(Errno::EBADF)
     }
 
+    /// A backing file open on node `ino`: `fh`'s, else any open handle of it. A node unlinked
+    /// or replaced while open has no path: its descriptors reach it only through a handle.
+    pub(super) fn handle_of(&self, ino: INodeNo, fh: Option<FileHandle>) -> Option<Arc<File>> {
+        if let Some(f) = fh.and_then(|fh| self.file(fh).ok()) {
+            return Some(f);
+        }
+        let backing = self.inodes.lock().expect("inode table").backing(ino.0)?;
+        let open: Vec<Arc<File>> = self
+            .files
+            .lock()
+            .expect("file table")
+            .values()
+            .cloned()
+            .collect();
+        open.into_iter()
+            .find(|f| f.metadata().is_ok_and(|m| m.ino() == backing))
+    }
+
     fn getattr_of(&self, ino: INodeNo, fh: Option<FileHandle>) -> Res<FileAttr> {
         if let Some(f) = fh.and_then(|fh| self.file(fh).ok()) {
             return Ok(sys::attr(ino.0, &f.metadata()?));
         }
-        Ok(sys::attr(
-            ino.0,
-            &fs::symlink_metadata(self.abs(&self.rel(ino)?))?,
-        ))
+        match self.rel(ino) {
+            Ok(rel) => Ok(sys::attr(ino.0, &fs::symlink_metadata(self.abs(&rel))?)),
+            // unlinked or replaced while open (an `fstat`): read through a handle of it
+            Err(e) => {
+                let f = self.handle_of(ino, None).ok_or(e)?;
+                Ok(sys::attr(ino.0, &f.metadata()?))
+            }
+        }
     }
 
     /// Answers a sync (of a file or a directory) whose local part is done: at once, or with

@@ -120,6 +120,18 @@ pub(super) fn set_times(
     })
 }
 
+/// Sets the access and modification times of an open file (`None` leaves one alone).
+pub(super) fn set_file_times(
+    file: &File,
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
+) -> io::Result<()> {
+    let ts = [timespec(atime), timespec(mtime)];
+    // SAFETY: the descriptor is open for the duration of the call, and `ts` holds the two
+    // timespecs futimens reads.
+    check(unsafe { libc::futimens(file.as_raw_fd(), ts.as_ptr()) })
+}
+
 /// `fallocate(2)` on an open file.
 pub(super) fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
     let einval = || io::Error::from_raw_os_error(libc::EINVAL);
