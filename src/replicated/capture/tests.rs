@@ -2285,6 +2285,43 @@ fn issue9_an_open_file_unlinked_or_replaced_keeps_working_through_its_descriptor
     assert!(r.same());
 }
 
+/// Issue 9: a directory made in a set-group-id directory through the mount is set-group-id
+/// too, as on a local filesystem, so that what is made below it keeps getting the group. The
+/// passthrough set exactly the mode asked for, which the kernel leaves to the filesystem to
+/// add the bit to: the new directory lost it, and files made in it got the caller's group.
+#[test]
+fn issue9_a_directory_made_in_a_set_group_id_directory_inherits_the_bit() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut r = Rig::build(true);
+    let mnt = r._tmp.path().join("mnt");
+    let hot = r.hot.canonicalize().unwrap();
+    let Some((capture, rx)) = fuse_mount(&hot, &mnt) else {
+        return;
+    };
+    fs::create_dir(mnt.join("g")).unwrap();
+    std::os::unix::fs::chown(mnt.join("g"), None, Some(4322)).unwrap();
+    fs::set_permissions(mnt.join("g"), fs::Permissions::from_mode(0o2775)).unwrap();
+    fs::create_dir(mnt.join("g/journal")).unwrap();
+    fs::write(mnt.join("g/journal/a.amq"), b"a").unwrap();
+    fs::create_dir(mnt.join("plain")).unwrap();
+    capture.stop();
+    let m = fs::metadata(hot.join("g/journal")).unwrap();
+    assert_eq!(
+        (m.mode() & 0o7777, m.gid()),
+        (0o2755, 4322),
+        "mode {:o}",
+        m.mode()
+    );
+    assert_eq!(
+        fs::metadata(hot.join("g/journal/a.amq")).unwrap().gid(),
+        4322
+    );
+    let plain = fs::metadata(hot.join("plain")).unwrap().mode() & 0o7777;
+    assert_eq!(plain, 0o755, "mode {plain:o}");
+    r.fs_all(rx.try_iter().collect());
+    assert!(r.same());
+}
+
 /// Issue 12: a symlink whose target is not UTF-8 is refused at the call (`EINVAL`, as such a
 /// name is), not made on the hot side alone: the op stream cannot carry its target, and the
 /// copies would differ without an error anywhere.

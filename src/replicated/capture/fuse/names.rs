@@ -2,7 +2,8 @@
 //! rename. Each holds the ordering lock exclusively from the backing call until its event is
 //! queued. What they create is given the caller's owner (`req.uid()`, `req.gid()`, or the
 //! directory's group under a set-group-id directory) and exactly the mode asked for (the
-//! kernel has already applied the caller's umask): the node, not root, owns its journal.
+//! kernel has already applied the caller's umask; a directory made in a set-group-id one
+//! also gets that bit): the node, not root, owns its journal.
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
@@ -144,8 +145,13 @@ impl Passthrough {
     ) -> Res<FileAttr> {
         let _order = self.order.write().expect("order lock");
         let rel = self.child_of(parent, name)?;
-        fs::create_dir(self.abs(&rel))?;
-        self.finish_new(req, &rel, Some(mode), Made::Dir)
+        let abs = self.abs(&rel);
+        fs::create_dir(&abs)?;
+        // in a set-group-id directory a new directory is set-group-id too, as `owner` gives
+        // it the group (the mode the kernel asks for never has the bit)
+        let dir = abs.parent().unwrap_or(&abs);
+        let inherited = fs::metadata(dir).map_or(0, |m| m.mode() & libc::S_ISGID);
+        self.finish_new(req, &rel, Some(mode | inherited), Made::Dir)
     }
 
     pub(super) fn make_symlink(
