@@ -101,7 +101,9 @@ impl Passthrough {
     }
 
     /// `fallocate` with any mode the backing filesystem supports (punching holes, zeroing);
-    /// the range is rescanned, so what it did to the bytes and the allocation is sent.
+    /// the range is rescanned, so what it did to the bytes and the allocation is sent. Also
+    /// when it failed: one that ran out of space part way may have kept the blocks and the
+    /// length it reached (ext4 does).
     pub(super) fn allocate(
         &self,
         ino: INodeNo,
@@ -112,7 +114,7 @@ impl Passthrough {
     ) -> Res<()> {
         let file = self.file(fh)?;
         let _order = self.order.read().expect("order lock");
-        sys::fallocate(&file, mode, offset, len)?;
+        let result = sys::fallocate(&file, mode, offset, len);
         if let Ok(path) = self.rel(ino) {
             self.send(FsEvent::Wrote {
                 path,
@@ -121,7 +123,7 @@ impl Passthrough {
                 len,
             });
         }
-        Ok(())
+        Ok(result?)
     }
 
     /// `setattr`: length (through the caller's handle when it has one), owner, mode, times,
