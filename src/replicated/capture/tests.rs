@@ -2382,6 +2382,34 @@ fn issue9_a_fallocate_that_fails_part_way_is_queued_as_what_it_did() {
     assert!(r.same());
 }
 
+/// Issue 9: a `chmod`, `chown` or `touch` of the mount's root (the journal directory
+/// `${BASE_DIR}/artemis` links to) queues nothing: the root is no entry of the op stream (the
+/// watch capture ignores it too). Its `AttrsSet` of the empty path made the scanner read the
+/// root as a new directory and send a `Mkdir` of "": the cold side refused the whole batch,
+/// with the other calls' ops in it, and the stream was dropped and resynced in full.
+#[test]
+fn issue9_a_change_of_the_mount_roots_attributes_queues_no_op_the_cold_side_refuses() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut r = Rig::build(true);
+    let mnt = r._tmp.path().join("mnt");
+    let hot = r.hot.canonicalize().unwrap();
+    let Some((capture, rx)) = fuse_mount(&hot, &mnt) else {
+        return;
+    };
+    fs::write(mnt.join("a.amq"), b"written before").unwrap();
+    fs::set_permissions(&mnt, fs::Permissions::from_mode(0o750)).unwrap();
+    std::os::unix::fs::chown(&mnt, Some(4321), Some(4322)).unwrap();
+    fs::File::open(&mnt)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_000_000))
+        .unwrap();
+    fs::write(mnt.join("b.amq"), b"written after").unwrap();
+    capture.stop();
+    // (a refused batch panics here)
+    r.fs_all(rx.try_iter().collect());
+    assert!(r.same());
+}
+
 /// Issue 12: a symlink whose target is not UTF-8 is refused at the call (`EINVAL`, as such a
 /// name is), not made on the hot side alone: the op stream cannot carry its target, and the
 /// copies would differ without an error anywhere.

@@ -179,6 +179,10 @@ impl Passthrough {
             }
             Ok(())
         })();
+        if rel.is_empty() {
+            // the root is no entry of the op stream (the watch capture ignores it too)
+            return result;
+        }
         match (&result, resized) {
             (Ok(()), Some((file, edge))) => self.send(FsEvent::Resized {
                 path: rel,
