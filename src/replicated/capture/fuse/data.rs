@@ -170,9 +170,7 @@ impl Passthrough {
                 sys::lchown(&abs, c.uid, c.gid)?;
             }
             if let Some(mode) = c.mode {
-                use std::os::unix::fs::PermissionsExt;
-                let perms = fs::Permissions::from_mode(mode & sys::MODE_BITS);
-                fs::set_permissions(&abs, perms)?;
+                sys::set_mode_nofollow(&abs, mode & sys::MODE_BITS)?;
             }
             if c.atime.is_some() || c.mtime.is_some() {
                 sys::set_times(&abs, c.atime, c.mtime)?;

@@ -83,6 +83,19 @@ pub(super) fn lchown(path: &Path, uid: Option<u32>, gid: Option<u32>) -> io::Res
     check(unsafe { libc::lchown(p.as_ptr(), u, g) })
 }
 
+/// Sets the mode of `path` itself: a symlink is refused with `EOPNOTSUPP`, as
+/// `fchmodat(AT_SYMLINK_NOFOLLOW)` does. Kernels before 6.6 let a user reach a mode change of a
+/// symlink they own (`chmod` of `/proc/self/fd/N` opened `O_PATH | O_NOFOLLOW`); `chmod(2)` as
+/// root would follow it and change the mode of any file it names. (The caller holds the
+/// ordering lock, so no call through the mount replaces the name between the two calls.)
+pub(super) fn set_mode_nofollow(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if std::fs::symlink_metadata(path)?.file_type().is_symlink() {
+        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
 fn timespec(t: Option<TimeOrNow>) -> libc::timespec {
     let (tv_sec, tv_nsec) = match t {
         None => (0, libc::UTIME_OMIT),
@@ -186,5 +199,22 @@ mod tests {
         )));
         assert_eq!((t.tv_sec, t.tv_nsec), (3, 7));
         assert_eq!(timespec(None).tv_nsec, libc::UTIME_OMIT);
+    }
+
+    #[test]
+    fn issue9_a_mode_change_of_a_symlink_is_refused_and_its_target_keeps_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (target, link) = (dir.path().join("shadow"), dir.path().join("link"));
+        std::fs::write(&target, b"x").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = set_mode_nofollow(&link, 0o777).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP));
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o600);
+        set_mode_nofollow(&target, 0o640).unwrap();
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o640);
     }
 }
