@@ -1,6 +1,7 @@
 //! Durable acks (`ack = "durable"`): an `fsync`/`fdatasync` through the mount, of a file or a
-//! directory (also the one `msync(MS_SYNC)` and an `O_DSYNC` write make), returns only once
-//! the cold side has acknowledged, so fsynced, every op made from the calls before it.
+//! directory (also the one `msync(MS_SYNC)` and an `O_DSYNC` write make), and every write
+//! through an `O_DIRECT` handle (Artemis' ASYNCIO journal syncs no other way), returns only
+//! once the cold side has acknowledged, so fsynced, every op made from the calls before it.
 //!
 //! After the local sync, the FUSE thread registers the sync's reply with the
 //! [`crate::replicated::ack_watch`]: the reply goes out as soon as the scanner has flushed the

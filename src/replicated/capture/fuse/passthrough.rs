@@ -196,9 +196,14 @@ impl Passthrough {
     /// Answers a sync (of a file or a directory) whose local part is done: at once, or with
     /// durable acks once the cold side has acknowledged (given by whoever sees it first).
     fn synced(&self, reply: ReplyEmpty) {
+        self.synced_then(Box::new(move || reply.ok()));
+    }
+
+    /// As [`Passthrough::synced`], for any answer (an `O_DIRECT` write's).
+    fn synced_then(&self, answer: crate::replicated::ack_watch::Answer) {
         match &self.durable {
-            None => reply.ok(),
-            Some(d) => d.answer(Box::new(move || reply.ok())),
+            None => answer(),
+            Some(d) => d.answer(answer),
         }
     }
 
@@ -383,12 +388,21 @@ impl Filesystem for Passthrough {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        answer!(self.write_at(ino, fh, offset, data), reply, |n| reply
-            .written(n));
+        let written = self.write_at(ino, fh, offset, data);
+        if flags.0 & libc::O_DIRECT == 0 {
+            return answer!(written, reply, |n| reply.written(n));
+        }
+        // Artemis' ASYNCIO journal takes an `O_DIRECT` write's completion as its record on
+        // the disk and never calls fdatasync: such a write is a sync of what it wrote (the
+        // backing file is written through its page cache), answered as a sync is
+        match written.and_then(|n| self.sync(fh, true).map(|()| n)) {
+            Ok(n) => self.synced_then(Box::new(move || reply.written(n))),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn flush(
