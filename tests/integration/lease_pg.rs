@@ -594,17 +594,14 @@ fn issue13_each_lease_statement_is_conditional_and_judged_by_the_database_clock(
     assert!(a.take_over(&seen, &lease("a", 5, 0), settle).is_ok());
 }
 
-/// A unit whose `systemctl start` blocks while its processes already run (`Type=notify`, a
-/// JVM slow to say it is ready) for less than the agent's limit on a start (3 x
-/// `stop_timeout_ms`) but past the lease's fence deadline: the main thread, blocked in it,
-/// neither renewed nor fenced, and the other VM took the lease over while the unit ran.
-#[test]
-fn issue10_a_unit_slow_to_start_is_stopped_by_the_fence_deadline() {
-    let Some(pg) = PgCluster::start("issue10_slow_unit") else {
-        return;
-    };
+/// The database and two agents on it (renewal 500 ms, wait 2500 ms, `stop_timeout_ms` 1200:
+/// a's fence deadline is 1050 ms after a renewal, its limit on a start 3600 ms), a running
+/// its node as a unit through a fake `systemctl` whose `start` case is `start` (`{active}`
+/// and `{started}` in it name marker files in the fixture: the unit is active while the
+/// first exists), with the `[node]` lines `more`. `None` without PostgreSQL.
+fn slow_unit_pair(test: &str, start: &str, more: &str) -> Option<(PgCluster, Pair)> {
+    let pg = PgCluster::start(test)?;
     let port = pg.port;
-    // fence deadline: takeover + 2500 - 1200 - 250 = 1050 ms; the start's limit is 3600 ms
     let mut p = Pair::with(500, 2500, |fx, name| {
         let dsn = fx.path(&format!("{name}.dsn"));
         PgCluster::write_dsn_on(&dsn, port);
@@ -614,15 +611,19 @@ fn issue10_a_unit_slow_to_start_is_stopped_by_the_fence_deadline() {
         )
     });
     artemis_sync(&p.config("a"), ["lease", "init"]).code(0);
-    let active = p.fx.path("corda.active");
+    let active = p.fx.path("corda.active").display().to_string();
+    let started = p.fx.path("corda.started").display().to_string();
+    let start = start
+        .replace("{active}", &active)
+        .replace("{started}", &started);
     with_fake_unit(
         &mut p,
         "a",
         &format!(
-            "case \"$1\" in\n  start) touch {active}; sleep 3.4 ;;\n  stop|kill) rm -f {active} ;;\n  is-active) if [ -e {active} ]; then echo active; else echo inactive; exit 3; fi ;;\nesac",
-            active = active.display()
+            "case \"$1\" in\n  {start}\n  stop|kill) rm -f {active} ;;\n  is-active) if [ -e \
+             {active} ]; then echo active; else echo inactive; exit 3; fi ;;\nesac"
         ),
-        "max_local_restarts = 0",
+        more,
     );
     let cfg = p.config("a");
     let text = std::fs::read_to_string(&cfg).unwrap();
@@ -634,6 +635,23 @@ fn issue10_a_unit_slow_to_start_is_stopped_by_the_fence_deadline() {
         ),
     )
     .unwrap();
+    Some((pg, p))
+}
+
+/// A unit whose `systemctl start` blocks while its processes already run (`Type=notify`, a
+/// JVM slow to say it is ready) for less than the agent's limit on a start (3 x
+/// `stop_timeout_ms`) but past the lease's fence deadline: the main thread, blocked in it,
+/// neither renewed nor fenced, and the other VM took the lease over while the unit ran.
+#[test]
+fn issue10_a_unit_slow_to_start_is_stopped_by_the_fence_deadline() {
+    let Some((_pg, mut p)) = slow_unit_pair(
+        "issue10_slow_unit",
+        "start) touch {active}; sleep 3.4 ;;",
+        "max_local_restarts = 0",
+    ) else {
+        return;
+    };
+    let active = p.fx.path("corda.active");
     p.start("a");
     assert!(
         wait_until(Duration::from_secs(10), || active.exists()),
@@ -656,44 +674,16 @@ fn issue10_a_unit_slow_to_start_is_stopped_by_the_fence_deadline() {
 /// main thread as long, unbounded by the fence deadline.
 #[test]
 fn issue10_a_unit_slow_to_restart_is_stopped_by_the_fence_deadline() {
-    let Some(pg) = PgCluster::start("issue10_slow_restart") else {
+    // the first start is quick and the unit stops a second later; the restart hangs 3.4 s
+    let Some((_pg, mut p)) = slow_unit_pair(
+        "issue10_slow_restart",
+        "start) if [ -e {started} ]; then touch {active}; sleep 3.4; else touch {started} \
+         {active}; (sleep 1; rm -f {active}) >/dev/null 2>&1 & fi ;;",
+        "max_local_restarts = 1\nrestart_backoff_ms = 100",
+    ) else {
         return;
     };
-    let port = pg.port;
-    let mut p = Pair::with(500, 2500, |fx, name| {
-        let dsn = fx.path(&format!("{name}.dsn"));
-        PgCluster::write_dsn_on(&dsn, port);
-        format!(
-            "\n[lease]\nbackend = \"postgres\"\ndsn_file = {}\npair = \"corda-test\"\n",
-            toml_path(&dsn)
-        )
-    });
-    artemis_sync(&p.config("a"), ["lease", "init"]).code(0);
     let (active, started) = (p.fx.path("corda.active"), p.fx.path("corda.started"));
-    // the first start is quick and the unit stops a second later; the restart hangs 3.4 s
-    with_fake_unit(
-        &mut p,
-        "a",
-        &format!(
-            "case \"$1\" in\n  start) if [ -e {started} ]; then touch {active}; sleep 3.4; \
-             else touch {started} {active}; (sleep 1; rm -f {active}) >/dev/null 2>&1 & fi ;;\n  \
-             stop|kill) rm -f {active} ;;\n  is-active) if [ -e {active} ]; then echo active; \
-             else echo inactive; exit 3; fi ;;\nesac",
-            active = active.display(),
-            started = started.display()
-        ),
-        "max_local_restarts = 1\nrestart_backoff_ms = 100",
-    );
-    let cfg = p.config("a");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(
-        &cfg,
-        text.replace(
-            &format!("stop_timeout_ms = {STOP_MS}"),
-            "stop_timeout_ms = 1200",
-        ),
-    )
-    .unwrap();
     p.start("a");
     assert!(
         wait_until(Duration::from_secs(10), || started.exists()),
