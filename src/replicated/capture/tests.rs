@@ -2086,6 +2086,23 @@ fn fuse_mount(
     Some((capture, rx))
 }
 
+/// A [`Rig`] whose hot directory is served at `mnt` in its temporary directory
+/// ([`fuse_mount`]): the rig, `mnt`, the hot directory's canonical path, the capture and its
+/// events. `None` as [`fuse_mount`] gives it.
+fn mounted_rig() -> Option<(
+    Rig,
+    PathBuf,
+    PathBuf,
+    super::fuse::FuseCapture,
+    crossbeam_channel::Receiver<FsEvent>,
+)> {
+    let r = Rig::build(true);
+    let mnt = r._tmp.path().join("mnt");
+    let hot = r.hot.canonicalize().unwrap();
+    let (capture, rx) = fuse_mount(&hot, &mnt)?;
+    Some((r, mnt, hot, capture, rx))
+}
+
 /// Issue 12: `mknod(2)` of a regular file through the mount queues the new node with its open
 /// handle, as `create` does. Its event once named only the path, and a scanner running behind
 /// the calls read whatever was there by then: here a directory, so the cold side had a
@@ -2095,10 +2112,7 @@ fn fuse_mount(
 fn issue12_a_node_made_by_mknod_reaches_the_cold_side_as_the_call_left_it() {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut r = Rig::build(true);
-    let mnt = r._tmp.path().join("mnt");
-    let hot = r.hot.canonicalize().unwrap();
-    let Some((capture, rx)) = fuse_mount(&hot, &mnt) else {
+    let Some((mut r, mnt, hot, capture, rx)) = mounted_rig() else {
         return;
     };
     let mut steps = Vec::new();
@@ -2235,10 +2249,7 @@ fn issue12_a_listing_through_the_mount_gives_every_untouched_name_once() {
 #[test]
 fn issue9_an_open_file_unlinked_or_replaced_keeps_working_through_its_descriptor() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let mut r = Rig::build(true);
-    let mnt = r._tmp.path().join("mnt");
-    let hot = r.hot.canonicalize().unwrap();
-    let Some((capture, rx)) = fuse_mount(&hot, &mnt) else {
+    let Some((mut r, mnt, hot, capture, rx)) = mounted_rig() else {
         return;
     };
     let open = |name: &str| {
@@ -2292,10 +2303,7 @@ fn issue9_an_open_file_unlinked_or_replaced_keeps_working_through_its_descriptor
 #[test]
 fn issue9_a_directory_made_in_a_set_group_id_directory_inherits_the_bit() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let mut r = Rig::build(true);
-    let mnt = r._tmp.path().join("mnt");
-    let hot = r.hot.canonicalize().unwrap();
-    let Some((capture, rx)) = fuse_mount(&hot, &mnt) else {
+    let Some((mut r, mnt, hot, capture, rx)) = mounted_rig() else {
         return;
     };
     fs::create_dir(mnt.join("g")).unwrap();
@@ -2390,10 +2398,7 @@ fn issue9_a_fallocate_that_fails_part_way_is_queued_as_what_it_did() {
 #[test]
 fn issue9_a_change_of_the_mount_roots_attributes_queues_no_op_the_cold_side_refuses() {
     use std::os::unix::fs::PermissionsExt;
-    let mut r = Rig::build(true);
-    let mnt = r._tmp.path().join("mnt");
-    let hot = r.hot.canonicalize().unwrap();
-    let Some((capture, rx)) = fuse_mount(&hot, &mnt) else {
+    let Some((mut r, mnt, _hot, capture, rx)) = mounted_rig() else {
         return;
     };
     fs::write(mnt.join("a.amq"), b"written before").unwrap();
