@@ -100,6 +100,13 @@ impl Passthrough {
         Ok(())
     }
 
+    /// An `O_DIRECT` write's `n` bytes at `offset` through `fh`, on the backing device
+    /// ([`sys::write_out`]).
+    pub(super) fn write_out(&self, fh: FileHandle, offset: u64, n: u32) -> Res<()> {
+        let file = self.file(fh)?;
+        Ok(sys::write_out(&file, offset, u64::from(n))?)
+    }
+
     /// `fallocate` with any mode the backing filesystem supports (punching holes, zeroing);
     /// the range is rescanned, so what it did to the bytes and the allocation is sent. Also
     /// when it failed: one that ran out of space part way may have kept the blocks and the

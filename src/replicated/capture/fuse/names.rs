@@ -21,8 +21,8 @@ use crate::replicated::pages::Attrs;
 /// Open flags the backing file never gets: the kernel has dealt with them (`O_CREAT`,
 /// `O_EXCL`, `O_TRUNC`, `O_NOCTTY`), offsets come with each write (`O_APPEND`), and the
 /// daemon's buffers are not aligned for `O_DIRECT` (the data reaches the backing page cache,
-/// and a write through an `O_DIRECT` handle is made durable, and with durable acks
-/// acknowledged, before it is answered: Artemis' libaio journal never calls fdatasync).
+/// and a write through an `O_DIRECT` handle is written out to the device, and with durable
+/// acks acknowledged, before it is answered: Artemis' libaio journal never calls fdatasync).
 pub(super) const STRIPPED_OPEN_FLAGS: i32 = libc::O_CREAT
     | libc::O_EXCL
     | libc::O_TRUNC

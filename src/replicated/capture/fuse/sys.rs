@@ -1,5 +1,5 @@
 //! The system calls the passthrough makes that `std` lacks (owners without following links,
-//! times, `fallocate`, `statvfs`, `renameat2`), and the backing `stat` as FUSE
+//! times, `fallocate`, `sync_file_range`, `statvfs`, `renameat2`), and the backing `stat` as FUSE
 //! attributes. Every error is the real errno.
 
 use std::ffi::CString;
@@ -152,6 +152,36 @@ pub(super) fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Re
     let len = i64::try_from(len).map_err(|_| einval())?;
     // SAFETY: the descriptor is open for the duration of the call; no memory is passed.
     check(unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) })
+}
+
+/// Writes the backing pages of `len` bytes at `offset` to the device and waits for them
+/// (`sync_file_range(2)` with `WAIT_BEFORE | WRITE | WAIT_AFTER`): what an `O_DIRECT` write
+/// gives its caller (the data on the device, no cache flush, no metadata), with the pages
+/// left in the page cache for the scanner to read. Falls back to `fdatasync` where the call is
+/// not supported for the file; a write-back error is the real errno.
+pub(super) fn write_out(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        // a length of 0 would mean "to the end of the file"
+        return Ok(());
+    }
+    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+    let off = i64::try_from(offset).map_err(|_| einval())?;
+    let len = i64::try_from(len).map_err(|_| einval())?;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: the descriptor is open for the duration of the call; no memory is passed.
+    match check(unsafe { libc::sync_file_range(file.as_raw_fd(), off, len, flags) }) {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::ENOSYS | libc::ESPIPE | libc::EOPNOTSUPP)
+            ) =>
+        {
+            file.sync_data()
+        }
+        r => r,
+    }
 }
 
 /// `renameat2(2)` with `flags` (`RENAME_NOREPLACE`).
