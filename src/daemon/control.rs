@@ -1,7 +1,7 @@
 //! The agent's control socket: a Unix stream socket (default `/run/artemis-sync/agent.sock`,
 //! mode 0600) where the running agent answers one request per connection, one line each way,
-//! in the versioned JSON of [`super::protocol`]. A line longer than [`MAX_LINE_BYTES`] is cut
-//! there (and then fails to decode); each connection has a thread of its own, so a client that
+//! in the versioned JSON of [`super::protocol`]. A request line longer than [`MAX_LINE_BYTES`]
+//! is cut there (and then fails to decode), a reply line at [`MAX_REPLY_BYTES`]; each connection has a thread of its own, so a client that
 //! sends nothing (or trickles) holds up no other; a socket left by a dead agent is replaced,
 //! one a live agent answers on is not.
 
@@ -17,8 +17,11 @@ use crossbeam_channel::{bounded, Sender};
 
 use super::protocol::{self, ProtocolError, Reply, Request};
 
-/// The longest request or reply line accepted.
+/// The longest request line accepted.
 pub const MAX_LINE_BYTES: u64 = 64 * 1024;
+/// The longest reply line the client reads: a `verify` names every differing file, which for a
+/// cold copy that lost its tree is one line of megabytes (the agent is the only writer).
+pub const MAX_REPLY_BYTES: u64 = 64 * 1024 * 1024;
 /// Connections served at once; one more is refused at once.
 pub const MAX_CONNECTIONS: usize = 16;
 /// How long the agent waits for a client to send its whole request line.
@@ -207,10 +210,10 @@ fn forward(
         .unwrap_or_else(|_| Err("the agent did not answer in time".into()))
 }
 
-/// One line of at most [`MAX_LINE_BYTES`], without its line end.
+/// One reply line of at most [`MAX_REPLY_BYTES`], without its line end.
 fn read_line(conn: &UnixStream) -> std::io::Result<String> {
     let mut line = String::new();
-    BufReader::new(conn.take(MAX_LINE_BYTES)).read_line(&mut line)?;
+    BufReader::new(conn.take(MAX_REPLY_BYTES)).read_line(&mut line)?;
     Ok(line.trim_end().to_owned())
 }
 
@@ -379,6 +382,32 @@ mod tests {
         let answer = read_line(&conn).unwrap();
         let err = protocol::decode_answer(&answer).unwrap().unwrap_err();
         assert!(err.contains("not a control protocol message"), "{err}");
+    }
+
+    #[test]
+    fn issue4_a_verify_naming_thousands_of_differing_files_reaches_the_client_whole() {
+        // a cold copy that lost its journal: every file differs, far more than a request line
+        let differing: Vec<String> = (0..5000)
+            .map(|i| format!("journal/activemq-data-{i}.amq: missing on cold"))
+            .collect();
+        let report = Verified {
+            identical: false,
+            differing: differing.clone(),
+            ..verified()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = bind(&path).unwrap();
+        let (tx, rx) = bounded::<Incoming>(1);
+        std::thread::spawn(move || serve(listener, tx, Duration::from_secs(5)));
+        let answer = report.clone();
+        std::thread::spawn(move || {
+            for r in rx.iter() {
+                let _ = r.reply.send(Ok(Reply::Verified(answer.clone())));
+            }
+        });
+        let got = request(&path, &Request::Verify, STATUS_TIMEOUT).unwrap();
+        assert_eq!(got, Reply::Verified(report));
     }
 
     #[test]
