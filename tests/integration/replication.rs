@@ -937,6 +937,76 @@ fn issue4_promote_demote_and_a_stale_epoch_hot_that_is_turned_cold_and_resynced(
     );
 }
 
+/// Forwards each connection accepted on `listener` to `127.0.0.1:target` until the returned
+/// flag is set; from then on it drops every new connection at once.
+fn cuttable_proxy(listener: TcpListener, target: u16) -> Arc<AtomicBool> {
+    let cut = Arc::new(AtomicBool::new(false));
+    let is_cut = cut.clone();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(inbound) = conn else { continue };
+            if is_cut.load(Ordering::SeqCst) {
+                continue;
+            }
+            let Ok(outbound) = TcpStream::connect(("127.0.0.1", target)) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                (outbound, inbound),
+            ] {
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+    cut
+}
+
+#[test]
+fn issue10_a_drained_hand_over_lets_one_promotion_through_not_a_later_one() {
+    // "hot" reaches "cold" through a proxy the test can cut; "cold" reaches "hot" directly
+    let proxy = crate::listen::loopback_listener();
+    let mut p = Pair::new("psk", Some(port_of(&proxy)));
+    let cut = cuttable_proxy(proxy, p.cold.port);
+    seed_tree(&p.hot.data, 1);
+    p.start("cold");
+    p.start("hot");
+    p.assert_converges(Duration::from_secs(30));
+    // hot -> cold -> hot: each hand-over drained
+    artemis_sync(&p.hot.config, ["demote"]).code(0);
+    assert!(wait_until(Duration::from_secs(5), || p.status("cold")
+        ["drained"]
+        == true));
+    artemis_sync(&p.cold.config, ["promote"])
+        .code(0)
+        .stdout_has(&["hot at epoch 2"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || p.status("cold")["synced"]
+            == true),
+        "{}",
+        p.logs()
+    );
+    artemis_sync(&p.cold.config, ["demote"]).code(0);
+    assert!(wait_until(Duration::from_secs(5), || p.status("hot")
+        ["drained"]
+        == true));
+    // "hot" becomes hot again, but its stream never reaches "cold"
+    cut.store(true, Ordering::SeqCst);
+    artemis_sync(&p.hot.config, ["promote"])
+        .code(0)
+        .stdout_has(&["hot at epoch 3"]);
+    // "cold" has heard nothing from the new hot: the drained marker it got before its own
+    // promotion was used by that promotion, and must not let it become hot a second time
+    assert_eq!(p.status("cold")["drained"], false, "{}", p.status("cold"));
+    artemis_sync(&p.cold.config, ["promote"])
+        .code(1)
+        .stderr_has(&["has not handed over"]);
+    assert_eq!(p.status("cold")["role"], "cold");
+}
+
 #[test]
 fn issue4_mutual_tls_streams_and_refuses_a_certificate_from_another_ca() {
     let mut p = Pair::new("tls", None);

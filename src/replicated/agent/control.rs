@@ -86,6 +86,9 @@ impl Replica {
             role: ReplRole::Hot,
         };
         self.gate.set(new).map_err(|e| e.to_string())?;
+        // the old hot's drained goodbye is used up by this promotion: kept, it would let this
+        // host, once cold again, be promoted over a later hot whose stream never reached it
+        rs.drained.store(false, Ordering::Relaxed);
         // the gate no longer admits the old stream: once the batch being applied is done,
         // the apply thread writes nothing more
         if !self.receiver.fence(FENCE_TIMEOUT) {
