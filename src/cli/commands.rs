@@ -206,6 +206,8 @@ pub enum AgentRunError {
 /// SIGINT or SIGHUP, and removes the socket.
 pub fn agent(config: Config) -> Result<ShutdownReason, AgentRunError> {
     let listener = control::bind(&config.agent.control_socket)?;
+    // (only once the socket is ours: a second agent refused above must not stop the first's)
+    crate::daemon::node::stop_stray_unit(&config.node);
     let (tx, shutdown) = crossbeam_channel::bounded(1);
     let mut signals =
         signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])

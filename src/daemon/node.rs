@@ -309,6 +309,28 @@ impl Node {
     }
 }
 
+/// At the agent's start, before it contends: stops `[node] systemd_unit` if it runs. A unit is
+/// not in the agent's cgroup and gets no death signal, so one started by an agent that died
+/// (kill -9, systemd's watchdog abort, a crash) runs on, unfenced, while this agent has not
+/// (yet) the right to run it; it is stopped as [`Node::stop`] stops a unit. `None`: no unit is
+/// configured, or it is down.
+pub fn stop_stray_unit(node: &crate::config::NodeConfig) -> Option<Stopped> {
+    let unit = node.systemd_unit.as_str();
+    if unit.is_empty() || unit_down(unit) {
+        return None;
+    }
+    tracing::warn!(
+        unit,
+        "the node's unit runs although this agent has just started (left by an agent that died?): stopping it before contending"
+    );
+    let how = stop_unit(unit, Duration::from_millis(node.stop_timeout_ms));
+    match how {
+        Stopped::Stuck => tracing::error!(unit, "the node's unit is still up after SIGKILL"),
+        _ => tracing::info!(unit, ?how, "stopped the node's unit left running"),
+    }
+    Some(how)
+}
+
 /// `systemctl stop unit`, and after `timeout` `systemctl kill --signal=SIGKILL`, then until
 /// `systemctl is-active` says it is down (at most [`KILL_WAIT`]).
 fn stop_unit(unit: &str, timeout: Duration) -> Stopped {

@@ -917,6 +917,64 @@ fn issue6_a_systemd_unit_node_is_started_watched_and_stopped_through_systemctl()
 }
 
 #[test]
+fn issue10_a_unit_node_left_running_by_a_killed_agent_is_stopped_when_the_agent_restarts() {
+    let mut p = Pair::new();
+    let calls = p.fx.path("systemctl.log");
+    let active = p.fx.path("corda.active");
+    let fake = write_script(
+        &p.fx.path("systemctl"),
+        &format!(
+            "echo \"$*\" >> {calls}\ncase \"$1\" in\n  start) touch {active} ;;\n  stop) rm -f {active} ;;\n  is-active) if [ -e {active} ]; then echo active; else echo inactive; exit 3; fi ;;\nesac",
+            calls = calls.display(),
+            active = active.display()
+        ),
+    );
+    p.env.push(("ARTEMIS_SYNC_SYSTEMCTL".into(), fake));
+    let cfg = p.config("a");
+    let text = fs::read_to_string(&cfg).unwrap();
+    let text = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("command = ") {
+                "systemd_unit = \"corda.service\"".to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    fs::write(&cfg, text).unwrap();
+    let a = p.start("a");
+    assert!(
+        wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),
+        "{}",
+        p.stderr_of()
+    );
+    assert!(wait_until(Duration::from_secs(2), || active.exists()));
+    // the agent dies (kill -9, systemd's watchdog abort, a crash): the unit is not in its
+    // cgroup and gets no death signal, so the node runs on without anyone renewing the lease
+    p.signal(a, libc::SIGKILL);
+    assert!(active.exists());
+    let before = fs::read_to_string(&calls).unwrap().len();
+    p.start("a");
+    assert!(
+        wait_until(Duration::from_secs(5), || p.status("a")["role"]
+            .as_str()
+            .is_some_and(|r| r != "down")),
+        "{}",
+        p.stderr_of()
+    );
+    let log = fs::read_to_string(&calls).unwrap();
+    let since = &log[before..];
+    let stop = since.find("stop corda.service");
+    assert!(
+        stop.is_some_and(|s| since.find("start corda.service").is_none_or(|t| s < t)),
+        "the restarted agent did not stop the unit it had no right to run before anything else:\n{since}\n{}",
+        p.stderr_of()
+    );
+}
+
+#[test]
 fn issue10_hooks_run_on_acquire_and_on_release_with_epoch_and_holder() {
     let mut p = Pair::new();
     let hooks = p.fx.path("hooks.log");
