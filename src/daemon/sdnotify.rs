@@ -59,6 +59,65 @@ pub fn watchdog_interval() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
+/// Pings systemd's watchdog from a thread of its own while it lives, for at most the bound it
+/// was started with: held by the main thread around a step that blocks it for a time bounded
+/// by the step's own timeouts (a hook, a node's start or stop), so that a slow but healthy step
+/// is not taken for a hung agent and aborted half done (in the middle of a takeover or of a
+/// release). Past the bound the pings stop, so a step that hangs for good is still caught.
+/// Nothing without a watchdog.
+#[derive(Debug)]
+pub struct Pinging {
+    stop: Option<crossbeam_channel::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pinging {
+    /// Starts pinging at the watchdog's interval, for at most `bound`.
+    pub fn start(bound: Duration) -> Pinging {
+        let none = Pinging {
+            stop: None,
+            thread: None,
+        };
+        let Some(step) = watchdog_interval() else {
+            return none;
+        };
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let deadline = std::time::Instant::now() + bound;
+        let spawned = std::thread::Builder::new()
+            .name("watchdog-ping".into())
+            .spawn(move || {
+                while std::time::Instant::now() < deadline {
+                    watchdog();
+                    if !matches!(
+                        stopped.recv_timeout(step),
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout)
+                    ) {
+                        return;
+                    }
+                }
+            });
+        match spawned {
+            Ok(thread) => Pinging {
+                stop: Some(stop),
+                thread: Some(thread),
+            },
+            Err(e) => {
+                tracing::warn!("cannot start the watchdog ping thread: {e}");
+                none
+            }
+        }
+    }
+}
+
+impl Drop for Pinging {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Waits for `rx` at most `timeout`, pinging the watchdog meanwhile, so that a long but healthy
 /// wait (a drain, a verify, a release on a slow share) does not get the agent killed.
 pub fn recv_pinging<T>(

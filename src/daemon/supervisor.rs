@@ -141,6 +141,15 @@ impl Supervisor {
         Ok((rx, endpoint))
     }
 
+    /// Pings systemd's watchdog while the main thread runs a hook or starts or stops the node
+    /// (see [`sdnotify::Pinging`]), for at most the longest any of them may take: a hook's
+    /// timeout, a unit's start (three stop timeouts) and its stop after a late start (a stop
+    /// timeout), each SIGKILL waited for.
+    fn pinging(&self) -> sdnotify::Pinging {
+        let stop = Duration::from_millis(self.node_config.stop_timeout_ms);
+        sdnotify::Pinging::start(self.hook_timeout + 4 * stop + 2 * node::KILL_WAIT)
+    }
+
     fn env(&self, epoch: u64) -> [(&'static str, String); 2] {
         [
             ("ARTEMIS_SYNC_EPOCH", epoch.to_string()),
@@ -163,6 +172,7 @@ impl Supervisor {
         }
         let env = self.env(epoch);
         if !self.hooks.on_acquire.is_empty() {
+            let _pinging = self.pinging();
             node::run_hook(&self.hooks.on_acquire, &env, self.hook_timeout)?;
         }
         if until.is_some_and(|u| Instant::now() >= u) {
@@ -182,7 +192,10 @@ impl Supervisor {
     ) -> Result<(), NodeError> {
         let env = self.env(epoch);
         let limit = until.map(|u| u.saturating_duration_since(Instant::now()));
-        let Some(node) = Node::start(&self.node_config, &env, limit)? else {
+        let pinging = self.pinging();
+        let started = Node::start(&self.node_config, &env, limit);
+        drop(pinging);
+        let Some(node) = started? else {
             return Ok(());
         };
         self.epoch = epoch;
@@ -219,7 +232,10 @@ impl Supervisor {
             return;
         }
         let env = self.env(epoch.unwrap_or(0));
-        if let Err(e) = node::run_hook(&self.hooks.on_release, &env, self.hook_timeout) {
+        let pinging = self.pinging();
+        let ran = node::run_hook(&self.hooks.on_release, &env, self.hook_timeout);
+        drop(pinging);
+        if let Err(e) = ran {
             self.note_error(e.to_string());
         }
     }
@@ -236,6 +252,7 @@ impl Supervisor {
         self.probe_thread = None;
         if let Some(node) = self.node.take() {
             let pid = node.pid();
+            let _pinging = self.pinging();
             match node.stop(Duration::from_millis(self.node_config.stop_timeout_ms)) {
                 Stopped::Stuck => tracing::error!(pid, "the node did not die even after SIGKILL"),
                 how => tracing::info!(pid, ?how, "node stopped"),
@@ -257,6 +274,7 @@ impl Supervisor {
         if let Some(node) = self.node.take() {
             // (before a restart here or a release to the other VM: nothing of it may run on)
             let stop = Duration::from_millis(self.node_config.stop_timeout_ms);
+            let _pinging = self.pinging();
             if !node.exited_kill_leftovers(stop) {
                 tracing::error!(
                     pid,

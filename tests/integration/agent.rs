@@ -1019,6 +1019,66 @@ fn issue10_hooks_run_on_acquire_and_on_release_with_epoch_and_holder() {
     );
 }
 
+/// Issue 10: systemd's watchdog keeps hearing from the agent while a hook runs on its main
+/// thread (as while the node starts or stops there). Those steps block the main loop for as
+/// long as their own timeouts allow: a hook up to the renewal interval, a unit's start up to
+/// three stop timeouts, a stop up to a stop timeout and the SIGKILL's wait. With the defaults
+/// that can pass the unit's `WatchdogSec=30s`, and systemd aborted the agent in the middle of
+/// a takeover or a release. Here the watchdog is 2 s and `on_acquire` takes 3 s: no gap
+/// between the agent's pings may reach 2 s.
+#[test]
+fn issue10_the_watchdog_hears_from_the_agent_while_a_hook_runs() {
+    use std::os::unix::net::UnixDatagram;
+    const WATCHDOG_MS: u64 = 2000;
+    let done = |fx: &Fixture| fx.path("hook.done");
+    let mut p = Pair::with_node(
+        4000,
+        12_000,
+        |fx, _| {
+            format!(
+                "on_acquire = [\"/bin/sh\", \"-c\", \"sleep 3; touch {}\"]\n",
+                done(fx).display()
+            )
+        },
+        |_, _| String::new(),
+    );
+    let sock_path = p.fx.path("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    p.set_env("NOTIFY_SOCKET", sock_path.to_str().unwrap());
+    p.set_env("WATCHDOG_USEC", &(WATCHDOG_MS * 1000).to_string());
+    p.start("a");
+    let started = Instant::now();
+    let mut pings = Vec::new();
+    let mut ended = None;
+    let mut buf = [0u8; 4096];
+    while started.elapsed() < Duration::from_secs(20)
+        && ended.is_none_or(|e: Instant| e.elapsed() < Duration::from_secs(1))
+    {
+        if let Ok(n) = sock.recv(&mut buf) {
+            if buf[..n].split(|&b| b == b'\n').any(|l| l == b"WATCHDOG=1") {
+                pings.push(Instant::now());
+            }
+        }
+        if ended.is_none() && done(&p.fx).exists() {
+            ended = Some(Instant::now());
+        }
+    }
+    assert!(ended.is_some(), "the hook never ended\n{}", p.stderr_of());
+    let longest = pings
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or(Duration::MAX);
+    assert!(
+        pings.len() >= 3 && longest < Duration::from_millis(WATCHDOG_MS),
+        "{} pings, the longest gap {longest:?} (systemd aborts after {WATCHDOG_MS} ms)\n{}",
+        pings.len(),
+        p.stderr_of()
+    );
+}
+
 /// A systemd unit whose stop outlasts `stop_timeout_ms` (systemd's own `TimeoutStopSec` is
 /// 90 s by default, and its stop goes on after our `systemctl` is gone): the agent kills the
 /// unit (`systemctl kill --signal=SIGKILL`) and waits until it is down before the lease is
