@@ -90,7 +90,7 @@ impl Sys for RealSys {
     }
 
     fn mountinfo(&self) -> io::Result<String> {
-        std::fs::read_to_string(MOUNTINFO_PATH)
+        read_mountinfo()
     }
 
     fn sleep(&self, d: Duration) {
@@ -100,6 +100,14 @@ impl Sys for RealSys {
     fn mount_program(&self) -> OsString {
         self.mount_program.clone()
     }
+}
+
+/// The text of [`MOUNTINFO_PATH`]. The kernel escapes only white space and `\` in paths, so
+/// one mount point anywhere on the host whose name is not UTF-8 (a USB stick's label, a
+/// container's layer) makes the file no UTF-8 text: its stray bytes are read as U+FFFD rather
+/// than refusing the whole table, and with it the share's mount, doctor and the agent.
+pub fn read_mountinfo() -> io::Result<String> {
+    Ok(String::from_utf8_lossy(&std::fs::read(MOUNTINFO_PATH)?).into_owned())
 }
 
 /// Milliseconds since the Unix epoch (for reports only: decisions use monotonic clocks).

@@ -107,8 +107,8 @@ pub fn check_lock_dir(config: &Config) -> Result<(), LockSafetyError> {
         source,
     };
     std::fs::create_dir_all(dir).map_err(lock_dir)?;
-    let text = std::fs::read_to_string(crate::sys::MOUNTINFO_PATH)
-        .map_err(|e| LockSafetyError::MountTable(e.to_string()))?;
+    let text =
+        crate::sys::read_mountinfo().map_err(|e| LockSafetyError::MountTable(e.to_string()))?;
     let table = mountinfo::parse(&text).map_err(|e| LockSafetyError::MountTable(e.to_string()))?;
     let Some(entry) = lock_dir_mount(&table, dir) else {
         return Err(LockSafetyError::MountTable(format!(

@@ -259,3 +259,55 @@ fn helper_remount_changes_the_mounted_share_and_stacks_nothing() {
     fs::write(mnt.join("journal/new"), b"x").unwrap();
     assert_eq!(fs::read(src.join("journal/new")).unwrap(), b"x");
 }
+
+/// A mount point elsewhere on the host whose name is not UTF-8 (the kernel escapes only white
+/// space and `\` in mountinfo) made the whole mount table unreadable: the helper failed every
+/// boot with exit 32 "cannot read the mount table ... stream did not contain valid UTF-8", and
+/// `doctor` and the agent refused likewise. Run in a mount namespace of its own, so no other
+/// test sees that mount.
+#[test]
+fn issue2_a_mount_point_that_is_not_utf8_elsewhere_does_not_stop_the_helper() {
+    use std::os::unix::ffi::OsStrExt;
+    if !require_root(
+        "issue2_a_mount_point_that_is_not_utf8_elsewhere_does_not_stop_the_helper",
+        "bind and tmpfs mounts need root",
+    ) {
+        return;
+    }
+    let fx = Fixture::new();
+    let src = fx.mkdir("src");
+    let mnt = fx.mkdir("mnt");
+    let base = fx.mkdir("corda");
+    fx.write("src/journal/activemq-data-1.amq", b"journal");
+    let odd = fx.root.join(OsStr::from_bytes(b"label-\xff"));
+    fs::create_dir(&odd).unwrap();
+    let config = fx.write("agent.toml", bind_config(&base, &src, &mnt));
+    // (the namespace, and every mount in it, ends with the shell)
+    let script = "mount -t tmpfs tmpfs \"$1\" && \"$2\" \"$3\" \"$4\" -v -o backend=bind \
+                  && \"$5\" -c \"$6\" mount";
+    let out = run(std::process::Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(&odd)
+        .arg(workspace_bin("mount-artemis-sync"))
+        .args([&src, &mnt])
+        .arg(workspace_bin("artemis-sync"))
+        .arg(&config));
+    out.code(0).stdout_has(&[
+        "attempt 1/8",
+        "is already mounted on",
+        "ok    mount",
+        "ok    locks",
+    ]);
+    assert!(
+        mounts_at(&mnt).is_empty(),
+        "the mount stayed in its namespace"
+    );
+}
