@@ -563,6 +563,35 @@ mod tests {
         );
     }
 
+    /// A share hidden by a later mount on its mount point's parent: doctor said `ok mount`
+    /// from the hidden entry, while the journal's path led to the mount on top.
+    #[test]
+    fn issue2_a_share_hidden_by_a_mount_on_its_parent_fails_the_mount_check() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let share = root.join("share");
+        fs::create_dir(&share).unwrap();
+        let config = efs_config(&share, &root);
+        let table = format!(
+            "{}3 1 0:51 / {} rw - tmpfs tmpfs rw\n",
+            nfs_table(
+                &share,
+                "nfs4",
+                "fs-1.efs.eu-west-1.amazonaws.com:/",
+                "rw,vers=4.1,hard,local_lock=none"
+            ),
+            root.display()
+        );
+        let r = run(Ok(&config), Path::new("agent.toml"), &Table(table));
+        let mount = r.checks.iter().find(|c| c.name == "mount").unwrap();
+        assert_eq!(mount.status, Status::Fail, "{}", r.to_text());
+        assert!(
+            mount.detail.contains("nothing is mounted"),
+            "{}",
+            r.to_text()
+        );
+    }
+
     #[test]
     fn local_filesystem_needs_allow_local_locks() {
         let tmp = tempfile::tempdir().unwrap();

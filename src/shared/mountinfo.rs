@@ -130,9 +130,11 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The mount whose mount point is exactly `dir`; the topmost when several are stacked.
+/// The mount whose mount point is exactly `dir` (an absolute, symlink-free path) and that a
+/// lookup of `dir` reaches: the topmost when several are stacked, and none when a later mount
+/// on one of its parents hides it (the directory a lookup reaches is then another one).
 pub fn mounted_at<'a>(entries: &'a [MountEntry], dir: &Path) -> Option<&'a MountEntry> {
-    entries.iter().rev().find(|e| e.mount_point == dir)
+    containing(entries, dir).filter(|e| e.mount_point == dir)
 }
 
 /// The mount that holds `path` (an absolute, symlink-free path): the one a lookup of the

@@ -202,6 +202,43 @@ fn retries_while_unreachable_then_mounts() {
     );
 }
 
+/// The share mounted on the mount point, then hidden by a later mount on its parent (a tmpfs
+/// over `/var/lib/artemis-sync`): the mount point a lookup reaches is a directory of that
+/// tmpfs, but the table's entry for the hidden share made the helper answer "already mounted"
+/// (exit 0 at boot) and mount nothing, so the node's journal went to the tmpfs.
+#[test]
+fn issue2_a_share_hidden_by_a_mount_on_its_parent_is_not_mounted() {
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().canonicalize().unwrap();
+    let d = parent.join("share");
+    std::fs::create_dir(&d).unwrap();
+    let hidden = format!(
+        "1 0 8:1 / / rw - ext4 /dev/vda1 rw\n\
+         30 1 0:50 / {} rw - nfs4 {EFS_SPEC} rw,local_lock=none\n\
+         31 1 0:51 / {} rw - tmpfs tmpfs rw\n",
+        d.display(),
+        parent.display()
+    );
+    let sys = FakeSys {
+        probes: RefCell::new(vec![Ok(())]),
+        mounts: RefCell::new(vec![0]),
+        mountinfo: RefCell::new(hidden.clone()),
+        mountinfo_after: format!(
+            "{hidden}32 31 0:52 / {} rw - nfs4 {EFS_SPEC} rw,local_lock=none\n",
+            d.display()
+        ),
+        ..Default::default()
+    };
+    let out = mount(&sys, &efs_request(&d, ""), &mut Vec::new()).unwrap();
+    assert_eq!(out, MountOutcome::Mounted { attempts: 1 });
+    assert_eq!(sys.calls.borrow().len(), 2, "{:?}", sys.calls.borrow());
+    // once mounted on the tmpfs's directory, it is the one a lookup reaches
+    assert_eq!(
+        mount(&sys, &efs_request(&d, ""), &mut Vec::new()).unwrap(),
+        MountOutcome::AlreadyMounted
+    );
+}
+
 #[test]
 fn gives_up_after_the_bounded_attempts() {
     let dir = tempfile::tempdir().unwrap();
