@@ -70,6 +70,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             | LinkError::NotALinkOrDirectory(_)
             | LinkError::Unsupported(_)
             | LinkError::ReservedName(_)
+            | LinkError::LinkLeavesJournal { .. }
             | LinkError::InsufficientSpace { .. }
             | LinkError::Conflict { .. }
             | LinkError::SourceChanged(_)

@@ -3,17 +3,18 @@
 //! owner and mode, fsynced, read back and compared by blake3; directories and symlinks keep
 //! their owners too. A same-named file of other content in the share, or anything but a real
 //! directory where the source has a directory, stops everything before the first write
-//! (symlinks in the share are never followed). Each source file is checked unchanged after its
-//! copy, and the whole source listed again and compared with its first listing (an entry the
-//! node created meanwhile would be left behind): only then is it moved aside and replaced by
-//! the link. Run again after an interruption, it skips what is already in the share with
-//! identical content.
+//! (symlinks in the share are never followed), and so does a source symlink leading out of
+//! the directory (what it leads to would stay on this VM). Each source file is checked
+//! unchanged after its copy, and the whole source listed again and compared with its first
+//! listing (an entry the node created meanwhile would be left behind): only then is it moved
+//! aside and replaced by the link. Run again after an interruption, it skips what is already
+//! in the share with identical content.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::time::SystemTime;
 
 use crate::link::{
@@ -109,6 +110,7 @@ pub(super) fn migrate(src_root: &Path, dst_root: &Path) -> Result<MigrationRepor
     check_broker_stopped(src_root)?;
     let entries = walk(src_root)?;
     check_names(&entries, src_root)?;
+    check_links(&entries, src_root)?;
     let needed = check_space(&entries, dst_root)?;
     let present = already_present(&entries, src_root, dst_root)?;
     let files = entries
@@ -177,6 +179,47 @@ fn check_names(entries: &[(PathBuf, Kind)], src_root: &Path) -> Result<(), LinkE
                 .ends_with(MIGRATE_TMP_SUFFIX.as_bytes())
         }) {
             return Err(LinkError::ReservedName(src_root.join(rel)));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a source symlink that leads out of the journal directory (a journal moved to
+/// another disk and linked back): copied as it is, it would lead from the share back to this
+/// VM's disk, and the migration would report a journal in the share that is not there. Its
+/// target is read lexically; an absolute one inside `src_root` is kept, since `src_root`
+/// becomes the link to the share.
+fn check_links(entries: &[(PathBuf, Kind)], src_root: &Path) -> Result<(), LinkError> {
+    for (rel, kind) in entries {
+        let Kind::Symlink { target, .. } = kind else {
+            continue;
+        };
+        let inside = match target.strip_prefix(src_root) {
+            Ok(rest) => rest.to_owned(),
+            Err(_) if target.is_absolute() => PathBuf::from("/"),
+            Err(_) => rel.parent().unwrap_or(Path::new("")).join(target),
+        };
+        let mut depth = 0usize;
+        let escapes = inside.components().any(|c| match c {
+            Component::Normal(_) => {
+                depth += 1;
+                false
+            }
+            Component::CurDir => false,
+            Component::ParentDir => match depth.checked_sub(1) {
+                Some(d) => {
+                    depth = d;
+                    false
+                }
+                None => true,
+            },
+            Component::RootDir | Component::Prefix(_) => true,
+        });
+        if escapes {
+            return Err(LinkError::LinkLeavesJournal {
+                path: src_root.join(rel),
+                target: target.clone(),
+            });
         }
     }
     Ok(())

@@ -43,6 +43,8 @@ pub enum LinkError {
     NotALinkOrDirectory(PathBuf),
     /// {0:?} is a socket, device or pipe; a journal directory holds none, so nothing was migrated
     Unsupported(PathBuf),
+    /// {path:?} is a symlink to {target:?}, outside the journal directory: what it leads to would stay on this VM, out of the share, and the other VM would find the link leading nowhere or to its own files. Move what it points to into the directory in its place, then run again: nothing was migrated
+    LinkLeavesJournal { path: PathBuf, target: PathBuf },
     /// {0:?} ends in `.artemis-sync-tmp`, the suffix of the migration's temporary files, and a copy's temporary could overwrite it; rename or remove it: nothing was migrated
     ReservedName(PathBuf),
     /// not enough space on the share {share:?}: the migration needs {needed} bytes, {available} are free; nothing was changed

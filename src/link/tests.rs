@@ -443,3 +443,54 @@ fn issue2_a_file_created_in_the_source_during_migration_is_refused() {
     );
     assert_eq!(fs::read_dir(&f.base).unwrap().count(), 1);
 }
+
+/// A journal moved to another disk and linked back (`journal -> /data/journal`, or a relative
+/// link climbing out with `..`) was copied into the share as that symlink: the migration said
+/// every file was verified and moved the directory aside, while the journal stayed on this
+/// VM's disk and the other VM's link led nowhere. It is refused before anything is written;
+/// links within the directory (also absolute ones into it) still migrate.
+#[test]
+fn issue2_a_source_symlink_leading_out_of_the_journal_is_refused() {
+    let migrate = LinkOptions {
+        migrate: true,
+        force: false,
+    };
+    for target in ["OUTSIDE", "../outside", "paging/../../outside"] {
+        let f = fixture();
+        write_journal(&f.link);
+        let outside = f.base.parent().unwrap().join("outside");
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(
+            outside.join("activemq-data-9.amq"),
+            b"journal on another disk",
+        )
+        .unwrap();
+        let target = if target == "OUTSIDE" {
+            outside.clone()
+        } else {
+            PathBuf::from(target)
+        };
+        std::os::unix::fs::symlink(&target, f.link.join("large-messages")).unwrap();
+        match link(&f.link, &f.share, migrate) {
+            Err(e @ LinkError::LinkLeavesJournal { .. }) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(&*f.link.join("large-messages").to_string_lossy())
+                        && msg.contains(&*target.to_string_lossy()),
+                    "{msg}"
+                );
+            }
+            other => panic!("{target:?}: expected a refusal, got {other:?}"),
+        }
+        assert_eq!(fs::read_dir(&f.share).unwrap().count(), 0, "{target:?}");
+        assert!(fs::symlink_metadata(&f.link).unwrap().is_dir());
+    }
+    // within the directory, relative or absolute: migrated as links
+    let f = fixture();
+    write_journal(&f.link);
+    std::os::unix::fs::symlink("paging/../journal", f.link.join("current")).unwrap();
+    std::os::unix::fs::symlink(f.link.join("bindings"), f.link.join("b")).unwrap();
+    link(&f.link, &f.share, migrate).unwrap();
+    assert!(f.link.join("current/activemq-data-1.amq").is_file());
+    assert!(f.link.join("b/activemq-bindings-1.bindings").is_file());
+}
