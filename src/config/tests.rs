@@ -429,6 +429,38 @@ fn credentials_file_path_that_mount_options_cannot_carry_is_refused() {
     }
 }
 
+/// A `"` in the credentials file's path passed every check, and `artemis-sync fstab` wrote it
+/// into the options of the line: at boot the helper read it as a quote never closed and
+/// refused the whole line (exit 1), as mount(8) refused `artemis-sync mount`'s options.
+#[test]
+fn issue2_a_credentials_file_path_with_a_quote_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cred = dir.path().join("azure\"1.cred");
+    std::fs::write(&cred, "username=acct\npassword=secret\n").unwrap();
+    std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cifs = EFS
+        .replace("\"efs\"", "\"cifs\"")
+        .replace("fs-0123abcd.efs.eu-west-1.amazonaws.com:/", "//srv/share");
+    let loaded = load(&format!("{cifs}credentials_file = {cred:?}\n"));
+    if let Ok(config) = &loaded {
+        // what the helper makes of the line at boot
+        let line = crate::shared::mount::fstab_line(config).unwrap();
+        let opts = line.split(' ').nth(3).unwrap();
+        let boot =
+            crate::shared::mount::MountRequest::from_helper_args("//srv/share", dir.path(), opts);
+        panic!(
+            "accepted; at boot the helper says: {:?}",
+            boot.err().map(|e| e.to_string())
+        );
+    }
+    let err = loaded.unwrap_err().to_string();
+    assert!(
+        err.contains("`storage.credentials_file`") && err.contains("`\"`"),
+        "{err}"
+    );
+}
+
 /// mount.cifs takes `cred=` as `credentials=`: `[storage] options` could name a credentials
 /// file that `credentials_file`'s checks (root-owned, mode 0600) never saw, and the helper
 /// refused it only at boot.

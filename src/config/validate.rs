@@ -153,9 +153,10 @@ impl Config {
             ));
         }
         // the path is the value of the mount option `credentials=`, in the fstab line and on
-        // mount's command line: a `,` would end it, a `=` the helper refuses
+        // mount's command line: a `,` would end it, a `=` the helper refuses, a `"` opens a
+        // quote that mount(8) and the helper read to the end of the options
         let text = s.credentials_file.to_string_lossy();
-        if let Some(c) = text.chars().find(|c| matches!(c, ',' | '=')) {
+        if let Some(c) = text.chars().find(|c| matches!(c, ',' | '=' | '"')) {
             return Err(invalid(
                 "storage.credentials_file",
                 format!(
