@@ -12,6 +12,8 @@ use std::fmt;
 pub enum OptionsError {
     /// mount option `{item}`: a value may not contain `=` (mount(8) would split it differently)
     EqualsInValue { item: String },
+    /// mount option `{key}=` holds a password, which would show to every user through ps and /proc/*/cmdline; put it in a credentials file (`credentials_file`)
+    Secret { key: String },
     /// mount option `{item}`: an option name may not be empty or contain white space
     BadName { item: String },
     /// mount options `{text}`: a `"` is not closed (a quoted value, such as an SELinux
@@ -49,6 +51,10 @@ impl MountOptions {
         {
             let (key, value) = match item.split_once('=') {
                 Some((k, v)) => {
+                    // (an account key in base64 ends in `=`: the message must not echo it)
+                    if v.contains('=') && holds_secret(k, v) {
+                        return Err(OptionsError::Secret { key: k.to_owned() });
+                    }
                     if v.contains('=') {
                         return Err(OptionsError::EqualsInValue {
                             item: item.to_owned(),
@@ -132,6 +138,15 @@ impl MountOptions {
         merged.items.extend(user.items.iter().cloned());
         merged
     }
+}
+
+/// Options whose value is a password (mount.cifs' names).
+pub(crate) const SECRET_OPTIONS: &[&str] = &["password", "pass", "password2"];
+
+/// Whether `key=value` carries a password: a password option, or a user name with `%`, after
+/// which mount.cifs reads the password.
+fn holds_secret(key: &str, value: &str) -> bool {
+    SECRET_OPTIONS.contains(&key) || (matches!(key, "username" | "user") && value.contains('%'))
 }
 
 /// Whether option `a` is replaced when the user sets option `b`.
@@ -288,6 +303,30 @@ mod tests {
             msg.contains("`x=1=2`") && msg.contains("may not contain `=`"),
             "{msg}"
         );
+    }
+
+    /// An Azure storage account key is base64 and ends in `==`: `password=<key>` failed to parse
+    /// as a value holding `=`, and that message, printed by check-config, the agent (to
+    /// journald) and the helper, echoed the whole key instead of pointing to a credentials
+    /// file.
+    #[test]
+    fn issue2_a_password_holding_equals_is_refused_without_echoing_it() {
+        let key = "Zm9vYmFyYmF6cXV4c2VjcmV0a2V5MTIzNDU2Nzg5MA==";
+        for (text, named) in [
+            (format!("username=acct,password={key}"), "`password=`"),
+            (format!("pass={key}"), "`pass=`"),
+            (format!("username=acct%{key},vers=3.1.1"), "`username=`"),
+        ] {
+            let msg = MountOptions::parse(&text).unwrap_err().to_string();
+            assert!(!msg.contains(key), "the key is echoed: {msg}");
+            assert!(
+                msg.contains(named) && msg.contains("credentials file"),
+                "{msg}"
+            );
+        }
+        // other values holding `=` are still named whole
+        let msg = MountOptions::parse("sec=a=b").unwrap_err().to_string();
+        assert!(msg.contains("`sec=a=b`"), "{msg}");
     }
 
     #[test]

@@ -312,7 +312,7 @@ const RESERVED_OPTIONS: &[&str] = &[
 /// Options an operator may not set, whatever the backend: ones that break locking or would put a
 /// secret on a command line.
 pub fn check_user_options(backend: Backend, opts: &MountOptions) -> Result<(), String> {
-    for secret in ["password", "pass", "password2"] {
+    for secret in mount_options::SECRET_OPTIONS {
         if opts.contains(secret) {
             return Err(format!(
                 "`{secret}=` would show the password to every user through ps and \
