@@ -469,7 +469,8 @@ fn unescape(field: &str) -> String {
 
 /// The mountinfo lines (this process's view) whose mount point is `dir`.
 pub(crate) fn mounts_at(dir: &Path) -> Vec<String> {
-    let text = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
+    let bytes = fs::read("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
+    let text = String::from_utf8_lossy(&bytes);
     text.lines()
         .filter(|l| l.split(' ').nth(4).map(unescape).as_deref() == Some(dir.to_str().unwrap()))
         .map(str::to_owned)

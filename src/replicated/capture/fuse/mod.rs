@@ -344,7 +344,8 @@ pub fn detach_stale(mount_point: &Path) -> Result<usize, FuseError> {
         source,
     };
     for n in 0..MAX_STALE_MOUNTS {
-        let info = fs::read_to_string("/proc/self/mountinfo").map_err(stale)?;
+        // (as bytes: one mount point anywhere whose name is not UTF-8 must not stop the agent)
+        let info = crate::sys::read_mountinfo().map_err(stale)?;
         let Some((major, minor)) = fuse_mounted_at(&info, &path) else {
             return Ok(n);
         };
