@@ -26,7 +26,8 @@ use inbound::Inbound;
 
 pub use crate::replicated::stats::ReceiverStats;
 
-/// A connection with no frame for this long is dead (the hot sends heartbeats every second).
+/// A connection with no frame for this long is dead (the hot sends heartbeats every second);
+/// so is one that takes none of our bytes for this long (`TCP_USER_TIMEOUT`).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The write buffer of a connection (index, acknowledgements, digests).
 const WRITE_BUFFER_BYTES: usize = 1 << 16;
@@ -369,6 +370,13 @@ async fn admit(
     peer: SocketAddr,
     stats: &ReceiverStats,
 ) -> Option<(Reader, Writer, u64, String)> {
+    // a write to a hot side that stopped reading (a frozen agent, a paused VM: its kernel
+    // keeps the connection with a shut window) would wait for ever, and with the index or a
+    // digest the apply thread waits with it (for room to hand over the next part), so that a
+    // promotion's fence never passes
+    if let Err(e) = channel::set_user_timeout(&stream, IDLE_TIMEOUT) {
+        tracing::warn!(%peer, "cannot set TCP_USER_TIMEOUT on the replication connection (a hot side that stops reading may hold the apply thread): {e}");
+    }
     let (r, w) = match channel::wrap_accept(&cfg.auth, stream).await {
         Ok(x) => x,
         Err(e) => return refused(stats, peer, &crate::error_chain(&e)),
@@ -430,5 +438,79 @@ mod tests {
         assert_eq!(ms(2, 5000), 20000);
         assert_eq!(ms(1, 5000), 0);
         assert_eq!(ms(u32::MAX, 0), 30000);
+    }
+
+    /// A hot side that stops reading while the cold side streams its index (a frozen agent, a
+    /// paused VM: its kernel keeps the connection open with a shut receive window) must not
+    /// hold the connection task in its write for ever, and with it the apply thread, which
+    /// waits for room to hand over the next index part: a promotion's fence would never pass.
+    #[test]
+    fn issue13_a_hot_side_that_stops_reading_the_index_is_given_up_and_frees_the_apply_thread() {
+        use crate::config::ReplRole;
+        use crate::replicated::state::{EpochGate, ReplState};
+        use crate::replicated::wire::Frame;
+
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("data");
+        // an index of many megabytes, more than the socket buffers and the queues hold: long
+        // paths (each file's index frame carries its whole path)
+        let mut deep = root.clone();
+        for level in 0..14 {
+            deep.push(format!("{level:02}{}", "d".repeat(238)));
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        for i in 0..4000 {
+            std::fs::write(deep.join(format!("{i:05}{}", "f".repeat(95))), b"").unwrap();
+        }
+        let (step_tx, _step_rx) = crossbeam_channel::bounded(4);
+        let cold = ReplState {
+            epoch: 0,
+            role: ReplRole::Cold,
+        };
+        let gate = Arc::new(EpochGate::new(cold, dir.path().join("state.json"), step_tx));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cfg = ReceiverConfig {
+            root,
+            page_size: 4096,
+            auth: Auth::Insecure,
+            gate,
+            memo_file: None,
+        };
+        let handle = start(cfg, listener, rt.handle());
+        // a hot side that is welcomed, then reads nothing more
+        let _conn = rt.block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            let (r, w) = socket.connect(addr).await.unwrap().into_split();
+            let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
+            channel::connect(&Auth::Insecure, &mut r, &mut w)
+                .await
+                .unwrap();
+            w.send(&Frame::Intro {
+                epoch: 1,
+                hot: true,
+                node: "frozen".into(),
+                page_size: 4096,
+            })
+            .await
+            .unwrap();
+            w.flush().await.unwrap();
+            assert_eq!(r.recv().await.unwrap(), Frame::Welcome { epoch: 1 });
+            (r, w)
+        });
+        // what `promote` does once the gate has turned: the apply thread answers in time
+        let began = std::time::Instant::now();
+        assert!(
+            handle.fence(Duration::from_secs(20)),
+            "the apply thread was still held by the index for the silent hot side after {:?}",
+            began.elapsed()
+        );
+        handle.stop();
     }
 }
