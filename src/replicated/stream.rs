@@ -33,7 +33,8 @@ use crate::replicated::wire::{Frame, FrameReader, FrameWriter, HotState, ProtoEr
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Connecting to the cold side gives up after this long.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The first pause before reconnecting; each failure doubles it.
+/// The first pause before reconnecting; each failure in a row doubles it (a connection that
+/// streamed starts it again).
 pub const RECONNECT_FIRST: Duration = Duration::from_millis(50);
 /// Reconnect pauses grow to this.
 pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
@@ -146,12 +147,17 @@ pub(crate) async fn run_net(
             &mut stop,
         )
         .await;
-        stats.connected.store(false, Ordering::Relaxed);
+        let streamed = stats.connected.swap(false, Ordering::Relaxed);
         stats.acks.disconnected(gen);
         stats.sync.abort();
         stats.window_bytes.store(0, Ordering::Relaxed);
         stats.oldest_unacked_unix_ms.store(0, Ordering::Relaxed);
         let _ = scanner.ctl.send(ScanMsg::Disconnected);
+        if streamed {
+            // the pauses grew with failures in a row, not with the agent's age: a stream lost
+            // after hours is retried at once (durable syncs wait for it meanwhile)
+            pause = RECONNECT_FIRST;
+        }
         match result {
             Ok(()) => return,
             Err(e) => {
@@ -693,5 +699,75 @@ impl Outbound<'_> {
                 u64::try_from(d.peer_timeout.as_millis()).unwrap_or(u64::MAX)
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replicated::capture::watch::FsEvent;
+
+    /// Pauses grow while connections fail one after the other, and start again from
+    /// [`RECONNECT_FIRST`] once one has streamed: a connection lost after hours of streaming
+    /// is not retried only after the longest pause the agent's start-up once reached (with
+    /// durable acks, every sync waiting meanwhile degrades past `peer_timeout_ms`).
+    #[test]
+    fn issue13_a_connection_that_streamed_is_retried_at_once_when_lost() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let cfg = StreamConfig {
+            peer: listener.local_addr().unwrap(),
+            auth: Auth::Insecure,
+            node: "hot".into(),
+            epoch: 1,
+            page_size: 4096,
+            window_bytes: 1 << 20,
+            durable: None,
+        };
+        let (_out_tx, out) = mpsc::channel(8);
+        let (ctl_tx, _ctl_rx) = crossbeam_channel::bounded(64);
+        let (fs_tx, _fs_rx) = crossbeam_channel::bounded::<FsEvent>(64);
+        let link = ScannerLink {
+            out,
+            ctl: ScanControl::new(ctl_tx, fs_tx),
+        };
+        let (ev_tx, _ev_rx) = crossbeam_channel::bounded(16);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stats = Arc::new(SenderStats::default());
+        rt.spawn(run_net(cfg, link, stats, ev_tx, stop_rx));
+        let lost_to_next = rt.block_on(async {
+            // five failures in a row (the cold side not yet there): the pause reaches 1.6 s
+            for _ in 0..5 {
+                drop(listener.accept().await.unwrap());
+            }
+            // then a connection that streams
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (r, w) = tcp.into_split();
+            let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
+            channel::accept(&Auth::Insecure, &mut r, &mut w)
+                .await
+                .unwrap();
+            assert!(matches!(r.recv().await.unwrap(), Frame::Intro { .. }));
+            w.send(&Frame::Welcome { epoch: 1 }).await.unwrap();
+            w.send(&Frame::IndexEnd).await.unwrap();
+            w.flush().await.unwrap();
+            assert!(matches!(r.recv().await.unwrap(), Frame::Heartbeat(_)));
+            // lost
+            drop((r, w));
+            let lost = tokio::time::Instant::now();
+            drop(listener.accept().await.unwrap());
+            lost.elapsed()
+        });
+        let _ = stop_tx.send(true);
+        assert!(
+            lost_to_next < Duration::from_secs(1),
+            "the hot side reconnected {lost_to_next:?} after losing a connection that streamed"
+        );
     }
 }
