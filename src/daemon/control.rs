@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Sender};
+use crossbeam_channel::{bounded, SendTimeoutError, Sender};
 
 use super::protocol::{self, ProtocolError, Reply, Request};
 
@@ -196,9 +196,6 @@ fn forward(
     } else {
         RequestKind::Other
     };
-    if requests.send(Incoming { request, reply: tx }).is_err() {
-        return Err("the agent is shutting down".to_owned());
-    }
     // a verify may take the agent its whole limit (hashing both trees): wait for that
     let limit = match request_kind {
         RequestKind::Verify => {
@@ -206,6 +203,21 @@ fn forward(
         }
         RequestKind::Other => reply_timeout,
     };
+    // a main thread busy past the reply's limit (a takeover's hook, a node slow to stop) with
+    // its queue full: the request is dropped, not carried out after the client was told the
+    // agent did not answer
+    match requests.send_timeout(Incoming { request, reply: tx }, limit) {
+        Ok(()) => {}
+        Err(SendTimeoutError::Timeout(_)) => {
+            return Err(format!(
+                "the agent is busy (its request queue stayed full for {} ms): the request was not carried out; ask again",
+                limit.as_millis()
+            ))
+        }
+        Err(SendTimeoutError::Disconnected(_)) => {
+            return Err("the agent is shutting down".to_owned())
+        }
+    }
     rx.recv_timeout(limit)
         .unwrap_or_else(|_| Err("the agent did not answer in time".into()))
 }
@@ -258,6 +270,41 @@ mod tests {
             files: 1,
             differing: Vec::new(),
         }
+    }
+
+    /// Issue 11: a request that finds the agent's queue full (its main thread busy with a
+    /// takeover's hook or a node slow to stop, other clients ahead) gets an answer within its
+    /// limit and is not carried out later. The connection's thread waited on the full queue
+    /// without limit, and the request ran whenever the queue had room, after its client had
+    /// been told the agent did not answer in time (a `release`, say).
+    #[test]
+    fn issue11_a_request_that_finds_the_queue_full_is_refused_in_time_not_run_later() {
+        let (tx, rx) = bounded::<Incoming>(1);
+        let (first, _first_reply) = bounded(1);
+        tx.send(Incoming {
+            request: Request::Status,
+            reply: first,
+        })
+        .unwrap();
+        let (done_tx, done) = bounded(1);
+        let requests = tx.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(forward(
+                &requests,
+                Request::Release,
+                Duration::from_millis(200),
+            ));
+        });
+        let answer = done
+            .recv_timeout(Duration::from_secs(3))
+            .expect("the request still waits on the full queue");
+        let message = answer.unwrap_err();
+        assert!(message.contains("not carried out"), "{message}");
+        assert!(matches!(rx.recv().unwrap().request, Request::Status));
+        assert!(
+            rx.try_recv().is_err(),
+            "the refused request was queued after all"
+        );
     }
 
     #[test]
