@@ -254,11 +254,31 @@ fn link_check(config: &Config) -> Check {
             format!("{} does not exist: the agent links it to {} when this VM turns hot", link.display(), share.display()),
             Some("nothing on a cold VM; on the hot VM, see the agent's log (`journalctl -u artemis-sync`)".into())),
         Ok(LinkState::Missing) => check("link", Status::Fail, format!("{} does not exist", link.display()), Some("run `artemis-sync link`".into())),
-        Ok(LinkState::Elsewhere(t)) => check("link", Status::Fail, format!("{} points to {}, not the link target {}", link.display(), t.display(), share.display()), Some("run `artemis-sync link --force`".into())),
+        Ok(LinkState::Elsewhere(t)) => check("link", Status::Fail, format!("{} points to {}, not the link target {}", link.display(), t.display(), share.display()), Some(relink_fix(&link, &t))),
         Ok(LinkState::Directory(n)) => check("link", Status::Fail, format!("{} is a real directory with {n} entries", link.display()),
             Some("run `artemis-sync link --migrate` (copies into the share, verifies, keeps the old directory aside)".into())),
         Ok(LinkState::Other) => check("link", Status::Fail, format!("{} is neither a link nor a directory", link.display()), Some("move it away, then run `artemis-sync link`".into())),
         Err(e) => check("link", Status::Fail, e.to_string(), None),
+    }
+}
+
+/// The fix for a link that points elsewhere. `link --force` only relinks: where the old
+/// target holds files (it may be the journal, left where the node ran until now), it says so
+/// and how to bring them along instead of leaving the node an empty journal.
+fn relink_fix(link: &Path, target: &Path) -> String {
+    let resolved = link
+        .parent()
+        .map_or(target.to_owned(), |dir| dir.join(target));
+    match fs::read_dir(&resolved).map(Iterator::count) {
+        Ok(n) if n > 0 => format!(
+            "`artemis-sync link --force` only relinks: it moves none of the {n} entries of {t}. \
+             If they are the journal, with the node stopped replace the link by them \
+             (`rm {l} && mv {t} {l}`) and run `artemis-sync link --migrate`; \
+             otherwise run `artemis-sync link --force`",
+            t = resolved.display(),
+            l = link.display()
+        ),
+        _ => "run `artemis-sync link --force`".into(),
     }
 }
 
@@ -685,6 +705,24 @@ mod tests {
         std::os::unix::fs::symlink(&root, base.join("artemis")).unwrap();
         let r = run(Ok(&config), Path::new("agent.toml"), &sys);
         assert_link(&r, Status::Fail, "not the link target");
+        // issue 7: where the old target holds files (it may be the journal), the fix says that
+        // `--force` moves none of them and how to bring them along; it offered `--force` alone,
+        // which left the node an empty journal
+        let fix = |r: &Report| {
+            let c = r.checks.iter().find(|c| c.name == "link").unwrap();
+            c.fix.clone().unwrap_or_default()
+        };
+        let said = fix(&r);
+        assert!(
+            said.contains("moves none of the") && said.contains("link --migrate"),
+            "{said}"
+        );
+        let empty = root.join("empty");
+        fs::create_dir(&empty).unwrap();
+        fs::remove_file(base.join("artemis")).unwrap();
+        std::os::unix::fs::symlink(&empty, base.join("artemis")).unwrap();
+        let r = run(Ok(&config), Path::new("agent.toml"), &sys);
+        assert_eq!(fix(&r), "run `artemis-sync link --force`");
         // and that fix links to data_dir, after which doctor is content
         let fix = crate::link::LinkOptions {
             migrate: false,
