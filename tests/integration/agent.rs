@@ -1135,7 +1135,7 @@ fn issue3_a_unit_still_deactivating_is_not_taken_for_stopped() {
         &mut p,
         "a",
         &format!(
-            "case \"$1\" in\n  start) echo active > {state} ;;\n  stop) echo deactivating > {state}; (sleep 3; echo inactive > {state}) & sleep 15 ;;\n  kill) ;;\n  is-active) s=$(cat {state}); echo \"$s\"; [ \"$s\" = active ] ;;\nesac",
+            "case \"$1\" in\n  start) echo active > {state} ;;\n  stop) echo deactivating > {state}; (sleep 3; echo inactive > {state}) & sleep 15 ;;\n  kill) ;;\n  is-active) s=$(cat {state} 2>/dev/null || echo inactive); echo \"$s\"; [ \"$s\" = active ] ;;\nesac",
             state = state.display()
         ),
         "",
