@@ -42,6 +42,12 @@ pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// is full (or keep its receive window shut) before the connection is given up. Durable acks
 /// use `peer_timeout_ms` instead.
 pub(crate) const ASYNC_STALL_LIMIT: Duration = Duration::from_secs(10);
+/// The shortest stall limit (and `TCP_USER_TIMEOUT`) a connection gets, whatever
+/// `peer_timeout_ms` says: Linux retransmits a lost segment after 200 ms at the soonest, then
+/// after 400 ms, so a shorter limit would end a healthy connection at its first lost packet
+/// (or a window briefly full) and resync, where a short `peer_timeout_ms` only means that
+/// durable syncs stop waiting sooner.
+pub(crate) const MIN_STALL_LIMIT: Duration = Duration::from_secs(1);
 /// The stall check runs every quarter of the limit, but not more often than this.
 const STALL_CHECK_MIN: Duration = Duration::from_millis(10);
 /// The connection's write buffer (batches are up to a megabyte of pages).
@@ -75,11 +81,13 @@ impl StreamConfig {
     /// open but reads and acknowledges nothing) is waited for before the connection is given
     /// up: `peer_timeout_ms` with durable acks, [`ASYNC_STALL_LIMIT`] otherwise. Given up, the
     /// node's writes go on (they would block once the window and the queues behind it fill)
-    /// and the next connection resyncs. With `on_peer_loss = "block"` syncs still wait.
+    /// and the next connection resyncs. With `on_peer_loss = "block"` syncs still wait. Never
+    /// below [`MIN_STALL_LIMIT`].
     pub(crate) fn stall_limit(&self) -> Duration {
         self.durable
             .as_ref()
             .map_or(ASYNC_STALL_LIMIT, |d| d.peer_timeout)
+            .max(MIN_STALL_LIMIT)
     }
 }
 
@@ -706,6 +714,33 @@ impl Outbound<'_> {
 mod tests {
     use super::*;
     use crate::replicated::capture::watch::FsEvent;
+
+    /// A short `peer_timeout_ms` (the config allows 1 ms) makes durable syncs stop waiting
+    /// sooner; it set the connection's stall limit and `TCP_USER_TIMEOUT` too, below Linux's
+    /// shortest retransmission timeout (200 ms), so one lost packet ended a healthy connection
+    /// and the pair resynced. The limit has a floor of a second.
+    #[test]
+    fn issue13_a_short_peer_timeout_does_not_make_one_lost_packet_end_the_connection() {
+        let with = |durable: Option<Duration>| StreamConfig {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            auth: Auth::Insecure,
+            node: "hot".into(),
+            epoch: 1,
+            page_size: 4096,
+            window_bytes: 1 << 20,
+            durable: durable.map(|peer_timeout| DurableConfig {
+                peer_timeout,
+                block: false,
+                witness: None,
+                metrics: Arc::new(crate::daemon::metrics::Metrics::default()),
+            }),
+        };
+        assert_eq!(with(None).stall_limit(), ASYNC_STALL_LIMIT);
+        let short = with(Some(Duration::from_millis(1))).stall_limit();
+        assert!(short >= Duration::from_secs(1), "{short:?}");
+        let long = Duration::from_secs(7);
+        assert_eq!(with(Some(long)).stall_limit(), long);
+    }
 
     /// Pauses grow while connections fail one after the other, and start again from
     /// [`RECONNECT_FIRST`] once one has streamed: a connection lost after hours of streaming
