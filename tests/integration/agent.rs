@@ -921,29 +921,16 @@ fn issue10_a_unit_node_left_running_by_a_killed_agent_is_stopped_when_the_agent_
     let mut p = Pair::new();
     let calls = p.fx.path("systemctl.log");
     let active = p.fx.path("corda.active");
-    let fake = write_script(
-        &p.fx.path("systemctl"),
+    with_fake_unit(
+        &mut p,
+        "a",
         &format!(
             "echo \"$*\" >> {calls}\ncase \"$1\" in\n  start) touch {active} ;;\n  stop) rm -f {active} ;;\n  is-active) if [ -e {active} ]; then echo active; else echo inactive; exit 3; fi ;;\nesac",
             calls = calls.display(),
             active = active.display()
         ),
+        "",
     );
-    p.env.push(("ARTEMIS_SYNC_SYSTEMCTL".into(), fake));
-    let cfg = p.config("a");
-    let text = fs::read_to_string(&cfg).unwrap();
-    let text = text
-        .lines()
-        .map(|l| {
-            if l.starts_with("command = ") {
-                "systemd_unit = \"corda.service\"".to_owned()
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    fs::write(&cfg, text).unwrap();
     let a = p.start("a");
     assert!(
         wait_until(Duration::from_millis(WAIT_MS * 3), || p.role("a") == "hot"),

@@ -179,13 +179,7 @@ fn issue11_a_paused_hot_is_not_superseded_without_force() {
     assert_eq!(starts(&log, "cold"), 0, "{}", node_log(&log));
     assert_never_two_nodes(&p, &log);
     // a clean hand-over still works
-    artemis_sync(&p.hot.config, ["demote"]).code(0);
-    assert!(wait_until(Duration::from_secs(5), || p.status("cold")
-        ["drained"]
-        == true));
-    artemis_sync(&p.cold.config, ["promote"])
-        .code(0)
-        .stdout_has(&["hot at epoch 2"]);
+    p.hand_over("hot", "cold", 2);
     assert!(
         wait_until(Duration::from_secs(10), || running(&p, "cold")),
         "{}",

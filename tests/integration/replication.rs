@@ -194,6 +194,21 @@ impl Pair {
         Pair { fx, hot, cold }
     }
 
+    /// A drained hand-over from `from` to `to`: `demote` there, the goodbye seen here, then
+    /// `promote` here, which says it is hot at `epoch`.
+    pub(crate) fn hand_over(&mut self, from: &str, to: &str, epoch: u64) {
+        artemis_sync(&self.side(from).config, ["demote"]).code(0);
+        assert!(
+            wait_until(Duration::from_secs(5), || self.status(to)["drained"]
+                == true),
+            "{}",
+            self.logs()
+        );
+        artemis_sync(&self.side(to).config, ["promote"])
+            .code(0)
+            .stdout_has(&[&format!("hot at epoch {epoch}")]);
+    }
+
     pub(crate) fn side(&mut self, name: &str) -> &mut Side {
         if name == "hot" {
             &mut self.hot
@@ -976,13 +991,7 @@ fn issue10_a_drained_hand_over_lets_one_promotion_through_not_a_later_one() {
     p.start("hot");
     p.assert_converges(Duration::from_secs(30));
     // hot -> cold -> hot: each hand-over drained
-    artemis_sync(&p.hot.config, ["demote"]).code(0);
-    assert!(wait_until(Duration::from_secs(5), || p.status("cold")
-        ["drained"]
-        == true));
-    artemis_sync(&p.cold.config, ["promote"])
-        .code(0)
-        .stdout_has(&["hot at epoch 2"]);
+    p.hand_over("hot", "cold", 2);
     assert!(
         wait_until(Duration::from_secs(30), || p.status("cold")["synced"]
             == true),
