@@ -1017,6 +1017,60 @@ fn issue10_a_drained_hand_over_lets_one_promotion_through_not_a_later_one() {
 }
 
 #[test]
+fn issue10_a_forced_promotion_cuts_the_old_stream_so_its_drained_goodbye_cannot_count() {
+    // each side reaches the other through a proxy the test can cut
+    let (to_cold, to_hot) = (
+        crate::listen::loopback_listener(),
+        crate::listen::loopback_listener(),
+    );
+    let (hot_listener, cold_listener) = (
+        crate::listen::loopback_listener(),
+        crate::listen::loopback_listener(),
+    );
+    let peers = [
+        format!("127.0.0.1:{}", port_of(&to_cold)),
+        format!("127.0.0.1:{}", port_of(&to_hot)),
+    ];
+    let cold_port = port_of(&cold_listener);
+    let hot_port = port_of(&hot_listener);
+    let mut p = Pair::on(
+        "psk",
+        Fixture::new(),
+        &format!("capture = \"watch\"\n{REPLICATION_EXTRA}"),
+        [hot_listener, cold_listener],
+        peers,
+    );
+    let _hot_to_cold = cuttable_proxy(to_cold, cold_port);
+    let cold_to_hot = cuttable_proxy(to_hot, hot_port);
+    seed_tree(&p.hot.data, 1);
+    p.start("cold");
+    p.start("hot");
+    p.assert_converges(Duration::from_secs(30));
+    // the new hot cannot reach the old one; the old one, idle, still streams heartbeats to it
+    cold_to_hot.store(true, Ordering::SeqCst);
+    artemis_sync(&p.cold.config, ["promote", "--force"])
+        .code(0)
+        .stdout_has(&["hot at epoch 2"]);
+    // the old stream is no longer admitted: it is cut, the old hot reconnects, is refused at
+    // epoch 2 and turns cold, instead of running its node until its next write
+    assert!(
+        wait_until(Duration::from_secs(10), || p.status("hot")["role"]
+            == "cold"),
+        "the old hot kept running beside the forced promotion: {}\n{}",
+        p.status("hot"),
+        p.logs()
+    );
+    assert_eq!(p.status("hot")["epoch"], 2);
+    // so no drained goodbye of that stream can reach the new hot and, once it is cold again,
+    // let a plain promotion through
+    artemis_sync(&p.cold.config, ["demote", "--force"]).code(0);
+    assert_eq!(p.status("cold")["drained"], false, "{}", p.status("cold"));
+    artemis_sync(&p.cold.config, ["promote"])
+        .code(1)
+        .stderr_has(&["has not handed over"]);
+}
+
+#[test]
 fn issue4_mutual_tls_streams_and_refuses_a_certificate_from_another_ca() {
     let mut p = Pair::new("tls", None);
     seed_tree(&p.hot.data, 4);

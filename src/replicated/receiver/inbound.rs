@@ -160,7 +160,10 @@ impl Inbound<'_> {
             .last_frame_unix_ms
             .store(crate::sys::now_unix_ms(), Ordering::Relaxed);
         match frame {
-            Ok(Frame::Batch { .. }) if !self.gate.still_admitted(self.epoch) => {
+            // any frame, not only a batch: a heartbeat or a drained goodbye of a stream this
+            // side no longer admits (it was promoted) must not count, and ending the stream
+            // makes an idle old hot reconnect, be refused at the new epoch and step down
+            Ok(_) if !self.gate.still_admitted(self.epoch) => {
                 return Err(ReceiveError::NoLongerAdmitted);
             }
             Ok(Frame::Batch { seq, ops }) => {
