@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::daemon::protocol::{LeaseRole, Released, Resumed};
+use crate::replicated::hot_sync::HotSync;
 
 impl Replica {
     pub(super) fn handle(&mut self, req: Incoming) {
@@ -130,13 +131,7 @@ impl Replica {
     /// What the copy may lack, for `promote`: nothing after a drained hand-over, else what the
     /// old hot's last heartbeat said ([`crate::replicated::hot_sync::HotSync::promote_text`]).
     pub(super) fn promote_rpo(&self, drained: bool) -> String {
-        if drained {
-            return "RPO 0: the old hot drained its stream before it left".to_owned();
-        }
-        self.receiver.hot_sync().map_or_else(
-            || "RPO unknown: no heartbeat from a hot side since this agent started".into(),
-            |h| h.promote_text(),
-        )
+        rpo_text(drained, self.receiver.hot_sync(), self.gate.get().epoch)
     }
 
     /// `promote` on a hot host: `--force` starts a node that waits (for its peer, after a
@@ -380,5 +375,53 @@ impl Replica {
             }
             None => self.receiver.hot_sync().map(|h| h.state.unacked_ms),
         }
+    }
+}
+
+/// [`Replica::promote_rpo`] for a host at `epoch` whose last heartbeat was `hot_sync`: a
+/// heartbeat of an older epoch says nothing of the copy (this host was hot since, or followed
+/// a newer hot that it has not heard from).
+fn rpo_text(drained: bool, hot_sync: Option<HotSync>, epoch: u64) -> String {
+    if drained {
+        return "RPO 0: the old hot drained its stream before it left".to_owned();
+    }
+    match hot_sync {
+        None => "RPO unknown: no heartbeat from a hot side since this agent started".into(),
+        Some(h) if h.epoch < epoch => format!(
+            "RPO unknown: the last heartbeat was from a hot side at epoch {}, older than this host's epoch {epoch}; nothing was heard from the hot side of epoch {epoch} (this host may have been hot itself since)",
+            h.epoch
+        ),
+        Some(h) => h.promote_text(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replicated::wire::HotState;
+
+    #[test]
+    fn issue12_promote_reports_no_rpo_0_from_a_heartbeat_of_an_older_epoch() {
+        let in_sync = HotSync::new(
+            HotState {
+                durable: true,
+                block: true,
+                caught_up: true,
+                degraded_since_unix_ms: 0,
+                unacked_ms: 0,
+                peer_timeout_ms: 2000,
+            },
+            1,
+        );
+        assert!(rpo_text(false, Some(in_sync), 1).starts_with("RPO 0: "));
+        // this host was promoted to epoch 2 since that heartbeat, and is cold again
+        let text = rpo_text(false, Some(in_sync), 2);
+        assert!(
+            text.starts_with("RPO unknown: ")
+                && text.contains("epoch 1, older than this host's epoch 2"),
+            "{text}"
+        );
+        assert!(rpo_text(true, Some(in_sync), 2).starts_with("RPO 0: "));
+        assert!(rpo_text(false, None, 2).starts_with("RPO unknown: "));
     }
 }
