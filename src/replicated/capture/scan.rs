@@ -142,8 +142,9 @@ impl Scanner {
     pub(super) fn scan_link(&mut self, rel: &str, meta: &fs::Metadata) {
         let target = match link_target(&self.root.join(rel)) {
             Ok(Some(t)) => t,
-            Ok(None) => return,
-            Err(_) => return self.remove(rel),
+            // skipped (the op stream cannot carry it): whatever the table had there is gone
+            // from the hot tree, so it goes from the cold one
+            Ok(None) | Err(_) => return self.remove(rel),
         };
         self.model_link(rel, target, Attrs::of(meta));
     }
