@@ -228,11 +228,14 @@ impl Stamp {
     }
 }
 
-/// Opens `path` for reading without following a symlink at its last component.
+/// Opens `path` for reading without following a symlink at its last component, and without
+/// waiting: a FIFO put where a file was opens at once (a blocking open would wait for a
+/// writer, holding up the scanner for ever), for the caller to find it is no file. Reads of
+/// a regular file do not heed `O_NONBLOCK`.
 pub fn open_nofollow(path: &Path) -> io::Result<File> {
     fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
 }
 
