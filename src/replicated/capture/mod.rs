@@ -697,6 +697,9 @@ impl Scanner {
         self.table = index;
         self.seen.clear();
         self.cursors.clear();
+        // the events that would have closed them were dropped while disconnected: a path
+        // may name another file by now, which a window must not read through the old one
+        self.open_files.clear();
         // (the comparison below reads everything, and marks that it did)
         self.renamed.clear();
         self.read_ahead.clear();

@@ -2874,3 +2874,46 @@ fn issue13_a_fifo_where_the_table_has_a_file_does_not_hang_the_scanner() {
         "the scanner hung on the FIFO, or recorded it"
     );
 }
+
+/// A file replaced (removed and made again under its name) while disconnected, then written
+/// after the resync: the scanner's cache of open files still held the old file's handle
+/// from a window before the disconnection (events are dropped then, and the resync left the
+/// cache as it was), so the write's window read the old file and sent its pages, and its
+/// length, as the new one's: the cold copy held another file's data, and the stream called
+/// itself in sync. The resync closes the cached files.
+#[test]
+fn issue15_a_file_replaced_while_disconnected_is_not_read_through_an_old_handle() {
+    let mut r = Rig::new();
+    let old: Vec<u8> = (0..8 * 512u32).map(|i| (i % 251) as u8).collect();
+    fs::write(r.hot.join("j"), &old).unwrap();
+    r.modified("j");
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(r.hot.join("j"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, &[1u8; 512]).unwrap();
+    r.modified("j"); // a window: the handle is kept
+    assert!(r.same());
+    r.scanner.control(ScanMsg::Disconnected);
+    // replaced while disconnected (its events are dropped)
+    fs::remove_file(r.hot.join("j")).unwrap();
+    fs::write(r.hot.join("j"), vec![0xabu8; 4 * 512]).unwrap();
+    r.event(EventKind::Remove(RemoveKind::File), &["j"]);
+    r.event(EventKind::Create(CreateKind::File), &["j"]);
+    let index = crate::replicated::pages::index_tree(&r.cold, 512).unwrap();
+    r.scanner.control(ScanMsg::Resync { gen: 2, index });
+    r.pump();
+    assert!(r.same(), "the resync did not bring the new file");
+    // appended after the resync
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(r.hot.join("j"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, &[0xcdu8; 512]).unwrap();
+    r.modified("j");
+    assert_eq!(
+        fs::read(r.cold.join("j")).unwrap(),
+        fs::read(r.hot.join("j")).unwrap(),
+        "the cold copy has the old file's data"
+    );
+}
