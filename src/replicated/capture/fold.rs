@@ -95,6 +95,9 @@ impl Scanner {
     pub(super) fn request_rescan(&mut self, why: String) {
         self.overflows += 1;
         self.watch_stale = true;
+        // the lost events may have made a path name another file: a window must not read
+        // it through the handle kept for the old one
+        self.open_files.clear();
         tracing::debug!(reason = %why, "events lost; a rescan is due");
         self.rescan_due.get_or_insert(why);
     }

@@ -2917,3 +2917,38 @@ fn issue15_a_file_replaced_while_disconnected_is_not_read_through_an_old_handle(
         "the cold copy has the old file's data"
     );
 }
+
+/// As above, with the watch capture's events lost (an inotify overflow) rather than dropped
+/// while disconnected: the rescan reads the new file through a fresh open, and the next
+/// write's window must not read the old one through the handle the cache kept.
+#[test]
+fn issue11_a_file_replaced_while_events_were_lost_is_not_read_through_an_old_handle() {
+    let mut r = Rig::new();
+    let old: Vec<u8> = (0..8 * 512u32).map(|i| (i % 251) as u8).collect();
+    fs::write(r.hot.join("j"), &old).unwrap();
+    r.modified("j");
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(r.hot.join("j"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, &[1u8; 512]).unwrap();
+    r.modified("j"); // a window: the handle is kept
+                     // replaced, its events lost
+    fs::remove_file(r.hot.join("j")).unwrap();
+    fs::write(r.hot.join("j"), vec![0xabu8; 4 * 512]).unwrap();
+    r.scanner.fs_event(FsEvent::Rescan("queue overflow".into()));
+    r.scanner.rescan_if_due();
+    r.pump();
+    assert!(r.same(), "the rescan did not bring the new file");
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(r.hot.join("j"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, &[0xcdu8; 512]).unwrap();
+    r.modified("j");
+    assert_eq!(
+        fs::read(r.cold.join("j")).unwrap(),
+        fs::read(r.hot.join("j")).unwrap(),
+        "the cold copy has the old file's data"
+    );
+}
