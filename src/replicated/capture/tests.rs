@@ -2875,6 +2875,45 @@ fn issue13_a_fifo_where_the_table_has_a_file_does_not_hang_the_scanner() {
     );
 }
 
+/// Appends 512 bytes of `byte` to the hot side's `rel` and reports the write.
+fn append_reported(r: &mut Rig, rel: &str, byte: u8) {
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(r.hot.join(rel))
+        .unwrap();
+    std::io::Write::write_all(&mut f, &[byte; 512]).unwrap();
+    r.modified(rel);
+}
+
+/// A rig whose scanner keeps a handle of `j` open from an append window.
+fn rig_holding_a_handle_of_j() -> Rig {
+    let mut r = Rig::new();
+    let old: Vec<u8> = (0..8 * 512u32).map(|i| (i % 251) as u8).collect();
+    fs::write(r.hot.join("j"), &old).unwrap();
+    r.modified("j");
+    // a window: the handle is kept
+    append_reported(&mut r, "j", 1);
+    assert!(r.same());
+    r
+}
+
+/// Replaces the hot side's `j` (removed and made again under its name), reporting nothing.
+fn replace_j(r: &Rig) {
+    fs::remove_file(r.hot.join("j")).unwrap();
+    fs::write(r.hot.join("j"), vec![0xabu8; 4 * 512]).unwrap();
+}
+
+/// Appends to `j` and asserts the cold copy is the hot one: the write's window must read
+/// the new `j`, not the old one through a handle the scanner kept.
+fn assert_an_append_reads_the_new_file(r: &mut Rig) {
+    append_reported(r, "j", 0xcd);
+    assert_eq!(
+        fs::read(r.cold.join("j")).unwrap(),
+        fs::read(r.hot.join("j")).unwrap(),
+        "the cold copy has the old file's data"
+    );
+}
+
 /// A file replaced (removed and made again under its name) while disconnected, then written
 /// after the resync: the scanner's cache of open files still held the old file's handle
 /// from a window before the disconnection (events are dropped then, and the resync left the
@@ -2883,39 +2922,17 @@ fn issue13_a_fifo_where_the_table_has_a_file_does_not_hang_the_scanner() {
 /// itself in sync. The resync closes the cached files.
 #[test]
 fn issue15_a_file_replaced_while_disconnected_is_not_read_through_an_old_handle() {
-    let mut r = Rig::new();
-    let old: Vec<u8> = (0..8 * 512u32).map(|i| (i % 251) as u8).collect();
-    fs::write(r.hot.join("j"), &old).unwrap();
-    r.modified("j");
-    let mut f = fs::OpenOptions::new()
-        .append(true)
-        .open(r.hot.join("j"))
-        .unwrap();
-    std::io::Write::write_all(&mut f, &[1u8; 512]).unwrap();
-    r.modified("j"); // a window: the handle is kept
-    assert!(r.same());
+    let mut r = rig_holding_a_handle_of_j();
     r.scanner.control(ScanMsg::Disconnected);
     // replaced while disconnected (its events are dropped)
-    fs::remove_file(r.hot.join("j")).unwrap();
-    fs::write(r.hot.join("j"), vec![0xabu8; 4 * 512]).unwrap();
+    replace_j(&r);
     r.event(EventKind::Remove(RemoveKind::File), &["j"]);
     r.event(EventKind::Create(CreateKind::File), &["j"]);
     let index = crate::replicated::pages::index_tree(&r.cold, 512).unwrap();
     r.scanner.control(ScanMsg::Resync { gen: 2, index });
     r.pump();
     assert!(r.same(), "the resync did not bring the new file");
-    // appended after the resync
-    let mut f = fs::OpenOptions::new()
-        .append(true)
-        .open(r.hot.join("j"))
-        .unwrap();
-    std::io::Write::write_all(&mut f, &[0xcdu8; 512]).unwrap();
-    r.modified("j");
-    assert_eq!(
-        fs::read(r.cold.join("j")).unwrap(),
-        fs::read(r.hot.join("j")).unwrap(),
-        "the cold copy has the old file's data"
-    );
+    assert_an_append_reads_the_new_file(&mut r);
 }
 
 /// As above, with the watch capture's events lost (an inotify overflow) rather than dropped
@@ -2923,32 +2940,12 @@ fn issue15_a_file_replaced_while_disconnected_is_not_read_through_an_old_handle(
 /// write's window must not read the old one through the handle the cache kept.
 #[test]
 fn issue11_a_file_replaced_while_events_were_lost_is_not_read_through_an_old_handle() {
-    let mut r = Rig::new();
-    let old: Vec<u8> = (0..8 * 512u32).map(|i| (i % 251) as u8).collect();
-    fs::write(r.hot.join("j"), &old).unwrap();
-    r.modified("j");
-    let mut f = fs::OpenOptions::new()
-        .append(true)
-        .open(r.hot.join("j"))
-        .unwrap();
-    std::io::Write::write_all(&mut f, &[1u8; 512]).unwrap();
-    r.modified("j"); // a window: the handle is kept
-                     // replaced, its events lost
-    fs::remove_file(r.hot.join("j")).unwrap();
-    fs::write(r.hot.join("j"), vec![0xabu8; 4 * 512]).unwrap();
+    let mut r = rig_holding_a_handle_of_j();
+    // replaced, its events lost
+    replace_j(&r);
     r.scanner.fs_event(FsEvent::Rescan("queue overflow".into()));
     r.scanner.rescan_if_due();
     r.pump();
     assert!(r.same(), "the rescan did not bring the new file");
-    let mut f = fs::OpenOptions::new()
-        .append(true)
-        .open(r.hot.join("j"))
-        .unwrap();
-    std::io::Write::write_all(&mut f, &[0xcdu8; 512]).unwrap();
-    r.modified("j");
-    assert_eq!(
-        fs::read(r.cold.join("j")).unwrap(),
-        fs::read(r.hot.join("j")).unwrap(),
-        "the cold copy has the old file's data"
-    );
+    assert_an_append_reads_the_new_file(&mut r);
 }
