@@ -155,14 +155,14 @@ impl Backend {
     pub fn check_source(self, source: &str) -> Result<(), String> {
         match self {
             Backend::Efs | Backend::AzureNfs | Backend::Nfs => match nfs_host(source) {
-                Some(_) => Ok(()),
+                Some(host) => check_host(source, host),
                 None => Err(format!(
                     "`{source}` is not an NFS source: expected `host:/path` (for EFS \
                      `fs-0123abcd.efs.<region>.amazonaws.com:/`)"
                 )),
             },
             Backend::AzureSmb | Backend::Cifs => match smb_host(source) {
-                Some(_) => Ok(()),
+                Some(host) => check_host(source, host),
                 None => Err(format!(
                     "`{source}` is not an SMB source: expected `//host/share` (for Azure \
                      `//<account>.file.core.windows.net/<share>`)"
@@ -185,6 +185,30 @@ impl Backend {
 impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// Checks the server host of `source`: a name or an address, as DNS and the mount helpers
+/// take them. A host starting with `-` is a command-line option to mount(8) and the helpers,
+/// which take the source as an argument (`-v:/` mounted nothing and turned on verbose
+/// output); a space, a `,` or a control character has no place in a host and breaks the
+/// fstab line or the helper's options.
+fn check_host(source: &str, host: &str) -> Result<(), String> {
+    if host.starts_with('-') {
+        return Err(format!(
+            "`{source}`: the host `{host}` starts with `-`, which mount(8) would take for an \
+             option"
+        ));
+    }
+    // letters, digits, `.`, `-`, `_` for names and IPv4; `:` and `%` (a zone) for IPv6
+    match host
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '%')))
+    {
+        Some(c) => Err(format!(
+            "`{source}`: the host `{host}` holds {c:?}, which no host name or address has"
+        )),
+        None => Ok(()),
     }
 }
 

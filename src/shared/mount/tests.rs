@@ -529,3 +529,39 @@ fn remount_of_another_source_or_a_failing_one_is_an_error() {
     assert_eq!(sys.calls.borrow().len(), 1);
     assert!(sys.slept.borrow().is_empty());
 }
+
+/// A source whose host starts with `-` passed the check of its form, and the helper put it on
+/// mount(8)'s command line, where it is an option (`-v:/` turns on verbose output and leaves
+/// the mount point as the only argument). Refused, by the helper as by the config, with the
+/// usage exit code; a host with a space or a `,` likewise.
+#[test]
+fn issue2_a_source_whose_host_is_an_option_or_not_a_host_is_refused() {
+    for (spec, backend, bad) in [
+        ("-v:/export", "nfs", "starts with `-`"),
+        ("[-v]:/export", "nfs", "starts with `-`"),
+        ("-n.efs.example:/", "efs", "starts with `-`"),
+        ("//-oremount/share", "cifs", "starts with `-`"),
+        ("srv,x=y:/export", "nfs", "','"),
+        ("srv\tx:/export", "nfs", "'\\t'"),
+    ] {
+        let req =
+            MountRequest::from_helper_args(spec, Path::new("/m"), &format!("backend={backend}"))
+                .unwrap();
+        let err = plan(&req).unwrap_err();
+        assert!(
+            err.to_string().contains(bad) && err.to_string().contains(spec),
+            "{spec}: {err}"
+        );
+        assert_eq!(err.exit_code(), EXIT_USAGE, "{spec}");
+    }
+    // names, IPv4 and IPv6 (with a zone) still pass
+    for spec in [
+        "fs-0123abcd.efs.eu-west-1.amazonaws.com:/",
+        "10.0.0.5:/export",
+        "[fe80::1%eth0]:/export",
+        "nfs_01.corp:/x",
+    ] {
+        let req = MountRequest::from_helper_args(spec, Path::new("/m"), "backend=nfs").unwrap();
+        assert!(plan(&req).is_ok(), "{spec}");
+    }
+}
