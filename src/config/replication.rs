@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::validate::{absolute, check_private_file, invalid_in, not_inside_link};
+use crate::config::validate::{
+    absolute, check_private_file, invalid_in, not_inside_link, not_over_base_dir, MOUNT_HIDES,
+};
 use crate::config::{
     Config, ConfigError, DEFAULT_DEEP_RESCAN_INTERVAL_MS, DEFAULT_FUSE_MOUNT_POINT,
     DEFAULT_PAGE_SIZE, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_RESCAN_INTERVAL_MS, DEFAULT_STATE_FILE,
@@ -190,6 +192,13 @@ impl Config {
         }
         not_inside_link(&r.data_dir, &self.artemis_link())
             .map_err(|e| invalid("replication.data_dir", e))?;
+        not_over_base_dir(
+            &r.data_dir,
+            &self.node.base_dir,
+            "the cold side makes data_dir an exact copy of the hot side's and would remove the \
+             node's own files from it",
+        )
+        .map_err(|e| invalid("replication.data_dir", e))?;
         let addr = |key: &'static str, v: &str| {
             v.parse::<SocketAddr>()
                 .map_err(|e| invalid(key, format!("= {v:?} is not an address:port ({e})")))
@@ -271,7 +280,8 @@ impl Config {
                             .into(),
                     ));
                 }
-                not_inside_link(mp, &self.artemis_link()).map_err(|e| invalid(key, e))
+                not_inside_link(mp, &self.artemis_link()).map_err(|e| invalid(key, e))?;
+                not_over_base_dir(mp, &self.node.base_dir, MOUNT_HIDES).map_err(|e| invalid(key, e))
             }
         }
     }

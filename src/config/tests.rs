@@ -529,3 +529,78 @@ fn command_and_systemd_unit_together_are_refused() {
         "{err}"
     );
 }
+
+/// An NFS host starting with `-` loaded, and `artemis-sync fstab` wrote it as the line's source:
+/// at boot mount(8) took it for an option. The config names the key.
+#[test]
+fn issue2_a_source_whose_host_starts_with_a_dash_is_refused_naming_the_key() {
+    let err = load(&EFS.replace("fs-0123abcd.efs.eu-west-1.amazonaws.com:/", "-v:/"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`storage.source`") && err.contains("starts with `-`"),
+        "{err}"
+    );
+}
+
+/// A mount point or a replicated `data_dir` at `base_dir` or above it loaded: a share mounted
+/// over `/opt` hid the node's files, and a `data_dir` of `/opt` had the cold side make `/opt`
+/// an exact copy of the hot side's, removing the node's own files. Each is refused naming its
+/// key; a path beside or below `base_dir` (but not its link) still loads.
+#[test]
+fn issue7_a_mount_point_or_data_dir_at_or_above_base_dir_is_refused() {
+    let repl = "[node]\nbase_dir = \"/opt/corda\"\n[storage]\nmode = \"replicated\"\n[replication]\nrole = \"hot\"\n\
+                data_dir = \"DATA\"\nlisten = \"127.0.0.1:7410\"\npeer = \"127.0.0.2:7410\"\n\
+                insecure_loopback = true\nmount_point = \"MP\"\n";
+    let ok = |data: &str, mp: &str| load(&repl.replace("DATA", data).replace("MP", mp));
+    for (data, mp, key, hides) in [
+        (
+            "/opt/corda",
+            "/var/lib/j",
+            "replication.data_dir",
+            "remove the node's own files",
+        ),
+        (
+            "/opt",
+            "/var/lib/j",
+            "replication.data_dir",
+            "remove the node's own files",
+        ),
+        (
+            "/",
+            "/var/lib/j",
+            "replication.data_dir",
+            "remove the node's own files",
+        ),
+        (
+            "/var/lib/d",
+            "/opt/corda",
+            "replication.mount_point",
+            "hides the node's own files",
+        ),
+        (
+            "/var/lib/d",
+            "/opt/",
+            "replication.mount_point",
+            "hides the node's own files",
+        ),
+    ] {
+        let err = ok(data, mp).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("`{key}`")) && err.contains(hides),
+            "{data} {mp}: {err}"
+        );
+    }
+    ok("/opt/corda/journal", "/var/lib/j").unwrap();
+    ok("/var/lib/d", "/opt/corda2").unwrap();
+    for mp in ["/opt/corda", "/opt", "/"] {
+        let err = load(&EFS.replace("[storage]", &format!("[storage]\nmount_point = {mp:?}")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`storage.mount_point`") && err.contains("hides the node's own files"),
+            "{mp}: {err}"
+        );
+    }
+    load(&EFS.replace("[storage]", "[storage]\nmount_point = \"/opt/corda-share\"")).unwrap();
+}

@@ -61,7 +61,12 @@ impl Config {
             ));
         }
         not_inside_link(&s.mount_point, &self.artemis_link())
-            .map_err(|r| invalid("storage.mount_point", r))
+            .map_err(|r| invalid("storage.mount_point", r))?;
+        if self.storage.mode == Mode::Shared {
+            not_over_base_dir(&s.mount_point, &self.node.base_dir, MOUNT_HIDES)
+                .map_err(|r| invalid("storage.mount_point", r))?;
+        }
+        Ok(())
     }
 
     /// `storage.mode`, `storage.backend` and `[replication]` agree: shared mode has a backend
@@ -286,6 +291,22 @@ pub(super) fn not_inside_link(p: &Path, link: &Path) -> Result<(), String> {
     }
 }
 
+/// `p` is not `base_dir` nor a directory above it. A mount there hides the node's own files
+/// (and `base_dir/artemis`, which becomes a link on the mount); a replicated `data_dir` there
+/// is made an exact copy of the hot side's, so the cold side would remove the node's files
+/// from under it. `what` says which of the two `p` is.
+pub(super) fn not_over_base_dir(p: &Path, base_dir: &Path, what: &str) -> Result<(), String> {
+    if base_dir.starts_with(p) {
+        Err(format!(
+            "= {p:?} is base_dir ({}) or a directory above it: {what}; choose a path outside \
+             base_dir",
+            base_dir.display()
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 /// `p` is set and absolute; `key` names it in the reason.
 pub(super) fn absolute(key: &str, p: &Path) -> Result<(), String> {
     if p.as_os_str().is_empty() {
@@ -296,6 +317,9 @@ pub(super) fn absolute(key: &str, p: &Path) -> Result<(), String> {
         Ok(())
     }
 }
+
+/// Why a mount point may not be `base_dir` or above it ([`not_over_base_dir`]).
+pub(super) const MOUNT_HIDES: &str = "a mount there hides the node's own files";
 
 /// Options the fstab line gets from other config keys, so `[storage] options` may not set them.
 const RESERVED_OPTIONS: &[&str] = &[
