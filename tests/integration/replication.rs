@@ -873,6 +873,65 @@ fn issue4_paths_escaping_the_data_directory_are_refused() {
     );
 }
 
+/// A drained goodbye is what lets `promote` go without `--force`: it says every batch the hot
+/// side sent is applied. The cold side took any marker at its word, one naming a batch it never
+/// applied (or sent ahead of a batch still unanswered) included. Now only a marker naming the
+/// last batch applied on the stream, with none in hand, counts.
+#[test]
+fn issue10_a_drained_marker_that_does_not_match_the_last_applied_batch_is_not_a_hand_over() {
+    let mut p = Pair::new("psk", None);
+    p.start("cold");
+    let rt = rt();
+    let psk = Psk::from_hex(PSK_HEX).unwrap();
+    let (first, (mut r, mut w)) = raw_client(&rt, p.cold.port, Auth::Psk(psk), 1).unwrap();
+    assert!(matches!(first, Frame::Welcome { .. }), "{first:?}");
+    let batch = |seq: u64| Frame::Batch {
+        seq,
+        ops: vec![Op::SetFile {
+            path: format!("f{seq}"),
+            len: 4096,
+            mode: 0o644,
+        }],
+    };
+    rt.block_on(async {
+        while !matches!(r.recv().await.unwrap(), Frame::IndexEnd) {}
+        // a marker sent behind batch 1 but naming none; then one naming a batch never sent;
+        // batch 2's answer comes after both were read
+        w.send(&batch(1)).await.unwrap();
+        w.send(&Frame::Drained { seq: 0 }).await.unwrap();
+        w.send(&Frame::Drained { seq: 7 }).await.unwrap();
+        w.send(&batch(2)).await.unwrap();
+        w.flush().await.unwrap();
+        let mut acked = 0;
+        while acked < 2 {
+            match r.recv().await.unwrap() {
+                Frame::Ack { seq } => acked = seq,
+                Frame::Heartbeat(_) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    });
+    assert_eq!(p.status("cold")["drained"], false, "{}", p.logs());
+    assert!(
+        p.logs()
+            .contains("says it drained its stream at batch 7, but batch 1 is the last applied"),
+        "{}",
+        p.logs()
+    );
+    // the marker a hot side sends once batch 2 is acknowledged is a hand-over
+    rt.block_on(async {
+        w.send(&Frame::Drained { seq: 2 }).await.unwrap();
+        w.flush().await.unwrap();
+    });
+    assert!(
+        wait_until(Duration::from_secs(5), || p.status("cold")["drained"]
+            == true),
+        "{}",
+        p.logs()
+    );
+    drop((r, w));
+}
+
 #[test]
 fn issue4_promote_demote_and_a_stale_epoch_hot_that_is_turned_cold_and_resynced() {
     let mut p = Pair::new("psk", None);

@@ -194,8 +194,24 @@ impl Inbound<'_> {
                 *stats.hot_sync.lock().unwrap_or_else(|p| p.into_inner()) = Some(hs);
             }
             Ok(Frame::Drained { seq }) => {
-                stats.drained.store(true, Ordering::Relaxed);
-                tracing::info!(seq, "the hot side drained its stream: the copy is complete");
+                // the hot side sends it once every batch it sent was acknowledged: only then is
+                // the copy complete, and only such a marker lets `promote` go without --force
+                let applied = stats.applied_seq.load(Ordering::Relaxed);
+                if seq == applied && self.in_flight == 0 && !self.rejecting {
+                    stats.drained.store(true, Ordering::Relaxed);
+                    tracing::info!(seq, "the hot side drained its stream: the copy is complete");
+                } else {
+                    let in_hand = match self.in_flight {
+                        0 => String::new(),
+                        n => format!(" and {n} more are being applied"),
+                    };
+                    tracing::error!(
+                        seq,
+                        applied,
+                        in_flight = self.in_flight,
+                        "the hot side says it drained its stream at batch {seq}, but batch {applied} is the last applied here{in_hand}: not taken as a hand-over"
+                    );
+                }
             }
             Ok(other) => {
                 let what = format!("{other:?} from the hot side");
