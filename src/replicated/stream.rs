@@ -219,13 +219,22 @@ async fn stream_once(
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), SendError> {
     let peer = cfg.peer;
-    let (mut reader, mut writer) = connect(cfg).await?;
-    introduce(cfg, &mut reader, &mut writer, events).await?;
-    // the cold side now walks its tree for the index; the scanner hashes ours meanwhile
-    let _ = scanner.ctl.send(ScanMsg::Prehash);
-    let index = receive_index(&mut reader)
-        .await
-        .map_err(|source| SendError::Proto { peer, source })?;
+    // the set-up heeds a stop too: the cold side's index of a large tree takes a while (and
+    // a cold side that stopped answering part way is given up only by the socket's timeouts)
+    let setup = async {
+        let (mut reader, mut writer) = connect(cfg).await?;
+        introduce(cfg, &mut reader, &mut writer, events).await?;
+        // the cold side now walks its tree for the index; the scanner hashes ours meanwhile
+        let _ = scanner.ctl.send(ScanMsg::Prehash);
+        let index = receive_index(&mut reader)
+            .await
+            .map_err(|source| SendError::Proto { peer, source })?;
+        Ok::<_, SendError>((reader, writer, index))
+    };
+    let (reader, writer, index) = tokio::select! {
+        set_up = setup => set_up?,
+        _ = stop.changed() => return Ok(()),
+    };
     tracing::info!(%peer, files = index.files.len(), "connected to the cold side");
     stats.connected.store(true, Ordering::Relaxed);
     stats.acked_seq.store(0, Ordering::Relaxed);
@@ -803,6 +812,74 @@ mod tests {
         assert!(
             lost_to_next < Duration::from_secs(1),
             "the hot side reconnected {lost_to_next:?} after losing a connection that streamed"
+        );
+    }
+
+    /// The hot side heeded a stop only once streaming: while it waited for the cold side's
+    /// index (a large tree's takes a while, and a cold side that stopped answering part way is
+    /// given up only by the socket's timeouts) a `systemctl stop` or a demote waited with it.
+    #[test]
+    fn issue13_a_stop_is_heeded_while_the_cold_side_sends_its_index() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let cfg = StreamConfig {
+            peer: listener.local_addr().unwrap(),
+            auth: Auth::Insecure,
+            node: "hot".into(),
+            epoch: 1,
+            page_size: 4096,
+            window_bytes: 1 << 20,
+            durable: None,
+        };
+        let (_out_tx, out) = mpsc::channel(8);
+        let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(64);
+        let (fs_tx, _fs_rx) = crossbeam_channel::bounded::<FsEvent>(64);
+        let link = ScannerLink {
+            out,
+            ctl: ScanControl::new(ctl_tx, fs_tx),
+        };
+        let (ev_tx, _ev_rx) = crossbeam_channel::bounded(16);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stats = Arc::new(SenderStats::default());
+        let net = rt.spawn(run_net(cfg, link, stats, ev_tx, stop_rx));
+        // a cold side that welcomes us and sends the start of an index that never ends
+        let _cold = rt.block_on(async {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (r, w) = tcp.into_split();
+            let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
+            channel::accept(&Auth::Insecure, &mut r, &mut w)
+                .await
+                .unwrap();
+            assert!(matches!(r.recv().await.unwrap(), Frame::Intro { .. }));
+            w.send(&Frame::Welcome { epoch: 1 }).await.unwrap();
+            w.send(&Frame::IndexDir {
+                path: "journal".into(),
+                attrs: crate::replicated::pages::Attrs {
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                },
+            })
+            .await
+            .unwrap();
+            w.flush().await.unwrap();
+            (r, w)
+        });
+        // the hot side is in the index: it told the scanner to pre-hash
+        let prehash = ctl_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(matches!(prehash, ScanMsg::Prehash), "{prehash:?}");
+        let _ = stop_tx.send(true);
+        let stopped =
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(2), net).await });
+        assert!(
+            stopped.is_ok(),
+            "the network task was still waiting for the index 2 s after the stop"
         );
     }
 }
