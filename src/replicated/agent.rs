@@ -13,7 +13,10 @@
 //! except that a hot side at a newer epoch makes it step down (fence its node, become cold) so
 //! that the newer one can resync it. A sender told by its peer that a newer epoch exists does
 //! the same. An old hot therefore never pushes its pages over a newer copy: it is turned cold
-//! and overwritten.
+//! and overwritten. Two hot sides at one epoch (forced promotions on both sides of a cut) are
+//! settled by holder id ([`super::state::tie_break`]), by whichever of them hears of the
+//! other first, the one connected to (its gate) or the one connecting (the refusal it gets):
+//! the greater stays hot, the other steps down; equal ids make both step down.
 
 use std::net::SocketAddr;
 use std::os::unix::net::UnixListener;
@@ -41,7 +44,9 @@ use crate::replicated::capture::fuse::DurableConfig;
 use crate::replicated::channel::Auth;
 use crate::replicated::receiver::{self, ReceiverConfig, ReceiverHandle};
 use crate::replicated::sender::{self, ScanMsg, SenderConfig, SenderEvent, SenderHandle};
-use crate::replicated::state::{load_state, save_state, EpochGate, ReplState, StateError};
+use crate::replicated::state::{
+    load_state, save_state, tie_break, EpochGate, ReplState, StateError, StepDown, Tie,
+};
 use crate::replicated::wire::Psk;
 use crate::replicated::witness::{self, Witness, WitnessHandle};
 
@@ -155,7 +160,7 @@ pub fn run(
     control_listener: UnixListener,
     shutdown: Receiver<ShutdownReason>,
 ) -> Result<ShutdownReason, ReplicaError> {
-    let (step_tx, step_rx) = bounded::<u64>(4);
+    let (step_tx, step_rx) = bounded::<StepDown>(4);
     let mut me = Replica::start(config, step_tx)?;
     let (requests, endpoint) =
         Supervisor::serve_control(control_listener, &me.config.metrics, me.metrics.clone())
@@ -200,15 +205,14 @@ pub fn run(
                 return Ok(reason);
             }
             recv(requests) -> req => if let Ok(req) = req { me.handle(req) },
-            recv(step_rx) -> epoch => if let Ok(epoch) = epoch { me.step_down(epoch, "a hot side at a newer epoch connected") },
-            recv(sender_events) -> ev => match ev {
-                Ok(SenderEvent::Rejected { epoch, reason }) => {
-                    if epoch > me.gate.get().epoch {
-                        me.step_down(epoch, &reason);
-                    } else {
-                        me.sup.note_error(format!("the peer refused our stream: {reason}"));
-                    }
+            recv(step_rx) -> sd => if let Ok(sd) = sd {
+                // (one queued before a promotion past its epoch is stale)
+                if sd.epoch >= me.gate.get().epoch {
+                    me.step_down(sd.epoch, &sd.peer, &sd.why);
                 }
+            },
+            recv(sender_events) -> ev => match ev {
+                Ok(SenderEvent::Rejected { epoch, hot, node, reason }) => me.rejected(epoch, hot, &node, &reason),
                 Ok(SenderEvent::Welcomed { epoch }) => me.confirmed(epoch),
                 Err(_) => {}
             },
@@ -277,7 +281,7 @@ impl Replica {
     /// Prepares the data directory, the state, the listener and the receiver.
     fn start(
         config: Config,
-        step_down: crossbeam_channel::Sender<u64>,
+        step_down: crossbeam_channel::Sender<StepDown>,
     ) -> Result<Replica, ReplicaError> {
         let mut repl = config
             .replication
@@ -305,7 +309,12 @@ impl Replica {
             .enable_all()
             .build()
             .map_err(|e| ReplicaError::Start(format!("tokio runtime: {e}")))?;
-        let gate = Arc::new(EpochGate::new(state, repl.state_file.clone(), step_down));
+        let gate = Arc::new(EpochGate::new(
+            state,
+            repl.state_file.clone(),
+            config.holder_id(),
+            step_down,
+        ));
         let (listener, listen) = replication_listener(&repl.listen, &rt)?;
         let receiver = receiver::start(
             ReceiverConfig {
@@ -466,8 +475,37 @@ impl Replica {
         self.start_node(st.epoch);
     }
 
-    /// A newer epoch exists: stop the node and the sender, become cold, wait to be resynced.
-    fn step_down(&mut self, epoch: u64, why: &str) {
+    /// The peer `node` refused our stream at its `epoch` (`hot` at it or not): a newer epoch
+    /// exists, or the peer is hot at ours and the tie-break says which of us steps down.
+    fn rejected(&mut self, epoch: u64, hot: bool, node: &str, reason: &str) {
+        let st = self.gate.get();
+        if st.role != ReplRole::Hot {
+            return;
+        }
+        if epoch > st.epoch {
+            return self.step_down(epoch, node, reason);
+        }
+        if !(hot && epoch == st.epoch) {
+            return self
+                .sup
+                .note_error(format!("the peer refused our stream: {reason}"));
+        }
+        // the same rule the peer's gate applied, so the same answer (opposite roles)
+        let ours = self.config.holder_id();
+        let tie = tie_break(&ours, node);
+        let why = tie.explain(epoch, &ours, node);
+        if tie == Tie::Stay {
+            // (logged once, at ERROR, while it stays the same)
+            self.sup.note_error(format!("refused by the peer: {why}"));
+        } else {
+            self.step_down(epoch, node, &why);
+        }
+    }
+
+    /// A newer epoch exists, or a hot side at ours won the tie-break
+    /// ([`super::state::tie_break`]): stop the node and the sender, become cold, wait to be
+    /// resynced. `peer` names the other side.
+    fn step_down(&mut self, epoch: u64, peer: &str, why: &str) {
         let st = self.gate.get();
         if st.role != ReplRole::Hot {
             return;
@@ -475,7 +513,8 @@ impl Replica {
         self.metrics.fence_events.inc();
         tracing::error!(
             epoch = st.epoch,
-            newer = epoch,
+            peer_epoch = epoch,
+            peer,
             "FENCING: {why}; recording epoch {}, stopping the node and turning cold to be resynced",
             epoch.max(st.epoch)
         );

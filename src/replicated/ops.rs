@@ -141,8 +141,15 @@ pub(crate) enum Outgoing {
 /// What the sender tells the agent.
 #[derive(Debug, Clone)]
 pub enum SenderEvent {
-    /// The cold side refused us: its epoch is newer. We must stop being hot.
-    Rejected { epoch: u64, reason: String },
+    /// The peer refused us, at its `epoch`, hot at it or not, `node` its holder id: a newer
+    /// epoch means we must stop being hot; a hot peer at our own epoch, that the tie-break
+    /// ([`crate::replicated::state::tie_break`]) decides which of us steps down.
+    Rejected {
+        epoch: u64,
+        hot: bool,
+        node: String,
+        reason: String,
+    },
     /// The peer welcomed our stream: it is cold and has seen no epoch newer than ours
     /// (`epoch` is its own), so a hot side that waits for this may start its node.
     Welcomed { epoch: u64 },

@@ -63,11 +63,25 @@ pub fn failing_pause(failures: u32, index_took: Duration) -> Duration {
         .min(FAILING_PAUSE_MAX)
 }
 
+/// A hot side refused: what [`Frame::Reject`] tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Our epoch.
+    pub epoch: u64,
+    /// Whether we are hot at it (two hot sides at one epoch settle it by holder id,
+    /// [`crate::replicated::state::tie_break`]).
+    pub hot: bool,
+    /// Why.
+    pub reason: String,
+}
+
 /// Decides whether a hot side at a given epoch may stream to us.
 pub trait Gate: Send + Sync {
-    /// `Ok(our epoch)` to accept (the gate records the peer's epoch), `Err((our epoch, why))`
-    /// to refuse.
-    fn admit(&self, peer_epoch: u64, node: &str) -> Result<u64, (u64, String)>;
+    /// Our holder id, named in our refusals.
+    fn node(&self) -> &str;
+    /// `Ok(our epoch)` to accept (the gate records the peer's epoch), `Err` to refuse; a hot
+    /// side at our epoch, `node`, is settled by [`crate::replicated::state::tie_break`].
+    fn admit(&self, peer_epoch: u64, node: &str) -> Result<u64, Refusal>;
     /// Whether a stream admitted at `peer_epoch` may go on (false once this side is promoted).
     fn still_admitted(&self, peer_epoch: u64) -> bool;
 }
@@ -400,11 +414,15 @@ async fn admit(
         }
     };
     let answer = if usize::try_from(page_size).ok() != Some(cfg.page_size) {
-        let why = format!(
+        let reason = format!(
             "page_size {page_size} differs from ours ({})",
             cfg.page_size
         );
-        Err((0, why))
+        Err(Refusal {
+            epoch: 0,
+            hot: false,
+            reason,
+        })
     } else {
         cfg.gate.admit(epoch, &node)
     };
@@ -414,10 +432,24 @@ async fn admit(
             writer.flush().await.ok()?;
             Some((reader, writer, epoch, node))
         }
-        Err((our, reason)) => {
+        Err(Refusal {
+            epoch: our,
+            hot,
+            reason,
+        }) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, node, peer_epoch = epoch, epoch = our, "refused a hot side: {reason}");
-            let _ = writer.send(&Frame::Reject { epoch: our, reason }).await;
+            if hot && our == epoch {
+                tracing::error!(%peer, node, peer_epoch = epoch, epoch = our, "refused a hot side at our epoch: {reason}");
+            } else {
+                tracing::warn!(%peer, node, peer_epoch = epoch, epoch = our, "refused a hot side: {reason}");
+            }
+            let refusal = Frame::Reject {
+                epoch: our,
+                hot,
+                node: cfg.gate.node().to_owned(),
+                reason,
+            };
+            let _ = writer.send(&refusal).await;
             let _ = writer.flush().await;
             None
         }
@@ -467,7 +499,12 @@ mod tests {
             epoch: 0,
             role: ReplRole::Cold,
         };
-        let gate = Arc::new(EpochGate::new(cold, dir.path().join("state.json"), step_tx));
+        let gate = Arc::new(EpochGate::new(
+            cold,
+            dir.path().join("state.json"),
+            "cold".into(),
+            step_tx,
+        ));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()

@@ -368,32 +368,39 @@ async fn introduce(
                 "it welcomed us at epoch {epoch}, newer than ours ({})",
                 cfg.epoch
             );
-            Err(rejected(peer, epoch, reason, events))
+            Err(rejected(peer, (epoch, false, peer.to_string()), reason, events))
         }
         // it did not record ours: nothing it acknowledges could be trusted to be under it
         Frame::Welcome { epoch } => Err(proto(ProtoError::Unexpected(format!(
             "a welcome at epoch {epoch}, older than ours ({}): the cold side did not record our epoch",
             cfg.epoch
         )))),
-        Frame::Reject { epoch, reason } => Err(rejected(peer, epoch, reason, events)),
+        Frame::Reject {
+            epoch,
+            hot,
+            node,
+            reason,
+        } => Err(rejected(peer, (epoch, hot, node), reason, events)),
         other => Err(proto(ProtoError::Unexpected(format!(
             "{other:?} instead of Welcome"
         )))),
     }
 }
 
-/// The cold side refused us: tells the agent, and ends the connection. Never waits on the
-/// agent (a network task blocked here while the agent stops the sender would hold both): with
-/// its queue full the agent has events still to read, and the next connection is refused
-/// again.
+/// The peer refused us, at its epoch, hot at it or not, naming itself ([`Frame::Reject`]):
+/// tells the agent, and ends the connection. Never waits on the agent (a network task blocked
+/// here while the agent stops the sender would hold both): with its queue full the agent has
+/// events still to read, and the next connection is refused again.
 fn rejected(
     peer: SocketAddr,
-    epoch: u64,
+    (epoch, hot, node): (u64, bool, String),
     reason: String,
     events: &Sender<SenderEvent>,
 ) -> SendError {
     let _ = events.try_send(SenderEvent::Rejected {
         epoch,
+        hot,
+        node,
         reason: reason.clone(),
     });
     SendError::Rejected {
@@ -611,7 +618,12 @@ impl Outbound<'_> {
                 Ok(())
             }
             Frame::Heartbeat(_) => Ok(()),
-            Frame::Reject { epoch, reason } => Err(rejected(self.peer, epoch, reason, self.events)),
+            Frame::Reject {
+                epoch,
+                hot,
+                node,
+                reason,
+            } => Err(rejected(self.peer, (epoch, hot, node), reason, self.events)),
             other => Err(self.proto(ProtoError::Unexpected(format!(
                 "{other:?} from the cold side"
             )))),

@@ -7,11 +7,14 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::replication::{content, seed_tree, wait_until, Pair};
-use crate::util::{artemis_sync, require_root, toml_path, write_script};
+use crate::replication::{
+    content, cuttable_proxy, port_of, seed_tree, wait_until, Pair, REPLICATION_EXTRA,
+};
+use crate::util::{artemis_sync, require_root, toml_path, write_script, Fixture};
 
 /// How long a node script takes to stop on TERM, at most.
 const NODE_STOP_MS: u64 = 2000;
@@ -287,4 +290,167 @@ fn issue11_a_full_cold_disk_is_said_once_then_converges_when_space_is_freed() {
         .code(0)
         .stdout_has(&["identical"]);
     p.kill9("cold");
+}
+
+/// Which ways the two hot sides of [`two_hots_at_one_epoch`] can reach each other once the cut
+/// is over.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    Both,
+    /// Only the side that must step down reaches the other: the refusal it gets decides.
+    LoserToWinner,
+    /// Only the side that stays hot reaches the other: the loser's gate decides.
+    WinnerToLoser,
+}
+
+/// Issue 10: two hot sides at one epoch. A pair converged, its hot node running; each side
+/// reaches the other through a proxy. The link is cut both ways; the operator forces the cold
+/// VM up (`promote --force`: epoch 2), and on the old hot `demote --force` then
+/// `promote --force`: epoch 2 as well, both nodes running, each copy with writes of its own.
+/// Then the link comes back (`reach`). Within a bounded time exactly one side is hot with
+/// its node running, the other cold with its node stopped, saying why, and stays so. The
+/// tie-break keeps the greater holder id: "hot:<dir>" over "cold:<dir>".
+fn two_hots_at_one_epoch(reach: Reach) {
+    let (to_cold, to_hot) = (
+        crate::listen::loopback_listener(),
+        crate::listen::loopback_listener(),
+    );
+    let (hot_listener, cold_listener) = (
+        crate::listen::loopback_listener(),
+        crate::listen::loopback_listener(),
+    );
+    let peers = [
+        format!("127.0.0.1:{}", port_of(&to_cold)),
+        format!("127.0.0.1:{}", port_of(&to_hot)),
+    ];
+    let (cold_port, hot_port) = (port_of(&cold_listener), port_of(&hot_listener));
+    let mut p = Pair::on(
+        "psk",
+        Fixture::new(),
+        &format!("capture = \"watch\"\n{REPLICATION_EXTRA}"),
+        [hot_listener, cold_listener],
+        peers,
+    );
+    let log = with_nodes(&p);
+    let hot_to_cold = cuttable_proxy(to_cold, cold_port);
+    let cold_to_hot = cuttable_proxy(to_hot, hot_port);
+    seed_tree(&p.hot.data, 1);
+    p.start("cold");
+    p.start("hot");
+    p.assert_converges(Duration::from_secs(30));
+    assert!(
+        wait_until(Duration::from_secs(10), || running(&p, "hot")),
+        "{}",
+        p.logs()
+    );
+
+    // the cut; the cold VM forced up (its gate ends the old stream, which cannot come back)
+    hot_to_cold.store(true, Ordering::SeqCst);
+    cold_to_hot.store(true, Ordering::SeqCst);
+    artemis_sync(&p.cold.config, ["promote", "--force"])
+        .code(0)
+        .stdout_has(&["hot at epoch 2"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || running(&p, "cold")),
+        "{}",
+        p.logs()
+    );
+    // the old hot, still at epoch 1 and cut off, forced down and up again: epoch 2 too
+    assert!(
+        wait_until(Duration::from_secs(10), || p.status("hot")["connected"]
+            != true),
+        "{}",
+        p.status("hot")
+    );
+    artemis_sync(&p.hot.config, ["demote", "--force"]).code(0);
+    artemis_sync(&p.hot.config, ["promote", "--force"])
+        .code(0)
+        .stdout_has(&["hot at epoch 2"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || running(&p, "hot")),
+        "{}",
+        p.logs()
+    );
+    for (side, name) in [("hot", "winner"), ("cold", "loser")] {
+        let st = p.status(side);
+        assert_eq!(
+            (&st["role"], &st["epoch"]),
+            (&"hot".into(), &2.into()),
+            "{st}"
+        );
+        fs::write(
+            p.fx.path(&format!("{side}/data/journal/{name}-only.amq")),
+            vec![9u8; 8192],
+        )
+        .unwrap();
+    }
+
+    // the link comes back
+    if reach != Reach::WinnerToLoser {
+        cold_to_hot.store(false, Ordering::SeqCst);
+    }
+    if reach != Reach::LoserToWinner {
+        hot_to_cold.store(false, Ordering::SeqCst);
+    }
+    let settled = || {
+        let (h, c) = (p.status("hot"), p.status("cold"));
+        h["role"] == "hot"
+            && h["node_state"] == "running"
+            && c["role"] == "cold"
+            && c["node_state"] != "running"
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), settled),
+        "two hot sides at one epoch were not settled: hot {}\ncold {}\n{}\n{}",
+        p.status("hot"),
+        p.status("cold"),
+        node_log(&log),
+        p.logs()
+    );
+    // the loser says why, in status and in its log
+    let st = p.status("cold");
+    assert_eq!(st["epoch"], 2, "{st}");
+    let error = st["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("stepped down: two hot sides at epoch 2")
+            && error.contains("this side steps down"),
+        "{st}"
+    );
+    let state: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(p.fx.path("cold/state.json")).unwrap()).unwrap();
+    assert_eq!(
+        (&state["epoch"], &state["role"]),
+        (&2.into(), &"cold".into()),
+        "{state}"
+    );
+    let logs = p.logs();
+    assert!(logs.contains("FENCING: two hot sides at epoch 2"), "{logs}");
+    // and it stays so: no node runs beside the winner's any more
+    let overlaps = |text: &str| text.matches("OVERLAP").count();
+    let before = overlaps(&node_log(&log));
+    thread::sleep(Duration::from_secs(2));
+    assert!(settled(), "{}", p.logs());
+    assert_eq!(overlaps(&node_log(&log)), before, "{}", node_log(&log));
+    assert_eq!(starts(&log, "cold"), 1, "{}", node_log(&log));
+    if reach != Reach::LoserToWinner {
+        // the winner resyncs the loser: the loser's own writes are gone
+        p.assert_converges(Duration::from_secs(20));
+        assert!(!p.cold.data.join("journal/loser-only.amq").exists());
+        assert!(p.cold.data.join("journal/winner-only.amq").exists());
+    }
+}
+
+#[test]
+fn issue10_two_hots_at_one_epoch_leave_exactly_one_running() {
+    two_hots_at_one_epoch(Reach::Both);
+}
+
+#[test]
+fn issue10_two_hots_at_one_epoch_settled_by_the_refusal_the_loser_gets() {
+    two_hots_at_one_epoch(Reach::LoserToWinner);
+}
+
+#[test]
+fn issue10_two_hots_at_one_epoch_settled_by_the_gate_of_the_loser() {
+    two_hots_at_one_epoch(Reach::WinnerToLoser);
 }

@@ -90,7 +90,7 @@ pub(crate) struct Pair {
 }
 
 /// `[replication]` lines every test pair gets unless it asks for others.
-const REPLICATION_EXTRA: &str = "rescan_interval_ms = 200";
+pub(crate) const REPLICATION_EXTRA: &str = "rescan_interval_ms = 200";
 
 impl Pair {
     /// `hot` streams to `cold`; `hot_peer` overrides where the hot connects (a proxy).
@@ -1011,9 +1011,10 @@ fn issue4_promote_demote_and_a_stale_epoch_hot_that_is_turned_cold_and_resynced(
     );
 }
 
-/// Forwards each connection accepted on `listener` to `127.0.0.1:target` until the returned
-/// flag is set; from then on it drops every new connection at once.
-fn cuttable_proxy(listener: TcpListener, target: u16) -> Arc<AtomicBool> {
+/// Forwards each connection accepted on `listener` to `127.0.0.1:target` while the returned
+/// flag is clear; while it is set it drops every new connection at once (those forwarded
+/// before go on).
+pub(crate) fn cuttable_proxy(listener: TcpListener, target: u16) -> Arc<AtomicBool> {
     let cut = Arc::new(AtomicBool::new(false));
     let is_cut = cut.clone();
     thread::spawn(move || {

@@ -154,7 +154,7 @@ impl Replica {
         self.gate.set(new).map_err(|e| e.to_string())?;
         self.stop_sender();
         self.become_hot(true).map_err(|e| e.to_string())?;
-        let summary = "forced without the peer's confirmation: if the peer was promoted meanwhile, this host turns cold when it hears of it";
+        let summary = "forced without the peer's confirmation: if the peer was promoted meanwhile, this host turns cold when it hears of it (of two hot hosts at one epoch, the one with the greater holder id stays hot)";
         tracing::warn!(
             epoch = new.epoch,
             "PROMOTED (--force, was waiting for {why}): {summary}"

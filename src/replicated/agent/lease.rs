@@ -191,6 +191,7 @@ impl Replica {
             if st.role == ReplRole::Hot {
                 self.step_down(
                     e,
+                    &holder,
                     &format!("the lease database names {holder} under epoch {e}"),
                 );
             }
@@ -491,6 +492,7 @@ mod tests {
         let gate = Arc::new(EpochGate::new(
             ReplState { epoch, role },
             dir.path().join("state.json"),
+            "h:/opt/corda".into(),
             tx,
         ));
         let text = format!(

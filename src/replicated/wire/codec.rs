@@ -306,9 +306,16 @@ impl Frame {
                 e.u8(5);
                 e.u64(*epoch);
             }
-            Frame::Reject { epoch, reason } => {
+            Frame::Reject {
+                epoch,
+                hot,
+                node,
+                reason,
+            } => {
                 e.u8(6);
                 e.u64(*epoch);
+                e.u8(u8::from(*hot));
+                e.str(node)?;
                 e.str(reason)?;
             }
             other => unreachable!("{other:?} is not a handshake frame"),
@@ -469,6 +476,8 @@ impl Frame {
             },
             6 => Frame::Reject {
                 epoch: d.u64("epoch")?,
+                hot: d.flag("refusing side hot")?,
+                node: d.str("refusing side")?,
                 reason: d.str("reason")?,
             },
             t => return Err(unknown(t)),

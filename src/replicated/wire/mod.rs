@@ -35,8 +35,10 @@ mod tests;
 
 /// The protocol version spoken (2: owners, symlinks and allocation in the index, ops and
 /// digests; 3: the hot side's sync state in its heartbeat; 4: a batch's page data after its
-/// header, outside the PSK MAC, which covers the page hashes and the body's length).
-pub const VERSION: u16 = 4;
+/// header, outside the PSK MAC, which covers the page hashes and the body's length; 5: a
+/// refusal says whether the refusing side is hot and names it, so that two hot sides at one
+/// epoch settle which one steps down whichever of them connected).
+pub const VERSION: u16 = 5;
 /// The largest frame body accepted or sent once the peer is authenticated.
 pub const MAX_FRAME_BYTES: usize = 8 << 20;
 /// The largest frame body accepted before the peer is authenticated: the handshake's frames
@@ -101,8 +103,15 @@ pub enum Frame {
     },
     /// Acceptor: accepted; its own epoch.
     Welcome { epoch: u64 },
-    /// Acceptor: refused (a stale epoch, two hot sides), with its epoch and why.
-    Reject { epoch: u64, reason: String },
+    /// Acceptor: refused (a stale epoch, two hot sides), with its epoch, whether it is hot at
+    /// it, its holder id and why. A hot connector refused by a hot side at its own epoch
+    /// applies [`crate::replicated::state::tie_break`] to the two holder ids.
+    Reject {
+        epoch: u64,
+        hot: bool,
+        node: String,
+        reason: String,
+    },
     /// Cold: a directory of its tree.
     IndexDir { path: String, attrs: Attrs },
     /// Cold: a file of its tree with its allocation and page hashes.

@@ -41,6 +41,8 @@ fn every_frame() -> Vec<Frame> {
         Frame::Welcome { epoch: 9 },
         Frame::Reject {
             epoch: 10,
+            hot: true,
+            node: "vm2:/opt/corda".into(),
             reason: "stale".into(),
         },
         Frame::IndexDir {
@@ -163,18 +165,55 @@ fn every_frame_round_trips() {
     for f in &frames {
         round_trip(f);
     }
-    // the bytes themselves (version 4: owners, symlinks and allocation; the heartbeat's sync
-    // state; a batch's page data after its header), so that an encoding change cannot pass
+    // the bytes themselves (version 5: owners, symlinks and allocation; the heartbeat's sync
+    // state; a batch's page data after its header; a refusal's role and holder id), so that an encoding change cannot pass
     // unnoticed: a peer of the same version must read ours
     let mut all = Vec::new();
     for f in &frames {
         f.encode(&mut all).unwrap();
     }
-    assert_eq!(all.len(), 9059);
+    assert_eq!(all.len(), 9078);
     assert_eq!(
         blake3::hash(&all).to_hex().as_str(),
-        "a484a3d310917693a17995e3cd832ffe9a67c7ec097a5ef7fbf81dbcd6f64f6c"
+        "b18a70d29826559a29e0acfbd5ab908da506509ade1e3335e2743f254c6eae2a"
     );
+}
+
+/// Version 5's refusal: the refusing side's role and holder id, read strictly. A version 4
+/// refusal (epoch and reason only) is malformed here: the two versions never get this far,
+/// since the handshake's `Hello` refuses a peer of another version first.
+#[test]
+fn issue10_a_refusal_names_the_refusing_side_and_whether_it_is_hot() {
+    let refusal = Frame::Reject {
+        epoch: 3,
+        hot: true,
+        node: "b:/opt/corda".into(),
+        reason: "two hot sides".into(),
+    };
+    let mut body = Vec::new();
+    refusal.encode(&mut body).unwrap();
+    let mut expected = vec![6];
+    expected.extend_from_slice(&3u64.to_le_bytes());
+    expected.push(1);
+    expected.extend_from_slice(&12u32.to_le_bytes());
+    expected.extend_from_slice(b"b:/opt/corda");
+    expected.extend_from_slice(&13u32.to_le_bytes());
+    expected.extend_from_slice(b"two hot sides");
+    assert_eq!(body, expected);
+    assert_eq!(Frame::decode(&body).unwrap(), refusal);
+    let mut not_a_flag = body.clone();
+    not_a_flag[9] = 2;
+    assert!(
+        matches!(Frame::decode(&not_a_flag), Err(ProtoError::Malformed(m)) if m.contains("not 0 or 1"))
+    );
+    let mut trailing = body.clone();
+    trailing.push(0);
+    assert!(Frame::decode(&trailing).is_err());
+    let mut v4 = vec![6];
+    v4.extend_from_slice(&3u64.to_le_bytes());
+    v4.extend_from_slice(&5u32.to_le_bytes());
+    v4.extend_from_slice(b"stale");
+    assert!(Frame::decode(&v4).is_err());
 }
 
 #[test]
