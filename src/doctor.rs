@@ -507,7 +507,8 @@ mod tests {
     #[test]
     fn lock_breaking_options_fail_with_the_fix() {
         let tmp = tempfile::tempdir().unwrap();
-        let share = tmp.path().canonicalize().unwrap();
+        let share = tmp.path().canonicalize().unwrap().join("share");
+        fs::create_dir(&share).unwrap();
         let config = efs_config(&share, tmp.path());
         for (fs_type, opts, bad) in [
             ("nfs4", "rw,vers=4.1,hard,nolock,local_lock=none", "nolock"),
@@ -549,7 +550,8 @@ mod tests {
     #[test]
     fn unmounted_or_wrong_source_fails_and_skips_what_depends_on_it() {
         let tmp = tempfile::tempdir().unwrap();
-        let share = tmp.path().canonicalize().unwrap();
+        let share = tmp.path().canonicalize().unwrap().join("share");
+        fs::create_dir(&share).unwrap();
         let config = efs_config(&share, tmp.path());
         let r = run(
             Ok(&config),
@@ -615,8 +617,10 @@ mod tests {
     #[test]
     fn local_filesystem_needs_allow_local_locks() {
         let tmp = tempfile::tempdir().unwrap();
-        let share = tmp.path().canonicalize().unwrap();
-        let text = format!("[node]\nbase_dir = {share:?}\n[storage]\nbackend = \"premounted\"\nmount_point = {share:?}\n");
+        let base = tmp.path().canonicalize().unwrap();
+        let share = base.join("share");
+        fs::create_dir(&share).unwrap();
+        let text = format!("[node]\nbase_dir = {base:?}\n[storage]\nbackend = \"premounted\"\nmount_point = {share:?}\n");
         let sys = Table("1 0 8:1 / / rw - ext4 /dev/vda1 rw\n".into());
         let r = run(
             Ok(&Config::from_toml(Path::new("a"), &text).unwrap()),
