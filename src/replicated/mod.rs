@@ -2,7 +2,8 @@
 //! cold one. The files follow a journal write along the data path:
 //!
 //! Hot side:
-//! 1. [`capture`]: [`capture::watch`] turns inotify into a bounded channel of events; the
+//! 1. [`capture`]: the FUSE mount (`capture/fuse/`, the default capture: the node's calls
+//!    themselves) or [`capture::watch`] (inotify) feeds a bounded channel of events; the
 //!    scanner thread ([`capture`], hashing in `capture/scan.rs`, events in `capture/events.rs`)
 //!    compares pages with its table, a model of the cold disk, and emits [`ops::Op`]s in
 //!    batches. Page hashes, file states, the tree index and its digest are in [`pages`].
@@ -13,8 +14,10 @@
 //! Cold side:
 //! 3. [`receiver`]: the listener authenticates the hot side, asks the agent's epoch gate,
 //!    sends the cold tree's index, and reads batches.
-//! 4. [`apply`]: the apply thread validates a whole batch (paths confined, page checksums),
-//!    writes it, fsyncs, and answers; the connection acknowledges.
+//! 4. [`apply`]: the check thread (`apply-check`) hashes a batch's pages against their
+//!    checksums (a small batch: the connection task), the apply thread validates the whole
+//!    batch (paths confined, no page failed), writes it, fsyncs, and answers; the connection
+//!    acknowledges.
 //!
 //! [`ops`] holds what the steps hand each other (ops, the scanner's messages, the apply
 //! outcome, the verify report), [`stats`] the counters both sides publish, [`progress`] the hot

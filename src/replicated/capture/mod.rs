@@ -1,6 +1,7 @@
-//! Capture, the first step of the hot side: [`watch`] turns inotify into a bounded channel of
-//! events, and the scanner thread (here) turns events into ordered [`Op`]s, flushed as batches
-//! to the network task ([`crate::replicated::stream`]).
+//! Capture, the first step of the hot side: the FUSE mount (`fuse/`, the default) or [`watch`]
+//! (inotify) feeds a bounded channel of events, and the scanner thread (here) turns events
+//! into ordered [`Op`]s, flushed as batches to the network task
+//! ([`crate::replicated::stream`]).
 //!
 //! The scanner's table is a model of the **cold side's** disk. On every connection the cold
 //! side sends its index; the table becomes that index ([`ScanMsg::Resync`]), and a full scan
