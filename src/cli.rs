@@ -31,7 +31,8 @@ Environment:
   ARTEMIS_SYNC_LOG            log filter, e.g. debug (default info)
   ARTEMIS_SYNC_MOUNT_PROGRAM  mount program (default: mount, from PATH)";
 
-/// Keeps the ActiveMQ Artemis journal of a hot/cold Corda node pair on a network share, with
+/// Keeps the ActiveMQ Artemis journal of a hot/cold Corda node pair on a network share (shared
+/// mode) or streamed from the hot VM's disk to the cold VM's (replicated mode), with
 /// `${BASE_DIR}/artemis` a link to it.
 #[derive(Debug, Parser)]
 #[command(name = "artemis-sync", version, after_help = EXIT_CODES)]
@@ -55,7 +56,8 @@ pub enum Command {
     Fstab,
     /// Mount the configured share now (already mounted from the same source is success), then check it
     Mount,
-    /// Make ${BASE_DIR}/artemis a symlink to the mount point, atomically
+    /// Make ${BASE_DIR}/artemis a symlink to the mount point, atomically (replicated mode: to
+    /// [replication] mount_point, or to data_dir with capture = "watch")
     Link {
         /// Move the files of a real artemis/ directory into the share (verified by blake3; the
         /// old directory is kept aside as artemis.pre-artemis-sync.<timestamp>)
@@ -71,7 +73,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run the agent: hold the lock and lease on the share, run the node only while holding them
+    /// Run the agent: hold the lock and lease on the share (replicated mode: the hot role), run
+    /// the node only while holding them
     Agent,
     /// Show the running agent's role, lease holder, epoch, renewal age, node and node health
     Status {
