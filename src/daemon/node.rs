@@ -1,8 +1,9 @@
 //! Supervising the Corda node process: started only while this VM holds the lease, in its own
 //! process group so that stopping it reaches every process it started, and with
 //! `PR_SET_PDEATHSIG(SIGKILL)` so that if the agent dies (even by `kill -9`) the node dies with
-//! it instead of running on unfenced. Stopping is SIGTERM to the group, then SIGKILL after
-//! `stop_timeout_ms`.
+//! it instead of running on unfenced. Stopping is SIGTERM then SIGCONT to the group (a stopped
+//! node dies too), then SIGKILL after `stop_timeout_ms`. A node run as a systemd unit
+//! (`[node] systemd_unit`) is started and stopped with `systemctl` instead.
 //!
 //! The death signal fires when the *thread* that forked the child exits, so nodes must be
 //! spawned from the agent's main thread, which lives as long as the process. It reaches the

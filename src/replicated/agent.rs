@@ -4,8 +4,10 @@
 //! Every agent listens (`[replication] listen`, or the socket its parent hands over, see
 //! [`crate::daemon::listen_fds`]) so that it can refuse, or step down for, a peer. The hot one
 //! also runs the sender (connecting to `peer`) and, through its [`Supervisor`], the node.
-//! Promotion is manual: `artemis-sync promote` on the cold host bumps the epoch, records it,
-//! becomes hot, links `${BASE_DIR}/artemis` to the data directory and starts the node;
+//! Without `[lease]` promotion is manual (with the database lease the cold VM also takes the
+//! lease by itself when its copy is complete: `agent/lease.rs`): `artemis-sync promote` on the cold
+//! host bumps the epoch, records it, becomes hot, links `${BASE_DIR}/artemis` to the FUSE
+//! mount (to the data directory with `capture = "watch"`) and starts the node;
 //! `artemis-sync demote` on the hot host stops the node, drains the stream, and becomes cold.
 //!
 //! Epoch rules (the gate, [`super::state::EpochGate`]): a cold side accepts a hot side whose
