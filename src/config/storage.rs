@@ -132,7 +132,8 @@ impl Backend {
         }
     }
 
-    /// The recommended mount options (design-notes.md section 3); user options override them.
+    /// The recommended mount options (README "Configuration", the table of backends); user
+    /// options override them.
     pub fn default_options(self) -> &'static str {
         match self {
             Backend::Efs => {
