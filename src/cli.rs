@@ -57,7 +57,7 @@ pub enum Command {
     /// Mount the configured share now (already mounted from the same source is success), then check it
     Mount,
     /// Make ${BASE_DIR}/artemis a symlink to the mount point, atomically (replicated mode: to
-    /// [replication] mount_point, or to data_dir with capture = "watch")
+    /// `[replication] mount_point`, or to `data_dir` with `capture = "watch"`)
     Link {
         /// Move the files of a real artemis/ directory into the share (verified by blake3; the
         /// old directory is kept aside as artemis.pre-artemis-sync.<timestamp>)
