@@ -118,6 +118,21 @@ impl Config {
                         "and `pair` are only used with backend = \"postgres\"".into(),
                     ));
                 }
+                // (each a setting the share backend would ignore without a word)
+                if l.table != DEFAULT_LEASE_TABLE {
+                    return Err(invalid(
+                        "lease.table",
+                        "is only used with backend = \"postgres\"".into(),
+                    ));
+                }
+                if l.max_failover_lag_ms != 0 {
+                    return Err(invalid(
+                        "lease.max_failover_lag_ms",
+                        "is only used with backend = \"postgres\" in replicated mode (a share \
+                         has no lag)"
+                            .into(),
+                    ));
+                }
                 Ok(())
             }
             LeaseBackend::Postgres
@@ -240,6 +255,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("only used with backend"), "{err}");
+        // what the share backend does not use is refused, not ignored
+        let err = load(&shared("backend = \"share\"\ntable = \"corda.lease\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`lease.table`"), "{err}");
+        let err = load(&shared("backend = \"share\"\nmax_failover_lag_ms = 500\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`lease.max_failover_lag_ms`"), "{err}");
+        load(&shared("backend = \"share\"\n")).unwrap();
         let err = load(&shared("backend = \"etcd\"\n"))
             .unwrap_err()
             .to_string();
