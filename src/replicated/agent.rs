@@ -44,7 +44,7 @@ use crate::lease::machine::LeaseMachine;
 use crate::link::{self, LinkOptions};
 use crate::replicated::capture::fuse::DurableConfig;
 use crate::replicated::channel::Auth;
-use crate::replicated::receiver::{self, ReceiverConfig, ReceiverHandle};
+use crate::replicated::receiver::{self, PendingFence, ReceiverConfig, ReceiverHandle};
 use crate::replicated::sender::{self, ScanMsg, SenderConfig, SenderEvent, SenderHandle};
 use crate::replicated::state::{
     load_state, save_state, tie_break, EpochGate, ReplState, StateError, StepDown, Tie,
@@ -95,6 +95,59 @@ pub enum ReplicaError {
     Start(String),
 }
 
+/// What a hot host's node waits for before it may run: each wait is ended only by the event it
+/// is for ([`Waiting::ended_by`]), or by `promote --force`.
+#[derive(Debug)]
+enum Waiting {
+    /// Without the lease, after a restart as hot: the peer's welcome at our epoch (it is cold
+    /// and knows no newer one).
+    Peer { peer: String, epoch: u64 },
+    /// With the lease, after a restart as hot or a fence: the database confirms that this host
+    /// holds the epoch (`why` says which).
+    Lease { why: String },
+    /// After a promotion whose fence timed out (a stalled disk): the apply thread may still be
+    /// writing a batch of the old stream into the data directory. Looked at again on each turn
+    /// of the main loop ([`Replica::fence_turn`]).
+    ApplyThread(PendingFence),
+}
+
+/// An event that may end a [`Waiting`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WaitEnd {
+    /// The peer welcomed our stream at our epoch.
+    PeerWelcome,
+    /// The lease machine acquired (or resumed) the lease under our epoch.
+    Lease,
+    /// The apply thread answered the promotion's fence: it writes nothing more.
+    ApplyThreadDone,
+}
+
+impl Waiting {
+    /// Whether `event` ends this wait; no other event does.
+    fn ended_by(&self, event: WaitEnd) -> bool {
+        matches!(
+            (self, event),
+            (Waiting::Peer { .. }, WaitEnd::PeerWelcome)
+                | (Waiting::Lease { .. }, WaitEnd::Lease)
+                | (Waiting::ApplyThread(_), WaitEnd::ApplyThreadDone)
+        )
+    }
+
+    /// For `status` and messages: "the node waits for ...".
+    fn why(&self) -> String {
+        match self {
+            Waiting::Peer { peer, epoch } => format!(
+                "the peer {peer} to confirm that no epoch newer than {epoch} exists (this host was hot when it stopped); `artemis-sync promote --force` starts the node without it"
+            ),
+            Waiting::Lease { why } => why.clone(),
+            Waiting::ApplyThread(_) => format!(
+                "the apply thread to finish the batch it was applying when this host was promoted (it did not within {} s: a stalled disk?); it may still write into the data directory. The node starts once it has; `artemis-sync promote --force` starts the node anyway",
+                FENCE_TIMEOUT.as_secs()
+            ),
+        }
+    }
+}
+
 /// The state machine's owner; see the module doc.
 struct Replica {
     config: Config,
@@ -107,7 +160,7 @@ struct Replica {
     listen: SocketAddr,
     sender: Option<SenderHandle>,
     /// Hot, but the node may not run yet: what it waits for (see [`Replica::become_hot`]).
-    waiting_for: Option<String>,
+    waiting_for: Option<Waiting>,
     /// The node, its hooks, the last error, systemd.
     sup: Supervisor,
     /// With `[lease] backend = "postgres"`: the lease, which then decides who is hot.
@@ -175,7 +228,7 @@ pub fn run(
         lease = me.lease.is_some(), "replication agent started");
     if state.role == ReplRole::Hot {
         // a restart or a reboot: a newer epoch may exist that this host has not heard of
-        me.become_hot(false)?;
+        me.become_hot(Some(me.restart_wait()))?;
     }
     let lease_replies = me.lease.as_ref().map_or(never(), LeaseMachine::replies);
     loop {
@@ -229,6 +282,7 @@ pub fn run(
             },
             default(me.sup.wait_limit(limit)) => {}
         }
+        me.fence_turn();
         me.health_turn();
         me.lease_tick();
         me.sup.ping_watchdog();
@@ -373,9 +427,10 @@ impl Replica {
         self.sup.announce(format!("{role} at epoch {}", st.epoch));
     }
 
-    /// Runs the sender and, once `confirmed` (a promotion, or the peer's welcome, see
-    /// [`Replica::confirmed`]), the node. Unconfirmed, it waits and says why in `status`.
-    fn become_hot(&mut self, confirmed: bool) -> Result<(), ReplicaError> {
+    /// Runs the sender and, unless it must wait (`wait`: for the peer's or the lease's
+    /// confirmation after a restart, see [`Replica::restart_wait`], or for the apply thread),
+    /// the node; waiting, it says why in `status`.
+    fn become_hot(&mut self, wait: Option<Waiting>) -> Result<(), ReplicaError> {
         let st = self.gate.get();
         let fuse_mount =
             (self.repl.capture == Capture::Fuse).then(|| self.repl.mount_point.clone());
@@ -429,23 +484,63 @@ impl Replica {
                 crate::error_chain(&e)
             ));
         }
-        if confirmed {
-            self.waiting_for = None;
-            self.start_node(st.epoch);
-        } else {
-            let why = if self.lease.is_some() {
-                format!("the lease database to confirm that this host still holds epoch {} (it was hot when it stopped); if another VM took over meanwhile, this one turns cold", st.epoch)
-            } else {
-                format!(
-                "the peer {} to confirm that no epoch newer than {} exists (this host was hot when it stopped); `artemis-sync promote --force` starts the node without it",
-                self.repl.peer, st.epoch
-            )
-            };
-            tracing::warn!(epoch = st.epoch, "hot, but the node waits for {why}");
-            self.waiting_for = Some(why);
+        match wait {
+            None => {
+                self.waiting_for = None;
+                self.start_node(st.epoch);
+            }
+            Some(wait) => {
+                let why = wait.why();
+                tracing::warn!(epoch = st.epoch, waiting = ?wait, "hot, but the node waits for {why}");
+                self.waiting_for = Some(wait);
+            }
         }
         tracing::info!(epoch = st.epoch, peer = %self.repl.peer, "hot: streaming to the cold side");
         Ok(())
+    }
+
+    /// What a hot host that (re)starts waits for: a newer epoch may exist that it has not
+    /// heard of. With the lease the database says, else the peer.
+    fn restart_wait(&self) -> Waiting {
+        let epoch = self.gate.get().epoch;
+        if self.lease.is_some() {
+            Waiting::Lease {
+                why: format!("the lease database to confirm that this host still holds epoch {epoch} (it was hot when it stopped); if another VM took over meanwhile, this one turns cold"),
+            }
+        } else {
+            Waiting::Peer {
+                peer: self.repl.peer.clone(),
+                epoch,
+            }
+        }
+    }
+
+    /// Ends the node's wait if `event` is what it waits for; whether it ended (and the node
+    /// may start). Any other wait is left as it is.
+    fn end_wait(&mut self, event: WaitEnd) -> bool {
+        if !self.waiting_for.as_ref().is_some_and(|w| w.ended_by(event)) {
+            return false;
+        }
+        self.waiting_for = None;
+        true
+    }
+
+    /// Each turn of the main loop: a node that waits for the apply thread (a promotion whose
+    /// fence timed out) starts once the apply thread has answered that fence.
+    fn fence_turn(&mut self) {
+        let Some(Waiting::ApplyThread(pending)) = self.waiting_for.as_mut() else {
+            return;
+        };
+        if !self.receiver.fence_passed(pending, Duration::ZERO) {
+            return;
+        }
+        let epoch = self.gate.get().epoch;
+        self.end_wait(WaitEnd::ApplyThreadDone);
+        tracing::warn!(
+            epoch,
+            "the apply thread finished its batch and writes nothing more: starting the node"
+        );
+        self.start_node(epoch);
     }
 
     fn start_node(&mut self, epoch: u64) {
@@ -462,13 +557,15 @@ impl Replica {
     }
 
     /// The peer welcomed our stream at `epoch`: it is cold and knows nothing newer than
-    /// ours. A hot that waited for this starts its node.
+    /// ours. A hot that waited for this (and for nothing else) starts its node.
     fn confirmed(&mut self, epoch: u64) {
         let st = self.gate.get();
-        if st.role != ReplRole::Hot || self.waiting_for.is_none() || self.lease.is_some() {
-            return; // with the lease, the database confirms, not the peer
+        // with the lease, the database confirms, not the peer; and a welcome says nothing of
+        // the apply thread
+        if st.role != ReplRole::Hot || self.lease.is_some() || !self.end_wait(WaitEnd::PeerWelcome)
+        {
+            return;
         }
-        self.waiting_for = None;
         tracing::info!(
             epoch = st.epoch,
             peer_epoch = epoch,
@@ -624,5 +721,41 @@ impl Replica {
             .map_err(|_| "the scanner stopped".to_string())?;
         sdnotify::recv_pinging(&rx, DRAIN_TIMEOUT)
             .map_err(|_| format!("no answer within {} s", DRAIN_TIMEOUT.as_secs()))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue10_each_wait_of_a_hot_node_is_ended_only_by_its_own_event() {
+        let waits = [
+            Waiting::Peer {
+                peer: "127.0.0.1:1".into(),
+                epoch: 3,
+            },
+            Waiting::Lease {
+                why: "the lease".into(),
+            },
+            Waiting::ApplyThread(PendingFence::unqueued()),
+        ];
+        let events = [
+            WaitEnd::PeerWelcome,
+            WaitEnd::Lease,
+            WaitEnd::ApplyThreadDone,
+        ];
+        for (i, wait) in waits.iter().enumerate() {
+            for (j, event) in events.iter().enumerate() {
+                assert_eq!(wait.ended_by(*event), i == j, "{wait:?} ended by {event:?}");
+            }
+        }
+        // the old hot's welcome in particular says nothing of the apply thread
+        let why = waits[2].why();
+        assert!(
+            why.starts_with("the apply thread") && why.contains("promote --force"),
+            "{why}"
+        );
+        assert!(waits[0].why().contains("127.0.0.1:1") && waits[0].why().contains("newer than 3"));
     }
 }

@@ -122,12 +122,34 @@ pub struct ReceiverHandle {
 impl ReceiverHandle {
     /// Waits until the apply thread has finished every batch queued so far; call it after the
     /// gate stopped admitting the stream (a promotion): the apply thread then applies nothing
-    /// more. `false` if it did not answer within `limit`.
-    pub fn fence(&self, limit: Duration) -> bool {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.jobs
-            .send_timeout(Job::Fence(tx), limit)
-            .is_ok_and(|()| rx.recv_timeout(limit).is_ok())
+    /// more. If it did not answer within `limit` (a stalled disk), the fence is handed back,
+    /// for [`Self::fence_passed`] to check again later without queuing another.
+    pub fn fence(&self, limit: Duration) -> Result<(), PendingFence> {
+        let mut pending = PendingFence { answer: None };
+        if self.fence_passed(&mut pending, limit) {
+            Ok(())
+        } else {
+            Err(pending)
+        }
+    }
+
+    /// Whether the apply thread has answered `pending` (every batch queued before it is done),
+    /// waiting at most `limit` (zero: a look); first queues it if the queue had no room
+    /// before. A gone apply thread never answers: `false`, as while it still writes.
+    pub fn fence_passed(&self, pending: &mut PendingFence, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        let answer = match &pending.answer {
+            Some(rx) => rx,
+            None => {
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                if self.jobs.send_timeout(Job::Fence(tx), limit).is_err() {
+                    return false;
+                }
+                pending.answer.insert(rx)
+            }
+        };
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        answer.recv_timeout(left).is_ok()
     }
 
     /// The hot side's sync state from its last heartbeat, with when it arrived: whether a
@@ -153,6 +175,23 @@ impl ReceiverHandle {
         self.jobs
             .send_timeout(Job::Save(tx), limit)
             .is_ok_and(|()| rx.recv_timeout(limit).is_ok())
+    }
+}
+
+/// A fence ([`ReceiverHandle::fence`]) the apply thread has not answered yet: until it does,
+/// the apply thread may still be writing a batch of the old stream into the data directory.
+#[derive(Debug)]
+pub struct PendingFence {
+    /// Where the apply thread answers; `None` while the fence is not queued yet (the queue
+    /// had no room).
+    answer: Option<crossbeam_channel::Receiver<()>>,
+}
+
+#[cfg(test)]
+impl PendingFence {
+    /// A fence not queued yet, for tests of what waits on one.
+    pub(crate) fn unqueued() -> PendingFence {
+        PendingFence { answer: None }
     }
 }
 
@@ -544,7 +583,7 @@ mod tests {
         // what `promote` does once the gate has turned: the apply thread answers in time
         let began = std::time::Instant::now();
         assert!(
-            handle.fence(Duration::from_secs(20)),
+            handle.fence(Duration::from_secs(20)).is_ok(),
             "the apply thread was still held by the index for the silent hot side after {:?}",
             began.elapsed()
         );

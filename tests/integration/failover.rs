@@ -5,12 +5,14 @@
 //! (a name that changed type, a full disk) is resynced, said once, and never loops.
 
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::faultfs::FaultFs;
 use crate::replication::{
     content, cuttable_proxy, port_of, seed_tree, wait_until, Pair, REPLICATION_EXTRA,
 };
@@ -453,4 +455,103 @@ fn issue10_two_hots_at_one_epoch_settled_by_the_refusal_the_loser_gets() {
 #[test]
 fn issue10_two_hots_at_one_epoch_settled_by_the_gate_of_the_loser() {
     two_hots_at_one_epoch(Reach::WinnerToLoser);
+}
+
+/// How long the cold disk stalls after `promote` has answered: the old hot restarts, is
+/// turned cold and welcomes the new hot's stream meanwhile.
+const STALL_HELD: Duration = Duration::from_secs(4);
+
+/// Regression (review of issue 10): a `promote` whose fence timed out (the apply thread was
+/// still in a batch of the old stream, held by a stalled disk) left the node waiting, but in
+/// the same place a restarted hot waits for its peer's welcome, so the old hot's welcome
+/// started the node while the apply thread could still write into `data_dir`: two writers.
+/// Only the apply thread's answer to the fence ends that wait.
+#[test]
+fn issue10_a_promote_whose_fence_timed_out_starts_the_node_only_once_the_apply_thread_is_done() {
+    const TEST: &str = "issue10_a_promote_whose_fence_timed_out";
+    if !require_root(TEST, "a FUSE fault filesystem as the cold data directory") {
+        return;
+    }
+    let mut p = Pair::new("psk", None);
+    let log = with_nodes(&p);
+    let faultfs = FaultFs::mount(&p.fx.path("cold/backing"), &p.cold.data);
+    seed_tree(&p.hot.data, 2);
+    let journal = p.hot.data.join("journal/activemq-data-0.amq");
+    p.start("cold");
+    p.start("hot");
+    p.assert_converges(Duration::from_secs(30));
+    assert!(
+        wait_until(Duration::from_secs(10), || running(&p, "hot")),
+        "{}",
+        p.logs()
+    );
+    // the cold disk stops answering; a large write (whole batches past the size applied on
+    // the connection's task) reaches the apply thread, which hangs in it. The file exists on
+    // both sides: only its inode is held, not its directory.
+    faultfs.set_stalling(true);
+    p.signal("hot", libc::SIGSTOP);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&journal)
+        .unwrap()
+        .write_all_at(&vec![0x5a; 4 << 20], 0)
+        .unwrap();
+    p.signal("hot", libc::SIGCONT);
+    assert!(
+        wait_until(Duration::from_secs(20), || faultfs.stalled_calls() > 0),
+        "the apply thread never reached the stalled disk\n{}",
+        p.logs()
+    );
+    // the hot VM dies; the operator forces the cold one up: its fence times out
+    p.kill9("hot");
+    let promoted = artemis_sync(&p.cold.config, ["promote", "--force"]);
+    promoted
+        .code(1)
+        .stderr_has(&["hot at epoch 2", "waits for the apply thread"]);
+    let waits = |p: &Pair| {
+        let st = p.status("cold");
+        st["role"] == "hot"
+            && st["node_state"] != "running"
+            && st["waiting_for"]
+                .as_str()
+                .is_some_and(|w| w.contains("apply thread"))
+    };
+    assert!(waits(&p), "{}\n{}", p.status("cold"), p.logs());
+    // the old hot comes back: it hears of epoch 2, turns cold and welcomes the new stream
+    p.start("hot");
+    assert!(
+        wait_until(Duration::from_secs(20), || p.status("hot")["role"]
+            == "cold"
+            && p.status("cold")["connected"] == true),
+        "the old hot did not turn cold and welcome the new hot's stream\n{}",
+        p.logs()
+    );
+    thread::sleep(STALL_HELD);
+    assert!(faultfs.stalled_calls() > 0, "{}", p.logs());
+    assert!(
+        waits(&p),
+        "the old hot's welcome ended the wait for the apply thread\n{}\n{}\n{}",
+        p.status("cold"),
+        node_log(&log),
+        p.logs()
+    );
+    assert_eq!(starts(&log, "cold"), 0, "{}\n{}", node_log(&log), p.logs());
+    // the disk answers again: the apply thread finishes its batch, then the node starts
+    faultfs.set_stalling(false);
+    assert!(
+        wait_until(Duration::from_secs(20), || running(&p, "cold")),
+        "the node did not start once the apply thread was done\n{}\n{}",
+        p.status("cold"),
+        p.logs()
+    );
+    assert!(p.status("cold").get("waiting_for").is_none());
+    assert!(
+        p.logs()
+            .contains("the apply thread finished its batch and writes nothing more"),
+        "{}",
+        p.logs()
+    );
+    assert_eq!(starts(&log, "cold"), 1, "{}", node_log(&log));
+    assert_eq!(starts(&log, "hot"), 1, "{}", node_log(&log));
+    assert_never_two_nodes(&p, &log);
 }

@@ -4,6 +4,8 @@
 //! fallocate, symlink) fails with `EIO`, as a dying disk's would; reads and lookups still
 //! work. There is no device-mapper here (no `/dev/mapper`), so this stands in for its
 //! `error` target. Entry and attribute lifetimes are zero: the kernel asks for every path.
+//! In its stall mode the same calls do not fail but wait until the test releases them, as
+//! on a disk that stopped answering (its `delay` target with no end); reads still work.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -12,7 +14,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
@@ -44,6 +46,12 @@ struct Shared {
     fsync_failing: AtomicBool,
     /// Every change of owner fails with `EPERM`, as on an NFS share that maps root to nobody.
     squashing_root: AtomicBool,
+    /// While true, every call that changes the disk waits (on `released`) until it is false.
+    stalling: Mutex<bool>,
+    /// Told when `stalling` turns false.
+    released: Condvar,
+    /// Calls waiting in a stall now.
+    stalled: AtomicU64,
     /// Path below `backing` -> its content at its last good fsync (taken at the first write
     /// while `losing`).
     durable: Mutex<HashMap<PathBuf, Vec<u8>>>,
@@ -73,6 +81,9 @@ impl FaultFs {
             losing: AtomicBool::new(false),
             fsync_failing: AtomicBool::new(false),
             squashing_root: AtomicBool::new(false),
+            stalling: Mutex::new(false),
+            released: Condvar::new(),
+            stalled: AtomicU64::new(0),
             durable: Mutex::new(HashMap::new()),
             nodes: Mutex::new((
                 HashMap::from([(1, PathBuf::new())]),
@@ -130,6 +141,29 @@ impl FaultFs {
     pub(crate) fn failed_calls(&self) -> u64 {
         self.shared.failed.load(Ordering::SeqCst)
     }
+
+    /// From now on, every call that changes the disk waits, unanswered, until
+    /// `set_stalling(false)` (or the drop) releases it and every later one, as a disk that
+    /// stopped answering: the caller hangs in its write, not in an error.
+    pub(crate) fn set_stalling(&self, on: bool) {
+        *self.shared.stalling.lock().unwrap() = on;
+        if !on {
+            self.shared.released.notify_all();
+        }
+    }
+
+    /// Calls waiting in a stall now.
+    pub(crate) fn stalled_calls(&self) -> u64 {
+        self.shared.stalled.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultFs {
+    /// Releases stalled calls before the unmount: a caller is not left hanging on a test that
+    /// failed while the disk stalled.
+    fn drop(&mut self) {
+        self.set_stalling(false);
+    }
 }
 
 /// The filesystem the session serves.
@@ -175,8 +209,17 @@ fn attr(ino: u64, m: &fs::Metadata) -> FileAttr {
 }
 
 impl Fs {
-    /// `EIO` while the test says so.
+    /// `EIO` while the test says so; first, while it stalls the disk, waits for the release.
     fn fault(&self) -> Res<()> {
+        let mut stalling = self.0.stalling.lock().unwrap();
+        if *stalling {
+            self.0.stalled.fetch_add(1, Ordering::SeqCst);
+            while *stalling {
+                stalling = self.0.released.wait(stalling).unwrap();
+            }
+            self.0.stalled.fetch_sub(1, Ordering::SeqCst);
+        }
+        drop(stalling);
         if self.0.failing.load(Ordering::SeqCst) {
             self.0.failed.fetch_add(1, Ordering::SeqCst);
             return Err(Errno::EIO);

@@ -92,16 +92,17 @@ impl Replica {
         rs.drained.store(false, Ordering::Relaxed);
         // the gate no longer admits the old stream: once the batch being applied is done,
         // the apply thread writes nothing more
-        if !self.receiver.fence(FENCE_TIMEOUT) {
-            let why = format!("the apply thread to finish its batch (it did not within {} s); `artemis-sync promote --force` starts the node anyway", FENCE_TIMEOUT.as_secs());
-            self.become_hot(false).map_err(|e| e.to_string())?;
-            self.waiting_for = Some(why.clone());
+        if let Err(pending) = self.receiver.fence(FENCE_TIMEOUT) {
+            // only that fence's answer ends this wait (`fence_turn`), not the old hot's welcome
+            let wait = Waiting::ApplyThread(pending);
+            let why = wait.why();
+            self.become_hot(Some(wait)).map_err(|e| e.to_string())?;
             return Err(format!(
                 "hot at epoch {}, but the node waits for {why}",
                 new.epoch
             ));
         }
-        self.become_hot(true).map_err(|e| e.to_string())?;
+        self.become_hot(None).map_err(|e| e.to_string())?;
         let behind = if last_ack == 0 {
             "no batch was ever acknowledged here".to_string()
         } else {
@@ -135,10 +136,11 @@ impl Replica {
     }
 
     /// `promote` on a hot host: `--force` starts a node that waits (for its peer, after a
-    /// restart) at a new epoch; otherwise it says what the node waits for.
+    /// restart; for the apply thread, after a promotion whose fence timed out) at a new epoch;
+    /// otherwise it says what the node waits for.
     fn promote_waiting_hot(&mut self, force: bool) -> Result<Promoted, String> {
         let st = self.gate.get();
-        let Some(why) = self.waiting_for.clone() else {
+        let Some(why) = self.waiting_for.as_ref().map(Waiting::why) else {
             return Err(format!("this host is already hot (epoch {})", st.epoch));
         };
         if !force {
@@ -152,9 +154,14 @@ impl Replica {
             role: ReplRole::Hot,
         };
         self.gate.set(new).map_err(|e| e.to_string())?;
+        let apply_thread = matches!(self.waiting_for, Some(Waiting::ApplyThread(_)));
         self.stop_sender();
-        self.become_hot(true).map_err(|e| e.to_string())?;
-        let summary = "forced without the peer's confirmation: if the peer was promoted meanwhile, this host turns cold when it hears of it (of two hot hosts at one epoch, the one with the greater holder id stays hot)";
+        self.become_hot(None).map_err(|e| e.to_string())?;
+        let summary = if apply_thread {
+            "forced before the apply thread finished its batch: it may still write that batch of the old stream into the data directory under the node"
+        } else {
+            "forced without the peer's confirmation: if the peer was promoted meanwhile, this host turns cold when it hears of it (of two hot hosts at one epoch, the one with the greater holder id stays hot)"
+        };
         tracing::warn!(
             epoch = new.epoch,
             "PROMOTED (--force, was waiting for {why}): {summary}"
@@ -298,7 +305,7 @@ impl Replica {
             batches,
             node_pid: self.sup.node_pid(),
             node_state: self.sup.node_state(),
-            waiting_for: self.waiting_for.clone(),
+            waiting_for: self.waiting_for.as_ref().map(Waiting::why),
             watch_limit: self.sender.as_ref().and_then(|s| {
                 s.stats
                     .watch_limit

@@ -167,8 +167,12 @@ impl Replica {
                     self.metrics.fence_events.inc();
                     self.sup.note_error(why.clone());
                     self.sup.release(epoch);
+                    // (a wait for the apply thread never arises with the lease: a takeover whose
+                    // fence times out gives the lease back)
                     if self.gate.get().role == ReplRole::Hot {
-                        self.waiting_for = Some(format!("the lease (fenced: {why})"));
+                        self.waiting_for = Some(Waiting::Lease {
+                            why: format!("the lease (fenced: {why})"),
+                        });
                         if let Some(m) = self.lease.as_mut() {
                             m.resume(epoch);
                         }
@@ -318,8 +322,10 @@ impl Replica {
     fn lease_acquired(&mut self, epoch: u64) {
         let st = self.gate.get();
         if st.role == ReplRole::Hot && st.epoch == epoch && self.sender.is_some() {
+            if self.waiting_for.is_some() && !self.end_wait(WaitEnd::Lease) {
+                return; // it waits for something the lease does not vouch for
+            }
             tracing::info!(epoch, "the lease confirms this host: starting the node");
-            self.waiting_for = None;
             self.start_node(epoch);
             return;
         }
@@ -334,14 +340,14 @@ impl Replica {
         }
         // the gate no longer admits the old stream: once the batch being applied is done,
         // the apply thread writes nothing more
-        if was_cold && !self.receiver.fence(FENCE_TIMEOUT) {
+        if was_cold && self.receiver.fence(FENCE_TIMEOUT).is_err() {
             self.sup
                 .note_error("the apply thread did not finish its batch in time");
             self.lease_lost("the apply thread did not stop");
             return;
         }
         self.stop_sender();
-        if let Err(e) = self.become_hot(true) {
+        if let Err(e) = self.become_hot(None) {
             self.sup.note_error(e.to_string());
             self.lease_lost("the stream could not start");
             return;
