@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::agent::{alive, kill, pid_t, wait_until};
+use crate::faultfs::FaultFs;
 use crate::pg::{CutProxy, PgCluster};
 use crate::replication::Pair;
 use crate::util::{artemis_sync, require_root, toml_path, write_script, Fixture, MountGuard};
@@ -728,4 +729,72 @@ fn a_fence_during_a_verify_does_not_spin_the_agent() {
         "the hot agent used {} ms of CPU in 3 s after its node was fenced during a verify",
         used * 1000 / hz
     );
+}
+
+/// How long the test watches the cold VM's takeovers against its stalled disk.
+const STALLED_TAKEOVERS: Duration = Duration::from_secs(20);
+
+/// Regression (review of issue 10): a takeover under the lease whose fence timed out (the
+/// apply thread held in a batch of the old stream by a stalled disk) gave the lease back, but
+/// its state file already said hot; the next takeover skipped the fence, since it fenced only
+/// a host that was cold, and started the node while the apply thread could still write into
+/// `data_dir`. Every takeover now fences; the node starts once the disk answers again.
+#[test]
+fn issue10_a_takeover_after_one_whose_fence_timed_out_fences_again() {
+    let Some(mut d) = Duo::direct("issue10_a_takeover_after_a_timed_out_fence") else {
+        return;
+    };
+    let faultfs = FaultFs::mount(&d.p.fx.path("cold/backing"), &d.p.cold.data);
+    d.hot_then_cold();
+    // the cold disk stops answering; a large write through the hot mount reaches the apply
+    // thread, which hangs in it (the records of the node may hang in it first)
+    faultfs.set_stalling(true);
+    let bulk = d.p.fx.path("hot/base/artemis/bulk");
+    fs::write(&bulk, vec![0x5a; 4 << 20]).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || faultfs.stalled_calls() > 0),
+        "the apply thread never reached the stalled disk\n{}",
+        d.p.logs()
+    );
+    // the hot VM dies; the copy is behind, so only a forced promotion takes the lease
+    d.p.kill9("hot");
+    let promoted = artemis_sync(&d.p.cold.config, ["promote", "--force"]);
+    eprintln!("promote --force against the stalled disk: {promoted}");
+    let began = Instant::now();
+    while began.elapsed() < STALLED_TAKEOVERS {
+        assert!(
+            d.node_pid("cold").is_none() && d.starts().iter().all(|(side, _, _)| side != "cold"),
+            "the node started while the apply thread could still write\n{}\n{}",
+            d.p.status("cold"),
+            d.p.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(faultfs.stalled_calls() > 0, "{}", d.p.logs());
+    let logs = d.p.logs();
+    assert!(
+        logs.matches("the apply thread did not finish its batch within")
+            .count()
+            >= 2,
+        "no takeover after the first one that fenced again\n{logs}"
+    );
+    // (status waits while a takeover's fence does)
+    assert!(
+        wait_until(Duration::from_secs(15), || d.p.status("cold")
+            ["waiting_for"]
+            .as_str()
+            .is_some_and(|w| w.contains("apply thread"))),
+        "{}",
+        d.p.status("cold")
+    );
+    // the disk answers again: the next takeover's fence passes and the node starts
+    faultfs.set_stalling(false);
+    assert!(
+        wait_until(Duration::from_secs(30), || d.node_pid("cold").is_some()),
+        "the node did not start once the disk answered\n{}\n{}",
+        d.p.status("cold"),
+        d.p.logs()
+    );
+    assert_eq!(d.role("cold"), "hot");
+    assert!(d.p.status("cold").get("waiting_for").is_none());
 }

@@ -318,7 +318,9 @@ impl Replica {
     }
 
     /// The lease is ours under `epoch`: hot under it (the stream restarted if the epoch is
-    /// new), then the node.
+    /// new), then the node. The apply thread is fenced first unless this host already streams
+    /// as hot under `epoch`: a state file that says hot is no proof that it writes nothing (a
+    /// takeover whose fence timed out wrote it before giving the lease back).
     fn lease_acquired(&mut self, epoch: u64) {
         let st = self.gate.get();
         if st.role == ReplRole::Hot && st.epoch == epoch && self.sender.is_some() {
@@ -339,11 +341,22 @@ impl Replica {
             return;
         }
         // the gate no longer admits the old stream: once the batch being applied is done,
-        // the apply thread writes nothing more
-        if was_cold && self.receiver.fence(FENCE_TIMEOUT).is_err() {
+        // the apply thread writes nothing more (at once if it is idle)
+        if self.receiver.fence(FENCE_TIMEOUT).is_err() {
+            tracing::error!(
+                epoch,
+                was_cold,
+                "the apply thread did not finish its batch within {} s: giving the lease back",
+                FENCE_TIMEOUT.as_secs()
+            );
             self.sup
                 .note_error("the apply thread did not finish its batch in time");
             self.lease_lost("the apply thread did not stop");
+            // the state file says hot already: say why no node runs, and let `promote --force`
+            // try again (the next takeover fences again)
+            self.waiting_for = Some(Waiting::Lease {
+                why: format!("the lease, given back after the takeover under epoch {epoch} because the apply thread did not finish its batch within {} s (a stalled disk?); the next takeover fences it again", FENCE_TIMEOUT.as_secs()),
+            });
             return;
         }
         self.stop_sender();
