@@ -1,7 +1,7 @@
 //! `link --migrate`: the files of a real `artemis/` directory copied into the share, each
 //! through a temporary name (a source entry named like one is refused) given the source's
 //! owner and mode, fsynced, read back and compared by blake3; directories and symlinks keep
-//! their owners too. A same-named file of other content in the share, or anything but a real
+//! their owners too, and the share's root takes the old directory's. A same-named file of other content in the share, or anything but a real
 //! directory where the source has a directory, stops everything before the first write
 //! (symlinks in the share are never followed), and so does a source symlink leading out of
 //! the directory (what it leads to would stay on this VM). Each source file is checked
@@ -123,6 +123,7 @@ pub(super) fn migrate(src_root: &Path, dst_root: &Path) -> Result<MigrationRepor
     // created meanwhile would otherwise go aside with the old directory, missing in the share.
     check_unchanged(&entries, &walk(src_root)?, src_root)?;
     check_broker_stopped(src_root)?;
+    give_root_owner(src_root, dst_root)?;
     // Only now does the source move, and only aside.
     let aside = move_aside(src_root)?;
     create_link(src_root, dst_root)?;
@@ -396,6 +397,34 @@ fn check_unchanged(
 
 /// Renames `src_root` to `<name>.pre-artemis-sync.<UTC stamp>` (with `.N` if that exists) and
 /// fsyncs its parent; returns the new path.
+/// The share's root gets the old directory's owner and mode: it becomes
+/// `${BASE_DIR}/artemis`, where the node, running as its own user, creates its journal's
+/// directories (`bindings/`, `paging/`, ...) when they are missing. A share root left as the
+/// server made it (root's own, 0755) refuses them, and the node fails at its first start on
+/// the share.
+fn give_root_owner(src_root: &Path, dst_root: &Path) -> Result<(), LinkError> {
+    let src = fs::symlink_metadata(src_root).map_err(io_err("cannot stat", src_root))?;
+    let dst = fs::metadata(dst_root).map_err(io_err("cannot stat", dst_root))?;
+    let owner = (src.uid(), src.gid());
+    let mode = src.mode() & 0o7777;
+    if (dst.uid(), dst.gid()) == owner && dst.mode() & 0o7777 == mode {
+        return Ok(());
+    }
+    // the owner first: a chown clears the set-id bits of the mode
+    std::os::unix::fs::chown(dst_root, Some(owner.0), Some(owner.1))
+        .map_err(chown_err(dst_root, owner))?;
+    fs::set_permissions(dst_root, fs::Permissions::from_mode(mode))
+        .map_err(io_err("cannot set mode of", dst_root))?;
+    tracing::info!(
+        share = %dst_root.display(),
+        uid = owner.0,
+        gid = owner.1,
+        mode = format!("{mode:o}"),
+        "the share's root takes the old journal directory's owner and mode"
+    );
+    Ok(())
+}
+
 fn move_aside(src_root: &Path) -> Result<PathBuf, LinkError> {
     let base = src_root.parent().unwrap_or(Path::new("/"));
     let name = src_root

@@ -359,6 +359,10 @@ fn issue2_migration_keeps_the_owners_of_files_directories_and_links() {
     for rel in &owned {
         std::os::unix::fs::lchown(f.link.join(rel), Some(1000), Some(1000)).unwrap();
     }
+    // the journal directory itself too; the share's root is root's own, as a server makes it
+    std::os::unix::fs::lchown(&f.link, Some(1000), Some(1000)).unwrap();
+    fs::set_permissions(&f.link, fs::Permissions::from_mode(0o750)).unwrap();
+    fs::set_permissions(&f.share, fs::Permissions::from_mode(0o755)).unwrap();
     link(
         &f.link,
         &f.share,
@@ -382,6 +386,14 @@ fn issue2_migration_keeps_the_owners_of_files_directories_and_links() {
     assert!(
         wrong.is_empty(),
         "owners not kept (source was 1000:1000): {wrong:#?}"
+    );
+    // the node creates its missing directories at the top of the share: its root is the
+    // node's, with the old directory's mode
+    let root = fs::metadata(&f.share).unwrap();
+    assert_eq!(
+        (root.uid(), root.gid(), root.mode() & 0o7777),
+        (1000, 1000, 0o750),
+        "the share's root"
     );
 }
 
