@@ -107,8 +107,9 @@ enum Waiting {
     Lease { why: String },
     /// After a promotion whose fence timed out (a stalled disk): the apply thread may still be
     /// writing a batch of the old stream into the data directory. Looked at again on each turn
-    /// of the main loop ([`Replica::fence_turn`]).
-    ApplyThread(PendingFence),
+    /// of the main loop ([`Replica::fence_turn`]). `rpo` is what the promotion found the copy
+    /// may lack, for a `promote --force` that ends the wait.
+    ApplyThread { fence: PendingFence, rpo: String },
 }
 
 /// An event that may end a [`Waiting`].
@@ -129,7 +130,7 @@ impl Waiting {
             (self, event),
             (Waiting::Peer { .. }, WaitEnd::PeerWelcome)
                 | (Waiting::Lease { .. }, WaitEnd::Lease)
-                | (Waiting::ApplyThread(_), WaitEnd::ApplyThreadDone)
+                | (Waiting::ApplyThread { .. }, WaitEnd::ApplyThreadDone)
         )
     }
 
@@ -140,7 +141,7 @@ impl Waiting {
                 "the peer {peer} to confirm that no epoch newer than {epoch} exists (this host was hot when it stopped); `artemis-sync promote --force` starts the node without it"
             ),
             Waiting::Lease { why } => why.clone(),
-            Waiting::ApplyThread(_) => format!(
+            Waiting::ApplyThread { .. } => format!(
                 "the apply thread to finish the batch it was applying when this host was promoted (it did not within {} s: a stalled disk?); it may still write into the data directory. The node starts once it has; `artemis-sync promote --force` starts the node anyway",
                 FENCE_TIMEOUT.as_secs()
             ),
@@ -528,7 +529,7 @@ impl Replica {
     /// Each turn of the main loop: a node that waits for the apply thread (a promotion whose
     /// fence timed out) starts once the apply thread has answered that fence.
     fn fence_turn(&mut self) {
-        let Some(Waiting::ApplyThread(pending)) = self.waiting_for.as_mut() else {
+        let Some(Waiting::ApplyThread { fence: pending, .. }) = self.waiting_for.as_mut() else {
             return;
         };
         if !self.receiver.fence_passed(pending, Duration::ZERO) {
@@ -738,7 +739,10 @@ mod tests {
             Waiting::Lease {
                 why: "the lease".into(),
             },
-            Waiting::ApplyThread(PendingFence::unqueued()),
+            Waiting::ApplyThread {
+                fence: PendingFence::unqueued(),
+                rpo: String::new(),
+            },
         ];
         let events = [
             WaitEnd::PeerWelcome,

@@ -507,7 +507,7 @@ fn issue10_a_promote_whose_fence_timed_out_starts_the_node_only_once_the_apply_t
     let promoted = artemis_sync(&p.cold.config, ["promote", "--force"]);
     promoted
         .code(1)
-        .stderr_has(&["hot at epoch 2", "waits for the apply thread"]);
+        .stderr_has(&["hot at epoch 2", "waits for the apply thread", "in sync"]);
     let waits = |p: &Pair| {
         let st = p.status("cold");
         st["role"] == "hot"

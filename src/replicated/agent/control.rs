@@ -94,11 +94,14 @@ impl Replica {
         // the apply thread writes nothing more
         if let Err(pending) = self.receiver.fence(FENCE_TIMEOUT) {
             // only that fence's answer ends this wait (`fence_turn`), not the old hot's welcome
-            let wait = Waiting::ApplyThread(pending);
+            let wait = Waiting::ApplyThread {
+                fence: pending,
+                rpo: rpo.clone(),
+            };
             let why = wait.why();
             self.become_hot(Some(wait)).map_err(|e| e.to_string())?;
             return Err(format!(
-                "hot at epoch {}, but the node waits for {why}",
+                "hot at epoch {}, but the node waits for {why} ({rpo})",
                 new.epoch
             ));
         }
@@ -154,7 +157,12 @@ impl Replica {
             role: ReplRole::Hot,
         };
         self.gate.set(new).map_err(|e| e.to_string())?;
-        let apply_thread = matches!(self.waiting_for, Some(Waiting::ApplyThread(_)));
+        // (a promotion whose fence timed out: what it found the copy may lack still holds)
+        let promoted_rpo = match &self.waiting_for {
+            Some(Waiting::ApplyThread { rpo, .. }) => Some(rpo.clone()),
+            _ => None,
+        };
+        let apply_thread = promoted_rpo.is_some();
         self.stop_sender();
         self.become_hot(None).map_err(|e| e.to_string())?;
         let summary = if apply_thread {
@@ -172,7 +180,8 @@ impl Replica {
             drained: false,
             behind: "this host was already hot".into(),
             summary: summary.into(),
-            rpo: "this host was hot: it has what its own node wrote".into(),
+            rpo: promoted_rpo
+                .unwrap_or_else(|| "this host was hot: it has what its own node wrote".into()),
         })
     }
 
