@@ -763,40 +763,76 @@ mod tests {
         assert_eq!(with(Some(long)).stall_limit(), long);
     }
 
+    /// A hot side's network task (`run_net`, insecure, epoch 1) streaming to `listener`, where
+    /// the test plays the cold side; the scanner's control messages arrive on `ctl_rx`.
+    struct NetRig {
+        rt: tokio::runtime::Runtime,
+        listener: tokio::net::TcpListener,
+        stop_tx: tokio::sync::watch::Sender<bool>,
+        ctl_rx: crossbeam_channel::Receiver<ScanMsg>,
+        net: tokio::task::JoinHandle<()>,
+        /// The scanner's and the agent's ends of the other channels, kept open.
+        _ends: (
+            mpsc::Sender<Outgoing>,
+            crossbeam_channel::Receiver<FsEvent>,
+            crossbeam_channel::Receiver<SenderEvent>,
+        ),
+    }
+
+    impl NetRig {
+        fn start() -> NetRig {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let listener = rt
+                .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+                .unwrap();
+            let cfg = StreamConfig {
+                peer: listener.local_addr().unwrap(),
+                auth: Auth::Insecure,
+                node: "hot".into(),
+                epoch: 1,
+                page_size: 4096,
+                window_bytes: 1 << 20,
+                durable: None,
+            };
+            let (out_tx, out) = mpsc::channel(8);
+            let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(64);
+            let (fs_tx, fs_rx) = crossbeam_channel::bounded::<FsEvent>(64);
+            let link = ScannerLink {
+                out,
+                ctl: ScanControl::new(ctl_tx, fs_tx),
+            };
+            let (ev_tx, ev_rx) = crossbeam_channel::bounded(16);
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let stats = Arc::new(SenderStats::default());
+            let net = rt.spawn(run_net(cfg, link, stats, ev_tx, stop_rx));
+            NetRig {
+                rt,
+                listener,
+                stop_tx,
+                ctl_rx,
+                net,
+                _ends: (out_tx, fs_rx, ev_rx),
+            }
+        }
+    }
+
     /// Pauses grow while connections fail one after the other, and start again from
     /// [`RECONNECT_FIRST`] once one has streamed: a connection lost after hours of streaming
     /// is not retried only after the longest pause the agent's start-up once reached (with
     /// durable acks, every sync waiting meanwhile degrades past `peer_timeout_ms`).
     #[test]
     fn issue13_a_connection_that_streamed_is_retried_at_once_when_lost() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let cfg = StreamConfig {
-            peer: listener.local_addr().unwrap(),
-            auth: Auth::Insecure,
-            node: "hot".into(),
-            epoch: 1,
-            page_size: 4096,
-            window_bytes: 1 << 20,
-            durable: None,
-        };
-        let (_out_tx, out) = mpsc::channel(8);
-        let (ctl_tx, _ctl_rx) = crossbeam_channel::bounded(64);
-        let (fs_tx, _fs_rx) = crossbeam_channel::bounded::<FsEvent>(64);
-        let link = ScannerLink {
-            out,
-            ctl: ScanControl::new(ctl_tx, fs_tx),
-        };
-        let (ev_tx, _ev_rx) = crossbeam_channel::bounded(16);
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let stats = Arc::new(SenderStats::default());
-        rt.spawn(run_net(cfg, link, stats, ev_tx, stop_rx));
+        let NetRig {
+            rt,
+            listener,
+            stop_tx,
+            _ends,
+            ..
+        } = NetRig::start();
         let lost_to_next = rt.block_on(async {
             // five failures in a row (the cold side not yet there): the pause reaches 1.6 s
             for _ in 0..5 {
@@ -832,34 +868,14 @@ mod tests {
     /// given up only by the socket's timeouts) a `systemctl stop` or a demote waited with it.
     #[test]
     fn issue13_a_stop_is_heeded_while_the_cold_side_sends_its_index() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let cfg = StreamConfig {
-            peer: listener.local_addr().unwrap(),
-            auth: Auth::Insecure,
-            node: "hot".into(),
-            epoch: 1,
-            page_size: 4096,
-            window_bytes: 1 << 20,
-            durable: None,
-        };
-        let (_out_tx, out) = mpsc::channel(8);
-        let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(64);
-        let (fs_tx, _fs_rx) = crossbeam_channel::bounded::<FsEvent>(64);
-        let link = ScannerLink {
-            out,
-            ctl: ScanControl::new(ctl_tx, fs_tx),
-        };
-        let (ev_tx, _ev_rx) = crossbeam_channel::bounded(16);
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let stats = Arc::new(SenderStats::default());
-        let net = rt.spawn(run_net(cfg, link, stats, ev_tx, stop_rx));
+        let NetRig {
+            rt,
+            listener,
+            stop_tx,
+            ctl_rx,
+            net,
+            _ends,
+        } = NetRig::start();
         // a cold side that welcomes us and sends the start of an index that never ends
         let _cold = rt.block_on(async {
             let (tcp, _) = listener.accept().await.unwrap();
