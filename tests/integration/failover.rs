@@ -13,10 +13,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::faultfs::FaultFs;
-use crate::replication::{
-    content, cuttable_proxy, port_of, seed_tree, wait_until, Pair, REPLICATION_EXTRA,
-};
-use crate::util::{artemis_sync, require_root, toml_path, write_script, Fixture};
+use crate::replication::{content, cuttable_pair, seed_tree, wait_until, Pair};
+use crate::util::{artemis_sync, require_root, toml_path, write_script};
 
 /// How long a node script takes to stop on TERM, at most.
 const NODE_STOP_MS: u64 = 2000;
@@ -313,29 +311,8 @@ enum Reach {
 /// its node running, the other cold with its node stopped, saying why, and stays so. The
 /// tie-break keeps the greater holder id: "hot:<dir>" over "cold:<dir>".
 fn two_hots_at_one_epoch(reach: Reach) {
-    let (to_cold, to_hot) = (
-        crate::listen::loopback_listener(),
-        crate::listen::loopback_listener(),
-    );
-    let (hot_listener, cold_listener) = (
-        crate::listen::loopback_listener(),
-        crate::listen::loopback_listener(),
-    );
-    let peers = [
-        format!("127.0.0.1:{}", port_of(&to_cold)),
-        format!("127.0.0.1:{}", port_of(&to_hot)),
-    ];
-    let (cold_port, hot_port) = (port_of(&cold_listener), port_of(&hot_listener));
-    let mut p = Pair::on(
-        "psk",
-        Fixture::new(),
-        &format!("capture = \"watch\"\n{REPLICATION_EXTRA}"),
-        [hot_listener, cold_listener],
-        peers,
-    );
+    let (mut p, hot_to_cold, cold_to_hot) = cuttable_pair();
     let log = with_nodes(&p);
-    let hot_to_cold = cuttable_proxy(to_cold, cold_port);
-    let cold_to_hot = cuttable_proxy(to_hot, hot_port);
     seed_tree(&p.hot.data, 1);
     p.start("cold");
     p.start("hot");

@@ -1076,9 +1076,10 @@ fn issue10_a_drained_hand_over_lets_one_promotion_through_not_a_later_one() {
     assert_eq!(p.status("cold")["role"], "cold");
 }
 
-#[test]
-fn issue10_a_forced_promotion_cuts_the_old_stream_so_its_drained_goodbye_cannot_count() {
-    // each side reaches the other through a proxy the test can cut
+/// A pair (PSK, watch capture) in which each side reaches the other through a proxy the test
+/// can cut: set `hot_to_cold` and the hot side's connections to the cold one fail, and those
+/// open end; `cold_to_hot` likewise.
+pub(crate) fn cuttable_pair() -> (Pair, Arc<AtomicBool>, Arc<AtomicBool>) {
     let (to_cold, to_hot) = (
         crate::listen::loopback_listener(),
         crate::listen::loopback_listener(),
@@ -1091,17 +1092,22 @@ fn issue10_a_forced_promotion_cuts_the_old_stream_so_its_drained_goodbye_cannot_
         format!("127.0.0.1:{}", port_of(&to_cold)),
         format!("127.0.0.1:{}", port_of(&to_hot)),
     ];
-    let cold_port = port_of(&cold_listener);
-    let hot_port = port_of(&hot_listener);
-    let mut p = Pair::on(
+    let (cold_port, hot_port) = (port_of(&cold_listener), port_of(&hot_listener));
+    let p = Pair::on(
         "psk",
         Fixture::new(),
         &format!("capture = \"watch\"\n{REPLICATION_EXTRA}"),
         [hot_listener, cold_listener],
         peers,
     );
-    let _hot_to_cold = cuttable_proxy(to_cold, cold_port);
+    let hot_to_cold = cuttable_proxy(to_cold, cold_port);
     let cold_to_hot = cuttable_proxy(to_hot, hot_port);
+    (p, hot_to_cold, cold_to_hot)
+}
+
+#[test]
+fn issue10_a_forced_promotion_cuts_the_old_stream_so_its_drained_goodbye_cannot_count() {
+    let (mut p, _hot_to_cold, cold_to_hot) = cuttable_pair();
     seed_tree(&p.hot.data, 1);
     p.start("cold");
     p.start("hot");
