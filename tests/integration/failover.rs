@@ -90,16 +90,22 @@ fn signal(pid: u32, sig: libc::c_int) {
 fn running_pair() -> (Pair, PathBuf) {
     let mut p = Pair::new("psk", None);
     let log = with_nodes(&p);
-    seed_tree(&p.hot.data, 2);
+    start_converged(&mut p, 2);
+    (p, log)
+}
+
+/// Starts both sides on a tree of `files` files, waits until they converge and the hot node
+/// runs.
+fn start_converged(p: &mut Pair, files: usize) {
+    seed_tree(&p.hot.data, files);
     p.start("cold");
     p.start("hot");
     p.assert_converges(Duration::from_secs(30));
     assert!(
-        wait_until(Duration::from_secs(10), || running(&p, "hot")),
+        wait_until(Duration::from_secs(10), || running(p, "hot")),
         "{}",
         p.logs()
     );
-    (p, log)
 }
 
 #[test]
@@ -313,15 +319,7 @@ enum Reach {
 fn two_hots_at_one_epoch(reach: Reach) {
     let (mut p, hot_to_cold, cold_to_hot) = cuttable_pair();
     let log = with_nodes(&p);
-    seed_tree(&p.hot.data, 1);
-    p.start("cold");
-    p.start("hot");
-    p.assert_converges(Duration::from_secs(30));
-    assert!(
-        wait_until(Duration::from_secs(10), || running(&p, "hot")),
-        "{}",
-        p.logs()
-    );
+    start_converged(&mut p, 1);
 
     // the cut; the cold VM forced up (its gate ends the old stream, which cannot come back)
     hot_to_cold.store(true, Ordering::SeqCst);
