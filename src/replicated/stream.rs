@@ -820,6 +820,25 @@ mod tests {
         }
     }
 
+    /// The cold side's part of the next connection on `listener`, up to its welcome at epoch 1
+    /// (not flushed yet).
+    async fn welcome(
+        listener: &tokio::net::TcpListener,
+    ) -> (
+        FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+    ) {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let (r, w) = tcp.into_split();
+        let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
+        channel::accept(&Auth::Insecure, &mut r, &mut w)
+            .await
+            .unwrap();
+        assert!(matches!(r.recv().await.unwrap(), Frame::Intro { .. }));
+        w.send(&Frame::Welcome { epoch: 1 }).await.unwrap();
+        (r, w)
+    }
+
     /// Pauses grow while connections fail one after the other, and start again from
     /// [`RECONNECT_FIRST`] once one has streamed: a connection lost after hours of streaming
     /// is not retried only after the longest pause the agent's start-up once reached (with
@@ -839,14 +858,7 @@ mod tests {
                 drop(listener.accept().await.unwrap());
             }
             // then a connection that streams
-            let (tcp, _) = listener.accept().await.unwrap();
-            let (r, w) = tcp.into_split();
-            let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
-            channel::accept(&Auth::Insecure, &mut r, &mut w)
-                .await
-                .unwrap();
-            assert!(matches!(r.recv().await.unwrap(), Frame::Intro { .. }));
-            w.send(&Frame::Welcome { epoch: 1 }).await.unwrap();
+            let (mut r, mut w) = welcome(&listener).await;
             w.send(&Frame::IndexEnd).await.unwrap();
             w.flush().await.unwrap();
             assert!(matches!(r.recv().await.unwrap(), Frame::Heartbeat(_)));
@@ -878,14 +890,7 @@ mod tests {
         } = NetRig::start();
         // a cold side that welcomes us and sends the start of an index that never ends
         let _cold = rt.block_on(async {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let (r, w) = tcp.into_split();
-            let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
-            channel::accept(&Auth::Insecure, &mut r, &mut w)
-                .await
-                .unwrap();
-            assert!(matches!(r.recv().await.unwrap(), Frame::Intro { .. }));
-            w.send(&Frame::Welcome { epoch: 1 }).await.unwrap();
+            let (r, mut w) = welcome(&listener).await;
             w.send(&Frame::IndexDir {
                 path: "journal".into(),
                 attrs: crate::replicated::pages::Attrs {
