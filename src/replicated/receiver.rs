@@ -1,7 +1,8 @@
 //! The cold side's network: accepts the hot side's connection, authenticates it
 //! ([`crate::replicated::channel`]), asks the [`Gate`] whether its epoch may stream, sends the
 //! cold tree's index, then reads batches (a reader task) and hands them to the apply thread
-//! ([`crate::replicated::apply`]), answering each with `Ack` once it is durable or `Nack` when it
+//! ([`crate::replicated::apply`]), answering with `Ack` once a batch is durable (cumulative: with
+//! async acks, under a steady stream, every few batches; see [`ACK_HOLD`]) or `Nack` when it
 //! failed a check. One hot side streams at a time; a newly authenticated one replaces it.
 //!
 //! [`start`] runs all of it; the agent keeps the [`ReceiverHandle`].
@@ -26,6 +27,11 @@ use inbound::Inbound;
 
 pub use crate::replicated::stats::ReceiverStats;
 
+/// How long an applied batch's acknowledgement may wait for the batches after it when the
+/// hot side asks for one every few batches (`Frame::Intro`'s `ack_every`, with async acks),
+/// and how soon after an acknowledgement a batch must come to be held: the first batch after
+/// a quiet spell is acknowledged at once.
+pub const ACK_HOLD: Duration = Duration::from_millis(5);
 /// A connection with no frame for this long is dead (the hot sends heartbeats every second);
 /// so is one that takes none of our bytes for this long (`TCP_USER_TIMEOUT`).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -348,7 +354,7 @@ async fn serve(
     let stats = &shared.stats;
     // authenticate before touching the previous stream: a stranger cannot cut it off
     let admitted = tokio::time::timeout(ADMIT_TIMEOUT, admit(&shared.cfg, stream, peer, stats));
-    let Some((reader, writer, epoch, node)) = (match admitted.await {
+    let Some((reader, writer, epoch, node, ack_every)) = (match admitted.await {
         Ok(x) => x,
         Err(_) => refused(
             stats,
@@ -366,6 +372,7 @@ async fn serve(
         peer,
         epoch,
         node,
+        ack_every,
     ));
     shared.replace_current(Some(task.abort_handle()));
 }
@@ -378,6 +385,7 @@ async fn stream_admitted(
     peer: SocketAddr,
     epoch: u64,
     node: String,
+    ack_every: u16,
 ) {
     let stats = &shared.stats;
     let _one_at_a_time = shared.streaming.lock().await;
@@ -396,6 +404,9 @@ async fn stream_admitted(
         rejecting: false,
         counted: 0,
         in_flight: 0,
+        ack_every: u64::from(ack_every.max(1)),
+        held: None,
+        last_ack: None,
     };
     let result = inbound.run(reader).await;
     stats.connected.store(false, Ordering::Relaxed);
@@ -416,13 +427,13 @@ fn refused<T>(stats: &ReceiverStats, peer: SocketAddr, why: &str) -> Option<T> {
 }
 
 /// Handshake, epoch check and welcome; `None` (logged) when the peer is refused. Returns the
-/// connection, and the hot side's epoch and holder id.
+/// connection, and the hot side's epoch, holder id and acknowledgement interval.
 async fn admit(
     cfg: &ReceiverConfig,
     stream: TcpStream,
     peer: SocketAddr,
     stats: &ReceiverStats,
-) -> Option<(Reader, Writer, u64, String)> {
+) -> Option<(Reader, Writer, u64, String, u16)> {
     // a write to a hot side that stopped reading (a frozen agent, a paused VM: its kernel
     // keeps the connection with a shut window) would wait for ever, and with the index or a
     // digest the apply thread waits with it (for room to hand over the next part), so that a
@@ -440,13 +451,14 @@ async fn admit(
         return refused(stats, peer, &crate::error_chain(&e));
     }
     let intro = tokio::time::timeout(IDLE_TIMEOUT, reader.recv()).await;
-    let (epoch, node, page_size) = match intro {
+    let (epoch, node, page_size, ack_every) = match intro {
         Ok(Ok(Frame::Intro {
             epoch,
             hot: true,
             node,
             page_size,
-        })) => (epoch, node, page_size),
+            ack_every,
+        })) => (epoch, node, page_size, ack_every),
         other => {
             let why = format!("expected its introduction, got {other:?}");
             return refused(stats, peer, &why);
@@ -469,7 +481,7 @@ async fn admit(
         Ok(our) => {
             writer.send(&Frame::Welcome { epoch: our }).await.ok()?;
             writer.flush().await.ok()?;
-            Some((reader, writer, epoch, node))
+            Some((reader, writer, epoch, node, ack_every))
         }
         Err(Refusal {
             epoch: our,
@@ -573,6 +585,7 @@ mod tests {
                 hot: true,
                 node: "frozen".into(),
                 page_size: 4096,
+                ack_every: 1,
             })
             .await
             .unwrap();

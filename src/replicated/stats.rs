@@ -98,7 +98,8 @@ pub struct ReceiverStats {
     pub connected: AtomicBool,
     /// The connected hot side's epoch.
     pub hot_epoch: AtomicU64,
-    /// Highest batch applied and acknowledged on the current connection.
+    /// Highest batch applied on the current connection (acknowledged at once, or within
+    /// `receiver::ACK_HOLD` under a steady stream of batches with async acks).
     pub applied_seq: AtomicU64,
     /// Batches applied.
     pub batches: AtomicU64,
@@ -110,7 +111,8 @@ pub struct ReceiverStats {
     pub wire_out_bytes: AtomicU64,
     /// When the last frame arrived (ms since the Unix epoch).
     pub last_frame_unix_ms: AtomicU64,
-    /// When the last batch was acknowledged (ms since the Unix epoch).
+    /// When the last batch was applied (ms since the Unix epoch; its acknowledgement goes out
+    /// then, or within `receiver::ACK_HOLD`).
     pub last_ack_unix_ms: AtomicU64,
     /// Whether the last hot side sent its drained marker before going away.
     pub drained: AtomicBool,

@@ -48,6 +48,11 @@ pub(crate) const ASYNC_STALL_LIMIT: Duration = Duration::from_secs(10);
 /// (or a window briefly full) and resync, where a short `peer_timeout_ms` only means that
 /// durable syncs stop waiting sooner.
 pub(crate) const MIN_STALL_LIMIT: Duration = Duration::from_secs(1);
+/// With async acks, the cold side acknowledges every this many batches (and a batch after
+/// the last one at most `receiver::ACK_HOLD` later): an acknowledgement per batch was half of
+/// this task's wake-ups under a steady stream of small writes (docs/performance-log.md, run
+/// 28). Durable acks are asked for each batch at once: a sync waits for its batch's.
+const ASYNC_ACK_EVERY: u16 = 4;
 /// The stall check runs every quarter of the limit, but not more often than this.
 const STALL_CHECK_MIN: Duration = Duration::from_millis(10);
 /// The connection's write buffer (batches are up to a megabyte of pages).
@@ -302,6 +307,20 @@ async fn stream_once(
     }
 }
 
+/// How often the cold side is asked to acknowledge ([`Frame::Intro`]): each batch with durable
+/// acks (a sync waits for its batch's); with async acks every [`ASYNC_ACK_EVERY`] batches, or
+/// fewer when the window holds fewer than twice that many full batches (a window held up by
+/// acknowledgements would stall the stream).
+fn ack_every(cfg: &StreamConfig) -> u16 {
+    if cfg.durable.is_some() {
+        return 1;
+    }
+    let batches = cfg.window_bytes / (2 * crate::replicated::capture::BATCH_DATA_BYTES);
+    u16::try_from(batches)
+        .unwrap_or(u16::MAX)
+        .clamp(1, ASYNC_ACK_EVERY)
+}
+
 /// TCP (with a timeout), then TLS or not, then the handshake.
 async fn connect(cfg: &StreamConfig) -> Result<(Reader, Writer), SendError> {
     let peer = cfg.peer;
@@ -344,6 +363,7 @@ async fn introduce(
             hot: true,
             node: cfg.node.clone(),
             page_size,
+            ack_every: ack_every(cfg),
         })
         .await
         .map_err(proto)?;
@@ -761,6 +781,33 @@ mod tests {
         assert!(short >= Duration::from_secs(1), "{short:?}");
         let long = Duration::from_secs(7);
         assert_eq!(with(Some(long)).stall_limit(), long);
+    }
+
+    /// Durable acks ask for each batch's acknowledgement; async acks for every fourth, or
+    /// fewer when the window holds fewer than eight full batches (a window of one batch would
+    /// otherwise wait out the cold side's hold after each).
+    #[test]
+    fn issue12_the_acknowledgement_interval_follows_the_ack_level_and_the_window() {
+        let with = |window_mb: usize, durable: bool| StreamConfig {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            auth: Auth::Insecure,
+            node: "hot".into(),
+            epoch: 1,
+            page_size: 4096,
+            window_bytes: window_mb << 20,
+            durable: durable.then(|| DurableConfig {
+                peer_timeout: Duration::from_secs(2),
+                block: false,
+                witness: None,
+                metrics: Arc::new(crate::daemon::metrics::Metrics::default()),
+            }),
+        };
+        let every = |window_mb, durable| ack_every(&with(window_mb, durable));
+        assert_eq!(every(32, true), 1);
+        assert_eq!(every(32, false), ASYNC_ACK_EVERY);
+        assert_eq!(every(1, false), 1);
+        assert_eq!(every(4, false), 2);
+        assert_eq!(every(1 << 20, false), ASYNC_ACK_EVERY);
     }
 
     /// A hot side's network task (`run_net`, insecure, epoch 1) streaming to `listener`, where

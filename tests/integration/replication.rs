@@ -773,6 +773,18 @@ pub(crate) fn raw_client(
     auth: Auth,
     epoch: u64,
 ) -> Result<(Frame, RawConn), String> {
+    // each batch answered at once, as the tests reading answers expect
+    raw_client_acking(rt, port, auth, epoch, 1)
+}
+
+/// [`raw_client`], asking for an acknowledgement every `ack_every` batches.
+pub(crate) fn raw_client_acking(
+    rt: &tokio::runtime::Runtime,
+    port: u16,
+    auth: Auth,
+    epoch: u64,
+    ack_every: u16,
+) -> Result<(Frame, RawConn), String> {
     rt.block_on(async move {
         let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -787,6 +799,7 @@ pub(crate) fn raw_client(
             hot: true,
             node: "intruder".into(),
             page_size: 4096,
+            ack_every,
         })
         .await
         .map_err(|e| e.to_string())?;
@@ -930,6 +943,70 @@ fn issue10_a_drained_marker_that_does_not_match_the_last_applied_batch_is_not_a_
         p.logs()
     );
     drop((r, w));
+}
+
+/// With async acks the hot side asks for an acknowledgement every few batches (one per batch
+/// was half of its network thread's wake-ups under a steady stream of small writes): the cold
+/// side answers the first batch at once, then every fourth applied, and the last few once
+/// `ACK_HOLD` has passed with nothing after them. A hot side asking for each (durable acks)
+/// gets each answered.
+#[test]
+fn issue12_the_cold_side_acknowledges_every_few_batches_when_asked_and_the_rest_soon_after() {
+    const BATCHES: u64 = 41;
+    let mut p = Pair::new("psk", None);
+    p.start("cold");
+    let rt = rt();
+    for ack_every in [4u16, 1] {
+        let psk = Psk::from_hex(PSK_HEX).unwrap();
+        let (first, (mut r, mut w)) =
+            raw_client_acking(&rt, p.cold.port, Auth::Psk(psk), 1, ack_every).unwrap();
+        assert!(matches!(first, Frame::Welcome { .. }), "{first:?}");
+        let acks = rt.block_on(async {
+            while !matches!(r.recv().await.unwrap(), Frame::IndexEnd) {}
+            for seq in 1..=BATCHES {
+                let path = format!("every-{ack_every}-{seq}");
+                let ops = vec![Op::SetFile {
+                    path,
+                    len: 10,
+                    mode: 0o644,
+                }];
+                w.send(&Frame::Batch { seq, ops }).await.unwrap();
+            }
+            w.flush().await.unwrap();
+            let mut acks = Vec::new();
+            while acks.last() != Some(&BATCHES) {
+                let frame = tokio::time::timeout(Duration::from_secs(5), r.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("no acknowledgement of {BATCHES} after {acks:?}"))
+                    .unwrap();
+                match frame {
+                    Frame::Ack { seq } => acks.push(seq),
+                    Frame::Heartbeat(_) => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+            acks
+        });
+        assert!(acks.windows(2).all(|w| w[0] < w[1]), "{acks:?}");
+        if ack_every == 1 {
+            assert_eq!(acks, (1..=BATCHES).collect::<Vec<_>>());
+        } else {
+            // the first at once (nothing came before it), then at most every fourth: more
+            // often only when applying them took longer than the hold (a slow disk)
+            assert_eq!(acks[0], 1, "{acks:?}");
+            assert!(acks.windows(2).all(|w| w[1] - w[0] <= 4), "{acks:?}");
+            assert!(acks.len() < 30, "{acks:?}");
+        }
+        drop((r, w));
+    }
+    for seq in 1..=BATCHES {
+        assert_eq!(
+            fs::metadata(p.cold.data.join(format!("every-4-{seq}")))
+                .unwrap()
+                .len(),
+            10
+        );
+    }
 }
 
 #[test]

@@ -33,6 +33,7 @@ fn frames() -> Vec<Frame> {
             hot: true,
             node: "vm1:/opt/corda".into(),
             page_size: 4096,
+            ack_every: 4,
         },
         Frame::Welcome { epoch: 9 },
         Frame::IndexFile {

@@ -14,7 +14,7 @@ use crate::replicated::hot_sync::HotSync;
 use crate::replicated::ops::{Applied, DigestPart};
 use crate::replicated::pages::{Entry, IndexPart};
 use crate::replicated::receiver::{
-    failing_pause, Gate, Reader, ReceiveError, ReceiverStats, Writer, IDLE_TIMEOUT,
+    failing_pause, Gate, Reader, ReceiveError, ReceiverStats, Writer, ACK_HOLD, IDLE_TIMEOUT,
 };
 use crate::replicated::wire::codec::ENTRY_MIN_BYTES;
 use crate::replicated::wire::framed::ReadTask;
@@ -45,6 +45,24 @@ pub(super) struct Inbound<'a> {
     pub(super) counted: u64,
     /// Batches handed to the apply thread whose outcome has not come back.
     pub(super) in_flight: u64,
+    /// Acknowledge after this many applied batches (the hot side's `ack_every`, at least 1).
+    pub(super) ack_every: u64,
+    /// Applied and not yet acknowledged: the last such batch, how many, and when the
+    /// acknowledgement is due ([`ACK_HOLD`] after the first of them).
+    pub(super) held: Option<Held>,
+    /// When the last acknowledgement went out: a batch applied [`ACK_HOLD`] or more after it
+    /// is acknowledged at once, so only a steady stream has its acknowledgements held (and the
+    /// hot side's time since an acknowledgement, what its witness reports as the async lag,
+    /// stays under twice the hold while batches are coming).
+    pub(super) last_ack: Option<tokio::time::Instant>,
+}
+
+/// Batches applied whose acknowledgement waits for the next few ([`Inbound::held`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Held {
+    seq: u64,
+    count: u64,
+    due: tokio::time::Instant,
 }
 
 impl Inbound<'_> {
@@ -65,7 +83,10 @@ impl Inbound<'_> {
         );
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Applied>();
         loop {
+            let ack_due = self.held.map(|h| h.due);
             tokio::select! {
+                () = tokio::time::sleep_until(ack_due.unwrap_or_else(tokio::time::Instant::now)),
+                    if ack_due.is_some() => self.send_held_ack().await?,
                 frame = tokio::time::timeout(IDLE_TIMEOUT, frames.frames.recv()) => {
                     let Ok(frame) = frame else { return Err(ReceiveError::Idle(IDLE_TIMEOUT)) };
                     let Some(frame) = frame else { return Ok(()) };
@@ -140,6 +161,18 @@ impl Inbound<'_> {
                 }
             }
         }
+    }
+
+    /// Acknowledges the batches applied and held back ([`Inbound::held`]), if any: one `Ack`
+    /// of the last of them (acknowledgements are cumulative).
+    async fn send_held_ack(&mut self) -> Result<(), ProtoError> {
+        if let Some(Held { seq, .. }) = self.held.take() {
+            self.writer.send(&Frame::Ack { seq }).await?;
+            self.writer.flush().await?;
+            self.count_out();
+            self.last_ack = Some(tokio::time::Instant::now());
+        }
+        Ok(())
     }
 
     fn count_out(&mut self) {
@@ -271,9 +304,23 @@ impl Inbound<'_> {
                 stats
                     .last_ack_unix_ms
                     .store(crate::sys::now_unix_ms(), Ordering::Relaxed);
-                self.writer.send(&Frame::Ack { seq }).await?;
-                self.writer.flush().await?;
-                self.count_out();
+                let held = match self.held {
+                    Some(h) => Held {
+                        seq,
+                        count: h.count + 1,
+                        due: h.due,
+                    },
+                    None => Held {
+                        seq,
+                        count: 1,
+                        due: tokio::time::Instant::now() + ACK_HOLD,
+                    },
+                };
+                self.held = Some(held);
+                let quiet = self.last_ack.is_none_or(|at| at.elapsed() >= ACK_HOLD);
+                if quiet || held.count >= self.ack_every {
+                    self.send_held_ack().await?;
+                }
             }
             Applied::Skipped { .. } => {}
             Applied::Rejected { seq, reason } => {
@@ -336,6 +383,8 @@ impl Inbound<'_> {
     async fn nack(&mut self, seq: u64, reason: String) -> Result<(), ReceiveError> {
         if !self.rejecting {
             self.rejecting = true;
+            // what was applied before it is acknowledged first
+            self.send_held_ack().await?;
             self.writer.send(&Frame::Nack { seq, reason }).await?;
             self.writer.flush().await?;
         }

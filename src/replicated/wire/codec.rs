@@ -295,12 +295,14 @@ impl Frame {
                 hot,
                 node,
                 page_size,
+                ack_every,
             } => {
                 e.u8(4);
                 e.u64(*epoch);
                 e.u8(u8::from(*hot));
                 e.str(node)?;
                 e.u32(*page_size);
+                e.u16(*ack_every);
             }
             Frame::Welcome { epoch } => {
                 e.u8(5);
@@ -470,6 +472,7 @@ impl Frame {
                 hot: d.u8("role")? != 0,
                 node: d.str("node")?,
                 page_size: d.u32("page size")?,
+                ack_every: d.u16("acknowledgement interval")?,
             },
             5 => Frame::Welcome {
                 epoch: d.u64("epoch")?,

@@ -37,8 +37,9 @@ mod tests;
 /// digests; 3: the hot side's sync state in its heartbeat; 4: a batch's page data after its
 /// header, outside the PSK MAC, which covers the page hashes and the body's length; 5: a
 /// refusal says whether the refusing side is hot and names it, so that two hot sides at one
-/// epoch settle which one steps down whichever of them connected).
-pub const VERSION: u16 = 5;
+/// epoch settle which one steps down whichever of them connected; 6: the hot side's
+/// introduction says how often the cold side acknowledges, `ack_every`).
+pub const VERSION: u16 = 6;
 /// The largest frame body accepted or sent once the peer is authenticated.
 pub const MAX_FRAME_BYTES: usize = 8 << 20;
 /// The largest frame body accepted before the peer is authenticated: the handshake's frames
@@ -94,12 +95,16 @@ pub enum Frame {
     Challenge { nonce: [u8; 32], mac: [u8; 32] },
     /// Connector: proof of the PSK.
     Proof { mac: [u8; 32] },
-    /// Connector, once authenticated: its role (`hot`), epoch and holder id.
+    /// Connector, once authenticated: its role (`hot`), epoch and holder id, and how often
+    /// the acceptor acknowledges: after every `ack_every` batches applied (acknowledgements
+    /// are cumulative), the batches between held back at most
+    /// [`crate::replicated::receiver::ACK_HOLD`]. 1 (each batch at once) with durable acks.
     Intro {
         epoch: u64,
         hot: bool,
         node: String,
         page_size: u32,
+        ack_every: u16,
     },
     /// Acceptor: accepted; its own epoch.
     Welcome { epoch: u64 },

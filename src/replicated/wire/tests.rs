@@ -37,6 +37,7 @@ fn every_frame() -> Vec<Frame> {
             hot: true,
             node: "vm1:/opt/corda".into(),
             page_size: 4096,
+            ack_every: 4,
         },
         Frame::Welcome { epoch: 9 },
         Frame::Reject {
@@ -165,17 +166,18 @@ fn every_frame_round_trips() {
     for f in &frames {
         round_trip(f);
     }
-    // the bytes themselves (version 5: owners, symlinks and allocation; the heartbeat's sync
-    // state; a batch's page data after its header; a refusal's role and holder id), so that an encoding change cannot pass
+    // the bytes themselves (version 6: owners, symlinks and allocation; the heartbeat's sync
+    // state; a batch's page data after its header; a refusal's role and holder id; the
+    // introduction's acknowledgement interval), so that an encoding change cannot pass
     // unnoticed: a peer of the same version must read ours
     let mut all = Vec::new();
     for f in &frames {
         f.encode(&mut all).unwrap();
     }
-    assert_eq!(all.len(), 9078);
+    assert_eq!(all.len(), 9080);
     assert_eq!(
         blake3::hash(&all).to_hex().as_str(),
-        "b18a70d29826559a29e0acfbd5ab908da506509ade1e3335e2743f254c6eae2a"
+        "83025e2f3cfaf45ccdc93e91374b124ab3cc2ec03f45a044dbb21a4b9ebcb19d"
     );
 }
 
