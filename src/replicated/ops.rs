@@ -82,7 +82,8 @@ pub struct DigestPart {
 }
 
 /// The apply thread's outcome for one batch: the connection answers `Ack` for `Done` (at once,
-/// or with the next few: `receiver::ACK_HOLD`), nothing for `Skipped`, `Nack` for `Rejected`, and drops the stream for `Failed`.
+/// or with the next few: `receiver::ACK_HOLD`), nothing for `Skipped`, `Nack` for `Rejected`,
+/// and drops the stream for `Failed`.
 #[derive(Debug)]
 pub enum Applied {
     /// Durable; page bytes written (the digests of any barriers in it went out before).
